@@ -1,0 +1,48 @@
+//! Anumate's contracts, generated from `proto/` by `build.rs`.
+//!
+//! Every message, enum, gRPC server trait and client lives here under its proto
+//! package path (`anumate::registry::v1::…`). Messages also implement serde with
+//! the proto3 JSON mapping (pbjson).
+#![forbid(unsafe_code)]
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// The encoded `FileDescriptorSet` of every Anumate proto and its imports,
+/// including extension options (`google.api.http`, CloudEvents types). Used by
+/// gRPC reflection and the REST gateway.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/anumate_descriptor.bin"));
+
+macro_rules! package {
+    ($file:literal) => {
+        include!(concat!(env!("OUT_DIR"), "/", $file, ".rs"));
+        include!(concat!(env!("OUT_DIR"), "/", $file, ".serde.rs"));
+    };
+}
+
+/// `google.api` (HTTP annotations).
+pub mod google {
+    pub mod api {
+        package!("google.api");
+    }
+}
+
+/// `anumate.*` packages.
+pub mod anumate {
+    pub mod common {
+        pub mod v1 {
+            package!("anumate.common.v1");
+        }
+    }
+    pub mod events {
+        pub mod v1 {
+            package!("anumate.events.v1");
+        }
+    }
+    pub mod registry {
+        pub mod v1 {
+            package!("anumate.registry.v1");
+        }
+    }
+}
+
+pub use anumate::*;
