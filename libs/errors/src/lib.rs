@@ -308,10 +308,10 @@ impl Error {
 
 fn parse_violation(field: &str, description: &str) -> Violation {
     let mut parts = description.splitn(3, ':');
-    if let (Some(l), Some(c), Some(rest)) = (parts.next(), parts.next(), parts.next()) {
-        if let (Ok(line), Ok(col)) = (l.parse::<u32>(), c.parse::<u32>()) {
-            return Violation::at(field, line, col, rest.trim_start());
-        }
+    if let (Some(l), Some(c), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        && let (Ok(line), Ok(col)) = (l.parse::<u32>(), c.parse::<u32>())
+    {
+        return Violation::at(field, line, col, rest.trim_start());
     }
     Violation::new(field, description)
 }

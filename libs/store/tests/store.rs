@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Store behaviour against real PostgreSQL and SQLite.
 
 use anumate_store::{Backend, Migration, Store, testing::TestDb};
