@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used)] // test-only helpers: a failure to set up is a failed test
 //! Throw-away databases for tests: a fresh PostgreSQL database per test (dropped
 //! afterwards) or a SQLite file in a temporary directory.
 //!
