@@ -44,7 +44,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_fds(compiler.file_descriptor_set())?;
+        // `prost::Name` on every message: the outbox looks event types up by full name.
+        .compile_fds_with_config(compiler.file_descriptor_set(), {
+            let mut config = tonic_prost_build::Config::new();
+            config.enable_type_names();
+            config
+        })?;
 
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?
