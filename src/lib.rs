@@ -28,14 +28,49 @@ pub mod google {
 
 /// `anumate.*` packages.
 pub mod anumate {
+    pub mod approvals {
+        pub mod v1 {
+            package!("anumate.approvals.v1");
+        }
+    }
+    pub mod captokens {
+        pub mod v1 {
+            package!("anumate.captokens.v1");
+        }
+    }
     pub mod common {
         pub mod v1 {
             package!("anumate.common.v1");
         }
     }
+    pub mod compiler {
+        pub mod v1 {
+            package!("anumate.compiler.v1");
+        }
+    }
     pub mod events {
         pub mod v1 {
             package!("anumate.events.v1");
+        }
+    }
+    pub mod ghostrun {
+        pub mod v1 {
+            package!("anumate.ghostrun.v1");
+        }
+    }
+    pub mod orchestrator {
+        pub mod v1 {
+            package!("anumate.orchestrator.v1");
+        }
+    }
+    pub mod policy {
+        pub mod v1 {
+            package!("anumate.policy.v1");
+        }
+    }
+    pub mod receipts {
+        pub mod v1 {
+            package!("anumate.receipts.v1");
         }
     }
     pub mod registry {
