@@ -1,1 +1,291 @@
+//! Events: the transactional outbox every service writes its state changes to.
+//!
+//! A service appends the event in the same [`TenantTx`] as the change it
+//! describes, so an event exists exactly when its change committed. The event's
+//! CloudEvents `type` and Kafka topic are not written in Rust: they come from the
+//! `(anumate.events.v1.cloudevent_type)` and `(topic)` options on the event's
+//! proto message, read once from the embedded descriptor set. A relay (separate
+//! issue) publishes unsent rows to Kafka in order and marks them sent.
 #![forbid(unsafe_code)]
+
+use std::{collections::HashMap, sync::LazyLock};
+
+use anumate_store::{Migration, StoreError, TenantTx, Value};
+use prost_reflect::{DescriptorPool, Value as ReflectValue};
+use uuid::Uuid;
+
+/// CloudEvents `type` and topic of one event message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventType {
+    /// CloudEvents `type`, e.g. `dev.anumate.capsule.published.v1`.
+    pub cloudevent_type: String,
+    /// Kafka topic, e.g. `anumate.capsules`.
+    pub topic: String,
+}
+
+/// Every event message's type and topic, keyed by proto full name.
+static REGISTRY: LazyLock<HashMap<String, EventType>> = LazyLock::new(load_registry);
+
+fn load_registry() -> HashMap<String, EventType> {
+    let mut out = HashMap::new();
+    let Ok(pool) = DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET) else {
+        return out;
+    };
+    let (Some(type_ext), Some(topic_ext)) = (
+        pool.get_extension_by_name("anumate.events.v1.cloudevent_type"),
+        pool.get_extension_by_name("anumate.events.v1.topic"),
+    ) else {
+        return out;
+    };
+    for message in pool.all_messages() {
+        let options = message.options();
+        let get = |ext| match options.get_extension(ext).as_ref() {
+            ReflectValue::String(s) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        if let (Some(cloudevent_type), Some(topic)) = (get(&type_ext), get(&topic_ext)) {
+            out.insert(
+                message.full_name().to_string(),
+                EventType {
+                    cloudevent_type,
+                    topic,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The registered type of event message `M`, or `None` if `M` is not an event.
+pub fn event_type<M: prost::Name>() -> Option<&'static EventType> {
+    REGISTRY.get(&M::full_name())
+}
+
+/// Every registered event type.
+pub fn all_event_types() -> impl Iterator<Item = (&'static str, &'static EventType)> {
+    REGISTRY.iter().map(|(k, v)| (k.as_str(), v))
+}
+
+/// Outbox errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The message has no `cloudevent_type` option: a programming error.
+    #[error("{0} is not a registered event message")]
+    NotAnEvent(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<EventError> for anumate_errors::Error {
+    fn from(e: EventError) -> Self {
+        match e {
+            EventError::Store(s) => s.into(),
+            other => anumate_errors::Error::internal(other),
+        }
+    }
+}
+
+/// Extra CloudEvents attributes of one event.
+#[derive(Debug, Default, Clone)]
+pub struct EventContext<'a> {
+    /// CloudEvents `subject`, e.g. `capsules/refund/versions/3`.
+    pub subject: &'a str,
+    /// The `planhash` extension, where the event concerns a plan.
+    pub plan_hash: Option<&'a str>,
+    /// W3C `traceparent` of the span that caused the event.
+    pub traceparent: Option<&'a str>,
+}
+
+/// Appends `message` to the outbox inside `tx`. `key` is the aggregate id (the
+/// Kafka key: events with one key stay in order). Returns the CloudEvents `id`.
+pub async fn append<M: prost::Message + prost::Name>(
+    tx: &TenantTx,
+    message: &M,
+    key: &str,
+    ctx: EventContext<'_>,
+) -> Result<Uuid, EventError> {
+    let ty = event_type::<M>().ok_or_else(|| EventError::NotAnEvent(M::full_name()))?;
+    let id = Uuid::now_v7();
+    tx.execute(
+        "INSERT INTO outbox (event_id, tenant_id, topic, event_type, aggregate_key, subject, \
+           payload, plan_hash, traceparent, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        vec![
+            id.to_string().into(),
+            tx.tenant_id().into(),
+            ty.topic.as_str().into(),
+            ty.cloudevent_type.as_str().into(),
+            key.into(),
+            ctx.subject.into(),
+            message.encode_to_vec().into(),
+            Value::from(ctx.plan_hash.map(str::to_string)),
+            Value::from(ctx.traceparent.map(str::to_string)),
+            anumate_store::now_micros().into(),
+        ],
+    )
+    .await?;
+    Ok(id)
+}
+
+/// One stored outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Position in the outbox (monotonic).
+    pub seq: i64,
+    /// CloudEvents `id`.
+    pub event_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// Kafka key.
+    pub aggregate_key: String,
+    /// CloudEvents `subject`.
+    pub subject: String,
+    /// The proto-encoded event message.
+    pub payload: Vec<u8>,
+    /// `planhash` extension.
+    pub plan_hash: Option<String>,
+    /// Commit time, Unix microseconds.
+    pub created_at: i64,
+}
+
+/// Reads the tenant's outbox rows after `after_seq`, oldest first.
+pub async fn read_after(
+    tx: &TenantTx,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, EventError> {
+    let rows = tx
+        .query_all(
+            "SELECT seq, event_id, tenant_id, topic, event_type, aggregate_key, subject, payload, \
+               plan_hash, created_at FROM outbox WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            vec![tx.tenant_id().into(), after_seq.into(), limit.into()],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                seq: r.try_get("", "seq")?,
+                event_id: r.try_get("", "event_id")?,
+                tenant_id: r.try_get("", "tenant_id")?,
+                topic: r.try_get("", "topic")?,
+                event_type: r.try_get("", "event_type")?,
+                aggregate_key: r.try_get("", "aggregate_key")?,
+                subject: r.try_get("", "subject")?,
+                payload: r.try_get("", "payload")?,
+                plan_hash: r.try_get("", "plan_hash")?,
+                created_at: r.try_get("", "created_at")?,
+            })
+        })
+        .collect::<Result<_, anumate_store::DbErr>>()
+        .map_err(|e| EventError::Store(StoreError::Db(e)))
+}
+
+/// The outbox table.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    id: "events_0001_outbox",
+    postgres: "CREATE TABLE outbox (
+        seq BIGSERIAL PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        tenant_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        aggregate_key TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        plan_hash TEXT,
+        traceparent TEXT,
+        created_at BIGINT NOT NULL,
+        sent_at BIGINT
+      );
+      CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
+      CREATE INDEX outbox_tenant_seq ON outbox (tenant_id, seq)",
+    sqlite: "CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        tenant_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        aggregate_key TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        plan_hash TEXT,
+        traceparent TEXT,
+        created_at BIGINT NOT NULL,
+        sent_at BIGINT
+      );
+      CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
+      CREATE INDEX outbox_tenant_seq ON outbox (tenant_id, seq)",
+    tenant_tables: &["outbox"],
+}];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anumate_proto::events::v1::{CapsulePublished, CapsulePushed};
+    use anumate_store::{Store, testing::TestDb};
+
+    #[test]
+    fn types_come_from_the_proto_options() {
+        let ty = event_type::<CapsulePublished>().expect("registered");
+        assert_eq!(ty.cloudevent_type, "dev.anumate.capsule.published.v1");
+        assert_eq!(ty.topic, "anumate.capsules");
+        assert!(event_type::<anumate_proto::common::v1::PageRequest>().is_none());
+    }
+
+    async fn roundtrip(db: TestDb) {
+        let store = Store::connect(&db.config).await.expect("connect");
+        store.migrate(MIGRATIONS).await.expect("migrate");
+        let tx = store.write("t1").await.expect("tx");
+        let msg = CapsulePushed {
+            tenant_id: "t1".into(),
+            name: "c".into(),
+            version: 1,
+            ..Default::default()
+        };
+        append(
+            &tx,
+            &msg,
+            "c",
+            EventContext {
+                subject: "capsules/c/versions/1",
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("append");
+        // Rolled back with its transaction:
+        drop(tx);
+        let tx = store.read("t1").await.expect("tx");
+        assert!(read_after(&tx, 0, 10).await.expect("read").is_empty());
+        drop(tx);
+        let tx = store.write("t1").await.expect("tx");
+        append(&tx, &msg, "c", EventContext::default())
+            .await
+            .expect("append");
+        tx.commit().await.expect("commit");
+        let tx = store.read("t1").await.expect("tx");
+        let rows = read_after(&tx, 0, 10).await.expect("read");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].event_type, "dev.anumate.capsule.pushed.v1");
+        let decoded =
+            <CapsulePushed as prost::Message>::decode(rows[0].payload.as_slice()).expect("decode");
+        assert_eq!(decoded, msg);
+        let other = store.read("t2").await.expect("tx");
+        assert!(read_after(&other, 0, 10).await.expect("read").is_empty());
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_commit_with_their_transaction_sqlite() {
+        roundtrip(TestDb::sqlite()).await;
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_commit_with_their_transaction_postgres() {
+        roundtrip(TestDb::postgres().await).await;
+    }
+}
