@@ -1,0 +1,183 @@
+//! Checks on the contracts as compiled into `FILE_DESCRIPTOR_SET`: the
+//! CloudEvents type registry in `anumate.events.v1`, and HTTP annotations on
+//! every RPC (the REST gateway is driven by them).
+#![allow(clippy::expect_used)] // a test crate: helpers panic on broken contracts
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, Value};
+
+fn pool() -> DescriptorPool {
+    DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET).expect("descriptor set decodes")
+}
+
+fn extension(pool: &DescriptorPool, name: &str) -> ExtensionDescriptor {
+    pool.get_extension_by_name(name)
+        .unwrap_or_else(|| panic!("extension {name} is in the pool"))
+}
+
+fn string_option(options: &DynamicMessage, ext: &ExtensionDescriptor) -> Option<String> {
+    if !options.has_extension(ext) {
+        return None;
+    }
+    match options.get_extension(ext).as_ref() {
+        Value::String(s) => Some(s.clone()),
+        other => panic!("{} is not a string: {other:?}", ext.full_name()),
+    }
+}
+
+#[test]
+fn every_event_message_has_one_registered_type_and_topic() {
+    let pool = pool();
+    let type_ext = extension(&pool, "anumate.events.v1.cloudevent_type");
+    let topic_ext = extension(&pool, "anumate.events.v1.topic");
+    let type_re = regex::Regex::new(r"^dev\.anumate\.[a-z_]+\.[a-z_]+\.v1$").expect("regex");
+
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut topic_of_domain: BTreeMap<String, String> = BTreeMap::new();
+    let events: Vec<_> = pool
+        .all_messages()
+        .filter(|m| m.package_name() == "anumate.events.v1")
+        .collect();
+    assert!(events.len() >= 30, "only {} event messages", events.len());
+
+    for message in events {
+        let name = message.full_name().to_string();
+        let options = message.options();
+        let ce_type = string_option(&options, &type_ext)
+            .unwrap_or_else(|| panic!("{name} has no cloudevent_type option"));
+        assert!(!ce_type.is_empty(), "{name}: empty cloudevent_type");
+        assert!(
+            type_re.is_match(&ce_type),
+            "{name}: cloudevent_type {ce_type:?} does not match {type_re}"
+        );
+        if let Some(previous) = seen.insert(ce_type.clone(), name.clone()) {
+            panic!("{ce_type} is registered by both {previous} and {name}");
+        }
+
+        let topic = string_option(&options, &topic_ext)
+            .unwrap_or_else(|| panic!("{name} has no topic option"));
+        assert!(
+            topic.starts_with("anumate.") && topic.len() > "anumate.".len(),
+            "{name}: topic {topic:?} must start with `anumate.`"
+        );
+
+        // All events of one domain go to one topic (ordering per aggregate).
+        let domain = ce_type.split('.').nth(2).unwrap_or_default().to_string();
+        let known = topic_of_domain
+            .entry(domain.clone())
+            .or_insert(topic.clone());
+        assert_eq!(
+            *known, topic,
+            "{name}: domain {domain} is published on {known} and {topic}"
+        );
+
+        // Every event carries its tenant.
+        assert!(
+            message.get_field_by_name("tenant_id").is_some(),
+            "{name} has no tenant_id field"
+        );
+    }
+}
+
+/// Names of the `{variable}` segments of an HTTP path template
+/// (`{name}` or `{name=pattern}`).
+fn path_variables(path: &str) -> Vec<String> {
+    path.split('{')
+        .skip(1)
+        .filter_map(|rest| rest.split('}').next())
+        .map(|var| var.split('=').next().unwrap_or(var).to_string())
+        .collect()
+}
+
+#[test]
+fn every_rpc_has_an_http_annotation_matching_its_request() {
+    let pool = pool();
+    let http_ext = extension(&pool, "google.api.http");
+    let mut services = BTreeSet::new();
+    let mut routes: BTreeMap<(String, String), String> = BTreeMap::new();
+
+    for service in pool.services() {
+        if !service.package_name().starts_with("anumate.") {
+            continue;
+        }
+        services.insert(service.full_name().to_string());
+        for method in service.methods() {
+            let name = method.full_name().to_string();
+            let options = method.options();
+            assert!(
+                options.has_extension(&http_ext),
+                "{name} has no google.api.http option"
+            );
+            let rule = options.get_extension(&http_ext);
+            let rule = rule.as_message().expect("HttpRule is a message");
+
+            let (verb, path) = ["get", "post", "put", "delete", "patch"]
+                .into_iter()
+                .find_map(|verb| {
+                    let value = rule.get_field_by_name(verb)?;
+                    let path = value.as_str()?.to_string();
+                    (!path.is_empty()).then_some((verb, path))
+                })
+                .unwrap_or_else(|| panic!("{name}: HttpRule has no get/post/put/delete/patch"));
+            assert!(path.starts_with("/v1/"), "{name}: path {path:?}");
+
+            let body = rule
+                .get_field_by_name("body")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            match verb {
+                "get" | "delete" => assert!(body.is_empty(), "{name}: {verb} with a body"),
+                _ => assert_eq!(body, "*", "{name}: {verb} should take body \"*\""),
+            }
+
+            let input = method.input();
+            for var in path_variables(&path) {
+                let mut message = input.clone();
+                let segments: Vec<&str> = var.split('.').collect();
+                for (i, segment) in segments.iter().enumerate() {
+                    let field = message.get_field_by_name(segment).unwrap_or_else(|| {
+                        panic!(
+                            "{name}: path variable {{{var}}} is not a field of {}",
+                            input.full_name()
+                        )
+                    });
+                    if i + 1 < segments.len() {
+                        message = field
+                            .kind()
+                            .as_message()
+                            .unwrap_or_else(|| panic!("{name}: {var} goes through a scalar"))
+                            .clone();
+                    }
+                }
+            }
+
+            if let Some(other) = routes.insert((verb.to_string(), path.clone()), name.clone()) {
+                panic!("{verb} {path} is bound to both {other} and {name}");
+            }
+        }
+    }
+    assert!(
+        services.len() >= 8,
+        "expected the Anumate services, found {services:?}"
+    );
+}
+
+#[test]
+fn enums_have_a_prefixed_unspecified_zero() {
+    let pool = pool();
+    for e in pool.all_enums() {
+        if !e.package_name().starts_with("anumate.") {
+            continue;
+        }
+        let zero = e
+            .get_value(0)
+            .unwrap_or_else(|| panic!("{} has no 0", e.full_name()));
+        assert!(
+            zero.name().ends_with("_UNSPECIFIED"),
+            "{}: zero value is {}",
+            e.full_name(),
+            zero.name()
+        );
+    }
+}
