@@ -1,1 +1,19 @@
+//! Bearer-token authentication for Anumate services.
+//!
+//! A caller presents `authorization: Bearer <jwt>`; the [`AuthLayer`] verifies it
+//! with the [`Authenticator`] (JWKS per issuer, ES256 or RS256) and hands the
+//! handler a [`Principal`] in the request extensions. The tenant and roles come
+//! only from the verified token. [`DevIssuer`] mints tokens for `anumate dev`.
 #![forbid(unsafe_code)]
+
+mod authenticator;
+mod config;
+mod dev;
+mod layer;
+mod principal;
+
+pub use authenticator::Authenticator;
+pub use config::{AuthConfig, IssuerConfig};
+pub use dev::{DEV_AUDIENCE, DEV_ISSUER, DevIssuer};
+pub use layer::{AuthLayer, AuthService, BearerToken, PUBLIC_PATH_PREFIXES, principal};
+pub use principal::{Claims, Principal, Role, service_subject};

@@ -1,0 +1,409 @@
+//! Verifies bearer JWTs against the JWKS of trusted issuers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anumate_crypto::{Jwk, Jwks, b64url_decode};
+use anumate_errors::{Error, ErrorCode};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::AuthConfig;
+use crate::principal::{Claims, Principal};
+
+/// Verifies bearer tokens. Cheap to clone; clones share the JWKS caches.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
+    issuers: HashMap<String, Arc<IssuerState>>,
+    http: reqwest::Client,
+    leeway_secs: u64,
+    cache_ttl: Duration,
+    min_refetch: Duration,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut issuers: Vec<&String> = self.inner.issuers.keys().collect();
+        issuers.sort();
+        f.debug_struct("Authenticator")
+            .field("issuers", &issuers)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Source {
+    Static,
+    File(PathBuf),
+    Url(String),
+}
+
+struct IssuerState {
+    issuer: String,
+    audience: Option<String>,
+    source: Source,
+    cache: RwLock<Option<Arc<KeySet>>>,
+    /// Serialises fetches; holds when the last one was attempted.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+struct KeySet {
+    keys: Vec<PreparedKey>,
+    fetched_at: Instant,
+}
+
+struct PreparedKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl KeySet {
+    fn from_jwks(jwks: &Jwks) -> KeySet {
+        KeySet {
+            keys: jwks.keys.iter().filter_map(prepare).collect(),
+            fetched_at: Instant::now(),
+        }
+    }
+
+    fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&PreparedKey> {
+        match kid {
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            // Without a kid only an unambiguous key will do.
+            None => {
+                let mut usable = self.keys.iter().filter(|k| k.alg == alg);
+                match (usable.next(), usable.next()) {
+                    (Some(key), None) => Some(key),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// A verification key from a JWK, or `None` for keys we cannot or must not use.
+fn prepare(jwk: &Jwk) -> Option<PreparedKey> {
+    if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
+        return None;
+    }
+    let (alg, key) = match jwk.kty.as_str() {
+        "EC" if jwk.crv.as_deref() == Some("P-256") => (
+            Algorithm::ES256,
+            DecodingKey::from_ec_components(jwk.x.as_deref()?, jwk.y.as_deref()?).ok()?,
+        ),
+        "RSA" => (
+            Algorithm::RS256,
+            DecodingKey::from_rsa_components(jwk.n.as_deref()?, jwk.e.as_deref()?).ok()?,
+        ),
+        _ => return None,
+    };
+    // A key that declares another algorithm (e.g. PS256) is not used for ours.
+    if jwk.alg.as_deref().is_some_and(|a| a != alg_name(alg)) {
+        return None;
+    }
+    Some(PreparedKey {
+        kid: jwk.kid.clone(),
+        alg,
+        key,
+    })
+}
+
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::ES256 => "ES256",
+        Algorithm::RS256 => "RS256",
+        _ => "unsupported",
+    }
+}
+
+fn unauthenticated(message: impl Into<String>) -> Error {
+    Error::new(ErrorCode::Unauthenticated, message)
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UnverifiedIssuer {
+    iss: Option<String>,
+}
+
+fn decode_segment<T: for<'de> Deserialize<'de>>(segment: &str, what: &str) -> Result<T, Error> {
+    let bytes = b64url_decode(segment)
+        .ok_or_else(|| unauthenticated(format!("malformed token: {what} is not base64url")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|_| unauthenticated(format!("malformed token: {what} is not a JSON object")))
+}
+
+impl Authenticator {
+    /// An authenticator for the issuers in `cfg`. JWKS files are read now; URLs on first use.
+    pub fn new(cfg: AuthConfig) -> Result<Authenticator, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::new(ErrorCode::Internal, format!("building HTTP client: {e}")))?;
+        let mut issuers = HashMap::new();
+        for ic in cfg.issuers {
+            let (source, initial) = match (ic.jwks_url, ic.jwks_file) {
+                (Some(url), _) => (Source::Url(url), None),
+                (None, Some(path)) => {
+                    let set = read_jwks_file(&path)?;
+                    (Source::File(path), Some(Arc::new(set)))
+                }
+                (None, None) => {
+                    return Err(Error::invalid_argument(
+                        "auth.issuers",
+                        format!("issuer {:?} has neither jwks_url nor jwks_file", ic.issuer),
+                    ));
+                }
+            };
+            let state = IssuerState {
+                issuer: ic.issuer.clone(),
+                audience: ic.audience,
+                source,
+                cache: RwLock::new(initial),
+                fetch: tokio::sync::Mutex::new(None),
+            };
+            issuers.insert(ic.issuer, Arc::new(state));
+        }
+        Ok(Authenticator {
+            inner: Arc::new(Inner {
+                issuers,
+                http,
+                leeway_secs: cfg.leeway_secs,
+                cache_ttl: Duration::from_secs(cfg.jwks_cache_secs),
+                min_refetch: Duration::from_secs(cfg.jwks_min_refetch_secs),
+            }),
+        })
+    }
+
+    /// Also trusts `issuer` with fixed keys (e.g. the dev issuer); no audience check.
+    pub fn with_static_issuer(self, issuer: impl Into<String>, jwks: Jwks) -> Authenticator {
+        let issuer = issuer.into();
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        let state = IssuerState {
+            issuer: issuer.clone(),
+            audience: None,
+            source: Source::Static,
+            cache: RwLock::new(Some(Arc::new(KeySet::from_jwks(&jwks)))),
+            fetch: tokio::sync::Mutex::new(None),
+        };
+        inner.issuers.insert(issuer, Arc::new(state));
+        Authenticator {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Verifies `bearer_token` (the JWT, without `Bearer `) and returns who it names.
+    pub async fn authenticate(&self, bearer_token: &str) -> Result<Principal, Error> {
+        let token = bearer_token.trim();
+        if token.is_empty() {
+            return Err(unauthenticated("missing bearer token"));
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(_sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(unauthenticated(
+                "malformed token: expected a compact JWS with three parts",
+            ));
+        };
+        let header: RawHeader = decode_segment(header, "header")?;
+        let alg = match header.alg.as_deref() {
+            Some("ES256") => Algorithm::ES256,
+            Some("RS256") => Algorithm::RS256,
+            Some(other) => {
+                return Err(unauthenticated(format!(
+                    "token algorithm {other:?} is not accepted (ES256 or RS256 only)"
+                )));
+            }
+            None => return Err(unauthenticated("token header has no alg")),
+        };
+        // The issuer is read unverified only to choose the keys; it is verified below.
+        let peek: UnverifiedIssuer = decode_segment(payload, "payload")?;
+        let issuer = peek
+            .iss
+            .ok_or_else(|| unauthenticated("token has no iss claim"))?;
+        let state = self
+            .inner
+            .issuers
+            .get(&issuer)
+            .ok_or_else(|| unauthenticated(format!("unknown token issuer {issuer:?}")))?;
+
+        let kid = header.kid.as_deref();
+        let keys = self.keys_for(state, kid, alg).await?;
+        let key = keys.find(kid, alg).ok_or_else(|| match kid {
+            Some(kid) => unauthenticated(format!(
+                "no key with kid {kid:?} in the JWKS of issuer {issuer:?}"
+            )),
+            None => unauthenticated(format!(
+                "token has no kid and issuer {issuer:?} has no single {} key",
+                alg_name(alg)
+            )),
+        })?;
+        if key.alg != alg {
+            return Err(unauthenticated(format!(
+                "token algorithm {} does not match key {:?} ({})",
+                alg_name(alg),
+                kid.unwrap_or_default(),
+                alg_name(key.alg)
+            )));
+        }
+
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.inner.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&state.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        match &state.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+            .map_err(|e| map_jwt_error(&e, state))?;
+        data.claims.into_principal()
+    }
+
+    /// The issuer's keys, fetching them when missing, stale, or lacking `kid`.
+    async fn keys_for(
+        &self,
+        state: &IssuerState,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<KeySet>, Error> {
+        let fresh = |set: &KeySet| {
+            matches!(state.source, Source::Static)
+                || set.fetched_at.elapsed() < self.inner.cache_ttl
+        };
+        // Static keys never change: an unknown kid is simply unknown.
+        if let Some(set) = snapshot(state)
+            && (matches!(state.source, Source::Static)
+                || (fresh(&set) && set.find(kid, alg).is_some()))
+        {
+            return Ok(set);
+        }
+        let mut last_attempt = state.fetch.lock().await;
+        // Another request may have refreshed the keys while this one waited.
+        let current = snapshot(state);
+        if let Some(set) = &current
+            && fresh(set)
+            && set.find(kid, alg).is_some()
+        {
+            return Ok(set.clone());
+        }
+        let may_fetch = last_attempt.is_none_or(|t| t.elapsed() >= self.inner.min_refetch);
+        if !may_fetch {
+            return current.ok_or_else(|| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("keys of issuer {:?} are not available", state.issuer),
+                )
+            });
+        }
+        *last_attempt = Some(Instant::now());
+        match self.fetch(state).await {
+            Ok(set) => {
+                let set = Arc::new(set);
+                match state.cache.write() {
+                    Ok(mut guard) => *guard = Some(set.clone()),
+                    Err(poisoned) => *poisoned.into_inner() = Some(set.clone()),
+                }
+                Ok(set)
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %state.issuer, error = %e, "JWKS fetch failed");
+                // Stale keys beat no keys while the issuer is unreachable.
+                current.ok_or(e)
+            }
+        }
+    }
+
+    async fn fetch(&self, state: &IssuerState) -> Result<KeySet, Error> {
+        match &state.source {
+            Source::Static => Err(Error::new(
+                ErrorCode::Internal,
+                "static keys are not fetched",
+            )),
+            Source::File(path) => read_jwks_file(path),
+            Source::Url(url) => {
+                let unavailable = |e: reqwest::Error| {
+                    Error::new(
+                        ErrorCode::Unavailable,
+                        format!("fetching JWKS of issuer {:?}: {e}", state.issuer),
+                    )
+                };
+                let jwks: Jwks = self
+                    .inner
+                    .http
+                    .get(url)
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status)
+                    .map_err(unavailable)?
+                    .json()
+                    .await
+                    .map_err(unavailable)?;
+                tracing::debug!(issuer = %state.issuer, keys = jwks.keys.len(), "fetched JWKS");
+                Ok(KeySet::from_jwks(&jwks))
+            }
+        }
+    }
+}
+
+fn snapshot(state: &IssuerState) -> Option<Arc<KeySet>> {
+    match state.cache.read() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn read_jwks_file(path: &std::path::Path) -> Result<KeySet, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::new(
+            ErrorCode::Unavailable,
+            format!("reading JWKS file {}: {e}", path.display()),
+        )
+    })?;
+    let jwks: Jwks = serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_argument(
+            "auth.issuers.jwks_file",
+            format!("{} is not a JWKS: {e}", path.display()),
+        )
+    })?;
+    Ok(KeySet::from_jwks(&jwks))
+}
+
+fn map_jwt_error(e: &jsonwebtoken::errors::Error, state: &IssuerState) -> Error {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => Error::new(ErrorCode::TokenExpired, "token has expired"),
+        ErrorKind::ImmatureSignature => unauthenticated("token is not valid yet (nbf)"),
+        ErrorKind::InvalidSignature => unauthenticated("token signature is invalid"),
+        ErrorKind::InvalidIssuer => {
+            unauthenticated(format!("token issuer is not {:?}", state.issuer))
+        }
+        ErrorKind::InvalidAudience => unauthenticated(format!(
+            "token audience does not include {:?}",
+            state.audience.as_deref().unwrap_or_default()
+        )),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            unauthenticated(format!("token has no {claim} claim"))
+        }
+        ErrorKind::InvalidAlgorithm => unauthenticated("token algorithm does not match its key"),
+        ErrorKind::Json(_) => unauthenticated("malformed token claims"),
+        ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
+            unauthenticated("malformed token")
+        }
+        other => unauthenticated(format!("token rejected: {other:?}")),
+    }
+}

@@ -1,0 +1,46 @@
+//! Authentication settings (one section of the layered config).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which issuers are trusted and how their keys are cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// Trusted token issuers.
+    pub issuers: Vec<IssuerConfig>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// How long a fetched JWKS is used before it is fetched again, in seconds.
+    pub jwks_cache_secs: u64,
+    /// Least time between two fetches of one issuer's JWKS (unknown `kid`s refetch), in seconds.
+    pub jwks_min_refetch_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuers: Vec::new(),
+            leeway_secs: 30,
+            jwks_cache_secs: 300,
+            jwks_min_refetch_secs: 10,
+        }
+    }
+}
+
+/// One trusted issuer: its `iss`, the audience it must name, and where its keys are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerConfig {
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// When set, tokens must carry this `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// JWKS URL (http or https).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// JWKS file on disk (used when no URL is set).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+}
