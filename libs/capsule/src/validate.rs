@@ -20,13 +20,27 @@ use crate::{
 
 struct V<'o> {
     out: &'o mut Vec<Violation>,
+    /// How many more "did you mean" searches this document may cost.
+    suggestions: usize,
 }
+
+/// Suggestions searched per document; keeps huge invalid documents cheap.
+const SUGGESTION_BUDGET: usize = 64;
 
 fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
     entries.iter().find(|e| e.key == key).map(|e| &e.value)
 }
 
 impl V<'_> {
+    fn suggest<'c>(
+        &mut self,
+        word: &str,
+        candidates: impl Iterator<Item = &'c str>,
+    ) -> Option<&'c str> {
+        self.suggestions = self.suggestions.checked_sub(1)?;
+        suggest(word, candidates)
+    }
+
     fn err(&mut self, field: impl Into<String>, pos: Pos, msg: impl Into<String>) {
         self.out.push(Violation::at(field, pos.0, pos.1, msg));
     }
@@ -105,7 +119,7 @@ impl V<'_> {
             if allowed.contains(&e.key.as_str()) {
                 continue;
             }
-            let msg = match suggest(&e.key, allowed.iter().copied()) {
+            let msg = match self.suggest(&e.key, allowed.iter().copied()) {
                 Some(s) => format!("unknown key \"{}\"; did you mean \"{s}\"?", e.key),
                 None => format!(
                     "unknown key \"{}\"; expected one of: {}",
@@ -177,12 +191,17 @@ pub(crate) fn suggest<'c>(
     word: &str,
     candidates: impl Iterator<Item = &'c str>,
 ) -> Option<&'c str> {
+    // Bounded work however large the document: suggestions are a courtesy.
+    if word.len() > 64 {
+        return None;
+    }
+    let candidates = candidates.take(256);
     let lower = word.to_lowercase();
     let budget = (word.chars().count() / 3).max(1);
     candidates
         .map(|c| (edit_distance(&lower, &c.to_lowercase()), c))
         .filter(|(d, _)| *d <= budget)
-        .min_by_key(|(d, _)| *d)
+        .min_by_key(|(d, c)| (*d, *c))
         .map(|(_, c)| c)
 }
 
@@ -272,7 +291,10 @@ const MAX_LABEL_VALUE: usize = 256;
 
 /// Validates the document, pushing every problem into `out`.
 pub(crate) fn validate(root: &Node, limits: &Limits, out: &mut Vec<Violation>) -> Capsule {
-    let mut v = V { out };
+    let mut v = V {
+        out,
+        suggestions: SUGGESTION_BUDGET,
+    };
     let mut capsule = Capsule {
         name: String::new(),
         description: String::new(),
@@ -419,7 +441,7 @@ fn spec(v: &mut V<'_>, node: &Node, limits: &Limits) -> Spec {
             .unwrap_or_default();
     }
     // Inputs that exist by name, even if their schema has problems.
-    let input_names: Vec<&str> = get(entries, "inputs")
+    let input_names: HashSet<&str> = get(entries, "inputs")
         .and_then(|n| match &n.value {
             Yaml::Map(items) => Some(items.iter().map(|e| e.key.as_str()).collect()),
             _ => None,
@@ -457,7 +479,8 @@ fn input_spec(v: &mut V<'_>, entry: &Entry, path: &str) -> Option<InputSpec> {
         let ty = InputType::from_name(name);
         if ty.is_none() {
             let names = ["string", "integer", "number", "boolean", "object", "array"];
-            let hint = suggest(name, names.into_iter())
+            let hint = v
+                .suggest(name, names.into_iter())
                 .map(|s| format!("did you mean \"{s}\"? "))
                 .unwrap_or_default();
             v.err(
@@ -581,11 +604,12 @@ fn input_spec(v: &mut V<'_>, entry: &Entry, path: &str) -> Option<InputSpec> {
                 v.err(&p, n.pos, "enum must list at least one value");
             }
             let mut values: Vec<Value> = Vec::new();
+            let mut seen = HashSet::new();
             for (i, item) in items.iter().enumerate() {
                 let value = item.to_json();
                 if let Some(why) = check(&spec, &value) {
                     v.err(index(&p, i), item.pos, format!("enum value: {why}"));
-                } else if values.contains(&value) {
+                } else if !seen.insert(value.to_string()) {
                     v.err(index(&p, i), item.pos, "duplicate enum value");
                 }
                 values.push(value);
@@ -631,7 +655,7 @@ fn steps(
     v: &mut V<'_>,
     node: &Node,
     tools: Option<&[String]>,
-    input_names: &[&str],
+    input_names: &HashSet<&str>,
     limits: &Limits,
 ) -> Vec<Step> {
     let path = "spec.steps";
@@ -748,7 +772,8 @@ fn one_step<'a>(
             if let Some(tools) = tools
                 && !tools.iter().any(|t| t == tool)
             {
-                let hint = suggest(tool, tools.iter().map(String::as_str))
+                let hint = v
+                    .suggest(tool, tools.iter().map(String::as_str))
                     .map(|s| format!("; did you mean \"{s}\"?"))
                     .unwrap_or_default();
                 v.err(
@@ -777,7 +802,8 @@ fn one_step<'a>(
                 match ids.get(name) {
                     Some((target, _)) => info.needs.push((*target, np, need.pos)),
                     None => {
-                        let hint = suggest(name, ids.keys().map(String::as_str))
+                        let hint = v
+                            .suggest(name, ids.keys().map(String::as_str))
                             .map(|s| format!("; did you mean \"{s}\"?"))
                             .unwrap_or_default();
                         v.err(
@@ -908,7 +934,8 @@ fn retry(v: &mut V<'_>, node: &Node, path: &str) -> Option<Retry> {
                 "fixed" => retry.backoff = Backoff::Fixed,
                 "exponential" => retry.backoff = Backoff::Exponential,
                 other => {
-                    let hint = suggest(other, ["fixed", "exponential"].into_iter())
+                    let hint = v
+                        .suggest(other, ["fixed", "exponential"].into_iter())
                         .map(|s| format!("did you mean \"{s}\"? "))
                         .unwrap_or_default();
                     v.err(
@@ -999,7 +1026,7 @@ fn references(
     steps: &[Step],
     infos: &[StepInfo<'_>],
     ids: &HashMap<String, (usize, Pos)>,
-    input_names: &[&str],
+    input_names: &HashSet<&str>,
 ) {
     for (i, info) in infos.iter().enumerate() {
         let mut ancestors: Option<HashSet<usize>> = None;
@@ -1014,8 +1041,9 @@ fn references(
             for reference in found.iter().flat_map(|e| expr::references(e.body)) {
                 match reference {
                     Reference::Input(name) => {
-                        if !input_names.contains(&name.as_str()) {
-                            let hint = suggest(&name, input_names.iter().copied())
+                        if !input_names.contains(name.as_str()) {
+                            let hint = v
+                                .suggest(&name, input_names.iter().copied())
                                 .map(|s| format!("; did you mean \"{s}\"?"))
                                 .unwrap_or_default();
                             v.err(
@@ -1027,7 +1055,8 @@ fn references(
                     }
                     Reference::Step { id, .. } => match ids.get(&id) {
                         None => {
-                            let hint = suggest(&id, ids.keys().map(String::as_str))
+                            let hint = v
+                                .suggest(&id, ids.keys().map(String::as_str))
                                 .map(|s| format!("; did you mean \"{s}\"?"))
                                 .unwrap_or_default();
                             v.err(

@@ -42,6 +42,11 @@ fn assert_violations(source: &str, want: &[(&str, u32, u32, &str)]) {
     }
 }
 
+/// Expected violations: field, line, column, part of the description.
+type Expected = &'static [(&'static str, u32, u32, &'static str)];
+/// A named table case: name, source (or steps), expected violations.
+type Case = (&'static str, &'static str, Expected);
+
 /// A valid header (lines 1–9) followed by `steps`, which starts on line 10.
 fn with_steps(steps: &str) -> String {
     format!(
@@ -204,7 +209,7 @@ fn five_problems_are_all_reported() {
 #[test]
 fn step_problems() {
     #[rustfmt::skip]
-    let cases: &[(&str, &str, &[(&str, u32, u32, &str)])] = &[
+    let cases: &[Case] = &[
         ("unknown key with suggestion",
          "    - id: a\n      tool: http.get\n      timout: 10s\n",
          &[("spec.steps[0].timout", 12, 7, "unknown key \"timout\"; did you mean \"timeout\"?")]),
@@ -306,7 +311,7 @@ fn bad_durations() {
 #[test]
 fn top_level_problems() {
     #[rustfmt::skip]
-    let cases: &[(&str, &str, &[(&str, u32, u32, &str)])] = &[
+    let cases: &[Case] = &[
         ("not a mapping", "- a\n- b\n", &[("", 1, 1, "must be a YAML mapping, found a sequence")]),
         ("empty", "# nothing\n", &[("", 1, 1, "document is empty")]),
         ("missing everything", "foo: 1\n", &[
