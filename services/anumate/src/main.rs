@@ -1,1 +1,321 @@
-fn main() {}
+//! `anumate`: run the platform (`dev`, `serve`, `migrate`) and talk to it
+//! (`capsule …`, `auth …`).
+#![forbid(unsafe_code)]
+
+mod client;
+mod config;
+mod dev_state;
+mod server;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anumate_auth::{Authenticator, DevIssuer, Role};
+use anumate_store::Store;
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AppConfig, Overrides};
+
+/// Anumate: governed automation. Capsules in, signed receipts out.
+#[derive(Parser, Debug)]
+#[command(name = "anumate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run every service in one process on SQLite under ./.anumate/ (no other server needed).
+    Dev(ServerArgs),
+    /// Run the named services (mesh mode: one or more services per process).
+    Serve {
+        /// Services to run (`all` for every one).
+        #[arg(required = true, value_enum)]
+        services: Vec<server::ServiceName>,
+        #[command(flatten)]
+        args: ServerArgs,
+        /// Apply pending database migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate(ServerArgs),
+    /// Manage capsules in the registry.
+    Capsule(client::CapsuleCommand),
+    /// Tokens for development.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServerArgs {
+    /// TOML configuration file (env: ANUMATE_CONFIG).
+    #[arg(long, env = "ANUMATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for dev state: SQLite database, keys, dev.json.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address (port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Database URL: postgres://… or sqlite://…
+    #[arg(long)]
+    store_url: Option<String>,
+    /// Log format: json or pretty.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl ServerArgs {
+    fn load(&self, defaults: AppConfig) -> anyhow::Result<AppConfig> {
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            listen: self.listen.clone(),
+            store_url: self.store_url.clone(),
+            log_format: self.log_format.clone(),
+        };
+        config::load(self.config.as_deref(), defaults, &overrides)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Mint a token from the dev issuer kept under the data directory (as `anumate dev` does).
+    DevToken {
+        /// Tenant the token is for.
+        #[arg(long, default_value = "dev")]
+        tenant: String,
+        /// Subject (principal id).
+        #[arg(long, default_value = "user:dev")]
+        subject: String,
+        /// Comma-separated roles: admin, author, operator, approver, auditor.
+        #[arg(long, default_value = "admin", value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// Data directory holding the dev issuer key.
+        #[arg(long, default_value = ".anumate")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev(args) => {
+            let mut defaults = AppConfig::default();
+            defaults.telemetry.log_format = anumate_telemetry::LogFormat::Pretty;
+            let config = args.load(defaults)?;
+            run_dev(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            services,
+            args,
+            migrate,
+        } => {
+            let config = args.load(AppConfig::default())?;
+            run_serve(config, &services, migrate).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate(args) => {
+            let config = args.load(AppConfig::default())?;
+            let store = connect_store(&config).await?;
+            let report = store.migrate(&all_migrations()).await?;
+            println!(
+                "applied {} migration(s){}; {} already applied",
+                report.applied.len(),
+                if report.applied.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", report.applied.join(", "))
+                },
+                report.already_applied
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
+        Command::Auth {
+            command:
+                AuthCommand::DevToken {
+                    tenant,
+                    subject,
+                    roles,
+                    ttl_secs,
+                    data_dir,
+                },
+        } => {
+            let issuer = DevIssuer::load_or_create(&data_dir.join("keys"))?;
+            let roles = parse_roles(&roles)?;
+            let token = issuer.mint(&tenant, &subject, &roles, Duration::from_secs(ttl_secs))?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
+    names
+        .iter()
+        .map(|n| {
+            Role::parse(n.trim()).with_context(|| {
+                format!("unknown role {n:?} (admin, author, operator, approver, auditor)")
+            })
+        })
+        .collect()
+}
+
+fn all_migrations() -> Vec<anumate_store::Migration> {
+    anumate_registry::migrations()
+}
+
+async fn connect_store(config: &AppConfig) -> anyhow::Result<Store> {
+    let store_cfg = config.store_config();
+    if store_cfg.url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    }
+    Store::connect(&store_cfg)
+        .await
+        .with_context(|| format!("cannot open the store at {}", redact_url(&store_cfg.url)))
+}
+
+/// Hides a password in a database URL.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
+    let store = connect_store(&config).await?;
+    let report = store.migrate(&all_migrations()).await?;
+    if !report.applied.is_empty() {
+        tracing::info!(applied = ?report.applied, "migrations applied");
+    }
+    store.check_serving_role().await?;
+    let issuer = DevIssuer::load_or_create(&config.keys_dir())?;
+    let authenticator =
+        Authenticator::new(config.auth.clone())?.with_static_issuer(issuer.issuer(), issuer.jwks());
+    let token = issuer.mint(
+        &config.dev.tenant,
+        "user:dev",
+        &[Role::Admin],
+        Duration::from_secs(config.dev.token_ttl_hours * 3600),
+    )?;
+    let listener = server::bind(&config).await?;
+    let addr = listener.local_addr()?;
+    let server_url = format!("http://{addr}");
+    dev_state::write(
+        &config.data_dir,
+        &dev_state::DevState {
+            server: server_url.clone(),
+            token: token.clone(),
+            tenant: config.dev.tenant.clone(),
+            pid: std::process::id(),
+        },
+    )?;
+    println!("anumate dev: serving gRPC on {server_url}");
+    println!("  store:  {}", redact_url(&config.store_config().url));
+    println!("  tenant: {}", config.dev.tenant);
+    println!(
+        "  admin token (also in {}):",
+        dev_state::path(&config.data_dir).display()
+    );
+    println!("{token}");
+    println!("  try: anumate capsule push examples/refund.capsule.yaml");
+    let rt = server::Runtime {
+        services: server::selected(&[]),
+        config,
+        store: Some(store),
+        authenticator,
+    };
+    server::serve(rt, listener).await
+}
+
+async fn run_serve(
+    config: AppConfig,
+    services: &[server::ServiceName],
+    migrate: bool,
+) -> anyhow::Result<()> {
+    let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
+    let names = server::selected(services);
+    let store =
+        if names.contains(&anumate_proto::registry::v1::registry_service_server::SERVICE_NAME) {
+            let store = connect_store(&config).await?;
+            if migrate {
+                let report = store.migrate(&all_migrations()).await?;
+                tracing::info!(applied = ?report.applied, "migrations applied");
+            }
+            store.check_serving_role().await?;
+            Some(store)
+        } else {
+            None
+        };
+    if config.auth.issuers.is_empty() {
+        tracing::warn!(
+            "no token issuers configured ([auth] issuers): every authenticated request will be refused"
+        );
+    }
+    let authenticator = Authenticator::new(config.auth.clone())?;
+    let listener = server::bind(&config).await?;
+    println!(
+        "anumate serve: serving {} on http://{}",
+        names.join(", "),
+        listener.local_addr()?
+    );
+    let rt = server::Runtime {
+        services: names,
+        config,
+        store,
+        authenticator,
+    };
+    server::serve(rt, listener).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact_url("sqlite://./x.db"), "sqlite://./x.db");
+    }
+}

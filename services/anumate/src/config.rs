@@ -1,0 +1,151 @@
+//! The `anumate` configuration: one section per subsystem, layered by
+//! `anumate_config::load` (defaults → `--config` TOML → `ANUMATE_…` env → flags).
+
+use std::path::{Path, PathBuf};
+
+use anumate_auth::AuthConfig;
+use anumate_registry::RegistryConfig;
+use anumate_store::StoreConfig;
+use anumate_telemetry::TelemetryConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything `anumate dev|serve|migrate` reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// Where dev state lives: SQLite file, keys, `dev.json`.
+    pub data_dir: PathBuf,
+    /// The gRPC listener.
+    pub grpc: GrpcConfig,
+    /// Database.
+    pub store: StoreConfig,
+    /// Trusted token issuers.
+    pub auth: AuthConfig,
+    /// Logs and traces.
+    pub telemetry: TelemetryConfig,
+    /// Registry limits.
+    pub registry: RegistryConfig,
+    /// Signing keys.
+    pub keys: KeysConfig,
+    /// `anumate dev` only.
+    pub dev: DevConfig,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            data_dir: PathBuf::from(".anumate"),
+            grpc: GrpcConfig::default(),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            registry: RegistryConfig::default(),
+            keys: KeysConfig::default(),
+            dev: DevConfig::default(),
+        }
+    }
+}
+
+/// `[grpc]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: String,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: "127.0.0.1:7600".into(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// PKCS#8 PEM files of the registry's signing keys, active first. Empty: a
+    /// key generated and kept under `<data_dir>/keys/`.
+    pub registry_key_files: Vec<PathBuf>,
+}
+
+/// `[dev]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevConfig {
+    /// Tenant of the printed admin token.
+    pub tenant: String,
+    /// Lifetime of the printed admin token, in hours.
+    pub token_ttl_hours: u64,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        DevConfig {
+            tenant: "dev".into(),
+            token_ttl_hours: 24 * 30,
+        }
+    }
+}
+
+impl AppConfig {
+    /// The store URL, defaulting to the SQLite file under the data directory.
+    pub fn store_config(&self) -> StoreConfig {
+        let mut store = self.store.clone();
+        if store.url.is_empty() {
+            store.url = format!("sqlite://{}", self.data_dir.join("anumate.db").display());
+        }
+        store
+    }
+
+    /// Directory of generated keys.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+}
+
+/// Flags that override configuration (only the ones given).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub store_url: Option<String>,
+    pub log_format: Option<String>,
+}
+
+impl Overrides {
+    fn to_value(&self) -> serde_json::Value {
+        let mut root = serde_json::Map::new();
+        if let Some(d) = &self.data_dir {
+            root.insert("data_dir".into(), d.display().to_string().into());
+        }
+        if let Some(l) = &self.listen {
+            root.insert("grpc".into(), serde_json::json!({ "listen": l }));
+        }
+        if let Some(u) = &self.store_url {
+            root.insert("store".into(), serde_json::json!({ "url": u }));
+        }
+        if let Some(f) = &self.log_format {
+            root.insert("telemetry".into(), serde_json::json!({ "log_format": f }));
+        }
+        serde_json::Value::Object(root)
+    }
+}
+
+/// Loads the layered configuration.
+pub fn load(
+    file: Option<&Path>,
+    defaults: AppConfig,
+    overrides: &Overrides,
+) -> anyhow::Result<AppConfig> {
+    Ok(anumate_config::load(
+        &defaults,
+        file,
+        &overrides.to_value(),
+    )?)
+}

@@ -1,0 +1,46 @@
+//! `<data_dir>/dev.json`: how CLI commands run from the same directory find the
+//! dev server and its admin token without flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// File name under the data directory.
+pub const FILE: &str = "dev.json";
+
+/// What `anumate dev` writes at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevState {
+    /// `http://host:port` of the gRPC server.
+    pub server: String,
+    /// A dev admin token for `tenant`.
+    pub token: String,
+    /// Dev tenant.
+    pub tenant: String,
+    /// Process id of the server.
+    pub pid: u32,
+}
+
+/// Path of the state file.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE)
+}
+
+/// Writes the file (mode 0600: it holds a token).
+pub fn write(data_dir: &Path, state: &DevState) -> std::io::Result<()> {
+    let path = path(data_dir);
+    let body = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    std::fs::write(&path, body)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Reads the file, if present and well-formed.
+pub fn read(data_dir: &Path) -> Option<DevState> {
+    let bytes = std::fs::read(path(data_dir)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,186 @@
+//! Builds and runs the gRPC server for `dev` and `serve`.
+
+use std::{sync::Arc, time::Duration};
+
+use anumate_auth::{AuthLayer, Authenticator};
+use anumate_crypto::KeyRing;
+use anumate_proto::registry::v1::registry_service_server;
+use anumate_registry::{Registry, RegistryGrpc};
+use anumate_store::Store;
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::RoutesBuilder;
+
+use crate::config::AppConfig;
+
+/// A service the binary can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceName {
+    /// Every service in one process.
+    All,
+    /// Capsule registry.
+    Registry,
+    /// Policy DSL (not implemented yet: answers UNIMPLEMENTED).
+    Policy,
+    /// Plan compiler (not implemented yet).
+    Compiler,
+    /// GhostRun preflight (not implemented yet).
+    Ghostrun,
+    /// Orchestrator (not implemented yet).
+    Orchestrator,
+    /// Approvals (not implemented yet).
+    Approvals,
+    /// Capability tokens (not implemented yet).
+    Captokens,
+    /// Receipts (not implemented yet).
+    Receipts,
+}
+
+impl ServiceName {
+    fn grpc_name(self) -> Option<&'static str> {
+        use anumate_proto::*;
+        Some(match self {
+            ServiceName::All => return None,
+            ServiceName::Registry => registry_service_server::SERVICE_NAME,
+            ServiceName::Policy => policy::v1::policy_service_server::SERVICE_NAME,
+            ServiceName::Compiler => compiler::v1::compiler_service_server::SERVICE_NAME,
+            ServiceName::Ghostrun => ghostrun::v1::ghost_run_service_server::SERVICE_NAME,
+            ServiceName::Orchestrator => {
+                orchestrator::v1::orchestrator_service_server::SERVICE_NAME
+            }
+            ServiceName::Approvals => approvals::v1::approvals_service_server::SERVICE_NAME,
+            ServiceName::Captokens => captokens::v1::cap_tokens_service_server::SERVICE_NAME,
+            ServiceName::Receipts => receipts::v1::receipts_service_server::SERVICE_NAME,
+        })
+    }
+}
+
+/// Full gRPC names of the selected services.
+pub fn selected(services: &[ServiceName]) -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = vec![registry_service_server::SERVICE_NAME];
+    all.extend_from_slice(anumate_unimplemented::SERVICE_NAMES);
+    if services.is_empty() || services.contains(&ServiceName::All) {
+        return all;
+    }
+    all.into_iter()
+        .filter(|n| services.iter().any(|s| s.grpc_name() == Some(*n)))
+        .collect()
+}
+
+/// Everything a running server needs.
+pub struct Runtime {
+    pub config: AppConfig,
+    pub store: Option<Store>,
+    pub authenticator: Authenticator,
+    pub services: Vec<&'static str>,
+}
+
+/// Loads the registry signing keys: configured files, else a key kept under the data directory.
+pub fn registry_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
+    if config.keys.registry_key_files.is_empty() {
+        KeyRing::load_or_create(&config.keys_dir(), "registry")
+            .with_context(|| format!("registry key under {}", config.keys_dir().display()))
+    } else {
+        KeyRing::from_pem_files(&config.keys.registry_key_files).context("registry key files")
+    }
+}
+
+/// Binds the listener (so the actual port is known before serving).
+pub async fn bind(config: &AppConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&config.grpc.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.grpc.listen))
+}
+
+/// Serves until SIGINT/SIGTERM, then drains in-flight requests.
+pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let mut routes = RoutesBuilder::default();
+
+    if rt.services.contains(&registry_service_server::SERVICE_NAME) {
+        let store = rt.store.clone().context("the registry needs a store")?;
+        let keys = Arc::new(registry_keys(&rt.config)?);
+        let registry = Registry::new(store, keys, &rt.config.registry);
+        routes.add_service(RegistryGrpc::new(registry).into_server());
+    }
+    let skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
+        .iter()
+        .copied()
+        .filter(|n| !rt.services.contains(n))
+        .collect();
+    let mut routes = anumate_unimplemented::add_except(routes, &skip);
+
+    for name in &rt.services {
+        health_reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(anumate_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection")?;
+    routes.add_service(health_service);
+    routes.add_service(reflection);
+
+    let grace = Duration::from_secs(rt.config.grpc.shutdown_grace_secs);
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = health_reporter.clone();
+    let services = rt.services.clone();
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: refusing new requests, draining in-flight ones");
+        for name in &services {
+            reporter
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = drain_tx.send(());
+    };
+
+    let server = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(rt.authenticator.clone()))
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res.context("grpc server")?,
+        _ = async {
+            let _ = drain_rx.await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
