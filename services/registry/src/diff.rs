@@ -5,11 +5,18 @@ use anumate_proto::registry::v1 as pb;
 use serde_json::Value;
 
 /// Builds the diff response.
-pub fn diff(name: &str, from: &pb::CapsuleVersion, to: &pb::CapsuleVersion) -> pb::DiffCapsuleVersionsResponse {
+pub fn diff(
+    name: &str,
+    from: &pb::CapsuleVersion,
+    to: &pb::CapsuleVersion,
+) -> pb::DiffCapsuleVersionsResponse {
     let unified = similar::TextDiff::from_lines(&from.source_yaml, &to.source_yaml)
         .unified_diff()
         .context_radius(3)
-        .header(&format!("{name}@{}", from.version), &format!("{name}@{}", to.version))
+        .header(
+            &format!("{name}@{}", from.version),
+            &format!("{name}@{}", to.version),
+        )
         .to_string();
     let a: Value = serde_json::from_str(&from.canonical_json).unwrap_or(Value::Null);
     let b: Value = serde_json::from_str(&to.canonical_json).unwrap_or(Value::Null);
@@ -34,7 +41,12 @@ fn walk(path: &str, a: Option<&Value>, b: Option<&Value>, out: &mut Vec<pb::Fiel
             keys.sort();
             keys.dedup();
             for k in keys {
-                walk(&format!("{path}/{}", pointer_escape(k)), x.get(k), y.get(k), out);
+                walk(
+                    &format!("{path}/{}", pointer_escape(k)),
+                    x.get(k),
+                    y.get(k),
+                    out,
+                );
             }
         }
         (Some(Value::Array(x)), Some(Value::Array(y))) => {
@@ -50,9 +62,18 @@ fn walk(path: &str, a: Option<&Value>, b: Option<&Value>, out: &mut Vec<pb::Fiel
     }
 }
 
-fn change(path: &str, kind: pb::ChangeKind, from: Option<&Value>, to: Option<&Value>) -> pb::FieldChange {
+fn change(
+    path: &str,
+    kind: pb::ChangeKind,
+    from: Option<&Value>,
+    to: Option<&Value>,
+) -> pb::FieldChange {
     pb::FieldChange {
-        path: if path.is_empty() { "/".into() } else { path.into() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.into()
+        },
         kind: kind as i32,
         from_json: from.map(Value::to_string).unwrap_or_default(),
         to_json: to.map(Value::to_string).unwrap_or_default(),
@@ -64,7 +85,12 @@ mod tests {
     use super::*;
 
     fn version(n: i64, yaml: &str, json: &str) -> pb::CapsuleVersion {
-        pb::CapsuleVersion { version: n, source_yaml: yaml.into(), canonical_json: json.into(), ..Default::default() }
+        pb::CapsuleVersion {
+            version: n,
+            source_yaml: yaml.into(),
+            canonical_json: json.into(),
+            ..Default::default()
+        }
     }
 
     #[test]

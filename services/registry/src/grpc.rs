@@ -9,7 +9,13 @@ use tonic::{Request, Response, Status};
 use crate::{Actor, Registry, VersionSelector};
 
 /// Roles allowed to read capsules: any role of the tenant.
-const READERS: &[Role] = &[Role::Admin, Role::Author, Role::Operator, Role::Approver, Role::Auditor];
+const READERS: &[Role] = &[
+    Role::Admin,
+    Role::Author,
+    Role::Operator,
+    Role::Approver,
+    Role::Auditor,
+];
 /// Roles allowed to change capsules.
 const WRITERS: &[Role] = &[Role::Admin, Role::Author];
 
@@ -30,7 +36,12 @@ impl RegistryGrpc {
         // Room for the document plus the other request fields; larger messages are
         // refused by tonic before decoding (RESOURCE_EXHAUSTED), smaller oversize
         // documents get PAYLOAD_TOO_LARGE from the registry itself.
-        let limit = self.registry.limits().max_document_bytes.saturating_mul(2).saturating_add(64 * 1024);
+        let limit = self
+            .registry
+            .limits()
+            .max_document_bytes
+            .saturating_mul(2)
+            .saturating_add(64 * 1024);
         RegistryServiceServer::new(self).max_decoding_message_size(limit)
     }
 }
@@ -41,21 +52,35 @@ fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
         tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
         return Err(e.into());
     }
-    Ok(Actor { tenant: principal.tenant_id, subject: principal.subject })
+    Ok(Actor {
+        tenant: principal.tenant_id,
+        subject: principal.subject,
+    })
 }
 
 fn status_filter(value: i32) -> Result<pb::VersionStatus, Status> {
-    pb::VersionStatus::try_from(value)
-        .map_err(|_| Error::invalid_argument("status", format!("unknown VersionStatus value {value}")).into())
+    pb::VersionStatus::try_from(value).map_err(|_| {
+        Error::invalid_argument("status", format!("unknown VersionStatus value {value}")).into()
+    })
 }
 
 #[tonic::async_trait]
 impl RegistryService for RegistryGrpc {
-    async fn push_capsule(&self, req: Request<pb::PushCapsuleRequest>) -> Result<Response<pb::PushCapsuleResponse>, Status> {
+    async fn push_capsule(
+        &self,
+        req: Request<pb::PushCapsuleRequest>,
+    ) -> Result<Response<pb::PushCapsuleResponse>, Status> {
         let actor = actor(&req, WRITERS)?;
         let r = req.into_inner();
-        let source_name = if r.source_name.is_empty() { "<request>" } else { r.source_name.as_str() };
-        let pushed = self.registry.push(&actor, &r.source_yaml, source_name, &r.etag, r.publish).await?;
+        let source_name = if r.source_name.is_empty() {
+            "<request>"
+        } else {
+            r.source_name.as_str()
+        };
+        let pushed = self
+            .registry
+            .push(&actor, &r.source_yaml, source_name, &r.etag, r.publish)
+            .await?;
         Ok(Response::new(pb::PushCapsuleResponse {
             version: Some(pushed.version),
             created: pushed.created,
@@ -69,27 +94,50 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::ValidateCapsuleResponse>, Status> {
         actor(&req, READERS)?;
         let r = req.into_inner();
-        let source_name = if r.source_name.is_empty() { "<request>" } else { r.source_name.as_str() };
-        let (capsule, canonical_json, content_hash) = self.registry.validate(&r.source_yaml, source_name)?;
-        Ok(Response::new(pb::ValidateCapsuleResponse { name: capsule.name, canonical_json, content_hash }))
+        let source_name = if r.source_name.is_empty() {
+            "<request>"
+        } else {
+            r.source_name.as_str()
+        };
+        let (capsule, canonical_json, content_hash) =
+            self.registry.validate(&r.source_yaml, source_name)?;
+        Ok(Response::new(pb::ValidateCapsuleResponse {
+            name: capsule.name,
+            canonical_json,
+            content_hash,
+        }))
     }
 
-    async fn get_capsule(&self, req: Request<pb::GetCapsuleRequest>) -> Result<Response<pb::GetCapsuleResponse>, Status> {
+    async fn get_capsule(
+        &self,
+        req: Request<pb::GetCapsuleRequest>,
+    ) -> Result<Response<pb::GetCapsuleResponse>, Status> {
         let actor = actor(&req, READERS)?;
         let r = req.into_inner();
         let selector = VersionSelector::parse(&r.version)?;
         let (capsule, version) = self.registry.get(&actor, &r.name, selector).await?;
-        Ok(Response::new(pb::GetCapsuleResponse { capsule: Some(capsule), version: Some(version) }))
+        Ok(Response::new(pb::GetCapsuleResponse {
+            capsule: Some(capsule),
+            version: Some(version),
+        }))
     }
 
-    async fn list_capsules(&self, req: Request<pb::ListCapsulesRequest>) -> Result<Response<pb::ListCapsulesResponse>, Status> {
+    async fn list_capsules(
+        &self,
+        req: Request<pb::ListCapsulesRequest>,
+    ) -> Result<Response<pb::ListCapsulesResponse>, Status> {
         let actor = actor(&req, READERS)?;
         let r = req.into_inner();
         let status = status_filter(r.status)?;
-        let (capsules, next) = self.registry.list(&actor, &r.label_selector, status, r.page.as_ref()).await?;
+        let (capsules, next) = self
+            .registry
+            .list(&actor, &r.label_selector, status, r.page.as_ref())
+            .await?;
         Ok(Response::new(pb::ListCapsulesResponse {
             capsules,
-            page: Some(anumate_proto::common::v1::PageResponse { next_page_token: next }),
+            page: Some(anumate_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
         }))
     }
 
@@ -99,10 +147,15 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::ListCapsuleVersionsResponse>, Status> {
         let actor = actor(&req, READERS)?;
         let r = req.into_inner();
-        let (versions, next) = self.registry.list_versions(&actor, &r.name, r.page.as_ref()).await?;
+        let (versions, next) = self
+            .registry
+            .list_versions(&actor, &r.name, r.page.as_ref())
+            .await?;
         Ok(Response::new(pb::ListCapsuleVersionsResponse {
             versions,
-            page: Some(anumate_proto::common::v1::PageResponse { next_page_token: next }),
+            page: Some(anumate_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
         }))
     }
 
@@ -112,7 +165,11 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::DiffCapsuleVersionsResponse>, Status> {
         let actor = actor(&req, READERS)?;
         let r = req.into_inner();
-        Ok(Response::new(self.registry.diff(&actor, &r.name, r.from_version, r.to_version).await?))
+        Ok(Response::new(
+            self.registry
+                .diff(&actor, &r.name, r.from_version, r.to_version)
+                .await?,
+        ))
     }
 
     async fn publish_capsule_version(
@@ -121,9 +178,20 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::PublishCapsuleVersionResponse>, Status> {
         let actor = actor(&req, WRITERS)?;
         let r = req.into_inner();
-        let (capsule, version) =
-            self.registry.transition(&actor, &r.name, r.version, &r.etag, pb::VersionStatus::Published).await?;
-        Ok(Response::new(pb::PublishCapsuleVersionResponse { version: Some(version), capsule: Some(capsule) }))
+        let (capsule, version) = self
+            .registry
+            .transition(
+                &actor,
+                &r.name,
+                r.version,
+                &r.etag,
+                pb::VersionStatus::Published,
+            )
+            .await?;
+        Ok(Response::new(pb::PublishCapsuleVersionResponse {
+            version: Some(version),
+            capsule: Some(capsule),
+        }))
     }
 
     async fn deprecate_capsule_version(
@@ -132,16 +200,32 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::DeprecateCapsuleVersionResponse>, Status> {
         let actor = actor(&req, WRITERS)?;
         let r = req.into_inner();
-        let (capsule, version) =
-            self.registry.transition(&actor, &r.name, r.version, &r.etag, pb::VersionStatus::Deprecated).await?;
-        Ok(Response::new(pb::DeprecateCapsuleVersionResponse { version: Some(version), capsule: Some(capsule) }))
+        let (capsule, version) = self
+            .registry
+            .transition(
+                &actor,
+                &r.name,
+                r.version,
+                &r.etag,
+                pb::VersionStatus::Deprecated,
+            )
+            .await?;
+        Ok(Response::new(pb::DeprecateCapsuleVersionResponse {
+            version: Some(version),
+            capsule: Some(capsule),
+        }))
     }
 
-    async fn delete_capsule(&self, req: Request<pb::DeleteCapsuleRequest>) -> Result<Response<pb::DeleteCapsuleResponse>, Status> {
+    async fn delete_capsule(
+        &self,
+        req: Request<pb::DeleteCapsuleRequest>,
+    ) -> Result<Response<pb::DeleteCapsuleResponse>, Status> {
         let actor = actor(&req, WRITERS)?;
         let r = req.into_inner();
         let capsule = self.registry.delete(&actor, &r.name, &r.etag).await?;
-        Ok(Response::new(pb::DeleteCapsuleResponse { capsule: Some(capsule) }))
+        Ok(Response::new(pb::DeleteCapsuleResponse {
+            capsule: Some(capsule),
+        }))
     }
 
     async fn get_signing_keys(

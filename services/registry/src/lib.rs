@@ -25,7 +25,11 @@ pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// Every migration the registry needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS.iter().chain(repo::MIGRATIONS).copied().collect()
+    anumate_events::MIGRATIONS
+        .iter()
+        .chain(repo::MIGRATIONS)
+        .copied()
+        .collect()
 }
 
 /// `[registry]` configuration.
@@ -41,7 +45,10 @@ pub struct RegistryConfig {
 impl Default for RegistryConfig {
     fn default() -> Self {
         let limits = Limits::default();
-        RegistryConfig { max_document_bytes: limits.max_document_bytes, max_steps: limits.max_steps }
+        RegistryConfig {
+            max_document_bytes: limits.max_document_bytes,
+            max_steps: limits.max_steps,
+        }
     }
 }
 
@@ -103,7 +110,9 @@ pub struct Pushed {
 fn dns_label_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -112,7 +121,10 @@ fn check_name(name: &str) -> Result<()> {
     if dns_label_ok(name) {
         Ok(())
     } else {
-        Err(Error::invalid_argument("name", "must be a DNS label: lowercase letters, digits and '-', at most 63"))
+        Err(Error::invalid_argument(
+            "name",
+            "must be a DNS label: lowercase letters, digits and '-', at most 63",
+        ))
     }
 }
 
@@ -133,9 +145,16 @@ fn check_etag(capsule: &pb::Capsule, expected: &str) -> Result<()> {
 impl Registry {
     /// A registry over `store`, signing with the ring's active key.
     pub fn new(store: Store, keys: Arc<KeyRing>, cfg: &RegistryConfig) -> Registry {
-        let limits =
-            Limits { max_document_bytes: cfg.max_document_bytes, max_steps: cfg.max_steps, ..Limits::default() };
-        Registry { store, keys, limits }
+        let limits = Limits {
+            max_document_bytes: cfg.max_document_bytes,
+            max_steps: cfg.max_steps,
+            ..Limits::default()
+        };
+        Registry {
+            store,
+            keys,
+            limits,
+        }
     }
 
     /// The document limits in force.
@@ -144,19 +163,34 @@ impl Registry {
     }
 
     /// Parses, validates and canonicalizes a document without storing it.
-    pub fn validate(&self, source: &str, source_name: &str) -> Result<(anumate_capsule::Capsule, String, String)> {
+    pub fn validate(
+        &self,
+        source: &str,
+        source_name: &str,
+    ) -> Result<(anumate_capsule::Capsule, String, String)> {
         let capsule = anumate_capsule::parse(source, source_name, &self.limits)?;
         let (canonical, hash) = anumate_crypto::content_hash(&capsule.document);
         Ok((capsule, canonical, hash))
     }
 
     /// Stores a new version (or returns the identical existing one).
-    pub async fn push(&self, actor: &Actor, source: &str, source_name: &str, etag: &str, publish: bool) -> Result<Pushed> {
+    pub async fn push(
+        &self,
+        actor: &Actor,
+        source: &str,
+        source_name: &str,
+        etag: &str,
+        publish: bool,
+    ) -> Result<Pushed> {
         let (capsule, canonical, hash) = self.validate(source, source_name)?;
         // One retry covers two first pushes of a new name racing on its primary key.
-        match self.push_once(actor, source, &capsule, &canonical, &hash, etag, publish).await {
+        match self
+            .push_once(actor, source, &capsule, &canonical, &hash, etag, publish)
+            .await
+        {
             Err(e) if e.code == ErrorCode::AlreadyExists => {
-                self.push_once(actor, source, &capsule, &canonical, &hash, etag, publish).await
+                self.push_once(actor, source, &capsule, &canonical, &hash, etag, publish)
+                    .await
             }
             other => other,
         }
@@ -186,20 +220,32 @@ impl Registry {
             if let Some(mut same) = repo::find_by_hash(&tx, &doc.name, hash).await? {
                 let mut capsule = c.proto.clone();
                 if publish && same.status == pb::VersionStatus::Draft as i32 {
-                    capsule = self.set_status(&tx, actor, c, &mut same, pb::VersionStatus::Published).await?;
+                    capsule = self
+                        .set_status(&tx, actor, c, &mut same, pb::VersionStatus::Published)
+                        .await?;
                     tx.commit().await?;
                 } else if publish && same.status == pb::VersionStatus::Deprecated as i32 {
                     return Err(Error::new(
                         ErrorCode::FailedPrecondition,
-                        format!("identical content is version {} which is deprecated; it cannot be published again", same.version),
+                        format!(
+                            "identical content is version {} which is deprecated; it cannot be published again",
+                            same.version
+                        ),
                     ));
                 }
-                return Ok(Pushed { version: same, created: false, capsule });
+                return Ok(Pushed {
+                    version: same,
+                    created: false,
+                    capsule,
+                });
             }
         } else if !etag.is_empty() {
             return Err(Error::new(
                 ErrorCode::EtagMismatch,
-                format!("capsule {} does not exist yet; push without an etag to create it", doc.name),
+                format!(
+                    "capsule {} does not exist yet; push without an etag to create it",
+                    doc.name
+                ),
             ));
         }
 
@@ -209,7 +255,11 @@ impl Registry {
         let mut version = pb::CapsuleVersion {
             name: doc.name.clone(),
             version: version_no,
-            status: if publish { pb::VersionStatus::Published } else { pb::VersionStatus::Draft } as i32,
+            status: if publish {
+                pb::VersionStatus::Published
+            } else {
+                pb::VersionStatus::Draft
+            } as i32,
             source_yaml: source.to_string(),
             canonical_json: canonical.to_string(),
             content_hash: hash.to_string(),
@@ -228,11 +278,26 @@ impl Registry {
         } else {
             existing.as_ref().map_or(0, |c| c.proto.published_version)
         };
-        let capsule = repo::upsert_capsule(&tx, existing.as_ref(), doc, version_no, published_version, now).await?;
-        version.status = if publish { pb::VersionStatus::Published as i32 } else { pb::VersionStatus::Draft as i32 };
+        let capsule = repo::upsert_capsule(
+            &tx,
+            existing.as_ref(),
+            doc,
+            version_no,
+            published_version,
+            now,
+        )
+        .await?;
+        version.status = if publish {
+            pb::VersionStatus::Published as i32
+        } else {
+            pb::VersionStatus::Draft as i32
+        };
 
         let subject = format!("capsules/{}/versions/{version_no}", doc.name);
-        let ctx = anumate_events::EventContext { subject: &subject, ..Default::default() };
+        let ctx = anumate_events::EventContext {
+            subject: &subject,
+            ..Default::default()
+        };
         anumate_events::append(
             &tx,
             &ev::CapsulePushed {
@@ -263,18 +328,29 @@ impl Registry {
         }
         tx.commit().await?;
         tracing::info!(tenant = %actor.tenant, capsule = %doc.name, version = version_no, %hash, "capsule version pushed");
-        Ok(Pushed { version, created: true, capsule })
+        Ok(Pushed {
+            version,
+            created: true,
+            capsule,
+        })
     }
 
     /// Reads one version.
-    pub async fn get(&self, actor: &Actor, name: &str, selector: VersionSelector) -> Result<(pb::Capsule, pb::CapsuleVersion)> {
+    pub async fn get(
+        &self,
+        actor: &Actor,
+        name: &str,
+        selector: VersionSelector,
+    ) -> Result<(pb::Capsule, pb::CapsuleVersion)> {
         check_name(name)?;
         let tx = self.store.read(&actor.tenant).await?;
         let capsule = repo::visible_capsule(&tx, name).await?;
         let number = match selector {
             VersionSelector::Number(n) => n,
             VersionSelector::Latest => capsule.latest_version,
-            VersionSelector::Published if capsule.published_version > 0 => capsule.published_version,
+            VersionSelector::Published if capsule.published_version > 0 => {
+                capsule.published_version
+            }
             VersionSelector::Published => {
                 return Err(Error::not_found(format!(
                     "capsule {name} has no published version (latest is {}; ask for \"latest\" or a number)",
@@ -311,20 +387,32 @@ impl Registry {
     ) -> Result<(Vec<pb::CapsuleVersion>, String)> {
         check_name(name)?;
         let (size, after) = repo::page_params(page)?;
-        let before = match after {
-            Some(token) => Some(token.parse::<i64>().map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?),
-            None => None,
-        };
+        let before =
+            match after {
+                Some(token) => Some(token.parse::<i64>().map_err(|_| {
+                    Error::invalid_argument("page.page_token", "malformed page token")
+                })?),
+                None => None,
+            };
         let tx = self.store.read(&actor.tenant).await?;
         repo::visible_capsule(&tx, name).await?;
         repo::list_versions(&tx, name, size, before).await
     }
 
     /// Diffs two versions.
-    pub async fn diff(&self, actor: &Actor, name: &str, from: i64, to: i64) -> Result<pb::DiffCapsuleVersionsResponse> {
+    pub async fn diff(
+        &self,
+        actor: &Actor,
+        name: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<pb::DiffCapsuleVersionsResponse> {
         check_name(name)?;
         if from <= 0 || to <= 0 {
-            return Err(Error::invalid_argument("from_version", "both versions must be positive numbers"));
+            return Err(Error::invalid_argument(
+                "from_version",
+                "both versions must be positive numbers",
+            ));
         }
         let tx = self.store.read(&actor.tenant).await?;
         repo::visible_capsule(&tx, name).await?;
@@ -348,7 +436,10 @@ impl Registry {
     ) -> Result<(pb::Capsule, pb::CapsuleVersion)> {
         check_name(name)?;
         let tx = self.store.write(&actor.tenant).await?;
-        let capsule = repo::lock_capsule(&tx, name).await?.filter(|c| !c.deleted).ok_or_else(|| not_found(name))?;
+        let capsule = repo::lock_capsule(&tx, name)
+            .await?
+            .filter(|c| !c.deleted)
+            .ok_or_else(|| not_found(name))?;
         check_etag(&capsule.proto, etag)?;
         let mut version = repo::get_version(&tx, name, number, false)
             .await?
@@ -356,13 +447,19 @@ impl Registry {
         if version.status == target as i32 {
             return Ok((capsule.proto, version)); // no-op
         }
-        if target == pb::VersionStatus::Published && version.status == pb::VersionStatus::Deprecated as i32 {
+        if target == pb::VersionStatus::Published
+            && version.status == pb::VersionStatus::Deprecated as i32
+        {
             return Err(Error::new(
                 ErrorCode::FailedPrecondition,
-                format!("version {number} of {name} is deprecated and cannot be published again; push a new version"),
+                format!(
+                    "version {number} of {name} is deprecated and cannot be published again; push a new version"
+                ),
             ));
         }
-        let updated = self.set_status(&tx, actor, &capsule, &mut version, target).await?;
+        let updated = self
+            .set_status(&tx, actor, &capsule, &mut version, target)
+            .await?;
         tx.commit().await?;
         Ok((updated, version))
     }
@@ -385,7 +482,10 @@ impl Registry {
         let updated = repo::touch_capsule(tx, &capsule.proto.name, now).await?;
         let name = capsule.proto.name.clone();
         let subject = format!("capsules/{name}/versions/{}", version.version);
-        let ctx = anumate_events::EventContext { subject: &subject, ..Default::default() };
+        let ctx = anumate_events::EventContext {
+            subject: &subject,
+            ..Default::default()
+        };
         match target {
             pb::VersionStatus::Published => {
                 anumate_events::append(
@@ -424,15 +524,25 @@ impl Registry {
     pub async fn delete(&self, actor: &Actor, name: &str, etag: &str) -> Result<pb::Capsule> {
         check_name(name)?;
         let tx = self.store.write(&actor.tenant).await?;
-        let capsule = repo::lock_capsule(&tx, name).await?.filter(|c| !c.deleted).ok_or_else(|| not_found(name))?;
+        let capsule = repo::lock_capsule(&tx, name)
+            .await?
+            .filter(|c| !c.deleted)
+            .ok_or_else(|| not_found(name))?;
         check_etag(&capsule.proto, etag)?;
         let now = anumate_store::now_micros();
         repo::soft_delete(&tx, name, now).await?;
         anumate_events::append(
             &tx,
-            &ev::CapsuleDeleted { tenant_id: actor.tenant.clone(), name: name.to_string(), actor: actor.subject.clone() },
+            &ev::CapsuleDeleted {
+                tenant_id: actor.tenant.clone(),
+                name: name.to_string(),
+                actor: actor.subject.clone(),
+            },
             name,
-            anumate_events::EventContext { subject: &format!("capsules/{name}"), ..Default::default() },
+            anumate_events::EventContext {
+                subject: &format!("capsules/{name}"),
+                ..Default::default()
+            },
         )
         .await?;
         tx.commit().await?;

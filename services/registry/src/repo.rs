@@ -109,7 +109,10 @@ pub struct CapsuleRow {
 }
 
 pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp { seconds: micros.div_euclid(1_000_000), nanos: (micros.rem_euclid(1_000_000) * 1000) as i32 }
+    pbjson_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
 }
 
 fn etag(revision: i64) -> String {
@@ -140,8 +143,7 @@ fn labels_from_json(text: &str) -> std::collections::HashMap<String, String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-const CAPSULE_COLUMNS: &str =
-    "name, description, labels, latest_version, published_version, revision, created_at, updated_at, deleted_at";
+const CAPSULE_COLUMNS: &str = "name, description, labels, latest_version, published_version, revision, created_at, updated_at, deleted_at";
 
 fn capsule_from(row: &QueryResult) -> Result<CapsuleRow> {
     let deleted_at: Option<i64> = row.try_get("", "deleted_at").map_err(db)?;
@@ -163,16 +165,27 @@ fn capsule_from(row: &QueryResult) -> Result<CapsuleRow> {
 
 /// Reads a capsule row, locking it for the transaction on PostgreSQL.
 pub async fn lock_capsule(tx: &TenantTx, name: &str) -> Result<Option<CapsuleRow>> {
-    let lock = if tx.backend() == Backend::Postgres { " FOR UPDATE" } else { "" };
-    let sql = format!("SELECT {CAPSULE_COLUMNS} FROM capsules WHERE tenant_id = $1 AND name = $2{lock}");
-    let row = tx.query_one(&sql, vec![tx.tenant_id().into(), name.into()]).await?;
+    let lock = if tx.backend() == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let sql =
+        format!("SELECT {CAPSULE_COLUMNS} FROM capsules WHERE tenant_id = $1 AND name = $2{lock}");
+    let row = tx
+        .query_one(&sql, vec![tx.tenant_id().into(), name.into()])
+        .await?;
     row.as_ref().map(capsule_from).transpose()
 }
 
 /// A capsule that exists and is not deleted, or `NOT_FOUND`.
 pub async fn visible_capsule(tx: &TenantTx, name: &str) -> Result<pb::Capsule> {
-    let sql = format!("SELECT {CAPSULE_COLUMNS} FROM capsules WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL");
-    let row = tx.query_one(&sql, vec![tx.tenant_id().into(), name.into()]).await?;
+    let sql = format!(
+        "SELECT {CAPSULE_COLUMNS} FROM capsules WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL"
+    );
+    let row = tx
+        .query_one(&sql, vec![tx.tenant_id().into(), name.into()])
+        .await?;
     match row {
         Some(row) => Ok(capsule_from(&row)?.proto),
         None => Err(Error::not_found(format!("capsule {name} not found"))),
@@ -208,19 +221,37 @@ fn version_from(row: &QueryResult) -> Result<pb::CapsuleVersion> {
 }
 
 /// One version, with or without its source.
-pub async fn get_version(tx: &TenantTx, name: &str, version: i64, _with_source: bool) -> Result<Option<pb::CapsuleVersion>> {
-    let sql = format!("SELECT {VERSION_COLUMNS} FROM capsule_versions WHERE tenant_id = $1 AND name = $2 AND version = $3");
-    let row = tx.query_one(&sql, vec![tx.tenant_id().into(), name.into(), version.into()]).await?;
+pub async fn get_version(
+    tx: &TenantTx,
+    name: &str,
+    version: i64,
+    _with_source: bool,
+) -> Result<Option<pb::CapsuleVersion>> {
+    let sql = format!(
+        "SELECT {VERSION_COLUMNS} FROM capsule_versions WHERE tenant_id = $1 AND name = $2 AND version = $3"
+    );
+    let row = tx
+        .query_one(
+            &sql,
+            vec![tx.tenant_id().into(), name.into(), version.into()],
+        )
+        .await?;
     row.as_ref().map(version_from).transpose()
 }
 
 /// The version with this content hash, if any.
-pub async fn find_by_hash(tx: &TenantTx, name: &str, hash: &str) -> Result<Option<pb::CapsuleVersion>> {
+pub async fn find_by_hash(
+    tx: &TenantTx,
+    name: &str,
+    hash: &str,
+) -> Result<Option<pb::CapsuleVersion>> {
     let sql = format!(
         "SELECT {VERSION_COLUMNS} FROM capsule_versions WHERE tenant_id = $1 AND name = $2 AND content_hash = $3 \
          ORDER BY version LIMIT 1"
     );
-    let row = tx.query_one(&sql, vec![tx.tenant_id().into(), name.into(), hash.into()]).await?;
+    let row = tx
+        .query_one(&sql, vec![tx.tenant_id().into(), name.into(), hash.into()])
+        .await?;
     row.as_ref().map(version_from).transpose()
 }
 
@@ -279,7 +310,9 @@ pub async fn upsert_capsule(
 ) -> Result<pb::Capsule> {
     let labels_json = serde_json::to_string(&doc.labels).unwrap_or_else(|_| "{}".into());
     let revision = existing.map_or(1, |c| parse_revision(&c.proto.etag) + 1);
-    let created_at = existing.and_then(|c| c.proto.create_time.as_ref()).map_or(now, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+    let created_at = existing
+        .and_then(|c| c.proto.create_time.as_ref())
+        .map_or(now, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
     tx.execute(
         "UPDATE capsules SET description = $3, labels = $4, latest_version = $5, published_version = $6, \
            revision = $7, updated_at = $8, created_at = $9 WHERE tenant_id = $1 AND name = $2",
@@ -296,12 +329,20 @@ pub async fn upsert_capsule(
         ],
     )
     .await?;
-    tx.execute("DELETE FROM capsule_labels WHERE tenant_id = $1 AND name = $2", vec![tx.tenant_id().into(), doc.name.as_str().into()])
-        .await?;
+    tx.execute(
+        "DELETE FROM capsule_labels WHERE tenant_id = $1 AND name = $2",
+        vec![tx.tenant_id().into(), doc.name.as_str().into()],
+    )
+    .await?;
     for (k, v) in &doc.labels {
         tx.execute(
             "INSERT INTO capsule_labels (tenant_id, name, key, value) VALUES ($1, $2, $3, $4)",
-            vec![tx.tenant_id().into(), doc.name.as_str().into(), k.as_str().into(), v.as_str().into()],
+            vec![
+                tx.tenant_id().into(),
+                doc.name.as_str().into(),
+                k.as_str().into(),
+                v.as_str().into(),
+            ],
         )
         .await?;
     }
@@ -321,8 +362,18 @@ fn parse_revision(etag: &str) -> i64 {
     etag.trim_start_matches('r').parse().unwrap_or(0)
 }
 
-pub async fn set_version_status(tx: &TenantTx, name: &str, version: i64, status: pb::VersionStatus, now: i64) -> Result<()> {
-    let column = if status == pb::VersionStatus::Published { "published_at" } else { "deprecated_at" };
+pub async fn set_version_status(
+    tx: &TenantTx,
+    name: &str,
+    version: i64,
+    status: pb::VersionStatus,
+    now: i64,
+) -> Result<()> {
+    let column = if status == pb::VersionStatus::Published {
+        "published_at"
+    } else {
+        "deprecated_at"
+    };
     tx.execute(
         &format!("UPDATE capsule_versions SET status = $4, {column} = $5 WHERE tenant_id = $1 AND name = $2 AND version = $3"),
         vec![tx.tenant_id().into(), name.into(), version.into(), status_str(status).into(), now.into()],
@@ -357,11 +408,17 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
-            return Err(Error::invalid_argument("label_selector", format!("{part:?} is not key=value")));
+            return Err(Error::invalid_argument(
+                "label_selector",
+                format!("{part:?} is not key=value"),
+            ));
         };
         let (k, v) = (k.trim(), v.trim());
         if k.is_empty() {
-            return Err(Error::invalid_argument("label_selector", format!("{part:?} has an empty key")));
+            return Err(Error::invalid_argument(
+                "label_selector",
+                format!("{part:?} has an empty key"),
+            ));
         }
         out.push((k.to_string(), v.to_string()));
     }
@@ -371,17 +428,29 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<(String, String)>> {
 /// Page size and the decoded token.
 pub fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
     let size = match page.map_or(0, |p| p.page_size) {
-        n if n < 0 => return Err(Error::invalid_argument("page.page_size", "must not be negative")),
+        n if n < 0 => {
+            return Err(Error::invalid_argument(
+                "page.page_size",
+                "must not be negative",
+            ));
+        }
         0 => DEFAULT_PAGE,
         n => i64::from(n).min(MAX_PAGE),
     };
-    let token = match page.map(|p| p.page_token.as_str()).filter(|t| !t.is_empty()) {
+    let token = match page
+        .map(|p| p.page_token.as_str())
+        .filter(|t| !t.is_empty())
+    {
         None => None,
         Some(t) => {
             let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(t)
                 .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?;
-            Some(String::from_utf8(bytes).map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?)
+            Some(
+                String::from_utf8(bytes).map_err(|_| {
+                    Error::invalid_argument("page.page_token", "malformed page token")
+                })?,
+            )
         }
     };
     Ok((size, token))
@@ -398,7 +467,9 @@ pub async fn list_capsules(
     size: i64,
     after: Option<&str>,
 ) -> Result<(Vec<pb::Capsule>, String)> {
-    let mut sql = format!("SELECT {CAPSULE_COLUMNS} FROM capsules c WHERE c.tenant_id = $1 AND c.deleted_at IS NULL");
+    let mut sql = format!(
+        "SELECT {CAPSULE_COLUMNS} FROM capsules c WHERE c.tenant_id = $1 AND c.deleted_at IS NULL"
+    );
     let mut values: Vec<anumate_store::Value> = vec![tx.tenant_id().into()];
     for (k, v) in labels {
         values.push(k.as_str().into());
@@ -425,28 +496,50 @@ pub async fn list_capsules(
     values.push((size + 1).into());
     sql.push_str(&format!(" ORDER BY c.name LIMIT ${}", values.len()));
     let rows = tx.query_all(&sql, values).await?;
-    let mut items = rows.iter().map(|r| capsule_from(r).map(|c| c.proto)).collect::<Result<Vec<_>>>()?;
+    let mut items = rows
+        .iter()
+        .map(|r| capsule_from(r).map(|c| c.proto))
+        .collect::<Result<Vec<_>>>()?;
     let next = if items.len() as i64 > size {
         items.truncate(size as usize);
-        items.last().map(|c| encode_token(&c.name)).unwrap_or_default()
+        items
+            .last()
+            .map(|c| encode_token(&c.name))
+            .unwrap_or_default()
     } else {
         String::new()
     };
     Ok((items, next))
 }
 
-pub async fn list_versions(tx: &TenantTx, name: &str, size: i64, before: Option<i64>) -> Result<(Vec<pb::CapsuleVersion>, String)> {
+pub async fn list_versions(
+    tx: &TenantTx,
+    name: &str,
+    size: i64,
+    before: Option<i64>,
+) -> Result<(Vec<pb::CapsuleVersion>, String)> {
     let sql = format!(
         "SELECT {VERSION_META_COLUMNS} FROM capsule_versions WHERE tenant_id = $1 AND name = $2 AND version < $3 \
          ORDER BY version DESC LIMIT $4"
     );
     let rows = tx
-        .query_all(&sql, vec![tx.tenant_id().into(), name.into(), before.unwrap_or(i64::MAX).into(), (size + 1).into()])
+        .query_all(
+            &sql,
+            vec![
+                tx.tenant_id().into(),
+                name.into(),
+                before.unwrap_or(i64::MAX).into(),
+                (size + 1).into(),
+            ],
+        )
         .await?;
     let mut items = rows.iter().map(version_from).collect::<Result<Vec<_>>>()?;
     let next = if items.len() as i64 > size {
         items.truncate(size as usize);
-        items.last().map(|v| encode_token(&v.version.to_string())).unwrap_or_default()
+        items
+            .last()
+            .map(|v| encode_token(&v.version.to_string()))
+            .unwrap_or_default()
     } else {
         String::new()
     };
