@@ -7,6 +7,8 @@
 //! `anumate.common.v1.ErrorCode` values without their prefix.
 #![forbid(unsafe_code)]
 
+pub mod layer;
+
 use std::fmt;
 
 use tonic::Code;

@@ -146,8 +146,23 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let _ = drain_tx.send(());
     };
 
+    // Outermost first: a span per call, ErrorInfo on transport-level errors,
+    // then authentication (health and reflection pass without a token).
+    let layers = tower::ServiceBuilder::new()
+        .layer(
+            tower_http::trace::TraceLayer::new_for_grpc()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                )
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
+        .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+        .layer(AuthLayer::new(rt.authenticator.clone()));
     let server = tonic::transport::Server::builder()
-        .layer(AuthLayer::new(rt.authenticator.clone()))
+        .layer(layers)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     tokio::pin!(server);
