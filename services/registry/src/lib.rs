@@ -545,8 +545,12 @@ impl Registry {
             },
         )
         .await?;
+        // The row as deleted: its new etag and update time.
+        let deleted = repo::lock_capsule(&tx, name)
+            .await?
+            .map_or(capsule.proto, |c| c.proto);
         tx.commit().await?;
-        Ok(capsule.proto)
+        Ok(deleted)
     }
 
     /// The public keys verifying version signatures.
