@@ -31,12 +31,25 @@ fn add_missing_details(headers: &mut HeaderMap) {
     };
     // tonic reports an oversized request as OUT_OF_RANGE; our table sends
     // PAYLOAD_TOO_LARGE as RESOURCE_EXHAUSTED, like the registry's own limit.
-    let code = if status.message().contains("message length too large") {
-        ErrorCode::PayloadTooLarge
+    let (code, message) = if status.message().contains("message length too large") {
+        (ErrorCode::PayloadTooLarge, status.message().to_string())
+    } else if status
+        .message()
+        .starts_with("failed to decode Protobuf message")
+    {
+        // tonic-prost answers a body that is not protobuf with a bare INTERNAL
+        // before any handler runs; it is the caller's error (SPEC §12).
+        (
+            ErrorCode::InvalidArgument,
+            format!(
+                "request is not a valid protobuf message: {}",
+                status.message()
+            ),
+        )
     } else {
-        code_for_grpc(status.code())
+        (code_for_grpc(status.code()), status.message().to_string())
     };
-    let enriched = Error::new(code, status.message()).to_status();
+    let enriched = Error::new(code, message).to_status();
     // Replaces grpc-status/grpc-message with identical values and adds the details.
     let _ = enriched.add_header(headers);
 }
@@ -60,6 +73,15 @@ mod tests {
         let err =
             Error::from_status(&tonic::Status::from_header_map(resp.headers()).expect("status"));
         assert_eq!(err.code, ErrorCode::Unimplemented);
+    }
+
+    #[test]
+    fn undecodable_requests_are_invalid_argument() {
+        let bare = tonic::Status::internal("failed to decode Protobuf message: buffer underflow");
+        let resp = ensure_error_info(bare.into_http::<()>());
+        let status = tonic::Status::from_header_map(resp.headers()).expect("status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(Error::from_status(&status).code, ErrorCode::InvalidArgument);
     }
 
     #[test]

@@ -1,11 +1,9 @@
 //! The gRPC adapter: decode, check the role, call [`Registry`], encode.
 
 use anumate_auth::{Principal, Role};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::Error;
 use anumate_proto::registry::v1 as pb;
 use pb::registry_service_server::{RegistryService, RegistryServiceServer};
-use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
-use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, Registry, VersionSelector};
@@ -34,9 +32,7 @@ impl RegistryGrpc {
     }
 
     /// The tonic server, with request size limits matching the document limit.
-    pub fn into_server(
-        self,
-    ) -> ProtobufErrorsAsInvalidArgument<RegistryServiceServer<RegistryGrpc>> {
+    pub fn into_server(self) -> RegistryServiceServer<RegistryGrpc> {
         // Room for the document plus the other request fields; larger messages are
         // refused by tonic from their length prefix, before anything is buffered
         // (`anumate_errors::layer` gives that PAYLOAD_TOO_LARGE), smaller oversize
@@ -47,65 +43,7 @@ impl RegistryGrpc {
             .max_document_bytes
             .saturating_mul(2)
             .saturating_add(64 * 1024);
-        ProtobufErrorsAsInvalidArgument {
-            inner: RegistryServiceServer::new(self).max_decoding_message_size(limit),
-        }
-    }
-}
-
-/// Wraps a tonic server so that a request body that is not valid protobuf is
-/// the caller's `INVALID_ARGUMENT` (with `ErrorInfo`), not the bare `INTERNAL`
-/// tonic-prost answers with before any handler runs (SPEC §12).
-// TODO: belongs in `anumate_errors::layer::ensure_error_info`, for every service.
-#[derive(Debug, Clone)]
-pub struct ProtobufErrorsAsInvalidArgument<S> {
-    inner: S,
-}
-
-impl<S: NamedService> NamedService for ProtobufErrorsAsInvalidArgument<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> Service<http::Request<B>> for ProtobufErrorsAsInvalidArgument<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            // A decode failure is a trailers-only response with the status in the
-            // headers and no details (handler errors always carry details).
-            match Status::from_header_map(response.headers()) {
-                Some(status)
-                    if status.code() == tonic::Code::Internal
-                        && status.details().is_empty()
-                        && status
-                            .message()
-                            .starts_with("failed to decode Protobuf message") =>
-                {
-                    Ok(Error::new(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "request is not a valid protobuf message: {}",
-                            status.message()
-                        ),
-                    )
-                    .to_status()
-                    .into_http())
-                }
-                _ => Ok(response),
-            }
-        })
+        RegistryServiceServer::new(self).max_decoding_message_size(limit)
     }
 }
 

@@ -252,7 +252,7 @@ impl Registry {
         let now = anumate_store::now_micros();
         let version_no = existing.as_ref().map_or(1, |c| c.proto.latest_version + 1);
         let key = self.keys.active();
-        let mut version = pb::CapsuleVersion {
+        let version = pb::CapsuleVersion {
             name: doc.name.clone(),
             version: version_no,
             status: if publish {
@@ -272,13 +272,16 @@ impl Registry {
             publish_time: publish.then(|| repo::timestamp(now)),
             deprecate_time: None,
         };
+        if existing.is_none() {
+            repo::insert_capsule(&tx, &doc.name, now).await?;
+        }
         repo::insert_version(&tx, &version, now).await?;
         let published_version = if publish {
             version_no
         } else {
             existing.as_ref().map_or(0, |c| c.proto.published_version)
         };
-        let capsule = repo::upsert_capsule(
+        let capsule = repo::update_after_push(
             &tx,
             existing.as_ref(),
             doc,
@@ -287,11 +290,6 @@ impl Registry {
             now,
         )
         .await?;
-        version.status = if publish {
-            pb::VersionStatus::Published as i32
-        } else {
-            pb::VersionStatus::Draft as i32
-        };
 
         let subject = format!("capsules/{}/versions/{version_no}", doc.name);
         let ctx = anumate_events::EventContext {
@@ -358,7 +356,7 @@ impl Registry {
                 )));
             }
         };
-        let version = repo::get_version(&tx, name, number, true)
+        let version = repo::get_version(&tx, name, number)
             .await?
             .ok_or_else(|| Error::not_found(format!("capsule {name} has no version {number}")))?;
         Ok((capsule, version))
@@ -416,10 +414,10 @@ impl Registry {
         }
         let tx = self.store.read(&actor.tenant).await?;
         repo::visible_capsule(&tx, name).await?;
-        let a = repo::get_version(&tx, name, from, true)
+        let a = repo::get_version(&tx, name, from)
             .await?
             .ok_or_else(|| Error::not_found(format!("capsule {name} has no version {from}")))?;
-        let b = repo::get_version(&tx, name, to, true)
+        let b = repo::get_version(&tx, name, to)
             .await?
             .ok_or_else(|| Error::not_found(format!("capsule {name} has no version {to}")))?;
         Ok(diff::diff(name, &a, &b))
@@ -441,7 +439,7 @@ impl Registry {
             .filter(|c| !c.deleted)
             .ok_or_else(|| not_found(name))?;
         check_etag(&capsule.proto, etag)?;
-        let mut version = repo::get_version(&tx, name, number, false)
+        let mut version = repo::get_version(&tx, name, number)
             .await?
             .ok_or_else(|| Error::not_found(format!("capsule {name} has no version {number}")))?;
         if version.status == target as i32 {

@@ -9,93 +9,55 @@ use anumate_proto::registry::v1 as pb;
 use anumate_store::{Backend, Migration, QueryResult, TenantTx};
 use base64::Engine as _;
 
+const REGISTRY_DDL: &str = "CREATE TABLE capsules (
+        tenant_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        latest_version BIGINT NOT NULL,
+        published_version BIGINT NOT NULL,
+        revision BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        deleted_at BIGINT,
+        PRIMARY KEY (tenant_id, name)
+      );
+      CREATE TABLE capsule_versions (
+        tenant_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('draft', 'published', 'deprecated')),
+        source_yaml TEXT NOT NULL,
+        canonical_json TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        description TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        published_at BIGINT,
+        deprecated_at BIGINT,
+        PRIMARY KEY (tenant_id, name, version),
+        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
+      );
+      CREATE INDEX capsule_versions_hash ON capsule_versions (tenant_id, name, content_hash);
+      CREATE TABLE capsule_labels (
+        tenant_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, name, key),
+        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
+      );
+      CREATE INDEX capsule_labels_kv ON capsule_labels (tenant_id, key, value)";
+
 /// Registry tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     id: "registry_0001_capsules",
-    postgres: "CREATE TABLE capsules (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        description TEXT NOT NULL,
-        labels TEXT NOT NULL,
-        latest_version BIGINT NOT NULL,
-        published_version BIGINT NOT NULL,
-        revision BIGINT NOT NULL,
-        created_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL,
-        deleted_at BIGINT,
-        PRIMARY KEY (tenant_id, name)
-      );
-      CREATE TABLE capsule_versions (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version BIGINT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('draft', 'published', 'deprecated')),
-        source_yaml TEXT NOT NULL,
-        canonical_json TEXT NOT NULL,
-        content_hash TEXT NOT NULL,
-        signature TEXT NOT NULL,
-        kid TEXT NOT NULL,
-        description TEXT NOT NULL,
-        labels TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        published_at BIGINT,
-        deprecated_at BIGINT,
-        PRIMARY KEY (tenant_id, name, version),
-        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
-      );
-      CREATE INDEX capsule_versions_hash ON capsule_versions (tenant_id, name, content_hash);
-      CREATE TABLE capsule_labels (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (tenant_id, name, key),
-        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
-      );
-      CREATE INDEX capsule_labels_kv ON capsule_labels (tenant_id, key, value)",
-    sqlite: "CREATE TABLE capsules (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        description TEXT NOT NULL,
-        labels TEXT NOT NULL,
-        latest_version BIGINT NOT NULL,
-        published_version BIGINT NOT NULL,
-        revision BIGINT NOT NULL,
-        created_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL,
-        deleted_at BIGINT,
-        PRIMARY KEY (tenant_id, name)
-      );
-      CREATE TABLE capsule_versions (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version BIGINT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('draft', 'published', 'deprecated')),
-        source_yaml TEXT NOT NULL,
-        canonical_json TEXT NOT NULL,
-        content_hash TEXT NOT NULL,
-        signature TEXT NOT NULL,
-        kid TEXT NOT NULL,
-        description TEXT NOT NULL,
-        labels TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        published_at BIGINT,
-        deprecated_at BIGINT,
-        PRIMARY KEY (tenant_id, name, version),
-        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
-      );
-      CREATE INDEX capsule_versions_hash ON capsule_versions (tenant_id, name, content_hash);
-      CREATE TABLE capsule_labels (
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (tenant_id, name, key),
-        FOREIGN KEY (tenant_id, name) REFERENCES capsules (tenant_id, name)
-      );
-      CREATE INDEX capsule_labels_kv ON capsule_labels (tenant_id, key, value)",
+    // The same SQL works on both backends.
+    postgres: REGISTRY_DDL,
+    sqlite: REGISTRY_DDL,
     tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
 }];
 
@@ -105,6 +67,7 @@ const MAX_PAGE: i64 = 500;
 /// A capsule row and whether it is soft-deleted.
 pub struct CapsuleRow {
     pub proto: pb::Capsule,
+    pub revision: i64,
     pub deleted: bool,
 }
 
@@ -148,6 +111,7 @@ const CAPSULE_COLUMNS: &str = "name, description, labels, latest_version, publis
 fn capsule_from(row: &QueryResult) -> Result<CapsuleRow> {
     let deleted_at: Option<i64> = row.try_get("", "deleted_at").map_err(db)?;
     let labels: String = row.try_get("", "labels").map_err(db)?;
+    let revision: i64 = row.try_get("", "revision").map_err(db)?;
     Ok(CapsuleRow {
         proto: pb::Capsule {
             name: row.try_get("", "name").map_err(db)?,
@@ -155,10 +119,11 @@ fn capsule_from(row: &QueryResult) -> Result<CapsuleRow> {
             labels: labels_from_json(&labels),
             latest_version: row.try_get("", "latest_version").map_err(db)?,
             published_version: row.try_get("", "published_version").map_err(db)?,
-            etag: etag(row.try_get("", "revision").map_err(db)?),
+            etag: etag(revision),
             create_time: Some(timestamp(row.try_get("", "created_at").map_err(db)?)),
             update_time: Some(timestamp(row.try_get("", "updated_at").map_err(db)?)),
         },
+        revision,
         deleted: deleted_at.is_some(),
     })
 }
@@ -225,7 +190,6 @@ pub async fn get_version(
     tx: &TenantTx,
     name: &str,
     version: i64,
-    _with_source: bool,
 ) -> Result<Option<pb::CapsuleVersion>> {
     let sql = format!(
         "SELECT {VERSION_COLUMNS} FROM capsule_versions WHERE tenant_id = $1 AND name = $2 AND version = $3"
@@ -255,18 +219,34 @@ pub async fn find_by_hash(
     row.as_ref().map(version_from).transpose()
 }
 
+/// Creates the row of a capsule's first push; [`update_after_push`] fills it in.
+pub async fn insert_capsule(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO capsules (tenant_id, name, description, labels, latest_version, \
+           published_version, revision, created_at, updated_at) \
+         VALUES ($1, $2, '', '{}', 0, 0, 0, $3, $3)",
+        vec![tx.tenant_id().into(), name.into(), now.into()],
+    )
+    .await
+    .map_err(conflict_is_retryable)?;
+    Ok(())
+}
+
+fn conflict_is_retryable(e: anumate_store::StoreError) -> Error {
+    if e.is_conflict() {
+        Error::new(
+            anumate_errors::ErrorCode::AlreadyExists,
+            "a concurrent push created this version; retry",
+        )
+    } else {
+        e.into()
+    }
+}
+
 pub async fn insert_version(tx: &TenantTx, v: &pb::CapsuleVersion, now: i64) -> Result<()> {
     let labels: BTreeMap<_, _> = v.labels.iter().collect();
     let status = pb::VersionStatus::try_from(v.status).unwrap_or(pb::VersionStatus::Draft);
     let published_at = (status == pb::VersionStatus::Published).then_some(now);
-    // The capsule row must exist first (foreign key): callers upsert it before
-    // inserting on first push. Here we insert the capsule lazily when missing.
-    tx.execute(
-        "INSERT INTO capsules (tenant_id, name, description, labels, latest_version, published_version, revision, \
-           created_at, updated_at) VALUES ($1, $2, '', '{}', 0, 0, 0, $3, $3) ON CONFLICT (tenant_id, name) DO NOTHING",
-        vec![tx.tenant_id().into(), v.name.as_str().into(), now.into()],
-    )
-    .await?;
     tx.execute(
         "INSERT INTO capsule_versions (tenant_id, name, version, status, source_yaml, canonical_json, content_hash, \
            signature, kid, description, labels, created_by, created_at, published_at) \
@@ -289,18 +269,12 @@ pub async fn insert_version(tx: &TenantTx, v: &pb::CapsuleVersion, now: i64) -> 
         ],
     )
     .await
-    .map_err(|e| {
-        if e.is_conflict() {
-            Error::new(anumate_errors::ErrorCode::AlreadyExists, "a concurrent push created this version; retry")
-        } else {
-            e.into()
-        }
-    })?;
+    .map_err(conflict_is_retryable)?;
     Ok(())
 }
 
-/// Writes the capsule row after a push (creating it on the first).
-pub async fn upsert_capsule(
+/// Writes the capsule row after a push: newest metadata, version counters, a new revision.
+pub async fn update_after_push(
     tx: &TenantTx,
     existing: Option<&CapsuleRow>,
     doc: &anumate_capsule::Capsule,
@@ -309,13 +283,14 @@ pub async fn upsert_capsule(
     now: i64,
 ) -> Result<pb::Capsule> {
     let labels_json = serde_json::to_string(&doc.labels).unwrap_or_else(|_| "{}".into());
-    let revision = existing.map_or(1, |c| parse_revision(&c.proto.etag) + 1);
-    let created_at = existing
-        .and_then(|c| c.proto.create_time.as_ref())
-        .map_or(now, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+    let revision = existing.map_or(1, |c| c.revision + 1);
+    let create_time = existing
+        .and_then(|c| c.proto.create_time)
+        .unwrap_or_else(|| timestamp(now));
     tx.execute(
-        "UPDATE capsules SET description = $3, labels = $4, latest_version = $5, published_version = $6, \
-           revision = $7, updated_at = $8, created_at = $9 WHERE tenant_id = $1 AND name = $2",
+        "UPDATE capsules SET description = $3, labels = $4, latest_version = $5, \
+           published_version = $6, revision = $7, updated_at = $8 \
+         WHERE tenant_id = $1 AND name = $2",
         vec![
             tx.tenant_id().into(),
             doc.name.as_str().into(),
@@ -325,7 +300,6 @@ pub async fn upsert_capsule(
             published.into(),
             revision.into(),
             now.into(),
-            created_at.into(),
         ],
     )
     .await?;
@@ -353,13 +327,9 @@ pub async fn upsert_capsule(
         latest_version: latest,
         published_version: published,
         etag: etag(revision),
-        create_time: Some(timestamp(created_at)),
+        create_time: Some(create_time),
         update_time: Some(timestamp(now)),
     })
-}
-
-fn parse_revision(etag: &str) -> i64 {
-    etag.trim_start_matches('r').parse().unwrap_or(0)
 }
 
 pub async fn set_version_status(
