@@ -270,18 +270,29 @@ pub async fn run_capsule(cmd: CapsuleCommand) -> ExitCode {
 }
 
 /// Prints an error: its stable code, message, and each violation as
-/// `file:line:col: text [field]`.
+/// `file:line:col: text [field]` (no `[field]` when the violation names none).
 fn report(error: &Error, file: Option<&str>) {
     eprintln!("error[{}]: {}", error.code, error.message);
     for v in &error.violations {
+        let mut text = v.description.as_str();
+        // The parser names the source in YAML syntax errors; the location
+        // printed here already does.
+        if let Some(f) = file {
+            text = text
+                .strip_prefix(f)
+                .and_then(|rest| rest.strip_prefix(": "))
+                .unwrap_or(text);
+        }
+        let field = if v.field.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", v.field)
+        };
         match (v.position, file) {
-            (Some((line, col)), Some(f)) => {
-                eprintln!("  {f}:{line}:{col}: {} [{}]", v.description, v.field)
-            }
-            (Some((line, col)), None) => {
-                eprintln!("  {line}:{col}: {} [{}]", v.description, v.field)
-            }
-            (None, _) => eprintln!("  {}: {}", v.field, v.description),
+            (Some((line, col)), Some(f)) => eprintln!("  {f}:{line}:{col}: {text}{field}"),
+            (Some((line, col)), None) => eprintln!("  {line}:{col}: {text}{field}"),
+            (None, _) if v.field.is_empty() => eprintln!("  {text}"),
+            (None, _) => eprintln!("  {}: {text}", v.field),
         }
     }
 }

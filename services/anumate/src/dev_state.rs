@@ -44,3 +44,10 @@ pub fn read(data_dir: &Path) -> Option<DevState> {
     let bytes = std::fs::read(path(data_dir)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
+
+/// Removes the file if it was written by process `pid` (not by a newer server).
+pub fn remove_if_owned(data_dir: &Path, pid: u32) {
+    if read(data_dir).is_some_and(|s| s.pid == pid) {
+        let _ = std::fs::remove_file(path(data_dir));
+    }
+}

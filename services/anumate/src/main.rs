@@ -259,13 +259,17 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     );
     println!("{token}");
     println!("  try: anumate capsule push examples/refund.capsule.yaml");
+    let data_dir = config.data_dir.clone();
     let rt = server::Runtime {
         services: server::selected(&[]),
         config,
         store: Some(store),
         authenticator,
     };
-    server::serve(rt, listener).await
+    let served = server::serve(rt, listener).await;
+    // A stopped server's address would only send CLI commands to a dead port.
+    dev_state::remove_if_owned(&data_dir, std::process::id());
+    served
 }
 
 async fn run_serve(
