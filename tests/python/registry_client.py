@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""A Python client of the Capsule Registry, built only from code generated from
+proto/ with grpcio-tools: pushes a capsule, reads it back, lists capsules, and
+reads the google.rpc.Status details of a validation error.
+
+Run against a running `anumate dev` (scripts/python-client-test does all of it):
+
+    ANUMATE_SERVER=http://127.0.0.1:7600 ANUMATE_TOKEN=… python registry_client.py
+
+Without ANUMATE_SERVER/ANUMATE_TOKEN, both are read from ./.anumate/dev.json.
+The generated code is looked up in $ANUMATE_PY_GEN (default: gen/ next to this
+file). Exits 0 when every check passes, 1 otherwise.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, os.environ.get("ANUMATE_PY_GEN", str(HERE / "gen")))
+
+import grpc  # noqa: E402
+
+from anumate.registry.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
+from anumate.common.v1 import common_pb2  # noqa: E402
+
+try:
+    # googleapis-common-protos (installed next to grpcio-tools by the script).
+    from google.rpc import error_details_pb2, status_pb2  # noqa: E402
+except ImportError as e:  # pragma: no cover - depends on the environment
+    sys.exit(
+        f"error: cannot import google.rpc ({e}); "
+        "pip install googleapis-common-protos (or grpcio-status)"
+    )
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+BAD_DOCUMENT = """\
+apiVersion: anumate.dev/v2
+kind: Capsule
+metadata:
+  name: Not_A_Label
+spec:
+  steps: []
+"""
+
+
+class Failed(Exception):
+    """A check that did not hold."""
+
+
+def check(condition, message):
+    if not condition:
+        raise Failed(message)
+
+
+def connection():
+    """(target, token) from the environment, else ./.anumate/dev.json."""
+    server = os.environ.get("ANUMATE_SERVER")
+    token = os.environ.get("ANUMATE_TOKEN")
+    if not server or not token:
+        state_file = Path(".anumate") / "dev.json"
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise Failed(
+                f"no server: set ANUMATE_SERVER and ANUMATE_TOKEN, or run from the "
+                f"directory of a running `anumate dev` ({state_file}: {e})"
+            )
+        server = server or state["server"]
+        token = token or state["token"]
+    for scheme in ("http://", "https://"):
+        if server.startswith(scheme):
+            server = server[len(scheme):]
+    return server.rstrip("/"), token
+
+
+def status_details(err):
+    """The google.rpc.Status carried in the error's trailing metadata."""
+    for key, value in err.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    raise Failed(f"no {STATUS_DETAILS_KEY} trailer in {err!r}")
+
+
+def unpack(status, message_type):
+    """The details of `status` of the given message type."""
+    found = []
+    for any_detail in status.details:
+        if any_detail.Is(message_type.DESCRIPTOR):
+            msg = message_type()
+            any_detail.Unpack(msg)
+            found.append(msg)
+    return found
+
+
+def main():
+    target, token = connection()
+    auth = (("authorization", f"Bearer {token}"),)
+    source_path = REPO / "examples" / "refund.capsule.yaml"
+    source = source_path.read_text()
+
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+
+        # push
+        pushed = registry.PushCapsule(
+            registry_pb2.PushCapsuleRequest(
+                source_yaml=source, source_name=source_path.name
+            ),
+            metadata=auth,
+            timeout=10,
+        )
+        name = pushed.version.name
+        check(name == "refund-small-orders", f"pushed name {name!r}")
+        check(pushed.version.version >= 1, f"version {pushed.version.version}")
+        print(
+            f"push: {name} version {pushed.version.version} "
+            f"({'created' if pushed.created else 'unchanged'})"
+        )
+
+        # get it back
+        got = registry.GetCapsule(
+            registry_pb2.GetCapsuleRequest(name=name, version="latest"),
+            metadata=auth,
+            timeout=10,
+        )
+        check(got.version.content_hash.startswith("sha256:"),
+              f"content hash {got.version.content_hash!r}")
+        check(got.version.content_hash == pushed.version.content_hash,
+              "get returned another hash than push")
+        check(got.version.source_yaml == source, "source differs from the file")
+        check(got.version.status == registry_pb2.VERSION_STATUS_DRAFT
+              or got.version.status == registry_pb2.VERSION_STATUS_PUBLISHED,
+              f"status {got.version.status}")
+        print(f"get: {got.version.content_hash}")
+
+        # list
+        listed = registry.ListCapsules(
+            registry_pb2.ListCapsulesRequest(page=common_pb2.PageRequest(page_size=50)),
+            metadata=auth,
+            timeout=10,
+        )
+        names = [c.name for c in listed.capsules]
+        check(name in names, f"{name} not in list {names}")
+        print(f"list: {len(names)} capsule(s)")
+
+        # a validation error, with its google.rpc.Status details
+        try:
+            registry.PushCapsule(
+                registry_pb2.PushCapsuleRequest(
+                    source_yaml=BAD_DOCUMENT, source_name="bad.yaml"
+                ),
+                metadata=auth,
+                timeout=10,
+            )
+            raise Failed("an invalid document was accepted")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.INVALID_ARGUMENT,
+                  f"code {err.code()} ({err.details()})")
+            status = status_details(err)
+            check(status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                  f"Status.code {status.code}")
+            infos = unpack(status, error_details_pb2.ErrorInfo)
+            check(len(infos) == 1, f"{len(infos)} ErrorInfo details")
+            check(infos[0].reason == "INVALID_DOCUMENT", f"reason {infos[0].reason!r}")
+            bad = unpack(status, error_details_pb2.BadRequest)
+            check(len(bad) == 1, f"{len(bad)} BadRequest details")
+            fields = [v.field for v in bad[0].field_violations]
+            for field in ("apiVersion", "metadata.name"):
+                check(field in fields, f"{field} not among violations {fields}")
+            print(
+                f"invalid document: {infos[0].reason}, "
+                f"{len(fields)} violation(s): {', '.join(fields)}"
+            )
+
+        # a bad token
+        try:
+            registry.ListCapsules(
+                registry_pb2.ListCapsulesRequest(),
+                metadata=(("authorization", "Bearer not-a-token"),),
+                timeout=10,
+            )
+            raise Failed("a bad token was accepted")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.UNAUTHENTICATED, f"code {err.code()}")
+            infos = unpack(status_details(err), error_details_pb2.ErrorInfo)
+            check([i.reason for i in infos] == ["UNAUTHENTICATED"], f"{infos}")
+            print("bad token: UNAUTHENTICATED")
+
+    print("python client: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Failed as e:
+        print(f"python client: FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
+    except grpc.RpcError as e:
+        print(f"python client: FAILED: unexpected RPC error {e.code()}: {e.details()}",
+              file=sys.stderr)
+        sys.exit(1)
+    except grpc.FutureTimeoutError:
+        print("python client: FAILED: server not reachable", file=sys.stderr)
+        sys.exit(1)
