@@ -1,7 +1,9 @@
 //! Receipt statements (what a receipt signs) and offline verification of a
 //! receipt, its inclusion proof and a checkpoint.
 
-use anumate_crypto::{Jwks, KeyPair, b64url, b64url_decode, canonical_json, verify_es256};
+use anumate_crypto::{
+    Jwks, KeyPair, b64url, b64url_decode, canonical_json, content_hash, verify_es256,
+};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -176,9 +178,11 @@ pub struct InclusionProof {
     pub audit_path: Vec<Hash>,
 }
 
-/// The parts of a receipt (proto3 JSON of `Receipt`; snake_case names accepted
-/// too) that offline verification reads. Other fields are ignored.
+/// A `Receipt` in proto3 JSON (snake_case names accepted too). Every field
+/// is checked against the signed statement, so no byte of a receipt can change
+/// without failing verification; unknown fields are rejected.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReceiptJson {
     #[serde(alias = "statementJson")]
     statement_json: String,
@@ -189,12 +193,20 @@ struct ReceiptJson {
     receipt_id: Option<String>,
     #[serde(default, alias = "tenantId")]
     tenant_id: Option<String>,
+    #[serde(default)]
+    kind: Option<Value>,
+    #[serde(default)]
+    subject: Option<Map<String, Value>>,
     #[serde(default, alias = "contentDigest")]
     content_digest: Option<String>,
+    #[serde(default, alias = "issueTime")]
+    issue_time: Option<String>,
     #[serde(default, alias = "leafIndex", with = "opt_int64")]
     leaf_index: Option<u64>,
     #[serde(default, alias = "leafHash")]
     leaf_hash: Option<String>,
+    #[serde(default)]
+    content: Option<Value>,
 }
 
 /// The statement fields a verifier reports.
@@ -290,9 +302,9 @@ impl From<NoteError> for VerifyError {
 /// checkpoint's signature (a key of `jwks` under the checkpoint's origin).
 ///
 /// `receipt_json` is a `Receipt` in proto3 JSON (or with snake_case names);
-/// only `statement_json` and `signature` are required, and any of `kid`,
-/// `receipt_id`, `tenant_id`, `content_digest`, `leaf_index`, `leaf_hash`
-/// present must agree with the signed statement and the proof.
+/// only `statement_json` and `signature` are required. Every other field
+/// present must agree with the signed statement and the proof (`content` must
+/// hash to `content_digest`); unknown fields are rejected.
 pub fn verify_receipt_offline(
     receipt_json: &str,
     proof: &InclusionProof,
@@ -301,7 +313,7 @@ pub fn verify_receipt_offline(
 ) -> Result<Verified, VerifyError> {
     let receipt: ReceiptJson = serde_json::from_str(receipt_json)
         .map_err(|e| VerifyError::MalformedReceipt(e.to_string()))?;
-    let statement = check_statement(&receipt)?;
+    let statement = parse_statement(&receipt)?;
 
     // Receipt signature.
     let jwk = jwks
@@ -311,6 +323,7 @@ pub fn verify_receipt_offline(
     if !verify_es256(jwk, receipt.statement_json.as_bytes(), &signature) {
         return Err(VerifyError::BadReceiptSignature);
     }
+    check_fields(&receipt, &statement)?;
 
     // Checkpoint signature.
     let checkpoint = open_checkpoint_with_jwks(checkpoint_note, jwks)?;
@@ -348,9 +361,8 @@ pub fn verify_receipt_offline(
     })
 }
 
-/// Parses `statement_json`, checks it is canonical and that the receipt's
-/// unsigned copies of its fields agree with it.
-fn check_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyError> {
+/// Parses `statement_json` and checks it is a canonical, well-formed statement.
+fn parse_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyError> {
     let value: Value = serde_json::from_str(&receipt.statement_json)
         .map_err(|e| VerifyError::MalformedStatement(e.to_string()))?;
     let canonical =
@@ -363,6 +375,19 @@ fn check_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyErr
     if !RECEIPT_KINDS.contains(&statement.kind.as_str()) {
         return Err(VerifyError::MalformedStatement("unknown kind".into()));
     }
+    if !is_issue_time(&statement.issue_time) || !is_content_digest(&statement.content_digest) {
+        return Err(VerifyError::MalformedStatement(
+            "bad issue_time or content_digest".into(),
+        ));
+    }
+    if normalize_subject(&statement.subject).as_ref() != Some(&statement.subject) {
+        return Err(VerifyError::MalformedStatement("bad subject".into()));
+    }
+    Ok(statement)
+}
+
+/// Checks that the receipt's unsigned copies of the statement fields agree with it.
+fn check_fields(receipt: &ReceiptJson, statement: &VerifiedStatement) -> Result<(), VerifyError> {
     let checks: [(&'static str, &Option<String>, &String); 4] = [
         ("kid", &receipt.kid, &statement.kid),
         ("receipt_id", &receipt.receipt_id, &statement.receipt_id),
@@ -378,7 +403,73 @@ fn check_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyErr
             return Err(VerifyError::FieldMismatch(field));
         }
     }
-    Ok(statement)
+    if let Some(kind) = &receipt.kind {
+        let position = RECEIPT_KINDS.iter().position(|k| *k == statement.kind);
+        let matches = match kind {
+            Value::String(name) => name
+                .strip_prefix("RECEIPT_KIND_")
+                .is_some_and(|k| k == statement.kind),
+            Value::Number(n) => position.is_some_and(|p| n.as_u64() == Some(p as u64 + 1)),
+            _ => false,
+        };
+        if !matches {
+            return Err(VerifyError::FieldMismatch("kind"));
+        }
+    }
+    if let Some(subject) = &receipt.subject
+        && normalize_subject(subject) != normalize_subject(&statement.subject)
+    {
+        return Err(VerifyError::FieldMismatch("subject"));
+    }
+    if let Some(time) = &receipt.issue_time
+        && normalize_time(time) != normalize_time(&statement.issue_time)
+    {
+        return Err(VerifyError::FieldMismatch("issue_time"));
+    }
+    if let Some(content) = &receipt.content {
+        let (_, digest) = content_hash(content);
+        if digest != statement.content_digest {
+            return Err(VerifyError::FieldMismatch("content"));
+        }
+    }
+    Ok(())
+}
+
+/// Subject fields under their proto names, defaults (proto3 omits them) dropped.
+fn normalize_subject(subject: &Map<String, Value>) -> Option<Map<String, Value>> {
+    let mut out = Map::new();
+    for (key, value) in subject {
+        let name = match key.as_str() {
+            "runId" | "run_id" => "run_id",
+            "stepId" | "step_id" => "step_id",
+            "attempt" => "attempt",
+            "planHash" | "plan_hash" => "plan_hash",
+            "approvalId" | "approval_id" => "approval_id",
+            "jtis" => "jtis",
+            _ => return None,
+        };
+        let is_default = match value {
+            Value::String(s) => s.is_empty(),
+            Value::Number(n) => n.as_i64() == Some(0),
+            Value::Array(a) => a.is_empty(),
+            _ => return None,
+        };
+        if !is_default && out.insert(name.to_owned(), value.clone()).is_some() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// RFC 3339 UTC time with the fraction's trailing zeros dropped (proto3 JSON
+/// writes 0, 3, 6 or 9 digits; the statement always 6).
+fn normalize_time(time: &str) -> Option<String> {
+    let body = time.strip_suffix('Z')?;
+    let (secs, frac) = body.split_once('.').unwrap_or((body, ""));
+    if secs.len() != 19 || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
+        return None;
+    }
+    Some(format!("{secs}.{}", frac.trim_end_matches('0')))
 }
 
 /// proto3 JSON writes int64 as a string; accept a number or a decimal string.

@@ -492,10 +492,18 @@ fn statement(kid: &str, i: u64) -> Statement {
             plan_hash: format!("sha256:{}", "ab".repeat(32)),
             ..Subject::default()
         },
-        content_digest: format!("sha256:{}", "cd".repeat(32)),
+        content_digest: content_digest(),
         issue_time: "2025-01-02T03:04:05.000006Z".into(),
         kid: kid.into(),
     }
+}
+
+fn content() -> serde_json::Value {
+    serde_json::json!({"outcome": "ok", "amount": 12.5, "args_hash": "sha256:00"})
+}
+
+fn content_digest() -> String {
+    anumate_crypto::content_hash(&content()).1
 }
 
 fn fixture(n: u64, index: u64) -> Fixture {
@@ -515,6 +523,15 @@ fn fixture(n: u64, index: u64) -> Fixture {
         "receiptId": format!("0190a8b2-0000-7000-8000-{index:012}"),
         "tenantId": "acme",
         "kind": "RECEIPT_KIND_STEP_EXECUTION",
+        "subject": {
+            "runId": "run-1",
+            "stepId": "charge",
+            "attempt": 2,
+            "planHash": format!("sha256:{}", "ab".repeat(32)),
+        },
+        "contentDigest": content_digest(),
+        "issueTime": "2025-01-02T03:04:05.000006Z",
+        "content": content(),
         "kid": key.kid(),
         "statementJson": signed.statement_json,
         "signature": signed.signature,
@@ -553,7 +570,7 @@ fn statement_json_is_canonical_and_sparse() {
     assert_eq!(
         json,
         concat!(
-            r#"{"content_digest":"sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","#,
+            r#"{"content_digest":"sha256:509a460e4841a620cab2393776c70987795c656724d342e24fcd2b057ce2e283","#,
             r#""issue_time":"2025-01-02T03:04:05.000006Z","kid":"kid-1","kind":"STEP_EXECUTION","#,
             r#""receipt_id":"0190a8b2-0000-7000-8000-000000000007","#,
             r#""subject":{"attempt":2,"plan_hash":"sha256:abababababababababababababababababababababababababababababababab","#,
@@ -641,6 +658,38 @@ fn offline_verification_failures_are_distinct() {
         check(&x.to_string(), &f.proof, &f.note, &f.jwks),
         VerifyError::FieldMismatch("tenant_id")
     );
+
+    for (field, value, name) in [
+        (
+            "kind",
+            serde_json::json!("RECEIPT_KIND_RUN_OUTCOME"),
+            "kind",
+        ),
+        (
+            "issueTime",
+            serde_json::json!("2025-01-02T03:04:05.000007Z"),
+            "issue_time",
+        ),
+        ("subject", serde_json::json!({"runId": "run-1"}), "subject"),
+        ("content", serde_json::json!({"outcome": "bad"}), "content"),
+    ] {
+        let mut x = r.clone();
+        x[field] = value;
+        assert_eq!(
+            check(&x.to_string(), &f.proof, &f.note, &f.jwks),
+            VerifyError::FieldMismatch(name)
+        );
+    }
+    let mut x = r.clone();
+    x["issueTime"] = "2025-01-02T03:04:05.000006000Z".into();
+    x["kind"] = 1.into();
+    verify_receipt_offline(&x.to_string(), &f.proof, &f.note, &f.jwks).unwrap();
+    let mut x = r.clone();
+    x["extra"] = 1.into();
+    assert!(matches!(
+        check(&x.to_string(), &f.proof, &f.note, &f.jwks),
+        VerifyError::MalformedReceipt(_)
+    ));
 
     let other_ring = anumate_crypto::KeyRing::new(anumate_crypto::KeyPair::generate().unwrap());
     assert!(matches!(
