@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which issuers are trusted and how their keys are cached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Trusted token issuers.
     pub issuers: Vec<IssuerConfig>,
@@ -31,6 +31,7 @@ impl Default for AuthConfig {
 
 /// One trusted issuer: its `iss`, the audience it must name, and where its keys are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The exact `iss` claim.
     pub issuer: String,

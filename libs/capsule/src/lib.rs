@@ -242,17 +242,15 @@ pub struct Step {
     pub position: (u32, u32),
 }
 
-/// Parses and validates a capsule document.
-///
-/// `source_name` (a file name or `"request"`) prefixes YAML syntax errors.
-pub fn parse(source: &str, source_name: &str, limits: &Limits) -> Result<Capsule, Rejection> {
+/// Parses and validates a capsule document, reporting every problem at once.
+pub fn parse(source: &str, limits: &Limits) -> Result<Capsule, Rejection> {
     if source.len() > limits.max_document_bytes {
         return Err(Rejection::TooLarge {
             size: source.len(),
             limit: limits.max_document_bytes,
         });
     }
-    let loaded = yaml::load(source, source_name, limits);
+    let loaded = yaml::load(source, limits);
     let mut violations = loaded.violations;
     let Some(root) = loaded.root else {
         if violations.is_empty() {

@@ -491,7 +491,7 @@ fn is_float(raw: &str) -> bool {
 
 /// Loads one YAML document. Fatal problems (syntax errors, aliases, anchors,
 /// several documents, limits) stop loading and return a single violation.
-pub(crate) fn load(source: &str, source_name: &str, limits: &Limits) -> Loaded {
+pub(crate) fn load(source: &str, limits: &Limits) -> Loaded {
     let mut loader = Loader {
         limits,
         stack: Vec::new(),
@@ -499,7 +499,7 @@ pub(crate) fn load(source: &str, source_name: &str, limits: &Limits) -> Loaded {
         nodes: 0,
         violations: Vec::new(),
     };
-    match run(&mut loader, source, source_name) {
+    match run(&mut loader, source) {
         Ok(()) => Loaded {
             root: loader.root,
             violations: loader.violations,
@@ -511,7 +511,7 @@ pub(crate) fn load(source: &str, source_name: &str, limits: &Limits) -> Loaded {
     }
 }
 
-fn run(loader: &mut Loader<'_>, source: &str, source_name: &str) -> Result<(), Fatal> {
+fn run(loader: &mut Loader<'_>, source: &str) -> Result<(), Fatal> {
     let mut parser = Parser::new_from_str(source);
     let mut documents = 0usize;
     loop {
@@ -524,7 +524,7 @@ fn run(loader: &mut Loader<'_>, source: &str, source_name: &str) -> Result<(), F
                     "",
                     line.max(1),
                     col,
-                    format!("{source_name}: invalid YAML: {}", e.info()),
+                    format!("invalid YAML: {}", e.info()),
                 ));
             }
         };

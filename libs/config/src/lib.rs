@@ -42,16 +42,27 @@ where
         }
         figment = figment.merge(Toml::file_exact(file));
     }
+    // Only variables naming a known section are configuration: others share the
+    // prefix for other purposes (`ANUMATE_SERVER` for the CLI,
+    // `ANUMATE_TEST_POSTGRES_URL` for tests). Unknown keys *inside* a known
+    // section are still errors.
+    let sections = top_level_keys(defaults);
     figment = figment
-        .merge(
-            Env::prefixed(ENV_PREFIX)
-                .split("__")
-                .ignore(&["config", "server", "token"]),
-        )
+        .merge(Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
+            let first = key.as_str().split('.').next().unwrap_or_default();
+            sections.iter().any(|s| s.eq_ignore_ascii_case(first))
+        }))
         .merge(Serialized::defaults(overrides));
     figment
         .extract()
         .map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
+fn top_level_keys<T: Serialize>(value: &T) -> Vec<String> {
+    match figment::value::Value::serialize(value) {
+        Ok(figment::value::Value::Dict(_, dict)) => dict.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +108,8 @@ mod tests {
                 "listen = \"file\"\n[store]\nurl = \"postgres://file\"\nmax_connections = 9\n",
             )?;
             jail.set_env("ANUMATE_STORE__MAX_CONNECTIONS", "12");
+            // Not a section: ignored, not an error.
+            jail.set_env("ANUMATE_TEST_POSTGRES_URL", "postgres://elsewhere");
             let cfg: Cfg = load(&defaults(), Some(Path::new("a.toml")), &Flags::default())
                 .map_err(|e| e.to_string())?;
             assert_eq!(cfg.listen, "file");
@@ -128,6 +141,9 @@ mod tests {
                 &Flags::default(),
             );
             assert!(matches!(err, Err(ConfigError::Invalid(m)) if m.contains("lisen")));
+            jail.set_env("ANUMATE_STORE__MAX_CONECTIONS", "3");
+            let err = load::<Cfg, _>(&defaults(), None, &Flags::default());
+            assert!(matches!(err, Err(ConfigError::Invalid(m)) if m.contains("max_conections")));
             assert!(matches!(
                 load::<Cfg, _>(&defaults(), Some(Path::new("nope.toml")), &Flags::default()),
                 Err(ConfigError::MissingFile(_))

@@ -274,15 +274,7 @@ pub async fn run_capsule(cmd: CapsuleCommand) -> ExitCode {
 fn report(error: &Error, file: Option<&str>) {
     eprintln!("error[{}]: {}", error.code, error.message);
     for v in &error.violations {
-        let mut text = v.description.as_str();
-        // The parser names the source in YAML syntax errors; the location
-        // printed here already does.
-        if let Some(f) = file {
-            text = text
-                .strip_prefix(f)
-                .and_then(|rest| rest.strip_prefix(": "))
-                .unwrap_or(text);
-        }
+        let text = v.description.as_str();
         let field = if v.field.is_empty() {
             String::new()
         } else {

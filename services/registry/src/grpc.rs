@@ -73,14 +73,9 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::PushCapsuleResponse>, Status> {
         let actor = actor(&req, WRITERS)?;
         let r = req.into_inner();
-        let source_name = if r.source_name.is_empty() {
-            "<request>"
-        } else {
-            r.source_name.as_str()
-        };
         let pushed = self
             .registry
-            .push(&actor, &r.source_yaml, source_name, &r.etag, r.publish)
+            .push(&actor, &r.source_yaml, &r.source_name, &r.etag, r.publish)
             .await?;
         Ok(Response::new(pb::PushCapsuleResponse {
             version: Some(pushed.version),
@@ -95,13 +90,8 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::ValidateCapsuleResponse>, Status> {
         actor(&req, READERS)?;
         let r = req.into_inner();
-        let source_name = if r.source_name.is_empty() {
-            "<request>"
-        } else {
-            r.source_name.as_str()
-        };
         let (capsule, canonical_json, content_hash) =
-            self.registry.validate(&r.source_yaml, source_name)?;
+            self.registry.validate(&r.source_yaml, &r.source_name)?;
         Ok(Response::new(pb::ValidateCapsuleResponse {
             name: capsule.name,
             canonical_json,

@@ -168,7 +168,14 @@ impl Registry {
         source: &str,
         source_name: &str,
     ) -> Result<(anumate_capsule::Capsule, String, String)> {
-        let capsule = anumate_capsule::parse(source, source_name, &self.limits)?;
+        let capsule = anumate_capsule::parse(source, &self.limits).map_err(|rejection| {
+            let mut err = rejection.to_error();
+            // Violations carry line:col; the message names the document they are in.
+            if !source_name.is_empty() {
+                err.message = format!("{source_name}: {}", err.message);
+            }
+            err
+        })?;
         let (canonical, hash) = anumate_crypto::content_hash(&capsule.document);
         Ok((capsule, canonical, hash))
     }

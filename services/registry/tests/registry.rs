@@ -1095,7 +1095,7 @@ async fn bad_input(app: TestApp) {
         (
             "malformed YAML",
             include_str!("../../../libs/capsule/tests/fixtures/malformed.yaml").to_string(),
-            vec![("", (7, 8), "broken.yaml: invalid YAML")],
+            vec![("", (7, 8), "invalid YAML")],
         ),
         (
             "unknown key",
