@@ -92,16 +92,25 @@ struct Features {
     dashes: usize,
     upper: bool,
     max_token_run: usize,
+    /// Saw `[A-Z][A-Z][0-9][0-9]` (an IBAN's country and check digits).
+    iban_hint: bool,
 }
 
 fn features(s: &[u8]) -> Features {
     let mut f = Features::default();
     let mut run = 0usize;
     let mut classes = 0u8;
-    for &b in s {
+    for (i, &b) in s.iter().enumerate() {
         let c = CLASS[b as usize];
         classes |= c;
-        f.digits += usize::from(c & DIGIT != 0);
+        if c & DIGIT != 0 {
+            f.digits += 1;
+            f.iban_hint = f.iban_hint
+                || (i >= 3
+                    && s[i - 1].is_ascii_digit()
+                    && s[i - 2].is_ascii_uppercase()
+                    && s[i - 3].is_ascii_uppercase());
+        }
         if c & TOKEN != 0 {
             run += 1;
             if run > f.max_token_run {
@@ -144,7 +153,7 @@ pub(crate) fn scan(s: &str, mask: Mask, out: &mut Vec<Found>) {
     if f.colons >= 2 && mask.has(Detector::Ipv6) {
         scan_ipv6(b, out);
     }
-    if f.upper && f.digits >= 2 && b.len() >= 15 && mask.has(Detector::Iban) {
+    if f.iban_hint && f.upper && b.len() >= 15 && mask.has(Detector::Iban) {
         scan_iban(s, out);
     }
     if mask.has(Detector::ApiKey) {
@@ -336,7 +345,11 @@ fn scan_numeric(s: &[u8], mask: Mask, out: &mut Vec<Found>) {
             groups.pop();
             next = skip_glued(s, end);
         }
-        windows(s, &groups, prefix, mask, out);
+        // Fewer than 4 digits, or a lone short group, can't be anything.
+        let digits: usize = groups.iter().map(Group::len).sum();
+        if digits >= 4 && (groups.len() > 1 || digits >= 8) {
+            windows(s, &groups, prefix, mask, out);
+        }
         i = next.max(i + 1);
     }
 }
@@ -492,7 +505,14 @@ pub(crate) fn luhn(digits: impl DoubleEndedIterator<Item = u8>) -> bool {
 
 fn is_phone_window(s: &[u8], w: &[Group], pre: Option<u8>) -> bool {
     let total: usize = w.iter().map(Group::len).sum();
-    let lens: Vec<usize> = w.iter().map(Group::len).collect();
+    if w.len() > 7 {
+        return false;
+    }
+    let mut lens_buf = [0usize; 7];
+    for (l, g) in lens_buf.iter_mut().zip(w) {
+        *l = g.len();
+    }
+    let lens = &lens_buf[..w.len()];
     let first = s[w[0].start];
     let seps_ok = |allowed: &[&[u8]]| w[1..].iter().all(|g| allowed.contains(&sep(s, g)));
     match pre {
@@ -541,7 +561,7 @@ fn is_phone_window(s: &[u8], w: &[Group], pre: Option<u8>) -> bool {
                 return true;
             }
             // India mobile written 98765 43210.
-            w.len() == 2 && lens == [5, 5] && (b'6'..=b'9').contains(&first) && seps_ok(&[b" "])
+            w.len() == 2 && *lens == [5, 5] && (b'6'..=b'9').contains(&first) && seps_ok(&[b" "])
         }
     }
 }
@@ -554,18 +574,22 @@ fn is_v6(b: u8) -> bool {
 
 fn scan_ipv6(s: &[u8], out: &mut Vec<Found>) {
     let n = s.len();
-    let mut i = 0;
-    while i < n {
-        if !is_v6(s[i]) {
-            i += 1;
+    let mut done = 0;
+    // Only look around colons, which are rare in ordinary text.
+    for colon in memchr::memchr_iter(b':', s) {
+        if colon < done {
             continue;
         }
-        let start = i;
+        let mut start = colon;
+        while start > done && is_v6(s[start - 1]) {
+            start -= 1;
+        }
+        let mut i = colon;
         while i < n && is_v6(s[i]) {
             i += 1;
         }
+        done = i;
         if (start > 0 && is_word(s[start - 1])) || (i < n && is_word(s[i])) {
-            i = skip_glued(s, i);
             continue;
         }
         let mut end = i;
