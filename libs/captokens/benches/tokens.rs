@@ -10,8 +10,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use anumate_captokens::{
-    ArgsBinding, Backend, Capability, Constraint, Expectation, IssueRequest, Issuer, P256Signer,
-    Verifier,
+    ArgsBinding, Backend, Capability, Claims, Constraint, Expectation, IssueError, IssueRequest,
+    Issuer, P256Signer, TokenSigner, Verifier,
 };
 use anumate_crypto::{KeyPair, KeyRing};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -77,6 +77,28 @@ fn tokens(c: &mut Criterion) {
                 .expect("issue")
         });
     });
+
+    // Everything but the signature: a signer that returns zeros.
+    group.bench_function("without_signature", |b| {
+        b.iter(|| {
+            issuer
+                .issue(&NullSigner, black_box(request))
+                .expect("issue")
+        });
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("parts");
+    group.bench_function("args_sha256", |b| {
+        b.iter(|| anumate_captokens::args_sha256(black_box(&args)));
+    });
+    let claims_b64 = token.split('.').nth(1).expect("claims segment");
+    group.bench_function("decode_claims", |b| {
+        b.iter(|| {
+            let json = anumate_crypto::b64url_decode(black_box(claims_b64)).expect("base64");
+            serde_json::from_slice::<Claims>(&json).expect("claims")
+        });
+    });
     group.finish();
 
     let mut group = c.benchmark_group("verify");
@@ -124,6 +146,19 @@ fn tokens(c: &mut Criterion) {
         });
     });
     group.finish();
+}
+
+/// Signs nothing: isolates the cost of everything around the signature.
+struct NullSigner;
+
+impl TokenSigner for NullSigner {
+    fn kid(&self) -> &str {
+        "null"
+    }
+
+    fn sign_es256(&self, _msg: &[u8]) -> Result<[u8; 64], IssueError> {
+        Ok([0; 64])
+    }
 }
 
 criterion_group!(benches, tokens);
