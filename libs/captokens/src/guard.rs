@@ -26,8 +26,9 @@ pub struct RevocationError(pub String);
 pub trait ReplayGuard: Send + Sync {
     /// Atomically records `jti` as consumed, or fails with
     /// [`ReplayError::Replayed`] if it was consumed before. `exp` (seconds
-    /// since the epoch) is when the record may be purged: an expired token is
-    /// rejected before it gets here.
+    /// since the epoch) bounds how long the record matters: keep it until
+    /// `exp` plus the verifier's leeway has passed, after which the token is
+    /// rejected as expired before it gets here.
     fn check_and_consume(
         &self,
         jti: &str,

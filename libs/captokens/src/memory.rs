@@ -20,14 +20,15 @@ impl MemoryReplayGuard {
         Self::default()
     }
 
-    /// Forgets entries that expired before `now`; returns how many.
-    pub fn purge_expired(&self, now: i64) -> usize {
+    /// Forgets entries whose `exp` is before `cutoff` (pass the current time
+    /// minus the verifiers' leeway); returns how many.
+    pub fn purge_expired(&self, cutoff: i64) -> usize {
         let mut seen = self
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = seen.len();
-        seen.retain(|_, exp| *exp >= now);
+        seen.retain(|_, exp| *exp >= cutoff);
         before - seen.len()
     }
 }
