@@ -19,7 +19,7 @@ pub mod testing;
 
 use std::time::Duration;
 
-pub use migrate::{Migration, MigrationReport};
+pub use migrate::{APPEND_ONLY_COMMENT, Migration, MigrationReport};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
     SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,

@@ -28,6 +28,12 @@ pub struct MigrationReport {
     pub already_applied: usize,
 }
 
+/// The PostgreSQL table comment that marks a table write-once: after every
+/// migration run the serving role keeps only SELECT and INSERT on it. A
+/// migration opts in with `COMMENT ON TABLE <t> IS 'anumate:append-only'`
+/// (and should add a trigger refusing UPDATE and DELETE for the owner too).
+pub const APPEND_ONLY_COMMENT: &str = "anumate:append-only";
+
 const LOCK_KEY: i64 = 0x616e_756d_6174; // "anumat"
 
 fn checksum(m: &Migration) -> String {
@@ -146,6 +152,19 @@ pub(crate) async fn run(
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role_q};\n\
              GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};\n\
              REVOKE ALL ON anumate_migrations FROM {role_q};"
+        ))
+        .await?;
+        // Write-once tables (see [`APPEND_ONLY_COMMENT`]) lose UPDATE and DELETE
+        // again after the blanket grant above.
+        tx.execute_unprepared(&format!(
+            "DO $$ DECLARE t record; BEGIN \
+               FOR t IN SELECT c.relname FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relkind = 'r' \
+                   AND obj_description(c.oid, 'pg_class') = '{APPEND_ONLY_COMMENT}' LOOP \
+                 EXECUTE 'REVOKE UPDATE, DELETE, TRUNCATE ON ' || quote_ident(t.relname) || ' FROM {role_q}'; \
+               END LOOP; \
+             END $$;"
         ))
         .await?;
     }

@@ -1,0 +1,464 @@
+//! SQL for the receipt log. Every query on a tenant table also filters on the
+//! transaction's tenant; on PostgreSQL row-level security enforces it again.
+//!
+//! `receipts`, `receipt_tree_nodes` and `receipt_checkpoints` are write-once:
+//! triggers refuse UPDATE, DELETE (and TRUNCATE on PostgreSQL) for every role,
+//! and on PostgreSQL the serving role keeps only SELECT and INSERT (the
+//! `anumate:append-only` table comment, see `anumate_store::APPEND_ONLY_COMMENT`).
+//! `receipt_logs` holds one mutable head row per tenant (size, last checkpoint
+//! size); it is the per-tenant append lock and the checkpointer's work list, so
+//! it has no row-level security (it holds no receipt data).
+
+use std::collections::HashMap;
+
+use anumate_errors::{Error, Result};
+use anumate_receipt::Hash;
+use anumate_store::{Backend, Migration, QueryResult, TenantTx, Value};
+
+const TABLES: &str = "CREATE TABLE receipt_logs (
+        tenant_id TEXT PRIMARY KEY,
+        size BIGINT NOT NULL,
+        checkpoint_size BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+      );
+      CREATE TABLE receipts (
+        tenant_id TEXT NOT NULL,
+        leaf_index BIGINT NOT NULL,
+        receipt_id TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        plan_hash TEXT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        statement_json TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        leaf_hash TEXT NOT NULL,
+        content_json TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, leaf_index),
+        UNIQUE (tenant_id, receipt_id),
+        UNIQUE (tenant_id, dedupe_key)
+      );
+      CREATE INDEX receipts_run ON receipts (tenant_id, run_id);
+      CREATE TABLE receipt_tree_nodes (
+        tenant_id TEXT NOT NULL,
+        level INTEGER NOT NULL,
+        node_index BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, level, node_index)
+      );
+      CREATE TABLE receipt_checkpoints (
+        tenant_id TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        root TEXT NOT NULL,
+        note TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, size)
+      )";
+
+const POSTGRES_WRITE_ONCE: &str = "CREATE FUNCTION anumate_receipts_write_once() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        RAISE EXCEPTION 'table % is write-once: % refused', TG_TABLE_NAME, TG_OP
+          USING ERRCODE = 'insufficient_privilege';
+      END $$;
+      CREATE TRIGGER receipts_write_once BEFORE UPDATE OR DELETE ON receipts
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipts_no_truncate BEFORE TRUNCATE ON receipts
+        FOR EACH STATEMENT EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipt_tree_nodes_write_once BEFORE UPDATE OR DELETE ON receipt_tree_nodes
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipt_tree_nodes_no_truncate BEFORE TRUNCATE ON receipt_tree_nodes
+        FOR EACH STATEMENT EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipt_checkpoints_write_once BEFORE UPDATE OR DELETE ON receipt_checkpoints
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipt_checkpoints_no_truncate BEFORE TRUNCATE ON receipt_checkpoints
+        FOR EACH STATEMENT EXECUTE FUNCTION anumate_receipts_write_once();
+      COMMENT ON TABLE receipts IS 'anumate:append-only';
+      COMMENT ON TABLE receipt_tree_nodes IS 'anumate:append-only';
+      COMMENT ON TABLE receipt_checkpoints IS 'anumate:append-only'";
+
+const SQLITE_WRITE_ONCE: &str = "CREATE TRIGGER receipts_no_update BEFORE UPDATE ON receipts
+        BEGIN SELECT RAISE(ABORT, 'table receipts is write-once: UPDATE refused'); END;
+      CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
+        BEGIN SELECT RAISE(ABORT, 'table receipts is write-once: DELETE refused'); END;
+      CREATE TRIGGER receipt_tree_nodes_no_update BEFORE UPDATE ON receipt_tree_nodes
+        BEGIN SELECT RAISE(ABORT, 'table receipt_tree_nodes is write-once: UPDATE refused'); END;
+      CREATE TRIGGER receipt_tree_nodes_no_delete BEFORE DELETE ON receipt_tree_nodes
+        BEGIN SELECT RAISE(ABORT, 'table receipt_tree_nodes is write-once: DELETE refused'); END;
+      CREATE TRIGGER receipt_checkpoints_no_update BEFORE UPDATE ON receipt_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'table receipt_checkpoints is write-once: UPDATE refused'); END;
+      CREATE TRIGGER receipt_checkpoints_no_delete BEFORE DELETE ON receipt_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'table receipt_checkpoints is write-once: DELETE refused'); END";
+
+/// Receipt log tables.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "receipts_0001_log",
+        postgres: TABLES,
+        sqlite: TABLES,
+        tenant_tables: &["receipts", "receipt_tree_nodes", "receipt_checkpoints"],
+    },
+    Migration {
+        id: "receipts_0002_write_once",
+        postgres: POSTGRES_WRITE_ONCE,
+        sqlite: SQLITE_WRITE_ONCE,
+        tenant_tables: &[],
+    },
+];
+
+pub fn db(e: anumate_store::DbErr) -> Error {
+    Error::internal(e)
+}
+
+/// A tenant's log head.
+#[derive(Debug, Clone, Copy)]
+pub struct Head {
+    pub size: u64,
+    pub checkpoint_size: u64,
+}
+
+fn to_u64(v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::internal(format!("negative size {v} in the log")))
+}
+
+fn to_i64(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::internal(format!("log size {v} out of range")))
+}
+
+/// Creates the tenant's head row if missing and locks it for the transaction
+/// (`FOR UPDATE` on PostgreSQL; SQLite write transactions are exclusive).
+pub async fn lock_head(tx: &TenantTx) -> Result<Head> {
+    tx.execute(
+        "INSERT INTO receipt_logs (tenant_id, size, checkpoint_size, updated_at) \
+         VALUES ($1, 0, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
+        vec![tx.tenant_id().into(), anumate_store::now_micros().into()],
+    )
+    .await?;
+    let lock = if tx.backend() == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let row = tx
+        .query_one(
+            &format!("SELECT size, checkpoint_size FROM receipt_logs WHERE tenant_id = $1{lock}"),
+            vec![tx.tenant_id().into()],
+        )
+        .await?
+        .ok_or_else(|| Error::internal("receipt log head vanished"))?;
+    Ok(Head {
+        size: to_u64(row.try_get("", "size").map_err(db)?)?,
+        checkpoint_size: to_u64(row.try_get("", "checkpoint_size").map_err(db)?)?,
+    })
+}
+
+/// Sets the head's size (inside the transaction holding its lock).
+pub async fn set_head_size(tx: &TenantTx, size: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE receipt_logs SET size = $2, updated_at = $3 WHERE tenant_id = $1",
+        vec![
+            tx.tenant_id().into(),
+            to_i64(size)?.into(),
+            anumate_store::now_micros().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that a checkpoint of `size` was published.
+pub async fn set_checkpoint_size(tx: &TenantTx, size: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE receipt_logs SET checkpoint_size = $2, updated_at = $3 WHERE tenant_id = $1",
+        vec![
+            tx.tenant_id().into(),
+            to_i64(size)?.into(),
+            anumate_store::now_micros().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Tenants whose log has leaves no checkpoint covers yet. Reads across
+/// tenants: `receipt_logs` has no row-level security.
+pub async fn tenants_behind(tx: &TenantTx) -> Result<Vec<String>> {
+    let rows = tx
+        .query_all(
+            "SELECT tenant_id FROM receipt_logs WHERE size > checkpoint_size ORDER BY tenant_id",
+            vec![],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get("", "tenant_id").map_err(db))
+        .collect()
+}
+
+fn parse_hash(text: &str) -> Result<Hash> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| Hash::try_from(b).ok())
+        .ok_or_else(|| Error::internal("stored hash is not 32 bytes of hex"))
+}
+
+/// Reads the nodes `(level, index)` that exist among `wanted`.
+pub async fn nodes(tx: &TenantTx, wanted: &[(u32, u64)]) -> Result<HashMap<(u32, u64), Hash>> {
+    let mut out = HashMap::new();
+    for chunk in wanted.chunks(100) {
+        let mut sql = String::from(
+            "SELECT level, node_index, hash FROM receipt_tree_nodes WHERE tenant_id = $1 AND (",
+        );
+        let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+        for (i, (level, index)) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            let n = values.len();
+            sql.push_str(&format!("(level = ${} AND node_index = ${})", n + 1, n + 2));
+            values.push(i32::try_from(*level).map_err(Error::internal)?.into());
+            values.push(to_i64(*index)?.into());
+        }
+        sql.push(')');
+        for row in tx.query_all(&sql, values).await? {
+            let level: i32 = row.try_get("", "level").map_err(db)?;
+            let index: i64 = row.try_get("", "node_index").map_err(db)?;
+            let hash: String = row.try_get("", "hash").map_err(db)?;
+            out.insert(
+                (
+                    u32::try_from(level).map_err(Error::internal)?,
+                    to_u64(index)?,
+                ),
+                parse_hash(&hash)?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts newly completed tree nodes.
+pub async fn insert_nodes(tx: &TenantTx, nodes: &[(u32, u64, Hash)]) -> Result<()> {
+    for (level, index, hash) in nodes {
+        tx.execute(
+            "INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash) VALUES ($1, $2, $3, $4)",
+            vec![
+                tx.tenant_id().into(),
+                i32::try_from(*level).map_err(Error::internal)?.into(),
+                to_i64(*index)?.into(),
+                hex::encode(hash).into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A stored receipt.
+#[derive(Debug, Clone)]
+pub struct ReceiptRow {
+    pub leaf_index: u64,
+    pub request_hash: String,
+    pub issued_at: i64,
+    pub statement_json: String,
+    pub signature: String,
+    pub kid: String,
+    pub leaf_hash: Hash,
+    pub content_json: String,
+}
+
+/// A receipt to insert.
+pub struct NewReceipt<'a> {
+    pub leaf_index: u64,
+    pub receipt_id: &'a str,
+    pub dedupe_key: &'a str,
+    pub request_hash: &'a str,
+    pub kind: &'a str,
+    pub run_id: &'a str,
+    pub plan_hash: &'a str,
+    pub issued_at: i64,
+    pub statement_json: &'a str,
+    pub signature: &'a str,
+    pub kid: &'a str,
+    pub leaf_hash: &'a Hash,
+    pub content_json: &'a str,
+}
+
+pub async fn insert_receipt(tx: &TenantTx, r: &NewReceipt<'_>) -> Result<()> {
+    tx.execute(
+        "INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind, \
+           run_id, plan_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        vec![
+            tx.tenant_id().into(),
+            to_i64(r.leaf_index)?.into(),
+            r.receipt_id.into(),
+            r.dedupe_key.into(),
+            r.request_hash.into(),
+            r.kind.into(),
+            r.run_id.into(),
+            r.plan_hash.into(),
+            r.issued_at.into(),
+            r.statement_json.into(),
+            r.signature.into(),
+            r.kid.into(),
+            hex::encode(r.leaf_hash).into(),
+            r.content_json.into(),
+            anumate_store::now_micros().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+const RECEIPT_COLUMNS: &str =
+    "leaf_index, request_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json";
+
+fn receipt_from(row: &QueryResult) -> Result<ReceiptRow> {
+    let leaf_hash: String = row.try_get("", "leaf_hash").map_err(db)?;
+    Ok(ReceiptRow {
+        leaf_index: to_u64(row.try_get("", "leaf_index").map_err(db)?)?,
+        request_hash: row.try_get("", "request_hash").map_err(db)?,
+        issued_at: row.try_get("", "issued_at").map_err(db)?,
+        statement_json: row.try_get("", "statement_json").map_err(db)?,
+        signature: row.try_get("", "signature").map_err(db)?,
+        kid: row.try_get("", "kid").map_err(db)?,
+        leaf_hash: parse_hash(&leaf_hash)?,
+        content_json: row.try_get("", "content_json").map_err(db)?,
+    })
+}
+
+pub async fn by_dedupe_key(tx: &TenantTx, key: &str) -> Result<Option<ReceiptRow>> {
+    let sql =
+        format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND dedupe_key = $2");
+    let row = tx
+        .query_one(&sql, vec![tx.tenant_id().into(), key.into()])
+        .await?;
+    row.as_ref().map(receipt_from).transpose()
+}
+
+pub async fn by_id(tx: &TenantTx, receipt_id: &str) -> Result<Option<ReceiptRow>> {
+    let sql =
+        format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND receipt_id = $2");
+    let row = tx
+        .query_one(&sql, vec![tx.tenant_id().into(), receipt_id.into()])
+        .await?;
+    row.as_ref().map(receipt_from).transpose()
+}
+
+/// List filters, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub kind: Option<String>,
+    pub run_id: Option<String>,
+    pub plan_hash: Option<String>,
+    pub start_micros: Option<i64>,
+    pub end_micros: Option<i64>,
+}
+
+/// Receipts matching `filter`, newest first below `before` (a leaf index) or
+/// oldest first above `after`.
+pub async fn list(
+    tx: &TenantTx,
+    filter: &Filter,
+    cursor: Option<u64>,
+    newest_first: bool,
+    limit: i64,
+) -> Result<Vec<ReceiptRow>> {
+    let mut sql = format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1");
+    let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+    let cond = |sql: &mut String, values: &mut Vec<Value>, text: &str, v: Value| {
+        values.push(v);
+        sql.push_str(&format!(" AND {text} ${}", values.len()));
+    };
+    if let Some(k) = &filter.kind {
+        cond(&mut sql, &mut values, "kind =", k.as_str().into());
+    }
+    if let Some(r) = &filter.run_id {
+        cond(&mut sql, &mut values, "run_id =", r.as_str().into());
+    }
+    if let Some(p) = &filter.plan_hash {
+        cond(&mut sql, &mut values, "plan_hash =", p.as_str().into());
+    }
+    if let Some(t) = filter.start_micros {
+        cond(&mut sql, &mut values, "issued_at >=", t.into());
+    }
+    if let Some(t) = filter.end_micros {
+        cond(&mut sql, &mut values, "issued_at <", t.into());
+    }
+    if let Some(c) = cursor {
+        let op = if newest_first {
+            "leaf_index <"
+        } else {
+            "leaf_index >"
+        };
+        cond(&mut sql, &mut values, op, to_i64(c)?.into());
+    }
+    values.push(limit.into());
+    sql.push_str(&format!(
+        " ORDER BY leaf_index {} LIMIT ${}",
+        if newest_first { "DESC" } else { "ASC" },
+        values.len()
+    ));
+    tx.query_all(&sql, values)
+        .await?
+        .iter()
+        .map(receipt_from)
+        .collect()
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointRow {
+    pub size: u64,
+    pub root: Hash,
+    pub note: String,
+    pub kid: String,
+    pub created_at: i64,
+}
+
+pub async fn insert_checkpoint(tx: &TenantTx, c: &CheckpointRow) -> Result<()> {
+    tx.execute(
+        "INSERT INTO receipt_checkpoints (tenant_id, size, root, note, kid, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        vec![
+            tx.tenant_id().into(),
+            to_i64(c.size)?.into(),
+            hex::encode(c.root).into(),
+            c.note.as_str().into(),
+            c.kid.as_str().into(),
+            c.created_at.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The checkpoint of `size`, or the latest when `size` is `None`.
+pub async fn checkpoint(tx: &TenantTx, size: Option<u64>) -> Result<Option<CheckpointRow>> {
+    let (sql, values): (&str, Vec<Value>) = match size {
+        Some(s) => (
+            "SELECT size, root, note, kid, created_at FROM receipt_checkpoints \
+             WHERE tenant_id = $1 AND size = $2",
+            vec![tx.tenant_id().into(), to_i64(s)?.into()],
+        ),
+        None => (
+            "SELECT size, root, note, kid, created_at FROM receipt_checkpoints \
+             WHERE tenant_id = $1 ORDER BY size DESC LIMIT 1",
+            vec![tx.tenant_id().into()],
+        ),
+    };
+    let Some(row) = tx.query_one(sql, values).await? else {
+        return Ok(None);
+    };
+    let root: String = row.try_get("", "root").map_err(db)?;
+    Ok(Some(CheckpointRow {
+        size: to_u64(row.try_get("", "size").map_err(db)?)?,
+        root: parse_hash(&root)?,
+        note: row.try_get("", "note").map_err(db)?,
+        kid: row.try_get("", "kid").map_err(db)?,
+        created_at: row.try_get("", "created_at").map_err(db)?,
+    }))
+}

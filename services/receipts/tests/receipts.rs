@@ -1,0 +1,921 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The receipts service driven like a client drives it: real gRPC over TCP,
+//! behind the real authentication layer, against SQLite and PostgreSQL.
+//!
+//! Each scenario is one `async fn(TestApp)`; `on_both_backends!` runs it once
+//! per database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_crypto::{Jwks, KeyPair, KeyRing};
+use anumate_errors::{Error, ErrorCode};
+use anumate_proto::receipts::v1 as pb;
+use anumate_receipt::{Hash, InclusionProof, verify_consistency, verify_receipt_offline};
+use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use pb::receipts_service_client::ReceiptsServiceClient;
+use serde_json::json;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
+
+const TENANT_A: &str = "tenant-a";
+const TENANT_B: &str = "tenant-b";
+const SERVICE: &str = "svc:orchestrator";
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// A running receipts service and what a test needs to talk to it and look
+/// behind it.
+struct TestApp {
+    addr: SocketAddr,
+    issuer: DevIssuer,
+    store: Store,
+    keys: Arc<KeyRing>,
+    /// The service, for publishing checkpoints on demand.
+    receipts: Receipts,
+    server: tokio::task::JoinHandle<()>,
+    checkpointer: Option<tokio::task::JoinHandle<()>>,
+    auth: Authenticator,
+    _db: TestDb,
+    _issuer_dir: tempfile::TempDir,
+}
+
+/// Test configuration: checkpoints only on demand unless a scenario starts the
+/// checkpointer.
+fn config(interval_ms: u64) -> ReceiptsConfig {
+    ReceiptsConfig {
+        checkpoint_interval_ms: interval_ms,
+        checkpoint_batch: 1_000_000,
+        max_content_bytes: 4096,
+    }
+}
+
+async fn serve(
+    store: &Store,
+    keys: &Arc<KeyRing>,
+    auth: &Authenticator,
+    cfg: &ReceiptsConfig,
+) -> (SocketAddr, Receipts, tokio::task::JoinHandle<()>) {
+    let receipts = Receipts::new(store.clone(), keys.clone(), cfg).expect("receipts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let grpc = ReceiptsGrpc::new(receipts.clone()).into_server();
+    let auth = auth.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(grpc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server");
+    });
+    (addr, receipts, server)
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let db = match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    };
+    let store = Store::connect(&db.config).await.expect("connect");
+    store
+        .migrate(&anumate_receipts::migrations())
+        .await
+        .expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("receipts key")));
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let auth = Authenticator::new(AuthConfig::default())
+        .expect("authenticator")
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let (addr, receipts, server) = serve(&store, &keys, &auth, &config(3_600_000)).await;
+    TestApp {
+        addr,
+        issuer,
+        store,
+        keys,
+        receipts,
+        server,
+        checkpointer: None,
+        auth,
+        _db: db,
+        _issuer_dir: issuer_dir,
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+        if let Some(c) = &self.checkpointer {
+            c.abort();
+        }
+    }
+}
+
+impl TestApp {
+    async fn client_as(&self, tenant: &str, subject: &str, roles: &[Role]) -> Client {
+        let token = self
+            .issuer
+            .mint(tenant, subject, roles, Duration::from_secs(300))
+            .expect("mint");
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        ReceiptsServiceClient::with_interceptor(channel, BearerToken(token))
+    }
+
+    /// A service principal of `tenant` (appends).
+    async fn service(&self, tenant: &str) -> Client {
+        self.client_as(tenant, SERVICE, &[]).await
+    }
+
+    /// An auditor of `tenant` (reads).
+    async fn auditor(&self, tenant: &str) -> Client {
+        self.client_as(tenant, "alice", &[Role::Auditor]).await
+    }
+
+    /// Stops the server and its checkpointer and starts new ones on the same
+    /// database and keys, like a process restart.
+    async fn restart(&mut self, cfg: &ReceiptsConfig) {
+        self.server.abort();
+        if let Some(c) = self.checkpointer.take() {
+            c.abort();
+        }
+        let (addr, receipts, server) = serve(&self.store, &self.keys, &self.auth, cfg).await;
+        self.addr = addr;
+        self.receipts = receipts;
+        self.server = server;
+    }
+}
+
+/// Runs each scenario once on SQLite and once on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(spawn_app(Backend::Sqlite).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(spawn_app(Backend::Postgres).await).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    append_prove_verify => append_prove_verify_sqlite, append_prove_verify_postgres;
+    idempotency => idempotency_sqlite, idempotency_postgres;
+    write_once => write_once_sqlite, write_once_postgres;
+    cross_tenant => cross_tenant_sqlite, cross_tenant_postgres;
+    restart_mid_batch => restart_mid_batch_sqlite, restart_mid_batch_postgres;
+    bad_input => bad_input_sqlite, bad_input_postgres;
+    roles => roles_sqlite, roles_postgres;
+    exports => exports_sqlite, exports_postgres;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+#[track_caller]
+fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
+    let status = match result {
+        Ok(v) => panic!("expected {code}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, code.as_str(), "{status:?}");
+    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
+    Error::from_status(&status)
+}
+
+fn content(v: serde_json::Value) -> pbjson_types::Struct {
+    serde_json::from_value(v).expect("struct")
+}
+
+fn step_request(run: &str, step: &str, attempt: i32, amount: i64) -> pb::AppendReceiptRequest {
+    pb::AppendReceiptRequest {
+        kind: pb::ReceiptKind::StepExecution as i32,
+        subject: Some(pb::ReceiptSubject {
+            run_id: run.into(),
+            step_id: step.into(),
+            attempt,
+            plan_hash: format!("sha256:{}", "ab".repeat(32)),
+            ..Default::default()
+        }),
+        content: Some(content(
+            json!({"tool": "refund", "amount": amount, "ok": true}),
+        )),
+        dedupe_key: format!("step:{run}:{step}:{attempt}"),
+    }
+}
+
+async fn append(client: &mut Client, req: pb::AppendReceiptRequest) -> pb::Receipt {
+    let resp = client
+        .append_receipt(req)
+        .await
+        .expect("append")
+        .into_inner();
+    assert!(resp.created);
+    resp.receipt.expect("receipt")
+}
+
+async fn jwks(client: &mut Client) -> Jwks {
+    let json = client
+        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .jwks_json;
+    serde_json::from_str(&json).expect("jwks json")
+}
+
+fn hash(bytes: &[u8]) -> Hash {
+    bytes.try_into().expect("32 bytes")
+}
+
+/// Fetches the inclusion proof of `receipt` at the latest checkpoint and
+/// verifies it offline the way `anumate receipt verify` does.
+async fn verify_offline(client: &mut Client, receipt: &pb::Receipt, keys: &Jwks) -> u64 {
+    let proof = client
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            receipt_id: receipt.receipt_id.clone(),
+            tree_size: 0,
+        })
+        .await
+        .expect("inclusion proof")
+        .into_inner();
+    let checkpoint = proof.checkpoint.expect("checkpoint");
+    let inclusion = InclusionProof {
+        leaf_index: proof.leaf_index as u64,
+        tree_size: checkpoint.tree_size as u64,
+        audit_path: proof.audit_path.iter().map(|h| hash(h)).collect(),
+    };
+    let receipt_json = anumate_receipts::export::receipt_json(receipt)
+        .expect("receipt json")
+        .to_string();
+    let verified = verify_receipt_offline(&receipt_json, &inclusion, &checkpoint.note, keys)
+        .unwrap_or_else(|e| panic!("{e}: {receipt_json}"));
+    assert_eq!(verified.statement.receipt_id, receipt.receipt_id);
+    assert_eq!(
+        verified.checkpoint.origin,
+        format!("anumate.dev/receipts/{}", receipt.tenant_id)
+    );
+    // One flipped byte of the signature, the path or the note fails.
+    let mut bad = receipt.clone();
+    bad.content_digest = format!("sha256:{}", "00".repeat(32));
+    let bad_json = anumate_receipts::export::receipt_json(&bad)
+        .expect("json")
+        .to_string();
+    assert!(verify_receipt_offline(&bad_json, &inclusion, &checkpoint.note, keys).is_err());
+    if let Some(first) = inclusion.audit_path.first() {
+        let mut flipped = inclusion.clone();
+        let mut h = *first;
+        h[0] ^= 1;
+        flipped.audit_path[0] = h;
+        assert!(verify_receipt_offline(&receipt_json, &flipped, &checkpoint.note, keys).is_err());
+    }
+    let bad_note = checkpoint.note.replacen('\n', "\n1", 1);
+    assert!(verify_receipt_offline(&receipt_json, &inclusion, &bad_note, keys).is_err());
+    checkpoint.tree_size as u64
+}
+
+async fn count(app: &TestApp, tenant: &str, table: &str) -> i64 {
+    let tx = app.store.read(tenant).await.expect("read tx");
+    tx.query_one(
+        &format!("SELECT COUNT(*) AS n FROM {table} WHERE tenant_id = $1"),
+        vec![tenant.into()],
+    )
+    .await
+    .expect("count")
+    .expect("row")
+    .try_get("", "n")
+    .expect("n")
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+async fn append_prove_verify(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    let mut auditor = app.auditor(TENANT_A).await;
+    let mut receipts = Vec::new();
+    for i in 0..7 {
+        let r = append(&mut svc, step_request("run-1", &format!("s{i}"), 1, i)).await;
+        assert_eq!(r.leaf_index, i);
+        assert_eq!(r.tenant_id, TENANT_A);
+        assert!(r.content_digest.starts_with("sha256:"));
+        receipts.push(r);
+    }
+    // Before any checkpoint: precise FAILED_PRECONDITION.
+    expect_error(
+        auditor
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                receipt_id: receipts[0].receipt_id.clone(),
+                tree_size: 0,
+            })
+            .await,
+        ErrorCode::FailedPrecondition,
+    );
+    expect_error(
+        auditor
+            .get_checkpoint(pb::GetCheckpointRequest { tree_size: 0 })
+            .await,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(app.receipts.publish_pending().await.expect("publish"), 1);
+    assert_eq!(app.receipts.publish_pending().await.expect("publish"), 0);
+    let keys = jwks(&mut auditor).await;
+    for r in &receipts {
+        assert_eq!(verify_offline(&mut auditor, r, &keys).await, 7);
+    }
+    // Grow the log; the new checkpoint is consistent with the old one.
+    for i in 7..12 {
+        receipts.push(append(&mut svc, step_request("run-2", &format!("s{i}"), 1, i)).await);
+    }
+    // Newer than the checkpoint: not yet provable.
+    expect_error(
+        auditor
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                receipt_id: receipts[9].receipt_id.clone(),
+                tree_size: 0,
+            })
+            .await,
+        ErrorCode::FailedPrecondition,
+    );
+    app.receipts.publish_pending().await.expect("publish");
+    for r in &receipts {
+        assert_eq!(verify_offline(&mut auditor, r, &keys).await, 12);
+    }
+    let cp = auditor
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            first_tree_size: 7,
+            second_tree_size: 0,
+        })
+        .await
+        .expect("consistency")
+        .into_inner();
+    let (first, second) = (cp.first_checkpoint.unwrap(), cp.second_checkpoint.unwrap());
+    assert_eq!((first.tree_size, second.tree_size), (7, 12));
+    let proof: Vec<Hash> = cp.proof.iter().map(|h| hash(h)).collect();
+    verify_consistency(
+        7,
+        12,
+        &proof,
+        &hash(&first.root_hash),
+        &hash(&second.root_hash),
+    )
+    .expect("consistent");
+    // Old checkpoint by size; proof at the old size.
+    let old = auditor
+        .get_checkpoint(pb::GetCheckpointRequest { tree_size: 7 })
+        .await
+        .expect("checkpoint 7")
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert_eq!(old.note, first.note);
+    assert!(old.note.starts_with("anumate.dev/receipts/tenant-a\n7\n"));
+    let p = auditor
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            receipt_id: receipts[3].receipt_id.clone(),
+            tree_size: 7,
+        })
+        .await
+        .expect("proof at 7")
+        .into_inner();
+    assert_eq!(p.checkpoint.unwrap().tree_size, 7);
+    // Get returns content; list returns newest first without content.
+    let got = auditor
+        .get_receipt(pb::GetReceiptRequest {
+            receipt_id: receipts[2].receipt_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .receipt
+        .unwrap();
+    assert_eq!(got, receipts[2]);
+    let list = auditor
+        .list_receipts(pb::ListReceiptsRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 5,
+                page_token: String::new(),
+            }),
+            filter: Some(pb::ReceiptFilter {
+                run_id: "run-1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let indexes: Vec<i64> = list.receipts.iter().map(|r| r.leaf_index).collect();
+    assert_eq!(indexes, vec![6, 5, 4, 3, 2]);
+    assert!(list.receipts.iter().all(|r| r.content.is_none()));
+    let next = list.page.unwrap().next_page_token;
+    let rest = auditor
+        .list_receipts(pb::ListReceiptsRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 5,
+                page_token: next,
+            }),
+            filter: Some(pb::ReceiptFilter {
+                run_id: "run-1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("list 2")
+        .into_inner();
+    assert_eq!(rest.receipts.len(), 2);
+    assert!(rest.page.unwrap().next_page_token.is_empty());
+    // One outbox event per receipt.
+    let tx = app.store.read(TENANT_A).await.unwrap();
+    let events = anumate_events::read_after(&tx, 0, 1000).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "dev.anumate.receipt.appended.v1")
+            .count(),
+        12
+    );
+}
+
+async fn idempotency(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    let first = append(&mut svc, step_request("run-1", "s1", 1, 5)).await;
+    let again = svc
+        .append_receipt(step_request("run-1", "s1", 1, 5))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.receipt.unwrap(), first);
+    let err = expect_error(
+        svc.append_receipt(step_request("run-1", "s1", 1, 6)).await,
+        ErrorCode::AlreadyExists,
+    );
+    assert!(err.message.contains("dedupe_key"), "{}", err.message);
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 1);
+    // Content is redacted before it is digested and stored.
+    let mut req = step_request("run-1", "s2", 1, 5);
+    req.content = Some(content(json!({"customer": "bob@example.com"})));
+    let r = append(&mut svc, req).await;
+    let text = serde_json::to_string(&r.content).unwrap();
+    assert!(!text.contains("bob@example.com"), "{text}");
+}
+
+async fn write_once(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    append(&mut svc, step_request("run-1", "s1", 1, 1)).await;
+    append(&mut svc, step_request("run-1", "s2", 1, 2)).await;
+    app.receipts.publish_pending().await.unwrap();
+    let statements = [
+        "UPDATE receipts SET signature = 'x' WHERE tenant_id = $1",
+        "DELETE FROM receipts WHERE tenant_id = $1",
+        "UPDATE receipt_tree_nodes SET hash = 'x' WHERE tenant_id = $1",
+        "DELETE FROM receipt_tree_nodes WHERE tenant_id = $1",
+        "UPDATE receipt_checkpoints SET note = 'x' WHERE tenant_id = $1",
+        "DELETE FROM receipt_checkpoints WHERE tenant_id = $1",
+    ];
+    for sql in statements {
+        // As the serving role, inside a tenant transaction.
+        let tx = app.store.write(TENANT_A).await.unwrap();
+        let res = tx.execute(sql, vec![TENANT_A.into()]).await;
+        assert!(res.is_err(), "serving role could run {sql}");
+        drop(tx);
+        // As the owner (the trigger refuses even it).
+        use sea_orm::ConnectionTrait as _;
+        let backend = app.store.owner_connection().get_database_backend();
+        let res = app
+            .store
+            .owner_connection()
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                backend,
+                sql,
+                vec![TENANT_A.into()],
+            ))
+            .await;
+        let err = res.err().unwrap_or_else(|| panic!("owner could run {sql}"));
+        assert!(err.to_string().contains("write-once"), "{sql}: {err}");
+    }
+    if app.store.backend() == Backend::Postgres {
+        use sea_orm::ConnectionTrait as _;
+        let res = app
+            .store
+            .owner_connection()
+            .execute_unprepared("TRUNCATE receipts")
+            .await;
+        assert!(res.is_err(), "truncate");
+        // The serving role has no UPDATE/DELETE privilege at all.
+        let tx = app.store.read(TENANT_A).await.unwrap();
+        for table in ["receipts", "receipt_tree_nodes", "receipt_checkpoints"] {
+            let row = tx
+                .query_one(
+                    "SELECT has_table_privilege(current_user, $1, 'UPDATE') AS u, \
+                            has_table_privilege(current_user, $1, 'DELETE') AS d, \
+                            has_table_privilege(current_user, $1, 'INSERT') AS i",
+                    vec![table.into()],
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            let (u, d, i): (bool, bool, bool) = (
+                row.try_get("", "u").unwrap(),
+                row.try_get("", "d").unwrap(),
+                row.try_get("", "i").unwrap(),
+            );
+            assert!(!u && !d && i, "{table}: update {u} delete {d} insert {i}");
+        }
+        // Migrating again does not give the privileges back.
+        app.store
+            .migrate(&anumate_receipts::migrations())
+            .await
+            .unwrap();
+        let row = tx
+            .query_one(
+                "SELECT has_table_privilege(current_user, 'receipts', 'DELETE') AS d",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!row.try_get::<bool>("", "d").unwrap());
+    }
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 2);
+    // The service still works.
+    append(&mut svc, step_request("run-1", "s3", 1, 3)).await;
+}
+
+async fn cross_tenant(app: TestApp) {
+    let mut svc_a = app.service(TENANT_A).await;
+    let a = append(&mut svc_a, step_request("run-1", "s1", 1, 1)).await;
+    app.receipts.publish_pending().await.unwrap();
+    let mut b = app.auditor(TENANT_B).await;
+    expect_error(
+        b.get_receipt(pb::GetReceiptRequest {
+            receipt_id: a.receipt_id.clone(),
+        })
+        .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        b.get_inclusion_proof(pb::GetInclusionProofRequest {
+            receipt_id: a.receipt_id.clone(),
+            tree_size: 1,
+        })
+        .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        b.get_checkpoint(pb::GetCheckpointRequest { tree_size: 1 })
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        b.get_consistency_proof(pb::GetConsistencyProofRequest {
+            first_tree_size: 1,
+            second_tree_size: 1,
+        })
+        .await,
+        ErrorCode::NotFound,
+    );
+    let list = b
+        .list_receipts(pb::ListReceiptsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.receipts.is_empty());
+    // B's own log starts at 0 and has its own origin.
+    let mut svc_b = app.service(TENANT_B).await;
+    let rb = append(&mut svc_b, step_request("run-1", "s1", 1, 1)).await;
+    assert_eq!(rb.leaf_index, 0);
+    app.receipts.publish_pending().await.unwrap();
+    let cp = b
+        .get_checkpoint(pb::GetCheckpointRequest { tree_size: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert!(cp.note.starts_with("anumate.dev/receipts/tenant-b\n1\n"));
+    // A's receipt does not verify against B's checkpoint.
+    let keys = jwks(&mut b).await;
+    let inclusion = InclusionProof {
+        leaf_index: 0,
+        tree_size: 1,
+        audit_path: vec![],
+    };
+    let json = serde_json::to_string(&a).unwrap();
+    assert!(verify_receipt_offline(&json, &inclusion, &cp.note, &keys).is_err());
+}
+
+async fn restart_mid_batch(mut app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    let mut receipts = Vec::new();
+    for i in 0..5 {
+        receipts.push(append(&mut svc, step_request("run-1", &format!("s{i}"), 1, i)).await);
+    }
+    app.receipts.publish_pending().await.unwrap();
+    for i in 5..9 {
+        receipts.push(append(&mut svc, step_request("run-1", &format!("s{i}"), 1, i)).await);
+    }
+    // Restart before the batch 5..9 is checkpointed, with the real checkpointer.
+    let cfg = config(50);
+    app.restart(&cfg).await;
+    app.checkpointer = Some(app.receipts.spawn_checkpointer());
+    let mut auditor = app.auditor(TENANT_A).await;
+    let mut size = 0;
+    for _ in 0..100 {
+        if let Ok(cp) = auditor
+            .get_checkpoint(pb::GetCheckpointRequest { tree_size: 0 })
+            .await
+        {
+            size = cp.into_inner().checkpoint.unwrap().tree_size;
+            if size == 9 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        size, 9,
+        "the checkpointer covers the receipts appended before the restart"
+    );
+    // The tree continues after the restart.
+    let mut svc = app.service(TENANT_A).await;
+    let next = append(&mut svc, step_request("run-1", "s9", 1, 9)).await;
+    assert_eq!(next.leaf_index, 9);
+    receipts.push(next);
+    let mut size = 0;
+    for _ in 0..100 {
+        let cp = auditor
+            .get_checkpoint(pb::GetCheckpointRequest { tree_size: 0 })
+            .await
+            .unwrap();
+        size = cp.into_inner().checkpoint.unwrap().tree_size;
+        if size == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(size, 10);
+    let keys = jwks(&mut auditor).await;
+    for r in &receipts {
+        verify_offline(&mut auditor, r, &keys).await;
+    }
+    let cp = auditor
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            first_tree_size: 5,
+            second_tree_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let proof: Vec<Hash> = cp.proof.iter().map(|h| hash(h)).collect();
+    verify_consistency(
+        5,
+        10,
+        &proof,
+        &hash(&cp.first_checkpoint.unwrap().root_hash),
+        &hash(&cp.second_checkpoint.unwrap().root_hash),
+    )
+    .expect("consistent across the restart");
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 10);
+}
+
+async fn bad_input(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    let mut auditor = app.auditor(TENANT_A).await;
+    let field = |e: &Error| {
+        e.violations
+            .first()
+            .map(|v| v.field.clone())
+            .unwrap_or_default()
+    };
+
+    let mut req = step_request("r", "s", 1, 1);
+    req.kind = 0;
+    let e = expect_error(svc.append_receipt(req).await, ErrorCode::InvalidArgument);
+    assert_eq!(field(&e), "kind");
+    let mut req = step_request("r", "s", 1, 1);
+    req.kind = 99;
+    let e = expect_error(svc.append_receipt(req).await, ErrorCode::InvalidArgument);
+    assert_eq!(field(&e), "kind");
+    let mut req = step_request("r", "s", 1, 1);
+    req.dedupe_key.clear();
+    let e = expect_error(svc.append_receipt(req).await, ErrorCode::InvalidArgument);
+    assert_eq!(field(&e), "dedupe_key");
+    let e = expect_error(
+        svc.append_receipt(step_request("r", "s", -1, 1)).await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(field(&e), "subject.attempt");
+    let mut req = step_request(&"x".repeat(300), "s", 1, 1);
+    req.dedupe_key = "long-run".into();
+    let e = expect_error(svc.append_receipt(req).await, ErrorCode::InvalidArgument);
+    assert_eq!(field(&e), "subject.run_id");
+    let mut req = step_request("r", "s", 1, 1);
+    req.content = Some(content(json!({"blob": "a".repeat(5000)})));
+    expect_error(svc.append_receipt(req).await, ErrorCode::PayloadTooLarge);
+    // Nothing was half-written.
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 0);
+    assert_eq!(count(&app, TENANT_A, "receipt_tree_nodes").await, 0);
+
+    expect_error(
+        auditor
+            .get_receipt(pb::GetReceiptRequest {
+                receipt_id: String::new(),
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .get_receipt(pb::GetReceiptRequest {
+                receipt_id: "nope".into(),
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        auditor
+            .get_checkpoint(pb::GetCheckpointRequest { tree_size: -1 })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .get_consistency_proof(pb::GetConsistencyProofRequest {
+                first_tree_size: 0,
+                second_tree_size: 0,
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .list_receipts(pb::ListReceiptsRequest {
+                page: Some(anumate_proto::common::v1::PageRequest {
+                    page_size: 1,
+                    page_token: "garbage".into(),
+                }),
+                filter: None,
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .list_receipts(pb::ListReceiptsRequest {
+                page: None,
+                filter: Some(pb::ReceiptFilter {
+                    kind: 42,
+                    ..Default::default()
+                }),
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .export_receipts(pb::ExportReceiptsRequest {
+                format: 0,
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    // Two checkpoints, asked in the wrong order.
+    append(&mut svc, step_request("r", "s1", 1, 1)).await;
+    app.receipts.publish_pending().await.unwrap();
+    append(&mut svc, step_request("r", "s2", 1, 1)).await;
+    app.receipts.publish_pending().await.unwrap();
+    expect_error(
+        auditor
+            .get_consistency_proof(pb::GetConsistencyProofRequest {
+                first_tree_size: 2,
+                second_tree_size: 1,
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .get_consistency_proof(pb::GetConsistencyProofRequest {
+                first_tree_size: 3,
+                second_tree_size: 0,
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    // The service keeps serving.
+    append(&mut svc, step_request("r", "s3", 1, 1)).await;
+}
+
+async fn roles(app: TestApp) {
+    let mut auditor = app.auditor(TENANT_A).await;
+    expect_error(
+        auditor.append_receipt(step_request("r", "s", 1, 1)).await,
+        ErrorCode::PermissionDenied,
+    );
+    let mut author = app.client_as(TENANT_A, "bob", &[Role::Author]).await;
+    expect_error(
+        author.append_receipt(step_request("r", "s", 1, 1)).await,
+        ErrorCode::PermissionDenied,
+    );
+    expect_error(
+        author
+            .list_receipts(pb::ListReceiptsRequest::default())
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    let mut operator = app.client_as(TENANT_A, "carol", &[Role::Operator]).await;
+    let r = append(&mut operator, step_request("r", "s", 1, 1)).await;
+    operator
+        .get_receipt(pb::GetReceiptRequest {
+            receipt_id: r.receipt_id,
+        })
+        .await
+        .expect("operator reads");
+    let mut svc = app.service(TENANT_A).await;
+    append(&mut svc, step_request("r", "s2", 1, 1)).await;
+}
+
+async fn exports(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    for i in 0..5 {
+        let mut req = step_request(&format!("run|{i}=x"), "s\"]", 1, i);
+        req.content = Some(content(json!({"note": "line1\nline2"})));
+        append(&mut svc, req).await;
+    }
+    let auditor = app.auditor(TENANT_A).await;
+    let export = |format: pb::ExportFormat, include_content: bool| {
+        let mut client = auditor.clone();
+        async move {
+            let mut stream = client
+                .export_receipts(pb::ExportReceiptsRequest {
+                    format: format as i32,
+                    filter: None,
+                    include_content,
+                })
+                .await
+                .expect("export")
+                .into_inner();
+            let (mut data, mut records) = (String::new(), 0);
+            while let Some(msg) = stream.message().await.expect("chunk") {
+                data.push_str(&msg.data);
+                records += msg.record_count;
+            }
+            (data, records)
+        }
+    };
+    let (ndjson, n) = export(pb::ExportFormat::Ndjson, true).await;
+    assert_eq!(n, 5);
+    let lines: Vec<&str> = ndjson.lines().collect();
+    assert_eq!(lines.len(), 5);
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+        assert_eq!(v["leafIndex"].as_str().unwrap_or("0"), i.to_string());
+        assert!(v["issueTime"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(v["content"]["note"], "line1\nline2");
+    }
+    let (cef, n) = export(pb::ExportFormat::Cef, true).await;
+    assert_eq!(n, 5);
+    assert_eq!(cef.lines().count(), 5);
+    assert!(cef.contains(r"run_id=run|0\=x"), "{cef}");
+    // Content is JSON (newline already `\n`); CEF then escapes the backslash.
+    assert!(cef.contains(r"line1\\nline2"), "{cef}");
+    let (syslog, _) = export(pb::ExportFormat::Syslog, false).await;
+    assert_eq!(syslog.lines().count(), 5);
+    assert!(syslog.contains(r#"step_id="s\"\]""#), "{syslog}");
+    assert!(
+        !syslog.contains("line1"),
+        "content only when asked: {syslog}"
+    );
+}
