@@ -271,7 +271,7 @@ pub async fn run_capsule(cmd: CapsuleCommand) -> ExitCode {
 
 /// Prints an error: its stable code, message, and each violation as
 /// `file:line:col: text [field]` (no `[field]` when the violation names none).
-fn report(error: &Error, file: Option<&str>) {
+pub(crate) fn report(error: &Error, file: Option<&str>) {
     eprintln!("error[{}]: {}", error.code, error.message);
     for v in &error.violations {
         let text = v.description.as_str();

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anumate_auth::AuthConfig;
+use anumate_receipts::ReceiptsConfig;
 use anumate_registry::RegistryConfig;
 use anumate_store::StoreConfig;
 use anumate_telemetry::TelemetryConfig;
@@ -25,6 +26,8 @@ pub struct AppConfig {
     pub telemetry: TelemetryConfig,
     /// Registry limits.
     pub registry: RegistryConfig,
+    /// Receipt log: checkpoint cadence and content limit.
+    pub receipts: ReceiptsConfig,
     /// Signing keys.
     pub keys: KeysConfig,
     /// `anumate dev` only.
@@ -40,6 +43,7 @@ impl Default for AppConfig {
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
             registry: RegistryConfig::default(),
+            receipts: ReceiptsConfig::default(),
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
         }
@@ -72,6 +76,9 @@ pub struct KeysConfig {
     /// PKCS#8 PEM files of the registry's signing keys, active first. Empty: a
     /// key generated and kept under `<data_dir>/keys/`.
     pub registry_key_files: Vec<PathBuf>,
+    /// PKCS#8 PEM files of the receipt log's signing keys (receipts and
+    /// checkpoints), active first. Empty: a key kept under `<data_dir>/keys/`.
+    pub receipts_key_files: Vec<PathBuf>,
 }
 
 /// `[dev]`.

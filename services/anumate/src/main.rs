@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod dev_state;
+mod receipts_cli;
 mod server;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -43,6 +44,8 @@ enum Command {
     Migrate(ServerArgs),
     /// Manage capsules in the registry.
     Capsule(client::CapsuleCommand),
+    /// Append, fetch and verify (offline) receipts; checkpoints and keys.
+    Receipt(receipts_cli::ReceiptCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -160,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
+        Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Auth {
             command:
                 AuthCommand::DevToken {
@@ -191,7 +195,10 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
 }
 
 fn all_migrations() -> Vec<anumate_store::Migration> {
-    anumate_registry::migrations()
+    // The registry's list already holds the outbox's migrations.
+    let mut all = anumate_registry::migrations();
+    all.extend_from_slice(anumate_receipts::REPO_MIGRATIONS);
+    all
 }
 
 async fn connect_store(config: &AppConfig) -> anyhow::Result<Store> {
@@ -279,18 +286,18 @@ async fn run_serve(
 ) -> anyhow::Result<()> {
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
     let names = server::selected(services);
-    let store =
-        if names.contains(&anumate_proto::registry::v1::registry_service_server::SERVICE_NAME) {
-            let store = connect_store(&config).await?;
-            if migrate {
-                let report = store.migrate(&all_migrations()).await?;
-                tracing::info!(applied = ?report.applied, "migrations applied");
-            }
-            store.check_serving_role().await?;
-            Some(store)
-        } else {
-            None
-        };
+    let needs_store = names.iter().any(|n| server::STORED_SERVICES.contains(n));
+    let store = if needs_store {
+        let store = connect_store(&config).await?;
+        if migrate {
+            let report = store.migrate(&all_migrations()).await?;
+            tracing::info!(applied = ?report.applied, "migrations applied");
+        }
+        store.check_serving_role().await?;
+        Some(store)
+    } else {
+        None
+    };
     if config.auth.issuers.is_empty() {
         tracing::warn!(
             "no token issuers configured ([auth] issuers): every authenticated request will be refused"

@@ -4,7 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use anumate_auth::{AuthLayer, Authenticator};
 use anumate_crypto::KeyRing;
+use anumate_proto::receipts::v1::receipts_service_server;
 use anumate_proto::registry::v1::registry_service_server;
+use anumate_receipts::{Receipts, ReceiptsGrpc};
 use anumate_registry::{Registry, RegistryGrpc};
 use anumate_store::Store;
 use anyhow::Context as _;
@@ -33,7 +35,7 @@ pub enum ServiceName {
     Approvals,
     /// Capability tokens (not implemented yet).
     Captokens,
-    /// Receipts (not implemented yet).
+    /// Receipts: the signed, append-only receipt log.
     Receipts,
 }
 
@@ -68,6 +70,12 @@ pub fn selected(services: &[ServiceName]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Services that need the database.
+pub const STORED_SERVICES: &[&str] = &[
+    registry_service_server::SERVICE_NAME,
+    receipts_service_server::SERVICE_NAME,
+];
+
 /// Everything a running server needs.
 pub struct Runtime {
     pub config: AppConfig,
@@ -83,6 +91,16 @@ pub fn registry_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
             .with_context(|| format!("registry key under {}", config.keys_dir().display()))
     } else {
         KeyRing::from_pem_files(&config.keys.registry_key_files).context("registry key files")
+    }
+}
+
+/// Loads the receipt log's signing keys: configured files, else a key kept under the data directory.
+pub fn receipts_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
+    if config.keys.receipts_key_files.is_empty() {
+        KeyRing::load_or_create(&config.keys_dir(), "receipts")
+            .with_context(|| format!("receipts key under {}", config.keys_dir().display()))
+    } else {
+        KeyRing::from_pem_files(&config.keys.receipts_key_files).context("receipts key files")
     }
 }
 
@@ -104,11 +122,25 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let registry = Registry::new(store, keys, &rt.config.registry);
         routes.add_service(RegistryGrpc::new(registry).into_server());
     }
-    let skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
+    let mut checkpointer = None;
+    if rt.services.contains(&receipts_service_server::SERVICE_NAME) {
+        let store = rt
+            .store
+            .clone()
+            .context("the receipts service needs a store")?;
+        let keys = Arc::new(receipts_keys(&rt.config)?);
+        let receipts = Receipts::new(store, keys, &rt.config.receipts)
+            .map_err(|e| anyhow::anyhow!("receipts service: {e}"))?;
+        checkpointer = Some(receipts.spawn_checkpointer());
+        routes.add_service(ReceiptsGrpc::new(receipts).into_server());
+    }
+    let mut skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
         .iter()
         .copied()
         .filter(|n| !rt.services.contains(n))
         .collect();
+    // Implemented here: never the placeholder.
+    skip.push(receipts_service_server::SERVICE_NAME);
     let mut routes = anumate_unimplemented::add_except(routes, &skip);
 
     for name in &rt.services {
@@ -174,6 +206,9 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         } => {
             tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
         }
+    }
+    if let Some(task) = checkpointer {
+        task.abort();
     }
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,395 @@
+//! `anumate receipt …`: append and fetch receipts over gRPC, and verify a
+//! receipt bundle offline with only the public keys.
+//!
+//! `anumate receipt get ID --proof` prints a bundle
+//! `{"receipt": <Receipt JSON>, "proof": {"leaf_index", "tree_size",
+//! "audit_path"}, "checkpoint": "<signed note>"}` that `anumate receipt verify`
+//! checks without a server: the receipt's signature, its inclusion in the
+//! checkpoint's tree and the checkpoint's signature.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anumate_auth::BearerToken;
+use anumate_crypto::Jwks;
+use anumate_errors::Error;
+use anumate_proto::receipts::v1 as pb;
+use anumate_receipt::{Hash, InclusionProof, verify_receipt_offline};
+use clap::{Args, Subcommand, ValueEnum};
+use pb::receipts_service_client::ReceiptsServiceClient;
+use serde_json::{Value, json};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+use crate::client::{Connection, Output, report};
+use crate::dev_state;
+
+/// `anumate receipt …`
+#[derive(Args, Debug)]
+pub struct ReceiptCommand {
+    #[command(subcommand)]
+    pub command: ReceiptSub,
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+/// Receipt kinds on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// One attempt of a step.
+    StepExecution,
+    /// An approval decision.
+    ApprovalDecision,
+    /// Revoked capability tokens.
+    TokenRevocation,
+    /// A run's outcome.
+    RunOutcome,
+}
+
+impl From<KindArg> for pb::ReceiptKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::StepExecution => pb::ReceiptKind::StepExecution,
+            KindArg::ApprovalDecision => pb::ReceiptKind::ApprovalDecision,
+            KindArg::TokenRevocation => pb::ReceiptKind::TokenRevocation,
+            KindArg::RunOutcome => pb::ReceiptKind::RunOutcome,
+        }
+    }
+}
+
+/// Receipt subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ReceiptSub {
+    /// Issue a receipt (operator, admin or a service principal).
+    Append {
+        /// What it attests.
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// Key that makes retries safe, e.g. step:<run>:<step>:<attempt>.
+        #[arg(long)]
+        dedupe_key: String,
+        /// Run id.
+        #[arg(long, default_value = "")]
+        run: String,
+        /// Step id.
+        #[arg(long, default_value = "")]
+        step: String,
+        /// Attempt number.
+        #[arg(long, default_value_t = 0)]
+        attempt: i32,
+        /// Plan hash (sha256:…).
+        #[arg(long, default_value = "")]
+        plan_hash: String,
+        /// Approval id.
+        #[arg(long, default_value = "")]
+        approval_id: String,
+        /// Revoked token id (repeatable).
+        #[arg(long)]
+        jti: Vec<String>,
+        /// Content: a JSON object, or @file.json.
+        #[arg(long)]
+        content: Option<String>,
+    },
+    /// Show a receipt; with --proof, print the bundle `receipt verify` reads.
+    Get {
+        /// Receipt id.
+        id: String,
+        /// Include the inclusion proof and the checkpoint (signed note).
+        #[arg(long)]
+        proof: bool,
+    },
+    /// Verify a receipt bundle offline: signature, inclusion, checkpoint signature.
+    Verify {
+        /// The bundle from `anumate receipt get ID --proof`.
+        file: PathBuf,
+        /// JWKS with the log's public keys (from `anumate receipt jwks`).
+        #[arg(long)]
+        jwks: PathBuf,
+        /// Checkpoint note to verify against instead of the bundle's.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print the latest (or a given size's) checkpoint as a signed note.
+    Checkpoint {
+        /// Tree size of a published checkpoint (default: the latest).
+        #[arg(long, default_value_t = 0)]
+        size: i64,
+    },
+    /// Print the JWKS that verifies receipts and checkpoints.
+    Jwks,
+}
+
+/// A failure of a receipt command.
+enum Failure {
+    Local(String),
+    Remote(Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Remote(Error::from_status(&s))
+    }
+}
+
+type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
+
+async fn connect(conn: &Connection) -> Result<Client, Failure> {
+    let state = dev_state::read(&conn.data_dir);
+    let server = conn.server.clone().or_else(|| state.as_ref().map(|s| s.server.clone())).ok_or_else(|| {
+        Failure::Local(
+            "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)".into(),
+        )
+    })?;
+    let token = conn
+        .token
+        .clone()
+        .or_else(|| state.as_ref().map(|s| s.token.clone()))
+        .ok_or_else(|| Failure::Local("no token: pass --token or set ANUMATE_TOKEN".into()))?;
+    let channel = Channel::from_shared(server.clone())
+        .map_err(|e| Failure::Local(format!("bad server address {server:?}: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| Failure::Local(format!("cannot reach {server}: {e}")))?;
+    Ok(ReceiptsServiceClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+fn read_file(path: &PathBuf) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
+}
+
+fn print_json(value: &Value) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::Local(format!("cannot encode output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn receipt_value(r: &pb::Receipt) -> Result<Value, Failure> {
+    anumate_receipts::export::receipt_json(r).map_err(Failure::Remote)
+}
+
+fn print_receipt(r: &pb::Receipt, out: Output) -> Result<(), Failure> {
+    if out == Output::Json {
+        return print_json(&receipt_value(r)?);
+    }
+    let issued = serde_json::from_str::<Value>(&r.statement_json)
+        .ok()
+        .and_then(|s| {
+            s.get("issue_time")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    println!("receipt:   {}", r.receipt_id);
+    println!(
+        "kind:      {}",
+        pb::ReceiptKind::try_from(r.kind)
+            .map(|k| k.as_str_name())
+            .unwrap_or("?")
+    );
+    println!("leaf:      {}", r.leaf_index);
+    println!("digest:    {}", r.content_digest);
+    println!("issued:    {issued}");
+    println!("signed by: {}", r.kid);
+    Ok(())
+}
+
+/// Runs a receipt command and returns the process exit code.
+pub async fn run(cmd: ReceiptCommand) -> ExitCode {
+    match receipt(cmd).await {
+        Ok(code) => code,
+        Err(Failure::Remote(error)) => {
+            report(&error, None);
+            ExitCode::FAILURE
+        }
+        Err(Failure::Local(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
+    let out = cmd.conn.output;
+    match cmd.command {
+        ReceiptSub::Append {
+            kind,
+            dedupe_key,
+            run,
+            step,
+            attempt,
+            plan_hash,
+            approval_id,
+            jti,
+            content,
+        } => {
+            let content = match content {
+                None => None,
+                Some(text) => {
+                    let text = match text.strip_prefix('@') {
+                        Some(path) => read_file(&PathBuf::from(path))?,
+                        None => text,
+                    };
+                    Some(
+                        serde_json::from_str::<pbjson_types::Struct>(&text).map_err(|e| {
+                            Failure::Local(format!("--content is not a JSON object: {e}"))
+                        })?,
+                    )
+                }
+            };
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .append_receipt(pb::AppendReceiptRequest {
+                    kind: pb::ReceiptKind::from(kind) as i32,
+                    subject: Some(pb::ReceiptSubject {
+                        run_id: run,
+                        step_id: step,
+                        attempt,
+                        plan_hash,
+                        approval_id,
+                        jtis: jti,
+                    }),
+                    content,
+                    dedupe_key,
+                })
+                .await?
+                .into_inner();
+            let receipt = resp
+                .receipt
+                .ok_or_else(|| Failure::Local("the server sent no receipt".into()))?;
+            if out == Output::Human && !resp.created {
+                println!("(existing receipt for this dedupe key)");
+            }
+            print_receipt(&receipt, out)?;
+        }
+        ReceiptSub::Get { id, proof } => {
+            let mut client = connect(&cmd.conn).await?;
+            let receipt = client
+                .get_receipt(pb::GetReceiptRequest {
+                    receipt_id: id.clone(),
+                })
+                .await?
+                .into_inner()
+                .receipt
+                .ok_or_else(|| Failure::Local("the server sent no receipt".into()))?;
+            if !proof {
+                print_receipt(&receipt, out)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let p = client
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    receipt_id: id,
+                    tree_size: 0,
+                })
+                .await?
+                .into_inner();
+            let checkpoint = p
+                .checkpoint
+                .ok_or_else(|| Failure::Local("the server sent no checkpoint".into()))?;
+            let audit_path = p
+                .audit_path
+                .iter()
+                .map(|h| Hash::try_from(h.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| Failure::Local("the server sent a malformed proof".into()))?;
+            let inclusion = InclusionProof {
+                leaf_index: p.leaf_index as u64,
+                tree_size: checkpoint.tree_size as u64,
+                audit_path,
+            };
+            let bundle = json!({
+                "receipt": receipt_value(&receipt)?,
+                "proof": serde_json::to_value(&inclusion)
+                    .map_err(|e| Failure::Local(e.to_string()))?,
+                "checkpoint": checkpoint.note,
+            });
+            print_json(&bundle)?;
+        }
+        ReceiptSub::Verify {
+            file,
+            jwks,
+            checkpoint,
+        } => return verify(&file, &jwks, checkpoint.as_ref()),
+        ReceiptSub::Checkpoint { size } => {
+            let mut client = connect(&cmd.conn).await?;
+            let cp = client
+                .get_checkpoint(pb::GetCheckpointRequest { tree_size: size })
+                .await?
+                .into_inner()
+                .checkpoint
+                .ok_or_else(|| Failure::Local("the server sent no checkpoint".into()))?;
+            print!("{}", cp.note);
+        }
+        ReceiptSub::Jwks => {
+            let mut client = connect(&cmd.conn).await?;
+            let jwks = client
+                .get_signing_keys(pb::GetSigningKeysRequest {})
+                .await?
+                .into_inner()
+                .jwks_json;
+            let value: Value = serde_json::from_str(&jwks)
+                .map_err(|e| Failure::Local(format!("the server sent a malformed JWKS: {e}")))?;
+            print_json(&value)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Offline verification of a bundle; exit code 1 when it does not verify.
+fn verify(
+    file: &PathBuf,
+    jwks: &PathBuf,
+    checkpoint: Option<&PathBuf>,
+) -> Result<ExitCode, Failure> {
+    let bundle: Value = serde_json::from_str(&read_file(file)?)
+        .map_err(|e| Failure::Local(format!("{} is not JSON: {e}", file.display())))?;
+    let jwks: Jwks = serde_json::from_str(&read_file(jwks)?)
+        .map_err(|e| Failure::Local(format!("{} is not a JWKS: {e}", jwks.display())))?;
+    let receipt = bundle.get("receipt").ok_or_else(|| {
+        Failure::Local(format!(
+            "{} has no \"receipt\" (make it with `anumate receipt get ID --proof`)",
+            file.display()
+        ))
+    })?;
+    let proof: InclusionProof = bundle
+        .get("proof")
+        .cloned()
+        .ok_or_else(|| Failure::Local(format!("{} has no \"proof\"", file.display())))
+        .and_then(|p| {
+            serde_json::from_value(p)
+                .map_err(|e| Failure::Local(format!("malformed proof in {}: {e}", file.display())))
+        })?;
+    let note = match checkpoint {
+        Some(path) => read_file(path)?,
+        None => bundle
+            .get("checkpoint")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Failure::Local(format!(
+                    "{} has no \"checkpoint\"; pass --checkpoint",
+                    file.display()
+                ))
+            })?,
+    };
+    match verify_receipt_offline(&receipt.to_string(), &proof, &note, &jwks) {
+        Ok(v) => {
+            println!(
+                "ok: receipt {} ({}) signed by {} is leaf {} of the checkpoint {} size {}, whose signature verifies",
+                v.statement.receipt_id,
+                v.statement.kind,
+                v.statement.kid,
+                v.leaf_index,
+                v.checkpoint.origin,
+                v.checkpoint.size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("verification failed: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
