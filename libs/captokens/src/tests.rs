@@ -610,7 +610,7 @@ fn nested_pointers_and_large_integers() {
         .verifier()
         .verify(&token, &f.expect().args(&args))
         .unwrap_err();
-    assert_eq!(rejection.reason(), Reason::CapabilityMismatch);
+    assert_eq!(rejection.reason(), Reason::ConstraintViolated);
 }
 
 #[test]

@@ -43,11 +43,16 @@ pub enum Reason {
     ArgsMismatch,
     /// `VERDICT_REPLAYED`.
     Replayed,
+    /// `VERDICT_CONSTRAINT_VIOLATED`: the arguments break a constraint of the
+    /// capability (checked with the capability, so it sits between
+    /// [`Reason::CapabilityMismatch`] and [`Reason::ArgsMismatch`] in check
+    /// order).
+    ConstraintViolated,
 }
 
 impl Reason {
     /// Every reason, in check order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Malformed,
         Reason::UnsupportedAlgorithm,
         Reason::UnknownKey,
@@ -59,6 +64,7 @@ impl Reason {
         Reason::WrongTenant,
         Reason::BindingMismatch,
         Reason::CapabilityMismatch,
+        Reason::ConstraintViolated,
         Reason::ArgsMismatch,
         Reason::Replayed,
     ];
@@ -79,6 +85,7 @@ impl Reason {
             Reason::CapabilityMismatch => 12,
             Reason::ArgsMismatch => 13,
             Reason::Replayed => 14,
+            Reason::ConstraintViolated => 15,
         }
     }
 
@@ -98,11 +105,13 @@ impl Reason {
             Reason::CapabilityMismatch => "VERDICT_CAPABILITY_MISMATCH",
             Reason::ArgsMismatch => "VERDICT_ARGS_MISMATCH",
             Reason::Replayed => "VERDICT_REPLAYED",
+            Reason::ConstraintViolated => "VERDICT_CONSTRAINT_VIOLATED",
         }
     }
 }
 
-/// How a capability fails to cover a call (all `CAPABILITY_MISMATCH`).
+/// How a capability fails to cover a call: `CAPABILITY_MISMATCH` for the
+/// tool and action, `CONSTRAINT_VIOLATED` for the arguments.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CapabilityFailure {
     /// `cap.tool` is another tool.
@@ -229,6 +238,9 @@ impl Failure {
             Failure::WrongAudience { .. } => Reason::WrongAudience,
             Failure::WrongTenant { .. } => Reason::WrongTenant,
             Failure::BindingMismatch { .. } => Reason::BindingMismatch,
+            Failure::CapabilityMismatch(
+                CapabilityFailure::Constraint { .. } | CapabilityFailure::MissingArgument { .. },
+            ) => Reason::ConstraintViolated,
             Failure::CapabilityMismatch(_) => Reason::CapabilityMismatch,
             Failure::ArgsMismatch { .. } => Reason::ArgsMismatch,
             Failure::Replayed => Reason::Replayed,
