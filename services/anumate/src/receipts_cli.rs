@@ -393,3 +393,97 @@ fn verify(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use anumate_crypto::{KeyPair, KeyRing};
+    use anumate_receipt::{Checkpoint, NoteSigner, Statement, Subject, Tree};
+
+    /// Writes a bundle for leaf 1 of a 3-leaf log, the JWKS and the note.
+    fn fixture(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut tree = Tree::new();
+        let mut signed = Vec::new();
+        for i in 0..3 {
+            let statement = Statement {
+                receipt_id: format!("r{i}"),
+                tenant_id: "acme".into(),
+                kind: "RUN_OUTCOME".into(),
+                subject: Subject {
+                    run_id: format!("run-{i}"),
+                    ..Default::default()
+                },
+                content_digest: format!("sha256:{}", "0".repeat(64)),
+                issue_time: "2026-01-02T03:04:05.000006Z".into(),
+                kid: key.kid().into(),
+            };
+            let s = statement.sign(&key).unwrap();
+            tree.append(s.leaf_hash);
+            signed.push(s);
+        }
+        let checkpoint = Checkpoint {
+            origin: "anumate.dev/receipts/acme".into(),
+            size: 3,
+            root: tree.root(),
+        };
+        let note = NoteSigner::new(&checkpoint.origin, key.clone())
+            .unwrap()
+            .sign_checkpoint(&checkpoint)
+            .unwrap();
+        let proof = InclusionProof {
+            leaf_index: 1,
+            tree_size: 3,
+            audit_path: tree.inclusion_proof(1, 3).unwrap(),
+        };
+        let bundle = json!({
+            "receipt": {
+                "statementJson": signed[1].statement_json,
+                "signature": signed[1].signature,
+                "receiptId": "r1",
+            },
+            "proof": serde_json::to_value(&proof).unwrap(),
+            "checkpoint": note,
+        });
+        let (b, j, c) = (
+            dir.join("r.json"),
+            dir.join("jwks.json"),
+            dir.join("cp.txt"),
+        );
+        std::fs::write(&b, bundle.to_string()).unwrap();
+        std::fs::write(
+            &j,
+            serde_json::to_string(&KeyRing::new(key).jwks()).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&c, note).unwrap();
+        (b, j, c)
+    }
+
+    fn ok(r: Result<ExitCode, Failure>) -> bool {
+        matches!(r, Ok(code) if code == ExitCode::SUCCESS)
+    }
+
+    #[test]
+    fn verifies_a_bundle_offline_and_rejects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bundle, jwks, cp) = fixture(dir.path());
+        assert!(ok(verify(&bundle, &jwks, None)));
+        assert!(ok(verify(&bundle, &jwks, Some(&cp))));
+        // Another receipt id than the signed one.
+        let text = std::fs::read_to_string(&bundle).unwrap();
+        std::fs::write(
+            &bundle,
+            text.replace("\"receiptId\":\"r1\"", "\"receiptId\":\"r2\""),
+        )
+        .unwrap();
+        assert!(!ok(verify(&bundle, &jwks, None)));
+        // A checkpoint from another key set.
+        let other = tempfile::tempdir().unwrap();
+        let (bundle2, _, other_cp) = fixture(other.path());
+        assert!(!ok(verify(&bundle2, &jwks, None)));
+        let (bundle3, jwks3, _) = fixture(dir.path());
+        assert!(!ok(verify(&bundle3, &jwks3, Some(&other_cp))));
+    }
+}
