@@ -1,0 +1,693 @@
+//! Evaluation, tests and redaction.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+
+use anumate_errors::{Error, ErrorCode, Result, Violation};
+use anumate_policy::{EvalError, Obligation, POLICY_INPUT};
+use anumate_proto::policy::v1 as pb;
+use anumate_redaction::{Detector, RedactionConfig, Redactor, Replacement};
+use serde_json::{Value, json};
+
+use crate::analyze::{Compiled, pb_effect};
+use crate::{Actor, Policies, check_name, repo};
+
+/// What to evaluate or test.
+pub enum EvalTarget {
+    /// Stored versions.
+    Refs(Vec<pb::PolicyRef>),
+    /// Ad-hoc source and its name.
+    Source(String, String),
+}
+
+/// The evaluation input as sent.
+pub enum EvalInput {
+    /// A structured value (already JSON).
+    Value(Value),
+    /// JSON text.
+    Json(String),
+}
+
+/// The value a `Redact` call works on.
+pub enum RedactValue {
+    /// A structured value.
+    Struct(Value),
+    /// JSON text.
+    Json(String),
+    /// Free text.
+    Text(String),
+}
+
+/// One compiled unit taking part in a decision.
+struct Unit {
+    compiled: Arc<Compiled>,
+}
+
+fn fuel_error(e: EvalError) -> Error {
+    match e {
+        EvalError::FuelExhausted {
+            limit,
+            policy,
+            rule,
+        } => Error::new(
+            ErrorCode::ResourceExhausted,
+            format!("evaluation ran out of fuel (limit {limit}) in rule {policy}/{rule}"),
+        )
+        .with_metadata("limit", "fuel")
+        .with_metadata("reason", "fuel_exhausted")
+        .with_metadata("policy", policy)
+        .with_metadata("rule", rule),
+        EvalError::InputNotObject => {
+            Error::invalid_argument("input", "the input must be a JSON object")
+        }
+    }
+}
+
+/// Parses and checks the input: a JSON object with known top-level fields;
+/// `tenant` forced to the caller's, `now` defaulted to the server clock.
+fn prepare_input(input: EvalInput, tenant: &str, max_bytes: usize) -> Result<Value> {
+    let (mut value, field) = match input {
+        EvalInput::Value(v) => (v, "input_struct"),
+        EvalInput::Json(text) => {
+            if text.len() > max_bytes {
+                return Err(Error::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "input_json is {} bytes; the limit is {max_bytes}",
+                        text.len()
+                    ),
+                ));
+            }
+            let v = serde_json::from_str::<Value>(&text).map_err(|e| {
+                let line = u32::try_from(e.line()).unwrap_or(u32::MAX);
+                let col = u32::try_from(e.column()).unwrap_or(u32::MAX);
+                Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("input_json: malformed JSON at {line}:{col}: {e}"),
+                )
+                .with_violations(vec![Violation::at(
+                    "input_json",
+                    line,
+                    col,
+                    format!("malformed JSON: {e}"),
+                )])
+            })?;
+            (v, "input_json")
+        }
+    };
+    let Value::Object(map) = &mut value else {
+        return Err(Error::invalid_argument(
+            field,
+            "the input must be a JSON object",
+        ));
+    };
+    let unknown: Vec<Violation> = map
+        .keys()
+        .filter(|k| !POLICY_INPUT.roots.iter().any(|(n, _)| n == k))
+        .map(|k| Violation::new(format!("{field}.{k}"), format!("unknown input field `{k}`")))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{field} has {} unknown top-level field(s)", unknown.len()),
+        )
+        .with_violations(unknown));
+    }
+    map.insert("tenant".into(), Value::String(tenant.to_string()));
+    if !map.contains_key("now") {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        map.insert("now".into(), Value::String(now));
+    }
+    Ok(value)
+}
+
+fn detectors_of(names: &[String]) -> Vec<Detector> {
+    let mut out = Vec::new();
+    for n in names {
+        if n == "ip" {
+            out.extend([Detector::Ipv4, Detector::Ipv6]);
+        } else if let Ok(d) = n.parse::<Detector>() {
+            out.push(d);
+        }
+    }
+    out
+}
+
+fn pb_detector(d: Detector) -> Option<pb::Detector> {
+    Some(match d {
+        Detector::Email => pb::Detector::Email,
+        Detector::Phone => pb::Detector::Phone,
+        Detector::Card => pb::Detector::Card,
+        Detector::Iban => pb::Detector::Iban,
+        Detector::Ssn => pb::Detector::Ssn,
+        Detector::Ipv4 => pb::Detector::Ipv4,
+        Detector::ApiKey => pb::Detector::ApiKey,
+        _ => return None,
+    })
+}
+
+fn from_pb_detector(d: i32) -> Result<Vec<Detector>> {
+    Ok(match pb::Detector::try_from(d) {
+        Ok(pb::Detector::Email) => vec![Detector::Email],
+        Ok(pb::Detector::Phone) => vec![Detector::Phone],
+        Ok(pb::Detector::Card) => vec![Detector::Card],
+        Ok(pb::Detector::Iban) => vec![Detector::Iban],
+        Ok(pb::Detector::Ssn) => vec![Detector::Ssn],
+        Ok(pb::Detector::Ipv4) => vec![Detector::Ipv4],
+        Ok(pb::Detector::ApiKey) => vec![Detector::ApiKey, Detector::Jwt],
+        _ => {
+            return Err(Error::invalid_argument(
+                "redactions.detectors",
+                format!("unknown Detector value {d}"),
+            ));
+        }
+    })
+}
+
+/// A redactor for explicit field paths and detectors.
+fn redactor(fields: &[String], detectors: Vec<Detector>, with: &str) -> Result<Redactor> {
+    Redactor::new(RedactionConfig {
+        detectors,
+        replacement: if with.is_empty() {
+            Replacement::Label
+        } else {
+            Replacement::Fixed(with.to_string())
+        },
+        field_paths: fields.to_vec(),
+    })
+    .map_err(|e| Error::invalid_argument("redactions.fields", e.to_string()))
+}
+
+/// The redactors for a decision's redact obligations, with field paths also
+/// applied under `args.` and `output.` (where a call's values live).
+fn obligation_redactors(redactions: &[pb::Redaction]) -> Vec<Redactor> {
+    redactions
+        .iter()
+        .filter_map(|r| {
+            let mut fields = Vec::new();
+            for f in &r.fields {
+                fields.extend([f.clone(), format!("args.{f}"), format!("output.{f}")]);
+            }
+            let detectors = r
+                .detectors
+                .iter()
+                .filter_map(|&d| from_pb_detector(d).ok())
+                .flatten()
+                .collect();
+            match redactor(&fields, detectors, &r.replacement) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "redaction obligation has an unusable field path");
+                    // Fall back to the detectors alone rather than logging unredacted.
+                    redactor(&[], Detector::ALL.to_vec(), &r.replacement).ok()
+                }
+            }
+        })
+        .collect()
+}
+
+fn stages(approvers: &[String], quorum: u32, stages: &[Value]) -> Vec<pb::ApprovalStage> {
+    if stages.is_empty() {
+        return vec![pb::ApprovalStage {
+            name: "stage-1".into(),
+            approvers: approvers.to_vec(),
+            quorum: i32::try_from(quorum).unwrap_or(1),
+        }];
+    }
+    stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| pb::ApprovalStage {
+            name: s
+                .get("name")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("stage-{}", i + 1), str::to_string),
+            approvers: s
+                .get("approvers")
+                .and_then(Value::as_array)
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            quorum: s
+                .get("quorum")
+                .and_then(Value::as_i64)
+                .and_then(|q| i32::try_from(q).ok())
+                .unwrap_or(1),
+        })
+        .collect()
+}
+
+/// Evaluates `units` on `input` and builds the proto decision.
+fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
+    // (priority, unit, position) → matched rule with its obligations.
+    let mut matched: Vec<(Reverse<i64>, usize, usize, pb::MatchedRule, pb::Obligations)> =
+        Vec::new();
+    let mut effect = anumate_policy::Effect::Allow;
+    let mut fuel = 0;
+    for (ui, unit) in units.iter().enumerate() {
+        let d = unit.compiled.set.evaluate(input).map_err(fuel_error)?;
+        fuel += d.fuel_used;
+        effect = effect.max(d.effect);
+        let mut obligations = d.obligations.into_iter();
+        for (pos, m) in d.matched.into_iter().enumerate() {
+            let policy = unit.compiled.policy(&m.policy);
+            let rule = policy.and_then(|p| p.rule(&m.rule));
+            let rule_ref = pb::RuleRef {
+                policy: m.policy.clone(),
+                policy_version: policy.map_or(0, |p| p.version),
+                content_hash: policy.map(|p| p.content_hash.clone()).unwrap_or_default(),
+                rule: m.rule.clone(),
+                span: rule.and_then(|r| r.summary.span.clone()),
+            };
+            let reason = rule.map(|r| r.reason.clone()).unwrap_or_default();
+            let mut obl = pb::Obligations::default();
+            for o in obligations
+                .by_ref()
+                .take(rule.map_or(0, |r| r.obligation_count))
+            {
+                match o {
+                    Obligation::Redact {
+                        fields,
+                        detectors,
+                        with,
+                    } => obl.redactions.push(pb::Redaction {
+                        fields,
+                        detectors: detectors_of(&detectors)
+                            .into_iter()
+                            .filter_map(pb_detector)
+                            .map(|d| d as i32)
+                            .collect(),
+                        replacement: with.unwrap_or_default(),
+                        rule: Some(rule_ref.clone()),
+                    }),
+                    Obligation::RequireApproval {
+                        approvers,
+                        quorum,
+                        stages: st,
+                        reason,
+                    } => obl.approvals.push(pb::ApprovalObligation {
+                        stages: stages(&approvers, quorum, &st),
+                        reason: reason.unwrap_or_default(),
+                        expires_after: None,
+                        escalate_to: Vec::new(),
+                        rule: Some(rule_ref.clone()),
+                    }),
+                    Obligation::Log { .. } => {}
+                }
+            }
+            matched.push((
+                Reverse(m.priority),
+                ui,
+                pos,
+                pb::MatchedRule {
+                    rule: Some(rule_ref),
+                    priority: i32::try_from(m.priority).unwrap_or(0),
+                    effect: pb_effect(m.effect),
+                    reason,
+                },
+                obl,
+            ));
+        }
+    }
+    matched.sort_by_key(|m| (m.0, m.1, m.2));
+    let mut decision = pb::Decision {
+        effect: pb_effect(effect),
+        ..Default::default()
+    };
+    let mut obligations = pb::Obligations::default();
+    for (_, _, _, m, o) in matched {
+        if !m.reason.is_empty() {
+            decision.reasons.push(m.reason.clone());
+        }
+        obligations.redactions.extend(o.redactions);
+        obligations.approvals.extend(o.approvals);
+        decision.matched_rules.push(m);
+    }
+    if effect != anumate_policy::Effect::RequireApproval {
+        obligations.approvals.clear();
+    }
+    decision.obligations = Some(obligations);
+    Ok((decision, fuel))
+}
+
+/// `sha256:` over the JCS array of `{content_hash, name}` sorted by name.
+fn policy_set_hash(refs: &[pb::PolicyRef]) -> String {
+    let items: Vec<Value> = refs
+        .iter()
+        .map(|r| json!({"content_hash": r.content_hash, "name": r.name}))
+        .collect();
+    anumate_crypto::content_hash(&Value::Array(items)).1
+}
+
+impl Policies {
+    /// Resolves one reference to a stored version.
+    async fn resolve(
+        &self,
+        tx: &anumate_store::TenantTx,
+        r: &pb::PolicyRef,
+    ) -> Result<pb::PolicyVersion> {
+        check_name("policies.name", &r.name)?;
+        if r.version < 0 {
+            return Err(Error::invalid_argument(
+                "policies.version",
+                "must not be negative",
+            ));
+        }
+        if !r.content_hash.is_empty() {
+            // Exact content keeps working after deprecation or deletion.
+            let v = repo::find_by_hash(tx, &r.name, &r.content_hash)
+                .await?
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "policy {} has no version with content hash {}",
+                        r.name, r.content_hash
+                    ))
+                })?;
+            if r.version > 0 && r.version != v.version {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "policy {} version {} does not have content hash {} (version {} does)",
+                        r.name, r.version, r.content_hash, v.version
+                    ),
+                ));
+            }
+            return Ok(v);
+        }
+        let policy = repo::visible_policy(tx, &r.name).await?;
+        let number = if r.version > 0 {
+            r.version
+        } else if policy.published_version > 0 {
+            policy.published_version
+        } else {
+            return Err(Error::not_found(format!(
+                "policy {} has no published version",
+                r.name
+            )));
+        };
+        repo::get_version(tx, &r.name, number)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("policy {} has no version {number}", r.name)))
+    }
+
+    async fn units(&self, actor: &Actor, target: &EvalTarget) -> Result<Vec<Unit>> {
+        match target {
+            EvalTarget::Source(source, name) => Ok(vec![Unit {
+                compiled: self.compiled_source(source, name)?,
+            }]),
+            EvalTarget::Refs(refs) => {
+                if refs.is_empty() {
+                    return Err(Error::invalid_argument(
+                        "policy_set.policies",
+                        "name at least one policy",
+                    ));
+                }
+                let mut names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+                names.sort_unstable();
+                if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(Error::invalid_argument(
+                        "policy_set.policies",
+                        format!("policy {} is named more than once", w[0]),
+                    ));
+                }
+                let tx = self.store.read(&actor.tenant).await?;
+                let mut units = Vec::new();
+                for r in refs {
+                    let v = self.resolve(&tx, r).await?;
+                    units.push(Unit {
+                        compiled: self.compiled_version(&actor.tenant, &v)?,
+                    });
+                }
+                units.sort_by(|a, b| {
+                    let name = |u: &Unit| u.compiled.policies.first().map(|p| p.name.clone());
+                    name(a).cmp(&name(b))
+                });
+                Ok(units)
+            }
+        }
+    }
+
+    /// Evaluates stored policies or ad-hoc source on one input, logs the
+    /// decision (redacted) and returns it.
+    pub async fn evaluate(
+        &self,
+        actor: &Actor,
+        target: EvalTarget,
+        input: EvalInput,
+        allowed_tools: &[String],
+    ) -> Result<pb::EvaluatePolicyResponse> {
+        let input = prepare_input(input, &actor.tenant, self.cfg.max_input_bytes)?;
+        let units = self.units(actor, &target).await?;
+        let mut refs: Vec<pb::PolicyRef> = units
+            .iter()
+            .flat_map(|u| u.compiled.policies.iter())
+            .map(|p| pb::PolicyRef {
+                name: p.name.clone(),
+                version: p.version,
+                content_hash: p.content_hash.clone(),
+            })
+            .collect();
+        refs.sort_by(|a, b| a.name.cmp(&b.name));
+        let tool = input.get("tool").and_then(Value::as_str).unwrap_or("");
+        let (decision, fuel) =
+            if !allowed_tools.is_empty() && !allowed_tools.iter().any(|t| t == tool) {
+                (
+                    pb::Decision {
+                        effect: pb::Effect::Deny as i32,
+                        matched_rules: Vec::new(),
+                        obligations: Some(pb::Obligations::default()),
+                        reasons: vec![format!(
+                            "tool \"{tool}\" is not in the capsule's allow-list"
+                        )],
+                        denied_by_allow_list: true,
+                    },
+                    0,
+                )
+            } else {
+                decide(&units, &input)?
+            };
+        let response = pb::EvaluatePolicyResponse {
+            decision: Some(decision),
+            policy_set_hash: policy_set_hash(&refs),
+            policies: refs,
+            fuel_used: i64::try_from(fuel).unwrap_or(i64::MAX),
+        };
+        self.log_decision(actor, &input, &response).await?;
+        Ok(response)
+    }
+
+    async fn log_decision(
+        &self,
+        actor: &Actor,
+        input: &Value,
+        resp: &pb::EvaluatePolicyResponse,
+    ) -> Result<()> {
+        let decision = resp.decision.clone().unwrap_or_default();
+        let redactors = obligation_redactors(
+            decision
+                .obligations
+                .as_ref()
+                .map_or(&[][..], |o| o.redactions.as_slice()),
+        );
+        let mut logged = input.clone();
+        for r in &redactors {
+            r.redact_json(&mut logged);
+        }
+        let decision_json = serde_json::to_string(&decision).map_err(Error::internal)?;
+        let policies = serde_json::to_string(&resp.policies).map_err(Error::internal)?;
+        let input_json = serde_json::to_string(&logged).map_err(Error::internal)?;
+        let effect =
+            pb::Effect::try_from(decision.effect).map_or("unspecified", |e| e.as_str_name());
+        let id = uuid::Uuid::now_v7().to_string();
+        let tx = self.store.write(&actor.tenant).await?;
+        repo::insert_decision(
+            &tx,
+            &repo::DecisionRow {
+                id: &id,
+                principal: &actor.subject,
+                effect,
+                policy_set_hash: &resp.policy_set_hash,
+                policies: &policies,
+                input_json: &input_json,
+                decision_json: &decision_json,
+                fuel_used: resp.fuel_used,
+            },
+            anumate_store::now_micros(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs the `test` blocks of a stored version or of ad-hoc source.
+    pub async fn test(
+        &self,
+        actor: &Actor,
+        target: EvalTarget,
+        name_filter: &str,
+    ) -> Result<pb::TestPolicyResponse> {
+        let units = self.units(actor, &target).await?;
+        let mut resp = pb::TestPolicyResponse::default();
+        for unit in &units {
+            for t in anumate_policy::run_tests(&unit.compiled.set) {
+                if !name_filter.is_empty() && !t.name.contains(name_filter) {
+                    continue;
+                }
+                let passed = t.passed();
+                let decision = match &t.actual {
+                    Ok(_) => t.actual.as_ref().ok().map(|d| pb::Decision {
+                        effect: pb_effect(d.effect),
+                        matched_rules: d
+                            .matched
+                            .iter()
+                            .map(|m| {
+                                let policy = unit.compiled.policy(&m.policy);
+                                let rule = policy.and_then(|p| p.rule(&m.rule));
+                                pb::MatchedRule {
+                                    rule: Some(pb::RuleRef {
+                                        policy: m.policy.clone(),
+                                        policy_version: policy.map_or(0, |p| p.version),
+                                        content_hash: policy
+                                            .map(|p| p.content_hash.clone())
+                                            .unwrap_or_default(),
+                                        rule: m.rule.clone(),
+                                        span: rule.and_then(|r| r.summary.span.clone()),
+                                    }),
+                                    priority: i32::try_from(m.priority).unwrap_or(0),
+                                    effect: pb_effect(m.effect),
+                                    reason: rule.map(|r| r.reason.clone()).unwrap_or_default(),
+                                }
+                            })
+                            .collect(),
+                        obligations: None,
+                        reasons: d.reasons.clone(),
+                        denied_by_allow_list: false,
+                    }),
+                    Err(_) => None,
+                };
+                let line = i32::try_from(t.at.line).unwrap_or(i32::MAX);
+                let col = i32::try_from(t.at.col).unwrap_or(i32::MAX);
+                if passed {
+                    resp.passed_count += 1;
+                } else {
+                    resp.failed_count += 1;
+                }
+                resp.results.push(pb::TestResult {
+                    policy: t.policy.clone(),
+                    name: t.name.clone(),
+                    passed,
+                    expected_effect: pb_effect(t.expected),
+                    decision,
+                    failure_message: t.diff(),
+                    span: Some(pb::SourceSpan {
+                        source_name: String::new(),
+                        start_line: line,
+                        start_column: col,
+                        end_line: line,
+                        end_column: col,
+                        start_offset: 0,
+                        end_offset: 0,
+                    }),
+                });
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Applies redactions (all built-in detectors when none are given).
+    pub fn redact(
+        &self,
+        value: RedactValue,
+        redactions: &[pb::Redaction],
+    ) -> Result<pb::RedactResponse> {
+        let redactors = if redactions.is_empty() {
+            vec![Redactor::default()]
+        } else {
+            redactions
+                .iter()
+                .map(|r| {
+                    let mut detectors = Vec::new();
+                    for &d in &r.detectors {
+                        detectors.extend(from_pb_detector(d)?);
+                    }
+                    redactor(&r.fields, detectors, &r.replacement)
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let redact_value = |v: &mut Value| {
+            let mut findings = Vec::new();
+            for r in &redactors {
+                let report = r.redact_json(v);
+                for p in report.paths {
+                    findings.push(pb::RedactionFinding {
+                        path: if p.is_empty() {
+                            "$".into()
+                        } else {
+                            format!("$.{p}")
+                        },
+                        detector: 0,
+                        field: String::new(),
+                        count: 1,
+                    });
+                }
+            }
+            findings
+        };
+        use pb::redact_response::Value as Out;
+        Ok(match value {
+            RedactValue::Text(text) => {
+                let mut out = text;
+                let mut findings = Vec::new();
+                for r in &redactors {
+                    for m in r.find(&out) {
+                        findings.push(pb::RedactionFinding {
+                            path: "$".into(),
+                            detector: pb_detector(m.detector).map_or(0, |d| d as i32),
+                            field: String::new(),
+                            count: 1,
+                        });
+                    }
+                    out = r.redact_str(&out).into_owned();
+                }
+                pb::RedactResponse {
+                    value: Some(Out::Text(out)),
+                    findings,
+                }
+            }
+            RedactValue::Json(text) => {
+                self.check_size("value_json", &text)?;
+                let mut v: Value = serde_json::from_str(&text).map_err(|e| {
+                    let line = u32::try_from(e.line()).unwrap_or(u32::MAX);
+                    let col = u32::try_from(e.column()).unwrap_or(u32::MAX);
+                    Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("value_json: malformed JSON at {line}:{col}: {e}"),
+                    )
+                    .with_violations(vec![Violation::at(
+                        "value_json",
+                        line,
+                        col,
+                        format!("malformed JSON: {e}"),
+                    )])
+                })?;
+                let findings = redact_value(&mut v);
+                pb::RedactResponse {
+                    value: Some(Out::ValueJson(anumate_crypto::content_hash(&v).0)),
+                    findings,
+                }
+            }
+            RedactValue::Struct(mut v) => {
+                let findings = redact_value(&mut v);
+                let out: pbjson_types::Value =
+                    serde_json::from_value(v).map_err(Error::internal)?;
+                pb::RedactResponse {
+                    value: Some(Out::ValueStruct(out)),
+                    findings,
+                }
+            }
+        })
+    }
+}

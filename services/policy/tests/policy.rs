@@ -1,0 +1,1039 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The Policy service driven like a client drives it: real gRPC over TCP,
+//! behind the real authentication layer, against SQLite and PostgreSQL.
+//!
+//! Each scenario is one `async fn(TestApp)`; `on_both_backends!` runs it once
+//! per database.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_errors::{Error, ErrorCode};
+use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
+use anumate_proto::policy::v1 as pb;
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use pb::evaluate_policy_request::{Input, Policies as Target};
+use pb::policy_service_client::PolicyServiceClient;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
+
+const EXAMPLE: &str = include_str!("../../../examples/refund.policy");
+const TENANT_A: &str = "tenant-a";
+const TENANT_B: &str = "tenant-b";
+const AUTHOR: &[Role] = &[Role::Author];
+const OPERATOR: &[Role] = &[Role::Operator];
+const AUDITOR: &[Role] = &[Role::Auditor];
+const MAX_SOURCE: usize = 64 * 1024;
+
+const LIMITS: &str = r#"policy "refund-limits" {
+  description: "Limits on automated refunds"
+  rule "only-inr" priority 100 {
+    when tool == "payments.refund" and args.currency != "INR"
+    then deny(reason: "only INR refunds are automated")
+  }
+  rule "large-refund" {
+    when tool == "payments.refund"
+     and args.amount > 500000
+     and not (principal.roles contains "finance-lead")
+    then require_approval(approvers: ["group:finance-leads"], quorum: 1,
+                          reason: "refund above 5,000 INR")
+  }
+  test "big refund waits for a lead" {
+    given { tool: "payments.refund", args: {amount: 900000, currency: "INR"},
+            principal: {roles: ["operator"]} }
+    expect require_approval
+  }
+}
+"#;
+
+/// `LIMITS` reformatted, with comments: the same canonical form.
+const LIMITS_REFORMATTED: &str = r#"# refund limits, reformatted
+policy "refund-limits" { description: "Limits on automated refunds"
+  rule "only-inr" priority 100 { when tool == "payments.refund" and args.currency != "INR" then deny(reason: "only INR refunds are automated") }
+  # the big one
+  rule "large-refund" { when tool == "payments.refund" and args.amount > 500000 and not (principal.roles contains "finance-lead")
+    then require_approval(approvers: ["group:finance-leads"], quorum: 1, reason: "refund above 5,000 INR") }
+  test "big refund waits for a lead" { given { tool: "payments.refund", args: {amount: 900000, currency: "INR"}, principal: {roles: ["operator"]} } expect require_approval }
+}
+"#;
+
+const PII: &str = r#"policy "pii-masking" {
+  rule "mask-contacts" {
+    when true
+    then redact(fields: ["customer.phone"], with: "[REDACTED]"),
+         redact(detectors: ["email", "phone", "card", "iban", "api_key"])
+  }
+}
+"#;
+
+const BIG_REFUND: &str = r#"{"tool": "payments.refund", "args": {"amount": 900000, "currency": "INR",
+  "customer": {"email": "jane.doe@example.com", "phone": "+44 20 7946 0958"}},
+  "principal": {"id": "user:bob", "roles": ["operator"]}, "now": "2026-01-01T00:00:00Z"}"#;
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+struct TestApp {
+    addr: SocketAddr,
+    issuer: DevIssuer,
+    store: Store,
+    server: tokio::task::JoinHandle<()>,
+    _db: TestDb,
+    _issuer_dir: tempfile::TempDir,
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_with(
+        backend,
+        PolicyConfig {
+            max_source_bytes: MAX_SOURCE,
+            ..PolicyConfig::default()
+        },
+    )
+    .await
+}
+
+async fn spawn_with(backend: Backend, cfg: PolicyConfig) -> TestApp {
+    let db = match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    };
+    let store = Store::connect(&db.config).await.expect("connect");
+    store
+        .migrate(&anumate_policy_service::migrations())
+        .await
+        .expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+    let policies = Policies::new(store.clone(), &cfg);
+
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let auth = Authenticator::new(AuthConfig::default())
+        .expect("authenticator")
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(PolicyGrpc::new(policies).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server");
+    });
+    TestApp {
+        addr,
+        issuer,
+        store,
+        server,
+        _db: db,
+        _issuer_dir: issuer_dir,
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl TestApp {
+    async fn client_with_token(&self, token: &str) -> Client {
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        PolicyServiceClient::with_interceptor(channel, BearerToken(token.into()))
+    }
+
+    async fn client(&self, tenant: &str, roles: &[Role]) -> Client {
+        let token = self
+            .issuer
+            .mint(tenant, "alice", roles, Duration::from_secs(300))
+            .expect("mint");
+        self.client_with_token(&token).await
+    }
+
+    /// `(input_json)` of every decision log row of `tenant`.
+    async fn decision_inputs(&self, tenant: &str) -> Vec<String> {
+        let tx = self.store.read(tenant).await.expect("read tx");
+        let rows = tx
+            .query_all(
+                "SELECT input_json FROM policy_decisions WHERE tenant_id = $1 ORDER BY created_at",
+                vec![tenant.into()],
+            )
+            .await
+            .expect("query");
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "input_json").expect("input_json"))
+            .collect()
+    }
+
+    async fn event_types(&self, tenant: &str) -> Vec<(String, String, String)> {
+        let tx = self.store.read(tenant).await.expect("read tx");
+        anumate_events::read_after(&tx, 0, 1000)
+            .await
+            .expect("outbox")
+            .into_iter()
+            .map(|r| (r.event_type, r.topic, r.subject))
+            .collect()
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(spawn_app(Backend::Sqlite).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(spawn_app(Backend::Postgres).await).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    lifecycle => lifecycle_sqlite, lifecycle_postgres;
+    evaluation => evaluation_sqlite, evaluation_postgres;
+    tests_and_redact => tests_and_redact_sqlite, tests_and_redact_postgres;
+    bad_input => bad_input_sqlite, bad_input_postgres;
+    roles => roles_sqlite, roles_postgres;
+    tenancy => tenancy_sqlite, tenancy_postgres;
+    decision_log_redaction => decision_log_redaction_sqlite, decision_log_redaction_postgres;
+    events => events_sqlite, events_postgres;
+}
+
+#[track_caller]
+fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
+    let status = match result {
+        Ok(v) => panic!("expected {code}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, code.as_str(), "{status:?}");
+    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
+    Error::from_status(&status)
+}
+
+fn push_req(source: &str, publish: bool) -> pb::PushPolicyRequest {
+    pb::PushPolicyRequest {
+        source: source.into(),
+        source_name: "test.policy".into(),
+        etag: String::new(),
+        publish,
+    }
+}
+
+async fn push(c: &mut Client, source: &str, publish: bool) -> pb::PushPolicyResponse {
+    c.push_policy(push_req(source, publish))
+        .await
+        .expect("push")
+        .into_inner()
+}
+
+fn eval_set(refs: &[(&str, i64, &str)], input: &str) -> pb::EvaluatePolicyRequest {
+    pb::EvaluatePolicyRequest {
+        policies: Some(Target::PolicySet(pb::PolicySet {
+            policies: refs
+                .iter()
+                .map(|(n, v, h)| pb::PolicyRef {
+                    name: n.to_string(),
+                    version: *v,
+                    content_hash: h.to_string(),
+                })
+                .collect(),
+        })),
+        source_name: String::new(),
+        input: Some(Input::InputJson(input.into())),
+        allowed_tools: Vec::new(),
+    }
+}
+
+fn eval_source(source: &str, input: &str) -> pb::EvaluatePolicyRequest {
+    pb::EvaluatePolicyRequest {
+        policies: Some(Target::Source(source.into())),
+        source_name: "adhoc.policy".into(),
+        input: Some(Input::InputJson(input.into())),
+        allowed_tools: Vec::new(),
+    }
+}
+
+async fn get(c: &mut Client, name: &str, version: &str) -> Result<pb::GetPolicyResponse, Status> {
+    c.get_policy(pb::GetPolicyRequest {
+        name: name.into(),
+        version: version.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+async fn lifecycle(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let v1 = push(&mut c, LIMITS, false).await;
+    assert!(v1.created);
+    let ver = v1.version.clone().unwrap();
+    assert_eq!((ver.name.as_str(), ver.version), ("refund-limits", 1));
+    assert_eq!(ver.status, pb::PolicyVersionStatus::Draft as i32);
+    assert_eq!(ver.source, LIMITS);
+    assert!(ver.content_hash.starts_with("sha256:"));
+    assert_eq!(
+        ver.content_hash,
+        format!(
+            "sha256:{}",
+            anumate_crypto::sha256_hex(ver.canonical_json.as_bytes())
+        )
+    );
+    assert_eq!(ver.test_count, 1);
+    let rules: Vec<_> = ver
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.priority, r.effect))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("only-inr", 100, pb::Effect::Deny as i32),
+            ("large-refund", 0, pb::Effect::RequireApproval as i32)
+        ]
+    );
+    assert_eq!(ver.rules[1].span.as_ref().unwrap().start_line, 7);
+    assert_eq!(v1.policy.as_ref().unwrap().latest_version, 1);
+
+    // Identical and merely reformatted content: no new version.
+    let again = push(&mut c, LIMITS, false).await;
+    assert!(!again.created);
+    assert_eq!(again.version.unwrap().version, 1);
+    let reformatted = push(&mut c, LIMITS_REFORMATTED, false).await;
+    assert!(!reformatted.created, "comments and layout are not content");
+
+    // New content: version 2.
+    let changed = LIMITS.replace("500000", "400000");
+    let v2 = push(&mut c, &changed, false).await;
+    assert!(v2.created);
+    assert_eq!(v2.version.as_ref().unwrap().version, 2);
+    assert_ne!(v2.version.as_ref().unwrap().content_hash, ver.content_hash);
+
+    // Nothing published yet.
+    expect_error(get(&mut c, "refund-limits", "").await, ErrorCode::NotFound);
+    let latest = get(&mut c, "refund-limits", "latest").await.unwrap();
+    assert_eq!(latest.version.unwrap().version, 2);
+
+    // Publish v1, then read it as "published".
+    let p = c
+        .publish_policy_version(pb::PublishPolicyVersionRequest {
+            name: "refund-limits".into(),
+            version: 1,
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.policy.as_ref().unwrap().published_version, 1);
+    let published = get(&mut c, "refund-limits", "published").await.unwrap();
+    let pv = published.version.unwrap();
+    assert_eq!(pv.version, 1);
+    assert_eq!(pv.status, pb::PolicyVersionStatus::Published as i32);
+    assert_eq!(pv.rules.len(), 2);
+
+    // Versions newest first, metadata only.
+    let versions = c
+        .list_policy_versions(pb::ListPolicyVersionsRequest {
+            name: "refund-limits".into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(
+        versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [2, 1]
+    );
+    assert!(
+        versions
+            .iter()
+            .all(|v| v.source.is_empty() && v.canonical_json.is_empty())
+    );
+
+    push(&mut c, PII, false).await;
+    let list = c
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["pii-masking", "refund-limits"]);
+    let only_published = c
+        .list_policies(pb::ListPoliciesRequest {
+            page: None,
+            status: pb::PolicyVersionStatus::Published as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(only_published.policies.len(), 1);
+
+    // Stale etag.
+    let err = expect_error(
+        c.publish_policy_version(pb::PublishPolicyVersionRequest {
+            name: "refund-limits".into(),
+            version: 2,
+            etag: "r1".into(),
+        })
+        .await,
+        ErrorCode::EtagMismatch,
+    );
+    assert!(err.message.contains("changed"));
+
+    // Deprecate v1: nothing published; it cannot be published again.
+    let d = c
+        .deprecate_policy_version(pb::DeprecatePolicyVersionRequest {
+            name: "refund-limits".into(),
+            version: 1,
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.policy.unwrap().published_version, 0);
+    expect_error(
+        c.publish_policy_version(pb::PublishPolicyVersionRequest {
+            name: "refund-limits".into(),
+            version: 1,
+            etag: String::new(),
+        })
+        .await,
+        ErrorCode::FailedPrecondition,
+    );
+
+    // Delete: gone from reads; its name cannot be reused; exact hash still evaluates.
+    c.delete_policy(pb::DeletePolicyRequest {
+        name: "refund-limits".into(),
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+    expect_error(
+        get(&mut c, "refund-limits", "latest").await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        c.push_policy(push_req(LIMITS, false)).await,
+        ErrorCode::FailedPrecondition,
+    );
+    let by_hash = c
+        .evaluate_policy(eval_set(
+            &[("refund-limits", 0, &ver.content_hash)],
+            BIG_REFUND,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        by_hash.decision.unwrap().effect,
+        pb::Effect::RequireApproval as i32
+    );
+}
+
+async fn evaluation(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let limits = push(&mut c, LIMITS, true).await.version.unwrap();
+    let pii = push(&mut c, PII, true).await.version.unwrap();
+
+    let resp = c
+        .evaluate_policy(eval_set(
+            &[("refund-limits", 0, ""), ("pii-masking", 0, "")],
+            BIG_REFUND,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = resp.decision.clone().unwrap();
+    assert_eq!(d.effect, pb::Effect::RequireApproval as i32);
+    let matched: Vec<_> = d
+        .matched_rules
+        .iter()
+        .map(|m| {
+            let r = m.rule.as_ref().unwrap();
+            (
+                r.policy.as_str(),
+                r.rule.as_str(),
+                r.span.as_ref().unwrap().start_line,
+            )
+        })
+        .collect();
+    assert_eq!(
+        matched,
+        [
+            ("pii-masking", "mask-contacts", 2),
+            ("refund-limits", "large-refund", 7)
+        ]
+    );
+    let large = &d.matched_rules[1];
+    assert_eq!(large.reason, "refund above 5,000 INR");
+    let r = large.rule.as_ref().unwrap();
+    assert_eq!(
+        (r.policy_version, r.content_hash.as_str()),
+        (1, limits.content_hash.as_str())
+    );
+    assert_eq!(r.span.as_ref().unwrap().source_name, "refund-limits@1");
+    assert_eq!(d.reasons, ["refund above 5,000 INR"]);
+    let obl = d.obligations.unwrap();
+    assert_eq!(obl.approvals.len(), 1);
+    let stage = &obl.approvals[0].stages[0];
+    assert_eq!(
+        (stage.approvers.as_slice(), stage.quorum),
+        (&["group:finance-leads".to_string()][..], 1)
+    );
+    assert_eq!(obl.redactions.len(), 2);
+    assert_eq!(obl.redactions[0].fields, ["customer.phone"]);
+    assert!(
+        obl.redactions[1]
+            .detectors
+            .contains(&(pb::Detector::Email as i32))
+    );
+    let names: Vec<_> = resp
+        .policies
+        .iter()
+        .map(|p| (p.name.as_str(), p.version))
+        .collect();
+    assert_eq!(names, [("pii-masking", 1), ("refund-limits", 1)]);
+    assert!(resp.policy_set_hash.starts_with("sha256:"));
+    assert!(resp.fuel_used > 0);
+
+    // Pure: the same request gives the same decision.
+    let again = c
+        .evaluate_policy(eval_set(
+            &[("pii-masking", 0, ""), ("refund-limits", 0, "")],
+            BIG_REFUND,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, resp);
+
+    // A content-hash pin that contradicts the version number.
+    expect_error(
+        c.evaluate_policy(eval_set(
+            &[("refund-limits", 1, &pii.content_hash)],
+            BIG_REFUND,
+        ))
+        .await,
+        ErrorCode::NotFound,
+    );
+    let changed = push(&mut c, &LIMITS.replace("500000", "400000"), false).await;
+    expect_error(
+        c.evaluate_policy(eval_set(
+            &[("refund-limits", 1, &changed.version.unwrap().content_hash)],
+            BIG_REFUND,
+        ))
+        .await,
+        ErrorCode::FailedPrecondition,
+    );
+
+    // Ad-hoc source: deny beats everything, priority first.
+    let usd = r#"{"tool": "payments.refund", "args": {"amount": 900000, "currency": "USD"}}"#;
+    let adhoc = c
+        .evaluate_policy(eval_source(EXAMPLE, usd))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = adhoc.decision.unwrap();
+    assert_eq!(d.effect, pb::Effect::Deny as i32);
+    assert_eq!(d.matched_rules[0].rule.as_ref().unwrap().rule, "only-inr");
+    assert_eq!(d.matched_rules[0].priority, 100);
+    assert_eq!(
+        d.matched_rules[0]
+            .rule
+            .as_ref()
+            .unwrap()
+            .span
+            .as_ref()
+            .unwrap()
+            .source_name,
+        "adhoc.policy"
+    );
+    assert!(adhoc.policies.iter().all(|p| p.version == 0));
+
+    // Structured input.
+    let mut req = eval_source(EXAMPLE, "");
+    let v: serde_json::Value = serde_json::from_str(usd).unwrap();
+    req.input = Some(Input::InputStruct(serde_json::from_value(v).unwrap()));
+    let d = c
+        .evaluate_policy(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(d.effect, pb::Effect::Deny as i32);
+
+    // The allow-list denies before any policy runs.
+    let mut req = eval_source(EXAMPLE, r#"{"tool": "payments.charge"}"#);
+    req.allowed_tools = vec!["payments.refund".into()];
+    let d = c
+        .evaluate_policy(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(d.effect, pb::Effect::Deny as i32);
+    assert!(d.denied_by_allow_list);
+    assert!(d.matched_rules.is_empty());
+    assert_eq!(
+        d.reasons,
+        ["tool \"payments.charge\" is not in the capsule's allow-list"]
+    );
+
+    // Nothing matches: allow.
+    let d = c
+        .evaluate_policy(eval_set(
+            &[("refund-limits", 0, "")],
+            r#"{"tool": "crm.lookup"}"#,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(d.effect, pb::Effect::Allow as i32);
+}
+
+async fn tests_and_redact(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUDITOR).await;
+    let resp = c
+        .test_policy(pb::TestPolicyRequest {
+            target: Some(pb::test_policy_request::Target::Source(EXAMPLE.into())),
+            source_name: "refund.policy".into(),
+            name_filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resp.passed_count, resp.failed_count), (1, 0));
+    assert!(resp.results[0].passed);
+    assert_eq!(resp.results[0].span.as_ref().unwrap().start_line, 14);
+
+    let failing = EXAMPLE.replace("expect require_approval", "expect allow");
+    let resp = c
+        .test_policy(pb::TestPolicyRequest {
+            target: Some(pb::test_policy_request::Target::Source(failing)),
+            source_name: "refund.policy".into(),
+            name_filter: "big".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resp.passed_count, resp.failed_count), (0, 1));
+    let r = &resp.results[0];
+    assert!(!r.passed);
+    assert_eq!(r.expected_effect, pb::Effect::Allow as i32);
+    assert_eq!(
+        r.decision.as_ref().unwrap().effect,
+        pb::Effect::RequireApproval as i32
+    );
+    assert!(
+        r.failure_message.contains("expected: allow"),
+        "{}",
+        r.failure_message
+    );
+
+    // A stored version's tests.
+    let mut author = app.client(TENANT_A, AUTHOR).await;
+    push(&mut author, LIMITS, true).await;
+    let resp = c
+        .test_policy(pb::TestPolicyRequest {
+            target: Some(pb::test_policy_request::Target::Policy(pb::PolicyRef {
+                name: "refund-limits".into(),
+                version: 0,
+                content_hash: String::new(),
+            })),
+            source_name: String::new(),
+            name_filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.passed_count, 1);
+
+    // Redact: text, JSON with field paths.
+    let text = c
+        .redact(pb::RedactRequest {
+            value: Some(pb::redact_request::Value::Text(
+                "mail jane.doe@example.com now".into(),
+            )),
+            redactions: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        text.value,
+        Some(pb::redact_response::Value::Text(
+            "mail [REDACTED:email] now".into()
+        ))
+    );
+    assert_eq!(text.findings[0].detector, pb::Detector::Email as i32);
+    let json = c
+        .redact(pb::RedactRequest {
+            value: Some(pb::redact_request::Value::ValueJson(
+                r#"{"customer": {"name": "Jane", "email": "jane@example.com"}, "note": "call +44 20 7946 0958"}"#.into(),
+            )),
+            redactions: vec![pb::Redaction {
+                fields: vec!["customer.name".into()],
+                detectors: vec![pb::Detector::Email as i32, pb::Detector::Phone as i32],
+                replacement: "***".into(),
+                rule: None,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        json.value,
+        Some(pb::redact_response::Value::ValueJson(
+            r#"{"customer":{"email":"***","name":"***"},"note":"call ***"}"#.into()
+        ))
+    );
+    assert_eq!(json.findings.len(), 3);
+}
+
+async fn bad_input(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+
+    // Oversized policy source.
+    let big = format!("{LIMITS}\n# {}\n", "x".repeat(MAX_SOURCE));
+    expect_error(
+        c.push_policy(push_req(&big, false)).await,
+        ErrorCode::PayloadTooLarge,
+    );
+    expect_error(
+        c.evaluate_policy(eval_source(&big, "{}")).await,
+        ErrorCode::PayloadTooLarge,
+    );
+
+    // Syntax error: INVALID_DOCUMENT with line:col.
+    let broken = LIMITS.replace("then deny(", "then deny((");
+    let err = expect_error(
+        c.push_policy(push_req(&broken, false)).await,
+        ErrorCode::InvalidDocument,
+    );
+    assert_eq!(err.violations.len(), 1, "{err:?}");
+    assert_eq!(err.violations[0].position.map(|p| p.0), Some(5), "{err:?}");
+    // Unknown field: a checker error, also positioned.
+    let unknown = LIMITS.replace("args.currency", "argz.currency");
+    let err = expect_error(
+        c.push_policy(push_req(&unknown, false)).await,
+        ErrorCode::InvalidDocument,
+    );
+    assert_eq!(err.violations[0].position, Some((4, 40)), "{err:?}");
+    // Two policy blocks in a stored document.
+    let err = expect_error(
+        c.push_policy(push_req(EXAMPLE, false)).await,
+        ErrorCode::InvalidDocument,
+    );
+    assert_eq!(err.violations[0].position, Some((20, 1)), "{err:?}");
+    expect_error(
+        c.validate_policy(pb::ValidatePolicyRequest {
+            source: broken.clone(),
+            source_name: "x.policy".into(),
+        })
+        .await,
+        ErrorCode::InvalidDocument,
+    );
+    expect_error(
+        c.evaluate_policy(eval_source(&broken, "{}")).await,
+        ErrorCode::InvalidDocument,
+    );
+
+    // Unknown policy reference.
+    expect_error(
+        c.evaluate_policy(eval_set(&[("no-such-policy", 0, "")], "{}"))
+            .await,
+        ErrorCode::NotFound,
+    );
+    push(&mut c, LIMITS, false).await;
+    expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 0, "")], "{}"))
+            .await,
+        ErrorCode::NotFound, // nothing published
+    );
+    expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 9, "")], "{}"))
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        c.evaluate_policy(eval_set(
+            &[("refund-limits", 1, ""), ("refund-limits", 1, "")],
+            "{}",
+        ))
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        c.evaluate_policy(eval_set(&[], "{}")).await,
+        ErrorCode::InvalidArgument,
+    );
+
+    // Malformed input JSON: INVALID_ARGUMENT with its position.
+    let err = expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 1, "")], "{\n  \"tool\": }"))
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(err.violations[0].field, "input_json");
+    assert_eq!(err.violations[0].position, Some((2, 11)), "{err:?}");
+    expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 1, "")], "[1, 2]"))
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    let err = expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 1, "")], r#"{"toll": "x"}"#))
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(err.violations[0].field, "input_json.toll");
+    let mut missing = eval_source(LIMITS, "{}");
+    missing.input = None;
+    expect_error(c.evaluate_policy(missing).await, ErrorCode::InvalidArgument);
+
+    // Bad names and versions.
+    expect_error(
+        get(&mut c, "Not A Name", "").await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        get(&mut c, "refund-limits", "first").await,
+        ErrorCode::InvalidArgument,
+    );
+
+    // The service keeps serving.
+    get(&mut c, "refund-limits", "latest").await.unwrap();
+}
+
+async fn roles(app: TestApp) {
+    let mut author = app.client(TENANT_A, AUTHOR).await;
+    push(&mut author, LIMITS, true).await;
+
+    let mut op = app.client(TENANT_A, OPERATOR).await;
+    expect_error(
+        op.push_policy(push_req(PII, false)).await,
+        ErrorCode::PermissionDenied,
+    );
+    expect_error(
+        op.delete_policy(pb::DeletePolicyRequest {
+            name: "refund-limits".into(),
+            etag: String::new(),
+        })
+        .await,
+        ErrorCode::PermissionDenied,
+    );
+    op.evaluate_policy(eval_set(&[("refund-limits", 0, "")], BIG_REFUND))
+        .await
+        .unwrap();
+
+    let mut auditor = app.client(TENANT_A, AUDITOR).await;
+    get(&mut auditor, "refund-limits", "").await.unwrap();
+    expect_error(
+        auditor
+            .evaluate_policy(eval_set(&[("refund-limits", 0, "")], BIG_REFUND))
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    expect_error(
+        auditor
+            .publish_policy_version(pb::PublishPolicyVersionRequest {
+                name: "refund-limits".into(),
+                version: 1,
+                etag: String::new(),
+            })
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+
+    let mut anon = app.client_with_token("not-a-token").await;
+    expect_error(
+        get(&mut anon, "refund-limits", "").await,
+        ErrorCode::Unauthenticated,
+    );
+}
+
+async fn tenancy(app: TestApp) {
+    let mut a = app.client(TENANT_A, AUTHOR).await;
+    let pushed = push(&mut a, LIMITS, true).await.version.unwrap();
+    let mut b = app.client(TENANT_B, AUTHOR).await;
+    expect_error(get(&mut b, "refund-limits", "").await, ErrorCode::NotFound);
+    let list = b
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.policies.is_empty());
+    expect_error(
+        b.evaluate_policy(eval_set(&[("refund-limits", 0, "")], BIG_REFUND))
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        b.evaluate_policy(eval_set(
+            &[("refund-limits", 0, &pushed.content_hash)],
+            BIG_REFUND,
+        ))
+        .await,
+        ErrorCode::NotFound,
+    );
+    // The same content in B is B's own version 1, and A is untouched.
+    let own = push(&mut b, LIMITS, false).await;
+    assert!(own.created);
+    assert_eq!(own.version.unwrap().version, 1);
+    assert_eq!(
+        get(&mut a, "refund-limits", "")
+            .await
+            .unwrap()
+            .version
+            .unwrap()
+            .status,
+        pb::PolicyVersionStatus::Published as i32
+    );
+    // The caller's tenant replaces one given in the input.
+    let d = a
+        .evaluate_policy(eval_source(
+            r#"policy "t" { rule "other-tenant" { when tenant == "tenant-b" then deny() } }"#,
+            r#"{"tenant": "tenant-b"}"#,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(d.effect, pb::Effect::Allow as i32);
+    assert!(app.decision_inputs(TENANT_B).await.is_empty());
+}
+
+async fn decision_log_redaction(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    push(&mut c, LIMITS, true).await;
+    push(&mut c, PII, true).await;
+    c.evaluate_policy(eval_set(
+        &[("refund-limits", 0, ""), ("pii-masking", 0, "")],
+        BIG_REFUND,
+    ))
+    .await
+    .unwrap();
+    let rows = app.decision_inputs(TENANT_A).await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert!(!row.contains("jane.doe@example.com"), "{row}");
+    assert!(!row.contains("7946"), "{row}");
+    let logged: serde_json::Value = serde_json::from_str(row).unwrap();
+    assert_eq!(logged["args"]["customer"]["phone"], "[REDACTED]");
+    assert_eq!(logged["args"]["customer"]["email"], "[REDACTED:email]");
+    assert_eq!(logged["args"]["amount"], 900000);
+    assert_eq!(logged["tenant"], TENANT_A);
+
+    // Without a redact obligation the input is logged as given.
+    c.evaluate_policy(eval_set(
+        &[("refund-limits", 0, "")],
+        r#"{"tool": "crm.lookup", "args": {"q": "x"}}"#,
+    ))
+    .await
+    .unwrap();
+    let rows = app.decision_inputs(TENANT_A).await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows[1].contains("crm.lookup"));
+}
+
+async fn events(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    push(&mut c, LIMITS, true).await;
+    push(&mut c, LIMITS, true).await; // no-op: no event
+    c.deprecate_policy_version(pb::DeprecatePolicyVersionRequest {
+        name: "refund-limits".into(),
+        version: 1,
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+    c.delete_policy(pb::DeletePolicyRequest {
+        name: "refund-limits".into(),
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+    let events = app.event_types(TENANT_A).await;
+    let want = [
+        (
+            "dev.anumate.policy.pushed.v1",
+            "policies/refund-limits/versions/1",
+        ),
+        (
+            "dev.anumate.policy.published.v1",
+            "policies/refund-limits/versions/1",
+        ),
+        (
+            "dev.anumate.policy.deprecated.v1",
+            "policies/refund-limits/versions/1",
+        ),
+        ("dev.anumate.policy.deleted.v1", "policies/refund-limits"),
+    ];
+    assert_eq!(events.len(), want.len(), "{events:?}");
+    for ((ty, topic, subject), (want_ty, want_subject)) in events.iter().zip(want) {
+        assert_eq!(
+            (ty.as_str(), topic.as_str(), subject.as_str()),
+            (want_ty, "anumate.policies", want_subject)
+        );
+    }
+    assert!(app.event_types(TENANT_B).await.is_empty());
+}
+
+/// Running out of fuel is its own error, never a deny.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuel_exhaustion_sqlite() {
+    let app = spawn_with(
+        Backend::Sqlite,
+        PolicyConfig {
+            fuel: 3,
+            ..PolicyConfig::default()
+        },
+    )
+    .await;
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let status = c
+        .evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .unwrap_err();
+    let info = status.get_error_details().error_info().cloned().unwrap();
+    assert_eq!(info.reason, "RESOURCE_EXHAUSTED");
+    assert_eq!(info.metadata.get("limit").map(String::as_str), Some("fuel"));
+    assert_eq!(
+        info.metadata.get("reason").map(String::as_str),
+        Some("fuel_exhausted")
+    );
+    assert!(app.decision_inputs(TENANT_A).await.is_empty());
+}
