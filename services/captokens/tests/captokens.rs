@@ -1,0 +1,1189 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The capability token service driven like a client drives it: real gRPC over
+//! TCP, behind the real authentication layer, against SQLite and PostgreSQL.
+//!
+//! Each scenario is one `async fn(TestApp)`; `on_both_backends!` runs it once
+//! per database.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_captokens::{ArgsBinding, Capability, Constraint, IssueRequest, Issuer};
+use anumate_captokens_service::{CapTokens, CapTokensConfig, CapTokensGrpc, PUBLIC_PATHS};
+use anumate_crypto::{KeyPair, KeyRing, b64url};
+use anumate_errors::ErrorCode;
+use anumate_proto::captokens::v1 as pb;
+use anumate_proto::events::v1 as ev;
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use pb::Verdict;
+use pb::cap_tokens_service_client::CapTokensServiceClient;
+use prost::Message as _;
+use serde_json::json;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Client = CapTokensServiceClient<InterceptedService<Channel, BearerToken>>;
+
+const TENANT_A: &str = "tenant-a";
+const TENANT_B: &str = "tenant-b";
+const ORCHESTRATOR: &str = "svc:orchestrator";
+const CONNECTOR: &str = "svc:connector-payments";
+const AUDIENCE: &str = "connector:payments";
+const TOOL: &str = "payments.refund";
+const PLAN: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const ISS: &str = "https://captokens.test";
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// One running server over a shared database.
+struct Server {
+    addr: SocketAddr,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// A running service and what a test needs to talk to it and look behind it.
+struct TestApp {
+    server: Server,
+    issuer: DevIssuer,
+    auth: Authenticator,
+    keys: Arc<KeyRing>,
+    store: Store,
+    tokens: CapTokens,
+    _db: TestDb,
+    _issuer_dir: tempfile::TempDir,
+}
+
+fn config() -> CapTokensConfig {
+    CapTokensConfig {
+        issuer: ISS.into(),
+        ..CapTokensConfig::default()
+    }
+}
+
+async fn serve(tokens: CapTokens, auth: Authenticator) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let mut layer = AuthLayer::new(auth);
+    for path in PUBLIC_PATHS {
+        layer = layer.allow_unauthenticated(*path);
+    }
+    let handle = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(layer),
+            )
+            .add_service(CapTokensGrpc::new(tokens).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server");
+    });
+    Server { addr, handle }
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let db = match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    };
+    let store = Store::connect(&db.config).await.expect("connect");
+    store
+        .migrate(&anumate_captokens_service::migrations())
+        .await
+        .expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
+    let tokens = CapTokens::new(store.clone(), keys.clone(), &config()).expect("service");
+
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let auth = Authenticator::new(AuthConfig::default())
+        .expect("authenticator")
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let server = serve(tokens.clone(), auth.clone()).await;
+    TestApp {
+        server,
+        issuer,
+        auth,
+        keys,
+        store,
+        tokens,
+        _db: db,
+        _issuer_dir: issuer_dir,
+    }
+}
+
+impl TestApp {
+    /// A second replica: its own connection pool and service over the same
+    /// database and keys.
+    async fn replica(&self) -> Server {
+        let store = Store::connect(&self._db.config).await.expect("connect");
+        let tokens = CapTokens::new(store, self.keys.clone(), &config()).expect("service");
+        serve(tokens, self.auth.clone()).await
+    }
+
+    async fn client_at(
+        &self,
+        addr: SocketAddr,
+        tenant: &str,
+        subject: &str,
+        roles: &[Role],
+    ) -> Client {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let token = self
+            .issuer
+            .mint(tenant, subject, roles, Duration::from_secs(300))
+            .expect("mint");
+        CapTokensServiceClient::with_interceptor(channel, BearerToken(token))
+    }
+
+    async fn client(&self, tenant: &str, subject: &str, roles: &[Role]) -> Client {
+        self.client_at(self.server.addr, tenant, subject, roles)
+            .await
+    }
+
+    async fn orchestrator(&self, tenant: &str) -> Client {
+        self.client(tenant, ORCHESTRATOR, &[]).await
+    }
+
+    async fn connector(&self, tenant: &str) -> Client {
+        self.client(tenant, CONNECTOR, &[]).await
+    }
+
+    async fn count(&self, tenant: &str, table: &str) -> i64 {
+        let tx = self.store.read(tenant).await.expect("read tx");
+        let row = tx
+            .query_one(
+                &format!("SELECT COUNT(*) AS n FROM {table} WHERE tenant_id = $1"),
+                vec![tenant.into()],
+            )
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get("", "n").expect("n")
+    }
+
+    async fn counts(&self, tenant: &str) -> [i64; 4] {
+        [
+            self.count(tenant, "captoken_tokens").await,
+            self.count(tenant, "captoken_audit").await,
+            self.count(tenant, "captoken_revocations").await,
+            self.count(tenant, "outbox").await,
+        ]
+    }
+
+    async fn event_types(&self, tenant: &str) -> Vec<(String, Vec<u8>)> {
+        let tx = self.store.read(tenant).await.expect("read tx");
+        anumate_events::read_after(&tx, 0, 1000)
+            .await
+            .expect("outbox")
+            .into_iter()
+            .map(|r| (r.event_type, r.payload))
+            .collect()
+    }
+
+    /// A token minted directly with the service's keys, for times the RPC
+    /// would not allow.
+    fn mint_at(&self, tenant: &str, now: i64) -> String {
+        let cap = capability();
+        let args = args(100);
+        Issuer::new(ISS)
+            .issue(
+                self.keys.as_ref(),
+                IssueRequest {
+                    subject: "alice",
+                    audience: AUDIENCE,
+                    tenant,
+                    run: "run-1",
+                    step: "refund",
+                    plan_hash: PLAN,
+                    args: ArgsBinding::Args(&args),
+                    capability: &cap,
+                    ttl: Some(Duration::from_secs(60)),
+                    single_use: false,
+                    now: Some(now),
+                },
+            )
+            .expect("issue")
+            .token
+    }
+}
+
+/// Runs each scenario once on SQLite and once on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(spawn_app(Backend::Sqlite).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(spawn_app(Backend::Postgres).await).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    issue_and_verify => issue_and_verify_sqlite, issue_and_verify_postgres;
+    every_rejection_has_its_verdict => rejections_sqlite, rejections_postgres;
+    roles => roles_sqlite, roles_postgres;
+    cross_tenant => cross_tenant_sqlite, cross_tenant_postgres;
+    bad_input_writes_nothing => bad_input_sqlite, bad_input_postgres;
+    refresh_and_revoke => refresh_and_revoke_sqlite, refresh_and_revoke_postgres;
+    audit_and_events => audit_and_events_sqlite, audit_and_events_postgres;
+    purge => purge_sqlite, purge_postgres;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+#[track_caller]
+fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Status {
+    let status = match result {
+        Ok(v) => panic!("expected {code}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, code.as_str(), "{status:?}");
+    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
+    status
+}
+
+fn capability() -> Capability {
+    Capability::new(TOOL, ["call"]).constrain("/amount", Constraint::max(500))
+}
+
+fn args(amount: i64) -> serde_json::Value {
+    json!({"order": "o-1", "amount": amount})
+}
+
+fn to_struct(v: &serde_json::Value) -> pbjson_types::Struct {
+    serde_json::from_value(v.clone()).expect("struct")
+}
+
+fn hash(v: &serde_json::Value) -> String {
+    anumate_captokens::args_sha256(v).expect("hash")
+}
+
+fn issue_request(run: &str, single_use: bool) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        audience: AUDIENCE.into(),
+        subject: "alice".into(),
+        run_id: run.into(),
+        step_id: "refund".into(),
+        plan_hash: PLAN.into(),
+        args_sha256: hash(&args(100)),
+        capability: Some(pb::Capability {
+            tool: TOOL.into(),
+            actions: vec!["call".into()],
+            constraints: Some(to_struct(&json!({"/amount": {"max": 500}}))),
+        }),
+        ttl: Some(pbjson_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
+        single_use,
+    }
+}
+
+fn verify_request(token: &str) -> pb::VerifyTokenRequest {
+    pb::VerifyTokenRequest {
+        token: token.into(),
+        audience: AUDIENCE.into(),
+        tool: TOOL.into(),
+        action: "call".into(),
+        args_sha256: String::new(),
+        args: Some(to_struct(&args(100))),
+        plan_hash: PLAN.into(),
+        run_id: String::new(),
+        step_id: String::new(),
+        consume: false,
+    }
+}
+
+async fn issue(client: &mut Client, run: &str, single_use: bool) -> pb::IssueTokenResponse {
+    client
+        .issue_token(issue_request(run, single_use))
+        .await
+        .expect("issue")
+        .into_inner()
+}
+
+async fn verdict(client: &mut Client, req: pb::VerifyTokenRequest) -> (Verdict, String) {
+    let r = client.verify_token(req).await.expect("verify").into_inner();
+    (
+        Verdict::try_from(r.verdict).expect("known verdict"),
+        r.message,
+    )
+}
+
+/// Replaces the signature of `token` with `sig`, and the header with `header`.
+fn forge(token: &str, header: &serde_json::Value, sig: &[u8]) -> String {
+    let claims = token.split('.').nth(1).expect("claims");
+    format!(
+        "{}.{claims}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(sig)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+async fn issue_and_verify(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut conn = app.connector(TENANT_A).await;
+    let issued = issue(&mut orch, "run-1", true).await;
+    let claims = issued.claims.clone().expect("claims");
+    assert_eq!(claims.tenant_id, TENANT_A);
+    assert_eq!(claims.issuer, ISS);
+    assert_eq!(claims.kid, app.keys.active().kid());
+    assert!(claims.single_use);
+    let ttl = claims.expire_time.unwrap().seconds - claims.issue_time.unwrap().seconds;
+    assert_eq!(ttl, 120);
+
+    // A dry check leaves it usable.
+    let r = conn
+        .verify_token(verify_request(&issued.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.verdict, Verdict::Valid as i32, "{}", r.message);
+    assert!(!r.consumed);
+    assert_eq!(r.claims.unwrap().jti, claims.jti);
+
+    let consume = pb::VerifyTokenRequest {
+        consume: true,
+        run_id: "run-1".into(),
+        step_id: "refund".into(),
+        args_sha256: hash(&args(100)),
+        ..verify_request(&issued.token)
+    };
+    let r = conn
+        .verify_token(consume.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.verdict, Verdict::Valid as i32, "{}", r.message);
+    assert!(r.consumed);
+    assert_eq!(verdict(&mut conn, consume).await.0, Verdict::Replayed);
+    assert_eq!(
+        verdict(&mut conn, verify_request(&issued.token)).await.0,
+        Verdict::Replayed
+    );
+
+    // A reusable token can be consumed repeatedly (consume is a no-op).
+    let reusable = issue(&mut orch, "run-1", false).await;
+    for _ in 0..2 {
+        let r = conn
+            .verify_token(pb::VerifyTokenRequest {
+                consume: true,
+                ..verify_request(&reusable.token)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.verdict, Verdict::Valid as i32);
+        assert!(!r.consumed);
+    }
+
+    // The JWKS verifies the token offline; it needs no credential.
+    let channel = Endpoint::from_shared(format!("http://{}", app.server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let jwks = CapTokensServiceClient::new(channel)
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .expect("jwks without credentials")
+        .into_inner();
+    assert_eq!(jwks.max_age.unwrap().seconds, 300);
+    let set: anumate_crypto::Jwks = serde_json::from_str(&jwks.jwks_json).unwrap();
+    let offline = anumate_captokens::Verifier::from_jwks(&set).unwrap();
+    let a = args(100);
+    offline
+        .verify(
+            &reusable.token,
+            &anumate_captokens::Expectation::new(AUDIENCE, TENANT_A, TOOL).args(&a),
+        )
+        .expect("offline verify");
+}
+
+async fn every_rejection_has_its_verdict(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut conn = app.connector(TENANT_A).await;
+    let mut conn_b = app.connector(TENANT_B).await;
+    let token = issue(&mut orch, "run-1", true).await.token;
+    let now = anumate_store::now_micros() / 1_000_000;
+    let mut seen = BTreeSet::new();
+    let mut check = |v: (Verdict, String), want: Verdict| {
+        assert_eq!(v.0, want, "{}", v.1);
+        assert!(!v.1.is_empty());
+        assert!(seen.insert(want as i32), "{want:?} twice");
+    };
+
+    check(
+        verdict(&mut conn, verify_request("not-a-token")).await,
+        Verdict::Malformed,
+    );
+    check(
+        verdict(&mut conn, verify_request(&app.mint_at(TENANT_A, now - 600))).await,
+        Verdict::Expired,
+    );
+    check(
+        verdict(&mut conn, verify_request(&app.mint_at(TENANT_A, now + 600))).await,
+        Verdict::NotYetValid,
+    );
+    check(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                audience: "connector:other".into(),
+                ..verify_request(&token)
+            },
+        )
+        .await,
+        Verdict::WrongAudience,
+    );
+    check(
+        verdict(&mut conn_b, verify_request(&token)).await,
+        Verdict::WrongTenant,
+    );
+    check(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                run_id: "run-2".into(),
+                ..verify_request(&token)
+            },
+        )
+        .await,
+        Verdict::BindingMismatch,
+    );
+    check(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                tool: "payments.charge".into(),
+                ..verify_request(&token)
+            },
+        )
+        .await,
+        Verdict::CapabilityMismatch,
+    );
+    check(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                args: Some(to_struct(&args(501))),
+                ..verify_request(&token)
+            },
+        )
+        .await,
+        Verdict::ConstraintViolated,
+    );
+    check(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                args: Some(to_struct(&args(99))),
+                ..verify_request(&token)
+            },
+        )
+        .await,
+        Verdict::ArgsMismatch,
+    );
+    // Unknown kid: signed by a key the service does not know.
+    let stranger = KeyRing::new(KeyPair::generate().unwrap());
+    let cap = capability();
+    let a = args(100);
+    let foreign = Issuer::new(ISS)
+        .issue(
+            &stranger,
+            IssueRequest {
+                subject: "alice",
+                audience: AUDIENCE,
+                tenant: TENANT_A,
+                run: "run-1",
+                step: "refund",
+                plan_hash: PLAN,
+                args: ArgsBinding::Args(&a),
+                capability: &cap,
+                ttl: None,
+                single_use: false,
+                now: None,
+            },
+        )
+        .unwrap()
+        .token;
+    check(
+        verdict(&mut conn, verify_request(&foreign)).await,
+        Verdict::UnknownKey,
+    );
+    // alg none and HS256 (keyed with the public key, the classic confusion).
+    let kid = app.keys.active().kid();
+    let none = forge(
+        &token,
+        &json!({"alg": "none", "typ": "JWT", "kid": kid}),
+        b"",
+    );
+    check(
+        verdict(&mut conn, verify_request(&none)).await,
+        Verdict::UnsupportedAlgorithm,
+    );
+    let hs = forge(
+        &token,
+        &json!({"alg": "HS256", "typ": "JWT", "kid": kid}),
+        &[7u8; 32],
+    );
+    assert_eq!(
+        verdict(&mut conn, verify_request(&hs)).await.0,
+        Verdict::UnsupportedAlgorithm
+    );
+    // Truncated signature: malformed; a flipped bit: bad signature.
+    let truncated = &token[..token.len() - 4];
+    assert_eq!(
+        verdict(&mut conn, verify_request(truncated)).await.0,
+        Verdict::Malformed
+    );
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut sig = anumate_crypto::b64url_decode(parts[2]).unwrap();
+    sig[10] ^= 0x01;
+    let flipped = format!("{}.{}.{}", parts[0], parts[1], b64url(&sig));
+    check(
+        verdict(&mut conn, verify_request(&flipped)).await,
+        Verdict::BadSignature,
+    );
+    // Revoked by jti and by run.
+    let by_jti = issue(&mut orch, "run-1", false).await;
+    let jti = by_jti.claims.unwrap().jti;
+    let revoked = orch
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_jtis, vec![jti]);
+    check(
+        verdict(&mut conn, verify_request(&by_jti.token)).await,
+        Verdict::Revoked,
+    );
+    let by_run = issue(&mut orch, "run-9", false).await;
+    let revoked = orch
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::RunId("run-9".into())),
+            reason: "run cancelled".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_jtis, vec![by_run.claims.unwrap().jti]);
+    assert_eq!(
+        verdict(&mut conn, verify_request(&by_run.token)).await.0,
+        Verdict::Revoked
+    );
+    // Replayed.
+    let consume = pb::VerifyTokenRequest {
+        consume: true,
+        ..verify_request(&token)
+    };
+    assert_eq!(verdict(&mut conn, consume.clone()).await.0, Verdict::Valid);
+    check(verdict(&mut conn, consume).await, Verdict::Replayed);
+
+    // Every verdict but UNSPECIFIED and VALID was produced, each by its own case.
+    let all: BTreeSet<i32> = (2..=15).collect();
+    assert_eq!(seen, all);
+    // Each failure is audited in the verifier's tenant.
+    assert!(app.count(TENANT_A, "captoken_audit").await >= 15);
+    assert_eq!(app.count(TENANT_B, "captoken_audit").await, 1);
+}
+
+async fn roles(app: TestApp) {
+    let mut author = app.client(TENANT_A, "bob", &[Role::Author]).await;
+    expect_error(
+        author.issue_token(issue_request("run-1", true)).await,
+        ErrorCode::PermissionDenied,
+    );
+    let mut operator = app.client(TENANT_A, "olga", &[Role::Operator]).await;
+    let issued = issue(&mut operator, "run-1", true).await;
+    expect_error(
+        author.verify_token(verify_request(&issued.token)).await,
+        ErrorCode::PermissionDenied,
+    );
+    expect_error(
+        author
+            .revoke_token(pb::RevokeTokenRequest {
+                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
+                reason: String::new(),
+            })
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    expect_error(
+        operator
+            .list_token_audit(pb::ListTokenAuditRequest::default())
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
+    expect_error(
+        auditor.issue_token(issue_request("run-1", true)).await,
+        ErrorCode::PermissionDenied,
+    );
+    let audit = auditor
+        .list_token_audit(pb::ListTokenAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(audit.entries.len(), 1);
+    assert_eq!(audit.entries[0].actor, "olga");
+    // Only the permitted issue was written.
+    assert_eq!(app.count(TENANT_A, "captoken_tokens").await, 1);
+    // No credential at all.
+    let channel = Endpoint::from_shared(format!("http://{}", app.server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    expect_error(
+        CapTokensServiceClient::new(channel)
+            .issue_token(issue_request("run-1", true))
+            .await,
+        ErrorCode::Unauthenticated,
+    );
+}
+
+async fn cross_tenant(app: TestApp) {
+    let mut orch_a = app.orchestrator(TENANT_A).await;
+    let mut orch_b = app.orchestrator(TENANT_B).await;
+    let issued = issue(&mut orch_a, "run-1", true).await;
+    let jti = issued.claims.clone().unwrap().jti;
+    let (v, _) = verdict(
+        &mut orch_b,
+        pb::VerifyTokenRequest {
+            consume: true,
+            ..verify_request(&issued.token)
+        },
+    )
+    .await;
+    assert_eq!(v, Verdict::WrongTenant);
+    expect_error(
+        orch_b
+            .revoke_token(pb::RevokeTokenRequest {
+                target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
+                reason: String::new(),
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        orch_b
+            .revoke_token(pb::RevokeTokenRequest {
+                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
+                reason: String::new(),
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        orch_b
+            .refresh_token(pb::RefreshTokenRequest {
+                token: issued.token.clone(),
+                ttl: None,
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    // A's token is untouched: still consumable in A.
+    let mut conn_a = app.connector(TENANT_A).await;
+    assert_eq!(
+        verdict(
+            &mut conn_a,
+            pb::VerifyTokenRequest {
+                consume: true,
+                ..verify_request(&issued.token)
+            }
+        )
+        .await
+        .0,
+        Verdict::Valid
+    );
+    // B's audit shows only B's verify failures, never A's issue.
+    let mut auditor_b = app.client(TENANT_B, "aud", &[Role::Auditor]).await;
+    let entries = auditor_b
+        .list_token_audit(pb::ListTokenAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(!entries.is_empty());
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.kind == pb::AuditKind::VerifyFailed as i32)
+    );
+    assert_eq!(app.count(TENANT_B, "captoken_tokens").await, 0);
+    assert_eq!(app.count(TENANT_B, "captoken_revocations").await, 0);
+}
+
+async fn bad_input_writes_nothing(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let issued = issue(&mut orch, "run-1", true).await;
+    let before = app.counts(TENANT_A).await;
+
+    let mut long = issue_request("run-1", true);
+    long.ttl = Some(pbjson_types::Duration {
+        seconds: 301,
+        nanos: 0,
+    });
+    expect_error(orch.issue_token(long).await, ErrorCode::InvalidArgument);
+    let mut negative = issue_request("run-1", true);
+    negative.ttl = Some(pbjson_types::Duration {
+        seconds: -1,
+        nanos: 0,
+    });
+    expect_error(orch.issue_token(negative).await, ErrorCode::InvalidArgument);
+    let mut no_run = issue_request("", true);
+    no_run.run_id.clear();
+    expect_error(orch.issue_token(no_run).await, ErrorCode::InvalidArgument);
+    let mut bad_hash = issue_request("run-1", true);
+    bad_hash.args_sha256 = "xyz".into();
+    expect_error(orch.issue_token(bad_hash).await, ErrorCode::InvalidArgument);
+    let mut unknown_constraint = issue_request("run-1", true);
+    unknown_constraint.capability.as_mut().unwrap().constraints =
+        Some(to_struct(&json!({"/amount": {"maximum": 5}})));
+    expect_error(
+        orch.issue_token(unknown_constraint).await,
+        ErrorCode::InvalidArgument,
+    );
+    let mut no_cap = issue_request("run-1", true);
+    no_cap.capability = None;
+    expect_error(orch.issue_token(no_cap).await, ErrorCode::InvalidArgument);
+
+    // Malformed Struct args: a value with no kind.
+    let mut malformed = to_struct(&args(100));
+    malformed
+        .fields
+        .insert("amount".into(), pbjson_types::Value { kind: None });
+    expect_error(
+        orch.verify_token(pb::VerifyTokenRequest {
+            args: Some(malformed),
+            consume: true,
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    let mut nan = to_struct(&args(100));
+    nan.fields.insert(
+        "amount".into(),
+        pbjson_types::Value {
+            kind: Some(pbjson_types::value::Kind::NumberValue(f64::NAN)),
+        },
+    );
+    expect_error(
+        orch.verify_token(pb::VerifyTokenRequest {
+            args: Some(nan),
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        orch.verify_token(pb::VerifyTokenRequest {
+            audience: String::new(),
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        orch.verify_token(pb::VerifyTokenRequest {
+            token: String::new(),
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        orch.revoke_token(pb::RevokeTokenRequest {
+            target: None,
+            reason: String::new(),
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        orch.refresh_token(pb::RefreshTokenRequest {
+            token: issued.token.clone(),
+            ttl: Some(pbjson_types::Duration {
+                seconds: 400,
+                nanos: 0,
+            }),
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+    let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
+    expect_error(
+        auditor
+            .list_token_audit(pb::ListTokenAuditRequest {
+                kind: 99,
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    expect_error(
+        auditor
+            .list_token_audit(pb::ListTokenAuditRequest {
+                page: Some(anumate_proto::common::v1::PageRequest {
+                    page_size: 10,
+                    page_token: "garbage".into(),
+                }),
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    // Nothing was written, and the token was not consumed.
+    assert_eq!(app.counts(TENANT_A).await, before);
+    assert_eq!(app.count(TENANT_A, "captoken_replay").await, 0);
+    let mut conn = app.connector(TENANT_A).await;
+    assert_eq!(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                consume: true,
+                ..verify_request(&issued.token)
+            }
+        )
+        .await
+        .0,
+        Verdict::Valid
+    );
+}
+
+async fn refresh_and_revoke(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut conn = app.connector(TENANT_A).await;
+    let old = issue(&mut orch, "run-1", true).await;
+    let old_jti = old.claims.clone().unwrap().jti;
+    let fresh = orch
+        .refresh_token(pb::RefreshTokenRequest {
+            token: old.token.clone(),
+            ttl: Some(pbjson_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fresh.revoked_jti, old_jti);
+    let c = fresh.claims.clone().unwrap();
+    assert_ne!(c.jti, old_jti);
+    assert_eq!(c.run_id, "run-1");
+    assert!(c.single_use);
+    assert_eq!(
+        c.expire_time.unwrap().seconds - c.issue_time.unwrap().seconds,
+        30
+    );
+    assert_eq!(
+        verdict(&mut conn, verify_request(&old.token)).await.0,
+        Verdict::Revoked
+    );
+    assert_eq!(
+        verdict(&mut conn, verify_request(&fresh.token)).await.0,
+        Verdict::Valid
+    );
+    let again = orch
+        .refresh_token(pb::RefreshTokenRequest {
+            token: old.token.clone(),
+            ttl: None,
+        })
+        .await;
+    expect_error(again, ErrorCode::FailedPrecondition);
+    expect_error(
+        orch.refresh_token(pb::RefreshTokenRequest {
+            token: "garbage".into(),
+            ttl: None,
+        })
+        .await,
+        ErrorCode::Unauthenticated,
+    );
+    // A consumed token cannot be refreshed.
+    assert_eq!(
+        verdict(
+            &mut conn,
+            pb::VerifyTokenRequest {
+                consume: true,
+                ..verify_request(&fresh.token)
+            }
+        )
+        .await
+        .0,
+        Verdict::Valid
+    );
+    expect_error(
+        orch.refresh_token(pb::RefreshTokenRequest {
+            token: fresh.token.clone(),
+            ttl: None,
+        })
+        .await,
+        ErrorCode::FailedPrecondition,
+    );
+
+    // Revoking twice is a no-op; unknown jti is NOT_FOUND.
+    let t = issue(&mut orch, "run-2", false).await;
+    let jti = t.claims.unwrap().jti;
+    let revoke = |target| pb::RevokeTokenRequest {
+        target: Some(target),
+        reason: "why".into(),
+    };
+    use pb::revoke_token_request::Target;
+    let r = orch
+        .revoke_token(revoke(Target::Jti(jti.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked_jtis, vec![jti.clone()]);
+    let r = orch
+        .revoke_token(revoke(Target::Jti(jti.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.revoked_jtis.is_empty());
+    expect_error(
+        orch.revoke_token(revoke(Target::Jti("nope".into()))).await,
+        ErrorCode::NotFound,
+    );
+    // By run: only the tokens not already revoked are newly revoked.
+    let t2 = issue(&mut orch, "run-2", false).await;
+    let r = orch
+        .revoke_token(revoke(Target::RunId("run-2".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked_jtis, vec![t2.claims.unwrap().jti]);
+    let r = orch
+        .revoke_token(revoke(Target::RunId("run-2".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.revoked_jtis.is_empty());
+    // A token issued after its run was revoked is revoked too.
+    let late = issue(&mut orch, "run-2", false).await;
+    assert_eq!(
+        verdict(&mut conn, verify_request(&late.token)).await.0,
+        Verdict::Revoked
+    );
+}
+
+async fn audit_and_events(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut conn = app.connector(TENANT_A).await;
+    let issued = issue(&mut orch, "run-1", true).await;
+    let jti = issued.claims.clone().unwrap().jti;
+    let (v, _) = verdict(
+        &mut conn,
+        pb::VerifyTokenRequest {
+            tool: "payments.charge".into(),
+            ..verify_request(&issued.token)
+        },
+    )
+    .await;
+    assert_eq!(v, Verdict::CapabilityMismatch);
+    orch.revoke_token(pb::RevokeTokenRequest {
+        target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
+        reason: "operator said so".into(),
+    })
+    .await
+    .unwrap();
+
+    let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
+    let entries = auditor
+        .list_token_audit(pb::ListTokenAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let kinds: Vec<i32> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            pb::AuditKind::Revoked as i32,
+            pb::AuditKind::VerifyFailed as i32,
+            pb::AuditKind::Issued as i32
+        ]
+    );
+    assert!(entries.iter().all(|e| e.jti == jti && e.time.is_some()));
+    assert_eq!(entries[0].reason, "operator said so");
+    assert_eq!(entries[0].actor, ORCHESTRATOR);
+    assert_eq!(entries[1].verdict, Verdict::CapabilityMismatch as i32);
+    assert_eq!(entries[1].actor, CONNECTOR);
+    assert_eq!(entries[1].tool, "payments.charge");
+    assert_eq!(entries[2].tool, TOOL);
+    assert_eq!(entries[2].run_id, "run-1");
+
+    // Filters and paging.
+    let only = auditor
+        .list_token_audit(pb::ListTokenAuditRequest {
+            kind: pb::AuditKind::VerifyFailed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(only.len(), 1);
+    let page = |token: String| pb::ListTokenAuditRequest {
+        page: Some(anumate_proto::common::v1::PageRequest {
+            page_size: 2,
+            page_token: token,
+        }),
+        ..Default::default()
+    };
+    let first = auditor
+        .list_token_audit(page(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.entries.len(), 2);
+    let next = first.page.unwrap().next_page_token;
+    assert!(!next.is_empty());
+    let second = auditor
+        .list_token_audit(page(next))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.entries.len(), 1);
+    assert_eq!(second.entries[0].kind, pb::AuditKind::Issued as i32);
+    assert!(second.page.unwrap().next_page_token.is_empty());
+
+    // The outbox holds the three events, in order, with their payloads.
+    let events = app.event_types(TENANT_A).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        vec![
+            "dev.anumate.token.issued.v1",
+            "dev.anumate.token.verify_failed.v1",
+            "dev.anumate.token.revoked.v1"
+        ]
+    );
+    let issued_ev = ev::TokenIssued::decode(events[0].1.as_slice()).unwrap();
+    assert_eq!(
+        (issued_ev.jti.as_str(), issued_ev.tenant_id.as_str()),
+        (jti.as_str(), TENANT_A)
+    );
+    let failed = ev::TokenVerifyFailed::decode(events[1].1.as_slice()).unwrap();
+    assert_eq!(failed.verdict, Verdict::CapabilityMismatch as i32);
+    assert!(!failed.message.is_empty());
+    let revoked = ev::TokenRevoked::decode(events[2].1.as_slice()).unwrap();
+    assert_eq!(revoked.jtis, vec![jti]);
+    assert_eq!(revoked.reason, "operator said so");
+}
+
+async fn purge(app: TestApp) {
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut conn = app.connector(TENANT_A).await;
+    let issued = issue(&mut orch, "run-1", true).await;
+    let consume = pb::VerifyTokenRequest {
+        consume: true,
+        ..verify_request(&issued.token)
+    };
+    assert_eq!(verdict(&mut conn, consume.clone()).await.0, Verdict::Valid);
+    // A record whose token expired long ago.
+    let tx = app.store.write(TENANT_A).await.unwrap();
+    tx.execute(
+        "INSERT INTO captoken_replay (jti, tenant_id, exp) VALUES ('old', $1, 1000)",
+        vec![TENANT_A.into()],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(app.count(TENANT_A, "captoken_replay").await, 2);
+    assert_eq!(app.tokens.purge_replay().await.unwrap(), 1);
+    assert_eq!(app.count(TENANT_A, "captoken_replay").await, 1);
+    // The live record still guards its token.
+    assert_eq!(verdict(&mut conn, consume).await.0, Verdict::Replayed);
+    // The background task runs and can be stopped.
+    let task = app.tokens.spawn_background();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+/// Two replicas sharing one PostgreSQL database: a token consumed on one is
+/// `REPLAYED` on the other, and of concurrent consumes exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_across_two_instances_postgres() {
+    let app = spawn_app(Backend::Postgres).await;
+    let replica = app.replica().await;
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let mut one = app.connector(TENANT_A).await;
+    let mut two = app.client_at(replica.addr, TENANT_A, CONNECTOR, &[]).await;
+    let consume = |token: &str| pb::VerifyTokenRequest {
+        consume: true,
+        ..verify_request(token)
+    };
+
+    let issued = issue(&mut orch, "run-1", true).await;
+    assert_eq!(
+        verdict(&mut one, consume(&issued.token)).await.0,
+        Verdict::Valid
+    );
+    assert_eq!(
+        verdict(&mut two, consume(&issued.token)).await.0,
+        Verdict::Replayed
+    );
+
+    for _ in 0..5 {
+        let issued = issue(&mut orch, "run-1", true).await;
+        let (mut a, mut b) = (one.clone(), two.clone());
+        let (ra, rb) = tokio::join!(
+            a.verify_token(consume(&issued.token)),
+            b.verify_token(consume(&issued.token))
+        );
+        let mut verdicts = vec![
+            ra.unwrap().into_inner().verdict,
+            rb.unwrap().into_inner().verdict,
+        ];
+        verdicts.sort_unstable();
+        assert_eq!(
+            verdicts,
+            vec![Verdict::Valid as i32, Verdict::Replayed as i32]
+        );
+    }
+}
