@@ -30,15 +30,15 @@ fn timestamp_micros(micros: i64) -> pbjson_types::Timestamp {
     }
 }
 
-/// A timestamp as Unix microseconds.
-pub fn micros(t: &pbjson_types::Timestamp) -> Result<i64> {
+/// A timestamp as Unix microseconds; `field` names it in errors.
+pub fn micros(t: &pbjson_types::Timestamp, field: &str) -> Result<i64> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid_argument("time", "nanos out of range"));
+        return Err(Error::invalid_argument(field, "nanos out of range"));
     }
     t.seconds
         .checked_mul(1_000_000)
         .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
-        .ok_or_else(|| Error::invalid_argument("time", "out of range"))
+        .ok_or_else(|| Error::invalid_argument(field, "out of range"))
 }
 
 /// A protobuf `Struct` as JSON; `field` names it in errors. Values without a

@@ -132,8 +132,16 @@ impl CapTokensService for CapTokensGrpc {
             kind,
             jti: r.jti,
             run_id: r.run_id,
-            start_micros: r.start_time.as_ref().map(convert::micros).transpose()?,
-            end_micros: r.end_time.as_ref().map(convert::micros).transpose()?,
+            start_micros: r
+                .start_time
+                .as_ref()
+                .map(|t| convert::micros(t, "start_time"))
+                .transpose()?,
+            end_micros: r
+                .end_time
+                .as_ref()
+                .map(|t| convert::micros(t, "end_time"))
+                .transpose()?,
         };
         let (entries, next) = self
             .tokens

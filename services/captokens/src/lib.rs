@@ -439,9 +439,9 @@ impl CapTokens {
                     actor: &actor.subject,
                 };
                 if live && repo::insert_revocation(&tx, &rev).await? {
-                    (vec![token.jti], String::new())
+                    (vec![token.jti], token.run)
                 } else {
-                    (Vec::new(), String::new())
+                    (Vec::new(), token.run)
                 }
             }
             RevokeTarget::Run(run) => {

@@ -85,6 +85,7 @@ pub fn db(e: impl std::fmt::Display) -> Error {
 /// An issued token, as stored.
 pub struct TokenRow {
     pub jti: String,
+    pub run: String,
     pub exp: i64,
 }
 
@@ -123,13 +124,14 @@ pub async fn insert_token(tx: &TenantTx, t: &NewToken<'_>) -> Result<()> {
 fn token_from(row: &QueryResult) -> Result<TokenRow> {
     Ok(TokenRow {
         jti: row.try_get("", "jti").map_err(db)?,
+        run: row.try_get("", "run_id").map_err(db)?,
         exp: row.try_get("", "exp").map_err(db)?,
     })
 }
 
 pub async fn find_token(tx: &TenantTx, jti: &str) -> Result<Option<TokenRow>> {
     tx.query_one(
-        "SELECT jti, exp FROM captoken_tokens WHERE tenant_id = $1 AND jti = $2",
+        "SELECT jti, run_id, exp FROM captoken_tokens WHERE tenant_id = $1 AND jti = $2",
         vec![tx.tenant_id().into(), jti.into()],
     )
     .await?
@@ -140,7 +142,7 @@ pub async fn find_token(tx: &TenantTx, jti: &str) -> Result<Option<TokenRow>> {
 
 pub async fn run_tokens(tx: &TenantTx, run: &str) -> Result<Vec<TokenRow>> {
     tx.query_all(
-        "SELECT jti, exp FROM captoken_tokens WHERE tenant_id = $1 AND run_id = $2 ORDER BY jti",
+        "SELECT jti, run_id, exp FROM captoken_tokens WHERE tenant_id = $1 AND run_id = $2 ORDER BY jti",
         vec![tx.tenant_id().into(), run.into()],
     )
     .await?
@@ -177,7 +179,7 @@ pub async fn insert_revocation(tx: &TenantTx, r: &NewRevocation<'_>) -> Result<b
     Ok(n == 1)
 }
 
-/// Of `jtis`, those revoked one by one.
+/// The `jti`s of the run's tokens that were revoked one by one.
 pub async fn revoked_jtis(tx: &TenantTx, run: &str) -> Result<Vec<String>> {
     let rows = tx
         .query_all(

@@ -1112,7 +1112,35 @@ async fn audit_and_events(app: TestApp) {
     assert!(!failed.message.is_empty());
     let revoked = ev::TokenRevoked::decode(events[2].1.as_slice()).unwrap();
     assert_eq!(revoked.jtis, vec![jti]);
+    assert_eq!(revoked.run_id, "run-1");
     assert_eq!(revoked.reason, "operator said so");
+    // Time filters.
+    let future = pbjson_types::Timestamp {
+        seconds: anumate_store::now_micros() / 1_000_000 + 3600,
+        nanos: 0,
+    };
+    let none = auditor
+        .list_token_audit(pb::ListTokenAuditRequest {
+            start_time: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(none.is_empty());
+    let all = auditor
+        .list_token_audit(pb::ListTokenAuditRequest {
+            end_time: Some(future),
+            run_id: "run-1".into(),
+            jti: entries[0].jti.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(all.len(), 3);
 }
 
 async fn purge(app: TestApp) {
@@ -1143,6 +1171,55 @@ async fn purge(app: TestApp) {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!task.is_finished());
     task.abort();
+}
+
+/// Key rotation with overlap: after the new key becomes active, tokens signed
+/// by the retired key still verify; once it is dropped from the ring they are
+/// `UNKNOWN_KEY`. The JWKS lists both while they overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_sqlite() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let old = issue(&mut orch, "run-1", false).await;
+
+    let new_key = KeyPair::generate().unwrap();
+    let new_kid = new_key.kid().to_owned();
+    let rotated = Arc::new(KeyRing::new(new_key).with_retired(app.keys.active()));
+    let tokens = CapTokens::new(app.store.clone(), rotated.clone(), &config()).unwrap();
+    let server = serve(tokens, app.auth.clone()).await;
+    let mut conn = app.client_at(server.addr, TENANT_A, CONNECTOR, &[]).await;
+    assert_eq!(
+        verdict(&mut conn, verify_request(&old.token)).await.0,
+        Verdict::Valid
+    );
+    let mut orch2 = app
+        .client_at(server.addr, TENANT_A, ORCHESTRATOR, &[])
+        .await;
+    let fresh = issue(&mut orch2, "run-1", false).await;
+    assert_eq!(fresh.claims.unwrap().kid, new_kid);
+    let jwks = orch2
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let set: anumate_crypto::Jwks = serde_json::from_str(&jwks.jwks_json).unwrap();
+    assert_eq!(set.keys.len(), 2);
+
+    // Retired for good: only the new key remains.
+    let retired = Arc::new(KeyRing::new(
+        KeyPair::from_pkcs8_pem(&rotated.active().to_pkcs8_pem()).unwrap(),
+    ));
+    let tokens = CapTokens::new(app.store.clone(), retired, &config()).unwrap();
+    let server = serve(tokens, app.auth.clone()).await;
+    let mut conn = app.client_at(server.addr, TENANT_A, CONNECTOR, &[]).await;
+    assert_eq!(
+        verdict(&mut conn, verify_request(&old.token)).await.0,
+        Verdict::UnknownKey
+    );
+    assert_eq!(
+        verdict(&mut conn, verify_request(&fresh.token)).await.0,
+        Verdict::Valid
+    );
 }
 
 /// Two replicas sharing one PostgreSQL database: a token consumed on one is
