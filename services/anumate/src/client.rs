@@ -200,7 +200,7 @@ fn read_file(path: &PathBuf) -> Result<String, Failure> {
         .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
 }
 
-fn print_json<T: serde::Serialize>(value: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot encode output: {e}"),

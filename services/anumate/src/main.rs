@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod dev_state;
+mod policy_cli;
 mod receipts_cli;
 mod server;
 
@@ -44,6 +45,8 @@ enum Command {
     Migrate(ServerArgs),
     /// Manage capsules in the registry.
     Capsule(client::CapsuleCommand),
+    /// Test (offline), push, evaluate and read policies.
+    Policy(policy_cli::PolicyCommand),
     /// Append, fetch and verify (offline) receipts; checkpoints and keys.
     Receipt(receipts_cli::ReceiptCommand),
     /// Tokens for development.
@@ -163,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
+        Command::Policy(cmd) => Ok(policy_cli::run(cmd).await),
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Auth {
             command:

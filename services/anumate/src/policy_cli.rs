@@ -1,0 +1,613 @@
+//! `anumate policy …`: run `test` blocks offline, and push, evaluate, list and
+//! read policies on a running server.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anumate_auth::BearerToken;
+use anumate_errors::Error;
+use anumate_proto::common::v1::PageRequest;
+use anumate_proto::policy::v1 as pb;
+use clap::{Args, Subcommand};
+use pb::policy_service_client::PolicyServiceClient;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+use crate::client::{Connection, Output, print_json, report};
+use crate::dev_state;
+
+/// `anumate policy …`
+#[derive(Args, Debug)]
+pub struct PolicyCommand {
+    #[command(subcommand)]
+    pub command: PolicySub,
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+/// Policy subcommands.
+#[derive(Subcommand, Debug)]
+pub enum PolicySub {
+    /// Compile a policy file and run its `test` blocks locally (no server needed).
+    Test {
+        /// The policy file.
+        file: PathBuf,
+        /// Run only tests whose name contains this text.
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
+    /// Validate and store a policy file (one `policy` block) as a new version.
+    Push {
+        /// The policy file.
+        file: PathBuf,
+        /// Publish the new version at once.
+        #[arg(long)]
+        publish: bool,
+        /// Only push if the policy's etag is still this.
+        #[arg(long, default_value = "")]
+        etag: String,
+    },
+    /// Evaluate policies against an input and show the decision.
+    Eval {
+        /// JSON file with the input (`tool`, `args`, `principal`, …).
+        #[arg(long)]
+        input: PathBuf,
+        /// Evaluate this policy file (not stored).
+        #[arg(long, conflicts_with = "policy", required_unless_present = "policy")]
+        source: Option<PathBuf>,
+        /// Evaluate stored policies: NAME (published), NAME@VERSION or NAME@sha256:….
+        #[arg(long, num_args = 1..)]
+        policy: Vec<String>,
+        /// The capsule's tool allow-list (repeatable).
+        #[arg(long = "allow-tool")]
+        allowed_tools: Vec<String>,
+    },
+    /// List policies.
+    List {
+        /// Page size (all pages are fetched).
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+    },
+    /// Show one version (default: the published one).
+    Get {
+        /// Policy name.
+        name: String,
+        /// Version number, `published` or `latest`.
+        #[arg(long, short = 'v', default_value = "published")]
+        version: String,
+        /// Print only the source.
+        #[arg(long)]
+        source: bool,
+    },
+    /// List a policy's versions.
+    Versions {
+        /// Policy name.
+        name: String,
+    },
+    /// Publish a version.
+    Publish {
+        /// Policy name.
+        name: String,
+        /// Version number.
+        version: i64,
+    },
+}
+
+enum Failure {
+    Local(String),
+    Remote(Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Remote(Error::from_status(&s))
+    }
+}
+
+type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
+
+async fn connect(conn: &Connection) -> Result<Client, Failure> {
+    let state = dev_state::read(&conn.data_dir);
+    let server = conn
+        .server
+        .clone()
+        .or_else(|| state.as_ref().map(|s| s.server.clone()))
+        .ok_or_else(|| {
+            Failure::Local(
+                "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)".into(),
+            )
+        })?;
+    let token = conn
+        .token
+        .clone()
+        .or_else(|| state.as_ref().map(|s| s.token.clone()))
+        .ok_or_else(|| Failure::Local("no token: pass --token or set ANUMATE_TOKEN".into()))?;
+    let channel = Channel::from_shared(server.clone())
+        .map_err(|e| Failure::Local(format!("bad server address {server:?}: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| Failure::Local(format!("cannot reach {server}: {e}")))?;
+    Ok(PolicyServiceClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+fn read(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Runs a policy command and returns the process exit code.
+pub async fn run(cmd: PolicyCommand) -> ExitCode {
+    let file = match &cmd.command {
+        PolicySub::Test { file, .. } | PolicySub::Push { file, .. } => {
+            Some(file.display().to_string())
+        }
+        PolicySub::Eval {
+            source: Some(f), ..
+        } => Some(f.display().to_string()),
+        _ => None,
+    };
+    match policy(cmd).await {
+        Ok(code) => code,
+        Err(Failure::Remote(error)) => {
+            report(&error, file.as_deref());
+            ExitCode::FAILURE
+        }
+        Err(Failure::Local(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn effect_name(e: i32) -> &'static str {
+    match pb::Effect::try_from(e) {
+        Ok(pb::Effect::Allow) => "allow",
+        Ok(pb::Effect::RequireApproval) => "require_approval",
+        Ok(pb::Effect::Deny) => "deny",
+        _ => "unspecified",
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::PolicyVersionStatus::try_from(s) {
+        Ok(pb::PolicyVersionStatus::Draft) => "draft",
+        Ok(pb::PolicyVersionStatus::Published) => "published",
+        Ok(pb::PolicyVersionStatus::Deprecated) => "deprecated",
+        _ => "unknown",
+    }
+}
+
+fn detector_name(d: i32) -> String {
+    pb::Detector::try_from(d).map_or_else(
+        |_| d.to_string(),
+        |d| {
+            d.as_str_name()
+                .trim_start_matches("DETECTOR_")
+                .to_lowercase()
+        },
+    )
+}
+
+/// `anumate policy test FILE`: compile and run the tests locally.
+fn test_offline(file: &Path, filter: &str, out: Output) -> Result<ExitCode, Failure> {
+    let src = read(file)?;
+    let name = file.display().to_string();
+    let set = match anumate_policy::compile(&name, &src) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("{e}");
+            let n = e.diagnostics.len();
+            eprintln!(
+                "error: {name} does not compile ({n} problem{})",
+                if n == 1 { "" } else { "s" }
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let outcomes: Vec<_> = anumate_policy::run_tests(&set)
+        .into_iter()
+        .filter(|t| filter.is_empty() || t.name.contains(filter))
+        .collect();
+    let failed = outcomes.iter().filter(|t| !t.passed()).count();
+    if out == Output::Json {
+        let results: Vec<_> = outcomes
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "policy": t.policy,
+                    "name": t.name,
+                    "line": t.at.line,
+                    "column": t.at.col,
+                    "passed": t.passed(),
+                    "expected": t.expected.as_str(),
+                    "actual": match &t.actual {
+                        Ok(d) => serde_json::to_value(d).unwrap_or_default(),
+                        Err(e) => serde_json::json!({"error": e.to_string()}),
+                    },
+                    "diff": t.diff(),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "file": name,
+            "passed": outcomes.len() - failed,
+            "failed": failed,
+            "results": results,
+        }));
+    } else {
+        for t in &outcomes {
+            if t.passed() {
+                println!("✓ {}/{}", t.policy, t.name);
+            } else {
+                println!("✗ {}/{} ({name}:{})", t.policy, t.name, t.at);
+                for line in t.diff().lines() {
+                    println!("    {line}");
+                }
+            }
+        }
+        println!(
+            "{} passed, {failed} failed ({} test{})",
+            outcomes.len() - failed,
+            outcomes.len(),
+            if outcomes.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn parse_ref(text: &str) -> Result<pb::PolicyRef, Failure> {
+    let (name, sel) = text.split_once('@').unwrap_or((text, ""));
+    let mut r = pb::PolicyRef {
+        name: name.to_string(),
+        version: 0,
+        content_hash: String::new(),
+    };
+    if sel.starts_with("sha256:") {
+        r.content_hash = sel.to_string();
+    } else if !sel.is_empty() && sel != "published" {
+        r.version = sel.parse().map_err(|_| {
+            Failure::Local(format!(
+                "bad policy reference {text:?}: want NAME, NAME@VERSION or NAME@sha256:…"
+            ))
+        })?;
+    }
+    Ok(r)
+}
+
+/// The source line a span starts on.
+fn line_of(src: &str, line: i32) -> Option<&str> {
+    usize::try_from(line)
+        .ok()
+        .and_then(|l| src.lines().nth(l.saturating_sub(1)))
+}
+
+async fn print_decision(
+    client: &mut Client,
+    resp: &pb::EvaluatePolicyResponse,
+    local: Option<&str>,
+) -> Result<(), Failure> {
+    let Some(d) = &resp.decision else {
+        return Ok(());
+    };
+    // Sources of stored versions, fetched once each to show rule lines.
+    let mut sources: HashMap<(String, i64), String> = HashMap::new();
+    println!("effect: {}", effect_name(d.effect));
+    if d.denied_by_allow_list {
+        println!("denied by the allow-list; no policy ran");
+    }
+    if d.matched_rules.is_empty() {
+        println!("matched rules: none");
+    } else {
+        println!("matched rules:");
+    }
+    for m in &d.matched_rules {
+        let Some(r) = &m.rule else { continue };
+        let span = r.span.clone().unwrap_or_default();
+        println!(
+            "  {}/{} [{}] priority {} at {}:{}:{}",
+            r.policy,
+            r.rule,
+            effect_name(m.effect),
+            m.priority,
+            span.source_name,
+            span.start_line,
+            span.start_column
+        );
+        let text = match local {
+            Some(src) => line_of(src, span.start_line).map(str::to_string),
+            None => {
+                let key = (r.policy.clone(), r.policy_version);
+                if !sources.contains_key(&key) {
+                    let got = client
+                        .get_policy(pb::GetPolicyRequest {
+                            name: r.policy.clone(),
+                            version: r.policy_version.to_string(),
+                        })
+                        .await
+                        .ok()
+                        .and_then(|g| g.into_inner().version)
+                        .map(|v| v.source)
+                        .unwrap_or_default();
+                    sources.insert(key.clone(), got);
+                }
+                sources
+                    .get(&key)
+                    .and_then(|s| line_of(s, span.start_line))
+                    .map(str::to_string)
+            }
+        };
+        if let Some(text) = text {
+            println!("    {:>4} | {}", span.start_line, text.trim_end());
+        }
+        if !m.reason.is_empty() {
+            println!("    reason: {}", m.reason);
+        }
+    }
+    if let Some(o) = &d.obligations {
+        if !o.approvals.is_empty() || !o.redactions.is_empty() {
+            println!("obligations:");
+        }
+        for a in &o.approvals {
+            let stages: Vec<_> = a
+                .stages
+                .iter()
+                .map(|s| format!("{}: {} of [{}]", s.name, s.quorum, s.approvers.join(", ")))
+                .collect();
+            println!("  require_approval {}", stages.join(" then "));
+            if !a.reason.is_empty() {
+                println!("    reason: {}", a.reason);
+            }
+        }
+        for r in &o.redactions {
+            let mut parts = Vec::new();
+            if !r.fields.is_empty() {
+                parts.push(format!("fields [{}]", r.fields.join(", ")));
+            }
+            if !r.detectors.is_empty() {
+                let names: Vec<_> = r.detectors.iter().map(|&d| detector_name(d)).collect();
+                parts.push(format!("detectors [{}]", names.join(", ")));
+            }
+            if !r.replacement.is_empty() {
+                parts.push(format!("with {:?}", r.replacement));
+            }
+            println!("  redact {}", parts.join(" "));
+        }
+    }
+    if !d.reasons.is_empty() {
+        println!("reasons:");
+        for r in &d.reasons {
+            println!("  - {r}");
+        }
+    }
+    let refs: Vec<_> = resp
+        .policies
+        .iter()
+        .map(|p| format!("{}@{}", p.name, p.version))
+        .collect();
+    println!("policies: {}", refs.join(", "));
+    println!("policy set hash: {}", resp.policy_set_hash);
+    println!("fuel used: {}", resp.fuel_used);
+    Ok(())
+}
+
+fn print_version(p: Option<&pb::Policy>, v: &pb::PolicyVersion) {
+    println!("name:         {}", v.name);
+    println!("version:      {} ({})", v.version, status_name(v.status));
+    if !v.description.is_empty() {
+        println!("description:  {}", v.description);
+    }
+    println!("content hash: {}", v.content_hash);
+    println!("created by:   {}", v.created_by);
+    if let Some(p) = p {
+        println!("etag:         {}", p.etag);
+    }
+    if !v.rules.is_empty() {
+        println!("rules:");
+        for r in &v.rules {
+            let line = r.span.as_ref().map_or(0, |s| s.start_line);
+            println!(
+                "  {} (line {line}, priority {}, {}{})",
+                r.name,
+                r.priority,
+                effect_name(r.effect),
+                if r.enabled { "" } else { ", disabled" }
+            );
+        }
+    }
+    println!("tests:        {}", v.test_count);
+}
+
+async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
+    let out = cmd.conn.output;
+    match cmd.command {
+        PolicySub::Test { file, filter } => return test_offline(&file, &filter, out),
+        PolicySub::Push {
+            file,
+            publish,
+            etag,
+        } => {
+            let source = read(&file)?;
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .push_policy(pb::PushPolicyRequest {
+                    source,
+                    source_name: file.display().to_string(),
+                    etag,
+                    publish,
+                })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                print_json(&resp);
+            } else if let Some(v) = &resp.version {
+                let verb = if resp.created {
+                    "pushed"
+                } else {
+                    "unchanged: identical to"
+                };
+                println!(
+                    "{verb} {} version {} ({}) {}",
+                    v.name,
+                    v.version,
+                    status_name(v.status),
+                    v.content_hash
+                );
+                if let Some(p) = &resp.policy {
+                    println!("etag {}", p.etag);
+                }
+            }
+        }
+        PolicySub::Eval {
+            input,
+            source,
+            policy,
+            allowed_tools,
+        } => {
+            use pb::evaluate_policy_request::{Input, Policies};
+            let input_json = read(&input)?;
+            let (target, local, source_name) = match &source {
+                Some(f) => {
+                    let src = read(f)?;
+                    (
+                        Policies::Source(src.clone()),
+                        Some(src),
+                        f.display().to_string(),
+                    )
+                }
+                None => (
+                    Policies::PolicySet(pb::PolicySet {
+                        policies: policy
+                            .iter()
+                            .map(|p| parse_ref(p))
+                            .collect::<Result<_, _>>()?,
+                    }),
+                    None,
+                    String::new(),
+                ),
+            };
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .evaluate_policy(pb::EvaluatePolicyRequest {
+                    policies: Some(target),
+                    source_name,
+                    input: Some(Input::InputJson(input_json)),
+                    allowed_tools,
+                })
+                .await
+                .map_err(|s| {
+                    let mut e = Error::from_status(&s);
+                    // Input problems are positioned in the input file.
+                    if e.violations.iter().any(|v| v.field.starts_with("input")) {
+                        e.message = format!("{}: {}", input.display(), e.message);
+                    }
+                    Failure::Remote(e)
+                })?
+                .into_inner();
+            if out == Output::Json {
+                print_json(&resp);
+            } else {
+                print_decision(&mut client, &resp, local.as_deref()).await?;
+            }
+        }
+        PolicySub::List { page_size } => {
+            let mut client = connect(&cmd.conn).await?;
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let resp = client
+                    .list_policies(pb::ListPoliciesRequest {
+                        page: Some(PageRequest {
+                            page_size,
+                            page_token: token.clone(),
+                        }),
+                        status: 0,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(resp.policies);
+                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
+                if token.is_empty() {
+                    break;
+                }
+            }
+            if out == Output::Json {
+                print_json(&all);
+            } else {
+                println!(
+                    "{:<32} {:>7} {:>9}  DESCRIPTION",
+                    "NAME", "LATEST", "PUBLISHED"
+                );
+                for p in &all {
+                    println!(
+                        "{:<32} {:>7} {:>9}  {}",
+                        p.name, p.latest_version, p.published_version, p.description
+                    );
+                }
+            }
+        }
+        PolicySub::Get {
+            name,
+            version,
+            source,
+        } => {
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .get_policy(pb::GetPolicyRequest { name, version })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                print_json(&resp);
+            } else if let Some(v) = &resp.version {
+                if source {
+                    print!("{}", v.source);
+                } else {
+                    print_version(resp.policy.as_ref(), v);
+                }
+            }
+        }
+        PolicySub::Versions { name } => {
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .list_policy_versions(pb::ListPolicyVersionsRequest { name, page: None })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                print_json(&resp);
+            } else {
+                for v in &resp.versions {
+                    println!(
+                        "{:>4}  {:<10}  {}  {}",
+                        v.version,
+                        status_name(v.status),
+                        v.content_hash,
+                        v.created_by
+                    );
+                }
+            }
+        }
+        PolicySub::Publish { name, version } => {
+            let mut client = connect(&cmd.conn).await?;
+            let resp = client
+                .publish_policy_version(pb::PublishPolicyVersionRequest {
+                    name,
+                    version,
+                    etag: String::new(),
+                })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                print_json(&resp);
+            } else if let Some(v) = &resp.version {
+                println!("published {} version {}", v.name, v.version);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
