@@ -1,4 +1,10 @@
 //! The gRPC adapter: decode, check the role, call [`CapTokens`], encode.
+//!
+//! Roles: `IssueToken`, `VerifyToken`, `RefreshToken` and `RevokeToken` take a
+//! service identity (`svc:…`, e.g. the orchestrator or a connector) or the
+//! `operator`/`admin` role (the CLI); `ListTokenAudit` takes `auditor` or
+//! `admin`; `GetJwks` takes nothing (see [`crate::PUBLIC_PATHS`]). The tenant
+//! is always the caller's, from the bearer token.
 
 use anumate_auth::{Principal, Role};
 use anumate_errors::Error;

@@ -659,6 +659,9 @@ async fn record_issue(
     Ok(())
 }
 
+/// Audits and events a failed verification in the verifier's tenant. The
+/// token's claims are recorded as claimed: for a failure at or before the
+/// signature check they are unauthenticated (the verdict says so).
 async fn record_verify_failure(
     tx: &TenantTx,
     actor: &Actor,

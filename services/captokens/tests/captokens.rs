@@ -876,6 +876,17 @@ async fn bad_input_writes_nothing(app: TestApp) {
             .await,
         ErrorCode::InvalidArgument,
     );
+    // Oversize requests are refused before decoding; the service keeps serving.
+    let huge = json!({"order": "x".repeat(300 * 1024), "amount": 1});
+    expect_error(
+        orch.verify_token(pb::VerifyTokenRequest {
+            args: Some(to_struct(&huge)),
+            consume: true,
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::PayloadTooLarge,
+    );
     // Nothing was written, and the token was not consumed.
     assert_eq!(app.counts(TENANT_A).await, before);
     assert_eq!(app.count(TENANT_A, "captoken_replay").await, 0);
