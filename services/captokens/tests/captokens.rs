@@ -1233,6 +1233,32 @@ async fn rotation_sqlite() {
     );
 }
 
+/// When the replay store cannot be read the call fails `UNAVAILABLE`: no
+/// verdict, nothing written, never a `VALID`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_is_unavailable_sqlite() {
+    use sea_orm::ConnectionTrait as _;
+    let app = spawn_app(Backend::Sqlite).await;
+    let mut orch = app.orchestrator(TENANT_A).await;
+    let issued = issue(&mut orch, "run-1", true).await;
+    let before = app.counts(TENANT_A).await;
+    app.store
+        .owner_connection()
+        .execute_unprepared("ALTER TABLE captoken_replay RENAME TO captoken_replay_gone")
+        .await
+        .unwrap();
+    let mut conn = app.connector(TENANT_A).await;
+    expect_error(
+        conn.verify_token(pb::VerifyTokenRequest {
+            consume: true,
+            ..verify_request(&issued.token)
+        })
+        .await,
+        ErrorCode::Unavailable,
+    );
+    assert_eq!(app.counts(TENANT_A).await, before);
+}
+
 /// Two replicas sharing one PostgreSQL database: a token consumed on one is
 /// `REPLAYED` on the other, and of concurrent consumes exactly one wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
