@@ -103,3 +103,263 @@ fn missing_file_is_an_error() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("cannot read nope.policy"));
 }
+
+// ---------------------------------------------------------------------------
+// Against a server: a PolicyService on SQLite behind the real auth layer.
+// ---------------------------------------------------------------------------
+
+struct Server {
+    url: String,
+    token: String,
+    handle: tokio::task::JoinHandle<()>,
+    _db: anumate_store::testing::TestDb,
+    _keys: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+async fn serve() -> Server {
+    use anumate_auth::{AuthConfig, AuthLayer, Authenticator, DevIssuer, Role};
+    let db = anumate_store::testing::TestDb::sqlite();
+    let store = anumate_store::Store::connect(&db.config).await.unwrap();
+    store
+        .migrate(&anumate_policy_service::migrations())
+        .await
+        .unwrap();
+    let policies = anumate_policy_service::Policies::new(
+        store,
+        &anumate_policy_service::PolicyConfig::default(),
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let issuer = DevIssuer::load_or_create(keys.path()).unwrap();
+    let token = issuer
+        .mint(
+            "dev",
+            "user:dev",
+            &[Role::Admin],
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+    let auth = Authenticator::new(AuthConfig::default())
+        .unwrap()
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    Server {
+        url: format!("http://{addr}"),
+        token,
+        handle,
+        _db: db,
+        _keys: keys,
+    }
+}
+
+/// Runs the binary against `server` off the async runtime.
+async fn remote(server: &Server, dir: &Path, args: &[&str]) -> Output {
+    let (dir, url, token) = (dir.to_path_buf(), server.url.clone(), server.token.clone());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(&dir);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ANUMATE_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("ANUMATE_SERVER", url)
+            .env("ANUMATE_TOKEN", token)
+            .args(&args)
+            .output()
+            .expect("run anumate")
+    })
+    .await
+    .unwrap()
+}
+
+const LIMITS: &str = r#"policy "refund-limits" {
+  description: "Limits on automated refunds"
+  rule "only-inr" priority 100 {
+    when tool == "payments.refund" and args.currency != "INR"
+    then deny(reason: "only INR refunds are automated")
+  }
+  rule "large-refund" {
+    when tool == "payments.refund"
+     and args.amount > 500000
+     and not (principal.roles contains "finance-lead")
+    then require_approval(approvers: ["group:finance-leads"], quorum: 1,
+                          reason: "refund above 5,000 INR")
+  }
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_eval_list_get_against_a_server() {
+    let server = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("limits.policy"), LIMITS).unwrap();
+    std::fs::write(
+        d.join("input.json"),
+        r#"{"tool": "payments.refund", "args": {"amount": 900000, "currency": "INR",
+            "customer": {"email": "jane@example.com"}}, "principal": {"roles": ["operator"]}}"#,
+    )
+    .unwrap();
+
+    let out = remote(
+        &server,
+        d,
+        &["policy", "push", "limits.policy", "--publish"],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("pushed refund-limits version 1 (published) sha256:"),
+        "{stdout}"
+    );
+
+    // Stored policy: every matched rule with its source line, effect, obligations.
+    let out = remote(
+        &server,
+        d,
+        &[
+            "policy",
+            "eval",
+            "--input",
+            "input.json",
+            "--policy",
+            "refund-limits",
+        ],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("effect: require_approval"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "refund-limits/large-refund [require_approval] priority 0 at refund-limits@1:7:3"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("   7 |   rule \"large-refund\" {"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("require_approval stage-1: 1 of [group:finance-leads]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("policies: refund-limits@1"), "{stdout}");
+
+    // Ad-hoc source, JSON output; the example file's PII policy adds redactions.
+    let example = example();
+    let out = remote(
+        &server,
+        d,
+        &[
+            "policy",
+            "eval",
+            "--input",
+            "input.json",
+            "--source",
+            example.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"]["effect"], "EFFECT_REQUIRE_APPROVAL");
+    assert_eq!(v["decision"]["matchedRules"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["decision"]["obligations"]["redactions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Malformed input: the error names the input file and the position.
+    std::fs::write(d.join("bad.json"), "{\n  \"tool\": }").unwrap();
+    let out = remote(
+        &server,
+        d,
+        &[
+            "policy",
+            "eval",
+            "--input",
+            "bad.json",
+            "--policy",
+            "refund-limits",
+        ],
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("error[INVALID_ARGUMENT]: bad.json: input_json"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2:11:"), "{stderr}");
+
+    // Unknown policy.
+    let out = remote(
+        &server,
+        d,
+        &[
+            "policy",
+            "eval",
+            "--input",
+            "input.json",
+            "--policy",
+            "nope@3",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("error[NOT_FOUND]"));
+
+    let out = remote(&server, d, &["policy", "list"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("refund-limits"), "{stdout}");
+    let out = remote(&server, d, &["policy", "get", "refund-limits"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("version:      1 (published)"), "{stdout}");
+    assert!(
+        stdout.contains("large-refund (line 7, priority 0, require_approval)"),
+        "{stdout}"
+    );
+    let out = remote(&server, d, &["policy", "get", "refund-limits", "--source"]).await;
+    assert_eq!(text(&out.stdout), LIMITS);
+
+    // Syntax errors from the server are positioned in the pushed file.
+    std::fs::write(
+        d.join("broken.policy"),
+        LIMITS.replace("then deny(", "then deny(("),
+    )
+    .unwrap();
+    let out = remote(&server, d, &["policy", "push", "broken.policy"]).await;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("error[INVALID_DOCUMENT]"), "{stderr}");
+    assert!(stderr.contains("broken.policy:5:"), "{stderr}");
+}
