@@ -50,6 +50,8 @@ impl PolicyInfo {
 /// A compiled source: the evaluation form and the per-policy metadata.
 #[derive(Debug)]
 pub struct Compiled {
+    /// The name spans carry (`name@version`, or the ad-hoc source's name).
+    pub source_name: String,
     /// The evaluation form.
     pub set: CompiledSet,
     /// The policies in source order.
@@ -203,6 +205,7 @@ pub fn compile(
         .map(|p| info(source_name, src, p, version))
         .collect();
     Ok(Compiled {
+        source_name: source_name.to_string(),
         set: set.with_fuel(fuel),
         policies,
     })

@@ -582,8 +582,9 @@ impl Policies {
                     expected_effect: pb_effect(t.expected),
                     decision,
                     failure_message: t.diff(),
+                    // Tests report their start position only (no byte offsets).
                     span: Some(pb::SourceSpan {
-                        source_name: String::new(),
+                        source_name: unit.compiled.source_name.clone(),
                         start_line: line,
                         start_column: col,
                         end_line: line,
@@ -603,6 +604,11 @@ impl Policies {
         value: RedactValue,
         redactions: &[pb::Redaction],
     ) -> Result<pb::RedactResponse> {
+        let field_lists: Vec<Vec<String>> = if redactions.is_empty() {
+            vec![Vec::new()]
+        } else {
+            redactions.iter().map(|r| r.fields.clone()).collect()
+        };
         let redactors = if redactions.is_empty() {
             vec![Redactor::default()]
         } else {
@@ -619,19 +625,12 @@ impl Policies {
         };
         let redact_value = |v: &mut Value| {
             let mut findings = Vec::new();
-            for r in &redactors {
+            for (r, fields) in redactors.iter().zip(field_lists.iter()) {
+                let mut before = std::collections::HashMap::new();
+                scalars(v, String::new(), &mut before);
                 let report = r.redact_json(v);
                 for p in report.paths {
-                    findings.push(pb::RedactionFinding {
-                        path: if p.is_empty() {
-                            "$".into()
-                        } else {
-                            format!("$.{p}")
-                        },
-                        detector: 0,
-                        field: String::new(),
-                        count: 1,
-                    });
+                    findings.extend(attribute(r, fields, &before, &p));
                 }
             }
             findings
@@ -689,5 +688,177 @@ impl Policies {
                 }
             }
         })
+    }
+}
+
+/// Every scalar that redaction could change, by the path format of
+/// `RedactionReport::paths` (`a.b[2].c`).
+fn scalars(v: &Value, path: String, out: &mut std::collections::HashMap<String, String>) {
+    match v {
+        Value::String(s) => {
+            out.insert(path, s.clone());
+        }
+        Value::Number(n) => {
+            out.insert(path, n.to_string());
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                scalars(item, format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                scalars(item, p, out);
+            }
+        }
+        Value::Null | Value::Bool(_) => {}
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Tok {
+    Key(String),
+    Index(usize),
+    AnyKey,
+    AnyIndex,
+}
+
+/// Splits `a.b[2]['odd key'][*].*` into steps.
+fn tokens(path: &str) -> Vec<Tok> {
+    let mut out = Vec::new();
+    let mut name = String::new();
+    let mut chars = path.chars().peekable();
+    let flush = |name: &mut String, out: &mut Vec<Tok>| {
+        if !name.is_empty() {
+            out.push(if name == "*" {
+                Tok::AnyKey
+            } else {
+                Tok::Key(std::mem::take(name))
+            });
+            name.clear();
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '.' => flush(&mut name, &mut out),
+            '[' => {
+                flush(&mut name, &mut out);
+                let mut inner = String::new();
+                for c in chars.by_ref() {
+                    if c == ']' {
+                        break;
+                    }
+                    inner.push(c);
+                }
+                let quoted = inner.len() >= 2
+                    && ((inner.starts_with('\'') && inner.ends_with('\''))
+                        || (inner.starts_with('"') && inner.ends_with('"')));
+                out.push(if inner == "*" {
+                    Tok::AnyIndex
+                } else if quoted {
+                    Tok::Key(inner[1..inner.len() - 1].to_string())
+                } else {
+                    inner.parse().map_or(Tok::Key(inner), Tok::Index)
+                });
+            }
+            c => name.push(c),
+        }
+    }
+    flush(&mut name, &mut out);
+    out
+}
+
+/// Whether the field pattern `pattern` names the concrete `path`.
+fn field_matches(pattern: &str, path: &str) -> bool {
+    let (a, b) = (tokens(pattern), tokens(path));
+    a.len() == b.len()
+        && a.iter().zip(&b).all(|(p, c)| match (p, c) {
+            (Tok::AnyKey, Tok::Key(_)) | (Tok::AnyIndex, Tok::Index(_)) => true,
+            (p, c) => p == c,
+        })
+}
+
+/// The findings for one changed path: the field pattern that named it, or
+/// the detectors that matched its original text.
+fn attribute(
+    r: &Redactor,
+    fields: &[String],
+    before: &std::collections::HashMap<String, String>,
+    path: &str,
+) -> Vec<pb::RedactionFinding> {
+    let json_path = if path.is_empty() {
+        "$".to_string()
+    } else if path.starts_with('[') {
+        format!("${path}")
+    } else {
+        format!("$.{path}")
+    };
+    let finding = |detector: i32, field: String, count: i32| pb::RedactionFinding {
+        path: json_path.clone(),
+        detector,
+        field,
+        count,
+    };
+    if let Some(f) = fields.iter().find(|f| field_matches(f, path)) {
+        return vec![finding(0, f.clone(), 1)];
+    }
+    let Some(text) = before.get(path) else {
+        // A redacted object key: the path names it in redacted form.
+        return vec![finding(0, String::new(), 1)];
+    };
+    let mut counts: Vec<(Detector, i32)> = Vec::new();
+    for m in r.find(text) {
+        match counts.iter_mut().find(|(d, _)| *d == m.detector) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((m.detector, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(d, n)| finding(pb_detector(d).map_or(0, |d| d as i32), String::new(), n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_patterns() {
+        assert!(field_matches("customer.email", "customer.email"));
+        assert!(field_matches("items[*].card", "items[3].card"));
+        assert!(field_matches("*.ssn", "person.ssn"));
+        assert!(field_matches("a['odd key']", "a.odd key"));
+        assert!(!field_matches("customer.email", "customer.phone"));
+        assert!(!field_matches("items[*].card", "items.card"));
+        assert!(!field_matches("customer", "customer.email"));
+    }
+
+    #[test]
+    fn cache_compiles_once_and_evicts_oldest() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cache = crate::cache::Cache::new(2);
+        let compiles = AtomicUsize::new(0);
+        let make = || {
+            compiles.fetch_add(1, Ordering::SeqCst);
+            crate::analyze::compile("t", "policy \"p\" { }", 0, 100, true)
+        };
+        let a = cache.get_or_try_insert("a", make).unwrap();
+        let a2 = cache.get_or_try_insert("a", make).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &a2));
+        assert_eq!(compiles.load(Ordering::SeqCst), 1);
+        cache.get_or_try_insert("b", make).unwrap();
+        cache.get_or_try_insert("c", make).unwrap(); // evicts "a"
+        cache.get_or_try_insert("a", make).unwrap();
+        assert_eq!(compiles.load(Ordering::SeqCst), 4);
+        // Errors are not cached.
+        let bad =
+            cache.get_or_try_insert("bad", || crate::analyze::compile("t", "nope", 0, 100, true));
+        assert!(bad.is_err());
     }
 }

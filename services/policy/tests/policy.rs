@@ -636,7 +636,11 @@ async fn tests_and_redact(app: TestApp) {
         .into_inner();
     assert_eq!((resp.passed_count, resp.failed_count), (1, 0));
     assert!(resp.results[0].passed);
-    assert_eq!(resp.results[0].span.as_ref().unwrap().start_line, 14);
+    let span = resp.results[0].span.as_ref().unwrap();
+    assert_eq!(
+        (span.source_name.as_str(), span.start_line),
+        ("refund.policy", 14)
+    );
 
     let failing = EXAMPLE.replace("expect require_approval", "expect allow");
     let resp = c
@@ -719,7 +723,19 @@ async fn tests_and_redact(app: TestApp) {
             r#"{"customer":{"email":"***","name":"***"},"note":"call ***"}"#.into()
         ))
     );
-    assert_eq!(json.findings.len(), 3);
+    let findings: Vec<_> = json
+        .findings
+        .iter()
+        .map(|f| (f.path.as_str(), f.detector, f.field.as_str(), f.count))
+        .collect();
+    assert_eq!(
+        findings,
+        [
+            ("$.customer.name", 0, "customer.name", 1),
+            ("$.customer.email", pb::Detector::Email as i32, "", 1),
+            ("$.note", pb::Detector::Phone as i32, "", 1),
+        ]
+    );
 }
 
 async fn bad_input(app: TestApp) {
