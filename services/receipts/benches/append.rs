@@ -1,0 +1,188 @@
+//! Receipt append through the service (gRPC over TCP, authentication, one
+//! PostgreSQL transaction per receipt) with 8 concurrent clients, and the time
+//! from append until an inclusion proof is served with the default 1 s
+//! checkpoint cadence. Needs PostgreSQL (`ANUMATE_TEST_POSTGRES_URL`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_crypto::{KeyPair, KeyRing};
+use anumate_proto::receipts::v1 as pb;
+use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
+use anumate_store::Store;
+use anumate_store::testing::TestDb;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pb::receipts_service_client::ReceiptsServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
+
+const CLIENTS: usize = 8;
+const PER_CLIENT: usize = 50;
+
+struct Bench {
+    clients: Vec<Client>,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Bench {
+    let db = TestDb::postgres().await;
+    let store = Store::connect(&db.config).await.unwrap();
+    store
+        .migrate(&anumate_receipts::migrations())
+        .await
+        .unwrap();
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+    let receipts = Receipts::new(store, keys, &ReceiptsConfig::default()).unwrap();
+    receipts.spawn_checkpointer();
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = DevIssuer::load_or_create(dir.path()).unwrap();
+    let auth = Authenticator::new(AuthConfig::default())
+        .unwrap()
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(AuthLayer::new(auth))
+            .add_service(ReceiptsGrpc::new(receipts).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let token = issuer
+        .mint(
+            "bench",
+            "svc:bench",
+            &[Role::Auditor],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(ReceiptsServiceClient::with_interceptor(
+            channel,
+            BearerToken(token.clone()),
+        ));
+    }
+    Bench {
+        clients,
+        _db: db,
+        _dir: dir,
+    }
+}
+
+fn request(key: String) -> pb::AppendReceiptRequest {
+    pb::AppendReceiptRequest {
+        kind: pb::ReceiptKind::StepExecution as i32,
+        subject: Some(pb::ReceiptSubject {
+            run_id: "run".into(),
+            step_id: key.clone(),
+            attempt: 1,
+            ..Default::default()
+        }),
+        content: Some(
+            serde_json::from_value(serde_json::json!({"tool": "refund", "amount": 12})).unwrap(),
+        ),
+        dedupe_key: key,
+    }
+}
+
+/// Appends `PER_CLIENT` receipts from each client concurrently; returns the ids.
+async fn round(clients: &[Client], round: u64) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for (c, client) in clients.iter().enumerate() {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..PER_CLIENT {
+                let r = client
+                    .append_receipt(request(format!("{round}-{c}-{i}")))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(r.receipt.unwrap().receipt_id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    ids
+}
+
+fn append(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bench = rt.block_on(setup());
+    let mut group = c.benchmark_group("receipts");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((CLIENTS * PER_CLIENT) as u64));
+    let mut n = 0u64;
+    group.bench_function("append, 8 clients, postgres", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                n += 1;
+                rt.block_on(round(&bench.clients, n));
+            }
+            start.elapsed()
+        })
+    });
+    group.finish();
+
+    // Time to inclusion proof: append, then poll until the proof is served.
+    let mut latencies = rt.block_on(async {
+        let mut client = bench.clients[0].clone();
+        let mut out = Vec::new();
+        for i in 0..40 {
+            let start = Instant::now();
+            let r = client
+                .append_receipt(request(format!("ttp-{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .receipt
+                .unwrap();
+            loop {
+                let proof = client
+                    .get_inclusion_proof(pb::GetInclusionProofRequest {
+                        receipt_id: r.receipt_id.clone(),
+                        tree_size: 0,
+                    })
+                    .await;
+                if proof.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            out.push(start.elapsed());
+            tokio::time::sleep(Duration::from_millis(37)).await;
+        }
+        out
+    });
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "time to inclusion proof (1 s checkpoints): p50 {:?}, p99 {:?}, max {:?}",
+        p(0.5),
+        p(0.99),
+        latencies[latencies.len() - 1]
+    );
+}
+
+criterion_group!(benches, append);
+criterion_main!(benches);
