@@ -216,6 +216,7 @@ on_both_backends! {
     tenancy => tenancy_sqlite, tenancy_postgres;
     decision_log_redaction => decision_log_redaction_sqlite, decision_log_redaction_postgres;
     events => events_sqlite, events_postgres;
+    concurrent_pushes => concurrent_pushes_sqlite, concurrent_pushes_postgres;
 }
 
 #[track_caller]
@@ -751,6 +752,19 @@ async fn bad_input(app: TestApp) {
         c.evaluate_policy(eval_source(&big, "{}")).await,
         ErrorCode::PayloadTooLarge,
     );
+    // Beyond the transport limit: refused from the length prefix, same code.
+    let huge = format!("{LIMITS}\n# {}\n", "x".repeat(4 * 1024 * 1024));
+    let err = expect_error(
+        c.push_policy(push_req(&huge, false)).await,
+        ErrorCode::PayloadTooLarge,
+    );
+    assert!(err.message.contains("too large"), "{}", err.message);
+    // An oversized input.
+    let input = format!(r#"{{"args": {{"pad": "{}"}}}}"#, "x".repeat(1024 * 1024));
+    expect_error(
+        c.evaluate_policy(eval_source(LIMITS, &input)).await,
+        ErrorCode::PayloadTooLarge,
+    );
 
     // Syntax error: INVALID_DOCUMENT with line:col.
     let broken = LIMITS.replace("then deny(", "then deny((");
@@ -1052,4 +1066,45 @@ async fn fuel_exhaustion_sqlite() {
         Some("fuel_exhausted")
     );
     assert!(app.decision_inputs(TENANT_A).await.is_empty());
+}
+
+/// Concurrent pushes of distinct content each get their own version; pushes
+/// of identical content store it once.
+async fn concurrent_pushes(app: TestApp) {
+    const N: i64 = 8;
+    let client = app.client(TENANT_A, AUTHOR).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let mut c = client.clone();
+        tasks.spawn(async move {
+            let source = LIMITS.replace("500000", &format!("{}", 500000 + i));
+            (i, c.push_policy(push_req(&source, false)).await)
+        });
+    }
+    let mut versions = std::collections::BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.unwrap();
+        let pushed = result
+            .unwrap_or_else(|s| panic!("push {i} failed: {:?}", Error::from_status(&s)))
+            .into_inner();
+        assert!(pushed.created);
+        assert!(versions.insert(pushed.version.unwrap().version));
+    }
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        (1..=N).collect::<Vec<_>>()
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let mut c = client.clone();
+        tasks.spawn(async move { c.push_policy(push_req(PII, false)).await });
+    }
+    let mut created = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let pushed = joined.unwrap().expect("push").into_inner();
+        assert_eq!(pushed.version.unwrap().version, 1);
+        created += usize::from(pushed.created);
+    }
+    assert_eq!(created, 1);
 }
