@@ -6,10 +6,11 @@
 //! adapts it to the generated `ReceiptsService` trait.
 //!
 //! ## How the log works
-//! - **Append** runs in one write transaction per receipt: it locks the
-//!   tenant's head row (`SELECT … FOR UPDATE` on PostgreSQL; SQLite write
-//!   transactions are exclusive), takes the next leaf index, signs the
-//!   statement (ES256), and stores the receipt, every tree node the leaf
+//! - **Append** is group-committed per tenant: concurrent appends queue and
+//!   one write transaction takes them all. It locks the tenant's head row
+//!   (`SELECT … FOR UPDATE` on PostgreSQL; SQLite write transactions are
+//!   exclusive), takes the next leaf indexes, signs each statement (ES256),
+//!   and stores each receipt, every tree node the leaf
 //!   completes (from [`anumate_receipt::CompactRange`]) and a
 //!   `receipt.appended` outbox event. The tree is therefore always integrated
 //!   up to the last committed receipt; nothing is pending in memory, so a
@@ -28,7 +29,7 @@ mod repo;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anumate_crypto::KeyRing;
@@ -101,6 +102,37 @@ pub struct Receipts {
     cfg: ReceiptsConfig,
     redactor: Arc<Redactor>,
     wake: Arc<Notify>,
+    lanes: Arc<Mutex<HashMap<String, Arc<Lane>>>>,
+}
+
+/// A validated, redacted append request.
+struct Prepared {
+    actor: Actor,
+    kind: &'static str,
+    subject: Subject,
+    digest: String,
+    canonical: String,
+    fingerprint: String,
+    dedupe_key: String,
+}
+
+/// A queued append and where its answer goes.
+struct Job {
+    prepared: Prepared,
+    reply: tokio::sync::oneshot::Sender<Result<(pb::Receipt, bool)>>,
+}
+
+/// One tenant's append queue and the lock its batch leader holds.
+#[derive(Default)]
+struct Lane {
+    queue: Mutex<Vec<Job>>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+/// Locks a std mutex, recovering from poisoning (the data stays consistent:
+/// queues are only pushed to and taken whole).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An inclusion proof and the checkpoint it leads to.
@@ -357,6 +389,7 @@ impl Receipts {
             cfg: cfg.clone(),
             redactor: Arc::new(redactor),
             wake: Arc::new(Notify::new()),
+            lanes: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -367,6 +400,10 @@ impl Receipts {
 
     /// Issues, signs and appends a receipt; with a known `dedupe_key` returns the
     /// existing receipt and `false`.
+    ///
+    /// Appends of one tenant are group-committed: callers queue their prepared
+    /// receipt, one of them (the leader) takes the whole queue and writes it in a
+    /// single transaction, and every caller gets its own result.
     pub async fn append(
         &self,
         actor: &Actor,
@@ -375,6 +412,46 @@ impl Receipts {
         content: Option<pbjson_types::Struct>,
         dedupe_key: &str,
     ) -> Result<(pb::Receipt, bool)> {
+        let prepared = self.prepare(actor, kind, subject, content, dedupe_key)?;
+        let (reply, mut done) = tokio::sync::oneshot::channel();
+        let lane = self.lane(&actor.tenant);
+        lock(&lane.queue).push(Job { prepared, reply });
+        {
+            let _leader = lane.leader.lock().await;
+            // A previous leader may already have written our receipt.
+            if let Ok(result) = done.try_recv() {
+                return result;
+            }
+            let jobs = std::mem::take(&mut *lock(&lane.queue));
+            if !jobs.is_empty() {
+                // Spawned: a cancelled caller does not abort the others' batch.
+                let this = self.clone();
+                let tenant = actor.tenant.clone();
+                tokio::spawn(async move { this.commit_batch(&tenant, jobs).await })
+                    .await
+                    .map_err(Error::internal)?;
+            }
+        }
+        done.await
+            .map_err(|_| Error::internal("append batch ended without an answer"))?
+    }
+
+    fn lane(&self, tenant: &str) -> Arc<Lane> {
+        lock(&self.lanes)
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Validates and redacts a request, outside any transaction.
+    fn prepare(
+        &self,
+        actor: &Actor,
+        kind: i32,
+        subject: Option<pb::ReceiptSubject>,
+        content: Option<pbjson_types::Struct>,
+        dedupe_key: &str,
+    ) -> Result<Prepared> {
         let kind = kind_name(kind)?;
         if dedupe_key.is_empty() {
             return Err(Error::invalid_argument(
@@ -410,105 +487,153 @@ impl Receipts {
             jtis: subject.jtis,
         };
         let fingerprint = request_hash(kind, &subject, &digest);
+        Ok(Prepared {
+            actor: actor.clone(),
+            kind,
+            subject,
+            digest,
+            canonical,
+            fingerprint,
+            dedupe_key: dedupe_key.to_string(),
+        })
+    }
 
-        let tx = self.store.write(&actor.tenant).await?;
-        let head = repo::lock_head(&tx).await?;
-        if let Some(existing) = repo::by_dedupe_key(&tx, dedupe_key).await? {
-            if existing.request_hash != fingerprint {
-                return Err(Error::new(
-                    ErrorCode::AlreadyExists,
-                    format!(
-                        "dedupe_key {dedupe_key:?} was used for a different receipt (leaf {})",
-                        existing.leaf_index
-                    ),
-                ));
+    /// Writes a batch and answers every job.
+    async fn commit_batch(&self, tenant: &str, jobs: Vec<Job>) {
+        let (prepared, replies): (Vec<Prepared>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.prepared, j.reply)).unzip();
+        match self.write_batch(tenant, &prepared).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
             }
-            return Ok((receipt_proto(&existing, true)?, false));
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
+    }
 
+    /// One transaction for a batch: the outer error aborts it all, inner errors
+    /// are one job's (a reused dedupe key).
+    async fn write_batch(
+        &self,
+        tenant: &str,
+        batch: &[Prepared],
+    ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
+        let tx = self.store.write(tenant).await?;
+        let head = repo::lock_head(&tx).await?;
         let peaks = with_nodes(&tx, head.size, |s| {
             CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
         })
         .await?;
         let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
         let key = self.keys.active();
-        let issued_at = anumate_store::now_micros();
-        let receipt_id = uuid::Uuid::now_v7().to_string();
-        let statement = Statement {
-            receipt_id: receipt_id.clone(),
-            tenant_id: actor.tenant.clone(),
-            kind: kind.to_string(),
-            subject,
-            content_digest: digest.clone(),
-            issue_time: rfc3339_micros(issued_at)?,
-            kid: key.kid().to_string(),
-        };
-        let signed = statement.sign(key).map_err(Error::internal)?;
-        let mut nodes = Vec::new();
-        range.append(signed.leaf_hash, |level, index, hash| {
-            nodes.push((level, index, *hash))
-        });
-        let leaf_index = head.size;
-        repo::insert_receipt(
-            &tx,
-            &repo::NewReceipt {
-                leaf_index,
-                receipt_id: &receipt_id,
-                dedupe_key,
-                request_hash: &fingerprint,
-                kind,
-                run_id: &statement.subject.run_id,
-                plan_hash: &statement.subject.plan_hash,
-                issued_at,
-                statement_json: &signed.statement_json,
-                signature: &signed.signature,
-                kid: key.kid(),
-                leaf_hash: &signed.leaf_hash,
-                content_json: &canonical,
-            },
-        )
-        .await?;
-        repo::insert_nodes(&tx, &nodes).await?;
-        repo::set_head_size(&tx, head.size + 1).await?;
-        let event_subject = format!("receipts/{receipt_id}");
-        anumate_events::append(
-            &tx,
-            &ev::ReceiptAppended {
-                tenant_id: actor.tenant.clone(),
+        let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for p in batch {
+            let existing = match created.get(p.dedupe_key.as_str()) {
+                Some(row) => Some(row.clone()),
+                None => repo::by_dedupe_key(&tx, &p.dedupe_key).await?,
+            };
+            if let Some(existing) = existing {
+                results.push(if existing.request_hash == p.fingerprint {
+                    receipt_proto(&existing, true).map(|r| (r, false))
+                } else {
+                    Err(Error::new(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "dedupe_key {:?} was used for a different receipt (leaf {})",
+                            p.dedupe_key, existing.leaf_index
+                        ),
+                    ))
+                });
+                continue;
+            }
+            let issued_at = anumate_store::now_micros();
+            let receipt_id = uuid::Uuid::now_v7().to_string();
+            let statement = Statement {
                 receipt_id: receipt_id.clone(),
-                kind: kind_from_name(kind) as i32,
-                run_id: statement.subject.run_id.clone(),
-                step_id: statement.subject.step_id.clone(),
-                plan_hash: statement.subject.plan_hash.clone(),
-                leaf_index: i64::try_from(leaf_index).map_err(Error::internal)?,
-                content_digest: digest.clone(),
-                actor: actor.subject.clone(),
-            },
-            &actor.tenant,
-            anumate_events::EventContext {
-                subject: &event_subject,
-                plan_hash: (!statement.subject.plan_hash.is_empty())
-                    .then_some(statement.subject.plan_hash.as_str()),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(Error::internal)?;
+                tenant_id: tenant.to_string(),
+                kind: p.kind.to_string(),
+                subject: p.subject.clone(),
+                content_digest: p.digest.clone(),
+                issue_time: rfc3339_micros(issued_at)?,
+                kid: key.kid().to_string(),
+            };
+            let signed = statement.sign(key).map_err(Error::internal)?;
+            let mut nodes = Vec::new();
+            range.append(signed.leaf_hash, |level, index, hash| {
+                nodes.push((level, index, *hash))
+            });
+            let leaf_index = range.size() - 1;
+            repo::insert_receipt(
+                &tx,
+                &repo::NewReceipt {
+                    leaf_index,
+                    receipt_id: &receipt_id,
+                    dedupe_key: &p.dedupe_key,
+                    request_hash: &p.fingerprint,
+                    kind: p.kind,
+                    run_id: &p.subject.run_id,
+                    plan_hash: &p.subject.plan_hash,
+                    issued_at,
+                    statement_json: &signed.statement_json,
+                    signature: &signed.signature,
+                    kid: key.kid(),
+                    leaf_hash: &signed.leaf_hash,
+                    content_json: &p.canonical,
+                },
+            )
+            .await?;
+            repo::insert_nodes(&tx, &nodes).await?;
+            let event_subject = format!("receipts/{receipt_id}");
+            anumate_events::append(
+                &tx,
+                &ev::ReceiptAppended {
+                    tenant_id: tenant.to_string(),
+                    receipt_id: receipt_id.clone(),
+                    kind: kind_from_name(p.kind) as i32,
+                    run_id: p.subject.run_id.clone(),
+                    step_id: p.subject.step_id.clone(),
+                    plan_hash: p.subject.plan_hash.clone(),
+                    leaf_index: i64::try_from(leaf_index).map_err(Error::internal)?,
+                    content_digest: p.digest.clone(),
+                    actor: p.actor.subject.clone(),
+                },
+                tenant,
+                anumate_events::EventContext {
+                    subject: &event_subject,
+                    plan_hash: (!p.subject.plan_hash.is_empty())
+                        .then_some(p.subject.plan_hash.as_str()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(Error::internal)?;
+            let row = repo::ReceiptRow {
+                leaf_index,
+                request_hash: p.fingerprint.clone(),
+                issued_at,
+                statement_json: signed.statement_json,
+                signature: signed.signature,
+                kid: key.kid().to_string(),
+                leaf_hash: signed.leaf_hash,
+                content_json: p.canonical.clone(),
+            };
+            results.push(receipt_proto(&row, true).map(|r| (r, true)));
+            created.insert(p.dedupe_key.as_str(), row);
+        }
+        if range.size() != head.size {
+            repo::set_head_size(&tx, range.size()).await?;
+        }
         tx.commit().await?;
-        if head.size + 1 - head.checkpoint_size >= self.cfg.checkpoint_batch {
+        if range.size() - head.checkpoint_size >= self.cfg.checkpoint_batch {
             self.wake.notify_one();
         }
-        let row = repo::ReceiptRow {
-            leaf_index,
-            request_hash: fingerprint,
-            issued_at,
-            statement_json: signed.statement_json,
-            signature: signed.signature,
-            kid: key.kid().to_string(),
-            leaf_hash: signed.leaf_hash,
-            content_json: canonical,
-        };
-        Ok((receipt_proto(&row, true)?, true))
+        Ok(results)
     }
 
     /// A receipt with its content.

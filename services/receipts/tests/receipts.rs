@@ -958,4 +958,47 @@ async fn concurrent_appends(app: TestApp) {
         assert_eq!(verify_offline(&mut auditor, r, &keys).await, 80);
     }
     assert_eq!(count(&app, TENANT_A, "receipts").await, 80);
+
+    // The same dedupe key from 8 clients at once (likely one batch): one receipt.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = app.service(TENANT_A).await;
+        tasks.push(tokio::spawn(async move {
+            client
+                .append_receipt(step_request("run-same", "s", 1, 1))
+                .await
+                .unwrap()
+                .into_inner()
+        }));
+    }
+    let mut outs = Vec::new();
+    for t in tasks {
+        outs.push(t.await.unwrap());
+    }
+    assert_eq!(outs.iter().filter(|o| o.created).count(), 1);
+    assert!(outs.iter().all(|o| o.receipt == outs[0].receipt));
+    assert_eq!(outs[0].receipt.as_ref().unwrap().leaf_index, 80);
+    // A different request under a key taken in the same batch: ALREADY_EXISTS.
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let mut client = app.service(TENANT_A).await;
+        tasks.push(tokio::spawn(async move {
+            client
+                .append_receipt(step_request("run-x", "s", 1, i))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                assert!(r.created);
+                created += 1;
+            }
+            Err(s) => assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 82);
 }
