@@ -133,17 +133,18 @@ fn detectors_of(names: &[String]) -> Vec<Detector> {
     out
 }
 
-fn pb_detector(d: Detector) -> Option<pb::Detector> {
-    Some(match d {
+fn pb_detector(d: Detector) -> pb::Detector {
+    match d {
         Detector::Email => pb::Detector::Email,
         Detector::Phone => pb::Detector::Phone,
         Detector::Card => pb::Detector::Card,
         Detector::Iban => pb::Detector::Iban,
         Detector::Ssn => pb::Detector::Ssn,
         Detector::Ipv4 => pb::Detector::Ipv4,
+        Detector::Ipv6 => pb::Detector::Ipv6,
         Detector::ApiKey => pb::Detector::ApiKey,
-        _ => return None,
-    })
+        Detector::Jwt => pb::Detector::Jwt,
+    }
 }
 
 fn from_pb_detector(d: i32) -> Result<Vec<Detector>> {
@@ -154,7 +155,9 @@ fn from_pb_detector(d: i32) -> Result<Vec<Detector>> {
         Ok(pb::Detector::Iban) => vec![Detector::Iban],
         Ok(pb::Detector::Ssn) => vec![Detector::Ssn],
         Ok(pb::Detector::Ipv4) => vec![Detector::Ipv4],
-        Ok(pb::Detector::ApiKey) => vec![Detector::ApiKey, Detector::Jwt],
+        Ok(pb::Detector::ApiKey) => vec![Detector::ApiKey],
+        Ok(pb::Detector::Ipv6) => vec![Detector::Ipv6],
+        Ok(pb::Detector::Jwt) => vec![Detector::Jwt],
         _ => {
             return Err(Error::invalid_argument(
                 "redactions.detectors",
@@ -277,8 +280,7 @@ fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
                         fields,
                         detectors: detectors_of(&detectors)
                             .into_iter()
-                            .filter_map(pb_detector)
-                            .map(|d| d as i32)
+                            .map(|d| pb_detector(d) as i32)
                             .collect(),
                         replacement: with.unwrap_or_default(),
                         rule: Some(rule_ref.clone()),
@@ -644,7 +646,7 @@ impl Policies {
                     for m in r.find(&out) {
                         findings.push(pb::RedactionFinding {
                             path: "$".into(),
-                            detector: pb_detector(m.detector).map_or(0, |d| d as i32),
+                            detector: pb_detector(m.detector) as i32,
                             field: String::new(),
                             count: 1,
                         });
@@ -820,7 +822,7 @@ fn attribute(
     }
     counts
         .into_iter()
-        .map(|(d, n)| finding(pb_detector(d).map_or(0, |d| d as i32), String::new(), n))
+        .map(|(d, n)| finding(pb_detector(d) as i32, String::new(), n))
         .collect()
 }
 

@@ -987,6 +987,32 @@ async fn decision_log_redaction(app: TestApp) {
     assert_eq!(logged["args"]["amount"], 900000);
     assert_eq!(logged["tenant"], TENANT_A);
 
+    // `ip` is IPv4 and IPv6; every DSL detector has a proto name.
+    let resp = c
+        .evaluate_policy(eval_source(
+            r#"policy "ips" { rule "r" { when true then redact(detectors: ["ip", "jwt"]) } }"#,
+            r#"{"args": {"addr": "2001:db8::1", "peer": "10.1.2.3"}}"#,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let redaction = &resp.decision.unwrap().obligations.unwrap().redactions[0];
+    assert_eq!(
+        redaction.detectors,
+        [
+            pb::Detector::Ipv4 as i32,
+            pb::Detector::Ipv6 as i32,
+            pb::Detector::Jwt as i32
+        ]
+    );
+    let rows = app.decision_inputs(TENANT_A).await;
+    let row = rows.last().unwrap();
+    assert!(
+        !row.contains("2001:db8::1") && !row.contains("10.1.2.3"),
+        "{row}"
+    );
+    assert!(row.contains("[REDACTED:ipv6]"), "{row}");
+
     // Without a redact obligation the input is logged as given.
     c.evaluate_policy(eval_set(
         &[("refund-limits", 0, "")],
@@ -995,8 +1021,8 @@ async fn decision_log_redaction(app: TestApp) {
     .await
     .unwrap();
     let rows = app.decision_inputs(TENANT_A).await;
-    assert_eq!(rows.len(), 2);
-    assert!(rows[1].contains("crm.lookup"));
+    assert_eq!(rows.len(), 3);
+    assert!(rows[2].contains("crm.lookup"));
 }
 
 async fn events(app: TestApp) {
