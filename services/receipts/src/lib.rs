@@ -531,13 +531,21 @@ impl Receipts {
         .await?;
         let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
         let key = self.keys.active();
+        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
+        let mut stored = repo::by_dedupe_keys(&tx, &keys).await?;
         let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
+        let mut new_rows: Vec<(&Prepared, String, repo::ReceiptRow)> = Vec::new();
+        let mut nodes = Vec::new();
         let mut results = Vec::with_capacity(batch.len());
         for p in batch {
             let existing = match created.get(p.dedupe_key.as_str()) {
                 Some(row) => Some(row.clone()),
-                None => repo::by_dedupe_key(&tx, &p.dedupe_key).await?,
+                None => stored.remove(&p.dedupe_key),
             };
+            if let Some(row) = &existing {
+                // Later duplicates in this batch see it too.
+                created.insert(p.dedupe_key.as_str(), row.clone());
+            }
             if let Some(existing) = existing {
                 results.push(if existing.request_hash == p.fingerprint {
                     receipt_proto(&existing, true).map(|r| (r, false))
@@ -564,31 +572,44 @@ impl Receipts {
                 kid: key.kid().to_string(),
             };
             let signed = statement.sign(key).map_err(Error::internal)?;
-            let mut nodes = Vec::new();
             range.append(signed.leaf_hash, |level, index, hash| {
                 nodes.push((level, index, *hash))
             });
-            let leaf_index = range.size() - 1;
-            repo::insert_receipt(
-                &tx,
-                &repo::NewReceipt {
-                    leaf_index,
-                    receipt_id: &receipt_id,
-                    dedupe_key: &p.dedupe_key,
-                    request_hash: &p.fingerprint,
-                    kind: p.kind,
-                    run_id: &p.subject.run_id,
-                    plan_hash: &p.subject.plan_hash,
-                    issued_at,
-                    statement_json: &signed.statement_json,
-                    signature: &signed.signature,
-                    kid: key.kid(),
-                    leaf_hash: &signed.leaf_hash,
-                    content_json: &p.canonical,
-                },
-            )
-            .await?;
-            repo::insert_nodes(&tx, &nodes).await?;
+            let row = repo::ReceiptRow {
+                leaf_index: range.size() - 1,
+                request_hash: p.fingerprint.clone(),
+                issued_at,
+                statement_json: signed.statement_json,
+                signature: signed.signature,
+                kid: key.kid().to_string(),
+                leaf_hash: signed.leaf_hash,
+                content_json: p.canonical.clone(),
+            };
+            results.push(receipt_proto(&row, true).map(|r| (r, true)));
+            created.insert(p.dedupe_key.as_str(), row.clone());
+            new_rows.push((p, receipt_id, row));
+        }
+        let inserts: Vec<repo::NewReceipt> = new_rows
+            .iter()
+            .map(|(p, receipt_id, row)| repo::NewReceipt {
+                leaf_index: row.leaf_index,
+                receipt_id,
+                dedupe_key: &p.dedupe_key,
+                request_hash: &p.fingerprint,
+                kind: p.kind,
+                run_id: &p.subject.run_id,
+                plan_hash: &p.subject.plan_hash,
+                issued_at: row.issued_at,
+                statement_json: &row.statement_json,
+                signature: &row.signature,
+                kid: &row.kid,
+                leaf_hash: &row.leaf_hash,
+                content_json: &row.content_json,
+            })
+            .collect();
+        repo::insert_receipts(&tx, &inserts).await?;
+        repo::insert_nodes(&tx, &nodes).await?;
+        for (p, receipt_id, row) in &new_rows {
             let event_subject = format!("receipts/{receipt_id}");
             anumate_events::append(
                 &tx,
@@ -599,7 +620,7 @@ impl Receipts {
                     run_id: p.subject.run_id.clone(),
                     step_id: p.subject.step_id.clone(),
                     plan_hash: p.subject.plan_hash.clone(),
-                    leaf_index: i64::try_from(leaf_index).map_err(Error::internal)?,
+                    leaf_index: i64::try_from(row.leaf_index).map_err(Error::internal)?,
                     content_digest: p.digest.clone(),
                     actor: p.actor.subject.clone(),
                 },
@@ -613,18 +634,6 @@ impl Receipts {
             )
             .await
             .map_err(Error::internal)?;
-            let row = repo::ReceiptRow {
-                leaf_index,
-                request_hash: p.fingerprint.clone(),
-                issued_at,
-                statement_json: signed.statement_json,
-                signature: signed.signature,
-                kid: key.kid().to_string(),
-                leaf_hash: signed.leaf_hash,
-                content_json: p.canonical.clone(),
-            };
-            results.push(receipt_proto(&row, true).map(|r| (r, true)));
-            created.insert(p.dedupe_key.as_str(), row);
         }
         if range.size() != head.size {
             repo::set_head_size(&tx, range.size()).await?;

@@ -239,19 +239,25 @@ pub async fn nodes(tx: &TenantTx, wanted: &[(u32, u64)]) -> Result<HashMap<(u32,
     Ok(out)
 }
 
-/// Inserts newly completed tree nodes.
+/// Inserts newly completed tree nodes, several per statement.
 pub async fn insert_nodes(tx: &TenantTx, nodes: &[(u32, u64, Hash)]) -> Result<()> {
-    for (level, index, hash) in nodes {
-        tx.execute(
-            "INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash) VALUES ($1, $2, $3, $4)",
-            vec![
-                tx.tenant_id().into(),
-                i32::try_from(*level).map_err(Error::internal)?.into(),
-                to_i64(*index)?.into(),
-                hex::encode(hash).into(),
-            ],
-        )
-        .await?;
+    for chunk in nodes.chunks(200) {
+        let mut sql = String::from(
+            "INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+        for (i, (level, index, hash)) in chunk.iter().enumerate() {
+            let n = values.len();
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
+            values.push(tx.tenant_id().into());
+            values.push(i32::try_from(*level).map_err(Error::internal)?.into());
+            values.push(to_i64(*index)?.into());
+            values.push(hex::encode(hash).into());
+        }
+        tx.execute(&sql, values).await?;
     }
     Ok(())
 }
@@ -286,30 +292,43 @@ pub struct NewReceipt<'a> {
     pub content_json: &'a str,
 }
 
-pub async fn insert_receipt(tx: &TenantTx, r: &NewReceipt<'_>) -> Result<()> {
-    tx.execute(
-        "INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind, \
-           run_id, plan_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        vec![
-            tx.tenant_id().into(),
-            to_i64(r.leaf_index)?.into(),
-            r.receipt_id.into(),
-            r.dedupe_key.into(),
-            r.request_hash.into(),
-            r.kind.into(),
-            r.run_id.into(),
-            r.plan_hash.into(),
-            r.issued_at.into(),
-            r.statement_json.into(),
-            r.signature.into(),
-            r.kid.into(),
-            hex::encode(r.leaf_hash).into(),
-            r.content_json.into(),
-            anumate_store::now_micros().into(),
-        ],
-    )
-    .await?;
+/// Inserts receipts, several per statement.
+pub async fn insert_receipts(tx: &TenantTx, receipts: &[NewReceipt<'_>]) -> Result<()> {
+    for chunk in receipts.chunks(50) {
+        let mut sql = String::from(
+            "INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind, \
+               run_id, plan_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json, created_at) \
+             VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 15);
+        let now = anumate_store::now_micros();
+        for (i, r) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let n = values.len();
+            let params: Vec<String> = (1..=15).map(|k| format!("${}", n + k)).collect();
+            sql.push_str(&format!("({})", params.join(", ")));
+            values.extend([
+                tx.tenant_id().into(),
+                to_i64(r.leaf_index)?.into(),
+                r.receipt_id.into(),
+                r.dedupe_key.into(),
+                r.request_hash.into(),
+                r.kind.into(),
+                r.run_id.into(),
+                r.plan_hash.into(),
+                r.issued_at.into(),
+                r.statement_json.into(),
+                r.signature.into(),
+                r.kid.into(),
+                hex::encode(r.leaf_hash).into(),
+                r.content_json.into(),
+                now.into(),
+            ]);
+        }
+        tx.execute(&sql, values).await?;
+    }
     Ok(())
 }
 
@@ -330,13 +349,23 @@ fn receipt_from(row: &QueryResult) -> Result<ReceiptRow> {
     })
 }
 
-pub async fn by_dedupe_key(tx: &TenantTx, key: &str) -> Result<Option<ReceiptRow>> {
-    let sql =
-        format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND dedupe_key = $2");
-    let row = tx
-        .query_one(&sql, vec![tx.tenant_id().into(), key.into()])
-        .await?;
-    row.as_ref().map(receipt_from).transpose()
+/// The stored receipts of any of `keys`, by dedupe key.
+pub async fn by_dedupe_keys(tx: &TenantTx, keys: &[&str]) -> Result<HashMap<String, ReceiptRow>> {
+    let mut out = HashMap::new();
+    for chunk in keys.chunks(200) {
+        let params: Vec<String> = (2..chunk.len() + 2).map(|k| format!("${k}")).collect();
+        let sql = format!(
+            "SELECT dedupe_key, {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND dedupe_key IN ({})",
+            params.join(", ")
+        );
+        let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+        values.extend(chunk.iter().map(|k| Value::from(*k)));
+        for row in tx.query_all(&sql, values).await? {
+            let key: String = row.try_get("", "dedupe_key").map_err(db)?;
+            out.insert(key, receipt_from(&row)?);
+        }
+    }
+    Ok(out)
 }
 
 pub async fn by_id(tx: &TenantTx, receipt_id: &str) -> Result<Option<ReceiptRow>> {
