@@ -50,7 +50,7 @@ async fn setup() -> Bench {
         tonic::transport::Server::builder()
             .layer(AuthLayer::new(auth))
             .add_service(ReceiptsGrpc::new(receipts).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(async_stream_nodelay(listener))
             .await
             .unwrap();
     });
@@ -79,6 +79,19 @@ async fn setup() -> Bench {
         _db: db,
         _dir: dir,
     }
+}
+
+/// Accepted connections with TCP_NODELAY (as `Server::serve` would set): without
+/// it, small responses wait for delayed ACKs (~40 ms per call).
+fn async_stream_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
 }
 
 fn request(key: String) -> pb::AppendReceiptRequest {
