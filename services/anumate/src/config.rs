@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anumate_auth::AuthConfig;
+use anumate_captokens_service::CapTokensConfig;
+use anumate_policy_service::PolicyConfig;
 use anumate_receipts::ReceiptsConfig;
 use anumate_registry::RegistryConfig;
 use anumate_store::StoreConfig;
@@ -28,6 +30,10 @@ pub struct AppConfig {
     pub registry: RegistryConfig,
     /// Receipt log: checkpoint cadence and content limit.
     pub receipts: ReceiptsConfig,
+    /// Policy limits and compile cache.
+    pub policy: PolicyConfig,
+    /// Capability tokens: issuer, keys, leeway.
+    pub captokens: CapTokensConfig,
     /// Signing keys.
     pub keys: KeysConfig,
     /// `anumate dev` only.
@@ -44,6 +50,8 @@ impl Default for AppConfig {
             telemetry: TelemetryConfig::default(),
             registry: RegistryConfig::default(),
             receipts: ReceiptsConfig::default(),
+            policy: PolicyConfig::default(),
+            captokens: CapTokensConfig::default(),
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
         }

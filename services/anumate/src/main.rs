@@ -202,6 +202,8 @@ fn all_migrations() -> Vec<anumate_store::Migration> {
     // The registry's list already holds the outbox's migrations.
     let mut all = anumate_registry::migrations();
     all.extend_from_slice(anumate_receipts::REPO_MIGRATIONS);
+    all.extend_from_slice(anumate_policy_service::REPO_MIGRATIONS);
+    all.extend_from_slice(anumate_captokens_service::REPO_MIGRATIONS);
     all
 }
 

@@ -3,7 +3,11 @@
 use std::{sync::Arc, time::Duration};
 
 use anumate_auth::{AuthLayer, Authenticator};
+use anumate_captokens_service::{CapTokens, CapTokensGrpc};
 use anumate_crypto::KeyRing;
+use anumate_policy_service::{Policies, PolicyGrpc};
+use anumate_proto::captokens::v1::cap_tokens_service_server;
+use anumate_proto::policy::v1::policy_service_server;
 use anumate_proto::receipts::v1::receipts_service_server;
 use anumate_proto::registry::v1::registry_service_server;
 use anumate_receipts::{Receipts, ReceiptsGrpc};
@@ -74,6 +78,16 @@ pub fn selected(services: &[ServiceName]) -> Vec<&'static str> {
 pub const STORED_SERVICES: &[&str] = &[
     registry_service_server::SERVICE_NAME,
     receipts_service_server::SERVICE_NAME,
+    policy_service_server::SERVICE_NAME,
+    cap_tokens_service_server::SERVICE_NAME,
+];
+
+/// Services implemented in this binary (the rest answer UNIMPLEMENTED).
+const IMPLEMENTED: &[&str] = &[
+    registry_service_server::SERVICE_NAME,
+    receipts_service_server::SERVICE_NAME,
+    policy_service_server::SERVICE_NAME,
+    cap_tokens_service_server::SERVICE_NAME,
 ];
 
 /// Everything a running server needs.
@@ -134,13 +148,39 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         checkpointer = Some(receipts.spawn_checkpointer());
         routes.add_service(ReceiptsGrpc::new(receipts).into_server());
     }
+    if rt.services.contains(&policy_service_server::SERVICE_NAME) {
+        let store = rt
+            .store
+            .clone()
+            .context("the policy service needs a store")?;
+        let policies = Policies::new(store, &rt.config.policy);
+        routes.add_service(PolicyGrpc::new(policies).into_server());
+    }
+    let mut token_purger = None;
+    if rt
+        .services
+        .contains(&cap_tokens_service_server::SERVICE_NAME)
+    {
+        let store = rt
+            .store
+            .clone()
+            .context("the captokens service needs a store")?;
+        let keys = Arc::new(
+            anumate_captokens_service::load_keys(&rt.config.captokens, &rt.config.keys_dir())
+                .context("captokens keys")?,
+        );
+        let tokens = CapTokens::new(store, keys, &rt.config.captokens)
+            .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
+        token_purger = Some(tokens.spawn_background());
+        routes.add_service(CapTokensGrpc::new(tokens).into_server());
+    }
     let mut skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
         .iter()
         .copied()
         .filter(|n| !rt.services.contains(n))
         .collect();
     // Implemented here: never the placeholder.
-    skip.push(receipts_service_server::SERVICE_NAME);
+    skip.extend_from_slice(IMPLEMENTED);
     let mut routes = anumate_unimplemented::add_except(routes, &skip);
 
     for name in &rt.services {
@@ -192,7 +232,13 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
                 .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )
         .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-        .layer(AuthLayer::new(rt.authenticator.clone()));
+        .layer(
+            anumate_captokens_service::PUBLIC_PATHS
+                .iter()
+                .fold(AuthLayer::new(rt.authenticator.clone()), |layer, path| {
+                    layer.allow_unauthenticated(*path)
+                }),
+        );
     let server = tonic::transport::Server::builder()
         .layer(layers)
         .add_routes(routes.routes())
@@ -207,7 +253,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
         }
     }
-    if let Some(task) = checkpointer {
+    for task in [checkpointer, token_purger].into_iter().flatten() {
         task.abort();
     }
     tracing::info!("stopped");

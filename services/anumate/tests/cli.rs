@@ -611,13 +611,24 @@ async fn health_reflection_unimplemented_and_sigterm() {
         .await
         .expect("list with the dev token");
 
-    // a registered but not yet implemented service
+    // implemented in dev: policy answers with the dev token
     use anumate_proto::policy::v1::{
         ListPoliciesRequest, policy_service_client::PolicyServiceClient,
     };
-    let mut policy = PolicyServiceClient::with_interceptor(channel, BearerToken(dev.token()));
-    let err = policy
+    let mut policy =
+        PolicyServiceClient::with_interceptor(channel.clone(), BearerToken(dev.token()));
+    policy
         .list_policies(ListPoliciesRequest::default())
+        .await
+        .expect("policy service is served by dev");
+
+    // a registered but not yet implemented service
+    use anumate_proto::compiler::v1::{
+        ListPlansRequest, compiler_service_client::CompilerServiceClient,
+    };
+    let mut compiler = CompilerServiceClient::with_interceptor(channel, BearerToken(dev.token()));
+    let err = compiler
+        .list_plans(ListPlansRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
