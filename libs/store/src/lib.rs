@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod migrate;
+pub mod paging;
 #[cfg(feature = "testing")]
 pub mod testing;
 

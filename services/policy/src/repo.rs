@@ -4,8 +4,7 @@
 use anumate_errors::{Error, Result};
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::policy::v1 as pb;
-use anumate_store::{Backend, Migration, QueryResult, TenantTx};
-use base64::Engine as _;
+use anumate_store::{Backend, Migration, QueryResult, TenantTx, paging};
 
 const POLICY_DDL: &str = "CREATE TABLE policies (
         tenant_id TEXT NOT NULL,
@@ -59,9 +58,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     sqlite: POLICY_DDL,
     tenant_tables: &["policies", "policy_versions", "policy_decisions"],
 }];
-
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 500;
 
 /// A policy row and whether it is soft-deleted.
 pub struct PolicyRow {
@@ -351,37 +347,8 @@ pub async fn soft_delete(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
 
 /// Page size and the decoded token.
 pub fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
-    let size = match page.map_or(0, |p| p.page_size) {
-        n if n < 0 => {
-            return Err(Error::invalid_argument(
-                "page.page_size",
-                "must not be negative",
-            ));
-        }
-        0 => DEFAULT_PAGE,
-        n => i64::from(n).min(MAX_PAGE),
-    };
-    let token = match page
-        .map(|p| p.page_token.as_str())
-        .filter(|t| !t.is_empty())
-    {
-        None => None,
-        Some(t) => {
-            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(t)
-                .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?;
-            Some(
-                String::from_utf8(bytes).map_err(|_| {
-                    Error::invalid_argument("page.page_token", "malformed page token")
-                })?,
-            )
-        }
-    };
-    Ok((size, token))
-}
-
-fn encode_token(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    paging::page_params(size, token)
 }
 
 /// A page of the tenant's visible policies by name.
@@ -410,20 +377,11 @@ pub async fn list_policies(
     values.push((size + 1).into());
     sql.push_str(&format!(" ORDER BY c.name LIMIT ${}", values.len()));
     let rows = tx.query_all(&sql, values).await?;
-    let mut items = rows
+    let items = rows
         .iter()
         .map(|r| policy_from(r).map(|c| c.proto))
         .collect::<Result<Vec<_>>>()?;
-    let next = if items.len() as i64 > size {
-        items.truncate(size as usize);
-        items
-            .last()
-            .map(|c| encode_token(&c.name))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((items, next))
+    Ok(paging::finish_page(items, size, |c| c.name.clone()))
 }
 
 /// A page of one policy's versions, newest first, without sources.
@@ -448,17 +406,8 @@ pub async fn list_versions(
             ],
         )
         .await?;
-    let mut items = rows.iter().map(version_from).collect::<Result<Vec<_>>>()?;
-    let next = if items.len() as i64 > size {
-        items.truncate(size as usize);
-        items
-            .last()
-            .map(|v| encode_token(&v.version.to_string()))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((items, next))
+    let items = rows.iter().map(version_from).collect::<Result<Vec<_>>>()?;
+    Ok(paging::finish_page(items, size, |v| v.version.to_string()))
 }
 
 /// One decision log row, already redacted.

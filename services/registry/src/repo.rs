@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use anumate_errors::{Error, Result};
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::registry::v1 as pb;
-use anumate_store::{Backend, Migration, QueryResult, TenantTx};
-use base64::Engine as _;
+use anumate_store::{Backend, Migration, QueryResult, TenantTx, paging};
 
 const REGISTRY_DDL: &str = "CREATE TABLE capsules (
         tenant_id TEXT NOT NULL,
@@ -60,9 +59,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     sqlite: REGISTRY_DDL,
     tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
 }];
-
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 500;
 
 /// A capsule row and whether it is soft-deleted.
 pub struct CapsuleRow {
@@ -397,37 +393,8 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<(String, String)>> {
 
 /// Page size and the decoded token.
 pub fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
-    let size = match page.map_or(0, |p| p.page_size) {
-        n if n < 0 => {
-            return Err(Error::invalid_argument(
-                "page.page_size",
-                "must not be negative",
-            ));
-        }
-        0 => DEFAULT_PAGE,
-        n => i64::from(n).min(MAX_PAGE),
-    };
-    let token = match page
-        .map(|p| p.page_token.as_str())
-        .filter(|t| !t.is_empty())
-    {
-        None => None,
-        Some(t) => {
-            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(t)
-                .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?;
-            Some(
-                String::from_utf8(bytes).map_err(|_| {
-                    Error::invalid_argument("page.page_token", "malformed page token")
-                })?,
-            )
-        }
-    };
-    Ok((size, token))
-}
-
-fn encode_token(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    paging::page_params(size, token)
 }
 
 pub async fn list_capsules(
@@ -466,20 +433,11 @@ pub async fn list_capsules(
     values.push((size + 1).into());
     sql.push_str(&format!(" ORDER BY c.name LIMIT ${}", values.len()));
     let rows = tx.query_all(&sql, values).await?;
-    let mut items = rows
+    let items = rows
         .iter()
         .map(|r| capsule_from(r).map(|c| c.proto))
         .collect::<Result<Vec<_>>>()?;
-    let next = if items.len() as i64 > size {
-        items.truncate(size as usize);
-        items
-            .last()
-            .map(|c| encode_token(&c.name))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((items, next))
+    Ok(paging::finish_page(items, size, |c| c.name.clone()))
 }
 
 pub async fn list_versions(
@@ -503,15 +461,6 @@ pub async fn list_versions(
             ],
         )
         .await?;
-    let mut items = rows.iter().map(version_from).collect::<Result<Vec<_>>>()?;
-    let next = if items.len() as i64 > size {
-        items.truncate(size as usize);
-        items
-            .last()
-            .map(|v| encode_token(&v.version.to_string()))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((items, next))
+    let items = rows.iter().map(version_from).collect::<Result<Vec<_>>>()?;
+    Ok(paging::finish_page(items, size, |v| v.version.to_string()))
 }
