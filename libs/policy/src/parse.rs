@@ -721,7 +721,12 @@ fn operand(i: &mut In<'_>) -> PResult<Expr> {
                 }
                 _ => {}
             }
-            if sym(i, "(")? {
+            // `sym` skips whitespace first; a path followed by ` - x` must keep
+            // that whitespace, since it is what makes `-` an operator.
+            let before_call = i.checkpoint();
+            if !sym(i, "(")? {
+                i.reset(&before_call);
+            } else {
                 let open = pos(i) - 1;
                 let mut args = Vec::new();
                 loop {

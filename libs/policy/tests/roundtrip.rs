@@ -238,3 +238,21 @@ fn spec_example_round_trips() {
     // Printing is stable.
     assert_eq!(printed, b.to_string());
 }
+
+/// Regression (found by `files_round_trip`): a bare root path followed by
+/// ` - n` lost the whitespace to the call check, so `-` was not an operator.
+#[test]
+fn bare_root_minus_number_is_subtraction() {
+    let x = parse_expr("A - 5").expect("parses");
+    assert!(
+        matches!(x.kind, ExprKind::Binary(BinaryOp::Sub, _, _)),
+        "{x:?}"
+    );
+    let x = parse_expr("[A - 5114743]").expect("parses in a list");
+    assert!(matches!(x.kind, ExprKind::List(ref items) if items.len() == 1));
+    // A call still parses, with or without a space before `(`.
+    assert!(matches!(
+        parse_expr("lower (x)").expect("call").kind,
+        ExprKind::Call(..)
+    ));
+}
