@@ -170,29 +170,38 @@ impl From<tonic::Status> for Failure {
     }
 }
 
+impl Connection {
+    /// Connects to the server named by `--server`, `ANUMATE_SERVER` or
+    /// `<data_dir>/dev.json`, with the bearer token found the same way.
+    pub(crate) async fn channel(&self) -> Result<(Channel, BearerToken), String> {
+        let state = dev_state::read(&self.data_dir);
+        let server = self
+            .server
+            .clone()
+            .or_else(|| state.as_ref().map(|s| s.server.clone()))
+            .ok_or_else(|| {
+                "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)"
+                    .to_string()
+            })?;
+        let token = self
+            .token
+            .clone()
+            .or_else(|| state.as_ref().map(|s| s.token.clone()))
+            .ok_or_else(|| "no token: pass --token or set ANUMATE_TOKEN".to_string())?;
+        let channel = Channel::from_shared(server.clone())
+            .map_err(|e| format!("bad server address {server:?}: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {server}: {e}"))?;
+        Ok((channel, BearerToken(token)))
+    }
+}
+
 type Client = RegistryServiceClient<InterceptedService<Channel, BearerToken>>;
 
 async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let state = dev_state::read(&conn.data_dir);
-    let server = conn.server.clone().or_else(|| state.as_ref().map(|s| s.server.clone())).ok_or_else(|| {
-        Failure::Local(
-            "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)".into(),
-        )
-    })?;
-    let token = conn
-        .token
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.token.clone()))
-        .ok_or_else(|| Failure::Local("no token: pass --token or set ANUMATE_TOKEN".into()))?;
-    let channel = Channel::from_shared(server.clone())
-        .map_err(|e| Failure::Local(format!("bad server address {server:?}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Failure::Local(format!("cannot reach {server}: {e}")))?;
-    Ok(RegistryServiceClient::with_interceptor(
-        channel,
-        BearerToken(token),
-    ))
+    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
+    Ok(RegistryServiceClient::with_interceptor(channel, token))
 }
 
 fn read_file(path: &PathBuf) -> Result<String, Failure> {

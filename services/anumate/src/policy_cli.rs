@@ -14,7 +14,6 @@ use pb::policy_service_client::PolicyServiceClient;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 use crate::client::{Connection, Output, print_json, report};
-use crate::dev_state;
 
 /// `anumate policy …`
 #[derive(Args, Debug)]
@@ -107,30 +106,8 @@ impl From<tonic::Status> for Failure {
 type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
 
 async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let state = dev_state::read(&conn.data_dir);
-    let server = conn
-        .server
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.server.clone()))
-        .ok_or_else(|| {
-            Failure::Local(
-                "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)".into(),
-            )
-        })?;
-    let token = conn
-        .token
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.token.clone()))
-        .ok_or_else(|| Failure::Local("no token: pass --token or set ANUMATE_TOKEN".into()))?;
-    let channel = Channel::from_shared(server.clone())
-        .map_err(|e| Failure::Local(format!("bad server address {server:?}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Failure::Local(format!("cannot reach {server}: {e}")))?;
-    Ok(PolicyServiceClient::with_interceptor(
-        channel,
-        BearerToken(token),
-    ))
+    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
+    Ok(PolicyServiceClient::with_interceptor(channel, token))
 }
 
 fn read(path: &Path) -> Result<String, Failure> {

@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 use crate::client::{Connection, Output, report};
-use crate::dev_state;
 
 /// `anumate receipt …`
 #[derive(Args, Debug)]
@@ -132,26 +131,8 @@ impl From<tonic::Status> for Failure {
 type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
 
 async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let state = dev_state::read(&conn.data_dir);
-    let server = conn.server.clone().or_else(|| state.as_ref().map(|s| s.server.clone())).ok_or_else(|| {
-        Failure::Local(
-            "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)".into(),
-        )
-    })?;
-    let token = conn
-        .token
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.token.clone()))
-        .ok_or_else(|| Failure::Local("no token: pass --token or set ANUMATE_TOKEN".into()))?;
-    let channel = Channel::from_shared(server.clone())
-        .map_err(|e| Failure::Local(format!("bad server address {server:?}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Failure::Local(format!("cannot reach {server}: {e}")))?;
-    Ok(ReceiptsServiceClient::with_interceptor(
-        channel,
-        BearerToken(token),
-    ))
+    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
+    Ok(ReceiptsServiceClient::with_interceptor(channel, token))
 }
 
 fn read_file(path: &PathBuf) -> Result<String, Failure> {
