@@ -1,0 +1,102 @@
+//! The gRPC adapter: decode, check the role, call [`Compiler`], encode.
+
+use anumate_auth::{Principal, Role};
+use anumate_proto::compiler::v1 as pb;
+use pb::compiler_service_server::{CompilerService, CompilerServiceServer};
+use tonic::{Request, Response, Status};
+
+use crate::{Actor, Compiler};
+
+/// Roles allowed to read plans: any role of the tenant.
+const READERS: &[Role] = &[
+    Role::Admin,
+    Role::Author,
+    Role::Operator,
+    Role::Approver,
+    Role::Auditor,
+];
+/// Roles allowed to compile.
+const COMPILERS: &[Role] = &[Role::Admin, Role::Operator];
+
+/// Requests are small (a name and a version, or a hash).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The compiler behind the generated `CompilerService` trait.
+#[derive(Clone)]
+pub struct CompilerGrpc {
+    compiler: Compiler,
+}
+
+impl CompilerGrpc {
+    /// Wraps a compiler.
+    pub fn new(compiler: Compiler) -> Self {
+        CompilerGrpc { compiler }
+    }
+
+    /// The tonic server, refusing oversized requests from their length prefix.
+    pub fn into_server(self) -> CompilerServiceServer<CompilerGrpc> {
+        CompilerServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
+    let principal: Principal = anumate_auth::principal(req)?;
+    if let Err(e) = principal.require_any(roles) {
+        tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
+        return Err(e.into());
+    }
+    Ok(Actor {
+        tenant: principal.tenant_id,
+        subject: principal.subject,
+        authorization: req.metadata().get("authorization").cloned(),
+    })
+}
+
+#[tonic::async_trait]
+impl CompilerService for CompilerGrpc {
+    async fn compile(
+        &self,
+        req: Request<pb::CompileRequest>,
+    ) -> Result<Response<pb::CompileResponse>, Status> {
+        let actor = actor(&req, COMPILERS)?;
+        let r = req.into_inner();
+        let compiled = self
+            .compiler
+            .compile(&actor, &r.capsule_name, &r.version)
+            .await?;
+        Ok(Response::new(pb::CompileResponse {
+            plan: Some((*compiled.plan).clone()),
+            cache_hit: compiled.cache_hit,
+        }))
+    }
+
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::GetPlanResponse>, Status> {
+        let actor = actor(&req, READERS)?;
+        let r = req.into_inner();
+        let plan = self.compiler.get(&actor, &r.plan_hash).await?;
+        Ok(Response::new(pb::GetPlanResponse { plan: Some(plan) }))
+    }
+
+    async fn list_plans(
+        &self,
+        req: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let actor = actor(&req, READERS)?;
+        let r = req.into_inner();
+        let (plans, next) = self
+            .compiler
+            .list(&actor, &r.capsule_name, r.capsule_version, r.page.as_ref())
+            .await?;
+        Ok(Response::new(pb::ListPlansResponse {
+            plans,
+            page: Some(anumate_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+}

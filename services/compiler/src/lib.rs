@@ -1,0 +1,519 @@
+//! The Plan Compiler service (SPEC §4): capsule versions into immutable,
+//! content-addressed ExecutablePlans.
+//!
+//! ```text
+//! Compile(name, version) ──▶ registry.GetCapsule   (generated client, caller's token)
+//!                        ──▶ policy.GetPolicy × n  (published versions, pinned by hash)
+//!                        ──▶ plan::compile          (pure: validate, levels, approvals,
+//!                                                    estimate, plan_hash)
+//!                        ──▶ plans table + outbox `plan.compiled` (one transaction)
+//! ```
+//! [`plan::compile`] does no I/O and is what the golden vectors and the
+//! benchmark exercise. [`Compiler`] fetches its inputs through the registry's
+//! and policy service's generated gRPC clients (in `anumate dev` they point at
+//! the same process), stores plans by (tenant, hash) and keeps a small
+//! in-memory memo from (tenant, inputs) to the stored plan so a repeated
+//! compile skips parsing and compiling. Another tenant's plan is invisible
+//! (`NOT_FOUND`).
+#![forbid(unsafe_code)]
+
+pub mod approvals;
+pub mod catalogue;
+pub mod grpc;
+pub mod plan;
+mod repo;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anumate_errors::{Error, ErrorCode, Result};
+use anumate_proto::compiler::v1 as pb;
+use anumate_proto::events::v1 as ev;
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::registry::v1 as rpb;
+use anumate_store::{Migration, Store};
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+pub use approvals::ResolvedPolicy;
+pub use catalogue::{Catalogue, ToolSpec};
+pub use grpc::CompilerGrpc;
+pub use plan::{COMPILER_VERSION, CompileInput, compile, plan_hash};
+pub use repo::MIGRATIONS as REPO_MIGRATIONS;
+
+/// Every migration the compiler needs, the outbox's included.
+pub fn migrations() -> Vec<Migration> {
+    anumate_events::MIGRATIONS
+        .iter()
+        .chain(repo::MIGRATIONS)
+        .copied()
+        .collect()
+}
+
+/// `[compiler]` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompilerConfig {
+    /// gRPC address of the registry (`http://host:port`); empty means this
+    /// server's own listener (`anumate dev`, `serve all`).
+    pub registry_url: String,
+    /// gRPC address of the policy service; empty means this server's own listener.
+    pub policy_url: String,
+    /// Per-attempt timeout of steps that declare none, in seconds.
+    pub default_step_timeout_secs: u64,
+    /// Most entries in the in-memory compile memo.
+    pub memo_entries: usize,
+    /// Tools added to (or overriding) the built-in catalogue.
+    pub tools: Vec<ToolSpec>,
+}
+
+impl Default for CompilerConfig {
+    fn default() -> Self {
+        CompilerConfig {
+            registry_url: String::new(),
+            policy_url: String::new(),
+            default_step_timeout_secs: 30,
+            memo_entries: 4096,
+            tools: Vec::new(),
+        }
+    }
+}
+
+/// Who is acting, and the token to forward to the registry and policy service.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Tenant id.
+    pub tenant: String,
+    /// Principal subject.
+    pub subject: String,
+    /// The caller's `authorization` header value, forwarded as is.
+    pub authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+/// Where the compiler's inputs come from.
+#[derive(Clone)]
+pub struct Upstreams {
+    /// Registry channel.
+    pub registry: Channel,
+    /// Policy service channel.
+    pub policy: Channel,
+}
+
+impl Upstreams {
+    /// Lazily connecting channels to the two services.
+    pub fn lazy(registry_url: &str, policy_url: &str) -> Result<Upstreams> {
+        let channel = |field: &str, url: &str| {
+            tonic::transport::Endpoint::from_shared(url.to_string())
+                .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
+                .map_err(|e| Error::invalid_argument(field, format!("bad address {url:?}: {e}")))
+        };
+        Ok(Upstreams {
+            registry: channel("compiler.registry_url", registry_url)?,
+            policy: channel("compiler.policy_url", policy_url)?,
+        })
+    }
+}
+
+/// The result of [`Compiler::compile`].
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The plan, as stored.
+    pub plan: Arc<pb::ExecutablePlan>,
+    /// True when it was already stored.
+    pub cache_hit: bool,
+}
+
+/// (tenant, inputs key) → the plan stored for them.
+type PlanMemo = HashMap<(String, String), Arc<pb::ExecutablePlan>>;
+
+/// The compiler service.
+#[derive(Clone)]
+pub struct Compiler {
+    store: Store,
+    upstreams: Upstreams,
+    catalogue: Arc<Catalogue>,
+    default_timeout: Duration,
+    limits: anumate_capsule::Limits,
+    memo: Arc<Mutex<PlanMemo>>,
+    /// Parsed capsules by content hash (content-addressed, so shared by tenants).
+    parsed: Arc<Mutex<HashMap<String, Arc<anumate_capsule::Capsule>>>>,
+    memo_entries: usize,
+}
+
+fn request<T>(actor: &Actor, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(auth) = &actor.authorization {
+        req.metadata_mut().insert("authorization", auth.clone());
+    }
+    req
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(
+            "capsule_name",
+            "must be a DNS label: lowercase letters, digits and '-', at most 63",
+        ))
+    }
+}
+
+fn check_hash(hash: &str) -> Result<()> {
+    let hex = hash.strip_prefix("sha256:").unwrap_or("");
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(
+            "plan_hash",
+            "must be `sha256:` followed by 64 lowercase hex digits",
+        ))
+    }
+}
+
+/// An upstream failure, keeping its product code; `reason` is added when the
+/// upstream gave none of ours.
+fn upstream_error(status: &tonic::Status, what: &str) -> Error {
+    let mut e = Error::from_status(status);
+    if e.code == ErrorCode::Unavailable || status.code() == tonic::Code::Unavailable {
+        e = Error::new(
+            ErrorCode::Unavailable,
+            format!("{what} is unavailable: {}", status.message()),
+        );
+    }
+    e
+}
+
+impl Compiler {
+    /// A compiler storing plans in `store` and fetching inputs from `upstreams`.
+    pub fn new(store: Store, upstreams: Upstreams, cfg: &CompilerConfig) -> Result<Compiler> {
+        Ok(Compiler {
+            store,
+            upstreams,
+            catalogue: Arc::new(Catalogue::new(&cfg.tools)?),
+            default_timeout: Duration::from_secs(cfg.default_step_timeout_secs.max(1)),
+            limits: anumate_capsule::Limits::default(),
+            memo: Arc::new(Mutex::new(HashMap::new())),
+            parsed: Arc::new(Mutex::new(HashMap::new())),
+            memo_entries: cfg.memo_entries.max(1),
+        })
+    }
+
+    /// The tool catalogue in force.
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// Fetches the capsule version.
+    async fn fetch_capsule(
+        &self,
+        actor: &Actor,
+        name: &str,
+        version: &str,
+    ) -> Result<rpb::CapsuleVersion> {
+        let mut client = rpb::registry_service_client::RegistryServiceClient::new(
+            self.upstreams.registry.clone(),
+        );
+        let got = client
+            .get_capsule(request(
+                actor,
+                rpb::GetCapsuleRequest {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                },
+            ))
+            .await
+            .map_err(|s| {
+                let e = upstream_error(&s, "the registry");
+                if e.code == ErrorCode::NotFound {
+                    e.with_metadata("reason", "capsule_not_found")
+                } else {
+                    e
+                }
+            })?
+            .into_inner();
+        let v = got
+            .version
+            .ok_or_else(|| Error::internal("registry answered without a version"))?;
+        let named = version.parse::<i64>().is_ok();
+        if v.status == rpb::VersionStatus::Deprecated as i32 && !named {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "version {} of capsule {name} is deprecated; name it by number to compile it anyway",
+                    v.version
+                ),
+            )
+            .with_metadata("reason", "capsule_version_deprecated"));
+        }
+        Ok(v)
+    }
+
+    /// Resolves each policy name to its published version.
+    async fn fetch_policies(
+        &self,
+        actor: &Actor,
+        names: &[String],
+    ) -> Result<Vec<ppb::PolicyVersion>> {
+        let mut client =
+            ppb::policy_service_client::PolicyServiceClient::new(self.upstreams.policy.clone());
+        let mut sorted: Vec<&String> = names.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        let mut out = Vec::with_capacity(sorted.len());
+        for name in sorted {
+            let get = |version: &str| {
+                request(
+                    actor,
+                    ppb::GetPolicyRequest {
+                        name: name.clone(),
+                        version: version.to_string(),
+                    },
+                )
+            };
+            match client.get_policy(get("published")).await {
+                Ok(r) => {
+                    out.push(r.into_inner().version.ok_or_else(|| {
+                        Error::internal("policy service answered without a version")
+                    })?)
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    let exists = client.get_policy(get("latest")).await.is_ok();
+                    return Err(if exists {
+                        Error::new(
+                            ErrorCode::FailedPrecondition,
+                            format!("policy {name} has no published version; publish one first"),
+                        )
+                        .with_metadata("reason", "policy_not_published")
+                    } else {
+                        Error::new(
+                            ErrorCode::NotFound,
+                            format!("the capsule refers to policy {name}, which does not exist"),
+                        )
+                        .with_metadata("reason", "unknown_policy")
+                    }
+                    .with_metadata("policy", name.clone()));
+                }
+                Err(s) => return Err(upstream_error(&s, "the policy service")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn memo_key(&self, version: &rpb::CapsuleVersion, policies: &[ppb::PolicyVersion]) -> String {
+        let items: Vec<serde_json::Value> = policies
+            .iter()
+            .map(|p| serde_json::json!([p.name, p.version, p.content_hash]))
+            .collect();
+        let key = serde_json::json!({
+            "capsule": [version.name, version.version, version.content_hash],
+            "policies": items,
+            "catalogue": self.catalogue.fingerprint(),
+            "timeout": self.default_timeout.as_millis() as u64,
+        });
+        anumate_crypto::content_hash(&key).1
+    }
+
+    /// The plan a previous compile of the same inputs stored, if remembered.
+    fn memo_get(&self, tenant: &str, key: &str) -> Option<Arc<pb::ExecutablePlan>> {
+        self.memo
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(tenant.to_string(), key.to_string())).cloned())
+    }
+
+    fn memo_put(&self, tenant: &str, key: String, plan: Arc<pb::ExecutablePlan>) {
+        if let Ok(mut m) = self.memo.lock() {
+            if m.len() >= self.memo_entries {
+                m.clear();
+            }
+            m.insert((tenant.to_string(), key), plan);
+        }
+    }
+
+    /// Compiles (or finds the stored plan for) a capsule version.
+    pub async fn compile(&self, actor: &Actor, name: &str, version: &str) -> Result<Compiled> {
+        check_name(name)?;
+        if !matches!(version, "" | "published" | "latest")
+            && !version.parse::<i64>().is_ok_and(|v| v > 0)
+        {
+            return Err(Error::invalid_argument(
+                "version",
+                format!("{version:?} is not a version number, \"published\" or \"latest\""),
+            ));
+        }
+        let cv = self.fetch_capsule(actor, name, version).await?;
+        let capsule = self.parse_capsule(&cv)?;
+        let versions = self.fetch_policies(actor, &capsule.spec.policies).await?;
+        self.compile_fetched(actor, &cv, &capsule, &versions).await
+    }
+
+    /// Parses a fetched version, reusing the parse of the same content.
+    fn parse_capsule(&self, cv: &rpb::CapsuleVersion) -> Result<Arc<anumate_capsule::Capsule>> {
+        if let Some(c) = self
+            .parsed
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&cv.content_hash).cloned())
+        {
+            return Ok(c);
+        }
+        let capsule = Arc::new(
+            anumate_capsule::parse(&cv.source_yaml, &self.limits).map_err(|r| {
+                Error::internal(format!(
+                    "stored capsule {}@{} does not parse: {r}",
+                    cv.name, cv.version
+                ))
+            })?,
+        );
+        if let Ok(mut m) = self.parsed.lock() {
+            if m.len() >= self.memo_entries {
+                m.clear();
+            }
+            m.insert(cv.content_hash.clone(), capsule.clone());
+        }
+        Ok(capsule)
+    }
+
+    /// The part of [`Compiler::compile`] after the inputs were fetched: the memo,
+    /// the compile itself and storing the plan. Public for the benchmark.
+    pub async fn compile_fetched(
+        &self,
+        actor: &Actor,
+        cv: &rpb::CapsuleVersion,
+        capsule: &anumate_capsule::Capsule,
+        versions: &[ppb::PolicyVersion],
+    ) -> Result<Compiled> {
+        let key = self.memo_key(cv, versions);
+        if let Some(plan) = self.memo_get(&actor.tenant, &key) {
+            return Ok(Compiled {
+                plan,
+                cache_hit: true,
+            });
+        }
+        let policies = versions
+            .iter()
+            .map(|v| ResolvedPolicy::new(&v.name, v.version, &v.content_hash, &v.source))
+            .collect::<Result<Vec<_>>>()?;
+        let mut plan = plan::compile(&CompileInput {
+            capsule,
+            capsule_version: cv.version,
+            capsule_content_hash: &cv.content_hash,
+            policies: &policies,
+            catalogue: &self.catalogue,
+            default_timeout: self.default_timeout,
+        })?;
+        plan.created_by = actor.subject.clone();
+        let compiled = self.store_plan(actor, plan).await?;
+        self.memo_put(&actor.tenant, key, compiled.plan.clone());
+        Ok(compiled)
+    }
+
+    /// Stores a plan and its `plan.compiled` event, or returns the stored one.
+    async fn store_plan(&self, actor: &Actor, plan: pb::ExecutablePlan) -> Result<Compiled> {
+        let tx = self.store.write(&actor.tenant).await?;
+        if let Some(stored) = repo::get(&tx, &plan.plan_hash).await? {
+            return Ok(Compiled {
+                plan: Arc::new(stored),
+                cache_hit: true,
+            });
+        }
+        let now = anumate_store::now_micros();
+        if !repo::insert(&tx, &plan, now).await? {
+            // A concurrent compile stored it first.
+            drop(tx);
+            let tx = self.store.read(&actor.tenant).await?;
+            let stored = repo::get(&tx, &plan.plan_hash)
+                .await?
+                .ok_or_else(|| Error::internal("plan vanished after a conflicting insert"))?;
+            return Ok(Compiled {
+                plan: Arc::new(stored),
+                cache_hit: true,
+            });
+        }
+        let approval_steps = {
+            let mut ids: Vec<&str> = plan
+                .approval_needs
+                .iter()
+                .map(|n| n.step_id.as_str())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids.len()
+        };
+        let subject = format!("plans/{}", plan.plan_hash);
+        anumate_events::append(
+            &tx,
+            &ev::PlanCompiled {
+                tenant_id: actor.tenant.clone(),
+                plan_hash: plan.plan_hash.clone(),
+                capsule_name: plan.capsule_name.clone(),
+                capsule_version: plan.capsule_version,
+                capsule_content_hash: plan.capsule_content_hash.clone(),
+                policy_set_hash: plan.policy_set_hash.clone(),
+                step_count: i32::try_from(plan.steps.len()).unwrap_or(i32::MAX),
+                approval_step_count: i32::try_from(approval_steps).unwrap_or(i32::MAX),
+                actor: actor.subject.clone(),
+            },
+            &plan.plan_hash,
+            anumate_events::EventContext {
+                subject: &subject,
+                plan_hash: Some(&plan.plan_hash),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(tenant = %actor.tenant, capsule = %plan.capsule_name, version = plan.capsule_version,
+            plan_hash = %plan.plan_hash, steps = plan.steps.len(), "plan compiled");
+        let mut plan = plan;
+        plan.create_time = Some(repo::timestamp(now));
+        Ok(Compiled {
+            plan: Arc::new(plan),
+            cache_hit: false,
+        })
+    }
+
+    /// A stored plan of the actor's tenant.
+    pub async fn get(&self, actor: &Actor, hash: &str) -> Result<pb::ExecutablePlan> {
+        check_hash(hash)?;
+        let tx = self.store.read(&actor.tenant).await?;
+        repo::get(&tx, hash)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("plan {hash} not found")))
+    }
+
+    /// The tenant's plans, newest first, in summary form.
+    pub async fn list(
+        &self,
+        actor: &Actor,
+        capsule: &str,
+        version: i64,
+        page: Option<&anumate_proto::common::v1::PageRequest>,
+    ) -> Result<(Vec<pb::ExecutablePlan>, String)> {
+        if !capsule.is_empty() {
+            check_name(capsule)?;
+        }
+        if version < 0 || (version > 0 && capsule.is_empty()) {
+            return Err(Error::invalid_argument(
+                "capsule_version",
+                "must be positive and comes with capsule_name",
+            ));
+        }
+        let tx = self.store.read(&actor.tenant).await?;
+        repo::list(&tx, capsule, version, page).await
+    }
+}

@@ -1,0 +1,558 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The Compiler driven like a client drives it: real gRPC over TCP behind the
+//! real authentication layer, with the real registry and policy service in the
+//! same server (as in `anumate dev`), the compiler reaching them through their
+//! generated clients, on SQLite and PostgreSQL.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_compiler::{Compiler, CompilerConfig, CompilerGrpc, Upstreams};
+use anumate_crypto::{KeyPair, KeyRing};
+use anumate_errors::{Error, ErrorCode};
+use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
+use anumate_proto::compiler::v1 as pb;
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::registry::v1 as rpb;
+use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use pb::compiler_service_client::CompilerServiceClient;
+use ppb::policy_service_client::PolicyServiceClient;
+use rpb::registry_service_client::RegistryServiceClient;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Intercepted = InterceptedService<Channel, BearerToken>;
+
+const CAPSULE: &str = include_str!("../../../examples/refund.capsule.yaml");
+const POLICIES: &str = include_str!("../../../examples/refund.policy");
+const TENANT_A: &str = "tenant-a";
+const TENANT_B: &str = "tenant-b";
+
+struct TestApp {
+    addr: SocketAddr,
+    issuer: DevIssuer,
+    store: Store,
+    server: tokio::task::JoinHandle<()>,
+    _db: TestDb,
+    _issuer_dir: tempfile::TempDir,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let db = match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    };
+    let store = Store::connect(&db.config).await.expect("connect");
+    let mut migrations = anumate_registry::migrations();
+    migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
+    migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
+    store.migrate(&migrations).await.expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let auth = Authenticator::new(AuthConfig::default())
+        .expect("authenticator")
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let own = format!("http://{addr}");
+    let registry = Registry::new(
+        store.clone(),
+        Arc::new(KeyRing::new(KeyPair::generate().expect("key"))),
+        &RegistryConfig::default(),
+    );
+    let policies = Policies::new(store.clone(), &PolicyConfig::default());
+    let compiler = Compiler::new(
+        store.clone(),
+        Upstreams::lazy(&own, &own).expect("upstreams"),
+        &CompilerConfig::default(),
+    )
+    .expect("compiler");
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(RegistryGrpc::new(registry).into_server())
+            .add_service(PolicyGrpc::new(policies).into_server())
+            .add_service(CompilerGrpc::new(compiler).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server");
+    });
+    TestApp {
+        addr,
+        issuer,
+        store,
+        server,
+        _db: db,
+        _issuer_dir: issuer_dir,
+    }
+}
+
+struct Clients {
+    compiler: CompilerServiceClient<Intercepted>,
+    registry: RegistryServiceClient<Intercepted>,
+    policy: PolicyServiceClient<Intercepted>,
+}
+
+impl TestApp {
+    async fn clients(&self, tenant: &str, roles: &[Role]) -> Clients {
+        let token = self
+            .issuer
+            .mint(tenant, "alice", roles, Duration::from_secs(300))
+            .expect("mint");
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let t = || BearerToken(token.clone());
+        Clients {
+            compiler: CompilerServiceClient::with_interceptor(channel.clone(), t()),
+            registry: RegistryServiceClient::with_interceptor(channel.clone(), t()),
+            policy: PolicyServiceClient::with_interceptor(channel, t()),
+        }
+    }
+
+    async fn event_types(&self, tenant: &str) -> Vec<(String, String)> {
+        let tx = self.store.read(tenant).await.expect("read tx");
+        anumate_events::read_after(&tx, 0, 1000)
+            .await
+            .expect("outbox")
+            .into_iter()
+            .map(|r| (r.event_type, r.subject))
+            .collect()
+    }
+}
+
+#[track_caller]
+fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
+    let status = match result {
+        Ok(v) => panic!("expected {code}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, code.as_str(), "{status:?}");
+    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
+    Error::from_status(&status)
+}
+
+fn meta<'a>(e: &'a Error, key: &str) -> &'a str {
+    e.metadata
+        .iter()
+        .find(|(k, _)| k == key)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// Publishes the two example policies and the example capsule as `tenant`.
+async fn seed(app: &TestApp, tenant: &str) {
+    let mut c = app.clients(tenant, &[Role::Admin]).await;
+    let split = POLICIES.find("policy \"pii-masking\"").unwrap();
+    for source in [&POLICIES[..split], &POLICIES[split..]] {
+        c.policy
+            .push_policy(ppb::PushPolicyRequest {
+                source: source.into(),
+                source_name: "refund.policy".into(),
+                etag: String::new(),
+                publish: true,
+            })
+            .await
+            .expect("push policy");
+    }
+    push_capsule(&mut c, CAPSULE).await;
+}
+
+async fn push_capsule(c: &mut Clients, yaml: &str) -> rpb::CapsuleVersion {
+    c.registry
+        .push_capsule(rpb::PushCapsuleRequest {
+            source_yaml: yaml.into(),
+            source_name: "capsule.yaml".into(),
+            etag: String::new(),
+            publish: true,
+        })
+        .await
+        .expect("push capsule")
+        .into_inner()
+        .version
+        .unwrap()
+}
+
+fn compile_req(name: &str, version: &str) -> pb::CompileRequest {
+    pb::CompileRequest {
+        capsule_name: name.into(),
+        version: version.into(),
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(spawn_app(Backend::Sqlite).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(spawn_app(Backend::Postgres).await).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    compile_cache_get_list => compile_cache_get_list_sqlite, compile_cache_get_list_postgres;
+    bad_input => bad_input_sqlite, bad_input_postgres;
+    tenancy_and_roles => tenancy_and_roles_sqlite, tenancy_and_roles_postgres;
+}
+
+/// Compiles the example as `tenant-a` and returns the plan hash.
+async fn compile_example(app: &TestApp) -> pb::ExecutablePlan {
+    seed(app, TENANT_A).await;
+    let mut c = app.clients(TENANT_A, &[Role::Operator]).await;
+    let first = c
+        .compiler
+        .compile(compile_req("refund-small-orders", ""))
+        .await
+        .expect("compile")
+        .into_inner();
+    assert!(!first.cache_hit);
+    first.plan.unwrap()
+}
+
+async fn compile_cache_get_list(app: TestApp) {
+    let plan = compile_example(&app).await;
+    assert_eq!(plan.capsule_name, "refund-small-orders");
+    assert_eq!(plan.capsule_version, 1);
+    assert_eq!(plan.steps.len(), 3);
+    assert_eq!(plan.created_by, "alice");
+    assert!(plan.create_time.is_some());
+    // Policies pinned to the versions the policy service resolves, with its set hash.
+    let names: Vec<_> = plan
+        .policies
+        .iter()
+        .map(|p| (p.name.as_str(), p.version))
+        .collect();
+    assert_eq!(names, [("pii-masking", 1), ("refund-limits", 1)]);
+    let mut c = app.clients(TENANT_A, &[Role::Operator]).await;
+    let eval = c
+        .policy
+        .evaluate_policy(ppb::EvaluatePolicyRequest {
+            policies: Some(ppb::evaluate_policy_request::Policies::PolicySet(
+                ppb::PolicySet {
+                    policies: plan.policies.clone(),
+                },
+            )),
+            input: Some(ppb::evaluate_policy_request::Input::InputJson("{}".into())),
+            ..Default::default()
+        })
+        .await
+        .expect("evaluate")
+        .into_inner();
+    assert_eq!(eval.policy_set_hash, plan.policy_set_hash);
+    assert_eq!(plan.approval_needs.len(), 1);
+    assert_eq!(plan.approval_needs[0].step_id, "refund");
+
+    // Compiling again is a cache hit with the same plan, by "published" and by number.
+    for version in ["", "published", "1", "latest"] {
+        let again = c
+            .compiler
+            .compile(compile_req("refund-small-orders", version))
+            .await
+            .expect("compile again")
+            .into_inner();
+        assert!(again.cache_hit, "version {version:?}");
+        assert_eq!(again.plan.as_ref().unwrap(), &plan);
+    }
+    let got = c
+        .compiler
+        .get_plan(pb::GetPlanRequest {
+            plan_hash: plan.plan_hash.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(got, plan);
+
+    // A new capsule version is a new plan; the list shows both, newest first, in summary form.
+    let v2 = CAPSULE.replace("template: refund-done", "template: refund-sent");
+    let mut admin = app.clients(TENANT_A, &[Role::Admin]).await;
+    assert_eq!(push_capsule(&mut admin, &v2).await.version, 2);
+    let second = c
+        .compiler
+        .compile(compile_req("refund-small-orders", ""))
+        .await
+        .expect("compile v2")
+        .into_inner();
+    assert!(!second.cache_hit);
+    let second = second.plan.unwrap();
+    assert_ne!(second.plan_hash, plan.plan_hash);
+    let list = c
+        .compiler
+        .list_plans(pb::ListPlansRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 1,
+                page_token: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.plans.len(), 1);
+    assert_eq!(list.plans[0].plan_hash, second.plan_hash);
+    assert!(list.plans[0].steps.is_empty() && !list.plans[0].policies.is_empty());
+    let token = list.page.unwrap().next_page_token;
+    assert!(!token.is_empty());
+    let rest = c
+        .compiler
+        .list_plans(pb::ListPlansRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 10,
+                page_token: token,
+            }),
+            capsule_name: "refund-small-orders".into(),
+            capsule_version: 1,
+        })
+        .await
+        .expect("list page 2")
+        .into_inner();
+    let hashes: Vec<_> = rest.plans.iter().map(|p| p.plan_hash.as_str()).collect();
+    assert_eq!(hashes, [plan.plan_hash.as_str()]);
+
+    // One plan.compiled per stored plan, none for cache hits.
+    let compiled: Vec<_> = app
+        .event_types(TENANT_A)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "dev.anumate.plan.compiled.v1")
+        .collect();
+    assert_eq!(compiled.len(), 2, "{compiled:?}");
+    assert_eq!(compiled[0].1, format!("plans/{}", plan.plan_hash));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_capsule_gives_the_same_hash_on_sqlite_and_postgres() {
+    let sqlite = compile_example(&spawn_app(Backend::Sqlite).await).await;
+    let postgres = compile_example(&spawn_app(Backend::Postgres).await).await;
+    assert_eq!(sqlite.plan_hash, postgres.plan_hash);
+    assert_eq!(
+        anumate_compiler::plan_hash(&sqlite).unwrap(),
+        anumate_compiler::plan_hash(&postgres).unwrap()
+    );
+}
+
+async fn bad_input(app: TestApp) {
+    seed(&app, TENANT_A).await;
+    let mut c = app.clients(TENANT_A, &[Role::Admin]).await;
+
+    let e = expect_error(
+        c.compiler.compile(compile_req("no-such-capsule", "")).await,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(meta(&e, "reason"), "capsule_not_found");
+    expect_error(
+        c.compiler
+            .compile(compile_req("refund-small-orders", "9"))
+            .await,
+        ErrorCode::NotFound,
+    );
+    let e = expect_error(
+        c.compiler.compile(compile_req("Bad Name!", "")).await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(e.violations[0].field, "capsule_name");
+    let e = expect_error(
+        c.compiler
+            .compile(compile_req("refund-small-orders", "newest"))
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(e.violations[0].field, "version");
+    // Oversized: refused from the length prefix.
+    expect_error(
+        c.compiler
+            .compile(compile_req(&"a".repeat(200 * 1024), ""))
+            .await,
+        ErrorCode::PayloadTooLarge,
+    );
+    let e = expect_error(
+        c.compiler
+            .get_plan(pb::GetPlanRequest {
+                plan_hash: "sha256:nothex".into(),
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(e.violations[0].field, "plan_hash");
+    expect_error(
+        c.compiler
+            .list_plans(pb::ListPlansRequest {
+                page: Some(anumate_proto::common::v1::PageRequest {
+                    page_size: 5,
+                    page_token: "!!!".into(),
+                }),
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+
+    // Unknown policy reference, unpublished policy, tool without a binding.
+    let unknown_policy = CAPSULE
+        .replace("name: refund-small-orders", "name: needs-missing-policy")
+        .replace(
+            "[refund-limits, pii-masking]",
+            "[refund-limits, no-such-policy]",
+        );
+    push_capsule(&mut c, &unknown_policy).await;
+    let e = expect_error(
+        c.compiler
+            .compile(compile_req("needs-missing-policy", ""))
+            .await,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(meta(&e, "reason"), "unknown_policy");
+    assert_eq!(meta(&e, "policy"), "no-such-policy");
+
+    c.policy
+        .push_policy(ppb::PushPolicyRequest {
+            source: "policy \"draft-only\" { rule \"r\" { when true then allow } }".into(),
+            source_name: "d.policy".into(),
+            etag: String::new(),
+            publish: false,
+        })
+        .await
+        .expect("push draft policy");
+    let draft = CAPSULE
+        .replace("name: refund-small-orders", "name: needs-draft-policy")
+        .replace("[refund-limits, pii-masking]", "[draft-only]");
+    push_capsule(&mut c, &draft).await;
+    let e = expect_error(
+        c.compiler
+            .compile(compile_req("needs-draft-policy", ""))
+            .await,
+        ErrorCode::FailedPrecondition,
+    );
+    assert_eq!(meta(&e, "reason"), "policy_not_published");
+
+    let unknown_tool = CAPSULE
+        .replace("name: refund-small-orders", "name: uses-unknown-tool")
+        .replace(
+            "[http.get, payments.refund, email.send]",
+            "[http.get, payments.refund, email.send, crm.update]",
+        );
+    push_capsule(&mut c, &unknown_tool).await;
+    let e = expect_error(
+        c.compiler
+            .compile(compile_req("uses-unknown-tool", ""))
+            .await,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(meta(&e, "reason"), "unknown_tool");
+
+    // Arguments the tool's schema rejects: every problem, with its place.
+    let bad_args = CAPSULE
+        .replace("name: refund-small-orders", "name: bad-arguments")
+        .replace("template: refund-done", "template: refund-done, cc: boss");
+    push_capsule(&mut c, &bad_args).await;
+    let e = expect_error(
+        c.compiler.compile(compile_req("bad-arguments", "")).await,
+        ErrorCode::InvalidDocument,
+    );
+    assert_eq!(meta(&e, "reason"), "bad_arguments");
+    assert_eq!(e.violations[0].field, "spec.steps[2].with.cc");
+    assert!(e.violations[0].position.is_some());
+
+    // No plan was stored by any of that, and the service keeps serving.
+    let ok = c
+        .compiler
+        .compile(compile_req("refund-small-orders", ""))
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert!(!ok.cache_hit);
+    let list = c
+        .compiler
+        .list_plans(pb::ListPlansRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.plans.len(), 1);
+}
+
+async fn tenancy_and_roles(app: TestApp) {
+    let plan = compile_example(&app).await;
+    let mut b = app.clients(TENANT_B, &[Role::Admin]).await;
+    // Another tenant sees neither the plan nor the capsule.
+    let e = expect_error(
+        b.compiler
+            .get_plan(pb::GetPlanRequest {
+                plan_hash: plan.plan_hash.clone(),
+            })
+            .await,
+        ErrorCode::NotFound,
+    );
+    assert!(e.message.contains(&plan.plan_hash));
+    let list = b
+        .compiler
+        .list_plans(pb::ListPlansRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.plans.is_empty());
+    expect_error(
+        b.compiler
+            .compile(compile_req("refund-small-orders", ""))
+            .await,
+        ErrorCode::NotFound,
+    );
+    // Tenant B compiling the same content stores its own copy under the same hash.
+    seed(&app, TENANT_B).await;
+    let own = b
+        .compiler
+        .compile(compile_req("refund-small-orders", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!own.cache_hit);
+    assert_eq!(own.plan.unwrap().plan_hash, plan.plan_hash);
+
+    // Auditors read but do not compile.
+    let mut auditor = app.clients(TENANT_A, &[Role::Auditor]).await;
+    expect_error(
+        auditor
+            .compiler
+            .compile(compile_req("refund-small-orders", ""))
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    auditor
+        .compiler
+        .get_plan(pb::GetPlanRequest {
+            plan_hash: plan.plan_hash.clone(),
+        })
+        .await
+        .expect("auditor reads");
+}
