@@ -198,7 +198,8 @@ impl CapTokens {
             .issue(
                 self.inner.keys.as_ref(),
                 IssueRequest {
-                    subject: &req.subject,
+                    // Empty: the caller started the run.
+                    subject: opt(&req.subject).unwrap_or(&actor.subject),
                     audience: &req.audience,
                     tenant: &actor.tenant,
                     run: &req.run_id,
