@@ -20,6 +20,8 @@ pub struct AppConfig {
     pub data_dir: PathBuf,
     /// The gRPC listener.
     pub grpc: GrpcConfig,
+    /// The admin HTTP listener: health, readiness, metrics, JWKS.
+    pub admin: crate::admin::AdminConfig,
     /// Database.
     pub store: StoreConfig,
     /// Trusted token issuers.
@@ -45,6 +47,7 @@ impl Default for AppConfig {
         AppConfig {
             data_dir: PathBuf::from(".anumate"),
             grpc: GrpcConfig::default(),
+            admin: crate::admin::AdminConfig::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),

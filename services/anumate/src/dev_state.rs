@@ -19,6 +19,9 @@ pub struct DevState {
     pub tenant: String,
     /// Process id of the server.
     pub pid: u32,
+    /// `http://host:port` of the admin listener (health, metrics, JWKS), if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub admin: String,
 }
 
 /// Path of the state file.

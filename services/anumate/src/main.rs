@@ -2,12 +2,14 @@
 //! (`capsule …`, `auth …`).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod client;
 mod config;
 mod dev_state;
 mod policy_cli;
 mod receipts_cli;
 mod server;
+mod token_cli;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -49,6 +51,8 @@ enum Command {
     Policy(policy_cli::PolicyCommand),
     /// Append, fetch and verify (offline) receipts; checkpoints and keys.
     Receipt(receipts_cli::ReceiptCommand),
+    /// Mint, verify (online or offline) and revoke capability tokens; the JWKS.
+    Token(token_cli::TokenCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -168,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
         Command::Policy(cmd) => Ok(policy_cli::run(cmd).await),
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
+        Command::Token(cmd) => Ok(token_cli::run(cmd).await),
         Command::Auth {
             command:
                 AuthCommand::DevToken {
@@ -254,6 +259,11 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     let listener = server::bind(&config).await?;
     let addr = listener.local_addr()?;
     let server_url = format!("http://{addr}");
+    let admin = admin::bind(&config.admin, &config.grpc.listen).await?;
+    let admin_url = match &admin {
+        Some(l) => format!("http://{}", l.local_addr()?),
+        None => String::new(),
+    };
     dev_state::write(
         &config.data_dir,
         &dev_state::DevState {
@@ -261,9 +271,13 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
             token: token.clone(),
             tenant: config.dev.tenant.clone(),
             pid: std::process::id(),
+            admin: admin_url.clone(),
         },
     )?;
     println!("anumate dev: serving gRPC on {server_url}");
+    if !admin_url.is_empty() {
+        println!("  admin:  {admin_url} (/healthz /readyz /metrics /.well-known/jwks.json)");
+    }
     println!("  store:  {}", redact_url(&config.store_config().url));
     println!("  tenant: {}", config.dev.tenant);
     println!(
@@ -278,6 +292,7 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
         config,
         store: Some(store),
         authenticator,
+        admin,
     };
     let served = server::serve(rt, listener).await;
     // A stopped server's address would only send CLI commands to a dead port.
@@ -311,16 +326,24 @@ async fn run_serve(
     }
     let authenticator = Authenticator::new(config.auth.clone())?;
     let listener = server::bind(&config).await?;
+    let admin = admin::bind(&config.admin, &config.grpc.listen).await?;
     println!(
         "anumate serve: serving {} on http://{}",
         names.join(", "),
         listener.local_addr()?
     );
+    if let Some(admin) = &admin {
+        println!(
+            "  admin: http://{} (/healthz /readyz /metrics /.well-known/jwks.json)",
+            admin.local_addr()?
+        );
+    }
     let rt = server::Runtime {
         services: names,
         config,
         store,
         authenticator,
+        admin,
     };
     server::serve(rt, listener).await
 }

@@ -96,6 +96,8 @@ pub struct Runtime {
     pub store: Option<Store>,
     pub authenticator: Authenticator,
     pub services: Vec<&'static str>,
+    /// The bound admin HTTP listener, if enabled.
+    pub admin: Option<TcpListener>,
 }
 
 /// Loads the registry signing keys: configured files, else a key kept under the data directory.
@@ -129,6 +131,9 @@ pub async fn bind(config: &AppConfig) -> anyhow::Result<TcpListener> {
 pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let mut routes = RoutesBuilder::default();
+    let metrics = crate::admin::Metrics::new();
+    let mut admin_receipts = None;
+    let mut admin_tokens = None;
 
     if rt.services.contains(&registry_service_server::SERVICE_NAME) {
         let store = rt.store.clone().context("the registry needs a store")?;
@@ -146,6 +151,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let receipts = Receipts::new(store, keys, &rt.config.receipts)
             .map_err(|e| anyhow::anyhow!("receipts service: {e}"))?;
         checkpointer = Some(receipts.spawn_checkpointer());
+        admin_receipts = Some(receipts.clone());
         routes.add_service(ReceiptsGrpc::new(receipts).into_server());
     }
     if rt.services.contains(&policy_service_server::SERVICE_NAME) {
@@ -172,6 +178,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let tokens = CapTokens::new(store, keys, &rt.config.captokens)
             .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
         token_purger = Some(tokens.spawn_background());
+        admin_tokens = Some(tokens.clone());
         routes.add_service(CapTokensGrpc::new(tokens).into_server());
     }
     let mut skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
@@ -202,11 +209,23 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(rt.config.grpc.shutdown_grace_secs);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let admin = rt.admin.map(|listener| {
+        let state = crate::admin::AdminState {
+            metrics: metrics.clone(),
+            store: rt.store.clone(),
+            captokens: admin_tokens,
+            receipts: admin_receipts,
+            stopping: stopping_rx,
+        };
+        tokio::spawn(crate::admin::serve(listener, state))
+    });
     let reporter = health_reporter.clone();
     let services = rt.services.clone();
     let signal = async move {
         shutdown_signal().await;
         tracing::info!("shutting down: refusing new requests, draining in-flight ones");
+        let _ = stopping_tx.send(true);
         for name in &services {
             reporter
                 .set_service_status(*name, tonic_health::ServingStatus::NotServing)
@@ -232,6 +251,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
                 .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )
         .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+        .layer(metrics.layer())
         .layer(
             anumate_captokens_service::PUBLIC_PATHS
                 .iter()
@@ -255,6 +275,9 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     }
     for task in [checkpointer, token_purger].into_iter().flatten() {
         task.abort();
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     tracing::info!("stopped");
     Ok(())
