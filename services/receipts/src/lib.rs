@@ -58,6 +58,9 @@ pub fn migrations() -> Vec<Migration> {
         .collect()
 }
 
+/// The principal named as the actor of checkpoint events.
+pub const CHECKPOINT_ACTOR: &str = "svc:receipts";
+
 /// The checkpoint origin (and signed-note key name) of a tenant's log.
 pub fn origin(tenant_id: &str) -> String {
     format!("anumate.dev/receipts/{tenant_id}")
@@ -868,8 +871,30 @@ impl Receipts {
         };
         repo::insert_checkpoint(&tx, &row).await?;
         repo::set_checkpoint_size(&tx, head.size).await?;
+        let published = checkpoint_proto(tenant, &row);
+        let event_subject = format!("checkpoints/{}", row.size);
+        anumate_events::append(
+            &tx,
+            &ev::CheckpointPublished {
+                tenant_id: tenant.to_string(),
+                tree_size: published.tree_size,
+                root_hash: published.root_hash.clone(),
+                kid: published.kid.clone(),
+                time: published.time,
+                actor: CHECKPOINT_ACTOR.to_string(),
+                note: published.note.clone(),
+                origin: checkpoint.origin.clone(),
+            },
+            tenant,
+            anumate_events::EventContext {
+                subject: &event_subject,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(Error::internal)?;
         tx.commit().await?;
-        Ok(Some(checkpoint_proto(tenant, &row)))
+        Ok(Some(published))
     }
 
     /// Publishes checkpoints for every tenant whose log grew; returns how many.

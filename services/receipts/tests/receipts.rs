@@ -465,6 +465,20 @@ async fn append_prove_verify(app: TestApp) {
             .count(),
         12
     );
+    // One checkpoint.published per checkpoint, carrying the signed note as served.
+    let published: Vec<anumate_proto::events::v1::CheckpointPublished> = events
+        .iter()
+        .filter(|e| e.event_type == "dev.anumate.checkpoint.published.v1")
+        .map(|e| prost::Message::decode(e.payload.as_slice()).expect("event payload"))
+        .collect();
+    let sizes: Vec<i64> = published.iter().map(|e| e.tree_size).collect();
+    assert_eq!(sizes, vec![7, 12]);
+    assert_eq!(published[0].note, first.note);
+    assert_eq!(published[1].note, second.note);
+    assert_eq!(published[1].root_hash, second.root_hash);
+    assert_eq!(published[1].origin, "anumate.dev/receipts/tenant-a");
+    assert_eq!(published[1].actor, "svc:receipts");
+    assert!(!published[1].kid.is_empty() && published[1].time.is_some());
 }
 
 async fn idempotency(app: TestApp) {
