@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anumate_auth::AuthConfig;
 use anumate_captokens_service::CapTokensConfig;
+use anumate_compiler::CompilerConfig;
 use anumate_policy_service::PolicyConfig;
 use anumate_receipts::ReceiptsConfig;
 use anumate_registry::RegistryConfig;
@@ -34,6 +35,8 @@ pub struct AppConfig {
     pub receipts: ReceiptsConfig,
     /// Policy limits and compile cache.
     pub policy: PolicyConfig,
+    /// Plan compiler: registry/policy addresses, tool catalogue additions.
+    pub compiler: CompilerConfig,
     /// Capability tokens: issuer, keys, leeway.
     pub captokens: CapTokensConfig,
     /// Signing keys.
@@ -54,6 +57,7 @@ impl Default for AppConfig {
             registry: RegistryConfig::default(),
             receipts: ReceiptsConfig::default(),
             policy: PolicyConfig::default(),
+            compiler: CompilerConfig::default(),
             captokens: CapTokensConfig::default(),
             keys: KeysConfig::default(),
             dev: DevConfig::default(),

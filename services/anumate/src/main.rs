@@ -6,6 +6,7 @@ mod admin;
 mod client;
 mod config;
 mod dev_state;
+mod plan_cli;
 mod policy_cli;
 mod receipts_cli;
 mod server;
@@ -49,6 +50,8 @@ enum Command {
     Capsule(client::CapsuleCommand),
     /// Test (offline), push, evaluate and read policies.
     Policy(policy_cli::PolicyCommand),
+    /// Compile capsules into plans; show and list stored plans.
+    Plan(plan_cli::PlanCommand),
     /// Append, fetch and verify (offline) receipts; checkpoints and keys.
     Receipt(receipts_cli::ReceiptCommand),
     /// Mint, verify (online or offline) and revoke capability tokens; the JWKS.
@@ -171,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
         Command::Policy(cmd) => Ok(policy_cli::run(cmd).await),
+        Command::Plan(cmd) => Ok(plan_cli::run(cmd).await),
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Token(cmd) => Ok(token_cli::run(cmd).await),
         Command::Auth {
@@ -209,6 +213,7 @@ fn all_migrations() -> Vec<anumate_store::Migration> {
     all.extend_from_slice(anumate_receipts::REPO_MIGRATIONS);
     all.extend_from_slice(anumate_policy_service::REPO_MIGRATIONS);
     all.extend_from_slice(anumate_captokens_service::REPO_MIGRATIONS);
+    all.extend_from_slice(anumate_compiler::REPO_MIGRATIONS);
     all
 }
 

@@ -4,9 +4,11 @@ use std::{sync::Arc, time::Duration};
 
 use anumate_auth::{AuthLayer, Authenticator};
 use anumate_captokens_service::{CapTokens, CapTokensGrpc};
+use anumate_compiler::{Compiler, CompilerGrpc, Upstreams};
 use anumate_crypto::KeyRing;
 use anumate_policy_service::{Policies, PolicyGrpc};
 use anumate_proto::captokens::v1::cap_tokens_service_server;
+use anumate_proto::compiler::v1::compiler_service_server;
 use anumate_proto::policy::v1::policy_service_server;
 use anumate_proto::receipts::v1::receipts_service_server;
 use anumate_proto::registry::v1::registry_service_server;
@@ -29,7 +31,7 @@ pub enum ServiceName {
     Registry,
     /// Policy DSL (not implemented yet: answers UNIMPLEMENTED).
     Policy,
-    /// Plan compiler (not implemented yet).
+    /// Plan compiler.
     Compiler,
     /// GhostRun preflight (not implemented yet).
     Ghostrun,
@@ -77,6 +79,7 @@ pub fn selected(services: &[ServiceName]) -> Vec<&'static str> {
 /// Services that need the database.
 pub const STORED_SERVICES: &[&str] = &[
     registry_service_server::SERVICE_NAME,
+    compiler_service_server::SERVICE_NAME,
     receipts_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
     cap_tokens_service_server::SERVICE_NAME,
@@ -85,6 +88,7 @@ pub const STORED_SERVICES: &[&str] = &[
 /// Services implemented in this binary (the rest answer UNIMPLEMENTED).
 const IMPLEMENTED: &[&str] = &[
     registry_service_server::SERVICE_NAME,
+    compiler_service_server::SERVICE_NAME,
     receipts_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
     cap_tokens_service_server::SERVICE_NAME,
@@ -127,6 +131,19 @@ pub async fn bind(config: &AppConfig) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {}", config.grpc.listen))
 }
 
+/// `http://` address of this server's own listener (loopback when bound to all interfaces).
+fn own_url(listener: &TcpListener) -> anyhow::Result<String> {
+    let mut addr = listener.local_addr().context("listener address")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(format!("http://{addr}"))
+}
+
 /// Serves until SIGINT/SIGTERM, then drains in-flight requests.
 pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -161,6 +178,27 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             .context("the policy service needs a store")?;
         let policies = Policies::new(store, &rt.config.policy);
         routes.add_service(PolicyGrpc::new(policies).into_server());
+    }
+    if rt.services.contains(&compiler_service_server::SERVICE_NAME) {
+        let store = rt.store.clone().context("the compiler needs a store")?;
+        // Unset addresses mean this process: `dev` and `serve all` serve the registry
+        // and the policy service on the same listener.
+        let own = own_url(&listener)?;
+        let url = |configured: &str| {
+            if configured.is_empty() {
+                own.clone()
+            } else {
+                configured.to_string()
+            }
+        };
+        let upstreams = Upstreams::lazy(
+            &url(&rt.config.compiler.registry_url),
+            &url(&rt.config.compiler.policy_url),
+        )
+        .map_err(|e| anyhow::anyhow!("compiler: {e}"))?;
+        let compiler = Compiler::new(store, upstreams, &rt.config.compiler)
+            .map_err(|e| anyhow::anyhow!("compiler: {e}"))?;
+        routes.add_service(CompilerGrpc::new(compiler).into_server());
     }
     let mut token_purger = None;
     if rt

@@ -622,13 +622,24 @@ async fn health_reflection_unimplemented_and_sigterm() {
         .await
         .expect("policy service is served by dev");
 
-    // a registered but not yet implemented service
+    // implemented in dev: the compiler answers with the dev token
     use anumate_proto::compiler::v1::{
         ListPlansRequest, compiler_service_client::CompilerServiceClient,
     };
-    let mut compiler = CompilerServiceClient::with_interceptor(channel, BearerToken(dev.token()));
-    let err = compiler
+    let mut compiler =
+        CompilerServiceClient::with_interceptor(channel.clone(), BearerToken(dev.token()));
+    compiler
         .list_plans(ListPlansRequest::default())
+        .await
+        .expect("compiler is served by dev");
+
+    // a registered but not yet implemented service
+    use anumate_proto::ghostrun::v1::{
+        ListPreflightsRequest, ghost_run_service_client::GhostRunServiceClient,
+    };
+    let mut ghostrun = GhostRunServiceClient::with_interceptor(channel, BearerToken(dev.token()));
+    let err = ghostrun
+        .list_preflights(ListPreflightsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");

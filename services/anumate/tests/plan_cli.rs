@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `anumate plan …` as a user runs it: `anumate dev` on port 0 in a fresh
+//! directory, policies and the example capsule pushed with the CLI, then
+//! compile (fresh, then cached), get and list, in human and JSON output.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_anumate");
+
+/// The binary in `dir`, without the caller's `ANUMATE_…` variables.
+fn anumate(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ANUMATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("NO_COLOR", "1");
+    cmd
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Run {
+    let out = anumate(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run anumate");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[track_caller]
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let r = cli(dir, args);
+    assert!(r.ok, "{args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// `anumate dev` in `dir`; killed when dropped.
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_dev(dir: &Path) -> Dev {
+    let log = std::fs::File::create(dir.join("dev.log")).unwrap();
+    let mut child = anumate(dir)
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start anumate dev");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let dev = Dev(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(" on http://") => return dev,
+            Ok(_) => {}
+            Err(_) => panic!(
+                "anumate dev did not start:\n{}",
+                std::fs::read_to_string(dir.join("dev.log")).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+#[test]
+fn compile_get_and_list_plans_against_anumate_dev() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    std::fs::copy(
+        examples.join("refund.capsule.yaml"),
+        d.join("refund.capsule.yaml"),
+    )
+    .unwrap();
+    // One policy per pushed file.
+    let policies = std::fs::read_to_string(examples.join("refund.policy")).unwrap();
+    let split = policies.find("policy \"pii-masking\"").unwrap();
+    std::fs::write(d.join("limits.policy"), &policies[..split]).unwrap();
+    std::fs::write(d.join("pii.policy"), &policies[split..]).unwrap();
+
+    let _dev = start_dev(d);
+
+    // Before the policies exist the capsule does not compile, and says why.
+    ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
+    let r = cli(d, &["plan", "compile", "refund-small-orders"]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
+    assert!(r.stderr.contains("policy"), "{}", r.stderr);
+
+    ok(d, &["policy", "push", "limits.policy", "--publish"]);
+    ok(d, &["policy", "push", "pii.policy", "--publish"]);
+
+    let out = ok(d, &["plan", "compile", "refund-small-orders"]);
+    let first = out.lines().next().unwrap();
+    assert!(first.starts_with("compiled: sha256:"), "{out}");
+    let hash = first.trim_start_matches("compiled: ").to_string();
+    assert!(
+        out.contains("policies:     pii-masking@1, refund-limits@1"),
+        "{out}"
+    );
+    assert!(out.contains("level 1:"), "{out}");
+    assert!(out.contains("refund [payments.refund]"), "{out}");
+    assert!(
+        out.contains(
+            "refund conditional: stage-1: 1 of [group:finance-leads] (refund-limits/large-refund)"
+        ),
+        "{out}"
+    );
+
+    // Again: the stored plan, said so, same hash.
+    let again = ok(
+        d,
+        &[
+            "plan",
+            "compile",
+            "refund-small-orders",
+            "--version",
+            "1",
+            "-o",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(v["cacheHit"], true);
+    assert_eq!(v["plan"]["planHash"], hash.as_str());
+
+    let got = ok(d, &["plan", "get", &hash]);
+    assert!(got.starts_with(&format!("plan:         {hash}")), "{got}");
+    let got: Value = serde_json::from_str(&ok(d, &["plan", "get", &hash, "-o", "json"])).unwrap();
+    assert_eq!(got["plan"]["steps"].as_array().unwrap().len(), 3);
+
+    let list = ok(d, &["plan", "list"]);
+    assert!(
+        list.starts_with(&format!("{hash}  refund-small-orders@1")),
+        "{list}"
+    );
+
+    // Bad input: a precise error, non-zero exit.
+    let r = cli(d, &["plan", "get", "sha256:abc"]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("error[INVALID_ARGUMENT]"), "{}", r.stderr);
+    assert!(r.stderr.contains("plan_hash"), "{}", r.stderr);
+    let r = cli(d, &["plan", "compile", "no-such-capsule"]);
+    assert!(!r.ok);
+    assert!(
+        r.stderr
+            .contains("error[NOT_FOUND]: capsule no-such-capsule"),
+        "{}",
+        r.stderr
+    );
+}
