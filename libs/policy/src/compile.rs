@@ -11,7 +11,7 @@ use crate::ast::*;
 use crate::builtins::DETECTORS;
 use crate::check::{Checker, POLICY_INPUT, Schema, Ty, literal_json};
 use crate::diag::{CompileError, LineCol, Span, line_col};
-use crate::eval::{EvalError, Fuel, MAX_ROOTS, Node, Slots, Val, eval};
+use crate::eval::{EvalError, Fuel, MAX_ROOTS, Node, Slots, eval_bool};
 
 /// Fuel a decision gets unless [`CompiledSet::with_fuel`] says otherwise.
 pub const DEFAULT_FUEL: u64 = 100_000;
@@ -89,16 +89,21 @@ pub struct MatchedRule {
 }
 
 /// The outcome of evaluating a policy set on one input.
+///
+/// The matched-rule records, obligations and reasons are built once at
+/// compile time; a decision borrows them from its [`CompiledSet`], so
+/// evaluating copies no strings (three vectors of references are all it
+/// allocates, and only when some rule matched).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
+pub struct Decision<'a> {
     /// The combined effect: deny > require_approval > allow; allow when nothing matched.
     pub effect: Effect,
     /// Every matched rule, higher priority first, then source order.
-    pub matched: Vec<MatchedRule>,
+    pub matched: Vec<&'a MatchedRule>,
     /// Obligations of the matched rules, in the same order.
-    pub obligations: Vec<Obligation>,
+    pub obligations: Vec<&'a Obligation>,
     /// The `reason:` texts of the matched rules' actions, in the same order.
-    pub reasons: Vec<String>,
+    pub reasons: Vec<&'a str>,
     /// Fuel spent.
     pub fuel_used: u64,
 }
@@ -106,12 +111,9 @@ pub struct Decision {
 #[derive(Debug)]
 struct CompiledRule {
     policy_index: usize,
-    policy: String,
-    id: String,
-    priority: i64,
-    span: SourceSpan,
+    /// What a decision reports when the rule matches.
+    info: MatchedRule,
     when: Node,
-    effect: Effect,
     obligations: Vec<Obligation>,
     reasons: Vec<String>,
 }
@@ -171,12 +173,14 @@ pub fn compile_file(file: &str, src: &str, ast: &PolicyFile) -> Result<CompiledS
                     (Reverse(r.priority), pi, ri),
                     CompiledRule {
                         policy_index: pi,
-                        policy: p.name.clone(),
-                        id: r.id.clone(),
-                        priority: r.priority,
-                        span: SourceSpan::of(src, r.span),
+                        info: MatchedRule {
+                            policy: p.name.clone(),
+                            rule: r.id.clone(),
+                            priority: r.priority,
+                            effect,
+                            span: SourceSpan::of(src, r.span),
+                        },
                         when,
-                        effect,
                         obligations,
                         reasons,
                     },
@@ -452,11 +456,15 @@ impl CompiledSet {
 
     /// Evaluates every enabled rule on `input` (a JSON object with the
     /// SPEC §3 fields) and combines the matches into a decision.
-    pub fn evaluate(&self, input: &Value) -> Result<Decision, EvalError> {
+    pub fn evaluate(&self, input: &Value) -> Result<Decision<'_>, EvalError> {
         self.evaluate_only(input, None)
     }
 
-    fn evaluate_only(&self, input: &Value, policy: Option<usize>) -> Result<Decision, EvalError> {
+    fn evaluate_only(
+        &self,
+        input: &Value,
+        policy: Option<usize>,
+    ) -> Result<Decision<'_>, EvalError> {
         let slots = slots(&POLICY_INPUT, input)?;
         let mut fuel = Fuel::new(self.fuel);
         let mut d = Decision {
@@ -470,22 +478,24 @@ impl CompiledSet {
             if policy.is_some_and(|p| p != r.policy_index) {
                 continue;
             }
-            let hit = eval(&r.when, &slots, &mut fuel).map_err(|_| EvalError::FuelExhausted {
-                limit: self.fuel,
-                policy: r.policy.clone(),
-                rule: r.id.clone(),
-            })?;
-            if matches!(hit, Val::Bool(true)) {
-                d.effect = d.effect.max(r.effect);
-                d.matched.push(MatchedRule {
-                    policy: r.policy.clone(),
-                    rule: r.id.clone(),
-                    priority: r.priority,
-                    effect: r.effect,
-                    span: r.span,
-                });
-                d.obligations.extend(r.obligations.iter().cloned());
-                d.reasons.extend(r.reasons.iter().cloned());
+            let hit =
+                eval_bool(&r.when, &slots, &mut fuel).map_err(|_| EvalError::FuelExhausted {
+                    limit: self.fuel,
+                    policy: r.info.policy.clone(),
+                    rule: r.info.rule.clone(),
+                })?;
+            if hit == Some(true) {
+                if d.matched.capacity() == 0 {
+                    // One allocation each for the common case.
+                    let n = self.rules.len().min(32);
+                    d.matched.reserve(n);
+                    d.obligations.reserve(n);
+                    d.reasons.reserve(n);
+                }
+                d.effect = d.effect.max(r.info.effect);
+                d.matched.push(&r.info);
+                d.obligations.extend(r.obligations.iter());
+                d.reasons.extend(r.reasons.iter().map(String::as_str));
             }
         }
         d.fuel_used = self.fuel - fuel.left;
@@ -495,7 +505,7 @@ impl CompiledSet {
 
 /// The result of one `test` block.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TestOutcome {
+pub struct TestOutcome<'a> {
     /// The policy the test belongs to.
     pub policy: String,
     /// The test's name.
@@ -505,10 +515,10 @@ pub struct TestOutcome {
     /// The `expect` effect.
     pub expected: Effect,
     /// The decision (or why there is none).
-    pub actual: Result<Decision, EvalError>,
+    pub actual: Result<Decision<'a>, EvalError>,
 }
 
-impl TestOutcome {
+impl TestOutcome<'_> {
     /// Whether the decision's effect is the expected one.
     pub fn passed(&self) -> bool {
         matches!(&self.actual, Ok(d) if d.effect == self.expected)
@@ -546,7 +556,7 @@ impl TestOutcome {
 }
 
 /// Runs every `test` block, each against its own policy's rules.
-pub fn run_tests(set: &CompiledSet) -> Vec<TestOutcome> {
+pub fn run_tests(set: &CompiledSet) -> Vec<TestOutcome<'_>> {
     set.tests
         .iter()
         .map(|t| TestOutcome {

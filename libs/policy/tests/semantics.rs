@@ -96,7 +96,7 @@ fn priority_orders_the_report_and_disabled_rules_never_fire() {
     let names: Vec<_> = d.matched.iter().map(|m| m.rule.as_str()).collect();
     assert_eq!(names, ["b", "d", "a", "c"]);
     assert_eq!(d.reasons, ["b", "a", "c"]);
-    assert!(!d.reasons.iter().any(|r| r == "disabled"));
+    assert!(!d.reasons.contains(&"disabled"));
 }
 
 #[test]

@@ -277,12 +277,12 @@ fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
                         detectors,
                         with,
                     } => obl.redactions.push(pb::Redaction {
-                        fields,
-                        detectors: detectors_of(&detectors)
+                        fields: fields.clone(),
+                        detectors: detectors_of(detectors)
                             .into_iter()
                             .map(|d| pb_detector(d) as i32)
                             .collect(),
-                        replacement: with.unwrap_or_default(),
+                        replacement: with.clone().unwrap_or_default(),
                         rule: Some(rule_ref.clone()),
                     }),
                     Obligation::RequireApproval {
@@ -291,8 +291,8 @@ fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
                         stages: st,
                         reason,
                     } => obl.approvals.push(pb::ApprovalObligation {
-                        stages: stages(&approvers, quorum, &st),
-                        reason: reason.unwrap_or_default(),
+                        stages: stages(approvers, *quorum, st),
+                        reason: reason.clone().unwrap_or_default(),
                         expires_after: None,
                         escalate_to: Vec::new(),
                         rule: Some(rule_ref.clone()),
@@ -565,7 +565,7 @@ impl Policies {
                             })
                             .collect(),
                         obligations: None,
-                        reasons: d.reasons.clone(),
+                        reasons: d.reasons.iter().map(|r| (*r).to_string()).collect(),
                         denied_by_allow_list: false,
                     }),
                     Err(_) => None,
