@@ -1,0 +1,403 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The outbox relay against a real Kafka-protocol broker (Tansu, one per test
+//! on a free port) and real databases: what a Kafka consumer of Anumate sees.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anumate_crypto::{KeyPair, KeyRing};
+use anumate_events::relay::{KafkaConfig, Relay};
+use anumate_events::testing::TestBroker;
+use anumate_events::{EventContext, append};
+use anumate_proto::events::v1::{CapsulePublished, CapsulePushed};
+use anumate_registry::{Actor, Registry, RegistryConfig};
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use prost::Message as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const EXAMPLE: &str = include_str!("../../../examples/refund.capsule.yaml");
+
+/// One message as a consumer sees it.
+#[derive(Debug, Clone)]
+struct Received {
+    key: String,
+    headers: HashMap<String, String>,
+    value: Vec<u8>,
+}
+
+impl Received {
+    fn h(&self, k: &str) -> &str {
+        self.headers.get(k).map(String::as_str).unwrap_or("")
+    }
+}
+
+async fn store(db: &TestDb) -> Store {
+    let store = Store::connect(&db.config).await.unwrap();
+    store
+        .migrate(&anumate_registry::migrations())
+        .await
+        .unwrap();
+    store
+}
+
+fn kafka(bootstrap: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: bootstrap.into(),
+        partitions: 3,
+        poll_ms: 10,
+        message_timeout_ms: 2_000,
+        max_backoff_ms: 500,
+        ..KafkaConfig::default()
+    }
+}
+
+/// Reads `topic` from the beginning until `done` says so or `timeout` passes.
+async fn consume(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Received]) -> bool,
+) -> Vec<Received> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    // Assigned, not subscribed: no group rebalance to wait for.
+    let mut tpl = TopicPartitionList::new();
+    let deadline = Instant::now() + timeout;
+    while tpl.count() == 0 {
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .unwrap();
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    while !done(&out) && Instant::now() < deadline {
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        let Ok(msg) = msg else { continue };
+        let mut headers = HashMap::new();
+        if let Some(hs) = msg.headers() {
+            for h in hs.iter() {
+                headers.insert(
+                    h.key.to_string(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        out.push(Received {
+            key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+            headers,
+            value: msg.payload().unwrap_or_default().to_vec(),
+        });
+    }
+    // The consumer's destructor blocks: not on an async worker.
+    tokio::task::spawn_blocking(move || drop(consumer))
+        .await
+        .unwrap();
+    out
+}
+
+async fn unsent(store: &Store) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = store.owner_connection();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM outbox WHERE sent_at IS NULL",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get("", "n").unwrap()
+}
+
+async fn wait_all_sent(store: &Store, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = unsent(store).await;
+        if n == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} events still unsent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Appends `n` state changes spread over `keys` aggregates of `tenant`; the
+/// version field counts per key, so order can be checked downstream.
+async fn changes(store: &Store, tenant: &str, keys: usize, n: usize, start: usize) {
+    for i in start..start + n {
+        let key = format!("agg-{}", i % keys);
+        let tx = store.write(tenant).await.unwrap();
+        append(
+            &tx,
+            &CapsulePushed {
+                tenant_id: tenant.into(),
+                name: key.clone(),
+                version: (i / keys) as i64,
+                ..Default::default()
+            },
+            &key,
+            EventContext {
+                subject: &format!("capsules/{key}"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Dedupes by `ce_id` (first occurrence wins) and checks that every key's
+/// versions arrive in increasing order; returns the distinct events.
+fn dedupe_and_check_order(msgs: &[Received]) -> Vec<Received> {
+    let mut seen = HashMap::new();
+    let mut out = Vec::new();
+    for m in msgs {
+        let id = m.h("ce_id").to_string();
+        if let Some(first) = seen.get(&id) {
+            // A redelivery is the very same event.
+            assert_eq!(first, &m.value, "duplicate ce_id {id} with other data");
+            continue;
+        }
+        seen.insert(id, m.value.clone());
+        out.push(m.clone());
+    }
+    let mut last: HashMap<(String, String), i64> = HashMap::new();
+    for m in &out {
+        let ev = CapsulePushed::decode(m.value.as_slice()).unwrap();
+        assert_eq!(ev.name, m.key, "key is the aggregate id");
+        let k = (ev.tenant_id.clone(), m.key.clone());
+        if let Some(prev) = last.get(&k) {
+            assert!(
+                ev.version > *prev,
+                "{k:?}: version {} after {prev}",
+                ev.version
+            );
+        }
+        last.insert(k, ev.version);
+    }
+    out
+}
+
+async fn capsule_published_arrives(backend: Backend) {
+    let broker = TestBroker::start();
+    let db = match backend {
+        Backend::Postgres => TestDb::postgres().await,
+        Backend::Sqlite => TestDb::sqlite(),
+    };
+    let store = store(&db).await;
+    let registry = Registry::new(
+        store.clone(),
+        Arc::new(KeyRing::new(KeyPair::generate().unwrap())),
+        &RegistryConfig::default(),
+    );
+    let actor = Actor {
+        tenant: "tenant-e2e".into(),
+        subject: "alice".into(),
+    };
+    let pushed = registry
+        .push(&actor, EXAMPLE, "refund.capsule.yaml", "", true)
+        .await
+        .unwrap();
+    let _ = pushed;
+    let relay = Relay::new(store.clone(), kafka(&broker.bootstrap()))
+        .unwrap()
+        .spawn();
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(20),
+        |m| {
+            m.iter()
+                .any(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
+        },
+    )
+    .await;
+    relay.shutdown(Duration::from_secs(5)).await;
+    let m = msgs
+        .iter()
+        .find(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
+        .expect("capsule.published arrives");
+    assert_eq!(m.h("ce_specversion"), "1.0");
+    uuid::Uuid::parse_str(m.h("ce_id")).expect("ce_id is the outbox event id");
+    assert_eq!(m.h("ce_source"), "/anumate/capsules");
+    assert_eq!(m.h("content-type"), "application/protobuf");
+    assert_eq!(m.h("ce_tenantid"), "tenant-e2e");
+    chrono::DateTime::parse_from_rfc3339(m.h("ce_time")).expect("ce_time is RFC 3339");
+    let ev = CapsulePublished::decode(m.value.as_slice()).expect("value is the proto message");
+    assert_eq!(ev.tenant_id, "tenant-e2e");
+    assert_eq!(m.key, ev.name, "key = aggregate id");
+    assert_eq!(
+        m.h("ce_subject"),
+        format!("capsules/{}/versions/{}", ev.name, ev.version)
+    );
+    assert!(!ev.content_hash.is_empty());
+    // The pushed event came first, on the same key.
+    assert_eq!(msgs[0].h("ce_type"), "dev.anumate.capsule.pushed.v1");
+    assert_eq!(msgs[0].key, m.key);
+    wait_all_sent(&store, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_capsule_arrives_as_cloudevent_postgres() {
+    capsule_published_arrives(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_capsule_arrives_as_cloudevent_sqlite() {
+    capsule_published_arrives(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_content_type_per_topic() {
+    let broker = TestBroker::start();
+    let db = TestDb::sqlite();
+    let store = store(&db).await;
+    changes(&store, "t1", 1, 1, 0).await;
+    let mut cfg = kafka(&broker.bootstrap());
+    cfg.json_topics = vec!["anumate.capsules".into()];
+    let mut relay = Relay::new(store.clone(), cfg).unwrap();
+    anumate_events::relay::ensure_topics(&kafka(&broker.bootstrap()))
+        .await
+        .unwrap();
+    assert_eq!(relay.pass().await.unwrap().sent, 1);
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(15),
+        |m| !m.is_empty(),
+    )
+    .await;
+    assert_eq!(msgs[0].h("content-type"), "application/json");
+    let v: serde_json::Value = serde_json::from_slice(&msgs[0].value).unwrap();
+    assert_eq!(v["name"], "agg-0");
+    assert_eq!(v["tenantId"], "t1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_loses_nothing_and_keeps_order() {
+    let mut broker = TestBroker::start();
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let relay = Relay::new(store.clone(), kafka(&broker.bootstrap()))
+        .unwrap()
+        .spawn();
+    // Up and relaying first.
+    changes(&store, "t1", 10, 10, 0).await;
+    wait_all_sent(&store, Duration::from_secs(15)).await;
+
+    broker.stop();
+    changes(&store, "t1", 10, 250, 10).await;
+    changes(&store, "t2", 10, 250, 0).await;
+    // The relay fails against the dead broker and keeps the rows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(unsent(&store).await, 500, "events wait in the outbox");
+
+    broker.restart();
+    wait_all_sent(&store, Duration::from_secs(30)).await;
+    relay.shutdown(Duration::from_secs(5)).await;
+    // The memory broker lost the first 10: the 500 are all it holds.
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(30),
+        |m| {
+            m.iter()
+                .map(|r| r.h("ce_id").to_string())
+                .collect::<HashSet<_>>()
+                .len()
+                >= 500
+        },
+    )
+    .await;
+    let distinct = dedupe_and_check_order(&msgs);
+    assert_eq!(distinct.len(), 500, "all 500 changes arrive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_crash_before_mark_sent_only_repeats_the_same_ids() {
+    let broker = TestBroker::start();
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    changes(&store, "t1", 4, 20, 0).await;
+    let cfg = kafka(&broker.bootstrap());
+    anumate_events::relay::ensure_topics(&cfg).await.unwrap();
+
+    let mut crashing = Relay::new(store.clone(), cfg.clone()).unwrap();
+    let report = crashing.pass_then_crash().await.unwrap();
+    assert_eq!(report.fetched, 20);
+    drop(crashing);
+    assert_eq!(unsent(&store).await, 20, "nothing was marked sent");
+
+    let mut restarted = Relay::new(store.clone(), cfg).unwrap();
+    assert_eq!(restarted.pass().await.unwrap().sent, 20);
+    assert_eq!(unsent(&store).await, 0);
+
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(15),
+        |m| m.len() >= 40,
+    )
+    .await;
+    assert_eq!(msgs.len(), 40, "every event published twice");
+    let distinct = dedupe_and_check_order(&msgs);
+    assert_eq!(distinct.len(), 20, "dedupe by ce_id leaves each event once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_skip_nothing() {
+    let broker = TestBroker::start();
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let mut cfg = kafka(&broker.bootstrap());
+    cfg.batch_size = 25;
+    anumate_events::relay::ensure_topics(&cfg).await.unwrap();
+    let a = Relay::new(store.clone(), cfg.clone()).unwrap().spawn();
+    let b = Relay::new(store.clone(), cfg).unwrap().spawn();
+    let (s1, s2) = (store.clone(), store.clone());
+    let w1 = tokio::spawn(async move { changes(&s1, "t1", 5, 150, 0).await });
+    let w2 = tokio::spawn(async move { changes(&s2, "t2", 5, 150, 0).await });
+    w1.await.unwrap();
+    w2.await.unwrap();
+    wait_all_sent(&store, Duration::from_secs(30)).await;
+    a.shutdown(Duration::from_secs(5)).await;
+    b.shutdown(Duration::from_secs(5)).await;
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(30),
+        |m| {
+            m.iter()
+                .map(|r| r.h("ce_id").to_string())
+                .collect::<HashSet<_>>()
+                .len()
+                >= 300
+        },
+    )
+    .await;
+    let distinct = dedupe_and_check_order(&msgs);
+    assert_eq!(distinct.len(), 300, "none skipped");
+}
