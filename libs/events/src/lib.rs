@@ -8,6 +8,12 @@
 //! issue) publishes unsent rows to Kafka in order and marks them sent.
 #![forbid(unsafe_code)]
 
+pub mod cloudevents;
+pub mod consumer;
+pub mod relay;
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::{collections::HashMap, sync::LazyLock};
 
 use anumate_store::{Migration, StoreError, TenantTx, Value};
@@ -149,6 +155,8 @@ pub struct OutboxRow {
     pub payload: Vec<u8>,
     /// `planhash` extension.
     pub plan_hash: Option<String>,
+    /// W3C `traceparent` of the span that wrote the event.
+    pub traceparent: Option<String>,
     /// Commit time, Unix microseconds.
     pub created_at: i64,
 }
@@ -162,7 +170,7 @@ pub async fn read_after(
     let rows = tx
         .query_all(
             "SELECT seq, event_id, tenant_id, topic, event_type, aggregate_key, subject, payload, \
-               plan_hash, created_at FROM outbox WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+               plan_hash, traceparent, created_at FROM outbox WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
             vec![tx.tenant_id().into(), after_seq.into(), limit.into()],
         )
         .await?;
@@ -178,6 +186,7 @@ pub async fn read_after(
                 subject: r.try_get("", "subject")?,
                 payload: r.try_get("", "payload")?,
                 plan_hash: r.try_get("", "plan_hash")?,
+                traceparent: r.try_get("", "traceparent")?,
                 created_at: r.try_get("", "created_at")?,
             })
         })
@@ -186,9 +195,10 @@ pub async fn read_after(
 }
 
 /// The outbox table.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "events_0001_outbox",
-    postgres: "CREATE TABLE outbox (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "events_0001_outbox",
+        postgres: "CREATE TABLE outbox (
         seq BIGSERIAL PRIMARY KEY,
         event_id TEXT NOT NULL UNIQUE,
         tenant_id TEXT NOT NULL,
@@ -204,7 +214,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
       );
       CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
       CREATE INDEX outbox_tenant_seq ON outbox (tenant_id, seq)",
-    sqlite: "CREATE TABLE outbox (
+        sqlite: "CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         event_id TEXT NOT NULL UNIQUE,
         tenant_id TEXT NOT NULL,
@@ -220,8 +230,10 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
       );
       CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
       CREATE INDEX outbox_tenant_seq ON outbox (tenant_id, seq)",
-    tenant_tables: &["outbox"],
-}];
+        tenant_tables: &["outbox"],
+    },
+    relay::MIGRATION,
+];
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anumate_auth::AuthConfig;
 use anumate_captokens_service::CapTokensConfig;
 use anumate_compiler::CompilerConfig;
+use anumate_events::relay::KafkaConfig;
 use anumate_policy_service::PolicyConfig;
 use anumate_receipts::ReceiptsConfig;
 use anumate_registry::RegistryConfig;
@@ -43,6 +44,8 @@ pub struct AppConfig {
     pub keys: KeysConfig,
     /// `anumate dev` only.
     pub dev: DevConfig,
+    /// Kafka: the outbox relay's brokers, topics and archive retention.
+    pub kafka: KafkaConfig,
 }
 
 impl Default for AppConfig {
@@ -61,6 +64,7 @@ impl Default for AppConfig {
             captokens: CapTokensConfig::default(),
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -138,6 +142,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub store_url: Option<String>,
     pub log_format: Option<String>,
+    pub kafka: Option<String>,
 }
 
 impl Overrides {
@@ -154,6 +159,9 @@ impl Overrides {
         }
         if let Some(f) = &self.log_format {
             root.insert("telemetry".into(), serde_json::json!({ "log_format": f }));
+        }
+        if let Some(k) = &self.kafka {
+            root.insert("kafka".into(), serde_json::json!({ "brokers": k }));
         }
         serde_json::Value::Object(root)
     }

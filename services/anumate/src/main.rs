@@ -80,6 +80,10 @@ struct ServerArgs {
     /// Log format: json or pretty.
     #[arg(long)]
     log_format: Option<String>,
+    /// Kafka bootstrap servers (host:port,…): relay outbox events there as
+    /// CloudEvents (`[kafka] brokers`).
+    #[arg(long)]
+    kafka: Option<String>,
 }
 
 impl ServerArgs {
@@ -89,6 +93,7 @@ impl ServerArgs {
             listen: self.listen.clone(),
             store_url: self.store_url.clone(),
             log_format: self.log_format.clone(),
+            kafka: self.kafka.clone(),
         };
         config::load(self.config.as_deref(), defaults, &overrides)
     }

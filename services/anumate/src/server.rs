@@ -245,6 +245,17 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     routes.add_service(health_service);
     routes.add_service(reflection);
 
+    // The outbox relay: with a broker configured, every process with a store
+    // runs one (replicas share the work); without one, events wait in the outbox.
+    let relay = match (&rt.store, rt.config.kafka.enabled()) {
+        (Some(store), true) => {
+            let relay = anumate_events::relay::Relay::new(store.clone(), rt.config.kafka.clone())
+                .context("kafka relay")?;
+            tracing::info!(brokers = %rt.config.kafka.brokers, "relaying outbox events to kafka");
+            Some(relay.spawn())
+        }
+        _ => None,
+    };
     let grace = Duration::from_secs(rt.config.grpc.shutdown_grace_secs);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
@@ -316,6 +327,9 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     }
     if let Some(admin) = admin {
         admin.abort();
+    }
+    if let Some(relay) = relay {
+        relay.shutdown(Duration::from_secs(10)).await;
     }
     tracing::info!("stopped");
     Ok(())
