@@ -1,0 +1,101 @@
+//! The gRPC adapter: decode, check the role, call [`Events`], encode.
+
+use std::pin::Pin;
+
+use anumate_auth::{Principal, Role};
+use anumate_proto::events::v1 as pb;
+use pb::events_service_server::{EventsService, EventsServiceServer};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use crate::{Caller, Events, TailStart};
+
+/// Roles allowed to read events.
+const READERS: &[Role] = &[Role::Admin, Role::Auditor, Role::Operator];
+
+/// The events service behind the generated `EventsService` trait.
+#[derive(Clone)]
+pub struct EventsGrpc {
+    events: Events,
+}
+
+impl EventsGrpc {
+    /// Wraps an events service.
+    pub fn new(events: Events) -> Self {
+        EventsGrpc { events }
+    }
+
+    /// The tonic server.
+    pub fn into_server(self) -> EventsServiceServer<EventsGrpc> {
+        EventsServiceServer::new(self).max_decoding_message_size(64 * 1024)
+    }
+}
+
+fn caller<T>(req: &Request<T>, roles: &[Role]) -> Result<Caller, Status> {
+    let principal: Principal = anumate_auth::principal(req)?;
+    principal.require_any(roles)?;
+    Ok(Caller {
+        admin: principal.has_role(Role::Admin),
+        tenant: principal.tenant_id,
+        subject: principal.subject,
+    })
+}
+
+/// The stream type of `TailEvents`.
+pub type TailStream =
+    Pin<Box<dyn Stream<Item = Result<pb::TailEventsResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl EventsService for EventsGrpc {
+    type TailEventsStream = TailStream;
+
+    async fn tail_events(
+        &self,
+        req: Request<pb::TailEventsRequest>,
+    ) -> Result<Response<TailStream>, Status> {
+        let caller = caller(&req, READERS)?;
+        let r = req.into_inner();
+        let start = match r.start {
+            None => TailStart::Live,
+            Some(pb::tail_events_request::Start::Since(t)) => {
+                TailStart::Since(crate::micros("since", &t)?)
+            }
+            Some(pb::tail_events_request::Start::AfterSequence(n)) if n < 0 => {
+                return Err(anumate_errors::Error::invalid_argument(
+                    "after_sequence",
+                    "must not be negative",
+                )
+                .into());
+            }
+            Some(pb::tail_events_request::Start::AfterSequence(n)) => TailStart::After(n),
+        };
+        let filter = r.filter.unwrap_or_default();
+        let rx = self.events.tail(&caller, &filter, start).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| r.map_err(Into::into));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let caller = caller(&req, READERS)?;
+        let (events, next) = self.events.list(&caller, req.get_ref()).await?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events,
+            page: Some(anumate_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+
+    async fn replay_events(
+        &self,
+        req: Request<pb::ReplayEventsRequest>,
+    ) -> Result<Response<pb::ReplayEventsResponse>, Status> {
+        let caller = caller(&req, &[Role::Admin])?;
+        tracing::info!(tenant = %caller.tenant, subject = %caller.subject, topic = %req.get_ref().topic, "replay requested");
+        let out = self.events.replay(&caller, req.get_ref()).await?;
+        Ok(Response::new(out))
+    }
+}

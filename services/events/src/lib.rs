@@ -1,0 +1,480 @@
+//! The events service (SPEC §10): the per-tenant event history behind
+//! `anumate events tail`, paged history, and replay of archived outbox events
+//! to Kafka.
+//!
+//! [`Events`] holds the domain logic and knows nothing of gRPC; [`grpc`]
+//! adapts it to the generated `EventsService` trait.
+//!
+//! ## Where the history comes from
+//! - **Kafka configured:** [`kafka::spawn_history_consumer`] reads every
+//!   Anumate topic in the consumer group `anumate-event-history` through
+//!   [`anumate_events::consumer`] (dedupe by CloudEvent id, retries, DLQ) and
+//!   records each CloudEvent.
+//! - **Embedded (no Kafka):** [`Events::spawn_outbox_feed`] copies committed
+//!   outbox rows of the same database into the history.
+//!
+//! ## Live tails
+//! Each tail reads the history after the last sequence it sent. It wakes when
+//! this process records events (an in-process watch channel) and, as a
+//! fallback for events recorded by another replica (mesh mode), every
+//! `tail_poll_ms`.
+#![forbid(unsafe_code)]
+
+mod feed;
+pub mod grpc;
+pub mod history;
+pub mod kafka;
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use anumate_errors::{Error, ErrorCode, Result};
+use anumate_proto::events::v1 as pb;
+use anumate_store::{Migration, Store};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+pub use grpc::EventsGrpc;
+pub use history::{NewEvent, Recorded};
+
+/// `content-type` of protobuf event data.
+pub const PROTOBUF: &str = anumate_events::cloudevents::PROTOBUF;
+
+/// Every migration the events service needs: the outbox's, the consumer's
+/// dedupe table and the history.
+pub fn migrations() -> Vec<Migration> {
+    anumate_events::MIGRATIONS
+        .iter()
+        .chain(REPO_MIGRATIONS)
+        .copied()
+        .collect()
+}
+
+/// The events service's own migrations: the consumer's dedupe table and the
+/// history (the binary adds the outbox's once for every service).
+pub const REPO_MIGRATIONS: &[Migration] = &[
+    anumate_events::consumer::MIGRATIONS[0],
+    history::MIGRATIONS[0],
+];
+
+/// `[events_service]` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsServiceConfig {
+    /// Milliseconds between history polls of an idle tail (picks up events
+    /// recorded by other replicas).
+    pub tail_poll_ms: u64,
+    /// Milliseconds between passes of the embedded outbox feeder.
+    pub feed_poll_ms: u64,
+    /// Most events one `ReplayEvents` call republishes.
+    pub max_replay: i64,
+    /// Consumer group of the Kafka-fed history.
+    pub history_group: String,
+    /// Most concurrent tails per process.
+    pub max_tails: usize,
+}
+
+impl Default for EventsServiceConfig {
+    fn default() -> Self {
+        EventsServiceConfig {
+            tail_poll_ms: 1000,
+            feed_poll_ms: 100,
+            max_replay: 10_000,
+            history_group: "anumate-event-history".into(),
+            max_tails: 256,
+        }
+    }
+}
+
+/// Who is reading: from the verified token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Tenant id.
+    pub tenant: String,
+    /// Principal subject.
+    pub subject: String,
+    /// Holds the `admin` role.
+    pub admin: bool,
+}
+
+/// Where a tail's history part starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailStart {
+    /// No history: live events only.
+    Live,
+    /// Events committed at or after this time (Unix microseconds).
+    Since(i64),
+    /// Events after this history sequence.
+    After(i64),
+}
+
+/// The events service.
+#[derive(Clone)]
+pub struct Events {
+    store: Store,
+    cfg: EventsServiceConfig,
+    recorded: Arc<watch::Sender<u64>>,
+    tails: Arc<tokio::sync::Semaphore>,
+    replayer: Option<Arc<kafka::Replayer>>,
+}
+
+/// Event message descriptors by CloudEvents type.
+static SCHEMAS: LazyLock<HashMap<String, MessageDescriptor>> = LazyLock::new(|| {
+    let Ok(pool) = DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET) else {
+        return HashMap::new();
+    };
+    anumate_events::all_event_types()
+        .filter_map(|(name, ty)| {
+            pool.get_message_by_name(name)
+                .map(|m| (ty.cloudevent_type.clone(), m))
+        })
+        .collect()
+});
+
+const MAX_TYPES: usize = 32;
+const MAX_TEXT: usize = 256;
+
+fn check_text(field: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_TEXT {
+        return Err(Error::invalid_argument(
+            field,
+            format!("at most {MAX_TEXT} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid_argument(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Microseconds to a protobuf timestamp.
+pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
+    pbjson_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+/// A protobuf timestamp to microseconds (checked: `field` names it in errors).
+pub fn micros(field: &str, t: &pbjson_types::Timestamp) -> Result<i64> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid_argument(
+            field,
+            "nanos must be within 0..1e9",
+        ));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(t.nanos) / 1000))
+        .ok_or_else(|| Error::invalid_argument(field, "out of range"))
+}
+
+impl Events {
+    /// A service over `store`. `replayer` publishes replays (none without Kafka).
+    pub fn new(
+        store: Store,
+        cfg: &EventsServiceConfig,
+        replayer: Option<Arc<kafka::Replayer>>,
+    ) -> Events {
+        let (recorded, _) = watch::channel(0);
+        Events {
+            store,
+            cfg: cfg.clone(),
+            recorded: Arc::new(recorded),
+            tails: Arc::new(tokio::sync::Semaphore::new(cfg.max_tails.max(1))),
+            replayer,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Records events in the history and wakes the tails; returns how many
+    /// were new.
+    pub async fn record(&self, events: &[NewEvent]) -> Result<usize> {
+        let new = history::record(&self.store, events).await?;
+        if new > 0 {
+            self.recorded.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(new)
+    }
+
+    /// Starts the embedded feeder (outbox → history) on this runtime.
+    pub fn spawn_outbox_feed(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(feed::run(
+            self.clone(),
+            Duration::from_millis(self.cfg.feed_poll_ms.max(1)),
+        ))
+    }
+
+    /// The tenant a filter reads: the caller's, or (admin only) the one named.
+    fn tenant_of(caller: &Caller, filter: &pb::EventFilter) -> Result<String> {
+        if filter.tenant_id.is_empty() || filter.tenant_id == caller.tenant {
+            return Ok(caller.tenant.clone());
+        }
+        check_text("filter.tenant_id", &filter.tenant_id)?;
+        if !caller.admin {
+            tracing::warn!(tenant = %caller.tenant, subject = %caller.subject, other = %filter.tenant_id, "permission denied: events of another tenant");
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                "reading another tenant's events needs the admin role",
+            )
+            .with_metadata("required_roles", "admin"));
+        }
+        Ok(filter.tenant_id.clone())
+    }
+
+    /// Validates a filter into a query (without position or times).
+    fn query_of(filter: &pb::EventFilter) -> Result<history::Query> {
+        if filter.types.len() > MAX_TYPES {
+            return Err(Error::invalid_argument(
+                "filter.types",
+                format!("at most {MAX_TYPES} types"),
+            ));
+        }
+        let mut q = history::Query::default();
+        for (i, t) in filter.types.iter().enumerate() {
+            let field = format!("filter.types[{i}]");
+            let (body, prefix) = match t.strip_suffix('*') {
+                Some(p) => (p, true),
+                None => (t.as_str(), false),
+            };
+            if body.is_empty() && !prefix {
+                return Err(Error::invalid_argument(&field, "empty type"));
+            }
+            if body.len() > MAX_TEXT
+                || !body
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(Error::invalid_argument(
+                    &field,
+                    format!(
+                        "{t:?} is not a CloudEvents type (letters, digits, '.', '_', '-'; a trailing '*' matches a prefix)"
+                    ),
+                ));
+            }
+            if prefix {
+                q.type_prefixes.push(body.to_string());
+            } else {
+                q.types.push(body.to_string());
+            }
+        }
+        check_text("filter.key", &filter.key)?;
+        check_text("filter.topic", &filter.topic)?;
+        q.key = (!filter.key.is_empty()).then(|| filter.key.clone());
+        q.topic = (!filter.topic.is_empty()).then(|| filter.topic.clone());
+        Ok(q)
+    }
+
+    /// One page of history.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        req: &pb::ListEventsRequest,
+    ) -> Result<(Vec<pb::Event>, String)> {
+        let filter = req.filter.clone().unwrap_or_default();
+        let tenant = Self::tenant_of(caller, &filter)?;
+        let mut q = Self::query_of(&filter)?;
+        q.since = req.since.as_ref().map(|t| micros("since", t)).transpose()?;
+        q.until = req.until.as_ref().map(|t| micros("until", t)).transpose()?;
+        let page = req.page.clone().unwrap_or_default();
+        let (size, token) = anumate_store::paging::page_params(page.page_size, &page.page_token)?;
+        if let Some(token) = token {
+            q.after = token
+                .parse()
+                .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?;
+        }
+        let tx = self.store.read(&tenant).await?;
+        let rows = history::query(&tx, &q, size + 1).await?;
+        drop(tx);
+        let (rows, next) = anumate_store::paging::finish_page(rows, size, |r| r.seq.to_string());
+        Ok((rows.iter().map(to_proto).collect(), next))
+    }
+
+    /// Starts a tail: history from `start`, a `caught_up` marker, then live
+    /// events, until the receiver is dropped.
+    pub async fn tail(
+        &self,
+        caller: &Caller,
+        filter: &pb::EventFilter,
+        start: TailStart,
+    ) -> Result<mpsc::Receiver<Result<pb::TailEventsResponse>>> {
+        let tenant = Self::tenant_of(caller, filter)?;
+        let mut q = Self::query_of(filter)?;
+        let permit = self.tails.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "too many open tails (at most {} per server)",
+                    self.cfg.max_tails
+                ),
+            )
+        })?;
+        match start {
+            TailStart::Live => {
+                let tx = self.store.read(&tenant).await?;
+                q.after = history::last_seq(&tx).await?;
+            }
+            TailStart::Since(t) => q.since = Some(t),
+            TailStart::After(n) => q.after = n.max(0),
+        }
+        let (out, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let mut wake = self.recorded.subscribe();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let poll = Duration::from_millis(me.cfg.tail_poll_ms.max(10));
+            let mut caught_up = false;
+            loop {
+                // Drain everything after the position, a batch at a time.
+                loop {
+                    wake.mark_unchanged();
+                    let rows = match me.store.read(&tenant).await {
+                        Ok(tx) => history::query(&tx, &q, 200).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    let rows = match rows {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            let _ = out.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    let full = rows.len() == 200;
+                    for r in &rows {
+                        q.after = r.seq;
+                        let msg = pb::TailEventsResponse {
+                            event: Some(to_proto(r)),
+                            caught_up: false,
+                        };
+                        if out.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                if !caught_up {
+                    caught_up = true;
+                    let marker = pb::TailEventsResponse {
+                        event: None,
+                        caught_up: true,
+                    };
+                    if out.send(Ok(marker)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = out.closed() => return,
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Republishes archived outbox events of the caller's tenant.
+    pub async fn replay(
+        &self,
+        caller: &Caller,
+        req: &pb::ReplayEventsRequest,
+    ) -> Result<pb::ReplayEventsResponse> {
+        if req.topic.is_empty() {
+            return Err(Error::invalid_argument(
+                "topic",
+                "required, e.g. anumate.capsules",
+            ));
+        }
+        check_text("topic", &req.topic)?;
+        if !anumate_events::all_event_types().any(|(_, t)| t.topic == req.topic) {
+            return Err(Error::invalid_argument(
+                "topic",
+                format!("{:?} is not an Anumate event topic", req.topic),
+            ));
+        }
+        let origin = match &req.origin {
+            None => {
+                return Err(Error::invalid_argument(
+                    "from_time",
+                    "required: from_time or from_sequence",
+                ));
+            }
+            Some(pb::replay_events_request::Origin::FromTime(t)) => {
+                kafka::ReplayFrom::Time(micros("from_time", t)?)
+            }
+            Some(pb::replay_events_request::Origin::FromSequence(s)) if *s < 0 => {
+                return Err(Error::invalid_argument(
+                    "from_sequence",
+                    "must not be negative",
+                ));
+            }
+            Some(pb::replay_events_request::Origin::FromSequence(s)) => {
+                kafka::ReplayFrom::Sequence(*s)
+            }
+        };
+        if req.limit < 0 {
+            return Err(Error::invalid_argument("limit", "must not be negative"));
+        }
+        let limit = match req.limit {
+            0 => self.cfg.max_replay,
+            n => n.min(self.cfg.max_replay),
+        };
+        let Some(replayer) = &self.replayer else {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                "replay needs a Kafka broker: none is configured (set [kafka] bootstrap_servers or --kafka)",
+            ));
+        };
+        replayer
+            .replay(&self.store, &caller.tenant, &req.topic, origin, limit)
+            .await
+    }
+}
+
+/// A recorded event as the API shows it.
+pub fn to_proto(r: &Recorded) -> pb::Event {
+    let e = &r.event;
+    let schema = SCHEMAS.get(&e.event_type);
+    let data_json = match schema {
+        Some(desc) if e.content_type == PROTOBUF => {
+            DynamicMessage::decode(desc.clone(), e.payload.as_slice())
+                .ok()
+                .and_then(|m| serde_json::to_string(&m).ok())
+                .unwrap_or_default()
+        }
+        _ if e.content_type.starts_with("application/json") => {
+            String::from_utf8(e.payload.clone()).unwrap_or_default()
+        }
+        _ => String::new(),
+    };
+    pb::Event {
+        sequence: r.seq,
+        id: e.event_id.clone(),
+        source: e.source.clone(),
+        r#type: e.event_type.clone(),
+        subject: e.subject.clone(),
+        time: Some(timestamp(e.time_micros)),
+        tenant_id: e.tenant_id.clone(),
+        topic: e.topic.clone(),
+        key: e.key.clone(),
+        plan_hash: e.plan_hash.clone().unwrap_or_default(),
+        traceparent: e.traceparent.clone().unwrap_or_default(),
+        data_schema: schema
+            .map(|d| d.full_name().to_string())
+            .unwrap_or_default(),
+        data: e.payload.clone(),
+        data_json,
+        outbox_sequence: e.outbox_seq.unwrap_or(0),
+        replay: e.replay,
+    }
+}

@@ -1,0 +1,735 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The events service driven like a client drives it: real gRPC over TCP,
+//! behind the real authentication layer, next to a real registry in the same
+//! process (embedded mode: the history is fed from the outbox), on SQLite and
+//! PostgreSQL. Kafka scenarios (replay, the Kafka-fed history) need a broker
+//! at `ANUMATE_TEST_KAFKA` (`scripts/test` starts Tansu) and are skipped
+//! loudly without one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_crypto::{KeyPair, KeyRing};
+use anumate_errors::{Error, ErrorCode};
+use anumate_events_service::{Events, EventsGrpc, EventsServiceConfig, kafka};
+use anumate_proto::events::v1 as pb;
+use anumate_proto::registry::v1 as reg;
+use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
+use anumate_store::testing::TestDb;
+use anumate_store::{Backend, Store};
+use pb::events_service_client::EventsServiceClient;
+use reg::registry_service_client::RegistryServiceClient;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Client = EventsServiceClient<InterceptedService<Channel, BearerToken>>;
+type RegClient = RegistryServiceClient<InterceptedService<Channel, BearerToken>>;
+
+struct TestApp {
+    addr: SocketAddr,
+    issuer: DevIssuer,
+    store: Store,
+    events: Events,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _db: TestDb,
+    _issuer_dir: tempfile::TempDir,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn config() -> EventsServiceConfig {
+    EventsServiceConfig {
+        tail_poll_ms: 200,
+        feed_poll_ms: 20,
+        max_tails: 8,
+        ..EventsServiceConfig::default()
+    }
+}
+
+async fn spawn_app(backend: Backend, replayer: Option<Arc<kafka::Replayer>>) -> TestApp {
+    let db = match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    };
+    let store = Store::connect(&db.config).await.expect("connect");
+    let mut migrations = anumate_registry::migrations();
+    migrations.extend_from_slice(anumate_events_service::REPO_MIGRATIONS);
+    store.migrate(&migrations).await.expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let auth = Authenticator::new(AuthConfig::default())
+        .expect("authenticator")
+        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
+    let registry = Registry::new(store.clone(), keys, &RegistryConfig::default());
+    let events = Events::new(store.clone(), &config(), replayer);
+    let feed = events.spawn_outbox_feed();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let grpc = EventsGrpc::new(events.clone()).into_server();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(grpc)
+            .add_service(RegistryGrpc::new(registry).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server");
+    });
+    TestApp {
+        addr,
+        issuer,
+        store,
+        events,
+        tasks: vec![feed, server],
+        _db: db,
+        _issuer_dir: issuer_dir,
+    }
+}
+
+impl TestApp {
+    async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    fn token(&self, tenant: &str, roles: &[Role]) -> BearerToken {
+        BearerToken(
+            self.issuer
+                .mint(tenant, "alice", roles, Duration::from_secs(300))
+                .expect("mint"),
+        )
+    }
+
+    async fn client(&self, tenant: &str, roles: &[Role]) -> Client {
+        EventsServiceClient::with_interceptor(self.channel().await, self.token(tenant, roles))
+    }
+
+    async fn registry(&self, tenant: &str) -> RegClient {
+        RegistryServiceClient::with_interceptor(
+            self.channel().await,
+            self.token(tenant, &[Role::Author]),
+        )
+    }
+}
+
+fn capsule(name: &str) -> String {
+    format!(
+        "apiVersion: anumate.dev/v1
+kind: Capsule
+metadata:
+  name: {name}
+spec:
+  tools: [http.get]
+  steps:
+    - id: fetch
+      tool: http.get
+"
+    )
+}
+
+async fn push(app: &TestApp, tenant: &str, name: &str, publish: bool) {
+    app.registry(tenant)
+        .await
+        .push_capsule(reg::PushCapsuleRequest {
+            source_yaml: capsule(name),
+            publish,
+            ..Default::default()
+        })
+        .await
+        .expect("push");
+}
+
+type Tail = tonic::Streaming<pb::TailEventsResponse>;
+
+async fn next(tail: &mut Tail) -> pb::TailEventsResponse {
+    tokio::time::timeout(Duration::from_secs(10), tail.message())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Reads events until the `caught_up` marker.
+async fn history(tail: &mut Tail) -> Vec<pb::Event> {
+    let mut out = Vec::new();
+    loop {
+        let m = next(tail).await;
+        if m.caught_up {
+            return out;
+        }
+        out.push(m.event.expect("event"));
+    }
+}
+
+fn error_of(status: &Status) -> Error {
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.domain, "anumate.dev");
+    Error::new(
+        ErrorCode::from_reason(&info.reason).expect("known reason"),
+        status.message(),
+    )
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(spawn_app(Backend::Sqlite, None).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(spawn_app(Backend::Postgres, None).await).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    tail_shows_a_pushed_capsule_live_and_from_history => tail_live_sqlite, tail_live_postgres;
+    filters_tenants_and_bad_input => filters_sqlite, filters_postgres;
+    list_pages_through_history => list_sqlite, list_postgres;
+}
+
+/// Open tails are limited per server; a closed tail frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tails_are_limited_and_released() {
+    let app = spawn_app(Backend::Sqlite, None).await;
+    let mut c = app.client("t1", &[Role::Auditor]).await;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut s = c
+            .tail_events(pb::TailEventsRequest::default())
+            .await
+            .expect("tail")
+            .into_inner();
+        history(&mut s).await;
+        open.push(s);
+    }
+    let err = c
+        .tail_events(pb::TailEventsRequest::default())
+        .await
+        .expect_err("limit");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    drop(open);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match c.tail_events(pb::TailEventsRequest::default()).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("tails not released: {e:?}"),
+        }
+    }
+}
+
+async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
+    let mut c = app.client("t1", &[Role::Auditor]).await;
+    // Live only: the marker comes first, at once.
+    let mut live = c
+        .tail_events(pb::TailEventsRequest::default())
+        .await
+        .expect("tail")
+        .into_inner();
+    assert!(history(&mut live).await.is_empty());
+
+    push(&app, "t1", "refund", true).await;
+    let pushed = next(&mut live).await.event.expect("event");
+    let published = next(&mut live).await.event.expect("event");
+    assert_eq!(pushed.r#type, "dev.anumate.capsule.pushed.v1");
+    assert_eq!(published.r#type, "dev.anumate.capsule.published.v1");
+    assert!(published.sequence > pushed.sequence);
+    assert_eq!(published.tenant_id, "t1");
+    assert_eq!(published.topic, "anumate.capsules");
+    assert_eq!(published.key, "refund");
+    assert_eq!(published.subject, "capsules/refund/versions/1");
+    assert_eq!(published.source, "/anumate/capsules");
+    assert_eq!(published.data_schema, "anumate.events.v1.CapsulePublished");
+    assert!(published.outbox_sequence > 0);
+    let data: anumate_proto::events::v1::CapsulePublished =
+        prost::Message::decode(published.data.as_slice()).expect("decode data");
+    assert_eq!((data.name.as_str(), data.version), ("refund", 1));
+    let json: serde_json::Value = serde_json::from_str(&published.data_json).expect("json");
+    assert_eq!(json["name"], "refund");
+
+    // From the start of history: the same two, then the marker, then live.
+    let mut from_start = c
+        .tail_events(pb::TailEventsRequest {
+            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
+            ..Default::default()
+        })
+        .await
+        .expect("tail")
+        .into_inner();
+    let seen = history(&mut from_start).await;
+    assert_eq!(
+        seen.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        vec![pushed.id.as_str(), published.id.as_str()]
+    );
+    // Resuming after the first one gives the second.
+    let mut resumed = c
+        .tail_events(pb::TailEventsRequest {
+            start: Some(pb::tail_events_request::Start::AfterSequence(
+                pushed.sequence,
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect("tail")
+        .into_inner();
+    let seen = history(&mut resumed).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].id, published.id);
+
+    // Both tails keep following.
+    push(&app, "t1", "payout", false).await;
+    for tail in [&mut live, &mut from_start, &mut resumed] {
+        let e = next(tail).await.event.expect("event");
+        assert_eq!(
+            (e.r#type.as_str(), e.key.as_str()),
+            ("dev.anumate.capsule.pushed.v1", "payout")
+        );
+    }
+}
+
+async fn filters_tenants_and_bad_input(app: TestApp) {
+    push(&app, "t1", "refund", true).await;
+    push(&app, "t2", "other", false).await;
+    let mut auditor = app.client("t1", &[Role::Auditor]).await;
+    let since_start = Some(pb::tail_events_request::Start::AfterSequence(0));
+
+    // Type filter (exact and prefix) and key filter.
+    let tail = |types: Vec<&str>, key: &str| pb::TailEventsRequest {
+        filter: Some(pb::EventFilter {
+            types: types.into_iter().map(String::from).collect(),
+            key: key.into(),
+            ..Default::default()
+        }),
+        start: since_start,
+    };
+    let mut s = auditor
+        .tail_events(tail(vec!["dev.anumate.capsule.published.v1"], ""))
+        .await
+        .expect("tail")
+        .into_inner();
+    let seen = history(&mut s).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].r#type, "dev.anumate.capsule.published.v1");
+    let mut s = auditor
+        .tail_events(tail(vec!["dev.anumate.capsule.*"], "refund"))
+        .await
+        .expect("tail")
+        .into_inner();
+    assert_eq!(history(&mut s).await.len(), 2);
+    let mut s = auditor
+        .tail_events(tail(vec!["dev.anumate.run.*"], ""))
+        .await
+        .expect("tail")
+        .into_inner();
+    assert!(history(&mut s).await.is_empty());
+
+    // Only the caller's tenant, unless admin.
+    let mut s = auditor
+        .tail_events(tail(vec![], ""))
+        .await
+        .expect("tail")
+        .into_inner();
+    assert!(history(&mut s).await.iter().all(|e| e.tenant_id == "t1"));
+    let other = pb::TailEventsRequest {
+        filter: Some(pb::EventFilter {
+            tenant_id: "t2".into(),
+            ..Default::default()
+        }),
+        start: since_start,
+    };
+    let err = auditor
+        .tail_events(other.clone())
+        .await
+        .expect_err("denied");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(error_of(&err).code, ErrorCode::PermissionDenied);
+    let mut admin = app.client("t1", &[Role::Admin]).await;
+    let mut s = admin.tail_events(other).await.expect("tail").into_inner();
+    let seen = history(&mut s).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].tenant_id.as_str(), seen[0].key.as_str()),
+        ("t2", "other")
+    );
+
+    // Authors cannot read events.
+    let mut author = app.client("t1", &[Role::Author]).await;
+    let err = author
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .expect_err("denied");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // Bad input: precise errors, and the service keeps serving.
+    for (req, field) in [
+        (tail(vec!["dev anumate"], ""), "filter.types[0]"),
+        (tail(vec![""], ""), "filter.types[0]"),
+        (
+            pb::TailEventsRequest {
+                start: Some(pb::tail_events_request::Start::AfterSequence(-1)),
+                ..Default::default()
+            },
+            "after_sequence",
+        ),
+        (
+            pb::TailEventsRequest {
+                start: Some(pb::tail_events_request::Start::Since(
+                    pbjson_types::Timestamp {
+                        seconds: 0,
+                        nanos: -5,
+                    },
+                )),
+                ..Default::default()
+            },
+            "since",
+        ),
+    ] {
+        let err = auditor.tail_events(req).await.expect_err("invalid");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        let bad = err.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, field);
+    }
+    let err = auditor
+        .list_events(pb::ListEventsRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 10,
+                page_token: "not a token!".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Replay: admin only, and needs Kafka here.
+    let err = auditor
+        .replay_events(pb::ReplayEventsRequest {
+            topic: "anumate.capsules".into(),
+            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
+            limit: 0,
+        })
+        .await
+        .expect_err("denied");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = admin
+        .replay_events(pb::ReplayEventsRequest {
+            topic: "anumate.nope".into(),
+            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
+            limit: 0,
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = admin
+        .replay_events(pb::ReplayEventsRequest {
+            topic: "anumate.capsules".into(),
+            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
+            limit: 0,
+        })
+        .await
+        .expect_err("no kafka");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(error_of(&err).code, ErrorCode::FailedPrecondition);
+
+    // Still serving.
+    let page = auditor
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.events.len(), 2);
+}
+
+async fn list_pages_through_history(app: TestApp) {
+    for name in ["a", "b", "c"] {
+        push(&app, "t1", name, true).await;
+    }
+    let mut c = app.client("t1", &[Role::Operator]).await;
+    // Wait for the feeder: a tail from the start returns once caught up.
+    let want = 6;
+    let mut s = c
+        .tail_events(pb::TailEventsRequest {
+            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
+            ..Default::default()
+        })
+        .await
+        .expect("tail")
+        .into_inner();
+    let mut n = history(&mut s).await.len();
+    while n < want {
+        next(&mut s).await;
+        n += 1;
+    }
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_events(pb::ListEventsRequest {
+                page: Some(anumate_proto::common::v1::PageRequest {
+                    page_size: 4,
+                    page_token: token.clone(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        ids.extend(page.events.iter().map(|e| e.sequence));
+        token = page.page.unwrap_or_default().next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), want);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    // Time window: nothing before 1970 + 1 s, everything until now + 1 h.
+    let now = chrono::Utc::now().timestamp();
+    let page = c
+        .list_events(pb::ListEventsRequest {
+            until: Some(pbjson_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(page.events.is_empty());
+    let page = c
+        .list_events(pb::ListEventsRequest {
+            since: Some(pbjson_types::Timestamp {
+                seconds: now - 3600,
+                nanos: 0,
+            }),
+            until: Some(pbjson_types::Timestamp {
+                seconds: now + 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.events.len(), want);
+    // Recording is idempotent: the same events again add nothing.
+    let tx = app.store.read("t1").await.expect("tx");
+    let rows = anumate_events_service::history::query(
+        &tx,
+        &anumate_events_service::history::Query::default(),
+        100,
+    )
+    .await
+    .expect("query");
+    drop(tx);
+    let again: Vec<_> = rows.into_iter().map(|r| r.event).collect();
+    assert_eq!(app.events.record(&again).await.expect("record"), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Kafka
+// ---------------------------------------------------------------------------
+
+fn kafka() -> Option<String> {
+    match std::env::var("ANUMATE_TEST_KAFKA") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            eprintln!(
+                "\n*** SKIPPED: ANUMATE_TEST_KAFKA is not set, so this Kafka test did not run. \
+                 scripts/test sets it (scripts/tansu start). ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// The tenant's outbox event ids, oldest first.
+async fn outbox_ids(store: &Store, tenant: &str) -> Vec<String> {
+    let tx = store.read(tenant).await.expect("tx");
+    anumate_events::read_after(&tx, 0, 1000)
+        .await
+        .expect("outbox")
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect()
+}
+
+/// Replay republishes the tenant's archived events with their original ids,
+/// marked `ce_replay=true` / `ce_replayid`; a deduping consumer handles each
+/// id once; the Kafka-fed history records them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_marks_events_and_consumers_dedupe_them() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::Headers as _;
+    use std::sync::atomic::Ordering;
+
+    let Some(bootstrap) = kafka() else { return };
+    let kcfg = anumate_events::relay::KafkaConfig {
+        brokers: bootstrap.clone(),
+        ..Default::default()
+    };
+    let replayer = Arc::new(kafka::Replayer::new(&kcfg).expect("producer"));
+    let app = spawn_app(Backend::Sqlite, Some(replayer)).await;
+    push(&app, "t1", "refund", true).await;
+    push(&app, "t2", "other", true).await;
+    let mut admin = app.client("t1", &[Role::Admin]).await;
+    let replay = |limit| pb::ReplayEventsRequest {
+        topic: "anumate.capsules".into(),
+        origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
+        limit,
+    };
+    // Nothing is archived before the relay has sent it.
+    let out = admin
+        .replay_events(replay(0))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(out.replayed_count, 0);
+    let mut relay = anumate_events::relay::Relay::new(app.store.clone(), kcfg).expect("relay");
+    while relay.pass().await.expect("relay pass").sent > 0 {}
+
+    let out = admin
+        .replay_events(replay(0))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!((out.replayed_count, out.truncated), (2, false), "{out:?}");
+    let out1 = admin
+        .replay_events(replay(1))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!((out1.replayed_count, out1.truncated), (1, true));
+    assert_eq!(out1.first_sequence, out.first_sequence);
+
+    let ids = outbox_ids(&app.store, "t1").await;
+    assert_eq!(ids.len(), 2);
+
+    // On the wire: 2 originals, then 2 + 1 replays, in order (one key).
+    let group = format!("raw-{}", uuid::Uuid::now_v7());
+    let raw: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    raw.subscribe(&["anumate.capsules"]).expect("subscribe");
+    let mut seen: Vec<(String, Option<String>, Option<String>)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 5 {
+        let m = tokio::time::timeout_at(deadline, raw.recv())
+            .await
+            .expect("5 messages within 30 s")
+            .expect("recv");
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        let Some(id) = header("ce_id").filter(|id| ids.contains(id)) else {
+            continue;
+        };
+        seen.push((id, header("ce_replay"), header("ce_replayid")));
+    }
+    tokio::task::spawn_blocking(move || drop(raw))
+        .await
+        .expect("drop");
+    let want = vec![
+        (ids[0].clone(), None, None),
+        (ids[1].clone(), None, None),
+        (
+            ids[0].clone(),
+            Some("true".into()),
+            Some(out.replay_id.clone()),
+        ),
+        (
+            ids[1].clone(),
+            Some("true".into()),
+            Some(out.replay_id.clone()),
+        ),
+        (
+            ids[0].clone(),
+            Some("true".into()),
+            Some(out1.replay_id.clone()),
+        ),
+    ];
+    assert_eq!(seen, want);
+
+    // A deduping consumer in a fresh group handles each id once: the originals.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let group = format!("dedupe-{}", uuid::Uuid::now_v7());
+    let cfg =
+        anumate_events::consumer::ConsumerConfig::new(&bootstrap, &group, &["anumate.capsules"]);
+    let consumer = anumate_events::consumer::spawn(app.store.clone(), cfg, move |e| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(e);
+            Ok::<(), String>(())
+        }
+    })
+    .expect("consumer");
+    let mut handled = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while handled.len() < 2 {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("handled within 30 s")
+            .expect("open");
+        if ids.contains(&e.id) {
+            handled.push(e);
+        }
+    }
+    assert!(handled.iter().all(|e| !e.is_replay()));
+    let published: anumate_proto::events::v1::CapsulePublished =
+        handled[1].decode().expect("decode");
+    assert_eq!(published.name, "refund");
+    while consumer.stats().duplicates.load(Ordering::Relaxed) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "duplicates not skipped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Ok(e) = rx.try_recv() {
+        assert!(!ids.contains(&e.id), "{} handled twice", e.id);
+    }
+    consumer.stop().await;
+
+    // The Kafka-fed history keeps one row per event and knows its outbox
+    // position from `ce_sequence`.
+    let row = kafka::to_new_event(&handled[1]).expect("row");
+    assert!(row.outbox_seq.is_some());
+    assert_eq!(app.events.record(&[row]).await.expect("record"), 0);
+}
