@@ -213,8 +213,24 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             anumate_captokens_service::load_keys(&rt.config.captokens, &rt.config.keys_dir())
                 .context("captokens keys")?,
         );
-        let tokens = CapTokens::new(store, keys, &rt.config.captokens)
+        let mut tokens = CapTokens::new(store, keys, &rt.config.captokens)
             .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
+        // Revocations are receipted by the receipts service of this process,
+        // else by the one at `[captokens] receipts_url`.
+        if let Some(receipts) = &admin_receipts {
+            tokens = tokens.with_revocation_receipts(Arc::new(
+                anumate_captokens_service::InProcessReceipts(receipts.clone()),
+            ));
+        } else if !rt.config.captokens.receipts_url.is_empty() {
+            let client =
+                anumate_captokens_service::GrpcReceipts::new(&rt.config.captokens.receipts_url)
+                    .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
+            tokens = tokens.with_revocation_receipts(Arc::new(client));
+        } else {
+            tracing::warn!(
+                "captokens: no receipts service in this process and no [captokens] receipts_url: revocations are not receipted"
+            );
+        }
         token_purger = Some(tokens.spawn_background());
         admin_tokens = Some(tokens.clone());
         routes.add_service(CapTokensGrpc::new(tokens).into_server());

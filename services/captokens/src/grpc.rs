@@ -47,9 +47,17 @@ fn actor<T>(req: &Request<T>, roles: &[Role], services: bool) -> Result<Actor, S
     if !(services && principal.is_service()) {
         principal.require_any(roles)?;
     }
+    let credential = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
+        credential,
     })
 }
 
@@ -104,10 +112,10 @@ impl CapTokensService for CapTokensGrpc {
                 );
             }
         };
-        let revoked_jtis = self.tokens.revoke(&actor, target, &r.reason).await?;
+        let (revoked_jtis, receipt_id) = self.tokens.revoke(&actor, target, &r.reason).await?;
         Ok(Response::new(pb::RevokeTokenResponse {
             revoked_jtis,
-            receipt_id: String::new(),
+            receipt_id,
         }))
     }
 

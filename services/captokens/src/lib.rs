@@ -12,6 +12,7 @@
 
 mod convert;
 pub mod grpc;
+pub mod receipting;
 mod repo;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use anumate_store::{Migration, Store, TenantTx};
 use serde::{Deserialize, Serialize};
 
 pub use grpc::CapTokensGrpc;
+pub use receipting::{GrpcReceipts, InProcessReceipts, RevocationReceipt, RevocationReceipts};
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// gRPC paths that need no credential (`GetJwks`); pass each to
@@ -60,6 +62,10 @@ pub struct CapTokensConfig {
     pub replay_purge_interval_secs: u64,
     /// How long a verifier may cache the JWKS, in seconds.
     pub jwks_max_age_secs: u64,
+    /// The receipts service that receipts revocations, when it does not run
+    /// in this process (e.g. `http://receipts:7600`). Empty: the in-process
+    /// one, if any.
+    pub receipts_url: String,
 }
 
 impl Default for CapTokensConfig {
@@ -70,6 +76,7 @@ impl Default for CapTokensConfig {
             leeway_secs: 5,
             replay_purge_interval_secs: 60,
             jwks_max_age_secs: 300,
+            receipts_url: String::new(),
         }
     }
 }
@@ -91,6 +98,9 @@ pub struct Actor {
     pub tenant: String,
     /// Principal subject.
     pub subject: String,
+    /// The caller's bearer token, forwarded when the service calls another on
+    /// the caller's behalf (the receipts service, for revocations).
+    pub credential: Option<String>,
 }
 
 /// What to revoke.
@@ -121,6 +131,7 @@ pub struct AuditQuery {
 #[derive(Clone)]
 pub struct CapTokens {
     inner: Arc<Inner>,
+    receipts: Option<Arc<dyn RevocationReceipts>>,
 }
 
 struct Inner {
@@ -181,7 +192,15 @@ impl CapTokens {
                 purge_interval: Duration::from_secs(cfg.replay_purge_interval_secs.max(1)),
                 jwks_max_age: Duration::from_secs(cfg.jwks_max_age_secs),
             }),
+            receipts: None,
         })
+    }
+
+    /// Receipts every revocation through `receipts` (see [`receipting`]).
+    #[must_use]
+    pub fn with_revocation_receipts(mut self, receipts: Arc<dyn RevocationReceipts>) -> Self {
+        self.receipts = Some(receipts);
+        self
     }
 
     /// Mints a token for one call in the actor's tenant; audited and evented.
@@ -417,15 +436,80 @@ impl CapTokens {
         })
     }
 
-    /// Revokes one token or a run's tokens; returns the `jti`s newly revoked.
-    /// `NOT_FOUND` when the tenant issued no such token (or no token of the run).
+    /// The `jti`s a revocation of `target` would revoke now, and their run,
+    /// read without writing. `NOT_FOUND` as for [`CapTokens::revoke`].
+    async fn plan_revocation(
+        &self,
+        tx: &TenantTx,
+        target: RevokeTarget<'_>,
+        now: i64,
+    ) -> Result<(Vec<String>, String)> {
+        let live = |exp: i64| exp.saturating_add(self.inner.leeway) > now;
+        match target {
+            RevokeTarget::Jti(jti) => {
+                let token = repo::find_token(tx, jti)
+                    .await?
+                    .ok_or_else(|| Error::not_found(format!("no token {jti}")))?;
+                let fresh = live(token.exp)
+                    && !repo::revocation_exists(tx, Some(jti), None).await?
+                    && !repo::revocation_exists(tx, None, Some(&token.run)).await?;
+                Ok((if fresh { vec![token.jti] } else { Vec::new() }, token.run))
+            }
+            RevokeTarget::Run(run) => {
+                let tokens = repo::run_tokens(tx, run).await?;
+                if tokens.is_empty() {
+                    return Err(Error::not_found(format!("no token of run {run}")));
+                }
+                if repo::revocation_exists(tx, None, Some(run)).await? {
+                    return Ok((Vec::new(), run.to_owned()));
+                }
+                let revoked = repo::revoked_jtis(tx, run).await?;
+                let jtis = tokens
+                    .into_iter()
+                    .filter(|t| live(t.exp) && !revoked.contains(&t.jti))
+                    .map(|t| t.jti)
+                    .collect();
+                Ok((jtis, run.to_owned()))
+            }
+        }
+    }
+
+    /// Revokes one token or a run's tokens; returns the `jti`s newly revoked
+    /// and the id of the revocation's receipt (empty when nothing was revoked
+    /// or no receipts service is configured).
+    /// `NOT_FOUND` when the tenant issued no such token (or no token of the run);
+    /// `UNAVAILABLE`, with nothing revoked, when the receipt cannot be appended.
     pub async fn revoke(
         &self,
         actor: &Actor,
         target: RevokeTarget<'_>,
         reason: &str,
-    ) -> Result<Vec<String>> {
+    ) -> Result<(Vec<String>, String)> {
         let now = unix_now();
+        // The receipt first (outside the revocation's transaction): no
+        // revocation is committed without one. See `receipting`.
+        let mut receipt_id = String::new();
+        if let Some(receipts) = &self.receipts {
+            let (planned, run) = {
+                let tx = self.inner.store.read(&actor.tenant).await?;
+                self.plan_revocation(&tx, target, now).await?
+            };
+            if !planned.is_empty() {
+                let revocation = RevocationReceipt {
+                    tenant: &actor.tenant,
+                    actor: &actor.subject,
+                    credential: actor.credential.as_deref(),
+                    target: match target {
+                        RevokeTarget::Jti(_) => "jti",
+                        RevokeTarget::Run(_) => "run",
+                    },
+                    run: &run,
+                    jtis: &planned,
+                    reason,
+                };
+                receipt_id = receipts.append(&revocation).await?;
+            }
+        }
         let tx = self.inner.store.write(&actor.tenant).await?;
         let (jtis, run) = match target {
             RevokeTarget::Jti(jti) => {
@@ -439,7 +523,11 @@ impl CapTokens {
                     reason,
                     actor: &actor.subject,
                 };
-                if live && repo::insert_revocation(&tx, &rev).await? {
+                // A token of a revoked run is revoked already: a no-op.
+                if live
+                    && !repo::revocation_exists(&tx, None, Some(&token.run)).await?
+                    && repo::insert_revocation(&tx, &rev).await?
+                {
                     (vec![token.jti], token.run)
                 } else {
                     (Vec::new(), token.run)
@@ -471,15 +559,18 @@ impl CapTokens {
                 (newly, run.to_owned())
             }
         };
-        if !jtis.is_empty() {
+        if jtis.is_empty() {
+            // Revoked meanwhile by another request (with its own receipt).
+            receipt_id.clear();
+        } else {
             let audit = repo::NewAudit {
                 run: &run,
                 ..repo::NewAudit::default()
             };
-            record_revocation_entries(&tx, actor, &jtis, &run, &audit, reason).await?;
+            record_revocation_entries(&tx, actor, &jtis, &run, &audit, reason, &receipt_id).await?;
         }
         tx.commit().await?;
-        Ok(jtis)
+        Ok((jtis, receipt_id))
     }
 
     /// The public keys that verify tokens, as JWKS JSON, and the cache age.
@@ -740,7 +831,7 @@ async fn record_revocation(
         tool: &c.cap.tool,
         ..repo::NewAudit::default()
     };
-    record_revocation_entries(tx, actor, jtis, run, &audit, reason).await
+    record_revocation_entries(tx, actor, jtis, run, &audit, reason, "").await
 }
 
 async fn record_revocation_entries(
@@ -750,6 +841,7 @@ async fn record_revocation_entries(
     run: &str,
     template: &repo::NewAudit<'_>,
     reason: &str,
+    receipt_id: &str,
 ) -> Result<()> {
     for jti in jtis {
         repo::insert_audit(
@@ -769,7 +861,7 @@ async fn record_revocation_entries(
         jtis: jtis.to_vec(),
         run_id: run.to_owned(),
         reason: reason.to_owned(),
-        receipt_id: String::new(),
+        receipt_id: receipt_id.to_owned(),
         actor: actor.subject.clone(),
     };
     let key = if run.is_empty() {

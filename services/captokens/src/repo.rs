@@ -179,6 +179,29 @@ pub async fn insert_revocation(tx: &TenantTx, r: &NewRevocation<'_>) -> Result<b
     Ok(n == 1)
 }
 
+/// Whether a revocation of exactly this `jti` (or this run) exists.
+pub async fn revocation_exists(
+    tx: &TenantTx,
+    jti: Option<&str>,
+    run: Option<&str>,
+) -> Result<bool> {
+    let (sql, key) = match (jti, run) {
+        (Some(jti), _) => (
+            "SELECT 1 AS hit FROM captoken_revocations WHERE tenant_id = $1 AND jti = $2",
+            jti,
+        ),
+        (None, Some(run)) => (
+            "SELECT 1 AS hit FROM captoken_revocations WHERE tenant_id = $1 AND run_id = $2",
+            run,
+        ),
+        (None, None) => return Ok(false),
+    };
+    let row = tx
+        .query_one(sql, vec![tx.tenant_id().into(), key.into()])
+        .await?;
+    Ok(row.is_some())
+}
+
 /// The `jti`s of the run's tokens that were revoked one by one.
 pub async fn revoked_jtis(tx: &TenantTx, run: &str) -> Result<Vec<String>> {
     let rows = tx

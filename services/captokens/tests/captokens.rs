@@ -1301,3 +1301,170 @@ async fn replay_across_two_instances_postgres() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Revocation receipts (in-process and over gRPC)
+// ---------------------------------------------------------------------------
+
+/// A receipts service over the app's database.
+async fn receipts_over(app: &TestApp) -> anumate_receipts::Receipts {
+    app.store
+        .migrate(&anumate_receipts::migrations())
+        .await
+        .expect("receipts migrations");
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
+    anumate_receipts::Receipts::new(
+        app.store.clone(),
+        keys,
+        &anumate_receipts::ReceiptsConfig::default(),
+    )
+    .expect("receipts")
+}
+
+/// A captokens server over the app's database that receipts revocations
+/// through `receipts`.
+async fn serve_receipting(
+    app: &TestApp,
+    receipts: Arc<dyn anumate_captokens_service::RevocationReceipts>,
+) -> Server {
+    let tokens = CapTokens::new(app.store.clone(), app.keys.clone(), &config())
+        .expect("service")
+        .with_revocation_receipts(receipts);
+    serve(tokens, app.auth.clone()).await
+}
+
+async fn revocations_are_receipted(app: TestApp) {
+    let receipts = receipts_over(&app).await;
+    let server = serve_receipting(
+        &app,
+        Arc::new(anumate_captokens_service::InProcessReceipts(
+            receipts.clone(),
+        )),
+    )
+    .await;
+    let mut op = app
+        .client_at(server.addr, TENANT_A, "olga", &[Role::Operator])
+        .await;
+    let a = issue(&mut op, "run-r", false).await.claims.unwrap().jti;
+    let b = issue(&mut op, "run-r", false).await.claims.unwrap().jti;
+    let revoked = op
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::RunId("run-r".into())),
+            reason: "run cancelled".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_jtis.len(), 2);
+    assert!(!revoked.receipt_id.is_empty());
+    let actor = anumate_receipts::Actor {
+        tenant: TENANT_A.into(),
+        subject: "auditor".into(),
+    };
+    let receipt = receipts.get(&actor, &revoked.receipt_id).await.unwrap();
+    assert_eq!(
+        receipt.kind,
+        anumate_proto::receipts::v1::ReceiptKind::TokenRevocation as i32
+    );
+    let subject = receipt.subject.unwrap();
+    assert_eq!(subject.run_id, "run-r");
+    let mut jtis = subject.jtis.clone();
+    jtis.sort();
+    let mut expected = vec![a.clone(), b];
+    expected.sort();
+    assert_eq!(jtis, expected);
+    let content = serde_json::to_value(receipt.content.unwrap()).unwrap();
+    assert_eq!(content["reason"], "run cancelled");
+    assert_eq!(content["revoked_by"], "olga");
+    // The revocation event names the receipt.
+    let events = app.event_types(TENANT_A).await;
+    let (_, payload) = events
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "dev.anumate.token.revoked.v1")
+        .expect("token revoked event");
+    let event = ev::TokenRevoked::decode(payload.as_slice()).unwrap();
+    assert_eq!(event.receipt_id, revoked.receipt_id);
+    // Nothing left to revoke: no receipt.
+    let again = op
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::Jti(a)),
+            reason: "again".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.revoked_jtis.is_empty() && again.receipt_id.is_empty());
+
+    // Over gRPC, with the caller's own token forwarded to a receipts server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receipts_addr = listener.local_addr().unwrap();
+    let auth = app.auth.clone();
+    let grpc_receipts = receipts.clone();
+    let receipts_server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(AuthLayer::new(auth)),
+            )
+            .add_service(anumate_receipts::ReceiptsGrpc::new(grpc_receipts).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let client =
+        anumate_captokens_service::GrpcReceipts::new(&format!("http://{receipts_addr}")).unwrap();
+    let remote = serve_receipting(&app, Arc::new(client)).await;
+    let mut op = app
+        .client_at(remote.addr, TENANT_A, "oscar", &[Role::Operator])
+        .await;
+    let c = issue(&mut op, "run-s", false).await.claims.unwrap().jti;
+    let revoked = op
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::Jti(c.clone())),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_jtis, vec![c]);
+    let receipt = receipts.get(&actor, &revoked.receipt_id).await.unwrap();
+    let content = serde_json::to_value(receipt.content.unwrap()).unwrap();
+    assert_eq!(content["revoked_by"], "oscar");
+    assert_eq!(content["target"], "jti");
+    receipts_server.abort();
+
+    // No receipts service reachable: UNAVAILABLE and nothing revoked.
+    let down = anumate_captokens_service::GrpcReceipts::new("http://127.0.0.1:9").unwrap();
+    let broken = serve_receipting(&app, Arc::new(down)).await;
+    let mut op = app
+        .client_at(broken.addr, TENANT_A, "olga", &[Role::Operator])
+        .await;
+    let issued = issue(&mut op, "run-t", false).await;
+    let before = app.count(TENANT_A, "captoken_revocations").await;
+    expect_error(
+        op.revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::RunId("run-t".into())),
+            reason: "x".into(),
+        })
+        .await,
+        ErrorCode::Unavailable,
+    );
+    assert_eq!(app.count(TENANT_A, "captoken_revocations").await, before);
+    let mut conn = app.connector(TENANT_A).await;
+    assert_eq!(
+        verdict(&mut conn, verify_request(&issued.token)).await.0,
+        Verdict::Valid
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_receipted_sqlite() {
+    revocations_are_receipted(spawn_app(Backend::Sqlite).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_receipted_postgres() {
+    revocations_are_receipted(spawn_app(Backend::Postgres).await).await;
+}
