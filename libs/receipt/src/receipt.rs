@@ -207,6 +207,9 @@ struct ReceiptJson {
     leaf_hash: Option<String>,
     #[serde(default)]
     content: Option<Value>,
+    /// Set when retention removed the content (then there is none to check).
+    #[serde(default, alias = "contentArchived")]
+    content_archived: Option<bool>,
 }
 
 /// The statement fields a verifier reports.
@@ -425,6 +428,9 @@ fn check_fields(receipt: &ReceiptJson, statement: &VerifiedStatement) -> Result<
         && normalize_time(time) != normalize_time(&statement.issue_time)
     {
         return Err(VerifyError::FieldMismatch("issue_time"));
+    }
+    if receipt.content_archived == Some(true) && receipt.content.is_some() {
+        return Err(VerifyError::FieldMismatch("content_archived"));
     }
     if let Some(content) = &receipt.content {
         let (_, digest) = content_hash(content);

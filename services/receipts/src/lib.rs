@@ -76,6 +76,24 @@ pub struct ReceiptsConfig {
     pub checkpoint_batch: u64,
     /// Largest accepted content, in bytes of canonical JSON.
     pub max_content_bytes: usize,
+    /// Days a receipt's content is kept; older bodies are removed (the
+    /// statement, signature, tree and checkpoints stay, so proofs still
+    /// verify). 0 keeps them forever.
+    pub retention_days: u32,
+    /// Per-tenant overrides of `retention_days` (0: forever).
+    pub tenant_retention_days: std::collections::BTreeMap<String, u32>,
+    /// Seconds between retention passes.
+    pub retention_interval_secs: u64,
+}
+
+impl ReceiptsConfig {
+    /// The retention of `tenant`'s receipt bodies, in days (0: forever).
+    pub fn retention_days_for(&self, tenant: &str) -> u32 {
+        self.tenant_retention_days
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.retention_days)
+    }
 }
 
 impl Default for ReceiptsConfig {
@@ -84,6 +102,9 @@ impl Default for ReceiptsConfig {
             checkpoint_interval_ms: 1000,
             checkpoint_batch: 1000,
             max_content_bytes: 64 * 1024,
+            retention_days: 0,
+            tenant_retention_days: std::collections::BTreeMap::new(),
+            retention_interval_secs: 3600,
         }
     }
 }
@@ -334,7 +355,8 @@ fn receipt_proto(row: &repo::ReceiptRow, with_content: bool) -> Result<pb::Recei
             .unwrap_or("")
             .to_string()
     };
-    let content = if with_content {
+    let archived = row.content_json.is_empty();
+    let content = if with_content && !archived {
         Some(serde_json::from_str(&row.content_json).map_err(Error::internal)?)
     } else {
         None
@@ -371,6 +393,7 @@ fn receipt_proto(row: &repo::ReceiptRow, with_content: bool) -> Result<pb::Recei
         leaf_index: i64::try_from(row.leaf_index).map_err(Error::internal)?,
         leaf_hash: row.leaf_hash.to_vec(),
         content,
+        content_archived: archived,
     })
 }
 
@@ -915,14 +938,50 @@ impl Receipts {
         Ok(published)
     }
 
+    /// Removes receipt bodies older than each tenant's retention, as of
+    /// `now_micros`; returns how many were removed. Tree nodes, statements,
+    /// signatures and checkpoints stay: proofs keep verifying.
+    pub async fn apply_retention(&self, now_micros: i64) -> Result<u64> {
+        let tenants = {
+            let tx = self.store.read("-").await?;
+            repo::all_tenants(&tx).await?
+        };
+        let mut removed = 0;
+        for tenant in tenants {
+            let days = self.cfg.retention_days_for(&tenant);
+            if days == 0 {
+                continue;
+            }
+            let cutoff = now_micros.saturating_sub(i64::from(days) * 86_400 * 1_000_000);
+            let tx = self.store.write(&tenant).await?;
+            let n = repo::remove_contents_before(&tx, cutoff).await?;
+            tx.commit().await?;
+            if n > 0 {
+                tracing::info!(%tenant, removed = n, days, "receipt bodies past retention removed");
+            }
+            removed += n;
+        }
+        Ok(removed)
+    }
+
     /// Starts the checkpoint publisher of this process: every
     /// `checkpoint_interval_ms`, or when an append finds `checkpoint_batch`
     /// leaves waiting. Abort the handle to stop it.
     pub fn spawn_checkpointer(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         let interval = Duration::from_millis(this.cfg.checkpoint_interval_ms.max(10));
+        let retention_every = Duration::from_secs(this.cfg.retention_interval_secs.max(1));
+        let retention_on =
+            this.cfg.retention_days > 0 || this.cfg.tenant_retention_days.values().any(|d| *d > 0);
+        let mut last_retention: Option<tokio::time::Instant> = None;
         tokio::spawn(async move {
             loop {
+                if retention_on && last_retention.is_none_or(|t| t.elapsed() >= retention_every) {
+                    last_retention = Some(tokio::time::Instant::now());
+                    if let Err(e) = this.apply_retention(anumate_store::now_micros()).await {
+                        tracing::warn!(error = %e, "retention pass failed");
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = this.wake.notified() => {}

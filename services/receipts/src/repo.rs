@@ -94,6 +94,43 @@ const SQLITE_WRITE_ONCE: &str = "CREATE TRIGGER receipts_no_update BEFORE UPDATE
       CREATE TRIGGER receipt_checkpoints_no_delete BEFORE DELETE ON receipt_checkpoints
         BEGIN SELECT RAISE(ABORT, 'table receipt_checkpoints is write-once: DELETE refused'); END";
 
+/// Receipt bodies, apart from the write-once log so retention can remove them:
+/// `receipt_contents` refuses UPDATE (a body is never altered) but allows
+/// DELETE; `receipt_archives` records each retention pass and is write-once.
+/// Receipts appended before this migration keep their body in
+/// `receipts.content_json`, which retention cannot remove.
+const CONTENTS: &str = "CREATE TABLE receipt_contents (
+        tenant_id TEXT NOT NULL,
+        receipt_id TEXT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, receipt_id)
+      );
+      CREATE INDEX receipt_contents_issued ON receipt_contents (tenant_id, issued_at);
+      CREATE TABLE receipt_archives (
+        tenant_id TEXT NOT NULL,
+        archive_id TEXT NOT NULL,
+        cutoff BIGINT NOT NULL,
+        removed BIGINT NOT NULL,
+        archived_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, archive_id)
+      )";
+
+const POSTGRES_CONTENTS_RULES: &str =
+    "CREATE TRIGGER receipt_contents_no_update BEFORE UPDATE ON receipt_contents
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipts_write_once();
+      CREATE TRIGGER receipt_archives_write_once BEFORE UPDATE OR DELETE ON receipt_archives
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipts_write_once();
+      COMMENT ON TABLE receipt_archives IS 'anumate:append-only'";
+
+const SQLITE_CONTENTS_RULES: &str =
+    "CREATE TRIGGER receipt_contents_no_update BEFORE UPDATE ON receipt_contents
+        BEGIN SELECT RAISE(ABORT, 'table receipt_contents is write-once: UPDATE refused'); END;
+      CREATE TRIGGER receipt_archives_no_update BEFORE UPDATE ON receipt_archives
+        BEGIN SELECT RAISE(ABORT, 'table receipt_archives is write-once: UPDATE refused'); END;
+      CREATE TRIGGER receipt_archives_no_delete BEFORE DELETE ON receipt_archives
+        BEGIN SELECT RAISE(ABORT, 'table receipt_archives is write-once: DELETE refused'); END";
+
 /// Receipt log tables.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -106,6 +143,18 @@ pub const MIGRATIONS: &[Migration] = &[
         id: "receipts_0002_write_once",
         postgres: POSTGRES_WRITE_ONCE,
         sqlite: SQLITE_WRITE_ONCE,
+        tenant_tables: &[],
+    },
+    Migration {
+        id: "receipts_0003_contents",
+        postgres: CONTENTS,
+        sqlite: CONTENTS,
+        tenant_tables: &["receipt_contents", "receipt_archives"],
+    },
+    Migration {
+        id: "receipts_0004_contents_rules",
+        postgres: POSTGRES_CONTENTS_RULES,
+        sqlite: SQLITE_CONTENTS_RULES,
         tenant_tables: &[],
     },
 ];
@@ -196,6 +245,45 @@ pub async fn tenants_behind(tx: &TenantTx) -> Result<Vec<String>> {
     rows.iter()
         .map(|r| r.try_get("", "tenant_id").map_err(db))
         .collect()
+}
+
+/// Every tenant with a log.
+pub async fn all_tenants(tx: &TenantTx) -> Result<Vec<String>> {
+    let rows = tx
+        .query_all(
+            "SELECT tenant_id FROM receipt_logs ORDER BY tenant_id",
+            vec![],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get("", "tenant_id").map_err(db))
+        .collect()
+}
+
+/// Removes the bodies of the tenant's receipts issued before `cutoff` (Unix
+/// microseconds) and records the pass; returns how many were removed.
+pub async fn remove_contents_before(tx: &TenantTx, cutoff: i64) -> Result<u64> {
+    let removed = tx
+        .execute(
+            "DELETE FROM receipt_contents WHERE tenant_id = $1 AND issued_at < $2",
+            vec![tx.tenant_id().into(), cutoff.into()],
+        )
+        .await?;
+    if removed > 0 {
+        tx.execute(
+            "INSERT INTO receipt_archives (tenant_id, archive_id, cutoff, removed, archived_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            vec![
+                tx.tenant_id().into(),
+                uuid::Uuid::now_v7().to_string().into(),
+                cutoff.into(),
+                to_i64(removed)?.into(),
+                anumate_store::now_micros().into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(removed)
 }
 
 fn parse_hash(text: &str) -> Result<Hash> {
@@ -323,8 +411,27 @@ pub async fn insert_receipts(tx: &TenantTx, receipts: &[NewReceipt<'_>]) -> Resu
                 r.signature.into(),
                 r.kid.into(),
                 hex::encode(r.leaf_hash).into(),
-                r.content_json.into(),
+                "".into(),
                 now.into(),
+            ]);
+        }
+        tx.execute(&sql, values).await?;
+        // The bodies, apart, so retention can remove them.
+        let mut sql = String::from(
+            "INSERT INTO receipt_contents (tenant_id, receipt_id, issued_at, body) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+        for (i, r) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let n = values.len();
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
+            values.extend([
+                tx.tenant_id().into(),
+                r.receipt_id.into(),
+                r.issued_at.into(),
+                r.content_json.into(),
             ]);
         }
         tx.execute(&sql, values).await?;
@@ -332,8 +439,12 @@ pub async fn insert_receipts(tx: &TenantTx, receipts: &[NewReceipt<'_>]) -> Resu
     Ok(())
 }
 
-const RECEIPT_COLUMNS: &str =
-    "leaf_index, request_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json";
+/// A receipt's columns; `content_json` is its body (legacy rows keep it in
+/// `receipts`), or empty once retention removed it.
+const RECEIPT_COLUMNS: &str = "leaf_index, request_hash, issued_at, statement_json, signature, kid, \
+     leaf_hash, CASE WHEN content_json <> '' THEN content_json ELSE COALESCE((SELECT c.body \
+     FROM receipt_contents c WHERE c.tenant_id = receipts.tenant_id \
+     AND c.receipt_id = receipts.receipt_id), '') END AS content_json";
 
 fn receipt_from(row: &QueryResult) -> Result<ReceiptRow> {
     let leaf_hash: String = row.try_get("", "leaf_hash").map_err(db)?;

@@ -57,6 +57,7 @@ fn config(interval_ms: u64) -> ReceiptsConfig {
         checkpoint_interval_ms: interval_ms,
         checkpoint_batch: 1_000_000,
         max_content_bytes: 4096,
+        ..ReceiptsConfig::default()
     }
 }
 
@@ -191,6 +192,7 @@ on_both_backends! {
     roles => roles_sqlite, roles_postgres;
     exports => exports_sqlite, exports_postgres;
     concurrent_appends => concurrent_appends_sqlite, concurrent_appends_postgres;
+    retention => retention_sqlite, retention_postgres;
 }
 
 // ---------------------------------------------------------------------------
@@ -1015,4 +1017,91 @@ async fn concurrent_appends(app: TestApp) {
     }
     assert_eq!(created, 1);
     assert_eq!(count(&app, TENANT_A, "receipts").await, 82);
+}
+
+/// Bodies past a tenant's retention are removed (and the pass recorded); the
+/// statements, signatures, tree and checkpoints stay, so every proof still
+/// verifies; a tenant whose override is 0 keeps everything.
+async fn retention(mut app: TestApp) {
+    let mut a = app.service(TENANT_A).await;
+    let mut b = app.service(TENANT_B).await;
+    let mut old_a = Vec::new();
+    for i in 0..3 {
+        old_a.push(append(&mut a, step_request("run-1", &format!("s{i}"), 1, i)).await);
+    }
+    let kept_b = append(&mut b, step_request("run-1", "s0", 1, 9)).await;
+    let cfg = ReceiptsConfig {
+        retention_days: 30,
+        tenant_retention_days: [(TENANT_B.to_string(), 0)].into_iter().collect(),
+        ..config(3_600_000)
+    };
+    app.restart(&cfg).await;
+    app.receipts.publish_pending().await.expect("publish");
+    let day = 86_400 * 1_000_000_i64;
+    let now = anumate_store::now_micros();
+    // Not yet due.
+    assert_eq!(app.receipts.apply_retention(now).await.unwrap(), 0);
+    assert_eq!(
+        app.receipts.apply_retention(now + 31 * day).await.unwrap(),
+        3
+    );
+    assert_eq!(count(&app, TENANT_A, "receipt_contents").await, 0);
+    assert_eq!(count(&app, TENANT_A, "receipt_archives").await, 1);
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 3);
+
+    let mut auditor = app.auditor(TENANT_A).await;
+    let keys = jwks(&mut auditor).await;
+    for r in &old_a {
+        let got = auditor
+            .get_receipt(pb::GetReceiptRequest {
+                receipt_id: r.receipt_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .receipt
+            .unwrap();
+        assert!(got.content.is_none() && got.content_archived, "{got:?}");
+        assert_eq!(got.statement_json, r.statement_json);
+        assert_eq!(verify_offline(&mut auditor, &got, &keys).await, 3);
+    }
+    // Tenant B (override 0) keeps its body.
+    let mut auditor_b = app.auditor(TENANT_B).await;
+    let got = auditor_b
+        .get_receipt(pb::GetReceiptRequest {
+            receipt_id: kept_b.receipt_id.clone(),
+        })
+        .await
+        .expect("get b")
+        .into_inner()
+        .receipt
+        .unwrap();
+    assert!(got.content.is_some() && !got.content_archived);
+    // Bodies are never altered, and the archive record is write-once.
+    let tx = app.store.write(TENANT_B).await.unwrap();
+    assert!(
+        tx.execute(
+            "UPDATE receipt_contents SET body = '{}' WHERE tenant_id = $1",
+            vec![TENANT_B.into()],
+        )
+        .await
+        .is_err()
+    );
+    drop(tx);
+    let tx = app.store.write(TENANT_A).await.unwrap();
+    assert!(
+        tx.execute(
+            "DELETE FROM receipt_archives WHERE tenant_id = $1",
+            vec![TENANT_A.into()],
+        )
+        .await
+        .is_err()
+    );
+    drop(tx);
+    // The log goes on: a new receipt has its content.
+    let mut a = app.service(TENANT_A).await;
+    let fresh = append(&mut a, step_request("run-2", "s0", 1, 1)).await;
+    assert!(fresh.content.is_some() && !fresh.content_archived);
+    app.receipts.publish_pending().await.expect("publish");
+    assert_eq!(verify_offline(&mut auditor, &fresh, &keys).await, 4);
 }
