@@ -7,6 +7,7 @@ use anumate_auth::AuthConfig;
 use anumate_captokens_service::CapTokensConfig;
 use anumate_compiler::CompilerConfig;
 use anumate_events::relay::KafkaConfig;
+use anumate_events_service::EventsServiceConfig;
 use anumate_policy_service::PolicyConfig;
 use anumate_receipts::ReceiptsConfig;
 use anumate_registry::RegistryConfig;
@@ -46,6 +47,8 @@ pub struct AppConfig {
     pub dev: DevConfig,
     /// Kafka: the outbox relay's brokers, topics and archive retention.
     pub kafka: KafkaConfig,
+    /// Events service: tail polling, replay limit, history consumer group.
+    pub events: EventsServiceConfig,
 }
 
 impl Default for AppConfig {
@@ -65,6 +68,7 @@ impl Default for AppConfig {
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
             kafka: KafkaConfig::default(),
+            events: EventsServiceConfig::default(),
         }
     }
 }

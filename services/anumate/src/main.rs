@@ -6,6 +6,7 @@ mod admin;
 mod client;
 mod config;
 mod dev_state;
+mod events_cli;
 mod plan_cli;
 mod policy_cli;
 mod receipts_cli;
@@ -56,6 +57,8 @@ enum Command {
     Receipt(receipts_cli::ReceiptCommand),
     /// Mint, verify (online or offline) and revoke capability tokens; the JWKS.
     Token(token_cli::TokenCommand),
+    /// Follow the event stream (tail) and replay archived events to Kafka.
+    Events(events_cli::EventsCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -182,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(cmd) => Ok(plan_cli::run(cmd).await),
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Token(cmd) => Ok(token_cli::run(cmd).await),
+        Command::Events(cmd) => Ok(events_cli::run(cmd).await),
         Command::Auth {
             command:
                 AuthCommand::DevToken {
@@ -219,6 +223,7 @@ fn all_migrations() -> Vec<anumate_store::Migration> {
     all.extend_from_slice(anumate_policy_service::REPO_MIGRATIONS);
     all.extend_from_slice(anumate_captokens_service::REPO_MIGRATIONS);
     all.extend_from_slice(anumate_compiler::REPO_MIGRATIONS);
+    all.extend_from_slice(anumate_events_service::REPO_MIGRATIONS);
     all
 }
 

@@ -6,9 +6,11 @@ use anumate_auth::{AuthLayer, Authenticator};
 use anumate_captokens_service::{CapTokens, CapTokensGrpc};
 use anumate_compiler::{Compiler, CompilerGrpc, Upstreams};
 use anumate_crypto::KeyRing;
+use anumate_events_service::{Events, EventsGrpc};
 use anumate_policy_service::{Policies, PolicyGrpc};
 use anumate_proto::captokens::v1::cap_tokens_service_server;
 use anumate_proto::compiler::v1::compiler_service_server;
+use anumate_proto::events::v1::events_service_server;
 use anumate_proto::policy::v1::policy_service_server;
 use anumate_proto::receipts::v1::receipts_service_server;
 use anumate_proto::registry::v1::registry_service_server;
@@ -43,6 +45,8 @@ pub enum ServiceName {
     Captokens,
     /// Receipts: the signed, append-only receipt log.
     Receipts,
+    /// Events: the event history (tail, list) and replays.
+    Events,
 }
 
 impl ServiceName {
@@ -60,13 +64,18 @@ impl ServiceName {
             ServiceName::Approvals => approvals::v1::approvals_service_server::SERVICE_NAME,
             ServiceName::Captokens => captokens::v1::cap_tokens_service_server::SERVICE_NAME,
             ServiceName::Receipts => receipts::v1::receipts_service_server::SERVICE_NAME,
+            ServiceName::Events => events::v1::events_service_server::SERVICE_NAME,
         })
     }
 }
 
 /// Full gRPC names of the selected services.
 pub fn selected(services: &[ServiceName]) -> Vec<&'static str> {
-    let mut all: Vec<&'static str> = vec![registry_service_server::SERVICE_NAME];
+    let mut all: Vec<&'static str> = vec![
+        registry_service_server::SERVICE_NAME,
+        compiler_service_server::SERVICE_NAME,
+        events_service_server::SERVICE_NAME,
+    ];
     all.extend_from_slice(anumate_unimplemented::SERVICE_NAMES);
     if services.is_empty() || services.contains(&ServiceName::All) {
         return all;
@@ -83,6 +92,7 @@ pub const STORED_SERVICES: &[&str] = &[
     receipts_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
     cap_tokens_service_server::SERVICE_NAME,
+    events_service_server::SERVICE_NAME,
 ];
 
 /// Services implemented in this binary (the rest answer UNIMPLEMENTED).
@@ -92,6 +102,7 @@ const IMPLEMENTED: &[&str] = &[
     receipts_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
     cap_tokens_service_server::SERVICE_NAME,
+    events_service_server::SERVICE_NAME,
 ];
 
 /// Everything a running server needs.
@@ -235,6 +246,34 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         admin_tokens = Some(tokens.clone());
         routes.add_service(CapTokensGrpc::new(tokens).into_server());
     }
+    // The event history: fed from Kafka when a broker is configured, else
+    // straight from the outbox of this store.
+    let mut history_feed = None;
+    let mut history_consumer = None;
+    if rt.services.contains(&events_service_server::SERVICE_NAME) {
+        let store = rt
+            .store
+            .clone()
+            .context("the events service needs a store")?;
+        let kafka = &rt.config.kafka;
+        let replayer = match kafka.enabled() {
+            true => Some(Arc::new(
+                anumate_events_service::kafka::Replayer::new(kafka)
+                    .context("events service: replay producer")?,
+            )),
+            false => None,
+        };
+        let events = Events::new(store, &rt.config.events, replayer);
+        if kafka.enabled() {
+            history_consumer = Some(
+                anumate_events_service::kafka::spawn_history_consumer(&events, &kafka.brokers)
+                    .context("events service: history consumer")?,
+            );
+        } else {
+            history_feed = Some(events.spawn_outbox_feed());
+        }
+        routes.add_service(EventsGrpc::new(events).into_server());
+    }
     let mut skip: Vec<&str> = anumate_unimplemented::SERVICE_NAMES
         .iter()
         .copied()
@@ -338,7 +377,13 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish within the grace period");
         }
     }
-    for task in [checkpointer, token_purger].into_iter().flatten() {
+    if let Some(consumer) = history_consumer {
+        consumer.stop().await;
+    }
+    for task in [checkpointer, token_purger, history_feed]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
     }
     if let Some(admin) = admin {

@@ -1,0 +1,215 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `anumate events tail` against `anumate dev` without Kafka: events a push
+//! writes to the outbox reach the tail through the events service (history
+//! first, then live), and bad flags get precise errors.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_anumate");
+
+fn anumate(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ANUMATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("NO_COLOR", "1");
+    cmd
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    anumate(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run anumate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_dev(dir: &Path) -> Dev {
+    let log = std::fs::File::create(dir.join("dev.log")).unwrap();
+    let mut child = anumate(dir)
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start anumate dev");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let dev = Dev(child);
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("anumate dev reports serving");
+        if line.contains(" on http://") {
+            return dev;
+        }
+    }
+}
+
+#[test]
+fn events_tail_follows_a_push_without_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/refund.capsule.yaml");
+    std::fs::copy(&src, dir.path().join("refund.capsule.yaml")).unwrap();
+    let _dev = start_dev(dir.path());
+
+    // A live tail started before the push (JSON lines on stdout).
+    let mut live = anumate(dir.path())
+        .args([
+            "events",
+            "tail",
+            "--type",
+            "dev.anumate.capsule.*",
+            "-o",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tail");
+    let stdout = live.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    // Give the tail time to subscribe before anything is committed.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let out = cli(
+        dir.path(),
+        &["capsule", "push", "refund.capsule.yaml", "--publish"],
+    );
+    assert!(out.status.success(), "push: {}", text(&out.stderr));
+
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("live event");
+    let second = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("live event");
+    let _ = live.kill();
+    let _ = live.wait();
+    assert_eq!(first["type"], "dev.anumate.capsule.pushed.v1");
+    assert_eq!(second["type"], "dev.anumate.capsule.published.v1");
+    assert_eq!(second["topic"], "anumate.capsules");
+    assert_eq!(second["tenantId"], "dev");
+
+    // History, human-readable, then exit.
+    let out = cli(
+        dir.path(),
+        &["events", "tail", "--since", "all", "--no-follow"],
+    );
+    assert!(out.status.success(), "tail: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let pushed = stdout.find("dev.anumate.capsule.pushed.v1").expect(&stdout);
+    let published = stdout
+        .find("dev.anumate.capsule.published.v1")
+        .expect(&stdout);
+    assert!(pushed < published, "{stdout}");
+    assert!(stdout.contains("\"name\":\"refund-small-orders\""), "{stdout}");
+
+    // Resume after the first event: only the second.
+    let seq = first["sequence"].as_str().map_or_else(
+        || first["sequence"].as_i64().unwrap().to_string(),
+        str::to_string,
+    );
+    let out = cli(
+        dir.path(),
+        &[
+            "events",
+            "tail",
+            "--after",
+            &seq,
+            "--no-follow",
+            "-o",
+            "json",
+        ],
+    );
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["id"], second["id"]);
+
+    // Bad input: precise errors.
+    let out = cli(dir.path(), &["events", "tail", "--since", "someday"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--since"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(
+        dir.path(),
+        &["events", "tail", "--type", "not a type", "--no-follow"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("filter.types[0]"),
+        "{err}"
+    );
+    // Replay needs Kafka, which `dev` here does not have.
+    let out = cli(
+        dir.path(),
+        &[
+            "events",
+            "replay",
+            "--topic",
+            "anumate.capsules",
+            "--from",
+            "0",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("FAILED_PRECONDITION"),
+        "{}",
+        text(&out.stderr)
+    );
+}
