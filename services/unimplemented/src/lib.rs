@@ -21,7 +21,6 @@ use anumate_errors::{Error, ErrorCode};
 use anumate_proto::{
     approvals::v1::approvals_service_server::{self, ApprovalsServiceServer},
     captokens::v1::cap_tokens_service_server::{self, CapTokensServiceServer},
-    compiler::v1::compiler_service_server::{self, CompilerServiceServer},
     ghostrun::v1::ghost_run_service_server::{self, GhostRunServiceServer},
     orchestrator::v1::orchestrator_service_server::{self, OrchestratorServiceServer},
     policy::v1::policy_service_server::{self, PolicyServiceServer},
@@ -33,7 +32,6 @@ use tonic::service::RoutesBuilder;
 /// reflection), in the order [`add_all`] adds them.
 pub const SERVICE_NAMES: &[&str] = &[
     policy_service_server::SERVICE_NAME,
-    compiler_service_server::SERVICE_NAME,
     ghost_run_service_server::SERVICE_NAME,
     orchestrator_service_server::SERVICE_NAME,
     approvals_service_server::SERVICE_NAME,
@@ -69,9 +67,6 @@ pub fn add_except(mut routes: RoutesBuilder, skip: &[&str]) -> RoutesBuilder {
     let wanted = |name: &str| !skip.contains(&name);
     if wanted(policy_service_server::SERVICE_NAME) {
         routes.add_service(PolicyServiceServer::new(Unimplemented));
-    }
-    if wanted(compiler_service_server::SERVICE_NAME) {
-        routes.add_service(CompilerServiceServer::new(Unimplemented));
     }
     if wanted(ghost_run_service_server::SERVICE_NAME) {
         routes.add_service(GhostRunServiceServer::new(Unimplemented));
@@ -143,12 +138,6 @@ unimplemented_service!(policy::policy_service_server::PolicyService {
     fn evaluate_policy(EvaluatePolicyRequest) -> EvaluatePolicyResponse;
     fn test_policy(TestPolicyRequest) -> TestPolicyResponse;
     fn redact(RedactRequest) -> RedactResponse;
-});
-
-unimplemented_service!(compiler::compiler_service_server::CompilerService {
-    fn compile(CompileRequest) -> CompileResponse;
-    fn get_plan(GetPlanRequest) -> GetPlanResponse;
-    fn list_plans(ListPlansRequest) -> ListPlansResponse;
 });
 
 unimplemented_service!(ghostrun::ghost_run_service_server::GhostRunService {

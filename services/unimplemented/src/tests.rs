@@ -5,7 +5,6 @@ use super::*;
 use anumate_proto::{
     approvals::v1::{ApproveRequest, approvals_service_client::ApprovalsServiceClient},
     captokens::v1::{VerifyTokenRequest, cap_tokens_service_client::CapTokensServiceClient},
-    compiler::v1::{CompileRequest, compiler_service_client::CompilerServiceClient},
     ghostrun::v1::{PreflightRequest, ghost_run_service_client::GhostRunServiceClient},
     orchestrator::v1::{
         ExecuteRequest, WatchRunRequest, orchestrator_service_client::OrchestratorServiceClient,
@@ -68,11 +67,6 @@ async fn every_service_answers_unimplemented_over_tcp() {
         .await;
     assert_unimplemented(r, "EvaluatePolicy");
 
-    let r = CompilerServiceClient::new(channel.clone())
-        .compile(CompileRequest::default())
-        .await;
-    assert_unimplemented(r, "Compile");
-
     let r = GhostRunServiceClient::new(channel.clone())
         .preflight(PreflightRequest::default())
         .await;
@@ -107,7 +101,7 @@ async fn every_service_answers_unimplemented_over_tcp() {
 
 #[test]
 fn service_names_are_the_full_grpc_names() {
-    assert_eq!(SERVICE_NAMES.len(), 7);
+    assert_eq!(SERVICE_NAMES.len(), 6);
     for name in SERVICE_NAMES {
         assert!(
             name.starts_with("anumate.") && name.ends_with("Service"),
@@ -119,6 +113,7 @@ fn service_names_are_the_full_grpc_names() {
     unique.dedup();
     assert_eq!(unique.len(), SERVICE_NAMES.len());
     assert!(!SERVICE_NAMES.contains(&"anumate.registry.v1.RegistryService"));
+    assert!(!SERVICE_NAMES.contains(&"anumate.compiler.v1.CompilerService"));
 }
 
 #[test]
