@@ -57,6 +57,16 @@ fn config() -> EventsServiceConfig {
 }
 
 async fn spawn_app(backend: Backend, replayer: Option<Arc<kafka::Replayer>>) -> TestApp {
+    spawn_app_with(backend, replayer, true).await
+}
+
+/// `feed`: run the embedded outbox feeder (else the history is fed by
+/// whatever the test starts, e.g. the Kafka history consumer).
+async fn spawn_app_with(
+    backend: Backend,
+    replayer: Option<Arc<kafka::Replayer>>,
+    feed: bool,
+) -> TestApp {
     let db = match backend {
         Backend::Sqlite => TestDb::sqlite(),
         Backend::Postgres => TestDb::postgres().await,
@@ -74,7 +84,10 @@ async fn spawn_app(backend: Backend, replayer: Option<Arc<kafka::Replayer>>) -> 
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
     let registry = Registry::new(store.clone(), keys, &RegistryConfig::default());
     let events = Events::new(store.clone(), &config(), replayer);
-    let feed = events.spawn_outbox_feed();
+    let mut tasks = Vec::new();
+    if feed {
+        tasks.push(events.spawn_outbox_feed());
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -93,12 +106,13 @@ async fn spawn_app(backend: Backend, replayer: Option<Arc<kafka::Replayer>>) -> 
             .await
             .expect("server");
     });
+    tasks.push(server);
     TestApp {
         addr,
         issuer,
         store,
         events,
-        tasks: vec![feed, server],
+        tasks,
         _db: db,
         _issuer_dir: issuer_dir,
     }
@@ -732,4 +746,60 @@ async fn replay_marks_events_and_consumers_dedupe_them() {
     let row = kafka::to_new_event(&handled[1]).expect("row");
     assert!(row.outbox_seq.is_some());
     assert_eq!(app.events.record(&[row]).await.expect("record"), 0);
+}
+
+/// With Kafka, the history is fed by the history consumer: events the relay
+/// publishes reach a tail through Kafka, once each, with their outbox
+/// position; a message that is not an Anumate event goes to the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_fed_history_backs_the_tail() {
+    let Some(bootstrap) = kafka() else { return };
+    let app = spawn_app_with(Backend::Postgres, None, false).await;
+    let mut cfg = EventsServiceConfig {
+        history_group: format!("history-{}", uuid::Uuid::now_v7()),
+        ..config()
+    };
+    cfg.tail_poll_ms = 200;
+    let events = Events::new(app.store.clone(), &cfg, None);
+    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    let kcfg = anumate_events::relay::KafkaConfig {
+        brokers: bootstrap.clone(),
+        ..Default::default()
+    };
+    let mut relay = anumate_events::relay::Relay::new(app.store.clone(), kcfg).expect("relay");
+    let tenant = format!("k-{}", uuid::Uuid::now_v7().simple());
+    push(&app, &tenant, "refund", true).await;
+    while relay.pass().await.expect("relay pass").sent > 0 {}
+
+    // The history service of `app` reads the same tables.
+    let mut c = app.client(&tenant, &[Role::Auditor]).await;
+    let mut tail = c
+        .tail_events(pb::TailEventsRequest {
+            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
+            ..Default::default()
+        })
+        .await
+        .expect("tail")
+        .into_inner();
+    let mut got = history(&mut tail).await;
+    while got.len() < 2 {
+        // The app's tail polls: it sees rows the consumer recorded.
+        got.push(
+            tokio::time::timeout(Duration::from_secs(30), tail.message())
+                .await
+                .expect("events from Kafka within 30 s")
+                .expect("ok")
+                .expect("open")
+                .event
+                .expect("event"),
+        );
+    }
+    let ids = outbox_ids(&app.store, &tenant).await;
+    assert_eq!(got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(got[1].r#type, "dev.anumate.capsule.published.v1");
+    assert_eq!(got[1].source, "/anumate/capsules");
+    assert!(got[1].outbox_sequence > 0);
+    assert!(!got[1].replay);
+    assert_eq!(got[1].data_schema, "anumate.events.v1.CapsulePublished");
+    consumer.stop().await;
 }
