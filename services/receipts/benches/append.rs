@@ -1,7 +1,10 @@
-//! Receipt append through the service (gRPC over TCP, authentication, one
-//! PostgreSQL transaction per receipt) with 8 concurrent clients, and the time
-//! from append until an inclusion proof is served with the default 1 s
-//! checkpoint cadence. Needs PostgreSQL (`ANUMATE_TEST_POSTGRES_URL`).
+//! Receipt append through the service (gRPC over TCP, authentication,
+//! group-committed PostgreSQL transactions) with 8 concurrent clients — each
+//! with one request in flight, and each with 16 in flight over its one HTTP/2
+//! connection — and the time from append until an inclusion proof is served
+//! with the default 1 s checkpoint cadence, idle and under sustained load
+//! (p50/p99, printed with the sustained rate). Needs PostgreSQL
+//! (`ANUMATE_TEST_POSTGRES_URL`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use tonic::transport::{Channel, Endpoint};
 type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
 
 const CLIENTS: usize = 8;
-const PER_CLIENT: usize = 50;
+const PER_CLIENT: usize = 64;
+/// Requests in flight per client in the pipelined runs.
+const INFLIGHT: usize = 16;
 
 struct Bench {
     clients: Vec<Client>,
@@ -110,23 +115,26 @@ fn request(key: String) -> pb::AppendReceiptRequest {
     }
 }
 
-/// Appends `PER_CLIENT` receipts from each client concurrently; returns the ids.
-async fn round(clients: &[Client], round: u64) -> Vec<String> {
+/// Appends `PER_CLIENT` receipts from each client concurrently, `inflight`
+/// requests at a time per client (multiplexed on its connection); returns the ids.
+async fn round(clients: &[Client], round: u64, inflight: usize) -> Vec<String> {
     let mut tasks = Vec::new();
     for (c, client) in clients.iter().enumerate() {
-        let mut client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for i in 0..PER_CLIENT {
-                let r = client
-                    .append_receipt(request(format!("{round}-{c}-{i}")))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                ids.push(r.receipt.unwrap().receipt_id);
-            }
-            ids
-        }));
+        for lane in 0..inflight {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in (lane..PER_CLIENT).step_by(inflight) {
+                    let r = client
+                        .append_receipt(request(format!("{round}-{c}-{i}")))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    ids.push(r.receipt.unwrap().receipt_id);
+                }
+                ids
+            }));
+        }
     }
     let mut ids = Vec::new();
     for t in tasks {
@@ -145,26 +153,58 @@ fn append(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements((CLIENTS * PER_CLIENT) as u64));
     let mut n = 0u64;
-    group.bench_function("append, 8 clients, postgres", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                n += 1;
-                rt.block_on(round(&bench.clients, n));
-            }
-            start.elapsed()
-        })
-    });
+    for inflight in [1, INFLIGHT] {
+        let name = format!("append, 8 clients x {inflight} in flight, postgres");
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    n += 1;
+                    rt.block_on(round(&bench.clients, n, inflight));
+                }
+                start.elapsed()
+            })
+        });
+    }
     group.finish();
 
-    // Time to inclusion proof: append, then poll until the proof is served.
-    let mut latencies = rt.block_on(async {
-        let mut client = bench.clients[0].clone();
+    rt.block_on(time_to_proof(&bench.clients, "idle", 0));
+    rt.block_on(time_to_proof(&bench.clients, "under load", INFLIGHT));
+}
+
+/// Appends probes one at a time and polls each until its inclusion proof is
+/// served; with `inflight > 0` the 8 clients keep appending meanwhile. Prints
+/// p50/p99 and, under load, the sustained append rate.
+async fn time_to_proof(clients: &[Client], label: &str, inflight: usize) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appended = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    if inflight > 0 {
+        for (c, client) in clients.iter().enumerate() {
+            for lane in 0..inflight {
+                let (mut client, stop, appended) = (client.clone(), stop.clone(), appended.clone());
+                load.push(tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        client
+                            .append_receipt(request(format!("load-{c}-{lane}-{i}")))
+                            .await
+                            .unwrap();
+                        appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }));
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut latencies = {
+        let mut client = clients[0].clone();
         let mut out = Vec::new();
         for i in 0..40 {
             let start = Instant::now();
             let r = client
-                .append_receipt(request(format!("ttp-{i}")))
+                .append_receipt(request(format!("ttp-{label}-{i}")))
                 .await
                 .unwrap()
                 .into_inner()
@@ -186,11 +226,18 @@ fn append(c: &mut Criterion) {
             tokio::time::sleep(Duration::from_millis(37)).await;
         }
         out
-    });
+    };
+    let elapsed = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
     latencies.sort();
     let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let rate = appended.load(std::sync::atomic::Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "time to inclusion proof (1 s checkpoints): p50 {:?}, p99 {:?}, max {:?}",
+        "time to inclusion proof (1 s checkpoints, {label}): p50 {:?}, p99 {:?}, max {:?}; \
+         sustained appends meanwhile: {rate:.0}/s",
         p(0.5),
         p(0.99),
         latencies[latencies.len() - 1]
