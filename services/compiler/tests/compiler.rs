@@ -223,6 +223,7 @@ on_both_backends! {
     compile_cache_get_list => compile_cache_get_list_sqlite, compile_cache_get_list_postgres;
     bad_input => bad_input_sqlite, bad_input_postgres;
     tenancy_and_roles => tenancy_and_roles_sqlite, tenancy_and_roles_postgres;
+    concurrent_compiles => concurrent_compiles_sqlite, concurrent_compiles_postgres;
 }
 
 /// Compiles the example as `tenant-a` and returns the plan hash.
@@ -555,4 +556,36 @@ async fn tenancy_and_roles(app: TestApp) {
         })
         .await
         .expect("auditor reads");
+}
+
+/// Compiles racing on the same content store one plan and one event; every
+/// other caller gets that plan as a cache hit.
+async fn concurrent_compiles(app: TestApp) {
+    seed(&app, TENANT_A).await;
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let mut c = app.clients(TENANT_A, &[Role::Operator]).await;
+        calls.push(tokio::spawn(async move {
+            c.compiler
+                .compile(compile_req("refund-small-orders", ""))
+                .await
+                .map(tonic::Response::into_inner)
+        }));
+    }
+    let mut fresh = 0;
+    let mut hashes = std::collections::BTreeSet::new();
+    for call in calls {
+        let r = call.await.unwrap().expect("compile");
+        fresh += usize::from(!r.cache_hit);
+        hashes.insert(r.plan.unwrap().plan_hash);
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(hashes.len(), 1);
+    let compiled = app
+        .event_types(TENANT_A)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "dev.anumate.plan.compiled.v1")
+        .count();
+    assert_eq!(compiled, 1);
 }
