@@ -36,6 +36,7 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 /// The dead-letter topic.
 pub const DLQ_TOPIC: &str = "anumate.dlq";
@@ -420,7 +421,17 @@ impl Worker {
         let mut attempt = 0;
         let reason = loop {
             attempt += 1;
-            let reason = match handler(event.clone()).await {
+            // The handler runs in a span naming the event and the trace that
+            // produced it (`ce_traceparent`), so its logs join that trace's.
+            let span = tracing::info_span!(
+                "consume",
+                group = %self.cfg.group_id,
+                ce_id = %event.id,
+                ce_type = %event.event_type,
+                traceparent = event.header("ce_traceparent").unwrap_or_default(),
+                attempt,
+            );
+            let reason = match handler(event.clone()).instrument(span).await {
                 Ok(()) => break None,
                 Err(e) => e.to_string(),
             };
