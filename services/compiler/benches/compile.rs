@@ -148,6 +148,127 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
+    drop(_guard);
+    rpc(c, &yaml);
+}
+
+/// The whole `Compile` RPC when the plan is already stored: client → auth →
+/// compiler → registry `GetCapsule` and policy `GetPolicy` × 2 over loopback
+/// gRPC (each verifying the forwarded token) → memo hit. One process, SQLite.
+fn rpc(c: &mut Criterion, yaml: &str) {
+    use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+    use anumate_proto::compiler::v1 as pb;
+    use std::sync::Arc;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = DevIssuer::load_or_create(dir.path()).unwrap();
+    let token = issuer
+        .mint("bench", "bench", &[Role::Admin], Duration::from_secs(3600))
+        .unwrap();
+    let mut client = rt.block_on(async {
+        let cfg = anumate_store::StoreConfig {
+            url: format!("sqlite://{}", dir.path().join("rpc.db").display()),
+            ..Default::default()
+        };
+        let store = anumate_store::Store::connect(&cfg).await.unwrap();
+        let mut migrations = anumate_registry::migrations();
+        migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
+        migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
+        store.migrate(&migrations).await.unwrap();
+        let auth = Authenticator::new(AuthConfig::default())
+            .unwrap()
+            .with_static_issuer(issuer.issuer(), issuer.jwks());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = format!("http://{}", listener.local_addr().unwrap());
+        let registry = anumate_registry::Registry::new(
+            store.clone(),
+            Arc::new(anumate_crypto::KeyRing::new(
+                anumate_crypto::KeyPair::generate().unwrap(),
+            )),
+            &anumate_registry::RegistryConfig::default(),
+        );
+        let policies = anumate_policy_service::Policies::new(
+            store.clone(),
+            &anumate_policy_service::PolicyConfig::default(),
+        );
+        let compiler = Compiler::new(
+            store,
+            Upstreams::lazy(&own, &own).unwrap(),
+            &CompilerConfig::default(),
+        )
+        .unwrap();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .layer(AuthLayer::new(auth))
+                .add_service(anumate_registry::RegistryGrpc::new(registry).into_server())
+                .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
+                .add_service(anumate_compiler::CompilerGrpc::new(compiler).into_server())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        let channel = tonic::transport::Endpoint::from_shared(own)
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap();
+        let t = || BearerToken(token.clone());
+        let split = POLICIES.find("policy \"pii-masking\"").unwrap();
+        let mut pol =
+            ppb::policy_service_client::PolicyServiceClient::with_interceptor(channel.clone(), t());
+        for source in [&POLICIES[..split], &POLICIES[split..]] {
+            pol.push_policy(ppb::PushPolicyRequest {
+                source: source.into(),
+                publish: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        rpb::registry_service_client::RegistryServiceClient::with_interceptor(channel.clone(), t())
+            .push_capsule(rpb::PushCapsuleRequest {
+                source_yaml: yaml.to_string(),
+                publish: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut client =
+            pb::compiler_service_client::CompilerServiceClient::with_interceptor(channel, t())
+                .max_decoding_message_size(64 * 1024 * 1024);
+        let first = client
+            .compile(pb::CompileRequest {
+                capsule_name: "hundred-steps".into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!first.cache_hit);
+        client
+    });
+    let mut g = c.benchmark_group("compile_100_steps_rpc");
+    g.bench_function("cached_end_to_end", |b| {
+        b.iter(|| {
+            let r = rt
+                .block_on(client.compile(pb::CompileRequest {
+                    capsule_name: "hundred-steps".into(),
+                    version: String::new(),
+                }))
+                .unwrap()
+                .into_inner();
+            assert!(r.cache_hit);
+            r
+        })
+    });
+    g.finish();
 }
 
 criterion_group! {
