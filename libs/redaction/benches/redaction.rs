@@ -90,9 +90,11 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("redaction");
     g.throughput(Throughput::Bytes(bytes));
     g.bench_function("redact_json_64k_mixed_pii", |b| {
-        b.iter_batched(
+        // `_ref`: the copies are made and dropped outside the timed part,
+        // so the figure is redaction, not freeing a 64 KB document.
+        b.iter_batched_ref(
             || doc.clone(),
-            |mut d| black_box(redactor.redact_json(&mut d)),
+            |d| black_box(redactor.redact_json(d)),
             BatchSize::SmallInput,
         )
     });

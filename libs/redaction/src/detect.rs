@@ -50,6 +50,9 @@ const UPPER: u8 = 2;
 const LOWER: u8 = 4;
 /// base64 / base64url alphabet (without '=' padding).
 const TOKEN: u8 = 8;
+/// A byte that may start a key prefix (`_` inside `sk_live_`, `AKIA`,
+/// `xox…`, `glpat-`, `-----BEGIN`) or a JWT (`eyJ`).
+const HINT: u8 = 16;
 
 static CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
@@ -68,6 +71,9 @@ static CLASS: [u8; 256] = {
         }
         if b == b'+' || b == b'/' || b == b'_' || b == b'-' {
             c |= TOKEN;
+        }
+        if matches!(b, b'_' | b'A' | b'x' | b'g' | b'-' | b'e') {
+            c |= HINT;
         }
         t[i] = c;
         i += 1;
@@ -94,6 +100,12 @@ struct Features {
     max_token_run: usize,
     /// Saw `[A-Z][A-Z][0-9][0-9]` (an IBAN's country and check digits).
     iban_hint: bool,
+    /// Saw a byte sequence every key prefix of [`KEY_RE`] contains.
+    key_hint: bool,
+    /// Saw `-----BEGIN`.
+    pem_hint: bool,
+    /// Saw `eyJ` (a JWT header).
+    jwt_hint: bool,
 }
 
 fn features(s: &[u8]) -> Features {
@@ -125,6 +137,21 @@ fn features(s: &[u8]) -> Features {
             }
         }
         f.dashes += usize::from(b == b'-');
+        if c & HINT != 0 {
+            let rest = &s[i..];
+            match b {
+                b'_' => f.key_hint = true,
+                b'A' => {
+                    f.key_hint |= rest.starts_with(b"AKIA")
+                        || rest.starts_with(b"ASIA")
+                        || rest.starts_with(b"AIza");
+                }
+                b'x' => f.key_hint |= rest.starts_with(b"xox"),
+                b'g' => f.key_hint |= rest.starts_with(b"glpat-"),
+                b'-' => f.pem_hint |= rest.starts_with(b"-----BEGIN"),
+                _ => f.jwt_hint |= rest.starts_with(b"eyJ"),
+            }
+        }
     }
     f.upper = classes & UPPER != 0;
     f
@@ -157,14 +184,15 @@ pub(crate) fn scan(s: &str, mask: Mask, out: &mut Vec<Found>) {
         scan_iban(s, out);
     }
     if mask.has(Detector::ApiKey) {
-        if f.max_token_run >= 15 || (f.dashes >= 10 && b.len() >= 60) {
+        if (f.key_hint && f.max_token_run >= 15) || (f.pem_hint && f.dashes >= 10 && b.len() >= 60)
+        {
             scan_key_prefixes(s, out);
         }
         if f.max_token_run >= ENTROPY_MIN_LEN {
             scan_entropy(b, out);
         }
     }
-    if f.max_token_run >= 10 && mask.has(Detector::Jwt) {
+    if f.jwt_hint && f.max_token_run >= 10 && mask.has(Detector::Jwt) {
         scan_jwt(b, out);
     }
     resolve(out, first);
