@@ -6,9 +6,9 @@
 //! as the `anumate_relay` role, whose policy alone sees every tenant's outbox
 //! rows; the outbox and the history live in one database in embedded mode),
 //! remembers its position in `event_feed_cursor`, and re-checks a window of
-//! `LOOKBACK` sequence numbers below the cursor on every pass: on PostgreSQL a
-//! `BIGSERIAL` value can commit after a higher one, and such a row must not be
-//! skipped. Recording is idempotent, so a restart or a second feeder only
+//! `LOOKBACK` sequence numbers below the cursor on every pass on PostgreSQL,
+//! where a `BIGSERIAL` value can commit after a higher one and such a row must
+//! not be skipped. Recording is idempotent, so a restart or a second feeder only
 //! repeats work.
 
 use std::collections::BTreeSet;
@@ -90,7 +90,9 @@ impl OutboxFeed {
     pub(crate) async fn pass(&mut self, events: &Events) -> Result<usize> {
         let low = (self.cursor - LOOKBACK).max(0);
         // Cheap check of the window first: sequence numbers only.
-        let late: Vec<i64> = if self.cursor > 0 {
+        // SQLite assigns sequence numbers inside its single writer's
+        // transaction, so they commit in order: no window to re-check there.
+        let late: Vec<i64> = if self.cursor > 0 && self.store.backend() == Backend::Postgres {
             read_outbox(
                 &self.store,
                 "SELECT seq FROM outbox WHERE seq > $1 AND seq <= $2",
@@ -154,26 +156,15 @@ impl OutboxFeed {
                 topic,
             });
         }
-        let new = events.record(&batch).await?;
+        let max = seqs
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(self.cursor)
+            .max(self.cursor);
+        let new = events.record_at(&batch, Some((CURSOR, max))).await?;
         self.seen.extend(seqs.iter().copied());
-        if let Some(max) = seqs.iter().copied().max()
-            && max > self.cursor
-        {
-            self.cursor = max;
-            self.store.owner_connection().execute_raw(Statement::from_sql_and_values(
-                backend(&self.store),
-                "INSERT INTO event_feed_cursor (name, position, updated_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET position = excluded.position, \
-                   updated_at = excluded.updated_at",
-                vec![
-                    CURSOR.into(),
-                    self.cursor.into(),
-                    anumate_store::now_micros().into(),
-                ],
-            ))
-            .await
-            .map_err(Error::internal)?;
-        }
+        self.cursor = max;
         let low = self.cursor - LOOKBACK;
         self.seen = self.seen.split_off(&low);
         Ok(new)

@@ -232,13 +232,20 @@ pub async fn last_seq(tx: &TenantTx) -> Result<i64> {
 
 /// Records `events` (grouped per tenant, one transaction each); returns how
 /// many were new. Events already recorded for their tenant are skipped.
-pub async fn record(store: &Store, events: &[NewEvent]) -> Result<usize> {
+/// `cursor` (name, position) is saved in `event_feed_cursor` in the last of
+/// those transactions, so a feeder's position moves with what it recorded.
+pub async fn record(
+    store: &Store,
+    events: &[NewEvent],
+    cursor: Option<(&str, i64)>,
+) -> Result<usize> {
     let mut by_tenant: BTreeMap<&str, Vec<&NewEvent>> = BTreeMap::new();
     for e in events {
         by_tenant.entry(e.tenant_id.as_str()).or_default().push(e);
     }
+    let groups = by_tenant.len();
     let mut inserted = 0usize;
-    for (tenant, batch) in by_tenant {
+    for (i, (tenant, batch)) in by_tenant.into_iter().enumerate() {
         let tx = store.write(tenant).await?;
         if tx.backend() == Backend::Postgres {
             tx.query_one("SELECT pg_advisory_xact_lock($1)", vec![WRITE_LOCK.into()])
@@ -273,6 +280,15 @@ pub async fn record(store: &Store, events: &[NewEvent]) -> Result<usize> {
                 )
                 .await?;
             inserted += usize::try_from(n).unwrap_or(0);
+        }
+        if let (Some((name, position)), true) = (cursor, i + 1 == groups) {
+            tx.execute(
+                "INSERT INTO event_feed_cursor (name, position, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET position = excluded.position, \
+                   updated_at = excluded.updated_at",
+                vec![name.into(), position.into(), now.into()],
+            )
+            .await?;
         }
         tx.commit().await?;
     }

@@ -80,7 +80,7 @@ impl Default for EventsServiceConfig {
     fn default() -> Self {
         EventsServiceConfig {
             tail_poll_ms: 1000,
-            feed_poll_ms: 100,
+            feed_poll_ms: 25,
             max_replay: 10_000,
             history_group: "anumate-event-history".into(),
             max_tails: 256,
@@ -199,7 +199,16 @@ impl Events {
     /// Records events in the history and wakes the tails; returns how many
     /// were new.
     pub async fn record(&self, events: &[NewEvent]) -> Result<usize> {
-        let new = history::record(&self.store, events).await?;
+        self.record_at(events, None).await
+    }
+
+    /// [`Events::record`], saving a feeder's position in the same transaction.
+    pub(crate) async fn record_at(
+        &self,
+        events: &[NewEvent],
+        cursor: Option<(&str, i64)>,
+    ) -> Result<usize> {
+        let new = history::record(&self.store, events, cursor).await?;
         if new > 0 {
             self.recorded.send_modify(|n| *n = n.wrapping_add(1));
         }

@@ -102,7 +102,7 @@ async fn spawn_app_with(
             )
             .add_service(grpc)
             .add_service(RegistryGrpc::new(registry).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(nodelay(listener))
             .await
             .expect("server");
     });
@@ -116,6 +116,19 @@ async fn spawn_app_with(
         _db: db,
         _issuer_dir: issuer_dir,
     }
+}
+
+/// Accepted connections with `TCP_NODELAY`, as the `anumate` server sets it
+/// (without it a unary call can wait ~40 ms for a delayed ACK).
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
 }
 
 impl TestApp {
@@ -471,6 +484,23 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert_eq!(error_of(&err).code, ErrorCode::FailedPrecondition);
 
+    // Row-level security: on PostgreSQL a query that forgets its tenant
+    // filter still sees only the transaction's tenant.
+    if app.store.backend() == Backend::Postgres {
+        let tx = app.store.read("t1").await.expect("tx");
+        let row = tx
+            .query_one("SELECT COUNT(*) AS n, MIN(tenant_id) AS lo, MAX(tenant_id) AS hi FROM event_history", vec![])
+            .await
+            .expect("count")
+            .expect("row");
+        let n: i64 = row.try_get("", "n").expect("n");
+        let (lo, hi): (String, String) = (
+            row.try_get("", "lo").expect("lo"),
+            row.try_get("", "hi").expect("hi"),
+        );
+        assert_eq!((n, lo.as_str(), hi.as_str()), (2, "t1", "t1"));
+    }
+
     // Still serving.
     let page = auditor
         .list_events(pb::ListEventsRequest::default())
@@ -478,6 +508,55 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
         .expect("list")
         .into_inner();
     assert_eq!(page.events.len(), 2);
+}
+
+/// Push-to-tail latency in embedded mode with the default feeder interval:
+/// time from sending a push to its event on a live tail, next to the push's
+/// own round trip; printed, run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn tail_latency() {
+    let app = spawn_app_with(Backend::Sqlite, None, false).await;
+    // The defaults, not the test's fast feeder.
+    let events = Events::new(app.store.clone(), &EventsServiceConfig::default(), None);
+    let feed = events.spawn_outbox_feed();
+    let mut rx = events
+        .tail(
+            &anumate_events_service::Caller {
+                tenant: "t1".into(),
+                subject: "bench".into(),
+                admin: false,
+            },
+            &pb::EventFilter {
+                types: vec!["dev.anumate.capsule.pushed.v1".into()],
+                ..Default::default()
+            },
+            anumate_events_service::TailStart::Live,
+        )
+        .await
+        .expect("tail");
+    assert!(rx.recv().await.expect("marker").expect("ok").caught_up);
+    let mut reg = app.registry("t1").await;
+    let (mut rtt, mut lat) = (Vec::new(), Vec::new());
+    for i in 0..100 {
+        let t = std::time::Instant::now();
+        reg.push_capsule(reg::PushCapsuleRequest {
+            source_yaml: capsule(&format!("c{i}")),
+            ..Default::default()
+        })
+        .await
+        .expect("push");
+        rtt.push(t.elapsed());
+        rx.recv().await.expect("event").expect("ok");
+        lat.push(t.elapsed());
+    }
+    feed.abort();
+    rtt.sort();
+    lat.sort();
+    println!(
+        "push round trip p50 {:?} p95 {:?}; push -> tail p50 {:?} p95 {:?} p99 {:?}",
+        rtt[49], rtt[94], lat[49], lat[94], lat[98]
+    );
 }
 
 async fn list_pages_through_history(app: TestApp) {
