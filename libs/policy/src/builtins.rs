@@ -1,18 +1,24 @@
 //! Built-in functions: string helpers and PII detectors.
 //!
-//! The detectors here are deliberately simple and local; `libs/redaction`
-//! will own the production detectors and these will delegate to it.
+//! The detectors are `libs/redaction`'s — the same code that redacts logs,
+//! decision logs and receipts — so a policy condition `is_email(x)` and a
+//! `redact(detectors: ["email"])` obligation agree on what an email is.
+//! Each predicate is true when the whole (trimmed) string is one match of
+//! the detector ([`anumate_redaction::Detector::is_match`]); see
+//! [`anumate_redaction::Detector`] for what each accepts and rejects.
 //!
-//! | function | true when the whole (trimmed) string is … |
+//! | function | detector |
 //! | --- | --- |
-//! | `is_email(s)` | `local@domain.tld`: local part of `A-Za-z0-9._%+-`, dotted domain labels of `A-Za-z0-9-`, a TLD of ≥ 2 letters |
-//! | `is_phone(s)` | 7–15 digits, optionally a leading `+` (then the first digit is not 0), with spaces, `-`, `.`, `(`, `)` as separators |
-//! | `is_card(s)` | 13–19 digits (spaces or `-` allowed between) passing the Luhn check |
-//! | `is_iban(s)` | country letters, 2 check digits, 11–30 alphanumerics (spaces allowed), ISO 7064 mod-97 = 1 |
-//! | `is_ssn(s)` | US SSN `AAA-GG-SSSS`, area not 000/666/9xx, group not 00, serial not 0000 |
-//! | `is_ipv4(s)`, `is_ipv6(s)`, `is_ip(s)` | an address the standard library parses |
-//! | `is_api_key(s)` | a known secret prefix (`sk_live_`, `ghp_`, `AKIA`, `xoxb-`, …) followed by ≥ 12 token characters |
-//! | `is_jwt(s)` | three base64url parts separated by dots, the first starting `eyJ` |
+//! | `is_email(s)` | `email` |
+//! | `is_phone(s)` | `phone`: E.164 and common national forms |
+//! | `is_card(s)` | `card`: 13–19 digits, Luhn |
+//! | `is_iban(s)` | `iban`: country length table, mod-97 |
+//! | `is_ssn(s)` | `ssn`: US SSN |
+//! | `is_ipv4(s)`, `is_ipv6(s)`, `is_ip(s)` | `ipv4`, `ipv6`, either (`ip`) |
+//! | `is_api_key(s)` | `api_key`: known prefixes, PEM keys, high-entropy tokens |
+//! | `is_jwt(s)` | `jwt`: three base64url parts, header a JSON object with `alg` |
+
+use anumate_redaction::Detector as Found;
 
 use crate::check::Ty;
 
@@ -124,173 +130,32 @@ pub(crate) fn lookup(name: &str) -> Option<&'static Signature> {
 }
 
 impl Detector {
+    /// The `libs/redaction` detectors this one stands for (`ip` is both
+    /// address families).
+    pub fn redaction_detectors(self) -> &'static [Found] {
+        match self {
+            Detector::Email => &[Found::Email],
+            Detector::Phone => &[Found::Phone],
+            Detector::Card => &[Found::Card],
+            Detector::Iban => &[Found::Iban],
+            Detector::Ssn => &[Found::Ssn],
+            Detector::Ipv4 => &[Found::Ipv4],
+            Detector::Ipv6 => &[Found::Ipv6],
+            Detector::Ip => &[Found::Ipv4, Found::Ipv6],
+            Detector::ApiKey => &[Found::ApiKey],
+            Detector::Jwt => &[Found::Jwt],
+        }
+    }
+
+    /// The detector named `name` in `redact(detectors: [...])`.
+    pub fn named(name: &str) -> Option<Detector> {
+        DETECTORS.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
+    }
+
     /// Whether `s` (trimmed) is wholly an instance of this kind of PII.
     pub fn detect(self, s: &str) -> bool {
-        let s = s.trim();
-        match self {
-            Detector::Email => is_email(s),
-            Detector::Phone => is_phone(s),
-            Detector::Card => is_card(s),
-            Detector::Iban => is_iban(s),
-            Detector::Ssn => is_ssn(s),
-            Detector::Ipv4 => s.parse::<std::net::Ipv4Addr>().is_ok(),
-            Detector::Ipv6 => s.parse::<std::net::Ipv6Addr>().is_ok(),
-            Detector::Ip => s.parse::<std::net::IpAddr>().is_ok(),
-            Detector::ApiKey => is_api_key(s),
-            Detector::Jwt => is_jwt(s),
-        }
+        self.redaction_detectors().iter().any(|d| d.is_match(s))
     }
-}
-
-fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else {
-        return false;
-    };
-    let local_ok = !local.is_empty()
-        && local.len() <= 64
-        && local
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._%+-".contains(c));
-    let labels: Vec<&str> = domain.split('.').collect();
-    let domain_ok = labels.len() >= 2
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-        && labels
-            .last()
-            .is_some_and(|t| t.len() >= 2 && t.chars().all(|c| c.is_ascii_alphabetic()));
-    local_ok && domain_ok
-}
-
-fn is_phone(s: &str) -> bool {
-    let (plus, body) = match s.strip_prefix('+') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let mut digits = String::new();
-    for c in body.chars() {
-        match c {
-            '0'..='9' => digits.push(c),
-            ' ' | '-' | '.' | '(' | ')' => {}
-            _ => return false,
-        }
-    }
-    (7..=15).contains(&digits.len()) && !(plus && digits.starts_with('0'))
-}
-
-fn is_card(s: &str) -> bool {
-    let mut digits = Vec::with_capacity(19);
-    for c in s.chars() {
-        match c.to_digit(10) {
-            Some(d) => digits.push(d),
-            None if c == ' ' || c == '-' => {}
-            None => return false,
-        }
-    }
-    if !(13..=19).contains(&digits.len()) {
-        return false;
-    }
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            if i % 2 == 1 {
-                let x = d * 2;
-                if x > 9 { x - 9 } else { x }
-            } else {
-                d
-            }
-        })
-        .sum();
-    sum.is_multiple_of(10)
-}
-
-fn is_iban(s: &str) -> bool {
-    let compact: Vec<char> = s
-        .chars()
-        .filter(|c| *c != ' ')
-        .map(|c| c.to_ascii_uppercase())
-        .collect();
-    if !(15..=34).contains(&compact.len())
-        || !compact[..2].iter().all(char::is_ascii_alphabetic)
-        || !compact[2..4].iter().all(char::is_ascii_digit)
-        || !compact.iter().all(char::is_ascii_alphanumeric)
-    {
-        return false;
-    }
-    let rearranged = compact[4..].iter().chain(compact[..4].iter());
-    let mut rem: u32 = 0;
-    for c in rearranged {
-        let v = match c.to_digit(36) {
-            Some(v) => v,
-            None => return false,
-        };
-        rem = if v >= 10 {
-            (rem * 100 + v) % 97
-        } else {
-            (rem * 10 + v) % 97
-        };
-    }
-    rem == 1
-}
-
-fn is_ssn(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    let [area, group, serial] = parts.as_slice() else {
-        return false;
-    };
-    let all_digits = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_digit());
-    all_digits(area, 3)
-        && all_digits(group, 2)
-        && all_digits(serial, 4)
-        && *area != "000"
-        && *area != "666"
-        && !area.starts_with('9')
-        && *group != "00"
-        && *serial != "0000"
-}
-
-const KEY_PREFIXES: &[&str] = &[
-    "sk_live_",
-    "sk_test_",
-    "pk_live_",
-    "rk_live_",
-    "sk-",
-    "ghp_",
-    "gho_",
-    "ghs_",
-    "github_pat_",
-    "glpat-",
-    "xoxb-",
-    "xoxp-",
-    "AKIA",
-    "AIza",
-];
-
-fn is_api_key(s: &str) -> bool {
-    KEY_PREFIXES.iter().any(|p| {
-        s.strip_prefix(p).is_some_and(|rest| {
-            rest.len() >= 12
-                && rest
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        })
-    })
-}
-
-fn is_jwt(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 3
-        && s.starts_with("eyJ")
-        && parts[..2].iter().all(|p| !p.is_empty())
-        && parts.iter().all(|p| {
-            p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
 }
 
 #[cfg(test)]
@@ -324,9 +189,26 @@ mod tests {
                 true,
             ),
             (Detector::Jwt, "a.b.c", false),
+            (Detector::Ip, "10.0.0.1", true),
+            (Detector::Ip, "2001:db8::1", true),
+            (Detector::Ip, "version 1.2.3", false),
         ];
         for (d, s, want) in cases {
             assert_eq!(d.detect(s), *want, "{d:?} on {s:?}");
+        }
+    }
+
+    #[test]
+    fn detector_names_are_the_redaction_names() {
+        for (name, d) in DETECTORS {
+            assert_eq!(Detector::named(name), Some(*d));
+            match name.parse::<Found>() {
+                Ok(f) => assert_eq!(d.redaction_detectors(), [f]),
+                Err(_) => assert_eq!(*name, "ip"),
+            }
+        }
+        for f in Found::ALL {
+            assert!(Detector::named(f.name()).is_some(), "{f}");
         }
     }
 }

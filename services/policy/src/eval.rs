@@ -122,15 +122,11 @@ fn prepare_input(input: EvalInput, tenant: &str, max_bytes: usize) -> Result<Val
 }
 
 fn detectors_of(names: &[String]) -> Vec<Detector> {
-    let mut out = Vec::new();
-    for n in names {
-        if n == "ip" {
-            out.extend([Detector::Ipv4, Detector::Ipv6]);
-        } else if let Ok(d) = n.parse::<Detector>() {
-            out.push(d);
-        }
-    }
-    out
+    names
+        .iter()
+        .filter_map(|n| anumate_policy::builtins::Detector::named(n))
+        .flat_map(|d| d.redaction_detectors().iter().copied())
+        .collect()
 }
 
 fn pb_detector(d: Detector) -> pb::Detector {
