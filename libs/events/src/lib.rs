@@ -103,8 +103,28 @@ pub struct EventContext<'a> {
     pub traceparent: Option<&'a str>,
 }
 
+/// The W3C `traceparent` of the current `tracing` span, when an OpenTelemetry
+/// layer records it (`None` without one, or outside any span).
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    Some(format!(
+        "00-{:032x}-{:016x}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    ))
+}
+
 /// Appends `message` to the outbox inside `tx`. `key` is the aggregate id (the
-/// Kafka key: events with one key stay in order). Returns the CloudEvents `id`.
+/// Kafka key: events with one key stay in order). The `traceparent` stored is
+/// the context's, else the current span's. Returns the CloudEvents `id`.
 pub async fn append<M: prost::Message + prost::Name>(
     tx: &TenantTx,
     message: &M,
@@ -126,7 +146,11 @@ pub async fn append<M: prost::Message + prost::Name>(
             ctx.subject.into(),
             message.encode_to_vec().into(),
             Value::from(ctx.plan_hash.map(str::to_string)),
-            Value::from(ctx.traceparent.map(str::to_string)),
+            Value::from(
+                ctx.traceparent
+                    .map(str::to_string)
+                    .or_else(current_traceparent),
+            ),
             anumate_store::now_micros().into(),
         ],
     )

@@ -401,3 +401,40 @@ async fn two_relays_on_one_database_skip_nothing() {
     let distinct = dedupe_and_check_order(&msgs);
     assert_eq!(distinct.len(), 300, "none skipped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_of_the_writing_span_reaches_the_header() {
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let broker = TestBroker::start();
+    let db = TestDb::sqlite();
+    let store = store(&db).await;
+    let span = tracing::info_span!("push");
+    let trace_id = format!("{:032x}", span.context().span().span_context().trace_id());
+    changes(&store, "t1", 1, 1, 0).instrument(span).await;
+
+    let cfg = kafka(&broker.bootstrap());
+    anumate_events::relay::ensure_topics(&cfg).await.unwrap();
+    let mut relay = Relay::new(store.clone(), cfg).unwrap();
+    assert_eq!(relay.pass().await.unwrap().sent, 1);
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(15),
+        |m| !m.is_empty(),
+    )
+    .await;
+    let tp = msgs[0].h("ce_traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "W3C traceparent: {tp}");
+    assert_eq!(parts[0], "00");
+    assert_eq!(parts[1], trace_id, "the writing span's trace");
+}
