@@ -93,7 +93,7 @@ async fn spawn_app(backend: Backend) -> TestApp {
             .add_service(RegistryGrpc::new(registry).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())
             .add_service(CompilerGrpc::new(compiler).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(nodelay(listener))
             .await
             .expect("server");
     });
@@ -105,6 +105,19 @@ async fn spawn_app(backend: Backend) -> TestApp {
         _db: db,
         _issuer_dir: issuer_dir,
     }
+}
+
+/// Accepted sockets with TCP_NODELAY, as `anumate` serves them (the compiler's
+/// upstream calls would otherwise wait ~40 ms each for a delayed ACK).
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 struct Clients {
