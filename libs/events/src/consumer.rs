@@ -381,11 +381,15 @@ impl Worker {
                 tracing::warn!(group = %self.cfg.group_id, error = %e, "cannot store offset");
             }
         }
-        // Commit what was stored, then leave the group off the async workers.
-        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit");
-        }
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        // Commit what was stored and leave the group, both blocking calls, off
+        // the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit");
+            }
+            drop(consumer);
+        })
+        .await;
     }
 
     async fn process<H, F, E>(&mut self, event: Arc<Event>, handler: &H) -> Outcome
