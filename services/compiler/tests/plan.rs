@@ -331,3 +331,53 @@ fn golden_plan_hashes() {
         );
     }
 }
+
+#[test]
+fn configured_tools_extend_the_catalogue() {
+    use anumate_compiler::ToolSpec;
+    let crm = ToolSpec {
+        tool: "crm.update".into(),
+        connector: "mcp:crm".into(),
+        version: "3".into(),
+        side_effect: "write".into(),
+        idempotent: false,
+        input_schema: json!({"type": "object"}),
+        output_schema: json!({"type": "object"}),
+        cost_micros: 0,
+        currency: String::new(),
+        typical_duration_ms: 0,
+    };
+    let catalogue = Catalogue::new(std::slice::from_ref(&crm)).unwrap();
+    let yaml = CAPSULE.replace(
+        "[http.get, payments.refund, email.send]",
+        "[http.get, payments.refund, email.send, crm.update]",
+    );
+    let capsule = parse(&yaml);
+    let plan = compile(&CompileInput {
+        capsule: &capsule,
+        capsule_version: 1,
+        capsule_content_hash: "sha256:00",
+        policies: &example_policies(),
+        catalogue: &catalogue,
+        default_timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    let b = plan
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "crm.update")
+        .unwrap();
+    assert_eq!(
+        (b.connector.as_str(), b.tool_version.as_str()),
+        ("mcp:crm", "3")
+    );
+    assert_eq!(b.side_effect, pb::SideEffect::Write as i32);
+
+    let bad = ToolSpec {
+        side_effect: "sometimes".into(),
+        ..crm
+    };
+    let e = Catalogue::new(&[bad]).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.violations[0].field.contains("side_effect"), "{e:?}");
+}
