@@ -2,7 +2,7 @@
 //! group-committed PostgreSQL transactions) with 8 concurrent clients — each
 //! with one request in flight, and each with 16 in flight over its one HTTP/2
 //! connection — and the time from append until an inclusion proof is served
-//! with the default 1 s checkpoint cadence, idle and under sustained load
+//! with the default checkpoint cadence, idle and under sustained load
 //! (p50/p99, printed with the sustained rate). Needs PostgreSQL
 //! (`ANUMATE_TEST_POSTGRES_URL`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -236,7 +236,7 @@ async fn time_to_proof(clients: &[Client], label: &str, inflight: usize) {
     let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let rate = appended.load(std::sync::atomic::Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "time to inclusion proof (1 s checkpoints, {label}): p50 {:?}, p99 {:?}, max {:?}; \
+        "time to inclusion proof (default checkpoint interval, {label}): p50 {:?}, p99 {:?}, max {:?}; \
          sustained appends meanwhile: {rate:.0}/s",
         p(0.5),
         p(0.99),

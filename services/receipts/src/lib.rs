@@ -99,7 +99,7 @@ impl ReceiptsConfig {
 impl Default for ReceiptsConfig {
     fn default() -> Self {
         ReceiptsConfig {
-            checkpoint_interval_ms: 1000,
+            checkpoint_interval_ms: 500,
             checkpoint_batch: 1000,
             max_content_bytes: 64 * 1024,
             retention_days: 0,
