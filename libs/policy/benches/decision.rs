@@ -341,7 +341,11 @@ fn main() {
     });
     c.final_summary();
 
-    let n = 200_000;
+    // Fewer samples for a run under `valgrind --tool=callgrind`.
+    let n = std::env::var("DECISION_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let ours = percentiles("decision/50-rules", n, || {
         black_box(set.evaluate(black_box(&input)).unwrap());
     });
