@@ -438,3 +438,41 @@ async fn traceparent_of_the_writing_span_reaches_the_header() {
     assert_eq!(parts[0], "00");
     assert_eq!(parts[1], trace_id, "the writing span's trace");
 }
+
+#[tokio::test]
+async fn relay_role_reads_every_tenants_outbox_and_nothing_else() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    changes(&store, "t1", 1, 1, 0).await;
+    changes(&store, "t2", 1, 1, 0).await;
+    // The serving role sees its own tenant's rows only.
+    let tx = store.read("t1").await.unwrap();
+    assert_eq!(
+        anumate_events::read_after(&tx, 0, 10).await.unwrap().len(),
+        1
+    );
+    let n = tx
+        .query_one("SELECT COUNT(*) AS n FROM outbox", vec![])
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(n, 1, "RLS still hides other tenants from the serving role");
+    drop(tx);
+    let as_relay = |sql: &'static str| {
+        let store = store.clone();
+        async move {
+            let tx = store.owner_connection().begin().await.unwrap();
+            tx.execute_unprepared("SELECT set_config('role', 'anumate_relay', true)")
+                .await
+                .unwrap();
+            tx.query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
+                .await
+        }
+    };
+    assert_eq!(as_relay("SELECT seq FROM outbox").await.unwrap().len(), 2);
+    let denied = as_relay("SELECT * FROM capsules").await.unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+}
