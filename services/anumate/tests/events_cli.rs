@@ -150,7 +150,10 @@ fn events_tail_follows_a_push_without_kafka() {
         .find("dev.anumate.capsule.published.v1")
         .expect(&stdout);
     assert!(pushed < published, "{stdout}");
-    assert!(stdout.contains("\"name\":\"refund-small-orders\""), "{stdout}");
+    assert!(
+        stdout.contains("\"name\":\"refund-small-orders\""),
+        "{stdout}"
+    );
 
     // Resume after the first event: only the second.
     let seq = first["sequence"].as_str().map_or_else(
