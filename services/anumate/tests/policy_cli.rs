@@ -363,3 +363,22 @@ async fn push_eval_list_get_against_a_server() {
     assert!(stderr.contains("error[INVALID_DOCUMENT]"), "{stderr}");
     assert!(stderr.contains("broken.policy:5:"), "{stderr}");
 }
+
+/// `anumate … | head`: a reader that goes away early ends the command quietly
+/// (status 141, as after SIGPIPE), with no panic message on stderr.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    let mut child = Command::new(BIN)
+        .args(["policy", "test", "-o", "json"])
+        .arg(example())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the command writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
