@@ -1,13 +1,14 @@
 //! Static reference check for `${{ … }}` expressions.
 //!
-//! This is deliberately *not* the expression language: the full parser and
-//! evaluator live in `libs/policy` (SPEC §3) and will replace this module. Here
-//! we only find every `${{ … }}` in a string (an unterminated one is an error)
-//! and pull out the references it makes — `inputs.<name>` and
+//! This module finds every `${{ … }}` in a string (an unterminated one is an
+//! error) and pulls out the references it makes — `inputs.<name>` and
 //! `steps.<id>.…` (ids may contain hyphens: `steps.fetch-order.output.status`;
-//! `inputs['name']` also works) — so the validator can check that inputs exist
-//! and referenced steps are upstream. Text inside single- or double-quoted
-//! string literals is skipped.
+//! `inputs['name']` also works) — so the validator can say which input is
+//! unknown (with a "did you mean") or which step is not upstream. Text inside
+//! single- or double-quoted string literals is skipped. Once the references
+//! are sound, the validator hands each expression to the expression language
+//! itself (`anumate_policy::check_template_expr`, SPEC §3) for syntax,
+//! functions and types.
 
 /// A reference found inside an expression.
 #[derive(Debug, Clone, PartialEq, Eq)]

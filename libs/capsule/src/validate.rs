@@ -1038,54 +1038,79 @@ fn references(
                     continue;
                 }
             };
-            for reference in found.iter().flat_map(|e| expr::references(e.body)) {
-                match reference {
-                    Reference::Input(name) => {
-                        if !input_names.contains(name.as_str()) {
-                            let hint = v
-                                .suggest(&name, input_names.iter().copied())
-                                .map(|s| format!("; did you mean \"{s}\"?"))
-                                .unwrap_or_default();
-                            v.err(
-                                &site.path,
-                                site.pos,
-                                format!("unknown input \"{name}\" in expression{hint}"),
-                            );
-                        }
-                    }
-                    Reference::Step { id, .. } => match ids.get(&id) {
-                        None => {
-                            let hint = v
-                                .suggest(&id, ids.keys().map(String::as_str))
-                                .map(|s| format!("; did you mean \"{s}\"?"))
-                                .unwrap_or_default();
-                            v.err(
-                                &site.path,
-                                site.pos,
-                                format!("unknown step \"{id}\" in expression{hint}"),
-                            );
-                        }
-                        Some((j, _)) if *j == i => v.err(
-                            &site.path,
-                            site.pos,
-                            format!("step \"{id}\" cannot reference its own output"),
-                        ),
-                        Some((j, _)) => {
-                            let up = ancestors.get_or_insert_with(|| upstream(i, infos));
-                            if !up.contains(j) {
-                                let me = steps[i].id.as_str();
+            for e in &found {
+                let before = v.out.len();
+                for reference in expr::references(e.body) {
+                    match reference {
+                        Reference::Input(name) => {
+                            if !input_names.contains(name.as_str()) {
+                                let hint = v
+                                    .suggest(&name, input_names.iter().copied())
+                                    .map(|s| format!("; did you mean \"{s}\"?"))
+                                    .unwrap_or_default();
                                 v.err(
                                     &site.path,
                                     site.pos,
-                                    format!(
-                                        "step \"{id}\" is not upstream of \"{me}\"; add it to \
-                                         {}.needs (directly or through another step)",
-                                        info.path
-                                    ),
+                                    format!("unknown input \"{name}\" in expression{hint}"),
                                 );
                             }
                         }
-                    },
+                        Reference::Step { id, .. } => match ids.get(&id) {
+                            None => {
+                                let hint = v
+                                    .suggest(&id, ids.keys().map(String::as_str))
+                                    .map(|s| format!("; did you mean \"{s}\"?"))
+                                    .unwrap_or_default();
+                                v.err(
+                                    &site.path,
+                                    site.pos,
+                                    format!("unknown step \"{id}\" in expression{hint}"),
+                                );
+                            }
+                            Some((j, _)) if *j == i => v.err(
+                                &site.path,
+                                site.pos,
+                                format!("step \"{id}\" cannot reference its own output"),
+                            ),
+                            Some((j, _)) => {
+                                let up = ancestors.get_or_insert_with(|| upstream(i, infos));
+                                if !up.contains(j) {
+                                    let me = steps[i].id.as_str();
+                                    v.err(
+                                        &site.path,
+                                        site.pos,
+                                        format!(
+                                            "step \"{id}\" is not upstream of \"{me}\"; add it to \
+                                         {}.needs (directly or through another step)",
+                                            info.path
+                                        ),
+                                    );
+                                }
+                            }
+                        },
+                    }
+                }
+                // References are fine: the expression language itself checks
+                // syntax, functions and visible types (the same checker the
+                // compiler and the policy DSL use).
+                if v.out.len() == before {
+                    let up = ancestors.get_or_insert_with(|| upstream(i, infos));
+                    let upstream_ids: Vec<&str> =
+                        up.iter().map(|&j| steps[j].id.as_str()).collect();
+                    let known: Vec<&str> = ids.keys().map(String::as_str).collect();
+                    let inputs: Vec<&str> = input_names.iter().copied().collect();
+                    let scope = anumate_policy::TemplateScope {
+                        inputs: &inputs,
+                        steps_upstream: &upstream_ids,
+                        steps_known: &known,
+                    };
+                    for problem in anumate_policy::check_template_expr(e.body, &scope) {
+                        let at = problem
+                            .position
+                            .map(|(l, c)| format!(" (at {l}:{c} of `{}`)", e.body))
+                            .unwrap_or_default();
+                        v.err(&site.path, site.pos, format!("{}{at}", problem.description));
+                    }
                 }
             }
         }
