@@ -425,8 +425,9 @@ impl Worker {
         let mut attempt = 0;
         let reason = loop {
             attempt += 1;
-            // The handler runs in a span naming the event and the trace that
-            // produced it (`ce_traceparent`), so its logs join that trace's.
+            // The handler runs in a span that continues the trace that
+            // produced the event (`ce_traceparent`): its spans and logs join
+            // that trace.
             let span = tracing::info_span!(
                 "consume",
                 group = %self.cfg.group_id,
@@ -435,6 +436,7 @@ impl Worker {
                 traceparent = event.header("ce_traceparent").unwrap_or_default(),
                 attempt,
             );
+            crate::continue_trace(&span, event.header("ce_traceparent"));
             let reason = match handler(event.clone()).instrument(span).await {
                 Ok(()) => break None,
                 Err(e) => e.to_string(),

@@ -122,6 +122,44 @@ pub fn current_traceparent() -> Option<String> {
     ))
 }
 
+/// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) as a remote
+/// parent context, or `None` when it is absent or malformed.
+pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00"
+        || parts.next().is_some()
+        || trace.len() != 32
+        || span.len() != 16
+        || flags.len() != 2
+    {
+        return None;
+    }
+    let sc = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
+        true,
+        TraceState::default(),
+    );
+    sc.is_valid()
+        .then(|| opentelemetry::Context::new().with_remote_span_context(sc))
+}
+
+/// Makes `span` a child of the trace named by `traceparent` (a consumer
+/// continuing the producer's trace). A missing or malformed header, or no
+/// OpenTelemetry layer installed, leaves the span as it is.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if let Some(cx) = traceparent.and_then(parse_traceparent) {
+        let _ = span.set_parent(cx);
+    }
+}
+
 /// Appends `message` to the outbox inside `tx`. `key` is the aggregate id (the
 /// Kafka key: events with one key stay in order). The `traceparent` stored is
 /// the context's, else the current span's. Returns the CloudEvents `id`.
@@ -271,6 +309,44 @@ mod tests {
         assert_eq!(ty.cloudevent_type, "dev.anumate.capsule.published.v1");
         assert_eq!(ty.topic, "anumate.capsules");
         assert!(event_type::<anumate_proto::common::v1::PageRequest>().is_none());
+    }
+
+    #[test]
+    fn a_consumer_span_continues_the_producers_trace() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let producer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("consume");
+            continue_trace(&span, Some(producer));
+            let inside = span.in_scope(current_traceparent).expect("a traceparent");
+            // Same trace, a new span of its own.
+            assert!(
+                inside.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{inside}"
+            );
+            assert_ne!(inside, producer);
+
+            // Malformed or missing headers leave a fresh trace.
+            for bad in [
+                None,
+                Some(""),
+                Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+                Some("00-zz-yy-01"),
+            ] {
+                let span = tracing::info_span!("consume");
+                continue_trace(&span, bad);
+                let inside = span.in_scope(current_traceparent).expect("a traceparent");
+                assert!(
+                    !inside.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+                    "{bad:?}: {inside}"
+                );
+            }
+        });
     }
 
     async fn roundtrip(db: TestDb) {
