@@ -8,7 +8,7 @@
 //! `seq > last` never skips a row committed late. `event_feed_cursor` holds the
 //! outbox position of the embedded feeder (no tenant data, no RLS).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anumate_errors::{Error, Result};
 use anumate_store::{Backend, Migration, QueryResult, Store, TenantTx, Value};
@@ -234,10 +234,13 @@ pub async fn last_seq(tx: &TenantTx) -> Result<i64> {
 /// many were new. Events already recorded for their tenant are skipped.
 /// `cursor` (name, position) is saved in `event_feed_cursor` in the last of
 /// those transactions, so a feeder's position moves with what it recorded.
+/// A tenant in `purge_before` also loses, in its transaction, the events older
+/// than that time (retention).
 pub async fn record(
     store: &Store,
     events: &[NewEvent],
     cursor: Option<(&str, i64)>,
+    purge_before: &HashMap<String, i64>,
 ) -> Result<usize> {
     let mut by_tenant: BTreeMap<&str, Vec<&NewEvent>> = BTreeMap::new();
     for e in events {
@@ -280,6 +283,17 @@ pub async fn record(
                 )
                 .await?;
             inserted += usize::try_from(n).unwrap_or(0);
+        }
+        if let Some(cutoff) = purge_before.get(tenant) {
+            let purged = tx
+                .execute(
+                    "DELETE FROM event_history WHERE tenant_id = $1 AND event_time < $2",
+                    vec![tenant.into(), (*cutoff).into()],
+                )
+                .await?;
+            if purged > 0 {
+                tracing::info!(tenant, purged, "event history past retention removed");
+            }
         }
         if let (Some((name, position)), true) = (cursor, i + 1 == groups) {
             tx.execute(

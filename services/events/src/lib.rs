@@ -74,6 +74,10 @@ pub struct EventsServiceConfig {
     pub history_group: String,
     /// Most concurrent tails per process.
     pub max_tails: usize,
+    /// Hours of history kept per tenant (by event time); older events are
+    /// purged as new ones are recorded, at most once a minute per tenant.
+    /// 0 keeps everything.
+    pub history_retention_hours: u64,
 }
 
 impl Default for EventsServiceConfig {
@@ -84,6 +88,7 @@ impl Default for EventsServiceConfig {
             max_replay: 10_000,
             history_group: "anumate-event-history".into(),
             max_tails: 256,
+            history_retention_hours: 168,
         }
     }
 }
@@ -118,7 +123,12 @@ pub struct Events {
     recorded: Arc<watch::Sender<u64>>,
     tails: Arc<tokio::sync::Semaphore>,
     replayer: Option<Arc<kafka::Replayer>>,
+    /// When each tenant's history was last purged (Unix microseconds).
+    purged: Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
+
+/// Least time between two retention purges of one tenant's history.
+const PURGE_EVERY_MICROS: i64 = 60_000_000;
 
 /// Event message descriptors by CloudEvents type.
 static SCHEMAS: LazyLock<HashMap<String, MessageDescriptor>> = LazyLock::new(|| {
@@ -188,6 +198,7 @@ impl Events {
             recorded: Arc::new(recorded),
             tails: Arc::new(tokio::sync::Semaphore::new(cfg.max_tails.max(1))),
             replayer,
+            purged: Arc::default(),
         }
     }
 
@@ -208,11 +219,37 @@ impl Events {
         events: &[NewEvent],
         cursor: Option<(&str, i64)>,
     ) -> Result<usize> {
-        let new = history::record(&self.store, events, cursor).await?;
+        let purge = self.purge_cutoffs(events);
+        let new = history::record(&self.store, events, cursor, &purge).await?;
         if new > 0 {
             self.recorded.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(new)
+    }
+
+    /// Retention cutoffs (Unix microseconds) for the tenants in `events`
+    /// whose history is due a purge.
+    fn purge_cutoffs(&self, events: &[NewEvent]) -> HashMap<String, i64> {
+        let mut due = HashMap::new();
+        if self.cfg.history_retention_hours == 0 {
+            return due;
+        }
+        let now = anumate_store::now_micros();
+        let keep = i64::try_from(self.cfg.history_retention_hours)
+            .unwrap_or(i64::MAX / 3_600_000_000)
+            .saturating_mul(3_600_000_000);
+        let mut purged = match self.purged.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for e in events {
+            let last = purged.entry(e.tenant_id.clone()).or_insert(i64::MIN);
+            if now.saturating_sub(*last) >= PURGE_EVERY_MICROS {
+                *last = now;
+                due.insert(e.tenant_id.clone(), now.saturating_sub(keep));
+            }
+        }
+        due
     }
 
     /// Starts the embedded feeder (outbox → history) on this runtime.

@@ -235,6 +235,80 @@ on_both_backends! {
     tail_shows_a_pushed_capsule_live_and_from_history => tail_live_sqlite, tail_live_postgres;
     filters_tenants_and_bad_input => filters_sqlite, filters_postgres;
     list_pages_through_history => list_sqlite, list_postgres;
+    history_keeps_the_retention_window => retention_sqlite, retention_postgres;
+}
+
+fn event_at(tenant: &str, id: &str, time_micros: i64) -> anumate_events_service::NewEvent {
+    anumate_events_service::NewEvent {
+        event_id: id.into(),
+        tenant_id: tenant.into(),
+        source: "/anumate/test".into(),
+        topic: "anumate.capsules".into(),
+        event_type: "dev.anumate.capsule.pushed.v1".into(),
+        key: "k".into(),
+        subject: "s".into(),
+        content_type: "application/protobuf".into(),
+        payload: vec![],
+        plan_hash: None,
+        traceparent: None,
+        time_micros,
+        outbox_seq: None,
+        replay: false,
+    }
+}
+
+async fn history_ids(store: &Store, tenant: &str) -> Vec<String> {
+    let tx = store.read(tenant).await.expect("tx");
+    let rows = tx
+        .query_all(
+            "SELECT event_id FROM event_history WHERE tenant_id = $1 ORDER BY seq",
+            vec![tenant.into()],
+        )
+        .await
+        .expect("query");
+    rows.iter()
+        .map(|r| r.try_get("", "event_id").expect("id"))
+        .collect()
+}
+
+/// Events older than `history_retention_hours` leave the history when the
+/// tenant's next events are recorded; 0 keeps everything.
+async fn history_keeps_the_retention_window(app: TestApp) {
+    let hour = 3_600_000_000_i64;
+    let now = anumate_store::now_micros();
+    let events = Events::new(
+        app.store.clone(),
+        &EventsServiceConfig {
+            history_retention_hours: 1,
+            ..config()
+        },
+        None,
+    );
+    events
+        .record(&[
+            event_at("ret", "old", now - 2 * hour),
+            event_at("ret", "new", now),
+        ])
+        .await
+        .expect("record");
+    assert_eq!(history_ids(&app.store, "ret").await, ["new"]);
+
+    let keep_all = Events::new(
+        app.store.clone(),
+        &EventsServiceConfig {
+            history_retention_hours: 0,
+            ..config()
+        },
+        None,
+    );
+    keep_all
+        .record(&[
+            event_at("keep", "old", now - 2 * hour),
+            event_at("keep", "new", now),
+        ])
+        .await
+        .expect("record");
+    assert_eq!(history_ids(&app.store, "keep").await, ["old", "new"]);
 }
 
 /// Open tails are limited per server; a closed tail frees its place.
