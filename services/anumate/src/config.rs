@@ -183,3 +183,20 @@ pub fn load(
         &overrides.to_value(),
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The example operators copy from stays loadable: every key in it is one
+    /// the configuration knows (unknown keys are errors).
+    #[test]
+    fn the_deploy_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/anumate.example.toml");
+        let config = load(Some(&path), AppConfig::default(), &Overrides::default())
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!(config.kafka.partitions, 6);
+        assert_eq!(config.events.history_retention_hours, 168);
+    }
+}
