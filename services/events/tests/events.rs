@@ -271,6 +271,22 @@ async fn history_ids(store: &Store, tenant: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 10 s) until the tenant's history holds `n` events.
+async fn wait_for_history(store: &Store, tenant: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let have = history_ids(store, tenant).await.len();
+        if have >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tenant}: {have} of {n} events in the history after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Events older than `history_retention_hours` leave the history when the
 /// tenant's next events are recorded; 0 keeps everything.
 async fn history_keeps_the_retention_window(app: TestApp) {
@@ -418,6 +434,10 @@ async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
 async fn filters_tenants_and_bad_input(app: TestApp) {
     push(&app, "t1", "refund", true).await;
     push(&app, "t2", "other", false).await;
+    // The embedded feeder copies the outbox into the history a moment after
+    // the push commits; the filters below read that history.
+    wait_for_history(&app.store, "t1", 2).await;
+    wait_for_history(&app.store, "t2", 1).await;
     let mut auditor = app.client("t1", &[Role::Auditor]).await;
     let since_start = Some(pb::tail_events_request::Start::AfterSequence(0));
 
