@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anumate_crypto::{Jwk, Jwks, b64url_decode};
@@ -27,6 +27,53 @@ struct Inner {
     leeway_secs: u64,
     cache_ttl: Duration,
     min_refetch: Duration,
+    verified: Arc<VerifiedCache>,
+}
+
+/// Successfully verified tokens by SHA-256, bounded. Verifying an ES256
+/// signature costs tens of microseconds; a client (or a service forwarding
+/// its caller's token) sends the same token on every call.
+struct VerifiedCache {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+struct Verified {
+    principal: Principal,
+    issuer: Arc<IssuerState>,
+    /// The key set the signature was checked with.
+    keys: Arc<KeySet>,
+    /// Unix seconds after which the token is expired (`exp` + leeway).
+    valid_until: i64,
+}
+
+impl VerifiedCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Verified>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, digest: [u8; 32], entry: Verified) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity {
+            let now = unix_now();
+            entries.retain(|_, v| v.valid_until >= now);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(digest, entry);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -184,6 +231,10 @@ impl Authenticator {
                 leeway_secs: cfg.leeway_secs,
                 cache_ttl: Duration::from_secs(cfg.jwks_cache_secs),
                 min_refetch: Duration::from_secs(cfg.jwks_min_refetch_secs),
+                verified: Arc::new(VerifiedCache {
+                    capacity: cfg.verified_token_cache,
+                    entries: Mutex::new(HashMap::new()),
+                }),
             }),
         })
     }
@@ -210,6 +261,10 @@ impl Authenticator {
         let token = bearer_token.trim();
         if token.is_empty() {
             return Err(unauthenticated("missing bearer token"));
+        }
+        let digest = anumate_crypto::sha256(token.as_bytes());
+        if let Some(principal) = self.remembered(&digest) {
+            return Ok(principal);
         }
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(_sig), None) =
@@ -272,7 +327,37 @@ impl Authenticator {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
             .map_err(|e| map_jwt_error(&e, state))?;
-        data.claims.into_principal()
+        let valid_until = data
+            .claims
+            .exp
+            .saturating_add(i64::try_from(self.inner.leeway_secs).unwrap_or(i64::MAX));
+        let principal = data.claims.into_principal()?;
+        self.inner.verified.insert(
+            digest,
+            Verified {
+                principal: principal.clone(),
+                issuer: state.clone(),
+                keys,
+                valid_until,
+            },
+        );
+        Ok(principal)
+    }
+
+    /// The principal of a token verified before, while it is unexpired and
+    /// its issuer's keys are the ones it was verified with (and not stale).
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Principal> {
+        let cache = &self.inner.verified;
+        if cache.capacity == 0 {
+            return None;
+        }
+        let entries = cache.lock();
+        let hit = entries.get(digest)?;
+        let current = snapshot(&hit.issuer)?;
+        let keys_current = Arc::ptr_eq(&current, &hit.keys)
+            && (matches!(hit.issuer.source, Source::Static)
+                || current.fetched_at.elapsed() < self.inner.cache_ttl);
+        (keys_current && unix_now() <= hit.valid_until).then(|| hit.principal.clone())
     }
 
     /// The issuer's keys, fetching them when missing, stale, or lacking `kid`.

@@ -16,6 +16,12 @@ pub struct AuthConfig {
     pub jwks_cache_secs: u64,
     /// Least time between two fetches of one issuer's JWKS (unknown `kid`s refetch), in seconds.
     pub jwks_min_refetch_secs: u64,
+    /// Tokens remembered after a successful verification (keyed by their
+    /// SHA-256), so a client reusing its token is not re-verified on every
+    /// call; 0 turns the cache off. An entry is used only until the token's
+    /// `exp` (plus leeway) and only while the issuer's key set it was verified
+    /// with is the current one — a JWKS refresh or key removal drops it.
+    pub verified_token_cache: usize,
 }
 
 impl Default for AuthConfig {
@@ -25,6 +31,7 @@ impl Default for AuthConfig {
             leeway_secs: 30,
             jwks_cache_secs: 300,
             jwks_min_refetch_secs: 10,
+            verified_token_cache: 10_000,
         }
     }
 }

@@ -673,3 +673,70 @@ async fn layer_call_directly_and_principal_helper() {
         tonic::Code::Unauthenticated
     );
 }
+
+/// A verified token is remembered, but never past its expiry and never once
+/// the issuer's key set it was verified with is refreshed without its key.
+#[tokio::test]
+async fn remembered_tokens_expire_and_follow_key_removal() {
+    // Expiry: a cached token is rejected as expired once `exp` (+ leeway) passes.
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = DevIssuer::load_or_create(dir.path()).unwrap();
+    let auth = Authenticator::new(AuthConfig {
+        leeway_secs: 0,
+        ..AuthConfig::default()
+    })
+    .unwrap()
+    .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let short = issuer
+        .sign_claims(&claims(DEV_ISSUER, Some("acme"), 1))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(auth.authenticate(&short).await.unwrap().tenant_id, "acme");
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(rejected(&auth, &short).await.code, ErrorCode::TokenExpired);
+
+    // Key removal: once the cached JWKS goes stale and is refetched without
+    // the key, the remembered token is rejected.
+    let keys = KeyRing::load_or_create(dir.path(), "idp").unwrap();
+    let idp = DevIssuer::from_key_ring(keys.clone());
+    let server = JwksServer::start(&keys.jwks()).await;
+    let iss = format!("http://{}", server.addr);
+    let mut c = claims(&iss, Some("initech"), 600);
+    c["aud"] = json!("anumate");
+    let token = idp.sign_claims(&c).unwrap();
+    let auth = Authenticator::new(AuthConfig {
+        issuers: vec![IssuerConfig {
+            issuer: iss.clone(),
+            audience: Some("anumate".into()),
+            jwks_url: Some(server.url()),
+            jwks_file: None,
+        }],
+        jwks_cache_secs: 1,
+        jwks_min_refetch_secs: 0,
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    for _ in 0..3 {
+        assert!(auth.authenticate(&token).await.is_ok());
+    }
+    assert_eq!(server.hits(), 1);
+    *server.body.lock().unwrap() = serde_json::to_string(&Jwks { keys: vec![] }).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e = rejected(&auth, &token).await;
+    assert!(e.message.contains("no key with kid"), "{}", e.message);
+    assert_eq!(server.hits(), 2);
+
+    // Turned off, every call verifies (and still succeeds).
+    let off = Authenticator::new(AuthConfig {
+        verified_token_cache: 0,
+        ..AuthConfig::default()
+    })
+    .unwrap()
+    .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let token = issuer
+        .sign_claims(&claims(DEV_ISSUER, Some("acme"), 60))
+        .unwrap();
+    assert!(off.authenticate(&token).await.is_ok());
+    assert!(off.authenticate(&token).await.is_ok());
+}
