@@ -635,32 +635,40 @@ impl Receipts {
             .collect();
         repo::insert_receipts(&tx, &inserts).await?;
         repo::insert_nodes(&tx, &nodes).await?;
-        for (p, receipt_id, row) in &new_rows {
-            let event_subject = format!("receipts/{receipt_id}");
-            anumate_events::append(
-                &tx,
-                &ev::ReceiptAppended {
-                    tenant_id: tenant.to_string(),
-                    receipt_id: receipt_id.clone(),
-                    kind: kind_from_name(p.kind) as i32,
-                    run_id: p.subject.run_id.clone(),
-                    step_id: p.subject.step_id.clone(),
-                    plan_hash: p.subject.plan_hash.clone(),
-                    leaf_index: i64::try_from(row.leaf_index).map_err(Error::internal)?,
-                    content_digest: p.digest.clone(),
-                    actor: p.actor.subject.clone(),
-                },
-                tenant,
-                anumate_events::EventContext {
-                    subject: &event_subject,
-                    plan_hash: (!p.subject.plan_hash.is_empty())
-                        .then_some(p.subject.plan_hash.as_str()),
-                    ..Default::default()
-                },
-            )
+        // One outbox statement for the batch's events.
+        let subjects: Vec<String> = new_rows
+            .iter()
+            .map(|(_, receipt_id, _)| format!("receipts/{receipt_id}"))
+            .collect();
+        let events = new_rows
+            .iter()
+            .zip(&subjects)
+            .map(|((p, receipt_id, row), event_subject)| {
+                Ok((
+                    ev::ReceiptAppended {
+                        tenant_id: tenant.to_string(),
+                        receipt_id: receipt_id.clone(),
+                        kind: kind_from_name(p.kind) as i32,
+                        run_id: p.subject.run_id.clone(),
+                        step_id: p.subject.step_id.clone(),
+                        plan_hash: p.subject.plan_hash.clone(),
+                        leaf_index: i64::try_from(row.leaf_index).map_err(Error::internal)?,
+                        content_digest: p.digest.clone(),
+                        actor: p.actor.subject.clone(),
+                    },
+                    tenant,
+                    anumate_events::EventContext {
+                        subject: event_subject.as_str(),
+                        plan_hash: (!p.subject.plan_hash.is_empty())
+                            .then_some(p.subject.plan_hash.as_str()),
+                        ..Default::default()
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        anumate_events::append_many(&tx, &events)
             .await
             .map_err(Error::internal)?;
-        }
         if range.size() != head.size {
             repo::set_head_size(&tx, range.size()).await?;
         }
