@@ -138,6 +138,12 @@ struct Prepared {
     canonical: String,
     fingerprint: String,
     dedupe_key: String,
+    /// Signed on the caller's task, before the batch: signing needs no
+    /// leaf index, so it stays out of the log's critical section.
+    receipt_id: String,
+    issued_at: i64,
+    kid: String,
+    signed: anumate_receipt::SignedStatement,
 }
 
 /// A queued append and where its answer goes.
@@ -513,6 +519,19 @@ impl Receipts {
             jtis: subject.jtis,
         };
         let fingerprint = request_hash(kind, &subject, &digest);
+        let issued_at = anumate_store::now_micros();
+        let receipt_id = uuid::Uuid::now_v7().to_string();
+        let key = self.keys.active();
+        let statement = Statement {
+            receipt_id: receipt_id.clone(),
+            tenant_id: actor.tenant.clone(),
+            kind: kind.to_string(),
+            subject: subject.clone(),
+            content_digest: digest.clone(),
+            issue_time: rfc3339_micros(issued_at)?,
+            kid: key.kid().to_string(),
+        };
+        let signed = statement.sign(key).map_err(Error::internal)?;
         Ok(Prepared {
             actor: actor.clone(),
             kind,
@@ -521,6 +540,10 @@ impl Receipts {
             canonical,
             fingerprint,
             dedupe_key: dedupe_key.to_string(),
+            receipt_id,
+            issued_at,
+            kid: key.kid().to_string(),
+            signed,
         })
     }
 
@@ -556,7 +579,6 @@ impl Receipts {
         })
         .await?;
         let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
-        let key = self.keys.active();
         let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
         let mut stored = repo::by_dedupe_keys(&tx, &keys).await?;
         let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
@@ -586,29 +608,18 @@ impl Receipts {
                 });
                 continue;
             }
-            let issued_at = anumate_store::now_micros();
-            let receipt_id = uuid::Uuid::now_v7().to_string();
-            let statement = Statement {
-                receipt_id: receipt_id.clone(),
-                tenant_id: tenant.to_string(),
-                kind: p.kind.to_string(),
-                subject: p.subject.clone(),
-                content_digest: p.digest.clone(),
-                issue_time: rfc3339_micros(issued_at)?,
-                kid: key.kid().to_string(),
-            };
-            let signed = statement.sign(key).map_err(Error::internal)?;
-            range.append(signed.leaf_hash, |level, index, hash| {
+            let receipt_id = p.receipt_id.clone();
+            range.append(p.signed.leaf_hash, |level, index, hash| {
                 nodes.push((level, index, *hash))
             });
             let row = repo::ReceiptRow {
                 leaf_index: range.size() - 1,
                 request_hash: p.fingerprint.clone(),
-                issued_at,
-                statement_json: signed.statement_json,
-                signature: signed.signature,
-                kid: key.kid().to_string(),
-                leaf_hash: signed.leaf_hash,
+                issued_at: p.issued_at,
+                statement_json: p.signed.statement_json.clone(),
+                signature: p.signed.signature.clone(),
+                kid: p.kid.clone(),
+                leaf_hash: p.signed.leaf_hash,
                 content_json: p.canonical.clone(),
             };
             results.push(receipt_proto(&row, true).map(|r| (r, true)));
