@@ -6,17 +6,18 @@
 //! adapts it to the generated `ReceiptsService` trait.
 //!
 //! ## How the log works
-//! - **Append** is group-committed per tenant: concurrent appends queue and
-//!   one write transaction takes them all. It locks the tenant's head row
-//!   (`SELECT … FOR UPDATE` on PostgreSQL; SQLite write transactions are
-//!   exclusive), takes the next leaf indexes, signs each statement (ES256),
-//!   and stores each receipt, every tree node the leaf
-//!   completes (from [`anumate_receipt::CompactRange`]) and a
-//!   `receipt.appended` outbox event. The tree is therefore always integrated
+//! - **Append** is group-committed per tenant: each caller validates, redacts
+//!   and signs its statement (ES256; the statement holds no leaf index), then
+//!   queues it, and one write transaction takes the whole queue. It locks the
+//!   tenant's head row (`SELECT … FOR UPDATE` on PostgreSQL; SQLite write
+//!   transactions are exclusive), takes the next leaf indexes, and stores each
+//!   receipt, every tree node the leaf completes (from
+//!   [`anumate_receipt::CompactRange`]) and the `receipt.appended` outbox
+//!   events, a statement per table. The tree is therefore always integrated
 //!   up to the last committed receipt; nothing is pending in memory, so a
 //!   restart loses nothing.
 //! - **Checkpoints** are published by [`Receipts::spawn_checkpointer`], one
-//!   task per process: every `checkpoint_interval` (1 s), or sooner once
+//!   task per process: every `checkpoint_interval_ms` (500 ms), or sooner once
 //!   `checkpoint_batch` leaves are waiting, it signs a note for each tenant
 //!   whose log grew. Replicas may race; the head lock makes them publish the
 //!   same sizes at most once.
