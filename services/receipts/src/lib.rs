@@ -158,6 +158,10 @@ struct Job {
 struct Lane {
     queue: Mutex<Vec<Job>>,
     leader: tokio::sync::Mutex<()>,
+    /// The tree's peaks at the size this process last committed. The tree of
+    /// a given size never changes, so when the locked head still has that size
+    /// (no other replica appended since) the batch skips reading them.
+    peaks: Mutex<Option<(u64, Vec<Hash>)>>,
 }
 
 /// Locks a std mutex, recovering from poisoning (the data stays consistent:
@@ -573,12 +577,22 @@ impl Receipts {
         tenant: &str,
         batch: &[Prepared],
     ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
+        let lane = self.lane(tenant);
         let tx = self.store.write(tenant).await?;
         let head = repo::lock_head(&tx).await?;
-        let peaks = with_nodes(&tx, head.size, |s| {
-            CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
-        })
-        .await?;
+        let known = lock(&lane.peaks)
+            .as_ref()
+            .filter(|(size, _)| *size == head.size)
+            .map(|(_, peaks)| peaks.clone());
+        let peaks = match known {
+            Some(peaks) => peaks,
+            None => {
+                with_nodes(&tx, head.size, |s| {
+                    CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
+                })
+                .await?
+            }
+        };
         let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
         let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
         let mut stored = repo::by_dedupe_keys(&tx, &keys).await?;
@@ -685,6 +699,7 @@ impl Receipts {
             repo::set_head_size(&tx, range.size()).await?;
         }
         tx.commit().await?;
+        *lock(&lane.peaks) = Some((range.size(), range.peaks().to_vec()));
         if range.size() - head.checkpoint_size >= self.cfg.checkpoint_batch {
             self.wake.notify_one();
         }
