@@ -681,12 +681,15 @@ async fn remembered_tokens_expire_and_follow_key_removal() {
     // Expiry: a cached token is rejected as expired once `exp` (+ leeway) passes.
     let dir = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::load_or_create(dir.path()).unwrap();
-    let auth = Authenticator::new(AuthConfig {
+    let trusting_dev = |cfg: AuthConfig| {
+        Authenticator::new(cfg)
+            .unwrap()
+            .with_static_issuer(issuer.issuer(), issuer.jwks())
+    };
+    let auth = trusting_dev(AuthConfig {
         leeway_secs: 0,
         ..AuthConfig::default()
-    })
-    .unwrap()
-    .with_static_issuer(issuer.issuer(), issuer.jwks());
+    });
     let short = issuer
         .sign_claims(&claims(DEV_ISSUER, Some("acme"), 1))
         .unwrap();
@@ -728,12 +731,10 @@ async fn remembered_tokens_expire_and_follow_key_removal() {
     assert_eq!(server.hits(), 2);
 
     // Turned off, every call verifies (and still succeeds).
-    let off = Authenticator::new(AuthConfig {
+    let off = trusting_dev(AuthConfig {
         verified_token_cache: 0,
         ..AuthConfig::default()
-    })
-    .unwrap()
-    .with_static_issuer(issuer.issuer(), issuer.jwks());
+    });
     let token = issuer
         .sign_claims(&claims(DEV_ISSUER, Some("acme"), 60))
         .unwrap();

@@ -160,6 +160,50 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
+const OUTBOX_INSERT: &str = "INSERT INTO outbox (event_id, tenant_id, topic, event_type, \
+     aggregate_key, subject, payload, plan_hash, traceparent, created_at) VALUES ";
+/// Columns of [`OUTBOX_INSERT`]: parameters per row.
+const OUTBOX_COLUMNS: usize = 10;
+
+/// One outbox row's id and values, in [`OUTBOX_INSERT`]'s column order.
+fn outbox_row<M: prost::Message>(
+    tx: &TenantTx,
+    ty: &EventType,
+    message: &M,
+    key: &str,
+    ctx: &EventContext<'_>,
+    traceparent: Option<String>,
+    now: i64,
+) -> (Uuid, [Value; OUTBOX_COLUMNS]) {
+    let id = Uuid::now_v7();
+    let values = [
+        id.to_string().into(),
+        tx.tenant_id().into(),
+        ty.topic.as_str().into(),
+        ty.cloudevent_type.as_str().into(),
+        key.into(),
+        ctx.subject.into(),
+        message.encode_to_vec().into(),
+        Value::from(ctx.plan_hash.map(str::to_string)),
+        Value::from(traceparent),
+        now.into(),
+    ];
+    (id, values)
+}
+
+/// `(${first}, …, ${first + OUTBOX_COLUMNS - 1})`.
+fn push_placeholders(sql: &mut String, first: usize) {
+    sql.push('(');
+    for k in 0..OUTBOX_COLUMNS {
+        if k > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('$');
+        sql.push_str(&(first + k).to_string());
+    }
+    sql.push(')');
+}
+
 /// Appends `message` to the outbox inside `tx`. `key` is the aggregate id (the
 /// Kafka key: events with one key stay in order). The `traceparent` stored is
 /// the context's, else the current span's. Returns the CloudEvents `id`.
@@ -170,29 +214,22 @@ pub async fn append<M: prost::Message + prost::Name>(
     ctx: EventContext<'_>,
 ) -> Result<Uuid, EventError> {
     let ty = event_type::<M>().ok_or_else(|| EventError::NotAnEvent(M::full_name()))?;
-    let id = Uuid::now_v7();
-    tx.execute(
-        "INSERT INTO outbox (event_id, tenant_id, topic, event_type, aggregate_key, subject, \
-           payload, plan_hash, traceparent, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        vec![
-            id.to_string().into(),
-            tx.tenant_id().into(),
-            ty.topic.as_str().into(),
-            ty.cloudevent_type.as_str().into(),
-            key.into(),
-            ctx.subject.into(),
-            message.encode_to_vec().into(),
-            Value::from(ctx.plan_hash.map(str::to_string)),
-            Value::from(
-                ctx.traceparent
-                    .map(str::to_string)
-                    .or_else(current_traceparent),
-            ),
-            anumate_store::now_micros().into(),
-        ],
-    )
-    .await?;
+    let traceparent = ctx
+        .traceparent
+        .map(str::to_string)
+        .or_else(current_traceparent);
+    let (id, values) = outbox_row(
+        tx,
+        ty,
+        message,
+        key,
+        &ctx,
+        traceparent,
+        anumate_store::now_micros(),
+    );
+    let mut sql = String::from(OUTBOX_INSERT);
+    push_placeholders(&mut sql, 1);
+    tx.execute(&sql, values.into()).await?;
     Ok(id)
 }
 
@@ -205,51 +242,27 @@ pub async fn append_many<M: prost::Message + prost::Name>(
     tx: &TenantTx,
     events: &[(M, &str, EventContext<'_>)],
 ) -> Result<Vec<Uuid>, EventError> {
-    /// Rows per statement: 10 parameters each stays far below both
-    /// backends' parameter limits.
+    /// Rows per statement: far below both backends' parameter limits.
     const CHUNK: usize = 200;
     let ty = event_type::<M>().ok_or_else(|| EventError::NotAnEvent(M::full_name()))?;
     let fallback_traceparent = current_traceparent();
     let now = anumate_store::now_micros();
     let mut ids = Vec::with_capacity(events.len());
     for chunk in events.chunks(CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO outbox (event_id, tenant_id, topic, event_type, aggregate_key, subject, \
-               payload, plan_hash, traceparent, created_at) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 10);
+        let mut sql = String::from(OUTBOX_INSERT);
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * OUTBOX_COLUMNS);
         for (i, (message, key, ctx)) in chunk.iter().enumerate() {
             if i > 0 {
                 sql.push_str(", ");
             }
-            let n = values.len();
-            sql.push('(');
-            for k in 1..=10 {
-                if k > 1 {
-                    sql.push_str(", ");
-                }
-                sql.push('$');
-                sql.push_str(&(n + k).to_string());
-            }
-            sql.push(')');
-            let id = Uuid::now_v7();
+            push_placeholders(&mut sql, values.len() + 1);
+            let traceparent = ctx
+                .traceparent
+                .map(str::to_string)
+                .or_else(|| fallback_traceparent.clone());
+            let (id, row) = outbox_row(tx, ty, message, key, ctx, traceparent, now);
             ids.push(id);
-            values.extend([
-                id.to_string().into(),
-                tx.tenant_id().into(),
-                ty.topic.as_str().into(),
-                ty.cloudevent_type.as_str().into(),
-                (*key).into(),
-                ctx.subject.into(),
-                message.encode_to_vec().into(),
-                Value::from(ctx.plan_hash.map(str::to_string)),
-                Value::from(
-                    ctx.traceparent
-                        .map(str::to_string)
-                        .or_else(|| fallback_traceparent.clone()),
-                ),
-                now.into(),
-            ]);
+            values.extend(row);
         }
         tx.execute(&sql, values).await?;
     }

@@ -464,7 +464,8 @@ impl Receipts {
                 // Spawned: a cancelled caller does not abort the others' batch.
                 let this = self.clone();
                 let tenant = actor.tenant.clone();
-                tokio::spawn(async move { this.commit_batch(&tenant, jobs).await })
+                let lane = lane.clone();
+                tokio::spawn(async move { this.commit_batch(&tenant, &lane, jobs).await })
                     .await
                     .map_err(Error::internal)?;
             }
@@ -527,6 +528,7 @@ impl Receipts {
         let issued_at = anumate_store::now_micros();
         let receipt_id = uuid::Uuid::now_v7().to_string();
         let key = self.keys.active();
+        let kid = key.kid().to_string();
         let statement = Statement {
             receipt_id: receipt_id.clone(),
             tenant_id: actor.tenant.clone(),
@@ -534,7 +536,7 @@ impl Receipts {
             subject: subject.clone(),
             content_digest: digest.clone(),
             issue_time: rfc3339_micros(issued_at)?,
-            kid: key.kid().to_string(),
+            kid: kid.clone(),
         };
         let signed = statement.sign(key).map_err(Error::internal)?;
         Ok(Prepared {
@@ -547,16 +549,16 @@ impl Receipts {
             dedupe_key: dedupe_key.to_string(),
             receipt_id,
             issued_at,
-            kid: key.kid().to_string(),
+            kid,
             signed,
         })
     }
 
     /// Writes a batch and answers every job.
-    async fn commit_batch(&self, tenant: &str, jobs: Vec<Job>) {
+    async fn commit_batch(&self, tenant: &str, lane: &Lane, jobs: Vec<Job>) {
         let (prepared, replies): (Vec<Prepared>, Vec<_>) =
             jobs.into_iter().map(|j| (j.prepared, j.reply)).unzip();
-        match self.write_batch(tenant, &prepared).await {
+        match self.write_batch(tenant, lane, &prepared).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -575,9 +577,9 @@ impl Receipts {
     async fn write_batch(
         &self,
         tenant: &str,
+        lane: &Lane,
         batch: &[Prepared],
     ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
-        let lane = self.lane(tenant);
         let tx = self.store.write(tenant).await?;
         let head = repo::lock_head(&tx).await?;
         let known = lock(&lane.peaks)
