@@ -233,20 +233,57 @@ pub async fn append<M: prost::Message + prost::Name>(
     Ok(id)
 }
 
-/// Appends several events of one message type in one statement per chunk
-/// (what a batch writer such as the receipts log uses: one round trip instead
-/// of one per event). Each item is `(message, key, context)` as for
-/// [`append`]; rows get outbox positions in the order given. Returns the
-/// CloudEvents ids in that order.
+/// Appends several events of one message type in one statement (what a batch
+/// writer such as the receipts log uses: one round trip instead of one per
+/// event). Each item is `(message, key, context)` as for [`append`]; rows get
+/// outbox positions in the order given. Returns the CloudEvents ids in that
+/// order.
+///
+/// On PostgreSQL the columns go as arrays through `unnest`, so the statement
+/// text is the same for every batch size: prepared once per connection,
+/// planned once. SQLite takes multi-row `VALUES` in chunks.
 pub async fn append_many<M: prost::Message + prost::Name>(
     tx: &TenantTx,
     events: &[(M, &str, EventContext<'_>)],
 ) -> Result<Vec<Uuid>, EventError> {
-    /// Rows per statement: far below both backends' parameter limits.
+    /// Rows per SQLite statement: far below its parameter limit.
     const CHUNK: usize = 200;
     let ty = event_type::<M>().ok_or_else(|| EventError::NotAnEvent(M::full_name()))?;
     let fallback_traceparent = current_traceparent();
     let now = anumate_store::now_micros();
+    let traceparent = |ctx: &EventContext<'_>| {
+        ctx.traceparent
+            .map(str::to_string)
+            .or_else(|| fallback_traceparent.clone())
+    };
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    if tx.backend() == anumate_store::Backend::Postgres {
+        let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+        let texts = |f: &dyn Fn(&(M, &str, EventContext<'_>)) -> String| -> Value {
+            Value::from(events.iter().map(f).collect::<Vec<String>>())
+        };
+        let values = vec![
+            tx.tenant_id().into(),
+            ty.topic.as_str().into(),
+            ty.cloudevent_type.as_str().into(),
+            now.into(),
+            Value::from(ids.iter().map(Uuid::to_string).collect::<Vec<_>>()),
+            texts(&|(_, key, _)| key.to_string()),
+            texts(&|(_, _, ctx)| ctx.subject.to_string()),
+            Value::from(
+                events
+                    .iter()
+                    .map(|(message, _, _)| message.encode_to_vec())
+                    .collect::<Vec<Vec<u8>>>(),
+            ),
+            texts(&|(_, _, ctx)| ctx.plan_hash.unwrap_or_default().to_string()),
+            texts(&|(_, _, ctx)| traceparent(ctx).unwrap_or_default()),
+        ];
+        tx.execute(PG_OUTBOX_INSERT_MANY, values).await?;
+        return Ok(ids);
+    }
     let mut ids = Vec::with_capacity(events.len());
     for chunk in events.chunks(CHUNK) {
         let mut sql = String::from(OUTBOX_INSERT);
@@ -256,11 +293,7 @@ pub async fn append_many<M: prost::Message + prost::Name>(
                 sql.push_str(", ");
             }
             push_placeholders(&mut sql, values.len() + 1);
-            let traceparent = ctx
-                .traceparent
-                .map(str::to_string)
-                .or_else(|| fallback_traceparent.clone());
-            let (id, row) = outbox_row(tx, ty, message, key, ctx, traceparent, now);
+            let (id, row) = outbox_row(tx, ty, message, key, ctx, traceparent(ctx), now);
             ids.push(id);
             values.extend(row);
         }
@@ -268,6 +301,18 @@ pub async fn append_many<M: prost::Message + prost::Name>(
     }
     Ok(ids)
 }
+
+/// [`append_many`] on PostgreSQL: `$1` tenant, `$2` topic, `$3` type, `$4`
+/// now, `$5`–`$10` the rows' columns (an empty plan hash or traceparent is
+/// stored as NULL, as [`append`] stores an absent one). `ORDER BY ord` gives
+/// the rows their `seq` in the order given.
+const PG_OUTBOX_INSERT_MANY: &str = "INSERT INTO outbox (event_id, tenant_id, topic, event_type, \
+       aggregate_key, subject, payload, plan_hash, traceparent, created_at) \
+     SELECT u.event_id, $1, $2, $3, u.aggregate_key, u.subject, u.payload, \
+       NULLIF(u.plan_hash, ''), NULLIF(u.traceparent, ''), $4 \
+     FROM unnest($5::text[], $6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[]) \
+       WITH ORDINALITY AS u(event_id, aggregate_key, subject, payload, plan_hash, traceparent, ord) \
+     ORDER BY u.ord";
 
 /// One stored outbox row.
 #[derive(Debug, Clone)]
@@ -479,16 +524,19 @@ mod tests {
                 )
             })
             .collect();
+        // Even rows carry a plan hash and a traceparent, odd rows neither.
+        const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let items: Vec<(CapsulePushed, &str, EventContext<'_>)> = batch
             .iter()
-            .map(|(m, subject)| {
+            .enumerate()
+            .map(|(i, (m, subject))| {
                 (
                     m.clone(),
                     m.name.as_str(),
                     EventContext {
                         subject,
-                        plan_hash: Some("sha256:ab"),
-                        ..Default::default()
+                        plan_hash: (i % 2 == 0).then_some("sha256:ab"),
+                        traceparent: (i % 2 == 0).then_some(TRACEPARENT),
                     },
                 )
             })
@@ -503,7 +551,14 @@ mod tests {
             assert_eq!(row.event_id, ids[i].to_string());
             assert_eq!(row.aggregate_key, format!("c{i}"));
             assert_eq!(row.subject, format!("capsules/c{i}"));
-            assert_eq!(row.plan_hash.as_deref(), Some("sha256:ab"));
+            assert_eq!(
+                row.plan_hash.as_deref(),
+                (i % 2 == 0).then_some("sha256:ab")
+            );
+            assert_eq!(
+                row.traceparent.as_deref(),
+                (i % 2 == 0).then_some(TRACEPARENT)
+            );
             let decoded =
                 <CapsulePushed as prost::Message>::decode(row.payload.as_slice()).expect("decode");
             assert_eq!(decoded, batch[i].0);
