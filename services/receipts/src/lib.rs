@@ -661,8 +661,7 @@ impl Receipts {
                 content_json: &row.content_json,
             })
             .collect();
-        repo::insert_receipts(&tx, &inserts).await?;
-        repo::insert_nodes(&tx, &nodes).await?;
+        repo::append_batch(&tx, &inserts, &nodes, range.size()).await?;
         // One outbox statement for the batch's events.
         let subjects: Vec<String> = new_rows
             .iter()
@@ -697,9 +696,6 @@ impl Receipts {
         anumate_events::append_many(&tx, &events)
             .await
             .map_err(Error::internal)?;
-        if range.size() != head.size {
-            repo::set_head_size(&tx, range.size()).await?;
-        }
         tx.commit().await?;
         *lock(&lane.peaks) = Some((range.size(), range.peaks().to_vec()));
         if range.size() - head.checkpoint_size >= self.cfg.checkpoint_batch {

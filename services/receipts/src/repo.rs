@@ -178,27 +178,28 @@ fn to_i64(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::internal(format!("log size {v} out of range")))
 }
 
-/// Creates the tenant's head row if missing and locks it for the transaction
-/// (`FOR UPDATE` on PostgreSQL; SQLite write transactions are exclusive).
+/// Locks the tenant's head row for the transaction (`FOR UPDATE` on
+/// PostgreSQL; SQLite write transactions are exclusive), creating it first if
+/// the tenant has no log yet.
 pub async fn lock_head(tx: &TenantTx) -> Result<Head> {
-    tx.execute(
-        "INSERT INTO receipt_logs (tenant_id, size, checkpoint_size, updated_at) \
-         VALUES ($1, 0, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
-        vec![tx.tenant_id().into(), anumate_store::now_micros().into()],
-    )
-    .await?;
     let lock = if tx.backend() == Backend::Postgres {
         " FOR UPDATE"
     } else {
         ""
     };
-    let row = tx
-        .query_one(
-            &format!("SELECT size, checkpoint_size FROM receipt_logs WHERE tenant_id = $1{lock}"),
-            vec![tx.tenant_id().into()],
+    let select =
+        format!("SELECT size, checkpoint_size FROM receipt_logs WHERE tenant_id = $1{lock}");
+    let mut row = tx.query_one(&select, vec![tx.tenant_id().into()]).await?;
+    if row.is_none() {
+        tx.execute(
+            "INSERT INTO receipt_logs (tenant_id, size, checkpoint_size, updated_at) \
+             VALUES ($1, 0, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
+            vec![tx.tenant_id().into(), anumate_store::now_micros().into()],
         )
-        .await?
-        .ok_or_else(|| Error::internal("receipt log head vanished"))?;
+        .await?;
+        row = tx.query_one(&select, vec![tx.tenant_id().into()]).await?;
+    }
+    let row = row.ok_or_else(|| Error::internal("receipt log head vanished"))?;
     Ok(Head {
         size: to_u64(row.try_get("", "size").map_err(db)?)?,
         checkpoint_size: to_u64(row.try_get("", "checkpoint_size").map_err(db)?)?,
@@ -350,6 +351,101 @@ pub async fn insert_nodes(tx: &TenantTx, nodes: &[(u32, u64, Hash)]) -> Result<(
     Ok(())
 }
 
+/// Writes a batch's new receipts, their bodies, the tree nodes they completed
+/// and the head's new size (inside the transaction holding the head's lock).
+///
+/// On PostgreSQL this is one statement whatever the batch's size: columns go
+/// as arrays through `unnest`, so the statement text never changes, stays
+/// prepared on each connection and is planned once. SQLite (in-process, cheap
+/// to prepare) takes multi-row `VALUES`.
+pub async fn append_batch(
+    tx: &TenantTx,
+    receipts: &[NewReceipt<'_>],
+    nodes: &[(u32, u64, Hash)],
+    size: u64,
+) -> Result<()> {
+    if receipts.is_empty() && nodes.is_empty() {
+        return Ok(());
+    }
+    if tx.backend() == Backend::Sqlite {
+        insert_receipts(tx, receipts).await?;
+        insert_nodes(tx, nodes).await?;
+        return set_head_size(tx, size).await;
+    }
+    let texts = |f: for<'r, 's> fn(&'r NewReceipt<'s>) -> &'s str| -> Value {
+        Value::from(
+            receipts
+                .iter()
+                .map(|r| f(r).to_string())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let leaf_indexes = receipts
+        .iter()
+        .map(|r| to_i64(r.leaf_index))
+        .collect::<Result<Vec<i64>>>()?;
+    let levels = nodes
+        .iter()
+        .map(|(level, _, _)| i32::try_from(*level).map_err(Error::internal))
+        .collect::<Result<Vec<i32>>>()?;
+    let node_indexes = nodes
+        .iter()
+        .map(|(_, index, _)| to_i64(*index))
+        .collect::<Result<Vec<i64>>>()?;
+    let values = vec![
+        tx.tenant_id().into(),
+        Value::from(leaf_indexes),
+        texts(|r| r.receipt_id),
+        texts(|r| r.dedupe_key),
+        texts(|r| r.request_hash),
+        texts(|r| r.kind),
+        texts(|r| r.run_id),
+        texts(|r| r.plan_hash),
+        Value::from(receipts.iter().map(|r| r.issued_at).collect::<Vec<i64>>()),
+        texts(|r| r.statement_json),
+        texts(|r| r.signature),
+        texts(|r| r.kid),
+        Value::from(
+            receipts
+                .iter()
+                .map(|r| hex::encode(r.leaf_hash))
+                .collect::<Vec<_>>(),
+        ),
+        texts(|r| r.content_json),
+        anumate_store::now_micros().into(),
+        Value::from(levels),
+        Value::from(node_indexes),
+        Value::from(
+            nodes
+                .iter()
+                .map(|(_, _, hash)| hex::encode(hash))
+                .collect::<Vec<_>>(),
+        ),
+        to_i64(size)?.into(),
+    ];
+    tx.execute(PG_APPEND_BATCH, values).await?;
+    Ok(())
+}
+
+/// [`append_batch`] on PostgreSQL: `$1` tenant, `$2`–`$13` the receipts'
+/// columns, `$14` their bodies, `$15` now, `$16`–`$18` the nodes, `$19` the
+/// new size. Every data-modifying `WITH` part runs to completion.
+const PG_APPEND_BATCH: &str = "WITH new_receipts AS (
+        INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind,
+          run_id, plan_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json,
+          created_at)
+        SELECT $1, u.*, '', $15
+        FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+          $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[]) AS u
+      ), new_contents AS (
+        INSERT INTO receipt_contents (tenant_id, receipt_id, issued_at, body)
+        SELECT $1, u.* FROM unnest($3::text[], $9::bigint[], $14::text[]) AS u
+      ), new_nodes AS (
+        INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash)
+        SELECT $1, u.* FROM unnest($16::int[], $17::bigint[], $18::text[]) AS u
+      )
+      UPDATE receipt_logs SET size = $19, updated_at = $15 WHERE tenant_id = $1";
+
 /// A stored receipt.
 #[derive(Debug, Clone)]
 pub struct ReceiptRow {
@@ -460,21 +556,35 @@ fn receipt_from(row: &QueryResult) -> Result<ReceiptRow> {
     })
 }
 
-/// The stored receipts of any of `keys`, by dedupe key.
+/// The stored receipts of any of `keys`, by dedupe key (one statement with an
+/// array on PostgreSQL, chunks of `IN` lists on SQLite).
 pub async fn by_dedupe_keys(tx: &TenantTx, keys: &[&str]) -> Result<HashMap<String, ReceiptRow>> {
     let mut out = HashMap::new();
-    for chunk in keys.chunks(200) {
-        let params: Vec<String> = (2..chunk.len() + 2).map(|k| format!("${k}")).collect();
+    let mut rows = Vec::new();
+    if tx.backend() == Backend::Postgres {
         let sql = format!(
-            "SELECT dedupe_key, {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND dedupe_key IN ({})",
-            params.join(", ")
+            "SELECT dedupe_key, {RECEIPT_COLUMNS} FROM receipts \
+             WHERE tenant_id = $1 AND dedupe_key = ANY($2::text[])"
         );
-        let mut values: Vec<Value> = vec![tx.tenant_id().into()];
-        values.extend(chunk.iter().map(|k| Value::from(*k)));
-        for row in tx.query_all(&sql, values).await? {
-            let key: String = row.try_get("", "dedupe_key").map_err(db)?;
-            out.insert(key, receipt_from(&row)?);
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        rows = tx
+            .query_all(&sql, vec![tx.tenant_id().into(), Value::from(keys)])
+            .await?;
+    } else {
+        for chunk in keys.chunks(200) {
+            let params: Vec<String> = (2..chunk.len() + 2).map(|k| format!("${k}")).collect();
+            let sql = format!(
+                "SELECT dedupe_key, {RECEIPT_COLUMNS} FROM receipts WHERE tenant_id = $1 AND dedupe_key IN ({})",
+                params.join(", ")
+            );
+            let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+            values.extend(chunk.iter().map(|k| Value::from(*k)));
+            rows.extend(tx.query_all(&sql, values).await?);
         }
+    }
+    for row in rows {
+        let key: String = row.try_get("", "dedupe_key").map_err(db)?;
+        out.insert(key, receipt_from(&row)?);
     }
     Ok(out)
 }
