@@ -13,9 +13,11 @@
 //!   transactions are exclusive), takes the next leaf indexes, and stores each
 //!   receipt, every tree node the leaf completes (from
 //!   [`anumate_receipt::CompactRange`]) and the `receipt.appended` outbox
-//!   events, a statement per table. The tree is therefore always integrated
-//!   up to the last committed receipt; nothing is pending in memory, so a
-//!   restart loses nothing.
+//!   events. On PostgreSQL that is two statements whose text never changes
+//!   (columns travel as arrays through `unnest`), so they stay prepared on
+//!   each connection; SQLite takes a statement per table. The tree is
+//!   therefore always integrated up to the last committed receipt; nothing is
+//!   pending in memory, so a restart loses nothing.
 //! - **Checkpoints** are published by [`Receipts::spawn_checkpointer`], one
 //!   task per process: every `checkpoint_interval_ms` (500 ms), or sooner once
 //!   `checkpoint_batch` leaves are waiting, it signs a note for each tenant
