@@ -295,35 +295,70 @@ fn parse_hash(text: &str) -> Result<Hash> {
 }
 
 /// Reads the nodes `(level, index)` that exist among `wanted`.
+///
+/// PostgreSQL gets one statement with the wanted positions as arrays, each
+/// looked up by its own primary-key probe (the `LATERAL … LIMIT 1` keeps that
+/// plan even when the table has no statistics yet); SQLite gets chunks of
+/// `OR`ed pairs.
 pub async fn nodes(tx: &TenantTx, wanted: &[(u32, u64)]) -> Result<HashMap<(u32, u64), Hash>> {
-    let mut out = HashMap::new();
-    for chunk in wanted.chunks(100) {
-        let mut sql = String::from(
-            "SELECT level, node_index, hash FROM receipt_tree_nodes WHERE tenant_id = $1 AND (",
-        );
-        let mut values: Vec<Value> = vec![tx.tenant_id().into()];
-        for (i, (level, index)) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(" OR ");
-            }
-            let n = values.len();
-            sql.push_str(&format!("(level = ${} AND node_index = ${})", n + 1, n + 2));
-            values.push(i32::try_from(*level).map_err(Error::internal)?.into());
-            values.push(to_i64(*index)?.into());
+    let mut rows = Vec::new();
+    if tx.backend() == Backend::Postgres {
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
         }
-        sql.push(')');
-        for row in tx.query_all(&sql, values).await? {
-            let level: i32 = row.try_get("", "level").map_err(db)?;
-            let index: i64 = row.try_get("", "node_index").map_err(db)?;
-            let hash: String = row.try_get("", "hash").map_err(db)?;
-            out.insert(
-                (
-                    u32::try_from(level).map_err(Error::internal)?,
-                    to_u64(index)?,
-                ),
-                parse_hash(&hash)?,
+        let levels = wanted
+            .iter()
+            .map(|(level, _)| i32::try_from(*level).map_err(Error::internal))
+            .collect::<Result<Vec<i32>>>()?;
+        let indexes = wanted
+            .iter()
+            .map(|(_, index)| to_i64(*index))
+            .collect::<Result<Vec<i64>>>()?;
+        rows = tx
+            .query_all(
+                "SELECT n.level, n.node_index, n.hash \
+                 FROM unnest($2::int[], $3::bigint[]) AS w(level, node_index) \
+                 CROSS JOIN LATERAL (SELECT t.level, t.node_index, t.hash FROM receipt_tree_nodes t \
+                   WHERE t.tenant_id = $1 AND t.level = w.level AND t.node_index = w.node_index \
+                   LIMIT 1) n",
+                vec![
+                    tx.tenant_id().into(),
+                    Value::from(levels),
+                    Value::from(indexes),
+                ],
+            )
+            .await?;
+    } else {
+        for chunk in wanted.chunks(100) {
+            let mut sql = String::from(
+                "SELECT level, node_index, hash FROM receipt_tree_nodes WHERE tenant_id = $1 AND (",
             );
+            let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+            for (i, (level, index)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(" OR ");
+                }
+                let n = values.len();
+                sql.push_str(&format!("(level = ${} AND node_index = ${})", n + 1, n + 2));
+                values.push(i32::try_from(*level).map_err(Error::internal)?.into());
+                values.push(to_i64(*index)?.into());
+            }
+            sql.push(')');
+            rows.extend(tx.query_all(&sql, values).await?);
         }
+    }
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let level: i32 = row.try_get("", "level").map_err(db)?;
+        let index: i64 = row.try_get("", "node_index").map_err(db)?;
+        let hash: String = row.try_get("", "hash").map_err(db)?;
+        out.insert(
+            (
+                u32::try_from(level).map_err(Error::internal)?,
+                to_u64(index)?,
+            ),
+            parse_hash(&hash)?,
+        );
     }
     Ok(out)
 }
