@@ -509,7 +509,7 @@ mod tests {
         assert!(read_after(&other, 0, 10).await.expect("read").is_empty());
         drop(other);
 
-        // A batch: more rows than one statement holds, in the order given,
+        // A batch: more rows than one SQLite statement holds, in the order given,
         // with the ids returned.
         let batch: Vec<(CapsulePushed, String)> = (0..450)
             .map(|i| {

@@ -599,23 +599,18 @@ impl Receipts {
         };
         let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
         let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
-        let mut stored = repo::by_dedupe_keys(&tx, &keys).await?;
+        let stored = repo::by_dedupe_keys(&tx, &keys).await?;
+        // Receipts this batch creates, by dedupe key: later duplicates in the
+        // batch answer from them as from stored ones.
         let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
-        let mut new_rows: Vec<(&Prepared, String, repo::ReceiptRow)> = Vec::new();
+        let mut new_rows: Vec<(&Prepared, u64)> = Vec::new();
         let mut nodes = Vec::new();
         let mut results = Vec::with_capacity(batch.len());
         for p in batch {
-            let existing = match created.get(p.dedupe_key.as_str()) {
-                Some(row) => Some(row.clone()),
-                None => stored.remove(&p.dedupe_key),
-            };
-            if let Some(row) = &existing {
-                // Later duplicates in this batch see it too.
-                created.insert(p.dedupe_key.as_str(), row.clone());
-            }
-            if let Some(existing) = existing {
+            let key = p.dedupe_key.as_str();
+            if let Some(existing) = created.get(key).or_else(|| stored.get(key)) {
                 results.push(if existing.request_hash == p.fingerprint {
-                    receipt_proto(&existing, true).map(|r| (r, false))
+                    receipt_proto(existing, true).map(|r| (r, false))
                 } else {
                     Err(Error::new(
                         ErrorCode::AlreadyExists,
@@ -627,7 +622,6 @@ impl Receipts {
                 });
                 continue;
             }
-            let receipt_id = p.receipt_id.clone();
             range.append(p.signed.leaf_hash, |level, index, hash| {
                 nodes.push((level, index, *hash))
             });
@@ -642,46 +636,46 @@ impl Receipts {
                 content_json: p.canonical.clone(),
             };
             results.push(receipt_proto(&row, true).map(|r| (r, true)));
-            created.insert(p.dedupe_key.as_str(), row.clone());
-            new_rows.push((p, receipt_id, row));
+            new_rows.push((p, row.leaf_index));
+            created.insert(key, row);
         }
         let inserts: Vec<repo::NewReceipt> = new_rows
             .iter()
-            .map(|(p, receipt_id, row)| repo::NewReceipt {
-                leaf_index: row.leaf_index,
-                receipt_id,
+            .map(|&(p, leaf_index)| repo::NewReceipt {
+                leaf_index,
+                receipt_id: &p.receipt_id,
                 dedupe_key: &p.dedupe_key,
                 request_hash: &p.fingerprint,
                 kind: p.kind,
                 run_id: &p.subject.run_id,
                 plan_hash: &p.subject.plan_hash,
-                issued_at: row.issued_at,
-                statement_json: &row.statement_json,
-                signature: &row.signature,
-                kid: &row.kid,
-                leaf_hash: &row.leaf_hash,
-                content_json: &row.content_json,
+                issued_at: p.issued_at,
+                statement_json: &p.signed.statement_json,
+                signature: &p.signed.signature,
+                kid: &p.kid,
+                leaf_hash: &p.signed.leaf_hash,
+                content_json: &p.canonical,
             })
             .collect();
         repo::append_batch(&tx, &inserts, &nodes, range.size()).await?;
         // One outbox statement for the batch's events.
         let subjects: Vec<String> = new_rows
             .iter()
-            .map(|(_, receipt_id, _)| format!("receipts/{receipt_id}"))
+            .map(|(p, _)| format!("receipts/{}", p.receipt_id))
             .collect();
         let events = new_rows
             .iter()
             .zip(&subjects)
-            .map(|((p, receipt_id, row), event_subject)| {
+            .map(|(&(p, leaf_index), event_subject)| {
                 Ok((
                     ev::ReceiptAppended {
                         tenant_id: tenant.to_string(),
-                        receipt_id: receipt_id.clone(),
+                        receipt_id: p.receipt_id.clone(),
                         kind: kind_from_name(p.kind) as i32,
                         run_id: p.subject.run_id.clone(),
                         step_id: p.subject.step_id.clone(),
                         plan_hash: p.subject.plan_hash.clone(),
-                        leaf_index: i64::try_from(row.leaf_index).map_err(Error::internal)?,
+                        leaf_index: i64::try_from(leaf_index).map_err(Error::internal)?,
                         content_digest: p.digest.clone(),
                         actor: p.actor.subject.clone(),
                     },

@@ -206,8 +206,8 @@ pub async fn lock_head(tx: &TenantTx) -> Result<Head> {
     })
 }
 
-/// Sets the head's size (inside the transaction holding its lock).
-pub async fn set_head_size(tx: &TenantTx, size: u64) -> Result<()> {
+/// Sets the head's size (inside the transaction holding its lock; [`append_batch`] on SQLite).
+async fn set_head_size(tx: &TenantTx, size: u64) -> Result<()> {
     tx.execute(
         "UPDATE receipt_logs SET size = $2, updated_at = $3 WHERE tenant_id = $1",
         vec![
@@ -363,8 +363,8 @@ pub async fn nodes(tx: &TenantTx, wanted: &[(u32, u64)]) -> Result<HashMap<(u32,
     Ok(out)
 }
 
-/// Inserts newly completed tree nodes, several per statement.
-pub async fn insert_nodes(tx: &TenantTx, nodes: &[(u32, u64, Hash)]) -> Result<()> {
+/// Inserts newly completed tree nodes, several per statement ([`append_batch`] on SQLite).
+async fn insert_nodes(tx: &TenantTx, nodes: &[(u32, u64, Hash)]) -> Result<()> {
     for chunk in nodes.chunks(200) {
         let mut sql = String::from(
             "INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash) VALUES ",
@@ -511,8 +511,8 @@ pub struct NewReceipt<'a> {
     pub content_json: &'a str,
 }
 
-/// Inserts receipts, several per statement.
-pub async fn insert_receipts(tx: &TenantTx, receipts: &[NewReceipt<'_>]) -> Result<()> {
+/// Inserts receipts and their bodies, several per statement ([`append_batch`] on SQLite).
+async fn insert_receipts(tx: &TenantTx, receipts: &[NewReceipt<'_>]) -> Result<()> {
     for chunk in receipts.chunks(50) {
         let mut sql = String::from(
             "INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind, \
