@@ -27,6 +27,7 @@ struct Inner {
     leeway_secs: u64,
     cache_ttl: Duration,
     min_refetch: Duration,
+    max_staleness: Duration,
     verified: Arc<VerifiedCache>,
 }
 
@@ -92,9 +93,26 @@ enum Source {
     Url(String),
 }
 
+/// Which tenants an issuer may speak for.
+enum Tenants {
+    Any,
+    Only(std::collections::HashSet<String>),
+}
+
+/// What an issuer's tokens make of their subject.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IssuerKind {
+    /// People and outside clients; `svc:` subjects are refused.
+    Users,
+    /// The platform's service issuer: subjects are `svc:<name>`.
+    Services,
+}
+
 struct IssuerState {
     issuer: String,
-    audience: Option<String>,
+    audience: String,
+    tenants: Tenants,
+    kind: IssuerKind,
     source: Source,
     cache: RwLock<Option<Arc<KeySet>>>,
     /// Serialises fetches; holds when the last one was attempted.
@@ -202,8 +220,24 @@ impl Authenticator {
             .map_err(|e| Error::new(ErrorCode::Internal, format!("building HTTP client: {e}")))?;
         let mut issuers = HashMap::new();
         for ic in cfg.issuers {
+            let audience = match ic.audience.as_deref().map(str::trim) {
+                Some(aud) if !aud.is_empty() => aud.to_owned(),
+                _ => {
+                    return Err(Error::invalid_argument(
+                        "auth.issuers.audience",
+                        format!(
+                            "issuer {:?} has no audience: set the `aud` its tokens must carry for Anumate",
+                            ic.issuer
+                        ),
+                    ));
+                }
+            };
+            let tenants = tenant_binding(&ic.issuer, &ic.tenants)?;
             let (source, initial) = match (ic.jwks_url, ic.jwks_file) {
-                (Some(url), _) => (Source::Url(url), None),
+                (Some(url), _) => {
+                    check_jwks_url(&ic.issuer, &url)?;
+                    (Source::Url(url), None)
+                }
                 (None, Some(path)) => {
                     let set = read_jwks_file(&path)?;
                     (Source::File(path), Some(Arc::new(set)))
@@ -217,7 +251,9 @@ impl Authenticator {
             };
             let state = IssuerState {
                 issuer: ic.issuer.clone(),
-                audience: ic.audience,
+                audience,
+                tenants,
+                kind: IssuerKind::Users,
                 source,
                 cache: RwLock::new(initial),
                 fetch: tokio::sync::Mutex::new(None),
@@ -231,6 +267,7 @@ impl Authenticator {
                 leeway_secs: cfg.leeway_secs,
                 cache_ttl: Duration::from_secs(cfg.jwks_cache_secs),
                 min_refetch: Duration::from_secs(cfg.jwks_min_refetch_secs),
+                max_staleness: Duration::from_secs(cfg.max_key_staleness_secs),
                 verified: Arc::new(VerifiedCache {
                     capacity: cfg.verified_token_cache,
                     entries: Mutex::new(HashMap::new()),
@@ -239,13 +276,36 @@ impl Authenticator {
         })
     }
 
-    /// Also trusts `issuer` with fixed keys (e.g. the dev issuer); no audience check.
+    /// Also trusts `issuer` with fixed keys for every tenant (the dev issuer):
+    /// its tokens must carry `aud` [`DEV_AUDIENCE`](crate::DEV_AUDIENCE).
     pub fn with_static_issuer(self, issuer: impl Into<String>, jwks: Jwks) -> Authenticator {
-        let issuer = issuer.into();
+        self.with_static(issuer.into(), crate::DEV_AUDIENCE, IssuerKind::Users, jwks)
+    }
+
+    /// Trusts the platform's service issuer ([`ServiceIssuer`](crate::ServiceIssuer))
+    /// with its public keys: the only tokens that make a service principal.
+    pub fn with_static_service_issuer(self, jwks: Jwks) -> Authenticator {
+        self.with_static(
+            crate::SERVICE_ISSUER.to_owned(),
+            crate::SERVICE_AUDIENCE,
+            IssuerKind::Services,
+            jwks,
+        )
+    }
+
+    fn with_static(
+        self,
+        issuer: String,
+        audience: &str,
+        kind: IssuerKind,
+        jwks: Jwks,
+    ) -> Authenticator {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         let state = IssuerState {
             issuer: issuer.clone(),
-            audience: None,
+            audience: audience.to_owned(),
+            tenants: Tenants::Any,
+            kind,
             source: Source::Static,
             cache: RwLock::new(Some(Arc::new(KeySet::from_jwks(&jwks)))),
             fetch: tokio::sync::Mutex::new(None),
@@ -320,18 +380,48 @@ impl Authenticator {
         validation.leeway = self.inner.leeway_secs;
         validation.validate_nbf = true;
         validation.set_issuer(&[&state.issuer]);
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-        match &state.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
+        validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        validation.set_audience(&[&state.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
             .map_err(|e| map_jwt_error(&e, state))?;
         let valid_until = data
             .claims
             .exp
             .saturating_add(i64::try_from(self.inner.leeway_secs).unwrap_or(i64::MAX));
-        let principal = data.claims.into_principal()?;
+        let mut principal = data.claims.into_principal()?;
+        if let Tenants::Only(allowed) = &state.tenants
+            && !allowed.contains(&principal.tenant_id)
+        {
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "issuer {:?} is not trusted for tenant {:?}",
+                    state.issuer, principal.tenant_id
+                ),
+            ));
+        }
+        let service = principal
+            .subject
+            .strip_prefix(crate::SERVICE_SUBJECT_PREFIX)
+            .map(str::to_owned);
+        match (state.kind, service) {
+            (IssuerKind::Services, Some(name)) if !name.is_empty() => {
+                principal.service = Some(name);
+            }
+            (IssuerKind::Services, _) => {
+                return Err(unauthenticated(format!(
+                    "a token of the service issuer must name a service (sub \"svc:<name>\"), not {:?}",
+                    principal.subject
+                )));
+            }
+            (IssuerKind::Users, Some(_)) => {
+                return Err(unauthenticated(format!(
+                    "subject {:?}: the \"svc:\" prefix is reserved for the platform's service issuer",
+                    principal.subject
+                )));
+            }
+            (IssuerKind::Users, None) => {}
+        }
         self.inner.verified.insert(
             digest,
             Verified {
@@ -353,6 +443,16 @@ impl Authenticator {
         }
         let entries = cache.lock();
         let hit = entries.get(digest)?;
+        // Only while this authenticator still trusts that very issuer (clones
+        // with other issuers share the cache).
+        let trusted = self
+            .inner
+            .issuers
+            .get(&hit.issuer.issuer)
+            .is_some_and(|state| Arc::ptr_eq(state, &hit.issuer));
+        if !trusted {
+            return None;
+        }
         let current = snapshot(&hit.issuer)?;
         let keys_current = Arc::ptr_eq(&current, &hit.keys)
             && (matches!(hit.issuer.source, Source::Static)
@@ -389,12 +489,7 @@ impl Authenticator {
         }
         let may_fetch = last_attempt.is_none_or(|t| t.elapsed() >= self.inner.min_refetch);
         if !may_fetch {
-            return current.ok_or_else(|| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("keys of issuer {:?} are not available", state.issuer),
-                )
-            });
+            return self.usable_stale(state, current);
         }
         *last_attempt = Some(Instant::now());
         match self.fetch(state).await {
@@ -408,9 +503,46 @@ impl Authenticator {
             }
             Err(e) => {
                 tracing::warn!(issuer = %state.issuer, error = %e, "JWKS fetch failed");
-                // Stale keys beat no keys while the issuer is unreachable.
-                current.ok_or(e)
+                // Stale keys beat no keys while the issuer is unreachable, for
+                // a bounded time: past it a revoked key must stop working.
+                match current {
+                    None => Err(e),
+                    current => self.usable_stale(state, current),
+                }
             }
+        }
+    }
+
+    /// The cached keys while they are within `max_key_staleness_secs` of their
+    /// last successful fetch (static keys always); else `UNAVAILABLE`.
+    fn usable_stale(
+        &self,
+        state: &IssuerState,
+        current: Option<Arc<KeySet>>,
+    ) -> Result<Arc<KeySet>, Error> {
+        match current {
+            Some(set)
+                if matches!(state.source, Source::Static)
+                    || set.fetched_at.elapsed()
+                        <= self
+                            .inner
+                            .cache_ttl
+                            .saturating_add(self.inner.max_staleness) =>
+            {
+                Ok(set)
+            }
+            Some(set) => Err(Error::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "keys of issuer {:?} were last fetched {} s ago and cannot be refreshed; its tokens are refused until they can",
+                    state.issuer,
+                    set.fetched_at.elapsed().as_secs()
+                ),
+            )),
+            None => Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("keys of issuer {:?} are not available", state.issuer),
+            )),
         }
     }
 
@@ -443,6 +575,55 @@ impl Authenticator {
                 Ok(KeySet::from_jwks(&jwks))
             }
         }
+    }
+}
+
+/// The tenants `issuer` is configured for; at least one, or `*` for all.
+fn tenant_binding(issuer: &str, tenants: &[String]) -> Result<Tenants, Error> {
+    if tenants.is_empty() {
+        return Err(Error::invalid_argument(
+            "auth.issuers.tenants",
+            format!(
+                "issuer {issuer:?} has no tenants: list the tenants whose tokens it may mint, or [\"*\"] for all"
+            ),
+        ));
+    }
+    if tenants.iter().any(|t| t == "*") {
+        return Ok(Tenants::Any);
+    }
+    for t in tenants {
+        crate::validate_tenant_id(t).map_err(|why| {
+            Error::invalid_argument("auth.issuers.tenants", format!("issuer {issuer:?}: {why}"))
+        })?;
+    }
+    Ok(Tenants::Only(tenants.iter().cloned().collect()))
+}
+
+/// JWKS only over https, or plain http to a loopback address (tests, sidecars).
+fn check_jwks_url(issuer: &str, url: &str) -> Result<(), Error> {
+    let bad = |why: String| {
+        Error::invalid_argument("auth.issuers.jwks_url", format!("issuer {issuer:?}: {why}"))
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(format!("{url:?} is not a URL: {e}")))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = parsed.host_str().unwrap_or_default();
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "{url:?}: a JWKS must be fetched over https (plain http only to a loopback address)"
+                )))
+            }
+        }
+        other => Err(bad(format!("{url:?}: unsupported scheme {other:?}"))),
     }
 }
 
@@ -479,7 +660,7 @@ fn map_jwt_error(e: &jsonwebtoken::errors::Error, state: &IssuerState) -> Error 
         }
         ErrorKind::InvalidAudience => unauthenticated(format!(
             "token audience does not include {:?}",
-            state.audience.as_deref().unwrap_or_default()
+            state.audience
         )),
         ErrorKind::MissingRequiredClaim(claim) => {
             unauthenticated(format!("token has no {claim} claim"))

@@ -22,6 +22,11 @@ pub struct AuthConfig {
     /// `exp` (plus leeway) and only while the issuer's key set it was verified
     /// with is the current one — a JWKS refresh or key removal drops it.
     pub verified_token_cache: usize,
+    /// How long after its last successful fetch an issuer's JWKS may still be
+    /// used while fetching it fails, in seconds. Past that its tokens are
+    /// refused (`UNAVAILABLE`) until a fetch succeeds: a key the issuer has
+    /// revoked must not be trusted forever because its JWKS is unreachable.
+    pub max_key_staleness_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -32,20 +37,28 @@ impl Default for AuthConfig {
             jwks_cache_secs: 300,
             jwks_min_refetch_secs: 10,
             verified_token_cache: 10_000,
+            max_key_staleness_secs: 3600,
         }
     }
 }
 
-/// One trusted issuer: its `iss`, the audience it must name, and where its keys are.
+/// One trusted issuer: its `iss`, the audience it must name, the tenants it
+/// may speak for, and where its keys are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The exact `iss` claim.
     pub issuer: String,
-    /// When set, tokens must carry this `aud`.
+    /// Required: tokens must carry this `aud` (a token minted for another
+    /// service of the same identity provider is refused).
     #[serde(default)]
     pub audience: Option<String>,
-    /// JWKS URL (http or https).
+    /// Required: the tenants whose tokens this issuer may mint. A token whose
+    /// `tenant` claim is not listed is refused. `["*"]` trusts the issuer for
+    /// every tenant (one identity provider for the whole platform).
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// JWKS URL: `https://`, or `http://` on a loopback address only.
     #[serde(default)]
     pub jwks_url: Option<String>,
     /// JWKS file on disk (used when no URL is set).

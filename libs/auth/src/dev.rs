@@ -55,10 +55,7 @@ impl DevIssuer {
         roles: &[Role],
         ttl: Duration,
     ) -> Result<String, Error> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| Error::new(ErrorCode::Internal, "system clock is before 1970"))?
-            .as_secs();
+        let now = now_secs()?;
         let exp = now.saturating_add(ttl.as_secs());
         let claims = json!({
             "iss": DEV_ISSUER,
@@ -76,14 +73,27 @@ impl DevIssuer {
 
     /// Signs arbitrary `claims` as a compact ES256 JWS with this issuer's key.
     pub fn sign_claims(&self, claims: &serde_json::Value) -> Result<String, Error> {
-        let key = self.keys.active();
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": key.kid()});
-        let signing_input = format!(
-            "{}.{}",
-            b64url(header.to_string().as_bytes()),
-            b64url(claims.to_string().as_bytes())
-        );
-        let signature = key.sign_b64url(signing_input.as_bytes());
-        Ok(format!("{signing_input}.{signature}"))
+        Ok(sign_jwt(&self.keys, claims))
     }
+}
+
+/// `claims` as a compact ES256 JWS signed with the active key of `keys`.
+pub(crate) fn sign_jwt(keys: &KeyRing, claims: &serde_json::Value) -> String {
+    let key = keys.active();
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": key.kid()});
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let signature = key.sign_b64url(signing_input.as_bytes());
+    format!("{signing_input}.{signature}")
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now_secs() -> Result<u64, Error> {
+    Ok(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::new(ErrorCode::Internal, "system clock is before 1970"))?
+        .as_secs())
 }

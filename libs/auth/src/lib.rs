@@ -3,7 +3,9 @@
 //! A caller presents `authorization: Bearer <jwt>`; the [`AuthLayer`] verifies it
 //! with the [`Authenticator`] (JWKS per issuer, ES256 or RS256) and hands the
 //! handler a [`Principal`] in the request extensions. The tenant and roles come
-//! only from the verified token. [`DevIssuer`] mints tokens for `anumate dev`.
+//! only from the verified token. [`DevIssuer`] mints tokens for `anumate dev`;
+//! [`ServiceIssuer`] mints the platform's service identities, the only tokens
+//! that make a [`Principal::service`].
 #![forbid(unsafe_code)]
 
 mod authenticator;
@@ -11,9 +13,14 @@ mod config;
 mod dev;
 mod layer;
 mod principal;
+mod service;
 
 pub use authenticator::Authenticator;
 pub use config::{AuthConfig, IssuerConfig};
 pub use dev::{DEV_AUDIENCE, DEV_ISSUER, DevIssuer};
 pub use layer::{AuthLayer, AuthService, BearerToken, PUBLIC_PATH_PREFIXES, principal};
-pub use principal::{Claims, Principal, Role, service_subject};
+pub use principal::{
+    Claims, MAX_TENANT_LEN, Principal, Role, SERVICE_SUBJECT_PREFIX, service_subject,
+    validate_tenant_id,
+};
+pub use service::{MAX_SERVICE_TOKEN_TTL, SERVICE_AUDIENCE, SERVICE_ISSUER, ServiceIssuer};

@@ -64,7 +64,37 @@ impl FromStr for Role {
 
 /// The subject of a service identity: `svc:<name>`.
 pub fn service_subject(name: &str) -> String {
-    format!("svc:{name}")
+    format!("{SERVICE_SUBJECT_PREFIX}{name}")
+}
+
+/// Subjects starting with this are reserved for the platform's service issuer.
+pub const SERVICE_SUBJECT_PREFIX: &str = "svc:";
+
+/// Longest tenant id accepted, in bytes.
+pub const MAX_TENANT_LEN: usize = 63;
+
+/// Checks a tenant id: 1–63 characters of `a-z`, `0-9`, `-`, `_` and `.`,
+/// starting with a letter or digit. Ids are path segments, log fields, Kafka
+/// keys and checkpoint origins; `-` alone is the background pseudo-tenant.
+pub fn validate_tenant_id(tenant: &str) -> Result<(), String> {
+    let first_ok = tenant
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || !first_ok {
+        return Err(format!(
+            "tenant id {tenant:?} must be 1-{MAX_TENANT_LEN} characters starting with a lowercase letter or digit"
+        ));
+    }
+    if let Some(c) = tenant
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "tenant id {tenant:?} contains {c:?}: only a-z, 0-9, '-', '_' and '.' are allowed"
+        ));
+    }
+    Ok(())
 }
 
 /// Who is calling, as proven by a verified token.
@@ -74,6 +104,10 @@ pub struct Principal {
     pub tenant_id: String,
     /// The token's `sub`; `svc:<name>` for services.
     pub subject: String,
+    /// The service name (`orchestrator`, …) when, and only when, the token
+    /// was minted by the platform's service issuer. A subject prefix from any
+    /// other issuer never makes a service.
+    pub service: Option<String>,
     /// The token's `iss`.
     pub issuer: String,
     /// Known roles from the token (unknown names are dropped).
@@ -88,9 +122,36 @@ impl Principal {
         self.roles.contains(&role)
     }
 
-    /// Whether the subject is a service identity (`svc:<name>`).
+    /// Whether the token came from the platform's service issuer.
     pub fn is_service(&self) -> bool {
-        self.subject.starts_with("svc:")
+        self.service.is_some()
+    }
+
+    /// The service name, for a token from the platform's service issuer.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+
+    /// `Ok` if the caller is one of the platform services `names` (by its
+    /// service-issuer identity); else `PERMISSION_DENIED`.
+    pub fn require_service(&self, names: &[&str]) -> Result<(), Error> {
+        if self.service_name().is_some_and(|s| names.contains(&s)) {
+            return Ok(());
+        }
+        tracing::warn!(
+            tenant = %self.tenant_id,
+            subject = %self.subject,
+            needed = %names.join(", "),
+            "permission denied: not a permitted service identity"
+        );
+        Err(Error::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "this call is for the platform service(s): {}",
+                names.join(", ")
+            ),
+        )
+        .with_metadata("required_services", names.join(",")))
     }
 
     /// `Ok` if the principal holds one of `roles` or is admin; else `PERMISSION_DENIED`.
@@ -154,7 +215,9 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// The principal these verified claims describe; `UNAUTHENTICATED` without a tenant.
+    /// The principal these verified claims describe; `UNAUTHENTICATED` without
+    /// a valid tenant. `service` is set by the authenticator for tokens of the
+    /// platform's service issuer only.
     pub fn into_principal(self) -> Result<Principal, Error> {
         let tenant_id = match self.tenant {
             Some(t) if !t.trim().is_empty() => t,
@@ -165,6 +228,9 @@ impl Claims {
                 ));
             }
         };
+        if let Err(why) = validate_tenant_id(&tenant_id) {
+            return Err(Error::new(ErrorCode::Unauthenticated, why));
+        }
         if self.sub.is_empty() {
             return Err(Error::new(
                 ErrorCode::Unauthenticated,
@@ -178,6 +244,7 @@ impl Claims {
             tenant_id,
             subject: self.sub,
             issuer: self.iss,
+            service: None,
             roles,
             token_id: self.jti,
         })

@@ -38,6 +38,7 @@ fn claims(iss: &str, tenant: Option<&str>, exp_in: i64) -> Value {
         "nbf": now(),
         "exp": now() + exp_in,
         "jti": "t-1",
+        "aud": "anumate",
         "roles": ["operator", "superhero", "auditor"],
     });
     if let Some(t) = tenant {
@@ -352,6 +353,7 @@ fn authenticator_for(server: &JwksServer, issuer: &str, min_refetch: u64) -> Aut
         issuers: vec![IssuerConfig {
             issuer: issuer.into(),
             audience: Some("anumate".into()),
+            tenants: vec!["*".into()],
             jwks_url: Some(server.url()),
             jwks_file: None,
         }],
@@ -434,7 +436,8 @@ async fn jwks_file_issuer_and_unreachable_url() {
     let auth = Authenticator::new(AuthConfig {
         issuers: vec![IssuerConfig {
             issuer: idp.into(),
-            audience: None,
+            audience: Some("anumate".into()),
+            tenants: vec!["*".into()],
             jwks_url: None,
             jwks_file: Some(path),
         }],
@@ -452,7 +455,8 @@ async fn jwks_file_issuer_and_unreachable_url() {
     let auth = Authenticator::new(AuthConfig {
         issuers: vec![IssuerConfig {
             issuer: down.into(),
-            audience: None,
+            audience: Some("anumate".into()),
+            tenants: vec!["*".into()],
             jwks_url: Some(format!("{down}/jwks")),
             jwks_file: None,
         }],
@@ -466,7 +470,8 @@ async fn jwks_file_issuer_and_unreachable_url() {
         Authenticator::new(AuthConfig {
             issuers: vec![IssuerConfig {
                 issuer: "x".into(),
-                audience: None,
+                audience: Some("anumate".into()),
+                tenants: vec!["*".into()],
                 jwks_url: None,
                 jwks_file: None,
             }],
@@ -589,7 +594,7 @@ async fn layer_over_real_grpc_server() {
         .issuer
         .mint(
             "acme",
-            "svc:compiler",
+            "user:compiler",
             &[Role::Operator],
             Duration::from_secs(60),
         )
@@ -598,7 +603,7 @@ async fn layer_over_real_grpc_server() {
         tonic::service::interceptor::InterceptedService::new(channel.clone(), BearerToken(token));
     let resp = call_whoami(svc).await.unwrap();
     assert_eq!(resp.metadata().get("x-tenant").unwrap(), "acme");
-    assert_eq!(resp.metadata().get("x-subject").unwrap(), "svc:compiler");
+    assert_eq!(resp.metadata().get("x-subject").unwrap(), "user:compiler");
 
     // Authenticated but without the role: PERMISSION_DENIED from the handler.
     let token = d
@@ -712,6 +717,7 @@ async fn remembered_tokens_expire_and_follow_key_removal() {
         issuers: vec![IssuerConfig {
             issuer: iss.clone(),
             audience: Some("anumate".into()),
+            tenants: vec!["*".into()],
             jwks_url: Some(server.url()),
             jwks_file: None,
         }],
@@ -740,4 +746,222 @@ async fn remembered_tokens_expire_and_follow_key_removal() {
         .unwrap();
     assert!(off.authenticate(&token).await.is_ok());
     assert!(off.authenticate(&token).await.is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// Service identity and issuer trust (issue 9)
+// ---------------------------------------------------------------------------
+
+/// A `svc:` subject from a user issuer is refused; only the platform's
+/// service issuer makes a service principal.
+#[tokio::test]
+async fn service_identity_comes_only_from_the_service_issuer() {
+    let d = dev();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let services =
+        anumate_auth::ServiceIssuer::load_or_create(keys_dir.path(), "orchestrator").unwrap();
+    let auth = d.auth.clone().with_static_service_issuer(services.jwks());
+
+    // A dev (user) token claiming to be the orchestrator.
+    let forged = d
+        .issuer
+        .mint(
+            "acme",
+            "svc:orchestrator",
+            &[Role::Operator],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let e = rejected(&auth, &forged).await;
+    assert_eq!(e.code, ErrorCode::Unauthenticated);
+    assert!(e.message.contains("reserved"), "{}", e.message);
+
+    // A real service token.
+    let token = services.mint("acme", Duration::from_secs(60)).unwrap();
+    let p = auth.authenticate(&token).await.unwrap();
+    assert_eq!(p.service_name(), Some("orchestrator"));
+    assert!(p.is_service());
+    assert_eq!(p.subject, "svc:orchestrator");
+    assert!(p.require_service(&["orchestrator"]).is_ok());
+    assert_eq!(
+        p.require_service(&["approvals"]).unwrap_err().code,
+        ErrorCode::PermissionDenied
+    );
+    // Services hold no tenant roles.
+    assert!(p.require_any(&[Role::Operator]).is_err());
+
+    // A user token is never a service, whatever its roles.
+    let user = d
+        .issuer
+        .mint("acme", "user:bob", &[Role::Admin], Duration::from_secs(60))
+        .unwrap();
+    let p = auth.authenticate(&user).await.unwrap();
+    assert!(!p.is_service());
+    assert!(p.require_service(&["orchestrator"]).is_err());
+
+    // The service issuer's key signing a non-service subject is refused too.
+    let raw =
+        DevIssuer::from_key_ring(KeyRing::load_or_create(keys_dir.path(), "services").unwrap());
+    let mut c = claims(anumate_auth::SERVICE_ISSUER, Some("acme"), 60);
+    c["aud"] = json!(anumate_auth::SERVICE_AUDIENCE);
+    let e = rejected(&auth, &raw.sign_claims(&c).unwrap()).await;
+    assert!(e.message.contains("must name a service"), "{}", e.message);
+
+    // Without trusting the service issuer, its tokens are unknown.
+    let e = rejected(&d.auth, &token).await;
+    assert!(e.message.contains("unknown token issuer"), "{}", e.message);
+    // Service tokens live at most five minutes.
+    let long = services.mint("acme", Duration::from_secs(86_400)).unwrap();
+    let payload = long.split('.').nth(1).unwrap();
+    let body: Value =
+        serde_json::from_slice(&anumate_crypto::b64url_decode(payload).unwrap()).unwrap();
+    assert!(body["exp"].as_i64().unwrap() - body["iat"].as_i64().unwrap() <= 300);
+}
+
+fn issuer_config(iss: &str, url: Option<String>, tenants: &[&str]) -> IssuerConfig {
+    IssuerConfig {
+        issuer: iss.into(),
+        audience: Some("anumate".into()),
+        tenants: tenants.iter().map(|t| t.to_string()).collect(),
+        jwks_url: url,
+        jwks_file: None,
+    }
+}
+
+/// Audience and tenants are required per issuer, JWKS only over https (or
+/// loopback http), and an issuer speaks only for its tenants.
+#[tokio::test]
+async fn issuers_need_audience_tenants_and_https_and_are_bound_to_tenants() {
+    let new = |ic: IssuerConfig| {
+        Authenticator::new(AuthConfig {
+            issuers: vec![ic],
+            ..AuthConfig::default()
+        })
+    };
+    let mut no_aud = issuer_config("https://idp", Some("https://idp/jwks".into()), &["acme"]);
+    no_aud.audience = None;
+    let e = new(no_aud).unwrap_err();
+    assert!(e.message.contains("no audience"), "{}", e.message);
+
+    let e = new(issuer_config(
+        "https://idp",
+        Some("https://idp/jwks".into()),
+        &[],
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("no tenants"), "{}", e.message);
+
+    let e = new(issuer_config(
+        "https://idp",
+        Some("http://idp.example/jwks".into()),
+        &["acme"],
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("https"), "{}", e.message);
+    for ok in [
+        "https://idp.example/jwks",
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9/jwks",
+    ] {
+        assert!(
+            new(issuer_config("https://idp", Some(ok.into()), &["acme"])).is_ok(),
+            "{ok}"
+        );
+    }
+    let e = new(issuer_config(
+        "https://idp",
+        Some("https://idp/jwks".into()),
+        &["Bad Tenant"],
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("tenant id"), "{}", e.message);
+
+    // Bound to tenants: initech's issuer cannot speak for acme.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeyRing::load_or_create(dir.path(), "idp").unwrap();
+    let idp = DevIssuer::from_key_ring(keys.clone());
+    let server = JwksServer::start(&keys.jwks()).await;
+    let iss = format!("http://{}", server.addr);
+    let auth = new(issuer_config(&iss, Some(server.url()), &["initech"])).unwrap();
+    let ok = idp.sign_claims(&claims(&iss, Some("initech"), 60)).unwrap();
+    assert_eq!(auth.authenticate(&ok).await.unwrap().tenant_id, "initech");
+    let other = idp.sign_claims(&claims(&iss, Some("acme"), 60)).unwrap();
+    let e = rejected(&auth, &other).await;
+    assert_eq!(e.code, ErrorCode::PermissionDenied);
+    assert!(
+        e.message.contains("not trusted for tenant"),
+        "{}",
+        e.message
+    );
+
+    // A token without `aud` is refused even by the dev issuer.
+    let d = dev();
+    let mut c = claims(DEV_ISSUER, Some("acme"), 60);
+    c.as_object_mut().unwrap().remove("aud");
+    let e = rejected(&d.auth, &d.issuer.sign_claims(&c).unwrap()).await;
+    assert!(e.message.contains("aud"), "{}", e.message);
+}
+
+/// When the JWKS cannot be fetched, cached keys serve for a bounded time, then
+/// the issuer's tokens are refused until a fetch succeeds.
+#[tokio::test]
+async fn stale_keys_stop_working_after_max_staleness() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeyRing::load_or_create(dir.path(), "idp").unwrap();
+    let idp = DevIssuer::from_key_ring(keys.clone());
+    let server = JwksServer::start(&keys.jwks()).await;
+    let iss = format!("http://{}", server.addr);
+    let auth = Authenticator::new(AuthConfig {
+        issuers: vec![issuer_config(&iss, Some(server.url()), &["*"])],
+        jwks_cache_secs: 1,
+        jwks_min_refetch_secs: 0,
+        max_key_staleness_secs: 1,
+        verified_token_cache: 0,
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    let token = idp.sign_claims(&claims(&iss, Some("acme"), 600)).unwrap();
+    assert!(auth.authenticate(&token).await.is_ok());
+    // The issuer's JWKS endpoint now fails (not JSON).
+    *server.body.lock().unwrap() = "not json".into();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Stale (past the cache TTL) but within the staleness allowance: still served.
+    assert!(auth.authenticate(&token).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let e = rejected(&auth, &token).await;
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(e.message.contains("cannot be refreshed"), "{}", e.message);
+    // Recovery: the JWKS answers again.
+    *server.body.lock().unwrap() = serde_json::to_string(&keys.jwks()).unwrap();
+    assert!(auth.authenticate(&token).await.is_ok());
+}
+
+/// Tenant ids are checked: a charset, a length, and not the `-` pseudo-tenant.
+#[tokio::test]
+async fn tenant_ids_are_validated() {
+    let d = dev();
+    for bad in [
+        "has space",
+        "-",
+        "UPPER",
+        "a/b",
+        "x".repeat(64).as_str(),
+        "é",
+    ] {
+        let token = d
+            .issuer
+            .sign_claims(&claims(DEV_ISSUER, Some(bad), 60))
+            .unwrap();
+        let e = rejected(&d.auth, &token).await;
+        assert_eq!(e.code, ErrorCode::Unauthenticated, "{bad:?}");
+        assert!(e.message.contains("tenant id"), "{bad:?}: {}", e.message);
+    }
+    for good in ["acme", "tenant-a", "t_1.eu", "0abc"] {
+        let token = d
+            .issuer
+            .sign_claims(&claims(DEV_ISSUER, Some(good), 60))
+            .unwrap();
+        assert_eq!(d.auth.authenticate(&token).await.unwrap().tenant_id, good);
+    }
 }
