@@ -94,6 +94,9 @@ pub struct ConsumerConfig {
     pub dlq_topic: String,
     /// Extra librdkafka properties (e.g. `auto.offset.reset`).
     pub properties: Vec<(String, String)>,
+    /// TLS and SASL of the consumer and its dead-letter producer (usually
+    /// `[kafka.security]`).
+    pub security: crate::security::KafkaSecurity,
 }
 
 impl ConsumerConfig {
@@ -109,6 +112,7 @@ impl ConsumerConfig {
             max_backoff: Duration::from_secs(5),
             dlq_topic: DLQ_TOPIC.to_string(),
             properties: Vec::new(),
+            security: crate::security::KafkaSecurity::default(),
         }
     }
 }
@@ -122,6 +126,9 @@ pub enum ConsumerError {
     /// The configuration is unusable.
     #[error("consumer configuration: {0}")]
     Config(String),
+    /// `[kafka.security]` is unusable.
+    #[error(transparent)]
+    Security(#[from] crate::security::KafkaSecurityError),
 }
 
 /// One received CloudEvent (Kafka binary content mode).
@@ -278,18 +285,20 @@ where
         // joins) within seconds rather than 45 s.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
+    cfg.security.apply(&mut client)?;
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }
     let consumer: StreamConsumer = client.create()?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.bootstrap_servers)
+    let mut dlq = ClientConfig::new();
+    dlq.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .create()?;
+        .set("message.timeout.ms", "30000");
+    cfg.security.apply(&mut dlq)?;
+    let producer: FutureProducer = dlq.create()?;
     let (stop, stop_rx) = watch::channel(false);
     let stats = Arc::new(ConsumerStats::default());
     let worker = Worker {

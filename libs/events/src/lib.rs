@@ -11,6 +11,7 @@
 pub mod cloudevents;
 pub mod consumer;
 pub mod relay;
+pub mod security;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -413,6 +414,7 @@ pub const MIGRATIONS: &[Migration] = &[
         tenant_tables: &["outbox"],
     },
     relay::MIGRATION,
+    relay::QUARANTINE_MIGRATION,
 ];
 
 #[cfg(test)]
