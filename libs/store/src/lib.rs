@@ -8,9 +8,17 @@
 //! have `ENABLE` + `FORCE ROW LEVEL SECURITY` and a policy on
 //! `current_setting('app.tenant_id')`, and the serving role neither owns them nor
 //! is a superuser or `BYPASSRLS`: a query that forgets its tenant filter still
-//! sees only the current tenant's rows. Migrations run as the connecting (owner)
-//! role. SQLite has no RLS; there the repositories' own `tenant_id` filters are
-//! the only guard, which is acceptable for a single-user embedded store.
+//! sees only the current tenant's rows.
+//!
+//! Two logins: the pool connects with `[store] url`, a login that owns no table
+//! (a member of the serving role); migrations connect separately with
+//! `[store] owner_url`, the tables' owner, and grant the serving role to the
+//! serving login. [`Store::check_serving_role`] refuses to serve with a login
+//! (or role) that is a superuser, has `BYPASSRLS` or owns a table, so a
+//! statement that escapes the role switch (`RESET ROLE`) still cannot alter,
+//! drop or bypass anything. SQLite has no RLS; there the repositories' own
+//! `tenant_id` filters are the only guard, which is acceptable for a
+//! single-user embedded store.
 #![forbid(unsafe_code)]
 
 mod migrate;
@@ -33,8 +41,15 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `postgres://user@host:port/db` or `sqlite://path/to/file.db`. Empty means
-    /// the embedded SQLite file under the data directory.
+    /// the embedded SQLite file under the data directory. On PostgreSQL this is
+    /// the serving login: it must not own any table (nor be a superuser or
+    /// `BYPASSRLS`), or serving refuses to start.
     pub url: String,
+    /// PostgreSQL URL of the tables' owner, used only to migrate (`anumate
+    /// migrate`, `serve --migrate`); migrating grants `app_role` to the login
+    /// of `url`. Empty: migrations connect with `url` (which then owns the
+    /// tables and cannot serve).
+    pub owner_url: String,
     /// PostgreSQL role that serves requests (switched to in every transaction
     /// with `set_config('role', …, true)`). Created by `migrate` if missing. Must
     /// not be a superuser or have BYPASSRLS. Empty: use the connecting role as
@@ -50,6 +65,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: String::new(),
+            owner_url: String::new(),
             app_role: "anumate_app".into(),
             max_connections: 10,
             connect_timeout_secs: 10,
@@ -86,6 +102,18 @@ pub enum StoreError {
         "role {0} bypasses row-level security (superuser or BYPASSRLS); refusing to serve with it"
     )]
     UnsafeRole(String),
+    /// The serving login (or role) owns a table, so it could alter, drop or
+    /// disable row-level security on it.
+    #[error(
+        "role {role} owns table {table} (or may act as its owner); refusing to serve with it: \
+         set [store] url to a login that owns no table and [store] owner_url to the owner, for migrations"
+    )]
+    OwnerRole {
+        /// The login or role.
+        role: String,
+        /// One table it owns.
+        table: String,
+    },
     /// The tenant id is empty or malformed.
     #[error("invalid tenant id")]
     InvalidTenant,
@@ -135,6 +163,9 @@ pub struct Store {
     db: DatabaseConnection,
     backend: Backend,
     app_role: Option<String>,
+    /// `[store] owner_url`, when it differs from `url`.
+    owner_url: Option<String>,
+    connect_timeout: Duration,
 }
 
 impl Store {
@@ -148,10 +179,37 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(cfg.url.clone()));
         };
-        let mut opts = ConnectOptions::new(cfg.url.clone());
-        opts.max_connections(cfg.max_connections.max(1))
-            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
-            .acquire_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+        let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
+        let db = Self::pool(&cfg.url, backend, cfg.max_connections, connect_timeout).await?;
+        let app_role = match backend {
+            Backend::Postgres if !cfg.app_role.is_empty() => Some(cfg.app_role.clone()),
+            _ => None,
+        };
+        let owner_url = match backend {
+            Backend::Postgres if !cfg.owner_url.is_empty() && cfg.owner_url != cfg.url => {
+                Some(cfg.owner_url.clone())
+            }
+            _ => None,
+        };
+        Ok(Store {
+            db,
+            backend,
+            app_role,
+            owner_url,
+            connect_timeout,
+        })
+    }
+
+    async fn pool(
+        url: &str,
+        backend: Backend,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<DatabaseConnection, StoreError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.max_connections(max_connections.max(1))
+            .connect_timeout(timeout)
+            .acquire_timeout(timeout)
             .sqlx_logging(false);
         if backend == Backend::Sqlite {
             opts.map_sqlx_sqlite_opts(|o| {
@@ -162,16 +220,7 @@ impl Store {
                     .foreign_keys(true)
             });
         }
-        let db = Database::connect(opts).await?;
-        let app_role = match backend {
-            Backend::Postgres if !cfg.app_role.is_empty() => Some(cfg.app_role.clone()),
-            _ => None,
-        };
-        Ok(Store {
-            db,
-            backend,
-            app_role,
-        })
+        Ok(Database::connect(opts).await?)
     }
 
     /// The database kind.
@@ -179,39 +228,89 @@ impl Store {
         self.backend
     }
 
-    /// The owner connection: migrations, administration and tests only. Request
-    /// handling must use [`Store::read`] / [`Store::write`].
+    /// The pool's connection as the login of `[store] url`, with no tenant and
+    /// no role switch (the name is historical: it is the owner only when `url`
+    /// is the owner's, as in `anumate migrate` without `owner_url`). For
+    /// cross-tenant work under a dedicated role (the outbox relay) and pings;
+    /// request handling must use [`Store::read`] / [`Store::write`].
     pub fn owner_connection(&self) -> &DatabaseConnection {
         &self.db
     }
 
-    /// Applies `migrations` not yet applied, in order, in one transaction, and
-    /// (PostgreSQL) sets up the serving role, grants and row-level security.
-    pub async fn migrate(&self, migrations: &[Migration]) -> Result<MigrationReport, StoreError> {
-        migrate::run(self, migrations).await
+    /// A fresh connection as the tables' owner (`[store] owner_url`, else
+    /// `url`): migrations and administration only. Close it when done.
+    pub async fn connect_owner(&self) -> Result<DatabaseConnection, StoreError> {
+        match &self.owner_url {
+            Some(url) => Self::pool(url, self.backend, 1, self.connect_timeout).await,
+            None => Ok(self.db.clone()),
+        }
     }
 
-    /// Checks that the serving role cannot bypass row-level security.
+    /// Applies `migrations` not yet applied, in order, in one transaction as the
+    /// owner, and (PostgreSQL) sets up the serving role, grants and row-level
+    /// security, granting the serving role to the serving login when that is
+    /// another login than the owner's.
+    pub async fn migrate(&self, migrations: &[Migration]) -> Result<MigrationReport, StoreError> {
+        let Some(_) = &self.owner_url else {
+            return migrate::run(self, &self.db, None, migrations).await;
+        };
+        let owner = self.connect_owner().await?;
+        let login = self.login().await?;
+        let report = migrate::run(self, &owner, Some(&login), migrations).await;
+        owner.close().await.ok();
+        report
+    }
+
+    /// Grants `role` (a NOLOGIN role a migration created, such as the outbox
+    /// relay's) to the serving login, as the owner. Nothing to do when the
+    /// serving login is the owner's, or on SQLite.
+    pub async fn grant_to_serving_login(&self, role: &str) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres || self.owner_url.is_none() {
+            return Ok(());
+        }
+        let login = self.login().await?;
+        let owner = self.connect_owner().await?;
+        let res = migrate::grant_membership(&owner, role, &login).await;
+        owner.close().await.ok();
+        res
+    }
+
+    /// The login role of the pool (`session_user`).
+    async fn login(&self) -> Result<String, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT session_user::text AS who",
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Db(DbErr::RecordNotFound("session_user".into())))?;
+        Ok(row.try_get("", "who")?)
+    }
+
+    /// Checks that neither the serving login nor the role it switches to can
+    /// bypass row-level security (superuser, `BYPASSRLS`) or own a table of
+    /// this database (an owner may alter or drop it, or disable its policies).
     pub async fn check_serving_role(&self) -> Result<(), StoreError> {
         if self.backend != Backend::Postgres {
             return Ok(());
         }
-        let tx = self.begin(true, "-").await?;
-        let row = tx
-            .query_one(
-                "SELECT current_user::text AS who, r.rolsuper AS sup, r.rolbypassrls AS bypass \
-                 FROM pg_roles r WHERE r.rolname = current_user",
-                vec![],
-            )
+        // The login first (outside a transaction: a login that cannot even
+        // switch to the serving role is still refused for what it is), then
+        // the role each transaction switches to.
+        let login = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                role_check_sql("session_user"),
+            ))
             .await?;
-        let Some(row) = row else { return Ok(()) };
-        let who: String = row.try_get("", "who")?;
-        let sup: bool = row.try_get("", "sup")?;
-        let bypass: bool = row.try_get("", "bypass")?;
-        if sup || bypass {
-            return Err(StoreError::UnsafeRole(who));
-        }
-        Ok(())
+        check_role_row(login)?;
+        let tx = self.begin(true, "-").await?;
+        check_role_row(
+            tx.query_one(&role_check_sql("current_user"), vec![])
+                .await?,
+        )
     }
 
     /// Opens a read transaction scoped to `tenant`.
@@ -265,6 +364,37 @@ impl Store {
             tenant: tenant.to_string(),
             backend: self.backend,
         })
+    }
+}
+
+/// Whether `who` (`session_user` or `current_user`) is a superuser, has
+/// BYPASSRLS, and one table of this database it owns or may act as the owner of.
+fn role_check_sql(who: &str) -> String {
+    format!(
+        "SELECT r.rolname::text AS who, r.rolsuper AS sup, r.rolbypassrls AS bypass, \
+           (SELECT n.nspname || '.' || c.relname FROM pg_class c \
+              JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND pg_has_role(r.oid, c.relowner, 'MEMBER') \
+             ORDER BY 1 LIMIT 1) AS owned \
+         FROM pg_roles r WHERE r.rolname = {who}"
+    )
+}
+
+fn check_role_row(row: Option<QueryResult>) -> Result<(), StoreError> {
+    let Some(row) = row else { return Ok(()) };
+    let role: String = row.try_get("", "who")?;
+    let sup: bool = row.try_get("", "sup")?;
+    let bypass: bool = row.try_get("", "bypass")?;
+    if sup || bypass {
+        return Err(StoreError::UnsafeRole(role));
+    }
+    let owned: Option<String> = row.try_get("", "owned")?;
+    match owned {
+        Some(table) => Err(StoreError::OwnerRole { role, table }),
+        None => Ok(()),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Migrations in code: each component lists its own, the binary applies them all.
 
-use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use sha2::{Digest, Sha256};
 
 use crate::{Backend, Store, StoreError};
@@ -62,11 +62,33 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Grants `role` to `login` (as the connected owner) unless it has it already.
+pub(crate) async fn grant_membership(
+    db: &impl ConnectionTrait,
+    role: &str,
+    login: &str,
+) -> Result<(), StoreError> {
+    let role_lit = role.replace('\'', "''");
+    let login_lit = login.replace('\'', "''");
+    let sql = format!(
+        "DO $$ BEGIN \
+           IF NOT pg_has_role('{login_lit}', '{role_lit}', 'MEMBER') THEN \
+             EXECUTE 'GRANT ' || quote_ident('{role_lit}') || ' TO ' || quote_ident('{login_lit}'); \
+           END IF; \
+         END $$;"
+    );
+    db.execute_unprepared(&sql).await?;
+    Ok(())
+}
+
+/// Migrates through `db` (the owner's connection); `serving_login`, when it is
+/// another login, is granted the serving role.
 pub(crate) async fn run(
     store: &Store,
+    db: &DatabaseConnection,
+    serving_login: Option<&str>,
     migrations: &[Migration],
 ) -> Result<MigrationReport, StoreError> {
-    let db = store.owner_connection();
     let backend = match store.backend {
         Backend::Postgres => DbBackend::Postgres,
         Backend::Sqlite => DbBackend::Sqlite,
@@ -154,6 +176,9 @@ pub(crate) async fn run(
              REVOKE ALL ON anumate_migrations FROM {role_q};"
         ))
         .await?;
+        if let Some(login) = serving_login {
+            grant_membership(&tx, role, login).await?;
+        }
         // Write-once tables (see [`APPEND_ONLY_COMMENT`]) lose UPDATE and DELETE
         // again after the blanket grant above.
         tx.execute_unprepared(&format!(

@@ -133,3 +133,100 @@ async fn empty_tenant_is_refused() {
     let store = store(&db).await;
     assert!(store.read("").await.is_err());
 }
+
+/// Serving as the tables' owner is refused at start-up, naming the role; the
+/// serving login the store uses otherwise can neither alter nor drop a table,
+/// even after leaving the per-transaction role (`RESET ROLE`).
+#[tokio::test]
+async fn postgres_serving_login_is_not_the_owner() {
+    use sea_orm::ConnectionTrait as _;
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    store
+        .check_serving_role()
+        .await
+        .expect("the serving login owns nothing");
+
+    // The owner's login (the URL migrations use) is refused.
+    let owner = Store::connect(&anumate_store::StoreConfig {
+        url: db.config.owner_url.clone(),
+        owner_url: String::new(),
+        ..db.config.clone()
+    })
+    .await
+    .expect("connect as the owner");
+    let err = owner
+        .check_serving_role()
+        .await
+        .expect_err("the owner must not serve");
+    let text = err.to_string();
+    assert!(text.contains("postgres"), "{text}");
+
+    // A non-superuser owner is refused for owning a table, by name.
+    let admin = store.connect_owner().await.expect("owner connection");
+    admin
+        .execute_unprepared(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anumate_test_owner') \
+             THEN CREATE ROLE anumate_test_owner LOGIN NOSUPERUSER NOBYPASSRLS; END IF; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             CREATE TABLE owned_elsewhere (x INT); \
+             ALTER TABLE owned_elsewhere OWNER TO anumate_test_owner",
+        )
+        .await
+        .expect("a table owned by a plain role");
+    let as_owner = Store::connect(&anumate_store::StoreConfig {
+        url: db
+            .config
+            .url
+            .replace(anumate_store::testing::SERVING_LOGIN, "anumate_test_owner"),
+        owner_url: String::new(),
+        ..db.config.clone()
+    })
+    .await
+    .expect("connect as the plain owner");
+    let text = as_owner
+        .check_serving_role()
+        .await
+        .expect_err("a table owner must not serve")
+        .to_string();
+    assert!(
+        text.contains("anumate_test_owner") && text.contains("owned_elsewhere"),
+        "{text}"
+    );
+    admin
+        .execute_unprepared("DROP TABLE owned_elsewhere")
+        .await
+        .expect("drop");
+
+    // The serving login: no DDL on the tables, inside or outside the role switch.
+    for sql in [
+        "ALTER TABLE notes DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE notes NO FORCE ROW LEVEL SECURITY",
+        "DROP TABLE notes",
+        "TRUNCATE notes",
+    ] {
+        let tx = store.write("tenant-a").await.expect("tx");
+        let err = tx.execute(sql, vec![]).await.expect_err(sql);
+        assert!(
+            err.to_string().contains("must be owner")
+                || err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+        drop(tx);
+        let err = store
+            .owner_connection()
+            .execute_unprepared(&format!("RESET ROLE; {sql}"))
+            .await
+            .expect_err(sql);
+        assert!(
+            err.to_string().contains("must be owner")
+                || err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+    }
+    insert(&store, "tenant-a", "still here").await;
+    assert_eq!(
+        bodies_without_filter(&store, "tenant-a").await,
+        vec!["still here"]
+    );
+}
