@@ -163,6 +163,49 @@ pub struct Expr {
     pub span: Span,
 }
 
+/// How many levels an expression may nest: parentheses, lists, objects,
+/// calls, `not`, `-` and each operator of a chain (`a or b or c` is two
+/// levels above `a`) count one. The parser, checker, compiler, evaluator
+/// and printer recurse once per level, so this bounds their stack use (a
+/// few KiB per level in debug builds, far below a 2 MiB thread stack);
+/// written policies and templates stay well below it.
+pub const MAX_NESTING: usize = 64;
+
+impl Expr {
+    /// The first subexpression (in source order) that sits deeper than
+    /// [`MAX_NESTING`] levels, found without recursion: for trees not made
+    /// by the parser, which checks as it goes.
+    pub fn too_deep(&self) -> Option<&Expr> {
+        let mut stack = vec![(self, 1usize)];
+        while let Some((e, level)) = stack.pop() {
+            if level > MAX_NESTING {
+                return Some(e);
+            }
+            let below = level + 1;
+            match &e.kind {
+                ExprKind::Unary(_, a) => stack.push((a, below)),
+                ExprKind::Binary(_, a, b) => {
+                    stack.push((b, below));
+                    stack.push((a, below));
+                }
+                ExprKind::List(items) | ExprKind::Call(_, items) => {
+                    stack.extend(items.iter().rev().map(|x| (x, below)));
+                }
+                ExprKind::Object(fields) => {
+                    stack.extend(fields.iter().rev().map(|(_, x)| (x, below)));
+                }
+                ExprKind::Null
+                | ExprKind::Bool(_)
+                | ExprKind::Int(_)
+                | ExprKind::Float(_)
+                | ExprKind::Str(_)
+                | ExprKind::Path(_) => {}
+            }
+        }
+        None
+    }
+}
+
 /// The expression forms.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExprKind {
@@ -448,12 +491,13 @@ impl fmt::Display for Expr {
             }
             ExprKind::Unary(UnaryOp::Neg, e) => {
                 f.write_char('-')?;
-                // `-5` would read back as a literal, and `--x` is not an operator.
+                // `-5` would read back as a literal. `- -x` (not `-(-x)`)
+                // keeps a chain of negations within the nesting limit.
+                if let ExprKind::Unary(UnaryOp::Neg, _) = e.kind {
+                    return write!(f, " {e}");
+                }
                 let atomic_non_number = e.precedence() >= PREC_NEG
-                    && !matches!(
-                        e.kind,
-                        ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Unary(UnaryOp::Neg, _)
-                    );
+                    && !matches!(e.kind, ExprKind::Int(_) | ExprKind::Float(_));
                 if atomic_non_number {
                     write!(f, "{e}")
                 } else {

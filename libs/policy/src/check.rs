@@ -165,7 +165,21 @@ impl<'a> Checker<'a> {
             .join(", ")
     }
 
-    /// Checks and lowers `e`, returning its node and static type.
+    /// False, with a diagnostic, when `e` nests deeper than [`MAX_NESTING`]:
+    /// the recursive passes (this checker, [`literal_json`], the evaluator)
+    /// only ever see trees that passed this check.
+    pub(crate) fn nesting_ok(&mut self, e: &Expr) -> bool {
+        match e.too_deep() {
+            None => true,
+            Some(deep) => {
+                self.error(deep.span, format!("nesting deeper than {MAX_NESTING}"));
+                false
+            }
+        }
+    }
+
+    /// Checks and lowers `e`, returning its node and static type. `e` has
+    /// passed [`Checker::nesting_ok`].
     pub(crate) fn expr(&mut self, e: &Expr) -> (Node, Ty) {
         let (node, ty) = self.expr_inner(e);
         (node.fold(), ty)
@@ -467,7 +481,8 @@ impl<'a> Checker<'a> {
     }
 }
 
-/// The JSON value of a literal expression, if it is one.
+/// The JSON value of a literal expression, if it is one (`e` has passed
+/// [`Checker::nesting_ok`]).
 pub(crate) fn literal_json(e: &Expr) -> Option<Value> {
     Some(match &e.kind {
         ExprKind::Null => Value::Null,

@@ -155,10 +155,15 @@ pub fn compile_file(file: &str, src: &str, ast: &PolicyFile) -> Result<CompiledS
                     format!("duplicate rule `{}` in policy `{}`", r.id, p.name),
                 );
             }
-            let (when, ty) = cx.expr(&r.when);
-            if !ty.is_bool_or_any() {
-                cx.error(r.when.span, "`when` needs a boolean condition");
-            }
+            let when = if cx.nesting_ok(&r.when) {
+                let (when, ty) = cx.expr(&r.when);
+                if !ty.is_bool_or_any() {
+                    cx.error(r.when.span, "`when` needs a boolean condition");
+                }
+                when
+            } else {
+                Node::Const(Value::Null)
+            };
             let mut effect = Effect::Allow;
             let mut obligations = Vec::new();
             let mut reasons = Vec::new();
@@ -226,6 +231,9 @@ impl Ty {
 }
 
 fn given(cx: &mut Checker<'_>, e: &Expr, schema: &Schema) -> Value {
+    if !cx.nesting_ok(e) {
+        return Value::Null;
+    }
     // Check it like an expression first (duplicate keys and the like).
     let _ = cx.expr(e);
     let Some(v) = literal_json(e) else {
@@ -297,6 +305,9 @@ fn action(cx: &mut Checker<'_>, a: &Action) -> CompiledAction {
         };
         if vals.iter().any(|(n, _)| *n == arg.name) {
             cx.error(arg.name_span, format!("duplicate argument `{}`", arg.name));
+            continue;
+        }
+        if !cx.nesting_ok(&arg.value) {
             continue;
         }
         let Some(v) = literal_json(&arg.value) else {

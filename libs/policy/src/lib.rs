@@ -73,7 +73,7 @@ mod parse;
 use anumate_errors::Violation;
 use serde_json::Value;
 
-pub use ast::{Effect, PolicyFile};
+pub use ast::{Effect, MAX_NESTING, PolicyFile};
 pub use check::{FieldTy, POLICY_INPUT, Schema, TEMPLATE_INPUT, TemplateScope};
 pub use compile::{
     CompiledSet, DEFAULT_FUEL, Decision, MatchedRule, Obligation, SourceSpan, TestOutcome,
@@ -127,7 +127,11 @@ pub fn compile_template_expr(
     let e = parse_expr(src)?;
     let mut cx = Checker::new("expression", src, &TEMPLATE_INPUT);
     cx.template = Some(*scope);
-    let (node, _) = cx.expr(&e);
+    let node = if cx.nesting_ok(&e) {
+        cx.expr(&e).0
+    } else {
+        eval::Node::Const(Value::Null)
+    };
     if cx.diags.is_empty() {
         Ok(TemplateExpr { node })
     } else {

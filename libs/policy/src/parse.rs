@@ -4,6 +4,12 @@
 //! two tokens, except inside a path (`steps.fetch-order.output['x']`) and
 //! between a `-` and the digits of a negative number. Errors are *cut*: the
 //! first one stops parsing and carries the byte offset where it was seen.
+//!
+//! Expressions nest at most [`MAX_NESTING`] levels (parentheses, lists,
+//! objects, calls, `not`, `-` and each operator of a chain count one): the
+//! parser recurses once per level, and so does every later pass, so the
+//! bound is checked here, while descending and while folding operator
+//! chains, before a deep tree can exist.
 
 use winnow::combinator::opt;
 use winnow::error::{ContextError, ErrMode};
@@ -80,7 +86,7 @@ pub fn parse_file(src: &str) -> Result<PolicyFile, Fail> {
 
 /// Parses one expression (a capsule template body or a step `if:`).
 pub fn parse_expr(src: &str) -> Result<Expr, Fail> {
-    run(src, |i| expr(i, 0))
+    run(src, top_expr)
 }
 
 // ---------------------------------------------------------------- tokens
@@ -421,7 +427,7 @@ fn rule(i: &mut In<'_>) -> PResult<Rule> {
             },
         );
     }
-    let when = expr(i, 0)?;
+    let when = top_expr(i)?;
     expect_kw(i, "then")?;
     let mut actions = vec![action(i)?];
     while sym(i, ",")? {
@@ -460,7 +466,7 @@ fn action(i: &mut In<'_>) -> PResult<Action> {
             }
             let (n, name_span) = ident(i, "an argument name or `)`")?;
             expect_sym(i, ":")?;
-            let value = expr(i, 0)?;
+            let value = top_expr(i)?;
             args.push(Arg {
                 name: n.to_string(),
                 name_span,
@@ -492,7 +498,7 @@ fn test(i: &mut In<'_>) -> PResult<TestCase> {
     if i.peek_token() != Some('{') {
         return expected(i, "`{` (the input object)");
     }
-    let given = operand(i)?;
+    let (given, _) = operand(i, 0)?;
     expect_kw(i, "expect")?;
     let expect = if kw(i, "allow")? {
         Effect::Allow
@@ -563,18 +569,62 @@ fn is_cmp(op: BinaryOp) -> bool {
     op.precedence() == PREC_CMP
 }
 
+/// One level deeper than `depth`, or the nesting error at the next token.
+fn nest(i: &mut In<'_>, depth: usize) -> PResult<usize> {
+    if depth + 1 >= MAX_NESTING {
+        ws(i)?;
+        return too_deep(pos(i), 1);
+    }
+    Ok(depth + 1)
+}
+
+// The errors of the recursive functions are built out of line, so that
+// their temporaries are not in every frame of a deep recursion.
+
+#[cold]
+#[inline(never)]
+fn too_deep<T>(offset: usize, len: usize) -> PResult<T> {
+    fail(offset, len, format!("nesting deeper than {MAX_NESTING}"))
+}
+
+#[cold]
+#[inline(never)]
+fn chained_comparison<T>(offset: usize, len: usize, op: BinaryOp) -> PResult<T> {
+    fail(
+        offset,
+        len,
+        format!(
+            "comparisons do not chain: add parentheses before `{}`",
+            op.as_str()
+        ),
+    )
+}
+
+/// A whole expression: the value of a `when`, an argument, a template.
+fn top_expr(i: &mut In<'_>) -> PResult<Expr> {
+    Ok(expr(i, 0, 0)?.0)
+}
+
 /// Precedence climbing: parses operators binding at least `min_prec`.
-fn expr(i: &mut In<'_>, min_prec: u8) -> PResult<Expr> {
+///
+/// `depth` counts the levels around this expression; the result comes with
+/// its height in levels (a leaf is 1), and `depth + height` stays within
+/// [`MAX_NESTING`].
+fn expr(i: &mut In<'_>, min_prec: u8, depth: usize) -> PResult<(Expr, usize)> {
     ws(i)?;
     let start = pos(i);
-    let mut lhs = if kw(i, "not")? {
-        let e = expr(i, PREC_NOT)?;
-        Expr {
-            span: Span::new(start, e.span.end),
-            kind: ExprKind::Unary(UnaryOp::Not, Box::new(e)),
-        }
+    let (mut lhs, mut height) = if kw(i, "not")? {
+        let inner = nest(i, depth)?;
+        let (e, h) = expr(i, PREC_NOT, inner)?;
+        (
+            Expr {
+                span: Span::new(start, e.span.end),
+                kind: ExprKind::Unary(UnaryOp::Not, Box::new(e)),
+            },
+            h + 1,
+        )
     } else {
-        unary(i)?
+        unary(i, depth)?
     };
     let mut last_cmp: Option<usize> = None;
     while let Some((op, len)) = peek_binop(i)? {
@@ -586,205 +636,265 @@ fn expr(i: &mut In<'_>, min_prec: u8) -> PResult<Expr> {
         let op_at = pos(i);
         if is_cmp(op) {
             if last_cmp.is_some() {
-                return fail(
-                    op_at,
-                    len,
-                    format!(
-                        "comparisons do not chain: add parentheses before `{}`",
-                        op.as_str()
-                    ),
-                );
+                return chained_comparison(op_at, len, op);
             }
             last_cmp = Some(op_at);
         } else if p < PREC_CMP {
             last_cmp = None;
         }
         i.next_slice(len);
-        let rhs = expr(i, p + 1)?;
+        let inner = nest(i, depth)?;
+        let (rhs, rhs_height) = expr(i, p + 1, inner)?;
+        // A chain `a + b + c …` folds to the left: each operator is one
+        // more level above the first operand.
+        height = height.max(rhs_height) + 1;
+        if depth + height > MAX_NESTING {
+            return too_deep(op_at, len);
+        }
         lhs = Expr {
             span: Span::new(start, rhs.span.end),
             kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
         };
     }
-    Ok(lhs)
+    Ok((lhs, height))
 }
 
-/// `-x` or an operand.
-fn unary(i: &mut In<'_>) -> PResult<Expr> {
+/// `-x` or an operand, with its height.
+fn unary(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
     ws(i)?;
     let start = pos(i);
     let rest: &str = i;
     if rest.starts_with('-') && !rest[1..].starts_with(|c: char| c.is_ascii_digit()) {
         i.next_token();
-        let e = unary(i)?;
-        return Ok(Expr {
-            span: Span::new(start, e.span.end),
-            kind: ExprKind::Unary(UnaryOp::Neg, Box::new(e)),
-        });
+        let inner = nest(i, depth)?;
+        let (e, h) = unary(i, inner)?;
+        return Ok((
+            Expr {
+                span: Span::new(start, e.span.end),
+                kind: ExprKind::Unary(UnaryOp::Neg, Box::new(e)),
+            },
+            h + 1,
+        ));
     }
-    operand(i)
+    operand(i, depth)
 }
 
-fn operand(i: &mut In<'_>) -> PResult<Expr> {
+/// An operand, with its height (parentheses count as a level).
+///
+/// Each form is its own function: this one and the forms that recurse keep
+/// small stack frames, since they are on the stack once per nesting level
+/// (debug builds give every temporary of a function its own slot).
+fn operand(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
     ws(i)?;
-    let start = pos(i);
-    let span = |i: &In<'_>| Span::new(start, pos(i));
     match i.peek_token() {
-        Some('"' | '\'') => {
-            let (s, sp) = string_lit(i)?;
-            Ok(Expr {
-                kind: ExprKind::Str(s),
-                span: sp,
-            })
-        }
-        Some(c) if c.is_ascii_digit() || c == '-' => {
-            let (kind, sp) = number(i)?;
-            Ok(Expr { kind, span: sp })
-        }
-        Some('(') => {
-            i.next_token();
-            let mut e = expr(i, 0)?;
-            expect_close(i, ")", start)?;
-            // Parentheses are not a node; the span grows to include them.
-            e.span = span(i);
-            Ok(e)
-        }
-        Some('[') => {
-            i.next_token();
-            let mut items = Vec::new();
-            loop {
-                if sym(i, "]")? {
-                    break;
-                }
-                items.push(expr(i, 0)?);
-                if !sym(i, ",")? {
-                    expect_close(i, "]", start)?;
-                    break;
-                }
-            }
-            Ok(Expr {
-                kind: ExprKind::List(items),
-                span: span(i),
-            })
-        }
-        Some('{') => {
-            i.next_token();
-            let mut fields = Vec::new();
-            loop {
-                if sym(i, "}")? {
-                    break;
-                }
-                ws(i)?;
-                let key = match i.peek_token() {
-                    Some('"' | '\'') => string_lit(i)?.0,
-                    _ => ident(i, "a key or `}`")?.0.to_string(),
-                };
-                expect_sym(i, ":")?;
-                fields.push((key, expr(i, 0)?));
-                if !sym(i, ",")? {
-                    expect_close(i, "}", start)?;
-                    break;
-                }
-            }
-            Ok(Expr {
-                kind: ExprKind::Object(fields),
-                span: span(i),
-            })
-        }
-        Some(c) if is_ident_start(c) => {
-            let (word, _) = ident(i, "an expression")?;
-            match word {
-                "true" => {
-                    return Ok(Expr {
-                        kind: ExprKind::Bool(true),
-                        span: span(i),
-                    });
-                }
-                "false" => {
-                    return Ok(Expr {
-                        kind: ExprKind::Bool(false),
-                        span: span(i),
-                    });
-                }
-                "null" => {
-                    return Ok(Expr {
-                        kind: ExprKind::Null,
-                        span: span(i),
-                    });
-                }
-                w if KEYWORDS.contains(&w) => {
-                    return fail(
-                        start,
-                        w.len(),
-                        format!("expected an expression, found keyword `{w}`"),
-                    );
-                }
-                _ => {}
-            }
-            // `sym` skips whitespace first; a path followed by ` - x` must keep
-            // that whitespace, since it is what makes `-` an operator.
-            let before_call = i.checkpoint();
-            if !sym(i, "(")? {
-                i.reset(&before_call);
-            } else {
-                let open = pos(i) - 1;
-                let mut args = Vec::new();
-                loop {
-                    if sym(i, ")")? {
-                        break;
-                    }
-                    args.push(expr(i, 0)?);
-                    if !sym(i, ",")? {
-                        expect_close(i, ")", open)?;
-                        break;
-                    }
-                }
-                return Ok(Expr {
-                    kind: ExprKind::Call(word.to_string(), args),
-                    span: span(i),
-                });
-            }
-            let mut segments = Vec::new();
-            loop {
-                match i.peek_token() {
-                    Some('.') => {
-                        i.next_token();
-                        segments.push(Segment::Field(field_segment(i)?));
-                    }
-                    Some('[') => {
-                        let open = pos(i);
-                        i.next_token();
-                        ws(i)?;
-                        let seg = match i.peek_token() {
-                            Some('"' | '\'') => Segment::Key(string_lit(i)?.0),
-                            Some(c) if c.is_ascii_digit() || c == '-' => match number(i)? {
-                                (ExprKind::Int(n), _) => Segment::Index(n),
-                                (_, sp) => {
-                                    return fail(
-                                        sp.start,
-                                        sp.end - sp.start,
-                                        "index must be an integer",
-                                    );
-                                }
-                            },
-                            _ => return expected(i, "a quoted key or an integer index"),
-                        };
-                        expect_close(i, "]", open)?;
-                        segments.push(seg);
-                    }
-                    _ => break,
-                }
-            }
-            Ok(Expr {
-                kind: ExprKind::Path(Path {
-                    root: word.to_string(),
-                    segments,
-                }),
-                span: span(i),
-            })
-        }
+        Some('"' | '\'') => string_operand(i),
+        Some(c) if c.is_ascii_digit() || c == '-' => number_operand(i),
+        Some('(') => parenthesized(i, depth),
+        Some('[') => list(i, depth),
+        Some('{') => object(i, depth),
+        Some(c) if is_ident_start(c) => word_operand(i, depth),
         _ => expected(i, "an expression"),
     }
+}
+
+#[inline(never)]
+fn string_operand(i: &mut In<'_>) -> PResult<(Expr, usize)> {
+    let (s, span) = string_lit(i)?;
+    Ok((
+        Expr {
+            kind: ExprKind::Str(s),
+            span,
+        },
+        1,
+    ))
+}
+
+#[inline(never)]
+fn number_operand(i: &mut In<'_>) -> PResult<(Expr, usize)> {
+    let (kind, span) = number(i)?;
+    Ok((Expr { kind, span }, 1))
+}
+
+/// `( expr )`; the parentheses count as a level but are not a node.
+fn parenthesized(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
+    let start = pos(i);
+    let inner = nest(i, depth)?;
+    i.next_token();
+    let (mut e, h) = expr(i, 0, inner)?;
+    expect_close(i, ")", start)?;
+    // The span grows to include the parentheses.
+    e.span = Span::new(start, pos(i));
+    Ok((e, h + 1))
+}
+
+/// The elements of a list or the arguments of a call, up to `close`; the
+/// opening delimiter (at `open`) is consumed. Returns the tallest height.
+fn elements(
+    i: &mut In<'_>,
+    depth: usize,
+    open: usize,
+    close: &'static str,
+    items: &mut Vec<Expr>,
+) -> PResult<usize> {
+    let mut tallest = 0;
+    loop {
+        if sym(i, close)? {
+            break;
+        }
+        let (e, h) = expr(i, 0, depth)?;
+        tallest = tallest.max(h);
+        items.push(e);
+        if !sym(i, ",")? {
+            expect_close(i, close, open)?;
+            break;
+        }
+    }
+    Ok(tallest)
+}
+
+fn list(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
+    let start = pos(i);
+    let inner = nest(i, depth)?;
+    i.next_token();
+    let mut items = Vec::new();
+    let tallest = elements(i, inner, start, "]", &mut items)?;
+    Ok((
+        Expr {
+            kind: ExprKind::List(items),
+            span: Span::new(start, pos(i)),
+        },
+        tallest + 1,
+    ))
+}
+
+#[inline(never)]
+fn object_key(i: &mut In<'_>) -> PResult<String> {
+    ws(i)?;
+    let key = match i.peek_token() {
+        Some('"' | '\'') => string_lit(i)?.0,
+        _ => ident(i, "a key or `}`")?.0.to_string(),
+    };
+    expect_sym(i, ":")?;
+    Ok(key)
+}
+
+fn object(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
+    let start = pos(i);
+    let inner = nest(i, depth)?;
+    i.next_token();
+    let mut fields = Vec::new();
+    let mut tallest = 0;
+    loop {
+        if sym(i, "}")? {
+            break;
+        }
+        let key = object_key(i)?;
+        let (e, h) = expr(i, 0, inner)?;
+        tallest = tallest.max(h);
+        fields.push((key, e));
+        if !sym(i, ",")? {
+            expect_close(i, "}", start)?;
+            break;
+        }
+    }
+    Ok((
+        Expr {
+            kind: ExprKind::Object(fields),
+            span: Span::new(start, pos(i)),
+        },
+        tallest + 1,
+    ))
+}
+
+/// A literal word (`true`, `false`, `null`), a call or a path.
+fn word_operand(i: &mut In<'_>, depth: usize) -> PResult<(Expr, usize)> {
+    let start = pos(i);
+    let (word, _) = ident(i, "an expression")?;
+    if let Some(e) = word_literal(word, start, pos(i))? {
+        return Ok((e, 1));
+    }
+    // `sym` skips whitespace first; a path followed by ` - x` must keep
+    // that whitespace, since it is what makes `-` an operator.
+    let before_call = i.checkpoint();
+    if !sym(i, "(")? {
+        i.reset(&before_call);
+        return path_rest(i, word, start);
+    }
+    let open = pos(i) - 1;
+    let inner = nest(i, depth)?;
+    let mut args = Vec::new();
+    let tallest = elements(i, inner, open, ")", &mut args)?;
+    Ok((
+        Expr {
+            kind: ExprKind::Call(word.to_string(), args),
+            span: Span::new(start, pos(i)),
+        },
+        tallest + 1,
+    ))
+}
+
+/// `true`, `false` or `null`; an error for another keyword; `None` for a name.
+#[inline(never)]
+fn word_literal(word: &str, start: usize, end: usize) -> PResult<Option<Expr>> {
+    let kind = match word {
+        "true" => ExprKind::Bool(true),
+        "false" => ExprKind::Bool(false),
+        "null" => ExprKind::Null,
+        w if KEYWORDS.contains(&w) => {
+            return fail(
+                start,
+                w.len(),
+                format!("expected an expression, found keyword `{w}`"),
+            );
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(Expr {
+        kind,
+        span: Span::new(start, end),
+    }))
+}
+
+/// The segments of a path after its root `word`.
+#[inline(never)]
+fn path_rest(i: &mut In<'_>, word: &str, start: usize) -> PResult<(Expr, usize)> {
+    let mut segments = Vec::new();
+    loop {
+        match i.peek_token() {
+            Some('.') => {
+                i.next_token();
+                segments.push(Segment::Field(field_segment(i)?));
+            }
+            Some('[') => {
+                let open = pos(i);
+                i.next_token();
+                ws(i)?;
+                let seg = match i.peek_token() {
+                    Some('"' | '\'') => Segment::Key(string_lit(i)?.0),
+                    Some(c) if c.is_ascii_digit() || c == '-' => match number(i)? {
+                        (ExprKind::Int(n), _) => Segment::Index(n),
+                        (_, sp) => {
+                            return fail(sp.start, sp.end - sp.start, "index must be an integer");
+                        }
+                    },
+                    _ => return expected(i, "a quoted key or an integer index"),
+                };
+                expect_close(i, "]", open)?;
+                segments.push(seg);
+            }
+            _ => break,
+        }
+    }
+    Ok((
+        Expr {
+            kind: ExprKind::Path(Path {
+                root: word.to_string(),
+                segments,
+            }),
+            span: Span::new(start, pos(i)),
+        },
+        1,
+    ))
 }
 
 /// A segment after a dot: word characters joined by single hyphens.
