@@ -26,15 +26,13 @@ pub struct EventsCommand {
 /// Events subcommands.
 #[derive(Subcommand, Debug)]
 pub enum EventsSub {
-    /// Follow events: history from --since/--after, then live ones.
+    /// Follow your tenant's events (the token's tenant): history from
+    /// --since/--after, then live ones.
     Tail {
         /// CloudEvents type to show (repeatable); a trailing `*` matches a
         /// prefix, e.g. `dev.anumate.capsule.*`.
         #[arg(long = "type", short = 't')]
         types: Vec<String>,
-        /// Another tenant's events (admin only).
-        #[arg(long, default_value = "")]
-        tenant: String,
         /// Only events of this aggregate (Kafka key), e.g. a capsule name.
         #[arg(long, default_value = "")]
         key: String,
@@ -169,7 +167,6 @@ async fn events(cmd: EventsCommand) -> Result<(), Failure> {
     match cmd.command {
         EventsSub::Tail {
             types,
-            tenant,
             key,
             topic,
             since,
@@ -185,12 +182,7 @@ async fn events(cmd: EventsCommand) -> Result<(), Failure> {
             };
             let mut stream = client
                 .tail_events(pb::TailEventsRequest {
-                    filter: Some(pb::EventFilter {
-                        types,
-                        tenant_id: tenant,
-                        key,
-                        topic,
-                    }),
+                    filter: Some(pb::EventFilter { types, key, topic }),
                     start,
                 })
                 .await?

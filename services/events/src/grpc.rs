@@ -35,7 +35,6 @@ fn caller<T>(req: &Request<T>, roles: &[Role]) -> Result<Caller, Status> {
     let principal: Principal = anumate_auth::principal(req)?;
     principal.require_any(roles)?;
     Ok(Caller {
-        admin: principal.has_role(Role::Admin),
         tenant: principal.tenant_id,
         subject: principal.subject,
     })

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anumate_errors::{Error, Result};
-use anumate_store::{Backend, Migration, QueryResult, Store, TenantTx, Value};
+use anumate_store::{Backend, Migration, QueryResult, Store, StoreError, TenantTx, Value};
 
 /// The history tables.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -241,7 +241,7 @@ pub async fn record(
     events: &[NewEvent],
     cursor: Option<(&str, i64)>,
     purge_before: &HashMap<String, i64>,
-) -> Result<usize> {
+) -> std::result::Result<usize, StoreError> {
     let mut by_tenant: BTreeMap<&str, Vec<&NewEvent>> = BTreeMap::new();
     for e in events {
         by_tenant.entry(e.tenant_id.as_str()).or_default().push(e);

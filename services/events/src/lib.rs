@@ -13,11 +13,18 @@
 //! - **Embedded (no Kafka):** [`Events::spawn_outbox_feed`] copies committed
 //!   outbox rows of the same database into the history.
 //!
+//! ## Tenancy
+//! Every read is of the caller's tenant, taken from the verified token: a
+//! request has no field naming a tenant, and no role reads another's events.
+//!
 //! ## Live tails
 //! Each tail reads the history after the last sequence it sent. It wakes when
 //! this process records events (an in-process watch channel) and, as a
 //! fallback for events recorded by another replica (mesh mode), every
-//! `tail_poll_ms`.
+//! `tail_poll_ms`. A process serves at most `max_tails` tails, and one tenant
+//! at most `max_tails_per_tenant` of them, so one tenant cannot take every
+//! slot. A tail whose client stops reading holds its slot for at most
+//! `tail_idle_timeout_secs`, then ends with `UNAVAILABLE`.
 #![forbid(unsafe_code)]
 
 mod feed;
@@ -59,7 +66,7 @@ pub const REPO_MIGRATIONS: &[Migration] = &[
     history::MIGRATIONS[0],
 ];
 
-/// `[events_service]` configuration.
+/// `[events]` configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsServiceConfig {
@@ -74,10 +81,20 @@ pub struct EventsServiceConfig {
     pub history_group: String,
     /// Most concurrent tails per process.
     pub max_tails: usize,
+    /// Most concurrent tails of one tenant per process (at least 1).
+    pub max_tails_per_tenant: usize,
+    /// Seconds a tail waits for a client that stopped reading before it is
+    /// ended and its slot freed. 0: wait for ever.
+    pub tail_idle_timeout_secs: u64,
     /// Hours of history kept per tenant (by event time); older events are
     /// purged as new ones are recorded, at most once a minute per tenant.
     /// 0 keeps everything.
     pub history_retention_hours: u64,
+    /// Hours the Kafka history consumer remembers a consumed event id (its
+    /// dedupe table, `consumed_events`); older entries are purged every few
+    /// minutes. A redelivery older than this is still recorded once: the
+    /// history itself is unique per event id. 0 keeps everything.
+    pub consumed_retention_hours: u64,
 }
 
 impl Default for EventsServiceConfig {
@@ -88,20 +105,22 @@ impl Default for EventsServiceConfig {
             max_replay: 10_000,
             history_group: "anumate-event-history".into(),
             max_tails: 256,
+            max_tails_per_tenant: 16,
+            tail_idle_timeout_secs: 60,
             history_retention_hours: 168,
+            consumed_retention_hours: 168,
         }
     }
 }
 
-/// Who is reading: from the verified token.
+/// Who is reading: from the verified token. Its tenant is the only tenant
+/// the service reads for it.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// Tenant id.
     pub tenant: String,
     /// Principal subject.
     pub subject: String,
-    /// Holds the `admin` role.
-    pub admin: bool,
 }
 
 /// Where a tail's history part starts.
@@ -122,6 +141,8 @@ pub struct Events {
     cfg: EventsServiceConfig,
     recorded: Arc<watch::Sender<u64>>,
     tails: Arc<tokio::sync::Semaphore>,
+    /// Open tails per tenant.
+    tenant_tails: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     replayer: Option<Arc<kafka::Replayer>>,
     /// When each tenant's history was last purged (Unix microseconds).
     purged: Arc<std::sync::Mutex<HashMap<String, i64>>>,
@@ -197,6 +218,7 @@ impl Events {
             cfg: cfg.clone(),
             recorded: Arc::new(recorded),
             tails: Arc::new(tokio::sync::Semaphore::new(cfg.max_tails.max(1))),
+            tenant_tails: Arc::default(),
             replayer,
             purged: Arc::default(),
         }
@@ -210,7 +232,7 @@ impl Events {
     /// Records events in the history and wakes the tails; returns how many
     /// were new.
     pub async fn record(&self, events: &[NewEvent]) -> Result<usize> {
-        self.record_at(events, None).await
+        Ok(self.record_at(events, None).await?)
     }
 
     /// [`Events::record`], saving a feeder's position in the same transaction.
@@ -218,7 +240,7 @@ impl Events {
         &self,
         events: &[NewEvent],
         cursor: Option<(&str, i64)>,
-    ) -> Result<usize> {
+    ) -> std::result::Result<usize, anumate_store::StoreError> {
         let purge = self.purge_cutoffs(events);
         let new = history::record(&self.store, events, cursor, &purge).await?;
         if new > 0 {
@@ -260,21 +282,43 @@ impl Events {
         ))
     }
 
-    /// The tenant a filter reads: the caller's, or (admin only) the one named.
-    fn tenant_of(caller: &Caller, filter: &pb::EventFilter) -> Result<String> {
-        if filter.tenant_id.is_empty() || filter.tenant_id == caller.tenant {
-            return Ok(caller.tenant.clone());
-        }
-        check_text("filter.tenant_id", &filter.tenant_id)?;
-        if !caller.admin {
-            tracing::warn!(tenant = %caller.tenant, subject = %caller.subject, other = %filter.tenant_id, "permission denied: events of another tenant");
+    /// Takes a tail slot of `tenant`: one of the server's `max_tails` and of
+    /// the tenant's `max_tails_per_tenant`.
+    fn tail_slot(&self, tenant: &str) -> Result<TailSlot> {
+        let quota = self.cfg.max_tails_per_tenant.max(1);
+        let mut open = lock(&self.tenant_tails);
+        let n = open.get(tenant).copied().unwrap_or(0);
+        if n >= quota {
+            tracing::warn!(
+                tenant,
+                open = n,
+                quota,
+                "tail refused: tenant quota reached"
+            );
             return Err(Error::new(
-                ErrorCode::PermissionDenied,
-                "reading another tenant's events needs the admin role",
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "too many open tails for this tenant ({n}; at most {quota} per tenant per server): close one and retry"
+                ),
             )
-            .with_metadata("required_roles", "admin"));
+            .with_metadata("limit", "max_tails_per_tenant"));
         }
-        Ok(filter.tenant_id.clone())
+        let permit = self.tails.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "too many open tails (at most {} per server)",
+                    self.cfg.max_tails
+                ),
+            )
+            .with_metadata("limit", "max_tails")
+        })?;
+        open.insert(tenant.to_string(), n + 1);
+        Ok(TailSlot {
+            _permit: permit,
+            tenant: tenant.to_string(),
+            open: self.tenant_tails.clone(),
+        })
     }
 
     /// Validates a filter into a query (without position or times).
@@ -327,7 +371,7 @@ impl Events {
         req: &pb::ListEventsRequest,
     ) -> Result<(Vec<pb::Event>, String)> {
         let filter = req.filter.clone().unwrap_or_default();
-        let tenant = Self::tenant_of(caller, &filter)?;
+        let tenant = caller.tenant.clone();
         let mut q = Self::query_of(&filter)?;
         q.since = req.since.as_ref().map(|t| micros("since", t)).transpose()?;
         q.until = req.until.as_ref().map(|t| micros("until", t)).transpose()?;
@@ -353,17 +397,9 @@ impl Events {
         filter: &pb::EventFilter,
         start: TailStart,
     ) -> Result<mpsc::Receiver<Result<pb::TailEventsResponse>>> {
-        let tenant = Self::tenant_of(caller, filter)?;
+        let tenant = caller.tenant.clone();
         let mut q = Self::query_of(filter)?;
-        let permit = self.tails.clone().try_acquire_owned().map_err(|_| {
-            Error::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "too many open tails (at most {} per server)",
-                    self.cfg.max_tails
-                ),
-            )
-        })?;
+        let slot = self.tail_slot(&tenant)?;
         match start {
             TailStart::Live => {
                 let tx = self.store.read(&tenant).await?;
@@ -375,8 +411,12 @@ impl Events {
         let (out, rx) = mpsc::channel(64);
         let me = self.clone();
         let mut wake = self.recorded.subscribe();
+        let idle = match self.cfg.tail_idle_timeout_secs {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        };
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let poll = Duration::from_millis(me.cfg.tail_poll_ms.max(10));
             let mut caught_up = false;
             loop {
@@ -401,7 +441,7 @@ impl Events {
                             event: Some(to_proto(r)),
                             caught_up: false,
                         };
-                        if out.send(Ok(msg)).await.is_err() {
+                        if !send(&out, msg, idle, &tenant).await {
                             return;
                         }
                     }
@@ -415,7 +455,7 @@ impl Events {
                         event: None,
                         caught_up: true,
                     };
-                    if out.send(Ok(marker)).await.is_err() {
+                    if !send(&out, marker, idle, &tenant).await {
                         return;
                     }
                 }
@@ -484,6 +524,78 @@ impl Events {
         replayer
             .replay(&self.store, &caller.tenant, &req.topic, origin, limit)
             .await
+    }
+}
+
+/// The guard of a poisoned mutex too: the maps it guards stay consistent
+/// (each update is one insert or remove).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A tail's place in the server-wide and the per-tenant limits; freed when
+/// the tail's task ends.
+struct TailSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tenant: String,
+    open: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for TailSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.open);
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Sends one tail message; false when the tail must end: the client went
+/// away, or it has not made room for `idle` (it stopped reading). Messages
+/// are queued only with two free places, so one is always left for the
+/// final `UNAVAILABLE` error a client that resumes reading will see.
+async fn send(
+    out: &mpsc::Sender<Result<pb::TailEventsResponse>>,
+    msg: pb::TailEventsResponse,
+    idle: Option<Duration>,
+    tenant: &str,
+) -> bool {
+    let reserve = out.reserve_many(2);
+    let permits = match idle {
+        None => reserve.await,
+        Some(d) => match tokio::time::timeout(d, reserve).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::info!(
+                    tenant,
+                    idle_secs = d.as_secs(),
+                    "tail ended: the client stopped reading"
+                );
+                let _ = out.try_send(Err(Error::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "tail ended: the client read nothing for {} s; resume with after_sequence",
+                        d.as_secs()
+                    ),
+                )));
+                return false;
+            }
+        },
+    };
+    match permits {
+        Ok(mut permits) => {
+            if let Some(p) = permits.next() {
+                p.send(Ok(msg));
+            }
+            true
+        }
+        Err(_) => false,
     }
 }
 

@@ -67,6 +67,16 @@ async fn spawn_app_with(
     replayer: Option<Arc<kafka::Replayer>>,
     feed: bool,
 ) -> TestApp {
+    spawn_app_cfg(backend, replayer, feed, config()).await
+}
+
+/// [`spawn_app_with`] serving with `cfg`.
+async fn spawn_app_cfg(
+    backend: Backend,
+    replayer: Option<Arc<kafka::Replayer>>,
+    feed: bool,
+    cfg: EventsServiceConfig,
+) -> TestApp {
     let db = match backend {
         Backend::Sqlite => TestDb::sqlite(),
         Backend::Postgres => TestDb::postgres().await,
@@ -83,7 +93,7 @@ async fn spawn_app_with(
         .with_static_issuer(issuer.issuer(), issuer.jwks());
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
     let registry = Registry::new(store.clone(), keys, &RegistryConfig::default());
-    let events = Events::new(store.clone(), &config(), replayer);
+    let events = Events::new(store.clone(), &cfg, replayer);
     let mut tasks = Vec::new();
     if feed {
         tasks.push(events.spawn_outbox_feed());
@@ -235,7 +245,106 @@ on_both_backends! {
     tail_shows_a_pushed_capsule_live_and_from_history => tail_live_sqlite, tail_live_postgres;
     filters_tenants_and_bad_input => filters_sqlite, filters_postgres;
     list_pages_through_history => list_sqlite, list_postgres;
+    consumed_ids_leave_after_retention => consumed_purge_sqlite, consumed_purge_postgres;
+    an_admin_never_reads_another_tenant => cross_tenant_sqlite, cross_tenant_postgres;
     history_keeps_the_retention_window => retention_sqlite, retention_postgres;
+}
+
+/// `EventFilter` as clients built before field 2 was removed send it:
+/// `tenant_id` naming the tenant to read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LegacyFilter {
+    #[prost(string, tag = "2")]
+    tenant_id: String,
+}
+
+/// `ListEventsRequest` with a [`LegacyFilter`].
+#[derive(Clone, PartialEq, prost::Message)]
+struct LegacyListRequest {
+    #[prost(message, optional, tag = "1")]
+    filter: Option<LegacyFilter>,
+}
+
+/// `TailEventsRequest` with a [`LegacyFilter`], from the start of history.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LegacyTailRequest {
+    #[prost(message, optional, tag = "1")]
+    filter: Option<LegacyFilter>,
+    #[prost(int64, optional, tag = "3")]
+    after_sequence: Option<i64>,
+}
+
+/// The tenant comes from the verified token only: an `acme` admin naming
+/// `dev` in the filter (as `events tail --tenant dev` used to) gets acme's
+/// events, never dev's, whether listing or tailing.
+async fn an_admin_never_reads_another_tenant(app: TestApp) {
+    push(&app, "dev", "secret", true).await;
+    push(&app, "acme", "mine", false).await;
+    wait_for_history(&app.store, "dev", 2).await;
+    wait_for_history(&app.store, "acme", 1).await;
+    let path = |rpc: &'static str| {
+        tonic::codegen::http::uri::PathAndQuery::from_static(match rpc {
+            "list" => "/anumate.events.v1.EventsService/ListEvents",
+            _ => "/anumate.events.v1.EventsService/TailEvents",
+        })
+    };
+    let filter = Some(LegacyFilter {
+        tenant_id: "dev".into(),
+    });
+    let channel = InterceptedService::new(
+        app.channel().await,
+        app.token("acme", &[Role::Admin, Role::Auditor, Role::Operator]),
+    );
+    let mut grpc = tonic::client::Grpc::new(channel);
+
+    grpc.ready().await.expect("ready");
+    let page = grpc
+        .unary(
+            tonic::Request::new(LegacyListRequest {
+                filter: filter.clone(),
+            }),
+            path("list"),
+            tonic_prost::ProstCodec::<LegacyListRequest, pb::ListEventsResponse>::default(),
+        )
+        .await
+        .expect("list")
+        .into_inner();
+    let seen: Vec<_> = page
+        .events
+        .iter()
+        .map(|e| (e.tenant_id.as_str(), e.key.as_str()))
+        .collect();
+    assert_eq!(seen, [("acme", "mine")]);
+
+    grpc.ready().await.expect("ready");
+    let mut s = grpc
+        .server_streaming(
+            tonic::Request::new(LegacyTailRequest {
+                filter,
+                after_sequence: Some(0),
+            }),
+            path("tail"),
+            tonic_prost::ProstCodec::<LegacyTailRequest, pb::TailEventsResponse>::default(),
+        )
+        .await
+        .expect("tail")
+        .into_inner();
+    let seen = history(&mut s).await;
+    let seen: Vec<_> = seen
+        .iter()
+        .map(|e| (e.tenant_id.as_str(), e.key.as_str()))
+        .collect();
+    assert_eq!(seen, [("acme", "mine")]);
+
+    // And through the generated client: nothing but acme's.
+    let mut admin = app.client("acme", &[Role::Admin]).await;
+    let page = admin
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(page.events.iter().all(|e| e.tenant_id == "acme"));
+    assert_eq!(page.events.len(), 1);
 }
 
 fn event_at(tenant: &str, id: &str, time_micros: i64) -> anumate_events_service::NewEvent {
@@ -362,6 +471,181 @@ async fn tails_are_limited_and_released() {
     }
 }
 
+/// One tenant cannot take every tail: past `max_tails_per_tenant` it gets
+/// RESOURCE_EXHAUSTED while another tenant still tails; closing one of its
+/// tails gives the place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_gets_only_its_quota_of_tails() {
+    let cfg = EventsServiceConfig {
+        max_tails: 8,
+        max_tails_per_tenant: 3,
+        ..config()
+    };
+    let app = spawn_app_cfg(Backend::Sqlite, None, true, cfg).await;
+    let mut a = app.client("a", &[Role::Auditor]).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = a
+            .tail_events(pb::TailEventsRequest::default())
+            .await
+            .expect("tail")
+            .into_inner();
+        history(&mut s).await;
+        open.push(s);
+    }
+    let err = a
+        .tail_events(pb::TailEventsRequest::default())
+        .await
+        .expect_err("quota");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    assert!(err.message().contains("at most 3 per tenant"), "{err:?}");
+
+    // Another tenant is not affected.
+    let mut b = app.client("b", &[Role::Auditor]).await;
+    let mut s = b
+        .tail_events(pb::TailEventsRequest::default())
+        .await
+        .expect("tenant b tails")
+        .into_inner();
+    assert!(history(&mut s).await.is_empty());
+
+    // A closed tail frees its tenant's place.
+    open.pop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match a.tail_events(pb::TailEventsRequest::default()).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("tail not released: {e:?}"),
+        }
+    }
+}
+
+/// A client that stops reading holds its tail for `tail_idle_timeout_secs`
+/// only: then the tail ends (its place freed) and the client, once it reads
+/// again, gets what was queued and then UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_whose_client_stops_reading_is_ended() {
+    let cfg = EventsServiceConfig {
+        max_tails_per_tenant: 1,
+        tail_idle_timeout_secs: 1,
+        ..config()
+    };
+    let app = spawn_app_cfg(Backend::Sqlite, None, false, cfg).await;
+    // More than the channel, the HTTP/2 windows (2 MB a stream) and buffers
+    // hold: ~6 MB.
+    let now = anumate_store::now_micros();
+    let batch: Vec<_> = (0..1500)
+        .map(|i| anumate_events_service::NewEvent {
+            payload: vec![b'x'; 4096],
+            ..event_at("slow", &format!("e{i}"), now)
+        })
+        .collect();
+    app.events.record(&batch).await.expect("record");
+
+    let mut c = app.client("slow", &[Role::Auditor]).await;
+    let mut stalled = c
+        .tail_events(pb::TailEventsRequest {
+            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
+            ..Default::default()
+        })
+        .await
+        .expect("tail")
+        .into_inner();
+    // The stalled tail holds the tenant's only place until it times out.
+    let t0 = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.tail_events(pb::TailEventsRequest::default()).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("a stalled tail kept its place for 10 s: {e:?}"),
+        }
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Reading again: the queued events, then the end.
+    let mut n = 0;
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stalled.message())
+            .await
+            .expect("the stalled tail ends")
+        {
+            Ok(Some(_)) => n += 1,
+            Ok(None) => panic!("ended without an error after {n} messages"),
+            Err(e) => break e,
+        }
+    };
+    assert!(n < 1500, "all {n} events were sent: the tail never stalled");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("read nothing"), "{err:?}");
+}
+
+/// The history consumer's dedupe entries leave after
+/// `consumed_retention_hours`; other groups' entries are not its to purge.
+async fn consumed_ids_leave_after_retention(app: TestApp) {
+    let hour = 3_600_000_000_i64;
+    let now = anumate_store::now_micros();
+    let events = Events::new(
+        app.store.clone(),
+        &EventsServiceConfig {
+            history_group: "hist".into(),
+            consumed_retention_hours: 1,
+            ..config()
+        },
+        None,
+    );
+    let tx = app.store.write("-").await.expect("tx");
+    for (group, id, at) in [
+        ("hist", "old", now - 2 * hour),
+        ("hist", "new", now),
+        ("other", "old", now - 2 * hour),
+    ] {
+        tx.execute(
+            "INSERT INTO consumed_events (group_id, event_id, topic, kafka_partition,                kafka_offset, outcome, consumed_at) VALUES ($1, $2, 't', 0, 0, 'handled', $3)",
+            vec![group.into(), id.into(), at.into()],
+        )
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    assert_eq!(kafka::purge_consumed(&events).await.expect("purge"), 1);
+    let tx = app.store.read("-").await.expect("tx");
+    let rows = tx
+        .query_all(
+            "SELECT group_id, event_id FROM consumed_events ORDER BY group_id, event_id",
+            vec![],
+        )
+        .await
+        .expect("rows");
+    let left: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "group_id").expect("group"),
+                r.try_get("", "event_id").expect("id"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("hist".into(), "new".into()),
+            ("other".into(), "old".into())
+        ]
+    );
+}
+
 async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
     let mut c = app.client("t1", &[Role::Auditor]).await;
     // Live only: the marker comes first, at once.
@@ -471,34 +755,13 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
         .into_inner();
     assert!(history(&mut s).await.is_empty());
 
-    // Only the caller's tenant, unless admin.
+    // Only the caller's tenant (see `an_admin_never_reads_another_tenant`).
     let mut s = auditor
         .tail_events(tail(vec![], ""))
         .await
         .expect("tail")
         .into_inner();
     assert!(history(&mut s).await.iter().all(|e| e.tenant_id == "t1"));
-    let other = pb::TailEventsRequest {
-        filter: Some(pb::EventFilter {
-            tenant_id: "t2".into(),
-            ..Default::default()
-        }),
-        start: since_start,
-    };
-    let err = auditor
-        .tail_events(other.clone())
-        .await
-        .expect_err("denied");
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    assert_eq!(error_of(&err).code, ErrorCode::PermissionDenied);
-    let mut admin = app.client("t1", &[Role::Admin]).await;
-    let mut s = admin.tail_events(other).await.expect("tail").into_inner();
-    let seen = history(&mut s).await;
-    assert_eq!(seen.len(), 1);
-    assert_eq!(
-        (seen[0].tenant_id.as_str(), seen[0].key.as_str()),
-        ("t2", "other")
-    );
 
     // Authors cannot read events.
     let mut author = app.client("t1", &[Role::Author]).await;
@@ -558,6 +821,7 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
         .await
         .expect_err("denied");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let mut admin = app.client("t1", &[Role::Admin]).await;
     let err = admin
         .replay_events(pb::ReplayEventsRequest {
             topic: "anumate.nope".into(),
@@ -619,7 +883,6 @@ async fn tail_latency() {
             &anumate_events_service::Caller {
                 tenant: "t1".into(),
                 subject: "bench".into(),
-                admin: false,
             },
             &pb::EventFilter {
                 types: vec!["dev.anumate.capsule.pushed.v1".into()],
@@ -974,5 +1237,198 @@ async fn the_kafka_fed_history_backs_the_tail() {
     assert!(got[1].outbox_sequence > 0);
     assert!(!got[1].replay);
     assert_eq!(got[1].data_schema, "anumate.events.v1.CapsulePublished");
+    consumer.stop().await;
+}
+
+/// Produces one CloudEvent straight to Kafka, as anyone with write access to
+/// the topic could: `ce_tenantid` says `header_tenant`, the data (a
+/// `CapsulePublished`) says `data_tenant`. Returns its `ce_id`.
+async fn produce_capsule_event(bootstrap: &str, header_tenant: &str, data_tenant: &str) -> String {
+    use prost::Message as _;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let id = uuid::Uuid::now_v7().to_string();
+    let row = anumate_events::OutboxRow {
+        seq: 1,
+        event_id: id.clone(),
+        tenant_id: header_tenant.into(),
+        topic: "anumate.capsules".into(),
+        event_type: "dev.anumate.capsule.published.v1".into(),
+        aggregate_key: "forge".into(),
+        subject: "capsules/forge/versions/1".into(),
+        payload: pb::CapsulePublished {
+            tenant_id: data_tenant.into(),
+            name: "forge".into(),
+            version: 1,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        plan_hash: None,
+        traceparent: None,
+        created_at: anumate_store::now_micros(),
+    };
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.timeout.ms", "15000")
+        .create()
+        .expect("producer");
+    let mode = anumate_events::cloudevents::ContentMode::Protobuf;
+    producer
+        .send(
+            FutureRecord::to("anumate.capsules")
+                .key("forge")
+                .payload(&row.payload)
+                .headers(anumate_events::cloudevents::headers(&row, mode)),
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("produce");
+    tokio::task::spawn_blocking(move || drop(producer))
+        .await
+        .expect("drop");
+    id
+}
+
+/// The outcome `consumed_events` holds for `id` in `group` (None: not yet).
+async fn consumed_outcome(store: &Store, group: &str, id: &str) -> Option<String> {
+    let tx = store.read("-").await.expect("tx");
+    tx.query_one(
+        "SELECT outcome FROM consumed_events WHERE group_id = $1 AND event_id = $2",
+        vec![group.into(), id.into()],
+    )
+    .await
+    .expect("query")
+    .map(|r| r.try_get("", "outcome").expect("outcome"))
+}
+
+/// A message produced straight to an Anumate topic whose `ce_tenantid`
+/// names tenant B while the event inside is tenant A's is not recorded in
+/// B's history (nor A's): it is dead-lettered. The same message with
+/// matching tenants, produced after it on the same partition, is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_tenant_header_is_not_recorded() {
+    let Some(bootstrap) = kafka() else { return };
+    let app = spawn_app_with(Backend::Postgres, None, false).await;
+    let victim = format!("b-{}", uuid::Uuid::now_v7().simple());
+    let attacker = format!("a-{}", uuid::Uuid::now_v7().simple());
+    let forged = produce_capsule_event(&bootstrap, &victim, &attacker).await;
+    let genuine = produce_capsule_event(&bootstrap, &victim, &victim).await;
+    let cfg = EventsServiceConfig {
+        history_group: format!("history-{}", uuid::Uuid::now_v7()),
+        ..config()
+    };
+    let events = Events::new(app.store.clone(), &cfg, None);
+    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    // Same key, same partition: once the genuine one is in, the forged one
+    // was handled before it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while history_ids(&app.store, &victim).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the genuine event did not arrive in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(history_ids(&app.store, &victim).await, [genuine.clone()]);
+    assert!(history_ids(&app.store, &attacker).await.is_empty());
+    assert_eq!(
+        consumed_outcome(&app.store, &cfg.history_group, &forged)
+            .await
+            .as_deref(),
+        Some("dead_lettered")
+    );
+    // A tenant admin of the victim sees only the genuine event.
+    let mut c = app.client(&victim, &[Role::Admin]).await;
+    let page = c
+        .list_events(pb::ListEventsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        page.events
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        [genuine.as_str()]
+    );
+    consumer.stop().await;
+}
+
+/// A database hiccup while the history consumer writes (here: PostgreSQL
+/// lock timeouts for 5 s, as during a failover or a long migration lock) is
+/// waited out: the event is recorded once the database answers, never
+/// dead-lettered or marked consumed before. The old consumer gave up after
+/// five attempts (~3 s) and marked it consumed, so it was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_delays_history_events_without_losing_them() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    let Some(bootstrap) = kafka() else { return };
+    let app = spawn_app_with(Backend::Postgres, None, false).await;
+    // Sessions of the consumer's store give up on a lock after 200 ms.
+    let owner = app.store.owner_connection();
+    let name: String = owner
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT current_database() AS name",
+        ))
+        .await
+        .expect("query")
+        .expect("row")
+        .try_get("", "name")
+        .expect("name");
+    owner
+        .execute_unprepared(&format!(
+            "ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'"
+        ))
+        .await
+        .expect("alter database");
+    let store = Store::connect(&app._db.config).await.expect("connect");
+    let cfg = EventsServiceConfig {
+        history_group: format!("history-{}", uuid::Uuid::now_v7()),
+        ..config()
+    };
+    let events = Events::new(store.clone(), &cfg, None);
+    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    let tenant = format!("o-{}", uuid::Uuid::now_v7().simple());
+
+    // Caught up with whatever the topics already hold.
+    let first = produce_capsule_event(&bootstrap, &tenant, &tenant).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while history_ids(&app.store, &tenant).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer not caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(history_ids(&app.store, &tenant).await, [first]);
+
+    // The outage: history writes time out on a lock for 5 s.
+    let lock = owner.begin().await.expect("begin");
+    lock.execute_unprepared("LOCK TABLE event_history IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let during = produce_capsule_event(&bootstrap, &tenant, &tenant).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        consumed_outcome(&app.store, &cfg.history_group, &during).await,
+        None,
+        "marked consumed during the outage"
+    );
+    lock.commit().await.expect("unlock");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while history_ids(&app.store, &tenant).await.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event written during the outage was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        consumed_outcome(&app.store, &cfg.history_group, &during)
+            .await
+            .as_deref(),
+        Some("handled")
+    );
     consumer.stop().await;
 }
