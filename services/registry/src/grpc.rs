@@ -90,8 +90,10 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::ValidateCapsuleResponse>, Status> {
         actor(&req, READERS)?;
         let r = req.into_inner();
-        let (capsule, canonical_json, content_hash) =
-            self.registry.validate(&r.source_yaml, &r.source_name)?;
+        let (capsule, canonical_json, content_hash) = self
+            .registry
+            .validate(&r.source_yaml, &r.source_name)
+            .await?;
         Ok(Response::new(pb::ValidateCapsuleResponse {
             name: capsule.name,
             canonical_json,

@@ -11,6 +11,7 @@ pub mod grpc;
 mod repo;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anumate_capsule::Limits;
 use anumate_crypto::KeyRing;
@@ -40,6 +41,12 @@ pub struct RegistryConfig {
     pub max_document_bytes: usize,
     /// Most steps in a capsule.
     pub max_steps: usize,
+    /// Most source lines per version that `DiffCapsuleVersions` compares;
+    /// longer versions are refused with `FAILED_PRECONDITION`.
+    pub diff_max_lines: usize,
+    /// Time `DiffCapsuleVersions` spends matching lines, in milliseconds;
+    /// past it the rest is reported as removed and added lines (approximate).
+    pub diff_deadline_ms: u64,
 }
 
 impl Default for RegistryConfig {
@@ -48,6 +55,8 @@ impl Default for RegistryConfig {
         RegistryConfig {
             max_document_bytes: limits.max_document_bytes,
             max_steps: limits.max_steps,
+            diff_max_lines: 50_000,
+            diff_deadline_ms: 200,
         }
     }
 }
@@ -95,6 +104,7 @@ pub struct Registry {
     store: Store,
     keys: Arc<KeyRing>,
     limits: Limits,
+    diff_limits: diff::DiffLimits,
 }
 
 /// Result of a push.
@@ -154,6 +164,10 @@ impl Registry {
             store,
             keys,
             limits,
+            diff_limits: diff::DiffLimits {
+                max_lines: cfg.diff_max_lines,
+                deadline: Duration::from_millis(cfg.diff_deadline_ms),
+            },
         }
     }
 
@@ -162,22 +176,20 @@ impl Registry {
         &self.limits
     }
 
-    /// Parses, validates and canonicalizes a document without storing it.
-    pub fn validate(
+    /// Parses, validates and canonicalizes a document without storing it
+    /// (on the CPU pool: a 1 MiB document takes milliseconds).
+    pub async fn validate(
         &self,
         source: &str,
         source_name: &str,
     ) -> Result<(anumate_capsule::Capsule, String, String)> {
-        let capsule = anumate_capsule::parse(source, &self.limits).map_err(|rejection| {
-            let mut err = rejection.to_error();
-            // Violations carry line:col; the message names the document they are in.
-            if !source_name.is_empty() {
-                err.message = format!("{source_name}: {}", err.message);
-            }
-            err
-        })?;
-        let (canonical, hash) = anumate_crypto::content_hash(&capsule.document);
-        Ok((capsule, canonical, hash))
+        if source.len() > self.limits.max_document_bytes {
+            // Refused by its length alone; not worth copying to the pool.
+            return validate_document(source, source_name, &self.limits);
+        }
+        let (source, source_name) = (source.to_owned(), source_name.to_owned());
+        let limits = self.limits.clone();
+        anumate_cpu::run(move || validate_document(&source, &source_name, &limits)).await
     }
 
     /// Stores a new version (or returns the identical existing one).
@@ -189,7 +201,7 @@ impl Registry {
         etag: &str,
         publish: bool,
     ) -> Result<Pushed> {
-        let (capsule, canonical, hash) = self.validate(source, source_name)?;
+        let (capsule, canonical, hash) = self.validate(source, source_name).await?;
         // One retry covers two first pushes of a new name racing on its primary key.
         match self
             .push_once(actor, source, &capsule, &canonical, &hash, etag, publish)
@@ -404,7 +416,8 @@ impl Registry {
         repo::list_versions(&tx, name, size, before).await
     }
 
-    /// Diffs two versions.
+    /// Diffs two versions (on the CPU pool, within [`RegistryConfig::diff_max_lines`]
+    /// and [`RegistryConfig::diff_deadline_ms`]).
     pub async fn diff(
         &self,
         actor: &Actor,
@@ -427,7 +440,9 @@ impl Registry {
         let b = repo::get_version(&tx, name, to)
             .await?
             .ok_or_else(|| Error::not_found(format!("capsule {name} has no version {to}")))?;
-        Ok(diff::diff(name, &a, &b))
+        drop(tx);
+        let (name, limits) = (name.to_owned(), self.diff_limits);
+        anumate_cpu::run(move || diff::diff(&name, &a, &b, limits)).await
     }
 
     /// Publishes or deprecates a version.
@@ -562,6 +577,25 @@ impl Registry {
     pub fn jwks(&self) -> anumate_crypto::Jwks {
         self.keys.jwks()
     }
+}
+
+/// Parses, validates and canonicalizes a document: the pure part of
+/// [`Registry::validate`].
+fn validate_document(
+    source: &str,
+    source_name: &str,
+    limits: &Limits,
+) -> Result<(anumate_capsule::Capsule, String, String)> {
+    let capsule = anumate_capsule::parse(source, limits).map_err(|rejection| {
+        let mut err = rejection.to_error();
+        // Violations carry line:col; the message names the document they are in.
+        if !source_name.is_empty() {
+            err.message = format!("{source_name}: {}", err.message);
+        }
+        err
+    })?;
+    let (canonical, hash) = anumate_crypto::content_hash(&capsule.document);
+    Ok((capsule, canonical, hash))
 }
 
 fn not_found(name: &str) -> Error {

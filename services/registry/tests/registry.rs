@@ -56,6 +56,17 @@ struct TestApp {
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(
+        backend,
+        RegistryConfig {
+            max_document_bytes: MIB,
+            ..RegistryConfig::default()
+        },
+    )
+    .await
+}
+
+async fn spawn_app_with(backend: Backend, cfg: RegistryConfig) -> TestApp {
     let db = match backend {
         Backend::Sqlite => TestDb::sqlite(),
         Backend::Postgres => TestDb::postgres().await,
@@ -68,10 +79,6 @@ async fn spawn_app(backend: Backend) -> TestApp {
     store.check_serving_role().await.expect("serving role");
 
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("registry key")));
-    let cfg = RegistryConfig {
-        max_document_bytes: MIB,
-        ..RegistryConfig::default()
-    };
     let registry = Registry::new(store.clone(), keys, &cfg);
 
     let issuer_dir = tempfile::tempdir().expect("tempdir");
@@ -1744,10 +1751,9 @@ async fn row_level_security_hides_other_tenants_postgres() {
 
     // The owner connection (not subject to RLS) sees both tenants: the filter
     // above was the database's, not the query's.
+    let owner = app.store.connect_owner().await.unwrap();
     for table in tables {
-        let rows = app
-            .store
-            .owner_connection()
+        let rows = owner
             .query_all_raw(Statement::from_string(
                 DbBackend::Postgres,
                 format!("SELECT * FROM {table}"),
@@ -2040,4 +2046,149 @@ async fn concurrent_pushes(app: TestApp) {
     }
     assert_eq!((won, lost), (vec![i64::from(N) + 1], N - 1));
     assert_eq!(app.counts(TENANT_A).await.versions, i64::from(N) + 2);
+}
+
+// ---------------------------------------------------------------------------
+// 11. Bounded CPU work: large diffs
+// ---------------------------------------------------------------------------
+
+/// A valid capsule of about 1 MiB: `small(name)` followed by `lines` comment
+/// lines tagged `tag` (comments are not content, `timeout_secs` is).
+fn padded(name: &str, tag: &str, lines: usize, timeout_secs: u32) -> String {
+    let mut s = small(name, "big", timeout_secs);
+    for i in 0..lines {
+        s.push_str(&format!("# {tag} line {i:06} ......\n"));
+    }
+    s
+}
+
+/// Two unrelated ~1 MiB versions (40,000 lines each, every line different)
+/// once took minutes of Myers matching on a runtime worker. With the default
+/// 200 ms deadline the diff answers in well under a second, marked
+/// approximate, and still turns one source into the other.
+async fn large_diffs_answer_quickly(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let (v1, v2) = (
+        padded("big", "one", 40_000, 1),
+        padded("big", "two", 40_000, 2),
+    );
+    assert!(v1.len() > 1_000_000 && v1.len() <= MIB, "{}", v1.len());
+    push(&mut c, &v1).await;
+    push(&mut c, &v2).await;
+
+    let started = std::time::Instant::now();
+    let d = diff(&mut c, "big", 1, 2).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(900), "diff took {took:?}");
+    assert!(d.unified_diff_approximate);
+    let removed = d
+        .unified_diff
+        .lines()
+        .filter(|l| l.starts_with("-# one"))
+        .count();
+    let added = d
+        .unified_diff
+        .lines()
+        .filter(|l| l.starts_with("+# two"))
+        .count();
+    assert_eq!((removed, added), (40_000, 40_000));
+    assert_eq!(
+        d.changes
+            .iter()
+            .map(|ch| ch.path.as_str())
+            .collect::<Vec<_>>(),
+        ["/spec/steps/0/timeout"]
+    );
+
+    // Small diffs are exact.
+    push(&mut c, &small("little", "x", 1)).await;
+    push(&mut c, &small("little", "x", 2)).await;
+    let d = diff(&mut c, "little", 1, 2).await.unwrap();
+    assert!(!d.unified_diff_approximate);
+    assert!(
+        d.unified_diff
+            .contains("\n-      timeout: 1s\n+      timeout: 2s\n")
+    );
+
+    // Over the line limit: refused with the numbers, before any matching.
+    let long = format!("{}{}", small("long", "big", 1), "#\n".repeat(50_001));
+    push(&mut c, &long).await;
+    let err = expect_error(
+        diff(&mut c, "long", 1, 1).await,
+        ErrorCode::FailedPrecondition,
+    );
+    assert!(
+        err.message.contains("limited to 50000 lines"),
+        "{}",
+        err.message
+    );
+    for (k, v) in [
+        ("limit", "diff_max_lines"),
+        ("max_lines", "50000"),
+        ("to_lines", &(50_001 + 11).to_string()),
+    ] {
+        assert!(
+            err.metadata.contains(&(k.to_string(), v.to_string())),
+            "{k}={v} in {:?}",
+            err.metadata
+        );
+    }
+}
+
+/// While a long diff computes, the same server keeps answering: on a
+/// single-threaded runtime, a diff computed on the runtime thread would hold
+/// every other request (and this test's own timer) until it finished.
+async fn a_running_diff_does_not_block_other_requests(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        RegistryConfig {
+            max_document_bytes: MIB,
+            diff_deadline_ms: 3_000,
+            ..RegistryConfig::default()
+        },
+    )
+    .await;
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    push(&mut c, &padded("big", "one", 40_000, 1)).await;
+    push(&mut c, &padded("big", "two", 40_000, 2)).await;
+
+    let mut d = c.clone();
+    let running = tokio::spawn(async move { diff(&mut d, "big", 1, 2).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !running.is_finished(),
+        "the diff should still be matching lines"
+    );
+    let started = std::time::Instant::now();
+    let got = get(&mut c, "big", "1").await.unwrap();
+    assert_eq!(got.version.unwrap().version, 1);
+    let took = started.elapsed();
+    assert!(
+        !running.is_finished(),
+        "GetCapsule waited for the diff ({took:?})"
+    );
+    assert!(took < Duration::from_secs(1), "GetCapsule took {took:?}");
+    let d = running.await.unwrap().unwrap();
+    assert!(d.unified_diff_approximate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_diffs_answer_quickly_sqlite() {
+    large_diffs_answer_quickly(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_diffs_answer_quickly_postgres() {
+    large_diffs_answer_quickly(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_running_diff_does_not_block_other_requests_sqlite() {
+    a_running_diff_does_not_block_other_requests(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_running_diff_does_not_block_other_requests_postgres() {
+    a_running_diff_does_not_block_other_requests(Backend::Postgres).await;
 }
