@@ -476,3 +476,202 @@ async fn relay_role_reads_every_tenants_outbox_and_nothing_else() {
     let denied = as_relay("SELECT * FROM capsules").await.unwrap_err();
     assert!(denied.to_string().contains("permission denied"), "{denied}");
 }
+
+/// Appends one `CapsulePushed` of `key` at `version`, padded with `pad` bytes
+/// (to make it larger than the producer takes); returns its outbox seq.
+async fn push(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) -> i64 {
+    let tx = store.write(tenant).await.unwrap();
+    append(
+        &tx,
+        &CapsulePushed {
+            tenant_id: tenant.into(),
+            name: key.into(),
+            version,
+            content_hash: "x".repeat(pad),
+            ..Default::default()
+        },
+        key,
+        EventContext {
+            subject: &format!("capsules/{key}"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let tx = store.read(tenant).await.unwrap();
+    let rows = anumate_events::read_after(&tx, 0, 10_000).await.unwrap();
+    rows.last().unwrap().seq
+}
+
+/// `(key, version)` of each distinct event received, in arrival order.
+fn versions(msgs: &[Received]) -> Vec<(String, i64)> {
+    dedupe_and_check_order(msgs)
+        .iter()
+        .map(|m| {
+            let ev = CapsulePushed::decode(m.value.as_slice()).unwrap();
+            (m.key.clone(), ev.version)
+        })
+        .collect()
+}
+
+async fn failing_row_holds_back_its_key(backend: Backend) {
+    let broker = TestBroker::start();
+    let db = match backend {
+        Backend::Postgres => TestDb::postgres().await,
+        Backend::Sqlite => TestDb::sqlite(),
+    };
+    let store = store(&db).await;
+    let mut cfg = kafka(&broker.bootstrap());
+    cfg.max_message_bytes = 10_000;
+    anumate_events::relay::ensure_topics(&cfg).await.unwrap();
+    // "big": v0 larger than the producer takes, then v1; "small": v0..v2.
+    let big0 = push(&store, "t1", "big", 0, 20_000).await;
+    push(&store, "t1", "big", 1, 0).await;
+    for v in 0..3 {
+        push(&store, "t1", "small", v, 0).await;
+    }
+    let mut relay = Relay::new(store.clone(), cfg.clone()).unwrap();
+    let first = relay.pass().await;
+    let second = relay.pass().await;
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(5),
+        |_| false,
+    )
+    .await;
+    let got = versions(&msgs);
+    assert!(
+        !got.iter().any(|(k, _)| k == "big"),
+        "a later row of the failing key went out before it: {got:?}"
+    );
+    let small: Vec<i64> = got
+        .iter()
+        .filter(|(k, _)| k == "small")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(small, vec![0, 1, 2], "the other key flows");
+    let first = first.unwrap();
+    assert_eq!((first.sent, first.quarantined), (3, 1), "{first:?}");
+    assert!(first.held_back >= 1, "{first:?}");
+    assert_eq!(second.unwrap().sent, 0, "big v1 stays held");
+
+    // The operator raises the limit and releases the row: the key resumes in
+    // order.
+    let q = anumate_events::relay::quarantined(&store, &cfg.relay_role, 10)
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].seq, big0);
+    assert_eq!(q[0].aggregate_key, "big");
+    assert!(q[0].last_error.contains("MessageSizeTooLarge"), "{q:?}");
+    cfg.max_message_bytes = 1_000_000;
+    let mut relay = Relay::new(store.clone(), cfg.clone()).unwrap();
+    assert_eq!(
+        anumate_events::relay::requeue(&store, &cfg.relay_role, &[big0, big0 + 100])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(relay.pass().await.unwrap().sent, 2);
+    assert_eq!(unsent(&store).await, 0);
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(15),
+        |m| m.len() >= 5,
+    )
+    .await;
+    let big: Vec<i64> = versions(&msgs)
+        .iter()
+        .filter(|(k, _)| k == "big")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(big, vec![0, 1], "released in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_holds_back_later_rows_of_its_key_postgres() {
+    failing_row_holds_back_its_key(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_holds_back_later_rows_of_its_key_sqlite() {
+    failing_row_holds_back_its_key(Backend::Sqlite).await;
+}
+
+/// The longest wait from commit to `sent_at` of the rows sent, milliseconds.
+async fn max_lag_ms(store: &Store) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = store.owner_connection();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT MAX(sent_at - created_at) AS lag FROM outbox WHERE sent_at IS NOT NULL",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<Option<i64>>("", "lag").unwrap().unwrap_or(0) / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_row_is_quarantined_and_other_keys_keep_their_pace() {
+    let broker = TestBroker::start();
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let mut cfg = kafka(&broker.bootstrap());
+    // The production back-off: the old relay waited this long between
+    // passes while a poison row failed every pass.
+    cfg.max_backoff_ms = 5_000;
+    cfg.quarantine_after_attempts = 3;
+    anumate_events::relay::ensure_topics(&cfg).await.unwrap();
+    let relay = Relay::new(store.clone(), cfg.clone()).unwrap().spawn();
+    // Above librdkafka's default message.max.bytes (1,000,000).
+    let poison = push(&store, "t1", "poison", 0, 1_100_000).await;
+    push(&store, "t1", "poison", 1, 0).await;
+    let started = Instant::now();
+    for i in 0..40 {
+        push(&store, "t1", &format!("agg-{}", i % 4), i / 4, 0).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while unsent(&store).await > 2 {
+        assert!(Instant::now() < deadline, "other keys stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let lag = max_lag_ms(&store).await;
+    // Old relay: every pass failed on the poison row and backed off up to
+    // 5 s, so rows of other keys waited seconds.
+    assert!(lag < 1_000, "an event waited {lag} ms behind a poison row");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    let stats = relay.stats();
+    relay.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        stats.quarantined.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let q = anumate_events::relay::quarantined(&store, &cfg.relay_role, 10)
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!((q[0].seq, q[0].attempts), (poison, 1), "permanent: at once");
+    assert_eq!(
+        unsent(&store).await,
+        2,
+        "the poison row and the one it holds"
+    );
+
+    let msgs = consume(
+        &broker.bootstrap(),
+        "anumate.capsules",
+        Duration::from_secs(15),
+        |m| m.len() >= 40,
+    )
+    .await;
+    let got = versions(&msgs);
+    assert_eq!(got.len(), 40, "all other events arrive");
+    assert!(!got.iter().any(|(k, _)| k == "poison"));
+}
