@@ -24,8 +24,8 @@ pub use note::{
     ecdsa_key_id, open_checkpoint, open_checkpoint_with_jwks, open_note, p256_spki_der,
 };
 pub use receipt::{
-    InclusionProof, RECEIPT_KINDS, ReceiptError, SignedStatement, Statement, Subject, Verified,
-    VerifiedStatement, VerifyError, verify_receipt_offline,
+    InclusionProof, RECEIPT_KINDS, ReceiptError, STATEMENT_VERSION, SignedStatement, Statement,
+    Subject, Verified, VerifiedStatement, VerifyError, log_origin, verify_receipt_offline,
 };
 
 #[cfg(test)]

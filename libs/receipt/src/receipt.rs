@@ -20,6 +20,14 @@ pub const RECEIPT_KINDS: [&str; 4] = [
     "RUN_OUTCOME",
 ];
 
+/// The statement format version: `2` signs the appending service (`actor`).
+pub const STATEMENT_VERSION: u64 = 2;
+
+/// The checkpoint origin (and signed-note key name) of a tenant's receipt log.
+pub fn log_origin(tenant_id: &str) -> String {
+    format!("anumate.dev/receipts/{tenant_id}")
+}
+
 /// What a receipt is about; empty fields are left out of the statement.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subject {
@@ -82,6 +90,8 @@ pub struct Statement {
     pub issue_time: String,
     /// Key id of the signing key.
     pub kid: String,
+    /// The appending service identity, `svc:<name>`.
+    pub actor: String,
 }
 
 impl Statement {
@@ -96,7 +106,12 @@ impl Statement {
         if !is_content_digest(&self.content_digest) {
             return Err(ReceiptError::InvalidField("content_digest"));
         }
+        if !is_actor(&self.actor) {
+            return Err(ReceiptError::InvalidField("actor"));
+        }
         let value = serde_json::json!({
+            "actor": self.actor,
+            "v": STATEMENT_VERSION,
             "content_digest": self.content_digest,
             "issue_time": self.issue_time,
             "kid": self.kid,
@@ -157,6 +172,17 @@ fn is_issue_time(s: &str) -> bool {
         })
 }
 
+/// A service identity: `svc:` and 1-63 characters of `a-z`, `0-9` and `-`.
+fn is_actor(s: &str) -> bool {
+    s.strip_prefix("svc:").is_some_and(|name| {
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    })
+}
+
 fn is_content_digest(s: &str) -> bool {
     s.strip_prefix("sha256:").is_some_and(|hex| {
         hex.len() == 64 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
@@ -210,6 +236,8 @@ struct ReceiptJson {
     /// Set when retention removed the content (then there is none to check).
     #[serde(default, alias = "contentArchived")]
     content_archived: Option<bool>,
+    #[serde(default)]
+    actor: Option<String>,
 }
 
 /// The statement fields a verifier reports.
@@ -230,6 +258,10 @@ pub struct VerifiedStatement {
     pub issue_time: String,
     /// Signing key id.
     pub kid: String,
+    /// The appending service identity (`svc:<name>`).
+    pub actor: String,
+    /// Statement version ([`STATEMENT_VERSION`]).
+    pub v: u64,
 }
 
 /// The outcome of a successful offline verification.
@@ -283,6 +315,14 @@ pub enum VerifyError {
         /// The checkpoint's tree size.
         checkpoint: u64,
     },
+    /// The checkpoint is of another log than the receipt's tenant's.
+    #[error("checkpoint is of log {checkpoint:?}, the receipt is in {expected:?}")]
+    WrongLog {
+        /// The origin of the receipt's tenant's log.
+        expected: String,
+        /// The checkpoint's origin.
+        checkpoint: String,
+    },
     /// The receipt is not in the checkpoint's tree.
     #[error("receipt is not included in the checkpoint's tree: {0}")]
     NotIncluded(ProofError),
@@ -302,7 +342,8 @@ impl From<NoteError> for VerifyError {
 
 /// Verifies a receipt offline: its ES256 signature with the key `kid` from
 /// `jwks`, its inclusion in the tree of `checkpoint_note` via `proof`, and the
-/// checkpoint's signature (a key of `jwks` under the checkpoint's origin).
+/// checkpoint's signature (a key of `jwks` under the checkpoint's origin),
+/// and that the checkpoint is of the receipt's tenant's log ([`log_origin`]).
 ///
 /// `receipt_json` is a `Receipt` in proto3 JSON (or with snake_case names);
 /// only `statement_json` and `signature` are required. Every other field
@@ -330,6 +371,14 @@ pub fn verify_receipt_offline(
 
     // Checkpoint signature.
     let checkpoint = open_checkpoint_with_jwks(checkpoint_note, jwks)?;
+    // One key ring signs every tenant's log: the origin says whose it is.
+    let expected = log_origin(&statement.tenant_id);
+    if checkpoint.origin != expected {
+        return Err(VerifyError::WrongLog {
+            expected,
+            checkpoint: checkpoint.origin,
+        });
+    }
 
     // Inclusion.
     let leaf = leaf_hash(receipt.statement_json.as_bytes());
@@ -378,6 +427,15 @@ fn parse_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyErr
     if !RECEIPT_KINDS.contains(&statement.kind.as_str()) {
         return Err(VerifyError::MalformedStatement("unknown kind".into()));
     }
+    if statement.v != STATEMENT_VERSION {
+        return Err(VerifyError::MalformedStatement(format!(
+            "statement version {} (expected {STATEMENT_VERSION})",
+            statement.v
+        )));
+    }
+    if !is_actor(&statement.actor) {
+        return Err(VerifyError::MalformedStatement("bad actor".into()));
+    }
     if !is_issue_time(&statement.issue_time) || !is_content_digest(&statement.content_digest) {
         return Err(VerifyError::MalformedStatement(
             "bad issue_time or content_digest".into(),
@@ -391,7 +449,8 @@ fn parse_statement(receipt: &ReceiptJson) -> Result<VerifiedStatement, VerifyErr
 
 /// Checks that the receipt's unsigned copies of the statement fields agree with it.
 fn check_fields(receipt: &ReceiptJson, statement: &VerifiedStatement) -> Result<(), VerifyError> {
-    let checks: [(&'static str, &Option<String>, &String); 4] = [
+    let checks: [(&'static str, &Option<String>, &String); 5] = [
+        ("actor", &receipt.actor, &statement.actor),
         ("kid", &receipt.kid, &statement.kid),
         ("receipt_id", &receipt.receipt_id, &statement.receipt_id),
         ("tenant_id", &receipt.tenant_id, &statement.tenant_id),

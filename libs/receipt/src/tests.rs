@@ -495,6 +495,7 @@ fn statement(kid: &str, i: u64) -> Statement {
         content_digest: content_digest(),
         issue_time: "2025-01-02T03:04:05.000006Z".into(),
         kid: kid.into(),
+        actor: "svc:orchestrator".into(),
     }
 }
 
@@ -507,8 +508,12 @@ fn content_digest() -> String {
 }
 
 fn fixture(n: u64, index: u64) -> Fixture {
+    fixture_in_log(n, index, "anumate.dev/receipts/acme")
+}
+
+/// A receipt of tenant `acme` and a checkpoint of the log named `origin`.
+fn fixture_in_log(n: u64, index: u64, origin: &str) -> Fixture {
     let key = anumate_crypto::KeyPair::generate().unwrap();
-    let origin = "anumate.test/receipts/acme";
     let mut tree = Tree::new();
     let mut target = None;
     for i in 0..n {
@@ -533,6 +538,7 @@ fn fixture(n: u64, index: u64) -> Fixture {
         "issueTime": "2025-01-02T03:04:05.000006Z",
         "content": content(),
         "kid": key.kid(),
+        "actor": "svc:orchestrator",
         "statementJson": signed.statement_json,
         "signature": signed.signature,
         "leafIndex": index.to_string(),
@@ -570,16 +576,23 @@ fn statement_json_is_canonical_and_sparse() {
     assert_eq!(
         json,
         concat!(
-            r#"{"content_digest":"sha256:509a460e4841a620cab2393776c70987795c656724d342e24fcd2b057ce2e283","#,
+            r#"{"actor":"svc:orchestrator","#,
+            r#""content_digest":"sha256:509a460e4841a620cab2393776c70987795c656724d342e24fcd2b057ce2e283","#,
             r#""issue_time":"2025-01-02T03:04:05.000006Z","kid":"kid-1","kind":"STEP_EXECUTION","#,
             r#""receipt_id":"0190a8b2-0000-7000-8000-000000000007","#,
             r#""subject":{"attempt":2,"plan_hash":"sha256:abababababababababababababababababababababababababababababababab","#,
-            r#""run_id":"run-1","step_id":"charge"},"tenant_id":"acme"}"#
+            r#""run_id":"run-1","step_id":"charge"},"tenant_id":"acme","v":2}"#
         )
     );
     let mut bad = s.clone();
     bad.kind = "STEP".into();
     assert!(bad.to_json().is_err());
+    // The actor is a service identity, never a person.
+    for actor in ["", "alice", "svc:", "svc:Orchestrator", "user:svc:x"] {
+        let mut bad = s.clone();
+        bad.actor = actor.into();
+        assert!(bad.to_json().is_err(), "{actor:?}");
+    }
     let mut bad = s.clone();
     bad.issue_time = "2025-01-02T03:04:05Z".into();
     assert!(bad.to_json().is_err());
@@ -605,6 +618,8 @@ fn offline_verification_accepts_a_good_receipt() {
     assert_eq!(v.checkpoint.size, 11);
     assert_eq!(v.statement.tenant_id, "acme");
     assert_eq!(v.statement.kid, f.key.kid());
+    assert_eq!(v.statement.actor, "svc:orchestrator");
+    assert_eq!(v.statement.v, 2);
     // The proof survives a JSON round trip in proto3 JSON shape.
     let json = serde_json::to_string(&f.proof).unwrap();
     let camel = json
@@ -651,6 +666,28 @@ fn offline_verification_failures_are_distinct() {
         check(&x.to_string(), &f.proof, &f.note, &f.jwks),
         VerifyError::BadReceiptSignature
     );
+
+    // The actor is signed: another actor in the receipt is caught, and a
+    // statement without one (version 1) is refused.
+    let mut x = r.clone();
+    x["actor"] = "svc:approvals".into();
+    assert_eq!(
+        check(&x.to_string(), &f.proof, &f.note, &f.jwks),
+        VerifyError::FieldMismatch("actor")
+    );
+    let mut v1: serde_json::Value = serde_json::from_str(&statement_json).unwrap();
+    v1.as_object_mut().unwrap().remove("actor");
+    v1.as_object_mut().unwrap().remove("v");
+    let v1_json = anumate_crypto::canonical_json(&v1).unwrap();
+    let mut x = r.clone();
+    x.as_object_mut().unwrap().remove("actor");
+    x["statementJson"] = v1_json.clone().into();
+    x["signature"] = anumate_crypto::b64url(&f.key.sign(v1_json.as_bytes())).into();
+    x.as_object_mut().unwrap().remove("leafHash");
+    assert!(matches!(
+        check(&x.to_string(), &f.proof, &f.note, &f.jwks),
+        VerifyError::MalformedStatement(_)
+    ));
 
     let mut x = r.clone();
     x["tenantId"] = "other".into();
@@ -743,4 +780,19 @@ fn offline_verification_failures_are_distinct() {
         check(&f.receipt_json, &p, &f.note, &f.jwks),
         VerifyError::FieldMismatch("leaf_index")
     );
+}
+
+#[test]
+fn a_checkpoint_of_another_tenants_log_vouches_for_nothing() {
+    // Same key ring, a well-formed proof and a correctly signed checkpoint,
+    // but of tenant `globex`'s log: the receipt of `acme` is refused.
+    let f = fixture_in_log(11, 6, "anumate.dev/receipts/globex");
+    assert_eq!(
+        verify_receipt_offline(&f.receipt_json, &f.proof, &f.note, &f.jwks).unwrap_err(),
+        VerifyError::WrongLog {
+            expected: "anumate.dev/receipts/acme".into(),
+            checkpoint: "anumate.dev/receipts/globex".into(),
+        }
+    );
+    assert_eq!(log_origin("acme"), "anumate.dev/receipts/acme");
 }

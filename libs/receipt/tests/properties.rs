@@ -143,6 +143,7 @@ fn fixture(n: u64, index: u64) -> Fixture {
             content_digest: digest.clone(),
             issue_time: "2025-06-07T08:09:10.123456Z".into(),
             kid: key.kid().into(),
+            actor: "svc:approvals".into(),
         };
         let signed = statement.sign(&key).unwrap();
         tree.append(signed.leaf_hash);
@@ -164,7 +165,7 @@ fn fixture(n: u64, index: u64) -> Fixture {
             .to_string();
         }
     }
-    let origin = "anumate.test/receipts/acme";
+    let origin = "anumate.dev/receipts/acme";
     let note = NoteSigner::new(origin, key.clone())
         .unwrap()
         .sign_checkpoint(&Checkpoint {
@@ -227,7 +228,7 @@ fn every_flipped_receipt_or_checkpoint_byte_fails() {
     }
     assert!(checked > 2000);
     // The same note still opens with the tree's data.
-    let v = anumate_receipt::NoteVerifier::from_jwk("anumate.test/receipts/acme", &f.jwks.keys[0])
+    let v = anumate_receipt::NoteVerifier::from_jwk("anumate.dev/receipts/acme", &f.jwks.keys[0])
         .unwrap();
     assert_eq!(open_checkpoint(&f.note, &[v]).unwrap().root, f.tree.root());
 }

@@ -13,10 +13,11 @@ use crate::{Actor, Receipts};
 
 /// Roles allowed to read receipts, checkpoints, proofs and keys.
 const READERS: &[Role] = &[Role::Admin, Role::Auditor, Role::Operator];
-/// Roles allowed to append (service principals may too).
-const APPENDERS: &[Role] = &[Role::Admin, Role::Operator];
-/// Receipts per export chunk.
+/// Most receipts per export chunk.
 const EXPORT_CHUNK: i64 = 200;
+/// Most bytes of `data` per export chunk (a single larger record goes
+/// alone), so each message stays well under a client's default 4 MiB limit.
+pub const EXPORT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// The receipts service behind the generated `ReceiptsService` trait.
 #[derive(Clone)]
@@ -59,19 +60,25 @@ fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
+        service: None,
     })
 }
 
+/// Only platform services append (each only the kinds it owns, checked by
+/// [`Receipts::append`]); people, admins included, never do.
 fn appender<T>(req: &Request<T>) -> Result<Actor, Status> {
     let principal = principal(req)?;
-    if !principal.is_service()
-        && let Err(e) = principal.require_any(APPENDERS)
-    {
+    let Some(service) = principal.service_name().map(str::to_owned) else {
+        let e = Error::new(
+            anumate_errors::ErrorCode::PermissionDenied,
+            "receipts are appended only by the platform service that owns their kind",
+        );
         return Err(denied::<T>(&principal, e));
-    }
+    };
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
+        service: Some(service),
     })
 }
 
@@ -214,38 +221,63 @@ impl ReceiptsService for ReceiptsGrpc {
         tokio::spawn(async move {
             let mut after = None;
             loop {
-                let page = receipts
+                let records = receipts
                     .export_page(&actor, &filter, after, EXPORT_CHUNK, include_content)
-                    .await;
-                let chunk = page.and_then(|page| {
-                    let mut data = String::new();
-                    for receipt in &page {
-                        data.push_str(&crate::export::record(format, receipt, include_content)?);
-                    }
-                    Ok((page, data))
-                });
-                match chunk {
-                    Ok((page, _)) if page.is_empty() => break,
-                    Ok((page, data)) => {
-                        after = page.last().map(|r| r.leaf_index as u64);
-                        let last = (page.len() as i64) < EXPORT_CHUNK;
-                        let msg = pb::ExportReceiptsResponse {
-                            data,
-                            record_count: page.len() as i32,
-                        };
-                        if tx.send(Ok(msg)).await.is_err() || last {
-                            break;
-                        }
-                    }
+                    .await
+                    .and_then(|page| {
+                        let last = page.last().map(|r| r.leaf_index as u64);
+                        let full = page.len() as i64 == EXPORT_CHUNK;
+                        page.iter()
+                            .map(|r| crate::export::record(format, r, include_content))
+                            .collect::<anumate_errors::Result<Vec<String>>>()
+                            .map(|records| (records, last, full))
+                    });
+                let (records, last, full) = match records {
+                    Ok(page) => page,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         break;
                     }
+                };
+                for msg in chunks(records) {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
                 }
+                if !full {
+                    break;
+                }
+                after = last;
             }
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// Packs complete records into messages of at most [`EXPORT_CHUNK_BYTES`] of
+/// `data` (a record larger than that travels alone).
+fn chunks(records: Vec<String>) -> Vec<pb::ExportReceiptsResponse> {
+    let mut out = Vec::new();
+    let mut data = String::new();
+    let mut count = 0;
+    for record in records {
+        if count > 0 && data.len() + record.len() > EXPORT_CHUNK_BYTES {
+            out.push(pb::ExportReceiptsResponse {
+                data: std::mem::take(&mut data),
+                record_count: count,
+            });
+            count = 0;
+        }
+        data.push_str(&record);
+        count += 1;
+    }
+    if count > 0 {
+        out.push(pb::ExportReceiptsResponse {
+            data,
+            record_count: count,
+        });
+    }
+    out
 }

@@ -66,7 +66,17 @@ pub const CHECKPOINT_ACTOR: &str = "svc:receipts";
 
 /// The checkpoint origin (and signed-note key name) of a tenant's log.
 pub fn origin(tenant_id: &str) -> String {
-    format!("anumate.dev/receipts/{tenant_id}")
+    anumate_receipt::log_origin(tenant_id)
+}
+
+/// The platform service that owns (and alone may append) each receipt kind.
+pub fn kind_owner(kind: pb::ReceiptKind) -> Option<&'static str> {
+    match kind {
+        pb::ReceiptKind::StepExecution | pb::ReceiptKind::RunOutcome => Some("orchestrator"),
+        pb::ReceiptKind::ApprovalDecision => Some("approvals"),
+        pb::ReceiptKind::TokenRevocation => Some("captokens"),
+        pb::ReceiptKind::Unspecified => None,
+    }
 }
 
 /// `[receipts]` configuration.
@@ -119,6 +129,20 @@ pub struct Actor {
     pub tenant: String,
     /// Principal subject.
     pub subject: String,
+    /// The platform service name, when (and only when) the principal is a
+    /// service-issuer identity: only services append receipts.
+    pub service: Option<String>,
+}
+
+impl Actor {
+    /// The platform service `name` acting in `tenant` (for in-process callers).
+    pub fn service(tenant: &str, name: &str) -> Actor {
+        Actor {
+            tenant: tenant.to_owned(),
+            subject: anumate_auth::service_subject(name),
+            service: Some(name.to_owned()),
+        }
+    }
 }
 
 /// The receipts service.
@@ -407,6 +431,7 @@ fn receipt_proto(row: &repo::ReceiptRow, with_content: bool) -> Result<pb::Recei
         leaf_hash: row.leaf_hash.to_vec(),
         content,
         content_archived: archived,
+        actor: text("actor"),
     })
 }
 
@@ -492,7 +517,21 @@ impl Receipts {
         content: Option<pbjson_types::Struct>,
         dedupe_key: &str,
     ) -> Result<Prepared> {
-        let kind = kind_name(kind)?;
+        let kind_name = kind_name(kind)?;
+        // Each kind is attested by the one service that does what it records.
+        let owner = pb::ReceiptKind::try_from(kind)
+            .ok()
+            .and_then(kind_owner)
+            .ok_or_else(|| Error::internal("a receipt kind without an owner"))?;
+        if actor.service.as_deref() != Some(owner) {
+            tracing::warn!(tenant = %actor.tenant, subject = %actor.subject, kind = kind_name, "receipts: append by a principal that does not own the kind");
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!("{kind_name} receipts are appended only by the {owner} service"),
+            )
+            .with_metadata("required_services", owner));
+        }
+        let kind = kind_name;
         if dedupe_key.is_empty() {
             return Err(Error::invalid_argument(
                 "dedupe_key",
@@ -539,6 +578,7 @@ impl Receipts {
             content_digest: digest.clone(),
             issue_time: rfc3339_micros(issued_at)?,
             kid: kid.clone(),
+            actor: anumate_auth::service_subject(owner),
         };
         let signed = statement.sign(key).map_err(Error::internal)?;
         Ok(Prepared {

@@ -131,6 +131,64 @@ const SQLITE_CONTENTS_RULES: &str =
       CREATE TRIGGER receipt_archives_no_delete BEFORE DELETE ON receipt_archives
         BEGIN SELECT RAISE(ABORT, 'table receipt_archives is write-once: DELETE refused'); END";
 
+/// The serving role's narrow paths (PostgreSQL). `receipt_contents` becomes
+/// append-only for it (no UPDATE, DELETE or TRUNCATE): bodies go only through
+/// `anumate_receipts_remove_contents(cutoff, archive_id, now)`, a security-
+/// definer function that removes the transaction tenant's bodies older than a
+/// cutoff and always records the pass in write-once `receipt_archives` — no
+/// single body can be picked out, and no removal goes unrecorded.
+/// `receipt_logs` heads only move forward, within the transaction's tenant,
+/// and are never deleted.
+const POSTGRES_NARROW_WRITES: &str = "CREATE FUNCTION anumate_receipts_remove_contents(
+          p_cutoff BIGINT, p_archive_id TEXT, p_now BIGINT) RETURNS BIGINT
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+      DECLARE
+        t TEXT := current_setting('app.tenant_id', true);
+        n BIGINT;
+      BEGIN
+        IF t IS NULL OR t = '' OR t = '-' THEN
+          RAISE EXCEPTION 'receipt bodies are removed within one tenant''s transaction'
+            USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        DELETE FROM receipt_contents WHERE tenant_id = t AND issued_at < p_cutoff;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+          INSERT INTO receipt_archives (tenant_id, archive_id, cutoff, removed, archived_at)
+            VALUES (t, p_archive_id, p_cutoff, n, p_now);
+        END IF;
+        RETURN n;
+      END $$;
+      COMMENT ON TABLE receipt_contents IS 'anumate:append-only';
+      CREATE FUNCTION anumate_receipt_logs_forward() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        IF TG_OP <> 'UPDATE' THEN
+          RAISE EXCEPTION 'receipt_logs: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF NEW.tenant_id <> OLD.tenant_id
+           OR OLD.tenant_id IS DISTINCT FROM current_setting('app.tenant_id', true)
+           OR NEW.size < OLD.size
+           OR NEW.checkpoint_size < OLD.checkpoint_size
+           OR NEW.checkpoint_size > NEW.size THEN
+          RAISE EXCEPTION 'receipt_logs: a head only moves forward, in its own tenant''s transaction'
+            USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER receipt_logs_forward BEFORE UPDATE OR DELETE ON receipt_logs
+        FOR EACH ROW EXECUTE FUNCTION anumate_receipt_logs_forward();
+      CREATE TRIGGER receipt_logs_no_truncate BEFORE TRUNCATE ON receipt_logs
+        FOR EACH STATEMENT EXECUTE FUNCTION anumate_receipt_logs_forward()";
+
+/// SQLite has one login: heads only move forward and are never deleted.
+const SQLITE_NARROW_WRITES: &str =
+    "CREATE TRIGGER receipt_logs_forward BEFORE UPDATE ON receipt_logs
+        WHEN NEW.tenant_id <> OLD.tenant_id OR NEW.size < OLD.size
+          OR NEW.checkpoint_size < OLD.checkpoint_size OR NEW.checkpoint_size > NEW.size
+        BEGIN SELECT RAISE(ABORT, 'receipt_logs: a head only moves forward'); END;
+      CREATE TRIGGER receipt_logs_no_delete BEFORE DELETE ON receipt_logs
+        BEGIN SELECT RAISE(ABORT, 'receipt_logs: DELETE refused'); END";
+
 /// Receipt log tables.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -150,6 +208,12 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: CONTENTS,
         sqlite: CONTENTS,
         tenant_tables: &["receipt_contents", "receipt_archives"],
+    },
+    Migration {
+        id: "receipts_0005_narrow_writes",
+        postgres: POSTGRES_NARROW_WRITES,
+        sqlite: SQLITE_NARROW_WRITES,
+        tenant_tables: &[],
     },
     Migration {
         id: "receipts_0004_contents_rules",
@@ -264,6 +328,20 @@ pub async fn all_tenants(tx: &TenantTx) -> Result<Vec<String>> {
 /// Removes the bodies of the tenant's receipts issued before `cutoff` (Unix
 /// microseconds) and records the pass; returns how many were removed.
 pub async fn remove_contents_before(tx: &TenantTx, cutoff: i64) -> Result<u64> {
+    let archive_id = uuid::Uuid::now_v7().to_string();
+    let now = anumate_store::now_micros();
+    if tx.backend() == Backend::Postgres {
+        // The serving role cannot DELETE bodies itself (see POSTGRES_NARROW_WRITES).
+        let row = tx
+            .query_one(
+                "SELECT anumate_receipts_remove_contents($1, $2, $3) AS removed",
+                vec![cutoff.into(), archive_id.into(), now.into()],
+            )
+            .await?
+            .ok_or_else(|| Error::internal("retention function returned no row"))?;
+        let removed: i64 = row.try_get("", "removed").map_err(db)?;
+        return to_u64(removed);
+    }
     let removed = tx
         .execute(
             "DELETE FROM receipt_contents WHERE tenant_id = $1 AND issued_at < $2",
@@ -276,10 +354,10 @@ pub async fn remove_contents_before(tx: &TenantTx, cutoff: i64) -> Result<u64> {
              VALUES ($1, $2, $3, $4, $5)",
             vec![
                 tx.tenant_id().into(),
-                uuid::Uuid::now_v7().to_string().into(),
+                archive_id.into(),
                 cutoff.into(),
                 to_i64(removed)?.into(),
-                anumate_store::now_micros().into(),
+                now.into(),
             ],
         )
         .await?;

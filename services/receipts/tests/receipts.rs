@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{
+    AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer,
+};
 use anumate_crypto::{Jwks, KeyPair, KeyRing};
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::receipts::v1 as pb;
@@ -39,6 +41,8 @@ const SERVICE: &str = "svc:orchestrator";
 struct TestApp {
     addr: SocketAddr,
     issuer: DevIssuer,
+    /// The platform's service issuer (mints `svc:<name>` identities).
+    services: ServiceIssuer,
     store: Store,
     keys: Arc<KeyRing>,
     /// The service, for publishing checkpoints on demand.
@@ -103,13 +107,18 @@ async fn spawn_app(backend: Backend) -> TestApp {
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("receipts key")));
     let issuer_dir = tempfile::tempdir().expect("tempdir");
     let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let services =
+        ServiceIssuer::load_or_create(&issuer_dir.path().join("services"), "orchestrator")
+            .expect("service issuer");
     let auth = Authenticator::new(AuthConfig::default())
         .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
+        .with_static_issuer(issuer.issuer(), issuer.jwks())
+        .with_static_service_issuer(services.jwks());
     let (addr, receipts, server) = serve(&store, &keys, &auth, &config(3_600_000)).await;
     TestApp {
         addr,
         issuer,
+        services,
         store,
         keys,
         receipts,
@@ -136,6 +145,21 @@ impl TestApp {
             .issuer
             .mint(tenant, subject, roles, Duration::from_secs(300))
             .expect("mint");
+        self.client_with(token).await
+    }
+
+    /// The platform service `name` of `tenant`, by its service-issuer token.
+    async fn service_as(&self, tenant: &str, name: &str) -> Client {
+        let token = self
+            .services
+            .for_service(name)
+            .expect("service name")
+            .mint(tenant, Duration::from_secs(300))
+            .expect("mint");
+        self.client_with(token).await
+    }
+
+    async fn client_with(&self, token: String) -> Client {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("endpoint")
             .connect()
@@ -144,9 +168,9 @@ impl TestApp {
         ReceiptsServiceClient::with_interceptor(channel, BearerToken(token))
     }
 
-    /// A service principal of `tenant` (appends).
+    /// The orchestrator service of `tenant` (appends step receipts).
     async fn service(&self, tenant: &str) -> Client {
-        self.client_as(tenant, SERVICE, &[]).await
+        self.service_as(tenant, "orchestrator").await
     }
 
     /// An auditor of `tenant` (reads).
@@ -190,6 +214,9 @@ on_both_backends! {
     restart_mid_batch => restart_mid_batch_sqlite, restart_mid_batch_postgres;
     bad_input => bad_input_sqlite, bad_input_postgres;
     roles => roles_sqlite, roles_postgres;
+    only_the_owning_service_appends => owning_service_sqlite, owning_service_postgres;
+    serving_role_writes_narrowly => narrow_writes_sqlite, narrow_writes_postgres;
+    large_exports_fit_client_limits => large_exports_sqlite, large_exports_postgres;
     exports => exports_sqlite, exports_postgres;
     concurrent_appends => concurrent_appends_sqlite, concurrent_appends_postgres;
     retention => retention_sqlite, retention_postgres;
@@ -529,10 +556,9 @@ async fn write_once(app: TestApp) {
         drop(tx);
         // As the owner (the trigger refuses even it).
         use sea_orm::ConnectionTrait as _;
-        let backend = app.store.owner_connection().get_database_backend();
-        let res = app
-            .store
-            .owner_connection()
+        let owner = app.store.connect_owner().await.unwrap();
+        let backend = owner.get_database_backend();
+        let res = owner
             .execute_raw(sea_orm::Statement::from_sql_and_values(
                 backend,
                 sql,
@@ -734,8 +760,8 @@ async fn two_replicas(app: TestApp) {
     let (addr_b, _receipts_b, server_b) =
         serve(&app.store, &app.keys, &app.auth, &config(3_600_000)).await;
     let token = app
-        .issuer
-        .mint(TENANT_A, SERVICE, &[], Duration::from_secs(300))
+        .services
+        .mint(TENANT_A, Duration::from_secs(300))
         .expect("mint");
     let channel = Endpoint::from_shared(format!("http://{addr_b}"))
         .expect("endpoint")
@@ -917,16 +943,82 @@ async fn roles(app: TestApp) {
             .await,
         ErrorCode::PermissionDenied,
     );
+    let mut svc = app.service(TENANT_A).await;
+    let r = append(&mut svc, step_request("r", "s2", 1, 1)).await;
     let mut operator = app.client_as(TENANT_A, "carol", &[Role::Operator]).await;
-    let r = append(&mut operator, step_request("r", "s", 1, 1)).await;
     operator
         .get_receipt(pb::GetReceiptRequest {
             receipt_id: r.receipt_id,
         })
         .await
         .expect("operator reads");
-    let mut svc = app.service(TENANT_A).await;
-    append(&mut svc, step_request("r", "s2", 1, 1)).await;
+}
+
+/// Receipts are appended only by the platform service that owns their kind,
+/// and the signed statement names it: no person (operator or admin), no
+/// other service, and no user-issuer token with a `svc:` subject can forge
+/// one (issue #9: operators forged receipts of any kind).
+async fn only_the_owning_service_appends(app: TestApp) {
+    let kinds = [
+        (pb::ReceiptKind::StepExecution, "orchestrator"),
+        (pb::ReceiptKind::RunOutcome, "orchestrator"),
+        (pb::ReceiptKind::ApprovalDecision, "approvals"),
+        (pb::ReceiptKind::TokenRevocation, "captokens"),
+    ];
+    let request = |kind: pb::ReceiptKind, key: &str| {
+        let mut req = step_request("run-f", "s", 1, 1);
+        req.kind = kind as i32;
+        req.dedupe_key = key.to_owned();
+        req
+    };
+    let mut operator = app.client_as(TENANT_A, "carol", &[Role::Operator]).await;
+    let mut admin = app.client_as(TENANT_A, "root", &[Role::Admin]).await;
+    for (i, (kind, owner)) in kinds.into_iter().enumerate() {
+        for person in [&mut operator, &mut admin] {
+            let e = expect_error(
+                person
+                    .append_receipt(request(kind, &format!("p-{i}")))
+                    .await,
+                ErrorCode::PermissionDenied,
+            );
+            assert!(e.message.contains("service"), "{e:?}");
+        }
+        for other in ["orchestrator", "approvals", "captokens", "connector-http"] {
+            if other == owner {
+                continue;
+            }
+            let mut svc = app.service_as(TENANT_A, other).await;
+            let e = expect_error(
+                svc.append_receipt(request(kind, &format!("o-{i}-{other}")))
+                    .await,
+                ErrorCode::PermissionDenied,
+            );
+            assert!(e.message.contains(owner), "{e:?}");
+        }
+        let mut svc = app.service_as(TENANT_A, owner).await;
+        let r = append(&mut svc, request(kind, &format!("ok-{i}"))).await;
+        let expected_actor = format!("svc:{owner}");
+        assert_eq!(r.actor, expected_actor);
+        let statement: serde_json::Value = serde_json::from_str(&r.statement_json).unwrap();
+        assert_eq!(statement["actor"], expected_actor.as_str());
+        assert_eq!(statement["v"], 2);
+    }
+    // A user-issuer token whose subject claims a service is not one: the
+    // authentication layer refuses it outright.
+    let mut forged = app.client_as(TENANT_A, SERVICE, &[Role::Admin]).await;
+    let status = forged
+        .append_receipt(request(pb::ReceiptKind::StepExecution, "forged"))
+        .await
+        .expect_err("a svc: subject from the user issuer");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ),
+        "{status:?}"
+    );
+    // Nothing was written by the refused attempts.
+    assert_eq!(count(&app, TENANT_A, "receipts").await, 4);
 }
 
 async fn exports(app: TestApp) {
@@ -1149,4 +1241,106 @@ async fn retention(mut app: TestApp) {
     assert!(fresh.content.is_some() && !fresh.content_archived);
     app.receipts.publish_pending().await.expect("publish");
     assert_eq!(verify_offline(&mut auditor, &fresh, &keys).await, 4);
+}
+
+/// The serving role cannot pick receipt bodies out for deletion, nor move a
+/// log head backwards, into another tenant, or away (issue #9: it could
+/// delete bodies outside retention and update `receipt_logs` at will).
+/// Retention still removes due bodies through its dedicated function.
+async fn serving_role_writes_narrowly(app: TestApp) {
+    let mut svc = app.service(TENANT_A).await;
+    append(&mut svc, step_request("run-1", "s1", 1, 1)).await;
+    append(&mut svc, step_request("run-1", "s2", 1, 2)).await;
+    let mut svc_b = app.service(TENANT_B).await;
+    append(&mut svc_b, step_request("run-1", "s1", 1, 1)).await;
+    app.receipts.publish_pending().await.unwrap();
+    let postgres = app.store.backend() == Backend::Postgres;
+    let mut refused = vec![
+        "UPDATE receipt_logs SET size = 0 WHERE tenant_id = $1",
+        "UPDATE receipt_logs SET checkpoint_size = 0 WHERE tenant_id = $1",
+        "UPDATE receipt_logs SET checkpoint_size = size + 5 WHERE tenant_id = $1",
+        "DELETE FROM receipt_logs WHERE tenant_id = $1",
+    ];
+    if postgres {
+        // One login on SQLite: there the role boundary does not exist.
+        refused.extend([
+            "DELETE FROM receipt_contents WHERE tenant_id = $1",
+            "UPDATE receipt_logs SET size = size + 1 WHERE tenant_id <> $1",
+            "TRUNCATE receipt_logs",
+        ]);
+    }
+    for sql in refused {
+        let tx = app.store.write(TENANT_A).await.unwrap();
+        let params = if sql.contains("$1") {
+            vec![TENANT_A.into()]
+        } else {
+            vec![]
+        };
+        let res = tx.execute(sql, params).await;
+        assert!(res.is_err(), "serving role could run {sql}");
+        drop(tx);
+    }
+    assert_eq!(count(&app, TENANT_A, "receipt_contents").await, 2);
+    // The narrow path still works: appends move the head forward, and
+    // retention removes due bodies (recorded in receipt_archives).
+    append(&mut svc, step_request("run-1", "s3", 1, 3)).await;
+    app.receipts.publish_pending().await.unwrap();
+    let day = 86_400 * 1_000_000_i64;
+    let mut cfg = config(3_600_000);
+    cfg.retention_days = 1;
+    let retaining = Receipts::new(app.store.clone(), app.keys.clone(), &cfg).unwrap();
+    let removed = retaining
+        .apply_retention(anumate_store::now_micros() + 2 * day)
+        .await
+        .unwrap();
+    assert_eq!(removed, 4);
+    assert_eq!(count(&app, TENANT_A, "receipt_contents").await, 0);
+    assert_eq!(count(&app, TENANT_A, "receipt_archives").await, 1);
+}
+
+/// An export with contents streams chunks a client with tonic's default
+/// 4 MiB message limit can read (issue #9: 200 records with contents made
+/// one message of up to 200 x 64 KiB).
+async fn large_exports_fit_client_limits(mut app: TestApp) {
+    let mut cfg = config(3_600_000);
+    cfg.max_content_bytes = 64 * 1024; // the default
+    app.restart(&cfg).await;
+    let mut svc = app.service(TENANT_A).await;
+    let note = "lorem ipsum dolor sit amet ".repeat(2_300); // ~62 KB
+    let n = 80;
+    for i in 0..n {
+        let mut req = step_request("run-big", &format!("s{i}"), 1, i);
+        req.content = Some(content(json!({ "note": note })));
+        append(&mut svc, req).await;
+    }
+    // A client with default limits.
+    let mut auditor = app.auditor(TENANT_A).await;
+    let mut stream = auditor
+        .export_receipts(pb::ExportReceiptsRequest {
+            format: pb::ExportFormat::Ndjson as i32,
+            filter: None,
+            include_content: true,
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let (mut records, mut messages, mut bytes) = (0, 0, 0);
+    while let Some(msg) = stream
+        .message()
+        .await
+        .expect("a chunk within the client's limit")
+    {
+        assert!(
+            msg.data.len() <= anumate_receipts::grpc::EXPORT_CHUNK_BYTES,
+            "chunk of {} bytes",
+            msg.data.len()
+        );
+        assert_eq!(msg.data.lines().count(), msg.record_count as usize);
+        records += msg.record_count;
+        messages += 1;
+        bytes += msg.data.len();
+    }
+    assert_eq!(records, n as i32);
+    assert!(bytes > 4 * 1024 * 1024, "the export is {bytes} bytes");
+    assert!(messages >= 5, "{messages} messages");
 }
