@@ -527,3 +527,63 @@ fn rejection_maps_to_invalid_document() {
     assert_eq!(err.code, anumate_errors::ErrorCode::InvalidDocument);
     assert_eq!(err.violations.len(), 5);
 }
+
+/// Issue 9: a `${{ }}` expression nested thousands of levels deep aborted the
+/// registry (stack overflow in the expression parser); it is a violation at
+/// the expression now, and the rest of the document is still checked.
+#[test]
+fn deeply_nested_expressions_are_violations_not_crashes() {
+    let deep = format!("{}inputs.order_id{}", "(".repeat(3000), ")".repeat(3000));
+    let doc = EXAMPLE.replace(
+        "if: \"${{ steps.fetch-order.output.status == 'paid' }}\"",
+        &format!("if: \"${{{{ {deep} }}}}\""),
+    );
+    assert_ne!(doc, EXAMPLE);
+    let got = std::thread::Builder::new()
+        .stack_size(1024 * 1024)
+        .spawn(move || violations(&doc))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].field, "spec.steps[1].if");
+    assert!(
+        got[0].description.contains("nesting deeper than 64"),
+        "{:?}",
+        got[0].description
+    );
+}
+
+/// YAML nesting is bounded before anything deep is built, for flow and
+/// block collections alike: 100,000 levels is one violation.
+#[test]
+fn yaml_nesting_far_past_the_limit_is_one_violation() {
+    let n = 100_000;
+    let flow_seq = format!("a: {}1{}\n", "[".repeat(n), "]".repeat(n));
+    let flow_map = format!("a: {}1{}\n", "{b: ".repeat(n), "}".repeat(n));
+    // Block nesting needs growing indentation: 1,000 levels (~0.5 MB).
+    let block: String = (0..1000)
+        .map(|i| format!("{}k:\n", " ".repeat(i)))
+        .collect();
+    for doc in [flow_seq, flow_map, block] {
+        let got = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || parse(&doc, &Limits::default()))
+            .unwrap()
+            .join()
+            .unwrap();
+        match got {
+            Err(Rejection::Invalid(v)) => {
+                // Ours, or yaml-rust2's own bound on flow nesting (256),
+                // which its scanner can reach first while reading ahead.
+                assert_eq!(v.len(), 1, "{v:?}");
+                let d = &v[0].description;
+                assert!(
+                    d.contains("deeper than 64") || d.contains("recursion limit exceeded"),
+                    "{d}"
+                );
+            }
+            other => panic!("expected a depth violation, got {other:?}"),
+        }
+    }
+}
