@@ -1134,3 +1134,165 @@ async fn concurrent_pushes(app: TestApp) {
     }
     assert_eq!(created, 1);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 9: one deeply nested expression aborted the whole server.
+// ---------------------------------------------------------------------------
+
+/// `LIMITS` with its first condition wrapped in 3,000 parentheses (6 KB).
+fn deeply_nested_limits() -> String {
+    let cond = r#"tool == "payments.refund" and args.currency != "INR""#;
+    let deep = format!("{}{cond}{}", "(".repeat(3000), ")".repeat(3000));
+    let src = LIMITS.replacen(cond, &deep, 1);
+    assert_ne!(src, LIMITS);
+    src
+}
+
+async fn deep_nesting(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let deep = deeply_nested_limits();
+    let check = |err: Error| {
+        assert_eq!(err.violations.len(), 1, "{err:?}");
+        let v = &err.violations[0];
+        assert!(v.description.contains("nesting deeper than 64"), "{err:?}");
+        // Line 4, `when` at column 10: the first `(` past the limit.
+        assert_eq!(v.position, Some((4, 10 + 63)), "{err:?}");
+    };
+    check(expect_error(
+        c.evaluate_policy(eval_source(&deep, BIG_REFUND)).await,
+        ErrorCode::InvalidDocument,
+    ));
+    check(expect_error(
+        c.validate_policy(pb::ValidatePolicyRequest {
+            source: deep.clone(),
+            source_name: "deep.policy".into(),
+        })
+        .await,
+        ErrorCode::InvalidDocument,
+    ));
+    check(expect_error(
+        c.push_policy(push_req(&deep, false)).await,
+        ErrorCode::InvalidDocument,
+    ));
+    // The same server still answers, on the same connection.
+    let d = c
+        .evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .expect("a normal evaluation after the deep one")
+        .into_inner();
+    assert!(d.decision.is_some(), "{d:?}");
+}
+
+on_both_backends! {
+    deep_nesting => deep_nesting_sqlite, deep_nesting_postgres;
+}
+
+// ---------------------------------------------------------------------------
+// Decision log retention and size
+// ---------------------------------------------------------------------------
+
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// Writes a decision log row `age_hours` old for `tenant`, as an evaluation
+/// that long ago would have.
+async fn old_decision(app: &TestApp, tenant: &str, id: &str, age_hours: i64) {
+    let created = anumate_store::now_micros() - age_hours * HOUR_MICROS;
+    let tx = app.store.write(tenant).await.expect("write tx");
+    tx.execute(
+        "INSERT INTO policy_decisions (tenant_id, id, created_at, principal, effect, \
+           policy_set_hash, policies, input_json, decision_json, fuel_used) \
+         VALUES ($1, $2, $3, 'alice', 'EFFECT_ALLOW', '', '[]', '{}', '{}', 0)",
+        vec![tenant.into(), id.into(), created.into()],
+    )
+    .await
+    .expect("insert old decision");
+    tx.commit().await.expect("commit");
+}
+
+async fn decision_ids(app: &TestApp, tenant: &str) -> Vec<String> {
+    let tx = app.store.read(tenant).await.expect("read tx");
+    let rows = tx
+        .query_all(
+            "SELECT id FROM policy_decisions WHERE tenant_id = $1 ORDER BY created_at",
+            vec![tenant.into()],
+        )
+        .await
+        .expect("query");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "id").expect("id"))
+        .collect()
+}
+
+/// Decision rows past `decision_retention_hours` (default 720) go when the
+/// tenant next records a decision, at most once a minute per tenant; other
+/// tenants' rows stay. An input over `max_logged_input_bytes` (default 64 KiB)
+/// is stored as its size and hash, not in full.
+async fn decision_retention(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    old_decision(&app, TENANT_A, "a-old", 721).await;
+    old_decision(&app, TENANT_A, "a-recent", 719).await;
+    old_decision(&app, TENANT_B, "b-old", 721).await;
+
+    c.evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], "a-recent");
+    assert_eq!(decision_ids(&app, TENANT_B).await, ["b-old"]);
+
+    // Within the minute, the next evaluation does not purge again.
+    old_decision(&app, TENANT_A, "a-old-2", 800).await;
+    let big_note = "x".repeat(100 * 1024);
+    let big_input =
+        serde_json::json!({"tool": "crm.lookup", "args": {"note": big_note}}).to_string();
+    c.evaluate_policy(eval_source(LIMITS, &big_input))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[0], "a-old-2");
+
+    // The large input is logged as its size and hash.
+    let inputs = app.decision_inputs(TENANT_A).await;
+    let logged: serde_json::Value = serde_json::from_str(inputs.last().unwrap()).unwrap();
+    assert_eq!(logged["omitted"], true, "{logged}");
+    let bytes = logged["bytes"].as_u64().unwrap();
+    assert!(bytes > 100 * 1024, "{logged}");
+    assert_eq!(logged["sha256"].as_str().unwrap().len(), 64, "{logged}");
+    assert!(inputs.iter().all(|i| i.len() < 64 * 1024));
+}
+
+/// `decision_retention_hours = 0` keeps every row.
+async fn decision_retention_off(backend: Backend) {
+    let app = spawn_with(
+        backend,
+        PolicyConfig {
+            decision_retention_hours: 0,
+            ..PolicyConfig::default()
+        },
+    )
+    .await;
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    old_decision(&app, TENANT_A, "ancient", 24 * 365 * 5).await;
+    c.evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], "ancient");
+}
+
+on_both_backends! {
+    decision_retention => decision_retention_sqlite, decision_retention_postgres;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_retention_off_sqlite() {
+    decision_retention_off(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_retention_off_postgres() {
+    decision_retention_off(Backend::Postgres).await;
+}
