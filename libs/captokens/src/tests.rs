@@ -503,9 +503,21 @@ fn audience_tenant_binding_capability_args() {
     for (expected, reason) in &cases {
         assert_eq!(f.reason(&token, expected), *reason, "{expected:?}");
     }
-    // Without optional expectations, only audience, tenant and tool are checked.
+    // Without the arguments (or their hash) a token is never valid: it is
+    // bound to its arguments' hash, so the verdict is an arguments mismatch.
     let minimal = Expectation::new(AUD, TENANT, TOOL).at(NOW);
-    f.verifier().verify(&token, &minimal).unwrap();
+    let rejection = f.verifier().verify(&token, &minimal).unwrap_err();
+    assert_eq!(rejection.reason(), Reason::ArgsMismatch);
+    assert!(
+        matches!(rejection.failure, Failure::ArgsMissing { .. }),
+        "{:?}",
+        rejection.failure
+    );
+    // With only the hash, the rest of the optional expectations may be unset.
+    let hash = crate::args_sha256(&f.args).unwrap();
+    f.verifier()
+        .verify(&token, &minimal.args_sha256(&hash))
+        .unwrap();
     // Arguments that keep to the constraints but differ from the bound ones.
     let other = json!({
         "amount": 12_501,

@@ -219,6 +219,15 @@ pub enum Failure {
         /// `args_sha256`.
         actual: String,
     },
+    /// The call named neither its arguments nor their hash: every token is
+    /// bound to the hash of its arguments, so there is nothing to match.
+    #[error(
+        "the call names no arguments (args or args_sha256); the token is bound to args_sha256 {actual}"
+    )]
+    ArgsMissing {
+        /// `args_sha256`.
+        actual: String,
+    },
     /// A single-use token already consumed.
     #[error("token already used")]
     Replayed,
@@ -242,7 +251,7 @@ impl Failure {
                 CapabilityFailure::Constraint { .. } | CapabilityFailure::MissingArgument { .. },
             ) => Reason::ConstraintViolated,
             Failure::CapabilityMismatch(_) => Reason::CapabilityMismatch,
-            Failure::ArgsMismatch { .. } => Reason::ArgsMismatch,
+            Failure::ArgsMismatch { .. } | Failure::ArgsMissing { .. } => Reason::ArgsMismatch,
             Failure::Replayed => Reason::Replayed,
         }
     }
@@ -309,7 +318,10 @@ pub enum Backend {
 }
 
 /// What the verifier expects of the call. `audience`, `tenant` and `tool`
-/// are always checked; the optional fields only when set.
+/// are always checked, and so are the arguments: without `args` or
+/// `args_sha256` the verdict is an arguments mismatch (a token is never valid
+/// for a call whose arguments are unknown). The other optional fields are
+/// checked only when set.
 #[derive(Debug, Clone, Copy)]
 pub struct Expectation<'a> {
     /// The verifier's audience; must equal `aud`.
@@ -321,7 +333,9 @@ pub struct Expectation<'a> {
     /// Action about to be performed; must be in `cap.actions`.
     pub action: Option<&'a str>,
     /// The call's arguments: checked against `cap.constraints`, and their
-    /// RFC 8785 hash against `args_sha256`.
+    /// RFC 8785 hash against `args_sha256`. With only `args_sha256` the
+    /// constraints are not checked: the hash binds the exact arguments the
+    /// token was issued for.
     pub args: Option<&'a serde_json::Value>,
     /// Hash of the arguments, when the caller has it instead of (or as well
     /// as) the arguments; must equal `args_sha256`.
@@ -742,6 +756,11 @@ fn first_call_failure(claims: &Claims, expected: &Expectation<'_>) -> Option<Fai
     {
         return Some(Failure::ArgsMismatch {
             expected: hex.to_owned(),
+            actual: claims.args_sha256.clone(),
+        });
+    }
+    if expected.args.is_none() && expected.args_sha256.is_none() {
+        return Some(Failure::ArgsMissing {
             actual: claims.args_sha256.clone(),
         });
     }

@@ -1,10 +1,19 @@
-//! The gRPC adapter: decode, check the role, call [`CapTokens`], encode.
+//! The gRPC adapter: decode, check the caller, call [`CapTokens`], encode.
 //!
-//! Roles: `IssueToken`, `VerifyToken`, `RefreshToken` and `RevokeToken` take a
-//! service identity (`svc:…`, e.g. the orchestrator or a connector) or the
-//! `operator`/`admin` role (the CLI); `ListTokenAudit` takes `auditor` or
-//! `admin`; `GetJwks` takes nothing (see [`crate::PUBLIC_PATHS`]). The tenant
-//! is always the caller's, from the bearer token.
+//! Who may call what (SPEC §8; the proto comments say the same). A service
+//! identity is only ever a token of the platform's service issuer
+//! ([`Principal::service_name`]), never a subject prefix:
+//! - `IssueToken`: the orchestrator service, or `admin` (audited and flagged
+//!   as an admin issue). Operators may not mint: a token must stand for what
+//!   the platform approved.
+//! - `VerifyToken`: any service identity (the connectors), or `admin`.
+//! - `RefreshToken`: the orchestrator service, or `admin`.
+//! - `RevokeToken`: the orchestrator service, `admin` or `operator` (revoking
+//!   only takes authority away, so the people who run executions may stop them).
+//! - `ListTokenAudit`: `auditor` or `admin`; `GetJwks`: nothing (see
+//!   [`crate::PUBLIC_PATHS`]).
+//!
+//! The tenant is always the caller's, from the bearer token.
 
 use anumate_auth::{Principal, Role};
 use anumate_errors::Error;
@@ -14,10 +23,34 @@ use tonic::{Request, Response, Status};
 
 use crate::{Actor, AuditQuery, CapTokens, RevokeTarget, convert};
 
-/// Roles (besides service identities) allowed to issue, verify, refresh and revoke.
-const OPERATORS: &[Role] = &[Role::Operator, Role::Admin];
-/// Roles allowed to read the audit log.
-const AUDITORS: &[Role] = &[Role::Auditor, Role::Admin];
+/// The service identity that mints and refreshes tokens for its tool calls.
+pub const ORCHESTRATOR: &str = "orchestrator";
+
+/// Who may call an RPC: service identities and user roles.
+struct Allowed {
+    /// Service names allowed; `None`: any service identity; `Some(&[])`: none.
+    services: Option<&'static [&'static str]>,
+    /// User roles allowed (admin always is).
+    roles: &'static [Role],
+}
+
+const ISSUERS: Allowed = Allowed {
+    services: Some(&[ORCHESTRATOR]),
+    roles: &[Role::Admin],
+};
+const VERIFIERS: Allowed = Allowed {
+    services: None,
+    roles: &[Role::Admin],
+};
+const REFRESHERS: Allowed = ISSUERS;
+const REVOKERS: Allowed = Allowed {
+    services: Some(&[ORCHESTRATOR]),
+    roles: &[Role::Operator, Role::Admin],
+};
+const AUDITORS: Allowed = Allowed {
+    services: Some(&[]),
+    roles: &[Role::Auditor, Role::Admin],
+};
 
 /// Largest request accepted, in bytes (tokens are at most 16 KiB; arguments
 /// and constraints are small).
@@ -41,23 +74,20 @@ impl CapTokensGrpc {
     }
 }
 
-/// The caller, if it is a service identity or holds one of `roles`.
-fn actor<T>(req: &Request<T>, roles: &[Role], services: bool) -> Result<Actor, Status> {
+/// The caller, if it is an allowed service identity or holds an allowed role;
+/// else `PERMISSION_DENIED`.
+fn actor<T>(req: &Request<T>, allowed: &Allowed) -> Result<Actor, Status> {
     let principal: Principal = anumate_auth::principal(req)?;
-    if !(services && principal.is_service()) {
-        principal.require_any(roles)?;
+    match (principal.service_name(), allowed.services) {
+        // Any service identity.
+        (Some(_), None) => {}
+        (Some(_), Some(names)) if !names.is_empty() => principal.require_service(names)?,
+        _ => principal.require_any(allowed.roles)?,
     }
-    let credential = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
     Ok(Actor {
+        admin: principal.service.is_none() && principal.has_role(Role::Admin),
         tenant: principal.tenant_id,
         subject: principal.subject,
-        credential,
     })
 }
 
@@ -67,7 +97,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        let actor = actor(&req, OPERATORS, true)?;
+        let actor = actor(&req, &ISSUERS)?;
         Ok(Response::new(
             self.tokens.issue(&actor, req.get_ref()).await?,
         ))
@@ -77,7 +107,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let actor = actor(&req, OPERATORS, true)?;
+        let actor = actor(&req, &VERIFIERS)?;
         Ok(Response::new(
             self.tokens.verify(&actor, req.get_ref()).await?,
         ))
@@ -87,7 +117,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
-        let actor = actor(&req, OPERATORS, true)?;
+        let actor = actor(&req, &REFRESHERS)?;
         Ok(Response::new(
             self.tokens.refresh(&actor, req.get_ref()).await?,
         ))
@@ -97,7 +127,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let actor = actor(&req, OPERATORS, true)?;
+        let actor = actor(&req, &REVOKERS)?;
         let r = req.into_inner();
         let target = match &r.target {
             Some(pb::revoke_token_request::Target::Jti(jti)) if !jti.is_empty() => {
@@ -137,7 +167,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::ListTokenAuditRequest>,
     ) -> Result<Response<pb::ListTokenAuditResponse>, Status> {
-        let actor = actor(&req, AUDITORS, false)?;
+        let actor = actor(&req, &AUDITORS)?;
         let r = req.into_inner();
         let kind = pb::AuditKind::try_from(r.kind).map_err(|_| {
             Error::invalid_argument("kind", format!("unknown AuditKind value {}", r.kind))

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anumate_captokens::{
     ArgsBinding, Claims, Expectation, IssueError, IssueRequest, Issuer, Reason, Rejection,
-    Verifier, VerifyError,
+    ReplayError, ReplayGuard as _, Verifier, VerifyError,
 };
 use anumate_crypto::KeyRing;
 use anumate_errors::{Error, ErrorCode, Result};
@@ -66,6 +66,10 @@ pub struct CapTokensConfig {
     /// in this process (e.g. `http://receipts:7600`). Empty: the in-process
     /// one, if any.
     pub receipts_url: String,
+    /// Longest a chain of refreshes may keep a call's authority alive, in
+    /// seconds from the first token's `iat`: a refresh whose new `exp` would
+    /// pass it is refused (`FAILED_PRECONDITION`).
+    pub max_refresh_lifetime_secs: u64,
 }
 
 impl Default for CapTokensConfig {
@@ -77,6 +81,7 @@ impl Default for CapTokensConfig {
             replay_purge_interval_secs: 60,
             jwks_max_age_secs: 300,
             receipts_url: String::new(),
+            max_refresh_lifetime_secs: 1800,
         }
     }
 }
@@ -96,12 +101,16 @@ pub fn load_keys(cfg: &CapTokensConfig, keys_dir: &Path) -> Result<KeyRing> {
 pub struct Actor {
     /// Tenant id.
     pub tenant: String,
-    /// Principal subject.
+    /// Principal subject (`svc:<name>` for a platform service).
     pub subject: String,
-    /// The caller's bearer token, forwarded when the service calls another on
-    /// the caller's behalf (the receipts service, for revocations).
-    pub credential: Option<String>,
+    /// A human admin rather than a platform service: an admin's issue is
+    /// flagged in the audit log ([`ADMIN_ISSUE_REASON`]).
+    pub admin: bool,
 }
+
+/// The audit `reason` of a token issued (or refreshed) by an admin instead of
+/// the orchestrator: such tokens stand for no approved plan step.
+pub const ADMIN_ISSUE_REASON: &str = "admin-issued";
 
 /// What to revoke.
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +151,7 @@ struct Inner {
     leeway: i64,
     purge_interval: Duration,
     jwks_max_age: Duration,
+    max_refresh_lifetime: i64,
 }
 
 const DEFAULT_PAGE: i64 = 50;
@@ -191,6 +201,8 @@ impl CapTokens {
                 leeway: i64::from(cfg.leeway_secs),
                 purge_interval: Duration::from_secs(cfg.replay_purge_interval_secs.max(1)),
                 jwks_max_age: Duration::from_secs(cfg.jwks_max_age_secs),
+                max_refresh_lifetime: i64::try_from(cfg.max_refresh_lifetime_secs)
+                    .unwrap_or(i64::MAX),
             }),
             receipts: None,
         })
@@ -233,7 +245,7 @@ impl CapTokens {
             )
             .map_err(issue_error)?;
         let tx = self.inner.store.write(&actor.tenant).await?;
-        record_issue(&tx, actor, &issued.claims, "").await?;
+        record_issue(&tx, actor, &issued.claims, "", issued.claims.iat).await?;
         tx.commit().await?;
         Ok(pb::IssueTokenResponse {
             claims: Some(convert::claims(&issued.claims, &issued.kid)),
@@ -257,6 +269,19 @@ impl CapTokens {
         }
         if req.tool.is_empty() {
             return Err(Error::invalid_argument("tool", "required"));
+        }
+        // A token is for one call: the verifier names that call completely.
+        if req.action.is_empty() {
+            return Err(Error::invalid_argument(
+                "action",
+                "required: the action about to be performed",
+            ));
+        }
+        if req.args.is_none() && req.args_sha256.is_empty() {
+            return Err(Error::invalid_argument(
+                "args",
+                "required: the call's arguments (args) or their hash (args_sha256)",
+            ));
         }
         let args = req.args.as_ref().map(convert::args).transpose()?;
         let mut expected = Expectation::new(&req.audience, &actor.tenant, &req.tool);
@@ -340,7 +365,9 @@ impl CapTokens {
                 "token does not verify: malformed",
             ));
         };
-        let expected = Expectation::new(&unverified.aud, &actor.tenant, &unverified.cap.tool);
+        // The arguments are the token's own (the signature check covers them).
+        let expected = Expectation::new(&unverified.aud, &actor.tenant, &unverified.cap.tool)
+            .args_sha256(&unverified.args_sha256);
         let tx = self.inner.store.write(&actor.tenant).await?;
         let outcome = self
             .inner
@@ -386,6 +413,52 @@ impl CapTokens {
                 ));
             }
         };
+        // The chain's authority ends `max_refresh_lifetime_secs` after its
+        // first token was issued, however often it is refreshed.
+        let root_iat = repo::find_token(&tx, &old.jti)
+            .await?
+            .map_or(old.iat, |t| t.root_iat);
+        let new_ttl = ttl.map_or(anumate_captokens::DEFAULT_TTL_SECS, |t| {
+            i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+        });
+        let deadline = root_iat.saturating_add(self.inner.max_refresh_lifetime);
+        if unix_now().saturating_add(new_ttl) > deadline {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "token cannot be refreshed: its chain began at {root_iat} and may not outlive {deadline} \
+                     ([captokens] max_refresh_lifetime_secs = {}); mint a new token for the call",
+                    self.inner.max_refresh_lifetime
+                ),
+            )
+            .with_metadata("verdict", "REFRESH_LIMIT"));
+        }
+        // A single-use token is spent by its refresh: claiming its replay slot
+        // in this transaction makes refresh and consume exclusive (the unique
+        // insert waits for a concurrent consume and then loses, or wins and
+        // the consume sees REPLAYED), so no consumed token yields a live one.
+        if old.single_use {
+            match repo::TxReplay(&tx)
+                .check_and_consume(&old.jti, old.exp)
+                .await
+            {
+                Ok(()) => {}
+                Err(ReplayError::Replayed { .. }) => {
+                    return Err(Error::new(
+                        ErrorCode::FailedPrecondition,
+                        "token cannot be refreshed: it was consumed",
+                    )
+                    .with_metadata("verdict", Reason::Replayed.verdict_name()));
+                }
+                Err(ReplayError::Unavailable(why)) => {
+                    tracing::warn!(error = %why, "captokens: replay store unavailable");
+                    return Err(Error::new(
+                        ErrorCode::Unavailable,
+                        "token state unavailable",
+                    ));
+                }
+            }
+        }
         let revocation = repo::NewRevocation {
             jti: Some(&old.jti),
             run: None,
@@ -427,7 +500,7 @@ impl CapTokens {
             "refreshed",
         )
         .await?;
-        record_issue(&tx, actor, &issued.claims, &old.jti).await?;
+        record_issue(&tx, actor, &issued.claims, &old.jti, root_iat).await?;
         tx.commit().await?;
         Ok(pb::RefreshTokenResponse {
             claims: Some(convert::claims(&issued.claims, &issued.kid)),
@@ -498,7 +571,6 @@ impl CapTokens {
                 let revocation = RevocationReceipt {
                     tenant: &actor.tenant,
                     actor: &actor.subject,
-                    credential: actor.credential.as_deref(),
                     target: match target {
                         RevokeTarget::Jti(_) => "jti",
                         RevokeTarget::Run(_) => "run",
@@ -692,6 +764,7 @@ async fn record_issue(
     actor: &Actor,
     c: &Claims,
     refreshed_from: &str,
+    root_iat: i64,
 ) -> Result<()> {
     repo::insert_token(
         tx,
@@ -699,6 +772,7 @@ async fn record_issue(
             claims: c,
             refreshed_from_jti: refreshed_from,
             issued_by: &actor.subject,
+            root_iat,
         },
     )
     .await?;
@@ -719,6 +793,7 @@ async fn record_issue(
             tool: &c.cap.tool,
             actor: &actor.subject,
             refreshed_from_jti: refreshed_from,
+            reason: if actor.admin { ADMIN_ISSUE_REASON } else { "" },
             ..repo::NewAudit::default()
         },
     )

@@ -10,15 +10,16 @@
 //!
 //! Two implementations: [`InProcessReceipts`] when the receipts service runs
 //! in the same process (`anumate dev`, `anumate serve captokens receipts`),
-//! [`GrpcReceipts`] otherwise (`[captokens] receipts_url`), which calls
-//! `AppendReceipt` with the revoking caller's own bearer token, so the receipt
-//! lands in the caller's tenant under the caller's name and no extra
-//! credential is needed.
+//! [`GrpcReceipts`] otherwise (`[captokens] receipts_url`). Either way the
+//! receipt is appended as the `captokens` service identity — the only one the
+//! receipts service accepts `TOKEN_REVOCATION` from — and names the revoking
+//! principal in its content (`revoked_by`). Over gRPC that identity is a
+//! short-lived token of the platform's service issuer, minted per call.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use anumate_auth::BearerToken;
+use anumate_auth::{BearerToken, ServiceIssuer};
 use anumate_errors::{Error, ErrorCode, Result};
 use anumate_proto::receipts::v1 as rpb;
 use rpb::receipts_service_client::ReceiptsServiceClient;
@@ -35,9 +36,6 @@ pub struct RevocationReceipt<'a> {
     pub tenant: &'a str,
     /// The revoking principal.
     pub actor: &'a str,
-    /// The caller's bearer token, for implementations that call another
-    /// service on the caller's behalf.
-    pub credential: Option<&'a str>,
     /// `"jti"` or `"run"`: what the request named.
     pub target: &'static str,
     /// The run of the revoked tokens.
@@ -97,16 +95,19 @@ pub trait RevocationReceipts: Send + Sync {
     -> BoxFuture<'a, Result<String>>;
 }
 
+/// The service identity that appends `TOKEN_REVOCATION` receipts.
+pub const RECEIPTS_SERVICE_NAME: &str = "captokens";
+
+/// How long a service token minted for one `AppendReceipt` call lives.
+const SERVICE_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The receipts service of this process.
 pub struct InProcessReceipts(pub anumate_receipts::Receipts);
 
 impl RevocationReceipts for InProcessReceipts {
     fn append<'a>(&'a self, r: &'a RevocationReceipt<'a>) -> BoxFuture<'a, Result<String>> {
         Box::pin(async move {
-            let actor = anumate_receipts::Actor {
-                tenant: r.tenant.to_owned(),
-                subject: r.actor.to_owned(),
-            };
+            let actor = anumate_receipts::Actor::service(r.tenant, RECEIPTS_SERVICE_NAME);
             let (receipt, _) = self
                 .0
                 .append(
@@ -122,37 +123,40 @@ impl RevocationReceipts for InProcessReceipts {
     }
 }
 
-/// A receipts service reached over gRPC, called with the revoking caller's
-/// bearer token.
+/// A receipts service reached over gRPC, called as the `captokens` service.
 pub struct GrpcReceipts {
     channel: Channel,
+    issuer: ServiceIssuer,
 }
 
 impl GrpcReceipts {
-    /// A lazily connected client of the receipts service at `url`.
-    pub fn new(url: &str) -> Result<Self> {
+    /// A lazily connected client of the receipts service at `url`, calling
+    /// with tokens of `issuer` (which must mint for `captokens`).
+    pub fn new(url: &str, issuer: ServiceIssuer) -> Result<Self> {
+        if issuer.service() != RECEIPTS_SERVICE_NAME {
+            return Err(Error::invalid_argument(
+                "issuer",
+                format!(
+                    "revocation receipts are appended as {RECEIPTS_SERVICE_NAME:?}, not {:?}",
+                    issuer.service()
+                ),
+            ));
+        }
         let channel = Channel::from_shared(url.to_owned())
             .map_err(|e| {
                 Error::invalid_argument("captokens.receipts_url", format!("{url:?}: {e}"))
             })?
             .connect_lazy();
-        Ok(GrpcReceipts { channel })
+        Ok(GrpcReceipts { channel, issuer })
     }
 }
 
 impl RevocationReceipts for GrpcReceipts {
     fn append<'a>(&'a self, r: &'a RevocationReceipt<'a>) -> BoxFuture<'a, Result<String>> {
         Box::pin(async move {
-            let token = r.credential.ok_or_else(|| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    "the revocation cannot be receipted: no caller credential to forward",
-                )
-            })?;
-            let mut client = ReceiptsServiceClient::with_interceptor(
-                self.channel.clone(),
-                BearerToken(token.to_owned()),
-            );
+            let token = self.issuer.mint(r.tenant, SERVICE_TOKEN_TTL)?;
+            let mut client =
+                ReceiptsServiceClient::with_interceptor(self.channel.clone(), BearerToken(token));
             let resp = client
                 .append_receipt(rpb::AppendReceiptRequest {
                     kind: rpb::ReceiptKind::TokenRevocation as i32,

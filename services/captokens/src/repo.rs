@@ -66,17 +66,29 @@ const DDL: &str = "CREATE TABLE captoken_tokens (
 /// Capability token tables. `captoken_replay_tenants` (tenants that ever
 /// consumed a token, for the purge) is deliberately not a tenant table: it
 /// holds nothing but tenant ids.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "captokens_0001_tables",
-    postgres: DDL,
-    sqlite: DDL,
-    tenant_tables: &[
-        "captoken_tokens",
-        "captoken_replay",
-        "captoken_revocations",
-        "captoken_audit",
-    ],
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "captokens_0001_tables",
+        postgres: DDL,
+        sqlite: DDL,
+        tenant_tables: &[
+            "captoken_tokens",
+            "captoken_replay",
+            "captoken_revocations",
+            "captoken_audit",
+        ],
+    },
+    Migration {
+        id: "captokens_0002_refresh_root",
+        postgres: ROOT_IAT,
+        sqlite: ROOT_IAT,
+        tenant_tables: &[],
+    },
+];
+
+/// The `iat` of the first token of a refresh chain (0 on rows written before
+/// this column: their own `iat` is not stored, `issued_at` stands in).
+const ROOT_IAT: &str = "ALTER TABLE captoken_tokens ADD COLUMN root_iat BIGINT NOT NULL DEFAULT 0";
 
 pub fn db(e: impl std::fmt::Display) -> Error {
     Error::internal(e)
@@ -87,6 +99,8 @@ pub struct TokenRow {
     pub jti: String,
     pub run: String,
     pub exp: i64,
+    /// `iat` of the first token of its refresh chain, seconds.
+    pub root_iat: i64,
 }
 
 /// What a new issued-token row holds.
@@ -94,14 +108,16 @@ pub struct NewToken<'a> {
     pub claims: &'a anumate_captokens::Claims,
     pub refreshed_from_jti: &'a str,
     pub issued_by: &'a str,
+    /// `iat` of the chain's first token (its own `iat` when not a refresh).
+    pub root_iat: i64,
 }
 
 pub async fn insert_token(tx: &TenantTx, t: &NewToken<'_>) -> Result<()> {
     let c = t.claims;
     tx.execute(
         "INSERT INTO captoken_tokens (tenant_id, jti, run_id, step_id, plan_hash, audience, tool, \
-           single_use, exp, refreshed_from_jti, issued_by, issued_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+           single_use, exp, refreshed_from_jti, issued_by, issued_at, root_iat) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         vec![
             tx.tenant_id().into(),
             c.jti.as_str().into(),
@@ -115,6 +131,7 @@ pub async fn insert_token(tx: &TenantTx, t: &NewToken<'_>) -> Result<()> {
             t.refreshed_from_jti.into(),
             t.issued_by.into(),
             anumate_store::now_micros().into(),
+            t.root_iat.into(),
         ],
     )
     .await?;
@@ -126,12 +143,21 @@ fn token_from(row: &QueryResult) -> Result<TokenRow> {
         jti: row.try_get("", "jti").map_err(db)?,
         run: row.try_get("", "run_id").map_err(db)?,
         exp: row.try_get("", "exp").map_err(db)?,
+        root_iat: {
+            let root: i64 = row.try_get("", "root_iat").map_err(db)?;
+            if root == 0 {
+                let issued_micros: i64 = row.try_get("", "issued_at").map_err(db)?;
+                issued_micros.div_euclid(1_000_000)
+            } else {
+                root
+            }
+        },
     })
 }
 
 pub async fn find_token(tx: &TenantTx, jti: &str) -> Result<Option<TokenRow>> {
     tx.query_one(
-        "SELECT jti, run_id, exp FROM captoken_tokens WHERE tenant_id = $1 AND jti = $2",
+        "SELECT jti, run_id, exp, root_iat, issued_at FROM captoken_tokens WHERE tenant_id = $1 AND jti = $2",
         vec![tx.tenant_id().into(), jti.into()],
     )
     .await?
@@ -142,7 +168,7 @@ pub async fn find_token(tx: &TenantTx, jti: &str) -> Result<Option<TokenRow>> {
 
 pub async fn run_tokens(tx: &TenantTx, run: &str) -> Result<Vec<TokenRow>> {
     tx.query_all(
-        "SELECT jti, run_id, exp FROM captoken_tokens WHERE tenant_id = $1 AND run_id = $2 ORDER BY jti",
+        "SELECT jti, run_id, exp, root_iat, issued_at FROM captoken_tokens WHERE tenant_id = $1 AND run_id = $2 ORDER BY jti",
         vec![tx.tenant_id().into(), run.into()],
     )
     .await?

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{
+    AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer,
+};
 use anumate_captokens::{ArgsBinding, Capability, Constraint, IssueRequest, Issuer};
 use anumate_captokens_service::{CapTokens, CapTokensConfig, CapTokensGrpc, PUBLIC_PATHS};
 use anumate_crypto::{KeyPair, KeyRing, b64url};
@@ -59,6 +61,8 @@ impl Drop for Server {
 struct TestApp {
     server: Server,
     issuer: DevIssuer,
+    /// The platform's service issuer: `svc:<name>` identities.
+    services: ServiceIssuer,
     auth: Authenticator,
     keys: Arc<KeyRing>,
     store: Store,
@@ -114,13 +118,18 @@ async fn spawn_app(backend: Backend) -> TestApp {
 
     let issuer_dir = tempfile::tempdir().expect("tempdir");
     let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
+    let services =
+        ServiceIssuer::load_or_create(&issuer_dir.path().join("services"), "orchestrator")
+            .expect("service issuer");
     let auth = Authenticator::new(AuthConfig::default())
         .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
+        .with_static_issuer(issuer.issuer(), issuer.jwks())
+        .with_static_service_issuer(services.jwks());
     let server = serve(tokens.clone(), auth.clone()).await;
     TestApp {
         server,
         issuer,
+        services,
         auth,
         keys,
         store,
@@ -139,6 +148,8 @@ impl TestApp {
         serve(tokens, self.auth.clone()).await
     }
 
+    /// A client of the server at `addr`: `svc:<name>` subjects get a token
+    /// of the platform's service issuer, others a user token with `roles`.
     async fn client_at(
         &self,
         addr: SocketAddr,
@@ -146,16 +157,23 @@ impl TestApp {
         subject: &str,
         roles: &[Role],
     ) -> Client {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let token = self
-            .issuer
+        let token = match subject.strip_prefix("svc:") {
+            Some(name) => self
+                .services
+                .for_service(name)
+                .expect("service name")
+                .mint(tenant, Duration::from_secs(300))
+                .expect("mint"),
+            None => self.user_token(tenant, subject, roles),
+        };
+        client_with(addr, token).await
+    }
+
+    /// A token of the user issuer, whatever its subject.
+    fn user_token(&self, tenant: &str, subject: &str, roles: &[Role]) -> String {
+        self.issuer
             .mint(tenant, subject, roles, Duration::from_secs(300))
-            .expect("mint");
-        CapTokensServiceClient::with_interceptor(channel, BearerToken(token))
+            .expect("mint")
     }
 
     async fn client(&self, tenant: &str, subject: &str, roles: &[Role]) -> Client {
@@ -230,6 +248,15 @@ impl TestApp {
     }
 }
 
+async fn client_with(addr: SocketAddr, token: String) -> Client {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    CapTokensServiceClient::with_interceptor(channel, BearerToken(token))
+}
+
 /// Runs each scenario once on SQLite and once on PostgreSQL.
 macro_rules! on_both_backends {
     ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
@@ -251,6 +278,8 @@ on_both_backends! {
     cross_tenant => cross_tenant_sqlite, cross_tenant_postgres;
     bad_input_writes_nothing => bad_input_sqlite, bad_input_postgres;
     refresh_and_revoke => refresh_and_revoke_sqlite, refresh_and_revoke_postgres;
+    tokens_bind_what_the_platform_approved => bound_sqlite, bound_postgres;
+    refresh_races_and_chains => refresh_races_sqlite, refresh_races_postgres;
     audit_and_events => audit_and_events_sqlite, audit_and_events_postgres;
     purge => purge_sqlite, purge_postgres;
 }
@@ -635,7 +664,8 @@ async fn roles(app: TestApp) {
         ErrorCode::PermissionDenied,
     );
     let mut operator = app.client(TENANT_A, "olga", &[Role::Operator]).await;
-    let issued = issue(&mut operator, "run-1", true).await;
+    let mut orchestrator = app.orchestrator(TENANT_A).await;
+    let issued = issue(&mut orchestrator, "run-1", true).await;
     expect_error(
         author.verify_token(verify_request(&issued.token)).await,
         ErrorCode::PermissionDenied,
@@ -666,7 +696,8 @@ async fn roles(app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(audit.entries.len(), 1);
-    assert_eq!(audit.entries[0].actor, "olga");
+    assert_eq!(audit.entries[0].actor, ORCHESTRATOR);
+    assert_eq!(audit.entries[0].reason, "");
     // Only the permitted issue was written.
     assert_eq!(app.count(TENANT_A, "captoken_tokens").await, 1);
     // No credential at all.
@@ -1345,8 +1376,11 @@ async fn revocations_are_receipted(app: TestApp) {
     let mut op = app
         .client_at(server.addr, TENANT_A, "olga", &[Role::Operator])
         .await;
-    let a = issue(&mut op, "run-r", false).await.claims.unwrap().jti;
-    let b = issue(&mut op, "run-r", false).await.claims.unwrap().jti;
+    let mut orch = app
+        .client_at(server.addr, TENANT_A, ORCHESTRATOR, &[])
+        .await;
+    let a = issue(&mut orch, "run-r", false).await.claims.unwrap().jti;
+    let b = issue(&mut orch, "run-r", false).await.claims.unwrap().jti;
     let revoked = op
         .revoke_token(pb::RevokeTokenRequest {
             target: Some(pb::revoke_token_request::Target::RunId("run-r".into())),
@@ -1360,6 +1394,7 @@ async fn revocations_are_receipted(app: TestApp) {
     let actor = anumate_receipts::Actor {
         tenant: TENANT_A.into(),
         subject: "auditor".into(),
+        service: None,
     };
     let receipt = receipts.get(&actor, &revoked.receipt_id).await.unwrap();
     assert_eq!(
@@ -1376,6 +1411,8 @@ async fn revocations_are_receipted(app: TestApp) {
     let content = serde_json::to_value(receipt.content.unwrap()).unwrap();
     assert_eq!(content["reason"], "run cancelled");
     assert_eq!(content["revoked_by"], "olga");
+    // Appended, and signed, as the captokens service.
+    assert_eq!(receipt.actor, "svc:captokens");
     // The revocation event names the receipt.
     let events = app.event_types(TENANT_A).await;
     let (_, payload) = events
@@ -1413,13 +1450,20 @@ async fn revocations_are_receipted(app: TestApp) {
             .await
             .unwrap();
     });
-    let client =
-        anumate_captokens_service::GrpcReceipts::new(&format!("http://{receipts_addr}")).unwrap();
+    let captokens = app.services.for_service("captokens").unwrap();
+    let client = anumate_captokens_service::GrpcReceipts::new(
+        &format!("http://{receipts_addr}"),
+        captokens.clone(),
+    )
+    .unwrap();
     let remote = serve_receipting(&app, Arc::new(client)).await;
     let mut op = app
         .client_at(remote.addr, TENANT_A, "oscar", &[Role::Operator])
         .await;
-    let c = issue(&mut op, "run-s", false).await.claims.unwrap().jti;
+    let mut orch = app
+        .client_at(remote.addr, TENANT_A, ORCHESTRATOR, &[])
+        .await;
+    let c = issue(&mut orch, "run-s", false).await.claims.unwrap().jti;
     let revoked = op
         .revoke_token(pb::RevokeTokenRequest {
             target: Some(pb::revoke_token_request::Target::Jti(c.clone())),
@@ -1433,15 +1477,20 @@ async fn revocations_are_receipted(app: TestApp) {
     let content = serde_json::to_value(receipt.content.unwrap()).unwrap();
     assert_eq!(content["revoked_by"], "oscar");
     assert_eq!(content["target"], "jti");
+    assert_eq!(receipt.actor, "svc:captokens");
     receipts_server.abort();
 
     // No receipts service reachable: UNAVAILABLE and nothing revoked.
-    let down = anumate_captokens_service::GrpcReceipts::new("http://127.0.0.1:9").unwrap();
+    let down =
+        anumate_captokens_service::GrpcReceipts::new("http://127.0.0.1:9", captokens).unwrap();
     let broken = serve_receipting(&app, Arc::new(down)).await;
     let mut op = app
         .client_at(broken.addr, TENANT_A, "olga", &[Role::Operator])
         .await;
-    let issued = issue(&mut op, "run-t", false).await;
+    let mut orch = app
+        .client_at(broken.addr, TENANT_A, ORCHESTRATOR, &[])
+        .await;
+    let issued = issue(&mut orch, "run-t", false).await;
     let before = app.count(TENANT_A, "captoken_revocations").await;
     expect_error(
         op.revoke_token(pb::RevokeTokenRequest {
@@ -1467,4 +1516,237 @@ async fn revocations_are_receipted_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_are_receipted_postgres() {
     revocations_are_receipted(spawn_app(Backend::Postgres).await).await;
+}
+
+/// Issue #9 (high): only the orchestrator service (and audited admins) mint,
+/// a verification must name the action and the arguments, and a `svc:`
+/// subject from the user issuer is no service. Each assertion failed on the
+/// old code: operators minted, a `svc:` user token passed as a service, and a
+/// VerifyToken without arguments was VALID.
+async fn tokens_bind_what_the_platform_approved(app: TestApp) {
+    let before = app.counts(TENANT_A).await;
+    // Operators (and other people) may not mint, nor may other services.
+    let mut operator = app.client(TENANT_A, "olga", &[Role::Operator]).await;
+    let e = expect_error(
+        operator.issue_token(issue_request("run-1", true)).await,
+        ErrorCode::PermissionDenied,
+    );
+    assert!(e.message().contains("admin"), "{e:?}");
+    let mut connector = app.connector(TENANT_A).await;
+    let e = expect_error(
+        connector.issue_token(issue_request("run-1", true)).await,
+        ErrorCode::PermissionDenied,
+    );
+    assert!(e.message().contains("orchestrator"), "{e:?}");
+    // A user-issuer token claiming `sub: svc:orchestrator` is refused
+    // outright, for issuing and for the rest.
+    let forged = app.user_token(TENANT_A, ORCHESTRATOR, &[]);
+    let mut forged = client_with(app.server.addr, forged).await;
+    let status = forged
+        .issue_token(issue_request("run-1", true))
+        .await
+        .expect_err("svc: subject from the user issuer");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ),
+        "{status:?}"
+    );
+    assert_eq!(app.counts(TENANT_A).await, before, "nothing written");
+
+    // An admin may, and the audit says so.
+    let mut admin = app.client(TENANT_A, "ada", &[Role::Admin]).await;
+    let by_admin = issue(&mut admin, "run-9", false).await;
+    let mut orchestrator = app.orchestrator(TENANT_A).await;
+    let issued = issue(&mut orchestrator, "run-1", false).await;
+    let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
+    let audit = auditor
+        .list_token_audit(pb::ListTokenAuditRequest {
+            kind: pb::AuditKind::Issued as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let entry = |jti: &str| audit.iter().find(|e| e.jti == jti).cloned().unwrap();
+    let admin_jti = by_admin.claims.unwrap().jti;
+    assert_eq!(entry(&admin_jti).actor, "ada");
+    assert_eq!(entry(&admin_jti).reason, "admin-issued");
+    assert_eq!(entry(&issued.claims.clone().unwrap().jti).reason, "");
+
+    // Verifying names the action and the arguments, or it is a bad request
+    // naming the field (and writes nothing).
+    let before = app.counts(TENANT_A).await;
+    let mut req = verify_request(&issued.token);
+    req.args = None;
+    req.args_sha256 = String::new();
+    let e = expect_error(
+        connector.verify_token(req).await,
+        ErrorCode::InvalidArgument,
+    );
+    assert!(e.message().contains("args"), "{e:?}");
+    let mut req = verify_request(&issued.token);
+    req.action = String::new();
+    let e = expect_error(
+        connector.verify_token(req).await,
+        ErrorCode::InvalidArgument,
+    );
+    assert!(e.message().contains("action"), "{e:?}");
+    assert_eq!(app.counts(TENANT_A).await, before);
+    // Other arguments, by value or by hash: a mismatch verdict.
+    let mut req = verify_request(&issued.token);
+    req.args = Some(to_struct(&args(99)));
+    assert_eq!(verdict(&mut connector, req).await.0, Verdict::ArgsMismatch);
+    let mut req = verify_request(&issued.token);
+    req.args = None;
+    req.args_sha256 = hash(&args(99));
+    assert_eq!(verdict(&mut connector, req).await.0, Verdict::ArgsMismatch);
+    // The right hash alone is enough.
+    let mut req = verify_request(&issued.token);
+    req.args = None;
+    req.args_sha256 = hash(&args(100));
+    assert_eq!(verdict(&mut connector, req).await.0, Verdict::Valid);
+    // Operators may no longer verify; admins may.
+    expect_error(
+        operator.verify_token(verify_request(&issued.token)).await,
+        ErrorCode::PermissionDenied,
+    );
+    assert_eq!(
+        verdict(&mut admin, verify_request(&issued.token)).await.0,
+        Verdict::Valid
+    );
+    // Refresh is the orchestrator's (and admins'); revoke also operators'.
+    for caller in [&mut operator, &mut connector] {
+        expect_error(
+            caller
+                .refresh_token(pb::RefreshTokenRequest {
+                    token: issued.token.clone(),
+                    ttl: None,
+                })
+                .await,
+            ErrorCode::PermissionDenied,
+        );
+    }
+    expect_error(
+        connector
+            .revoke_token(pb::RevokeTokenRequest {
+                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
+                reason: String::new(),
+            })
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    let revoked = operator
+        .revoke_token(pb::RevokeTokenRequest {
+            target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
+            reason: "stop".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_jtis.len(), 1);
+}
+
+/// Issue #9 (low): a single-use token consumed concurrently with its refresh
+/// never yields both a consumed call and a live refreshed token, and a chain
+/// of refreshes ends at `max_refresh_lifetime_secs` from the first `iat`.
+async fn refresh_races_and_chains(app: TestApp) {
+    let replica = app.replica().await;
+    let mut orchestrator = app.orchestrator(TENANT_A).await;
+    let mut connector = app.client_at(replica.addr, TENANT_A, CONNECTOR, &[]).await;
+    let mut both = 0;
+    for i in 0..24 {
+        let issued = issue(&mut orchestrator, &format!("race-{i}"), true).await;
+        let consume = pb::VerifyTokenRequest {
+            consume: true,
+            ..verify_request(&issued.token)
+        };
+        let refresh = pb::RefreshTokenRequest {
+            token: issued.token.clone(),
+            ttl: None,
+        };
+        let (mut c, mut o) = (connector.clone(), orchestrator.clone());
+        let (consumed, refreshed) = tokio::join!(
+            async move { c.verify_token(consume).await.unwrap().into_inner() },
+            async move { o.refresh_token(refresh).await },
+        );
+        let consumed = consumed.verdict == Verdict::Valid as i32 && consumed.consumed;
+        if let Ok(fresh) = refreshed {
+            // The refreshed token must not be usable when the old one was spent.
+            let fresh = fresh.into_inner().token;
+            let (v, _) = verdict(
+                &mut connector,
+                pb::VerifyTokenRequest {
+                    consume: true,
+                    ..verify_request(&fresh)
+                },
+            )
+            .await;
+            if consumed && v == Verdict::Valid {
+                both += 1;
+            }
+        } else if !consumed {
+            panic!("neither the consume nor the refresh of race-{i} won");
+        }
+    }
+    assert_eq!(both, 0, "consumed tokens that also yielded a live refresh");
+    // A consumed single-use token is not refreshable, sequentially either.
+    let issued = issue(&mut orchestrator, "spent", true).await;
+    let spent = pb::VerifyTokenRequest {
+        consume: true,
+        ..verify_request(&issued.token)
+    };
+    assert_eq!(verdict(&mut connector, spent).await.0, Verdict::Valid);
+    expect_error(
+        orchestrator
+            .refresh_token(pb::RefreshTokenRequest {
+                token: issued.token,
+                ttl: None,
+            })
+            .await,
+        ErrorCode::FailedPrecondition,
+    );
+
+    // The chain: a service whose chain may live 90 s refreshes a 60 s token
+    // once (now + 60 <= iat + 90 only while iat is recent) but not to 120 s.
+    let cfg = CapTokensConfig {
+        max_refresh_lifetime_secs: 90,
+        ..config()
+    };
+    let tokens = CapTokens::new(app.store.clone(), app.keys.clone(), &cfg).unwrap();
+    let short = serve(tokens, app.auth.clone()).await;
+    let mut orch = app.client_at(short.addr, TENANT_A, ORCHESTRATOR, &[]).await;
+    let first = issue(&mut orch, "chain", false).await;
+    let ttl = |s: i64| {
+        Some(pbjson_types::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    let second = orch
+        .refresh_token(pb::RefreshTokenRequest {
+            token: first.token,
+            ttl: ttl(60),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = expect_error(
+        orch.refresh_token(pb::RefreshTokenRequest {
+            token: second.token.clone(),
+            ttl: ttl(120),
+        })
+        .await,
+        ErrorCode::FailedPrecondition,
+    );
+    assert!(e.message().contains("max_refresh_lifetime_secs"), "{e:?}");
+    // The refused refresh left the token as it was.
+    assert_eq!(
+        verdict(&mut connector, verify_request(&second.token))
+            .await
+            .0,
+        Verdict::Valid
+    );
 }
