@@ -2192,3 +2192,48 @@ async fn a_running_diff_does_not_block_other_requests_sqlite() {
 async fn a_running_diff_does_not_block_other_requests_postgres() {
     a_running_diff_does_not_block_other_requests(Backend::Postgres).await;
 }
+
+// ---------------------------------------------------------------------------
+// Issue 9: one deeply nested `${{ }}` expression aborted the whole server.
+// ---------------------------------------------------------------------------
+
+async fn deep_expression(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    let cond = "${{ steps.fetch-order.output.status == 'paid' }}";
+    let deep = format!(
+        "${{{{ {}steps.fetch-order.output.status == 'paid'{} }}}}",
+        "(".repeat(3000),
+        ")".repeat(3000)
+    );
+    let source = EXAMPLE.replacen(cond, &deep, 1);
+    assert_ne!(source, EXAMPLE);
+    let err = expect_error(
+        c.validate_capsule(pb::ValidateCapsuleRequest {
+            source_yaml: source.clone(),
+            source_name: "deep.capsule.yaml".into(),
+        })
+        .await,
+        ErrorCode::InvalidDocument,
+    );
+    assert_eq!(err.violations.len(), 1, "{err:?}");
+    let v = &err.violations[0];
+    assert_eq!(v.field, "spec.steps[1].if", "{err:?}");
+    assert!(v.description.contains("nesting deeper than 64"), "{err:?}");
+    assert!(v.position.is_some(), "{err:?}");
+    expect_error(
+        c.push_capsule(push_req(&source)).await,
+        ErrorCode::InvalidDocument,
+    );
+    // The same server still answers, on the same connection.
+    c.validate_capsule(pb::ValidateCapsuleRequest {
+        source_yaml: EXAMPLE.into(),
+        source_name: "refund.capsule.yaml".into(),
+    })
+    .await
+    .expect("a normal validation after the deep one");
+    push(&mut c, EXAMPLE).await;
+}
+
+on_both_backends! {
+    deep_expression => deep_expression_sqlite, deep_expression_postgres;
+}
