@@ -1363,9 +1363,11 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
     use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
     let Some(bootstrap) = kafka() else { return };
     let app = spawn_app_with(Backend::Postgres, None, false).await;
-    // Sessions of the consumer's store give up on a lock after 200 ms.
-    let owner = app.store.owner_connection();
-    let name: String = owner
+    // Sessions of the consumer's store give up on a lock after 200 ms. The
+    // lock and the setting are taken as the PostgreSQL superuser.
+    let name: String = app
+        .store
+        .owner_connection()
         .query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DbBackend::Postgres,
             "SELECT current_database() AS name",
@@ -1375,6 +1377,15 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
         .expect("row")
         .try_get("", "name")
         .expect("name");
+    let admin = anumate_store::testing::postgres_admin_url();
+    let (base, rest) = admin.rsplit_once('/').expect("admin url has a database");
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    let owner = sea_orm::Database::connect(format!("{base}/{name}{query}"))
+        .await
+        .expect("connect as superuser");
     owner
         .execute_unprepared(&format!(
             "ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'"
