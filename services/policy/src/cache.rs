@@ -3,8 +3,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use anumate_errors::Result;
-
 use crate::Compiled;
 
 #[derive(Default)]
@@ -30,18 +28,29 @@ impl Cache {
 
     /// The entry for `key`, compiling it with `make` on a miss. Compilation
     /// runs outside the lock; errors are not cached.
+    #[cfg(test)]
     pub fn get_or_try_insert(
         &self,
         key: &str,
-        make: impl FnOnce() -> Result<Compiled>,
-    ) -> Result<Arc<Compiled>> {
-        if let Some(hit) = self.lock().map.get(key) {
-            return Ok(hit.clone());
+        make: impl FnOnce() -> anumate_errors::Result<Compiled>,
+    ) -> anumate_errors::Result<Arc<Compiled>> {
+        if let Some(hit) = self.get(key) {
+            return Ok(hit);
         }
-        let compiled = Arc::new(make()?);
+        Ok(self.insert(key, make()?))
+    }
+
+    /// The entry for `key`, if cached.
+    pub fn get(&self, key: &str) -> Option<Arc<Compiled>> {
+        self.lock().map.get(key).cloned()
+    }
+
+    /// Caches `compiled` under `key` and returns the entry (the one already
+    /// there when another caller raced this one).
+    pub fn insert(&self, key: &str, compiled: Compiled) -> Arc<Compiled> {
         let mut inner = self.lock();
         if let Some(raced) = inner.map.get(key) {
-            return Ok(raced.clone());
+            return raced.clone();
         }
         while inner.map.len() >= self.capacity {
             match inner.order.pop_front() {
@@ -51,9 +60,10 @@ impl Cache {
                 None => break,
             }
         }
+        let compiled = Arc::new(compiled);
         inner.map.insert(key.to_string(), compiled.clone());
         inner.order.push_back(key.to_string());
-        Ok(compiled)
+        compiled
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -394,7 +394,7 @@ impl Policies {
     async fn units(&self, actor: &Actor, target: &EvalTarget) -> Result<Vec<Unit>> {
         match target {
             EvalTarget::Source(source, name) => Ok(vec![Unit {
-                compiled: self.compiled_source(source, name)?,
+                compiled: self.compiled_source(source, name).await?,
             }]),
             EvalTarget::Refs(refs) => {
                 if refs.is_empty() {
@@ -416,7 +416,7 @@ impl Policies {
                 for r in refs {
                     let v = self.resolve(&tx, r).await?;
                     units.push(Unit {
-                        compiled: self.compiled_version(&actor.tenant, &v)?,
+                        compiled: self.compiled_version(&actor.tenant, &v).await?,
                     });
                 }
                 units.sort_by(|a, b| {
@@ -437,7 +437,8 @@ impl Policies {
         input: EvalInput,
         allowed_tools: &[String],
     ) -> Result<pb::EvaluatePolicyResponse> {
-        let input = prepare_input(input, &actor.tenant, self.cfg.max_input_bytes)?;
+        let (tenant, max_bytes) = (actor.tenant.clone(), self.cfg.max_input_bytes);
+        let input = anumate_cpu::run(move || prepare_input(input, &tenant, max_bytes)).await?;
         let units = self.units(actor, &target).await?;
         let mut refs: Vec<pb::PolicyRef> = units
             .iter()
@@ -465,7 +466,9 @@ impl Policies {
                     0,
                 )
             } else {
-                decide(&units, &input)?
+                // Evaluation is bounded by fuel, not by time: off the runtime.
+                let input = Arc::new(input.clone());
+                anumate_cpu::run(move || decide(&units, &input)).await?
             };
         let response = pb::EvaluatePolicyResponse {
             decision: Some(decision),
@@ -496,7 +499,15 @@ impl Policies {
         }
         let decision_json = serde_json::to_string(&decision).map_err(Error::internal)?;
         let policies = serde_json::to_string(&resp.policies).map_err(Error::internal)?;
-        let input_json = serde_json::to_string(&logged).map_err(Error::internal)?;
+        let mut input_json = serde_json::to_string(&logged).map_err(Error::internal)?;
+        if input_json.len() > self.cfg.max_logged_input_bytes {
+            input_json = json!({
+                "omitted": true,
+                "bytes": input_json.len(),
+                "sha256": anumate_crypto::sha256_hex(input_json.as_bytes()),
+            })
+            .to_string();
+        }
         let effect =
             pb::Effect::try_from(decision.effect).map_or("unspecified", |e| e.as_str_name());
         let id = uuid::Uuid::now_v7().to_string();
@@ -516,8 +527,34 @@ impl Policies {
             anumate_store::now_micros(),
         )
         .await?;
+        if let Some(cutoff) = self.decision_purge_cutoff(&actor.tenant) {
+            let purged = repo::purge_decisions(&tx, cutoff).await?;
+            if purged > 0 {
+                tracing::info!(tenant = %actor.tenant, purged, "decision log rows past retention deleted");
+            }
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The retention cutoff (Unix microseconds) when `tenant`'s decision log
+    /// is due a purge: retention on and no purge in the last minute.
+    fn decision_purge_cutoff(&self, tenant: &str) -> Option<i64> {
+        const PURGE_EVERY_MICROS: i64 = 60_000_000;
+        if self.cfg.decision_retention_hours == 0 {
+            return None;
+        }
+        let now = anumate_store::now_micros();
+        let keep = i64::try_from(self.cfg.decision_retention_hours)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(3_600_000_000);
+        let mut purged = self.purged.lock().unwrap_or_else(|e| e.into_inner());
+        let last = purged.entry(tenant.to_string()).or_insert(i64::MIN);
+        if now.saturating_sub(*last) < PURGE_EVERY_MICROS {
+            return None;
+        }
+        *last = now;
+        Some(now.saturating_sub(keep))
     }
 
     /// Runs the `test` blocks of a stored version or of ad-hoc source.
@@ -528,72 +565,8 @@ impl Policies {
         name_filter: &str,
     ) -> Result<pb::TestPolicyResponse> {
         let units = self.units(actor, &target).await?;
-        let mut resp = pb::TestPolicyResponse::default();
-        for unit in &units {
-            for t in anumate_policy::run_tests(&unit.compiled.set) {
-                if !name_filter.is_empty() && !t.name.contains(name_filter) {
-                    continue;
-                }
-                let passed = t.passed();
-                let decision = match &t.actual {
-                    Ok(_) => t.actual.as_ref().ok().map(|d| pb::Decision {
-                        effect: pb_effect(d.effect),
-                        matched_rules: d
-                            .matched
-                            .iter()
-                            .map(|m| {
-                                let policy = unit.compiled.policy(&m.policy);
-                                let rule = policy.and_then(|p| p.rule(&m.rule));
-                                pb::MatchedRule {
-                                    rule: Some(pb::RuleRef {
-                                        policy: m.policy.clone(),
-                                        policy_version: policy.map_or(0, |p| p.version),
-                                        content_hash: policy
-                                            .map(|p| p.content_hash.clone())
-                                            .unwrap_or_default(),
-                                        rule: m.rule.clone(),
-                                        span: rule.and_then(|r| r.summary.span.clone()),
-                                    }),
-                                    priority: i32::try_from(m.priority).unwrap_or(0),
-                                    effect: pb_effect(m.effect),
-                                    reason: rule.map(|r| r.reason.clone()).unwrap_or_default(),
-                                }
-                            })
-                            .collect(),
-                        obligations: None,
-                        reasons: d.reasons.iter().map(|r| (*r).to_string()).collect(),
-                        denied_by_allow_list: false,
-                    }),
-                    Err(_) => None,
-                };
-                let line = i32::try_from(t.at.line).unwrap_or(i32::MAX);
-                let col = i32::try_from(t.at.col).unwrap_or(i32::MAX);
-                if passed {
-                    resp.passed_count += 1;
-                } else {
-                    resp.failed_count += 1;
-                }
-                resp.results.push(pb::TestResult {
-                    policy: t.policy.clone(),
-                    name: t.name.clone(),
-                    passed,
-                    expected_effect: pb_effect(t.expected),
-                    decision,
-                    failure_message: t.diff(),
-                    // Tests report their start position only (no byte offsets).
-                    span: Some(pb::SourceSpan {
-                        source_name: unit.compiled.source_name.clone(),
-                        start_line: line,
-                        start_column: col,
-                        end_line: line,
-                        end_column: col,
-                        start_offset: 0,
-                        end_offset: 0,
-                    }),
-                });
-            }
-        }
-        Ok(resp)
+        let name_filter = name_filter.to_owned();
+        anumate_cpu::run(move || Ok(run_tests(&units, &name_filter))).await
     }
 
     /// Applies redactions (all built-in detectors when none are given).
@@ -820,6 +793,76 @@ fn attribute(
         .into_iter()
         .map(|(d, n)| finding(pb_detector(d) as i32, String::new(), n))
         .collect()
+}
+
+/// Runs the `test` blocks of `units` whose name contains `name_filter`.
+fn run_tests(units: &[Unit], name_filter: &str) -> pb::TestPolicyResponse {
+    let mut resp = pb::TestPolicyResponse::default();
+    for unit in units {
+        for t in anumate_policy::run_tests(&unit.compiled.set) {
+            if !name_filter.is_empty() && !t.name.contains(name_filter) {
+                continue;
+            }
+            let passed = t.passed();
+            let decision = match &t.actual {
+                Ok(_) => t.actual.as_ref().ok().map(|d| pb::Decision {
+                    effect: pb_effect(d.effect),
+                    matched_rules: d
+                        .matched
+                        .iter()
+                        .map(|m| {
+                            let policy = unit.compiled.policy(&m.policy);
+                            let rule = policy.and_then(|p| p.rule(&m.rule));
+                            pb::MatchedRule {
+                                rule: Some(pb::RuleRef {
+                                    policy: m.policy.clone(),
+                                    policy_version: policy.map_or(0, |p| p.version),
+                                    content_hash: policy
+                                        .map(|p| p.content_hash.clone())
+                                        .unwrap_or_default(),
+                                    rule: m.rule.clone(),
+                                    span: rule.and_then(|r| r.summary.span.clone()),
+                                }),
+                                priority: i32::try_from(m.priority).unwrap_or(0),
+                                effect: pb_effect(m.effect),
+                                reason: rule.map(|r| r.reason.clone()).unwrap_or_default(),
+                            }
+                        })
+                        .collect(),
+                    obligations: None,
+                    reasons: d.reasons.iter().map(|r| (*r).to_string()).collect(),
+                    denied_by_allow_list: false,
+                }),
+                Err(_) => None,
+            };
+            let line = i32::try_from(t.at.line).unwrap_or(i32::MAX);
+            let col = i32::try_from(t.at.col).unwrap_or(i32::MAX);
+            if passed {
+                resp.passed_count += 1;
+            } else {
+                resp.failed_count += 1;
+            }
+            resp.results.push(pb::TestResult {
+                policy: t.policy.clone(),
+                name: t.name.clone(),
+                passed,
+                expected_effect: pb_effect(t.expected),
+                decision,
+                failure_message: t.diff(),
+                // Tests report their start position only (no byte offsets).
+                span: Some(pb::SourceSpan {
+                    source_name: unit.compiled.source_name.clone(),
+                    start_line: line,
+                    start_column: col,
+                    end_line: line,
+                    end_column: col,
+                    start_offset: 0,
+                    end_offset: 0,
+                }),
+            });
+        }
+    }
+    resp
 }
 
 #[cfg(test)]

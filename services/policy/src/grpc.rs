@@ -95,7 +95,7 @@ impl PolicyService for PolicyGrpc {
     ) -> Result<Response<pb::ValidatePolicyResponse>, Status> {
         actor(&req, READERS)?;
         let r = req.into_inner();
-        let compiled = self.policies.validate(&r.source, &r.source_name)?;
+        let compiled = self.policies.validate(&r.source, &r.source_name).await?;
         let p = compiled
             .policies
             .into_iter()

@@ -15,7 +15,11 @@
 //!   evaluation; the oldest entry is evicted when the map is full.
 //! - **Decision logs.** Every evaluation writes a `policy_decisions` row whose
 //!   input has had the decision's redact obligations applied (their field
-//!   paths, also under `args.` and `output.`, and their detectors).
+//!   paths, also under `args.` and `output.`, and their detectors). An input
+//!   larger than `max_logged_input_bytes` is stored as
+//!   `{"omitted": true, "bytes": N, "sha256": "<hex of the redacted input>"}`.
+//!   Rows older than `decision_retention_hours` are deleted in the recording
+//!   transaction, at most once a minute per tenant.
 #![forbid(unsafe_code)]
 
 mod analyze;
@@ -58,6 +62,11 @@ pub struct PolicyConfig {
     pub cache_entries: usize,
     /// Fuel per decision.
     pub fuel: u64,
+    /// Hours a decision log row is kept; 0 keeps them forever.
+    pub decision_retention_hours: u64,
+    /// Largest redacted input stored with a decision, in bytes of JSON; a
+    /// larger one is replaced by its size and SHA-256.
+    pub max_logged_input_bytes: usize,
 }
 
 impl Default for PolicyConfig {
@@ -67,6 +76,8 @@ impl Default for PolicyConfig {
             max_input_bytes: 1024 * 1024,
             cache_entries: 1024,
             fuel: anumate_policy::DEFAULT_FUEL,
+            decision_retention_hours: 720,
+            max_logged_input_bytes: 64 * 1024,
         }
     }
 }
@@ -124,6 +135,8 @@ pub struct Policies {
     store: Store,
     cfg: PolicyConfig,
     cache: Arc<cache::Cache>,
+    /// When each tenant's decision log was last purged (Unix microseconds).
+    purged: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 fn dns_label_ok(name: &str) -> bool {
@@ -179,6 +192,7 @@ impl Policies {
             store,
             cfg: cfg.clone(),
             cache: Arc::new(cache::Cache::new(cfg.cache_entries)),
+            purged: Arc::default(),
         }
     }
 
@@ -202,15 +216,19 @@ impl Policies {
         Ok(())
     }
 
-    /// Parses and compiles a one-policy document without storing it.
-    pub fn validate(&self, source: &str, source_name: &str) -> Result<Compiled> {
+    /// Parses and compiles a one-policy document without storing it (on the
+    /// CPU pool).
+    pub async fn validate(&self, source: &str, source_name: &str) -> Result<Compiled> {
         self.check_size("source", source)?;
         let name = if source_name.is_empty() {
             "policy"
         } else {
             source_name
-        };
-        let compiled = analyze::compile(name, source, 0, self.cfg.fuel, true)?;
+        }
+        .to_owned();
+        let (source, fuel) = (source.to_owned(), self.cfg.fuel);
+        let compiled =
+            anumate_cpu::run(move || analyze::compile(&name, &source, 0, fuel, true)).await?;
         if let Some(p) = compiled.policies.first() {
             check_name("source", &p.name).map_err(|_| {
                 Error::new(
@@ -234,7 +252,7 @@ impl Policies {
         etag: &str,
         publish: bool,
     ) -> Result<Pushed> {
-        let compiled = self.validate(source, source_name)?;
+        let compiled = self.validate(source, source_name).await?;
         let info = compiled
             .policies
             .first()
@@ -380,26 +398,31 @@ impl Policies {
         })
     }
 
-    /// The compiled form of a stored version, from the cache or compiled now.
-    pub(crate) fn compiled_version(
+    /// The compiled form of a stored version, from the cache or compiled now
+    /// (on the CPU pool).
+    pub(crate) async fn compiled_version(
         &self,
         tenant: &str,
         v: &pb::PolicyVersion,
     ) -> Result<Arc<Compiled>> {
         let key = format!("{tenant}/{}@{}/{}", v.name, v.version, v.content_hash);
-        self.cache.get_or_try_insert(&key, || {
-            analyze::compile(
-                &format!("{}@{}", v.name, v.version),
-                &v.source,
-                v.version,
-                self.cfg.fuel,
-                true,
-            )
-        })
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit);
+        }
+        let name = format!("{}@{}", v.name, v.version);
+        let (source, version, fuel) = (v.source.clone(), v.version, self.cfg.fuel);
+        let compiled =
+            anumate_cpu::run(move || analyze::compile(&name, &source, version, fuel, true)).await?;
+        Ok(self.cache.insert(&key, compiled))
     }
 
-    /// The compiled form of ad-hoc source (not stored).
-    pub(crate) fn compiled_source(&self, source: &str, source_name: &str) -> Result<Arc<Compiled>> {
+    /// The compiled form of ad-hoc source (not stored), from the cache or
+    /// compiled now (on the CPU pool).
+    pub(crate) async fn compiled_source(
+        &self,
+        source: &str,
+        source_name: &str,
+    ) -> Result<Arc<Compiled>> {
         self.check_size("source", source)?;
         let name = if source_name.is_empty() {
             "source"
@@ -410,9 +433,13 @@ impl Policies {
             "adhoc/{name}/{}",
             anumate_crypto::sha256_hex(source.as_bytes())
         );
-        self.cache.get_or_try_insert(&key, || {
-            analyze::compile(name, source, 0, self.cfg.fuel, false)
-        })
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit);
+        }
+        let (name, source, fuel) = (name.to_owned(), source.to_owned(), self.cfg.fuel);
+        let compiled =
+            anumate_cpu::run(move || analyze::compile(&name, &source, 0, fuel, false)).await?;
+        Ok(self.cache.insert(&key, compiled))
     }
 
     /// Reads one version, with its rules.
@@ -439,7 +466,7 @@ impl Policies {
         let version = repo::get_version(&tx, name, number)
             .await?
             .ok_or_else(|| Error::not_found(format!("policy {name} has no version {number}")))?;
-        let compiled = self.compiled_version(&actor.tenant, &version)?;
+        let compiled = self.compiled_version(&actor.tenant, &version).await?;
         let version = match compiled.policies.first() {
             Some(info) => with_rules(version, info),
             None => version,

@@ -444,3 +444,14 @@ pub async fn insert_decision(tx: &TenantTx, d: &DecisionRow<'_>, now: i64) -> Re
     .await?;
     Ok(())
 }
+
+/// Deletes the tenant's decision log rows created before `cutoff`; returns
+/// how many.
+pub async fn purge_decisions(tx: &TenantTx, cutoff: i64) -> Result<u64> {
+    Ok(tx
+        .execute(
+            "DELETE FROM policy_decisions WHERE tenant_id = $1 AND created_at < $2",
+            vec![tx.tenant_id().into(), cutoff.into()],
+        )
+        .await?)
+}

@@ -1296,3 +1296,113 @@ async fn decision_retention_off_sqlite() {
 async fn decision_retention_off_postgres() {
     decision_retention_off(Backend::Postgres).await;
 }
+
+// ---------------------------------------------------------------------------
+// Decision log retention and size
+// ---------------------------------------------------------------------------
+
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// Writes a decision log row `age_hours` old for `tenant`, as an evaluation
+/// that long ago would have.
+async fn old_decision(app: &TestApp, tenant: &str, id: &str, age_hours: i64) {
+    let created = anumate_store::now_micros() - age_hours * HOUR_MICROS;
+    let tx = app.store.write(tenant).await.expect("write tx");
+    tx.execute(
+        "INSERT INTO policy_decisions (tenant_id, id, created_at, principal, effect, \
+           policy_set_hash, policies, input_json, decision_json, fuel_used) \
+         VALUES ($1, $2, $3, 'alice', 'EFFECT_ALLOW', '', '[]', '{}', '{}', 0)",
+        vec![tenant.into(), id.into(), created.into()],
+    )
+    .await
+    .expect("insert old decision");
+    tx.commit().await.expect("commit");
+}
+
+async fn decision_ids(app: &TestApp, tenant: &str) -> Vec<String> {
+    let tx = app.store.read(tenant).await.expect("read tx");
+    let rows = tx
+        .query_all(
+            "SELECT id FROM policy_decisions WHERE tenant_id = $1 ORDER BY created_at",
+            vec![tenant.into()],
+        )
+        .await
+        .expect("query");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "id").expect("id"))
+        .collect()
+}
+
+/// Decision rows past `decision_retention_hours` (default 720) go when the
+/// tenant next records a decision, at most once a minute per tenant; other
+/// tenants' rows stay. An input over `max_logged_input_bytes` (default 64 KiB)
+/// is stored as its size and hash, not in full.
+async fn decision_retention(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    old_decision(&app, TENANT_A, "a-old", 721).await;
+    old_decision(&app, TENANT_A, "a-recent", 719).await;
+    old_decision(&app, TENANT_B, "b-old", 721).await;
+
+    c.evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], "a-recent");
+    assert_eq!(decision_ids(&app, TENANT_B).await, ["b-old"]);
+
+    // Within the minute, the next evaluation does not purge again.
+    old_decision(&app, TENANT_A, "a-old-2", 800).await;
+    let big_note = "x".repeat(100 * 1024);
+    let big_input =
+        serde_json::json!({"tool": "crm.lookup", "args": {"note": big_note}}).to_string();
+    c.evaluate_policy(eval_source(LIMITS, &big_input))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[0], "a-old-2");
+
+    // The large input is logged as its size and hash.
+    let inputs = app.decision_inputs(TENANT_A).await;
+    let logged: serde_json::Value = serde_json::from_str(inputs.last().unwrap()).unwrap();
+    assert_eq!(logged["omitted"], true, "{logged}");
+    let bytes = logged["bytes"].as_u64().unwrap();
+    assert!(bytes > 100 * 1024, "{logged}");
+    assert_eq!(logged["sha256"].as_str().unwrap().len(), 64, "{logged}");
+    assert!(inputs.iter().all(|i| i.len() < 64 * 1024));
+}
+
+/// `decision_retention_hours = 0` keeps every row.
+async fn decision_retention_off(backend: Backend) {
+    let app = spawn_with(
+        backend,
+        PolicyConfig {
+            decision_retention_hours: 0,
+            ..PolicyConfig::default()
+        },
+    )
+    .await;
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    old_decision(&app, TENANT_A, "ancient", 24 * 365 * 5).await;
+    c.evaluate_policy(eval_source(LIMITS, BIG_REFUND))
+        .await
+        .unwrap();
+    let ids = decision_ids(&app, TENANT_A).await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], "ancient");
+}
+
+on_both_backends! {
+    decision_retention => decision_retention_sqlite, decision_retention_postgres;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_retention_off_sqlite() {
+    decision_retention_off(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_retention_off_postgres() {
+    decision_retention_off(Backend::Postgres).await;
+}
