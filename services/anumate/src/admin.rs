@@ -5,9 +5,12 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when the store answers and the server is not shutting
-//!   down; 503 with the reason otherwise.
+//!   down; 503 otherwise (`database unavailable` or `shutting down`; the
+//!   database's own error goes to the log, not to the caller).
 //! - `GET /metrics`: Prometheus / OpenMetrics text, e.g.
-//!   `anumate_grpc_requests_total{service,method,code}`.
+//!   `anumate_grpc_requests_total{service,method,code}`. Only the methods of
+//!   the contracts get their own labels; any other path counts as
+//!   `service="unknown",method="unknown"`, so callers cannot grow the series.
 //! - `GET /.well-known/jwks.json`: the JWKS that verifies capability tokens
 //!   (as `GetJwks`), when the captokens service runs in this process.
 //! - `GET /.well-known/receipts-jwks.json`: the JWKS that verifies receipts
@@ -16,7 +19,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -89,9 +92,8 @@ struct MethodLabels {
     method: String,
 }
 
-/// Paths given their own labels before others are counted as `other` (a
-/// client sending random paths must not grow the metrics without bound).
-const MAX_PATHS: usize = 512;
+/// The label of every path that is not a method of the contracts.
+const UNKNOWN: &str = "unknown";
 
 /// The process's metrics.
 #[derive(Clone)]
@@ -99,7 +101,16 @@ pub struct Metrics {
     registry: Arc<Registry>,
     requests: Family<CallLabels, Counter>,
     durations: Family<MethodLabels, Histogram>,
-    paths: Arc<RwLock<HashSet<String>>>,
+    /// `/pkg.Service/Method` of every RPC in the served contracts.
+    known: Arc<HashSet<String>>,
+}
+
+/// The paths of every RPC in the contracts: a fixed set, whatever callers send.
+fn known_paths() -> HashSet<String> {
+    crate::limits::contract_methods()
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
 }
 
 impl Default for Metrics {
@@ -130,32 +141,23 @@ impl Metrics {
             registry: Arc::new(registry),
             requests,
             durations,
-            paths: Arc::new(RwLock::new(HashSet::new())),
+            known: Arc::new(known_paths()),
         }
     }
 
-    /// The labels of a request path `/pkg.Service/Method`.
+    /// The labels of a request path `/pkg.Service/Method`: its own for a
+    /// method of the contracts, `unknown` for anything else.
     fn labels(&self, path: &str) -> MethodLabels {
-        let other = || MethodLabels {
-            service: "other".into(),
-            method: "other".into(),
-        };
-        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-            return other();
-        };
-        let known = self.paths.read().is_ok_and(|p| p.contains(path));
-        if !known {
-            let Ok(mut paths) = self.paths.write() else {
-                return other();
-            };
-            if paths.len() >= MAX_PATHS && !paths.contains(path) {
-                return other();
-            }
-            paths.insert(path.to_owned());
-        }
-        MethodLabels {
-            service: service.to_owned(),
-            method: method.to_owned(),
+        let split = path.strip_prefix('/').and_then(|p| p.split_once('/'));
+        match split {
+            Some((service, method)) if self.known.contains(path) => MethodLabels {
+                service: service.to_owned(),
+                method: method.to_owned(),
+            },
+            _ => MethodLabels {
+                service: UNKNOWN.into(),
+                method: UNKNOWN.into(),
+            },
         }
     }
 
@@ -396,20 +398,18 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
     if let Some(store) = &state.store {
+        // The database's error names hosts, users and databases: it goes to
+        // the log; the unauthenticated caller learns only that it is down.
         let ping = tokio::time::timeout(Duration::from_secs(2), store.owner_connection().ping());
         match ping.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("store unavailable: {e}\n"),
-                );
+                tracing::warn!(error = %e, "readyz: database unavailable");
+                return text(StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n");
             }
             Err(_) => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store did not answer within 2 s\n",
-                );
+                tracing::warn!("readyz: database did not answer within 2 s");
+                return text(StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n");
             }
         }
     }
@@ -499,13 +499,22 @@ mod tests {
     }
 
     #[test]
-    fn unbounded_paths_fold_into_other() {
+    fn only_contract_methods_get_labels() {
         let m = Metrics::new();
-        for i in 0..MAX_PATHS + 10 {
-            m.labels(&format!("/svc/M{i}"));
+        let push = m.labels("/anumate.registry.v1.RegistryService/PushCapsule");
+        assert_eq!(push.service, "anumate.registry.v1.RegistryService");
+        assert_eq!(push.method, "PushCapsule");
+        assert_eq!(m.labels("/grpc.health.v1.Health/Check").method, "Check");
+        for path in [
+            "/svc/M1",
+            "/anumate.registry.v1.RegistryService/NoSuchMethod",
+            "garbage",
+        ] {
+            let labels = m.labels(path);
+            assert_eq!(
+                (labels.service.as_str(), labels.method.as_str()),
+                (UNKNOWN, UNKNOWN)
+            );
         }
-        assert_eq!(m.labels("/svc/M1").method, "M1");
-        assert_eq!(m.labels("/svc/new").method, "other");
-        assert_eq!(m.labels("garbage").service, "other");
     }
 }

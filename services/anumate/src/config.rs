@@ -81,6 +81,15 @@ pub struct GrpcConfig {
     pub listen: String,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// Seconds a unary call may take before it is answered
+    /// `DEADLINE_EXCEEDED` (streaming calls are exempt); 0: no deadline.
+    pub request_timeout_secs: u64,
+    /// Calls in flight at once, across all connections; more are answered
+    /// `RESOURCE_EXHAUSTED` at once instead of queueing (health checks are
+    /// never refused). 0: no cap.
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for GrpcConfig {
@@ -88,6 +97,9 @@ impl Default for GrpcConfig {
         GrpcConfig {
             listen: "127.0.0.1:7600".into(),
             shutdown_grace_secs: 30,
+            request_timeout_secs: 30,
+            max_concurrent_requests: 1024,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -96,11 +108,19 @@ impl Default for GrpcConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
-    /// PKCS#8 PEM files of the registry's signing keys, active first. Empty: a
+    /// Generate missing keys under `<data_dir>/keys/`: set by `anumate dev`
+    /// only, never from configuration (replicas would each sign with their own).
+    #[serde(skip)]
+    pub generate_missing: bool,
+    /// PKCS#8 PEM files of the registry's signing keys, active first (the
+    /// others still verify: rotation with overlap), the same files on every
+    /// replica. Required by `serve` for the registry; empty in `anumate dev`: a
     /// key generated and kept under `<data_dir>/keys/`.
     pub registry_key_files: Vec<PathBuf>,
     /// PKCS#8 PEM files of the receipt log's signing keys (receipts and
-    /// checkpoints), active first. Empty: a key kept under `<data_dir>/keys/`.
+    /// checkpoints), active first, the same files on every replica. Required
+    /// by `serve` for receipts; empty in `anumate dev`: a key kept under
+    /// `<data_dir>/keys/`.
     pub receipts_key_files: Vec<PathBuf>,
 }
 
@@ -128,7 +148,7 @@ impl AppConfig {
     pub fn store_config(&self) -> StoreConfig {
         let mut store = self.store.clone();
         if store.url.is_empty() {
-            store.url = format!("sqlite://{}", self.data_dir.join("anumate.db").display());
+            store.url = format!("sqlite://{}", self.default_sqlite_path().display());
         }
         store
     }
@@ -138,6 +158,11 @@ impl AppConfig {
         self.data_dir.join("keys")
     }
 }
+
+    /// The embedded SQLite file used when `[store] url` is empty.
+    pub fn default_sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("anumate.db")
+    }
 
 /// Flags that override configuration (only the ones given).
 #[derive(Debug, Default, Clone)]

@@ -54,3 +54,46 @@ pub fn remove_if_owned(data_dir: &Path, pid: u32) {
         let _ = std::fs::remove_file(path(data_dir));
     }
 }
+
+/// Creates `dir` (and its parents) if missing and makes it private to the
+/// user (0700): it holds the database, the keys and the admin token.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Creates `path` empty if missing, with mode 0600, or sets an existing
+/// file's mode to 0600. SQLite gives its `-wal` and `-shm` files the mode of
+/// the database file, so creating the database this way keeps all three private.
+pub fn create_private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            }
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(|_| ())
+    }
+}

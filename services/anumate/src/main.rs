@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod dev_state;
 mod events_cli;
+mod limits;
 mod plan_cli;
 mod policy_cli;
 mod receipts_cli;
@@ -171,7 +172,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             let mut defaults = AppConfig::default();
             defaults.telemetry.log_format = anumate_telemetry::LogFormat::Pretty;
-            let config = args.load(defaults)?;
+            let mut config = args.load(defaults)?;
+            config.keys.generate_missing = true;
             run_dev(config).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -187,7 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => {
             let config = args.load(AppConfig::default())?;
             let store = connect_store(&config).await?;
-            let report = store.migrate(&all_migrations()).await?;
+            let report = migrate_all(&store).await?;
             println!(
                 "applied {} migration(s){}; {} already applied",
                 report.applied.len(),
@@ -247,6 +249,17 @@ fn all_migrations() -> Vec<anumate_store::Migration> {
     all
 }
 
+/// Applies every migration as the owner (`[store] owner_url`) and makes the
+/// serving login a member of the roles it switches to.
+async fn migrate_all(store: &Store) -> anyhow::Result<anumate_store::MigrationReport> {
+    let report = store.migrate(&all_migrations()).await?;
+    store
+        .grant_to_serving_login(anumate_events::relay::RELAY_ROLE)
+        .await
+        .context("granting the outbox relay role to the serving login")?;
+    Ok(report)
+}
+
 async fn connect_store(config: &AppConfig) -> anyhow::Result<Store> {
     let store_cfg = config.store_config();
     if store_cfg.url.starts_with("sqlite:") {
@@ -273,11 +286,19 @@ fn redact_url(url: &str) -> String {
 }
 
 async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    // Private to the user: the database, the keys and the admin token live here.
+    for dir in [&config.data_dir, &config.keys_dir()] {
+        dev_state::create_private_dir(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if config.store.url.is_empty() {
+        let db = config.default_sqlite_path();
+        dev_state::create_private_file(&db)
+            .with_context(|| format!("cannot create {}", db.display()))?;
+    }
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
     let store = connect_store(&config).await?;
-    let report = store.migrate(&all_migrations()).await?;
+    let report = migrate_all(&store).await?;
     if !report.applied.is_empty() {
         tracing::info!(applied = ?report.applied, "migrations applied");
     }
@@ -345,8 +366,9 @@ async fn run_serve(
     let needs_store = names.iter().any(|n| server::STORED_SERVICES.contains(n));
     let store = if needs_store {
         let store = connect_store(&config).await?;
+    server::require_keys(&config, &names)?;
         if migrate {
-            let report = store.migrate(&all_migrations()).await?;
+            let report = migrate_all(&store).await?;
             tracing::info!(applied = ?report.applied, "migrations applied");
         }
         store.check_serving_role().await?;

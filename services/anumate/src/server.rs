@@ -115,24 +115,76 @@ pub struct Runtime {
     pub admin: Option<TcpListener>,
 }
 
-/// Loads the registry signing keys: configured files, else a key kept under the data directory.
-pub fn registry_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
-    if config.keys.registry_key_files.is_empty() {
-        KeyRing::load_or_create(&config.keys_dir(), "registry")
-            .with_context(|| format!("registry key under {}", config.keys_dir().display()))
-    } else {
-        KeyRing::from_pem_files(&config.keys.registry_key_files).context("registry key files")
+/// The configuration key naming each signing service's key files, for the
+/// services among `services` whose keys are not configured.
+pub fn missing_keys(config: &AppConfig, services: &[&str]) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    if services.contains(&registry_service_server::SERVICE_NAME)
+        && config.keys.registry_key_files.is_empty()
+    {
+        missing.push("[keys] registry_key_files");
     }
+    if services.contains(&receipts_service_server::SERVICE_NAME)
+        && config.keys.receipts_key_files.is_empty()
+    {
+        missing.push("[keys] receipts_key_files");
+    }
+    if services.contains(&cap_tokens_service_server::SERVICE_NAME)
+        && config.captokens.key_files.is_empty()
+    {
+        missing.push("[captokens] key_files");
+    }
+    missing
 }
 
-/// Loads the receipt log's signing keys: configured files, else a key kept under the data directory.
-pub fn receipts_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
-    if config.keys.receipts_key_files.is_empty() {
-        KeyRing::load_or_create(&config.keys_dir(), "receipts")
-            .with_context(|| format!("receipts key under {}", config.keys_dir().display()))
-    } else {
-        KeyRing::from_pem_files(&config.keys.receipts_key_files).context("receipts key files")
+/// Refuses to serve `services` (outside `anumate dev`) without their signing
+/// keys configured: a key generated per replica would make one replica's
+/// signatures and tokens fail on the others, and each JWKS show one key.
+pub fn require_keys(config: &AppConfig, services: &[&str]) -> anyhow::Result<()> {
+    let missing = missing_keys(config, services);
+    if missing.is_empty() || config.keys.generate_missing {
+        return Ok(());
     }
+    Err(no_keys(&missing))
+}
+
+fn no_keys(missing: &[&str]) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no signing keys configured: set {} (PKCS#8 PEM files, active key first, the same files on every replica; see deploy/README.md). Only `anumate dev` generates keys, under its data directory",
+        missing.join(", ")
+    )
+}
+
+/// Keys from `files`, else (`anumate dev` only) the key `<keys_dir>/<name>.key.pem`,
+/// created if missing.
+fn keys_from(
+    config: &AppConfig,
+    files: &[std::path::PathBuf],
+    config_key: &str,
+    name: &str,
+) -> anyhow::Result<KeyRing> {
+    if !files.is_empty() {
+        return KeyRing::from_pem_files(files).with_context(|| config_key.to_string());
+    }
+    if !config.keys.generate_missing {
+        return Err(no_keys(&[config_key]));
+    }
+    KeyRing::load_or_create(&config.keys_dir(), name)
+        .with_context(|| format!("{name} key under {}", config.keys_dir().display()))
+}
+
+/// Loads the registry signing keys: configured files, else (`anumate dev`
+/// only) a key kept under the data directory.
+pub fn registry_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
+    let files = &config.keys.registry_key_files;
+    keys_from(config, files, "[keys] registry_key_files", "registry")
+}
+
+/// Loads the receipt log's signing keys: configured files, else (`anumate
+/// dev` only) a key kept under the data directory.
+pub fn receipts_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
+    let files = &config.keys.receipts_key_files;
+    keys_from(config, files, "[keys] receipts_key_files", "receipts")
 }
 
 /// Binds the listener (so the actual port is known before serving).
@@ -220,10 +272,13 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             .store
             .clone()
             .context("the captokens service needs a store")?;
-        let keys = Arc::new(
-            anumate_captokens_service::load_keys(&rt.config.captokens, &rt.config.keys_dir())
-                .context("captokens keys")?,
-        );
+        let files = &rt.config.captokens.key_files;
+        let keys = Arc::new(keys_from(
+            &rt.config,
+            files,
+            "[captokens] key_files",
+            "captokens",
+        )?);
         let mut tokens = CapTokens::new(store, keys, &rt.config.captokens)
             .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
         // Revocations are receipted by the receipts service of this process,
@@ -342,7 +397,9 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     };
 
     // Outermost first: a span per call, ErrorInfo on transport-level errors,
-    // then authentication (health and reflection pass without a token).
+    // metrics, the deadline and the cap on calls in flight (so shed calls are
+    // counted and cost no token check), then authentication (health and
+    // reflection pass without a token).
     let layers = tower::ServiceBuilder::new()
         .layer(
             tower_http::trace::TraceLayer::new_for_grpc()
@@ -356,6 +413,11 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         )
         .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
         .layer(metrics.layer())
+        .layer(crate::limits::LimitsLayer::new(
+            (rt.config.grpc.request_timeout_secs > 0)
+                .then(|| Duration::from_secs(rt.config.grpc.request_timeout_secs)),
+            rt.config.grpc.max_concurrent_requests,
+        ))
         .layer(
             anumate_captokens_service::PUBLIC_PATHS
                 .iter()
@@ -364,6 +426,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
                 }),
         );
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(rt.config.grpc.max_concurrent_streams.max(1))
         .layer(layers)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(nodelay(listener), signal);

@@ -209,9 +209,14 @@ struct Dev {
 
 impl Dev {
     fn start() -> Dev {
+        Dev::start_with(&[])
+    }
+
+    /// `anumate dev --listen 127.0.0.1:0 <extra>`.
+    fn start_with(extra: &[&str]) -> Dev {
         let dir = workdir();
         let mut cmd = anumate(dir.path());
-        cmd.args(["dev", "--listen", "127.0.0.1:0"]);
+        cmd.args(["dev", "--listen", "127.0.0.1:0"]).args(extra);
         let server = Server::start(cmd, dir.path().join("dev.log"));
         Dev { server, dir }
     }
@@ -689,14 +694,45 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
             "exp": now() + 600,
         }))
         .unwrap();
+    let registry_key = path.join("registry.pem");
+    write_key(&registry_key);
+    // Serving as the tables' owner is refused, naming the role.
+    let owner_config = path.join("owner.toml");
+    std::fs::write(
+        &owner_config,
+        format!(
+            "[store]\nurl = {url:?}\n\n[keys]\nregistry_key_files = [{key:?}]\n",
+            url = db.config.owner_url,
+            key = registry_key.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = anumate(path);
+    cmd.args([
+        "serve",
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--migrate",
+        "--config",
+    ])
+    .arg(&owner_config);
+    let out = run(cmd).failed();
+    assert!(out.stderr.contains("refusing to serve"), "{out:#?}");
+    assert!(out.stderr.contains("postgres"), "{out:#?}");
+
+    // The serving login serves; the owner's URL migrates.
     let config = path.join("anumate.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {data:?}\n\n[store]\nurl = {url:?}\n\n\
+            "data_dir = {data:?}\n\n[store]\nurl = {url:?}\nowner_url = {owner:?}\n\n\
+             [keys]\nregistry_key_files = [{key:?}]\n\n\
              [[auth.issuers]]\nissuer = \"https://issuer.test\"\njwks_file = {jwks:?}\n",
             data = path.join("data").display().to_string(),
             url = db.config.url,
+            owner = db.config.owner_url,
+            key = registry_key.display().to_string(),
             jwks = jwks_file.display().to_string(),
         ),
     )
@@ -774,14 +810,18 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     // `serve --migrate` migrated: nothing left to apply
-    let out = cli(path, &["migrate", "--store-url", &db.config.url]).ok();
+    let out = cli(path, &["migrate", "--store-url", &db.config.owner_url]).ok();
     assert!(
         out.stdout.starts_with("applied 0 migration(s); "),
         "{out:#?}"
     );
 
     // migrate on a fresh database, twice
-    let out = cli(path, &["migrate", "--store-url", &migrate_db.config.url]).ok();
+    let out = cli(
+        path,
+        &["migrate", "--store-url", &migrate_db.config.owner_url],
+    )
+    .ok();
     let first = out.stdout.trim();
     assert!(first.starts_with("applied "), "{out:#?}");
     assert!(!first.starts_with("applied 0 "), "{out:#?}");
@@ -794,7 +834,11 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
         .unwrap()
         .parse()
         .unwrap();
-    let out = cli(path, &["migrate", "--store-url", &migrate_db.config.url]).ok();
+    let out = cli(
+        path,
+        &["migrate", "--store-url", &migrate_db.config.owner_url],
+    )
+    .ok();
     assert_eq!(
         out.stdout.trim(),
         format!("applied 0 migration(s); {applied} already applied")
@@ -820,6 +864,325 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
         .terminate(Duration::from_secs(10))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}\n{}", second.logs());
+}
+
+/// Log lines pass through the redaction detectors: a denied caller whose
+/// subject is an email address is logged, but not its address.
+#[test]
+fn logs_are_redacted() {
+    let mut dev = Dev::start_with(&["--log-format", "json"]);
+    let token = dev
+        .cli(&[
+            "auth",
+            "dev-token",
+            "--subject",
+            "alice@example.com",
+            "--roles",
+            "auditor",
+            "--data-dir",
+            ".anumate",
+        ])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let mut cmd = anumate(dev.path());
+    cmd.args(["capsule", "push", REFUND])
+        .env("ANUMATE_TOKEN", &token);
+    let out = run(cmd).failed();
+    assert!(out.stderr.to_lowercase().contains("denied"), "{out:#?}");
+    // Stop the server so every log line is flushed.
+    dev.server
+        .terminate(Duration::from_secs(10))
+        .expect("exits");
+    let logs = dev.server.logs();
+    let denied = logs
+        .lines()
+        .find(|l| l.contains("permission denied"))
+        .unwrap_or_else(|| panic!("no permission-denied line:\n{logs}"));
+    let line: Value = serde_json::from_str(denied).expect("JSON log line");
+    assert_eq!(line["fields"]["subject"], "[REDACTED:email]", "{denied}");
+    assert!(!logs.contains("alice@example.com"), "{logs}");
+    assert!(!logs.contains(&token), "{logs}");
+}
+
+/// `GET path` over HTTP/1.1 to `addr` (`host:port`): the status and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = body.to_owned();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body.as_str();
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
+/// The admin listener's `host:port` from `.anumate/dev.json`.
+fn dev_admin(dev: &Dev) -> String {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(dev.path().join(".anumate/dev.json")).unwrap())
+            .unwrap();
+    state["admin"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned()
+}
+
+/// A port free at the time of asking.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a fresh PKCS#8 PEM key to `path`; returns its kid.
+fn write_key(path: &Path) -> String {
+    let key = anumate_crypto::KeyPair::generate().unwrap();
+    std::fs::write(path, key.to_pkcs8_pem()).unwrap();
+    key.kid().to_owned()
+}
+
+/// `.anumate`, its database, keys and `dev.json` are the user's alone.
+#[cfg(unix)]
+#[test]
+fn dev_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dev = Dev::start();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let data = dev.path().join(".anumate");
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    assert_eq!(mode(&data.join("keys")), 0o700);
+    let mut files = vec![data.join("anumate.db"), data.join("dev.json")];
+    for entry in std::fs::read_dir(data.join("keys")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for suffix in ["-wal", "-shm"] {
+        let p = data.join(format!("anumate.db{suffix}"));
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+/// Calls to paths outside the contracts share one `unknown` label: a
+/// thousand random paths add one series, not a thousand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_paths_do_not_grow_the_metrics() {
+    let dev = Dev::start();
+    let admin = dev_admin(&dev);
+    let series = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("anumate_grpc_requests_total{"))
+            .count()
+    };
+    let before = series(&http_get(&admin, "/metrics").1);
+    let mut grpc = tonic::client::Grpc::new(dev.server.channel().await);
+    for i in 0..1000 {
+        grpc.ready().await.unwrap();
+        let path: http::uri::PathAndQuery = format!("/x{i}.Svc{i}/M{i}").parse().unwrap();
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        let res = grpc.unary(tonic::Request::new(()), path, codec).await;
+        assert!(res.is_err());
+    }
+    let (status, metrics) = http_get(&admin, "/metrics");
+    assert_eq!(status, 200);
+    assert!(series(&metrics) <= before + 2, "{metrics}");
+    assert!(
+        metrics.contains(r#"service="unknown",method="unknown""#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("M999"), "{metrics}");
+}
+
+/// With `max_concurrent_requests = 2`, a third call while two are in flight
+/// is refused at once with RESOURCE_EXHAUSTED; the two in flight end at the
+/// deadline with DEADLINE_EXCEEDED; the server then serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_cap_are_shed_and_slow_ones_time_out() {
+    use sea_orm::ConnectionTrait as _;
+    let dir = workdir();
+    let config = dir.path().join("limits.toml");
+    std::fs::write(
+        &config,
+        "[grpc]\nmax_concurrent_requests = 2\nrequest_timeout_secs = 2\n",
+    )
+    .unwrap();
+    let mut cmd = anumate(dir.path());
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    let server = Server::start(cmd, dir.path().join("dev.log"));
+    let dev = Dev { server, dir };
+    let token = dev.token();
+    let source = std::fs::read_to_string(dev.path().join(REFUND)).unwrap();
+    let push = |channel: Channel, token: String, source: String| async move {
+        RegistryServiceClient::with_interceptor(channel, BearerToken(token))
+            .push_capsule(pb::PushCapsuleRequest {
+                source_yaml: source,
+                source_name: "refund.capsule.yaml".into(),
+                etag: String::new(),
+                publish: false,
+            })
+            .await
+    };
+
+    // Slow calls: another writer holds the database's write lock.
+    let mut opts = sea_orm::ConnectOptions::new(format!(
+        "sqlite://{}",
+        dev.path().join(".anumate/anumate.db").display()
+    ));
+    opts.max_connections(1).min_connections(1);
+    let blocker = sea_orm::Database::connect(opts).await.unwrap();
+    blocker.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+
+    let channel = dev.server.channel().await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(push(channel.clone(), token.clone(), source.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let started = Instant::now();
+    let shed = push(channel.clone(), token.clone(), source.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert!(
+        shed.message().contains("max_concurrent_requests"),
+        "{shed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for call in slow {
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("request_timeout_secs"), "{err:?}");
+    }
+
+    blocker.execute_unprepared("COMMIT").await.unwrap();
+    let pushed = push(channel, token, source).await.expect("serves after");
+    assert!(pushed.into_inner().version.is_some());
+}
+
+/// `serve` signs only with configured keys: without them it refuses to start
+/// and names the settings; two replicas given the same files (the second an
+/// older key, still verifying) publish the same key sets.
+#[test]
+fn serve_needs_configured_keys_and_replicas_share_them() {
+    let dir = workdir();
+    let path = dir.path();
+    let store = format!("sqlite://{}", path.join("shared.db").display());
+    let out = cli(
+        path,
+        &[
+            "serve",
+            "all",
+            "--listen",
+            "127.0.0.1:0",
+            "--store-url",
+            &store,
+        ],
+    )
+    .failed();
+    for key in [
+        "[keys] registry_key_files",
+        "[keys] receipts_key_files",
+        "[captokens] key_files",
+    ] {
+        assert!(out.stderr.contains(key), "{key}: {out:#?}");
+    }
+    assert!(!path.join("shared.db").exists(), "nothing started");
+
+    let keys = path.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let registry = write_key(&keys.join("registry.pem"));
+    let receipts = write_key(&keys.join("receipts.pem"));
+    let tokens_new = write_key(&keys.join("tokens-new.pem"));
+    let tokens_old = write_key(&keys.join("tokens-old.pem"));
+    let _ = registry;
+    let k = |name: &str| keys.join(name).display().to_string();
+    let start = |n: u16, migrate: bool| {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = path.join(format!("replica{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\nurl = {store:?}\n\n[admin]\nlisten = {admin:?}\n\n\
+                 [keys]\nregistry_key_files = [{reg:?}]\nreceipts_key_files = [{rec:?}]\n\n\
+                 [captokens]\nkey_files = [{new:?}, {old:?}]\n",
+                reg = k("registry.pem"),
+                rec = k("receipts.pem"),
+                new = k("tokens-new.pem"),
+                old = k("tokens-old.pem"),
+            ),
+        )
+        .unwrap();
+        let mut cmd = anumate(path);
+        cmd.args(["serve", "all", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config);
+        if migrate {
+            cmd.arg("--migrate");
+        }
+        let server = Server::start(cmd, path.join(format!("replica{n}.log")));
+        (server, admin)
+    };
+    let (_a, admin_a) = start(1, true);
+    let (_b, admin_b) = start(2, false);
+    let jwks = |admin: &str, which: &str| -> Value {
+        let (status, body) = http_get(admin, which);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let kids = |set: &Value| -> Vec<String> {
+        set["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let tokens = jwks(&admin_a, "/.well-known/jwks.json");
+    assert_eq!(tokens, jwks(&admin_b, "/.well-known/jwks.json"));
+    let token_kids = kids(&tokens);
+    assert!(
+        token_kids.contains(&tokens_new) && token_kids.contains(&tokens_old),
+        "{tokens}"
+    );
+    let receipt_set = jwks(&admin_a, "/.well-known/receipts-jwks.json");
+    assert_eq!(
+        receipt_set,
+        jwks(&admin_b, "/.well-known/receipts-jwks.json")
+    );
+    assert_eq!(kids(&receipt_set), vec![receipts]);
 }
 
 #[test]
