@@ -128,14 +128,15 @@ fn bench(c: &mut Criterion) {
             ..Default::default()
         })
         .collect();
+    let shared = std::sync::Arc::new(capsule.clone());
     let first = rt
-        .block_on(compiler.compile_fetched(&actor, &cv, &capsule, &versions))
+        .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions))
         .unwrap();
     assert!(!first.cache_hit);
     g.bench_function("cached", |b| {
         b.iter(|| {
             let hit = rt
-                .block_on(compiler.compile_fetched(&actor, &cv, &capsule, &versions))
+                .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions))
                 .unwrap();
             assert!(hit.cache_hit);
             hit

@@ -356,13 +356,17 @@ impl Compiler {
             ));
         }
         let cv = self.fetch_capsule(actor, name, version).await?;
-        let capsule = self.parse_capsule(&cv)?;
+        let capsule = self.parse_capsule(&cv).await?;
         let versions = self.fetch_policies(actor, &capsule.spec.policies).await?;
         self.compile_fetched(actor, &cv, &capsule, &versions).await
     }
 
-    /// Parses a fetched version, reusing the parse of the same content.
-    fn parse_capsule(&self, cv: &rpb::CapsuleVersion) -> Result<Arc<anumate_capsule::Capsule>> {
+    /// Parses a fetched version (on the CPU pool), reusing the parse of the
+    /// same content.
+    async fn parse_capsule(
+        &self,
+        cv: &rpb::CapsuleVersion,
+    ) -> Result<Arc<anumate_capsule::Capsule>> {
         if let Some(c) = self
             .parsed
             .lock()
@@ -371,13 +375,17 @@ impl Compiler {
         {
             return Ok(c);
         }
+        let (source, limits) = (cv.source_yaml.clone(), self.limits.clone());
+        let (name, version) = (cv.name.clone(), cv.version);
         let capsule = Arc::new(
-            anumate_capsule::parse(&cv.source_yaml, &self.limits).map_err(|r| {
-                Error::internal(format!(
-                    "stored capsule {}@{} does not parse: {r}",
-                    cv.name, cv.version
-                ))
-            })?,
+            anumate_cpu::run(move || {
+                anumate_capsule::parse(&source, &limits).map_err(|r| {
+                    Error::internal(format!(
+                        "stored capsule {name}@{version} does not parse: {r}"
+                    ))
+                })
+            })
+            .await?,
         );
         if let Ok(mut m) = self.parsed.lock() {
             if m.len() >= self.memo_entries {
@@ -394,7 +402,7 @@ impl Compiler {
         &self,
         actor: &Actor,
         cv: &rpb::CapsuleVersion,
-        capsule: &anumate_capsule::Capsule,
+        capsule: &Arc<anumate_capsule::Capsule>,
         versions: &[ppb::PolicyVersion],
     ) -> Result<Compiled> {
         let key = self.memo_key(cv, versions);
@@ -404,18 +412,25 @@ impl Compiler {
                 cache_hit: true,
             });
         }
-        let policies = versions
-            .iter()
-            .map(|v| ResolvedPolicy::new(&v.name, v.version, &v.content_hash, &v.source))
-            .collect::<Result<Vec<_>>>()?;
-        let mut plan = plan::compile(&CompileInput {
-            capsule,
-            capsule_version: cv.version,
-            capsule_content_hash: &cv.content_hash,
-            policies: &policies,
-            catalogue: &self.catalogue,
-            default_timeout: self.default_timeout,
-        })?;
+        // Parsing the policies and compiling are CPU work: off the runtime.
+        let (capsule, versions) = (capsule.clone(), versions.to_vec());
+        let (capsule_version, content_hash) = (cv.version, cv.content_hash.clone());
+        let (catalogue, default_timeout) = (self.catalogue.clone(), self.default_timeout);
+        let mut plan = anumate_cpu::run(move || {
+            let policies = versions
+                .iter()
+                .map(|v| ResolvedPolicy::new(&v.name, v.version, &v.content_hash, &v.source))
+                .collect::<Result<Vec<_>>>()?;
+            plan::compile(&CompileInput {
+                capsule: &capsule,
+                capsule_version,
+                capsule_content_hash: &content_hash,
+                policies: &policies,
+                catalogue: &catalogue,
+                default_timeout,
+            })
+        })
+        .await?;
         plan.created_by = actor.subject.clone();
         let compiled = self.store_plan(actor, plan).await?;
         self.memo_put(&actor.tenant, key, compiled.plan.clone());
