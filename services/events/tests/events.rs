@@ -1197,7 +1197,13 @@ async fn the_kafka_fed_history_backs_the_tail() {
     };
     cfg.tail_poll_ms = 200;
     let events = Events::new(app.store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    let consumer = kafka::spawn_history_consumer(
+        &events,
+        &anumate_events::relay::KafkaConfig {
+            brokers: bootstrap.clone(),
+            ..Default::default()
+        },
+    ).expect("consumer");
     let kcfg = anumate_events::relay::KafkaConfig {
         brokers: bootstrap.clone(),
         ..Default::default()
@@ -1317,7 +1323,13 @@ async fn a_forged_tenant_header_is_not_recorded() {
         ..config()
     };
     let events = Events::new(app.store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    let consumer = kafka::spawn_history_consumer(
+        &events,
+        &anumate_events::relay::KafkaConfig {
+            brokers: bootstrap.clone(),
+            ..Default::default()
+        },
+    ).expect("consumer");
     // Same key, same partition: once the genuine one is in, the forged one
     // was handled before it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1328,7 +1340,10 @@ async fn a_forged_tenant_header_is_not_recorded() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(history_ids(&app.store, &victim).await, [genuine.clone()]);
+    assert_eq!(
+        history_ids(&app.store, &victim).await,
+        std::slice::from_ref(&genuine)
+    );
     assert!(history_ids(&app.store, &attacker).await.is_empty());
     assert_eq!(
         consumed_outcome(&app.store, &cfg.history_group, &forged)
@@ -1398,7 +1413,13 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
         ..config()
     };
     let events = Events::new(store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(&events, &bootstrap).expect("consumer");
+    let consumer = kafka::spawn_history_consumer(
+        &events,
+        &anumate_events::relay::KafkaConfig {
+            brokers: bootstrap.clone(),
+            ..Default::default()
+        },
+    ).expect("consumer");
     let tenant = format!("o-{}", uuid::Uuid::now_v7().simple());
 
     // Caught up with whatever the topics already hold.
