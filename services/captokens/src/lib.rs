@@ -31,7 +31,9 @@ use anumate_store::{Migration, Store, TenantTx};
 use serde::{Deserialize, Serialize};
 
 pub use grpc::CapTokensGrpc;
-pub use receipting::{GrpcReceipts, InProcessReceipts, RevocationReceipt, RevocationReceipts};
+pub use receipting::{
+    GrpcReceipts, InProcessReceipts, RECEIPTS_SERVICE_NAME, RevocationReceipt, RevocationReceipts,
+};
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// gRPC paths that need no credential (`GetJwks`); pass each to
