@@ -57,7 +57,9 @@ impl From<KindArg> for pb::ReceiptKind {
 /// Receipt subcommands.
 #[derive(Subcommand, Debug)]
 pub enum ReceiptSub {
-    /// Issue a receipt (operator, admin or a service principal).
+    /// Issue a receipt: only with a platform service token of the service that
+    /// owns the kind (orchestrator: step-execution, run-outcome; approvals:
+    /// approval-decision; captokens: token-revocation). People cannot append.
     Append {
         /// What it attests.
         #[arg(long, value_enum)]
@@ -399,6 +401,7 @@ mod tests {
                 content_digest: format!("sha256:{}", "0".repeat(64)),
                 issue_time: "2026-01-02T03:04:05.000006Z".into(),
                 kid: key.kid().into(),
+                actor: "svc:orchestrator".into(),
             };
             let s = statement.sign(&key).unwrap();
             tree.append(s.leaf_hash);

@@ -62,7 +62,8 @@ pub struct CallArgs {
 /// Token subcommands.
 #[derive(Subcommand, Debug)]
 pub enum TokenSub {
-    /// Mint a token for exactly one call (operator, admin or a service principal).
+    /// Mint a token for exactly one call (admin only, audited as admin-issued;
+    /// runs get theirs from the orchestrator).
     Mint {
         #[command(flatten)]
         call: CallArgs,
@@ -90,9 +91,9 @@ pub enum TokenSub {
         token: String,
         #[command(flatten)]
         call: CallArgs,
-        /// Action about to be performed.
+        /// Action about to be performed (required: a token is for one call).
         #[arg(long)]
-        action: Option<String>,
+        action: String,
         /// Consume a single-use token (online only): later uses are REPLAYED.
         #[arg(long, conflicts_with = "jwks")]
         consume: bool,
@@ -289,6 +290,12 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
             tenant,
         } => {
             let token = text_arg(&token, "the token")?.trim().to_owned();
+            if call.args.is_none() && call.args_sha256.is_none() {
+                return Err(Failure::Local(
+                    "pass the call's arguments: --args JSON or --args-sha256 HEX".into(),
+                ));
+            }
+            let action = Some(action);
             return match jwks {
                 Some(path) => verify_offline(&cmd.conn, &token, &call, action, &path, tenant, out),
                 None => verify_online(&cmd.conn, token, call, action, consume, out).await,

@@ -22,6 +22,7 @@ fn plan_hash() -> String {
 struct Server {
     url: String,
     token: String,
+    operator_token: String,
     handle: tokio::task::JoinHandle<()>,
     _db: anumate_store::testing::TestDb,
     _keys: tempfile::TempDir,
@@ -51,6 +52,14 @@ async fn serve() -> Server {
         .mint(
             "acme",
             "user:olivia",
+            &[Role::Admin],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let operator_token = issuer
+        .mint(
+            "acme",
+            "user:oscar",
             &[Role::Operator],
             Duration::from_secs(600),
         )
@@ -78,6 +87,7 @@ async fn serve() -> Server {
     Server {
         url: format!("http://{addr}"),
         token,
+        operator_token,
         handle,
         _db: db,
         _keys: keys,
@@ -134,6 +144,8 @@ async fn mint_verify_online_and_offline_revoke() {
             "refund",
             "--plan-hash",
             &plan,
+            "--action",
+            "call",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -151,6 +163,25 @@ async fn mint_verify_online_and_offline_revoke() {
     let with = |head: &[&str], tail: Vec<String>| -> Vec<String> {
         head.iter().map(|s| s.to_string()).chain(tail).collect()
     };
+
+    // Operators may not mint (issue #9): only admins and the orchestrator.
+    let operator = Server {
+        url: server.url.clone(),
+        token: server.operator_token.clone(),
+        operator_token: String::new(),
+        handle: tokio::spawn(async {}),
+        _db: anumate_store::testing::TestDb::sqlite(),
+        _keys: tempfile::tempdir().unwrap(),
+    };
+    let args = with(&["token", "mint"], call(&["--args", "{}"]));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = remote(&operator, d, &refs, None).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("error[PERMISSION_DENIED]"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Mint: the compact JWS alone on stdout, a summary on stderr.
     let out = run(with(
@@ -247,11 +278,24 @@ async fn mint_verify_online_and_offline_revoke() {
     // Offline without a tenant and no dev.json: a precise local error.
     let out = run(with(
         &["token", "verify", &token, "--jwks", "jwks.json"],
-        call(&[]),
+        call(&["--args", ok_args]),
     ))
     .await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("pass --tenant"));
+    // A verification names the call's arguments (issue #9: without them the
+    // token was VALID): refused locally, online and offline.
+    for extra in [&[][..], &["--jwks", "jwks.json", "--tenant", "acme"][..]] {
+        let mut args = vec!["token", "verify", &token];
+        args.extend_from_slice(extra);
+        let out = run(with(&args, call(&[]))).await;
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("pass the call's arguments"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 
     // Consume through stdin, then the replay is refused.
     let refs = with(
