@@ -321,7 +321,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let events = Events::new(store, &rt.config.events, replayer);
         if kafka.enabled() {
             history_consumer = Some(
-                anumate_events_service::kafka::spawn_history_consumer(&events, &kafka.brokers)
+                anumate_events_service::kafka::spawn_history_consumer(&events, kafka)
                     .context("events service: history consumer")?,
             );
         } else {

@@ -311,14 +311,16 @@ async fn record_received(events: &Events, e: &consumer::Event) -> std::result::R
 /// Starts the history consumer: every Anumate topic, group
 /// `history_group`, each CloudEvent that proves its tenant recorded in the
 /// history; and the purge of the group's dedupe entries past
-/// `consumed_retention_hours`.
+/// `consumed_retention_hours`. Connects to `kafka.brokers` with
+/// `[kafka.security]`.
 pub fn spawn_history_consumer(
     events: &Events,
-    bootstrap_servers: &str,
+    kafka: &KafkaConfig,
 ) -> std::result::Result<HistoryConsumer, consumer::ConsumerError> {
     let topics = event_topics();
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let mut cfg = ConsumerConfig::new(bootstrap_servers, &events.cfg.history_group, &topics);
+    let mut cfg = ConsumerConfig::new(&kafka.brokers, &events.cfg.history_group, &topics);
+    cfg.security = kafka.security.clone();
     // Transient failures never leave the handler; what does is permanent.
     cfg.max_attempts = 1;
     let handler_events = events.clone();
@@ -356,13 +358,17 @@ pub struct Replayer {
 impl Replayer {
     /// A replayer publishing to the configured brokers with the idempotent
     /// producer, in each topic's configured content mode.
-    pub fn new(cfg: &KafkaConfig) -> std::result::Result<Replayer, rdkafka::error::KafkaError> {
-        let producer = ClientConfig::new()
+    pub fn new(
+        cfg: &KafkaConfig,
+    ) -> std::result::Result<Replayer, anumate_events::relay::RelayError> {
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", "15000")
-            .create()?;
+            .set("message.timeout.ms", "15000");
+        cfg.security.apply(&mut client)?;
+        let producer = client.create()?;
         Ok(Replayer {
             producer,
             cfg: cfg.clone(),
