@@ -686,6 +686,7 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
     let token = issuer
         .sign_claims(&json!({
             "iss": "https://issuer.test",
+            "aud": "anumate",
             "sub": "user:alice",
             "tenant": "acme",
             "roles": ["author"],
@@ -728,7 +729,8 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
         format!(
             "data_dir = {data:?}\n\n[store]\nurl = {url:?}\nowner_url = {owner:?}\n\n\
              [keys]\nregistry_key_files = [{key:?}]\n\n\
-             [[auth.issuers]]\nissuer = \"https://issuer.test\"\njwks_file = {jwks:?}\n",
+             [[auth.issuers]]\nissuer = \"https://issuer.test\"\naudience = \"anumate\"\n\
+             tenants = [\"acme\"]\njwks_file = {jwks:?}\n",
             data = path.join("data").display().to_string(),
             url = db.config.url,
             owner = db.config.owner_url,
