@@ -14,7 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{
+    AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer,
+};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
@@ -39,7 +41,10 @@ const SUSTAINED: Duration = Duration::from_secs(10);
 const INFLIGHT: usize = 16;
 
 struct Bench {
+    /// The orchestrator service's clients (only it appends step receipts).
     clients: Vec<Client>,
+    /// An auditor's client, for proofs.
+    reader: Client,
     db: TestDb,
     _dir: tempfile::TempDir,
 }
@@ -56,9 +61,12 @@ async fn setup() -> Bench {
     receipts.spawn_checkpointer();
     let dir = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::load_or_create(dir.path()).unwrap();
+    let services =
+        ServiceIssuer::load_or_create(&dir.path().join("services"), "orchestrator").unwrap();
     let auth = Authenticator::new(AuthConfig::default())
         .unwrap()
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
+        .with_static_issuer(issuer.issuer(), issuer.jwks())
+        .with_static_service_issuer(services.jwks());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -69,14 +77,23 @@ async fn setup() -> Bench {
             .await
             .unwrap();
     });
-    let token = issuer
+    let token = services.mint("bench", Duration::from_secs(300)).unwrap();
+    let reader_token = issuer
         .mint(
             "bench",
-            "svc:bench",
+            "auditor",
             &[Role::Auditor],
             Duration::from_secs(3600),
         )
         .unwrap();
+    let reader = ReceiptsServiceClient::with_interceptor(
+        Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        BearerToken(reader_token),
+    );
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
@@ -91,6 +108,7 @@ async fn setup() -> Bench {
     }
     let bench = Bench {
         clients,
+        reader,
         db,
         _dir: dir,
     };
@@ -189,15 +207,20 @@ fn append(c: &mut Criterion) {
     }
     group.finish();
 
-    rt.block_on(time_to_proof(&bench.clients, "idle", 0));
-    rt.block_on(time_to_proof(&bench.clients, "under load", INFLIGHT));
+    rt.block_on(time_to_proof(&bench.clients, &bench.reader, "idle", 0));
+    rt.block_on(time_to_proof(
+        &bench.clients,
+        &bench.reader,
+        "under load",
+        INFLIGHT,
+    ));
 }
 
 /// Appends probes one at a time and polls each until its inclusion proof is
 /// served; with `inflight > 0` the 8 clients keep appending meanwhile, for at
 /// least `SUSTAINED`. Prints p50/p99 and, under load, the sustained append
 /// rate and append latency.
-async fn time_to_proof(clients: &[Client], label: &str, inflight: usize) {
+async fn time_to_proof(clients: &[Client], reader: &Client, label: &str, inflight: usize) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     let started = Instant::now();
@@ -224,6 +247,7 @@ async fn time_to_proof(clients: &[Client], label: &str, inflight: usize) {
     }
     let mut probes = {
         let mut client = clients[0].clone();
+        let mut reader = reader.clone();
         let mut out = Vec::new();
         for i in 0..40 {
             let start = Instant::now();
@@ -235,7 +259,7 @@ async fn time_to_proof(clients: &[Client], label: &str, inflight: usize) {
                 .receipt
                 .unwrap();
             loop {
-                let proof = client
+                let proof = reader
                     .get_inclusion_proof(pb::GetInclusionProofRequest {
                         receipt_id: r.receipt_id.clone(),
                         tree_size: 0,
