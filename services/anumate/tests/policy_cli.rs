@@ -382,3 +382,37 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");
 }
+
+/// Issue 9: 3,000 nested parentheses (or a `given` nested as deep) made
+/// `anumate policy test` abort with a stack overflow; it is a diagnostic now.
+#[test]
+fn deep_nesting_is_a_diagnostic_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(example()).unwrap();
+    let cond = r#"tool == "payments.refund" and args.currency != "INR""#;
+    let deep_when = src.replacen(
+        cond,
+        &format!("{}{cond}{}", "(".repeat(3000), ")".repeat(3000)),
+        1,
+    );
+    let given = "args: {amount: 900000, currency: \"INR\"}";
+    let deep_given = src.replacen(
+        given,
+        &format!("args: {{deep: {}1{}}}", "[".repeat(3000), "]".repeat(3000)),
+        1,
+    );
+    for (name, text_, at) in [
+        ("deep.policy", deep_when, "deep.policy:4:73:"),
+        ("given.policy", deep_given, "given.policy:15:"),
+    ] {
+        assert_ne!(text_, src);
+        std::fs::write(dir.path().join(name), text_).unwrap();
+        let out = anumate(dir.path(), &["policy", "test", name]);
+        let stderr = text(&out.stderr);
+        // An exit code, not a signal: the process did not abort.
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(at), "{stderr}");
+        assert!(stderr.contains("nesting deeper than 64"), "{stderr}");
+        assert!(stderr.contains("does not compile"), "{stderr}");
+    }
+}
