@@ -1187,6 +1187,69 @@ fn serve_needs_configured_keys_and_replicas_share_them() {
     assert_eq!(kids(&receipt_set), vec![receipts]);
 }
 
+/// `/readyz` answers an unauthenticated caller only that the database is
+/// unavailable; the database's own words (names, hosts) go to the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_does_not_echo_database_errors() {
+    use sea_orm::ConnectionTrait as _;
+    let db = TestDb::postgres().await;
+    let dir = workdir();
+    let path = dir.path();
+    let key = path.join("registry.pem");
+    write_key(&key);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = path.join("anumate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = {url:?}\nowner_url = {owner:?}\n\n[admin]\nlisten = {admin:?}\n\n\
+             [keys]\nregistry_key_files = [{key:?}]\n",
+            url = db.config.url,
+            owner = db.config.owner_url,
+            key = key.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = anumate(path);
+    cmd.args([
+        "serve",
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--migrate",
+        "--config",
+    ])
+    .arg(&config);
+    let server = Server::start(cmd, path.join("serve.log"));
+    assert_eq!(http_get(&admin, "/readyz"), (200, "ready\n".to_owned()));
+
+    // The database goes away.
+    let name = db
+        .config
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let pg = sea_orm::Database::connect(anumate_store::testing::postgres_admin_url())
+        .await
+        .unwrap();
+    pg.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    let (status, body) = http_get(&admin, "/readyz");
+    assert_eq!((status, body.as_str()), (503, "database unavailable\n"));
+    assert!(!body.contains(&name));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.logs().contains("readyz: database unavailable") {
+        assert!(Instant::now() < deadline, "{}", server.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn configuration_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
