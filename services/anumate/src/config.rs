@@ -122,6 +122,12 @@ pub struct KeysConfig {
     /// by `serve` for receipts; empty in `anumate dev`: a key kept under
     /// `<data_dir>/keys/`.
     pub receipts_key_files: Vec<PathBuf>,
+    /// PKCS#8 PEM files of the platform's service issuer, active first: the
+    /// same files on every replica of every service. A service calling
+    /// another presents a short-lived `svc:<name>` token signed with it, and
+    /// only tokens signed with these keys are service identities. Empty in
+    /// `anumate dev`: a key kept under `<data_dir>/keys/`.
+    pub service_key_files: Vec<PathBuf>,
 }
 
 /// `[dev]`.
@@ -153,16 +159,16 @@ impl AppConfig {
         store
     }
 
+    /// The embedded SQLite file used when `[store] url` is empty.
+    pub fn default_sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("anumate.db")
+    }
+
     /// Directory of generated keys.
     pub fn keys_dir(&self) -> PathBuf {
         self.data_dir.join("keys")
     }
 }
-
-    /// The embedded SQLite file used when `[store] url` is empty.
-    pub fn default_sqlite_path(&self) -> PathBuf {
-        self.data_dir.join("anumate.db")
-    }
 
 /// Flags that override configuration (only the ones given).
 #[derive(Debug, Default, Clone)]

@@ -304,8 +304,10 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     }
     store.check_serving_role().await?;
     let issuer = DevIssuer::load_or_create(&config.keys_dir())?;
-    let authenticator =
-        Authenticator::new(config.auth.clone())?.with_static_issuer(issuer.issuer(), issuer.jwks());
+    let services = server::dev_service_issuer(&config)?;
+    let authenticator = Authenticator::new(config.auth.clone())?
+        .with_static_issuer(issuer.issuer(), issuer.jwks())
+        .with_static_service_issuer(services.jwks());
     let token = issuer.mint(
         &config.dev.tenant,
         "user:dev",
@@ -348,6 +350,7 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
         config,
         store: Some(store),
         authenticator,
+        service_issuer: Some(services),
         admin,
     };
     let served = server::serve(rt, listener).await;
@@ -363,10 +366,10 @@ async fn run_serve(
 ) -> anyhow::Result<()> {
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
     let names = server::selected(services);
+    server::require_keys(&config, &names)?;
     let needs_store = names.iter().any(|n| server::STORED_SERVICES.contains(n));
     let store = if needs_store {
         let store = connect_store(&config).await?;
-    server::require_keys(&config, &names)?;
         if migrate {
             let report = migrate_all(&store).await?;
             tracing::info!(applied = ?report.applied, "migrations applied");
@@ -381,7 +384,18 @@ async fn run_serve(
             "no token issuers configured ([auth] issuers): every authenticated request will be refused"
         );
     }
-    let authenticator = Authenticator::new(config.auth.clone())?;
+    let services = server::service_issuer(&config)?;
+    let authenticator = match &services {
+        Some(services) => {
+            Authenticator::new(config.auth.clone())?.with_static_service_issuer(services.jwks())
+        }
+        None => {
+            tracing::warn!(
+                "no [keys] service_key_files: calls between services (service identities) are refused"
+            );
+            Authenticator::new(config.auth.clone())?
+        }
+    };
     let listener = server::bind(&config).await?;
     let admin = admin::bind(&config.admin, &config.grpc.listen).await?;
     println!(
@@ -400,6 +414,7 @@ async fn run_serve(
         config,
         store,
         authenticator,
+        service_issuer: services,
         admin,
     };
     server::serve(rt, listener).await

@@ -110,6 +110,9 @@ pub struct Runtime {
     pub config: AppConfig,
     pub store: Option<Store>,
     pub authenticator: Authenticator,
+    /// The platform's service issuer (its keys), minting this process's
+    /// `svc:<name>` tokens for calls to other services; `None` without keys.
+    pub service_issuer: Option<anumate_auth::ServiceIssuer>,
     pub services: Vec<&'static str>,
     /// The bound admin HTTP listener, if enabled.
     pub admin: Option<TcpListener>,
@@ -185,6 +188,29 @@ pub fn registry_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
 pub fn receipts_keys(config: &AppConfig) -> anyhow::Result<KeyRing> {
     let files = &config.keys.receipts_key_files;
     keys_from(config, files, "[keys] receipts_key_files", "receipts")
+}
+
+/// The platform's service issuer: `[keys] service_key_files`, else (in
+/// `anumate dev`, where the data directory holds every key) a key kept under
+/// the data directory; `None` for `serve` without configured files.
+pub fn service_issuer(config: &AppConfig) -> anyhow::Result<Option<anumate_auth::ServiceIssuer>> {
+    // The name is a placeholder: each service mints with `for_service(name)`.
+    const ANY: &str = "anumate";
+    if !config.keys.service_key_files.is_empty() {
+        let keys = KeyRing::from_pem_files(&config.keys.service_key_files)
+            .context("[keys] service_key_files")?;
+        return Ok(Some(anumate_auth::ServiceIssuer::new(ANY, Arc::new(keys))?));
+    }
+    Ok(None)
+}
+
+/// `anumate dev`'s service issuer: configured files, else a key under the data directory.
+pub fn dev_service_issuer(config: &AppConfig) -> anyhow::Result<anumate_auth::ServiceIssuer> {
+    match service_issuer(config)? {
+        Some(issuer) => Ok(issuer),
+        None => anumate_auth::ServiceIssuer::load_or_create(&config.keys_dir(), "anumate")
+            .with_context(|| format!("service key under {}", config.keys_dir().display())),
+    }
 }
 
 /// Binds the listener (so the actual port is known before serving).
@@ -288,9 +314,18 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
                 anumate_captokens_service::InProcessReceipts(receipts.clone()),
             ));
         } else if !rt.config.captokens.receipts_url.is_empty() {
-            let client =
-                anumate_captokens_service::GrpcReceipts::new(&rt.config.captokens.receipts_url)
-                    .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
+            // Appended as the captokens service identity (the only one the
+            // receipts service takes TOKEN_REVOCATION from).
+            let issuer = rt
+                .service_issuer
+                .as_ref()
+                .context("[captokens] receipts_url needs the platform's service keys ([keys] service_key_files)")?
+                .for_service(anumate_captokens_service::RECEIPTS_SERVICE_NAME)?;
+            let client = anumate_captokens_service::GrpcReceipts::new(
+                &rt.config.captokens.receipts_url,
+                issuer,
+            )
+            .map_err(|e| anyhow::anyhow!("captokens service: {e}"))?;
             tokens = tokens.with_revocation_receipts(Arc::new(client));
         } else {
             tracing::warn!(
