@@ -123,6 +123,24 @@ enum AuthCommand {
         #[arg(long, default_value = ".anumate")]
         data_dir: PathBuf,
     },
+    /// Mint a service identity token (`svc:<service>`) with the platform's
+    /// service key kept under the data directory (as `anumate dev` does): what
+    /// a platform service presents when it calls another. A `svc:` subject in a
+    /// dev token is refused; only this key makes a service.
+    ServiceToken {
+        /// The service: orchestrator, approvals, captokens, …
+        #[arg(long)]
+        service: String,
+        /// Tenant the service acts in.
+        #[arg(long, default_value = "dev")]
+        tenant: String,
+        /// Lifetime in seconds (at most 300).
+        #[arg(long, default_value_t = 300)]
+        ttl_secs: u64,
+        /// Data directory holding the service key.
+        #[arg(long, default_value = ".anumate")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `anumate … | head` closes stdout early; `println!` then panics with
@@ -222,6 +240,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let roles = parse_roles(&roles)?;
             let token = issuer.mint(&tenant, &subject, &roles, Duration::from_secs(ttl_secs))?;
             println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Auth {
+            command:
+                AuthCommand::ServiceToken {
+                    service,
+                    tenant,
+                    ttl_secs,
+                    data_dir,
+                },
+        } => {
+            let issuer =
+                anumate_auth::ServiceIssuer::load_or_create(&data_dir.join("keys"), &service)?;
+            println!("{}", issuer.mint(&tenant, Duration::from_secs(ttl_secs))?);
             Ok(ExitCode::SUCCESS)
         }
     }
