@@ -1281,3 +1281,95 @@ fn configuration_errors_name_the_key() {
     .failed();
     assert!(out.stderr.contains("missing.toml"), "{out:#?}");
 }
+
+/// Issue 9: a `svc:` subject in a dev (user) token is not a service; only the
+/// platform's service key makes one. Through the real binary: a dev token for
+/// `svc:orchestrator`, even with the admin role, cannot append a receipt or
+/// mint a capability token, and the admin token cannot append either; a
+/// service token from `anumate auth service-token` can.
+#[test]
+fn only_the_service_issuer_makes_a_service_identity() {
+    let dev = Dev::start();
+    let forged = dev
+        .cli(&[
+            "auth",
+            "dev-token",
+            "--subject",
+            "svc:orchestrator",
+            "--roles",
+            "admin",
+        ])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let append = |token: &str, key: &str| {
+        dev.cli(&[
+            "receipt",
+            "append",
+            "--token",
+            token,
+            "--kind",
+            "step-execution",
+            "--run",
+            "r1",
+            "--step",
+            "s1",
+            "--attempt",
+            "1",
+            "--dedupe-key",
+            key,
+            "--content",
+            r#"{"tool": "refund"}"#,
+        ])
+    };
+    let out = append(&forged, "k1").failed();
+    assert!(out.stderr.contains("UNAUTHENTICATED"), "{out:#?}");
+    assert!(out.stderr.contains("reserved"), "{out:#?}");
+    let out = dev
+        .cli(&[
+            "token",
+            "mint",
+            "--token",
+            &forged,
+            "--audience",
+            "conn:payments",
+            "--tool",
+            "payments.refund",
+            "--run",
+            "r1",
+            "--step",
+            "s1",
+            "--plan-hash",
+            "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+            "--args",
+            "{}",
+        ])
+        .failed();
+    assert!(out.stderr.contains("UNAUTHENTICATED"), "{out:#?}");
+
+    // The dev admin is a person: receipts are the services' to append.
+    let out = append(&dev.token(), "k2").failed();
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:#?}");
+
+    let service = dev
+        .cli(&["auth", "service-token", "--service", "orchestrator"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let out = append(&service, "k3").ok();
+    assert!(
+        out.stdout.contains("RECEIPT_KIND_STEP_EXECUTION"),
+        "{out:#?}"
+    );
+    // A service key's token for another service is that service, not the orchestrator.
+    let approvals = dev
+        .cli(&["auth", "service-token", "--service", "approvals"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let out = append(&approvals, "k4").failed();
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:#?}");
+}
