@@ -1203,7 +1203,8 @@ async fn the_kafka_fed_history_backs_the_tail() {
             brokers: bootstrap.clone(),
             ..Default::default()
         },
-    ).expect("consumer");
+    )
+    .expect("consumer");
     let kcfg = anumate_events::relay::KafkaConfig {
         brokers: bootstrap.clone(),
         ..Default::default()
@@ -1329,7 +1330,8 @@ async fn a_forged_tenant_header_is_not_recorded() {
             brokers: bootstrap.clone(),
             ..Default::default()
         },
-    ).expect("consumer");
+    )
+    .expect("consumer");
     // Same key, same partition: once the genuine one is in, the forged one
     // was handled before it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1419,7 +1421,8 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
             brokers: bootstrap.clone(),
             ..Default::default()
         },
-    ).expect("consumer");
+    )
+    .expect("consumer");
     let tenant = format!("o-{}", uuid::Uuid::now_v7().simple());
 
     // Caught up with whatever the topics already hold.
