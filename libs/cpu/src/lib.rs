@@ -64,25 +64,35 @@ mod tests {
     async fn jobs_run_off_the_runtime_and_at_most_one_per_core() {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let total = max_parallel_jobs() * 3;
         let mut jobs = Vec::new();
-        for _ in 0..(max_parallel_jobs() * 3) {
-            let (running, peak) = (running.clone(), peak.clone());
+        for _ in 0..total {
+            let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
             jobs.push(tokio::spawn(run(move || {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(100));
                 running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
                 Ok(now)
             })));
         }
-        // The single runtime thread stays free while the jobs sleep.
-        let started = std::time::Instant::now();
+        // The single runtime thread stays free while the jobs sleep: a timer
+        // fires long before the (at least 300 ms of) jobs are through. Had
+        // they run on the runtime thread, none could fire before all ended.
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(started.elapsed() < Duration::from_millis(15));
+        assert!(
+            done.load(Ordering::SeqCst) < total,
+            "the runtime thread waited for the jobs"
+        );
         for j in jobs {
             j.await.unwrap().unwrap();
         }
-        assert_eq!(peak.load(Ordering::SeqCst), max_parallel_jobs());
+        // Never more than one per core at once (how many overlapped in fact
+        // depends on the machine's scheduling).
+        let peak = peak.load(Ordering::SeqCst);
+        assert!((1..=max_parallel_jobs()).contains(&peak), "peak {peak}");
     }
 
     #[tokio::test]
