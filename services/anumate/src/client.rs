@@ -492,6 +492,11 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             } else {
                 print!("{}", resp.unified_diff);
                 println!();
+                if resp.unified_diff_approximate {
+                    println!(
+                        "(line diff is approximate: the server's diff deadline was reached; the changed paths below are exact)"
+                    );
+                }
                 println!("{} changed path(s):", resp.changes.len());
                 for c in &resp.changes {
                     match pb::ChangeKind::try_from(c.kind) {
