@@ -1,0 +1,312 @@
+//! Transport-agnostic clients: one trait per upstream service, implemented
+//! in-process by the service's own crate (calling its domain type) and over
+//! gRPC here, on channels from the one [`channel`] factory.
+//!
+//! A service depends on the trait, and the composition decides: the
+//! in-process implementation when the upstream runs in the same process
+//! (`anumate dev`, `serve all`), else gRPC at its configured address.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anumate_auth::ServiceIssuer;
+use anumate_errors::{Error, ErrorCode};
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::receipts::v1 as rcpb;
+use anumate_proto::registry::v1 as rpb;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How long connecting to an upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a service token minted for one call lives.
+const SERVICE_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// The one way a configured address becomes a channel (lazily connected;
+/// TLS will be set up here). `config_key` names the setting in errors.
+pub fn channel(config_key: &str, url: &str) -> Result<Channel, Error> {
+    Endpoint::from_shared(url.to_owned())
+        .map(|e| e.connect_timeout(CONNECT_TIMEOUT).connect_lazy())
+        .map_err(|e| Error::invalid_argument(config_key, format!("bad address {url:?}: {e}")))
+}
+
+/// On whose behalf an upstream call is made.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A user's request, forwarded: their tenant and subject, and (for the
+    /// gRPC hop) their `authorization` header as received.
+    User {
+        /// Tenant id.
+        tenant: String,
+        /// Principal subject.
+        subject: String,
+        /// The caller's `authorization` header value.
+        authorization: Option<AsciiMetadataValue>,
+    },
+    /// This service acting in its own name (`svc:<service>`) in `tenant`.
+    Service {
+        /// Tenant id.
+        tenant: String,
+        /// The acting service.
+        service: &'static str,
+    },
+}
+
+impl Caller {
+    /// The tenant the call acts in.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Caller::User { tenant, .. } | Caller::Service { tenant, .. } => tenant,
+        }
+    }
+}
+
+/// An upstream call that failed: in this process (the domain's error) or
+/// over gRPC (the status, as received).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The in-process service refused or failed.
+    #[error("{0}")]
+    Local(Error),
+    /// The remote service answered with an error, or could not be reached.
+    #[error("{}", .0.message())]
+    Remote(tonic::Status),
+}
+
+impl UpstreamError {
+    /// The gRPC code the call would have had over the wire.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            UpstreamError::Local(e) => e.to_status().code(),
+            UpstreamError::Remote(s) => s.code(),
+        }
+    }
+
+    /// The error with its product code (`UNAVAILABLE` when unreachable).
+    pub fn to_error(&self) -> Error {
+        match self {
+            UpstreamError::Local(e) => e.clone(),
+            UpstreamError::Remote(s) => Error::from_status(s),
+        }
+    }
+
+    /// The message, without code.
+    pub fn message(&self) -> String {
+        match self {
+            UpstreamError::Local(e) => e.message.clone(),
+            UpstreamError::Remote(s) => s.message().to_owned(),
+        }
+    }
+
+    /// True when the service could not be reached over the network.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, UpstreamError::Remote(_))
+    }
+}
+
+impl From<Error> for UpstreamError {
+    fn from(e: Error) -> Self {
+        UpstreamError::Local(e)
+    }
+}
+
+/// A result of an upstream call.
+pub type UpstreamResult<T> = Result<T, UpstreamError>;
+
+/// The registry, as the compiler reads it.
+pub trait RegistryClient: Send + Sync {
+    /// `GetCapsule`.
+    fn get_capsule<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rpb::GetCapsuleRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rpb::GetCapsuleResponse>>;
+}
+
+/// The policy service, as the compiler reads it.
+pub trait PolicyClient: Send + Sync {
+    /// `GetPolicy`.
+    fn get_policy<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ppb::GetPolicyRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ppb::GetPolicyResponse>>;
+}
+
+/// The receipts service, as services that attest their actions append to it.
+pub trait ReceiptsClient: Send + Sync {
+    /// `AppendReceipt`.
+    fn append_receipt<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rcpb::AppendReceiptRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rcpb::AppendReceiptResponse>>;
+}
+
+/// Any upstream service over gRPC: a channel, and the service issuer that
+/// mints the token of [`Caller::Service`] calls (`None`: such calls fail).
+#[derive(Debug, Clone)]
+pub struct Grpc {
+    channel: Channel,
+    issuer: Option<ServiceIssuer>,
+}
+
+impl Grpc {
+    /// A client over `channel` (see [`channel`]).
+    pub fn new(channel: Channel) -> Grpc {
+        Grpc {
+            channel,
+            issuer: None,
+        }
+    }
+
+    /// Calls made as a service present a token of `issuer`, which must mint
+    /// for that service.
+    pub fn with_service_issuer(mut self, issuer: ServiceIssuer) -> Grpc {
+        self.issuer = Some(issuer);
+        self
+    }
+
+    /// `msg` with the caller's credentials.
+    fn request<T>(&self, caller: &Caller, msg: T) -> UpstreamResult<tonic::Request<T>> {
+        let mut req = tonic::Request::new(msg);
+        match caller {
+            Caller::User { authorization, .. } => {
+                if let Some(auth) = authorization {
+                    req.metadata_mut().insert("authorization", auth.clone());
+                }
+            }
+            Caller::Service { tenant, service } => {
+                let issuer = match &self.issuer {
+                    Some(issuer) if issuer.service() == *service => issuer,
+                    other => {
+                        return Err(UpstreamError::Local(Error::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "no service issuer for {service:?} (this client mints for {:?})",
+                                other.as_ref().map(ServiceIssuer::service)
+                            ),
+                        )));
+                    }
+                };
+                let token = issuer.mint(tenant, SERVICE_TOKEN_TTL)?;
+                let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
+                req.metadata_mut().insert("authorization", value);
+            }
+        }
+        Ok(req)
+    }
+}
+
+impl RegistryClient for Grpc {
+    fn get_capsule<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rpb::GetCapsuleRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rpb::GetCapsuleResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                rpb::registry_service_client::RegistryServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_capsule(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl PolicyClient for Grpc {
+    fn get_policy<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ppb::GetPolicyRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ppb::GetPolicyResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                ppb::policy_service_client::PolicyServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_policy(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl ReceiptsClient for Grpc {
+    fn append_receipt<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rcpb::AppendReceiptRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rcpb::AppendReceiptResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                rcpb::receipts_service_client::ReceiptsServiceClient::new(self.channel.clone());
+            Ok(client
+                .append_receipt(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_bad_address_names_its_setting() {
+        let e = channel("compiler.registry_url", "not a url").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.to_string().contains("compiler.registry_url"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_remote_unavailable() {
+        // A port nothing listens on: bind one and drop it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let grpc = Grpc::new(channel("k", &format!("http://127.0.0.1:{port}")).unwrap());
+        let caller = Caller::User {
+            tenant: "t".into(),
+            subject: "user:a".into(),
+            authorization: None,
+        };
+        let e = grpc
+            .get_capsule(&caller, rpb::GetCapsuleRequest::default())
+            .await
+            .unwrap_err();
+        assert!(e.is_remote());
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_service_call_without_its_issuer_is_refused_before_sending() {
+        let grpc = Grpc::new(channel("k", "http://127.0.0.1:1").unwrap());
+        let caller = Caller::Service {
+            tenant: "t".into(),
+            service: "captokens",
+        };
+        let e = grpc
+            .append_receipt(&caller, rcpb::AppendReceiptRequest::default())
+            .await
+            .unwrap_err();
+        assert!(!e.is_remote());
+        assert_eq!(e.code(), tonic::Code::Internal);
+    }
+}
