@@ -2,43 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anumate_auth::BearerToken;
-use anumate_errors::Error;
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::registry::v1 as pb;
 use clap::{Args, Subcommand, ValueEnum};
 use pb::registry_service_client::RegistryServiceClient;
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::dev_state;
-
-/// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
-    /// Human-readable text.
-    #[default]
-    Human,
-    /// The response message as proto3 JSON.
-    Json,
-}
-
-/// Where the server is and who we are.
-#[derive(Args, Debug, Clone)]
-pub struct Connection {
-    /// Server address, e.g. http://127.0.0.1:7600 (default: the `anumate dev`
-    /// started from this directory, found in ./.anumate/dev.json).
-    #[arg(long, env = "ANUMATE_SERVER", global = true)]
-    pub server: Option<String>,
-    /// Bearer token (default: the dev admin token in ./.anumate/dev.json).
-    #[arg(long, env = "ANUMATE_TOKEN", global = true, hide_env_values = true)]
-    pub token: Option<String>,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Human, global = true)]
-    pub output: Output,
-    /// Data directory searched for dev.json.
-    #[arg(long, default_value = ".anumate", global = true)]
-    pub data_dir: PathBuf,
-}
+use crate::cli::{Connection, Failure, Output, finish, print_json, read_file};
 
 /// `anumate capsule …`
 #[derive(Args, Debug)]
@@ -153,69 +122,6 @@ impl From<StatusArg> for pb::VersionStatus {
     }
 }
 
-/// A failure of a client command, printed by [`report`].
-enum Failure {
-    /// Local problem (no server configured, unreadable file).
-    Local(String),
-    /// The server answered with an error.
-    Remote { error: Error, file: Option<String> },
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote {
-            error: Error::from_status(&s),
-            file: None,
-        }
-    }
-}
-
-impl Connection {
-    /// Connects to the server named by `--server`, `ANUMATE_SERVER` or
-    /// `<data_dir>/dev.json`, with the bearer token found the same way.
-    pub(crate) async fn channel(&self) -> Result<(Channel, BearerToken), String> {
-        let state = dev_state::read(&self.data_dir);
-        let server = self
-            .server
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.server.clone()))
-            .ok_or_else(|| {
-                "no server: pass --server or set ANUMATE_SERVER (or run `anumate dev` in this directory first)"
-                    .to_string()
-            })?;
-        let token = self
-            .token
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.token.clone()))
-            .ok_or_else(|| "no token: pass --token or set ANUMATE_TOKEN".to_string())?;
-        let channel = Channel::from_shared(server.clone())
-            .map_err(|e| format!("bad server address {server:?}: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {server}: {e}"))?;
-        Ok((channel, BearerToken(token)))
-    }
-}
-
-type Client = RegistryServiceClient<InterceptedService<Channel, BearerToken>>;
-
-async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
-    Ok(RegistryServiceClient::with_interceptor(channel, token))
-}
-
-fn read_file(path: &PathBuf) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
-}
-
-pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
-    match serde_json::to_string_pretty(value) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("error: cannot encode output: {e}"),
-    }
-}
-
 fn status_name(s: i32) -> &'static str {
     match pb::VersionStatus::try_from(s) {
         Ok(pb::VersionStatus::Draft) => "draft",
@@ -265,37 +171,10 @@ pub async fn run_capsule(cmd: CapsuleCommand) -> ExitCode {
         }
         _ => None,
     };
-    match capsule(cmd).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Remote { error, file: f }) => {
-            report(&error, f.or(file).as_deref());
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Prints an error: its stable code, message, and each violation as
-/// `file:line:col: text [field]` (no `[field]` when the violation names none).
-pub(crate) fn report(error: &Error, file: Option<&str>) {
-    eprintln!("error[{}]: {}", error.code, error.message);
-    for v in &error.violations {
-        let text = v.description.as_str();
-        let field = if v.field.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", v.field)
-        };
-        match (v.position, file) {
-            (Some((line, col)), Some(f)) => eprintln!("  {f}:{line}:{col}: {text}{field}"),
-            (Some((line, col)), None) => eprintln!("  {line}:{col}: {text}{field}"),
-            (None, _) if v.field.is_empty() => eprintln!("  {text}"),
-            (None, _) => eprintln!("  {}: {text}", v.field),
-        }
-    }
+    finish(
+        capsule(cmd).await.map(|()| ExitCode::SUCCESS),
+        file.as_deref(),
+    )
 }
 
 async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
@@ -307,7 +186,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             etag,
         } => {
             let source = read_file(&file)?;
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .push_capsule(pb::PushCapsuleRequest {
                     source_yaml: source,
@@ -339,7 +221,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
         }
         CapsuleSub::Validate { file } => {
             let source = read_file(&file)?;
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .validate_capsule(pb::ValidateCapsuleRequest {
                     source_yaml: source,
@@ -363,7 +248,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             status,
             page_size,
         } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let mut all = Vec::new();
             let mut token = String::new();
             loop {
@@ -414,7 +302,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             version,
             source,
         } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .get_capsule(pb::GetCapsuleRequest { name, version })
                 .await?
@@ -430,7 +321,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             }
         }
         CapsuleSub::Versions { name } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let mut all = Vec::new();
             let mut token = String::new();
             loop {
@@ -473,7 +367,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             }
         }
         CapsuleSub::Diff { name, from, to } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .diff_capsule_versions(pb::DiffCapsuleVersionsRequest {
                     name,
@@ -514,7 +411,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             version,
             etag,
         } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .publish_capsule_version(pb::PublishCapsuleVersionRequest {
                     name,
@@ -537,7 +437,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             version,
             etag,
         } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .deprecate_capsule_version(pb::DeprecateCapsuleVersionRequest {
                     name,
@@ -556,7 +459,10 @@ async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
             }
         }
         CapsuleSub::Delete { name, etag } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(RegistryServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .delete_capsule(pb::DeleteCapsuleRequest {
                     name: name.clone(),

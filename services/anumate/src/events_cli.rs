@@ -5,14 +5,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anumate_auth::BearerToken;
-use anumate_errors::Error;
 use anumate_proto::events::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::events_service_client::EventsServiceClient;
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::client::{Connection, Output, print_json, report};
+use crate::cli::{Connection, Failure, Output, finish, print_json};
 
 /// `anumate events …`
 #[derive(Args, Debug)]
@@ -66,33 +63,9 @@ pub enum EventsSub {
     },
 }
 
-/// A failure of an events command.
-enum Failure {
-    Local(String),
-    Remote(Error),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote(Error::from_status(&s))
-    }
-}
-
-type Client = EventsServiceClient<InterceptedService<Channel, BearerToken>>;
-
 /// Runs `anumate events …`.
 pub async fn run(cmd: EventsCommand) -> ExitCode {
-    match events(cmd).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Remote(error)) => {
-            report(&error, None);
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(events(cmd).await.map(|()| ExitCode::SUCCESS), None)
 }
 
 /// Parses `all`, an RFC 3339 time or an age (`90s`, `10m`, `2h`, `1d`) into a
@@ -162,8 +135,10 @@ fn print_event(e: &pb::Event, out: Output) {
 
 async fn events(cmd: EventsCommand) -> Result<(), Failure> {
     let out = cmd.conn.output;
-    let (channel, token) = cmd.conn.channel().await.map_err(Failure::Local)?;
-    let mut client: Client = EventsServiceClient::with_interceptor(channel, token);
+    let mut client = cmd
+        .conn
+        .client(EventsServiceClient::with_interceptor)
+        .await?;
     match cmd.command {
         EventsSub::Tail {
             types,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod cli;
 mod client;
 mod config;
 mod dev_state;

@@ -3,15 +3,12 @@
 
 use std::process::ExitCode;
 
-use anumate_auth::BearerToken;
-use anumate_errors::Error;
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::compiler::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::compiler_service_client::CompilerServiceClient;
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::client::{Connection, Output, print_json, report};
+use crate::cli::{Connection, Failure, Output, finish, print_json};
 
 /// `anumate plan …`
 #[derive(Args, Debug)]
@@ -49,38 +46,9 @@ pub enum PlanSub {
     },
 }
 
-type Client = CompilerServiceClient<InterceptedService<Channel, BearerToken>>;
-
-async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
-    Ok(CompilerServiceClient::with_interceptor(channel, token)
-        .max_decoding_message_size(64 * 1024 * 1024))
-}
-
-enum Failure {
-    Local(String),
-    Remote(Error),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote(Error::from_status(&s))
-    }
-}
-
 /// Runs a plan command and returns the process exit code.
 pub async fn run(cmd: PlanCommand) -> ExitCode {
-    match plan(cmd).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Remote(error)) => {
-            report(&error, None);
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(plan(cmd).await.map(|()| ExitCode::SUCCESS), None)
 }
 
 fn duration(d: Option<&pbjson_types::Duration>) -> String {
@@ -233,7 +201,13 @@ fn print_plan(p: &pb::ExecutablePlan) {
 
 async fn plan(cmd: PlanCommand) -> Result<(), Failure> {
     let out = cmd.conn.output;
-    let mut client = connect(&cmd.conn).await?;
+    let mut client = cmd
+        .conn
+        .client(|channel, token| {
+            CompilerServiceClient::with_interceptor(channel, token)
+                .max_decoding_message_size(64 * 1024 * 1024)
+        })
+        .await?;
     match cmd.command {
         PlanSub::Compile { name, version } => {
             let resp = client

@@ -5,15 +5,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anumate_auth::BearerToken;
 use anumate_errors::Error;
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::policy::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::policy_service_client::PolicyServiceClient;
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::client::{Connection, Output, print_json, report};
+use crate::cli::{Authed, Connection, Failure, Output, finish, print_json, read_file};
 
 /// `anumate policy …`
 #[derive(Args, Debug)]
@@ -92,29 +90,6 @@ pub enum PolicySub {
     },
 }
 
-enum Failure {
-    Local(String),
-    Remote(Error),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote(Error::from_status(&s))
-    }
-}
-
-type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
-
-async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
-    Ok(PolicyServiceClient::with_interceptor(channel, token))
-}
-
-fn read(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
-}
-
 /// Runs a policy command and returns the process exit code.
 pub async fn run(cmd: PolicyCommand) -> ExitCode {
     let file = match &cmd.command {
@@ -126,17 +101,7 @@ pub async fn run(cmd: PolicyCommand) -> ExitCode {
         } => Some(f.display().to_string()),
         _ => None,
     };
-    match policy(cmd).await {
-        Ok(code) => code,
-        Err(Failure::Remote(error)) => {
-            report(&error, file.as_deref());
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(policy(cmd).await, file.as_deref())
 }
 
 fn effect_name(e: i32) -> &'static str {
@@ -170,7 +135,7 @@ fn detector_name(d: i32) -> String {
 
 /// `anumate policy test FILE`: compile and run the tests locally.
 fn test_offline(file: &Path, filter: &str, out: Output) -> Result<ExitCode, Failure> {
-    let src = read(file)?;
+    let src = read_file(file)?;
     let name = file.display().to_string();
     let set = match anumate_policy::compile(&name, &src) {
         Ok(set) => set,
@@ -266,7 +231,7 @@ fn line_of(src: &str, line: i32) -> Option<&str> {
 }
 
 async fn print_decision(
-    client: &mut Client,
+    client: &mut PolicyServiceClient<Authed>,
     resp: &pb::EvaluatePolicyResponse,
     local: Option<&str>,
 ) -> Result<(), Failure> {
@@ -410,8 +375,11 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             publish,
             etag,
         } => {
-            let source = read(&file)?;
-            let mut client = connect(&cmd.conn).await?;
+            let source = read_file(&file)?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .push_policy(pb::PushPolicyRequest {
                     source,
@@ -448,10 +416,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             allowed_tools,
         } => {
             use pb::evaluate_policy_request::{Input, Policies};
-            let input_json = read(&input)?;
+            let input_json = read_file(&input)?;
             let (target, local, source_name) = match &source {
                 Some(f) => {
-                    let src = read(f)?;
+                    let src = read_file(f)?;
                     (
                         Policies::Source(src.clone()),
                         Some(src),
@@ -469,7 +437,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
                     String::new(),
                 ),
             };
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .evaluate_policy(pb::EvaluatePolicyRequest {
                     policies: Some(target),
@@ -494,7 +465,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             }
         }
         PolicySub::List { page_size } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let mut all = Vec::new();
             let mut token = String::new();
             loop {
@@ -534,7 +508,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             version,
             source,
         } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .get_policy(pb::GetPolicyRequest { name, version })
                 .await?
@@ -550,7 +527,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             }
         }
         PolicySub::Versions { name } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .list_policy_versions(pb::ListPolicyVersionsRequest { name, page: None })
                 .await?
@@ -570,7 +550,10 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             }
         }
         PolicySub::Publish { name, version } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(PolicyServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .publish_policy_version(pb::PublishPolicyVersionRequest {
                     name,

@@ -7,19 +7,19 @@
 //! checks without a server: the receipt's signature, its inclusion in the
 //! checkpoint's tree and the checkpoint's signature.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
-use anumate_auth::BearerToken;
 use anumate_crypto::Jwks;
-use anumate_errors::Error;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_receipt_offline};
 use clap::{Args, Subcommand, ValueEnum};
 use pb::receipts_service_client::ReceiptsServiceClient;
 use serde_json::{Value, json};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::client::{Connection, Output, report};
+use crate::cli::{Connection, Failure, Output, finish, read_file};
 
 /// `anumate receipt …`
 #[derive(Args, Debug)]
@@ -118,30 +118,6 @@ pub enum ReceiptSub {
     Jwks,
 }
 
-/// A failure of a receipt command.
-enum Failure {
-    Local(String),
-    Remote(Error),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote(Error::from_status(&s))
-    }
-}
-
-type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
-
-async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
-    Ok(ReceiptsServiceClient::with_interceptor(channel, token))
-}
-
-fn read_file(path: &PathBuf) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))
-}
-
 fn print_json(value: &Value) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Failure::Local(format!("cannot encode output: {e}")))?;
@@ -181,17 +157,7 @@ fn print_receipt(r: &pb::Receipt, out: Output) -> Result<(), Failure> {
 
 /// Runs a receipt command and returns the process exit code.
 pub async fn run(cmd: ReceiptCommand) -> ExitCode {
-    match receipt(cmd).await {
-        Ok(code) => code,
-        Err(Failure::Remote(error)) => {
-            report(&error, None);
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(receipt(cmd).await, None)
 }
 
 async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
@@ -222,7 +188,10 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
                     )
                 }
             };
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(ReceiptsServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .append_receipt(pb::AppendReceiptRequest {
                     kind: pb::ReceiptKind::from(kind) as i32,
@@ -248,7 +217,10 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
             print_receipt(&receipt, out)?;
         }
         ReceiptSub::Get { id, proof } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(ReceiptsServiceClient::with_interceptor)
+                .await?;
             let receipt = client
                 .get_receipt(pb::GetReceiptRequest {
                     receipt_id: id.clone(),
@@ -296,7 +268,10 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
             checkpoint,
         } => return verify(&file, &jwks, checkpoint.as_ref()),
         ReceiptSub::Checkpoint { size } => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(ReceiptsServiceClient::with_interceptor)
+                .await?;
             let cp = client
                 .get_checkpoint(pb::GetCheckpointRequest { tree_size: size })
                 .await?
@@ -306,7 +281,10 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
             print!("{}", cp.note);
         }
         ReceiptSub::Jwks => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(ReceiptsServiceClient::with_interceptor)
+                .await?;
             let jwks = client
                 .get_signing_keys(pb::GetSigningKeysRequest {})
                 .await?
@@ -321,11 +299,7 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
 }
 
 /// Offline verification of a bundle; exit code 1 when it does not verify.
-fn verify(
-    file: &PathBuf,
-    jwks: &PathBuf,
-    checkpoint: Option<&PathBuf>,
-) -> Result<ExitCode, Failure> {
+fn verify(file: &Path, jwks: &Path, checkpoint: Option<&PathBuf>) -> Result<ExitCode, Failure> {
     let bundle: Value = serde_json::from_str(&read_file(file)?)
         .map_err(|e| Failure::Local(format!("{} is not JSON: {e}", file.display())))?;
     let jwks: Jwks = serde_json::from_str(&read_file(jwks)?)

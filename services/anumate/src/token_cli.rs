@@ -10,17 +10,14 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anumate_auth::BearerToken;
 use anumate_captokens::{Expectation, Verifier};
 use anumate_crypto::Jwks;
-use anumate_errors::Error;
 use anumate_proto::captokens::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::cap_tokens_service_client::CapTokensServiceClient;
 use serde_json::{Value, json};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::client::{Connection, Output, print_json, report};
+use crate::cli::{Connection, Failure, Output, finish, print_json};
 use crate::dev_state;
 
 /// `anumate token …`
@@ -122,25 +119,6 @@ pub enum TokenSub {
     Jwks,
 }
 
-/// A failure of a token command.
-enum Failure {
-    Local(String),
-    Remote(Error),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Remote(Error::from_status(&s))
-    }
-}
-
-type Client = CapTokensServiceClient<InterceptedService<Channel, BearerToken>>;
-
-async fn connect(conn: &Connection) -> Result<Client, Failure> {
-    let (channel, token) = conn.channel().await.map_err(Failure::Local)?;
-    Ok(CapTokensServiceClient::with_interceptor(channel, token))
-}
-
 /// `text`, or the contents of the file after `@`, or stdin for `-`.
 fn text_arg(text: &str, what: &str) -> Result<String, Failure> {
     if text == "-" {
@@ -204,17 +182,7 @@ fn ts_secs(t: &Option<pbjson_types::Timestamp>) -> i64 {
 
 /// Runs a token command and returns the process exit code.
 pub async fn run(cmd: TokenCommand) -> ExitCode {
-    match token(cmd).await {
-        Ok(code) => code,
-        Err(Failure::Remote(error)) => {
-            report(&error, None);
-            ExitCode::FAILURE
-        }
-        Err(Failure::Local(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(token(cmd).await, None)
 }
 
 async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
@@ -242,7 +210,10 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
             } else {
                 actions
             };
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(CapTokensServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .issue_token(pb::IssueTokenRequest {
                     audience: call.audience,
@@ -307,7 +278,10 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
                 (None, Some(run)) => pb::revoke_token_request::Target::RunId(run),
                 (None, None) => return Err(Failure::Local("pass --jti or --run".into())),
             };
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(CapTokensServiceClient::with_interceptor)
+                .await?;
             let resp = client
                 .revoke_token(pb::RevokeTokenRequest {
                     target: Some(target),
@@ -330,7 +304,10 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
             }
         }
         TokenSub::Jwks => {
-            let mut client = connect(&cmd.conn).await?;
+            let mut client = cmd
+                .conn
+                .client(CapTokensServiceClient::with_interceptor)
+                .await?;
             let jwks = client
                 .get_jwks(pb::GetJwksRequest {})
                 .await?
@@ -354,7 +331,9 @@ async fn verify_online(
 ) -> Result<ExitCode, Failure> {
     let (args, args_sha256) = call.args()?;
     let args = args.map(|a| to_struct(&a, "--args")).transpose()?;
-    let mut client = connect(conn).await?;
+    let mut client = conn
+        .client(CapTokensServiceClient::with_interceptor)
+        .await?;
     let resp = client
         .verify_token(pb::VerifyTokenRequest {
             token,
