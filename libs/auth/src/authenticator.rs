@@ -422,6 +422,11 @@ impl Authenticator {
             }
             (IssuerKind::Users, None) => {}
         }
+        if principal.on_behalf_of.is_some() && state.kind != IssuerKind::Services {
+            return Err(unauthenticated(
+                "only the platform's service issuer may mint a token acting on behalf of another principal (obo)",
+            ));
+        }
         self.inner.verified.insert(
             digest,
             Verified {

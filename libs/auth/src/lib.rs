@@ -20,7 +20,7 @@ pub use config::{AuthConfig, IssuerConfig};
 pub use dev::{DEV_AUDIENCE, DEV_ISSUER, DevIssuer};
 pub use layer::{AuthLayer, AuthService, BearerToken, PUBLIC_PATH_PREFIXES, principal};
 pub use principal::{
-    Claims, MAX_TENANT_LEN, Principal, Role, SERVICE_SUBJECT_PREFIX, service_subject,
+    Claims, MAX_TENANT_LEN, OnBehalfOf, Principal, Role, SERVICE_SUBJECT_PREFIX, service_subject,
     validate_tenant_id,
 };
 pub use service::{MAX_SERVICE_TOKEN_TTL, SERVICE_AUDIENCE, SERVICE_ISSUER, ServiceIssuer};

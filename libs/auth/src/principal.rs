@@ -108,6 +108,10 @@ pub struct Principal {
     /// was minted by the platform's service issuer. A subject prefix from any
     /// other issuer never makes a service.
     pub service: Option<String>,
+    /// For a service acting for someone (a delegated service token): whom it
+    /// acts for. The principal's `roles` are then that principal's roles, so
+    /// a service can never do more for a caller than the caller could.
+    pub on_behalf_of: Option<String>,
     /// The token's `iss`.
     pub issuer: String,
     /// Known roles from the token (unknown names are dropped).
@@ -130,6 +134,17 @@ impl Principal {
     /// The service name, for a token from the platform's service issuer.
     pub fn service_name(&self) -> Option<&str> {
         self.service.as_deref()
+    }
+
+    /// Whom a delegated service token acts for (`user:alice`), if anyone.
+    pub fn on_behalf_of(&self) -> Option<&str> {
+        self.on_behalf_of.as_deref()
+    }
+
+    /// The person (or outside client) ultimately behind this call: the
+    /// principal a service acts for, else the caller itself.
+    pub fn originator(&self) -> &str {
+        self.on_behalf_of.as_deref().unwrap_or(&self.subject)
     }
 
     /// `Ok` if the caller is one of the platform services `names` (by its
@@ -212,6 +227,20 @@ pub struct Claims {
     /// Role names.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// On a delegated service token only: the principal the service acts for
+    /// (its subject and roles, as verified when the work began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obo: Option<OnBehalfOf>,
+}
+
+/// The `obo` claim of a delegated service token: whom the service acts for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalfOf {
+    /// The subject acted for, e.g. `user:alice`.
+    pub sub: String,
+    /// That principal's role names.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 impl Claims {
@@ -237,7 +266,20 @@ impl Claims {
                 "token has an empty sub claim",
             ));
         }
-        let mut roles: Vec<Role> = self.roles.iter().filter_map(|r| Role::parse(r)).collect();
+        // A delegated token's roles are those of whom it acts for.
+        let (on_behalf_of, role_names) = match self.obo {
+            Some(obo) => {
+                if obo.sub.is_empty() || obo.sub.starts_with(SERVICE_SUBJECT_PREFIX) {
+                    return Err(Error::new(
+                        ErrorCode::Unauthenticated,
+                        "token's obo claim must name the principal acted for (not a service)",
+                    ));
+                }
+                (Some(obo.sub), obo.roles)
+            }
+            None => (None, self.roles),
+        };
+        let mut roles: Vec<Role> = role_names.iter().filter_map(|r| Role::parse(r)).collect();
         roles.sort();
         roles.dedup();
         Ok(Principal {
@@ -245,6 +287,7 @@ impl Claims {
             subject: self.sub,
             issuer: self.iss,
             service: None,
+            on_behalf_of,
             roles,
             token_id: self.jti,
         })

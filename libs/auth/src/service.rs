@@ -9,16 +9,17 @@
 //!
 //! [`Authenticator::with_static_service_issuer`]: crate::Authenticator::with_static_service_issuer
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anumate_crypto::{Jwks, KeyRing};
 use anumate_errors::Error;
 use serde_json::json;
 
 use crate::dev::{now_secs, sign_jwt};
-use crate::principal::{service_subject, validate_tenant_id};
+use crate::principal::{Principal, Role, service_subject, validate_tenant_id};
 
 /// The `iss` of service tokens.
 pub const SERVICE_ISSUER: &str = "anumate-services";
@@ -29,11 +30,24 @@ pub const SERVICE_AUDIENCE: &str = "anumate-services";
 /// Longest lifetime of a service token; verifiers see it as any other bearer token.
 pub const MAX_SERVICE_TOKEN_TTL: Duration = Duration::from_secs(300);
 
+/// A cached token is replaced when less than this is left of its life.
+const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+
+/// Most tokens kept per issuer (one per tenant and principal acted for).
+const TOKEN_CACHE_CAPACITY: usize = 10_000;
+
 /// Mints service tokens for one named service with the platform's service keys.
+///
+/// A token either names the service alone (work of its own, such as a
+/// checkpoint) or also the principal it acts for (`obo`): the caller whose
+/// request it serves, or the starter of a run it resumes hours later. The
+/// callee then authorizes on both: the service by name, the roles of whom it
+/// acts for.
 #[derive(Debug, Clone)]
 pub struct ServiceIssuer {
     service: Arc<str>,
     keys: Arc<KeyRing>,
+    cache: Arc<Mutex<HashMap<String, (String, Instant)>>>,
 }
 
 impl ServiceIssuer {
@@ -54,6 +68,7 @@ impl ServiceIssuer {
         Ok(ServiceIssuer {
             service: service.into(),
             keys,
+            cache: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -78,13 +93,107 @@ impl ServiceIssuer {
         self.keys.jwks()
     }
 
-    /// A token naming this service, acting in `tenant`, valid for `ttl`
-    /// (at most [`MAX_SERVICE_TOKEN_TTL`]).
+    /// A token naming this service, acting in `tenant` on its own behalf,
+    /// valid for `ttl` (at most [`MAX_SERVICE_TOKEN_TTL`]).
     pub fn mint(&self, tenant: &str, ttl: Duration) -> Result<String, Error> {
+        self.mint_claims(tenant, None, ttl)
+    }
+
+    /// A token naming this service acting for `subject` (with `roles`) in
+    /// `tenant`: what a service presents downstream for work it does for
+    /// someone — at once, or when it resumes that work later.
+    pub fn mint_on_behalf_of(
+        &self,
+        tenant: &str,
+        subject: &str,
+        roles: &[Role],
+        ttl: Duration,
+    ) -> Result<String, Error> {
+        self.mint_claims(tenant, Some((subject, roles)), ttl)
+    }
+
+    /// A token for a call made while serving `caller`: this service acting
+    /// for whoever is behind the caller (a service's own caller is carried
+    /// through, so a chain of services still acts for the person who started
+    /// it; a service calling on its own behalf stays itself). Tokens are
+    /// cached per tenant and principal until a minute before they expire.
+    pub fn token_for(&self, caller: &Principal) -> Result<String, Error> {
+        let obo = match (&caller.service, &caller.on_behalf_of) {
+            (_, Some(person)) => Some(person.as_str()),
+            (Some(_), None) => None,
+            (None, None) => Some(caller.subject.as_str()),
+        };
+        self.cached(&caller.tenant_id, obo.map(|s| (s, caller.roles.as_slice())))
+    }
+
+    /// A cached token of this service acting on its own in `tenant`.
+    pub fn token(&self, tenant: &str) -> Result<String, Error> {
+        self.cached(tenant, None)
+    }
+
+    /// Sets `authorization: Bearer <token_for(caller)>` on an outgoing request.
+    pub fn authorize<T>(
+        &self,
+        request: &mut tonic::Request<T>,
+        caller: &Principal,
+    ) -> Result<(), Error> {
+        let token = self.token_for(caller)?;
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            Error::new(
+                anumate_errors::ErrorCode::Internal,
+                "service token is not a valid header value",
+            )
+        })?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(())
+    }
+
+    fn cached(&self, tenant: &str, obo: Option<(&str, &[Role])>) -> Result<String, Error> {
+        let key = match obo {
+            Some((sub, roles)) => {
+                let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+                format!("{tenant}\n{sub}\n{}", roles.join(","))
+            }
+            None => format!("{tenant}\n"),
+        };
+        let now = Instant::now();
+        {
+            let cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((token, refresh_at)) = cache.get(&key)
+                && now < *refresh_at
+            {
+                return Ok(token.clone());
+            }
+        }
+        let token = self.mint_claims(tenant, obo, MAX_SERVICE_TOKEN_TTL)?;
+        let refresh_at = now + MAX_SERVICE_TOKEN_TTL.saturating_sub(REFRESH_BEFORE_EXPIRY);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= TOKEN_CACHE_CAPACITY {
+            cache.retain(|_, (_, at)| now < *at);
+            if cache.len() >= TOKEN_CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (token.clone(), refresh_at));
+        Ok(token)
+    }
+
+    fn mint_claims(
+        &self,
+        tenant: &str,
+        obo: Option<(&str, &[Role])>,
+        ttl: Duration,
+    ) -> Result<String, Error> {
         validate_tenant_id(tenant).map_err(|why| Error::invalid_argument("tenant", why))?;
         let now = now_secs()?;
         let exp = now.saturating_add(ttl.min(MAX_SERVICE_TOKEN_TTL).as_secs());
-        let claims = json!({
+        let mut claims = json!({
             "iss": SERVICE_ISSUER,
             "sub": service_subject(&self.service),
             "aud": SERVICE_AUDIENCE,
@@ -95,6 +204,18 @@ impl ServiceIssuer {
             "exp": exp,
             "jti": uuid::Uuid::new_v4().to_string(),
         });
+        if let Some((subject, roles)) = obo {
+            if subject.is_empty() || subject.starts_with(crate::SERVICE_SUBJECT_PREFIX) {
+                return Err(Error::invalid_argument(
+                    "on_behalf_of",
+                    format!("a service acts for a person or client, not {subject:?}"),
+                ));
+            }
+            claims["obo"] = json!({
+                "sub": subject,
+                "roles": roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            });
+        }
         Ok(sign_jwt(&self.keys, &claims))
     }
 }

@@ -965,3 +965,103 @@ async fn tenant_ids_are_validated() {
         assert_eq!(d.auth.authenticate(&token).await.unwrap().tenant_id, good);
     }
 }
+
+/// A service acting for someone: the token names the service and the
+/// principal it acts for; the callee sees both, with that principal's roles
+/// (never more). Hours later (a resumed run) the service mints the same
+/// identity from what it recorded, without the caller's token.
+#[tokio::test]
+async fn delegated_service_tokens_carry_whom_the_service_acts_for() {
+    let d = dev();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let orchestrator =
+        anumate_auth::ServiceIssuer::load_or_create(keys_dir.path(), "orchestrator").unwrap();
+    let auth = d
+        .auth
+        .clone()
+        .with_static_service_issuer(orchestrator.jwks());
+
+    let alice = auth
+        .authenticate(
+            &d.issuer
+                .mint(
+                    "acme",
+                    "user:alice",
+                    &[Role::Operator],
+                    Duration::from_secs(60),
+                )
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let token = orchestrator.token_for(&alice).unwrap();
+    let p = auth.authenticate(&token).await.unwrap();
+    assert_eq!(p.service_name(), Some("orchestrator"));
+    assert_eq!(p.subject, "svc:orchestrator");
+    assert_eq!(p.on_behalf_of(), Some("user:alice"));
+    assert_eq!(p.originator(), "user:alice");
+    assert_eq!(p.tenant_id, "acme");
+    assert_eq!(p.roles, vec![Role::Operator]);
+    assert!(p.require_any(&[Role::Operator]).is_ok());
+    assert!(
+        p.require_any(&[Role::Author]).is_err(),
+        "never more than alice"
+    );
+    // Cached: the same caller gets the same token.
+    assert_eq!(orchestrator.token_for(&alice).unwrap(), token);
+
+    // Through a second service, the chain still acts for alice.
+    let compiler = orchestrator.for_service("compiler").unwrap();
+    let hop = auth
+        .authenticate(&compiler.token_for(&p).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(hop.service_name(), Some("compiler"));
+    assert_eq!(hop.on_behalf_of(), Some("user:alice"));
+    assert_eq!(hop.roles, vec![Role::Operator]);
+
+    // A service on its own behalf stays itself, with no roles.
+    let own = orchestrator.token("acme").unwrap();
+    let me = auth.authenticate(&own).await.unwrap();
+    let hop = auth
+        .authenticate(&compiler.token_for(&me).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(hop.on_behalf_of(), None);
+    assert!(hop.roles.is_empty());
+
+    // Resumed later: minted from the recorded starter, no token needed.
+    let resumed = orchestrator
+        .mint_on_behalf_of(
+            "acme",
+            "user:alice",
+            &[Role::Operator],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let p = auth.authenticate(&resumed).await.unwrap();
+    assert_eq!(p.on_behalf_of(), Some("user:alice"));
+    assert!(
+        orchestrator
+            .mint_on_behalf_of("acme", "svc:approvals", &[], Duration::from_secs(60))
+            .is_err(),
+        "a service acts for people, not for other services"
+    );
+
+    // Only the service issuer may delegate: a user issuer's obo claim is refused.
+    let mut c = claims(DEV_ISSUER, Some("acme"), 60);
+    c["obo"] = json!({"sub": "user:root", "roles": ["admin"]});
+    let e = rejected(&auth, &d.issuer.sign_claims(&c).unwrap()).await;
+    assert!(e.message.contains("obo"), "{}", e.message);
+
+    // The outgoing request carries the token.
+    let mut req = tonic::Request::new(());
+    orchestrator.authorize(&mut req, &alice).unwrap();
+    let header = req
+        .metadata()
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(header, format!("Bearer {token}"));
+}
