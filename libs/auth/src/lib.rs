@@ -18,7 +18,10 @@ mod service;
 pub use authenticator::Authenticator;
 pub use config::{AuthConfig, IssuerConfig};
 pub use dev::{DEV_AUDIENCE, DEV_ISSUER, DevIssuer};
-pub use layer::{AuthLayer, AuthService, BearerToken, PUBLIC_PATH_PREFIXES, principal};
+pub use layer::{
+    AUTHZ_OPTION, AuthLayer, AuthService, AuthzRule, AuthzTable, BearerToken, PUBLIC_PATH_PREFIXES,
+    principal,
+};
 pub use principal::{
     Claims, MAX_TENANT_LEN, OnBehalfOf, Principal, Role, SERVICE_SUBJECT_PREFIX, service_subject,
     validate_tenant_id,

@@ -548,7 +548,12 @@ async fn layer_over_real_grpc_server() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let layer = AuthLayer::new(d.auth.clone());
+    let rules = anumate_auth::AuthzTable::from_rules([(
+        WHOAMI.to_string(),
+        anumate_auth::AuthzRule::roles(&[Role::Operator, Role::Admin]),
+    )])
+    .unwrap();
+    let layer = AuthLayer::new(d.auth.clone(), rules);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .layer(layer)
@@ -605,7 +610,7 @@ async fn layer_over_real_grpc_server() {
     assert_eq!(resp.metadata().get("x-tenant").unwrap(), "acme");
     assert_eq!(resp.metadata().get("x-subject").unwrap(), "user:compiler");
 
-    // Authenticated but without the role: PERMISSION_DENIED from the handler.
+    // Authenticated but without the role: PERMISSION_DENIED from the layer.
     let token = d
         .issuer
         .mint(
@@ -636,11 +641,16 @@ async fn layer_call_directly_and_principal_helper() {
             Ok::<_, Infallible>(http::Response::new(String::from("ok")))
         }
     });
-    let mut svc = AuthLayer::new(d.auth.clone()).layer(inner);
+    let rules = anumate_auth::AuthzTable::from_rules([(
+        "/anumate.registry.v1.Registry/Get".to_string(),
+        anumate_auth::AuthzRule::roles(&[Role::Auditor]),
+    )])
+    .unwrap();
+    let mut svc = AuthLayer::new(d.auth.clone(), rules).layer(inner);
 
     let token = d
         .issuer
-        .mint("acme", "u", &[], Duration::from_secs(60))
+        .mint("acme", "u", &[Role::Auditor], Duration::from_secs(60))
         .unwrap();
     let req = http::Request::builder()
         .uri("/anumate.registry.v1.Registry/Get")
@@ -662,6 +672,30 @@ async fn layer_call_directly_and_principal_helper() {
     assert_eq!(resp.headers()["grpc-status"], "16");
     assert!(resp.headers().contains_key("grpc-status-details-bin"));
     assert!(resp.body().is_empty());
+    assert!(seen.lock().unwrap().is_none());
+
+    // A method without a rule is refused after authentication, before the handler.
+    let req = http::Request::builder()
+        .uri("/anumate.registry.v1.Registry/Unlisted")
+        .header("authorization", format!("bearer {token}"))
+        .body(())
+        .unwrap();
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "7");
+    assert!(seen.lock().unwrap().is_none());
+
+    // A caller outside the rule: PERMISSION_DENIED, the handler never runs.
+    let operator = d
+        .issuer
+        .mint("acme", "o", &[Role::Operator], Duration::from_secs(60))
+        .unwrap();
+    let req = http::Request::builder()
+        .uri("/anumate.registry.v1.Registry/Get")
+        .header("authorization", format!("bearer {operator}"))
+        .body(())
+        .unwrap();
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "7");
     assert!(seen.lock().unwrap().is_none());
 
     // Reflection passes through without a token.

@@ -431,10 +431,12 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let _ = drain_tx.send(());
     };
 
+    // Who may call each RPC, from the `(anumate.common.v1.authz)` options in proto/.
+    let authz = anumate_auth::AuthzTable::platform().context("authorization table")?;
     // Outermost first: a span per call, ErrorInfo on transport-level errors,
     // metrics, the deadline and the cap on calls in flight (so shed calls are
-    // counted and cost no token check), then authentication (health and
-    // reflection pass without a token).
+    // counted and cost no token check), then authentication and each RPC's
+    // authorization rule (health, reflection and public RPCs pass without a token).
     let layers = tower::ServiceBuilder::new()
         .layer(
             tower_http::trace::TraceLayer::new_for_grpc()
@@ -456,7 +458,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         .layer(
             anumate_captokens_service::PUBLIC_PATHS
                 .iter()
-                .fold(AuthLayer::new(rt.authenticator.clone()), |layer, path| {
+                .fold(AuthLayer::new(rt.authenticator.clone(), authz), |layer, path| {
                     layer.allow_unauthenticated(*path)
                 }),
         );

@@ -154,7 +154,7 @@ async fn serve() -> Server {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))

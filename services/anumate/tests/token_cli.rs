@@ -69,7 +69,7 @@ async fn serve() -> Server {
         .with_static_issuer(issuer.issuer(), issuer.jwks());
     let layer = anumate_captokens_service::PUBLIC_PATHS
         .iter()
-        .fold(AuthLayer::new(auth), |l, p| l.allow_unauthenticated(*p));
+        .fold(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap()), |l, p| l.allow_unauthenticated(*p));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = tokio::spawn(async move {

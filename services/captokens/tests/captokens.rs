@@ -83,7 +83,7 @@ async fn serve(tokens: CapTokens, auth: Authenticator) -> Server {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let mut layer = AuthLayer::new(auth);
+    let mut layer = AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap());
     for path in PUBLIC_PATHS {
         layer = layer.allow_unauthenticated(*path);
     }
@@ -1443,7 +1443,7 @@ async fn revocations_are_receipted(app: TestApp) {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(anumate_receipts::ReceiptsGrpc::new(grpc_receipts).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))

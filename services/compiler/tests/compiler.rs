@@ -88,7 +88,7 @@ async fn spawn_app(backend: Backend) -> TestApp {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(RegistryGrpc::new(registry).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())

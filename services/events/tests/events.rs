@@ -108,7 +108,7 @@ async fn spawn_app_cfg(
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(grpc)
             .add_service(RegistryGrpc::new(registry).into_server())

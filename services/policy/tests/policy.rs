@@ -127,7 +127,7 @@ async fn spawn_with(backend: Backend, cfg: PolicyConfig) -> TestApp {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(PolicyGrpc::new(policies).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))

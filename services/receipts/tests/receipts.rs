@@ -83,7 +83,7 @@ async fn serve(
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(grpc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))

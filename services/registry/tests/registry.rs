@@ -98,7 +98,7 @@ async fn spawn_app_with(backend: Backend, cfg: RegistryConfig) -> TestApp {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth)),
+                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
             )
             .add_service(RegistryGrpc::new(registry).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
