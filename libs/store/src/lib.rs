@@ -23,6 +23,7 @@
 
 mod migrate;
 pub mod paging;
+pub mod versioned;
 #[cfg(feature = "testing")]
 pub mod testing;
 
