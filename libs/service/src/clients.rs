@@ -64,6 +64,14 @@ impl Caller {
             Caller::User { tenant, .. } | Caller::Service { tenant, .. } => tenant,
         }
     }
+
+    /// The acting principal's subject (`svc:<service>` for a service).
+    pub fn subject(&self) -> String {
+        match self {
+            Caller::User { subject, .. } => subject.clone(),
+            Caller::Service { service, .. } => anumate_auth::service_subject(service),
+        }
+    }
 }
 
 /// An upstream call that failed: in this process (the domain's error) or

@@ -19,6 +19,6 @@ pub mod clients;
 mod module;
 mod tasks;
 
-pub use module::{BuildError, Context, KeysConfig, ServiceModule};
+pub use module::{BuildError, Context, KeysConfig, ServiceModule, section as module_section};
 pub use tasks::{TaskError, Tasks};
 pub use tokio_util::sync::CancellationToken;

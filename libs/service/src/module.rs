@@ -24,6 +24,12 @@ pub trait ServiceModule: Send + Sync {
     /// Its name on the command line (`anumate serve registry`) and its
     /// configuration section (`[registry]`).
     fn section(&self) -> &'static str;
+    /// One line for `--help`: what the service is.
+    fn about(&self) -> &'static str;
+    /// Whether it needs the database (placeholders do not).
+    fn needs_store(&self) -> bool {
+        true
+    }
     /// Its own migrations (the outbox's are applied once for all).
     fn migrations(&self) -> Vec<Migration>;
     /// The configuration keys of signing keys it needs and that are not set
@@ -64,9 +70,25 @@ pub enum BuildError {
         /// The product error.
         source: anumate_errors::Error,
     },
+    /// Something a service needs could not be started.
+    #[error("{what}: {message}")]
+    Failed {
+        /// What could not be started.
+        what: String,
+        /// Why.
+        message: String,
+    },
 }
 
 impl BuildError {
+    /// `what` could not be started, because of `cause`.
+    pub fn failed(what: impl Into<String>, cause: impl std::fmt::Display) -> BuildError {
+        BuildError::Failed {
+            what: what.into(),
+            message: cause.to_string(),
+        }
+    }
+
     /// `source`, attributed to `what` (a service or a configuration key).
     pub fn service(what: impl Into<String>, source: anumate_errors::Error) -> BuildError {
         BuildError::Service {

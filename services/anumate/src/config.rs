@@ -104,31 +104,8 @@ impl Default for GrpcConfig {
     }
 }
 
-/// `[keys]`.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct KeysConfig {
-    /// Generate missing keys under `<data_dir>/keys/`: set by `anumate dev`
-    /// only, never from configuration (replicas would each sign with their own).
-    #[serde(skip)]
-    pub generate_missing: bool,
-    /// PKCS#8 PEM files of the registry's signing keys, active first (the
-    /// others still verify: rotation with overlap), the same files on every
-    /// replica. Required by `serve` for the registry; empty in `anumate dev`: a
-    /// key generated and kept under `<data_dir>/keys/`.
-    pub registry_key_files: Vec<PathBuf>,
-    /// PKCS#8 PEM files of the receipt log's signing keys (receipts and
-    /// checkpoints), active first, the same files on every replica. Required
-    /// by `serve` for receipts; empty in `anumate dev`: a key kept under
-    /// `<data_dir>/keys/`.
-    pub receipts_key_files: Vec<PathBuf>,
-    /// PKCS#8 PEM files of the platform's service issuer, active first: the
-    /// same files on every replica of every service. A service calling
-    /// another presents a short-lived `svc:<name>` token signed with it, and
-    /// only tokens signed with these keys are service identities. Empty in
-    /// `anumate dev`: a key kept under `<data_dir>/keys/`.
-    pub service_key_files: Vec<PathBuf>,
-}
+/// `[keys]`: shared with the service modules, which read their key files from it.
+pub use anumate_service::KeysConfig;
 
 /// `[dev]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -39,8 +39,8 @@ enum Command {
     /// Run the named services (mesh mode: one or more services per process).
     Serve {
         /// Services to run (`all` for every one).
-        #[arg(required = true, value_enum)]
-        services: Vec<server::ServiceName>,
+        #[arg(required = true, value_parser = server::service_names())]
+        services: Vec<String>,
         #[command(flatten)]
         args: ServerArgs,
         /// Apply pending database migrations before serving.
@@ -271,21 +271,12 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
         .collect()
 }
 
-fn all_migrations() -> Vec<anumate_store::Migration> {
-    // The registry's list already holds the outbox's migrations.
-    let mut all = anumate_registry::migrations();
-    all.extend_from_slice(anumate_receipts::REPO_MIGRATIONS);
-    all.extend_from_slice(anumate_policy_service::REPO_MIGRATIONS);
-    all.extend_from_slice(anumate_captokens_service::REPO_MIGRATIONS);
-    all.extend_from_slice(anumate_compiler::REPO_MIGRATIONS);
-    all.extend_from_slice(anumate_events_service::REPO_MIGRATIONS);
-    all
-}
-
 /// Applies every migration as the owner (`[store] owner_url`) and makes the
 /// serving login a member of the roles it switches to.
 async fn migrate_all(store: &Store) -> anyhow::Result<anumate_store::MigrationReport> {
-    let report = store.migrate(&all_migrations()).await?;
+    let report = store
+        .migrate(&server::migrations(&server::modules()))
+        .await?;
     store
         .grant_to_serving_login(anumate_events::relay::RELAY_ROLE)
         .await
@@ -379,7 +370,7 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     println!("  try: anumate capsule push examples/refund.capsule.yaml");
     let data_dir = config.data_dir.clone();
     let rt = server::Runtime {
-        services: server::selected(&[]),
+        modules: server::selected(&[]),
         config,
         store: Some(store),
         authenticator,
@@ -392,15 +383,11 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     served
 }
 
-async fn run_serve(
-    config: AppConfig,
-    services: &[server::ServiceName],
-    migrate: bool,
-) -> anyhow::Result<()> {
+async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> anyhow::Result<()> {
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
-    let names = server::selected(services);
-    server::require_keys(&config, &names)?;
-    let needs_store = names.iter().any(|n| server::STORED_SERVICES.contains(n));
+    let modules = server::selected(services);
+    server::require_keys(&config, &modules)?;
+    let needs_store = modules.iter().any(|m| m.needs_store());
     let store = if needs_store {
         let store = connect_store(&config).await?;
         if migrate {
@@ -433,7 +420,11 @@ async fn run_serve(
     let admin = admin::bind(&config.admin, &config.grpc.listen).await?;
     println!(
         "anumate serve: serving {} on http://{}",
-        names.join(", "),
+        modules
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         listener.local_addr()?
     );
     if let Some(admin) = &admin {
@@ -443,7 +434,7 @@ async fn run_serve(
         );
     }
     let rt = server::Runtime {
-        services: names,
+        modules,
         config,
         store,
         authenticator,

@@ -73,9 +73,15 @@ impl Drop for Dev {
 }
 
 fn start_dev(dir: &Path) -> Dev {
+    start_dev_env(dir, &[])
+}
+
+/// `anumate dev` with the environment variables `env` set.
+fn start_dev_env(dir: &Path, env: &[(&str, &str)]) -> Dev {
     let log = std::fs::File::create(dir.join("dev.log")).unwrap();
     let mut child = anumate(dir)
         .args(["dev", "--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -102,6 +108,50 @@ fn start_dev(dir: &Path) -> Dev {
             ),
         }
     }
+}
+
+/// In one process the compiler reads the registry and the policy service
+/// in-process, not through a socket: addresses configured for them where
+/// nothing listens are not used, and compiling works.
+#[test]
+fn dev_compiles_without_calling_its_own_services_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    std::fs::copy(
+        examples.join("refund.capsule.yaml"),
+        d.join("refund.capsule.yaml"),
+    )
+    .unwrap();
+    let policies = std::fs::read_to_string(examples.join("refund.policy")).unwrap();
+    let split = policies.find("policy \"pii-masking\"").unwrap();
+    std::fs::write(d.join("limits.policy"), &policies[..split]).unwrap();
+    std::fs::write(d.join("pii.policy"), &policies[split..]).unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("http://127.0.0.1:{port}");
+    let _dev = start_dev_env(
+        d,
+        &[
+            ("ANUMATE_COMPILER__REGISTRY_URL", &dead),
+            ("ANUMATE_COMPILER__POLICY_URL", &dead),
+        ],
+    );
+    ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
+    // A policy the capsule names that does not exist: the in-process policy
+    // service's NOT_FOUND, with the same words as over gRPC.
+    let r = cli(d, &["plan", "compile", "refund-small-orders"]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
+    assert!(!r.stderr.contains("unavailable"), "{}", r.stderr);
+    ok(d, &["policy", "push", "limits.policy", "--publish"]);
+    ok(d, &["policy", "push", "pii.policy", "--publish"]);
+    let out = ok(d, &["plan", "compile", "refund-small-orders"]);
+    assert!(out.starts_with("compiled: sha256:"), "{out}");
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 mod convert;
 pub mod grpc;
+mod module;
 pub mod receipting;
 mod repo;
 
@@ -27,13 +28,14 @@ use anumate_crypto::KeyRing;
 use anumate_errors::{Error, ErrorCode, Result};
 use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
+use anumate_service::CancellationToken;
+use anumate_service::clients::ReceiptsClient;
 use anumate_store::{Migration, Store, TenantTx};
 use serde::{Deserialize, Serialize};
 
 pub use grpc::CapTokensGrpc;
-pub use receipting::{
-    GrpcReceipts, InProcessReceipts, RECEIPTS_SERVICE_NAME, RevocationReceipt, RevocationReceipts,
-};
+pub use module::module;
+pub use receipting::{RECEIPTS_SERVICE_NAME, RevocationReceipt};
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// gRPC paths that need no credential (`GetJwks`); pass each to
@@ -142,7 +144,7 @@ pub struct AuditQuery {
 #[derive(Clone)]
 pub struct CapTokens {
     inner: Arc<Inner>,
-    receipts: Option<Arc<dyn RevocationReceipts>>,
+    receipts: Option<Arc<dyn ReceiptsClient>>,
 }
 
 struct Inner {
@@ -212,7 +214,7 @@ impl CapTokens {
 
     /// Receipts every revocation through `receipts` (see [`receipting`]).
     #[must_use]
-    pub fn with_revocation_receipts(mut self, receipts: Arc<dyn RevocationReceipts>) -> Self {
+    pub fn with_revocation_receipts(mut self, receipts: Arc<dyn ReceiptsClient>) -> Self {
         self.receipts = Some(receipts);
         self
     }
@@ -581,7 +583,7 @@ impl CapTokens {
                     jtis: &planned,
                     reason,
                 };
-                receipt_id = receipts.append(&revocation).await?;
+                receipt_id = receipting::append(receipts.as_ref(), &revocation).await?;
             }
         }
         let tx = self.inner.store.write(&actor.tenant).await?;
@@ -735,24 +737,30 @@ impl CapTokens {
         Ok(purged)
     }
 
-    /// Runs [`CapTokens::purge_replay`] every `replay_purge_interval_secs`
-    /// until the task is aborted. Failures are logged and retried next tick.
+    /// Runs [`CapTokens::run_background`] until the process ends.
     pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(this.inner.purge_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match this.purge_replay().await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::debug!(purged = n, "captokens: purged expired replay records")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "captokens: replay purge failed"),
-                }
+        tokio::spawn(self.clone().run_background(CancellationToken::new()))
+    }
+
+    /// Runs [`CapTokens::purge_replay`] every `replay_purge_interval_secs`
+    /// until `cancel` is cancelled (between purges). Failures are logged and
+    /// retried next tick.
+    pub async fn run_background(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.purge_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
             }
-        })
+            match self.purge_replay().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(purged = n, "captokens: purged expired replay records")
+                }
+                Err(e) => tracing::warn!(error = %e, "captokens: replay purge failed"),
+            }
+        }
     }
 }
 

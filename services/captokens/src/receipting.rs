@@ -8,26 +8,19 @@
 //! never lands without its receipt, and retrying a revocation whose commit
 //! failed reuses the receipt instead of appending another.
 //!
-//! Two implementations: [`InProcessReceipts`] when the receipts service runs
-//! in the same process (`anumate dev`, `anumate serve captokens receipts`),
-//! [`GrpcReceipts`] otherwise (`[captokens] receipts_url`). Either way the
-//! receipt is appended as the `captokens` service identity — the only one the
-//! receipts service accepts `TOKEN_REVOCATION` from — and names the revoking
-//! principal in its content (`revoked_by`). Over gRPC that identity is a
-//! short-lived token of the platform's service issuer, minted per call.
+//! The receipts service is reached through its transport-agnostic client
+//! ([`ReceiptsClient`]): in-process when it runs in the same process
+//! (`anumate dev`, `anumate serve captokens receipts`), over gRPC otherwise
+//! (`[captokens] receipts_url`). Either way the receipt is appended as the
+//! `captokens` service identity — the only one the receipts service accepts
+//! `TOKEN_REVOCATION` from — and names the revoking principal in its content
+//! (`revoked_by`). Over gRPC that identity is a short-lived token of the
+//! platform's service issuer, minted per call.
 
-use std::future::Future;
-use std::pin::Pin;
-
-use anumate_auth::{BearerToken, ServiceIssuer};
 use anumate_errors::{Error, ErrorCode, Result};
 use anumate_proto::receipts::v1 as rpb;
-use rpb::receipts_service_client::ReceiptsServiceClient;
+use anumate_service::clients::{Caller, ReceiptsClient, UpstreamError};
 use serde_json::json;
-use tonic::transport::Channel;
-
-/// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A revocation about to be committed.
 #[derive(Debug, Clone)]
@@ -88,97 +81,41 @@ impl RevocationReceipt<'_> {
     }
 }
 
-/// Where revocations are receipted. Returns the receipt id.
-pub trait RevocationReceipts: Send + Sync {
-    /// Appends (or finds, for a retry) the receipt of `revocation`.
-    fn append<'a>(&'a self, revocation: &'a RevocationReceipt<'a>)
-    -> BoxFuture<'a, Result<String>>;
-}
-
 /// The service identity that appends `TOKEN_REVOCATION` receipts.
 pub const RECEIPTS_SERVICE_NAME: &str = "captokens";
 
-/// How long a service token minted for one `AppendReceipt` call lives.
-const SERVICE_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// The receipts service of this process.
-pub struct InProcessReceipts(pub anumate_receipts::Receipts);
-
-impl RevocationReceipts for InProcessReceipts {
-    fn append<'a>(&'a self, r: &'a RevocationReceipt<'a>) -> BoxFuture<'a, Result<String>> {
-        Box::pin(async move {
-            let actor = anumate_receipts::Actor::service(r.tenant, RECEIPTS_SERVICE_NAME);
-            let (receipt, _) = self
-                .0
-                .append(
-                    &actor,
-                    rpb::ReceiptKind::TokenRevocation as i32,
-                    Some(r.subject()),
-                    Some(r.content_struct()?),
-                    &r.dedupe_key(),
+/// Appends (or finds, for a retry) the receipt of `r` through `receipts`, as
+/// the `captokens` service. Returns the receipt id. A remote receipts service
+/// that fails or cannot be reached is `UNAVAILABLE` (nothing was revoked);
+/// the in-process one's errors pass through as they are.
+pub async fn append(receipts: &dyn ReceiptsClient, r: &RevocationReceipt<'_>) -> Result<String> {
+    let caller = Caller::Service {
+        tenant: r.tenant.to_owned(),
+        service: RECEIPTS_SERVICE_NAME,
+    };
+    let request = rpb::AppendReceiptRequest {
+        kind: rpb::ReceiptKind::TokenRevocation as i32,
+        subject: Some(r.subject()),
+        content: Some(r.content_struct()?),
+        dedupe_key: r.dedupe_key(),
+    };
+    let resp = receipts
+        .append_receipt(&caller, request)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Local(e) => e,
+            remote @ UpstreamError::Remote(_) => {
+                let e = remote.to_error();
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the revocation receipt could not be appended ({}: {}); nothing was revoked",
+                        e.code, e.message
+                    ),
                 )
-                .await?;
-            Ok(receipt.receipt_id)
-        })
-    }
-}
-
-/// A receipts service reached over gRPC, called as the `captokens` service.
-pub struct GrpcReceipts {
-    channel: Channel,
-    issuer: ServiceIssuer,
-}
-
-impl GrpcReceipts {
-    /// A lazily connected client of the receipts service at `url`, calling
-    /// with tokens of `issuer` (which must mint for `captokens`).
-    pub fn new(url: &str, issuer: ServiceIssuer) -> Result<Self> {
-        if issuer.service() != RECEIPTS_SERVICE_NAME {
-            return Err(Error::invalid_argument(
-                "issuer",
-                format!(
-                    "revocation receipts are appended as {RECEIPTS_SERVICE_NAME:?}, not {:?}",
-                    issuer.service()
-                ),
-            ));
-        }
-        let channel = Channel::from_shared(url.to_owned())
-            .map_err(|e| {
-                Error::invalid_argument("captokens.receipts_url", format!("{url:?}: {e}"))
-            })?
-            .connect_lazy();
-        Ok(GrpcReceipts { channel, issuer })
-    }
-}
-
-impl RevocationReceipts for GrpcReceipts {
-    fn append<'a>(&'a self, r: &'a RevocationReceipt<'a>) -> BoxFuture<'a, Result<String>> {
-        Box::pin(async move {
-            let token = self.issuer.mint(r.tenant, SERVICE_TOKEN_TTL)?;
-            let mut client =
-                ReceiptsServiceClient::with_interceptor(self.channel.clone(), BearerToken(token));
-            let resp = client
-                .append_receipt(rpb::AppendReceiptRequest {
-                    kind: rpb::ReceiptKind::TokenRevocation as i32,
-                    subject: Some(r.subject()),
-                    content: Some(r.content_struct()?),
-                    dedupe_key: r.dedupe_key(),
-                })
-                .await
-                .map_err(|s| {
-                    let e = Error::from_status(&s);
-                    Error::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "the revocation receipt could not be appended ({}: {}); nothing was revoked",
-                            e.code, e.message
-                        ),
-                    )
-                })?
-                .into_inner();
-            resp.receipt
-                .map(|r| r.receipt_id)
-                .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
-        })
-    }
+            }
+        })?;
+    resp.receipt
+        .map(|r| r.receipt_id)
+        .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
 }

@@ -1352,11 +1352,20 @@ async fn receipts_over(app: &TestApp) -> anumate_receipts::Receipts {
     .expect("receipts")
 }
 
+/// The receipts service at `url` over gRPC, called as `issuer`'s service.
+fn grpc_receipts_at(
+    url: &str,
+    issuer: anumate_auth::ServiceIssuer,
+) -> anumate_service::clients::Grpc {
+    let channel = anumate_service::clients::channel("captokens.receipts_url", url).unwrap();
+    anumate_service::clients::Grpc::new(channel).with_service_issuer(issuer)
+}
+
 /// A captokens server over the app's database that receipts revocations
 /// through `receipts`.
 async fn serve_receipting(
     app: &TestApp,
-    receipts: Arc<dyn anumate_captokens_service::RevocationReceipts>,
+    receipts: Arc<dyn anumate_service::clients::ReceiptsClient>,
 ) -> Server {
     let tokens = CapTokens::new(app.store.clone(), app.keys.clone(), &config())
         .expect("service")
@@ -1366,13 +1375,7 @@ async fn serve_receipting(
 
 async fn revocations_are_receipted(app: TestApp) {
     let receipts = receipts_over(&app).await;
-    let server = serve_receipting(
-        &app,
-        Arc::new(anumate_captokens_service::InProcessReceipts(
-            receipts.clone(),
-        )),
-    )
-    .await;
+    let server = serve_receipting(&app, Arc::new(receipts.clone())).await;
     let mut op = app
         .client_at(server.addr, TENANT_A, "olga", &[Role::Operator])
         .await;
@@ -1443,7 +1446,10 @@ async fn revocations_are_receipted(app: TestApp) {
             .layer(
                 tower::ServiceBuilder::new()
                     .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
+                    .layer(AuthLayer::new(
+                        auth,
+                        anumate_auth::AuthzTable::platform().unwrap(),
+                    )),
             )
             .add_service(anumate_receipts::ReceiptsGrpc::new(grpc_receipts).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
@@ -1451,11 +1457,7 @@ async fn revocations_are_receipted(app: TestApp) {
             .unwrap();
     });
     let captokens = app.services.for_service("captokens").unwrap();
-    let client = anumate_captokens_service::GrpcReceipts::new(
-        &format!("http://{receipts_addr}"),
-        captokens.clone(),
-    )
-    .unwrap();
+    let client = grpc_receipts_at(&format!("http://{receipts_addr}"), captokens.clone());
     let remote = serve_receipting(&app, Arc::new(client)).await;
     let mut op = app
         .client_at(remote.addr, TENANT_A, "oscar", &[Role::Operator])
@@ -1481,8 +1483,7 @@ async fn revocations_are_receipted(app: TestApp) {
     receipts_server.abort();
 
     // No receipts service reachable: UNAVAILABLE and nothing revoked.
-    let down =
-        anumate_captokens_service::GrpcReceipts::new("http://127.0.0.1:9", captokens).unwrap();
+    let down = grpc_receipts_at("http://127.0.0.1:9", captokens);
     let broken = serve_receipting(&app, Arc::new(down)).await;
     let mut op = app
         .client_at(broken.addr, TENANT_A, "olga", &[Role::Operator])

@@ -2,7 +2,7 @@
 //! content-addressed ExecutablePlans.
 //!
 //! ```text
-//! Compile(name, version) ──▶ registry.GetCapsule   (generated client, caller's token)
+//! Compile(name, version) ──▶ registry.GetCapsule   (in-process, or gRPC with the caller's token)
 //!                        ──▶ policy.GetPolicy × n  (published versions, pinned by hash)
 //!                        ──▶ plan::compile          (pure: validate, levels, approvals,
 //!                                                    estimate, plan_hash)
@@ -10,8 +10,9 @@
 //! ```
 //! [`plan::compile`] does no I/O and is what the golden vectors and the
 //! benchmark exercise. [`Compiler`] fetches its inputs through the registry's
-//! and policy service's generated gRPC clients (in `anumate dev` they point at
-//! the same process), stores plans by (tenant, hash) and keeps a small
+//! and policy service's clients ([`Upstreams`]: in-process, with no socket,
+//! when they run in the same process as in `anumate dev`; over gRPC
+//! otherwise), stores plans by (tenant, hash) and keeps a small
 //! in-memory memo from (tenant, inputs) to the stored plan so a repeated
 //! compile skips parsing and compiling. Another tenant's plan is invisible
 //! (`NOT_FOUND`).
@@ -20,6 +21,7 @@
 pub mod approvals;
 pub mod catalogue;
 pub mod grpc;
+mod module;
 pub mod plan;
 mod repo;
 
@@ -32,14 +34,15 @@ use anumate_proto::compiler::v1 as pb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
+use anumate_service::clients::{self, Caller, Grpc, PolicyClient, RegistryClient, UpstreamError};
 use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 pub use approvals::ResolvedPolicy;
 pub use catalogue::{Catalogue, ToolSpec};
 pub use grpc::CompilerGrpc;
+pub use module::module;
 pub use plan::{COMPILER_VERSION, CompileInput, compile, plan_hash};
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
@@ -56,10 +59,12 @@ pub fn migrations() -> Vec<Migration> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompilerConfig {
-    /// gRPC address of the registry (`http://host:port`); empty means this
-    /// server's own listener (`anumate dev`, `serve all`).
+    /// gRPC address of the registry (`http://host:port`), used when the
+    /// registry does not run in this process (`anumate dev` and `serve all`
+    /// call it in-process); empty means this server's own listener.
     pub registry_url: String,
-    /// gRPC address of the policy service; empty means this server's own listener.
+    /// gRPC address of the policy service, used when it does not run in this
+    /// process; empty means this server's own listener.
     pub policy_url: String,
     /// Per-attempt timeout of steps that declare none, in seconds.
     pub default_step_timeout_secs: u64,
@@ -92,26 +97,30 @@ pub struct Actor {
     pub authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
-/// Where the compiler's inputs come from.
+/// Where the compiler's inputs come from: the registry's and the policy
+/// service's clients, in-process when they run in this process (no socket),
+/// else over gRPC.
 #[derive(Clone)]
 pub struct Upstreams {
-    /// Registry channel.
-    pub registry: Channel,
-    /// Policy service channel.
-    pub policy: Channel,
+    /// The registry.
+    pub registry: Arc<dyn RegistryClient>,
+    /// The policy service.
+    pub policy: Arc<dyn PolicyClient>,
 }
 
 impl Upstreams {
-    /// Lazily connecting channels to the two services.
+    /// The given clients.
+    pub fn new(registry: Arc<dyn RegistryClient>, policy: Arc<dyn PolicyClient>) -> Upstreams {
+        Upstreams { registry, policy }
+    }
+
+    /// gRPC clients of the two services, lazily connecting.
     pub fn lazy(registry_url: &str, policy_url: &str) -> Result<Upstreams> {
-        let channel = |field: &str, url: &str| {
-            tonic::transport::Endpoint::from_shared(url.to_string())
-                .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
-                .map_err(|e| Error::invalid_argument(field, format!("bad address {url:?}: {e}")))
-        };
+        let registry = clients::channel("compiler.registry_url", registry_url)?;
+        let policy = clients::channel("compiler.policy_url", policy_url)?;
         Ok(Upstreams {
-            registry: channel("compiler.registry_url", registry_url)?,
-            policy: channel("compiler.policy_url", policy_url)?,
+            registry: Arc::new(Grpc::new(registry)),
+            policy: Arc::new(Grpc::new(policy)),
         })
     }
 }
@@ -142,12 +151,13 @@ pub struct Compiler {
     memo_entries: usize,
 }
 
-fn request<T>(actor: &Actor, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(auth) = &actor.authorization {
-        req.metadata_mut().insert("authorization", auth.clone());
+/// The actor as the caller of an upstream (its token forwarded over gRPC).
+fn caller(actor: &Actor) -> Caller {
+    Caller::User {
+        tenant: actor.tenant.clone(),
+        subject: actor.subject.clone(),
+        authorization: actor.authorization.clone(),
     }
-    req
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -186,15 +196,15 @@ fn check_hash(hash: &str) -> Result<()> {
 
 /// An upstream failure, keeping its product code; `reason` is added when the
 /// upstream gave none of ours.
-fn upstream_error(status: &tonic::Status, what: &str) -> Error {
-    let mut e = Error::from_status(status);
-    if e.code == ErrorCode::Unavailable || status.code() == tonic::Code::Unavailable {
-        e = Error::new(
+fn upstream_error(e: &UpstreamError, what: &str) -> Error {
+    let mut err = e.to_error();
+    if err.code == ErrorCode::Unavailable || e.code() == tonic::Code::Unavailable {
+        err = Error::new(
             ErrorCode::Unavailable,
-            format!("{what} is unavailable: {}", status.message()),
+            format!("{what} is unavailable: {}", e.message()),
         );
     }
-    e
+    err
 }
 
 impl Compiler {
@@ -224,17 +234,16 @@ impl Compiler {
         name: &str,
         version: &str,
     ) -> Result<rpb::CapsuleVersion> {
-        let mut client = rpb::registry_service_client::RegistryServiceClient::new(
-            self.upstreams.registry.clone(),
-        );
-        let got = client
-            .get_capsule(request(
-                actor,
+        let got = self
+            .upstreams
+            .registry
+            .get_capsule(
+                &caller(actor),
                 rpb::GetCapsuleRequest {
                     name: name.to_string(),
                     version: version.to_string(),
                 },
-            ))
+            )
             .await
             .map_err(|s| {
                 let e = upstream_error(&s, "the registry");
@@ -243,8 +252,7 @@ impl Compiler {
                 } else {
                     e
                 }
-            })?
-            .into_inner();
+            })?;
         let v = got
             .version
             .ok_or_else(|| Error::internal("registry answered without a version"))?;
@@ -268,30 +276,25 @@ impl Compiler {
         actor: &Actor,
         names: &[String],
     ) -> Result<Vec<ppb::PolicyVersion>> {
-        let mut client =
-            ppb::policy_service_client::PolicyServiceClient::new(self.upstreams.policy.clone());
+        let policy = &self.upstreams.policy;
+        let caller = caller(actor);
         let mut sorted: Vec<&String> = names.iter().collect();
         sorted.sort();
         sorted.dedup();
         let mut out = Vec::with_capacity(sorted.len());
         for name in sorted {
-            let get = |version: &str| {
-                request(
-                    actor,
-                    ppb::GetPolicyRequest {
-                        name: name.clone(),
-                        version: version.to_string(),
-                    },
-                )
+            let get = |version: &str| ppb::GetPolicyRequest {
+                name: name.clone(),
+                version: version.to_string(),
             };
-            match client.get_policy(get("published")).await {
+            match policy.get_policy(&caller, get("published")).await {
                 Ok(r) => {
-                    out.push(r.into_inner().version.ok_or_else(|| {
+                    out.push(r.version.ok_or_else(|| {
                         Error::internal("policy service answered without a version")
                     })?)
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let exists = client.get_policy(get("latest")).await.is_ok();
+                    let exists = policy.get_policy(&caller, get("latest")).await.is_ok();
                     return Err(if exists {
                         Error::new(
                             ErrorCode::FailedPrecondition,

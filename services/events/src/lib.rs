@@ -29,6 +29,7 @@
 
 mod feed;
 pub mod grpc;
+mod module;
 pub mod history;
 pub mod kafka;
 
@@ -44,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 pub use grpc::EventsGrpc;
+pub use module::module;
 pub use history::{NewEvent, Recorded};
 
 /// `content-type` of protobuf event data.

@@ -26,6 +26,7 @@ mod analyze;
 mod cache;
 mod eval;
 pub mod grpc;
+mod module;
 mod repo;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 pub use analyze::{Compiled, PolicyInfo, canonical_value};
 pub use eval::{EvalInput, EvalTarget, RedactValue};
 pub use grpc::PolicyGrpc;
+pub use module::module;
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// Every migration the policy service needs, the outbox's included.

@@ -28,6 +28,7 @@
 
 pub mod export;
 pub mod grpc;
+mod module;
 mod repo;
 
 use std::cell::RefCell;
@@ -44,12 +45,14 @@ use anumate_receipt::{
     inclusion_proof,
 };
 use anumate_redaction::{RedactionConfig, Redactor};
+use anumate_service::CancellationToken;
 use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
 
 pub use grpc::ReceiptsGrpc;
+pub use module::module;
 pub use repo::{Filter, MIGRATIONS as REPO_MIGRATIONS};
 
 /// Every migration the receipts service needs, the outbox's included.
@@ -1033,32 +1036,38 @@ impl Receipts {
         Ok(removed)
     }
 
-    /// Starts the checkpoint publisher of this process: every
-    /// `checkpoint_interval_ms`, or when an append finds `checkpoint_batch`
-    /// leaves waiting. Abort the handle to stop it.
+    /// Starts the checkpoint publisher of this process (see
+    /// [`Receipts::run_checkpointer`]) until the process ends.
     pub fn spawn_checkpointer(&self) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
+        tokio::spawn(self.clone().run_checkpointer(CancellationToken::new()))
+    }
+
+    /// The checkpoint publisher of this process: every
+    /// `checkpoint_interval_ms`, or when an append finds `checkpoint_batch`
+    /// leaves waiting, and the retention pass; returns once `cancel` is
+    /// cancelled (between rounds, never inside one).
+    pub async fn run_checkpointer(self, cancel: CancellationToken) {
+        let this = self;
         let interval = Duration::from_millis(this.cfg.checkpoint_interval_ms.max(10));
         let retention_every = Duration::from_secs(this.cfg.retention_interval_secs.max(1));
         let retention_on =
             this.cfg.retention_days > 0 || this.cfg.tenant_retention_days.values().any(|d| *d > 0);
         let mut last_retention: Option<tokio::time::Instant> = None;
-        tokio::spawn(async move {
-            loop {
-                if retention_on && last_retention.is_none_or(|t| t.elapsed() >= retention_every) {
-                    last_retention = Some(tokio::time::Instant::now());
-                    if let Err(e) = this.apply_retention(anumate_store::now_micros()).await {
-                        tracing::warn!(error = %e, "retention pass failed");
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = this.wake.notified() => {}
-                }
-                if let Err(e) = this.publish_pending().await {
-                    tracing::warn!(error = %e, "checkpoint round failed");
+        loop {
+            if retention_on && last_retention.is_none_or(|t| t.elapsed() >= retention_every) {
+                last_retention = Some(tokio::time::Instant::now());
+                if let Err(e) = this.apply_retention(anumate_store::now_micros()).await {
+                    tracing::warn!(error = %e, "retention pass failed");
                 }
             }
-        })
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+                _ = this.wake.notified() => {}
+            }
+            if let Err(e) = this.publish_pending().await {
+                tracing::warn!(error = %e, "checkpoint round failed");
+            }
+        }
     }
 }

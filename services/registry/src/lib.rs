@@ -8,6 +8,7 @@
 
 mod diff;
 pub mod grpc;
+mod module;
 mod repo;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 
 pub use grpc::RegistryGrpc;
+pub use module::module;
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// Every migration the registry needs, the outbox's included.

@@ -1,11 +1,13 @@
 //! Placeholder gRPC services for the contracts whose implementation has not
-//! landed yet.
+//! landed yet: GhostRun, the orchestrator and approvals.
 //!
 //! Every method of every service here answers gRPC `UNIMPLEMENTED` with a
 //! `google.rpc.Status` whose `ErrorInfo` has `domain = "anumate.dev"` and
 //! `reason = "UNIMPLEMENTED"` (plus `service` and `method` metadata), so
 //! clients, the REST gateway (HTTP 501) and the health service see the full
-//! surface of the platform from day one.
+//! surface of the platform from day one. Each placeholder is a
+//! [`ServiceModule`] in the binary's composition list, until its real crate
+//! replaces it there.
 //!
 //! Implementing the generated server traits (rather than a catch-all route)
 //! keeps this crate honest: a change to a proto that adds or renames an RPC
@@ -20,23 +22,19 @@
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::{
     approvals::v1::approvals_service_server::{self, ApprovalsServiceServer},
-    captokens::v1::cap_tokens_service_server::{self, CapTokensServiceServer},
     ghostrun::v1::ghost_run_service_server::{self, GhostRunServiceServer},
     orchestrator::v1::orchestrator_service_server::{self, OrchestratorServiceServer},
-    policy::v1::policy_service_server::{self, PolicyServiceServer},
-    receipts::v1::receipts_service_server::{self, ReceiptsServiceServer},
 };
+use anumate_service::{BuildError, Context, ServiceModule};
+use anumate_store::Migration;
 use tonic::service::RoutesBuilder;
 
 /// Full gRPC names of the placeholder services (for the health service and
 /// reflection), in the order [`add_all`] adds them.
 pub const SERVICE_NAMES: &[&str] = &[
-    policy_service_server::SERVICE_NAME,
     ghost_run_service_server::SERVICE_NAME,
     orchestrator_service_server::SERVICE_NAME,
     approvals_service_server::SERVICE_NAME,
-    cap_tokens_service_server::SERVICE_NAME,
-    receipts_service_server::SERVICE_NAME,
 ];
 
 /// A service implementation that answers every method with [`status`]. It
@@ -61,29 +59,95 @@ pub fn add_all(routes: RoutesBuilder) -> RoutesBuilder {
     add_except(routes, &[])
 }
 
-/// Adds the placeholder services whose full name is not in `skip`, for a
-/// server that already has real implementations of some of them.
+/// Adds the placeholder services whose full name is not in `skip`.
 pub fn add_except(mut routes: RoutesBuilder, skip: &[&str]) -> RoutesBuilder {
-    let wanted = |name: &str| !skip.contains(&name);
-    if wanted(policy_service_server::SERVICE_NAME) {
-        routes.add_service(PolicyServiceServer::new(Unimplemented));
-    }
-    if wanted(ghost_run_service_server::SERVICE_NAME) {
-        routes.add_service(GhostRunServiceServer::new(Unimplemented));
-    }
-    if wanted(orchestrator_service_server::SERVICE_NAME) {
-        routes.add_service(OrchestratorServiceServer::new(Unimplemented));
-    }
-    if wanted(approvals_service_server::SERVICE_NAME) {
-        routes.add_service(ApprovalsServiceServer::new(Unimplemented));
-    }
-    if wanted(cap_tokens_service_server::SERVICE_NAME) {
-        routes.add_service(CapTokensServiceServer::new(Unimplemented));
-    }
-    if wanted(receipts_service_server::SERVICE_NAME) {
-        routes.add_service(ReceiptsServiceServer::new(Unimplemented));
+    for name in SERVICE_NAMES {
+        if !skip.contains(name) {
+            add(&mut routes, name);
+        }
     }
     routes
+}
+
+/// Adds the placeholder named `name` (one of [`SERVICE_NAMES`]).
+fn add(routes: &mut RoutesBuilder, name: &str) {
+    match name {
+        n if n == ghost_run_service_server::SERVICE_NAME => {
+            routes.add_service(GhostRunServiceServer::new(Unimplemented));
+        }
+        n if n == orchestrator_service_server::SERVICE_NAME => {
+            routes.add_service(OrchestratorServiceServer::new(Unimplemented));
+        }
+        n if n == approvals_service_server::SERVICE_NAME => {
+            routes.add_service(ApprovalsServiceServer::new(Unimplemented));
+        }
+        _ => {}
+    }
+}
+
+/// The placeholders as service modules, for the binary's composition list:
+/// `anumate serve ghostrun` (…) serves the placeholder.
+pub fn modules() -> Vec<Box<dyn ServiceModule>> {
+    [
+        (
+            ghost_run_service_server::SERVICE_NAME,
+            "ghostrun",
+            "GhostRun preflight (not implemented yet: answers UNIMPLEMENTED)",
+        ),
+        (
+            orchestrator_service_server::SERVICE_NAME,
+            "orchestrator",
+            "Orchestrator (not implemented yet: answers UNIMPLEMENTED)",
+        ),
+        (
+            approvals_service_server::SERVICE_NAME,
+            "approvals",
+            "Approvals (not implemented yet: answers UNIMPLEMENTED)",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, section, about)| {
+        Box::new(Placeholder {
+            name,
+            section,
+            about,
+        }) as Box<dyn ServiceModule>
+    })
+    .collect()
+}
+
+/// One placeholder service: no tables, no store, no tasks.
+struct Placeholder {
+    name: &'static str,
+    section: &'static str,
+    about: &'static str,
+}
+
+impl ServiceModule for Placeholder {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn section(&self) -> &'static str {
+        self.section
+    }
+
+    fn about(&self) -> &'static str {
+        self.about
+    }
+
+    fn needs_store(&self) -> bool {
+        false
+    }
+
+    fn migrations(&self) -> Vec<Migration> {
+        Vec::new()
+    }
+
+    fn build(&self, ctx: &mut Context) -> Result<(), BuildError> {
+        add(&mut ctx.routes, self.name);
+        Ok(())
+    }
 }
 
 /// Implements a generated server trait for [`Unimplemented`]. Each entry is
@@ -126,20 +190,6 @@ fn rpc_status(service: &str, request_type: &str) -> tonic::Status {
     status(service, method)
 }
 
-unimplemented_service!(policy::policy_service_server::PolicyService {
-    fn push_policy(PushPolicyRequest) -> PushPolicyResponse;
-    fn validate_policy(ValidatePolicyRequest) -> ValidatePolicyResponse;
-    fn get_policy(GetPolicyRequest) -> GetPolicyResponse;
-    fn list_policies(ListPoliciesRequest) -> ListPoliciesResponse;
-    fn list_policy_versions(ListPolicyVersionsRequest) -> ListPolicyVersionsResponse;
-    fn publish_policy_version(PublishPolicyVersionRequest) -> PublishPolicyVersionResponse;
-    fn deprecate_policy_version(DeprecatePolicyVersionRequest) -> DeprecatePolicyVersionResponse;
-    fn delete_policy(DeletePolicyRequest) -> DeletePolicyResponse;
-    fn evaluate_policy(EvaluatePolicyRequest) -> EvaluatePolicyResponse;
-    fn test_policy(TestPolicyRequest) -> TestPolicyResponse;
-    fn redact(RedactRequest) -> RedactResponse;
-});
-
 unimplemented_service!(ghostrun::ghost_run_service_server::GhostRunService {
     fn preflight(PreflightRequest) -> PreflightResponse;
     fn get_preflight(GetPreflightRequest) -> GetPreflightResponse;
@@ -165,26 +215,6 @@ unimplemented_service!(approvals::approvals_service_server::ApprovalsService {
     fn reject(RejectRequest) -> RejectResponse;
     fn delegate(DelegateRequest) -> DelegateResponse;
     fn cancel_approval(CancelApprovalRequest) -> CancelApprovalResponse;
-});
-
-unimplemented_service!(captokens::cap_tokens_service_server::CapTokensService {
-    fn issue_token(IssueTokenRequest) -> IssueTokenResponse;
-    fn verify_token(VerifyTokenRequest) -> VerifyTokenResponse;
-    fn refresh_token(RefreshTokenRequest) -> RefreshTokenResponse;
-    fn revoke_token(RevokeTokenRequest) -> RevokeTokenResponse;
-    fn get_jwks(GetJwksRequest) -> GetJwksResponse;
-    fn list_token_audit(ListTokenAuditRequest) -> ListTokenAuditResponse;
-});
-
-unimplemented_service!(receipts::receipts_service_server::ReceiptsService {
-    fn append_receipt(AppendReceiptRequest) -> AppendReceiptResponse;
-    fn get_receipt(GetReceiptRequest) -> GetReceiptResponse;
-    fn list_receipts(ListReceiptsRequest) -> ListReceiptsResponse;
-    fn get_checkpoint(GetCheckpointRequest) -> GetCheckpointResponse;
-    fn get_inclusion_proof(GetInclusionProofRequest) -> GetInclusionProofResponse;
-    fn get_consistency_proof(GetConsistencyProofRequest) -> GetConsistencyProofResponse;
-    fn get_signing_keys(GetSigningKeysRequest) -> GetSigningKeysResponse;
-    stream export_receipts(ExportReceiptsRequest) -> ExportReceiptsStream<ExportReceiptsResponse>;
 });
 
 #[cfg(test)]

@@ -1,0 +1,68 @@
+//! The policy service as the binary composes it, and its in-process client.
+
+use std::sync::Arc;
+
+use anumate_proto::policy::v1 as pb;
+use anumate_service::clients::{BoxFuture, Caller, PolicyClient, UpstreamResult};
+use anumate_service::{BuildError, Context, ServiceModule};
+use anumate_store::Migration;
+
+use crate::{Actor, Policies, PolicyConfig, PolicyGrpc, VersionSelector};
+
+/// The policy service module.
+pub fn module() -> Box<dyn ServiceModule> {
+    Box::new(Module)
+}
+
+struct Module;
+
+impl ServiceModule for Module {
+    fn name(&self) -> &'static str {
+        pb::policy_service_server::SERVICE_NAME
+    }
+
+    fn about(&self) -> &'static str {
+        "Policy: the policy DSL, versions, evaluation and redaction"
+    }
+
+    fn section(&self) -> &'static str {
+        "policy"
+    }
+
+    fn migrations(&self) -> Vec<Migration> {
+        crate::REPO_MIGRATIONS.to_vec()
+    }
+
+    fn build(&self, ctx: &mut Context) -> Result<(), BuildError> {
+        let cfg: PolicyConfig = ctx.section(self.section())?;
+        let policies = Policies::new(ctx.store("policy")?, &cfg);
+        ctx.provide::<Arc<dyn PolicyClient>>(Arc::new(policies.clone()));
+        ctx.routes
+            .add_service(PolicyGrpc::new(policies).into_server());
+        Ok(())
+    }
+}
+
+/// In this process: the domain call, no socket. The caller was authorized by
+/// the service calling upstream (the compiler admits only roles that may read
+/// policies).
+impl PolicyClient for Policies {
+    fn get_policy<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: pb::GetPolicyRequest,
+    ) -> BoxFuture<'a, UpstreamResult<pb::GetPolicyResponse>> {
+        Box::pin(async move {
+            let actor = Actor {
+                tenant: caller.tenant().to_owned(),
+                subject: caller.subject(),
+            };
+            let selector = VersionSelector::parse(&request.version)?;
+            let (policy, version) = self.get(&actor, &request.name, selector).await?;
+            Ok(pb::GetPolicyResponse {
+                policy: Some(policy),
+                version: Some(version),
+            })
+        })
+    }
+}
