@@ -19,6 +19,9 @@ pub mod clients;
 mod module;
 mod tasks;
 
-pub use module::{BuildError, Context, KeysConfig, ServiceModule, section as module_section};
+pub use module::{
+    BuildError, Context, KeysConfig, ServiceModule, check_section, default_section,
+    section as module_section,
+};
 pub use tasks::{TaskError, Tasks};
 pub use tokio_util::sync::CancellationToken;

@@ -26,6 +26,17 @@ pub trait ServiceModule: Send + Sync {
     fn section(&self) -> &'static str;
     /// One line for `--help`: what the service is.
     fn about(&self) -> &'static str;
+    /// Its configuration section with every default (`None`: it has none).
+    /// The binary's defaults hold it, so the TOML file and `ANUMATE_<SECTION>__…`
+    /// variables layer over it.
+    fn default_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Checks its section as loaded (unknown keys, wrong types) before
+    /// anything is served or migrated.
+    fn check_config(&self, _section: &serde_json::Value) -> Result<(), BuildError> {
+        Ok(())
+    }
     /// Whether it needs the database (placeholders do not).
     fn needs_store(&self) -> bool {
         true
@@ -122,6 +133,24 @@ pub struct KeysConfig {
     /// only tokens signed with these keys are service identities. Empty in
     /// `anumate dev`: a key kept under `<data_dir>/keys/`.
     pub service_key_files: Vec<PathBuf>,
+}
+
+/// The defaults of a section typed `T`, for [`ServiceModule::default_config`].
+pub fn default_section<T: Serialize + Default>() -> Option<serde_json::Value> {
+    serde_json::to_value(T::default()).ok()
+}
+
+/// Checks `value` as section `name` typed `T`, for [`ServiceModule::check_config`].
+pub fn check_section<T: DeserializeOwned>(
+    name: &str,
+    value: &serde_json::Value,
+) -> Result<(), BuildError> {
+    T::deserialize(value)
+        .map(|_| ())
+        .map_err(|e| BuildError::Config {
+            section: name.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Parses section `name` of the whole configuration `config` (absent: `T`'s

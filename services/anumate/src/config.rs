@@ -1,23 +1,22 @@
 //! The `anumate` configuration: one section per subsystem, layered by
 //! `anumate_config::load` (defaults → `--config` TOML → `ANUMATE_…` env → flags).
+//! The platform's sections are typed here; each service's section
+//! (`[registry]`, `[compiler]`, …) belongs to its module, which gives its
+//! defaults and checks it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anumate_auth::AuthConfig;
-use anumate_captokens_service::CapTokensConfig;
-use anumate_compiler::CompilerConfig;
 use anumate_events::relay::KafkaConfig;
-use anumate_events_service::EventsServiceConfig;
-use anumate_policy_service::PolicyConfig;
-use anumate_receipts::ReceiptsConfig;
-use anumate_registry::RegistryConfig;
 use anumate_store::StoreConfig;
 use anumate_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
 
-/// Everything `anumate dev|serve|migrate` reads.
+/// Everything `anumate dev|serve|migrate` reads. Unknown keys are refused:
+/// by serde in the typed sections, by [`load`] at the top level.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct AppConfig {
     /// Where dev state lives: SQLite file, keys, `dev.json`.
     pub data_dir: PathBuf,
@@ -31,24 +30,16 @@ pub struct AppConfig {
     pub auth: AuthConfig,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
-    /// Registry limits.
-    pub registry: RegistryConfig,
-    /// Receipt log: checkpoint cadence and content limit.
-    pub receipts: ReceiptsConfig,
-    /// Policy limits and compile cache.
-    pub policy: PolicyConfig,
-    /// Plan compiler: registry/policy addresses, tool catalogue additions.
-    pub compiler: CompilerConfig,
-    /// Capability tokens: issuer, keys, leeway.
-    pub captokens: CapTokensConfig,
     /// Signing keys.
     pub keys: KeysConfig,
     /// `anumate dev` only.
     pub dev: DevConfig,
     /// Kafka: the outbox relay's brokers, topics and archive retention.
     pub kafka: KafkaConfig,
-    /// Events service: tail polling, replay limit, history consumer group.
-    pub events: EventsServiceConfig,
+    /// The services' sections by name, each owned and checked by its module
+    /// (see `server::modules`).
+    #[serde(flatten)]
+    pub services: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for AppConfig {
@@ -60,15 +51,13 @@ impl Default for AppConfig {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
-            registry: RegistryConfig::default(),
-            receipts: ReceiptsConfig::default(),
-            policy: PolicyConfig::default(),
-            compiler: CompilerConfig::default(),
-            captokens: CapTokensConfig::default(),
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
             kafka: KafkaConfig::default(),
-            events: EventsServiceConfig::default(),
+            services: crate::server::modules()
+                .iter()
+                .filter_map(|m| Some((m.section().to_owned(), m.default_config()?)))
+                .collect(),
         }
     }
 }
@@ -185,11 +174,27 @@ pub fn load(
     defaults: AppConfig,
     overrides: &Overrides,
 ) -> anyhow::Result<AppConfig> {
-    Ok(anumate_config::load(
-        &defaults,
-        file,
-        &overrides.to_value(),
-    )?)
+    let config: AppConfig = anumate_config::load(&defaults, file, &overrides.to_value())?;
+    check_services(&config)?;
+    Ok(config)
+}
+
+/// Every key left at the top level is a section of one of the service
+/// modules, and checks as one.
+fn check_services(config: &AppConfig) -> anyhow::Result<()> {
+    let modules = crate::server::modules();
+    for (name, value) in &config.services {
+        let owner = modules
+            .iter()
+            .find(|m| m.section() == name && m.default_config().is_some());
+        match owner {
+            Some(module) => module
+                .check_config(value)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
+            None => anyhow::bail!("invalid configuration: unknown section or key `{name}`"),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +210,38 @@ mod tests {
         let config = load(Some(&path), AppConfig::default(), &Overrides::default())
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         assert_eq!(config.kafka.partitions, 6);
-        assert_eq!(config.events.history_retention_hours, 168);
+        assert_eq!(config.services["events"]["history_retention_hours"], 168);
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("anumate.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A service's section layers over its module's defaults, and is
+    /// checked by its module: unknown keys and wrong types name the section.
+    #[test]
+    fn service_sections_belong_to_their_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[compiler]\nmemo_entries = 7\n");
+        let config = load(Some(&path), AppConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(config.services["compiler"]["memo_entries"], 7);
+        // The rest of the section keeps its defaults.
+        assert_eq!(config.services["compiler"]["default_step_timeout_secs"], 30);
+
+        let path = write(dir.path(), "[compiler]\nmemo_entrys = 7\n");
+        let e = load(Some(&path), AppConfig::default(), &Overrides::default()).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("[compiler]") && e.contains("memo_entrys"), "{e}");
+
+        let path = write(dir.path(), "[registry]\nmax_steps = \"many\"\n");
+        let e = load(Some(&path), AppConfig::default(), &Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("[registry]"), "{e:#}");
+
+        // A placeholder service has no section.
+        let path = write(dir.path(), "[ghostrun]\nx = 1\n");
+        let e = load(Some(&path), AppConfig::default(), &Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("ghostrun"), "{e:#}");
     }
 }

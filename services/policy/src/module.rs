@@ -29,6 +29,14 @@ impl ServiceModule for Module {
         "policy"
     }
 
+    fn default_config(&self) -> Option<serde_json::Value> {
+        anumate_service::default_section::<PolicyConfig>()
+    }
+
+    fn check_config(&self, section: &serde_json::Value) -> Result<(), BuildError> {
+        anumate_service::check_section::<PolicyConfig>(self.section(), section)
+    }
+
     fn migrations(&self) -> Vec<Migration> {
         crate::REPO_MIGRATIONS.to_vec()
     }

@@ -33,6 +33,14 @@ impl ServiceModule for Module {
         "receipts"
     }
 
+    fn default_config(&self) -> Option<serde_json::Value> {
+        anumate_service::default_section::<ReceiptsConfig>()
+    }
+
+    fn check_config(&self, section: &serde_json::Value) -> Result<(), BuildError> {
+        anumate_service::check_section::<ReceiptsConfig>(self.section(), section)
+    }
+
     fn migrations(&self) -> Vec<Migration> {
         crate::REPO_MIGRATIONS.to_vec()
     }

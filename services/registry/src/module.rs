@@ -31,6 +31,14 @@ impl ServiceModule for Module {
         "registry"
     }
 
+    fn default_config(&self) -> Option<serde_json::Value> {
+        anumate_service::default_section::<RegistryConfig>()
+    }
+
+    fn check_config(&self, section: &serde_json::Value) -> Result<(), BuildError> {
+        anumate_service::check_section::<RegistryConfig>(self.section(), section)
+    }
+
     fn migrations(&self) -> Vec<Migration> {
         crate::REPO_MIGRATIONS.to_vec()
     }
