@@ -10,22 +10,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{
-    AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer,
-};
+use anumate_auth::{AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer};
 use anumate_captokens::{ArgsBinding, Capability, Constraint, IssueRequest, Issuer};
 use anumate_captokens_service::{CapTokens, CapTokensConfig, CapTokensGrpc, PUBLIC_PATHS};
 use anumate_crypto::{KeyPair, KeyRing, b64url};
 use anumate_errors::ErrorCode;
 use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::Verdict;
 use pb::cap_tokens_service_client::CapTokensServiceClient;
 use prost::Message as _;
 use serde_json::json;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -79,52 +77,31 @@ fn config() -> CapTokensConfig {
 }
 
 async fn serve(tokens: CapTokens, auth: Authenticator) -> Server {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
     let mut layer = AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap());
     for path in PUBLIC_PATHS {
         layer = layer.allow_unauthenticated(*path);
     }
-    let handle = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(layer),
-            )
-            .add_service(CapTokensGrpc::new(tokens).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("server");
-    });
+    let (addr, handle) = testing::serve_with_layer(
+        testing::bind().await,
+        layer,
+        Routes::new(CapTokensGrpc::new(tokens).into_server()),
+    );
     Server { addr, handle }
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
-    store
-        .migrate(&anumate_captokens_service::migrations())
-        .await
-        .expect("migrate");
-    store.check_serving_role().await.expect("serving role");
+    let (db, store) =
+        testing::migrated_store(backend, &anumate_captokens_service::migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
     let tokens = CapTokens::new(store.clone(), keys.clone(), &config()).expect("service");
 
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let services =
-        ServiceIssuer::load_or_create(&issuer_dir.path().join("services"), "orchestrator")
-            .expect("service issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks())
-        .with_static_service_issuer(services.jwks());
+    let DevAuth {
+        issuer,
+        services,
+        authenticator: auth,
+        dir: issuer_dir,
+    } = DevAuth::with_service_issuer("orchestrator");
+    let services = services.expect("service issuer");
     let server = serve(tokens.clone(), auth.clone()).await;
     TestApp {
         server,
@@ -255,20 +232,6 @@ async fn client_with(addr: SocketAddr, token: String) -> Client {
         .await
         .expect("connect");
     CapTokensServiceClient::with_interceptor(channel, BearerToken(token))
-}
-
-/// Runs each scenario once on SQLite and once on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres).await).await;
-        }
-    )*};
 }
 
 on_both_backends! {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{BearerToken, DevIssuer, Role};
 use anumate_compiler::{Compiler, CompilerConfig, CompilerGrpc, Upstreams};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_errors::{Error, ErrorCode};
@@ -17,12 +17,12 @@ use anumate_proto::compiler::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::compiler_service_client::CompilerServiceClient;
 use ppb::policy_service_client::PolicyServiceClient;
 use rpb::registry_service_client::RegistryServiceClient;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -50,22 +50,17 @@ impl Drop for TestApp {
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
     let mut migrations = anumate_registry::migrations();
     migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
     migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
-    store.migrate(&migrations).await.expect("migrate");
-    store.check_serving_role().await.expect("serving role");
+    let (db, store) = testing::migrated_store(backend, &migrations).await;
 
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let DevAuth {
+        issuer,
+        authenticator: auth,
+        dir: issuer_dir,
+        ..
+    } = DevAuth::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -83,20 +78,13 @@ async fn spawn_app(backend: Backend) -> TestApp {
         &CompilerConfig::default(),
     )
     .expect("compiler");
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(RegistryGrpc::new(registry).into_server())
+    let (_, server) = testing::serve_on(
+        listener,
+        auth,
+        Routes::new(RegistryGrpc::new(registry).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())
-            .add_service(CompilerGrpc::new(compiler).into_server())
-            .serve_with_incoming(nodelay(listener))
-            .await
-            .expect("server");
-    });
+            .add_service(CompilerGrpc::new(compiler).into_server()),
+    );
     TestApp {
         addr,
         issuer,
@@ -109,17 +97,6 @@ async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Accepted sockets with TCP_NODELAY, as `anumate` serves them (the compiler's
 /// upstream calls would otherwise wait ~40 ms each for a delayed ACK).
-fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
 struct Clients {
     compiler: CompilerServiceClient<Intercepted>,
     registry: RegistryServiceClient<Intercepted>,
@@ -217,19 +194,6 @@ fn compile_req(name: &str, version: &str) -> pb::CompileRequest {
         capsule_name: name.into(),
         version: version.into(),
     }
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres).await).await;
-        }
-    )*};
 }
 
 on_both_backends! {

@@ -10,18 +10,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{BearerToken, DevIssuer, Role};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_errors::{Error, ErrorCode};
 use anumate_events_service::{Events, EventsGrpc, EventsServiceConfig, kafka};
 use anumate_proto::events::v1 as pb;
 use anumate_proto::registry::v1 as reg;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::events_service_client::EventsServiceClient;
 use reg::registry_service_client::RegistryServiceClient;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -77,20 +77,15 @@ async fn spawn_app_cfg(
     feed: bool,
     cfg: EventsServiceConfig,
 ) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
     let mut migrations = anumate_registry::migrations();
     migrations.extend_from_slice(anumate_events_service::REPO_MIGRATIONS);
-    store.migrate(&migrations).await.expect("migrate");
-    store.check_serving_role().await.expect("serving role");
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
+    let (db, store) = testing::migrated_store(backend, &migrations).await;
+    let DevAuth {
+        issuer,
+        authenticator: auth,
+        dir: issuer_dir,
+        ..
+    } = DevAuth::new();
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("key")));
     let registry = Registry::new(store.clone(), keys, &RegistryConfig::default());
     let events = Events::new(store.clone(), &cfg, replayer);
@@ -98,24 +93,12 @@ async fn spawn_app_cfg(
     if feed {
         tasks.push(events.spawn_outbox_feed());
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let grpc = EventsGrpc::new(events.clone()).into_server();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(grpc)
-            .add_service(RegistryGrpc::new(registry).into_server())
-            .serve_with_incoming(nodelay(listener))
-            .await
-            .expect("server");
-    });
+    let (addr, server) = testing::serve(
+        auth,
+        Routes::new(EventsGrpc::new(events.clone()).into_server())
+            .add_service(RegistryGrpc::new(registry).into_server()),
+    )
+    .await;
     tasks.push(server);
     TestApp {
         addr,
@@ -126,19 +109,6 @@ async fn spawn_app_cfg(
         _db: db,
         _issuer_dir: issuer_dir,
     }
-}
-
-/// Accepted connections with `TCP_NODELAY`, as the `anumate` server sets it
-/// (without it a unary call can wait ~40 ms for a delayed ACK).
-fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok(s)
-    })
 }
 
 impl TestApp {
@@ -228,20 +198,13 @@ fn error_of(status: &Status) -> Error {
     )
 }
 
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite, None).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres, None).await).await;
-        }
-    )*};
+/// A server with the embedded feeder and no Kafka replayer.
+async fn spawn_without_kafka(backend: Backend) -> TestApp {
+    spawn_app(backend, None).await
 }
 
 on_both_backends! {
+    spawn = spawn_without_kafka;
     tail_shows_a_pushed_capsule_live_and_from_history => tail_live_sqlite, tail_live_postgres;
     filters_tenants_and_bad_input => filters_sqlite, filters_postgres;
     list_pages_through_history => list_sqlite, list_postgres;

@@ -8,15 +8,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anumate_auth::{AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role};
+use anumate_auth::{BearerToken, DevIssuer, Role};
 use anumate_errors::{Error, ErrorCode};
 use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::policy::v1 as pb;
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::evaluate_policy_request::{Input, Policies as Target};
 use pb::policy_service_client::PolicyServiceClient;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -101,39 +101,17 @@ async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 async fn spawn_with(backend: Backend, cfg: PolicyConfig) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
-    store
-        .migrate(&anumate_policy_service::migrations())
-        .await
-        .expect("migrate");
-    store.check_serving_role().await.expect("serving role");
+    let (db, store) = testing::migrated_store(backend, &anumate_policy_service::migrations()).await;
     let policies = Policies::new(store.clone(), &cfg);
 
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(PolicyGrpc::new(policies).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("server");
-    });
+    let DevAuth {
+        issuer,
+        authenticator: auth,
+        dir: issuer_dir,
+        ..
+    } = DevAuth::new();
+    let (addr, server) =
+        testing::serve(auth, Routes::new(PolicyGrpc::new(policies).into_server())).await;
     TestApp {
         addr,
         issuer,
@@ -192,19 +170,6 @@ impl TestApp {
             .map(|r| (r.event_type, r.topic, r.subject))
             .collect()
     }
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres).await).await;
-        }
-    )*};
 }
 
 on_both_backends! {

@@ -9,19 +9,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anumate_auth::{
-    AuthConfig, AuthLayer, Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer,
-};
+use anumate_auth::{Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer};
 use anumate_crypto::{Jwks, KeyPair, KeyRing};
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_consistency, verify_receipt_offline};
 use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::receipts_service_client::ReceiptsServiceClient;
 use serde_json::json;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -72,48 +70,24 @@ async fn serve(
     cfg: &ReceiptsConfig,
 ) -> (SocketAddr, Receipts, tokio::task::JoinHandle<()>) {
     let receipts = Receipts::new(store.clone(), keys.clone(), cfg).expect("receipts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let grpc = ReceiptsGrpc::new(receipts.clone()).into_server();
-    let auth = auth.clone();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(grpc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("server");
-    });
+    let (addr, server) = testing::serve(
+        auth.clone(),
+        Routes::new(ReceiptsGrpc::new(receipts.clone()).into_server()),
+    )
+    .await;
     (addr, receipts, server)
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
-    store
-        .migrate(&anumate_receipts::migrations())
-        .await
-        .expect("migrate");
-    store.check_serving_role().await.expect("serving role");
+    let (db, store) = testing::migrated_store(backend, &anumate_receipts::migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("receipts key")));
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let services =
-        ServiceIssuer::load_or_create(&issuer_dir.path().join("services"), "orchestrator")
-            .expect("service issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks())
-        .with_static_service_issuer(services.jwks());
+    let DevAuth {
+        issuer,
+        services,
+        authenticator: auth,
+        dir: issuer_dir,
+    } = DevAuth::with_service_issuer("orchestrator");
+    let services = services.expect("service issuer");
     let (addr, receipts, server) = serve(&store, &keys, &auth, &config(3_600_000)).await;
     TestApp {
         addr,
@@ -190,20 +164,6 @@ impl TestApp {
         self.receipts = receipts;
         self.server = server;
     }
-}
-
-/// Runs each scenario once on SQLite and once on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres).await).await;
-        }
-    )*};
 }
 
 on_both_backends! {

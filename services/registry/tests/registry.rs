@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anumate_auth::{
-    AuthConfig, AuthLayer, Authenticator, BearerToken, DEV_AUDIENCE, DevIssuer, Role,
-};
+use anumate_auth::{BearerToken, DEV_AUDIENCE, DevIssuer, Role};
 use anumate_crypto::{Jwks, KeyPair, KeyRing, b64url, b64url_decode, sha256_hex, verify_es256};
 use anumate_errors::{Error, ErrorCode};
 use anumate_events::OutboxRow;
@@ -20,11 +18,11 @@ use anumate_proto::common::v1::PageRequest;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
-use anumate_store::testing::TestDb;
-use anumate_store::{Backend, Store};
+use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
 use pb::registry_service_client::RegistryServiceClient;
 use serde_json::json;
 use tonic::Status;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
@@ -67,51 +65,22 @@ async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 async fn spawn_app_with(backend: Backend, cfg: RegistryConfig) -> TestApp {
-    let db = match backend {
-        Backend::Sqlite => TestDb::sqlite(),
-        Backend::Postgres => TestDb::postgres().await,
-    };
-    let store = Store::connect(&db.config).await.expect("connect");
-    store
-        .migrate(&anumate_registry::migrations())
-        .await
-        .expect("migrate");
-    store.check_serving_role().await.expect("serving role");
-
+    let (db, store) = testing::migrated_store(backend, &anumate_registry::migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("registry key")));
     let registry = Registry::new(store.clone(), keys, &cfg);
-
-    let issuer_dir = tempfile::tempdir().expect("tempdir");
-    let issuer = DevIssuer::load_or_create(issuer_dir.path()).expect("dev issuer");
-    let auth = Authenticator::new(AuthConfig::default())
-        .expect("authenticator")
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            // As the `anumate` binary stacks them: ErrorInfo on transport-level
-            // errors, then authentication.
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(RegistryGrpc::new(registry).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("server");
-    });
+    let auth = DevAuth::new();
+    let (addr, server) = testing::serve(
+        auth.authenticator,
+        Routes::new(RegistryGrpc::new(registry).into_server()),
+    )
+    .await;
     TestApp {
         addr,
-        issuer,
+        issuer: auth.issuer,
         store,
         server,
         _db: db,
-        _issuer_dir: issuer_dir,
+        _issuer_dir: auth.dir,
     }
 }
 
@@ -193,20 +162,6 @@ impl TestApp {
             .last()
             .map_or(0, |r| r.seq)
     }
-}
-
-/// Runs each scenario once on SQLite and once on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            $scenario(spawn_app(Backend::Sqlite).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            $scenario(spawn_app(Backend::Postgres).await).await;
-        }
-    )*};
 }
 
 on_both_backends! {

@@ -1,0 +1,190 @@
+//! Test support shared by the service crates' integration tests: one copy of
+//! the scaffolding every `tests/*.rs` used to carry.
+//!
+//! - [`on_both_backends!`]: runs each scenario once on SQLite and once on
+//!   PostgreSQL.
+//! - [`migrated_store`]: a throw-away database with a crate's migrations, and
+//!   the store on it.
+//! - [`DevAuth`]: a dev issuer (and optionally the platform's service issuer)
+//!   and an [`Authenticator`] that trusts them.
+//! - [`serve`]: the service's routes on a real TCP listener behind the
+//!   production layers that live in libraries (ErrorInfo on every error,
+//!   authentication and per-RPC authorization), as the binary stacks them.
+//!
+//! A dev-dependency only: it panics on set-up failures, which fail the test.
+#![forbid(unsafe_code)]
+#![allow(clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use anumate_auth::{AuthConfig, AuthLayer, Authenticator, AuthzTable, DevIssuer, ServiceIssuer};
+pub use anumate_store::testing::TestDb;
+pub use anumate_store::{Backend, Migration, Store};
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+
+/// Runs each scenario once on SQLite and once on PostgreSQL.
+///
+/// Each scenario is an `async fn(TestApp)`; the app comes from the caller's
+/// `spawn_app(Backend)`, or from the function named by `spawn = path;`:
+///
+/// ```ignore
+/// on_both_backends! {
+///     lifecycle => lifecycle_sqlite, lifecycle_postgres;
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_both_backends {
+    (spawn = $spawn:path; $($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario($spawn($crate::Backend::Sqlite).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario($spawn($crate::Backend::Postgres).await).await;
+        }
+    )*};
+    ($($scenario:ident => $sqlite:ident, $postgres:ident;)*) => {
+        $crate::on_both_backends! {
+            spawn = spawn_app;
+            $($scenario => $sqlite, $postgres;)*
+        }
+    };
+}
+
+/// A throw-away database of `backend`.
+pub async fn test_db(backend: Backend) -> TestDb {
+    match backend {
+        Backend::Sqlite => TestDb::sqlite(),
+        Backend::Postgres => TestDb::postgres().await,
+    }
+}
+
+/// A throw-away database of `backend` with `migrations` applied, and a store
+/// on it whose login passed the serving-role check (as `serve` requires).
+/// Keep the [`TestDb`]: dropping it removes the database.
+pub async fn migrated_store(backend: Backend, migrations: &[Migration]) -> (TestDb, Store) {
+    let db = test_db(backend).await;
+    let store = Store::connect(&db.config).await.expect("connect");
+    store.migrate(migrations).await.expect("migrate");
+    store.check_serving_role().await.expect("serving role");
+    (db, store)
+}
+
+/// The dev issuer (mints user tokens for any tenant and roles), optionally the
+/// platform's service issuer, and an authenticator trusting them.
+pub struct DevAuth {
+    /// Mints user tokens the authenticator trusts.
+    pub issuer: DevIssuer,
+    /// Mints service tokens, when made by [`DevAuth::with_service_issuer`].
+    pub services: Option<ServiceIssuer>,
+    /// Trusts `issuer` (and `services`), with the default configuration.
+    pub authenticator: Authenticator,
+    /// The keys' directory; dropped last.
+    pub dir: tempfile::TempDir,
+}
+
+impl DevAuth {
+    /// A fresh dev issuer and an authenticator that trusts only it.
+    pub fn new() -> DevAuth {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let issuer = DevIssuer::load_or_create(dir.path()).expect("dev issuer");
+        let authenticator = Authenticator::new(AuthConfig::default())
+            .expect("authenticator")
+            .with_static_issuer(issuer.issuer(), issuer.jwks());
+        DevAuth {
+            issuer,
+            services: None,
+            authenticator,
+            dir,
+        }
+    }
+
+    /// Also the platform's service issuer (minting as `service`, under
+    /// `<dir>/services`), trusted for service identities.
+    pub fn with_service_issuer(service: &str) -> DevAuth {
+        let DevAuth {
+            issuer,
+            authenticator,
+            dir,
+            ..
+        } = DevAuth::new();
+        let services = ServiceIssuer::load_or_create(&dir.path().join("services"), service)
+            .expect("service issuer");
+        let authenticator = authenticator.with_static_service_issuer(services.jwks());
+        DevAuth {
+            issuer,
+            services: Some(services),
+            authenticator,
+            dir,
+        }
+    }
+}
+
+impl Default for DevAuth {
+    fn default() -> Self {
+        DevAuth::new()
+    }
+}
+
+/// Accepted connections with `TCP_NODELAY`, as the binary serves them (small
+/// responses are not held back waiting for a delayed ACK).
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+/// Serves `routes` on a fresh `127.0.0.1` port behind the library layers the
+/// `anumate` binary stacks (ErrorInfo on transport-level errors, then
+/// authentication and the platform's per-RPC authorization table). Abort the
+/// handle to stop the server.
+pub async fn serve(auth: Authenticator, routes: Routes) -> (SocketAddr, JoinHandle<()>) {
+    serve_on(bind().await, auth, routes)
+}
+
+/// [`serve`] on a listener the caller bound (to know the port first).
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    auth: Authenticator,
+    routes: Routes,
+) -> (SocketAddr, JoinHandle<()>) {
+    let authz = AuthzTable::platform().expect("the platform's authorization table");
+    serve_with_layer(listener, AuthLayer::new(auth, authz), routes)
+}
+
+/// A fresh `127.0.0.1` listener.
+pub async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+}
+
+/// [`serve_on`] with an authentication layer the caller configured (public
+/// paths, say).
+pub fn serve_with_layer(
+    listener: tokio::net::TcpListener,
+    auth: AuthLayer,
+    routes: Routes,
+) -> (SocketAddr, JoinHandle<()>) {
+    let addr = listener.local_addr().expect("local addr");
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(
+                tower::ServiceBuilder::new()
+                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
+                    .layer(auth),
+            )
+            .add_routes(routes)
+            .serve_with_incoming(nodelay(listener))
+            .await
+            .expect("server");
+    });
+    (addr, server)
+}
