@@ -145,12 +145,7 @@ pub fn check_section<T: DeserializeOwned>(
     name: &str,
     value: &serde_json::Value,
 ) -> Result<(), BuildError> {
-    T::deserialize(value)
-        .map(|_| ())
-        .map_err(|e| BuildError::Config {
-            section: name.to_owned(),
-            message: e.to_string(),
-        })
+    parse_section::<T>(name, value).map(|_| ())
 }
 
 /// Parses section `name` of the whole configuration `config` (absent: `T`'s
@@ -161,11 +156,18 @@ pub fn section<T: DeserializeOwned + Default>(
 ) -> Result<T, BuildError> {
     match config.get(name) {
         None => Ok(T::default()),
-        Some(value) => T::deserialize(value).map_err(|e| BuildError::Config {
-            section: name.to_owned(),
-            message: e.to_string(),
-        }),
+        Some(value) => parse_section(name, value),
     }
+}
+
+fn parse_section<T: DeserializeOwned>(
+    name: &str,
+    value: &serde_json::Value,
+) -> Result<T, BuildError> {
+    T::deserialize(value).map_err(|e| BuildError::Config {
+        section: name.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// What a service is built from, and what it adds to the server.

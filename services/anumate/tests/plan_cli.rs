@@ -110,11 +110,8 @@ fn start_dev_env(dir: &Path, env: &[(&str, &str)]) -> Dev {
     }
 }
 
-/// In one process the compiler reads the registry and the policy service
-/// in-process, not through a socket: addresses configured for them where
-/// nothing listens are not used, and compiling works.
-#[test]
-fn dev_compiles_without_calling_its_own_services_over_tcp() {
+/// A directory with the refund capsule and its two policies, one a file.
+fn refund_example() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
@@ -127,6 +124,16 @@ fn dev_compiles_without_calling_its_own_services_over_tcp() {
     let split = policies.find("policy \"pii-masking\"").unwrap();
     std::fs::write(d.join("limits.policy"), &policies[..split]).unwrap();
     std::fs::write(d.join("pii.policy"), &policies[split..]).unwrap();
+    dir
+}
+
+/// In one process the compiler reads the registry and the policy service
+/// in-process, not through a socket: addresses configured for them where
+/// nothing listens are not used, and compiling works.
+#[test]
+fn dev_compiles_without_calling_its_own_services_over_tcp() {
+    let dir = refund_example();
+    let d = dir.path();
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -156,19 +163,8 @@ fn dev_compiles_without_calling_its_own_services_over_tcp() {
 
 #[test]
 fn compile_get_and_list_plans_against_anumate_dev() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = refund_example();
     let d = dir.path();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    std::fs::copy(
-        examples.join("refund.capsule.yaml"),
-        d.join("refund.capsule.yaml"),
-    )
-    .unwrap();
-    // One policy per pushed file.
-    let policies = std::fs::read_to_string(examples.join("refund.policy")).unwrap();
-    let split = policies.find("policy \"pii-masking\"").unwrap();
-    std::fs::write(d.join("limits.policy"), &policies[..split]).unwrap();
-    std::fs::write(d.join("pii.policy"), &policies[split..]).unwrap();
 
     let _dev = start_dev(d);
 
