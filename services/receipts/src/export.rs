@@ -4,6 +4,8 @@
 use anumate_errors::{Error, Result};
 use anumate_proto::receipts::v1 as pb;
 
+use crate::{Actor, Filter, Receipts, receipt_proto, repo};
+
 /// The private enterprise number in the syslog SD-ID `anumate@32473`
 /// (32473 is the documentation PEN of RFC 5612 until one is assigned).
 pub const SYSLOG_SD_ID: &str = "anumate@32473";
@@ -176,6 +178,26 @@ pub fn record(format: pb::ExportFormat, r: &pb::Receipt, include_content: bool) 
             "format",
             "choose EXPORT_FORMAT_NDJSON, EXPORT_FORMAT_CEF or EXPORT_FORMAT_SYSLOG",
         )),
+    }
+}
+
+impl Receipts {
+    /// Up to `limit` receipts after leaf `after` (exclusive; `None` = from the
+    /// start), oldest first, for exports.
+    pub async fn export_page(
+        &self,
+        actor: &Actor,
+        filter: &Filter,
+        after: Option<u64>,
+        limit: i64,
+        with_content: bool,
+    ) -> Result<Vec<pb::Receipt>> {
+        let tx = self.store.read(&actor.tenant).await?;
+        repo::list(&tx, filter, after, false, limit)
+            .await?
+            .iter()
+            .map(|r| receipt_proto(r, with_content))
+            .collect()
     }
 }
 

@@ -1,0 +1,361 @@
+//! Appending receipts: validate, redact and sign on the caller's task, then
+//! group-commit per tenant (one write transaction takes the tenant's whole
+//! queue, locks its head, assigns leaf indexes and stores receipts, tree nodes
+//! and outbox events).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anumate_errors::{Error, ErrorCode, Result};
+use anumate_proto::events::v1 as ev;
+use anumate_proto::receipts::v1 as pb;
+use anumate_receipt::{CompactRange, Hash, Statement, Subject};
+use serde_json::Value;
+
+use crate::proofs::with_nodes;
+use crate::{
+    Actor, Receipts, check_subject, check_text, kind_from_name, kind_name, kind_owner,
+    receipt_proto, repo,
+};
+
+/// A validated, redacted append request.
+pub(crate) struct Prepared {
+    actor: Actor,
+    kind: &'static str,
+    subject: Subject,
+    digest: String,
+    canonical: String,
+    fingerprint: String,
+    dedupe_key: String,
+    /// Signed on the caller's task, before the batch: signing needs no
+    /// leaf index, so it stays out of the log's critical section.
+    receipt_id: String,
+    issued_at: i64,
+    kid: String,
+    signed: anumate_receipt::SignedStatement,
+}
+
+/// A queued append and where its answer goes.
+pub(crate) struct Job {
+    prepared: Prepared,
+    reply: tokio::sync::oneshot::Sender<Result<(pb::Receipt, bool)>>,
+}
+
+/// One tenant's append queue and the lock its batch leader holds.
+#[derive(Default)]
+pub(crate) struct Lane {
+    queue: Mutex<Vec<Job>>,
+    leader: tokio::sync::Mutex<()>,
+    /// The tree's peaks at the size this process last committed. The tree of
+    /// a given size never changes, so when the locked head still has that size
+    /// (no other replica appended since) the batch skips reading them.
+    peaks: Mutex<Option<(u64, Vec<Hash>)>>,
+}
+
+/// Locks a std mutex, recovering from poisoning (the data stays consistent:
+/// queues are only pushed to and taken whole).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn rfc3339_micros(micros: i64) -> Result<String> {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .ok_or_else(|| Error::internal("clock out of range"))
+}
+
+pub(crate) fn request_hash(kind: &str, subject: &Subject, digest: &str) -> String {
+    let mut jtis = subject.jtis.clone();
+    jtis.sort();
+    let value = serde_json::json!({
+        "kind": kind,
+        "run_id": subject.run_id,
+        "step_id": subject.step_id,
+        "attempt": subject.attempt,
+        "plan_hash": subject.plan_hash,
+        "approval_id": subject.approval_id,
+        "jtis": jtis,
+        "content_digest": digest,
+    });
+    anumate_crypto::content_hash(&value).1
+}
+
+impl Receipts {
+    /// Issues, signs and appends a receipt; with a known `dedupe_key` returns the
+    /// existing receipt and `false`.
+    ///
+    /// Appends of one tenant are group-committed: callers queue their prepared
+    /// receipt, one of them (the leader) takes the whole queue and writes it in a
+    /// single transaction, and every caller gets its own result.
+    pub async fn append(
+        &self,
+        actor: &Actor,
+        kind: i32,
+        subject: Option<pb::ReceiptSubject>,
+        content: Option<pbjson_types::Struct>,
+        dedupe_key: &str,
+    ) -> Result<(pb::Receipt, bool)> {
+        let prepared = self.prepare(actor, kind, subject, content, dedupe_key)?;
+        let (reply, mut done) = tokio::sync::oneshot::channel();
+        let lane = self.lane(&actor.tenant);
+        lock(&lane.queue).push(Job { prepared, reply });
+        {
+            let _leader = lane.leader.lock().await;
+            // A previous leader may already have written our receipt.
+            if let Ok(result) = done.try_recv() {
+                return result;
+            }
+            let jobs = std::mem::take(&mut *lock(&lane.queue));
+            if !jobs.is_empty() {
+                // Spawned: a cancelled caller does not abort the others' batch.
+                let this = self.clone();
+                let tenant = actor.tenant.clone();
+                let lane = lane.clone();
+                tokio::spawn(async move { this.commit_batch(&tenant, &lane, jobs).await })
+                    .await
+                    .map_err(Error::internal)?;
+            }
+        }
+        done.await
+            .map_err(|_| Error::internal("append batch ended without an answer"))?
+    }
+
+    pub(crate) fn lane(&self, tenant: &str) -> Arc<Lane> {
+        lock(&self.lanes)
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Validates and redacts a request, outside any transaction.
+    pub(crate) fn prepare(
+        &self,
+        actor: &Actor,
+        kind: i32,
+        subject: Option<pb::ReceiptSubject>,
+        content: Option<pbjson_types::Struct>,
+        dedupe_key: &str,
+    ) -> Result<Prepared> {
+        let kind_name = kind_name(kind)?;
+        // Each kind is attested by the one service that does what it records.
+        let owner = pb::ReceiptKind::try_from(kind)
+            .ok()
+            .and_then(kind_owner)
+            .ok_or_else(|| Error::internal("a receipt kind without an owner"))?;
+        if actor.service.as_deref() != Some(owner) {
+            tracing::warn!(tenant = %actor.tenant, subject = %actor.subject, kind = kind_name, "receipts: append by a principal that does not own the kind");
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!("{kind_name} receipts are appended only by the {owner} service"),
+            )
+            .with_metadata("required_services", owner));
+        }
+        let kind = kind_name;
+        if dedupe_key.is_empty() {
+            return Err(Error::invalid_argument(
+                "dedupe_key",
+                "required, e.g. step:<run>:<step>:<attempt>",
+            ));
+        }
+        check_text("dedupe_key", dedupe_key)?;
+        let subject = subject.unwrap_or_default();
+        check_subject(&subject)?;
+        let mut content = match content {
+            Some(c) => serde_json::to_value(&c).map_err(Error::internal)?,
+            None => Value::Object(serde_json::Map::new()),
+        };
+        self.redactor.redact_json(&mut content);
+        let (canonical, digest) = anumate_crypto::content_hash(&content);
+        if canonical.len() > self.cfg.max_content_bytes {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "content is {} bytes of canonical JSON; the limit is {}",
+                    canonical.len(),
+                    self.cfg.max_content_bytes
+                ),
+            ));
+        }
+        let subject = Subject {
+            run_id: subject.run_id,
+            step_id: subject.step_id,
+            attempt: subject.attempt,
+            plan_hash: subject.plan_hash,
+            approval_id: subject.approval_id,
+            jtis: subject.jtis,
+        };
+        let fingerprint = request_hash(kind, &subject, &digest);
+        let issued_at = anumate_store::now_micros();
+        let receipt_id = uuid::Uuid::now_v7().to_string();
+        let key = self.keys.active();
+        let kid = key.kid().to_string();
+        let statement = Statement {
+            receipt_id: receipt_id.clone(),
+            tenant_id: actor.tenant.clone(),
+            kind: kind.to_string(),
+            subject: subject.clone(),
+            content_digest: digest.clone(),
+            issue_time: rfc3339_micros(issued_at)?,
+            kid: kid.clone(),
+            actor: anumate_auth::service_subject(owner),
+        };
+        let signed = statement.sign(key).map_err(Error::internal)?;
+        Ok(Prepared {
+            actor: actor.clone(),
+            kind,
+            subject,
+            digest,
+            canonical,
+            fingerprint,
+            dedupe_key: dedupe_key.to_string(),
+            receipt_id,
+            issued_at,
+            kid,
+            signed,
+        })
+    }
+
+    /// Writes a batch and answers every job.
+    pub(crate) async fn commit_batch(&self, tenant: &str, lane: &Lane, jobs: Vec<Job>) {
+        let (prepared, replies): (Vec<Prepared>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.prepared, j.reply)).unzip();
+        match self.write_batch(tenant, lane, &prepared).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One transaction for a batch: the outer error aborts it all, inner errors
+    /// are one job's (a reused dedupe key).
+    pub(crate) async fn write_batch(
+        &self,
+        tenant: &str,
+        lane: &Lane,
+        batch: &[Prepared],
+    ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
+        let tx = self.store.write(tenant).await?;
+        let head = repo::lock_head(&tx).await?;
+        let known = lock(&lane.peaks)
+            .as_ref()
+            .filter(|(size, _)| *size == head.size)
+            .map(|(_, peaks)| peaks.clone());
+        let peaks = match known {
+            Some(peaks) => peaks,
+            None => {
+                with_nodes(&tx, head.size, |s| {
+                    CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
+                })
+                .await?
+            }
+        };
+        let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
+        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
+        let stored = repo::by_dedupe_keys(&tx, &keys).await?;
+        // Receipts this batch creates, by dedupe key: later duplicates in the
+        // batch answer from them as from stored ones.
+        let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
+        let mut new_rows: Vec<(&Prepared, u64)> = Vec::new();
+        let mut nodes = Vec::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for p in batch {
+            let key = p.dedupe_key.as_str();
+            if let Some(existing) = created.get(key).or_else(|| stored.get(key)) {
+                results.push(if existing.request_hash == p.fingerprint {
+                    receipt_proto(existing, true).map(|r| (r, false))
+                } else {
+                    Err(Error::new(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "dedupe_key {:?} was used for a different receipt (leaf {})",
+                            p.dedupe_key, existing.leaf_index
+                        ),
+                    ))
+                });
+                continue;
+            }
+            range.append(p.signed.leaf_hash, |level, index, hash| {
+                nodes.push((level, index, *hash))
+            });
+            let row = repo::ReceiptRow {
+                leaf_index: range.size() - 1,
+                request_hash: p.fingerprint.clone(),
+                issued_at: p.issued_at,
+                statement_json: p.signed.statement_json.clone(),
+                signature: p.signed.signature.clone(),
+                kid: p.kid.clone(),
+                leaf_hash: p.signed.leaf_hash,
+                content_json: p.canonical.clone(),
+            };
+            results.push(receipt_proto(&row, true).map(|r| (r, true)));
+            new_rows.push((p, row.leaf_index));
+            created.insert(key, row);
+        }
+        let inserts: Vec<repo::NewReceipt> = new_rows
+            .iter()
+            .map(|&(p, leaf_index)| repo::NewReceipt {
+                leaf_index,
+                receipt_id: &p.receipt_id,
+                dedupe_key: &p.dedupe_key,
+                request_hash: &p.fingerprint,
+                kind: p.kind,
+                run_id: &p.subject.run_id,
+                plan_hash: &p.subject.plan_hash,
+                issued_at: p.issued_at,
+                statement_json: &p.signed.statement_json,
+                signature: &p.signed.signature,
+                kid: &p.kid,
+                leaf_hash: &p.signed.leaf_hash,
+                content_json: &p.canonical,
+            })
+            .collect();
+        repo::append_batch(&tx, &inserts, &nodes, range.size()).await?;
+        // One outbox statement for the batch's events.
+        let subjects: Vec<String> = new_rows
+            .iter()
+            .map(|(p, _)| format!("receipts/{}", p.receipt_id))
+            .collect();
+        let events = new_rows
+            .iter()
+            .zip(&subjects)
+            .map(|(&(p, leaf_index), event_subject)| {
+                Ok((
+                    ev::ReceiptAppended {
+                        tenant_id: tenant.to_string(),
+                        receipt_id: p.receipt_id.clone(),
+                        kind: kind_from_name(p.kind) as i32,
+                        run_id: p.subject.run_id.clone(),
+                        step_id: p.subject.step_id.clone(),
+                        plan_hash: p.subject.plan_hash.clone(),
+                        leaf_index: i64::try_from(leaf_index).map_err(Error::internal)?,
+                        content_digest: p.digest.clone(),
+                        actor: p.actor.subject.clone(),
+                    },
+                    tenant,
+                    anumate_events::EventContext {
+                        subject: event_subject.as_str(),
+                        plan_hash: (!p.subject.plan_hash.is_empty())
+                            .then_some(p.subject.plan_hash.as_str()),
+                        ..Default::default()
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        anumate_events::append_many(&tx, &events)
+            .await
+            .map_err(Error::internal)?;
+        tx.commit().await?;
+        *lock(&lane.peaks) = Some((range.size(), range.peaks().to_vec()));
+        if range.size() - head.checkpoint_size >= self.cfg.checkpoint_batch {
+            self.wake.notify_one();
+        }
+        Ok(results)
+    }
+}
