@@ -72,9 +72,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     tenant_tables: &[],
 }];
 
-/// The tenant a dedupe transaction is opened for (the table has no RLS).
-const SYSTEM_TENANT: &str = "-";
-
 /// Consumer settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -489,7 +486,7 @@ impl Worker {
     }
 
     async fn seen(&self, id: &str) -> Result<bool, anumate_store::StoreError> {
-        let tx = self.store.read(SYSTEM_TENANT).await?;
+        let tx = self.store.system_read().await?;
         let row = tx
             .query_one(
                 "SELECT 1 AS one FROM consumed_events WHERE group_id = $1 AND event_id = $2",
@@ -500,7 +497,7 @@ impl Worker {
     }
 
     async fn mark(&self, e: &Event, outcome: &str) -> Result<(), anumate_store::StoreError> {
-        let tx = self.store.write(SYSTEM_TENANT).await?;
+        let tx = self.store.system_write().await?;
         tx.execute(
             "INSERT INTO consumed_events (group_id, event_id, topic, kafka_partition, kafka_offset, \
                outcome, consumed_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \

@@ -23,9 +23,9 @@
 
 mod migrate;
 pub mod paging;
-pub mod versioned;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod versioned;
 
 use std::time::Duration;
 
@@ -307,7 +307,7 @@ impl Store {
             ))
             .await?;
         check_role_row(login)?;
-        let tx = self.begin(true, "-").await?;
+        let tx = self.begin(true, Scope::System).await?;
         check_role_row(
             tx.query_one(&role_check_sql("current_user"), vec![])
                 .await?,
@@ -316,20 +316,50 @@ impl Store {
 
     /// Opens a read transaction scoped to `tenant`.
     pub async fn read(&self, tenant: &str) -> Result<TenantTx, StoreError> {
-        self.begin(false, tenant).await
+        let tx = self.begin(false, Scope::Tenant(tenant)).await?;
+        Ok(TenantTx {
+            tx,
+            tenant: tenant.to_string(),
+        })
     }
 
     /// Opens a write transaction scoped to `tenant`. On SQLite it takes the write
     /// lock up front (`BEGIN IMMEDIATE`) so concurrent writers queue instead of
     /// failing on lock upgrade.
     pub async fn write(&self, tenant: &str) -> Result<TenantTx, StoreError> {
-        self.begin(true, tenant).await
+        let tx = self.begin(true, Scope::Tenant(tenant)).await?;
+        Ok(TenantTx {
+            tx,
+            tenant: tenant.to_string(),
+        })
     }
 
-    async fn begin(&self, write: bool, tenant: &str) -> Result<TenantTx, StoreError> {
-        if tenant.is_empty() || tenant.len() > 128 {
-            return Err(StoreError::InvalidTenant);
-        }
+    /// Opens a read transaction for cross-tenant system work (which tenants
+    /// have work to do, the consumers' dedupe tables). It acts for no tenant:
+    /// on PostgreSQL it runs as the serving role with no tenant's rows visible
+    /// in tables under row-level security; only tables without it show rows.
+    pub async fn system_read(&self) -> Result<SystemTx, StoreError> {
+        Ok(SystemTx {
+            tx: self.begin(false, Scope::System).await?,
+        })
+    }
+
+    /// Opens a write transaction for cross-tenant system work, as
+    /// [`Store::system_read`] (on SQLite with the write lock taken up front).
+    pub async fn system_write(&self) -> Result<SystemTx, StoreError> {
+        Ok(SystemTx {
+            tx: self.begin(true, Scope::System).await?,
+        })
+    }
+
+    async fn begin(&self, write: bool, scope: Scope<'_>) -> Result<Tx, StoreError> {
+        let tenant = match scope {
+            Scope::Tenant(t) if t.is_empty() || t.len() > 128 || t == NO_TENANT => {
+                return Err(StoreError::InvalidTenant);
+            }
+            Scope::Tenant(t) => t,
+            Scope::System => NO_TENANT,
+        };
         let tx = match self.backend {
             Backend::Sqlite if write => {
                 self.db
@@ -360,13 +390,25 @@ impl Store {
             ))
             .await?;
         }
-        Ok(TenantTx {
+        Ok(Tx {
             tx,
-            tenant: tenant.to_string(),
             backend: self.backend,
         })
     }
 }
+
+/// What a transaction acts for.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// One tenant: row-level security shows its rows only.
+    Tenant(&'a str),
+    /// No tenant: cross-tenant system work.
+    System,
+}
+
+/// The `app.tenant_id` of a system transaction: never a tenant id (those start
+/// with a letter or digit), so row-level security shows no tenant's rows.
+const NO_TENANT: &str = "-";
 
 /// Whether `who` (`session_user` or `current_user`) is a superuser, has
 /// BYPASSRLS, and one table of this database it owns or may act as the owner of.
@@ -399,30 +441,13 @@ fn check_role_row(row: Option<QueryResult>) -> Result<(), StoreError> {
     }
 }
 
-/// A transaction bound to one tenant. Dropped without [`TenantTx::commit`], it
-/// rolls back.
-pub struct TenantTx {
+/// An open transaction and its backend; what [`TenantTx`] and [`SystemTx`] share.
+struct Tx {
     tx: DatabaseTransaction,
-    tenant: String,
     backend: Backend,
 }
 
-impl TenantTx {
-    /// The tenant this transaction is scoped to.
-    pub fn tenant_id(&self) -> &str {
-        &self.tenant
-    }
-
-    /// The database kind.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// The underlying sea-orm transaction, for entity queries.
-    pub fn conn(&self) -> &DatabaseTransaction {
-        &self.tx
-    }
-
+impl Tx {
     fn stmt(&self, sql: &str, values: Vec<Value>) -> Statement {
         let backend = match self.backend {
             Backend::Postgres => DbBackend::Postgres,
@@ -431,8 +456,7 @@ impl TenantTx {
         Statement::from_sql_and_values(backend, sql, values)
     }
 
-    /// Runs a statement (`$1`, `$2`… placeholders on both backends); returns rows affected.
-    pub async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, StoreError> {
+    async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, StoreError> {
         let res = self
             .tx
             .execute_raw(self.stmt(sql, values))
@@ -441,8 +465,7 @@ impl TenantTx {
         Ok(res.rows_affected())
     }
 
-    /// Runs a query returning at most one row.
-    pub async fn query_one(
+    async fn query_one(
         &self,
         sql: &str,
         values: Vec<Value>,
@@ -453,8 +476,7 @@ impl TenantTx {
             .map_err(StoreError::from_db)
     }
 
-    /// Runs a query returning all rows.
-    pub async fn query_all(
+    async fn query_all(
         &self,
         sql: &str,
         values: Vec<Value>,
@@ -465,11 +487,80 @@ impl TenantTx {
             .map_err(StoreError::from_db)
     }
 
-    /// Commits.
-    pub async fn commit(self) -> Result<(), StoreError> {
+    async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(StoreError::from_db)
     }
 }
+
+/// The statement methods both transaction types offer.
+macro_rules! statements {
+    ($ty:ident) => {
+        impl $ty {
+            /// The database kind.
+            pub fn backend(&self) -> Backend {
+                self.tx.backend
+            }
+
+            /// The underlying sea-orm transaction, for entity queries.
+            pub fn conn(&self) -> &DatabaseTransaction {
+                &self.tx.tx
+            }
+
+            /// Runs a statement (`$1`, `$2`… placeholders on both backends); returns rows affected.
+            pub async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, StoreError> {
+                self.tx.execute(sql, values).await
+            }
+
+            /// Runs a query returning at most one row.
+            pub async fn query_one(
+                &self,
+                sql: &str,
+                values: Vec<Value>,
+            ) -> Result<Option<QueryResult>, StoreError> {
+                self.tx.query_one(sql, values).await
+            }
+
+            /// Runs a query returning all rows.
+            pub async fn query_all(
+                &self,
+                sql: &str,
+                values: Vec<Value>,
+            ) -> Result<Vec<QueryResult>, StoreError> {
+                self.tx.query_all(sql, values).await
+            }
+
+            /// Commits.
+            pub async fn commit(self) -> Result<(), StoreError> {
+                self.tx.commit().await
+            }
+        }
+    };
+}
+
+/// A transaction bound to one tenant. Dropped without [`TenantTx::commit`], it
+/// rolls back.
+pub struct TenantTx {
+    tx: Tx,
+    tenant: String,
+}
+
+impl TenantTx {
+    /// The tenant this transaction is scoped to.
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant
+    }
+}
+
+statements!(TenantTx);
+
+/// A transaction for cross-tenant system work, acting for no tenant (see
+/// [`Store::system_read`]). A distinct type, so tenant code cannot be handed
+/// one by mistake. Dropped without [`SystemTx::commit`], it rolls back.
+pub struct SystemTx {
+    tx: Tx,
+}
+
+statements!(SystemTx);
 
 /// Microseconds since the Unix epoch, the timestamp format of every table.
 pub fn now_micros() -> i64 {

@@ -230,3 +230,81 @@ async fn postgres_serving_login_is_not_the_owner() {
         vec!["still here"]
     );
 }
+
+/// A table of cross-tenant work, without row-level security.
+const JOBS: Migration = Migration {
+    id: "test_0002_jobs",
+    postgres: "CREATE TABLE jobs (name TEXT PRIMARY KEY)",
+    sqlite: "CREATE TABLE jobs (name TEXT PRIMARY KEY)",
+    tenant_tables: &[],
+};
+
+async fn job_names(store: &Store) -> Vec<String> {
+    let tx = store.system_read().await.expect("system tx");
+    let rows = tx
+        .query_all("SELECT name FROM jobs ORDER BY name", vec![])
+        .await
+        .expect("select");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "name").expect("name"))
+        .collect()
+}
+
+/// System transactions act for no tenant: on PostgreSQL they see no tenant's
+/// rows and cannot write one, but read and write tables without RLS; they
+/// commit or roll back like any other; no tenant id reaches that scope.
+async fn system_transactions(db: &TestDb) {
+    let store = store(db).await;
+    store.migrate(&[NOTES, JOBS]).await.expect("migrate jobs");
+    insert(&store, "tenant-a", "a1").await;
+
+    let tx = store.system_write().await.expect("system tx");
+    tx.execute("INSERT INTO jobs (name) VALUES ('kept')", vec![])
+        .await
+        .expect("insert job");
+    tx.commit().await.expect("commit");
+    {
+        let tx = store.system_write().await.expect("system tx");
+        tx.execute("INSERT INTO jobs (name) VALUES ('lost')", vec![])
+            .await
+            .expect("insert job");
+        // dropped without commit
+    }
+    assert_eq!(job_names(&store).await, vec!["kept"]);
+
+    // The pseudo-tenant of system work is not a tenant a caller can name.
+    assert!(matches!(
+        store.read("-").await,
+        Err(anumate_store::StoreError::InvalidTenant)
+    ));
+
+    if store.backend() == Backend::Postgres {
+        let tx = store.system_read().await.expect("system tx");
+        let rows = tx
+            .query_all("SELECT body FROM notes", vec![])
+            .await
+            .expect("select");
+        assert!(rows.is_empty(), "a system tx saw tenant rows");
+        drop(tx);
+        let tx = store.system_write().await.expect("system tx");
+        let err = tx
+            .execute(
+                "INSERT INTO notes (tenant_id, body) VALUES ('tenant-a', 'sneaky')",
+                vec![],
+            )
+            .await
+            .expect_err("a system tx must not write tenant rows");
+        assert!(err.to_string().contains("row-level security"), "{err}");
+    }
+    assert_eq!(bodies_without_filter(&store, "tenant-a").await, vec!["a1"]);
+}
+
+#[tokio::test]
+async fn system_transactions_postgres() {
+    system_transactions(&TestDb::postgres().await).await;
+}
+
+#[tokio::test]
+async fn system_transactions_sqlite() {
+    system_transactions(&TestDb::sqlite()).await;
+}

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use anumate_captokens::{ReplayError, ReplayGuard, RevocationError, RevocationList};
 use anumate_errors::{Error, Result};
-use anumate_store::{Migration, QueryResult, StoreError, TenantTx, Value};
+use anumate_store::{Migration, QueryResult, StoreError, SystemTx, TenantTx, Value};
 
 const DDL: &str = "CREATE TABLE captoken_tokens (
         tenant_id TEXT NOT NULL,
@@ -323,7 +323,7 @@ impl ReplayGuard for TxReplay<'_> {
 }
 
 /// Tenants with replay records.
-pub async fn replay_tenants(tx: &TenantTx) -> Result<Vec<String>> {
+pub async fn replay_tenants(tx: &SystemTx) -> Result<Vec<String>> {
     let rows = tx
         .query_all(
             "SELECT tenant_id FROM captoken_replay_tenants ORDER BY tenant_id",

@@ -271,7 +271,7 @@ pub async fn purge_consumed(events: &Events) -> Result<u64> {
         .unwrap_or(i64::MAX / 3_600_000_000)
         .saturating_mul(3_600_000_000);
     let cutoff = anumate_store::now_micros().saturating_sub(keep);
-    let tx = events.store.write("-").await?;
+    let tx = events.store.system_write().await?;
     let n = tx
         .execute(
             "DELETE FROM consumed_events WHERE group_id = $1 AND consumed_at < $2",

@@ -568,7 +568,7 @@ async fn consumed_ids_leave_after_retention(app: TestApp) {
         },
         None,
     );
-    let tx = app.store.write("-").await.expect("tx");
+    let tx = app.store.system_write().await.expect("tx");
     for (group, id, at) in [
         ("hist", "old", now - 2 * hour),
         ("hist", "new", now),
@@ -583,7 +583,7 @@ async fn consumed_ids_leave_after_retention(app: TestApp) {
     }
     tx.commit().await.expect("commit");
     assert_eq!(kafka::purge_consumed(&events).await.expect("purge"), 1);
-    let tx = app.store.read("-").await.expect("tx");
+    let tx = app.store.system_read().await.expect("tx");
     let rows = tx
         .query_all(
             "SELECT group_id, event_id FROM consumed_events ORDER BY group_id, event_id",
@@ -1260,7 +1260,7 @@ async fn produce_capsule_event(bootstrap: &str, header_tenant: &str, data_tenant
 
 /// The outcome `consumed_events` holds for `id` in `group` (None: not yet).
 async fn consumed_outcome(store: &Store, group: &str, id: &str) -> Option<String> {
-    let tx = store.read("-").await.expect("tx");
+    let tx = store.system_read().await.expect("tx");
     tx.query_one(
         "SELECT outcome FROM consumed_events WHERE group_id = $1 AND event_id = $2",
         vec![group.into(), id.into()],

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use anumate_errors::{Error, Result};
 use anumate_receipt::Hash;
-use anumate_store::{Backend, Migration, QueryResult, TenantTx, Value};
+use anumate_store::{Backend, Migration, QueryResult, SystemTx, TenantTx, Value};
 
 const TABLES: &str = "CREATE TABLE receipt_logs (
         tenant_id TEXT PRIMARY KEY,
@@ -300,7 +300,7 @@ pub async fn set_checkpoint_size(tx: &TenantTx, size: u64) -> Result<()> {
 
 /// Tenants whose log has leaves no checkpoint covers yet. Reads across
 /// tenants: `receipt_logs` has no row-level security.
-pub async fn tenants_behind(tx: &TenantTx) -> Result<Vec<String>> {
+pub async fn tenants_behind(tx: &SystemTx) -> Result<Vec<String>> {
     let rows = tx
         .query_all(
             "SELECT tenant_id FROM receipt_logs WHERE size > checkpoint_size ORDER BY tenant_id",
@@ -313,7 +313,7 @@ pub async fn tenants_behind(tx: &TenantTx) -> Result<Vec<String>> {
 }
 
 /// Every tenant with a log.
-pub async fn all_tenants(tx: &TenantTx) -> Result<Vec<String>> {
+pub async fn all_tenants(tx: &SystemTx) -> Result<Vec<String>> {
     let rows = tx
         .query_all(
             "SELECT tenant_id FROM receipt_logs ORDER BY tenant_id",
