@@ -1,56 +1,24 @@
-//! The gRPC adapter: decode, check the caller, call [`CapTokens`], encode.
+//! The gRPC adapter: decode, call [`CapTokens`], encode.
 //!
-//! Who may call what (SPEC §8; the proto comments say the same). A service
-//! identity is only ever a token of the platform's service issuer
-//! ([`Principal::service_name`]), never a subject prefix:
-//! - `IssueToken`: the orchestrator service, or `admin` (audited and flagged
-//!   as an admin issue). Operators may not mint: a token must stand for what
-//!   the platform approved.
+//! Who may call what (SPEC §8) is declared on each RPC in
+//! `proto/anumate/captokens/v1/captokens.proto` (`authz` options) and enforced
+//! by the auth layer before a handler runs. A service identity is only ever a
+//! token of the platform's service issuer, never a subject prefix:
+//! - `IssueToken`, `RefreshToken`: the orchestrator service, or `admin`
+//!   (audited and flagged as an admin issue). Operators may not mint.
 //! - `VerifyToken`: any service identity (the connectors), or `admin`.
-//! - `RefreshToken`: the orchestrator service, or `admin`.
-//! - `RevokeToken`: the orchestrator service, `admin` or `operator` (revoking
-//!   only takes authority away, so the people who run executions may stop them).
-//! - `ListTokenAudit`: `auditor` or `admin`; `GetJwks`: nothing (see
-//!   [`crate::PUBLIC_PATHS`]).
+//! - `RevokeToken`: the orchestrator service, `admin` or `operator`.
+//! - `ListTokenAudit`: `auditor` or `admin`; `GetJwks`: public.
 //!
 //! The tenant is always the caller's, from the bearer token.
 
-use anumate_auth::{Principal, Role};
+use anumate_auth::Role;
 use anumate_errors::Error;
 use anumate_proto::captokens::v1 as pb;
 use pb::cap_tokens_service_server::{CapTokensService, CapTokensServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, AuditQuery, CapTokens, RevokeTarget, convert};
-
-/// The service identity that mints and refreshes tokens for its tool calls.
-pub const ORCHESTRATOR: &str = "orchestrator";
-
-/// Who may call an RPC: service identities and user roles.
-struct Allowed {
-    /// Service names allowed; `None`: any service identity; `Some(&[])`: none.
-    services: Option<&'static [&'static str]>,
-    /// User roles allowed (admin always is).
-    roles: &'static [Role],
-}
-
-const ISSUERS: Allowed = Allowed {
-    services: Some(&[ORCHESTRATOR]),
-    roles: &[Role::Admin],
-};
-const VERIFIERS: Allowed = Allowed {
-    services: None,
-    roles: &[Role::Admin],
-};
-const REFRESHERS: Allowed = ISSUERS;
-const REVOKERS: Allowed = Allowed {
-    services: Some(&[ORCHESTRATOR]),
-    roles: &[Role::Operator, Role::Admin],
-};
-const AUDITORS: Allowed = Allowed {
-    services: Some(&[]),
-    roles: &[Role::Auditor, Role::Admin],
-};
 
 /// Largest request accepted, in bytes (tokens are at most 16 KiB; arguments
 /// and constraints are small).
@@ -74,16 +42,10 @@ impl CapTokensGrpc {
     }
 }
 
-/// The caller, if it is an allowed service identity or holds an allowed role;
-/// else `PERMISSION_DENIED`.
-fn actor<T>(req: &Request<T>, allowed: &Allowed) -> Result<Actor, Status> {
-    let principal: Principal = anumate_auth::principal(req)?;
-    match (principal.service_name(), allowed.services) {
-        // Any service identity.
-        (Some(_), None) => {}
-        (Some(_), Some(names)) if !names.is_empty() => principal.require_service(names)?,
-        _ => principal.require_any(allowed.roles)?,
-    }
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule; `admin` marks a person acting as admin.
+fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Actor {
         admin: principal.service.is_none() && principal.has_role(Role::Admin),
         tenant: principal.tenant_id,
@@ -97,7 +59,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        let actor = actor(&req, &ISSUERS)?;
+        let actor = actor(&req)?;
         Ok(Response::new(
             self.tokens.issue(&actor, req.get_ref()).await?,
         ))
@@ -107,7 +69,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let actor = actor(&req, &VERIFIERS)?;
+        let actor = actor(&req)?;
         Ok(Response::new(
             self.tokens.verify(&actor, req.get_ref()).await?,
         ))
@@ -117,7 +79,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
-        let actor = actor(&req, &REFRESHERS)?;
+        let actor = actor(&req)?;
         Ok(Response::new(
             self.tokens.refresh(&actor, req.get_ref()).await?,
         ))
@@ -127,7 +89,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let actor = actor(&req, &REVOKERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let target = match &r.target {
             Some(pb::revoke_token_request::Target::Jti(jti)) if !jti.is_empty() => {
@@ -167,7 +129,7 @@ impl CapTokensService for CapTokensGrpc {
         &self,
         req: Request<pb::ListTokenAuditRequest>,
     ) -> Result<Response<pb::ListTokenAuditResponse>, Status> {
-        let actor = actor(&req, &AUDITORS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let kind = pb::AuditKind::try_from(r.kind).map_err(|_| {
             Error::invalid_argument("kind", format!("unknown AuditKind value {}", r.kind))

@@ -1,22 +1,11 @@
-//! The gRPC adapter: decode, check the role, call [`Compiler`], encode.
+//! The gRPC adapter: decode, call [`Compiler`], encode. Who may call each RPC
+//! is enforced before the handler by the auth layer (the proto's `authz` options).
 
-use anumate_auth::{Principal, Role};
 use anumate_proto::compiler::v1 as pb;
 use pb::compiler_service_server::{CompilerService, CompilerServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, Compiler};
-
-/// Roles allowed to read plans: any role of the tenant.
-const READERS: &[Role] = &[
-    Role::Admin,
-    Role::Author,
-    Role::Operator,
-    Role::Approver,
-    Role::Auditor,
-];
-/// Roles allowed to compile.
-const COMPILERS: &[Role] = &[Role::Admin, Role::Operator];
 
 /// Requests are small (a name and a version, or a hash).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -41,12 +30,10 @@ impl CompilerGrpc {
     }
 }
 
-fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
-    let principal: Principal = anumate_auth::principal(req)?;
-    if let Err(e) = principal.require_any(roles) {
-        tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
-        return Err(e.into());
-    }
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule.
+fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
@@ -60,7 +47,7 @@ impl CompilerService for CompilerGrpc {
         &self,
         req: Request<pb::CompileRequest>,
     ) -> Result<Response<pb::CompileResponse>, Status> {
-        let actor = actor(&req, COMPILERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let compiled = self
             .compiler
@@ -76,7 +63,7 @@ impl CompilerService for CompilerGrpc {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::GetPlanResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let plan = self.compiler.get(&actor, &r.plan_hash).await?;
         Ok(Response::new(pb::GetPlanResponse { plan: Some(plan) }))
@@ -86,7 +73,7 @@ impl CompilerService for CompilerGrpc {
         &self,
         req: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (plans, next) = self
             .compiler

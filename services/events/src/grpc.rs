@@ -1,17 +1,14 @@
-//! The gRPC adapter: decode, check the role, call [`Events`], encode.
+//! The gRPC adapter: decode, call [`Events`], encode. Who may call each RPC
+//! is enforced before the handler by the auth layer (the proto's `authz` options).
 
 use std::pin::Pin;
 
-use anumate_auth::{Principal, Role};
 use anumate_proto::events::v1 as pb;
 use pb::events_service_server::{EventsService, EventsServiceServer};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use crate::{Caller, Events, TailStart};
-
-/// Roles allowed to read events.
-const READERS: &[Role] = &[Role::Admin, Role::Auditor, Role::Operator];
 
 /// The events service behind the generated `EventsService` trait.
 #[derive(Clone)]
@@ -31,9 +28,10 @@ impl EventsGrpc {
     }
 }
 
-fn caller<T>(req: &Request<T>, roles: &[Role]) -> Result<Caller, Status> {
-    let principal: Principal = anumate_auth::principal(req)?;
-    principal.require_any(roles)?;
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Caller {
         tenant: principal.tenant_id,
         subject: principal.subject,
@@ -52,7 +50,7 @@ impl EventsService for EventsGrpc {
         &self,
         req: Request<pb::TailEventsRequest>,
     ) -> Result<Response<TailStream>, Status> {
-        let caller = caller(&req, READERS)?;
+        let caller = caller(&req)?;
         let r = req.into_inner();
         let start = match r.start {
             None => TailStart::Live,
@@ -78,7 +76,7 @@ impl EventsService for EventsGrpc {
         &self,
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let caller = caller(&req, READERS)?;
+        let caller = caller(&req)?;
         let (events, next) = self.events.list(&caller, req.get_ref()).await?;
         Ok(Response::new(pb::ListEventsResponse {
             events,
@@ -92,7 +90,7 @@ impl EventsService for EventsGrpc {
         &self,
         req: Request<pb::ReplayEventsRequest>,
     ) -> Result<Response<pb::ReplayEventsResponse>, Status> {
-        let caller = caller(&req, &[Role::Admin])?;
+        let caller = caller(&req)?;
         tracing::info!(tenant = %caller.tenant, subject = %caller.subject, topic = %req.get_ref().topic, "replay requested");
         let out = self.events.replay(&caller, req.get_ref()).await?;
         Ok(Response::new(out))

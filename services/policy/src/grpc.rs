@@ -1,6 +1,6 @@
-//! The gRPC adapter: decode, check the role, call [`Policies`], encode.
+//! The gRPC adapter: decode, call [`Policies`], encode. Who may call each RPC
+//! is enforced before the handler by the auth layer (the proto's `authz` options).
 
-use anumate_auth::{Principal, Role};
 use anumate_errors::Error;
 use anumate_proto::common::v1::PageResponse;
 use anumate_proto::policy::v1 as pb;
@@ -8,19 +8,6 @@ use pb::policy_service_server::{PolicyService, PolicyServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, EvalInput, EvalTarget, Policies, RedactValue, VersionSelector};
-
-/// Roles allowed to read policies, run tests and redact: any role of the tenant.
-const READERS: &[Role] = &[
-    Role::Admin,
-    Role::Author,
-    Role::Operator,
-    Role::Approver,
-    Role::Auditor,
-];
-/// Roles allowed to change policies.
-const WRITERS: &[Role] = &[Role::Admin, Role::Author];
-/// Roles allowed to evaluate.
-const EVALUATORS: &[Role] = &[Role::Admin, Role::Author, Role::Operator];
 
 /// The policy service behind the generated `PolicyService` trait.
 #[derive(Clone)]
@@ -48,12 +35,10 @@ impl PolicyGrpc {
     }
 }
 
-fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
-    let principal: Principal = anumate_auth::principal(req)?;
-    if let Err(e) = principal.require_any(roles) {
-        tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
-        return Err(e.into());
-    }
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule.
+fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
@@ -76,7 +61,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::PushPolicyRequest>,
     ) -> Result<Response<pb::PushPolicyResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let pushed = self
             .policies
@@ -93,7 +78,6 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::ValidatePolicyRequest>,
     ) -> Result<Response<pb::ValidatePolicyResponse>, Status> {
-        actor(&req, READERS)?;
         let r = req.into_inner();
         let compiled = self.policies.validate(&r.source, &r.source_name).await?;
         let p = compiled
@@ -114,7 +98,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let selector = VersionSelector::parse(&r.version)?;
         let (policy, version) = self.policies.get(&actor, &r.name, selector).await?;
@@ -128,7 +112,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let status = pb::PolicyVersionStatus::try_from(r.status).map_err(|_| {
             Error::invalid_argument(
@@ -147,7 +131,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::ListPolicyVersionsRequest>,
     ) -> Result<Response<pb::ListPolicyVersionsResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (versions, next) = self
             .policies
@@ -163,7 +147,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::PublishPolicyVersionRequest>,
     ) -> Result<Response<pb::PublishPolicyVersionResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (policy, version) = self
             .policies
@@ -185,7 +169,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::DeprecatePolicyVersionRequest>,
     ) -> Result<Response<pb::DeprecatePolicyVersionResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (policy, version) = self
             .policies
@@ -207,7 +191,7 @@ impl PolicyService for PolicyGrpc {
         &self,
         req: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let policy = self.policies.delete(&actor, &r.name, &r.etag).await?;
         Ok(Response::new(pb::DeletePolicyResponse {
@@ -220,7 +204,7 @@ impl PolicyService for PolicyGrpc {
         req: Request<pb::EvaluatePolicyRequest>,
     ) -> Result<Response<pb::EvaluatePolicyResponse>, Status> {
         use pb::evaluate_policy_request::{Input, Policies as P};
-        let actor = actor(&req, EVALUATORS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let target = match r.policies {
             Some(P::PolicySet(set)) => EvalTarget::Refs(set.policies),
@@ -252,7 +236,7 @@ impl PolicyService for PolicyGrpc {
         req: Request<pb::TestPolicyRequest>,
     ) -> Result<Response<pb::TestPolicyResponse>, Status> {
         use pb::test_policy_request::Target;
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let target = match r.target {
             Some(Target::Policy(p)) => EvalTarget::Refs(vec![p]),
@@ -271,7 +255,6 @@ impl PolicyService for PolicyGrpc {
         req: Request<pb::RedactRequest>,
     ) -> Result<Response<pb::RedactResponse>, Status> {
         use pb::redact_request::Value as V;
-        actor(&req, READERS)?;
         let r = req.into_inner();
         let value = match r.value {
             Some(V::ValueStruct(v)) => RedactValue::Struct(struct_json("value_struct", &v)?),

@@ -1,8 +1,11 @@
-//! The gRPC adapter: decode, check the role, call [`Receipts`], encode.
+//! The gRPC adapter: decode, call [`Receipts`], encode. Who may call each RPC
+//! is enforced before the handler by the auth layer (the proto's `authz`
+//! options): reading needs `admin`, `auditor` or `operator`; appending is for
+//! platform service identities only, each for the kinds it owns (checked by
+//! [`Receipts::append`]).
 
 use std::pin::Pin;
 
-use anumate_auth::{Principal, Role};
 use anumate_errors::Error;
 use anumate_proto::receipts::v1 as pb;
 use pb::receipts_service_server::{ReceiptsService, ReceiptsServiceServer};
@@ -11,8 +14,6 @@ use tonic::{Request, Response, Status};
 
 use crate::{Actor, Receipts};
 
-/// Roles allowed to read receipts, checkpoints, proofs and keys.
-const READERS: &[Role] = &[Role::Admin, Role::Auditor, Role::Operator];
 /// Most receipts per export chunk.
 const EXPORT_CHUNK: i64 = 200;
 /// Most bytes of `data` per export chunk (a single larger record goes
@@ -43,42 +44,15 @@ impl ReceiptsGrpc {
     }
 }
 
-fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
-    anumate_auth::principal(req)
-}
-
-fn denied<T>(principal: &Principal, e: Error) -> Status {
-    tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
-    e.into()
-}
-
-fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
-    let principal = principal(req)?;
-    if let Err(e) = principal.require_any(roles) {
-        return Err(denied::<T>(&principal, e));
-    }
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule; `service` is its service identity, if
+/// any (only services are admitted to append).
+fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Actor {
+        service: principal.service_name().map(str::to_owned),
         tenant: principal.tenant_id,
         subject: principal.subject,
-        service: None,
-    })
-}
-
-/// Only platform services append (each only the kinds it owns, checked by
-/// [`Receipts::append`]); people, admins included, never do.
-fn appender<T>(req: &Request<T>) -> Result<Actor, Status> {
-    let principal = principal(req)?;
-    let Some(service) = principal.service_name().map(str::to_owned) else {
-        let e = Error::new(
-            anumate_errors::ErrorCode::PermissionDenied,
-            "receipts are appended only by the platform service that owns their kind",
-        );
-        return Err(denied::<T>(&principal, e));
-    };
-    Ok(Actor {
-        tenant: principal.tenant_id,
-        subject: principal.subject,
-        service: Some(service),
     })
 }
 
@@ -92,7 +66,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::AppendReceiptRequest>,
     ) -> Result<Response<pb::AppendReceiptResponse>, Status> {
-        let actor = appender(&req)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (receipt, created) = self
             .receipts
@@ -108,7 +82,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::GetReceiptRequest>,
     ) -> Result<Response<pb::GetReceiptResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let receipt = self.receipts.get(&actor, &req.get_ref().receipt_id).await?;
         Ok(Response::new(pb::GetReceiptResponse {
             receipt: Some(receipt),
@@ -119,7 +93,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::ListReceiptsRequest>,
     ) -> Result<Response<pb::ListReceiptsResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let filter = Receipts::filter(r.filter.as_ref())?;
         let (receipts, next) = self.receipts.list(&actor, &filter, r.page.as_ref()).await?;
@@ -135,7 +109,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let checkpoint = self
             .receipts
             .checkpoint(&actor, req.get_ref().tree_size)
@@ -149,7 +123,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::GetInclusionProofRequest>,
     ) -> Result<Response<pb::GetInclusionProofResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let proof = self
             .receipts
@@ -167,7 +141,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::GetConsistencyProofRequest>,
     ) -> Result<Response<pb::GetConsistencyProofResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (proof, first, second) = self
             .receipts
@@ -182,9 +156,8 @@ impl ReceiptsService for ReceiptsGrpc {
 
     async fn get_signing_keys(
         &self,
-        req: Request<pb::GetSigningKeysRequest>,
+        _req: Request<pb::GetSigningKeysRequest>,
     ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        actor(&req, READERS)?;
         let jwks_json = serde_json::to_string(&self.receipts.jwks()).map_err(Error::internal)?;
         Ok(Response::new(pb::GetSigningKeysResponse { jwks_json }))
     }
@@ -195,7 +168,7 @@ impl ReceiptsService for ReceiptsGrpc {
         &self,
         req: Request<pb::ExportReceiptsRequest>,
     ) -> Result<Response<ExportStream>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let format = match pb::ExportFormat::try_from(r.format) {
             Ok(pb::ExportFormat::Unspecified) => {

@@ -1,23 +1,12 @@
-//! The gRPC adapter: decode, check the role, call [`Registry`], encode.
+//! The gRPC adapter: decode, call [`Registry`], encode. Who may call each RPC
+//! is enforced before the handler by the auth layer (the proto's `authz` options).
 
-use anumate_auth::{Principal, Role};
 use anumate_errors::Error;
 use anumate_proto::registry::v1 as pb;
 use pb::registry_service_server::{RegistryService, RegistryServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, Registry, VersionSelector};
-
-/// Roles allowed to read capsules: any role of the tenant.
-const READERS: &[Role] = &[
-    Role::Admin,
-    Role::Author,
-    Role::Operator,
-    Role::Approver,
-    Role::Auditor,
-];
-/// Roles allowed to change capsules.
-const WRITERS: &[Role] = &[Role::Admin, Role::Author];
 
 /// The registry behind the generated `RegistryService` trait.
 #[derive(Clone)]
@@ -47,12 +36,10 @@ impl RegistryGrpc {
     }
 }
 
-fn actor<T>(req: &Request<T>, roles: &[Role]) -> Result<Actor, Status> {
-    let principal: Principal = anumate_auth::principal(req)?;
-    if let Err(e) = principal.require_any(roles) {
-        tracing::warn!(tenant = %principal.tenant_id, subject = %principal.subject, method = std::any::type_name::<T>(), "permission denied");
-        return Err(e.into());
-    }
+/// The caller, as the auth layer verified it and admitted it by the RPC's
+/// `(anumate.common.v1.authz)` rule.
+fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let principal = anumate_auth::principal(req)?;
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
@@ -71,7 +58,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::PushCapsuleRequest>,
     ) -> Result<Response<pb::PushCapsuleResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let pushed = self
             .registry
@@ -88,7 +75,6 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::ValidateCapsuleRequest>,
     ) -> Result<Response<pb::ValidateCapsuleResponse>, Status> {
-        actor(&req, READERS)?;
         let r = req.into_inner();
         let (capsule, canonical_json, content_hash) = self
             .registry
@@ -105,7 +91,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::GetCapsuleRequest>,
     ) -> Result<Response<pb::GetCapsuleResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let selector = VersionSelector::parse(&r.version)?;
         let (capsule, version) = self.registry.get(&actor, &r.name, selector).await?;
@@ -119,7 +105,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::ListCapsulesRequest>,
     ) -> Result<Response<pb::ListCapsulesResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let status = status_filter(r.status)?;
         let (capsules, next) = self
@@ -138,7 +124,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::ListCapsuleVersionsRequest>,
     ) -> Result<Response<pb::ListCapsuleVersionsResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (versions, next) = self
             .registry
@@ -156,7 +142,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::DiffCapsuleVersionsRequest>,
     ) -> Result<Response<pb::DiffCapsuleVersionsResponse>, Status> {
-        let actor = actor(&req, READERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         Ok(Response::new(
             self.registry
@@ -169,7 +155,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::PublishCapsuleVersionRequest>,
     ) -> Result<Response<pb::PublishCapsuleVersionResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (capsule, version) = self
             .registry
@@ -191,7 +177,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::DeprecateCapsuleVersionRequest>,
     ) -> Result<Response<pb::DeprecateCapsuleVersionResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let (capsule, version) = self
             .registry
@@ -213,7 +199,7 @@ impl RegistryService for RegistryGrpc {
         &self,
         req: Request<pb::DeleteCapsuleRequest>,
     ) -> Result<Response<pb::DeleteCapsuleResponse>, Status> {
-        let actor = actor(&req, WRITERS)?;
+        let actor = actor(&req)?;
         let r = req.into_inner();
         let capsule = self.registry.delete(&actor, &r.name, &r.etag).await?;
         Ok(Response::new(pb::DeleteCapsuleResponse {
@@ -223,9 +209,8 @@ impl RegistryService for RegistryGrpc {
 
     async fn get_signing_keys(
         &self,
-        req: Request<pb::GetSigningKeysRequest>,
+        _req: Request<pb::GetSigningKeysRequest>,
     ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        actor(&req, READERS)?;
         let jwks_json = serde_json::to_string(&self.registry.jwks()).map_err(Error::internal)?;
         Ok(Response::new(pb::GetSigningKeysResponse { jwks_json }))
     }
