@@ -182,7 +182,12 @@ pub async fn build_router(rt: &Runtime, own_url: String) -> anyhow::Result<App> 
         own_url,
     );
     for module in &rt.modules {
-        module.build(&mut ctx)?;
+        if let Err(e) = module.build(&mut ctx) {
+            // The tasks of the services built so far stop with the failure.
+            let (_, tasks, _) = ctx.into_parts();
+            tasks.shutdown(TASKS_STOP_TIMEOUT).await;
+            return Err(e.into());
+        }
     }
     let (mut routes, tasks, provided) = ctx.into_parts();
     let (health, health_service) = tonic_health::server::health_reporter();

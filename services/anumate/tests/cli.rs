@@ -1102,6 +1102,43 @@ async fn calls_over_the_cap_are_shed_and_slow_ones_time_out() {
 /// `serve` signs only with configured keys: without them it refuses to start
 /// and names the settings; two replicas given the same files (the second an
 /// older key, still verifying) publish the same key sets.
+/// A service that cannot be built stops `serve` with an error naming what to
+/// configure: captokens without receipts in its process needs the platform's
+/// service keys to append revocation receipts at `[captokens] receipts_url`.
+#[test]
+fn serve_names_what_a_service_module_is_missing() {
+    let dir = workdir();
+    let path = dir.path();
+    let key = path.join("tokens.pem");
+    write_key(&key);
+    let config = path.join("captokens.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = {store:?}\n\n[captokens]\nkey_files = [{key:?}]\nreceipts_url = \"http://127.0.0.1:9\"\n",
+            store = format!("sqlite://{}", path.join("tokens.db").display()),
+            key = key.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let out = cli(
+        path,
+        &[
+            "serve",
+            "captokens",
+            "--listen",
+            "127.0.0.1:0",
+            "--migrate",
+            "--config",
+            &config,
+        ],
+    )
+    .failed();
+    assert!(out.stderr.contains("[captokens] receipts_url"), "{out:#?}");
+    assert!(out.stderr.contains("[keys] service_key_files"), "{out:#?}");
+}
+
 #[test]
 fn serve_needs_configured_keys_and_replicas_share_them() {
     let dir = workdir();
