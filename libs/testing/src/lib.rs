@@ -10,6 +10,8 @@
 //! - [`serve`]: the service's routes on a real TCP listener behind the
 //!   production layers that live in libraries (ErrorInfo on every error,
 //!   authentication and per-RPC authorization), as the binary stacks them.
+//! - [`expect_error`] / [`expect_status`]: a failed call's stable code, checked
+//!   in its `ErrorInfo` and its gRPC code.
 //!
 //! A dev-dependency only: it panics on set-up failures, which fail the test.
 #![forbid(unsafe_code)]
@@ -18,10 +20,12 @@
 use std::net::SocketAddr;
 
 use anumate_auth::{AuthConfig, AuthLayer, Authenticator, AuthzTable, DevIssuer, ServiceIssuer};
+use anumate_errors::{Error, ErrorCode};
 pub use anumate_store::testing::TestDb;
 pub use anumate_store::{Backend, Migration, Store};
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
+use tonic_types::StatusExt as _;
 
 /// Runs each scenario once on SQLite and once on PostgreSQL.
 ///
@@ -187,4 +191,38 @@ pub fn serve_with_layer(
             .expect("server");
     });
     (addr, server)
+}
+
+/// The status of a call that had to fail with `code`, after checking that it
+/// carries `ErrorInfo { reason: code, domain: anumate.dev }` and the gRPC code
+/// the error table maps `code` to.
+#[track_caller]
+pub fn expect_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: ErrorCode,
+) -> tonic::Status {
+    let status = match result {
+        Ok(v) => panic!("expected {code}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, code.as_str(), "{status:?}");
+    assert_eq!(info.domain, anumate_errors::DOMAIN, "{status:?}");
+    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
+    status
+}
+
+/// [`expect_status`], decoded into the product error (violations, metadata).
+#[track_caller]
+pub fn expect_error<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: ErrorCode,
+) -> Error {
+    let err = Error::from_status(&expect_status(result, code));
+    assert_eq!(err.code, code);
+    err
 }

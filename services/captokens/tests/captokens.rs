@@ -17,16 +17,17 @@ use anumate_crypto::{KeyPair, KeyRing, b64url};
 use anumate_errors::ErrorCode;
 use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
-use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
+use anumate_testing::{
+    self as testing, Backend, DevAuth, Store, TestDb, expect_status as expect_error,
+    on_both_backends,
+};
 use pb::Verdict;
 use pb::cap_tokens_service_client::CapTokensServiceClient;
 use prost::Message as _;
 use serde_json::json;
-use tonic::Status;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic_types::StatusExt as _;
 
 type Client = CapTokensServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -250,22 +251,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-#[track_caller]
-fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Status {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    status
-}
 
 fn capability() -> Capability {
     Capability::new(TOOL, ["call"]).constrain("/amount", Constraint::max(500))

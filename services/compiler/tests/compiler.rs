@@ -17,15 +17,15 @@ use anumate_proto::compiler::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
-use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
+use anumate_testing::{
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+};
 use pb::compiler_service_client::CompilerServiceClient;
 use ppb::policy_service_client::PolicyServiceClient;
 use rpb::registry_service_client::RegistryServiceClient;
-use tonic::Status;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic_types::StatusExt as _;
 
 type Intercepted = InterceptedService<Channel, BearerToken>;
 
@@ -131,22 +131,6 @@ impl TestApp {
             .map(|r| (r.event_type, r.subject))
             .collect()
     }
-}
-
-#[track_caller]
-fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    Error::from_status(&status)
 }
 
 fn meta<'a>(e: &'a Error, key: &str) -> &'a str {

@@ -12,7 +12,9 @@ use anumate_auth::{BearerToken, DevIssuer, Role};
 use anumate_errors::{Error, ErrorCode};
 use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::policy::v1 as pb;
-use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
+use anumate_testing::{
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+};
 use pb::evaluate_policy_request::{Input, Policies as Target};
 use pb::policy_service_client::PolicyServiceClient;
 use tonic::Status;
@@ -182,22 +184,6 @@ on_both_backends! {
     decision_log_redaction => decision_log_redaction_sqlite, decision_log_redaction_postgres;
     events => events_sqlite, events_postgres;
     concurrent_pushes => concurrent_pushes_sqlite, concurrent_pushes_postgres;
-}
-
-#[track_caller]
-fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    Error::from_status(&status)
 }
 
 fn push_req(source: &str, publish: bool) -> pb::PushPolicyRequest {

@@ -15,14 +15,14 @@ use anumate_errors::{Error, ErrorCode};
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_consistency, verify_receipt_offline};
 use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
-use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
+use anumate_testing::{
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+};
 use pb::receipts_service_client::ReceiptsServiceClient;
 use serde_json::json;
-use tonic::Status;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic_types::StatusExt as _;
 
 type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -186,22 +186,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-#[track_caller]
-fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    Error::from_status(&status)
-}
 
 fn content(v: serde_json::Value) -> pbjson_types::Struct {
     serde_json::from_value(v).expect("struct")

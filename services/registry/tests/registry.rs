@@ -18,14 +18,15 @@ use anumate_proto::common::v1::PageRequest;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
-use anumate_testing::{self as testing, Backend, DevAuth, Store, TestDb, on_both_backends};
+use anumate_testing::{
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+};
 use pb::registry_service_client::RegistryServiceClient;
 use serde_json::json;
 use tonic::Status;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic_types::StatusExt as _;
 
 type Client = RegistryServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -179,27 +180,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// The product error of a failed call, after checking that the status carries
-/// `ErrorInfo { reason: code, domain: anumate.dev }` and the mapped gRPC code.
-#[track_caller]
-fn expect_error<T: std::fmt::Debug>(result: Result<T, Status>, code: ErrorCode) -> Error {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(info.domain, anumate_errors::DOMAIN);
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    let err = Error::from_status(&status);
-    assert_eq!(err.code, code);
-    err
-}
 
 /// The violations as (field, position).
 fn places(err: &Error) -> Vec<(&str, Option<(u32, u32)>)> {
