@@ -641,10 +641,16 @@ async fn layer_call_directly_and_principal_helper() {
             Ok::<_, Infallible>(http::Response::new(String::from("ok")))
         }
     });
-    let rules = anumate_auth::AuthzTable::from_rules([(
-        "/anumate.registry.v1.Registry/Get".to_string(),
-        anumate_auth::AuthzRule::roles(&[Role::Auditor]),
-    )])
+    let rules = anumate_auth::AuthzTable::from_rules([
+        (
+            "/anumate.registry.v1.Registry/Get".to_string(),
+            anumate_auth::AuthzRule::roles(&[Role::Auditor]),
+        ),
+        (
+            "/anumate.registry.v1.Registry/Keys".to_string(),
+            anumate_auth::AuthzRule::public(),
+        ),
+    ])
     .unwrap();
     let mut svc = AuthLayer::new(d.auth.clone(), rules).layer(inner);
 
@@ -697,6 +703,15 @@ async fn layer_call_directly_and_principal_helper() {
     let resp = svc.ready().await.unwrap().call(req).await.unwrap();
     assert_eq!(resp.headers()["grpc-status"], "7");
     assert!(seen.lock().unwrap().is_none());
+
+    // A public method passes without a token (and without a principal).
+    let req = http::Request::builder()
+        .uri("/anumate.registry.v1.Registry/Keys")
+        .body(())
+        .unwrap();
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.body(), "ok");
+    assert!(seen.lock().unwrap().take().is_none());
 
     // Reflection passes through without a token.
     let req = http::Request::builder()
