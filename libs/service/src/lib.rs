@@ -20,8 +20,8 @@ mod module;
 mod tasks;
 
 pub use module::{
-    BuildError, Context, KeysConfig, ServiceModule, check_section, default_section,
-    section as module_section,
+    BuildError, Context, KeysConfig, Module, ServiceModule, check_section, default_section,
+    no_keys, section as module_section,
 };
 pub use tasks::{TaskError, Tasks};
 pub use tokio_util::sync::CancellationToken;

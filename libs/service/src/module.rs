@@ -54,6 +54,68 @@ pub trait ServiceModule: Send + Sync {
     fn build(&self, ctx: &mut Context) -> Result<(), BuildError>;
 }
 
+/// A service module from its parts: what a service with a typed
+/// configuration section `C` declares instead of implementing
+/// [`ServiceModule`] by hand.
+pub struct Module<C> {
+    /// Full gRPC service name.
+    pub name: &'static str,
+    /// `anumate serve` name and configuration section.
+    pub section: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// Its own migrations.
+    pub migrations: &'static [Migration],
+    /// The signing-key settings it needs and lacks, given its section and `[keys]`.
+    pub missing_keys: fn(&C, &KeysConfig) -> Vec<&'static str>,
+    /// Builds it from its parsed section (see [`ServiceModule::build`]).
+    pub build: fn(&mut Context, C) -> Result<(), BuildError>,
+}
+
+/// For [`Module::missing_keys`]: a service that signs nothing.
+pub fn no_keys<C>(_: &C, _: &KeysConfig) -> Vec<&'static str> {
+    Vec::new()
+}
+
+impl<C: Serialize + DeserializeOwned + Default> ServiceModule for Module<C> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn section(&self) -> &'static str {
+        self.section
+    }
+
+    fn about(&self) -> &'static str {
+        self.about
+    }
+
+    fn default_config(&self) -> Option<serde_json::Value> {
+        default_section::<C>()
+    }
+
+    fn check_config(&self, value: &serde_json::Value) -> Result<(), BuildError> {
+        check_section::<C>(self.section, value)
+    }
+
+    fn migrations(&self) -> Vec<Migration> {
+        self.migrations.to_vec()
+    }
+
+    fn missing_keys(&self, config: &serde_json::Value, keys: &KeysConfig) -> Vec<&'static str> {
+        // A section that does not parse is reported when the service is built.
+        match section::<C>(config, self.section) {
+            Ok(cfg) => (self.missing_keys)(&cfg, keys),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn build(&self, ctx: &mut Context) -> Result<(), BuildError> {
+        let cfg = ctx.section::<C>(self.section)?;
+        (self.build)(ctx, cfg)
+    }
+}
+
 /// Why a service could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

@@ -4,51 +4,28 @@ use std::sync::Arc;
 
 use anumate_proto::policy::v1 as pb;
 use anumate_service::clients::{BoxFuture, Caller, PolicyClient, UpstreamResult};
-use anumate_service::{BuildError, Context, ServiceModule};
-use anumate_store::Migration;
+use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
 use crate::{Actor, Policies, PolicyConfig, PolicyGrpc, VersionSelector};
 
-/// The policy service module.
+/// The policy service module. It provides an in-process [`PolicyClient`].
 pub fn module() -> Box<dyn ServiceModule> {
-    Box::new(Module)
+    Box::new(Module::<PolicyConfig> {
+        name: pb::policy_service_server::SERVICE_NAME,
+        section: "policy",
+        about: "Policy: the policy DSL, versions, evaluation and redaction",
+        migrations: crate::REPO_MIGRATIONS,
+        missing_keys: no_keys,
+        build,
+    })
 }
 
-struct Module;
-
-impl ServiceModule for Module {
-    fn name(&self) -> &'static str {
-        pb::policy_service_server::SERVICE_NAME
-    }
-
-    fn about(&self) -> &'static str {
-        "Policy: the policy DSL, versions, evaluation and redaction"
-    }
-
-    fn section(&self) -> &'static str {
-        "policy"
-    }
-
-    fn default_config(&self) -> Option<serde_json::Value> {
-        anumate_service::default_section::<PolicyConfig>()
-    }
-
-    fn check_config(&self, section: &serde_json::Value) -> Result<(), BuildError> {
-        anumate_service::check_section::<PolicyConfig>(self.section(), section)
-    }
-
-    fn migrations(&self) -> Vec<Migration> {
-        crate::REPO_MIGRATIONS.to_vec()
-    }
-
-    fn build(&self, ctx: &mut Context) -> Result<(), BuildError> {
-        let cfg: PolicyConfig = ctx.section(self.section())?;
-        let policies = Policies::new(ctx.store("policy")?, &cfg);
-        ctx.provide::<Arc<dyn PolicyClient>>(Arc::new(policies.clone()));
-        ctx.routes
-            .add_service(PolicyGrpc::new(policies).into_server());
-        Ok(())
-    }
+fn build(ctx: &mut Context, cfg: PolicyConfig) -> Result<(), BuildError> {
+    let policies = Policies::new(ctx.store("policy")?, &cfg);
+    ctx.provide::<Arc<dyn PolicyClient>>(Arc::new(policies.clone()));
+    ctx.routes
+        .add_service(PolicyGrpc::new(policies).into_server());
+    Ok(())
 }
 
 /// In this process: the domain call, no socket. The caller was authorized by
