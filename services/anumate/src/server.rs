@@ -303,10 +303,7 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
                 .then(|| Duration::from_secs(rt.config.grpc.request_timeout_secs)),
             rt.config.grpc.max_concurrent_requests,
         ))
-        .layer(anumate_captokens_service::PUBLIC_PATHS.iter().fold(
-            AuthLayer::new(rt.authenticator.clone(), authz),
-            |layer, path| layer.allow_unauthenticated(*path),
-        ));
+        .layer(AuthLayer::new(rt.authenticator.clone(), authz));
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(rt.config.grpc.max_concurrent_streams.max(1))
         .layer(layers)
