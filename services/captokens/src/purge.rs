@@ -13,7 +13,7 @@ impl CapTokens {
     pub async fn purge_replay(&self) -> Result<u64> {
         let cutoff = unix_now().saturating_sub(self.inner.leeway);
         let tenants = {
-            let tx = self.inner.store.read("-").await?;
+            let tx = self.inner.store.system_read().await?;
             repo::replay_tenants(&tx).await?
         };
         let mut purged = 0;

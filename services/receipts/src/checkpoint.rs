@@ -103,9 +103,9 @@ impl Receipts {
 
     /// Publishes checkpoints for every tenant whose log grew; returns how many.
     pub async fn publish_pending(&self) -> Result<usize> {
-        // `receipt_logs` has no row-level security: any tenant scope sees every head.
+        // `receipt_logs` has no row-level security: a system transaction sees every head.
         let tenants = {
-            let tx = self.store.read("-").await?;
+            let tx = self.store.system_read().await?;
             repo::tenants_behind(&tx).await?
         };
         let mut published = 0;

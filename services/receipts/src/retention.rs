@@ -12,7 +12,7 @@ impl Receipts {
     /// signatures and checkpoints stay: proofs keep verifying.
     pub async fn apply_retention(&self, now_micros: i64) -> Result<u64> {
         let tenants = {
-            let tx = self.store.read("-").await?;
+            let tx = self.store.system_read().await?;
             repo::all_tenants(&tx).await?
         };
         let mut removed = 0;
