@@ -75,7 +75,7 @@ pub const MAX_TENANT_LEN: usize = 63;
 
 /// Checks a tenant id: 1–63 characters of `a-z`, `0-9`, `-`, `_` and `.`,
 /// starting with a letter or digit. Ids are path segments, log fields, Kafka
-/// keys and checkpoint origins; `-` alone is the background pseudo-tenant.
+/// keys and checkpoint origins; a leading `-` or `.` is never a tenant.
 pub fn validate_tenant_id(tenant: &str) -> Result<(), String> {
     let first_ok = tenant
         .bytes()
