@@ -18,27 +18,15 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_anumate");
+mod common;
+use common::anumate;
+
 const CAPSULE: &str = "refund-small-orders";
 const REFUND: &str = "examples/refund.capsule.yaml";
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A command of the binary with none of the caller's `ANUMATE_…` variables
-/// (they are configuration, and would leak into what a test means to check).
-fn anumate(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ANUMATE_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("NO_COLOR", "1");
-    cmd
-}
 
 /// What a finished command printed.
 #[derive(Debug)]

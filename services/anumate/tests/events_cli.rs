@@ -5,25 +5,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_anumate");
-
-fn anumate(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ANUMATE_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("NO_COLOR", "1");
-    cmd
-}
+mod common;
+use common::{anumate, start_dev};
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
     anumate(dir)
@@ -35,53 +24,6 @@ fn cli(dir: &Path, args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-struct Dev(Child);
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_dev(dir: &Path) -> Dev {
-    let log = std::fs::File::create(dir.join("dev.log")).unwrap();
-    let mut child = anumate(dir)
-        .args(["dev", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("start anumate dev");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let dev = Dev(child);
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("anumate dev reports serving");
-        if line.contains(" on http://") {
-            return dev;
-        }
-    }
 }
 
 #[test]

@@ -112,7 +112,7 @@ struct Server {
     url: String,
     token: String,
     handle: tokio::task::JoinHandle<()>,
-    _db: anumate_store::testing::TestDb,
+    _db: anumate_testing::TestDb,
     _keys: tempfile::TempDir,
 }
 
@@ -123,50 +123,38 @@ impl Drop for Server {
 }
 
 async fn serve() -> Server {
-    use anumate_auth::{AuthConfig, AuthLayer, Authenticator, DevIssuer, Role};
-    let db = anumate_store::testing::TestDb::sqlite();
-    let store = anumate_store::Store::connect(&db.config).await.unwrap();
-    store
-        .migrate(&anumate_policy_service::migrations())
-        .await
-        .unwrap();
+    let (db, store) = anumate_testing::migrated_store(
+        anumate_testing::Backend::Sqlite,
+        &anumate_policy_service::migrations(),
+    )
+    .await;
     let policies = anumate_policy_service::Policies::new(
         store,
         &anumate_policy_service::PolicyConfig::default(),
     );
-    let keys = tempfile::tempdir().unwrap();
-    let issuer = DevIssuer::load_or_create(keys.path()).unwrap();
-    let token = issuer
+    let auth = anumate_testing::DevAuth::new();
+    let token = auth
+        .issuer
         .mint(
             "dev",
             "user:dev",
-            &[Role::Admin],
+            &[anumate_auth::Role::Admin],
             std::time::Duration::from_secs(600),
         )
         .unwrap();
-    let auth = Authenticator::new(AuthConfig::default())
-        .unwrap()
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap())),
-            )
-            .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    let (addr, handle) = anumate_testing::serve(
+        auth.authenticator,
+        tonic::service::Routes::new(
+            anumate_policy_service::PolicyGrpc::new(policies).into_server(),
+        ),
+    )
+    .await;
     Server {
         url: format!("http://{addr}"),
         token,
         handle,
         _db: db,
-        _keys: keys,
+        _keys: auth.dir,
     }
 }
 

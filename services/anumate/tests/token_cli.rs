@@ -24,8 +24,9 @@ struct Server {
     token: String,
     operator_token: String,
     handle: tokio::task::JoinHandle<()>,
-    _db: anumate_store::testing::TestDb,
+    _db: anumate_testing::TestDb,
     _keys: tempfile::TempDir,
+    _dev: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -35,55 +36,36 @@ impl Drop for Server {
 }
 
 async fn serve() -> Server {
-    use anumate_auth::{AuthConfig, AuthLayer, Authenticator, DevIssuer, Role};
-    let db = anumate_store::testing::TestDb::sqlite();
-    let store = anumate_store::Store::connect(&db.config).await.unwrap();
-    store
-        .migrate(&anumate_captokens_service::migrations())
-        .await
-        .unwrap();
+    use anumate_auth::{AuthLayer, AuthzTable, Role};
+    let (db, store) = anumate_testing::migrated_store(
+        anumate_testing::Backend::Sqlite,
+        &anumate_captokens_service::migrations(),
+    )
+    .await;
     let keys = tempfile::tempdir().unwrap();
     let cfg = anumate_captokens_service::CapTokensConfig::default();
     let ring = anumate_captokens_service::load_keys(&cfg, keys.path()).unwrap();
     let tokens =
         anumate_captokens_service::CapTokens::new(store, std::sync::Arc::new(ring), &cfg).unwrap();
-    let issuer = DevIssuer::load_or_create(&keys.path().join("dev")).unwrap();
-    let token = issuer
-        .mint(
-            "acme",
-            "user:olivia",
-            &[Role::Admin],
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    let operator_token = issuer
-        .mint(
-            "acme",
-            "user:oscar",
-            &[Role::Operator],
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    let auth = Authenticator::new(AuthConfig::default())
-        .unwrap()
-        .with_static_issuer(issuer.issuer(), issuer.jwks());
-    let layer = anumate_captokens_service::PUBLIC_PATHS
-        .iter()
-        .fold(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap()), |l, p| l.allow_unauthenticated(*p));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(layer),
-            )
-            .add_service(anumate_captokens_service::CapTokensGrpc::new(tokens).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    let auth = anumate_testing::DevAuth::new();
+    let mint = |subject: &str, role: Role| {
+        auth.issuer
+            .mint("acme", subject, &[role], Duration::from_secs(600))
+            .unwrap()
+    };
+    let token = mint("user:olivia", Role::Admin);
+    let operator_token = mint("user:oscar", Role::Operator);
+    let layer = anumate_captokens_service::PUBLIC_PATHS.iter().fold(
+        AuthLayer::new(auth.authenticator, AuthzTable::platform().unwrap()),
+        |l, p| l.allow_unauthenticated(*p),
+    );
+    let (addr, handle) = anumate_testing::serve_with_layer(
+        anumate_testing::bind().await,
+        layer,
+        tonic::service::Routes::new(
+            anumate_captokens_service::CapTokensGrpc::new(tokens).into_server(),
+        ),
+    );
     Server {
         url: format!("http://{addr}"),
         token,
@@ -91,6 +73,7 @@ async fn serve() -> Server {
         handle,
         _db: db,
         _keys: keys,
+        _dev: auth.dir,
     }
 }
 
@@ -170,8 +153,9 @@ async fn mint_verify_online_and_offline_revoke() {
         token: server.operator_token.clone(),
         operator_token: String::new(),
         handle: tokio::spawn(async {}),
-        _db: anumate_store::testing::TestDb::sqlite(),
+        _db: anumate_testing::TestDb::sqlite(),
         _keys: tempfile::tempdir().unwrap(),
+        _dev: tempfile::tempdir().unwrap(),
     };
     let args = with(&["token", "mint"], call(&["--args", "{}"]));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
