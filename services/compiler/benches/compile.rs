@@ -205,7 +205,10 @@ fn rpc(c: &mut Criterion, yaml: &str) {
         .unwrap();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
-                .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap()))
+                .layer(AuthLayer::new(
+                    auth,
+                    anumate_auth::AuthzTable::platform().unwrap(),
+                ))
                 .add_service(anumate_registry::RegistryGrpc::new(registry).into_server())
                 .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
                 .add_service(anumate_compiler::CompilerGrpc::new(compiler).into_server())

@@ -29,9 +29,9 @@
 
 mod feed;
 pub mod grpc;
-mod module;
 pub mod history;
 pub mod kafka;
+mod module;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -45,8 +45,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 pub use grpc::EventsGrpc;
-pub use module::module;
 pub use history::{NewEvent, Recorded};
+pub use module::module;
 
 /// `content-type` of protobuf event data.
 pub const PROTOBUF: &str = anumate_events::cloudevents::PROTOBUF;

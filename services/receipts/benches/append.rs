@@ -71,7 +71,10 @@ async fn setup() -> Bench {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .layer(AuthLayer::new(auth, anumate_auth::AuthzTable::platform().unwrap()))
+            .layer(AuthLayer::new(
+                auth,
+                anumate_auth::AuthzTable::platform().unwrap(),
+            ))
             .add_service(ReceiptsGrpc::new(receipts).into_server())
             .serve_with_incoming(async_stream_nodelay(listener))
             .await
