@@ -55,6 +55,20 @@ pub enum Caller {
         /// The acting service.
         service: &'static str,
     },
+    /// This service acting for `principal` (the person or client whose
+    /// request it serves, or who started the work it resumes later). Over
+    /// gRPC it presents a delegated service token (`svc:<service>` acting
+    /// for the principal, with the principal's roles), minted by the
+    /// client's service issuer; a client without one forwards `forward`,
+    /// the caller's own `authorization` header, when there is one.
+    Delegated {
+        /// Whom the service acts for.
+        principal: anumate_auth::Principal,
+        /// The acting service.
+        service: &'static str,
+        /// The caller's `authorization` header, for clients without service keys.
+        forward: Option<AsciiMetadataValue>,
+    },
 }
 
 impl Caller {
@@ -62,6 +76,15 @@ impl Caller {
     pub fn tenant(&self) -> &str {
         match self {
             Caller::User { tenant, .. } | Caller::Service { tenant, .. } => tenant,
+            Caller::Delegated { principal, .. } => &principal.tenant_id,
+        }
+    }
+
+    /// The platform service making the call, if a service makes it.
+    pub fn service(&self) -> Option<&'static str> {
+        match self {
+            Caller::User { .. } => None,
+            Caller::Service { service, .. } | Caller::Delegated { service, .. } => Some(service),
         }
     }
 
@@ -70,6 +93,7 @@ impl Caller {
         match self {
             Caller::User { subject, .. } => subject.clone(),
             Caller::Service { service, .. } => anumate_auth::service_subject(service),
+            Caller::Delegated { principal, .. } => principal.originator().to_owned(),
         }
     }
 }
@@ -190,26 +214,50 @@ impl Grpc {
                 }
             }
             Caller::Service { tenant, service } => {
-                let issuer = match &self.issuer {
-                    Some(issuer) if issuer.service() == *service => issuer,
-                    other => {
-                        return Err(UpstreamError::Local(Error::new(
-                            ErrorCode::Internal,
-                            format!(
-                                "no service issuer for {service:?} (this client mints for {:?})",
-                                other.as_ref().map(ServiceIssuer::service)
-                            ),
-                        )));
-                    }
-                };
-                let token = issuer.mint(tenant, SERVICE_TOKEN_TTL)?;
-                let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
-                req.metadata_mut().insert("authorization", value);
+                let token = self.issuer_for(service)?.mint(tenant, SERVICE_TOKEN_TTL)?;
+                insert_bearer(&mut req, &token)?;
             }
+            Caller::Delegated {
+                principal,
+                service,
+                forward,
+            } => match (&self.issuer, forward) {
+                (Some(_), _) => {
+                    let token = self.issuer_for(service)?.token_for(principal)?;
+                    insert_bearer(&mut req, &token)?;
+                }
+                (None, Some(auth)) => {
+                    req.metadata_mut().insert("authorization", auth.clone());
+                }
+                (None, None) => {
+                    self.issuer_for(service)?;
+                }
+            },
         }
         Ok(req)
     }
+
+    /// This client's issuer, when it mints for `service`.
+    fn issuer_for(&self, service: &str) -> UpstreamResult<&ServiceIssuer> {
+        match &self.issuer {
+            Some(issuer) if issuer.service() == service => Ok(issuer),
+            other => Err(UpstreamError::Local(Error::new(
+                ErrorCode::Internal,
+                format!(
+                    "no service issuer for {service:?} (this client mints for {:?})",
+                    other.as_ref().map(ServiceIssuer::service)
+                ),
+            ))),
+        }
+    }
+}
+
+/// Sets `authorization: Bearer <token>` on `req`.
+fn insert_bearer<T>(req: &mut tonic::Request<T>, token: &str) -> UpstreamResult<()> {
+    let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(())
 }
 
 impl RegistryClient for Grpc {

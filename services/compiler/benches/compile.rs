@@ -110,6 +110,7 @@ fn bench(c: &mut Criterion) {
         tenant: "bench".into(),
         subject: "bench".into(),
         authorization: None,
+        principal: None,
     };
     let cv = rpb::CapsuleVersion {
         name: "hundred-steps".into(),

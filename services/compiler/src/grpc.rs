@@ -35,9 +35,10 @@ impl CompilerGrpc {
 fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
     let principal = anumate_auth::principal(req)?;
     Ok(Actor {
-        tenant: principal.tenant_id,
-        subject: principal.subject,
+        tenant: principal.tenant_id.clone(),
+        subject: principal.subject.clone(),
         authorization: req.metadata().get("authorization").cloned(),
+        principal: Some(principal),
     })
 }
 

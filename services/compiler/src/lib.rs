@@ -93,8 +93,11 @@ pub struct Actor {
     pub tenant: String,
     /// Principal subject.
     pub subject: String,
-    /// The caller's `authorization` header value, forwarded as is.
+    /// The caller's `authorization` header value, forwarded as is when the
+    /// compiler has no service keys to act for the caller with.
     pub authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// The verified caller, for whom the compiler reads its upstreams.
+    pub principal: Option<anumate_auth::Principal>,
 }
 
 /// Where the compiler's inputs come from: the registry's and the policy
@@ -151,12 +154,24 @@ pub struct Compiler {
     memo_entries: usize,
 }
 
-/// The actor as the caller of an upstream (its token forwarded over gRPC).
+/// The service name the compiler acts as upstream.
+pub const SERVICE_NAME: &str = "compiler";
+
+/// The actor as the caller of an upstream: the compiler acting for it (a
+/// delegated service token over gRPC when the compiler has service keys,
+/// else the caller's own token forwarded).
 fn caller(actor: &Actor) -> Caller {
-    Caller::User {
-        tenant: actor.tenant.clone(),
-        subject: actor.subject.clone(),
-        authorization: actor.authorization.clone(),
+    match &actor.principal {
+        Some(principal) => Caller::Delegated {
+            principal: principal.clone(),
+            service: SERVICE_NAME,
+            forward: actor.authorization.clone(),
+        },
+        None => Caller::User {
+            tenant: actor.tenant.clone(),
+            subject: actor.subject.clone(),
+            authorization: actor.authorization.clone(),
+        },
     }
 }
 

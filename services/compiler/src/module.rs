@@ -24,14 +24,31 @@ pub fn module() -> Box<dyn ServiceModule> {
 
 fn build(ctx: &mut Context, cfg: CompilerConfig) -> Result<(), BuildError> {
     let store = ctx.store("compiler")?;
+    // Over gRPC the compiler reads as itself acting for the caller, when the
+    // platform's service keys are configured (else it forwards the caller's token).
+    let issuer = match ctx.service_issuer() {
+        Some(issuer) => Some(
+            issuer
+                .for_service(crate::SERVICE_NAME)
+                .map_err(|e| BuildError::service("compiler", e))?,
+        ),
+        None => None,
+    };
+    let grpc = |channel| {
+        let client = Grpc::new(channel);
+        Arc::new(match &issuer {
+            Some(issuer) => client.with_service_issuer(issuer.clone()),
+            None => client,
+        })
+    };
     let registry = ctx.upstream::<dyn RegistryClient>(
         "compiler.registry_url",
         &cfg.registry_url,
-        |channel| Arc::new(Grpc::new(channel)),
+        |channel| grpc(channel),
     )?;
     let policy =
         ctx.upstream::<dyn PolicyClient>("compiler.policy_url", &cfg.policy_url, |channel| {
-            Arc::new(Grpc::new(channel))
+            grpc(channel)
         })?;
     let compiler = Compiler::new(store, Upstreams::new(registry, policy), &cfg)
         .map_err(|e| BuildError::service("compiler", e))?;

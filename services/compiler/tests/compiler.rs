@@ -550,3 +550,150 @@ async fn concurrent_compiles(app: TestApp) {
         .count();
     assert_eq!(compiled, 1);
 }
+
+/// Issue 10, delegated service identity: in a mesh the compiler reads the
+/// registry and the policy service as `svc:compiler` acting for its caller,
+/// with the caller's roles, not with the caller's own token. Here the
+/// upstream server trusts only the platform's service issuer, so a compile
+/// succeeds only through delegation; a compiler without service keys (which
+/// forwards the caller's token) fails against it.
+#[tokio::test]
+async fn upstreams_are_read_as_the_compiler_acting_for_its_caller() {
+    use anumate_auth::{AuthConfig, Authenticator, ServiceIssuer};
+    use anumate_service::clients::Grpc;
+
+    let mut migrations = anumate_registry::migrations();
+    migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
+    migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
+    let (_db, store) = testing::migrated_store(Backend::Sqlite, &migrations).await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let services = ServiceIssuer::load_or_create(keys_dir.path(), "compiler").unwrap();
+
+    // The upstream pod: registry and policy, trusting only service tokens.
+    let upstream_auth = Authenticator::new(AuthConfig::default())
+        .unwrap()
+        .with_static_service_issuer(services.jwks());
+    let registry = Registry::new(
+        store.clone(),
+        Arc::new(KeyRing::new(KeyPair::generate().unwrap())),
+        &RegistryConfig::default(),
+    );
+    let policies = Policies::new(store.clone(), &PolicyConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (upstream_addr, upstream) = testing::serve_on(
+        listener,
+        upstream_auth,
+        Routes::new(RegistryGrpc::new(registry).into_server())
+            .add_service(PolicyGrpc::new(policies).into_server()),
+    );
+    let upstream_url = format!("http://{upstream_addr}");
+
+    // An author pushes through the upstream (as a service acting for them).
+    let author = services
+        .mint_on_behalf_of(
+            TENANT_A,
+            "user:bob",
+            &[Role::Author],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let channel = Endpoint::from_shared(upstream_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = Clients {
+        compiler: CompilerServiceClient::with_interceptor(
+            channel.clone(),
+            BearerToken(author.clone()),
+        ),
+        registry: RegistryServiceClient::with_interceptor(
+            channel.clone(),
+            BearerToken(author.clone()),
+        ),
+        policy: PolicyServiceClient::with_interceptor(channel, BearerToken(author)),
+    };
+    let split = POLICIES.find("policy \"pii-masking\"").unwrap();
+    for source in [&POLICIES[..split], &POLICIES[split..]] {
+        c.policy
+            .push_policy(ppb::PushPolicyRequest {
+                source: source.into(),
+                source_name: "refund.policy".into(),
+                etag: String::new(),
+                publish: true,
+            })
+            .await
+            .expect("push policy");
+    }
+    push_capsule(&mut c, CAPSULE).await;
+
+    // The compiler pod: users' tokens from the dev issuer; upstreams over gRPC.
+    let compiler_pod = |with_keys: bool| {
+        let registry_channel = anumate_service::clients::channel("r", &upstream_url).unwrap();
+        let policy_channel = anumate_service::clients::channel("p", &upstream_url).unwrap();
+        let client = |channel| {
+            let grpc = Grpc::new(channel);
+            Arc::new(if with_keys {
+                grpc.with_service_issuer(services.clone())
+            } else {
+                grpc
+            })
+        };
+        Compiler::new(
+            store.clone(),
+            Upstreams::new(client(registry_channel), client(policy_channel)),
+            &CompilerConfig::default(),
+        )
+        .unwrap()
+    };
+    let DevAuth {
+        issuer,
+        authenticator,
+        dir: _dir,
+        ..
+    } = DevAuth::new();
+    let compile_as = |with_keys: bool, roles: &'static [Role]| {
+        let compiler = compiler_pod(with_keys);
+        let authenticator = authenticator.clone();
+        let issuer = issuer.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (addr, server) = testing::serve_on(
+                listener,
+                authenticator,
+                Routes::new(CompilerGrpc::new(compiler).into_server()),
+            );
+            let token = issuer
+                .mint(TENANT_A, "user:alice", roles, Duration::from_secs(60))
+                .unwrap();
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let result = CompilerServiceClient::with_interceptor(channel, BearerToken(token))
+                .compile(compile_req("refund-small-orders", ""))
+                .await;
+            server.abort();
+            result
+        }
+    };
+
+    // With service keys: the compiler acts for alice (an operator) and compiles.
+    let plan = compile_as(true, &[Role::Operator])
+        .await
+        .expect("compile through delegation")
+        .into_inner()
+        .plan
+        .unwrap();
+    assert!(plan.plan_hash.starts_with("sha256:"));
+
+    // Without them it forwards alice's token, which the upstream does not trust.
+    let status = compile_as(false, &[Role::Operator]).await.unwrap_err();
+    assert!(
+        status.message().contains("registry") || status.message().contains("issuer"),
+        "{status:?}"
+    );
+    assert_ne!(status.code(), tonic::Code::Ok);
+    upstream.abort();
+}

@@ -55,14 +55,14 @@ impl ReceiptsClient for Receipts {
         request: pb::AppendReceiptRequest,
     ) -> BoxFuture<'a, UpstreamResult<pb::AppendReceiptResponse>> {
         Box::pin(async move {
-            let Caller::Service { tenant, service } = caller else {
+            let Some(service) = caller.service() else {
                 return Err(Error::new(
                     ErrorCode::PermissionDenied,
                     "receipts are appended only by the platform service that owns their kind",
                 )
                 .into());
             };
-            let actor = Actor::service(tenant, service);
+            let actor = Actor::service(caller.tenant(), service);
             let (receipt, created) = self
                 .append(
                     &actor,
