@@ -1,5 +1,5 @@
 //! Keys, JWK/JWKS, ES256 signing and verification, SHA-256 and RFC 8785
-//! canonical JSON.
+//! canonical JSON, and the plan and policy-set hashes built on it.
 //!
 //! Keys are held twice: as a `p256` key (generation, PEM, JWK coordinates) and
 //! as a `ring` key pair, because `ring` signs and verifies several times faster
@@ -9,10 +9,12 @@
 mod hash;
 mod jwk;
 mod keys;
+mod plan;
 
 pub use hash::{canonical_json, content_hash, sha256, sha256_hex};
 pub use jwk::{Jwk, Jwks, verify_es256};
 pub use keys::{KeyPair, KeyRing};
+pub use plan::{PLAN_NON_EXECUTABLE_FIELDS, plan_executable_content, plan_hash, policy_set_hash};
 
 /// The JWS algorithm name of every key this crate makes.
 pub const ES256: &str = "ES256";

@@ -282,3 +282,55 @@ fn content_hash_is_order_independent() {
     assert_eq!(ha, hb);
     assert_eq!(ha, format!("sha256:{}", sha256_hex(ca.as_bytes())));
 }
+
+#[test]
+fn policy_set_hash_is_over_name_sorted_jcs_and_ignores_order() {
+    let a = policy_set_hash([("refunds", "sha256:bb"), ("kyc", "sha256:aa")]);
+    let b = policy_set_hash([("kyc", "sha256:aa"), ("refunds", "sha256:bb")]);
+    assert_eq!(a, b);
+    let jcs = r#"[{"content_hash":"sha256:aa","name":"kyc"},{"content_hash":"sha256:bb","name":"refunds"}]"#;
+    assert_eq!(a, format!("sha256:{}", sha256_hex(jcs.as_bytes())));
+    // One byte of one member's hash changes the set's hash.
+    assert_ne!(
+        a,
+        policy_set_hash([("kyc", "sha256:ab"), ("refunds", "sha256:bb")])
+    );
+    // The empty set is the hash of `[]`.
+    assert_eq!(policy_set_hash([]), format!("sha256:{}", sha256_hex(b"[]")));
+}
+
+#[test]
+fn plan_hash_leaves_out_only_the_non_executable_fields() {
+    let plan = json!({
+        "planHash": "sha256:old",
+        "capsuleName": "refund",
+        "steps": [{"id": "a", "createdBy": "kept: not top-level"}],
+        "estimate": {"durationMs": 5},
+        "compilerVersion": "1.2.3",
+        "createdBy": "alice",
+        "createTime": "2026-01-01T00:00:00Z",
+    });
+    let content = plan_executable_content(&plan).unwrap();
+    assert_eq!(
+        content,
+        json!({"capsuleName": "refund", "steps": [{"id": "a", "createdBy": "kept: not top-level"}]})
+    );
+    let jcs = canonical_json(&content).unwrap();
+    assert_eq!(
+        plan_hash(&plan).unwrap(),
+        format!("sha256:{}", sha256_hex(jcs.as_bytes()))
+    );
+    // Provenance does not change the hash; content does.
+    let mut other = plan.clone();
+    other["createdBy"] = json!("bob");
+    other["estimate"] = json!({"durationMs": 9});
+    assert_eq!(plan_hash(&other).unwrap(), plan_hash(&plan).unwrap());
+    other["capsuleName"] = json!("refunds");
+    assert_ne!(plan_hash(&other).unwrap(), plan_hash(&plan).unwrap());
+}
+
+#[test]
+fn plan_hash_of_something_not_a_plan_is_an_internal_error() {
+    let e = plan_hash(&json!(["not", "a", "plan"])).unwrap_err();
+    assert_eq!(e.code, anumate_errors::ErrorCode::Internal);
+}
