@@ -336,16 +336,7 @@ fn action(cx: &mut Checker<'_>, a: &Action) -> CompiledAction {
     }
     let get = |n: &str| vals.iter().find(|(k, _)| *k == n).map(|(_, v)| v);
     let string = |n: &str| get(n).and_then(Value::as_str).map(str::to_string);
-    let strings = |n: &str| -> Vec<String> {
-        get(n)
-            .and_then(Value::as_array)
-            .map(|l| {
-                l.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let strings = |n: &str| string_list(get(n));
     let reason = string("reason");
     match a.kind {
         ActionKind::Allow => CompiledAction {
@@ -359,26 +350,18 @@ fn action(cx: &mut Checker<'_>, a: &Action) -> CompiledAction {
             reason,
         },
         ActionKind::RequireApproval => {
-            let approvers = strings("approvers");
-            let stages: Vec<Value> = get("stages")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            if approvers.is_empty() && stages.is_empty() {
+            let obligation = require_approval(get);
+            if let Obligation::RequireApproval {
+                approvers, stages, ..
+            } = &obligation
+                && approvers.is_empty()
+                && stages.is_empty()
+            {
                 cx.error(a.span, "`require_approval` needs `approvers` (or `stages`)");
             }
-            let quorum = get("quorum")
-                .and_then(Value::as_u64)
-                .and_then(|q| u32::try_from(q).ok())
-                .unwrap_or(1);
             CompiledAction {
                 effect: Effect::RequireApproval,
-                obligation: Some(Obligation::RequireApproval {
-                    approvers,
-                    quorum,
-                    stages,
-                    reason: reason.clone(),
-                }),
+                obligation: Some(obligation),
                 reason,
             }
         }
@@ -432,6 +415,52 @@ fn action(cx: &mut Checker<'_>, a: &Action) -> CompiledAction {
     }
 }
 
+/// The `require_approval` obligation of an action whose (checked, literal)
+/// arguments `get` returns by name: `quorum` 1 unless given.
+fn require_approval<'v>(get: impl Fn(&str) -> Option<&'v Value>) -> Obligation {
+    let string = |n: &str| get(n).and_then(Value::as_str).map(str::to_string);
+    Obligation::RequireApproval {
+        approvers: string_list(get("approvers")),
+        quorum: get("quorum")
+            .and_then(Value::as_u64)
+            .and_then(|q| u32::try_from(q).ok())
+            .unwrap_or(1),
+        stages: get("stages")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        reason: string("reason"),
+    }
+}
+
+/// The strings of a list value (others skipped); empty when not a list.
+pub(crate) fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `require_approval` obligation an action of a checked policy adds;
+/// `None` for other actions. Compile-time analysis (the compiler's static
+/// approval needs) gets exactly the obligation a decision would carry.
+pub fn approval_obligation(action: &Action) -> Option<Obligation> {
+    if action.kind != ActionKind::RequireApproval {
+        return None;
+    }
+    let args: Vec<(&str, Value)> = action
+        .args
+        .iter()
+        .filter_map(|a| Some((a.name.as_str(), literal_json(&a.value)?)))
+        .collect();
+    Some(require_approval(|n| {
+        args.iter().find(|(k, _)| *k == n).map(|(_, v)| v)
+    }))
+}
+
 /// Indexes the top-level fields of `input` by the schema's slots.
 pub(crate) fn slots<'a>(schema: &Schema, input: &'a Value) -> Result<Slots<'a>, EvalError> {
     let Value::Object(map) = input else {
@@ -476,8 +505,6 @@ impl CompiledSet {
         input: &Value,
         policy: Option<usize>,
     ) -> Result<Decision<'_>, EvalError> {
-        let slots = slots(&POLICY_INPUT, input)?;
-        let mut fuel = Fuel::new(self.fuel);
         let mut d = Decision {
             effect: Effect::Allow,
             matched: Vec::new(),
@@ -485,33 +512,74 @@ impl CompiledSet {
             reasons: Vec::new(),
             fuel_used: 0,
         };
+        d.fuel_used = self.each_match(input, policy, |r| {
+            if d.matched.capacity() == 0 {
+                // One allocation each for the common case.
+                let n = self.rules.len().min(32);
+                d.matched.reserve(n);
+                d.obligations.reserve(n);
+                d.reasons.reserve(n);
+            }
+            d.effect = d.effect.max(r.info.effect);
+            d.matched.push(&r.info);
+            d.obligations.extend(r.obligations.iter());
+            d.reasons.extend(r.reasons.iter().map(String::as_str));
+        })?;
+        Ok(d)
+    }
+
+    /// Calls `hit` with each enabled rule (of `policy`, when given) whose
+    /// condition is true, in report order; returns the fuel spent.
+    fn each_match<'s>(
+        &'s self,
+        input: &Value,
+        policy: Option<usize>,
+        mut hit: impl FnMut(&'s CompiledRule),
+    ) -> Result<u64, EvalError> {
+        let slots = slots(&POLICY_INPUT, input)?;
+        let mut fuel = Fuel::new(self.fuel);
         for r in &self.rules {
             if policy.is_some_and(|p| p != r.policy_index) {
                 continue;
             }
-            let hit =
+            let matched =
                 eval_bool(&r.when, &slots, &mut fuel).map_err(|_| EvalError::FuelExhausted {
                     limit: self.fuel,
                     policy: r.info.policy.clone(),
                     rule: r.info.rule.clone(),
                 })?;
-            if hit == Some(true) {
-                if d.matched.capacity() == 0 {
-                    // One allocation each for the common case.
-                    let n = self.rules.len().min(32);
-                    d.matched.reserve(n);
-                    d.obligations.reserve(n);
-                    d.reasons.reserve(n);
-                }
-                d.effect = d.effect.max(r.info.effect);
-                d.matched.push(&r.info);
-                d.obligations.extend(r.obligations.iter());
-                d.reasons.extend(r.reasons.iter().map(String::as_str));
+            if matched == Some(true) {
+                hit(r);
             }
         }
-        d.fuel_used = self.fuel - fuel.left;
-        Ok(d)
+        Ok(self.fuel - fuel.left)
     }
+
+    /// Like [`evaluate`](Self::evaluate), with each matched rule's own
+    /// obligations and reasons beside it (what [`decide`](crate::decide)
+    /// assembles across sets).
+    pub(crate) fn evaluate_rules(
+        &self,
+        input: &Value,
+    ) -> Result<(Vec<RuleMatch<'_>>, u64), EvalError> {
+        let mut out = Vec::new();
+        let fuel = self.each_match(input, None, |r| {
+            out.push(RuleMatch {
+                rule: &r.info,
+                obligations: &r.obligations,
+                reasons: &r.reasons,
+            });
+        })?;
+        Ok((out, fuel))
+    }
+}
+
+/// One matched rule with what its actions add.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleMatch<'a> {
+    pub(crate) rule: &'a MatchedRule,
+    pub(crate) obligations: &'a [Obligation],
+    pub(crate) reasons: &'a [String],
 }
 
 /// The result of one `test` block.

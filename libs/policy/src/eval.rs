@@ -381,6 +381,29 @@ fn compare(op: Cmp, a: View<'_>, b: View<'_>) -> bool {
     }
 }
 
+/// `a op b` on two JSON values by the evaluator's comparison rules (the
+/// module docs); `None` when `op` is not `==`, `!=`, `<`, `<=`, `>` or `>=`.
+/// The three-valued evaluator ([`crate::partial`]) decides with this.
+pub(crate) fn compare_json(op: BinaryOp, a: &Value, b: &Value) -> Option<bool> {
+    let cmp = match op {
+        BinaryOp::Eq => Cmp::Eq,
+        BinaryOp::Ne => Cmp::Ne,
+        BinaryOp::Lt => Cmp::Lt,
+        BinaryOp::Le => Cmp::Le,
+        BinaryOp::Gt => Cmp::Gt,
+        BinaryOp::Ge => Cmp::Ge,
+        _ => return None,
+    };
+    Some(compare(cmp, View::of_json(a), View::of_json(b)))
+}
+
+/// `container contains item` on two JSON values by the evaluator's rules,
+/// without a fuel limit (the values are a policy's and a plan's literals).
+pub(crate) fn contains_json(container: &Value, item: &Value) -> bool {
+    let mut fuel = Fuel::new(u64::MAX);
+    contains(View::of_json(container), View::of_json(item), &mut fuel).unwrap_or(false)
+}
+
 fn arith<'a>(op: Arith, a: &Val<'_>, b: &Val<'_>) -> Val<'a> {
     if let (Val::Int(x), Val::Int(y)) = (a, b) {
         let exact = match op {

@@ -66,9 +66,11 @@ pub mod ast;
 pub mod builtins;
 mod check;
 mod compile;
+mod decision;
 mod diag;
 mod eval;
 mod parse;
+pub mod partial;
 
 use anumate_errors::Violation;
 use serde_json::Value;
@@ -77,8 +79,9 @@ pub use ast::{Effect, MAX_NESTING, PolicyFile};
 pub use check::{FieldTy, POLICY_INPUT, Schema, TEMPLATE_INPUT, TemplateScope};
 pub use compile::{
     CompiledSet, DEFAULT_FUEL, Decision, MatchedRule, Obligation, SourceSpan, TestOutcome,
-    compile_file, run_tests,
+    approval_obligation, compile_file, run_tests,
 };
+pub use decision::{ApprovalStage, AssembledDecision, DecidedRule, decide};
 pub use diag::{CompileError, Diagnostic, LineCol, Span, line_col, render_diagnostic};
 pub use eval::EvalError;
 
