@@ -727,37 +727,24 @@ pub fn compile(input: &CompileInput<'_>) -> Result<pb::ExecutablePlan> {
     Ok(plan)
 }
 
-/// `sha256:` over the JCS array of `{content_hash, name}` sorted by name (the
-/// policy service's `policy_set_hash`).
+/// The policy set hash of `refs` ([`anumate_crypto::policy_set_hash`], the
+/// one the policy service reports for the same set).
 pub fn policy_set_hash(refs: &[ppb::PolicyRef]) -> String {
-    let mut items: Vec<(&str, &str)> = refs
-        .iter()
-        .map(|r| (r.name.as_str(), r.content_hash.as_str()))
-        .collect();
-    items.sort();
-    let items: Vec<Value> = items
-        .into_iter()
-        .map(|(name, hash)| json!({"content_hash": hash, "name": name}))
-        .collect();
-    anumate_crypto::content_hash(&Value::Array(items)).1
+    anumate_crypto::policy_set_hash(
+        refs.iter()
+            .map(|r| (r.name.as_str(), r.content_hash.as_str())),
+    )
 }
 
-/// The executable content of a plan: its proto3 JSON (defaults omitted)
-/// without `plan_hash`, `create_time`, `created_by`, `compiler_version` and
-/// `estimate`.
+/// The executable content of a plan ([`anumate_crypto::plan_executable_content`]):
+/// its proto3 JSON (defaults omitted) without `plan_hash`, `create_time`,
+/// `created_by`, `compiler_version` and `estimate`.
 pub fn executable_content(plan: &pb::ExecutablePlan) -> Result<Value> {
-    let content = pb::ExecutablePlan {
-        plan_hash: String::new(),
-        estimate: None,
-        compiler_version: String::new(),
-        created_by: String::new(),
-        create_time: None,
-        ..plan.clone()
-    };
-    serde_json::to_value(&content).map_err(Error::internal)
+    anumate_crypto::plan_executable_content(plan)
 }
 
-/// `sha256:` + hex SHA-256 of the RFC 8785 form of [`executable_content`].
+/// `sha256:` + hex SHA-256 of the RFC 8785 form of [`executable_content`]
+/// ([`anumate_crypto::plan_hash`]).
 pub fn plan_hash(plan: &pb::ExecutablePlan) -> Result<String> {
-    Ok(anumate_crypto::content_hash(&executable_content(plan)?).1)
+    anumate_crypto::plan_hash(plan)
 }

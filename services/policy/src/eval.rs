@@ -1,6 +1,5 @@
 //! Evaluation, tests and redaction.
 
-use std::cmp::Reverse;
 use std::sync::Arc;
 
 use anumate_errors::{Error, ErrorCode, Result, Violation};
@@ -205,139 +204,76 @@ fn obligation_redactors(redactions: &[pb::Redaction]) -> Vec<Redactor> {
         .collect()
 }
 
-fn stages(approvers: &[String], quorum: u32, stages: &[Value]) -> Vec<pb::ApprovalStage> {
-    if stages.is_empty() {
-        return vec![pb::ApprovalStage {
-            name: "stage-1".into(),
-            approvers: approvers.to_vec(),
-            quorum: i32::try_from(quorum).unwrap_or(1),
-        }];
-    }
-    stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| pb::ApprovalStage {
-            name: s
-                .get("name")
-                .and_then(Value::as_str)
-                .map_or_else(|| format!("stage-{}", i + 1), str::to_string),
-            approvers: s
-                .get("approvers")
-                .and_then(Value::as_array)
-                .map(|l| {
-                    l.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            quorum: s
-                .get("quorum")
-                .and_then(Value::as_i64)
-                .and_then(|q| i32::try_from(q).ok())
-                .unwrap_or(1),
-        })
-        .collect()
-}
-
-/// Evaluates `units` on `input` and builds the proto decision.
+/// Evaluates `units` on `input` ([`anumate_policy::decide`]) and builds the
+/// proto decision.
 fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
-    // (priority, unit, position) → matched rule with its obligations.
-    let mut matched: Vec<(Reverse<i64>, usize, usize, pb::MatchedRule, pb::Obligations)> =
-        Vec::new();
-    let mut effect = anumate_policy::Effect::Allow;
-    let mut fuel = 0;
-    for (ui, unit) in units.iter().enumerate() {
-        let d = unit.compiled.set.evaluate(input).map_err(fuel_error)?;
-        fuel += d.fuel_used;
-        effect = effect.max(d.effect);
-        let mut obligations = d.obligations.into_iter();
-        for (pos, m) in d.matched.into_iter().enumerate() {
-            let policy = unit.compiled.policy(&m.policy);
-            let rule = policy.and_then(|p| p.rule(&m.rule));
-            let rule_ref = pb::RuleRef {
-                policy: m.policy.clone(),
-                policy_version: policy.map_or(0, |p| p.version),
-                content_hash: policy.map(|p| p.content_hash.clone()).unwrap_or_default(),
-                rule: m.rule.clone(),
-                span: rule.and_then(|r| r.summary.span.clone()),
-            };
-            let reason = rule.map(|r| r.reason.clone()).unwrap_or_default();
-            let mut obl = pb::Obligations::default();
-            for o in obligations
-                .by_ref()
-                .take(rule.map_or(0, |r| r.obligation_count))
-            {
-                match o {
-                    Obligation::Redact {
-                        fields,
-                        detectors,
-                        with,
-                    } => obl.redactions.push(pb::Redaction {
-                        fields: fields.clone(),
-                        detectors: detectors_of(detectors)
+    let sets: Vec<&anumate_policy::CompiledSet> = units.iter().map(|u| &u.compiled.set).collect();
+    let d = anumate_policy::decide(&sets, input).map_err(fuel_error)?;
+    let mut decision = pb::Decision {
+        effect: pb_effect(d.effect),
+        ..Default::default()
+    };
+    let mut obligations = pb::Obligations::default();
+    for r in d.rules {
+        let m = r.rule;
+        let compiled = units.get(r.set).map(|u| &u.compiled);
+        let policy = compiled.and_then(|c| c.policy(&m.policy));
+        let rule = policy.and_then(|p| p.rule(&m.rule));
+        let rule_ref = pb::RuleRef {
+            policy: m.policy.clone(),
+            policy_version: policy.map_or(0, |p| p.version),
+            content_hash: policy.map(|p| p.content_hash.clone()).unwrap_or_default(),
+            rule: m.rule.clone(),
+            span: rule.and_then(|r| r.summary.span.clone()),
+        };
+        for o in r.obligations {
+            match o {
+                Obligation::Redact {
+                    fields,
+                    detectors,
+                    with,
+                } => obligations.redactions.push(pb::Redaction {
+                    fields: fields.clone(),
+                    detectors: detectors_of(detectors)
+                        .into_iter()
+                        .map(|d| pb_detector(d) as i32)
+                        .collect(),
+                    replacement: with.clone().unwrap_or_default(),
+                    rule: Some(rule_ref.clone()),
+                }),
+                Obligation::RequireApproval { reason, .. } => {
+                    obligations.approvals.push(pb::ApprovalObligation {
+                        stages: o
+                            .approval_stages()
                             .into_iter()
-                            .map(|d| pb_detector(d) as i32)
+                            .map(|s| pb::ApprovalStage {
+                                name: s.name,
+                                approvers: s.approvers,
+                                quorum: s.quorum,
+                            })
                             .collect(),
-                        replacement: with.clone().unwrap_or_default(),
-                        rule: Some(rule_ref.clone()),
-                    }),
-                    Obligation::RequireApproval {
-                        approvers,
-                        quorum,
-                        stages: st,
-                        reason,
-                    } => obl.approvals.push(pb::ApprovalObligation {
-                        stages: stages(approvers, *quorum, st),
                         reason: reason.clone().unwrap_or_default(),
                         expires_after: None,
                         escalate_to: Vec::new(),
                         rule: Some(rule_ref.clone()),
-                    }),
-                    Obligation::Log { .. } => {}
+                    });
                 }
+                Obligation::Log { .. } => {}
             }
-            matched.push((
-                Reverse(m.priority),
-                ui,
-                pos,
-                pb::MatchedRule {
-                    rule: Some(rule_ref),
-                    priority: i32::try_from(m.priority).unwrap_or(0),
-                    effect: pb_effect(m.effect),
-                    reason,
-                },
-                obl,
-            ));
         }
-    }
-    matched.sort_by_key(|m| (m.0, m.1, m.2));
-    let mut decision = pb::Decision {
-        effect: pb_effect(effect),
-        ..Default::default()
-    };
-    let mut obligations = pb::Obligations::default();
-    for (_, _, _, m, o) in matched {
-        if !m.reason.is_empty() {
-            decision.reasons.push(m.reason.clone());
+        let reason = r.reasons.join("; ");
+        if !reason.is_empty() {
+            decision.reasons.push(reason.clone());
         }
-        obligations.redactions.extend(o.redactions);
-        obligations.approvals.extend(o.approvals);
-        decision.matched_rules.push(m);
-    }
-    if effect != anumate_policy::Effect::RequireApproval {
-        obligations.approvals.clear();
+        decision.matched_rules.push(pb::MatchedRule {
+            rule: Some(rule_ref),
+            priority: i32::try_from(m.priority).unwrap_or(0),
+            effect: pb_effect(m.effect),
+            reason,
+        });
     }
     decision.obligations = Some(obligations);
-    Ok((decision, fuel))
-}
-
-/// `sha256:` over the JCS array of `{content_hash, name}` sorted by name.
-fn policy_set_hash(refs: &[pb::PolicyRef]) -> String {
-    let items: Vec<Value> = refs
-        .iter()
-        .map(|r| json!({"content_hash": r.content_hash, "name": r.name}))
-        .collect();
-    anumate_crypto::content_hash(&Value::Array(items)).1
+    Ok((decision, d.fuel_used))
 }
 
 impl Policies {
@@ -472,7 +408,10 @@ impl Policies {
             };
         let response = pb::EvaluatePolicyResponse {
             decision: Some(decision),
-            policy_set_hash: policy_set_hash(&refs),
+            policy_set_hash: anumate_crypto::policy_set_hash(
+                refs.iter()
+                    .map(|r| (r.name.as_str(), r.content_hash.as_str())),
+            ),
             policies: refs,
             fuel_used: i64::try_from(fuel).unwrap_or(i64::MAX),
         };
