@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod layer;
+mod names;
+
+pub use names::{MAX_DNS_LABEL, check_dns_label, is_dns_label};
 
 use std::fmt;
 

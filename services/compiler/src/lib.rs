@@ -176,21 +176,7 @@ fn caller(actor: &Actor) -> Caller {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(
-            "capsule_name",
-            "must be a DNS label: lowercase letters, digits and '-', at most 63",
-        ))
-    }
+    anumate_errors::check_dns_label("capsule_name", name)
 }
 
 fn check_hash(hash: &str) -> Result<()> {

@@ -141,26 +141,7 @@ pub struct Policies {
     purged: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
-fn dns_label_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-pub(crate) fn check_name(field: &str, name: &str) -> Result<()> {
-    if dns_label_ok(name) {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(
-            field,
-            "must be a DNS label: lowercase letters, digits and '-', at most 63",
-        ))
-    }
-}
+pub(crate) use anumate_errors::check_dns_label as check_name;
 
 fn check_etag(policy: &pb::Policy, expected: &str) -> Result<()> {
     if !expected.is_empty() && policy.etag != expected {

@@ -119,25 +119,8 @@ pub struct Pushed {
     pub capsule: pb::Capsule,
 }
 
-fn dns_label_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 fn check_name(name: &str) -> Result<()> {
-    if dns_label_ok(name) {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(
-            "name",
-            "must be a DNS label: lowercase letters, digits and '-', at most 63",
-        ))
-    }
+    anumate_errors::check_dns_label("name", name)
 }
 
 fn check_etag(capsule: &pb::Capsule, expected: &str) -> Result<()> {
