@@ -23,12 +23,7 @@ pub fn timestamp(secs: i64) -> pbjson_types::Timestamp {
     }
 }
 
-fn timestamp_micros(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
+use anumate_proto::timestamp_from_micros as timestamp_micros;
 
 /// A timestamp as Unix microseconds; `field` names it in errors.
 pub fn micros(t: &pbjson_types::Timestamp, field: &str) -> Result<i64> {

@@ -30,12 +30,7 @@ fn db(e: anumate_store::DbErr) -> Error {
     Error::internal(e)
 }
 
-pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
+pub use anumate_proto::timestamp_from_micros as timestamp;
 
 fn plan_from(row: &QueryResult) -> Result<(pb::ExecutablePlan, i64)> {
     let json: String = row.try_get("", "plan_json").map_err(db)?;

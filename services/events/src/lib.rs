@@ -186,12 +186,7 @@ fn check_text(field: &str, value: &str) -> Result<()> {
 }
 
 /// Microseconds to a protobuf timestamp.
-pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
+pub use anumate_proto::timestamp_from_micros as timestamp;
 
 /// A protobuf timestamp to microseconds (checked: `field` names it in errors).
 pub fn micros(field: &str, t: &pbjson_types::Timestamp) -> Result<i64> {

@@ -85,12 +85,7 @@ pub struct PolicyRow {
 }
 
 /// A timestamp from microseconds since the epoch.
-pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
+pub use anumate_proto::timestamp_from_micros as timestamp;
 
 fn status(s: pb::PolicyVersionStatus) -> Status {
     match s {

@@ -227,12 +227,7 @@ fn check_subject(s: &pb::ReceiptSubject) -> Result<()> {
 }
 
 /// Microseconds to a protobuf timestamp.
-pub fn timestamp(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
+pub use anumate_proto::timestamp_from_micros as timestamp;
 
 /// A protobuf timestamp to microseconds.
 pub fn micros(t: &pbjson_types::Timestamp) -> i64 {
