@@ -57,8 +57,13 @@ impl FromStr for FieldPath {
             while !rest.is_empty() {
                 let close = rest.find(']').ok_or_else(|| err("unclosed `[`"))?;
                 let inner = &rest[1..close];
+                let quoted = inner.len() >= 2
+                    && ((inner.starts_with('\'') && inner.ends_with('\''))
+                        || (inner.starts_with('"') && inner.ends_with('"')));
                 segs.push(match inner {
                     "*" => Seg::AnyIndex,
+                    // `a['odd key']`: a key that is not a plain name.
+                    q if quoted => Seg::Key(q[1..q.len() - 1].to_owned()),
                     n => Seg::Index(
                         n.parse()
                             .map_err(|_| err("index must be `*` or a number"))?,
@@ -74,6 +79,27 @@ impl FromStr for FieldPath {
             source: path.to_owned(),
             segs,
         })
+    }
+}
+
+impl FieldPath {
+    /// Whether this path names the concrete `path` (as
+    /// [`RedactionReport::paths`] writes them: `a.b[2].c`): `*` stands for
+    /// any key, `[*]` for any index. The policy service attributes a
+    /// redaction to the field that asked for it with this.
+    pub fn matches(&self, path: &str) -> bool {
+        let Ok(concrete) = path.parse::<FieldPath>() else {
+            return false;
+        };
+        self.segs.len() == concrete.segs.len()
+            && self
+                .segs
+                .iter()
+                .zip(&concrete.segs)
+                .all(|(p, c)| match (p, c) {
+                    (Seg::AnyKey, Seg::Key(_)) | (Seg::AnyIndex, Seg::Index(_)) => true,
+                    (p, c) => p == c,
+                })
     }
 }
 

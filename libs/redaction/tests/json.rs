@@ -130,3 +130,27 @@ fn field_path_syntax() {
     .unwrap_err();
     assert!(err.to_string().contains("a["), "{err}");
 }
+
+#[test]
+fn quoted_keys_name_keys_that_are_not_plain_names() {
+    let r = redactor(&["a['odd key']", "b[\"x\"][*]"]);
+    let mut v = json!({"a": {"odd key": "secret", "plain": "kept"}, "b": {"x": ["s1", "s2"]}});
+    r.redact_json(&mut v);
+    assert_ne!(v["a"]["odd key"], json!("secret"));
+    assert_eq!(v["a"]["plain"], json!("kept"));
+    assert_ne!(v["b"]["x"][0], json!("s1"));
+    assert!("a['']".parse::<FieldPath>().is_ok());
+}
+
+#[test]
+fn a_field_path_matches_the_concrete_paths_it_names() {
+    let p = |s: &str| s.parse::<FieldPath>().unwrap();
+    assert!(p("customer.email").matches("customer.email"));
+    assert!(p("items[*].card").matches("items[3].card"));
+    assert!(p("*.ssn").matches("person.ssn"));
+    assert!(p("a['odd key']").matches("a.odd key"));
+    assert!(!p("customer.email").matches("customer.phone"));
+    assert!(!p("items[*].card").matches("items.card"));
+    assert!(!p("customer").matches("customer.email"));
+    assert!(!p("items[2]").matches("items[3]"));
+}

@@ -630,67 +630,12 @@ fn scalars(v: &Value, path: String, out: &mut std::collections::HashMap<String, 
     }
 }
 
-#[derive(Debug, PartialEq)]
-enum Tok {
-    Key(String),
-    Index(usize),
-    AnyKey,
-    AnyIndex,
-}
-
-/// Splits `a.b[2]['odd key'][*].*` into steps.
-fn tokens(path: &str) -> Vec<Tok> {
-    let mut out = Vec::new();
-    let mut name = String::new();
-    let mut chars = path.chars().peekable();
-    let flush = |name: &mut String, out: &mut Vec<Tok>| {
-        if !name.is_empty() {
-            out.push(if name == "*" {
-                Tok::AnyKey
-            } else {
-                Tok::Key(std::mem::take(name))
-            });
-            name.clear();
-        }
-    };
-    while let Some(c) = chars.next() {
-        match c {
-            '.' => flush(&mut name, &mut out),
-            '[' => {
-                flush(&mut name, &mut out);
-                let mut inner = String::new();
-                for c in chars.by_ref() {
-                    if c == ']' {
-                        break;
-                    }
-                    inner.push(c);
-                }
-                let quoted = inner.len() >= 2
-                    && ((inner.starts_with('\'') && inner.ends_with('\''))
-                        || (inner.starts_with('"') && inner.ends_with('"')));
-                out.push(if inner == "*" {
-                    Tok::AnyIndex
-                } else if quoted {
-                    Tok::Key(inner[1..inner.len() - 1].to_string())
-                } else {
-                    inner.parse().map_or(Tok::Key(inner), Tok::Index)
-                });
-            }
-            c => name.push(c),
-        }
-    }
-    flush(&mut name, &mut out);
-    out
-}
-
-/// Whether the field pattern `pattern` names the concrete `path`.
+/// Whether the field pattern `pattern` names the concrete `path` (the
+/// redaction library's field-path grammar, the one the redactor applied).
 fn field_matches(pattern: &str, path: &str) -> bool {
-    let (a, b) = (tokens(pattern), tokens(path));
-    a.len() == b.len()
-        && a.iter().zip(&b).all(|(p, c)| match (p, c) {
-            (Tok::AnyKey, Tok::Key(_)) | (Tok::AnyIndex, Tok::Index(_)) => true,
-            (p, c) => p == c,
-        })
+    pattern
+        .parse::<anumate_redaction::FieldPath>()
+        .is_ok_and(|p| p.matches(path))
 }
 
 /// The findings for one changed path: the field pattern that named it, or
