@@ -14,8 +14,6 @@ use serde_json::{Value, json};
 pub struct RuleInfo {
     /// The summary sent in `PolicyVersion.rules`.
     pub summary: pb::RuleSummary,
-    /// Obligations the rule's actions add, in order (redact, require_approval, log).
-    pub obligation_count: usize,
     /// The rule's `reason:` texts joined with `; `.
     pub reason: String,
 }
@@ -122,7 +120,6 @@ fn info(source_name: &str, src: &str, p: &Policy, version: i64) -> PolicyInfo {
     let mut rule_index = HashMap::new();
     for r in &p.rules {
         let mut strongest = anumate_policy::Effect::Allow;
-        let mut obligation_count = 0;
         let mut reasons = Vec::new();
         for a in &r.actions {
             match a.kind {
@@ -131,12 +128,6 @@ fn info(source_name: &str, src: &str, p: &Policy, version: i64) -> PolicyInfo {
                     strongest = strongest.max(anumate_policy::Effect::RequireApproval);
                 }
                 _ => {}
-            }
-            if matches!(
-                a.kind,
-                ActionKind::Redact | ActionKind::RequireApproval | ActionKind::Log
-            ) {
-                obligation_count += 1;
             }
             for arg in &a.args {
                 if let (true, ExprKind::Str(s)) = (arg.name == "reason", &arg.value.kind) {
@@ -153,7 +144,6 @@ fn info(source_name: &str, src: &str, p: &Policy, version: i64) -> PolicyInfo {
                 effect: effect(strongest) as i32,
                 span: Some(span(source_name, src, r.span)),
             },
-            obligation_count,
             reason: reasons.join("; "),
         });
     }
