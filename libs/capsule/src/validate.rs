@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use anumate_errors::Violation;
+use anumate_errors::{Violation, is_dns_label};
 use regex::RegexBuilder;
 use serde_json::Value;
 
@@ -230,8 +230,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     d[a.len()][b.len()]
 }
-
-use anumate_errors::is_dns_label;
 
 /// A step id: a DNS label starting with a letter.
 fn is_step_id(s: &str) -> bool {
