@@ -143,6 +143,11 @@ fn meta<'a>(e: &'a Error, key: &str) -> &'a str {
 /// Publishes the two example policies and the example capsule as `tenant`.
 async fn seed(app: &TestApp, tenant: &str) {
     let mut c = app.clients(tenant, &[Role::Admin]).await;
+    push_refund(&mut c).await;
+}
+
+/// The refund example's two policies and its capsule, published.
+async fn push_refund(c: &mut Clients) {
     let split = POLICIES.find("policy \"pii-masking\"").unwrap();
     for source in [&POLICIES[..split], &POLICIES[split..]] {
         c.policy
@@ -155,7 +160,7 @@ async fn seed(app: &TestApp, tenant: &str) {
             .await
             .expect("push policy");
     }
-    push_capsule(&mut c, CAPSULE).await;
+    push_capsule(c, CAPSULE).await;
 }
 
 async fn push_capsule(c: &mut Clients, yaml: &str) -> rpb::CapsuleVersion {
@@ -613,19 +618,7 @@ async fn upstreams_are_read_as_the_compiler_acting_for_its_caller() {
         ),
         policy: PolicyServiceClient::with_interceptor(channel, BearerToken(author)),
     };
-    let split = POLICIES.find("policy \"pii-masking\"").unwrap();
-    for source in [&POLICIES[..split], &POLICIES[split..]] {
-        c.policy
-            .push_policy(ppb::PushPolicyRequest {
-                source: source.into(),
-                source_name: "refund.policy".into(),
-                etag: String::new(),
-                publish: true,
-            })
-            .await
-            .expect("push policy");
-    }
-    push_capsule(&mut c, CAPSULE).await;
+    push_refund(&mut c).await;
 
     // The compiler pod: users' tokens from the dev issuer; upstreams over gRPC.
     let compiler_pod = |with_keys: bool| {
