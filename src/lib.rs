@@ -12,6 +12,8 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/anumate_descriptor.bin"));
 
+pub mod event_types;
+
 macro_rules! package {
     ($file:literal) => {
         include!(concat!(env!("OUT_DIR"), "/", $file, ".rs"));

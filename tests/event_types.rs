@@ -260,3 +260,38 @@ fn every_event_type_is_produced_by_some_code_path() {
         "these events now have a producer: take their topic out of TOPICS_WITHOUT_PRODUCER_YET: {early:?}"
     );
 }
+
+#[test]
+fn the_generated_table_matches_the_options_and_keys_lead_with_the_tenant() {
+    use anumate_proto::event_types::{EVENT_TYPES, EventKey, event_type};
+    let pool = pool();
+    let type_ext = extension(&pool, "anumate.events.v1.cloudevent_type");
+    let mut from_options: Vec<String> = pool
+        .all_messages()
+        .filter_map(|m| string_option(&m.options(), &type_ext))
+        .collect();
+    from_options.sort();
+    let table: Vec<String> = EVENT_TYPES
+        .iter()
+        .map(|t| t.cloudevent_type.to_string())
+        .collect();
+    assert_eq!(table, from_options, "one row per registered type, sorted");
+    for t in EVENT_TYPES {
+        assert_eq!(t.key_fields.first(), Some(&"tenant_id"), "{}", t.message);
+        assert_eq!(event_type(t.cloudevent_type), Some(t));
+    }
+    // Two tenants' same-named capsules never share a key.
+    let pushed = |tenant: &str| anumate_proto::events::v1::CapsulePushed {
+        tenant_id: tenant.into(),
+        name: "refund".into(),
+        ..Default::default()
+    };
+    assert_eq!(pushed("acme").event_key(), "acme/refund");
+    assert_ne!(pushed("acme").event_key(), pushed("globex").event_key());
+    let appended = anumate_proto::events::v1::ReceiptAppended {
+        tenant_id: "acme".into(),
+        receipt_id: "r1".into(),
+        ..Default::default()
+    };
+    assert_eq!(appended.event_key(), "acme");
+}

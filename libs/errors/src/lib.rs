@@ -9,8 +9,10 @@
 
 pub mod layer;
 mod names;
+mod reason;
 
 pub use names::{MAX_DNS_LABEL, check_dns_label, is_dns_label};
+pub use reason::Reason;
 
 use std::fmt;
 
@@ -133,7 +135,7 @@ impl ErrorCode {
             .unwrap_or(&TABLE[TABLE.len() - 1])
     }
 
-    /// The stable name sent as `ErrorInfo.reason`, e.g. `ETAG_MISMATCH`.
+    /// The class's stable name, e.g. `ETAG_MISMATCH` (also its generic reason's).
     pub fn as_str(self) -> &'static str {
         self.row().1
     }
@@ -148,9 +150,9 @@ impl ErrorCode {
         self.row().3
     }
 
-    /// Parses a `reason` back into a code.
+    /// The class of a wire `reason` (any registered reason, generic or specific).
     pub fn from_reason(reason: &str) -> Option<ErrorCode> {
-        TABLE.iter().find(|row| row.1 == reason).map(|row| row.0)
+        Reason::from_name(reason).map(Reason::code)
     }
 }
 
@@ -208,8 +210,10 @@ impl Violation {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Error {
-    /// The product code.
+    /// The class: gRPC code and HTTP status.
     pub code: ErrorCode,
+    /// The specific cause, sent as `ErrorInfo.reason`; always of class `code`.
+    pub reason: Reason,
     /// Message for the caller; never contains internals.
     pub message: String,
     /// Field or document violations (sent as `BadRequest`).
@@ -223,13 +227,29 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// A new error with `code` and `message`.
+    /// Its reason is the class's generic one; see [`Error::because`].
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Error {
             code,
+            reason: Reason::generic(code),
             message: message.into(),
             violations: Vec::new(),
             metadata: Vec::new(),
         }
+    }
+
+    /// A new error for a specific registered `reason` (its class follows).
+    pub fn because(reason: Reason, message: impl Into<String>) -> Self {
+        let mut err = Error::new(reason.code(), message);
+        err.reason = reason;
+        err
+    }
+
+    /// Replaces the reason, and the class with the reason's.
+    pub fn with_reason(mut self, reason: Reason) -> Self {
+        self.code = reason.code();
+        self.reason = reason;
+        self
     }
 
     /// Adds violations.
@@ -273,7 +293,7 @@ impl Error {
             .iter()
             .cloned()
             .collect::<std::collections::HashMap<_, _>>();
-        details.set_error_info(self.code.as_str(), DOMAIN, metadata);
+        details.set_error_info(self.reason.as_str(), DOMAIN, metadata);
         for v in &self.violations {
             details.add_bad_request_violation(v.field.clone(), v.wire_description());
         }
@@ -284,10 +304,10 @@ impl Error {
     /// without `ErrorInfo` get the code implied by their gRPC code.
     pub fn from_status(status: &tonic::Status) -> Self {
         let details = status.get_error_details();
-        let code = details
+        let reason = details
             .error_info()
-            .and_then(|info| ErrorCode::from_reason(&info.reason))
-            .unwrap_or_else(|| code_for_grpc(status.code()));
+            .and_then(|info| Reason::from_name(&info.reason))
+            .unwrap_or_else(|| Reason::generic(code_for_grpc(status.code())));
         let mut metadata: Vec<(String, String)> = details
             .error_info()
             .map(|info| info.metadata.clone().into_iter().collect())
@@ -303,7 +323,8 @@ impl Error {
             })
             .unwrap_or_default();
         Error {
-            code,
+            code: reason.code(),
+            reason,
             message: status.message().to_string(),
             violations,
             metadata,
@@ -377,6 +398,27 @@ mod tests {
         let back = Error::from_status(&status);
         assert_eq!(back.code, ErrorCode::InvalidDocument);
         assert_eq!(back.violations, err.violations);
+    }
+
+    #[test]
+    fn a_specific_reason_goes_on_the_wire_and_comes_back() {
+        let err = Error::because(Reason::CapsuleNotFound, "capsule refund not found");
+        assert_eq!(err.code, ErrorCode::NotFound);
+        let status = err.to_status();
+        assert_eq!(status.code(), Code::NotFound);
+        let info = status.get_error_details().error_info().cloned();
+        assert_eq!(
+            info.map(|i| i.reason),
+            Some("CAPSULE_NOT_FOUND".to_string())
+        );
+        let back = Error::from_status(&status);
+        assert_eq!(
+            (back.code, back.reason),
+            (ErrorCode::NotFound, Reason::CapsuleNotFound)
+        );
+        // A status from elsewhere, without ErrorInfo: the class's generic reason.
+        let bare = Error::from_status(&tonic::Status::not_found("gone"));
+        assert_eq!(bare.reason, Reason::NotFound);
     }
 
     #[test]
