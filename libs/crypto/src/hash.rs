@@ -106,3 +106,36 @@ fn write_string(out: &mut String, s: &str) {
     }
     out.push('"');
 }
+
+/// The one digest format on the wire: `sha256:` and 64 lowercase hex digits.
+pub const DIGEST_PREFIX: &str = "sha256:";
+
+/// Parses a SHA-256 digest as a request carries it and returns its one wire
+/// form, `sha256:<hex>`. Accepted: `sha256:<hex>`, and for path segments —
+/// where a `:` collides with the `:verb` of HTTP templates — `sha256-<hex>`
+/// and the bare 64 hex digits. Upper-case hex is refused (the format is
+/// lower case everywhere, so a digest compares as a string).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field` when `text` is none of these forms.
+pub fn parse_digest(field: &str, text: &str) -> Result<String, Error> {
+    let hex = text
+        .strip_prefix(DIGEST_PREFIX)
+        .or_else(|| text.strip_prefix("sha256-"))
+        .unwrap_or(text);
+    if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(format!("{DIGEST_PREFIX}{hex}"))
+    } else {
+        Err(Error::invalid_argument(
+            field,
+            format!(
+                "{text:?} is not a SHA-256 digest (`sha256:` or `sha256-` and 64 lower-case hex digits)"
+            ),
+        ))
+    }
+}
+
+/// `sha256:<hex>` of `data`: the wire form of a digest.
+pub fn digest(data: &[u8]) -> String {
+    format!("{DIGEST_PREFIX}{}", sha256_hex(data))
+}

@@ -11,7 +11,9 @@ mod jwk;
 mod keys;
 mod plan;
 
-pub use hash::{canonical_json, content_hash, sha256, sha256_hex};
+pub use hash::{
+    DIGEST_PREFIX, canonical_json, content_hash, digest, parse_digest, sha256, sha256_hex,
+};
 pub use jwk::{Jwk, Jwks, verify_es256};
 pub use keys::{KeyPair, KeyRing};
 pub use plan::{PLAN_NON_EXECUTABLE_FIELDS, plan_executable_content, plan_hash, policy_set_hash};

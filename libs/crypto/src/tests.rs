@@ -334,3 +334,25 @@ fn plan_hash_of_something_not_a_plan_is_an_internal_error() {
     let e = plan_hash(&json!(["not", "a", "plan"])).unwrap_err();
     assert_eq!(e.code, anumate_errors::ErrorCode::Internal);
 }
+
+#[test]
+fn digests_parse_from_every_accepted_form_to_the_wire_form() {
+    let hex = sha256_hex(b"plan");
+    let wire = format!("sha256:{hex}");
+    assert_eq!(digest(b"plan"), wire);
+    for form in [wire.clone(), format!("sha256-{hex}"), hex.clone()] {
+        assert_eq!(parse_digest("plan_hash", &form).unwrap(), wire, "{form}");
+    }
+    for bad in [
+        String::new(),
+        "sha256:".to_string(),
+        hex.to_uppercase(),
+        format!("sha256:{}", &hex[..63]),
+        format!("sha512:{hex}"),
+        format!("sha256:{hex}0"),
+    ] {
+        let e = parse_digest("plan_hash", &bad).unwrap_err();
+        assert_eq!(e.code, anumate_errors::ErrorCode::InvalidArgument, "{bad}");
+        assert_eq!(e.violations[0].field, "plan_hash");
+    }
+}
