@@ -84,28 +84,10 @@ pub mod anumate {
 
 pub use anumate::*;
 
-/// The `google.protobuf.Timestamp` of Unix microseconds (how the store keeps
-/// times, `anumate_store::now_micros`): the one conversion every service uses.
-/// Times before 1970 keep non-negative nanos, as the type requires.
-pub fn timestamp_from_micros(micros: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        // rem_euclid is in 0..1_000_000, so the nanos fit an i32.
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
+/// Unix microseconds, `Timestamp` and RFC 3339 text, converted one way everywhere.
+mod timestamp;
 
-#[cfg(test)]
-mod timestamp_tests {
-    use super::timestamp_from_micros;
-
-    #[test]
-    fn micros_to_timestamp() {
-        let t = timestamp_from_micros(1_700_000_000_123_456);
-        assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_456_000));
-        let before = timestamp_from_micros(-1);
-        assert_eq!((before.seconds, before.nanos), (-1, 999_999_000));
-        let zero = timestamp_from_micros(0);
-        assert_eq!((zero.seconds, zero.nanos), (0, 0));
-    }
-}
+pub use timestamp::{
+    TimestampError, micros_from_rfc3339, micros_from_timestamp, micros_from_timestamp_saturating,
+    rfc3339_from_micros, rfc3339_from_timestamp, timestamp_from_micros, timestamp_from_secs,
+};

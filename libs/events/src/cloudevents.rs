@@ -62,9 +62,7 @@ pub fn source_of_topic(topic: &str) -> String {
 
 /// `ce_time` for a commit time in Unix microseconds.
 pub fn time_of_micros(micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
-        .unwrap_or_default()
+    anumate_proto::rfc3339_from_micros(micros).unwrap_or_default()
 }
 
 /// The `(name, value)` attribute headers of one outbox row, in order.

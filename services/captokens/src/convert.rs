@@ -16,24 +16,19 @@ use crate::repo::AuditRow;
 const MAX_DEPTH: usize = 64;
 
 /// Seconds since the epoch as a timestamp.
-pub fn timestamp(secs: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
-        seconds: secs,
-        nanos: 0,
-    }
-}
+pub use anumate_proto::timestamp_from_secs as timestamp;
 
-use anumate_proto::timestamp_from_micros as timestamp_micros;
+use anumate_proto::{TimestampError, timestamp_from_micros as timestamp_micros};
 
 /// A timestamp as Unix microseconds; `field` names it in errors.
 pub fn micros(t: &pbjson_types::Timestamp, field: &str) -> Result<i64> {
-    if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid_argument(field, "nanos out of range"));
-    }
-    t.seconds
-        .checked_mul(1_000_000)
-        .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
-        .ok_or_else(|| Error::invalid_argument(field, "out of range"))
+    anumate_proto::micros_from_timestamp(t).map_err(|e| {
+        let description = match e {
+            TimestampError::Nanos => "nanos out of range",
+            TimestampError::Range => "out of range",
+        };
+        Error::invalid_argument(field, description)
+    })
 }
 
 /// A protobuf `Struct` as JSON; `field` names it in errors. Values without a

@@ -62,12 +62,6 @@ pub fn event_topics() -> Vec<String> {
     topics
 }
 
-fn rfc3339_to_micros(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_micros())
-}
-
 /// The tenant inside the event's data, decoded as the message of `ce_type`
 /// (protobuf, or proto3 JSON when the `content-type` says so).
 fn tenant_in_data(e: &consumer::Event) -> std::result::Result<String, String> {
@@ -161,7 +155,8 @@ pub fn to_new_event(e: &consumer::Event) -> std::result::Result<NewEvent, String
             check_header(name, v)?;
         }
     }
-    let time = rfc3339_to_micros(&e.time).unwrap_or_else(anumate_store::now_micros);
+    let time =
+        anumate_proto::micros_from_rfc3339(&e.time).unwrap_or_else(anumate_store::now_micros);
     Ok(NewEvent {
         event_id: e.id.clone(),
         tenant_id: e.tenant_id.clone(),
@@ -394,10 +389,10 @@ impl Replayer {
         let rows = tx
             .query_all(
                 &format!(
-                    "SELECT seq, event_id, tenant_id, topic, event_type, aggregate_key, subject, \
-                       payload, plan_hash, traceparent, created_at FROM outbox \
+                    "SELECT {} FROM outbox \
                      WHERE tenant_id = $1 AND topic = $2 AND sent_at IS NOT NULL AND {cond} \
-                     ORDER BY seq LIMIT $4"
+                     ORDER BY seq LIMIT $4",
+                    OutboxRow::SELECT_COLUMNS
                 ),
                 vec![
                     tenant.into(),
@@ -410,21 +405,7 @@ impl Replayer {
         drop(tx);
         let rows = rows
             .iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    seq: r.try_get("", "seq")?,
-                    event_id: r.try_get("", "event_id")?,
-                    tenant_id: r.try_get("", "tenant_id")?,
-                    topic: r.try_get("", "topic")?,
-                    event_type: r.try_get("", "event_type")?,
-                    aggregate_key: r.try_get("", "aggregate_key")?,
-                    subject: r.try_get("", "subject")?,
-                    payload: r.try_get("", "payload")?,
-                    plan_hash: r.try_get("", "plan_hash")?,
-                    traceparent: r.try_get("", "traceparent")?,
-                    created_at: r.try_get("", "created_at")?,
-                })
-            })
+            .map(OutboxRow::from_query)
             .collect::<std::result::Result<Vec<_>, anumate_store::DbErr>>()
             .map_err(Error::internal)?;
         let truncated = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;

@@ -190,16 +190,8 @@ pub use anumate_proto::timestamp_from_micros as timestamp;
 
 /// A protobuf timestamp to microseconds (checked: `field` names it in errors).
 pub fn micros(field: &str, t: &pbjson_types::Timestamp) -> Result<i64> {
-    if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid_argument(
-            field,
-            "nanos must be within 0..1e9",
-        ));
-    }
-    t.seconds
-        .checked_mul(1_000_000)
-        .and_then(|s| s.checked_add(i64::from(t.nanos) / 1000))
-        .ok_or_else(|| Error::invalid_argument(field, "out of range"))
+    anumate_proto::micros_from_timestamp(t)
+        .map_err(|e| Error::invalid_argument(field, e.to_string()))
 }
 
 impl Events {

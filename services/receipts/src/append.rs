@@ -58,12 +58,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-pub(crate) fn rfc3339_micros(micros: i64) -> Result<String> {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
-        .ok_or_else(|| Error::internal("clock out of range"))
-}
-
 pub(crate) fn request_hash(kind: &str, subject: &Subject, digest: &str) -> String {
     let mut jtis = subject.jtis.clone();
     jtis.sort();
@@ -195,7 +189,8 @@ impl Receipts {
             kind: kind.to_string(),
             subject: subject.clone(),
             content_digest: digest.clone(),
-            issue_time: rfc3339_micros(issued_at)?,
+            issue_time: anumate_proto::rfc3339_from_micros(issued_at)
+                .ok_or_else(|| Error::internal("clock out of range"))?,
             kid: kid.clone(),
             actor: anumate_auth::service_subject(owner),
         };

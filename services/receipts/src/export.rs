@@ -65,8 +65,7 @@ fn kind_name(kind: i32) -> &'static str {
 fn issue_time(r: &pb::Receipt) -> String {
     r.issue_time
         .as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .and_then(anumate_proto::rfc3339_from_timestamp)
         .unwrap_or_else(|| "-".into())
 }
 

@@ -229,12 +229,8 @@ fn check_subject(s: &pb::ReceiptSubject) -> Result<()> {
 /// Microseconds to a protobuf timestamp.
 pub use anumate_proto::timestamp_from_micros as timestamp;
 
-/// A protobuf timestamp to microseconds.
-pub fn micros(t: &pbjson_types::Timestamp) -> i64 {
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos) / 1000)
-}
+/// A protobuf timestamp to microseconds (a filter bound: far-off times clamp).
+pub use anumate_proto::micros_from_timestamp_saturating as micros;
 
 /// Rebuilds the `Receipt` message from a stored row.
 fn receipt_proto(row: &repo::ReceiptRow, with_content: bool) -> Result<pb::Receipt> {
