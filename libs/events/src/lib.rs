@@ -342,6 +342,30 @@ pub struct OutboxRow {
     pub created_at: i64,
 }
 
+impl OutboxRow {
+    /// The outbox columns [`OutboxRow::from_query`] reads, for a `SELECT` list.
+    pub const SELECT_COLUMNS: &str = "seq, event_id, tenant_id, topic, event_type, \
+        aggregate_key, subject, payload, plan_hash, traceparent, created_at";
+
+    /// The row of a query that selected at least [`OutboxRow::SELECT_COLUMNS`]:
+    /// one mapping for the reader, the relay and the replayer.
+    pub fn from_query(r: &anumate_store::QueryResult) -> Result<Self, anumate_store::DbErr> {
+        Ok(Self {
+            seq: r.try_get("", "seq")?,
+            event_id: r.try_get("", "event_id")?,
+            tenant_id: r.try_get("", "tenant_id")?,
+            topic: r.try_get("", "topic")?,
+            event_type: r.try_get("", "event_type")?,
+            aggregate_key: r.try_get("", "aggregate_key")?,
+            subject: r.try_get("", "subject")?,
+            payload: r.try_get("", "payload")?,
+            plan_hash: r.try_get("", "plan_hash")?,
+            traceparent: r.try_get("", "traceparent")?,
+            created_at: r.try_get("", "created_at")?,
+        })
+    }
+}
+
 /// Reads the tenant's outbox rows after `after_seq`, oldest first.
 pub async fn read_after(
     tx: &TenantTx,
@@ -350,27 +374,15 @@ pub async fn read_after(
 ) -> Result<Vec<OutboxRow>, EventError> {
     let rows = tx
         .query_all(
-            "SELECT seq, event_id, tenant_id, topic, event_type, aggregate_key, subject, payload, \
-               plan_hash, traceparent, created_at FROM outbox WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &format!(
+                "SELECT {} FROM outbox WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                OutboxRow::SELECT_COLUMNS
+            ),
             vec![tx.tenant_id().into(), after_seq.into(), limit.into()],
         )
         .await?;
     rows.iter()
-        .map(|r| {
-            Ok(OutboxRow {
-                seq: r.try_get("", "seq")?,
-                event_id: r.try_get("", "event_id")?,
-                tenant_id: r.try_get("", "tenant_id")?,
-                topic: r.try_get("", "topic")?,
-                event_type: r.try_get("", "event_type")?,
-                aggregate_key: r.try_get("", "aggregate_key")?,
-                subject: r.try_get("", "subject")?,
-                payload: r.try_get("", "payload")?,
-                plan_hash: r.try_get("", "plan_hash")?,
-                traceparent: r.try_get("", "traceparent")?,
-                created_at: r.try_get("", "created_at")?,
-            })
-        })
+        .map(OutboxRow::from_query)
         .collect::<Result<_, anumate_store::DbErr>>()
         .map_err(|e| EventError::Store(StoreError::Db(e)))
 }

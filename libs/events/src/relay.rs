@@ -430,25 +430,6 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), RelayError> {
     Ok(())
 }
 
-const COLUMNS: &str = "seq, event_id, tenant_id, topic, event_type, aggregate_key, subject, \
-                       payload, plan_hash, traceparent, created_at";
-
-fn row_of(r: &QueryResult) -> Result<OutboxRow, sea_orm::DbErr> {
-    Ok(OutboxRow {
-        seq: r.try_get("", "seq")?,
-        event_id: r.try_get("", "event_id")?,
-        tenant_id: r.try_get("", "tenant_id")?,
-        topic: r.try_get("", "topic")?,
-        event_type: r.try_get("", "event_type")?,
-        aggregate_key: r.try_get("", "aggregate_key")?,
-        subject: r.try_get("", "subject")?,
-        payload: r.try_get("", "payload")?,
-        plan_hash: r.try_get("", "plan_hash")?,
-        traceparent: r.try_get("", "traceparent")?,
-        created_at: r.try_get("", "created_at")?,
-    })
-}
-
 fn seq_list(seqs: &[i64]) -> String {
     seqs.iter()
         .map(i64::to_string)
@@ -669,6 +650,7 @@ impl Relay {
                    AND p.aggregate_key = o.aggregate_key AND p.seq < o.seq \
                    AND (p.retry_at > $2{held_by_quarantine})) \
              ORDER BY o.seq LIMIT $3{lock}",
+            COLUMNS = OutboxRow::SELECT_COLUMNS,
             lock = if tx.is_some() {
                 " FOR UPDATE OF o SKIP LOCKED"
             } else {
@@ -684,7 +666,7 @@ impl Relay {
             rows.iter()
                 .map(|r| {
                     Ok(Candidate {
-                        row: row_of(r)?,
+                        row: OutboxRow::from_query(r)?,
                         attempts: r.try_get("", "attempts")?,
                     })
                 })
