@@ -9,6 +9,11 @@
 //!   implementation (in the callee's crate: it calls the domain type, no
 //!   socket) and a gRPC one (here), built on the one [`clients::channel`]
 //!   factory. Service crates depend on these traits, never on each other.
+//! - [`server`]: the modules built into one router ([`server::build`]) and
+//!   served behind every production layer ([`server::serve`]): tracing,
+//!   `ErrorInfo`, [`metrics`], [`limits`], authentication. The binary and the
+//!   tests' servers (`anumate-testing`) both call them, so tests run the
+//!   production stack.
 //!
 //! It lives in its own small crate because both sides need it: every service
 //! crate implements it and the binary composes it, and the traits must sit
@@ -16,12 +21,16 @@
 #![forbid(unsafe_code)]
 
 pub mod clients;
+pub mod limits;
+pub mod metrics;
 mod module;
+pub mod server;
 mod tasks;
 
 pub use module::{
     BuildError, Context, KeysConfig, Module, ServiceModule, check_section, default_section,
     no_keys, section as module_section,
 };
+pub use server::GrpcConfig;
 pub use tasks::{TaskError, Tasks};
 pub use tokio_util::sync::CancellationToken;

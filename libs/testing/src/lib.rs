@@ -7,9 +7,14 @@
 //!   the store on it.
 //! - [`DevAuth`]: a dev issuer (and optionally the platform's service issuer)
 //!   and an [`Authenticator`] that trusts them.
-//! - [`serve`]: the service's routes on a real TCP listener behind the
-//!   production layers that live in libraries (ErrorInfo on every error,
-//!   authentication and per-RPC authorization), as the binary stacks them.
+//! - [`serve`]: the service's routes on a real TCP listener behind every
+//!   production layer, through the function the binary serves with
+//!   ([`anumate_service::server::serve`]: tracing, ErrorInfo on every error,
+//!   metrics, the `[grpc]` deadline and cap on calls in flight, authentication
+//!   and per-RPC authorization). [`serve_with`] takes the layers' `[grpc]`
+//!   settings and metrics; [`serve_modules`] builds a module list as the
+//!   binary does ([`anumate_service::server::build`]: health and reflection
+//!   too) and serves it the same way.
 //! - [`expect_error`] / [`expect_status`]: a failed call's stable code, checked
 //!   in its `ErrorInfo` and its gRPC code.
 //!
@@ -21,6 +26,10 @@ use std::net::SocketAddr;
 
 use anumate_auth::{AuthConfig, AuthLayer, Authenticator, AuthzTable, DevIssuer, ServiceIssuer};
 use anumate_errors::{Error, ErrorCode};
+pub use anumate_service::GrpcConfig;
+pub use anumate_service::metrics::Metrics;
+pub use anumate_service::server::Layers;
+use anumate_service::{Context, ServiceModule, Tasks};
 pub use anumate_store::testing::TestDb;
 pub use anumate_store::{Backend, Migration, Store};
 use tokio::task::JoinHandle;
@@ -132,23 +141,9 @@ impl Default for DevAuth {
     }
 }
 
-/// Accepted connections with `TCP_NODELAY`, as the binary serves them (small
-/// responses are not held back waiting for a delayed ACK).
-fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
-/// Serves `routes` on a fresh `127.0.0.1` port behind the library layers the
-/// `anumate` binary stacks (ErrorInfo on transport-level errors, then
-/// authentication and the platform's per-RPC authorization table). Abort the
-/// handle to stop the server.
+/// Serves `routes` on a fresh `127.0.0.1` port behind every layer the
+/// `anumate` binary stacks, with the default `[grpc]` settings and the
+/// platform's per-RPC authorization table. Abort the handle to stop the server.
 pub async fn serve(auth: Authenticator, routes: Routes) -> (SocketAddr, JoinHandle<()>) {
     serve_on(bind().await, auth, routes)
 }
@@ -177,20 +172,74 @@ pub fn serve_with_layer(
     auth: AuthLayer,
     routes: Routes,
 ) -> (SocketAddr, JoinHandle<()>) {
+    serve_with(listener, Layers::new(GrpcConfig::default(), auth), routes)
+}
+
+/// Serves `routes` on `listener` through [`anumate_service::server::serve`],
+/// the function `anumate dev` and `serve` run: every production layer, made of
+/// `layers` (set its `grpc` limits, keep a clone of its `metrics` to read them).
+pub fn serve_with(
+    listener: tokio::net::TcpListener,
+    layers: Layers,
+    routes: Routes,
+) -> (SocketAddr, JoinHandle<()>) {
     let addr = listener.local_addr().expect("local addr");
     let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(
-                tower::ServiceBuilder::new()
-                    .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-                    .layer(auth),
-            )
-            .add_routes(routes)
-            .serve_with_incoming(nodelay(listener))
+        anumate_service::server::serve(listener, layers, routes, std::future::pending())
             .await
             .expect("server");
     });
     (addr, server)
+}
+
+/// A module list served as the binary serves it.
+pub struct ModuleServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What the modules provided (domain values, in-process clients).
+    pub provided: http::Extensions,
+    /// The modules' background tasks.
+    pub tasks: Tasks,
+    /// The server; abort it to stop serving.
+    pub handle: JoinHandle<()>,
+}
+
+impl ModuleServer {
+    /// `http://` address of the server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and then its background tasks.
+    pub async fn stop(self) {
+        self.handle.abort();
+        self.tasks
+            .shutdown(anumate_service::server::TASKS_STOP_TIMEOUT)
+            .await;
+    }
+}
+
+/// Builds `modules` on `ctx` with [`anumate_service::server::build`] (health
+/// and reflection added) and serves the router on `listener` through
+/// [`serve_with`]: what `anumate dev` and `serve` run, without the admin
+/// listener and the outbox relay. Make `ctx` with `listener`'s address as its
+/// own URL.
+pub async fn serve_modules(
+    listener: tokio::net::TcpListener,
+    modules: &[Box<dyn ServiceModule>],
+    ctx: Context,
+    layers: Layers,
+) -> ModuleServer {
+    let app = anumate_service::server::build(modules, ctx)
+        .await
+        .expect("build the modules");
+    let (addr, handle) = serve_with(listener, layers, app.routes.routes());
+    ModuleServer {
+        addr,
+        provided: app.provided,
+        tasks: app.tasks,
+        handle,
+    }
 }
 
 /// The status of a call that had to fail with `code`, after checking that it

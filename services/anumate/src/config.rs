@@ -62,36 +62,8 @@ impl Default for AppConfig {
     }
 }
 
-/// `[grpc]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GrpcConfig {
-    /// Address to listen on; port 0 picks a free port (printed at start).
-    pub listen: String,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
-    pub shutdown_grace_secs: u64,
-    /// Seconds a unary call may take before it is answered
-    /// `DEADLINE_EXCEEDED` (streaming calls are exempt); 0: no deadline.
-    pub request_timeout_secs: u64,
-    /// Calls in flight at once, across all connections; more are answered
-    /// `RESOURCE_EXHAUSTED` at once instead of queueing (health checks are
-    /// never refused). 0: no cap.
-    pub max_concurrent_requests: usize,
-    /// HTTP/2 streams (calls) one connection may have open at once.
-    pub max_concurrent_streams: u32,
-}
-
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        GrpcConfig {
-            listen: "127.0.0.1:7600".into(),
-            shutdown_grace_secs: 30,
-            request_timeout_secs: 30,
-            max_concurrent_requests: 1024,
-            max_concurrent_streams: 256,
-        }
-    }
-}
+/// `[grpc]`: shared with the server every entry point runs, whose layers read it.
+pub use anumate_service::GrpcConfig;
 
 /// `[keys]`: shared with the service modules, which read their key files from it.
 pub use anumate_service::KeysConfig;

@@ -8,7 +8,6 @@ mod client;
 mod config;
 mod dev_state;
 mod events_cli;
-mod limits;
 mod plan_cli;
 mod policy_cli;
 mod receipts_cli;

@@ -1,17 +1,18 @@
 //! Builds and runs the gRPC server for `dev` and `serve`: the composition
-//! list of service modules ([`modules`]) and the one [`build_router`] that
-//! every entry point uses.
+//! list of service modules ([`modules`]), the one [`build_router`] that
+//! every entry point uses, and around `anumate_service::server::serve` (the
+//! production layers, shared with the tests) the admin listener, the outbox
+//! relay and the drain on SIGTERM.
 
 use std::{sync::Arc, time::Duration};
 
-use anumate_auth::{AuthLayer, Authenticator};
+use anumate_auth::Authenticator;
 use anumate_crypto::KeyRing;
-use anumate_service::{Context, ServiceModule, Tasks};
+use anumate_service::server::{Layers, TASKS_STOP_TIMEOUT};
+use anumate_service::{Context, ServiceModule};
 use anumate_store::Store;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::RoutesBuilder;
 
 use crate::config::AppConfig;
 
@@ -155,25 +156,15 @@ fn own_url(listener: &TcpListener) -> anyhow::Result<String> {
     Ok(format!("http://{addr}"))
 }
 
-/// The services of `rt` built into one router: each module's routes, its
-/// background tasks (supervised) and what it provides in-process, plus
-/// health (every service SERVING) and reflection.
-pub struct App {
-    /// The routes, without the layers.
-    pub routes: RoutesBuilder,
-    /// The background tasks, to be shut down after the server.
-    pub tasks: Tasks,
-    /// What the modules provided (domain values, in-process clients).
-    pub provided: http::Extensions,
-    /// The health service's reporter.
-    pub health: tonic_health::server::HealthReporter,
-}
+/// The services of `rt` built into one router (see [`anumate_service::server::build`]).
+pub use anumate_service::server::App;
 
-/// Builds every module of `rt`, in order, on one [`Context`]: what `dev`,
-/// `serve` and the tests serve. `own_url` is this server's listener (where
-/// unset upstream addresses point when the upstream does not run here).
+/// Builds every module of `rt`, in order, on one [`Context`]: what `dev` and
+/// `serve` serve (and the tests, through `anumate-testing`, the same way).
+/// `own_url` is this server's listener (where unset upstream addresses point
+/// when the upstream does not run here).
 pub async fn build_router(rt: &Runtime, own_url: String) -> anyhow::Result<App> {
-    let mut ctx = Context::new(
+    let ctx = Context::new(
         config_json(&rt.config)?,
         rt.store.clone(),
         rt.config.keys.clone(),
@@ -181,46 +172,13 @@ pub async fn build_router(rt: &Runtime, own_url: String) -> anyhow::Result<App> 
         rt.service_issuer.clone(),
         own_url,
     );
-    for module in &rt.modules {
-        if let Err(e) = module.build(&mut ctx) {
-            // The tasks of the services built so far stop with the failure.
-            let (_, tasks, _) = ctx.into_parts();
-            tasks.shutdown(TASKS_STOP_TIMEOUT).await;
-            return Err(e.into());
-        }
-    }
-    let (mut routes, tasks, provided) = ctx.into_parts();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in rt.service_names() {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(anumate_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection")?;
-    routes.add_service(health_service);
-    routes.add_service(reflection);
-    Ok(App {
-        routes,
-        tasks,
-        provided,
-        health,
-    })
+    Ok(anumate_service::server::build(&rt.modules, ctx).await?)
 }
-
-/// How long background tasks get to stop after the server has drained.
-const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Serves until SIGINT/SIGTERM, then drains in-flight requests and stops the
 /// background tasks.
 pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
-    let metrics = crate::admin::Metrics::new();
+    let metrics = anumate_service::metrics::Metrics::new();
     let App {
         routes,
         mut tasks,
@@ -279,36 +237,13 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         let _ = drain_tx.send(());
     };
 
-    // Who may call each RPC, from the `(anumate.common.v1.authz)` options in proto/.
-    let authz = anumate_auth::AuthzTable::platform().context("authorization table")?;
-    // Outermost first: a span per call, ErrorInfo on transport-level errors,
-    // metrics, the deadline and the cap on calls in flight (so shed calls are
-    // counted and cost no token check), then authentication and each RPC's
-    // authorization rule (health, reflection and public RPCs pass without a token).
-    let layers = tower::ServiceBuilder::new()
-        .layer(
-            tower_http::trace::TraceLayer::new_for_grpc()
-                .make_span_with(
-                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
-                )
-                .on_response(
-                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
-                )
-                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
-        )
-        .map_response(anumate_errors::layer::ensure_error_info::<tonic::body::Body>)
-        .layer(metrics.layer())
-        .layer(crate::limits::LimitsLayer::new(
-            (rt.config.grpc.request_timeout_secs > 0)
-                .then(|| Duration::from_secs(rt.config.grpc.request_timeout_secs)),
-            rt.config.grpc.max_concurrent_requests,
-        ))
-        .layer(AuthLayer::new(rt.authenticator.clone(), authz));
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(rt.config.grpc.max_concurrent_streams.max(1))
-        .layer(layers)
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(nodelay(listener), signal);
+    // Who may call each RPC, from the `(anumate.common.v1.authz)` options in
+    // proto/; every production layer around the routes (the tests serve
+    // through the same function).
+    let layers = Layers::platform(rt.config.grpc.clone(), rt.authenticator.clone())
+        .context("authorization table")?
+        .with_metrics(metrics);
+    let server = anumate_service::server::serve(listener, layers, routes.routes(), signal);
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res.context("grpc server")?,
@@ -325,21 +260,6 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Accepted connections with `TCP_NODELAY`, as `Server::serve` would set it:
-/// without it small responses wait for the peer's delayed ACK (~40 ms a call).
-fn nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Ok(stream)
-    })
 }
 
 async fn shutdown_signal() {

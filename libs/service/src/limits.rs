@@ -1,5 +1,6 @@
 //! Server-wide protection around every gRPC call (a tower layer, outside
-//! authentication so that shed calls cost no token verification):
+//! authentication so that shed calls cost no token verification; stacked by
+//! [`crate::server::serve`]):
 //!
 //! - a deadline for unary calls (`[grpc] request_timeout_secs`): past it the
 //!   caller gets `DEADLINE_EXCEEDED` and the handler is dropped. Streaming
@@ -24,7 +25,8 @@ use anumate_errors::{Error, ErrorCode};
 use tokio::sync::Semaphore;
 
 /// Every RPC of the Anumate, health and reflection contracts as
-/// `/pkg.Service/Method`, and whether it streams (either way).
+/// `/pkg.Service/Method`, and whether it streams (either way): the fixed set
+/// the limits exempt streams by and the metrics label by.
 pub fn contract_methods() -> Vec<(String, bool)> {
     use prost::Message as _;
     let sets = [
