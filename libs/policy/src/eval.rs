@@ -506,18 +506,11 @@ fn simple<'a>(
     inp: &Slots<'a>,
     fuel: &mut Fuel,
 ) -> Result<Option<View<'a>>, OutOfFuel> {
-    let v = match n {
-        Node::Const(v) => Some(v),
-        Node::Root(slot) => inp.get(usize::from(*slot)).copied().flatten(),
-        Node::Path(slot, segs) => inp
-            .get(usize::from(*slot))
-            .copied()
-            .flatten()
-            .and_then(|v| lookup(v, segs)),
-        _ => return Ok(None),
+    let Some(v) = peek(n, inp) else {
+        return Ok(None);
     };
     fuel.burn(1)?;
-    Ok(Some(v.map_or(View::Null, View::of_json)))
+    Ok(Some(v))
 }
 
 /// Evaluates `$node` to a [`View`] bound to `$name`; a computed value is

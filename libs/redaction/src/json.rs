@@ -186,41 +186,40 @@ fn walk(r: &Redactor, value: &mut Value, active: &[State], report: &mut Redactio
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                let step = Step::Index(i);
-                let from = report.paths.len();
-                let (next, done) = if active.is_empty() {
-                    (Vec::new(), false)
-                } else {
-                    advance(&r.paths, active, &step)
-                };
-                if done {
-                    replace_field(r, item, report);
-                } else {
-                    walk(r, item, &next, report);
-                }
-                prefix(report, from, &step);
+                walk_child(r, item, active, &Step::Index(i), report);
             }
         }
         Value::Object(map) => {
             redact_keys(r, map, report);
             for (k, child) in map.iter_mut() {
-                let step = Step::Key(k);
-                let from = report.paths.len();
-                let (next, done) = if active.is_empty() {
-                    (Vec::new(), false)
-                } else {
-                    advance(&r.paths, active, &step)
-                };
-                if done {
-                    replace_field(r, child, report);
-                } else {
-                    walk(r, child, &next, report);
-                }
-                prefix(report, from, &step);
+                walk_child(r, child, active, &Step::Key(k), report);
             }
         }
         Value::Null | Value::Bool(_) => {}
     }
+}
+
+/// One element or member reached by `step`: replaced whole when a field path
+/// ends there, walked otherwise; the paths it reports are prefixed with `step`.
+fn walk_child(
+    r: &Redactor,
+    child: &mut Value,
+    active: &[State],
+    step: &Step<'_>,
+    report: &mut RedactionReport,
+) {
+    let from = report.paths.len();
+    let (next, done) = if active.is_empty() {
+        (Vec::new(), false)
+    } else {
+        advance(&r.paths, active, step)
+    };
+    if done {
+        replace_field(r, child, report);
+    } else {
+        walk(r, child, &next, report);
+    }
+    prefix(report, from, step);
 }
 
 fn replace_field(r: &Redactor, value: &mut Value, report: &mut RedactionReport) {

@@ -11,6 +11,21 @@ use crate::{ADMIN_ISSUE_REASON, Actor, AuditQuery, CapTokens, convert, repo};
 
 pub(crate) const DEFAULT_PAGE: i64 = 50;
 pub(crate) const MAX_PAGE: i64 = 500;
+
+/// The context of events about tokens rather than one step's call (failed
+/// verifications, revocations): subject `tokens`, no plan.
+const TOKENS: anumate_events::EventContext<'static> = anumate_events::EventContext {
+    subject: "tokens",
+    plan_hash: None,
+    traceparent: None,
+};
+
+/// The event key of a token event: its run, so a run's events stay in order,
+/// or the token itself when it belongs to no run.
+fn event_key<'a>(run: &'a str, jti: &'a str) -> &'a str {
+    if run.is_empty() { jti } else { run }
+}
+
 /// The `kid` of a token's header, when it has one (for claims of rejected tokens).
 pub(crate) fn token_kid(token: &str) -> String {
     convert::peek_kid(token).unwrap_or_default()
@@ -132,18 +147,7 @@ pub(crate) async fn record_verify_failure(
         message,
         actor: actor.subject.clone(),
     };
-    let key = if run.is_empty() { jti } else { run };
-    anumate_events::append(
-        tx,
-        &event,
-        key,
-        anumate_events::EventContext {
-            subject: "tokens",
-            plan_hash: None,
-            traceparent: None,
-        },
-    )
-    .await?;
+    anumate_events::append(tx, &event, event_key(run, jti), TOKENS).await?;
     Ok(())
 }
 
@@ -196,24 +200,11 @@ pub(crate) async fn record_revocation_entries(
         receipt_id: receipt_id.to_owned(),
         actor: actor.subject.clone(),
     };
-    let key = if run.is_empty() {
-        jtis.first().map_or("", String::as_str)
-    } else {
-        run
-    };
-    anumate_events::append(
-        tx,
-        &event,
-        key,
-        anumate_events::EventContext {
-            subject: "tokens",
-            plan_hash: None,
-            traceparent: None,
-        },
-    )
-    .await?;
+    let key = event_key(run, jtis.first().map_or("", String::as_str));
+    anumate_events::append(tx, &event, key, TOKENS).await?;
     Ok(())
 }
+
 impl CapTokens {
     /// Audit entries of the actor's tenant, newest first, and the next page token.
     pub async fn list_audit(

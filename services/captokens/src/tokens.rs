@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use anumate_captokens::{
-    ArgsBinding, Expectation, IssueError, IssueRequest, Reason, ReplayError, ReplayGuard as _,
-    VerifyError,
+    ArgsBinding, Expectation, IssueError, IssueRequest, IssuedToken, Reason, ReplayError,
+    ReplayGuard as _, VerifiedToken, VerifyError,
 };
 use anumate_errors::{Error, ErrorCode, Result};
 use anumate_proto::captokens::v1 as pb;
+use anumate_store::TenantTx;
 
 use crate::audit::{record_issue, record_revocation, record_verify_failure, token_kid};
 use crate::{Actor, CapTokens, convert, repo, unix_now};
@@ -35,7 +36,43 @@ pub(crate) fn ttl(ttl: Option<&pbjson_types::Duration>) -> Result<Option<Duratio
     Ok(Some(Duration::new(secs, nanos)))
 }
 
+/// The answer when the replay store or revocation list cannot be read: the
+/// caller learns only that token state is unavailable; the log says which.
+fn state_unavailable(what: &str, why: &str) -> Error {
+    tracing::warn!(error = %why, "captokens: {what} unavailable");
+    Error::new(ErrorCode::Unavailable, "token state unavailable")
+}
+
 impl CapTokens {
+    /// Signs a token with the service's keys.
+    fn mint(&self, request: IssueRequest<'_>) -> Result<IssuedToken> {
+        self.inner
+            .issuer
+            .issue(self.inner.keys.as_ref(), request)
+            .map_err(issue_error)
+    }
+
+    /// Verifies `token` against the revocations and replay slots seen by
+    /// `tx`, so that consuming it commits (or not) with the audit of the outcome.
+    async fn verify_in(
+        &self,
+        tx: &TenantTx,
+        token: &str,
+        expected: &Expectation<'_>,
+        consume: bool,
+    ) -> std::result::Result<VerifiedToken, VerifyError> {
+        self.inner
+            .verifier
+            .verify_with(
+                token,
+                expected,
+                &repo::TxRevocations(tx),
+                &repo::TxReplay(tx),
+                consume,
+            )
+            .await
+    }
+
     /// Mints a token for one call in the actor's tenant; audited and evented.
     pub async fn issue(
         &self,
@@ -44,27 +81,20 @@ impl CapTokens {
     ) -> Result<pb::IssueTokenResponse> {
         let capability = convert::capability(req.capability.as_ref())?;
         let ttl = ttl(req.ttl.as_ref())?;
-        let issued = self
-            .inner
-            .issuer
-            .issue(
-                self.inner.keys.as_ref(),
-                IssueRequest {
-                    // Empty: the caller started the run.
-                    subject: opt(&req.subject).unwrap_or(&actor.subject),
-                    audience: &req.audience,
-                    tenant: &actor.tenant,
-                    run: &req.run_id,
-                    step: &req.step_id,
-                    plan_hash: &req.plan_hash,
-                    args: ArgsBinding::Sha256(&req.args_sha256),
-                    capability: &capability,
-                    ttl,
-                    single_use: req.single_use,
-                    now: None,
-                },
-            )
-            .map_err(issue_error)?;
+        let issued = self.mint(IssueRequest {
+            // Empty: the caller started the run.
+            subject: opt(&req.subject).unwrap_or(&actor.subject),
+            audience: &req.audience,
+            tenant: &actor.tenant,
+            run: &req.run_id,
+            step: &req.step_id,
+            plan_hash: &req.plan_hash,
+            args: ArgsBinding::Sha256(&req.args_sha256),
+            capability: &capability,
+            ttl,
+            single_use: req.single_use,
+            now: None,
+        })?;
         let tx = self.inner.store.write(&actor.tenant).await?;
         record_issue(&tx, actor, &issued.claims, "", issued.claims.iat).await?;
         tx.commit().await?;
@@ -115,15 +145,7 @@ impl CapTokens {
 
         let tx = self.inner.store.write(&actor.tenant).await?;
         let outcome = self
-            .inner
-            .verifier
-            .verify_with(
-                &req.token,
-                &expected,
-                &repo::TxRevocations(&tx),
-                &repo::TxReplay(&tx),
-                req.consume,
-            )
+            .verify_in(&tx, &req.token, &expected, req.consume)
             .await;
         match outcome {
             Ok(verified) => {
@@ -149,11 +171,7 @@ impl CapTokens {
                 })
             }
             Err(VerifyError::Unavailable(why)) => {
-                tracing::warn!(error = %why, "captokens: replay store or revocation list unavailable");
-                Err(Error::new(
-                    ErrorCode::Unavailable,
-                    "token state unavailable",
-                ))
+                Err(state_unavailable("replay store or revocation list", &why))
             }
         }
     }
@@ -190,17 +208,7 @@ impl CapTokens {
         let expected = Expectation::new(&unverified.aud, &actor.tenant, &unverified.cap.tool)
             .args_sha256(&unverified.args_sha256);
         let tx = self.inner.store.write(&actor.tenant).await?;
-        let outcome = self
-            .inner
-            .verifier
-            .verify_with(
-                &req.token,
-                &expected,
-                &repo::TxRevocations(&tx),
-                &repo::TxReplay(&tx),
-                false,
-            )
-            .await;
+        let outcome = self.verify_in(&tx, &req.token, &expected, false).await;
         let old = match outcome {
             Ok(v) => v.claims,
             Err(VerifyError::Rejected(rejection)) => {
@@ -227,11 +235,7 @@ impl CapTokens {
                 .with_metadata("verdict", rejection.reason().verdict_name()));
             }
             Err(VerifyError::Unavailable(why)) => {
-                tracing::warn!(error = %why, "captokens: token state unavailable");
-                return Err(Error::new(
-                    ErrorCode::Unavailable,
-                    "token state unavailable",
-                ));
+                return Err(state_unavailable("token state", &why));
             }
         };
         // The chain's authority ends `max_refresh_lifetime_secs` after its
@@ -272,11 +276,7 @@ impl CapTokens {
                     .with_metadata("verdict", Reason::Replayed.verdict_name()));
                 }
                 Err(ReplayError::Unavailable(why)) => {
-                    tracing::warn!(error = %why, "captokens: replay store unavailable");
-                    return Err(Error::new(
-                        ErrorCode::Unavailable,
-                        "token state unavailable",
-                    ));
+                    return Err(state_unavailable("replay store", &why));
                 }
             }
         }
@@ -292,26 +292,19 @@ impl CapTokens {
                 "token was revoked or refreshed concurrently",
             ));
         }
-        let issued = self
-            .inner
-            .issuer
-            .issue(
-                self.inner.keys.as_ref(),
-                IssueRequest {
-                    subject: &old.sub,
-                    audience: &old.aud,
-                    tenant: &old.tenant,
-                    run: &old.run,
-                    step: &old.step,
-                    plan_hash: &old.plan_hash,
-                    args: ArgsBinding::Sha256(&old.args_sha256),
-                    capability: &old.cap,
-                    ttl,
-                    single_use: old.single_use,
-                    now: None,
-                },
-            )
-            .map_err(issue_error)?;
+        let issued = self.mint(IssueRequest {
+            subject: &old.sub,
+            audience: &old.aud,
+            tenant: &old.tenant,
+            run: &old.run,
+            step: &old.step,
+            plan_hash: &old.plan_hash,
+            args: ArgsBinding::Sha256(&old.args_sha256),
+            capability: &old.cap,
+            ttl,
+            single_use: old.single_use,
+            now: None,
+        })?;
         record_revocation(
             &tx,
             actor,
