@@ -23,6 +23,7 @@ use anumate_testing::{
 };
 use pb::Verdict;
 use pb::cap_tokens_service_client::CapTokensServiceClient;
+use pb::revoke_token_request::Target;
 use prost::Message as _;
 use serde_json::json;
 use tonic::service::Routes;
@@ -159,6 +160,16 @@ impl TestApp {
             .await
     }
 
+    /// A client without any credential.
+    async fn anonymous(&self) -> CapTokensServiceClient<Channel> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.server.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        CapTokensServiceClient::new(channel)
+    }
+
     async fn orchestrator(&self, tenant: &str) -> Client {
         self.client(tenant, ORCHESTRATOR, &[]).await
     }
@@ -281,10 +292,7 @@ fn issue_request(run: &str, single_use: bool) -> pb::IssueTokenRequest {
             actions: vec!["call".into()],
             constraints: Some(to_struct(&json!({"/amount": {"max": 500}}))),
         }),
-        ttl: Some(pbjson_types::Duration {
-            seconds: 120,
-            nanos: 0,
-        }),
+        ttl: ttl(120),
         single_use,
     }
 }
@@ -302,6 +310,46 @@ fn verify_request(token: &str) -> pb::VerifyTokenRequest {
         step_id: String::new(),
         consume: false,
     }
+}
+
+/// [`verify_request`] that also consumes a single-use token.
+fn consume_request(token: &str) -> pb::VerifyTokenRequest {
+    pb::VerifyTokenRequest {
+        consume: true,
+        ..verify_request(token)
+    }
+}
+
+/// A TTL of whole seconds.
+fn ttl(seconds: i64) -> Option<pbjson_types::Duration> {
+    Some(pbjson_types::Duration { seconds, nanos: 0 })
+}
+
+fn refresh_request(token: &str, ttl: Option<pbjson_types::Duration>) -> pb::RefreshTokenRequest {
+    pb::RefreshTokenRequest {
+        token: token.into(),
+        ttl,
+    }
+}
+
+fn revoke_request(target: Target, reason: &str) -> pb::RevokeTokenRequest {
+    pb::RevokeTokenRequest {
+        target: Some(target),
+        reason: reason.into(),
+    }
+}
+
+/// The audit entries `req` lists, newest first.
+async fn audit_entries(
+    client: &mut Client,
+    req: pb::ListTokenAuditRequest,
+) -> Vec<pb::TokenAuditEntry> {
+    client
+        .list_token_audit(req)
+        .await
+        .expect("list audit")
+        .into_inner()
+        .entries
 }
 
 async fn issue(client: &mut Client, run: &str, single_use: bool) -> pb::IssueTokenResponse {
@@ -380,10 +428,7 @@ async fn issue_and_verify(app: TestApp) {
     let reusable = issue(&mut orch, "run-1", false).await;
     for _ in 0..2 {
         let r = conn
-            .verify_token(pb::VerifyTokenRequest {
-                consume: true,
-                ..verify_request(&reusable.token)
-            })
+            .verify_token(consume_request(&reusable.token))
             .await
             .unwrap()
             .into_inner();
@@ -392,12 +437,9 @@ async fn issue_and_verify(app: TestApp) {
     }
 
     // The JWKS verifies the token offline; it needs no credential.
-    let channel = Endpoint::from_shared(format!("http://{}", app.server.addr))
-        .unwrap()
-        .connect()
+    let jwks = app
+        .anonymous()
         .await
-        .unwrap();
-    let jwks = CapTokensServiceClient::new(channel)
         .get_jwks(pb::GetJwksRequest {})
         .await
         .expect("jwks without credentials")
@@ -427,77 +469,56 @@ async fn every_rejection_has_its_verdict(app: TestApp) {
         assert!(seen.insert(want as i32), "{want:?} twice");
     };
 
-    check(
-        verdict(&mut conn, verify_request("not-a-token")).await,
-        Verdict::Malformed,
-    );
-    check(
-        verdict(&mut conn, verify_request(&app.mint_at(TENANT_A, now - 600))).await,
-        Verdict::Expired,
-    );
-    check(
-        verdict(&mut conn, verify_request(&app.mint_at(TENANT_A, now + 600))).await,
-        Verdict::NotYetValid,
-    );
-    check(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                audience: "connector:other".into(),
-                ..verify_request(&token)
-            },
-        )
-        .await,
-        Verdict::WrongAudience,
-    );
-    check(
-        verdict(&mut conn_b, verify_request(&token)).await,
-        Verdict::WrongTenant,
-    );
-    check(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                run_id: "run-2".into(),
-                ..verify_request(&token)
-            },
-        )
-        .await,
-        Verdict::BindingMismatch,
-    );
-    check(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                tool: "payments.charge".into(),
-                ..verify_request(&token)
-            },
-        )
-        .await,
-        Verdict::CapabilityMismatch,
-    );
-    check(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                args: Some(to_struct(&args(501))),
-                ..verify_request(&token)
-            },
-        )
-        .await,
-        Verdict::ConstraintViolated,
-    );
-    check(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                args: Some(to_struct(&args(99))),
-                ..verify_request(&token)
-            },
-        )
-        .await,
-        Verdict::ArgsMismatch,
-    );
+    // `token`'s verify request with one thing changed.
+    let changed = |change: fn(&mut pb::VerifyTokenRequest)| {
+        let mut req = verify_request(&token);
+        change(&mut req);
+        req
+    };
+    // (verified in tenant B, request, verdict)
+    let cases = [
+        (false, verify_request("not-a-token"), Verdict::Malformed),
+        (
+            false,
+            verify_request(&app.mint_at(TENANT_A, now - 600)),
+            Verdict::Expired,
+        ),
+        (
+            false,
+            verify_request(&app.mint_at(TENANT_A, now + 600)),
+            Verdict::NotYetValid,
+        ),
+        (
+            false,
+            changed(|r| r.audience = "connector:other".into()),
+            Verdict::WrongAudience,
+        ),
+        (true, verify_request(&token), Verdict::WrongTenant),
+        (
+            false,
+            changed(|r| r.run_id = "run-2".into()),
+            Verdict::BindingMismatch,
+        ),
+        (
+            false,
+            changed(|r| r.tool = "payments.charge".into()),
+            Verdict::CapabilityMismatch,
+        ),
+        (
+            false,
+            changed(|r| r.args = Some(to_struct(&args(501)))),
+            Verdict::ConstraintViolated,
+        ),
+        (
+            false,
+            changed(|r| r.args = Some(to_struct(&args(99)))),
+            Verdict::ArgsMismatch,
+        ),
+    ];
+    for (in_b, req, want) in cases {
+        let client = if in_b { &mut conn_b } else { &mut conn };
+        check(verdict(client, req).await, want);
+    }
     // Unknown kid: signed by a key the service does not know.
     let stranger = KeyRing::new(KeyPair::generate().unwrap());
     let cap = capability();
@@ -563,10 +584,7 @@ async fn every_rejection_has_its_verdict(app: TestApp) {
     let by_jti = issue(&mut orch, "run-1", false).await;
     let jti = by_jti.claims.unwrap().jti;
     let revoked = orch
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
-            reason: "test".into(),
-        })
+        .revoke_token(revoke_request(Target::Jti(jti.clone()), "test"))
         .await
         .unwrap()
         .into_inner();
@@ -577,10 +595,10 @@ async fn every_rejection_has_its_verdict(app: TestApp) {
     );
     let by_run = issue(&mut orch, "run-9", false).await;
     let revoked = orch
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::RunId("run-9".into())),
-            reason: "run cancelled".into(),
-        })
+        .revoke_token(revoke_request(
+            Target::RunId("run-9".into()),
+            "run cancelled",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -590,10 +608,7 @@ async fn every_rejection_has_its_verdict(app: TestApp) {
         Verdict::Revoked
     );
     // Replayed.
-    let consume = pb::VerifyTokenRequest {
-        consume: true,
-        ..verify_request(&token)
-    };
+    let consume = consume_request(&token);
     assert_eq!(verdict(&mut conn, consume.clone()).await.0, Verdict::Valid);
     check(verdict(&mut conn, consume).await, Verdict::Replayed);
 
@@ -620,10 +635,7 @@ async fn roles(app: TestApp) {
     );
     expect_error(
         author
-            .revoke_token(pb::RevokeTokenRequest {
-                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
-                reason: String::new(),
-            })
+            .revoke_token(revoke_request(Target::RunId("run-1".into()), ""))
             .await,
         ErrorCode::PermissionDenied,
     );
@@ -638,24 +650,16 @@ async fn roles(app: TestApp) {
         auditor.issue_token(issue_request("run-1", true)).await,
         ErrorCode::PermissionDenied,
     );
-    let audit = auditor
-        .list_token_audit(pb::ListTokenAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(audit.entries.len(), 1);
-    assert_eq!(audit.entries[0].actor, ORCHESTRATOR);
-    assert_eq!(audit.entries[0].reason, "");
+    let audit = audit_entries(&mut auditor, pb::ListTokenAuditRequest::default()).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].actor, ORCHESTRATOR);
+    assert_eq!(audit[0].reason, "");
     // Only the permitted issue was written.
     assert_eq!(app.count(TENANT_A, "captoken_tokens").await, 1);
     // No credential at all.
-    let channel = Endpoint::from_shared(format!("http://{}", app.server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     expect_error(
-        CapTokensServiceClient::new(channel)
+        app.anonymous()
+            .await
             .issue_token(issue_request("run-1", true))
             .await,
         ErrorCode::Unauthenticated,
@@ -667,64 +671,35 @@ async fn cross_tenant(app: TestApp) {
     let mut orch_b = app.orchestrator(TENANT_B).await;
     let issued = issue(&mut orch_a, "run-1", true).await;
     let jti = issued.claims.clone().unwrap().jti;
-    let (v, _) = verdict(
-        &mut orch_b,
-        pb::VerifyTokenRequest {
-            consume: true,
-            ..verify_request(&issued.token)
-        },
-    )
-    .await;
+    let (v, _) = verdict(&mut orch_b, consume_request(&issued.token)).await;
     assert_eq!(v, Verdict::WrongTenant);
     expect_error(
         orch_b
-            .revoke_token(pb::RevokeTokenRequest {
-                target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
-                reason: String::new(),
-            })
+            .revoke_token(revoke_request(Target::Jti(jti.clone()), ""))
             .await,
         ErrorCode::NotFound,
     );
     expect_error(
         orch_b
-            .revoke_token(pb::RevokeTokenRequest {
-                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
-                reason: String::new(),
-            })
+            .revoke_token(revoke_request(Target::RunId("run-1".into()), ""))
             .await,
         ErrorCode::NotFound,
     );
     expect_error(
         orch_b
-            .refresh_token(pb::RefreshTokenRequest {
-                token: issued.token.clone(),
-                ttl: None,
-            })
+            .refresh_token(refresh_request(&issued.token, None))
             .await,
         ErrorCode::NotFound,
     );
     // A's token is untouched: still consumable in A.
     let mut conn_a = app.connector(TENANT_A).await;
     assert_eq!(
-        verdict(
-            &mut conn_a,
-            pb::VerifyTokenRequest {
-                consume: true,
-                ..verify_request(&issued.token)
-            }
-        )
-        .await
-        .0,
+        verdict(&mut conn_a, consume_request(&issued.token)).await.0,
         Verdict::Valid
     );
     // B's audit shows only B's verify failures, never A's issue.
     let mut auditor_b = app.client(TENANT_B, "aud", &[Role::Auditor]).await;
-    let entries = auditor_b
-        .list_token_audit(pb::ListTokenAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = audit_entries(&mut auditor_b, pb::ListTokenAuditRequest::default()).await;
     assert!(!entries.is_empty());
     assert!(
         entries
@@ -740,80 +715,54 @@ async fn bad_input_writes_nothing(app: TestApp) {
     let issued = issue(&mut orch, "run-1", true).await;
     let before = app.counts(TENANT_A).await;
 
-    let mut long = issue_request("run-1", true);
-    long.ttl = Some(pbjson_types::Duration {
-        seconds: 301,
-        nanos: 0,
-    });
-    expect_error(orch.issue_token(long).await, ErrorCode::InvalidArgument);
-    let mut negative = issue_request("run-1", true);
-    negative.ttl = Some(pbjson_types::Duration {
-        seconds: -1,
-        nanos: 0,
-    });
-    expect_error(orch.issue_token(negative).await, ErrorCode::InvalidArgument);
-    let mut no_run = issue_request("", true);
-    no_run.run_id.clear();
-    expect_error(orch.issue_token(no_run).await, ErrorCode::InvalidArgument);
-    let mut bad_hash = issue_request("run-1", true);
-    bad_hash.args_sha256 = "xyz".into();
-    expect_error(orch.issue_token(bad_hash).await, ErrorCode::InvalidArgument);
-    let mut unknown_constraint = issue_request("run-1", true);
-    unknown_constraint.capability.as_mut().unwrap().constraints =
-        Some(to_struct(&json!({"/amount": {"maximum": 5}})));
-    expect_error(
-        orch.issue_token(unknown_constraint).await,
-        ErrorCode::InvalidArgument,
-    );
-    let mut no_cap = issue_request("run-1", true);
-    no_cap.capability = None;
-    expect_error(orch.issue_token(no_cap).await, ErrorCode::InvalidArgument);
+    // Issue requests that each break one rule.
+    let issue_with = |change: fn(&mut pb::IssueTokenRequest)| {
+        let mut req = issue_request("run-1", true);
+        change(&mut req);
+        req
+    };
+    for req in [
+        issue_with(|r| r.ttl = ttl(301)),
+        issue_with(|r| r.ttl = ttl(-1)),
+        issue_with(|r| r.run_id.clear()),
+        issue_with(|r| r.args_sha256 = "xyz".into()),
+        issue_with(|r| {
+            r.capability.as_mut().unwrap().constraints =
+                Some(to_struct(&json!({"/amount": {"maximum": 5}})));
+        }),
+        issue_with(|r| r.capability = None),
+    ] {
+        expect_error(orch.issue_token(req).await, ErrorCode::InvalidArgument);
+    }
 
-    // Malformed Struct args: a value with no kind.
-    let mut malformed = to_struct(&args(100));
-    malformed
-        .fields
-        .insert("amount".into(), pbjson_types::Value { kind: None });
-    expect_error(
-        orch.verify_token(pb::VerifyTokenRequest {
-            args: Some(malformed),
-            consume: true,
-            ..verify_request(&issued.token)
-        })
-        .await,
-        ErrorCode::InvalidArgument,
-    );
-    let mut nan = to_struct(&args(100));
-    nan.fields.insert(
-        "amount".into(),
-        pbjson_types::Value {
-            kind: Some(pbjson_types::value::Kind::NumberValue(f64::NAN)),
+    // Malformed Struct args: a value with no kind, and a NaN.
+    let with_amount = |kind| {
+        let mut s = to_struct(&args(100));
+        s.fields
+            .insert("amount".into(), pbjson_types::Value { kind });
+        s
+    };
+    let nan = Some(pbjson_types::value::Kind::NumberValue(f64::NAN));
+    for req in [
+        pb::VerifyTokenRequest {
+            args: Some(with_amount(None)),
+            ..consume_request(&issued.token)
         },
-    );
-    expect_error(
-        orch.verify_token(pb::VerifyTokenRequest {
-            args: Some(nan),
+        pb::VerifyTokenRequest {
+            args: Some(with_amount(nan)),
             ..verify_request(&issued.token)
-        })
-        .await,
-        ErrorCode::InvalidArgument,
-    );
-    expect_error(
-        orch.verify_token(pb::VerifyTokenRequest {
+        },
+        pb::VerifyTokenRequest {
             audience: String::new(),
             ..verify_request(&issued.token)
-        })
-        .await,
-        ErrorCode::InvalidArgument,
-    );
-    expect_error(
-        orch.verify_token(pb::VerifyTokenRequest {
+        },
+        pb::VerifyTokenRequest {
             token: String::new(),
             ..verify_request(&issued.token)
-        })
-        .await,
-        ErrorCode::InvalidArgument,
-    );
+        },
+    ] {
+        expect_error(orch.verify_token(req).await, ErrorCode::InvalidArgument);
+    }
     expect_error(
         orch.revoke_token(pb::RevokeTokenRequest {
             target: None,
@@ -823,45 +772,35 @@ async fn bad_input_writes_nothing(app: TestApp) {
         ErrorCode::InvalidArgument,
     );
     expect_error(
-        orch.refresh_token(pb::RefreshTokenRequest {
-            token: issued.token.clone(),
-            ttl: Some(pbjson_types::Duration {
-                seconds: 400,
-                nanos: 0,
-            }),
-        })
-        .await,
+        orch.refresh_token(refresh_request(&issued.token, ttl(400)))
+            .await,
         ErrorCode::InvalidArgument,
     );
     let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
-    expect_error(
-        auditor
-            .list_token_audit(pb::ListTokenAuditRequest {
-                kind: 99,
-                ..Default::default()
-            })
-            .await,
-        ErrorCode::InvalidArgument,
-    );
-    expect_error(
-        auditor
-            .list_token_audit(pb::ListTokenAuditRequest {
-                page: Some(anumate_proto::common::v1::PageRequest {
-                    page_size: 10,
-                    page_token: "garbage".into(),
-                }),
-                ..Default::default()
-            })
-            .await,
-        ErrorCode::InvalidArgument,
-    );
+    for req in [
+        pb::ListTokenAuditRequest {
+            kind: 99,
+            ..Default::default()
+        },
+        pb::ListTokenAuditRequest {
+            page: Some(anumate_proto::common::v1::PageRequest {
+                page_size: 10,
+                page_token: "garbage".into(),
+            }),
+            ..Default::default()
+        },
+    ] {
+        expect_error(
+            auditor.list_token_audit(req).await,
+            ErrorCode::InvalidArgument,
+        );
+    }
     // Oversize requests are refused before decoding; the service keeps serving.
     let huge = json!({"order": "x".repeat(300 * 1024), "amount": 1});
     expect_error(
         orch.verify_token(pb::VerifyTokenRequest {
             args: Some(to_struct(&huge)),
-            consume: true,
-            ..verify_request(&issued.token)
+            ..consume_request(&issued.token)
         })
         .await,
         ErrorCode::PayloadTooLarge,
@@ -871,15 +810,7 @@ async fn bad_input_writes_nothing(app: TestApp) {
     assert_eq!(app.count(TENANT_A, "captoken_replay").await, 0);
     let mut conn = app.connector(TENANT_A).await;
     assert_eq!(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                consume: true,
-                ..verify_request(&issued.token)
-            }
-        )
-        .await
-        .0,
+        verdict(&mut conn, consume_request(&issued.token)).await.0,
         Verdict::Valid
     );
 }
@@ -890,13 +821,7 @@ async fn refresh_and_revoke(app: TestApp) {
     let old = issue(&mut orch, "run-1", true).await;
     let old_jti = old.claims.clone().unwrap().jti;
     let fresh = orch
-        .refresh_token(pb::RefreshTokenRequest {
-            token: old.token.clone(),
-            ttl: Some(pbjson_types::Duration {
-                seconds: 30,
-                nanos: 0,
-            }),
-        })
+        .refresh_token(refresh_request(&old.token, ttl(30)))
         .await
         .unwrap()
         .into_inner();
@@ -917,51 +842,27 @@ async fn refresh_and_revoke(app: TestApp) {
         verdict(&mut conn, verify_request(&fresh.token)).await.0,
         Verdict::Valid
     );
-    let again = orch
-        .refresh_token(pb::RefreshTokenRequest {
-            token: old.token.clone(),
-            ttl: None,
-        })
-        .await;
+    let again = orch.refresh_token(refresh_request(&old.token, None)).await;
     expect_error(again, ErrorCode::FailedPrecondition);
     expect_error(
-        orch.refresh_token(pb::RefreshTokenRequest {
-            token: "garbage".into(),
-            ttl: None,
-        })
-        .await,
+        orch.refresh_token(refresh_request("garbage", None)).await,
         ErrorCode::Unauthenticated,
     );
     // A consumed token cannot be refreshed.
     assert_eq!(
-        verdict(
-            &mut conn,
-            pb::VerifyTokenRequest {
-                consume: true,
-                ..verify_request(&fresh.token)
-            }
-        )
-        .await
-        .0,
+        verdict(&mut conn, consume_request(&fresh.token)).await.0,
         Verdict::Valid
     );
     expect_error(
-        orch.refresh_token(pb::RefreshTokenRequest {
-            token: fresh.token.clone(),
-            ttl: None,
-        })
-        .await,
+        orch.refresh_token(refresh_request(&fresh.token, None))
+            .await,
         ErrorCode::FailedPrecondition,
     );
 
     // Revoking twice is a no-op; unknown jti is NOT_FOUND.
     let t = issue(&mut orch, "run-2", false).await;
     let jti = t.claims.unwrap().jti;
-    let revoke = |target| pb::RevokeTokenRequest {
-        target: Some(target),
-        reason: "why".into(),
-    };
-    use pb::revoke_token_request::Target;
+    let revoke = |target| revoke_request(target, "why");
     let r = orch
         .revoke_token(revoke(Target::Jti(jti.clone())))
         .await
@@ -1014,20 +915,12 @@ async fn audit_and_events(app: TestApp) {
     )
     .await;
     assert_eq!(v, Verdict::CapabilityMismatch);
-    orch.revoke_token(pb::RevokeTokenRequest {
-        target: Some(pb::revoke_token_request::Target::Jti(jti.clone())),
-        reason: "operator said so".into(),
-    })
-    .await
-    .unwrap();
+    orch.revoke_token(revoke_request(Target::Jti(jti.clone()), "operator said so"))
+        .await
+        .unwrap();
 
     let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
-    let entries = auditor
-        .list_token_audit(pb::ListTokenAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = audit_entries(&mut auditor, pb::ListTokenAuditRequest::default()).await;
     let kinds: Vec<i32> = entries.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
@@ -1047,15 +940,14 @@ async fn audit_and_events(app: TestApp) {
     assert_eq!(entries[2].run_id, "run-1");
 
     // Filters and paging.
-    let only = auditor
-        .list_token_audit(pb::ListTokenAuditRequest {
+    let only = audit_entries(
+        &mut auditor,
+        pb::ListTokenAuditRequest {
             kind: pb::AuditKind::VerifyFailed as i32,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+        },
+    )
+    .await;
     assert_eq!(only.len(), 1);
     let page = |token: String| pb::ListTokenAuditRequest {
         page: Some(anumate_proto::common::v1::PageRequest {
@@ -1105,31 +997,26 @@ async fn audit_and_events(app: TestApp) {
     assert_eq!(revoked.run_id, "run-1");
     assert_eq!(revoked.reason, "operator said so");
     // Time filters.
-    let future = pbjson_types::Timestamp {
-        seconds: anumate_store::now_micros() / 1_000_000 + 3600,
-        nanos: 0,
-    };
-    let none = auditor
-        .list_token_audit(pb::ListTokenAuditRequest {
+    let future = anumate_proto::timestamp_from_secs(anumate_store::now_micros() / 1_000_000 + 3600);
+    let none = audit_entries(
+        &mut auditor,
+        pb::ListTokenAuditRequest {
             start_time: Some(future),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+        },
+    )
+    .await;
     assert!(none.is_empty());
-    let all = auditor
-        .list_token_audit(pb::ListTokenAuditRequest {
+    let all = audit_entries(
+        &mut auditor,
+        pb::ListTokenAuditRequest {
             end_time: Some(future),
             run_id: "run-1".into(),
             jti: entries[0].jti.clone(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+        },
+    )
+    .await;
     assert_eq!(all.len(), 3);
 }
 
@@ -1137,10 +1024,7 @@ async fn purge(app: TestApp) {
     let mut orch = app.orchestrator(TENANT_A).await;
     let mut conn = app.connector(TENANT_A).await;
     let issued = issue(&mut orch, "run-1", true).await;
-    let consume = pb::VerifyTokenRequest {
-        consume: true,
-        ..verify_request(&issued.token)
-    };
+    let consume = consume_request(&issued.token);
     assert_eq!(verdict(&mut conn, consume.clone()).await.0, Verdict::Valid);
     // A record whose token expired long ago.
     let tx = app.store.write(TENANT_A).await.unwrap();
@@ -1228,11 +1112,7 @@ async fn outage_is_unavailable_sqlite() {
         .unwrap();
     let mut conn = app.connector(TENANT_A).await;
     expect_error(
-        conn.verify_token(pb::VerifyTokenRequest {
-            consume: true,
-            ..verify_request(&issued.token)
-        })
-        .await,
+        conn.verify_token(consume_request(&issued.token)).await,
         ErrorCode::Unavailable,
     );
     assert_eq!(app.counts(TENANT_A).await, before);
@@ -1247,10 +1127,7 @@ async fn replay_across_two_instances_postgres() {
     let mut orch = app.orchestrator(TENANT_A).await;
     let mut one = app.connector(TENANT_A).await;
     let mut two = app.client_at(replica.addr, TENANT_A, CONNECTOR, &[]).await;
-    let consume = |token: &str| pb::VerifyTokenRequest {
-        consume: true,
-        ..verify_request(token)
-    };
+    let consume = |token: &str| consume_request(token);
 
     let issued = issue(&mut orch, "run-1", true).await;
     assert_eq!(
@@ -1333,10 +1210,10 @@ async fn revocations_are_receipted(app: TestApp) {
     let a = issue(&mut orch, "run-r", false).await.claims.unwrap().jti;
     let b = issue(&mut orch, "run-r", false).await.claims.unwrap().jti;
     let revoked = op
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::RunId("run-r".into())),
-            reason: "run cancelled".into(),
-        })
+        .revoke_token(revoke_request(
+            Target::RunId("run-r".into()),
+            "run cancelled",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -1375,10 +1252,7 @@ async fn revocations_are_receipted(app: TestApp) {
     assert_eq!(event.receipt_id, revoked.receipt_id);
     // Nothing left to revoke: no receipt.
     let again = op
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::Jti(a)),
-            reason: "again".into(),
-        })
+        .revoke_token(revoke_request(Target::Jti(a), "again"))
         .await
         .unwrap()
         .into_inner();
@@ -1415,10 +1289,7 @@ async fn revocations_are_receipted(app: TestApp) {
         .await;
     let c = issue(&mut orch, "run-s", false).await.claims.unwrap().jti;
     let revoked = op
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::Jti(c.clone())),
-            reason: "leaked".into(),
-        })
+        .revoke_token(revoke_request(Target::Jti(c.clone()), "leaked"))
         .await
         .unwrap()
         .into_inner();
@@ -1442,11 +1313,8 @@ async fn revocations_are_receipted(app: TestApp) {
     let issued = issue(&mut orch, "run-t", false).await;
     let before = app.count(TENANT_A, "captoken_revocations").await;
     expect_error(
-        op.revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::RunId("run-t".into())),
-            reason: "x".into(),
-        })
-        .await,
+        op.revoke_token(revoke_request(Target::RunId("run-t".into()), "x"))
+            .await,
         ErrorCode::Unavailable,
     );
     assert_eq!(app.count(TENANT_A, "captoken_revocations").await, before);
@@ -1510,15 +1378,14 @@ async fn tokens_bind_what_the_platform_approved(app: TestApp) {
     let mut orchestrator = app.orchestrator(TENANT_A).await;
     let issued = issue(&mut orchestrator, "run-1", false).await;
     let mut auditor = app.client(TENANT_A, "aud", &[Role::Auditor]).await;
-    let audit = auditor
-        .list_token_audit(pb::ListTokenAuditRequest {
+    let audit = audit_entries(
+        &mut auditor,
+        pb::ListTokenAuditRequest {
             kind: pb::AuditKind::Issued as i32,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+        },
+    )
+    .await;
     let entry = |jti: &str| audit.iter().find(|e| e.jti == jti).cloned().unwrap();
     let admin_jti = by_admin.claims.unwrap().jti;
     assert_eq!(entry(&admin_jti).actor, "ada");
@@ -1570,28 +1437,19 @@ async fn tokens_bind_what_the_platform_approved(app: TestApp) {
     for caller in [&mut operator, &mut connector] {
         expect_error(
             caller
-                .refresh_token(pb::RefreshTokenRequest {
-                    token: issued.token.clone(),
-                    ttl: None,
-                })
+                .refresh_token(refresh_request(&issued.token, None))
                 .await,
             ErrorCode::PermissionDenied,
         );
     }
     expect_error(
         connector
-            .revoke_token(pb::RevokeTokenRequest {
-                target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
-                reason: String::new(),
-            })
+            .revoke_token(revoke_request(Target::RunId("run-1".into()), ""))
             .await,
         ErrorCode::PermissionDenied,
     );
     let revoked = operator
-        .revoke_token(pb::RevokeTokenRequest {
-            target: Some(pb::revoke_token_request::Target::RunId("run-1".into())),
-            reason: "stop".into(),
-        })
+        .revoke_token(revoke_request(Target::RunId("run-1".into()), "stop"))
         .await
         .unwrap()
         .into_inner();
@@ -1608,14 +1466,8 @@ async fn refresh_races_and_chains(app: TestApp) {
     let mut both = 0;
     for i in 0..24 {
         let issued = issue(&mut orchestrator, &format!("race-{i}"), true).await;
-        let consume = pb::VerifyTokenRequest {
-            consume: true,
-            ..verify_request(&issued.token)
-        };
-        let refresh = pb::RefreshTokenRequest {
-            token: issued.token.clone(),
-            ttl: None,
-        };
+        let consume = consume_request(&issued.token);
+        let refresh = refresh_request(&issued.token, None);
         let (mut c, mut o) = (connector.clone(), orchestrator.clone());
         let (consumed, refreshed) = tokio::join!(
             async move { c.verify_token(consume).await.unwrap().into_inner() },
@@ -1625,14 +1477,7 @@ async fn refresh_races_and_chains(app: TestApp) {
         if let Ok(fresh) = refreshed {
             // The refreshed token must not be usable when the old one was spent.
             let fresh = fresh.into_inner().token;
-            let (v, _) = verdict(
-                &mut connector,
-                pb::VerifyTokenRequest {
-                    consume: true,
-                    ..verify_request(&fresh)
-                },
-            )
-            .await;
+            let (v, _) = verdict(&mut connector, consume_request(&fresh)).await;
             if consumed && v == Verdict::Valid {
                 both += 1;
             }
@@ -1643,17 +1488,11 @@ async fn refresh_races_and_chains(app: TestApp) {
     assert_eq!(both, 0, "consumed tokens that also yielded a live refresh");
     // A consumed single-use token is not refreshable, sequentially either.
     let issued = issue(&mut orchestrator, "spent", true).await;
-    let spent = pb::VerifyTokenRequest {
-        consume: true,
-        ..verify_request(&issued.token)
-    };
+    let spent = consume_request(&issued.token);
     assert_eq!(verdict(&mut connector, spent).await.0, Verdict::Valid);
     expect_error(
         orchestrator
-            .refresh_token(pb::RefreshTokenRequest {
-                token: issued.token,
-                ttl: None,
-            })
+            .refresh_token(refresh_request(&issued.token, None))
             .await,
         ErrorCode::FailedPrecondition,
     );
@@ -1668,26 +1507,14 @@ async fn refresh_races_and_chains(app: TestApp) {
     let short = serve(tokens, app.auth.clone()).await;
     let mut orch = app.client_at(short.addr, TENANT_A, ORCHESTRATOR, &[]).await;
     let first = issue(&mut orch, "chain", false).await;
-    let ttl = |s: i64| {
-        Some(pbjson_types::Duration {
-            seconds: s,
-            nanos: 0,
-        })
-    };
     let second = orch
-        .refresh_token(pb::RefreshTokenRequest {
-            token: first.token,
-            ttl: ttl(60),
-        })
+        .refresh_token(refresh_request(&first.token, ttl(60)))
         .await
         .unwrap()
         .into_inner();
     let e = expect_error(
-        orch.refresh_token(pb::RefreshTokenRequest {
-            token: second.token.clone(),
-            ttl: ttl(120),
-        })
-        .await,
+        orch.refresh_token(refresh_request(&second.token, ttl(120)))
+            .await,
         ErrorCode::FailedPrecondition,
     );
     assert!(e.message().contains("max_refresh_lifetime_secs"), "{e:?}");
