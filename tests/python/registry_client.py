@@ -19,7 +19,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, os.environ.get("ANUMATE_PY_GEN", str(HERE / "gen")))
+GEN = Path(os.environ.get("ANUMATE_PY_GEN", str(HERE / "gen"))).resolve()
+sys.path.insert(0, str(GEN))
+
+import importlib  # noqa: E402
+import sysconfig  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -95,7 +99,39 @@ def unpack(status, message_type):
     return found
 
 
+def check_generated_imports():
+    """Every generated module imports, and the google.api modules they use come
+    from googleapis-common-protos in site-packages: the generated tree holds
+    proto/anumate only, never a second copy of google/api."""
+    check(not (GEN / "google").exists(), f"{GEN / 'google'} exists: google/api was generated")
+    modules = sorted(
+        ".".join(p.relative_to(GEN).with_suffix("").parts) for p in GEN.rglob("*_pb2*.py")
+    )
+    check(any(m == "anumate.registry.v1.registry_pb2" for m in modules), f"modules: {modules}")
+    for module in modules:
+        importlib.import_module(module)
+    import google.api.annotations_pb2 as annotations_pb2
+
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    google_api = {
+        name: Path(module.__file__).resolve()
+        for name, module in sys.modules.items()
+        if name.startswith("google.api.") and getattr(module, "__file__", None)
+    }
+    check("google.api.annotations_pb2" in google_api, "google.api.annotations_pb2 was not imported")
+    check(
+        Path(annotations_pb2.__file__).resolve().is_relative_to(site),
+        f"google.api.annotations_pb2 from {annotations_pb2.__file__}, not {site}",
+    )
+    for name, path in google_api.items():
+        check(path.is_relative_to(site) and not path.is_relative_to(GEN),
+              f"{name} from {path}, not from googleapis-common-protos in {site}")
+    print(f"generated: {len(modules)} modules import; "
+          f"{', '.join(sorted(n.rsplit('.', 1)[1] for n in google_api))} from site-packages")
+
+
 def main():
+    check_generated_imports()
     target, token = connection()
     auth = (("authorization", f"Bearer {token}"),)
     source_path = REPO / "examples" / "refund.capsule.yaml"
