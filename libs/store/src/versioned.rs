@@ -1,8 +1,10 @@
 //! Versioned documents: a named document per tenant with numbered versions
 //! that move draft → published → deprecated, an etag (the row's revision),
-//! soft delete, and paging by name or by version. The capsule registry and
-//! the policy service store their documents this way; each names its tables
-//! and columns in a [`Schema`] and maps its version rows itself.
+//! soft delete, and paging by name or by version: the SQL. The capsule
+//! registry and the policy service store their documents this way; each names
+//! its tables and columns in a [`Schema`] and maps its version rows itself.
+//! The lifecycle over it (push, publish, delete, with their events) is
+//! `anumate-documents`.
 //!
 //! Every query also filters on the transaction's tenant; on PostgreSQL
 //! row-level security enforces it again.

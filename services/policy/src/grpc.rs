@@ -1,6 +1,7 @@
 //! The gRPC adapter: decode, call [`Policies`], encode. Who may call each RPC
 //! is enforced before the handler by the auth layer (the proto's `authz` options).
 
+use anumate_documents::Transition;
 use anumate_errors::Error;
 use anumate_proto::common::v1::PageResponse;
 use anumate_proto::policy::v1 as pb;
@@ -70,7 +71,7 @@ impl PolicyService for PolicyGrpc {
         Ok(Response::new(pb::PushPolicyResponse {
             version: Some(pushed.version),
             created: pushed.created,
-            policy: Some(pushed.policy),
+            policy: Some(pushed.document),
         }))
     }
 
@@ -135,6 +136,7 @@ impl PolicyService for PolicyGrpc {
         let r = req.into_inner();
         let (versions, next) = self
             .policies
+            .documents()
             .list_versions(&actor, &r.name, r.page.as_ref())
             .await?;
         Ok(Response::new(pb::ListPolicyVersionsResponse {
@@ -151,13 +153,8 @@ impl PolicyService for PolicyGrpc {
         let r = req.into_inner();
         let (policy, version) = self
             .policies
-            .transition(
-                &actor,
-                &r.name,
-                r.version,
-                &r.etag,
-                pb::PolicyVersionStatus::Published,
-            )
+            .documents()
+            .transition(&actor, &r.name, r.version, &r.etag, Transition::Publish)
             .await?;
         Ok(Response::new(pb::PublishPolicyVersionResponse {
             version: Some(version),
@@ -173,13 +170,8 @@ impl PolicyService for PolicyGrpc {
         let r = req.into_inner();
         let (policy, version) = self
             .policies
-            .transition(
-                &actor,
-                &r.name,
-                r.version,
-                &r.etag,
-                pb::PolicyVersionStatus::Deprecated,
-            )
+            .documents()
+            .transition(&actor, &r.name, r.version, &r.etag, Transition::Deprecate)
             .await?;
         Ok(Response::new(pb::DeprecatePolicyVersionResponse {
             version: Some(version),
@@ -193,7 +185,11 @@ impl PolicyService for PolicyGrpc {
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let policy = self.policies.delete(&actor, &r.name, &r.etag).await?;
+        let policy = self
+            .policies
+            .documents()
+            .delete(&actor, &r.name, &r.etag)
+            .await?;
         Ok(Response::new(pb::DeletePolicyResponse {
             policy: Some(policy),
         }))

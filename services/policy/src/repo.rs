@@ -1,15 +1,16 @@
-//! Policies and their versions, stored as versioned documents
-//! ([`anumate_store::versioned`]), and the decision log. Every query also
-//! filters on the transaction's tenant; on PostgreSQL row-level security
-//! enforces it again.
+//! Policies and their versions as versioned documents ([`anumate_documents`]
+//! over [`anumate_store::versioned`]): the tables, the mapping of their rows
+//! to the contract's messages and the events of each change; and the
+//! decision log. Every query also filters on the transaction's tenant; on
+//! PostgreSQL row-level security enforces it again.
 
-use std::collections::BTreeMap;
-
+use anumate_documents::{DeletionEvent, Documents, Draft, NewVersion, VersionEvent, VersionedKind};
 use anumate_errors::Result;
-use anumate_proto::common::v1::PageRequest;
+use anumate_proto::events::v1 as ev;
 use anumate_proto::policy::v1 as pb;
+use anumate_proto::timestamp_from_micros as timestamp;
 use anumate_store::versioned::{DocumentRow, Schema, Status};
-use anumate_store::{Migration, TenantTx, paging};
+use anumate_store::{Migration, TenantTx, Value};
 use sea_orm::FromQueryResult;
 
 const POLICY_DDL: &str = "CREATE TABLE policies (
@@ -65,33 +66,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     tenant_tables: &["policies", "policy_versions", "policy_decisions"],
 }];
 
-/// Where policies are stored.
-const SCHEMA: Schema = Schema {
-    kind: "policy",
-    documents: "policies",
-    versions: "policy_versions",
-    labels: None,
-    version_columns: "name, version, status, source, canonical_json, content_hash, \
-         description, created_by, created_at, published_at, deprecated_at",
-    version_meta_columns: "name, version, status, '' AS source, '' AS canonical_json, content_hash, \
-         description, created_by, created_at, published_at, deprecated_at",
-};
+/// Policies as a kind of versioned document.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyKind;
 
-/// A policy row and whether it is soft-deleted.
-pub struct PolicyRow {
-    pub proto: pb::Policy,
-    pub deleted: bool,
-    stored: DocumentRow,
-}
-
-/// A timestamp from microseconds since the epoch.
-pub use anumate_proto::timestamp_from_micros as timestamp;
-
-fn status(s: pb::PolicyVersionStatus) -> Status {
+/// The stored status of a contract status; `None` for unspecified (any, in
+/// filters).
+pub fn stored_status(s: pb::PolicyVersionStatus) -> Option<Status> {
     match s {
-        pb::PolicyVersionStatus::Published => Status::Published,
-        pb::PolicyVersionStatus::Deprecated => Status::Deprecated,
-        _ => Status::Draft,
+        pb::PolicyVersionStatus::Unspecified => None,
+        pb::PolicyVersionStatus::Draft => Some(Status::Draft),
+        pb::PolicyVersionStatus::Published => Some(Status::Published),
+        pb::PolicyVersionStatus::Deprecated => Some(Status::Deprecated),
     }
 }
 
@@ -103,29 +89,9 @@ fn status_proto(s: Status) -> pb::PolicyVersionStatus {
     }
 }
 
-fn policy_proto(d: &DocumentRow) -> pb::Policy {
-    pb::Policy {
-        name: d.name.clone(),
-        description: d.description.clone(),
-        latest_version: d.latest_version,
-        published_version: d.published_version,
-        etag: d.etag(),
-        create_time: Some(timestamp(d.created_at)),
-        update_time: Some(timestamp(d.updated_at)),
-    }
-}
-
-fn policy_row(d: DocumentRow) -> PolicyRow {
-    PolicyRow {
-        proto: policy_proto(&d),
-        deleted: d.deleted(),
-        stored: d,
-    }
-}
-
 /// A stored policy version.
 #[derive(FromQueryResult)]
-struct VersionRow {
+pub struct VersionRow {
     name: String,
     version: i64,
     status: String,
@@ -159,14 +125,113 @@ impl From<VersionRow> for pb::PolicyVersion {
     }
 }
 
-/// Reads a policy row, locking it for the transaction on PostgreSQL.
-pub async fn lock_policy(tx: &TenantTx, name: &str) -> Result<Option<PolicyRow>> {
-    Ok(SCHEMA.lock_document(tx, name).await?.map(policy_row))
+impl VersionedKind for PolicyKind {
+    type Document = pb::Policy;
+    type Version = pb::PolicyVersion;
+    type Row = VersionRow;
+    type Pushed = ev::PolicyPushed;
+    type Published = ev::PolicyPublished;
+    type Deprecated = ev::PolicyDeprecated;
+    type Deleted = ev::PolicyDeleted;
+
+    const SCHEMA: Schema = Schema {
+        kind: "policy",
+        documents: "policies",
+        versions: "policy_versions",
+        labels: None,
+        version_columns: "name, version, status, source, canonical_json, content_hash, \
+             description, created_by, created_at, published_at, deprecated_at",
+        version_meta_columns: "name, version, status, '' AS source, '' AS canonical_json, content_hash, \
+             description, created_by, created_at, published_at, deprecated_at",
+    };
+    const COLLECTION: &'static str = "policies";
+
+    fn document(d: &DocumentRow) -> pb::Policy {
+        pb::Policy {
+            name: d.name.clone(),
+            description: d.description.clone(),
+            latest_version: d.latest_version,
+            published_version: d.published_version,
+            etag: d.etag(),
+            create_time: Some(timestamp(d.created_at)),
+            update_time: Some(timestamp(d.updated_at)),
+        }
+    }
+
+    /// The version without its rules and test count: the service attaches
+    /// those from the compiled policy.
+    fn new_version(&self, draft: &Draft<'_>, new: &NewVersion<'_>) -> pb::PolicyVersion {
+        pb::PolicyVersion {
+            name: draft.name.to_owned(),
+            version: new.number,
+            status: status_proto(new.status) as i32,
+            source: draft.source.to_owned(),
+            canonical_json: draft.canonical_json.to_owned(),
+            content_hash: draft.content_hash.to_owned(),
+            description: draft.description.to_owned(),
+            rules: Vec::new(),
+            test_count: 0,
+            created_by: new.created_by.to_owned(),
+            create_time: Some(timestamp(new.now)),
+            publish_time: (new.status == Status::Published).then(|| timestamp(new.now)),
+            deprecate_time: None,
+        }
+    }
+
+    fn version_columns(v: &pb::PolicyVersion) -> Vec<(&'static str, Value)> {
+        vec![("source", v.source.as_str().into())]
+    }
+
+    fn record_status(v: &mut pb::PolicyVersion, status: Status, now: i64) {
+        v.status = status_proto(status) as i32;
+        match status {
+            Status::Published => v.publish_time = Some(timestamp(now)),
+            _ => v.deprecate_time = Some(timestamp(now)),
+        }
+    }
+
+    fn pushed(e: &VersionEvent<'_>) -> ev::PolicyPushed {
+        ev::PolicyPushed {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            content_hash: e.content_hash.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
+
+    fn published(e: &VersionEvent<'_>) -> ev::PolicyPublished {
+        ev::PolicyPublished {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            content_hash: e.content_hash.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
+
+    fn deprecated(e: &VersionEvent<'_>) -> ev::PolicyDeprecated {
+        ev::PolicyDeprecated {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            content_hash: e.content_hash.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
+
+    fn deleted(e: &DeletionEvent<'_>) -> ev::PolicyDeleted {
+        ev::PolicyDeleted {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
 }
 
 /// A policy that exists and is not deleted, or `NOT_FOUND`.
 pub async fn visible_policy(tx: &TenantTx, name: &str) -> Result<pb::Policy> {
-    Ok(policy_proto(&SCHEMA.visible_document(tx, name).await?))
+    Documents::<PolicyKind>::visible(tx, name).await
 }
 
 /// One version, with its source.
@@ -175,138 +240,18 @@ pub async fn get_version(
     name: &str,
     version: i64,
 ) -> Result<Option<pb::PolicyVersion>> {
-    let row: Option<VersionRow> = SCHEMA.get_version(tx, name, version).await?;
+    let row: Option<VersionRow> = PolicyKind::SCHEMA.get_version(tx, name, version).await?;
     Ok(row.map(Into::into))
 }
 
-/// The version with this content hash, if any.
+/// The oldest version with this content hash, if any (exact content stays
+/// resolvable after deprecation or deletion).
 pub async fn find_by_hash(
     tx: &TenantTx,
     name: &str,
     hash: &str,
 ) -> Result<Option<pb::PolicyVersion>> {
-    let row: Option<VersionRow> = SCHEMA.find_by_hash(tx, name, hash).await?;
-    Ok(row.map(Into::into))
-}
-
-/// Creates the row of a policy's first push; [`update_after_push`] fills it in.
-pub async fn insert_policy(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
-    SCHEMA.insert_document(tx, name, now).await
-}
-
-/// Inserts a version row.
-pub async fn insert_version(tx: &TenantTx, v: &pb::PolicyVersion, now: i64) -> Result<()> {
-    let status =
-        pb::PolicyVersionStatus::try_from(v.status).unwrap_or(pb::PolicyVersionStatus::Draft);
-    let published_at = (status == pb::PolicyVersionStatus::Published).then_some(now);
-    SCHEMA
-        .insert_version(
-            tx,
-            &[
-                "name",
-                "version",
-                "status",
-                "source",
-                "canonical_json",
-                "content_hash",
-                "description",
-                "created_by",
-                "created_at",
-                "published_at",
-            ],
-            vec![
-                v.name.as_str().into(),
-                v.version.into(),
-                self::status(status).as_str().into(),
-                v.source.as_str().into(),
-                v.canonical_json.as_str().into(),
-                v.content_hash.as_str().into(),
-                v.description.as_str().into(),
-                v.created_by.as_str().into(),
-                now.into(),
-                published_at.into(),
-            ],
-        )
-        .await
-}
-
-/// Writes the policy row after a push: newest description, version counters, a new revision.
-pub async fn update_after_push(
-    tx: &TenantTx,
-    existing: Option<&PolicyRow>,
-    name: &str,
-    description: &str,
-    latest: i64,
-    published: i64,
-    now: i64,
-) -> Result<pb::Policy> {
-    let row = SCHEMA
-        .update_after_push(
-            tx,
-            existing.map(|p| &p.stored),
-            name,
-            description,
-            &BTreeMap::new(),
-            latest,
-            published,
-            now,
-        )
-        .await?;
-    Ok(policy_proto(&row))
-}
-
-/// Sets a version's status and the matching timestamp.
-pub async fn set_version_status(
-    tx: &TenantTx,
-    name: &str,
-    version: i64,
-    status: pb::PolicyVersionStatus,
-    now: i64,
-) -> Result<()> {
-    SCHEMA
-        .set_version_status(tx, name, version, self::status(status), now)
-        .await
-}
-
-/// Bumps the revision and recomputes the published version after a status change.
-pub async fn touch_policy(tx: &TenantTx, name: &str, now: i64) -> Result<pb::Policy> {
-    Ok(policy_proto(&SCHEMA.touch_document(tx, name, now).await?))
-}
-
-/// Marks a policy deleted.
-pub async fn soft_delete(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
-    SCHEMA.soft_delete(tx, name, now).await
-}
-
-/// Page size and the decoded token.
-pub fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
-    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-    paging::page_params(size, token)
-}
-
-/// A page of the tenant's visible policies by name.
-pub async fn list_policies(
-    tx: &TenantTx,
-    status: pb::PolicyVersionStatus,
-    size: i64,
-    after: Option<&str>,
-) -> Result<(Vec<pb::Policy>, String)> {
-    let status = (status != pb::PolicyVersionStatus::Unspecified).then(|| self::status(status));
-    let (rows, next) = SCHEMA.list_documents(tx, &[], status, size, after).await?;
-    Ok((rows.iter().map(policy_proto).collect(), next))
-}
-
-/// A page of one policy's versions, newest first, without sources.
-pub async fn list_versions(
-    tx: &TenantTx,
-    name: &str,
-    size: i64,
-    before: Option<i64>,
-) -> Result<(Vec<pb::PolicyVersion>, String)> {
-    let (rows, next) = SCHEMA
-        .list_versions(tx, name, size, before, |v: &VersionRow| v.version)
-        .await?;
-    Ok((rows.into_iter().map(Into::into).collect(), next))
+    Documents::<PolicyKind>::find_by_hash(tx, name, hash).await
 }
 
 /// One decision log row, already redacted.

@@ -1,6 +1,7 @@
 //! The gRPC adapter: decode, call [`Registry`], encode. Who may call each RPC
 //! is enforced before the handler by the auth layer (the proto's `authz` options).
 
+use anumate_documents::Transition;
 use anumate_errors::Error;
 use anumate_proto::registry::v1 as pb;
 use pb::registry_service_server::{RegistryService, RegistryServiceServer};
@@ -67,7 +68,7 @@ impl RegistryService for RegistryGrpc {
         Ok(Response::new(pb::PushCapsuleResponse {
             version: Some(pushed.version),
             created: pushed.created,
-            capsule: Some(pushed.capsule),
+            capsule: Some(pushed.document),
         }))
     }
 
@@ -128,6 +129,7 @@ impl RegistryService for RegistryGrpc {
         let r = req.into_inner();
         let (versions, next) = self
             .registry
+            .documents()
             .list_versions(&actor, &r.name, r.page.as_ref())
             .await?;
         Ok(Response::new(pb::ListCapsuleVersionsResponse {
@@ -159,13 +161,8 @@ impl RegistryService for RegistryGrpc {
         let r = req.into_inner();
         let (capsule, version) = self
             .registry
-            .transition(
-                &actor,
-                &r.name,
-                r.version,
-                &r.etag,
-                pb::VersionStatus::Published,
-            )
+            .documents()
+            .transition(&actor, &r.name, r.version, &r.etag, Transition::Publish)
             .await?;
         Ok(Response::new(pb::PublishCapsuleVersionResponse {
             version: Some(version),
@@ -181,13 +178,8 @@ impl RegistryService for RegistryGrpc {
         let r = req.into_inner();
         let (capsule, version) = self
             .registry
-            .transition(
-                &actor,
-                &r.name,
-                r.version,
-                &r.etag,
-                pb::VersionStatus::Deprecated,
-            )
+            .documents()
+            .transition(&actor, &r.name, r.version, &r.etag, Transition::Deprecate)
             .await?;
         Ok(Response::new(pb::DeprecateCapsuleVersionResponse {
             version: Some(version),
@@ -201,7 +193,11 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::DeleteCapsuleResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let capsule = self.registry.delete(&actor, &r.name, &r.etag).await?;
+        let capsule = self
+            .registry
+            .documents()
+            .delete(&actor, &r.name, &r.etag)
+            .await?;
         Ok(Response::new(pb::DeleteCapsuleResponse {
             capsule: Some(capsule),
         }))

@@ -1,14 +1,19 @@
-//! Capsules and their versions, stored as versioned documents
-//! ([`anumate_store::versioned`]): the tables, and the mapping of their rows
-//! to the contract's messages.
+//! Capsules and their versions as versioned documents ([`anumate_documents`]
+//! over [`anumate_store::versioned`]): the tables, the mapping of their rows
+//! to the contract's messages, a new version (signed) and the events of each
+//! change; and label selectors.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use anumate_crypto::KeyRing;
+use anumate_documents::{DeletionEvent, Draft, NewVersion, VersionEvent, VersionedKind};
 use anumate_errors::{Error, Result};
-use anumate_proto::common::v1::PageRequest;
+use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
+use anumate_proto::timestamp_from_micros as timestamp;
 use anumate_store::versioned::{DocumentRow, Schema, Status};
-use anumate_store::{Migration, TenantTx, paging};
+use anumate_store::{Migration, Value};
 use sea_orm::FromQueryResult;
 
 const REGISTRY_DDL: &str = "CREATE TABLE capsules (
@@ -63,33 +68,28 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
 }];
 
-/// Where capsules are stored.
-const SCHEMA: Schema = Schema {
-    kind: "capsule",
-    documents: "capsules",
-    versions: "capsule_versions",
-    labels: Some("capsule_labels"),
-    version_columns: "name, version, status, source_yaml, canonical_json, content_hash, signature, kid, \
-         description, labels, created_by, created_at, published_at, deprecated_at",
-    version_meta_columns: "name, version, status, '' AS source_yaml, '' AS canonical_json, content_hash, \
-         signature, kid, description, labels, created_by, created_at, published_at, deprecated_at",
-};
-
-/// A capsule row and whether it is soft-deleted.
-pub struct CapsuleRow {
-    pub proto: pb::Capsule,
-    pub deleted: bool,
-    stored: DocumentRow,
+/// Capsules as a kind of versioned document; versions are signed with the
+/// ring's active key.
+#[derive(Clone)]
+pub struct Capsules {
+    keys: Arc<KeyRing>,
 }
 
-/// A timestamp from microseconds since the epoch.
-pub use anumate_proto::timestamp_from_micros as timestamp;
+impl Capsules {
+    /// Capsules signed with `keys`.
+    pub fn new(keys: Arc<KeyRing>) -> Capsules {
+        Capsules { keys }
+    }
+}
 
-fn status(s: pb::VersionStatus) -> Status {
+/// The stored status of a contract status; `None` for unspecified (any, in
+/// filters).
+pub fn stored_status(s: pb::VersionStatus) -> Option<Status> {
     match s {
-        pb::VersionStatus::Published => Status::Published,
-        pb::VersionStatus::Deprecated => Status::Deprecated,
-        _ => Status::Draft,
+        pb::VersionStatus::Unspecified => None,
+        pb::VersionStatus::Draft => Some(Status::Draft),
+        pb::VersionStatus::Published => Some(Status::Published),
+        pb::VersionStatus::Deprecated => Some(Status::Deprecated),
     }
 }
 
@@ -101,30 +101,9 @@ fn status_proto(s: Status) -> pb::VersionStatus {
     }
 }
 
-fn capsule_proto(d: &DocumentRow) -> pb::Capsule {
-    pb::Capsule {
-        name: d.name.clone(),
-        description: d.description.clone(),
-        labels: d.label_map(),
-        latest_version: d.latest_version,
-        published_version: d.published_version,
-        etag: d.etag(),
-        create_time: Some(timestamp(d.created_at)),
-        update_time: Some(timestamp(d.updated_at)),
-    }
-}
-
-fn capsule_row(d: DocumentRow) -> CapsuleRow {
-    CapsuleRow {
-        proto: capsule_proto(&d),
-        deleted: d.deleted(),
-        stored: d,
-    }
-}
-
 /// A stored capsule version.
 #[derive(FromQueryResult)]
-struct VersionRow {
+pub struct VersionRow {
     name: String,
     version: i64,
     status: String,
@@ -162,130 +141,115 @@ impl From<VersionRow> for pb::CapsuleVersion {
     }
 }
 
-/// Reads a capsule row, locking it for the transaction on PostgreSQL.
-pub async fn lock_capsule(tx: &TenantTx, name: &str) -> Result<Option<CapsuleRow>> {
-    Ok(SCHEMA.lock_document(tx, name).await?.map(capsule_row))
-}
+impl VersionedKind for Capsules {
+    type Document = pb::Capsule;
+    type Version = pb::CapsuleVersion;
+    type Row = VersionRow;
+    type Pushed = ev::CapsulePushed;
+    type Published = ev::CapsulePublished;
+    type Deprecated = ev::CapsuleDeprecated;
+    type Deleted = ev::CapsuleDeleted;
 
-/// A capsule that exists and is not deleted, or `NOT_FOUND`.
-pub async fn visible_capsule(tx: &TenantTx, name: &str) -> Result<pb::Capsule> {
-    Ok(capsule_proto(&SCHEMA.visible_document(tx, name).await?))
-}
+    const SCHEMA: Schema = Schema {
+        kind: "capsule",
+        documents: "capsules",
+        versions: "capsule_versions",
+        labels: Some("capsule_labels"),
+        version_columns: "name, version, status, source_yaml, canonical_json, content_hash, signature, kid, \
+             description, labels, created_by, created_at, published_at, deprecated_at",
+        version_meta_columns: "name, version, status, '' AS source_yaml, '' AS canonical_json, content_hash, \
+             signature, kid, description, labels, created_by, created_at, published_at, deprecated_at",
+    };
+    const COLLECTION: &'static str = "capsules";
 
-/// One version, with its source.
-pub async fn get_version(
-    tx: &TenantTx,
-    name: &str,
-    version: i64,
-) -> Result<Option<pb::CapsuleVersion>> {
-    let row: Option<VersionRow> = SCHEMA.get_version(tx, name, version).await?;
-    Ok(row.map(Into::into))
-}
+    fn document(d: &DocumentRow) -> pb::Capsule {
+        pb::Capsule {
+            name: d.name.clone(),
+            description: d.description.clone(),
+            labels: d.label_map(),
+            latest_version: d.latest_version,
+            published_version: d.published_version,
+            etag: d.etag(),
+            create_time: Some(timestamp(d.created_at)),
+            update_time: Some(timestamp(d.updated_at)),
+        }
+    }
 
-/// The version with this content hash, if any.
-pub async fn find_by_hash(
-    tx: &TenantTx,
-    name: &str,
-    hash: &str,
-) -> Result<Option<pb::CapsuleVersion>> {
-    let row: Option<VersionRow> = SCHEMA.find_by_hash(tx, name, hash).await?;
-    Ok(row.map(Into::into))
-}
+    fn new_version(&self, draft: &Draft<'_>, new: &NewVersion<'_>) -> pb::CapsuleVersion {
+        let key = self.keys.active();
+        pb::CapsuleVersion {
+            name: draft.name.to_owned(),
+            version: new.number,
+            status: status_proto(new.status) as i32,
+            source_yaml: draft.source.to_owned(),
+            canonical_json: draft.canonical_json.to_owned(),
+            content_hash: draft.content_hash.to_owned(),
+            signature: key.sign_b64url(draft.canonical_json.as_bytes()),
+            kid: key.kid().to_owned(),
+            description: draft.description.to_owned(),
+            labels: draft.labels.clone().into_iter().collect(),
+            created_by: new.created_by.to_owned(),
+            create_time: Some(timestamp(new.now)),
+            publish_time: (new.status == Status::Published).then(|| timestamp(new.now)),
+            deprecate_time: None,
+        }
+    }
 
-/// Creates the row of a capsule's first push; [`update_after_push`] fills it in.
-pub async fn insert_capsule(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
-    SCHEMA.insert_document(tx, name, now).await
-}
+    fn version_columns(v: &pb::CapsuleVersion) -> Vec<(&'static str, Value)> {
+        let labels: BTreeMap<_, _> = v.labels.iter().collect();
+        let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+        vec![
+            ("source_yaml", v.source_yaml.as_str().into()),
+            ("signature", v.signature.as_str().into()),
+            ("kid", v.kid.as_str().into()),
+            ("labels", labels.into()),
+        ]
+    }
 
-/// Inserts a version row.
-pub async fn insert_version(tx: &TenantTx, v: &pb::CapsuleVersion, now: i64) -> Result<()> {
-    let labels: BTreeMap<_, _> = v.labels.iter().collect();
-    let status = pb::VersionStatus::try_from(v.status).unwrap_or(pb::VersionStatus::Draft);
-    let published_at = (status == pb::VersionStatus::Published).then_some(now);
-    SCHEMA
-        .insert_version(
-            tx,
-            &[
-                "name",
-                "version",
-                "status",
-                "source_yaml",
-                "canonical_json",
-                "content_hash",
-                "signature",
-                "kid",
-                "description",
-                "labels",
-                "created_by",
-                "created_at",
-                "published_at",
-            ],
-            vec![
-                v.name.as_str().into(),
-                v.version.into(),
-                self::status(status).as_str().into(),
-                v.source_yaml.as_str().into(),
-                v.canonical_json.as_str().into(),
-                v.content_hash.as_str().into(),
-                v.signature.as_str().into(),
-                v.kid.as_str().into(),
-                v.description.as_str().into(),
-                serde_json::to_string(&labels)
-                    .unwrap_or_else(|_| "{}".into())
-                    .into(),
-                v.created_by.as_str().into(),
-                now.into(),
-                published_at.into(),
-            ],
-        )
-        .await
-}
+    fn record_status(v: &mut pb::CapsuleVersion, status: Status, now: i64) {
+        v.status = status_proto(status) as i32;
+        match status {
+            Status::Published => v.publish_time = Some(timestamp(now)),
+            _ => v.deprecate_time = Some(timestamp(now)),
+        }
+    }
 
-/// Writes the capsule row after a push: newest metadata, version counters, a new revision.
-pub async fn update_after_push(
-    tx: &TenantTx,
-    existing: Option<&CapsuleRow>,
-    doc: &anumate_capsule::Capsule,
-    latest: i64,
-    published: i64,
-    now: i64,
-) -> Result<pb::Capsule> {
-    let row = SCHEMA
-        .update_after_push(
-            tx,
-            existing.map(|c| &c.stored),
-            &doc.name,
-            &doc.description,
-            &doc.labels,
-            latest,
-            published,
-            now,
-        )
-        .await?;
-    Ok(capsule_proto(&row))
-}
+    fn pushed(e: &VersionEvent<'_>) -> ev::CapsulePushed {
+        ev::CapsulePushed {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            content_hash: e.content_hash.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
 
-/// Sets a version's status and the matching timestamp.
-pub async fn set_version_status(
-    tx: &TenantTx,
-    name: &str,
-    version: i64,
-    status: pb::VersionStatus,
-    now: i64,
-) -> Result<()> {
-    SCHEMA
-        .set_version_status(tx, name, version, self::status(status), now)
-        .await
-}
+    fn published(e: &VersionEvent<'_>) -> ev::CapsulePublished {
+        ev::CapsulePublished {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            content_hash: e.content_hash.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
 
-/// Bumps the revision and recomputes the published version after a status change.
-pub async fn touch_capsule(tx: &TenantTx, name: &str, now: i64) -> Result<pb::Capsule> {
-    Ok(capsule_proto(&SCHEMA.touch_document(tx, name, now).await?))
-}
+    fn deprecated(e: &VersionEvent<'_>) -> ev::CapsuleDeprecated {
+        ev::CapsuleDeprecated {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            version: e.version,
+            actor: e.actor.to_owned(),
+        }
+    }
 
-/// Marks a capsule deleted.
-pub async fn soft_delete(tx: &TenantTx, name: &str, now: i64) -> Result<()> {
-    SCHEMA.soft_delete(tx, name, now).await
+    fn deleted(e: &DeletionEvent<'_>) -> ev::CapsuleDeleted {
+        ev::CapsuleDeleted {
+            tenant_id: e.tenant_id.to_owned(),
+            name: e.name.to_owned(),
+            actor: e.actor.to_owned(),
+        }
+    }
 }
 
 /// Parses `k=v,k2=v2`.
@@ -308,38 +272,4 @@ pub fn parse_label_selector(s: &str) -> Result<Vec<(String, String)>> {
         out.push((k.to_string(), v.to_string()));
     }
     Ok(out)
-}
-
-/// Page size and the decoded token.
-pub fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
-    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-    paging::page_params(size, token)
-}
-
-/// A page of the tenant's visible capsules by name.
-pub async fn list_capsules(
-    tx: &TenantTx,
-    labels: &[(String, String)],
-    status: pb::VersionStatus,
-    size: i64,
-    after: Option<&str>,
-) -> Result<(Vec<pb::Capsule>, String)> {
-    let status = (status != pb::VersionStatus::Unspecified).then(|| self::status(status));
-    let (rows, next) = SCHEMA
-        .list_documents(tx, labels, status, size, after)
-        .await?;
-    Ok((rows.iter().map(capsule_proto).collect(), next))
-}
-
-/// A page of one capsule's versions, newest first, without sources.
-pub async fn list_versions(
-    tx: &TenantTx,
-    name: &str,
-    size: i64,
-    before: Option<i64>,
-) -> Result<(Vec<pb::CapsuleVersion>, String)> {
-    let (rows, next) = SCHEMA
-        .list_versions(tx, name, size, before, |v: &VersionRow| v.version)
-        .await?;
-    Ok((rows.into_iter().map(Into::into).collect(), next))
 }

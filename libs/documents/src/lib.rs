@@ -1,0 +1,692 @@
+//! Versioned documents: the one lifecycle of capsules (the registry) and
+//! policies (the policy service).
+//!
+//! A kind of document implements [`VersionedKind`]: where it is stored (an
+//! [`anumate_store::versioned::Schema`]), how its rows map to its messages,
+//! how a version message is built from a validated document, and which event
+//! messages record its changes. [`Documents`] runs the lifecycle over any
+//! kind: push (content already stored is not stored again), get by
+//! [`VersionSelector`], list, list versions, publish or deprecate
+//! ([`Transition`]) and soft delete. Every change bumps the document's etag
+//! and appends its events to the outbox in the same transaction.
+//!
+//! Parsing and validating a document stay with its service, which hands the
+//! result to [`Documents::push`] as a [`Draft`].
+//!
+//! This is a crate of its own rather than a module of `anumate-store`: the
+//! lifecycle appends events ([`anumate_events::append`]), and `anumate-events`
+//! builds on the store. The SQL stays in [`anumate_store::versioned`].
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use anumate_errors::{Error, ErrorCode, Result};
+use anumate_proto::common::v1::PageRequest;
+use anumate_store::versioned::{DocumentRow, Schema, Status};
+use anumate_store::{DbErr, QueryResult, Store, TenantTx, Value, paging};
+use sea_orm::FromQueryResult;
+
+/// Who is acting: the tenant and principal from the verified token.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Tenant id.
+    pub tenant: String,
+    /// Principal subject.
+    pub subject: String,
+}
+
+/// How a get picks a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionSelector {
+    /// The highest published version.
+    Published,
+    /// The highest version in any state.
+    Latest,
+    /// This exact version.
+    Number(i64),
+}
+
+impl VersionSelector {
+    /// Parses `""`/`"published"`, `"latest"` or a positive number.
+    pub fn parse(s: &str) -> Result<VersionSelector> {
+        match s {
+            "" | "published" => Ok(VersionSelector::Published),
+            "latest" => Ok(VersionSelector::Latest),
+            n => match n.parse::<i64>() {
+                Ok(v) if v > 0 => Ok(VersionSelector::Number(v)),
+                _ => Err(Error::invalid_argument(
+                    "version",
+                    format!("{n:?} is not a version number, \"published\" or \"latest\""),
+                )),
+            },
+        }
+    }
+}
+
+/// A status change callers may ask of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Draft → published.
+    Publish,
+    /// Draft or published → deprecated.
+    Deprecate,
+}
+
+impl Transition {
+    /// The status it leads to.
+    pub fn status(self) -> Status {
+        match self {
+            Transition::Publish => Status::Published,
+            Transition::Deprecate => Status::Deprecated,
+        }
+    }
+}
+
+/// A validated document, as a push stores it.
+#[derive(Debug, Clone, Copy)]
+pub struct Draft<'a> {
+    /// The document's name.
+    pub name: &'a str,
+    /// The source as pushed.
+    pub source: &'a str,
+    /// Canonical JSON of the parsed document.
+    pub canonical_json: &'a str,
+    /// Hash of `canonical_json`: a push of stored content creates no version.
+    pub content_hash: &'a str,
+    /// Description, copied to the document row.
+    pub description: &'a str,
+    /// Labels, copied to the document row (empty for kinds without labels).
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// What the lifecycle decides about a new version.
+#[derive(Debug, Clone, Copy)]
+pub struct NewVersion<'a> {
+    /// Its number: one past the latest.
+    pub number: i64,
+    /// Draft, or published when the push asked for it.
+    pub status: Status,
+    /// Subject of the pushing principal.
+    pub created_by: &'a str,
+    /// Creation time (and publish time when published), Unix microseconds.
+    pub now: i64,
+}
+
+/// The facts of a pushed, published or deprecated version, for its event.
+#[derive(Debug, Clone, Copy)]
+pub struct VersionEvent<'a> {
+    /// Tenant that owns the document.
+    pub tenant_id: &'a str,
+    /// Document name.
+    pub name: &'a str,
+    /// Version number.
+    pub version: i64,
+    /// The version's content hash.
+    pub content_hash: &'a str,
+    /// Principal that made the change.
+    pub actor: &'a str,
+}
+
+/// The facts of a deletion, for its event.
+#[derive(Debug, Clone, Copy)]
+pub struct DeletionEvent<'a> {
+    /// Tenant that owned the document.
+    pub tenant_id: &'a str,
+    /// Document name.
+    pub name: &'a str,
+    /// Principal that deleted it.
+    pub actor: &'a str,
+}
+
+/// A kind of versioned document: its storage, its messages and its events.
+///
+/// Its version table holds, besides the columns [`Schema`] requires,
+/// `canonical_json`, `description` and `created_by`; the lifecycle writes
+/// those and the kind writes the rest ([`VersionedKind::version_columns`]).
+/// The lifecycle reads `version`, `status` and `content_hash` itself; the
+/// kind maps the whole row to its message.
+pub trait VersionedKind: Send + Sync + 'static {
+    /// The document message (`Capsule`, `Policy`).
+    type Document: Send + Sync;
+    /// The version message (`CapsuleVersion`, `PolicyVersion`).
+    type Version: Send + Sync;
+    /// A version row as [`Schema::version_columns`] reads it.
+    type Row: FromQueryResult + Into<Self::Version> + Send + Sync;
+    /// Event: a version was pushed.
+    type Pushed: prost::Message + prost::Name;
+    /// Event: a version was published.
+    type Published: prost::Message + prost::Name;
+    /// Event: a version was deprecated.
+    type Deprecated: prost::Message + prost::Name;
+    /// Event: the document was deleted.
+    type Deleted: prost::Message + prost::Name;
+
+    /// Where documents of this kind are stored; its `kind` is their word in
+    /// messages ("capsule").
+    const SCHEMA: Schema;
+    /// The collection in resource names and event subjects ("capsules").
+    const COLLECTION: &'static str;
+
+    /// The document message of a row.
+    fn document(row: &DocumentRow) -> Self::Document;
+    /// The message of a new version of `draft`.
+    fn new_version(&self, draft: &Draft<'_>, new: &NewVersion<'_>) -> Self::Version;
+    /// The kind's own version columns and their values.
+    fn version_columns(version: &Self::Version) -> Vec<(&'static str, Value)>;
+    /// Records a status change at `now` (Unix microseconds) in the message.
+    fn record_status(version: &mut Self::Version, status: Status, now: i64);
+    /// The pushed event.
+    fn pushed(e: &VersionEvent<'_>) -> Self::Pushed;
+    /// The published event.
+    fn published(e: &VersionEvent<'_>) -> Self::Published;
+    /// The deprecated event.
+    fn deprecated(e: &VersionEvent<'_>) -> Self::Deprecated;
+    /// The deleted event.
+    fn deleted(e: &DeletionEvent<'_>) -> Self::Deleted;
+}
+
+/// Result of a push.
+pub struct Pushed<K: VersionedKind> {
+    /// The new or existing version.
+    pub version: K::Version,
+    /// Whether a version was created.
+    pub created: bool,
+    /// The document afterwards.
+    pub document: K::Document,
+}
+
+/// The lifecycle of one kind's documents in a store.
+#[derive(Clone)]
+pub struct Documents<K> {
+    store: Store,
+    kind: K,
+}
+
+impl<K: VersionedKind> Documents<K> {
+    /// The documents of `kind` in `store`.
+    pub fn new(store: Store, kind: K) -> Self {
+        Documents { store, kind }
+    }
+
+    /// Stores a new version (or returns the identical existing one, publishing
+    /// it when asked).
+    pub async fn push(
+        &self,
+        actor: &Actor,
+        draft: &Draft<'_>,
+        etag: &str,
+        publish: bool,
+    ) -> Result<Pushed<K>> {
+        // One retry covers two first pushes of a new name racing on its primary key.
+        match self.push_once(actor, draft, etag, publish).await {
+            Err(e) if e.code == ErrorCode::AlreadyExists => {
+                self.push_once(actor, draft, etag, publish).await
+            }
+            other => other,
+        }
+    }
+
+    async fn push_once(
+        &self,
+        actor: &Actor,
+        draft: &Draft<'_>,
+        etag: &str,
+        publish: bool,
+    ) -> Result<Pushed<K>> {
+        let (kind, name) = (K::SCHEMA.kind, draft.name);
+        let tx = self.store.write(&actor.tenant).await?;
+        let existing = K::SCHEMA.lock_document(&tx, name).await?;
+        if let Some(doc) = &existing {
+            if doc.deleted() {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("{kind} {name} was deleted; choose another name"),
+                ));
+            }
+            check_etag(kind, doc, etag)?;
+            let same: Option<Stored<K::Row>> = K::SCHEMA
+                .find_by_hash(&tx, name, draft.content_hash)
+                .await?;
+            if let Some(same) = same {
+                return self.push_identical(tx, actor, doc, same, publish).await;
+            }
+        } else if !etag.is_empty() {
+            return Err(Error::new(
+                ErrorCode::EtagMismatch,
+                format!("{kind} {name} does not exist yet; push without an etag to create it"),
+            ));
+        }
+
+        let new = NewVersion {
+            number: existing.as_ref().map_or(1, |d| d.latest_version + 1),
+            status: if publish {
+                Status::Published
+            } else {
+                Status::Draft
+            },
+            created_by: &actor.subject,
+            now: anumate_store::now_micros(),
+        };
+        let version = self.kind.new_version(draft, &new);
+        if existing.is_none() {
+            K::SCHEMA.insert_document(&tx, name, new.now).await?;
+        }
+        insert_version::<K>(&tx, draft, &new, &version).await?;
+        let published = if publish {
+            new.number
+        } else {
+            existing.as_ref().map_or(0, |d| d.published_version)
+        };
+        let row = K::SCHEMA
+            .update_after_push(
+                &tx,
+                existing.as_ref(),
+                name,
+                draft.description,
+                draft.labels,
+                new.number,
+                published,
+                new.now,
+            )
+            .await?;
+
+        let event = VersionEvent {
+            tenant_id: &actor.tenant,
+            name,
+            version: new.number,
+            content_hash: draft.content_hash,
+            actor: &actor.subject,
+        };
+        let subject = version_subject::<K>(name, new.number);
+        append(&tx, &K::pushed(&event), name, &subject).await?;
+        if publish {
+            append(&tx, &K::published(&event), name, &subject).await?;
+        }
+        tx.commit().await?;
+        tracing::info!(tenant = %actor.tenant, kind, name, version = new.number, hash = draft.content_hash, "{kind} version pushed");
+        Ok(Pushed {
+            version,
+            created: true,
+            document: K::document(&row),
+        })
+    }
+
+    /// A push of content that version `same` already holds: publishes it when
+    /// asked and it is a draft, refuses when asked and it is deprecated.
+    async fn push_identical(
+        &self,
+        tx: TenantTx,
+        actor: &Actor,
+        doc: &DocumentRow,
+        same: Stored<K::Row>,
+        publish: bool,
+    ) -> Result<Pushed<K>> {
+        let (number, status, hash) = (same.number, same.status, same.content_hash);
+        let mut version = same.row.into();
+        let document = match status {
+            Status::Draft if publish => {
+                let updated = self
+                    .set_status(
+                        &tx,
+                        actor,
+                        &doc.name,
+                        (number, &hash),
+                        &mut version,
+                        Status::Published,
+                    )
+                    .await?;
+                tx.commit().await?;
+                updated
+            }
+            Status::Deprecated if publish => {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "identical content is version {number} which is deprecated; it cannot be published again"
+                    ),
+                ));
+            }
+            _ => K::document(doc),
+        };
+        Ok(Pushed {
+            version,
+            created: false,
+            document,
+        })
+    }
+
+    /// Reads one version of a visible document.
+    pub async fn get(
+        &self,
+        actor: &Actor,
+        name: &str,
+        selector: VersionSelector,
+    ) -> Result<(K::Document, K::Version)> {
+        check_name(name)?;
+        let tx = self.store.read(&actor.tenant).await?;
+        let doc = K::SCHEMA.visible_document(&tx, name).await?;
+        let number = match selector {
+            VersionSelector::Number(n) => n,
+            VersionSelector::Latest => doc.latest_version,
+            VersionSelector::Published if doc.published_version > 0 => doc.published_version,
+            VersionSelector::Published => {
+                return Err(Error::not_found(format!(
+                    "{} {name} has no published version (latest is {}; ask for \"latest\" or a number)",
+                    K::SCHEMA.kind,
+                    doc.latest_version
+                )));
+            }
+        };
+        let version = Self::version(&tx, name, number).await?;
+        Ok((K::document(&doc), version))
+    }
+
+    /// Lists visible documents by name: those carrying every label in
+    /// `labels` and, with `status`, having a version in that state.
+    pub async fn list(
+        &self,
+        actor: &Actor,
+        labels: &[(String, String)],
+        status: Option<Status>,
+        page: Option<&PageRequest>,
+    ) -> Result<(Vec<K::Document>, String)> {
+        let (size, after) = page_params(page)?;
+        let tx = self.store.read(&actor.tenant).await?;
+        let (rows, next) = K::SCHEMA
+            .list_documents(&tx, labels, status, size, after.as_deref())
+            .await?;
+        Ok((rows.iter().map(K::document).collect(), next))
+    }
+
+    /// Lists a document's versions, newest first, without their sources (the
+    /// page token is the last version number).
+    pub async fn list_versions(
+        &self,
+        actor: &Actor,
+        name: &str,
+        page: Option<&PageRequest>,
+    ) -> Result<(Vec<K::Version>, String)> {
+        check_name(name)?;
+        let (size, after) = page_params(page)?;
+        let before = after
+            .map(|token| {
+                token
+                    .parse::<i64>()
+                    .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))
+            })
+            .transpose()?;
+        let tx = self.store.read(&actor.tenant).await?;
+        K::SCHEMA.visible_document(&tx, name).await?;
+        let (rows, next) = K::SCHEMA
+            .list_versions(&tx, name, size, before, |v: &Stored<K::Row>| v.number)
+            .await?;
+        Ok((rows.into_iter().map(|v| v.row.into()).collect(), next))
+    }
+
+    /// Publishes or deprecates a version; asking for its current status
+    /// changes nothing, and a deprecated version is never published again.
+    pub async fn transition(
+        &self,
+        actor: &Actor,
+        name: &str,
+        number: i64,
+        etag: &str,
+        to: Transition,
+    ) -> Result<(K::Document, K::Version)> {
+        check_name(name)?;
+        let tx = self.store.write(&actor.tenant).await?;
+        let doc = lock_visible::<K>(&tx, name).await?;
+        check_etag(K::SCHEMA.kind, &doc, etag)?;
+        let stored = stored_version::<K>(&tx, name, number).await?;
+        let (current, target, hash) = (stored.status, to.status(), stored.content_hash);
+        let mut version = stored.row.into();
+        if current == target {
+            return Ok((K::document(&doc), version)); // no-op
+        }
+        if target == Status::Published && current == Status::Deprecated {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "version {number} of {name} is deprecated and cannot be published again; push a new version"
+                ),
+            ));
+        }
+        let updated = self
+            .set_status(&tx, actor, name, (number, &hash), &mut version, target)
+            .await?;
+        tx.commit().await?;
+        Ok((updated, version))
+    }
+
+    /// Moves version `number` (content `hash`, message `version`) to `target`
+    /// (published or deprecated), recomputes the document's published version
+    /// and appends the matching event.
+    async fn set_status(
+        &self,
+        tx: &TenantTx,
+        actor: &Actor,
+        name: &str,
+        (number, hash): (i64, &str),
+        version: &mut K::Version,
+        target: Status,
+    ) -> Result<K::Document> {
+        let now = anumate_store::now_micros();
+        K::SCHEMA
+            .set_version_status(tx, name, number, target, now)
+            .await?;
+        K::record_status(version, target, now);
+        let row = K::SCHEMA.touch_document(tx, name, now).await?;
+        let event = VersionEvent {
+            tenant_id: &actor.tenant,
+            name,
+            version: number,
+            content_hash: hash,
+            actor: &actor.subject,
+        };
+        let subject = version_subject::<K>(name, number);
+        if target == Status::Published {
+            append(tx, &K::published(&event), name, &subject).await?;
+        } else {
+            append(tx, &K::deprecated(&event), name, &subject).await?;
+        }
+        Ok(K::document(&row))
+    }
+
+    /// Soft-deletes a document; returns its row as deleted (a new etag).
+    pub async fn delete(&self, actor: &Actor, name: &str, etag: &str) -> Result<K::Document> {
+        check_name(name)?;
+        let tx = self.store.write(&actor.tenant).await?;
+        let doc = lock_visible::<K>(&tx, name).await?;
+        check_etag(K::SCHEMA.kind, &doc, etag)?;
+        K::SCHEMA
+            .soft_delete(&tx, name, anumate_store::now_micros())
+            .await?;
+        let event = K::deleted(&DeletionEvent {
+            tenant_id: &actor.tenant,
+            name,
+            actor: &actor.subject,
+        });
+        append(&tx, &event, name, &format!("{}/{name}", K::COLLECTION)).await?;
+        // The row as deleted: its new etag and update time.
+        let deleted = K::SCHEMA.lock_document(&tx, name).await?.unwrap_or(doc);
+        tx.commit().await?;
+        Ok(K::document(&deleted))
+    }
+
+    /// A document that exists and is not deleted, or `NOT_FOUND`.
+    pub async fn visible(tx: &TenantTx, name: &str) -> Result<K::Document> {
+        Ok(K::document(&K::SCHEMA.visible_document(tx, name).await?))
+    }
+
+    /// One version, with its source, or `NOT_FOUND`.
+    pub async fn version(tx: &TenantTx, name: &str, number: i64) -> Result<K::Version> {
+        Ok(stored_version::<K>(tx, name, number).await?.row.into())
+    }
+
+    /// The oldest version with this content hash, if any.
+    pub async fn find_by_hash(tx: &TenantTx, name: &str, hash: &str) -> Result<Option<K::Version>> {
+        let stored: Option<Stored<K::Row>> = K::SCHEMA.find_by_hash(tx, name, hash).await?;
+        Ok(stored.map(|v| v.row.into()))
+    }
+}
+
+/// A version row with the columns the lifecycle reads itself.
+struct Stored<R> {
+    number: i64,
+    status: Status,
+    content_hash: String,
+    row: R,
+}
+
+impl<R: FromQueryResult> FromQueryResult for Stored<R> {
+    fn from_query_result(res: &QueryResult, pre: &str) -> std::result::Result<Self, DbErr> {
+        let status: String = res.try_get(pre, "status")?;
+        Ok(Stored {
+            number: res.try_get(pre, "version")?,
+            status: Status::from_name(&status),
+            content_hash: res.try_get(pre, "content_hash")?,
+            row: R::from_query_result(res, pre)?,
+        })
+    }
+}
+
+/// One version, or `NOT_FOUND`.
+async fn stored_version<K: VersionedKind>(
+    tx: &TenantTx,
+    name: &str,
+    number: i64,
+) -> Result<Stored<K::Row>> {
+    K::SCHEMA
+        .get_version(tx, name, number)
+        .await?
+        .ok_or_else(|| {
+            Error::not_found(format!("{} {name} has no version {number}", K::SCHEMA.kind))
+        })
+}
+
+fn check_name(name: &str) -> Result<()> {
+    anumate_errors::check_dns_label("name", name)
+}
+
+/// Refuses a change that carries an etag other than the document's current one.
+fn check_etag(kind: &str, doc: &DocumentRow, expected: &str) -> Result<()> {
+    let etag = doc.etag();
+    if !expected.is_empty() && etag != expected {
+        return Err(Error::new(
+            ErrorCode::EtagMismatch,
+            format!(
+                "{kind} {} changed: etag is {etag}, request carried {expected}; re-read and retry",
+                doc.name
+            ),
+        )
+        .with_metadata("current_etag", etag));
+    }
+    Ok(())
+}
+
+/// A document row that is not deleted, locked for the transaction, or `NOT_FOUND`.
+async fn lock_visible<K: VersionedKind>(tx: &TenantTx, name: &str) -> Result<DocumentRow> {
+    K::SCHEMA
+        .lock_document(tx, name)
+        .await?
+        .filter(|d| !d.deleted())
+        .ok_or_else(|| Error::not_found(format!("{} {name} not found", K::SCHEMA.kind)))
+}
+
+/// Inserts a version row: the lifecycle's columns and the kind's own.
+async fn insert_version<K: VersionedKind>(
+    tx: &TenantTx,
+    draft: &Draft<'_>,
+    new: &NewVersion<'_>,
+    version: &K::Version,
+) -> Result<()> {
+    let published_at = (new.status == Status::Published).then_some(new.now);
+    let mut columns = vec![
+        "name",
+        "version",
+        "status",
+        "canonical_json",
+        "content_hash",
+        "description",
+        "created_by",
+        "created_at",
+        "published_at",
+    ];
+    let mut values: Vec<Value> = vec![
+        draft.name.into(),
+        new.number.into(),
+        new.status.as_str().into(),
+        draft.canonical_json.into(),
+        draft.content_hash.into(),
+        draft.description.into(),
+        new.created_by.into(),
+        new.now.into(),
+        published_at.into(),
+    ];
+    for (column, value) in K::version_columns(version) {
+        columns.push(column);
+        values.push(value);
+    }
+    K::SCHEMA.insert_version(tx, &columns, values).await
+}
+
+/// The event subject of a version: `capsules/refund/versions/3`.
+fn version_subject<K: VersionedKind>(name: &str, number: i64) -> String {
+    format!("{}/{name}/versions/{number}", K::COLLECTION)
+}
+
+/// Appends one event to the outbox, keyed by the document name.
+async fn append<M: prost::Message + prost::Name>(
+    tx: &TenantTx,
+    event: &M,
+    key: &str,
+    subject: &str,
+) -> Result<()> {
+    let ctx = anumate_events::EventContext {
+        subject,
+        ..Default::default()
+    };
+    anumate_events::append(tx, event, key, ctx).await?;
+    Ok(())
+}
+
+/// Page size and the decoded token.
+fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
+    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    paging::page_params(size, token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_parse_names_and_positive_numbers() {
+        assert_eq!(
+            VersionSelector::parse("").ok(),
+            Some(VersionSelector::Published)
+        );
+        assert_eq!(
+            VersionSelector::parse("published").ok(),
+            Some(VersionSelector::Published)
+        );
+        assert_eq!(
+            VersionSelector::parse("latest").ok(),
+            Some(VersionSelector::Latest)
+        );
+        assert_eq!(
+            VersionSelector::parse("7").ok(),
+            Some(VersionSelector::Number(7))
+        );
+        for bad in ["0", "-1", "v2", "Latest"] {
+            let err = VersionSelector::parse(bad).err().map(|e| e.code);
+            assert_eq!(err, Some(ErrorCode::InvalidArgument), "{bad}");
+        }
+    }
+
+    #[test]
+    fn transitions_lead_to_published_or_deprecated() {
+        assert_eq!(Transition::Publish.status(), Status::Published);
+        assert_eq!(Transition::Deprecate.status(), Status::Deprecated);
+    }
+}
