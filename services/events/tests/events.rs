@@ -189,6 +189,60 @@ async fn history(tail: &mut Tail) -> Vec<pb::Event> {
     }
 }
 
+/// Opens a tail (the caller's tenant, `req`'s filter and start).
+async fn open_tail(c: &mut Client, req: pb::TailEventsRequest) -> Tail {
+    c.tail_events(req).await.expect("tail").into_inner()
+}
+
+/// A tail from after history position `seq` (0: the start).
+fn tail_after(seq: i64) -> pb::TailEventsRequest {
+    pb::TailEventsRequest {
+        start: Some(pb::tail_events_request::Start::AfterSequence(seq)),
+        ..Default::default()
+    }
+}
+
+/// A replay of `topic` from its first event.
+fn replay_request(topic: &str, limit: i64) -> pb::ReplayEventsRequest {
+    pb::ReplayEventsRequest {
+        topic: topic.into(),
+        origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
+        limit,
+    }
+}
+
+/// One page of events.
+async fn list(c: &mut Client, req: pb::ListEventsRequest) -> pb::ListEventsResponse {
+    c.list_events(req).await.expect("list").into_inner()
+}
+
+/// Asks for a tail until one opens, for up to `within`: a closed or ended
+/// tail gives its place back a moment later (RESOURCE_EXHAUSTED until then).
+async fn tail_once_free(c: &mut Client, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match c.tail_events(pb::TailEventsRequest::default()).await {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no tail place freed within {within:?}: {e:?}"),
+        }
+    }
+}
+
+/// A tail refused for want of a place, with the error the contract names.
+async fn refused_tail(c: &mut Client) -> Status {
+    let err = c
+        .tail_events(pb::TailEventsRequest::default())
+        .await
+        .expect_err("no place for another tail");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    err
+}
+
 fn error_of(status: &Status) -> Error {
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.domain, "anumate.dev");
@@ -301,11 +355,7 @@ async fn an_admin_never_reads_another_tenant(app: TestApp) {
 
     // And through the generated client: nothing but acme's.
     let mut admin = app.client("acme", &[Role::Admin]).await;
-    let page = admin
-        .list_events(pb::ListEventsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
+    let page = list(&mut admin, pb::ListEventsRequest::default()).await;
     assert!(page.events.iter().all(|e| e.tenant_id == "acme"));
     assert_eq!(page.events.len(), 1);
 }
@@ -345,7 +395,12 @@ async fn history_ids(store: &Store, tenant: &str) -> Vec<String> {
 
 /// Waits (up to 10 s) until the tenant's history holds `n` events.
 async fn wait_for_history(store: &Store, tenant: &str, n: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    wait_for_history_within(store, tenant, n, Duration::from_secs(10)).await;
+}
+
+/// Waits up to `within` until the tenant's history holds `n` events.
+async fn wait_for_history_within(store: &Store, tenant: &str, n: usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let have = history_ids(store, tenant).await.len();
         if have >= n {
@@ -353,7 +408,7 @@ async fn wait_for_history(store: &Store, tenant: &str, n: usize) {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{tenant}: {have} of {n} events in the history after 10 s"
+            "{tenant}: {have} of {n} events in the history after {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -364,39 +419,25 @@ async fn wait_for_history(store: &Store, tenant: &str, n: usize) {
 async fn history_keeps_the_retention_window(app: TestApp) {
     let hour = 3_600_000_000_i64;
     let now = anumate_store::now_micros();
-    let events = Events::new(
-        app.store.clone(),
-        &EventsServiceConfig {
-            history_retention_hours: 1,
-            ..config()
-        },
-        None,
-    );
-    events
-        .record(&[
-            event_at("ret", "old", now - 2 * hour),
-            event_at("ret", "new", now),
-        ])
-        .await
-        .expect("record");
-    assert_eq!(history_ids(&app.store, "ret").await, ["new"]);
-
-    let keep_all = Events::new(
-        app.store.clone(),
-        &EventsServiceConfig {
-            history_retention_hours: 0,
-            ..config()
-        },
-        None,
-    );
-    keep_all
-        .record(&[
-            event_at("keep", "old", now - 2 * hour),
-            event_at("keep", "new", now),
-        ])
-        .await
-        .expect("record");
-    assert_eq!(history_ids(&app.store, "keep").await, ["old", "new"]);
+    for (retention_hours, tenant, kept) in [(1, "ret", &["new"][..]), (0, "keep", &["old", "new"])]
+    {
+        let events = Events::new(
+            app.store.clone(),
+            &EventsServiceConfig {
+                history_retention_hours: retention_hours,
+                ..config()
+            },
+            None,
+        );
+        events
+            .record(&[
+                event_at(tenant, "old", now - 2 * hour),
+                event_at(tenant, "new", now),
+            ])
+            .await
+            .expect("record");
+        assert_eq!(history_ids(&app.store, tenant).await, kept);
+    }
 }
 
 /// Open tails are limited per server; a closed tail frees its place.
@@ -406,32 +447,13 @@ async fn tails_are_limited_and_released() {
     let mut c = app.client("t1", &[Role::Auditor]).await;
     let mut open = Vec::new();
     for _ in 0..8 {
-        let mut s = c
-            .tail_events(pb::TailEventsRequest::default())
-            .await
-            .expect("tail")
-            .into_inner();
+        let mut s = open_tail(&mut c, pb::TailEventsRequest::default()).await;
         history(&mut s).await;
         open.push(s);
     }
-    let err = c
-        .tail_events(pb::TailEventsRequest::default())
-        .await
-        .expect_err("limit");
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    refused_tail(&mut c).await;
     drop(open);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match c.tail_events(pb::TailEventsRequest::default()).await {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("tails not released: {e:?}"),
-        }
-    }
+    tail_once_free(&mut c, Duration::from_secs(5)).await;
 }
 
 /// One tenant cannot take every tail: past `max_tails_per_tenant` it gets
@@ -448,20 +470,11 @@ async fn a_tenant_gets_only_its_quota_of_tails() {
     let mut a = app.client("a", &[Role::Auditor]).await;
     let mut open = Vec::new();
     for _ in 0..3 {
-        let mut s = a
-            .tail_events(pb::TailEventsRequest::default())
-            .await
-            .expect("tail")
-            .into_inner();
+        let mut s = open_tail(&mut a, pb::TailEventsRequest::default()).await;
         history(&mut s).await;
         open.push(s);
     }
-    let err = a
-        .tail_events(pb::TailEventsRequest::default())
-        .await
-        .expect_err("quota");
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    let err = refused_tail(&mut a).await;
     assert!(err.message().contains("at most 3 per tenant"), "{err:?}");
 
     // Another tenant is not affected.
@@ -475,17 +488,7 @@ async fn a_tenant_gets_only_its_quota_of_tails() {
 
     // A closed tail frees its tenant's place.
     open.pop();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match a.tail_events(pb::TailEventsRequest::default()).await {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("tail not released: {e:?}"),
-        }
-    }
+    tail_once_free(&mut a, Duration::from_secs(5)).await;
 }
 
 /// A client that stops reading holds its tail for `tail_idle_timeout_secs`
@@ -511,27 +514,10 @@ async fn a_tail_whose_client_stops_reading_is_ended() {
     app.events.record(&batch).await.expect("record");
 
     let mut c = app.client("slow", &[Role::Auditor]).await;
-    let mut stalled = c
-        .tail_events(pb::TailEventsRequest {
-            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
-            ..Default::default()
-        })
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut stalled = open_tail(&mut c, tail_after(0)).await;
     // The stalled tail holds the tenant's only place until it times out.
     let t0 = std::time::Instant::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.tail_events(pb::TailEventsRequest::default()).await {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("a stalled tail kept its place for 10 s: {e:?}"),
-        }
-    }
+    tail_once_free(&mut c, Duration::from_secs(10)).await;
     assert!(
         t0.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -612,11 +598,7 @@ async fn consumed_ids_leave_after_retention(app: TestApp) {
 async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
     let mut c = app.client("t1", &[Role::Auditor]).await;
     // Live only: the marker comes first, at once.
-    let mut live = c
-        .tail_events(pb::TailEventsRequest::default())
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut live = open_tail(&mut c, pb::TailEventsRequest::default()).await;
     assert!(history(&mut live).await.is_empty());
 
     push(&app, "t1", "refund", true).await;
@@ -639,30 +621,14 @@ async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
     assert_eq!(json["name"], "refund");
 
     // From the start of history: the same two, then the marker, then live.
-    let mut from_start = c
-        .tail_events(pb::TailEventsRequest {
-            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
-            ..Default::default()
-        })
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut from_start = open_tail(&mut c, tail_after(0)).await;
     let seen = history(&mut from_start).await;
     assert_eq!(
         seen.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         vec![pushed.id.as_str(), published.id.as_str()]
     );
     // Resuming after the first one gives the second.
-    let mut resumed = c
-        .tail_events(pb::TailEventsRequest {
-            start: Some(pb::tail_events_request::Start::AfterSequence(
-                pushed.sequence,
-            )),
-            ..Default::default()
-        })
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut resumed = open_tail(&mut c, tail_after(pushed.sequence)).await;
     let seen = history(&mut resumed).await;
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].id, published.id);
@@ -697,33 +663,21 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
         }),
         start: since_start,
     };
-    let mut s = auditor
-        .tail_events(tail(vec!["dev.anumate.capsule.published.v1"], ""))
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut s = open_tail(
+        &mut auditor,
+        tail(vec!["dev.anumate.capsule.published.v1"], ""),
+    )
+    .await;
     let seen = history(&mut s).await;
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].r#type, "dev.anumate.capsule.published.v1");
-    let mut s = auditor
-        .tail_events(tail(vec!["dev.anumate.capsule.*"], "refund"))
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut s = open_tail(&mut auditor, tail(vec!["dev.anumate.capsule.*"], "refund")).await;
     assert_eq!(history(&mut s).await.len(), 2);
-    let mut s = auditor
-        .tail_events(tail(vec!["dev.anumate.run.*"], ""))
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut s = open_tail(&mut auditor, tail(vec!["dev.anumate.run.*"], "")).await;
     assert!(history(&mut s).await.is_empty());
 
     // Only the caller's tenant (see `an_admin_never_reads_another_tenant`).
-    let mut s = auditor
-        .tail_events(tail(vec![], ""))
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut s = open_tail(&mut auditor, tail(vec![], "")).await;
     assert!(history(&mut s).await.iter().all(|e| e.tenant_id == "t1"));
 
     // Authors cannot read events.
@@ -776,30 +730,18 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     // Replay: admin only, and needs Kafka here.
     let err = auditor
-        .replay_events(pb::ReplayEventsRequest {
-            topic: "anumate.capsules".into(),
-            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
-            limit: 0,
-        })
+        .replay_events(replay_request("anumate.capsules", 0))
         .await
         .expect_err("denied");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     let mut admin = app.client("t1", &[Role::Admin]).await;
     let err = admin
-        .replay_events(pb::ReplayEventsRequest {
-            topic: "anumate.nope".into(),
-            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
-            limit: 0,
-        })
+        .replay_events(replay_request("anumate.nope", 0))
         .await
         .expect_err("invalid");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = admin
-        .replay_events(pb::ReplayEventsRequest {
-            topic: "anumate.capsules".into(),
-            origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
-            limit: 0,
-        })
+        .replay_events(replay_request("anumate.capsules", 0))
         .await
         .expect_err("no kafka");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -823,11 +765,7 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
     }
 
     // Still serving.
-    let page = auditor
-        .list_events(pb::ListEventsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
+    let page = list(&mut auditor, pb::ListEventsRequest::default()).await;
     assert_eq!(page.events.len(), 2);
 }
 
@@ -886,14 +824,7 @@ async fn list_pages_through_history(app: TestApp) {
     let mut c = app.client("t1", &[Role::Operator]).await;
     // Wait for the feeder: a tail from the start returns once caught up.
     let want = 6;
-    let mut s = c
-        .tail_events(pb::TailEventsRequest {
-            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
-            ..Default::default()
-        })
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut s = open_tail(&mut c, tail_after(0)).await;
     let mut n = history(&mut s).await.len();
     while n < want {
         next(&mut s).await;
@@ -902,17 +833,17 @@ async fn list_pages_through_history(app: TestApp) {
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
-        let page = c
-            .list_events(pb::ListEventsRequest {
+        let page = list(
+            &mut c,
+            pb::ListEventsRequest {
                 page: Some(anumate_proto::common::v1::PageRequest {
                     page_size: 4,
                     page_token: token.clone(),
                 }),
                 ..Default::default()
-            })
-            .await
-            .expect("list")
-            .into_inner();
+            },
+        )
+        .await;
         ids.extend(page.events.iter().map(|e| e.sequence));
         token = page.page.unwrap_or_default().next_page_token;
         if token.is_empty() {
@@ -923,33 +854,24 @@ async fn list_pages_through_history(app: TestApp) {
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     // Time window: nothing before 1970 + 1 s, everything until now + 1 h.
     let now = chrono::Utc::now().timestamp();
-    let page = c
-        .list_events(pb::ListEventsRequest {
-            until: Some(pbjson_types::Timestamp {
-                seconds: 1,
-                nanos: 0,
-            }),
+    let page = list(
+        &mut c,
+        pb::ListEventsRequest {
+            until: Some(anumate_proto::timestamp_from_secs(1)),
             ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+        },
+    )
+    .await;
     assert!(page.events.is_empty());
-    let page = c
-        .list_events(pb::ListEventsRequest {
-            since: Some(pbjson_types::Timestamp {
-                seconds: now - 3600,
-                nanos: 0,
-            }),
-            until: Some(pbjson_types::Timestamp {
-                seconds: now + 3600,
-                nanos: 0,
-            }),
+    let page = list(
+        &mut c,
+        pb::ListEventsRequest {
+            since: Some(anumate_proto::timestamp_from_secs(now - 3600)),
+            until: Some(anumate_proto::timestamp_from_secs(now + 3600)),
             ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+        },
+    )
+    .await;
     assert_eq!(page.events.len(), want);
     // Recording is idempotent: the same events again add nothing.
     let tx = app.store.read("t1").await.expect("tx");
@@ -982,6 +904,27 @@ fn kafka() -> Option<String> {
     }
 }
 
+/// A Kafka client configuration for the test broker.
+fn kafka_config(bootstrap: &str) -> anumate_events::relay::KafkaConfig {
+    anumate_events::relay::KafkaConfig {
+        brokers: bootstrap.into(),
+        ..Default::default()
+    }
+}
+
+/// The Kafka history consumer recording into `store`, in a group of its own
+/// (so it reads every topic from the start); returns the group too.
+fn spawn_history_consumer(store: &Store, bootstrap: &str) -> (String, kafka::HistoryConsumer) {
+    let cfg = EventsServiceConfig {
+        history_group: format!("history-{}", uuid::Uuid::now_v7()),
+        ..config()
+    };
+    let events = Events::new(store.clone(), &cfg, None);
+    let consumer =
+        kafka::spawn_history_consumer(&events, &kafka_config(bootstrap)).expect("consumer");
+    (cfg.history_group, consumer)
+}
+
 /// The tenant's outbox event ids, oldest first.
 async fn outbox_ids(store: &Store, tenant: &str) -> Vec<String> {
     let tx = store.read(tenant).await.expect("tx");
@@ -1004,20 +947,13 @@ async fn replay_marks_events_and_consumers_dedupe_them() {
     use std::sync::atomic::Ordering;
 
     let Some(bootstrap) = kafka() else { return };
-    let kcfg = anumate_events::relay::KafkaConfig {
-        brokers: bootstrap.clone(),
-        ..Default::default()
-    };
+    let kcfg = kafka_config(&bootstrap);
     let replayer = Arc::new(kafka::Replayer::new(&kcfg).expect("producer"));
     let app = spawn_app(Backend::Sqlite, Some(replayer)).await;
     push(&app, "t1", "refund", true).await;
     push(&app, "t2", "other", true).await;
     let mut admin = app.client("t1", &[Role::Admin]).await;
-    let replay = |limit| pb::ReplayEventsRequest {
-        topic: "anumate.capsules".into(),
-        origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
-        limit,
-    };
+    let replay = |limit| replay_request("anumate.capsules", limit);
     // Nothing is archived before the relay has sent it.
     let out = admin
         .replay_events(replay(0))
@@ -1154,39 +1090,16 @@ async fn replay_marks_events_and_consumers_dedupe_them() {
 async fn the_kafka_fed_history_backs_the_tail() {
     let Some(bootstrap) = kafka() else { return };
     let app = spawn_app_with(Backend::Postgres, None, false).await;
-    let mut cfg = EventsServiceConfig {
-        history_group: format!("history-{}", uuid::Uuid::now_v7()),
-        ..config()
-    };
-    cfg.tail_poll_ms = 200;
-    let events = Events::new(app.store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(
-        &events,
-        &anumate_events::relay::KafkaConfig {
-            brokers: bootstrap.clone(),
-            ..Default::default()
-        },
-    )
-    .expect("consumer");
-    let kcfg = anumate_events::relay::KafkaConfig {
-        brokers: bootstrap.clone(),
-        ..Default::default()
-    };
-    let mut relay = anumate_events::relay::Relay::new(app.store.clone(), kcfg).expect("relay");
+    let (_, consumer) = spawn_history_consumer(&app.store, &bootstrap);
+    let mut relay = anumate_events::relay::Relay::new(app.store.clone(), kafka_config(&bootstrap))
+        .expect("relay");
     let tenant = format!("k-{}", uuid::Uuid::now_v7().simple());
     push(&app, &tenant, "refund", true).await;
     while relay.pass().await.expect("relay pass").sent > 0 {}
 
     // The history service of `app` reads the same tables.
     let mut c = app.client(&tenant, &[Role::Auditor]).await;
-    let mut tail = c
-        .tail_events(pb::TailEventsRequest {
-            start: Some(pb::tail_events_request::Start::AfterSequence(0)),
-            ..Default::default()
-        })
-        .await
-        .expect("tail")
-        .into_inner();
+    let mut tail = open_tail(&mut c, tail_after(0)).await;
     let mut got = history(&mut tail).await;
     while got.len() < 2 {
         // The app's tail polls: it sees rows the consumer recorded.
@@ -1282,47 +1195,24 @@ async fn a_forged_tenant_header_is_not_recorded() {
     let attacker = format!("a-{}", uuid::Uuid::now_v7().simple());
     let forged = produce_capsule_event(&bootstrap, &victim, &attacker).await;
     let genuine = produce_capsule_event(&bootstrap, &victim, &victim).await;
-    let cfg = EventsServiceConfig {
-        history_group: format!("history-{}", uuid::Uuid::now_v7()),
-        ..config()
-    };
-    let events = Events::new(app.store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(
-        &events,
-        &anumate_events::relay::KafkaConfig {
-            brokers: bootstrap.clone(),
-            ..Default::default()
-        },
-    )
-    .expect("consumer");
+    let (group, consumer) = spawn_history_consumer(&app.store, &bootstrap);
     // Same key, same partition: once the genuine one is in, the forged one
     // was handled before it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while history_ids(&app.store, &victim).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the genuine event did not arrive in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_history_within(&app.store, &victim, 1, Duration::from_secs(60)).await;
     assert_eq!(
         history_ids(&app.store, &victim).await,
         std::slice::from_ref(&genuine)
     );
     assert!(history_ids(&app.store, &attacker).await.is_empty());
     assert_eq!(
-        consumed_outcome(&app.store, &cfg.history_group, &forged)
+        consumed_outcome(&app.store, &group, &forged)
             .await
             .as_deref(),
         Some("dead_lettered")
     );
     // A tenant admin of the victim sees only the genuine event.
     let mut c = app.client(&victim, &[Role::Admin]).await;
-    let page = c
-        .list_events(pb::ListEventsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
+    let page = list(&mut c, pb::ListEventsRequest::default()).await;
     assert_eq!(
         page.events
             .iter()
@@ -1373,31 +1263,12 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
         .await
         .expect("alter database");
     let store = Store::connect(&app._db.config).await.expect("connect");
-    let cfg = EventsServiceConfig {
-        history_group: format!("history-{}", uuid::Uuid::now_v7()),
-        ..config()
-    };
-    let events = Events::new(store.clone(), &cfg, None);
-    let consumer = kafka::spawn_history_consumer(
-        &events,
-        &anumate_events::relay::KafkaConfig {
-            brokers: bootstrap.clone(),
-            ..Default::default()
-        },
-    )
-    .expect("consumer");
+    let (group, consumer) = spawn_history_consumer(&store, &bootstrap);
     let tenant = format!("o-{}", uuid::Uuid::now_v7().simple());
 
     // Caught up with whatever the topics already hold.
     let first = produce_capsule_event(&bootstrap, &tenant, &tenant).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while history_ids(&app.store, &tenant).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "consumer not caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_history_within(&app.store, &tenant, 1, Duration::from_secs(120)).await;
     assert_eq!(history_ids(&app.store, &tenant).await, [first]);
 
     // The outage: history writes time out on a lock for 5 s.
@@ -1408,22 +1279,16 @@ async fn a_store_outage_delays_history_events_without_losing_them() {
     let during = produce_capsule_event(&bootstrap, &tenant, &tenant).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        consumed_outcome(&app.store, &cfg.history_group, &during).await,
+        consumed_outcome(&app.store, &group, &during).await,
         None,
         "marked consumed during the outage"
     );
     lock.commit().await.expect("unlock");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while history_ids(&app.store, &tenant).await.len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the event written during the outage was lost"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Else the event written during the outage was lost.
+    wait_for_history_within(&app.store, &tenant, 2, Duration::from_secs(30)).await;
     assert_eq!(
-        consumed_outcome(&app.store, &cfg.history_group, &during)
+        consumed_outcome(&app.store, &group, &during)
             .await
             .as_deref(),
         Some("handled")
