@@ -31,7 +31,8 @@ GOLDEN_DIR = REPO / "services" / "compiler" / "testdata" / "plans"
 sys.path.insert(0, os.environ.get("ANUMATE_PY_GEN", str(HERE / "gen")))
 
 import rfc8785  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
+from google.protobuf import json_format, unknown_fields  # noqa: E402
+from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from anumate.compiler.v1 import compiler_pb2  # noqa: E402
 
@@ -54,10 +55,51 @@ def check(condition, message):
         raise Failed(message)
 
 
+# Printed by json_format as JSON values, not walked as messages.
+_JSON_VALUE_TYPES = {
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+    "google.protobuf.ListValue",
+    "google.protobuf.Duration",
+    "google.protobuf.Timestamp",
+}
+
+
+def _canonicalize(message, path="plan"):
+    """Applies the README's two rules a printer may not: refuse what this
+    schema does not know (unknown fields, enum numbers without a name), and
+    treat a double -0.0 as the default it is (omitted, as pbjson does)."""
+    check(
+        len(unknown_fields.UnknownFieldSet(message)) == 0,
+        f"{path} has fields this schema does not know: regenerate from a newer proto/",
+    )
+    for field, value in message.ListFields():
+        where = f"{path}.{field.name}"
+        values = value if field.is_repeated else [value]
+        if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
+            for v in values:
+                check(v in field.enum_type.values_by_number,
+                      f"{where}: enum number {v} has no name in this schema")
+        elif field.cpp_type in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+            if not field.is_repeated and not field.has_presence and value == 0.0:
+                message.ClearField(field.name)
+        elif field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+            if field.message_type.full_name in _JSON_VALUE_TYPES:
+                continue
+            if field.message_type.GetOptions().map_entry:
+                # Map values that are messages; scalar maps have nothing to walk.
+                has_messages = field.message_type.fields_by_name["value"].message_type
+                values = list(value.values()) if has_messages else []
+            for i, v in enumerate(values):
+                _canonicalize(v, f"{where}[{i}]" if field.is_repeated else where)
+
+
 def executable_content(plan):
     """The plan's proto3 JSON as the compiler prints it (lowerCamelCase names,
     defaults omitted, enums by name, 64-bit integers as strings) without the
     non-executable fields."""
+    plan = type(plan).FromString(plan.SerializeToString())
+    _canonicalize(plan)
     content = json_format.MessageToDict(
         plan,
         always_print_fields_with_no_presence=False,
@@ -150,6 +192,29 @@ def check_golden_plans():
         print(f"golden {path.name}: {got}")
 
 
+def check_pinned_rules():
+    """The README's rules that no golden plan exercises: -0.0 is a default,
+    and what this schema does not know is refused rather than hashed."""
+    golden = json.loads((GOLDEN_DIR / "refund-small-orders.json").read_text())
+    plan = json_format.ParseDict(golden["executable_content"], compiler_pb2.ExecutablePlan())
+    negative_zero = compiler_pb2.ExecutablePlan()
+    negative_zero.CopyFrom(plan)
+    negative_zero.steps[1].retry.multiplier = -0.0
+    check(plan_hash(negative_zero) == golden["plan_hash"], "a -0.0 multiplier entered the hash")
+    unknown_enum = compiler_pb2.ExecutablePlan()
+    unknown_enum.CopyFrom(plan)
+    unknown_enum.steps[0].retry.backoff = 99
+    # Field 127, varint 1: a field from a newer schema.
+    newer = compiler_pb2.ExecutablePlan.FromString(plan.SerializeToString() + b"\xf8\x07\x01")
+    for name, message in (("unknown enum number", unknown_enum), ("unknown field", newer)):
+        try:
+            plan_hash(message)
+        except Failed:
+            continue
+        raise Failed(f"a plan with an {name} was hashed instead of refused")
+    print("pinned rules: -0.0 omitted; unknown enum numbers and fields refused")
+
+
 def check_server_plan(target, token):
     import grpc
 
@@ -218,6 +283,7 @@ def connection():
 
 def main():
     check_golden_plans()
+    check_pinned_rules()
     server = connection()
     if server is None:
         print("plan hash: no ANUMATE_SERVER/ANUMATE_TOKEN; server plan not checked")
