@@ -49,28 +49,22 @@ pub const DLQ_REASON_HEADER: &str = "anumate_dlq_reason";
 /// the event's tenant.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     id: "events_0101_consumed_events",
-    postgres: "CREATE TABLE consumed_events (
-        group_id TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        kafka_partition INTEGER NOT NULL,
-        kafka_offset BIGINT NOT NULL,
-        outcome TEXT NOT NULL,
-        consumed_at BIGINT NOT NULL,
-        PRIMARY KEY (group_id, event_id)
-      )",
-    sqlite: "CREATE TABLE consumed_events (
-        group_id TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        kafka_partition INTEGER NOT NULL,
-        kafka_offset BIGINT NOT NULL,
-        outcome TEXT NOT NULL,
-        consumed_at BIGINT NOT NULL,
-        PRIMARY KEY (group_id, event_id)
-      )",
+    postgres: CONSUMED_EVENTS,
+    sqlite: CONSUMED_EVENTS,
     tenant_tables: &[],
 }];
+
+/// The same DDL on both backends.
+const CONSUMED_EVENTS: &str = "CREATE TABLE consumed_events (
+        group_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        kafka_partition INTEGER NOT NULL,
+        kafka_offset BIGINT NOT NULL,
+        outcome TEXT NOT NULL,
+        consumed_at BIGINT NOT NULL,
+        PRIMARY KEY (group_id, event_id)
+      )";
 
 /// Consumer settings.
 #[derive(Debug, Clone)]

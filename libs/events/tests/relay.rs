@@ -35,6 +35,16 @@ impl Received {
     }
 }
 
+/// The topic every event of these tests goes to.
+const TOPIC: &str = "anumate.capsules";
+
+async fn test_db(backend: Backend) -> TestDb {
+    match backend {
+        Backend::Postgres => TestDb::postgres().await,
+        Backend::Sqlite => TestDb::sqlite(),
+    }
+}
+
 async fn store(db: &TestDb) -> Store {
     let store = Store::connect(&db.config).await.unwrap();
     store
@@ -55,13 +65,13 @@ fn kafka(bootstrap: &str) -> KafkaConfig {
     }
 }
 
-/// Reads `topic` from the beginning until `done` says so or `timeout` passes.
+/// Reads [`TOPIC`] from the beginning until `done` says so or `timeout` passes.
 async fn consume(
     bootstrap: &str,
-    topic: &str,
     timeout: Duration,
     done: impl Fn(&[Received]) -> bool,
 ) -> Vec<Received> {
+    let topic = TOPIC;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
@@ -117,29 +127,40 @@ async fn consume(
     out
 }
 
-async fn unsent(store: &Store) -> i64 {
+/// Column `v` of the one row `sql` returns, read as the owner (all tenants).
+async fn owner_value<T: sea_orm::TryGetable>(store: &Store, sql: &str) -> T {
     use sea_orm::{ConnectionTrait, Statement};
     let db = store.owner_connection();
     let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM outbox WHERE sent_at IS NULL",
-        ))
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
         .unwrap()
         .unwrap();
-    row.try_get("", "n").unwrap()
+    row.try_get("", "v").unwrap()
+}
+
+async fn unsent(store: &Store) -> i64 {
+    owner_value(
+        store,
+        "SELECT COUNT(*) AS v FROM outbox WHERE sent_at IS NULL",
+    )
+    .await
 }
 
 async fn wait_all_sent(store: &Store, timeout: Duration) {
+    wait_unsent_at_most(store, 0, timeout).await;
+}
+
+/// Waits up to `timeout` until at most `left` events are unsent.
+async fn wait_unsent_at_most(store: &Store, left: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let n = unsent(store).await;
-        if n == 0 {
+        if n <= left {
             return;
         }
         assert!(Instant::now() < deadline, "{n} events still unsent");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -148,25 +169,37 @@ async fn wait_all_sent(store: &Store, timeout: Duration) {
 async fn changes(store: &Store, tenant: &str, keys: usize, n: usize, start: usize) {
     for i in start..start + n {
         let key = format!("agg-{}", i % keys);
-        let tx = store.write(tenant).await.unwrap();
-        append(
-            &tx,
-            &CapsulePushed {
-                tenant_id: tenant.into(),
-                name: key.clone(),
-                version: (i / keys) as i64,
-                ..Default::default()
-            },
-            &key,
-            EventContext {
-                subject: &format!("capsules/{key}"),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        append_pushed(store, tenant, &key, (i / keys) as i64, 0).await;
     }
+}
+
+/// Appends one `CapsulePushed` of `key` at `version` in its own transaction,
+/// padded with `pad` bytes.
+async fn append_pushed(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) {
+    let tx = store.write(tenant).await.unwrap();
+    append(
+        &tx,
+        &CapsulePushed {
+            tenant_id: tenant.into(),
+            name: key.into(),
+            version,
+            content_hash: "x".repeat(pad),
+            ..Default::default()
+        },
+        key,
+        EventContext {
+            subject: &format!("capsules/{key}"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// `done` for [`consume`]: `n` distinct events (by `ce_id`) arrived.
+fn distinct_at_least(n: usize) -> impl Fn(&[Received]) -> bool {
+    move |m| m.iter().map(|r| r.h("ce_id")).collect::<HashSet<_>>().len() >= n
 }
 
 /// Dedupes by `ce_id` (first occurrence wins) and checks that every key's
@@ -203,10 +236,7 @@ fn dedupe_and_check_order(msgs: &[Received]) -> Vec<Received> {
 
 async fn capsule_published_arrives(backend: Backend) {
     let broker = TestBroker::start();
-    let db = match backend {
-        Backend::Postgres => TestDb::postgres().await,
-        Backend::Sqlite => TestDb::sqlite(),
-    };
+    let db = test_db(backend).await;
     let store = store(&db).await;
     let registry = Registry::new(
         store.clone(),
@@ -225,15 +255,10 @@ async fn capsule_published_arrives(backend: Backend) {
     let relay = Relay::new(store.clone(), kafka(&broker.bootstrap()))
         .unwrap()
         .spawn();
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(20),
-        |m| {
-            m.iter()
-                .any(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
-        },
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
+    })
     .await;
     relay.shutdown(Duration::from_secs(5)).await;
     let m = msgs
@@ -277,18 +302,15 @@ async fn json_content_type_per_topic() {
     let store = store(&db).await;
     changes(&store, "t1", 1, 1, 0).await;
     let mut cfg = kafka(&broker.bootstrap());
-    cfg.json_topics = vec!["anumate.capsules".into()];
+    cfg.json_topics = vec![TOPIC.into()];
     let mut relay = Relay::new(store.clone(), cfg).unwrap();
     anumate_events::relay::ensure_topics(&kafka(&broker.bootstrap()))
         .await
         .unwrap();
     assert_eq!(relay.pass().await.unwrap().sent, 1);
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(15),
-        |m| !m.is_empty(),
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(15), |m| {
+        !m.is_empty()
+    })
     .await;
     assert_eq!(msgs[0].h("content-type"), "application/json");
     let v: serde_json::Value = serde_json::from_slice(&msgs[0].value).unwrap();
@@ -321,15 +343,8 @@ async fn broker_outage_loses_nothing_and_keeps_order() {
     // The memory broker lost the first 10: the 500 are all it holds.
     let msgs = consume(
         &broker.bootstrap(),
-        "anumate.capsules",
         Duration::from_secs(30),
-        |m| {
-            m.iter()
-                .map(|r| r.h("ce_id").to_string())
-                .collect::<HashSet<_>>()
-                .len()
-                >= 500
-        },
+        distinct_at_least(500),
     )
     .await;
     let distinct = dedupe_and_check_order(&msgs);
@@ -355,12 +370,9 @@ async fn relay_crash_before_mark_sent_only_repeats_the_same_ids() {
     assert_eq!(restarted.pass().await.unwrap().sent, 20);
     assert_eq!(unsent(&store).await, 0);
 
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(15),
-        |m| m.len() >= 40,
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(15), |m| {
+        m.len() >= 40
+    })
     .await;
     assert_eq!(msgs.len(), 40, "every event published twice");
     let distinct = dedupe_and_check_order(&msgs);
@@ -387,15 +399,8 @@ async fn two_relays_on_one_database_skip_nothing() {
     b.shutdown(Duration::from_secs(5)).await;
     let msgs = consume(
         &broker.bootstrap(),
-        "anumate.capsules",
         Duration::from_secs(30),
-        |m| {
-            m.iter()
-                .map(|r| r.h("ce_id").to_string())
-                .collect::<HashSet<_>>()
-                .len()
-                >= 300
-        },
+        distinct_at_least(300),
     )
     .await;
     let distinct = dedupe_and_check_order(&msgs);
@@ -425,12 +430,9 @@ async fn traceparent_of_the_writing_span_reaches_the_header() {
     anumate_events::relay::ensure_topics(&cfg).await.unwrap();
     let mut relay = Relay::new(store.clone(), cfg).unwrap();
     assert_eq!(relay.pass().await.unwrap().sent, 1);
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(15),
-        |m| !m.is_empty(),
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(15), |m| {
+        !m.is_empty()
+    })
     .await;
     let tp = msgs[0].h("ce_traceparent");
     let parts: Vec<&str> = tp.split('-').collect();
@@ -480,28 +482,19 @@ async fn relay_role_reads_every_tenants_outbox_and_nothing_else() {
 /// Appends one `CapsulePushed` of `key` at `version`, padded with `pad` bytes
 /// (to make it larger than the producer takes); returns its outbox seq.
 async fn push(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) -> i64 {
-    let tx = store.write(tenant).await.unwrap();
-    append(
-        &tx,
-        &CapsulePushed {
-            tenant_id: tenant.into(),
-            name: key.into(),
-            version,
-            content_hash: "x".repeat(pad),
-            ..Default::default()
-        },
-        key,
-        EventContext {
-            subject: &format!("capsules/{key}"),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    append_pushed(store, tenant, key, version, pad).await;
     let tx = store.read(tenant).await.unwrap();
     let rows = anumate_events::read_after(&tx, 0, 10_000).await.unwrap();
     rows.last().unwrap().seq
+}
+
+/// The versions of `key` among [`versions`], in arrival order.
+fn versions_of(msgs: &[Received], key: &str) -> Vec<i64> {
+    versions(msgs)
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .collect()
 }
 
 /// `(key, version)` of each distinct event received, in arrival order.
@@ -517,10 +510,7 @@ fn versions(msgs: &[Received]) -> Vec<(String, i64)> {
 
 async fn failing_row_holds_back_its_key(backend: Backend) {
     let broker = TestBroker::start();
-    let db = match backend {
-        Backend::Postgres => TestDb::postgres().await,
-        Backend::Sqlite => TestDb::sqlite(),
-    };
+    let db = test_db(backend).await;
     let store = store(&db).await;
     let mut cfg = kafka(&broker.bootstrap());
     cfg.max_message_bytes = 10_000;
@@ -534,24 +524,17 @@ async fn failing_row_holds_back_its_key(backend: Backend) {
     let mut relay = Relay::new(store.clone(), cfg.clone()).unwrap();
     let first = relay.pass().await;
     let second = relay.pass().await;
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(5),
-        |_| false,
-    )
-    .await;
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(5), |_| false).await;
     let got = versions(&msgs);
     assert!(
         !got.iter().any(|(k, _)| k == "big"),
         "a later row of the failing key went out before it: {got:?}"
     );
-    let small: Vec<i64> = got
-        .iter()
-        .filter(|(k, _)| k == "small")
-        .map(|(_, v)| *v)
-        .collect();
-    assert_eq!(small, vec![0, 1, 2], "the other key flows");
+    assert_eq!(
+        versions_of(&msgs, "small"),
+        vec![0, 1, 2],
+        "the other key flows"
+    );
     let first = first.unwrap();
     assert_eq!((first.sent, first.quarantined), (3, 1), "{first:?}");
     assert!(first.held_back >= 1, "{first:?}");
@@ -576,19 +559,11 @@ async fn failing_row_holds_back_its_key(backend: Backend) {
     );
     assert_eq!(relay.pass().await.unwrap().sent, 2);
     assert_eq!(unsent(&store).await, 0);
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(15),
-        |m| m.len() >= 5,
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(15), |m| {
+        m.len() >= 5
+    })
     .await;
-    let big: Vec<i64> = versions(&msgs)
-        .iter()
-        .filter(|(k, _)| k == "big")
-        .map(|(_, v)| *v)
-        .collect();
-    assert_eq!(big, vec![0, 1], "released in order");
+    assert_eq!(versions_of(&msgs, "big"), vec![0, 1], "released in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,17 +578,12 @@ async fn a_failing_row_holds_back_later_rows_of_its_key_sqlite() {
 
 /// The longest wait from commit to `sent_at` of the rows sent, milliseconds.
 async fn max_lag_ms(store: &Store) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    let db = store.owner_connection();
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT MAX(sent_at - created_at) AS lag FROM outbox WHERE sent_at IS NOT NULL",
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get::<Option<i64>>("", "lag").unwrap().unwrap_or(0) / 1000
+    let lag: Option<i64> = owner_value(
+        store,
+        "SELECT MAX(sent_at - created_at) AS v FROM outbox WHERE sent_at IS NOT NULL",
+    )
+    .await;
+    lag.unwrap_or(0) / 1000
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,11 +606,8 @@ async fn a_poison_row_is_quarantined_and_other_keys_keep_their_pace() {
         push(&store, "t1", &format!("agg-{}", i % 4), i / 4, 0).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while unsent(&store).await > 2 {
-        assert!(Instant::now() < deadline, "other keys stalled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // All but the poison row and the one it holds: other keys did not stall.
+    wait_unsent_at_most(&store, 2, Duration::from_secs(15)).await;
     let elapsed = started.elapsed();
     let lag = max_lag_ms(&store).await;
     // Old relay: every pass failed on the poison row and backed off up to
@@ -664,12 +631,9 @@ async fn a_poison_row_is_quarantined_and_other_keys_keep_their_pace() {
         "the poison row and the one it holds"
     );
 
-    let msgs = consume(
-        &broker.bootstrap(),
-        "anumate.capsules",
-        Duration::from_secs(15),
-        |m| m.len() >= 40,
-    )
+    let msgs = consume(&broker.bootstrap(), Duration::from_secs(15), |m| {
+        m.len() >= 40
+    })
     .await;
     let got = versions(&msgs);
     assert_eq!(got.len(), 40, "all other events arrive");
