@@ -1,7 +1,8 @@
 //! Checks on the contracts as compiled into `FILE_DESCRIPTOR_SET`: the
 //! CloudEvents type registry in `anumate.events.v1`, and HTTP annotations on
-//! every RPC (the REST gateway is driven by them), and that every event type
-//! is built by some non-test code path.
+//! every public RPC (the REST gateway is driven by them) and on no RPC of a
+//! service-only `…Internal` service, and that every event type is built by
+//! some non-test code path.
 #![allow(clippy::expect_used)] // a test crate: helpers panic on broken contracts
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -93,15 +94,29 @@ fn path_variables(path: &str) -> Vec<String> {
         .collect()
 }
 
+/// Services whose name ends in `Internal` are service-only: the REST gateway
+/// must not route them, so they carry no HTTP rule. Every other RPC has one.
 #[test]
 fn every_rpc_has_an_http_annotation_matching_its_request() {
     let pool = pool();
     let http_ext = extension(&pool, "google.api.http");
     let mut services = BTreeSet::new();
+    let mut internal = BTreeSet::new();
     let mut routes: BTreeMap<(String, String), String> = BTreeMap::new();
 
     for service in pool.services() {
         if !service.package_name().starts_with("anumate.") {
+            continue;
+        }
+        if service.name().ends_with("Internal") {
+            for method in service.methods() {
+                assert!(
+                    !method.options().has_extension(&http_ext),
+                    "{} is service-only but has a google.api.http option",
+                    method.full_name()
+                );
+            }
+            internal.insert(service.full_name().to_string());
             continue;
         }
         services.insert(service.full_name().to_string());
@@ -163,6 +178,10 @@ fn every_rpc_has_an_http_annotation_matching_its_request() {
     assert!(
         services.len() >= 8,
         "expected the Anumate services, found {services:?}"
+    );
+    assert!(
+        internal.contains("anumate.approvals.v1.ApprovalsInternal"),
+        "expected the internal services, found {internal:?}"
     );
 }
 

@@ -7,7 +7,9 @@
 //! clients, the REST gateway (HTTP 501) and the health service see the full
 //! surface of the platform from day one. Each placeholder is a
 //! [`ServiceModule`] in the binary's composition list, until its real crate
-//! replaces it there.
+//! replaces it there. A module serves its package's service-only service
+//! (`…Internal`, without HTTP rules) next to the public one, as the real
+//! crate will: the approvals placeholder serves `ApprovalsInternal` too.
 //!
 //! Implementing the generated server traits (rather than a catch-all route)
 //! keeps this crate honest: a change to a proto that adds or renames an RPC
@@ -21,7 +23,10 @@
 
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::{
-    approvals::v1::approvals_service_server::{self, ApprovalsServiceServer},
+    approvals::v1::{
+        approvals_internal_server::{self, ApprovalsInternalServer},
+        approvals_service_server::{self, ApprovalsServiceServer},
+    },
     ghostrun::v1::ghost_run_service_server::{self, GhostRunServiceServer},
     orchestrator::v1::orchestrator_service_server::{self, OrchestratorServiceServer},
 };
@@ -30,12 +35,18 @@ use anumate_store::Migration;
 use tonic::service::RoutesBuilder;
 
 /// Full gRPC names of the placeholder services (for the health service and
-/// reflection), in the order [`add_all`] adds them.
+/// reflection), in the order [`add_all`] adds them: one public service per
+/// placeholder module, which is also the module's name.
 pub const SERVICE_NAMES: &[&str] = &[
     ghost_run_service_server::SERVICE_NAME,
     orchestrator_service_server::SERVICE_NAME,
     approvals_service_server::SERVICE_NAME,
 ];
+
+/// Full gRPC names of the service-only placeholders (no HTTP rules, so the
+/// REST gateway cannot route them). Each is served, added and skipped with the
+/// public service of its package in [`SERVICE_NAMES`].
+pub const INTERNAL_SERVICE_NAMES: &[&str] = &[approvals_internal_server::SERVICE_NAME];
 
 /// A service implementation that answers every method with [`status`]. It
 /// implements the server trait of every service in [`SERVICE_NAMES`].
@@ -59,7 +70,8 @@ pub fn add_all(routes: RoutesBuilder) -> RoutesBuilder {
     add_except(routes, &[])
 }
 
-/// Adds the placeholder services whose full name is not in `skip`.
+/// Adds the placeholder services whose full name is not in `skip` (a name of
+/// [`SERVICE_NAMES`]; its package's internal service goes with it).
 pub fn add_except(mut routes: RoutesBuilder, skip: &[&str]) -> RoutesBuilder {
     for name in SERVICE_NAMES {
         if !skip.contains(name) {
@@ -69,7 +81,8 @@ pub fn add_except(mut routes: RoutesBuilder, skip: &[&str]) -> RoutesBuilder {
     routes
 }
 
-/// Adds the placeholder named `name` (one of [`SERVICE_NAMES`]).
+/// Adds the placeholder named `name` (one of [`SERVICE_NAMES`]) and the
+/// internal service of its package, if any.
 fn add(routes: &mut RoutesBuilder, name: &str) {
     match name {
         n if n == ghost_run_service_server::SERVICE_NAME => {
@@ -80,6 +93,7 @@ fn add(routes: &mut RoutesBuilder, name: &str) {
         }
         n if n == approvals_service_server::SERVICE_NAME => {
             routes.add_service(ApprovalsServiceServer::new(Unimplemented));
+            routes.add_service(ApprovalsInternalServer::new(Unimplemented));
         }
         _ => {}
     }
@@ -208,12 +222,15 @@ unimplemented_service!(orchestrator::orchestrator_service_server::OrchestratorSe
 });
 
 unimplemented_service!(approvals::approvals_service_server::ApprovalsService {
-    fn request_approval(RequestApprovalRequest) -> RequestApprovalResponse;
     fn get_approval(GetApprovalRequest) -> GetApprovalResponse;
     fn list_approvals(ListApprovalsRequest) -> ListApprovalsResponse;
     fn approve(ApproveRequest) -> ApproveResponse;
     fn reject(RejectRequest) -> RejectResponse;
     fn delegate(DelegateRequest) -> DelegateResponse;
+});
+
+unimplemented_service!(approvals::approvals_internal_server::ApprovalsInternal {
+    fn request_approval(RequestApprovalRequest) -> RequestApprovalResponse;
     fn cancel_approval(CancelApprovalRequest) -> CancelApprovalResponse;
 });
 

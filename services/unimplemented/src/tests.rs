@@ -3,7 +3,11 @@
 
 use super::*;
 use anumate_proto::{
-    approvals::v1::{ApproveRequest, approvals_service_client::ApprovalsServiceClient},
+    approvals::v1::{
+        ApproveRequest, CancelApprovalRequest, RequestApprovalRequest,
+        approvals_internal_client::ApprovalsInternalClient,
+        approvals_service_client::ApprovalsServiceClient,
+    },
     ghostrun::v1::{PreflightRequest, ghost_run_service_client::GhostRunServiceClient},
     orchestrator::v1::{
         ExecuteRequest, WatchRunRequest, orchestrator_service_client::OrchestratorServiceClient,
@@ -32,6 +36,17 @@ async fn spawn_server() -> Channel {
 
 #[track_caller]
 fn assert_unimplemented<T: std::fmt::Debug>(result: Result<T, tonic::Status>, method: &str) {
+    assert_unimplemented_in(result, None, method);
+}
+
+/// As [`assert_unimplemented`], and when `service` is given, checks the
+/// `service` metadata names it.
+#[track_caller]
+fn assert_unimplemented_in<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    service: Option<&str>,
+    method: &str,
+) {
     let status = result.expect_err("placeholder must fail");
     assert_eq!(
         status.code(),
@@ -46,6 +61,13 @@ fn assert_unimplemented<T: std::fmt::Debug>(result: Result<T, tonic::Status>, me
         info.metadata.get("method").map(String::as_str),
         Some(method)
     );
+    if let Some(service) = service {
+        assert_eq!(
+            info.metadata.get("service").map(String::as_str),
+            Some(service),
+            "{method}"
+        );
+    }
     assert!(
         status
             .message()
@@ -68,10 +90,29 @@ async fn every_service_answers_unimplemented_over_tcp() {
     let r = orchestrator.watch_run(WatchRunRequest::default()).await;
     assert_unimplemented(r, "WatchRun");
 
-    let r = ApprovalsServiceClient::new(channel)
+    let r = ApprovalsServiceClient::new(channel.clone())
         .approve(ApproveRequest::default())
         .await;
     assert_unimplemented(r, "Approve");
+
+    // The service-only RPCs moved to their own service, served alongside.
+    let mut internal = ApprovalsInternalClient::new(channel);
+    let r = internal
+        .request_approval(RequestApprovalRequest::default())
+        .await;
+    assert_unimplemented_in(
+        r,
+        Some("anumate.approvals.v1.ApprovalsInternal"),
+        "RequestApproval",
+    );
+    let r = internal
+        .cancel_approval(CancelApprovalRequest::default())
+        .await;
+    assert_unimplemented_in(
+        r,
+        Some("anumate.approvals.v1.ApprovalsInternal"),
+        "CancelApproval",
+    );
 }
 
 #[test]
@@ -96,6 +137,21 @@ fn service_names_are_the_full_grpc_names() {
         "anumate.receipts.v1.ReceiptsService",
     ] {
         assert!(!SERVICE_NAMES.contains(&implemented), "{implemented}");
+    }
+    // Each internal service goes with the public service of its package.
+    assert_eq!(
+        INTERNAL_SERVICE_NAMES,
+        ["anumate.approvals.v1.ApprovalsInternal"]
+    );
+    for internal in INTERNAL_SERVICE_NAMES {
+        let package = internal.rsplit_once('.').map(|(p, _)| p);
+        assert!(internal.ends_with("Internal"), "{internal}");
+        assert!(
+            SERVICE_NAMES
+                .iter()
+                .any(|name| name.rsplit_once('.').map(|(p, _)| p) == package),
+            "{internal} has no public service to go with"
+        );
     }
 }
 
@@ -140,8 +196,13 @@ async fn each_module_serves_its_placeholder_and_needs_no_store() {
         .connect()
         .await
         .unwrap();
-    let r = GhostRunServiceClient::new(channel)
+    let r = GhostRunServiceClient::new(channel.clone())
         .preflight(PreflightRequest::default())
         .await;
     assert_unimplemented(r, "Preflight");
+    // The approvals module serves its internal service too.
+    let r = ApprovalsInternalClient::new(channel)
+        .request_approval(RequestApprovalRequest::default())
+        .await;
+    assert_unimplemented(r, "RequestApproval");
 }
