@@ -1,10 +1,14 @@
 //! What every client command shares: where the server is, how to connect with
-//! the bearer token, how failures are told apart and printed.
+//! the bearer token, how failures are told apart and printed, how listings are
+//! paged; [`versioned`] holds the commands every versioned document kind shares.
+
+pub(crate) mod versioned;
 
 use std::{path::Path, path::PathBuf, process::ExitCode};
 
 use anumate_auth::BearerToken;
 use anumate_errors::Error;
+use anumate_proto::common::v1::PageResponse;
 use clap::{Args, ValueEnum};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
@@ -120,6 +124,38 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot encode output: {e}"),
     }
+}
+
+/// Prints an answer as JSON with `-o json`, else in words with `human`.
+pub(crate) fn show<R: serde::Serialize>(out: Output, reply: &R, human: impl FnOnce(&R)) {
+    if out == Output::Json {
+        print_json(reply);
+    } else {
+        human(reply);
+    }
+}
+
+/// Every page of a listing: `page(token)` fetches the page at `token` (the
+/// first at "") and returns its items and the next page's token, empty after
+/// the last page.
+pub(crate) async fn all_pages<T>(
+    mut page: impl AsyncFnMut(String) -> Result<(Vec<T>, String), Failure>,
+) -> Result<Vec<T>, Failure> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
+/// The next page's token in a listing's answer (empty when there is none).
+pub(crate) fn next_page(page: Option<PageResponse>) -> String {
+    page.map(|p| p.next_page_token).unwrap_or_default()
 }
 
 /// Prints an error: its stable code, message, and each violation as

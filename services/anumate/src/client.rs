@@ -1,13 +1,16 @@
-//! Client commands: talk to a running server over gRPC with the generated clients.
+//! `anumate capsule …`: capsules in the registry over gRPC. The commands every
+//! versioned document shares run through [`crate::cli::versioned`] with
+//! [`Capsules`]; validate, diff and delete are the capsule's own.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::Path, path::PathBuf, process::ExitCode};
 
 use anumate_proto::common::v1::PageRequest;
 use anumate_proto::registry::v1 as pb;
 use clap::{Args, Subcommand, ValueEnum};
 use pb::registry_service_client::RegistryServiceClient;
 
-use crate::cli::{Connection, Failure, Output, finish, print_json, read_file};
+use crate::cli::versioned::{self, Kind, PageSizeArg, Transition, VersionArg, versioned_kind};
+use crate::cli::{Connection, Failure, all_pages, finish, next_page, read_file, show};
 
 /// `anumate capsule …`
 #[derive(Args, Debug)]
@@ -45,17 +48,15 @@ pub enum CapsuleSub {
         /// Only capsules with a version in this state.
         #[arg(long, value_enum)]
         status: Option<StatusArg>,
-        /// Page size (all pages are fetched).
-        #[arg(long, default_value_t = 100)]
-        page_size: i32,
+        #[command(flatten)]
+        page_size: PageSizeArg,
     },
     /// Show one version (default: the published one).
     Get {
         /// Capsule name.
         name: String,
-        /// Version number, `published` or `latest`.
-        #[arg(long, short = 'v', default_value = "published")]
-        version: String,
+        #[command(flatten)]
+        version: VersionArg,
         /// Print only the source YAML.
         #[arg(long)]
         source: bool,
@@ -138,28 +139,142 @@ fn time(ts: &Option<pbjson_types::Timestamp>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn print_version(c: Option<&pb::Capsule>, v: &pb::CapsuleVersion) {
-    println!("name:         {}", v.name);
-    println!("version:      {} ({})", v.version, status_name(v.status));
-    if !v.description.is_empty() {
-        println!("description:  {}", v.description);
+/// Capsules in the registry, as a kind of versioned document.
+pub(crate) struct Capsules;
+
+versioned_kind! {
+    Capsules: RegistryServiceClient,
+    version: pb::CapsuleVersion { source: source_yaml, status: status_name },
+    document: pb::Capsule { in: capsule },
+    push: push_capsule(pb::PushCapsuleRequest) -> pb::PushCapsuleResponse,
+    get: get_capsule(pb::GetCapsuleRequest) -> pb::GetCapsuleResponse,
+    publish: publish_capsule_version(pb::PublishCapsuleVersionRequest)
+        -> pb::PublishCapsuleVersionResponse,
+    deprecate: deprecate_capsule_version(pb::DeprecateCapsuleVersionRequest)
+        -> pb::DeprecateCapsuleVersionResponse,
+}
+
+/// What `capsule list` filters by.
+pub(crate) struct CapsuleFilter {
+    /// Label selector ("" for all).
+    selector: String,
+    /// Only capsules with a version in this state.
+    status: Option<StatusArg>,
+}
+
+impl Kind for Capsules {
+    type Filter = CapsuleFilter;
+    type Listed = pb::ListCapsulesResponse;
+    type Versions = pb::ListCapsuleVersionsResponse;
+
+    async fn list(
+        client: &mut Self::Client,
+        filter: CapsuleFilter,
+        page_size: i32,
+    ) -> Result<Self::Listed, Failure> {
+        let status = filter
+            .status
+            .map_or(pb::VersionStatus::Unspecified, Into::into) as i32;
+        let capsules = all_pages(async |page_token| {
+            let request = pb::ListCapsulesRequest {
+                page: Some(PageRequest {
+                    page_size,
+                    page_token,
+                }),
+                label_selector: filter.selector.clone(),
+                status,
+            };
+            let resp = client.list_capsules(request).await?.into_inner();
+            Ok((resp.capsules, next_page(resp.page)))
+        })
+        .await?;
+        Ok(pb::ListCapsulesResponse {
+            capsules,
+            page: None,
+        })
     }
-    if !v.labels.is_empty() {
-        let mut labels: Vec<_> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        println!("labels:       {}", labels.join(","));
+
+    async fn versions(client: &mut Self::Client, name: String) -> Result<Self::Versions, Failure> {
+        let versions = all_pages(async |page_token| {
+            let request = pb::ListCapsuleVersionsRequest {
+                name: name.clone(),
+                page: Some(PageRequest {
+                    page_size: 200,
+                    page_token,
+                }),
+            };
+            let resp = client.list_capsule_versions(request).await?.into_inner();
+            Ok((resp.versions, next_page(resp.page)))
+        })
+        .await?;
+        Ok(pb::ListCapsuleVersionsResponse {
+            versions,
+            page: None,
+        })
     }
-    println!("content hash: {}", v.content_hash);
-    println!("signed by:    {}", v.kid);
-    println!("created:      {} by {}", time(&v.create_time), v.created_by);
-    if v.publish_time.is_some() {
-        println!("published:    {}", time(&v.publish_time));
+
+    fn print_version(c: Option<&pb::Capsule>, v: &pb::CapsuleVersion) {
+        println!("name:         {}", v.name);
+        println!("version:      {} ({})", v.version, status_name(v.status));
+        if !v.description.is_empty() {
+            println!("description:  {}", v.description);
+        }
+        if !v.labels.is_empty() {
+            let mut labels: Vec<_> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            println!("labels:       {}", labels.join(","));
+        }
+        println!("content hash: {}", v.content_hash);
+        println!("signed by:    {}", v.kid);
+        println!("created:      {} by {}", time(&v.create_time), v.created_by);
+        if v.publish_time.is_some() {
+            println!("published:    {}", time(&v.publish_time));
+        }
+        if v.deprecate_time.is_some() {
+            println!("deprecated:   {}", time(&v.deprecate_time));
+        }
+        if let Some(c) = c {
+            println!("etag:         {}", c.etag);
+        }
     }
-    if v.deprecate_time.is_some() {
-        println!("deprecated:   {}", time(&v.deprecate_time));
+
+    fn print_list(listed: &pb::ListCapsulesResponse) {
+        if listed.capsules.is_empty() {
+            println!("no capsules");
+            return;
+        }
+        println!(
+            "{:<32} {:>7} {:>9}  {:<8} DESCRIPTION",
+            "NAME", "LATEST", "PUBLISHED", "ETAG"
+        );
+        for c in &listed.capsules {
+            let published = if c.published_version > 0 {
+                c.published_version.to_string()
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<32} {:>7} {:>9}  {:<8} {}",
+                c.name, c.latest_version, published, c.etag, c.description
+            );
+        }
     }
-    if let Some(c) = c {
-        println!("etag:         {}", c.etag);
+
+    fn print_versions(versions: &pb::ListCapsuleVersionsResponse) {
+        println!(
+            "{:>7}  {:<10} {:<24} {:<20} HASH",
+            "VERSION", "STATUS", "CREATED", "BY"
+        );
+        for v in &versions.versions {
+            println!(
+                "{:>7}  {:<10} {:<24} {:<20} {}",
+                v.version,
+                status_name(v.status),
+                time(&v.create_time),
+                v.created_by,
+                v.content_hash
+            );
+        }
     }
 }
 
@@ -178,304 +293,113 @@ pub async fn run_capsule(cmd: CapsuleCommand) -> ExitCode {
 }
 
 async fn capsule(cmd: CapsuleCommand) -> Result<(), Failure> {
-    let out = cmd.conn.output;
+    let conn = &cmd.conn;
     match cmd.command {
         CapsuleSub::Push {
             file,
             publish,
             etag,
-        } => {
-            let source = read_file(&file)?;
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .push_capsule(pb::PushCapsuleRequest {
-                    source_yaml: source,
-                    source_name: file.display().to_string(),
-                    etag,
-                    publish,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let Some(v) = &resp.version {
-                let verb = if resp.created {
-                    "pushed"
-                } else {
-                    "unchanged: identical to"
-                };
-                println!(
-                    "{verb} {} version {} ({}) {}",
-                    v.name,
-                    v.version,
-                    status_name(v.status),
-                    v.content_hash
-                );
-                if let Some(c) = &resp.capsule {
-                    println!("etag {}", c.etag);
-                }
-            }
-        }
-        CapsuleSub::Validate { file } => {
-            let source = read_file(&file)?;
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .validate_capsule(pb::ValidateCapsuleRequest {
-                    source_yaml: source,
-                    source_name: file.display().to_string(),
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else {
-                println!(
-                    "{}: valid capsule {} {}",
-                    file.display(),
-                    resp.name,
-                    resp.content_hash
-                );
-            }
-        }
+        } => versioned::push::<Capsules>(conn, &file, publish, etag).await,
+        CapsuleSub::Validate { file } => validate(conn, &file).await,
         CapsuleSub::List {
             selector,
             status,
             page_size,
         } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let resp = client
-                    .list_capsules(pb::ListCapsulesRequest {
-                        page: Some(PageRequest {
-                            page_size,
-                            page_token: token.clone(),
-                        }),
-                        label_selector: selector.clone(),
-                        status: status.map_or(pb::VersionStatus::Unspecified, Into::into) as i32,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(resp.capsules);
-                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
-                if token.is_empty() {
-                    break;
-                }
-            }
-            if out == Output::Json {
-                print_json(&pb::ListCapsulesResponse {
-                    capsules: all,
-                    page: None,
-                });
-            } else if all.is_empty() {
-                println!("no capsules");
-            } else {
-                println!(
-                    "{:<32} {:>7} {:>9}  {:<8} DESCRIPTION",
-                    "NAME", "LATEST", "PUBLISHED", "ETAG"
-                );
-                for c in all {
-                    let published = if c.published_version > 0 {
-                        c.published_version.to_string()
-                    } else {
-                        "-".into()
-                    };
-                    println!(
-                        "{:<32} {:>7} {:>9}  {:<8} {}",
-                        c.name, c.latest_version, published, c.etag, c.description
-                    );
-                }
-            }
+            let filter = CapsuleFilter { selector, status };
+            versioned::list::<Capsules>(conn, filter, page_size.page_size).await
         }
         CapsuleSub::Get {
             name,
             version,
             source,
-        } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .get_capsule(pb::GetCapsuleRequest { name, version })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let Some(v) = &resp.version {
-                if source {
-                    print!("{}", v.source_yaml);
-                } else {
-                    print_version(resp.capsule.as_ref(), v);
-                }
-            }
-        }
-        CapsuleSub::Versions { name } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let resp = client
-                    .list_capsule_versions(pb::ListCapsuleVersionsRequest {
-                        name: name.clone(),
-                        page: Some(PageRequest {
-                            page_size: 200,
-                            page_token: token.clone(),
-                        }),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(resp.versions);
-                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
-                if token.is_empty() {
-                    break;
-                }
-            }
-            if out == Output::Json {
-                print_json(&pb::ListCapsuleVersionsResponse {
-                    versions: all,
-                    page: None,
-                });
-            } else {
-                println!(
-                    "{:>7}  {:<10} {:<24} {:<20} HASH",
-                    "VERSION", "STATUS", "CREATED", "BY"
-                );
-                for v in all {
-                    println!(
-                        "{:>7}  {:<10} {:<24} {:<20} {}",
-                        v.version,
-                        status_name(v.status),
-                        time(&v.create_time),
-                        v.created_by,
-                        v.content_hash
-                    );
-                }
-            }
-        }
-        CapsuleSub::Diff { name, from, to } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .diff_capsule_versions(pb::DiffCapsuleVersionsRequest {
-                    name,
-                    from_version: from,
-                    to_version: to,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if resp.changes.is_empty() {
-                println!(
-                    "versions {from} and {to} have the same content ({})",
-                    resp.to_content_hash
-                );
-            } else {
-                print!("{}", resp.unified_diff);
-                println!();
-                if resp.unified_diff_approximate {
-                    println!(
-                        "(line diff is approximate: the server's diff deadline was reached; the changed paths below are exact)"
-                    );
-                }
-                println!("{} changed path(s):", resp.changes.len());
-                for c in &resp.changes {
-                    match pb::ChangeKind::try_from(c.kind) {
-                        Ok(pb::ChangeKind::Added) => println!("  + {} = {}", c.path, c.to_json),
-                        Ok(pb::ChangeKind::Removed) => {
-                            println!("  - {} (was {})", c.path, c.from_json)
-                        }
-                        _ => println!("  ~ {}: {} -> {}", c.path, c.from_json, c.to_json),
-                    }
-                }
-            }
-        }
+        } => versioned::get::<Capsules>(conn, name, version.version, source).await,
+        CapsuleSub::Versions { name } => versioned::versions::<Capsules>(conn, name).await,
+        CapsuleSub::Diff { name, from, to } => diff(conn, name, from, to).await,
         CapsuleSub::Publish {
             name,
             version,
             etag,
         } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .publish_capsule_version(pb::PublishCapsuleVersionRequest {
-                    name,
-                    version,
-                    etag,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let (Some(v), Some(c)) = (&resp.version, &resp.capsule) {
-                println!(
-                    "published {} version {} (etag {})",
-                    v.name, v.version, c.etag
-                );
-            }
+            let to = Transition::Publish;
+            versioned::transition::<Capsules>(conn, to, name, version, Some(etag)).await
         }
         CapsuleSub::Deprecate {
             name,
             version,
             etag,
         } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .deprecate_capsule_version(pb::DeprecateCapsuleVersionRequest {
-                    name,
-                    version,
-                    etag,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let (Some(v), Some(c)) = (&resp.version, &resp.capsule) {
-                println!(
-                    "deprecated {} version {} (etag {})",
-                    v.name, v.version, c.etag
-                );
-            }
+            let to = Transition::Deprecate;
+            versioned::transition::<Capsules>(conn, to, name, version, Some(etag)).await
         }
-        CapsuleSub::Delete { name, etag } => {
-            let mut client = cmd
-                .conn
-                .client(RegistryServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .delete_capsule(pb::DeleteCapsuleRequest {
-                    name: name.clone(),
-                    etag,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else {
-                println!("deleted {name}");
-            }
-        }
+        CapsuleSub::Delete { name, etag } => delete(conn, name, etag).await,
     }
+}
+
+/// `capsule validate FILE`.
+async fn validate(conn: &Connection, file: &Path) -> Result<(), Failure> {
+    let source = read_file(file)?;
+    let mut client = conn.client(RegistryServiceClient::with_interceptor).await?;
+    let request = pb::ValidateCapsuleRequest {
+        source_yaml: source,
+        source_name: file.display().to_string(),
+    };
+    let resp = client.validate_capsule(request).await?.into_inner();
+    show(conn.output, &resp, |resp| {
+        println!(
+            "{}: valid capsule {} {}",
+            file.display(),
+            resp.name,
+            resp.content_hash
+        );
+    });
+    Ok(())
+}
+
+/// `capsule diff NAME FROM TO`: the line diff, then the changed paths.
+async fn diff(conn: &Connection, name: String, from: i64, to: i64) -> Result<(), Failure> {
+    let mut client = conn.client(RegistryServiceClient::with_interceptor).await?;
+    let request = pb::DiffCapsuleVersionsRequest {
+        name,
+        from_version: from,
+        to_version: to,
+    };
+    let resp = client.diff_capsule_versions(request).await?.into_inner();
+    show(conn.output, &resp, |resp| {
+        if resp.changes.is_empty() {
+            println!(
+                "versions {from} and {to} have the same content ({})",
+                resp.to_content_hash
+            );
+            return;
+        }
+        print!("{}", resp.unified_diff);
+        println!();
+        if resp.unified_diff_approximate {
+            println!(
+                "(line diff is approximate: the server's diff deadline was reached; the changed paths below are exact)"
+            );
+        }
+        println!("{} changed path(s):", resp.changes.len());
+        for c in &resp.changes {
+            match pb::ChangeKind::try_from(c.kind) {
+                Ok(pb::ChangeKind::Added) => println!("  + {} = {}", c.path, c.to_json),
+                Ok(pb::ChangeKind::Removed) => println!("  - {} (was {})", c.path, c.from_json),
+                _ => println!("  ~ {}: {} -> {}", c.path, c.from_json, c.to_json),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `capsule delete NAME`: soft-deletes the capsule and all its versions.
+async fn delete(conn: &Connection, name: String, etag: String) -> Result<(), Failure> {
+    let mut client = conn.client(RegistryServiceClient::with_interceptor).await?;
+    let request = pb::DeleteCapsuleRequest {
+        name: name.clone(),
+        etag,
+    };
+    let resp = client.delete_capsule(request).await?.into_inner();
+    show(conn.output, &resp, |_| println!("deleted {name}"));
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `anumate policy …`: run `test` blocks offline, and push, evaluate, list and
-//! read policies on a running server.
+//! read policies on a running server. The commands every versioned document
+//! shares run through [`crate::cli::versioned`] with [`Policies`]; test and
+//! eval are the policy's own.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,10 @@ use anumate_proto::policy::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::policy_service_client::PolicyServiceClient;
 
-use crate::cli::{Authed, Connection, Failure, Output, finish, print_json, read_file};
+use crate::cli::versioned::{self, Kind, PageSizeArg, Transition, VersionArg, versioned_kind};
+use crate::cli::{
+    Authed, Connection, Failure, Output, all_pages, finish, next_page, print_json, read_file,
+};
 
 /// `anumate policy …`
 #[derive(Args, Debug)]
@@ -61,17 +66,15 @@ pub enum PolicySub {
     },
     /// List policies.
     List {
-        /// Page size (all pages are fetched).
-        #[arg(long, default_value_t = 100)]
-        page_size: i32,
+        #[command(flatten)]
+        page_size: PageSizeArg,
     },
     /// Show one version (default: the published one).
     Get {
         /// Policy name.
         name: String,
-        /// Version number, `published` or `latest`.
-        #[arg(long, short = 'v', default_value = "published")]
-        version: String,
+        #[command(flatten)]
+        version: VersionArg,
         /// Print only the source.
         #[arg(long)]
         source: bool,
@@ -339,95 +342,133 @@ async fn print_decision(
     Ok(())
 }
 
-fn print_version(p: Option<&pb::Policy>, v: &pb::PolicyVersion) {
-    println!("name:         {}", v.name);
-    println!("version:      {} ({})", v.version, status_name(v.status));
-    if !v.description.is_empty() {
-        println!("description:  {}", v.description);
+/// Policies in the policy service, as a kind of versioned document.
+pub(crate) struct Policies;
+
+versioned_kind! {
+    Policies: PolicyServiceClient,
+    version: pb::PolicyVersion { source: source, status: status_name },
+    document: pb::Policy { in: policy },
+    push: push_policy(pb::PushPolicyRequest) -> pb::PushPolicyResponse,
+    get: get_policy(pb::GetPolicyRequest) -> pb::GetPolicyResponse,
+    publish: publish_policy_version(pb::PublishPolicyVersionRequest)
+        -> pb::PublishPolicyVersionResponse,
+    deprecate: deprecate_policy_version(pb::DeprecatePolicyVersionRequest)
+        -> pb::DeprecatePolicyVersionResponse,
+}
+
+impl Kind for Policies {
+    type Filter = ();
+    type Listed = Vec<pb::Policy>;
+    type Versions = pb::ListPolicyVersionsResponse;
+
+    async fn list(
+        client: &mut Self::Client,
+        (): (),
+        page_size: i32,
+    ) -> Result<Self::Listed, Failure> {
+        all_pages(async |page_token| {
+            let request = pb::ListPoliciesRequest {
+                page: Some(PageRequest {
+                    page_size,
+                    page_token,
+                }),
+                status: 0,
+            };
+            let resp = client.list_policies(request).await?.into_inner();
+            Ok((resp.policies, next_page(resp.page)))
+        })
+        .await
     }
-    println!("content hash: {}", v.content_hash);
-    println!("created by:   {}", v.created_by);
-    if let Some(p) = p {
-        println!("etag:         {}", p.etag);
+
+    /// One call with the server's default page, printed as it came.
+    async fn versions(client: &mut Self::Client, name: String) -> Result<Self::Versions, Failure> {
+        let request = pb::ListPolicyVersionsRequest { name, page: None };
+        Ok(client.list_policy_versions(request).await?.into_inner())
     }
-    if !v.rules.is_empty() {
-        println!("rules:");
-        for r in &v.rules {
-            let line = r.span.as_ref().map_or(0, |s| s.start_line);
+
+    fn print_version(p: Option<&pb::Policy>, v: &pb::PolicyVersion) {
+        println!("name:         {}", v.name);
+        println!("version:      {} ({})", v.version, status_name(v.status));
+        if !v.description.is_empty() {
+            println!("description:  {}", v.description);
+        }
+        println!("content hash: {}", v.content_hash);
+        println!("created by:   {}", v.created_by);
+        if let Some(p) = p {
+            println!("etag:         {}", p.etag);
+        }
+        if !v.rules.is_empty() {
+            println!("rules:");
+            for r in &v.rules {
+                let line = r.span.as_ref().map_or(0, |s| s.start_line);
+                println!(
+                    "  {} (line {line}, priority {}, {}{})",
+                    r.name,
+                    r.priority,
+                    effect_name(r.effect),
+                    if r.enabled { "" } else { ", disabled" }
+                );
+            }
+        }
+        println!("tests:        {}", v.test_count);
+    }
+
+    fn print_list(all: &Vec<pb::Policy>) {
+        println!(
+            "{:<32} {:>7} {:>9}  DESCRIPTION",
+            "NAME", "LATEST", "PUBLISHED"
+        );
+        for p in all {
             println!(
-                "  {} (line {line}, priority {}, {}{})",
-                r.name,
-                r.priority,
-                effect_name(r.effect),
-                if r.enabled { "" } else { ", disabled" }
+                "{:<32} {:>7} {:>9}  {}",
+                p.name, p.latest_version, p.published_version, p.description
             );
         }
     }
-    println!("tests:        {}", v.test_count);
+
+    fn print_versions(versions: &pb::ListPolicyVersionsResponse) {
+        for v in &versions.versions {
+            println!(
+                "{:>4}  {:<10}  {}  {}",
+                v.version,
+                status_name(v.status),
+                v.content_hash,
+                v.created_by
+            );
+        }
+    }
 }
 
 async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
-    let out = cmd.conn.output;
+    let conn = &cmd.conn;
+    let out = conn.output;
     match cmd.command {
         PolicySub::Test { file, filter } => return test_offline(&file, &filter, out),
         PolicySub::Push {
             file,
             publish,
             etag,
-        } => {
-            let source = read_file(&file)?;
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .push_policy(pb::PushPolicyRequest {
-                    source,
-                    source_name: file.display().to_string(),
-                    etag,
-                    publish,
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let Some(v) = &resp.version {
-                let verb = if resp.created {
-                    "pushed"
-                } else {
-                    "unchanged: identical to"
-                };
-                println!(
-                    "{verb} {} version {} ({}) {}",
-                    v.name,
-                    v.version,
-                    status_name(v.status),
-                    v.content_hash
-                );
-                if let Some(p) = &resp.policy {
-                    println!("etag {}", p.etag);
-                }
-            }
-        }
+        } => versioned::push::<Policies>(conn, &file, publish, etag).await?,
         PolicySub::Eval {
             input,
             source,
             policy,
             allowed_tools,
         } => {
-            use pb::evaluate_policy_request::{Input, Policies};
+            use pb::evaluate_policy_request::{Input, Policies as Target};
             let input_json = read_file(&input)?;
             let (target, local, source_name) = match &source {
                 Some(f) => {
                     let src = read_file(f)?;
                     (
-                        Policies::Source(src.clone()),
+                        Target::Source(src.clone()),
                         Some(src),
                         f.display().to_string(),
                     )
                 }
                 None => (
-                    Policies::PolicySet(pb::PolicySet {
+                    Target::PolicySet(pb::PolicySet {
                         policies: policy
                             .iter()
                             .map(|p| parse_ref(p))
@@ -437,10 +478,7 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
                     String::new(),
                 ),
             };
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
+            let mut client = conn.client(PolicyServiceClient::with_interceptor).await?;
             let resp = client
                 .evaluate_policy(pb::EvaluatePolicyRequest {
                     policies: Some(target),
@@ -465,108 +503,17 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             }
         }
         PolicySub::List { page_size } => {
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let resp = client
-                    .list_policies(pb::ListPoliciesRequest {
-                        page: Some(PageRequest {
-                            page_size,
-                            page_token: token.clone(),
-                        }),
-                        status: 0,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(resp.policies);
-                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
-                if token.is_empty() {
-                    break;
-                }
-            }
-            if out == Output::Json {
-                print_json(&all);
-            } else {
-                println!(
-                    "{:<32} {:>7} {:>9}  DESCRIPTION",
-                    "NAME", "LATEST", "PUBLISHED"
-                );
-                for p in &all {
-                    println!(
-                        "{:<32} {:>7} {:>9}  {}",
-                        p.name, p.latest_version, p.published_version, p.description
-                    );
-                }
-            }
+            versioned::list::<Policies>(conn, (), page_size.page_size).await?
         }
         PolicySub::Get {
             name,
             version,
             source,
-        } => {
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .get_policy(pb::GetPolicyRequest { name, version })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let Some(v) = &resp.version {
-                if source {
-                    print!("{}", v.source);
-                } else {
-                    print_version(resp.policy.as_ref(), v);
-                }
-            }
-        }
-        PolicySub::Versions { name } => {
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .list_policy_versions(pb::ListPolicyVersionsRequest { name, page: None })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else {
-                for v in &resp.versions {
-                    println!(
-                        "{:>4}  {:<10}  {}  {}",
-                        v.version,
-                        status_name(v.status),
-                        v.content_hash,
-                        v.created_by
-                    );
-                }
-            }
-        }
+        } => versioned::get::<Policies>(conn, name, version.version, source).await?,
+        PolicySub::Versions { name } => versioned::versions::<Policies>(conn, name).await?,
         PolicySub::Publish { name, version } => {
-            let mut client = cmd
-                .conn
-                .client(PolicyServiceClient::with_interceptor)
-                .await?;
-            let resp = client
-                .publish_policy_version(pb::PublishPolicyVersionRequest {
-                    name,
-                    version,
-                    etag: String::new(),
-                })
-                .await?
-                .into_inner();
-            if out == Output::Json {
-                print_json(&resp);
-            } else if let Some(v) = &resp.version {
-                println!("published {} version {}", v.name, v.version);
-            }
+            let to = Transition::Publish;
+            versioned::transition::<Policies>(conn, to, name, version, None).await?
         }
     }
     Ok(ExitCode::SUCCESS)
