@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use tonic::transport::Channel;
 
 mod common;
-use common::anumate;
+use common::{Run, anumate, cli, dev_state, examples, http_get, run};
 
 const CAPSULE: &str = "refund-small-orders";
 const REFUND: &str = "examples/refund.capsule.yaml";
@@ -28,54 +28,10 @@ const REFUND: &str = "examples/refund.capsule.yaml";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// What a finished command printed.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> Run {
-        assert!(self.status.success(), "command failed: {self:#?}");
-        self
-    }
-
-    fn failed(self) -> Run {
-        assert!(
-            !self.status.success(),
-            "command should have failed: {self:#?}"
-        );
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
-    }
-}
-
-fn run(mut cmd: Command) -> Run {
-    let out = cmd.stdin(Stdio::null()).output().expect("run anumate");
-    Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `anumate <args>` run in `dir`.
-fn cli(dir: &Path, args: &[&str]) -> Run {
-    let mut cmd = anumate(dir);
-    cmd.args(args);
-    run(cmd)
-}
-
 /// A fresh directory holding a copy of the repository's `examples/`.
 fn workdir() -> TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let src = examples();
     let dst = dir.path().join("examples");
     std::fs::create_dir_all(&dst).unwrap();
     for entry in std::fs::read_dir(&src).expect("examples/") {
@@ -220,12 +176,25 @@ impl Dev {
 
     /// The admin token from `.anumate/dev.json`.
     fn token(&self) -> String {
-        let state: Value = serde_json::from_slice(
-            &std::fs::read(self.path().join(".anumate/dev.json")).expect("dev.json"),
-        )
-        .expect("dev.json is JSON");
+        let state = dev_state(self.path());
         state["token"].as_str().expect("token").to_string()
     }
+}
+
+/// `anumate serve <services> --listen 127.0.0.1:0 --migrate --config <config>`
+/// in `dir`, not yet started.
+fn serve_migrating(dir: &Path, services: &str, config: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = anumate(dir);
+    cmd.args([
+        "serve",
+        services,
+        "--listen",
+        "127.0.0.1:0",
+        "--migrate",
+        "--config",
+    ])
+    .arg(config);
+    cmd
 }
 
 fn now() -> i64 {
@@ -243,9 +212,7 @@ fn now() -> i64 {
 fn dev_and_capsule_commands_from_the_same_directory() {
     let dev = Dev::start();
     assert!(dev.server.url.starts_with("http://127.0.0.1:"));
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(dev.path().join(".anumate/dev.json")).unwrap())
-            .unwrap();
+    let state = dev_state(dev.path());
     assert_eq!(state["server"], dev.server.url.as_str());
     assert_eq!(state["pid"], dev.server.pid());
     assert!(dev.path().join(".anumate/anumate.db").exists());
@@ -595,41 +562,49 @@ async fn health_reflection_unimplemented_and_sigterm() {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
 
-    // the registry needs a token; with the dev token it answers
+    // the registry needs a token
     let mut anonymous = RegistryServiceClient::new(channel.clone());
     let err = anonymous
         .list_capsules(pb::ListCapsulesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    let mut registry =
-        RegistryServiceClient::with_interceptor(channel.clone(), BearerToken(dev.token()));
-    registry
-        .list_capsules(pb::ListCapsulesRequest::default())
-        .await
-        .expect("list with the dev token");
 
-    // implemented in dev: policy answers with the dev token
-    use anumate_proto::policy::v1::{
-        ListPoliciesRequest, policy_service_client::PolicyServiceClient,
-    };
-    let mut policy =
-        PolicyServiceClient::with_interceptor(channel.clone(), BearerToken(dev.token()));
-    policy
-        .list_policies(ListPoliciesRequest::default())
-        .await
-        .expect("policy service is served by dev");
-
-    // implemented in dev: the compiler answers with the dev token
+    // implemented in dev: the registry, policy and the compiler answer with
+    // the dev token
     use anumate_proto::compiler::v1::{
         ListPlansRequest, compiler_service_client::CompilerServiceClient,
     };
-    let mut compiler =
-        CompilerServiceClient::with_interceptor(channel.clone(), BearerToken(dev.token()));
-    compiler
-        .list_plans(ListPlansRequest::default())
-        .await
-        .expect("compiler is served by dev");
+    use anumate_proto::policy::v1::{
+        ListPoliciesRequest, policy_service_client::PolicyServiceClient,
+    };
+    let token = || BearerToken(dev.token());
+    let answers = [
+        (
+            "registry",
+            RegistryServiceClient::with_interceptor(channel.clone(), token())
+                .list_capsules(pb::ListCapsulesRequest::default())
+                .await
+                .map(drop),
+        ),
+        (
+            "policy",
+            PolicyServiceClient::with_interceptor(channel.clone(), token())
+                .list_policies(ListPoliciesRequest::default())
+                .await
+                .map(drop),
+        ),
+        (
+            "compiler",
+            CompilerServiceClient::with_interceptor(channel.clone(), token())
+                .list_plans(ListPlansRequest::default())
+                .await
+                .map(drop),
+        ),
+    ];
+    for (service, answer) in answers {
+        answer.unwrap_or_else(|s| panic!("{service} is served by dev: {s:?}"));
+    }
 
     // a registered but not yet implemented service
     use anumate_proto::ghostrun::v1::{
@@ -700,17 +675,7 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
         ),
     )
     .unwrap();
-    let mut cmd = anumate(path);
-    cmd.args([
-        "serve",
-        "registry",
-        "--listen",
-        "127.0.0.1:0",
-        "--migrate",
-        "--config",
-    ])
-    .arg(&owner_config);
-    let out = run(cmd).failed();
+    let out = run(serve_migrating(path, "registry", &owner_config)).failed();
     assert!(out.stderr.contains("refusing to serve"), "{out:#?}");
     assert!(out.stderr.contains("postgres"), "{out:#?}");
 
@@ -733,16 +698,7 @@ async fn serve_registry_on_postgres_with_a_configured_issuer() {
     .unwrap();
     let config = config.display().to_string();
 
-    let mut cmd = anumate(path);
-    cmd.args([
-        "serve",
-        "registry",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        &config,
-        "--migrate",
-    ]);
+    let cmd = serve_migrating(path, "registry", &config);
     let server = Server::start(cmd, path.join("serve.log"));
 
     // the generated client over the socket
@@ -900,48 +856,9 @@ fn logs_are_redacted() {
     assert!(!logs.contains(&token), "{logs}");
 }
 
-/// `GET path` over HTTP/1.1 to `addr` (`host:port`): the status and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut body = body.to_owned();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body.as_str();
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = &tail[n + 2..];
-        }
-        body = out;
-    }
-    (status, body)
-}
-
 /// The admin listener's `host:port` from `.anumate/dev.json`.
 fn dev_admin(dev: &Dev) -> String {
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(dev.path().join(".anumate/dev.json")).unwrap())
-            .unwrap();
-    state["admin"]
+    dev_state(dev.path())["admin"]
         .as_str()
         .unwrap()
         .trim_start_matches("http://")
@@ -1110,19 +1027,7 @@ fn serve_names_what_a_service_module_is_missing() {
     )
     .unwrap();
     let config = config.display().to_string();
-    let out = cli(
-        path,
-        &[
-            "serve",
-            "captokens",
-            "--listen",
-            "127.0.0.1:0",
-            "--migrate",
-            "--config",
-            &config,
-        ],
-    )
-    .failed();
+    let out = run(serve_migrating(path, "captokens", &config)).failed();
     assert!(out.stderr.contains("[captokens] receipts_url"), "{out:#?}");
     assert!(out.stderr.contains("[keys] service_key_files"), "{out:#?}");
 }
@@ -1239,16 +1144,7 @@ async fn readyz_does_not_echo_database_errors() {
         ),
     )
     .unwrap();
-    let mut cmd = anumate(path);
-    cmd.args([
-        "serve",
-        "registry",
-        "--listen",
-        "127.0.0.1:0",
-        "--migrate",
-        "--config",
-    ])
-    .arg(&config);
+    let cmd = serve_migrating(path, "registry", &config);
     let server = Server::start(cmd, path.join("serve.log"));
     assert_eq!(http_get(&admin, "/readyz"), (200, "ready\n".to_owned()));
 

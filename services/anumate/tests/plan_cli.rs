@@ -4,44 +4,40 @@
 //! compile (fresh, then cached), get and list, in human and JSON output.
 
 use std::path::Path;
-use std::process::Stdio;
 
 use serde_json::Value;
 
 mod common;
-use common::{anumate, start_dev, start_dev_env};
+use common::{cli, examples, start_dev, start_dev_env};
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Run {
-    let out = anumate(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run anumate");
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
+/// Stdout of `anumate <args>` in `dir`, which must succeed.
 #[track_caller]
 fn ok(dir: &Path, args: &[&str]) -> String {
-    let r = cli(dir, args);
-    assert!(r.ok, "{args:?} failed:\n{}\n{}", r.stdout, r.stderr);
-    r.stdout
+    cli(dir, args).ok().stdout
+}
+
+/// Pushes the refund capsule and compiles it before its policies exist:
+/// `NOT_FOUND`, whose stderr is returned.
+#[track_caller]
+fn compile_without_policies(d: &Path) -> String {
+    ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
+    let r = cli(d, &["plan", "compile", "refund-small-orders"]).failed();
+    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
+    r.stderr
+}
+
+/// Pushes and publishes the capsule's two policies.
+#[track_caller]
+fn push_policies(d: &Path) {
+    ok(d, &["policy", "push", "limits.policy", "--publish"]);
+    ok(d, &["policy", "push", "pii.policy", "--publish"]);
 }
 
 /// A directory with the refund capsule and its two policies, one a file.
 fn refund_example() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let examples = examples();
     std::fs::copy(
         examples.join("refund.capsule.yaml"),
         d.join("refund.capsule.yaml"),
@@ -75,15 +71,11 @@ fn dev_compiles_without_calling_its_own_services_over_tcp() {
             ("ANUMATE_COMPILER__POLICY_URL", &dead),
         ],
     );
-    ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
     // A policy the capsule names that does not exist: the in-process policy
     // service's NOT_FOUND, with the same words as over gRPC.
-    let r = cli(d, &["plan", "compile", "refund-small-orders"]);
-    assert!(!r.ok);
-    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
-    assert!(!r.stderr.contains("unavailable"), "{}", r.stderr);
-    ok(d, &["policy", "push", "limits.policy", "--publish"]);
-    ok(d, &["policy", "push", "pii.policy", "--publish"]);
+    let stderr = compile_without_policies(d);
+    assert!(!stderr.contains("unavailable"), "{stderr}");
+    push_policies(d);
     let out = ok(d, &["plan", "compile", "refund-small-orders"]);
     assert!(out.starts_with("compiled: sha256:"), "{out}");
 }
@@ -96,14 +88,9 @@ fn compile_get_and_list_plans_against_anumate_dev() {
     let _dev = start_dev(d);
 
     // Before the policies exist the capsule does not compile, and says why.
-    ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
-    let r = cli(d, &["plan", "compile", "refund-small-orders"]);
-    assert!(!r.ok);
-    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
-    assert!(r.stderr.contains("policy"), "{}", r.stderr);
-
-    ok(d, &["policy", "push", "limits.policy", "--publish"]);
-    ok(d, &["policy", "push", "pii.policy", "--publish"]);
+    let stderr = compile_without_policies(d);
+    assert!(stderr.contains("policy"), "{stderr}");
+    push_policies(d);
 
     let out = ok(d, &["plan", "compile", "refund-small-orders"]);
     let first = out.lines().next().unwrap();
@@ -151,12 +138,10 @@ fn compile_get_and_list_plans_against_anumate_dev() {
     );
 
     // Bad input: a precise error, non-zero exit.
-    let r = cli(d, &["plan", "get", "sha256:abc"]);
-    assert!(!r.ok);
+    let r = cli(d, &["plan", "get", "sha256:abc"]).failed();
     assert!(r.stderr.contains("error[INVALID_ARGUMENT]"), "{}", r.stderr);
     assert!(r.stderr.contains("plan_hash"), "{}", r.stderr);
-    let r = cli(d, &["plan", "compile", "no-such-capsule"]);
-    assert!(!r.ok);
+    let r = cli(d, &["plan", "compile", "no-such-capsule"]).failed();
     assert!(
         r.stderr
             .contains("error[NOT_FOUND]: capsule no-such-capsule"),

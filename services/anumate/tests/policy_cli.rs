@@ -2,38 +2,30 @@
 //! `anumate policy test` runs offline: no server, no data directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_anumate");
+mod common;
+use common::{BIN, Run, Served, run};
 
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/refund.policy")
+    common::examples().join("refund.policy")
 }
 
 /// The binary in an empty directory with no `ANUMATE_…` variables and no server.
-fn anumate(dir: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ANUMATE_") {
-            cmd.env_remove(key);
-        }
-    }
+fn offline(dir: &Path, args: &[&str]) -> Run {
+    let mut cmd = common::anumate(dir);
     cmd.env("ANUMATE_SERVER", "http://127.0.0.1:9"); // nothing listens there
-    cmd.args(args).output().expect("run anumate")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    cmd.args(args);
+    run(cmd)
 }
 
 #[test]
 fn passing_tests_exit_zero() {
     let dir = tempfile::tempdir().unwrap();
     let file = example();
-    let out = anumate(dir.path(), &["policy", "test", file.to_str().unwrap()]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = offline(dir.path(), &["policy", "test", file.to_str().unwrap()])
+        .ok()
+        .stdout;
     assert!(
         stdout.contains("✓ refund-limits/big refund waits for a lead"),
         "{stdout}"
@@ -49,9 +41,9 @@ fn failing_test_exits_non_zero_with_a_diff() {
         .replace("expect require_approval", "expect allow");
     let file = dir.path().join("failing.policy");
     std::fs::write(&file, src).unwrap();
-    let out = anumate(dir.path(), &["policy", "test", "failing.policy"]);
-    let stdout = text(&out.stdout);
-    assert!(!out.status.success(), "{stdout}");
+    let stdout = offline(dir.path(), &["policy", "test", "failing.policy"])
+        .failed()
+        .stdout;
     assert!(
         stdout.contains("✗ refund-limits/big refund waits for a lead (failing.policy:14:3)"),
         "{stdout}"
@@ -62,12 +54,12 @@ fn failing_test_exits_non_zero_with_a_diff() {
     assert!(stdout.contains("0 passed, 1 failed"), "{stdout}");
 
     // The same as JSON.
-    let out = anumate(
+    let v = offline(
         dir.path(),
         &["policy", "test", "failing.policy", "-o", "json"],
-    );
-    assert!(!out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    )
+    .failed()
+    .json();
     assert_eq!(v["failed"], 1);
     assert_eq!(v["results"][0]["expected"], "allow");
     assert_eq!(v["results"][0]["actual"]["effect"], "require_approval");
@@ -80,9 +72,9 @@ fn compile_errors_are_caret_rendered() {
         .unwrap()
         .replace("args.currency", "argz.currency");
     std::fs::write(dir.path().join("bad.policy"), src).unwrap();
-    let out = anumate(dir.path(), &["policy", "test", "bad.policy"]);
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = offline(dir.path(), &["policy", "test", "bad.policy"])
+        .failed()
+        .stderr;
     assert!(
         stderr.contains("bad.policy:4:40: unknown field `argz`"),
         "{stderr}"
@@ -99,30 +91,15 @@ fn compile_errors_are_caret_rendered() {
 #[test]
 fn missing_file_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = anumate(dir.path(), &["policy", "test", "nope.policy"]);
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("cannot read nope.policy"));
+    let out = offline(dir.path(), &["policy", "test", "nope.policy"]).failed();
+    assert!(out.stderr.contains("cannot read nope.policy"), "{out:#?}");
 }
 
 // ---------------------------------------------------------------------------
 // Against a server: a PolicyService on SQLite behind the real auth layer.
 // ---------------------------------------------------------------------------
 
-struct Server {
-    url: String,
-    token: String,
-    handle: tokio::task::JoinHandle<()>,
-    _db: anumate_testing::TestDb,
-    _keys: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.handle.abort();
-    }
-}
-
-async fn serve() -> Server {
+async fn serve() -> Served {
     let (db, store) = anumate_testing::migrated_store(
         anumate_testing::Backend::Sqlite,
         &anumate_policy_service::migrations(),
@@ -149,35 +126,12 @@ async fn serve() -> Server {
         ),
     )
     .await;
-    Server {
+    Served {
         url: format!("http://{addr}"),
         token,
         handle,
-        _db: db,
-        _keys: auth.dir,
+        keep: vec![Box::new(db), Box::new(auth.dir)],
     }
-}
-
-/// Runs the binary against `server` off the async runtime.
-async fn remote(server: &Server, dir: &Path, args: &[&str]) -> Output {
-    let (dir, url, token) = (dir.to_path_buf(), server.url.clone(), server.token.clone());
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(&dir);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ANUMATE_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("ANUMATE_SERVER", url)
-            .env("ANUMATE_TOKEN", token)
-            .args(&args)
-            .output()
-            .expect("run anumate")
-    })
-    .await
-    .unwrap()
 }
 
 const LIMITS: &str = r#"policy "refund-limits" {
@@ -209,71 +163,43 @@ async fn push_eval_list_get_against_a_server() {
     )
     .unwrap();
 
-    let out = remote(
-        &server,
-        d,
-        &["policy", "push", "limits.policy", "--publish"],
-    )
-    .await;
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let stdout = server
+        .cli(d, &["policy", "push", "limits.policy", "--publish"])
+        .await
+        .ok()
+        .stdout;
     assert!(
         stdout.contains("pushed refund-limits version 1 (published) sha256:"),
         "{stdout}"
     );
+    // `policy eval --input …`
+    let eval = async |args: &[&str]| {
+        let args = [&["policy", "eval", "--input"][..], args].concat();
+        server.cli(d, &args).await
+    };
 
     // Stored policy: every matched rule with its source line, effect, obligations.
-    let out = remote(
-        &server,
-        d,
-        &[
-            "policy",
-            "eval",
-            "--input",
-            "input.json",
-            "--policy",
-            "refund-limits",
-        ],
-    )
-    .await;
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("effect: require_approval"), "{stdout}");
-    assert!(
-        stdout.contains(
-            "refund-limits/large-refund [require_approval] priority 0 at refund-limits@1:7:3"
-        ),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("   7 |   rule \"large-refund\" {"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("require_approval stage-1: 1 of [group:finance-leads]"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("policies: refund-limits@1"), "{stdout}");
+    let stdout = eval(&["input.json", "--policy", "refund-limits"])
+        .await
+        .ok()
+        .stdout;
+    for expected in [
+        "effect: require_approval",
+        "refund-limits/large-refund [require_approval] priority 0 at refund-limits@1:7:3",
+        "   7 |   rule \"large-refund\" {",
+        "require_approval stage-1: 1 of [group:finance-leads]",
+        "policies: refund-limits@1",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in:\n{stdout}");
+    }
 
     // Ad-hoc source, JSON output; the example file's PII policy adds redactions.
     let example = example();
-    let out = remote(
-        &server,
-        d,
-        &[
-            "policy",
-            "eval",
-            "--input",
-            "input.json",
-            "--source",
-            example.to_str().unwrap(),
-            "-o",
-            "json",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let source = example.to_str().unwrap();
+    let v = eval(&["input.json", "--source", source, "-o", "json"])
+        .await
+        .ok()
+        .json();
     assert_eq!(v["decision"]["effect"], "EFFECT_REQUIRE_APPROVAL");
     assert_eq!(v["decision"]["matchedRules"].as_array().unwrap().len(), 2);
     assert_eq!(
@@ -286,21 +212,10 @@ async fn push_eval_list_get_against_a_server() {
 
     // Malformed input: the error names the input file and the position.
     std::fs::write(d.join("bad.json"), "{\n  \"tool\": }").unwrap();
-    let out = remote(
-        &server,
-        d,
-        &[
-            "policy",
-            "eval",
-            "--input",
-            "bad.json",
-            "--policy",
-            "refund-limits",
-        ],
-    )
-    .await;
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = eval(&["bad.json", "--policy", "refund-limits"])
+        .await
+        .failed()
+        .stderr;
     assert!(
         stderr.contains("error[INVALID_ARGUMENT]: bad.json: input_json"),
         "{stderr}"
@@ -308,36 +223,25 @@ async fn push_eval_list_get_against_a_server() {
     assert!(stderr.contains("2:11:"), "{stderr}");
 
     // Unknown policy.
-    let out = remote(
-        &server,
-        d,
-        &[
-            "policy",
-            "eval",
-            "--input",
-            "input.json",
-            "--policy",
-            "nope@3",
-        ],
-    )
-    .await;
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("error[NOT_FOUND]"));
+    let out = eval(&["input.json", "--policy", "nope@3"]).await.failed();
+    assert!(out.stderr.contains("error[NOT_FOUND]"), "{out:#?}");
 
-    let out = remote(&server, d, &["policy", "list"]).await;
-    let stdout = text(&out.stdout);
-    assert!(out.status.success());
+    let stdout = server.cli(d, &["policy", "list"]).await.ok().stdout;
     assert!(stdout.contains("refund-limits"), "{stdout}");
-    let out = remote(&server, d, &["policy", "get", "refund-limits"]).await;
-    let stdout = text(&out.stdout);
-    assert!(out.status.success());
+    let stdout = server
+        .cli(d, &["policy", "get", "refund-limits"])
+        .await
+        .ok()
+        .stdout;
     assert!(stdout.contains("version:      1 (published)"), "{stdout}");
     assert!(
         stdout.contains("large-refund (line 7, priority 0, require_approval)"),
         "{stdout}"
     );
-    let out = remote(&server, d, &["policy", "get", "refund-limits", "--source"]).await;
-    assert_eq!(text(&out.stdout), LIMITS);
+    let out = server
+        .cli(d, &["policy", "get", "refund-limits", "--source"])
+        .await;
+    assert_eq!(out.stdout, LIMITS);
 
     // Syntax errors from the server are positioned in the pushed file.
     std::fs::write(
@@ -345,9 +249,11 @@ async fn push_eval_list_get_against_a_server() {
         LIMITS.replace("then deny(", "then deny(("),
     )
     .unwrap();
-    let out = remote(&server, d, &["policy", "push", "broken.policy"]).await;
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = server
+        .cli(d, &["policy", "push", "broken.policy"])
+        .await
+        .failed()
+        .stderr;
     assert!(stderr.contains("error[INVALID_DOCUMENT]"), "{stderr}");
     assert!(stderr.contains("broken.policy:5:"), "{stderr}");
 }
@@ -366,7 +272,7 @@ fn closed_stdout_is_not_a_panic() {
     // Close the read end before the command writes anything.
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
-    let stderr = text(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");
 }
@@ -395,8 +301,8 @@ fn deep_nesting_is_a_diagnostic_not_a_crash() {
     ] {
         assert_ne!(text_, src);
         std::fs::write(dir.path().join(name), text_).unwrap();
-        let out = anumate(dir.path(), &["policy", "test", name]);
-        let stderr = text(&out.stderr);
+        let out = offline(dir.path(), &["policy", "test", name]);
+        let stderr = &out.stderr;
         // An exit code, not a signal: the process did not abort.
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(at), "{stderr}");

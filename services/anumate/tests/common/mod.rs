@@ -1,12 +1,16 @@
 //! What the binary's CLI tests share: the binary without the caller's
-//! `ANUMATE_…` variables, and `anumate dev` on port 0 in a directory.
+//! `ANUMATE_…` variables, what a run printed, the binary against a service in
+//! the test process, `anumate dev` on port 0 in a directory, and a plain HTTP
+//! GET for the admin listener.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_anumate");
 
@@ -22,6 +26,177 @@ pub fn anumate(dir: &Path) -> Command {
     }
     cmd.env("NO_COLOR", "1");
     cmd
+}
+
+/// The repository's `examples/` folder.
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Run {
+    pub args: Vec<String>,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn new(args: Vec<String>, out: Output) -> Run {
+        Run {
+            args,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts the command succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert!(self.status.success(), "command failed: {self:#?}");
+        self
+    }
+
+    /// Asserts the command failed.
+    #[track_caller]
+    pub fn failed(self) -> Run {
+        assert!(
+            !self.status.success(),
+            "command should have failed: {self:#?}"
+        );
+        self
+    }
+
+    /// Stdout as one JSON value.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `cmd` to its end with an empty stdin.
+pub fn run(mut cmd: Command) -> Run {
+    let args = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    Run::new(
+        args,
+        cmd.stdin(Stdio::null()).output().expect("run anumate"),
+    )
+}
+
+/// `anumate <args>` in `dir`.
+pub fn cli(dir: &Path, args: &[&str]) -> Run {
+    let mut cmd = anumate(dir);
+    cmd.args(args);
+    run(cmd)
+}
+
+/// `anumate <args>` in `dir` against the server at `url` with `token`, with
+/// `stdin` piped in; run off the async runtime, so that a service served by
+/// the test process keeps answering.
+pub async fn remote(
+    url: &str,
+    token: &str,
+    dir: &Path,
+    args: &[impl AsRef<str>],
+    stdin: Option<&str>,
+) -> Run {
+    let mut cmd = anumate(dir);
+    cmd.env("ANUMATE_SERVER", url)
+        .env("ANUMATE_TOKEN", token)
+        .args(args.iter().map(AsRef::as_ref))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let args = args.iter().map(|s| s.as_ref().to_owned()).collect();
+    let stdin = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().expect("run anumate");
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        if let Some(input) = stdin {
+            pipe.write_all(input.as_bytes()).expect("write stdin");
+        }
+        drop(pipe);
+        Run::new(args, child.wait_with_output().expect("wait for anumate"))
+    })
+    .await
+    .expect("anumate runner")
+}
+
+/// A gRPC service served by the test process (`anumate_testing::serve…`);
+/// stopped when dropped.
+pub struct Served {
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    /// An admin's token for it.
+    pub token: String,
+    pub handle: tokio::task::JoinHandle<()>,
+    /// What must live as long as the service: its database, its keys.
+    pub keep: Vec<Box<dyn std::any::Any>>,
+}
+
+impl Served {
+    /// `anumate <args>` in `dir` against this service, as its admin.
+    pub async fn cli(&self, dir: &Path, args: &[impl AsRef<str>]) -> Run {
+        remote(&self.url, &self.token, dir, args, None).await
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// `GET path` over HTTP/1.1 to `addr` (`host:port`): the status and the
+/// (de-chunked) body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// `.anumate/dev.json` in `dir`, which `anumate dev` writes there.
+pub fn dev_state(dir: &Path) -> Value {
+    let raw = std::fs::read(dir.join(".anumate/dev.json")).expect("dev.json");
+    serde_json::from_slice(&raw).expect("dev.json is JSON")
 }
 
 /// `anumate dev` in a directory; stopped (SIGTERM, then killed) when dropped.
