@@ -66,7 +66,8 @@ check(headers.get("ce_source") == "/anumate/capsules", f"ce_source: {headers.get
 check(headers.get("ce_tenantid") == "dev", f"ce_tenantid: {headers.get('ce_tenantid')}")
 check(bool(headers.get("ce_time")), "ce_time missing")
 check(headers.get("content-type") == "application/protobuf", f"content-type: {headers.get('content-type')}")
-check(msg.key() == want_name.encode(), f"key: {msg.key()!r}")
+# Keyed by tenant and aggregate, as the proto's (anumate.events.v1.key) fields declare.
+check(msg.key() == f"dev/{want_name}".encode(), f"key: {msg.key()!r}")
 
 event = capsule_events_pb2.CapsulePublished()
 event.ParseFromString(msg.value())

@@ -153,13 +153,13 @@ pub trait VersionedKind: Send + Sync + 'static {
     /// A version row as [`Schema::version_columns`] reads it.
     type Row: FromQueryResult + Into<Self::Version> + Send + Sync;
     /// Event: a version was pushed.
-    type Pushed: prost::Message + prost::Name;
+    type Pushed: prost::Message + prost::Name + anumate_events::EventKey;
     /// Event: a version was published.
-    type Published: prost::Message + prost::Name;
+    type Published: prost::Message + prost::Name + anumate_events::EventKey;
     /// Event: a version was deprecated.
-    type Deprecated: prost::Message + prost::Name;
+    type Deprecated: prost::Message + prost::Name + anumate_events::EventKey;
     /// Event: the document was deleted.
-    type Deleted: prost::Message + prost::Name;
+    type Deleted: prost::Message + prost::Name + anumate_events::EventKey;
 
     /// Where documents of this kind are stored; its `kind` is their word in
     /// messages ("capsule").
@@ -298,9 +298,9 @@ impl<K: VersionedKind> Documents<K> {
             actor: &actor.subject,
         };
         let subject = version_subject::<K>(name, new.number);
-        append(&tx, &K::pushed(&event), name, &subject).await?;
+        append(&tx, &K::pushed(&event), &subject).await?;
         if publish {
-            append(&tx, &K::published(&event), name, &subject).await?;
+            append(&tx, &K::published(&event), &subject).await?;
         }
         tx.commit().await?;
         tracing::info!(tenant = %actor.tenant, kind, name, version = new.number, hash = draft.content_hash, "{kind} version pushed");
@@ -485,9 +485,9 @@ impl<K: VersionedKind> Documents<K> {
         };
         let subject = version_subject::<K>(name, number);
         if target == Status::Published {
-            append(tx, &K::published(&event), name, &subject).await?;
+            append(tx, &K::published(&event), &subject).await?;
         } else {
-            append(tx, &K::deprecated(&event), name, &subject).await?;
+            append(tx, &K::deprecated(&event), &subject).await?;
         }
         Ok(K::document(&row))
     }
@@ -506,7 +506,7 @@ impl<K: VersionedKind> Documents<K> {
             name,
             actor: &actor.subject,
         });
-        append(&tx, &event, name, &format!("{}/{name}", K::COLLECTION)).await?;
+        append(&tx, &event, &format!("{}/{name}", K::COLLECTION)).await?;
         // The row as deleted: its new etag and update time.
         let deleted = K::SCHEMA.lock_document(&tx, name).await?.unwrap_or(doc);
         tx.commit().await?;
@@ -635,18 +635,17 @@ fn version_subject<K: VersionedKind>(name: &str, number: i64) -> String {
     format!("{}/{name}/versions/{number}", K::COLLECTION)
 }
 
-/// Appends one event to the outbox, keyed by the document name.
-async fn append<M: prost::Message + prost::Name>(
+/// Appends one event to the outbox (keyed `tenant/name`, as its proto declares).
+async fn append<M: prost::Message + prost::Name + anumate_events::EventKey>(
     tx: &TenantTx,
     event: &M,
-    key: &str,
     subject: &str,
 ) -> Result<()> {
     let ctx = anumate_events::EventContext {
         subject,
         ..Default::default()
     };
-    anumate_events::append(tx, event, key, ctx).await?;
+    anumate_events::append(tx, event, ctx).await?;
     Ok(())
 }
 

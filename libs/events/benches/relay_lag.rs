@@ -42,7 +42,6 @@ async fn append_one(store: &Store, i: u64) -> String {
             version: i as i64,
             ..Default::default()
         },
-        &key,
         EventContext {
             subject: "capsules/bench",
             ..Default::default()

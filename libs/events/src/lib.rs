@@ -17,6 +17,7 @@ pub mod testing;
 
 use std::{collections::HashMap, sync::LazyLock};
 
+pub use anumate_proto::event_types::EventKey;
 use anumate_store::{Migration, StoreError, TenantTx, Value};
 use prost_reflect::{DescriptorPool, Value as ReflectValue};
 use uuid::Uuid;
@@ -79,6 +80,20 @@ pub enum EventError {
     /// The message has no `cloudevent_type` option: a programming error.
     #[error("{0} is not a registered event message")]
     NotAnEvent(String),
+    /// The event names another tenant than the transaction it is appended in:
+    /// a programming error, refused so no event is keyed (or read) as
+    /// another tenant's.
+    #[error(
+        "a {message} of tenant {event_tenant:?} appended in tenant {tx_tenant:?}'s transaction"
+    )]
+    TenantMismatch {
+        /// The event message.
+        message: String,
+        /// The tenant its key names.
+        event_tenant: String,
+        /// The transaction's tenant.
+        tx_tenant: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -171,7 +186,7 @@ fn outbox_row<M: prost::Message>(
     tx: &TenantTx,
     ty: &EventType,
     message: &M,
-    key: &str,
+    key: String,
     ctx: &EventContext<'_>,
     traceparent: Option<String>,
     now: i64,
@@ -205,16 +220,32 @@ fn push_placeholders(sql: &mut String, first: usize) {
     sql.push(')');
 }
 
-/// Appends `message` to the outbox inside `tx`. `key` is the aggregate id (the
-/// Kafka key: events with one key stay in order). The `traceparent` stored is
-/// the context's, else the current span's. Returns the CloudEvents `id`.
-pub async fn append<M: prost::Message + prost::Name>(
+/// The Kafka key of `message` (its `(anumate.events.v1.key)` fields, tenant
+/// first), checked to name the transaction's tenant.
+fn key_in<M: prost::Name + EventKey>(tx: &TenantTx, message: &M) -> Result<String, EventError> {
+    let key = message.event_key();
+    let event_tenant = key.split('/').next().unwrap_or_default();
+    if event_tenant != tx.tenant_id() {
+        return Err(EventError::TenantMismatch {
+            message: M::full_name(),
+            event_tenant: event_tenant.to_string(),
+            tx_tenant: tx.tenant_id().to_string(),
+        });
+    }
+    Ok(key)
+}
+
+/// Appends `message` to the outbox inside `tx`, keyed by its declared key
+/// ([`EventKey`]: `tenant/aggregate`; events with one key stay in order). The
+/// `traceparent` stored is the context's, else the current span's. Returns
+/// the CloudEvents `id`.
+pub async fn append<M: prost::Message + prost::Name + EventKey>(
     tx: &TenantTx,
     message: &M,
-    key: &str,
     ctx: EventContext<'_>,
 ) -> Result<Uuid, EventError> {
     let ty = event_type::<M>().ok_or_else(|| EventError::NotAnEvent(M::full_name()))?;
+    let key = key_in(tx, message)?;
     let traceparent = ctx
         .traceparent
         .map(str::to_string)
@@ -236,16 +267,16 @@ pub async fn append<M: prost::Message + prost::Name>(
 
 /// Appends several events of one message type in one statement (what a batch
 /// writer such as the receipts log uses: one round trip instead of one per
-/// event). Each item is `(message, key, context)` as for [`append`]; rows get
+/// event). Each item is `(message, context)` as for [`append`]; rows get
 /// outbox positions in the order given. Returns the CloudEvents ids in that
 /// order.
 ///
 /// On PostgreSQL the columns go as arrays through `unnest`, so the statement
 /// text is the same for every batch size: prepared once per connection,
 /// planned once. SQLite takes multi-row `VALUES` in chunks.
-pub async fn append_many<M: prost::Message + prost::Name>(
+pub async fn append_many<M: prost::Message + prost::Name + EventKey>(
     tx: &TenantTx,
-    events: &[(M, &str, EventContext<'_>)],
+    events: &[(M, EventContext<'_>)],
 ) -> Result<Vec<Uuid>, EventError> {
     /// Rows per SQLite statement: far below its parameter limit.
     const CHUNK: usize = 200;
@@ -260,9 +291,13 @@ pub async fn append_many<M: prost::Message + prost::Name>(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let keys = events
+        .iter()
+        .map(|(message, _)| key_in(tx, message))
+        .collect::<Result<Vec<String>, EventError>>()?;
     if tx.backend() == anumate_store::Backend::Postgres {
         let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-        let texts = |f: &dyn Fn(&(M, &str, EventContext<'_>)) -> String| -> Value {
+        let texts = |f: &dyn Fn(&(M, EventContext<'_>)) -> String| -> Value {
             Value::from(events.iter().map(f).collect::<Vec<String>>())
         };
         let values = vec![
@@ -271,25 +306,26 @@ pub async fn append_many<M: prost::Message + prost::Name>(
             ty.cloudevent_type.as_str().into(),
             now.into(),
             Value::from(ids.iter().map(Uuid::to_string).collect::<Vec<_>>()),
-            texts(&|(_, key, _)| key.to_string()),
-            texts(&|(_, _, ctx)| ctx.subject.to_string()),
+            Value::from(keys),
+            texts(&|(_, ctx)| ctx.subject.to_string()),
             Value::from(
                 events
                     .iter()
-                    .map(|(message, _, _)| message.encode_to_vec())
+                    .map(|(message, _)| message.encode_to_vec())
                     .collect::<Vec<Vec<u8>>>(),
             ),
-            texts(&|(_, _, ctx)| ctx.plan_hash.unwrap_or_default().to_string()),
-            texts(&|(_, _, ctx)| traceparent(ctx).unwrap_or_default()),
+            texts(&|(_, ctx)| ctx.plan_hash.unwrap_or_default().to_string()),
+            texts(&|(_, ctx)| traceparent(ctx).unwrap_or_default()),
         ];
         tx.execute(PG_OUTBOX_INSERT_MANY, values).await?;
         return Ok(ids);
     }
     let mut ids = Vec::with_capacity(events.len());
+    let mut keys = keys.into_iter();
     for chunk in events.chunks(CHUNK) {
         let mut sql = String::from(OUTBOX_INSERT);
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * OUTBOX_COLUMNS);
-        for (i, (message, key, ctx)) in chunk.iter().enumerate() {
+        for (i, ((message, ctx), key)) in chunk.iter().zip(keys.by_ref()).enumerate() {
             if i > 0 {
                 sql.push_str(", ");
             }
@@ -494,7 +530,6 @@ mod tests {
         append(
             &tx,
             &msg,
-            "c",
             EventContext {
                 subject: "capsules/c/versions/1",
                 ..Default::default()
@@ -508,13 +543,15 @@ mod tests {
         assert!(read_after(&tx, 0, 10).await.expect("read").is_empty());
         drop(tx);
         let tx = store.write("t1").await.expect("tx");
-        append(&tx, &msg, "c", EventContext::default())
+        append(&tx, &msg, EventContext::default())
             .await
             .expect("append");
         tx.commit().await.expect("commit");
         let tx = store.read("t1").await.expect("tx");
         let rows = read_after(&tx, 0, 10).await.expect("read");
         assert_eq!(rows.len(), 1);
+        // Keyed by tenant and aggregate, as the proto declares.
+        assert_eq!(rows[0].aggregate_key, "t1/c");
         assert_eq!(rows[0].event_type, "dev.anumate.capsule.pushed.v1");
         let decoded =
             <CapsulePushed as prost::Message>::decode(rows[0].payload.as_slice()).expect("decode");
@@ -522,6 +559,17 @@ mod tests {
         let other = store.read("t2").await.expect("tx");
         assert!(read_after(&other, 0, 10).await.expect("read").is_empty());
         drop(other);
+        // An event naming another tenant is refused, alone or in a batch.
+        let tx = store.write("t2").await.expect("tx");
+        let err = append(&tx, &msg, EventContext::default())
+            .await
+            .expect_err("t1's event in t2's transaction");
+        assert!(matches!(err, EventError::TenantMismatch { .. }), "{err}");
+        let err = append_many(&tx, &[(msg.clone(), EventContext::default())])
+            .await
+            .expect_err("t1's event in t2's transaction");
+        assert!(matches!(err, EventError::TenantMismatch { .. }), "{err}");
+        drop(tx);
 
         // A batch: more rows than one SQLite statement holds, in the order given,
         // with the ids returned.
@@ -540,13 +588,12 @@ mod tests {
             .collect();
         // Even rows carry a plan hash and a traceparent, odd rows neither.
         const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let items: Vec<(CapsulePushed, &str, EventContext<'_>)> = batch
+        let items: Vec<(CapsulePushed, EventContext<'_>)> = batch
             .iter()
             .enumerate()
             .map(|(i, (m, subject))| {
                 (
                     m.clone(),
-                    m.name.as_str(),
                     EventContext {
                         subject,
                         plan_hash: (i % 2 == 0).then_some("sha256:ab"),
@@ -563,7 +610,7 @@ mod tests {
         assert_eq!(rows.len(), 450);
         for (i, row) in rows.iter().enumerate() {
             assert_eq!(row.event_id, ids[i].to_string());
-            assert_eq!(row.aggregate_key, format!("c{i}"));
+            assert_eq!(row.aggregate_key, format!("t1/c{i}"));
             assert_eq!(row.subject, format!("capsules/c{i}"));
             assert_eq!(
                 row.plan_hash.as_deref(),

@@ -186,7 +186,6 @@ async fn append_pushed(store: &Store, tenant: &str, key: &str, version: i64, pad
             content_hash: "x".repeat(pad),
             ..Default::default()
         },
-        key,
         EventContext {
             subject: &format!("capsules/{key}"),
             ..Default::default()
@@ -220,7 +219,11 @@ fn dedupe_and_check_order(msgs: &[Received]) -> Vec<Received> {
     let mut last: HashMap<(String, String), i64> = HashMap::new();
     for m in &out {
         let ev = CapsulePushed::decode(m.value.as_slice()).unwrap();
-        assert_eq!(ev.name, m.key, "key is the aggregate id");
+        assert_eq!(
+            m.key,
+            format!("{}/{}", ev.tenant_id, ev.name),
+            "key is tenant/aggregate"
+        );
         let k = (ev.tenant_id.clone(), m.key.clone());
         if let Some(prev) = last.get(&k) {
             assert!(
@@ -273,7 +276,11 @@ async fn capsule_published_arrives(backend: Backend) {
     chrono::DateTime::parse_from_rfc3339(m.h("ce_time")).expect("ce_time is RFC 3339");
     let ev = CapsulePublished::decode(m.value.as_slice()).expect("value is the proto message");
     assert_eq!(ev.tenant_id, "tenant-e2e");
-    assert_eq!(m.key, ev.name, "key = aggregate id");
+    assert_eq!(
+        m.key,
+        "tenant-e2e/".to_string() + &ev.name,
+        "key = tenant/aggregate"
+    );
     assert_eq!(
         m.h("ce_subject"),
         format!("capsules/{}/versions/{}", ev.name, ev.version)
@@ -527,11 +534,11 @@ async fn failing_row_holds_back_its_key(backend: Backend) {
     let msgs = consume(&broker.bootstrap(), Duration::from_secs(5), |_| false).await;
     let got = versions(&msgs);
     assert!(
-        !got.iter().any(|(k, _)| k == "big"),
+        !got.iter().any(|(k, _)| k == "t1/big"),
         "a later row of the failing key went out before it: {got:?}"
     );
     assert_eq!(
-        versions_of(&msgs, "small"),
+        versions_of(&msgs, "t1/small"),
         vec![0, 1, 2],
         "the other key flows"
     );
@@ -547,7 +554,7 @@ async fn failing_row_holds_back_its_key(backend: Backend) {
         .unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].seq, big0);
-    assert_eq!(q[0].aggregate_key, "big");
+    assert_eq!(q[0].aggregate_key, "t1/big");
     assert!(q[0].last_error.contains("MessageSizeTooLarge"), "{q:?}");
     cfg.max_message_bytes = 1_000_000;
     let mut relay = Relay::new(store.clone(), cfg.clone()).unwrap();
@@ -563,7 +570,11 @@ async fn failing_row_holds_back_its_key(backend: Backend) {
         m.len() >= 5
     })
     .await;
-    assert_eq!(versions_of(&msgs, "big"), vec![0, 1], "released in order");
+    assert_eq!(
+        versions_of(&msgs, "t1/big"),
+        vec![0, 1],
+        "released in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,5 +648,5 @@ async fn a_poison_row_is_quarantined_and_other_keys_keep_their_pace() {
     .await;
     let got = versions(&msgs);
     assert_eq!(got.len(), 40, "all other events arrive");
-    assert!(!got.iter().any(|(k, _)| k == "poison"));
+    assert!(!got.iter().any(|(k, _)| k == "t1/poison"));
 }

@@ -20,12 +20,6 @@ const TOKENS: anumate_events::EventContext<'static> = anumate_events::EventConte
     traceparent: None,
 };
 
-/// The event key of a token event: its run, so a run's events stay in order,
-/// or the token itself when it belongs to no run.
-fn event_key<'a>(run: &'a str, jti: &'a str) -> &'a str {
-    if run.is_empty() { jti } else { run }
-}
-
 /// The `kid` of a token's header, when it has one (for claims of rejected tokens).
 pub(crate) fn token_kid(token: &str) -> String {
     convert::peek_kid(token).unwrap_or_default()
@@ -87,7 +81,6 @@ pub(crate) async fn record_issue(
     anumate_events::append(
         tx,
         &event,
-        &c.run,
         anumate_events::EventContext {
             subject: &subject,
             plan_hash: Some(&c.plan_hash),
@@ -147,7 +140,7 @@ pub(crate) async fn record_verify_failure(
         message,
         actor: actor.subject.clone(),
     };
-    anumate_events::append(tx, &event, event_key(run, jti), TOKENS).await?;
+    anumate_events::append(tx, &event, TOKENS).await?;
     Ok(())
 }
 
@@ -200,8 +193,7 @@ pub(crate) async fn record_revocation_entries(
         receipt_id: receipt_id.to_owned(),
         actor: actor.subject.clone(),
     };
-    let key = event_key(run, jtis.first().map_or("", String::as_str));
-    anumate_events::append(tx, &event, key, TOKENS).await?;
+    anumate_events::append(tx, &event, TOKENS).await?;
     Ok(())
 }
 

@@ -487,7 +487,6 @@ impl Compiler {
                 approval_step_count: i32::try_from(approval_steps).unwrap_or(i32::MAX),
                 actor: actor.subject.clone(),
             },
-            &plan.plan_hash,
             anumate_events::EventContext {
                 subject: &subject,
                 plan_hash: Some(&plan.plan_hash),

@@ -310,8 +310,10 @@ impl Events {
         })
     }
 
-    /// Validates a filter into a query (without position or times).
-    fn query_of(filter: &pb::EventFilter) -> Result<history::Query> {
+    /// Validates a filter into a query (without position or times). A key
+    /// without `/` names an aggregate of the caller's tenant (`refund` →
+    /// `acme/refund`), as events are keyed `tenant/aggregate`.
+    fn query_of(tenant: &str, filter: &pb::EventFilter) -> Result<history::Query> {
         if filter.types.len() > MAX_TYPES {
             return Err(Error::invalid_argument(
                 "filter.types",
@@ -348,7 +350,11 @@ impl Events {
         }
         check_text("filter.key", &filter.key)?;
         check_text("filter.topic", &filter.topic)?;
-        q.key = (!filter.key.is_empty()).then(|| filter.key.clone());
+        q.key = match filter.key.as_str() {
+            "" => None,
+            key if key.contains('/') => Some(key.to_string()),
+            aggregate => Some(format!("{tenant}/{aggregate}")),
+        };
         q.topic = (!filter.topic.is_empty()).then(|| filter.topic.clone());
         Ok(q)
     }
@@ -361,7 +367,7 @@ impl Events {
     ) -> Result<(Vec<pb::Event>, String)> {
         let filter = req.filter.clone().unwrap_or_default();
         let tenant = caller.tenant.clone();
-        let mut q = Self::query_of(&filter)?;
+        let mut q = Self::query_of(&tenant, &filter)?;
         q.since = req.since.as_ref().map(|t| micros("since", t)).transpose()?;
         q.until = req.until.as_ref().map(|t| micros("until", t)).transpose()?;
         let page = req.page.clone().unwrap_or_default();
@@ -387,7 +393,7 @@ impl Events {
         start: TailStart,
     ) -> Result<mpsc::Receiver<Result<pb::TailEventsResponse>>> {
         let tenant = caller.tenant.clone();
-        let mut q = Self::query_of(filter)?;
+        let mut q = Self::query_of(&tenant, filter)?;
         let slot = self.tail_slot(&tenant)?;
         match start {
             TailStart::Live => {

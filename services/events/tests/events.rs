@@ -331,7 +331,7 @@ async fn an_admin_never_reads_another_tenant(app: TestApp) {
         .iter()
         .map(|e| (e.tenant_id.as_str(), e.key.as_str()))
         .collect();
-    assert_eq!(seen, [("acme", "mine")]);
+    assert_eq!(seen, [("acme", "acme/mine")]);
 
     grpc.ready().await.expect("ready");
     let mut s = grpc
@@ -351,7 +351,7 @@ async fn an_admin_never_reads_another_tenant(app: TestApp) {
         .iter()
         .map(|e| (e.tenant_id.as_str(), e.key.as_str()))
         .collect();
-    assert_eq!(seen, [("acme", "mine")]);
+    assert_eq!(seen, [("acme", "acme/mine")]);
 
     // And through the generated client: nothing but acme's.
     let mut admin = app.client("acme", &[Role::Admin]).await;
@@ -609,7 +609,7 @@ async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
     assert!(published.sequence > pushed.sequence);
     assert_eq!(published.tenant_id, "t1");
     assert_eq!(published.topic, "anumate.capsules");
-    assert_eq!(published.key, "refund");
+    assert_eq!(published.key, "t1/refund");
     assert_eq!(published.subject, "capsules/refund/versions/1");
     assert_eq!(published.source, "/anumate/capsules");
     assert_eq!(published.data_schema, "anumate.events.v1.CapsulePublished");
@@ -639,7 +639,7 @@ async fn tail_shows_a_pushed_capsule_live_and_from_history(app: TestApp) {
         let e = next(tail).await.event.expect("event");
         assert_eq!(
             (e.r#type.as_str(), e.key.as_str()),
-            ("dev.anumate.capsule.pushed.v1", "payout")
+            ("dev.anumate.capsule.pushed.v1", "t1/payout")
         );
     }
 }

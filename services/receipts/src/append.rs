@@ -333,7 +333,6 @@ impl Receipts {
                         content_digest: p.digest.clone(),
                         actor: p.actor.subject.clone(),
                     },
-                    tenant,
                     anumate_events::EventContext {
                         subject: event_subject.as_str(),
                         plan_hash: (!p.subject.plan_hash.is_empty())

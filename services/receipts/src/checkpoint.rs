@@ -89,7 +89,6 @@ impl Receipts {
                 note: published.note.clone(),
                 origin: checkpoint.origin.clone(),
             },
-            tenant,
             anumate_events::EventContext {
                 subject: &event_subject,
                 ..Default::default()
