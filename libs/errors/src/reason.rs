@@ -92,6 +92,8 @@ pub enum Reason {
     RateLimited,
     /// A stream was closed after the configured idle time.
     StreamIdle,
+    /// No preflight report with that id in the tenant.
+    PreflightNotFound,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -337,6 +339,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "STREAM_IDLE",
         42,
         ErrorCode::DeadlineExceeded,
+    ),
+    (
+        Reason::PreflightNotFound,
+        "PREFLIGHT_NOT_FOUND",
+        43,
+        ErrorCode::NotFound,
     ),
 ];
 
