@@ -9,15 +9,12 @@ pub const DEFAULT_PAGE_SIZE: i64 = 50;
 /// Larger requested sizes are clamped to this.
 pub const MAX_PAGE_SIZE: i64 = 500;
 
-/// Validates a request's `page_size` and decodes its `page_token` (field names
-/// in errors are `page.page_size` / `page.page_token`).
+/// Validates a request's `page_size` and decodes its `page_token` (AIP-158:
+/// both are top-level request fields, and errors name them so).
 pub fn page_params(page_size: i32, page_token: &str) -> Result<(i64, Option<String>), Error> {
     let size = match page_size {
         n if n < 0 => {
-            return Err(Error::invalid_argument(
-                "page.page_size",
-                "must not be negative",
-            ));
+            return Err(Error::invalid_argument("page_size", "must not be negative"));
         }
         0 => DEFAULT_PAGE_SIZE,
         n => i64::from(n).min(MAX_PAGE_SIZE),
@@ -25,12 +22,17 @@ pub fn page_params(page_size: i32, page_token: &str) -> Result<(i64, Option<Stri
     if page_token.is_empty() {
         return Ok((size, None));
     }
-    let malformed = || Error::invalid_argument("page.page_token", "malformed page token");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(page_token)
-        .map_err(|_| malformed())?;
-    let key = String::from_utf8(bytes).map_err(|_| malformed())?;
+        .map_err(|_| malformed_token())?;
+    let key = String::from_utf8(bytes).map_err(|_| malformed_token())?;
     Ok((size, Some(key)))
+}
+
+/// The error for a page token this server did not issue (or that is not
+/// valid for the request it came with).
+pub fn malformed_token() -> Error {
+    Error::invalid_argument("page_token", "malformed page token")
 }
 
 /// Encodes the last key of a page as the next page token.
@@ -65,8 +67,9 @@ mod tests {
     fn sizes_are_defaulted_clamped_and_checked() {
         assert_eq!(page_params(0, "").unwrap(), (DEFAULT_PAGE_SIZE, None));
         assert_eq!(page_params(10_000, "").unwrap().0, MAX_PAGE_SIZE);
-        assert!(page_params(-1, "").is_err());
-        assert!(page_params(10, "***").is_err());
+        let field = |r: Result<_, Error>| r.err().map(|e| e.violations[0].field.clone());
+        assert_eq!(field(page_params(-1, "")).as_deref(), Some("page_size"));
+        assert_eq!(field(page_params(10, "***")).as_deref(), Some("page_token"));
     }
 
     #[test]
