@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A Python client of the Capsule Registry, built only from code generated from
-proto/ with grpcio-tools: pushes a capsule, reads it back, lists capsules, and
-reads the google.rpc.Status details of a validation error.
+proto/ with grpcio-tools: pushes a capsule, reads it back, lists capsules,
+fetches the registry's JWKS (a `google.api.HttpBody`) and reads the
+google.rpc.Status details of a validation error and of an unknown capsule.
 
 Run against a running `anumate dev` (scripts/python-client-test does all of it):
 
@@ -28,7 +29,6 @@ import sysconfig  # noqa: E402
 import grpc  # noqa: E402
 
 from anumate.registry.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
-from anumate.common.v1 import common_pb2  # noqa: E402
 
 try:
     # googleapis-common-protos (installed next to grpcio-tools by the script).
@@ -175,13 +175,36 @@ def main():
 
         # list
         listed = registry.ListCapsules(
-            registry_pb2.ListCapsulesRequest(page=common_pb2.PageRequest(page_size=50)),
+            registry_pb2.ListCapsulesRequest(page_size=50),
             metadata=auth,
             timeout=10,
         )
         names = [c.name for c in listed.capsules]
         check(name in names, f"{name} not in list {names}")
         print(f"list: {len(names)} capsule(s)")
+
+        # the signing keys: a JWKS document, as GET /v1/registry/keys serves it
+        keys = registry.GetCapsuleSigningKeys(
+            registry_pb2.GetCapsuleSigningKeysRequest(), metadata=auth, timeout=10
+        )
+        check(keys.content_type == "application/json", f"content type {keys.content_type!r}")
+        kids = [k.get("kid") for k in json.loads(keys.data).get("keys", [])]
+        check(got.version.kid in kids, f"signing key {got.version.kid!r} not in JWKS {kids}")
+        print(f"keys: {len(kids)} key(s) in the JWKS")
+
+        # an unknown capsule: NOT_FOUND with its specific reason
+        try:
+            registry.GetCapsule(
+                registry_pb2.GetCapsuleRequest(name="no-such-capsule"),
+                metadata=auth,
+                timeout=10,
+            )
+            raise Failed("an unknown capsule was found")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.NOT_FOUND, f"code {err.code()}")
+            infos = unpack(status_details(err), error_details_pb2.ErrorInfo)
+            check([i.reason for i in infos] == ["CAPSULE_NOT_FOUND"], f"{infos}")
+            print("unknown capsule: CAPSULE_NOT_FOUND")
 
         # a validation error, with its google.rpc.Status details
         try:

@@ -13,6 +13,10 @@
 //! Parsing and validating a document stay with its service, which hands the
 //! result to [`Documents::push`] as a [`Draft`].
 //!
+//! Version numbers are `int32` on the wire (and `i32` here) while the tables
+//! keep `BIGINT`: a push that would create version 2^31 is refused, so every
+//! stored number converts back ([`wire_version`]).
+//!
 //! This is a crate of its own rather than a module of `anumate-store`: the
 //! lifecycle appends events ([`anumate_events::append`]), and `anumate-events`
 //! builds on the store. The SQL stays in [`anumate_store::versioned`].
@@ -20,8 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use anumate_errors::{Error, ErrorCode, Result};
-use anumate_proto::common::v1::PageRequest;
+use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_store::versioned::{DocumentRow, Schema, Status};
 use anumate_store::{DbErr, QueryResult, Store, TenantTx, Value, paging};
 use sea_orm::FromQueryResult;
@@ -43,7 +46,7 @@ pub enum VersionSelector {
     /// The highest version in any state.
     Latest,
     /// This exact version.
-    Number(i64),
+    Number(i32),
 }
 
 impl VersionSelector {
@@ -52,7 +55,7 @@ impl VersionSelector {
         match s {
             "" | "published" => Ok(VersionSelector::Published),
             "latest" => Ok(VersionSelector::Latest),
-            n => match n.parse::<i64>() {
+            n => match n.parse::<i32>() {
                 Ok(v) if v > 0 => Ok(VersionSelector::Number(v)),
                 _ => Err(Error::invalid_argument(
                     "version",
@@ -103,7 +106,7 @@ pub struct Draft<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct NewVersion<'a> {
     /// Its number: one past the latest.
-    pub number: i64,
+    pub number: i32,
     /// Draft, or published when the push asked for it.
     pub status: Status,
     /// Subject of the pushing principal.
@@ -120,7 +123,7 @@ pub struct VersionEvent<'a> {
     /// Document name.
     pub name: &'a str,
     /// Version number.
-    pub version: i64,
+    pub version: i32,
     /// The version's content hash.
     pub content_hash: &'a str,
     /// Principal that made the change.
@@ -166,6 +169,10 @@ pub trait VersionedKind: Send + Sync + 'static {
     const SCHEMA: Schema;
     /// The collection in resource names and event subjects ("capsules").
     const COLLECTION: &'static str;
+    /// Why a document of this name is not there (`CAPSULE_NOT_FOUND`).
+    const NOT_FOUND: Reason;
+    /// Why a version of a document is not there (`CAPSULE_VERSION_NOT_FOUND`).
+    const VERSION_NOT_FOUND: Reason;
 
     /// The document message of a row.
     fn document(row: &DocumentRow) -> Self::Document;
@@ -238,8 +245,8 @@ impl<K: VersionedKind> Documents<K> {
         let existing = K::SCHEMA.lock_document(&tx, name).await?;
         if let Some(doc) = &existing {
             if doc.deleted() {
-                return Err(Error::new(
-                    ErrorCode::FailedPrecondition,
+                return Err(Error::because(
+                    Reason::DocumentDeleted,
                     format!("{kind} {name} was deleted; choose another name"),
                 ));
             }
@@ -258,7 +265,7 @@ impl<K: VersionedKind> Documents<K> {
         }
 
         let new = NewVersion {
-            number: existing.as_ref().map_or(1, |d| d.latest_version + 1),
+            number: next_number(kind, name, existing.as_ref())?,
             status: if publish {
                 Status::Published
             } else {
@@ -273,7 +280,7 @@ impl<K: VersionedKind> Documents<K> {
         }
         insert_version::<K>(&tx, draft, &new, &version).await?;
         let published = if publish {
-            new.number
+            i64::from(new.number)
         } else {
             existing.as_ref().map_or(0, |d| d.published_version)
         };
@@ -284,7 +291,7 @@ impl<K: VersionedKind> Documents<K> {
                 name,
                 draft.description,
                 draft.labels,
-                new.number,
+                i64::from(new.number),
                 published,
                 new.now,
             )
@@ -321,7 +328,7 @@ impl<K: VersionedKind> Documents<K> {
         same: Stored<K::Row>,
         publish: bool,
     ) -> Result<Pushed<K>> {
-        let (number, status, hash) = (same.number, same.status, same.content_hash);
+        let (number, status, hash) = (wire_version(same.number), same.status, same.content_hash);
         let mut version = same.row.into();
         let document = match status {
             Status::Draft if publish => {
@@ -339,8 +346,8 @@ impl<K: VersionedKind> Documents<K> {
                 updated
             }
             Status::Deprecated if publish => {
-                return Err(Error::new(
-                    ErrorCode::FailedPrecondition,
+                return Err(Error::because(
+                    Reason::VersionDeprecated,
                     format!(
                         "identical content is version {number} which is deprecated; it cannot be published again"
                     ),
@@ -364,17 +371,22 @@ impl<K: VersionedKind> Documents<K> {
     ) -> Result<(K::Document, K::Version)> {
         check_name(name)?;
         let tx = self.store.read(&actor.tenant).await?;
-        let doc = K::SCHEMA.visible_document(&tx, name).await?;
+        let doc = visible_row::<K>(&tx, name).await?;
         let number = match selector {
             VersionSelector::Number(n) => n,
-            VersionSelector::Latest => doc.latest_version,
-            VersionSelector::Published if doc.published_version > 0 => doc.published_version,
+            VersionSelector::Latest => wire_version(doc.latest_version),
+            VersionSelector::Published if doc.published_version > 0 => {
+                wire_version(doc.published_version)
+            }
             VersionSelector::Published => {
-                return Err(Error::not_found(format!(
-                    "{} {name} has no published version (latest is {}; ask for \"latest\" or a number)",
-                    K::SCHEMA.kind,
-                    doc.latest_version
-                )));
+                return Err(Error::because(
+                    K::VERSION_NOT_FOUND,
+                    format!(
+                        "{} {name} has no published version (latest is {}; ask for \"latest\" or a number)",
+                        K::SCHEMA.kind,
+                        doc.latest_version
+                    ),
+                ));
             }
         };
         let version = Self::version(&tx, name, number).await?;
@@ -382,15 +394,17 @@ impl<K: VersionedKind> Documents<K> {
     }
 
     /// Lists visible documents by name: those carrying every label in
-    /// `labels` and, with `status`, having a version in that state.
+    /// `labels` and, with `status`, having a version in that state; paged as
+    /// AIP-158 (`page_size`, `page_token`).
     pub async fn list(
         &self,
         actor: &Actor,
         labels: &[(String, String)],
         status: Option<Status>,
-        page: Option<&PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<K::Document>, String)> {
-        let (size, after) = page_params(page)?;
+        let (size, after) = paging::page_params(page_size, page_token)?;
         let tx = self.store.read(&actor.tenant).await?;
         let (rows, next) = K::SCHEMA
             .list_documents(&tx, labels, status, size, after.as_deref())
@@ -404,19 +418,16 @@ impl<K: VersionedKind> Documents<K> {
         &self,
         actor: &Actor,
         name: &str,
-        page: Option<&PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<K::Version>, String)> {
         check_name(name)?;
-        let (size, after) = page_params(page)?;
+        let (size, after) = paging::page_params(page_size, page_token)?;
         let before = after
-            .map(|token| {
-                token
-                    .parse::<i64>()
-                    .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))
-            })
+            .map(|token| token.parse::<i64>().map_err(|_| paging::malformed_token()))
             .transpose()?;
         let tx = self.store.read(&actor.tenant).await?;
-        K::SCHEMA.visible_document(&tx, name).await?;
+        visible_row::<K>(&tx, name).await?;
         let (rows, next) = K::SCHEMA
             .list_versions(&tx, name, size, before, |v: &Stored<K::Row>| v.number)
             .await?;
@@ -429,7 +440,7 @@ impl<K: VersionedKind> Documents<K> {
         &self,
         actor: &Actor,
         name: &str,
-        number: i64,
+        number: i32,
         etag: &str,
         to: Transition,
     ) -> Result<(K::Document, K::Version)> {
@@ -444,8 +455,8 @@ impl<K: VersionedKind> Documents<K> {
             return Ok((K::document(&doc), version)); // no-op
         }
         if target == Status::Published && current == Status::Deprecated {
-            return Err(Error::new(
-                ErrorCode::FailedPrecondition,
+            return Err(Error::because(
+                Reason::VersionDeprecated,
                 format!(
                     "version {number} of {name} is deprecated and cannot be published again; push a new version"
                 ),
@@ -466,13 +477,13 @@ impl<K: VersionedKind> Documents<K> {
         tx: &TenantTx,
         actor: &Actor,
         name: &str,
-        (number, hash): (i64, &str),
+        (number, hash): (i32, &str),
         version: &mut K::Version,
         target: Status,
     ) -> Result<K::Document> {
         let now = anumate_store::now_micros();
         K::SCHEMA
-            .set_version_status(tx, name, number, target, now)
+            .set_version_status(tx, name, i64::from(number), target, now)
             .await?;
         K::record_status(version, target, now);
         let row = K::SCHEMA.touch_document(tx, name, now).await?;
@@ -513,13 +524,13 @@ impl<K: VersionedKind> Documents<K> {
         Ok(K::document(&deleted))
     }
 
-    /// A document that exists and is not deleted, or `NOT_FOUND`.
+    /// A document that exists and is not deleted, or [`VersionedKind::NOT_FOUND`].
     pub async fn visible(tx: &TenantTx, name: &str) -> Result<K::Document> {
-        Ok(K::document(&K::SCHEMA.visible_document(tx, name).await?))
+        Ok(K::document(&visible_row::<K>(tx, name).await?))
     }
 
-    /// One version, with its source, or `NOT_FOUND`.
-    pub async fn version(tx: &TenantTx, name: &str, number: i64) -> Result<K::Version> {
+    /// One version, with its source, or [`VersionedKind::VERSION_NOT_FOUND`].
+    pub async fn version(tx: &TenantTx, name: &str, number: i32) -> Result<K::Version> {
         Ok(stored_version::<K>(tx, name, number).await?.row.into())
     }
 
@@ -550,18 +561,55 @@ impl<R: FromQueryResult> FromQueryResult for Stored<R> {
     }
 }
 
-/// One version, or `NOT_FOUND`.
+/// One version, or [`VersionedKind::VERSION_NOT_FOUND`].
 async fn stored_version<K: VersionedKind>(
     tx: &TenantTx,
     name: &str,
-    number: i64,
+    number: i32,
 ) -> Result<Stored<K::Row>> {
     K::SCHEMA
-        .get_version(tx, name, number)
+        .get_version(tx, name, i64::from(number))
         .await?
         .ok_or_else(|| {
-            Error::not_found(format!("{} {name} has no version {number}", K::SCHEMA.kind))
+            Error::because(
+                K::VERSION_NOT_FOUND,
+                format!("{} {name} has no version {number}", K::SCHEMA.kind),
+            )
         })
+}
+
+/// A stored version number as the contract carries it. Pushes never create a
+/// number above `i32::MAX` ([`next_number`]), so this never saturates.
+pub fn wire_version(number: i64) -> i32 {
+    i32::try_from(number).unwrap_or(i32::MAX)
+}
+
+/// The number of the version a push creates: one past the latest, refused
+/// with `RESOURCE_EXHAUSTED` past `i32::MAX` (the contract's `int32`).
+fn next_number(kind: &str, name: &str, existing: Option<&DocumentRow>) -> Result<i32> {
+    let latest = existing.map_or(0, |d| d.latest_version);
+    i32::try_from(latest + 1).map_err(|_| {
+        Error::because(
+            Reason::ResourceExhausted,
+            format!("{kind} {name} has {latest} versions, the most a document can have"),
+        )
+        .with_metadata("limit", "versions")
+    })
+}
+
+/// A document row that exists and is not deleted, or
+/// [`VersionedKind::NOT_FOUND`].
+async fn visible_row<K: VersionedKind>(tx: &TenantTx, name: &str) -> Result<DocumentRow> {
+    K::SCHEMA
+        .any_document(tx, name)
+        .await?
+        .filter(|d| !d.deleted())
+        .ok_or_else(|| not_found::<K>(name))
+}
+
+/// No (visible) document of this name.
+fn not_found<K: VersionedKind>(name: &str) -> Error {
+    Error::because(K::NOT_FOUND, format!("{} {name} not found", K::SCHEMA.kind))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -584,13 +632,14 @@ fn check_etag(kind: &str, doc: &DocumentRow, expected: &str) -> Result<()> {
     Ok(())
 }
 
-/// A document row that is not deleted, locked for the transaction, or `NOT_FOUND`.
+/// A document row that is not deleted, locked for the transaction, or
+/// [`VersionedKind::NOT_FOUND`].
 async fn lock_visible<K: VersionedKind>(tx: &TenantTx, name: &str) -> Result<DocumentRow> {
     K::SCHEMA
         .lock_document(tx, name)
         .await?
         .filter(|d| !d.deleted())
-        .ok_or_else(|| Error::not_found(format!("{} {name} not found", K::SCHEMA.kind)))
+        .ok_or_else(|| not_found::<K>(name))
 }
 
 /// Inserts a version row: the lifecycle's columns and the kind's own.
@@ -631,7 +680,7 @@ async fn insert_version<K: VersionedKind>(
 }
 
 /// The event subject of a version: `capsules/refund/versions/3`.
-fn version_subject<K: VersionedKind>(name: &str, number: i64) -> String {
+fn version_subject<K: VersionedKind>(name: &str, number: i32) -> String {
     format!("{}/{name}/versions/{number}", K::COLLECTION)
 }
 
@@ -647,12 +696,6 @@ async fn append<M: prost::Message + prost::Name + anumate_events::EventKey>(
     };
     anumate_events::append(tx, event, ctx).await?;
     Ok(())
-}
-
-/// Page size and the decoded token.
-fn page_params(page: Option<&PageRequest>) -> Result<(i64, Option<String>)> {
-    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-    paging::page_params(size, token)
 }
 
 #[cfg(test)]
@@ -677,7 +720,7 @@ mod tests {
             VersionSelector::parse("7").ok(),
             Some(VersionSelector::Number(7))
         );
-        for bad in ["0", "-1", "v2", "Latest"] {
+        for bad in ["0", "-1", "v2", "Latest", "2147483648"] {
             let err = VersionSelector::parse(bad).err().map(|e| e.code);
             assert_eq!(err, Some(ErrorCode::InvalidArgument), "{bad}");
         }

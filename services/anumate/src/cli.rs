@@ -8,7 +8,6 @@ use std::{path::Path, path::PathBuf, process::ExitCode};
 
 use anumate_auth::BearerToken;
 use anumate_errors::Error;
-use anumate_proto::common::v1::PageResponse;
 use clap::{Args, ValueEnum};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
@@ -151,11 +150,6 @@ pub(crate) async fn all_pages<T>(
         }
         token = next;
     }
-}
-
-/// The next page's token in a listing's answer (empty when there is none).
-pub(crate) fn next_page(page: Option<PageResponse>) -> String {
-    page.map(|p| p.next_page_token).unwrap_or_default()
 }
 
 /// Prints an error: its stable code, message, and each violation as

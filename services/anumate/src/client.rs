@@ -4,13 +4,12 @@
 
 use std::{path::Path, path::PathBuf, process::ExitCode};
 
-use anumate_proto::common::v1::PageRequest;
 use anumate_proto::registry::v1 as pb;
 use clap::{Args, Subcommand, ValueEnum};
 use pb::registry_service_client::RegistryServiceClient;
 
 use crate::cli::versioned::{self, Kind, PageSizeArg, Transition, VersionArg, versioned_kind};
-use crate::cli::{Connection, Failure, all_pages, finish, next_page, read_file, show};
+use crate::cli::{Connection, Failure, all_pages, finish, read_file, show};
 
 /// `anumate capsule …`
 #[derive(Args, Debug)]
@@ -71,16 +70,16 @@ pub enum CapsuleSub {
         /// Capsule name.
         name: String,
         /// Older version.
-        from: i64,
+        from: i32,
         /// Newer version.
-        to: i64,
+        to: i32,
     },
     /// Publish a version.
     Publish {
         /// Capsule name.
         name: String,
         /// Version number.
-        version: i64,
+        version: i32,
         /// Only if the capsule's etag is still this.
         #[arg(long, default_value = "")]
         etag: String,
@@ -90,7 +89,7 @@ pub enum CapsuleSub {
         /// Capsule name.
         name: String,
         /// Version number.
-        version: i64,
+        version: i32,
         /// Only if the capsule's etag is still this.
         #[arg(long, default_value = "")]
         etag: String,
@@ -177,20 +176,18 @@ impl Kind for Capsules {
             .map_or(pb::VersionStatus::Unspecified, Into::into) as i32;
         let capsules = all_pages(async |page_token| {
             let request = pb::ListCapsulesRequest {
-                page: Some(PageRequest {
-                    page_size,
-                    page_token,
-                }),
+                page_size,
+                page_token,
                 label_selector: filter.selector.clone(),
                 status,
             };
             let resp = client.list_capsules(request).await?.into_inner();
-            Ok((resp.capsules, next_page(resp.page)))
+            Ok((resp.capsules, resp.next_page_token))
         })
         .await?;
         Ok(pb::ListCapsulesResponse {
             capsules,
-            page: None,
+            next_page_token: String::new(),
         })
     }
 
@@ -198,18 +195,16 @@ impl Kind for Capsules {
         let versions = all_pages(async |page_token| {
             let request = pb::ListCapsuleVersionsRequest {
                 name: name.clone(),
-                page: Some(PageRequest {
-                    page_size: 200,
-                    page_token,
-                }),
+                page_size: 200,
+                page_token,
             };
             let resp = client.list_capsule_versions(request).await?.into_inner();
-            Ok((resp.versions, next_page(resp.page)))
+            Ok((resp.versions, resp.next_page_token))
         })
         .await?;
         Ok(pb::ListCapsuleVersionsResponse {
             versions,
-            page: None,
+            next_page_token: String::new(),
         })
     }
 
@@ -357,7 +352,7 @@ async fn validate(conn: &Connection, file: &Path) -> Result<(), Failure> {
 }
 
 /// `capsule diff NAME FROM TO`: the line diff, then the changed paths.
-async fn diff(conn: &Connection, name: String, from: i64, to: i64) -> Result<(), Failure> {
+async fn diff(conn: &Connection, name: String, from: i32, to: i32) -> Result<(), Failure> {
     let mut client = conn.client(RegistryServiceClient::with_interceptor).await?;
     let request = pb::DiffCapsuleVersionsRequest {
         name,
@@ -382,9 +377,9 @@ async fn diff(conn: &Connection, name: String, from: i64, to: i64) -> Result<(),
         }
         println!("{} changed path(s):", resp.changes.len());
         for c in &resp.changes {
-            match pb::ChangeKind::try_from(c.kind) {
-                Ok(pb::ChangeKind::Added) => println!("  + {} = {}", c.path, c.to_json),
-                Ok(pb::ChangeKind::Removed) => println!("  - {} (was {})", c.path, c.from_json),
+            match pb::DiffChangeKind::try_from(c.kind) {
+                Ok(pb::DiffChangeKind::Added) => println!("  + {} = {}", c.path, c.to_json),
+                Ok(pb::DiffChangeKind::Removed) => println!("  - {} (was {})", c.path, c.from_json),
                 _ => println!("  ~ {}: {} -> {}", c.path, c.from_json, c.to_json),
             }
         }

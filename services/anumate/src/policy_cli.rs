@@ -8,15 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anumate_errors::Error;
-use anumate_proto::common::v1::PageRequest;
 use anumate_proto::policy::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::policy_service_client::PolicyServiceClient;
 
 use crate::cli::versioned::{self, Kind, PageSizeArg, Transition, VersionArg, versioned_kind};
-use crate::cli::{
-    Authed, Connection, Failure, Output, all_pages, finish, next_page, print_json, read_file,
-};
+use crate::cli::{Authed, Connection, Failure, Output, all_pages, finish, print_json, read_file};
 
 /// `anumate policy …`
 #[derive(Args, Debug)]
@@ -89,7 +86,7 @@ pub enum PolicySub {
         /// Policy name.
         name: String,
         /// Version number.
-        version: i64,
+        version: i32,
     },
 }
 
@@ -214,7 +211,7 @@ fn parse_ref(text: &str) -> Result<pb::PolicyRef, Failure> {
         version: 0,
         content_hash: String::new(),
     };
-    if sel.starts_with("sha256:") {
+    if sel.starts_with("sha256:") || sel.starts_with("sha256-") {
         r.content_hash = sel.to_string();
     } else if !sel.is_empty() && sel != "published" {
         r.version = sel.parse().map_err(|_| {
@@ -242,7 +239,7 @@ async fn print_decision(
         return Ok(());
     };
     // Sources of stored versions, fetched once each to show rule lines.
-    let mut sources: HashMap<(String, i64), String> = HashMap::new();
+    let mut sources: HashMap<(String, i32), String> = HashMap::new();
     println!("effect: {}", effect_name(d.effect));
     if d.denied_by_allow_list {
         println!("denied by the allow-list; no policy ran");
@@ -369,21 +366,22 @@ impl Kind for Policies {
     ) -> Result<Self::Listed, Failure> {
         all_pages(async |page_token| {
             let request = pb::ListPoliciesRequest {
-                page: Some(PageRequest {
-                    page_size,
-                    page_token,
-                }),
+                page_size,
+                page_token,
                 status: 0,
             };
             let resp = client.list_policies(request).await?.into_inner();
-            Ok((resp.policies, next_page(resp.page)))
+            Ok((resp.policies, resp.next_page_token))
         })
         .await
     }
 
     /// One call with the server's default page, printed as it came.
     async fn versions(client: &mut Self::Client, name: String) -> Result<Self::Versions, Failure> {
-        let request = pb::ListPolicyVersionsRequest { name, page: None };
+        let request = pb::ListPolicyVersionsRequest {
+            name,
+            ..Default::default()
+        };
         Ok(client.list_policy_versions(request).await?.into_inner())
     }
 

@@ -236,7 +236,7 @@ fn dev_and_capsule_commands_from_the_same_directory() {
         .json();
     // proto3 JSON leaves out fields with default values: `created: false`
     assert_eq!(pushed.get("created"), None, "{pushed}");
-    assert_eq!(pushed["version"]["version"], "1", "int64 is a JSON string");
+    assert_eq!(pushed["version"]["version"], 1, "int32 is a JSON number");
     let hash = pushed["version"]["contentHash"]
         .as_str()
         .expect("contentHash");
@@ -255,7 +255,7 @@ fn dev_and_capsule_commands_from_the_same_directory() {
     );
     let list = dev.cli(&["capsule", "list", "-o", "json"]).ok().json();
     assert_eq!(list["capsules"][0]["name"], CAPSULE);
-    assert_eq!(list["capsules"][0]["latestVersion"], "1");
+    assert_eq!(list["capsules"][0]["latestVersion"], 1);
 
     // get: nothing published yet, so only by `latest`
     let out = dev
@@ -286,7 +286,7 @@ fn dev_and_capsule_commands_from_the_same_directory() {
     assert_eq!(got["version"]["status"], "VERSION_STATUS_PUBLISHED");
     assert_eq!(got["version"]["contentHash"], hash);
     assert_eq!(got["version"]["createdBy"], "user:dev");
-    assert_eq!(got["capsule"]["publishedVersion"], "1");
+    assert_eq!(got["capsule"]["publishedVersion"], 1);
     let source = dev
         .cli(&["capsule", "get", CAPSULE, "--source"])
         .ok()

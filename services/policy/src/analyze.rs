@@ -30,7 +30,7 @@ pub struct PolicyInfo {
     /// `sha256:` + hex SHA-256 of `canonical_json`.
     pub content_hash: String,
     /// Version number; 0 for ad-hoc source.
-    pub version: i64,
+    pub version: i32,
     /// Rules in source order.
     pub rules: Vec<RuleInfo>,
     rule_index: HashMap<String, usize>,
@@ -114,7 +114,7 @@ pub fn pb_effect(e: anumate_policy::Effect) -> i32 {
     effect(e) as i32
 }
 
-fn info(source_name: &str, src: &str, p: &Policy, version: i64) -> PolicyInfo {
+fn info(source_name: &str, src: &str, p: &Policy, version: i32) -> PolicyInfo {
     let (canonical_json, content_hash) = anumate_crypto::content_hash(&canonical_value(p));
     let mut rules = Vec::new();
     let mut rule_index = HashMap::new();
@@ -164,7 +164,7 @@ fn info(source_name: &str, src: &str, p: &Policy, version: i64) -> PolicyInfo {
 pub fn compile(
     source_name: &str,
     src: &str,
-    version: i64,
+    version: i32,
     fuel: u64,
     single: bool,
 ) -> Result<Compiled> {

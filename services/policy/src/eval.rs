@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anumate_errors::{Error, ErrorCode, Result, Violation};
+use anumate_errors::{Error, ErrorCode, Reason, Result, Violation};
 use anumate_policy::{EvalError, Obligation, POLICY_INPUT};
 use anumate_proto::policy::v1 as pb;
 use anumate_redaction::{Detector, RedactionConfig, Redactor, Replacement};
@@ -48,12 +48,11 @@ fn fuel_error(e: EvalError) -> Error {
             limit,
             policy,
             rule,
-        } => Error::new(
-            ErrorCode::ResourceExhausted,
+        } => Error::because(
+            Reason::FuelExhausted,
             format!("evaluation ran out of fuel (limit {limit}) in rule {policy}/{rule}"),
         )
         .with_metadata("limit", "fuel")
-        .with_metadata("reason", "fuel_exhausted")
         .with_metadata("policy", policy)
         .with_metadata("rule", rule),
         EvalError::InputNotObject => {
@@ -219,7 +218,7 @@ fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
         let compiled = units.get(r.set).map(|u| &u.compiled);
         let policy = compiled.and_then(|c| c.policy(&m.policy));
         let rule = policy.and_then(|p| p.rule(&m.rule));
-        let rule_ref = pb::RuleRef {
+        let rule_ref = pb::PolicyRuleRef {
             policy: m.policy.clone(),
             policy_version: policy.map_or(0, |p| p.version),
             content_hash: policy.map(|p| p.content_hash.clone()).unwrap_or_default(),
@@ -246,7 +245,7 @@ fn decide(units: &[Unit], input: &Value) -> Result<(pb::Decision, u64)> {
                         stages: o
                             .approval_stages()
                             .into_iter()
-                            .map(|s| pb::ApprovalStage {
+                            .map(|s| pb::RequiredApprovalStage {
                                 name: s.name,
                                 approvers: s.approvers,
                                 quorum: s.quorum,
@@ -291,21 +290,22 @@ impl Policies {
             ));
         }
         if !r.content_hash.is_empty() {
+            let hash = anumate_crypto::parse_digest("policies.content_hash", &r.content_hash)?;
             // Exact content keeps working after deprecation or deletion.
-            let v = repo::find_by_hash(tx, &r.name, &r.content_hash)
+            let v = repo::find_by_hash(tx, &r.name, &hash)
                 .await?
                 .ok_or_else(|| {
-                    Error::not_found(format!(
-                        "policy {} has no version with content hash {}",
-                        r.name, r.content_hash
-                    ))
+                    Error::because(
+                        Reason::PolicyVersionNotFound,
+                        format!("policy {} has no version with content hash {hash}", r.name),
+                    )
                 })?;
             if r.version > 0 && r.version != v.version {
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,
                     format!(
-                        "policy {} version {} does not have content hash {} (version {} does)",
-                        r.name, r.version, r.content_hash, v.version
+                        "policy {} version {} does not have content hash {hash} (version {} does)",
+                        r.name, r.version, v.version
                     ),
                 ));
             }
@@ -317,14 +317,12 @@ impl Policies {
         } else if policy.published_version > 0 {
             policy.published_version
         } else {
-            return Err(Error::not_found(format!(
-                "policy {} has no published version",
-                r.name
-            )));
+            return Err(Error::because(
+                Reason::PolicyVersionNotFound,
+                format!("policy {} has no published version", r.name),
+            ));
         };
-        repo::get_version(tx, &r.name, number)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("policy {} has no version {number}", r.name)))
+        repo::get_version(tx, &r.name, number).await
     }
 
     async fn units(&self, actor: &Actor, target: &EvalTarget) -> Result<Vec<Unit>> {
@@ -698,7 +696,7 @@ fn run_tests(units: &[Unit], name_filter: &str) -> pb::TestPolicyResponse {
                             let policy = unit.compiled.policy(&m.policy);
                             let rule = policy.and_then(|p| p.rule(&m.rule));
                             pb::MatchedRule {
-                                rule: Some(pb::RuleRef {
+                                rule: Some(pb::PolicyRuleRef {
                                     policy: m.policy.clone(),
                                     policy_version: policy.map_or(0, |p| p.version),
                                     content_hash: policy

@@ -3,7 +3,6 @@
 
 use anumate_documents::Transition;
 use anumate_errors::Error;
-use anumate_proto::common::v1::PageResponse;
 use anumate_proto::policy::v1 as pb;
 use pb::policy_service_server::{PolicyService, PolicyServiceServer};
 use tonic::{Request, Response, Status};
@@ -43,12 +42,6 @@ fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
     Ok(Actor {
         tenant: principal.tenant_id,
         subject: principal.subject,
-    })
-}
-
-fn page(next: String) -> Option<PageResponse> {
-    Some(PageResponse {
-        next_page_token: next,
     })
 }
 
@@ -121,10 +114,13 @@ impl PolicyService for PolicyGrpc {
                 format!("unknown PolicyVersionStatus value {}", r.status),
             )
         })?;
-        let (policies, next) = self.policies.list(&actor, status, r.page.as_ref()).await?;
+        let (policies, next_page_token) = self
+            .policies
+            .list(&actor, status, r.page_size, &r.page_token)
+            .await?;
         Ok(Response::new(pb::ListPoliciesResponse {
             policies,
-            page: page(next),
+            next_page_token,
         }))
     }
 
@@ -134,14 +130,14 @@ impl PolicyService for PolicyGrpc {
     ) -> Result<Response<pb::ListPolicyVersionsResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let (versions, next) = self
+        let (versions, next_page_token) = self
             .policies
             .documents()
-            .list_versions(&actor, &r.name, r.page.as_ref())
+            .list_versions(&actor, &r.name, r.page_size, &r.page_token)
             .await?;
         Ok(Response::new(pb::ListPolicyVersionsResponse {
             versions,
-            page: page(next),
+            next_page_token,
         }))
     }
 

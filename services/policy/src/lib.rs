@@ -265,9 +265,12 @@ impl Policies {
         &self,
         actor: &Actor,
         status: pb::PolicyVersionStatus,
-        page: Option<&anumate_proto::common::v1::PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<pb::Policy>, String)> {
         let status = repo::stored_status(status);
-        self.documents.list(actor, &[], status, page).await
+        self.documents
+            .list(actor, &[], status, page_size, page_token)
+            .await
     }
 }

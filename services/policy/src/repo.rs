@@ -4,8 +4,10 @@
 //! decision log. Every query also filters on the transaction's tenant; on
 //! PostgreSQL row-level security enforces it again.
 
-use anumate_documents::{DeletionEvent, Documents, Draft, NewVersion, VersionEvent, VersionedKind};
-use anumate_errors::Result;
+use anumate_documents::{
+    DeletionEvent, Documents, Draft, NewVersion, VersionEvent, VersionedKind, wire_version,
+};
+use anumate_errors::{Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::policy::v1 as pb;
 use anumate_proto::timestamp_from_micros as timestamp;
@@ -109,7 +111,7 @@ impl From<VersionRow> for pb::PolicyVersion {
     fn from(r: VersionRow) -> Self {
         pb::PolicyVersion {
             name: r.name,
-            version: r.version,
+            version: wire_version(r.version),
             status: status_proto(Status::from_name(&r.status)) as i32,
             source: r.source,
             canonical_json: r.canonical_json,
@@ -145,13 +147,15 @@ impl VersionedKind for PolicyKind {
              description, created_by, created_at, published_at, deprecated_at",
     };
     const COLLECTION: &'static str = "policies";
+    const NOT_FOUND: Reason = Reason::PolicyNotFound;
+    const VERSION_NOT_FOUND: Reason = Reason::PolicyVersionNotFound;
 
     fn document(d: &DocumentRow) -> pb::Policy {
         pb::Policy {
             name: d.name.clone(),
             description: d.description.clone(),
-            latest_version: d.latest_version,
-            published_version: d.published_version,
+            latest_version: wire_version(d.latest_version),
+            published_version: wire_version(d.published_version),
             etag: d.etag(),
             create_time: Some(timestamp(d.created_at)),
             update_time: Some(timestamp(d.updated_at)),
@@ -229,19 +233,14 @@ impl VersionedKind for PolicyKind {
     }
 }
 
-/// A policy that exists and is not deleted, or `NOT_FOUND`.
+/// A policy that exists and is not deleted, or `NOT_FOUND` (`POLICY_NOT_FOUND`).
 pub async fn visible_policy(tx: &TenantTx, name: &str) -> Result<pb::Policy> {
     Documents::<PolicyKind>::visible(tx, name).await
 }
 
-/// One version, with its source.
-pub async fn get_version(
-    tx: &TenantTx,
-    name: &str,
-    version: i64,
-) -> Result<Option<pb::PolicyVersion>> {
-    let row: Option<VersionRow> = PolicyKind::SCHEMA.get_version(tx, name, version).await?;
-    Ok(row.map(Into::into))
+/// One version, with its source, or `NOT_FOUND` (`POLICY_VERSION_NOT_FOUND`).
+pub async fn get_version(tx: &TenantTx, name: &str, version: i32) -> Result<pb::PolicyVersion> {
+    Documents::<PolicyKind>::version(tx, name, version).await
 }
 
 /// The oldest version with this content hash, if any (exact content stays

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::registry::v1 as pb;
 use serde_json::Value;
 
@@ -32,8 +32,8 @@ pub fn diff(
     let from_lines = line_count(&from.source_yaml);
     let to_lines = line_count(&to.source_yaml);
     if from_lines.max(to_lines) > limits.max_lines {
-        return Err(Error::new(
-            ErrorCode::FailedPrecondition,
+        return Err(Error::because(
+            Reason::DiffTooLarge,
             format!(
                 "capsule {name} versions {} and {} have {from_lines} and {to_lines} source lines; \
                  diffs are limited to {} lines per version",
@@ -103,16 +103,16 @@ fn walk(path: &str, a: Option<&Value>, b: Option<&Value>, out: &mut Vec<pb::Fiel
             }
         }
         (Some(x), Some(y)) if x == y => {}
-        (Some(x), Some(y)) => out.push(change(path, pb::ChangeKind::Changed, Some(x), Some(y))),
-        (None, Some(y)) => out.push(change(path, pb::ChangeKind::Added, None, Some(y))),
-        (Some(x), None) => out.push(change(path, pb::ChangeKind::Removed, Some(x), None)),
+        (Some(x), Some(y)) => out.push(change(path, pb::DiffChangeKind::Changed, Some(x), Some(y))),
+        (None, Some(y)) => out.push(change(path, pb::DiffChangeKind::Added, None, Some(y))),
+        (Some(x), None) => out.push(change(path, pb::DiffChangeKind::Removed, Some(x), None)),
         (None, None) => {}
     }
 }
 
 fn change(
     path: &str,
-    kind: pb::ChangeKind,
+    kind: pb::DiffChangeKind,
     from: Option<&Value>,
     to: Option<&Value>,
 ) -> pb::FieldChange {
@@ -131,13 +131,14 @@ fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use anumate_errors::ErrorCode;
 
     const LIMITS: DiffLimits = DiffLimits {
         max_lines: 100,
         deadline: Duration::from_secs(5),
     };
 
-    fn version(n: i64, yaml: &str, json: &str) -> pb::CapsuleVersion {
+    fn version(n: i32, yaml: &str, json: &str) -> pb::CapsuleVersion {
         pb::CapsuleVersion {
             version: n,
             source_yaml: yaml.into(),
@@ -155,10 +156,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("/a".to_string(), pb::ChangeKind::Changed as i32),
-                ("/b/1".to_string(), pb::ChangeKind::Removed as i32),
-                ("/c~1d".to_string(), pb::ChangeKind::Removed as i32),
-                ("/e".to_string(), pb::ChangeKind::Added as i32),
+                ("/a".to_string(), pb::DiffChangeKind::Changed as i32),
+                ("/b/1".to_string(), pb::DiffChangeKind::Removed as i32),
+                ("/c~1d".to_string(), pb::DiffChangeKind::Removed as i32),
+                ("/e".to_string(), pb::DiffChangeKind::Added as i32),
             ]
         );
         assert!(d.unified_diff.contains("--- n@1"));
@@ -174,6 +175,7 @@ mod tests {
         let b = version(2, &long, "{}");
         let err = diff("n", &a, &b, LIMITS).unwrap_err();
         assert_eq!(err.code, ErrorCode::FailedPrecondition);
+        assert_eq!(err.reason, Reason::DiffTooLarge);
         assert!(
             err.message.contains("1 and 101 source lines"),
             "{}",

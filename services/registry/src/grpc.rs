@@ -3,6 +3,7 @@
 
 use anumate_documents::Transition;
 use anumate_errors::Error;
+use anumate_proto::google::api::HttpBody;
 use anumate_proto::registry::v1 as pb;
 use pb::registry_service_server::{RegistryService, RegistryServiceServer};
 use tonic::{Request, Response, Status};
@@ -109,15 +110,19 @@ impl RegistryService for RegistryGrpc {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let status = status_filter(r.status)?;
-        let (capsules, next) = self
+        let (capsules, next_page_token) = self
             .registry
-            .list(&actor, &r.label_selector, status, r.page.as_ref())
+            .list(
+                &actor,
+                &r.label_selector,
+                status,
+                r.page_size,
+                &r.page_token,
+            )
             .await?;
         Ok(Response::new(pb::ListCapsulesResponse {
             capsules,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 
@@ -127,16 +132,14 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::ListCapsuleVersionsResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let (versions, next) = self
+        let (versions, next_page_token) = self
             .registry
             .documents()
-            .list_versions(&actor, &r.name, r.page.as_ref())
+            .list_versions(&actor, &r.name, r.page_size, &r.page_token)
             .await?;
         Ok(Response::new(pb::ListCapsuleVersionsResponse {
             versions,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 
@@ -203,11 +206,16 @@ impl RegistryService for RegistryGrpc {
         }))
     }
 
-    async fn get_signing_keys(
+    /// The JWKS as a JSON document, so its HTTP route serves plain JWKS.
+    async fn get_capsule_signing_keys(
         &self,
-        _req: Request<pb::GetSigningKeysRequest>,
-    ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        let jwks_json = serde_json::to_string(&self.registry.jwks()).map_err(Error::internal)?;
-        Ok(Response::new(pb::GetSigningKeysResponse { jwks_json }))
+        _req: Request<pb::GetCapsuleSigningKeysRequest>,
+    ) -> Result<Response<HttpBody>, Status> {
+        let data = serde_json::to_vec(&self.registry.jwks()).map_err(Error::internal)?;
+        Ok(Response::new(HttpBody {
+            content_type: "application/json".into(),
+            data,
+            extensions: Vec::new(),
+        }))
     }
 }

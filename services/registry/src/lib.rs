@@ -160,11 +160,14 @@ impl Registry {
         actor: &Actor,
         label_selector: &str,
         status: pb::VersionStatus,
-        page: Option<&anumate_proto::common::v1::PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<pb::Capsule>, String)> {
         let labels = repo::parse_label_selector(label_selector)?;
         let status = repo::stored_status(status);
-        self.documents.list(actor, &labels, status, page).await
+        self.documents
+            .list(actor, &labels, status, page_size, page_token)
+            .await
     }
 
     /// Diffs two versions (on the CPU pool, within [`RegistryConfig::diff_max_lines`]
@@ -173,8 +176,8 @@ impl Registry {
         &self,
         actor: &Actor,
         name: &str,
-        from: i64,
-        to: i64,
+        from: i32,
+        to: i32,
     ) -> Result<pb::DiffCapsuleVersionsResponse> {
         anumate_errors::check_dns_label("name", name)?;
         if from <= 0 || to <= 0 {

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anumate_crypto::KeyRing;
-use anumate_documents::{DeletionEvent, Draft, NewVersion, VersionEvent, VersionedKind};
-use anumate_errors::{Error, Result};
+use anumate_documents::{
+    DeletionEvent, Draft, NewVersion, VersionEvent, VersionedKind, wire_version,
+};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
 use anumate_proto::timestamp_from_micros as timestamp;
@@ -124,7 +126,7 @@ impl From<VersionRow> for pb::CapsuleVersion {
     fn from(r: VersionRow) -> Self {
         pb::CapsuleVersion {
             name: r.name,
-            version: r.version,
+            version: wire_version(r.version),
             status: status_proto(Status::from_name(&r.status)) as i32,
             source_yaml: r.source_yaml,
             canonical_json: r.canonical_json,
@@ -161,14 +163,16 @@ impl VersionedKind for Capsules {
              signature, kid, description, labels, created_by, created_at, published_at, deprecated_at",
     };
     const COLLECTION: &'static str = "capsules";
+    const NOT_FOUND: Reason = Reason::CapsuleNotFound;
+    const VERSION_NOT_FOUND: Reason = Reason::CapsuleVersionNotFound;
 
     fn document(d: &DocumentRow) -> pb::Capsule {
         pb::Capsule {
             name: d.name.clone(),
             description: d.description.clone(),
             labels: d.label_map(),
-            latest_version: d.latest_version,
-            published_version: d.published_version,
+            latest_version: wire_version(d.latest_version),
+            published_version: wire_version(d.published_version),
             etag: d.etag(),
             create_time: Some(timestamp(d.created_at)),
             update_time: Some(timestamp(d.updated_at)),

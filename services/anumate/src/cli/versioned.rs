@@ -35,7 +35,7 @@ pub(crate) trait StoredVersion {
     /// The document's name.
     fn name(&self) -> &str;
     /// The version number.
-    fn number(&self) -> i64;
+    fn number(&self) -> i32;
     /// `draft`, `published`, `deprecated` (`unknown` for anything else).
     fn status(&self) -> &'static str;
     /// `sha256:…` of the canonical content.
@@ -156,7 +156,7 @@ macro_rules! versioned_kind {
             fn name(&self) -> &str {
                 &self.name
             }
-            fn number(&self) -> i64 {
+            fn number(&self) -> i32 {
                 self.version
             }
             fn status(&self) -> &'static str {
@@ -216,7 +216,7 @@ pub(crate) struct Change {
     /// The document's name.
     pub name: String,
     /// The version number.
-    pub version: i64,
+    pub version: i32,
     /// Only if the document's etag is still this ("" for unconditionally).
     pub etag: String,
 }
@@ -380,7 +380,7 @@ pub(crate) async fn transition<K: Kind>(
     conn: &Connection,
     to: Transition,
     name: String,
-    version: i64,
+    version: i32,
     etag: Option<String>,
 ) -> Result<(), Failure> {
     let mut client = conn.client(K::client).await?;
