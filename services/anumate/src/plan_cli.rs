@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anumate_proto::common::v1::PageRequest;
 use anumate_proto::compiler::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::compiler_service_client::CompilerServiceClient;
@@ -32,7 +31,7 @@ pub enum PlanSub {
     },
     /// Show a stored plan.
     Get {
-        /// Plan hash (`sha256:…`).
+        /// Plan hash (`sha256:<hex>`; `sha256-<hex>` and bare hex too).
         hash: String,
     },
     /// List stored plans, newest first.
@@ -249,23 +248,24 @@ async fn plan(cmd: PlanCommand) -> Result<(), Failure> {
             loop {
                 let resp = client
                     .list_plans(pb::ListPlansRequest {
-                        page: Some(PageRequest {
-                            page_size,
-                            page_token: token,
-                        }),
+                        page_size,
+                        page_token: token,
                         capsule_name: capsule.clone(),
                         capsule_version: 0,
                     })
                     .await?
                     .into_inner();
                 plans.extend(resp.plans);
-                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
+                token = resp.next_page_token;
                 if token.is_empty() {
                     break;
                 }
             }
             if out == Output::Json {
-                print_json(&pb::ListPlansResponse { plans, page: None });
+                print_json(&pb::ListPlansResponse {
+                    plans,
+                    next_page_token: String::new(),
+                });
             } else if plans.is_empty() {
                 println!("no plans");
             } else {

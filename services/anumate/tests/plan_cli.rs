@@ -130,6 +130,14 @@ fn compile_get_and_list_plans_against_anumate_dev() {
     assert!(got.starts_with(&format!("plan:         {hash}")), "{got}");
     let got: Value = serde_json::from_str(&ok(d, &["plan", "get", &hash, "-o", "json"])).unwrap();
     assert_eq!(got["plan"]["steps"].as_array().unwrap().len(), 3);
+    // Versions are int32: a JSON number, not a string.
+    assert_eq!(got["plan"]["capsuleVersion"], 1);
+    // The colon-free forms a URL path carries name the same plan.
+    let hex = hash.trim_start_matches("sha256:");
+    for other in [format!("sha256-{hex}"), hex.to_string()] {
+        let got = ok(d, &["plan", "get", &other]);
+        assert!(got.starts_with(&format!("plan:         {hash}")), "{got}");
+    }
 
     let list = ok(d, &["plan", "list"]);
     assert!(

@@ -27,7 +27,7 @@ pub struct ResolvedPolicy {
     /// Policy name.
     pub name: String,
     /// Version number.
-    pub version: i64,
+    pub version: i32,
     /// `sha256:` content hash of the version.
     pub content_hash: String,
     /// The DSL source.
@@ -40,7 +40,7 @@ impl ResolvedPolicy {
     /// Parses `source`; a stored version always parses, so failure is internal.
     pub fn new(
         name: &str,
-        version: i64,
+        version: i32,
         content_hash: &str,
         source: &str,
     ) -> anumate_errors::Result<ResolvedPolicy> {
@@ -68,7 +68,7 @@ pub struct Facts<'a> {
     /// Capsule name.
     pub capsule_name: &'a str,
     /// Capsule version.
-    pub capsule_version: i64,
+    pub capsule_version: i32,
     /// The step's templated arguments.
     pub args: &'a Value,
 }
@@ -135,7 +135,7 @@ fn eval(e: &Expr, f: &Facts<'_>) -> Partial {
 
 /// The proto form of an approval obligation (as the policy service sends it
 /// in a decision).
-fn obligation(o: &Obligation, rule: ppb::RuleRef) -> ppb::ApprovalObligation {
+fn obligation(o: &Obligation, rule: ppb::PolicyRuleRef) -> ppb::ApprovalObligation {
     let reason = match o {
         Obligation::RequireApproval { reason, .. } => reason.clone().unwrap_or_default(),
         _ => String::new(),
@@ -144,7 +144,7 @@ fn obligation(o: &Obligation, rule: ppb::RuleRef) -> ppb::ApprovalObligation {
         stages: o
             .approval_stages()
             .into_iter()
-            .map(|s| ppb::ApprovalStage {
+            .map(|s| ppb::RequiredApprovalStage {
                 name: s.name,
                 approvers: s.approvers,
                 quorum: s.quorum,
@@ -157,11 +157,11 @@ fn obligation(o: &Obligation, rule: ppb::RuleRef) -> ppb::ApprovalObligation {
     }
 }
 
-fn rule_ref(p: &ResolvedPolicy, rule: &anumate_policy::ast::Rule) -> ppb::RuleRef {
+fn rule_ref(p: &ResolvedPolicy, rule: &anumate_policy::ast::Rule) -> ppb::PolicyRuleRef {
     let start = anumate_policy::line_col(&p.source, rule.span.start);
     let end = anumate_policy::line_col(&p.source, rule.span.end);
     let int = |x: u32| i32::try_from(x).unwrap_or(i32::MAX);
-    ppb::RuleRef {
+    ppb::PolicyRuleRef {
         policy: p.name.clone(),
         policy_version: p.version,
         content_hash: p.content_hash.clone(),

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::compiler::v1 as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -141,7 +141,8 @@ impl Catalogue {
         &self.fingerprint
     }
 
-    /// Bindings of `tools`, sorted by tool, or `NOT_FOUND` naming every unknown one.
+    /// Bindings of `tools`, sorted by tool, or `TOOL_NOT_DECLARED` naming every
+    /// unknown one.
     pub fn resolve(&self, tools: &[String]) -> Result<Vec<pb::ToolBinding>> {
         let mut sorted: Vec<&String> = tools.iter().collect();
         sorted.sort();
@@ -152,15 +153,14 @@ impl Catalogue {
             .map(|t| t.as_str())
             .collect();
         if !unknown.is_empty() {
-            return Err(Error::new(
-                ErrorCode::NotFound,
+            return Err(Error::because(
+                Reason::ToolNotDeclared,
                 format!(
                     "no tool binding for {} in the tool catalogue (known: {})",
                     unknown.join(", "),
                     self.bindings.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             )
-            .with_metadata("reason", "unknown_tool")
             .with_metadata("tools", unknown.join(",")));
         }
         Ok(sorted

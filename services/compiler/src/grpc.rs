@@ -76,15 +76,19 @@ impl CompilerService for CompilerGrpc {
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let (plans, next) = self
+        let (plans, next_page_token) = self
             .compiler
-            .list(&actor, &r.capsule_name, r.capsule_version, r.page.as_ref())
+            .list(
+                &actor,
+                &r.capsule_name,
+                r.capsule_version,
+                r.page_size,
+                &r.page_token,
+            )
             .await?;
         Ok(Response::new(pb::ListPlansResponse {
             plans,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 }

@@ -15,7 +15,7 @@
 //! otherwise), stores plans by (tenant, hash) and keeps a small
 //! in-memory memo from (tenant, inputs) to the stored plan so a repeated
 //! compile skips parsing and compiling. Another tenant's plan is invisible
-//! (`NOT_FOUND`).
+//! (`NOT_FOUND`, reason `PLAN_NOT_FOUND`).
 #![forbid(unsafe_code)]
 
 pub mod approvals;
@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_proto::compiler::v1 as pb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::policy::v1 as ppb;
@@ -179,22 +179,6 @@ fn check_name(name: &str) -> Result<()> {
     anumate_errors::check_dns_label("capsule_name", name)
 }
 
-fn check_hash(hash: &str) -> Result<()> {
-    let hex = hash.strip_prefix("sha256:").unwrap_or("");
-    if hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(
-            "plan_hash",
-            "must be `sha256:` followed by 64 lowercase hex digits",
-        ))
-    }
-}
-
 /// An upstream failure, keeping its product code; `reason` is added when the
 /// upstream gave none of ours.
 fn upstream_error(e: &UpstreamError, what: &str) -> Error {
@@ -235,6 +219,8 @@ impl Compiler {
         name: &str,
         version: &str,
     ) -> Result<rpb::CapsuleVersion> {
+        // The registry's NOT_FOUND says which is missing, the capsule
+        // (`CAPSULE_NOT_FOUND`) or the version (`CAPSULE_VERSION_NOT_FOUND`).
         let got = self
             .upstreams
             .registry
@@ -246,27 +232,19 @@ impl Compiler {
                 },
             )
             .await
-            .map_err(|s| {
-                let e = upstream_error(&s, "the registry");
-                if e.code == ErrorCode::NotFound {
-                    e.with_metadata("reason", "capsule_not_found")
-                } else {
-                    e
-                }
-            })?;
+            .map_err(|s| upstream_error(&s, "the registry"))?;
         let v = got
             .version
             .ok_or_else(|| Error::internal("registry answered without a version"))?;
         let named = version.parse::<i64>().is_ok();
         if v.status == rpb::VersionStatus::Deprecated as i32 && !named {
-            return Err(Error::new(
-                ErrorCode::FailedPrecondition,
+            return Err(Error::because(
+                Reason::VersionDeprecated,
                 format!(
                     "version {} of capsule {name} is deprecated; name it by number to compile it anyway",
                     v.version
                 ),
-            )
-            .with_metadata("reason", "capsule_version_deprecated"));
+            ));
         }
         Ok(v)
     }
@@ -295,21 +273,23 @@ impl Compiler {
                     })?)
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let exists = policy.get_policy(&caller, get("latest")).await.is_ok();
-                    return Err(if exists {
-                        Error::new(
-                            ErrorCode::FailedPrecondition,
+                    // The policy service says whether the policy or its
+                    // published version is missing.
+                    let (reason, message) = if s.to_error().reason == Reason::PolicyVersionNotFound
+                    {
+                        (
+                            Reason::PolicyVersionNotFound,
                             format!("policy {name} has no published version; publish one first"),
                         )
-                        .with_metadata("reason", "policy_not_published")
                     } else {
-                        Error::new(
-                            ErrorCode::NotFound,
+                        (
+                            Reason::PolicyNotFound,
                             format!("the capsule refers to policy {name}, which does not exist"),
                         )
-                        .with_metadata("reason", "unknown_policy")
-                    }
-                    .with_metadata("policy", name.clone()));
+                    };
+                    return Err(
+                        Error::because(reason, message).with_metadata("policy", name.clone())
+                    );
                 }
                 Err(s) => return Err(upstream_error(&s, "the policy service")),
             }
@@ -505,13 +485,14 @@ impl Compiler {
         })
     }
 
-    /// A stored plan of the actor's tenant.
+    /// A stored plan of the actor's tenant, by its hash in any form
+    /// [`anumate_crypto::parse_digest`] accepts.
     pub async fn get(&self, actor: &Actor, hash: &str) -> Result<pb::ExecutablePlan> {
-        check_hash(hash)?;
+        let hash = anumate_crypto::parse_digest("plan_hash", hash)?;
         let tx = self.store.read(&actor.tenant).await?;
-        repo::get(&tx, hash)
+        repo::get(&tx, &hash)
             .await?
-            .ok_or_else(|| Error::not_found(format!("plan {hash} not found")))
+            .ok_or_else(|| Error::because(Reason::PlanNotFound, format!("plan {hash} not found")))
     }
 
     /// The tenant's plans, newest first, in summary form.
@@ -519,8 +500,9 @@ impl Compiler {
         &self,
         actor: &Actor,
         capsule: &str,
-        version: i64,
-        page: Option<&anumate_proto::common::v1::PageRequest>,
+        version: i32,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<pb::ExecutablePlan>, String)> {
         if !capsule.is_empty() {
             check_name(capsule)?;
@@ -532,6 +514,6 @@ impl Compiler {
             ));
         }
         let tx = self.store.read(&actor.tenant).await?;
-        repo::list(&tx, capsule, version, page).await
+        repo::list(&tx, capsule, version, page_size, page_token).await
     }
 }

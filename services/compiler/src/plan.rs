@@ -9,7 +9,7 @@
 //! not parse or type-check against the inputs and upstream steps, via
 //! `anumate_policy::check_template_expr`), `bad_arguments` (arguments that
 //! the tool's input schema rejects). A tool in the allow-list without a
-//! catalogue binding is `NOT_FOUND` with reason `unknown_tool`.
+//! catalogue binding is `FAILED_PRECONDITION` with reason `TOOL_NOT_DECLARED`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub struct CompileInput<'a> {
     /// The parsed capsule version.
     pub capsule: &'a Capsule,
     /// Its version number.
-    pub capsule_version: i64,
+    pub capsule_version: i32,
     /// Its `sha256:` content hash.
     pub capsule_content_hash: &'a str,
     /// The capsule's policies, resolved to versions (any order).
@@ -56,7 +56,7 @@ impl Problems {
         self.violations.push(v);
     }
 
-    fn into_result(self, capsule: &str, version: i64) -> Result<()> {
+    fn into_result(self, capsule: &str, version: i32) -> Result<()> {
         if self.violations.is_empty() {
             return Ok(());
         }

@@ -68,7 +68,7 @@ pub async fn insert(tx: &TenantTx, plan: &pb::ExecutablePlan, now: i64) -> Resul
                 tx.tenant_id().into(),
                 plan.plan_hash.as_str().into(),
                 plan.capsule_name.as_str().into(),
-                plan.capsule_version.into(),
+                i64::from(plan.capsule_version).into(),
                 json.into(),
                 plan.created_by.as_str().into(),
                 now.into(),
@@ -94,11 +94,11 @@ pub fn summary(plan: pb::ExecutablePlan) -> pb::ExecutablePlan {
 pub async fn list(
     tx: &TenantTx,
     capsule: &str,
-    version: i64,
-    page: Option<&anumate_proto::common::v1::PageRequest>,
+    version: i32,
+    page_size: i32,
+    page_token: &str,
 ) -> Result<(Vec<pb::ExecutablePlan>, String)> {
-    let (size, token) = page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-    let (size, after) = paging::page_params(size, token)?;
+    let (size, after) = paging::page_params(page_size, page_token)?;
     let mut sql =
         "SELECT plan_json, created_by, created_at FROM plans WHERE tenant_id = $1".to_string();
     let mut values: Vec<anumate_store::Value> = vec![tx.tenant_id().into()];
@@ -106,14 +106,13 @@ pub async fn list(
         values.push(capsule.into());
         sql.push_str(&format!(" AND capsule_name = ${}", values.len()));
         if version > 0 {
-            values.push(version.into());
+            values.push(i64::from(version).into());
             sql.push_str(&format!(" AND capsule_version = ${}", values.len()));
         }
     }
     if let Some(after) = after {
-        let malformed = || Error::invalid_argument("page.page_token", "malformed page token");
-        let (at, hash) = after.split_once('/').ok_or_else(malformed)?;
-        let at: i64 = at.parse().map_err(|_| malformed())?;
+        let (at, hash) = after.split_once('/').ok_or_else(paging::malformed_token)?;
+        let at: i64 = at.parse().map_err(|_| paging::malformed_token())?;
         values.push(at.into());
         values.push(hash.into());
         sql.push_str(&format!(

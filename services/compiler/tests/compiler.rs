@@ -11,7 +11,7 @@ use std::time::Duration;
 use anumate_auth::{BearerToken, DevIssuer, Role};
 use anumate_compiler::{Compiler, CompilerConfig, CompilerGrpc, Upstreams};
 use anumate_crypto::{KeyPair, KeyRing};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::compiler::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
@@ -133,6 +133,17 @@ impl TestApp {
     }
 }
 
+/// The error of a call that must fail with the specific `reason`: its
+/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
+#[track_caller]
+fn expect_reason<T: std::fmt::Debug>(result: Result<T, tonic::Status>, reason: Reason) -> Error {
+    let status = result.expect_err("expected an error");
+    let e = Error::from_status(&status);
+    assert_eq!(e.reason, reason, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    e
+}
+
 fn meta<'a>(e: &'a Error, key: &str) -> &'a str {
     e.metadata
         .iter()
@@ -250,17 +261,19 @@ async fn compile_cache_get_list(app: TestApp) {
         assert!(again.cache_hit, "version {version:?}");
         assert_eq!(again.plan.as_ref().unwrap(), &plan);
     }
-    let got = c
-        .compiler
-        .get_plan(pb::GetPlanRequest {
-            plan_hash: plan.plan_hash.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .plan
-        .unwrap();
-    assert_eq!(got, plan);
+    // By hash as sent, and in the colon-free forms a path segment carries.
+    let hex = plan.plan_hash.trim_start_matches("sha256:");
+    for hash in [plan.plan_hash.clone(), format!("sha256-{hex}"), hex.into()] {
+        let got = c
+            .compiler
+            .get_plan(pb::GetPlanRequest { plan_hash: hash })
+            .await
+            .expect("get")
+            .into_inner()
+            .plan
+            .unwrap();
+        assert_eq!(got, plan);
+    }
 
     // A new capsule version is a new plan; the list shows both, newest first, in summary form.
     let v2 = CAPSULE.replace("template: refund-done", "template: refund-sent");
@@ -278,10 +291,7 @@ async fn compile_cache_get_list(app: TestApp) {
     let list = c
         .compiler
         .list_plans(pb::ListPlansRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
-                page_size: 1,
-                page_token: String::new(),
-            }),
+            page_size: 1,
             ..Default::default()
         })
         .await
@@ -290,15 +300,13 @@ async fn compile_cache_get_list(app: TestApp) {
     assert_eq!(list.plans.len(), 1);
     assert_eq!(list.plans[0].plan_hash, second.plan_hash);
     assert!(list.plans[0].steps.is_empty() && !list.plans[0].policies.is_empty());
-    let token = list.page.unwrap().next_page_token;
+    let token = list.next_page_token;
     assert!(!token.is_empty());
     let rest = c
         .compiler
         .list_plans(pb::ListPlansRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
-                page_size: 10,
-                page_token: token,
-            }),
+            page_size: 10,
+            page_token: token,
             capsule_name: "refund-small-orders".into(),
             capsule_version: 1,
         })
@@ -334,16 +342,15 @@ async fn bad_input(app: TestApp) {
     seed(&app, TENANT_A).await;
     let mut c = app.clients(TENANT_A, &[Role::Admin]).await;
 
-    let e = expect_error(
+    expect_reason(
         c.compiler.compile(compile_req("no-such-capsule", "")).await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    assert_eq!(meta(&e, "reason"), "capsule_not_found");
-    expect_error(
+    expect_reason(
         c.compiler
             .compile(compile_req("refund-small-orders", "9"))
             .await,
-        ErrorCode::NotFound,
+        Reason::CapsuleVersionNotFound,
     );
     let e = expect_error(
         c.compiler.compile(compile_req("Bad Name!", "")).await,
@@ -364,27 +371,46 @@ async fn bad_input(app: TestApp) {
             .await,
         ErrorCode::PayloadTooLarge,
     );
-    let e = expect_error(
+    for hash in ["sha256:nothex", "", &"A".repeat(64)] {
+        let e = expect_error(
+            c.compiler
+                .get_plan(pb::GetPlanRequest {
+                    plan_hash: hash.into(),
+                })
+                .await,
+            ErrorCode::InvalidArgument,
+        );
+        assert_eq!(e.violations[0].field, "plan_hash");
+    }
+    expect_reason(
         c.compiler
             .get_plan(pb::GetPlanRequest {
-                plan_hash: "sha256:nothex".into(),
+                plan_hash: format!("sha256-{}", "0".repeat(64)),
             })
             .await,
-        ErrorCode::InvalidArgument,
+        Reason::PlanNotFound,
     );
-    assert_eq!(e.violations[0].field, "plan_hash");
-    expect_error(
+    let e = expect_error(
         c.compiler
             .list_plans(pb::ListPlansRequest {
-                page: Some(anumate_proto::common::v1::PageRequest {
-                    page_size: 5,
-                    page_token: "!!!".into(),
-                }),
+                page_size: 5,
+                page_token: "!!!".into(),
                 ..Default::default()
             })
             .await,
         ErrorCode::InvalidArgument,
     );
+    assert_eq!(e.violations[0].field, "page_token");
+    let e = expect_error(
+        c.compiler
+            .list_plans(pb::ListPlansRequest {
+                page_size: -1,
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(e.violations[0].field, "page_size");
 
     // Unknown policy reference, unpublished policy, tool without a binding.
     let unknown_policy = CAPSULE
@@ -394,13 +420,12 @@ async fn bad_input(app: TestApp) {
             "[refund-limits, no-such-policy]",
         );
     push_capsule(&mut c, &unknown_policy).await;
-    let e = expect_error(
+    let e = expect_reason(
         c.compiler
             .compile(compile_req("needs-missing-policy", ""))
             .await,
-        ErrorCode::NotFound,
+        Reason::PolicyNotFound,
     );
-    assert_eq!(meta(&e, "reason"), "unknown_policy");
     assert_eq!(meta(&e, "policy"), "no-such-policy");
 
     c.policy
@@ -416,13 +441,13 @@ async fn bad_input(app: TestApp) {
         .replace("name: refund-small-orders", "name: needs-draft-policy")
         .replace("[refund-limits, pii-masking]", "[draft-only]");
     push_capsule(&mut c, &draft).await;
-    let e = expect_error(
+    let e = expect_reason(
         c.compiler
             .compile(compile_req("needs-draft-policy", ""))
             .await,
-        ErrorCode::FailedPrecondition,
+        Reason::PolicyVersionNotFound,
     );
-    assert_eq!(meta(&e, "reason"), "policy_not_published");
+    assert_eq!(meta(&e, "policy"), "draft-only");
 
     let unknown_tool = CAPSULE
         .replace("name: refund-small-orders", "name: uses-unknown-tool")
@@ -431,13 +456,13 @@ async fn bad_input(app: TestApp) {
             "[http.get, payments.refund, email.send, crm.update]",
         );
     push_capsule(&mut c, &unknown_tool).await;
-    let e = expect_error(
+    let e = expect_reason(
         c.compiler
             .compile(compile_req("uses-unknown-tool", ""))
             .await,
-        ErrorCode::NotFound,
+        Reason::ToolNotDeclared,
     );
-    assert_eq!(meta(&e, "reason"), "unknown_tool");
+    assert_eq!(meta(&e, "tools"), "crm.update");
 
     // Arguments the tool's schema rejects: every problem, with its place.
     let bad_args = CAPSULE
@@ -467,19 +492,35 @@ async fn bad_input(app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(list.plans.len(), 1);
+
+    // A deprecated version compiles only when named by number.
+    let retired = CAPSULE.replace("name: refund-small-orders", "name: retired");
+    push_capsule(&mut c, &retired).await;
+    c.registry
+        .deprecate_capsule_version(rpb::DeprecateCapsuleVersionRequest {
+            name: "retired".into(),
+            version: 1,
+            etag: String::new(),
+        })
+        .await
+        .expect("deprecate");
+    expect_reason(
+        c.compiler.compile(compile_req("retired", "latest")).await,
+        Reason::VersionDeprecated,
+    );
 }
 
 async fn tenancy_and_roles(app: TestApp) {
     let plan = compile_example(&app).await;
     let mut b = app.clients(TENANT_B, &[Role::Admin]).await;
     // Another tenant sees neither the plan nor the capsule.
-    let e = expect_error(
+    let e = expect_reason(
         b.compiler
             .get_plan(pb::GetPlanRequest {
                 plan_hash: plan.plan_hash.clone(),
             })
             .await,
-        ErrorCode::NotFound,
+        Reason::PlanNotFound,
     );
     assert!(e.message.contains(&plan.plan_hash));
     let list = b
@@ -489,11 +530,11 @@ async fn tenancy_and_roles(app: TestApp) {
         .unwrap()
         .into_inner();
     assert!(list.plans.is_empty());
-    expect_error(
+    expect_reason(
         b.compiler
             .compile(compile_req("refund-small-orders", ""))
             .await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
     // Tenant B compiling the same content stores its own copy under the same hash.
     seed(&app, TENANT_B).await;

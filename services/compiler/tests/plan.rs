@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anumate_compiler::plan::{executable_content, plan_hash};
 use anumate_compiler::{Catalogue, CompileInput, ResolvedPolicy, compile};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_proto::compiler::v1 as pb;
 use serde_json::{Value, json};
 
@@ -194,9 +194,10 @@ fn tools_outside_the_allow_list_or_the_catalogue_are_rejected() {
         "[http.get, payments.refund, email.send, crm.update]",
     );
     let e = compile_yaml(&unknown).unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotFound);
-    assert_eq!(reason(&e), "unknown_tool");
+    assert_eq!(e.reason, Reason::ToolNotDeclared);
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
     assert!(e.message.contains("crm.update"), "{}", e.message);
+    assert!(e.metadata.contains(&("tools".into(), "crm.update".into())));
 }
 
 #[test]
@@ -276,7 +277,7 @@ fn golden_plan(v: &Value) -> pb::ExecutablePlan {
         .map(|p| {
             ResolvedPolicy::new(
                 p["name"].as_str().unwrap(),
-                p["version"].as_i64().unwrap(),
+                i32::try_from(p["version"].as_i64().unwrap()).unwrap(),
                 p["content_hash"].as_str().unwrap(),
                 p["source"].as_str().unwrap(),
             )
@@ -286,7 +287,7 @@ fn golden_plan(v: &Value) -> pb::ExecutablePlan {
     let catalogue = Catalogue::new(&[]).unwrap();
     compile(&CompileInput {
         capsule: &capsule,
-        capsule_version: v["capsule_version"].as_i64().unwrap(),
+        capsule_version: i32::try_from(v["capsule_version"].as_i64().unwrap()).unwrap(),
         capsule_content_hash: v["capsule_content_hash"].as_str().unwrap(),
         policies: &policies,
         catalogue: &catalogue,
