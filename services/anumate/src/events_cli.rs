@@ -59,7 +59,7 @@ pub enum EventsSub {
         from: String,
         /// Most events to republish (0: the server's limit).
         #[arg(long, default_value_t = 0)]
-        limit: i64,
+        limit: i32,
     },
 }
 
@@ -105,7 +105,7 @@ fn time_text(t: Option<&pbjson_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-fn print_event(e: &pb::Event, out: Output) {
+fn print_event(e: &pb::CloudEvent, out: Output) {
     match out {
         Output::Json => match serde_json::to_string(e) {
             Ok(s) => println!("{s}"),

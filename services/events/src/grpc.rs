@@ -77,12 +77,10 @@ impl EventsService for EventsGrpc {
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let caller = caller(&req)?;
-        let (events, next) = self.events.list(&caller, req.get_ref()).await?;
+        let (events, next_page_token) = self.events.list(&caller, req.get_ref()).await?;
         Ok(Response::new(pb::ListEventsResponse {
             events,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 

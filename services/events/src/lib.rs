@@ -23,8 +23,9 @@
 //! fallback for events recorded by another replica (mesh mode), every
 //! `tail_poll_ms`. A process serves at most `max_tails` tails, and one tenant
 //! at most `max_tails_per_tenant` of them, so one tenant cannot take every
-//! slot. A tail whose client stops reading holds its slot for at most
-//! `tail_idle_timeout_secs`, then ends with `UNAVAILABLE`.
+//! slot (`RESOURCE_EXHAUSTED`, reason `RATE_LIMITED`, beyond). A tail whose
+//! client stops reading holds its slot for at most `tail_idle_timeout_secs`,
+//! then ends with `DEADLINE_EXCEEDED` (reason `STREAM_IDLE`).
 #![forbid(unsafe_code)]
 
 mod feed;
@@ -37,7 +38,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_proto::events::v1 as pb;
 use anumate_store::{Migration, Store};
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
@@ -284,8 +285,8 @@ impl Events {
                 quota,
                 "tail refused: tenant quota reached"
             );
-            return Err(Error::new(
-                ErrorCode::ResourceExhausted,
+            return Err(Error::because(
+                Reason::RateLimited,
                 format!(
                     "too many open tails for this tenant ({n}; at most {quota} per tenant per server): close one and retry"
                 ),
@@ -293,8 +294,8 @@ impl Events {
             .with_metadata("limit", "max_tails_per_tenant"));
         }
         let permit = self.tails.clone().try_acquire_owned().map_err(|_| {
-            Error::new(
-                ErrorCode::ResourceExhausted,
+            Error::because(
+                Reason::RateLimited,
                 format!(
                     "too many open tails (at most {} per server)",
                     self.cfg.max_tails
@@ -364,18 +365,17 @@ impl Events {
         &self,
         caller: &Caller,
         req: &pb::ListEventsRequest,
-    ) -> Result<(Vec<pb::Event>, String)> {
+    ) -> Result<(Vec<pb::CloudEvent>, String)> {
         let filter = req.filter.clone().unwrap_or_default();
         let tenant = caller.tenant.clone();
         let mut q = Self::query_of(&tenant, &filter)?;
         q.since = req.since.as_ref().map(|t| micros("since", t)).transpose()?;
         q.until = req.until.as_ref().map(|t| micros("until", t)).transpose()?;
-        let page = req.page.clone().unwrap_or_default();
-        let (size, token) = anumate_store::paging::page_params(page.page_size, &page.page_token)?;
+        let (size, token) = anumate_store::paging::page_params(req.page_size, &req.page_token)?;
         if let Some(token) = token {
             q.after = token
                 .parse()
-                .map_err(|_| Error::invalid_argument("page.page_token", "malformed page token"))?;
+                .map_err(|_| anumate_store::paging::malformed_token())?;
         }
         let tx = self.store.read(&tenant).await?;
         let rows = history::query(&tx, &q, size + 1).await?;
@@ -508,7 +508,7 @@ impl Events {
         }
         let limit = match req.limit {
             0 => self.cfg.max_replay,
-            n => n.min(self.cfg.max_replay),
+            n => i64::from(n).min(self.cfg.max_replay),
         };
         let Some(replayer) = &self.replayer else {
             return Err(Error::new(
@@ -554,7 +554,7 @@ impl Drop for TailSlot {
 /// Sends one tail message; false when the tail must end: the client went
 /// away, or it has not made room for `idle` (it stopped reading). Messages
 /// are queued only with two free places, so one is always left for the
-/// final `UNAVAILABLE` error a client that resumes reading will see.
+/// final `STREAM_IDLE` error a client that resumes reading will see.
 async fn send(
     out: &mpsc::Sender<Result<pb::TailEventsResponse>>,
     msg: pb::TailEventsResponse,
@@ -572,8 +572,8 @@ async fn send(
                     idle_secs = d.as_secs(),
                     "tail ended: the client stopped reading"
                 );
-                let _ = out.try_send(Err(Error::new(
-                    ErrorCode::Unavailable,
+                let _ = out.try_send(Err(Error::because(
+                    Reason::StreamIdle,
                     format!(
                         "tail ended: the client read nothing for {} s; resume with after_sequence",
                         d.as_secs()
@@ -595,7 +595,7 @@ async fn send(
 }
 
 /// A recorded event as the API shows it.
-pub fn to_proto(r: &Recorded) -> pb::Event {
+pub fn to_proto(r: &Recorded) -> pb::CloudEvent {
     let e = &r.event;
     let schema = SCHEMAS.get(&e.event_type);
     let data_json = match schema {
@@ -610,7 +610,7 @@ pub fn to_proto(r: &Recorded) -> pb::Event {
         }
         _ => String::new(),
     };
-    pb::Event {
+    pb::CloudEvent {
         sequence: r.seq,
         id: e.event_id.clone(),
         source: e.source.clone(),

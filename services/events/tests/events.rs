@@ -178,7 +178,7 @@ async fn next(tail: &mut Tail) -> pb::TailEventsResponse {
 }
 
 /// Reads events until the `caught_up` marker.
-async fn history(tail: &mut Tail) -> Vec<pb::Event> {
+async fn history(tail: &mut Tail) -> Vec<pb::CloudEvent> {
     let mut out = Vec::new();
     loop {
         let m = next(tail).await;
@@ -203,7 +203,7 @@ fn tail_after(seq: i64) -> pb::TailEventsRequest {
 }
 
 /// A replay of `topic` from its first event.
-fn replay_request(topic: &str, limit: i64) -> pb::ReplayEventsRequest {
+fn replay_request(topic: &str, limit: i32) -> pb::ReplayEventsRequest {
     pb::ReplayEventsRequest {
         topic: topic.into(),
         origin: Some(pb::replay_events_request::Origin::FromSequence(0)),
@@ -240,7 +240,16 @@ async fn refused_tail(c: &mut Client) -> Status {
         .expect_err("no place for another tail");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(error_of(&err).code, ErrorCode::ResourceExhausted);
+    assert_eq!(reason_of(&err), "RATE_LIMITED", "{err:?}");
     err
+}
+
+/// The specific `ErrorInfo.reason` of an error.
+fn reason_of(status: &Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
 }
 
 fn error_of(status: &Status) -> Error {
@@ -493,7 +502,7 @@ async fn a_tenant_gets_only_its_quota_of_tails() {
 
 /// A client that stops reading holds its tail for `tail_idle_timeout_secs`
 /// only: then the tail ends (its place freed) and the client, once it reads
-/// again, gets what was queued and then UNAVAILABLE.
+/// again, gets what was queued and then `STREAM_IDLE` (`DEADLINE_EXCEEDED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_whose_client_stops_reading_is_ended() {
     let cfg = EventsServiceConfig {
@@ -536,7 +545,8 @@ async fn a_tail_whose_client_stops_reading_is_ended() {
         }
     };
     assert!(n < 1500, "all {n} events were sent: the tail never stalled");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(reason_of(&err), "STREAM_IDLE", "{err:?}");
     assert!(err.message().contains("read nothing"), "{err:?}");
 }
 
@@ -717,17 +727,36 @@ async fn filters_tenants_and_bad_input(app: TestApp) {
         let bad = err.get_details_bad_request().expect("BadRequest");
         assert_eq!(bad.field_violations[0].field, field);
     }
-    let err = auditor
-        .list_events(pb::ListEventsRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
+    for (req, field) in [
+        (
+            pb::ListEventsRequest {
                 page_size: 10,
                 page_token: "not a token!".into(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect_err("invalid");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListEventsRequest {
+                // Decodes, but is no history position.
+                page_token: anumate_store::paging::encode_token("x"),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListEventsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+    ] {
+        let err = auditor.list_events(req).await.expect_err("invalid");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let bad = err.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, field);
+    }
     // Replay: admin only, and needs Kafka here.
     let err = auditor
         .replay_events(replay_request("anumate.capsules", 0))
@@ -836,16 +865,14 @@ async fn list_pages_through_history(app: TestApp) {
         let page = list(
             &mut c,
             pb::ListEventsRequest {
-                page: Some(anumate_proto::common::v1::PageRequest {
-                    page_size: 4,
-                    page_token: token.clone(),
-                }),
+                page_size: 4,
+                page_token: token.clone(),
                 ..Default::default()
             },
         )
         .await;
         ids.extend(page.events.iter().map(|e| e.sequence));
-        token = page.page.unwrap_or_default().next_page_token;
+        token = page.next_page_token;
         if token.is_empty() {
             break;
         }
