@@ -58,7 +58,7 @@ pub enum Reason {
     SigningKeyNotFound,
     /// The name belongs to a deleted document; choose another name.
     DocumentDeleted,
-    /// A deprecated version cannot be published again; push a new version.
+    /// The version is deprecated: it cannot be published again (push a new version), nor compiled unless named by its number.
     VersionDeprecated,
     /// The versions are longer than the diff limit (`max_lines` in the metadata).
     DiffTooLarge,
@@ -90,7 +90,7 @@ pub enum Reason {
     RunNotFound,
     /// Too many requests or streams at once for this caller or server; retry with backoff.
     RateLimited,
-    /// A stream was closed after the configured idle time.
+    /// A stream whose client stopped reading was closed after the configured idle time; reconnect and resume from the last sequence received.
     StreamIdle,
     /// No preflight report with that id in the tenant.
     PreflightNotFound,
@@ -338,7 +338,7 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         Reason::StreamIdle,
         "STREAM_IDLE",
         42,
-        ErrorCode::DeadlineExceeded,
+        ErrorCode::Unavailable,
     ),
     (
         Reason::PreflightNotFound,

@@ -25,7 +25,7 @@
 //! at most `max_tails_per_tenant` of them, so one tenant cannot take every
 //! slot (`RESOURCE_EXHAUSTED`, reason `RATE_LIMITED`, beyond). A tail whose
 //! client stops reading holds its slot for at most `tail_idle_timeout_secs`,
-//! then ends with `DEADLINE_EXCEEDED` (reason `STREAM_IDLE`).
+//! then ends with `UNAVAILABLE` (reason `STREAM_IDLE`: reconnect and resume).
 #![forbid(unsafe_code)]
 
 mod feed;
