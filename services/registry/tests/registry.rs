@@ -12,9 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anumate_auth::{BearerToken, DEV_AUDIENCE, DevIssuer, Role};
 use anumate_crypto::{Jwks, KeyPair, KeyRing, b64url, b64url_decode, sha256_hex, verify_es256};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_events::OutboxRow;
-use anumate_proto::common::v1::PageRequest;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
@@ -175,11 +174,23 @@ on_both_backends! {
     tenancy => tenancy_sqlite, tenancy_postgres;
     events => events_sqlite, events_postgres;
     concurrent_pushes => concurrent_pushes_sqlite, concurrent_pushes_postgres;
+    versions_stop_at_int32 => versions_stop_at_int32_sqlite, versions_stop_at_int32_postgres;
 }
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
+
+/// The error of a call that must fail with the specific `reason`: its
+/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
+#[track_caller]
+fn expect_reason<T: std::fmt::Debug>(result: Result<T, Status>, reason: Reason) -> Error {
+    let status = result.expect_err("expected an error");
+    let err = Error::from_status(&status);
+    assert_eq!(err.reason, reason, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    err
+}
 
 /// The violations as (field, position).
 fn places(err: &Error) -> Vec<(&str, Option<(u32, u32)>)> {
@@ -266,10 +277,8 @@ async fn list(
 ) -> Result<pb::ListCapsulesResponse, Status> {
     client
         .list_capsules(pb::ListCapsulesRequest {
-            page: Some(PageRequest {
-                page_size,
-                page_token: token.into(),
-            }),
+            page_size,
+            page_token: token.into(),
             label_selector: labels.into(),
             status,
         })
@@ -281,10 +290,6 @@ fn names(resp: &pb::ListCapsulesResponse) -> Vec<&str> {
     resp.capsules.iter().map(|c| c.name.as_str()).collect()
 }
 
-fn next_token(page: Option<&anumate_proto::common::v1::PageResponse>) -> String {
-    page.map(|p| p.next_page_token.clone()).unwrap_or_default()
-}
-
 async fn list_versions(
     client: &mut Client,
     name: &str,
@@ -294,10 +299,8 @@ async fn list_versions(
     client
         .list_capsule_versions(pb::ListCapsuleVersionsRequest {
             name: name.into(),
-            page: Some(PageRequest {
-                page_size,
-                page_token: token.into(),
-            }),
+            page_size,
+            page_token: token.into(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -306,8 +309,8 @@ async fn list_versions(
 async fn diff(
     client: &mut Client,
     name: &str,
-    from: i64,
-    to: i64,
+    from: i32,
+    to: i32,
 ) -> Result<pb::DiffCapsuleVersionsResponse, Status> {
     client
         .diff_capsule_versions(pb::DiffCapsuleVersionsRequest {
@@ -322,7 +325,7 @@ async fn diff(
 async fn publish(
     client: &mut Client,
     name: &str,
-    version: i64,
+    version: i32,
     etag: &str,
 ) -> Result<pb::PublishCapsuleVersionResponse, Status> {
     client
@@ -338,7 +341,7 @@ async fn publish(
 async fn deprecate(
     client: &mut Client,
     name: &str,
-    version: i64,
+    version: i32,
     etag: &str,
 ) -> Result<pb::DeprecateCapsuleVersionResponse, Status> {
     client
@@ -441,7 +444,10 @@ async fn lifecycle(app: TestApp) {
     assert_eq!((got.version, got.status), (1, DRAFT));
     assert_eq!(got.source_yaml, EXAMPLE);
     assert_eq!(got.content_hash, version.content_hash);
-    expect_error(get(&mut c, EXAMPLE_NAME, "").await, ErrorCode::NotFound);
+    expect_reason(
+        get(&mut c, EXAMPLE_NAME, "").await,
+        Reason::CapsuleVersionNotFound,
+    );
 
     // Publish with the etag; the default (published) version is now 1.
     let published = publish(&mut c, EXAMPLE_NAME, 1, &capsule.etag)
@@ -518,7 +524,7 @@ async fn lifecycle(app: TestApp) {
             )
         })
         .collect();
-    let changed = pb::ChangeKind::Changed as i32;
+    let changed = pb::DiffChangeKind::Changed as i32;
     assert_eq!(
         changes,
         vec![
@@ -541,7 +547,10 @@ async fn lifecycle(app: TestApp) {
     assert!(d.unified_diff.contains("+++ refund-small-orders@2"));
     assert!(d.unified_diff.contains("\n-      timeout: 10s\n"));
     assert!(d.unified_diff.contains("\n+      timeout: 20s\n"));
-    expect_error(diff(&mut c, EXAMPLE_NAME, 1, 3).await, ErrorCode::NotFound);
+    expect_reason(
+        diff(&mut c, EXAMPLE_NAME, 1, 3).await,
+        Reason::CapsuleVersionNotFound,
+    );
 
     // Deprecate 1: nothing is published any more.
     let dep = deprecate(&mut c, EXAMPLE_NAME, 1, &capsule.etag)
@@ -551,17 +560,20 @@ async fn lifecycle(app: TestApp) {
     assert!(dep.version.as_ref().unwrap().deprecate_time.is_some());
     let capsule = dep.capsule.unwrap();
     assert_eq!(capsule.published_version, 0);
-    expect_error(get(&mut c, EXAMPLE_NAME, "").await, ErrorCode::NotFound);
+    expect_reason(
+        get(&mut c, EXAMPLE_NAME, "").await,
+        Reason::CapsuleVersionNotFound,
+    );
     // A deprecated version cannot come back.
-    let err = expect_error(
+    let err = expect_reason(
         publish(&mut c, EXAMPLE_NAME, 1, &capsule.etag).await,
-        ErrorCode::FailedPrecondition,
+        Reason::VersionDeprecated,
     );
     assert!(err.message.contains("deprecated"), "{}", err.message);
 
     // Versions, newest first, without their sources.
     let versions = list_versions(&mut c, EXAMPLE_NAME, 0, "").await.unwrap();
-    let summary: Vec<(i64, i32)> = versions
+    let summary: Vec<(i32, i32)> = versions
         .versions
         .iter()
         .map(|v| (v.version, v.status))
@@ -575,26 +587,26 @@ async fn lifecycle(app: TestApp) {
         assert!(v.content_hash.starts_with("sha256:"));
         assert!(!v.signature.is_empty());
     }
-    assert_eq!(next_token(versions.page.as_ref()), "");
+    assert_eq!(versions.next_page_token, "");
     // One per page: the tokens chain to the end.
     let p1 = list_versions(&mut c, EXAMPLE_NAME, 1, "").await.unwrap();
     assert_eq!(
         p1.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
         [2]
     );
-    let t1 = next_token(p1.page.as_ref());
+    let t1 = p1.next_page_token;
     assert!(!t1.is_empty());
     let p2 = list_versions(&mut c, EXAMPLE_NAME, 1, &t1).await.unwrap();
     assert_eq!(
         p2.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
         [1]
     );
-    assert_eq!(next_token(p2.page.as_ref()), "");
+    assert_eq!(p2.next_page_token, "");
     let err = expect_error(
         list_versions(&mut c, EXAMPLE_NAME, 1, "not*base64").await,
         ErrorCode::InvalidArgument,
     );
-    assert_eq!(places(&err), [("page.page_token", None)]);
+    assert_eq!(places(&err), [("page_token", None)]);
 
     // Two more capsules for the listing.
     push(&mut c, &small("alpha", "support", 5)).await;
@@ -611,7 +623,7 @@ async fn lifecycle(app: TestApp) {
 
     let all = list(&mut c, "", 0, 0, "").await.unwrap();
     assert_eq!(names(&all), ["alpha", EXAMPLE_NAME, "zeta"]);
-    assert_eq!(next_token(all.page.as_ref()), "");
+    assert_eq!(all.next_page_token, "");
     let payments = list(&mut c, "team=payments", 0, 0, "").await.unwrap();
     assert_eq!(names(&payments), [EXAMPLE_NAME, "zeta"]);
     let both = list(&mut c, "team = payments, nothing=here", 0, 0, "")
@@ -648,7 +660,7 @@ async fn lifecycle(app: TestApp) {
         let resp = list(&mut c, "", 0, 1, &token).await.unwrap();
         assert_eq!(resp.capsules.len(), 1);
         seen.push(resp.capsules[0].name.clone());
-        token = next_token(resp.page.as_ref());
+        token = resp.next_page_token;
         if token.is_empty() {
             break;
         }
@@ -658,11 +670,12 @@ async fn lifecycle(app: TestApp) {
         list(&mut c, "", 0, 1, "%%%").await,
         ErrorCode::InvalidArgument,
     );
-    assert_eq!(places(&err), [("page.page_token", None)]);
-    expect_error(
+    assert_eq!(places(&err), [("page_token", None)]);
+    let err = expect_error(
         list(&mut c, "", 0, -1, "").await,
         ErrorCode::InvalidArgument,
     );
+    assert_eq!(places(&err), [("page_size", None)]);
 
     // Delete: gone from reads and lists; the name cannot be reused.
     let before = app.counts(TENANT_A).await;
@@ -675,21 +688,27 @@ async fn lifecycle(app: TestApp) {
     // The response shows the capsule as deleted, not as it was before.
     assert_ne!(deleted.etag, capsule.etag);
     for selector in ["", "latest", "1", "2"] {
-        expect_error(
+        expect_reason(
             get(&mut c, EXAMPLE_NAME, selector).await,
-            ErrorCode::NotFound,
+            Reason::CapsuleNotFound,
         );
     }
-    expect_error(
+    expect_reason(
         list_versions(&mut c, EXAMPLE_NAME, 0, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(diff(&mut c, EXAMPLE_NAME, 1, 2).await, ErrorCode::NotFound);
-    expect_error(
+    expect_reason(
+        diff(&mut c, EXAMPLE_NAME, 1, 2).await,
+        Reason::CapsuleNotFound,
+    );
+    expect_reason(
         publish(&mut c, EXAMPLE_NAME, 2, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(delete(&mut c, EXAMPLE_NAME, "").await, ErrorCode::NotFound);
+    expect_reason(
+        delete(&mut c, EXAMPLE_NAME, "").await,
+        Reason::CapsuleNotFound,
+    );
     assert_eq!(
         names(&list(&mut c, "", 0, 0, "").await.unwrap()),
         ["alpha", "zeta"]
@@ -698,9 +717,9 @@ async fn lifecycle(app: TestApp) {
         names(&list(&mut c, "team=payments", 0, 0, "").await.unwrap()),
         ["zeta"]
     );
-    let err = expect_error(
+    let err = expect_reason(
         c.push_capsule(push_req(EXAMPLE)).await,
-        ErrorCode::FailedPrecondition,
+        Reason::DocumentDeleted,
     );
     assert!(err.message.contains("deleted"), "{}", err.message);
     // Soft delete: the rows stay, one more event.
@@ -736,13 +755,13 @@ async fn signatures_and_hashes(app: TestApp) {
     assert_eq!(parsed["metadata"]["name"], EXAMPLE_NAME);
 
     // The signature verifies with the published keys, and only over this content.
-    let jwks_json = c
-        .get_signing_keys(pb::GetSigningKeysRequest {})
+    let keys = c
+        .get_capsule_signing_keys(pb::GetCapsuleSigningKeysRequest {})
         .await
         .unwrap()
-        .into_inner()
-        .jwks_json;
-    let jwks: Jwks = serde_json::from_str(&jwks_json).unwrap();
+        .into_inner();
+    assert_eq!(keys.content_type, "application/json");
+    let jwks: Jwks = serde_json::from_slice(&keys.data).unwrap();
     let jwk = jwks.find(&v.kid).expect("signing key in the JWKS");
     let signature = b64url_decode(&v.signature).expect("base64url signature");
     assert!(verify_es256(jwk, v.canonical_json.as_bytes(), &signature));
@@ -823,6 +842,30 @@ apiVersion: anumate.dev/v1
 // ---------------------------------------------------------------------------
 // 3. Idempotent re-push
 // ---------------------------------------------------------------------------
+
+/// Versions are `int32` on the wire while the table keeps `BIGINT`: the push
+/// that would create version 2^31 is refused and writes nothing.
+async fn versions_stop_at_int32(app: TestApp) {
+    let mut c = app.client(TENANT_A, AUTHOR).await;
+    push(&mut c, &small("full", "x", 1)).await;
+    let tx = app.store.write(TENANT_A).await.unwrap();
+    tx.execute(
+        "UPDATE capsules SET latest_version = $2 WHERE tenant_id = $1 AND name = 'full'",
+        vec![TENANT_A.into(), i64::from(i32::MAX).into()],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let before = app.counts(TENANT_A).await;
+    let err = expect_reason(
+        c.push_capsule(push_req(&small("full", "x", 2))).await,
+        Reason::ResourceExhausted,
+    );
+    assert!(err.metadata.contains(&("limit".into(), "versions".into())));
+    assert_eq!(app.counts(TENANT_A).await, before);
+    let listed = list(&mut c, "", 0, 0, "").await.unwrap();
+    assert_eq!(listed.capsules[0].latest_version, i32::MAX);
+}
 
 async fn idempotent_push(app: TestApp) {
     let mut c = app.client(TENANT_A, AUTHOR).await;
@@ -1188,9 +1231,9 @@ async fn bad_input(app: TestApp) {
     assert_eq!(app.counts(TENANT_A).await, empty);
 
     // Bad request fields.
-    expect_error(
+    expect_reason(
         get(&mut c, "nothing-here", "latest").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
     for selector in ["v1", "0", "-3", "1.5", "Latest"] {
         let err = expect_error(
@@ -1213,34 +1256,34 @@ async fn bad_input(app: TestApp) {
         diff(&mut c, "nothing-here", 0, 1).await,
         ErrorCode::InvalidArgument,
     );
-    expect_error(
+    expect_reason(
         diff(&mut c, "nothing-here", 1, 2).await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(
+    expect_reason(
         publish(&mut c, "nothing-here", 1, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(
+    expect_reason(
         deprecate(&mut c, "nothing-here", 1, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(
+    expect_reason(
         delete(&mut c, "nothing-here", "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(
+    expect_reason(
         list_versions(&mut c, "nothing-here", 0, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
     assert_eq!(app.counts(TENANT_A).await, empty);
 
     // The service is still serving, on the same connection.
     let ok = push(&mut c, EXAMPLE).await;
     assert!(ok.created);
-    expect_error(
+    expect_reason(
         publish(&mut c, EXAMPLE_NAME, 2, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleVersionNotFound,
     );
     assert_eq!(
         app.counts(TENANT_A).await,
@@ -1277,7 +1320,7 @@ async fn authentication_and_roles(app: TestApp) {
     );
     expect_error(
         anonymous
-            .get_signing_keys(pb::GetSigningKeysRequest {})
+            .get_capsule_signing_keys(pb::GetCapsuleSigningKeysRequest {})
             .await,
         ErrorCode::Unauthenticated,
     );
@@ -1463,7 +1506,7 @@ async fn authentication_and_roles(app: TestApp) {
             .is_empty()
     );
     auditor
-        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .get_capsule_signing_keys(pb::GetCapsuleSigningKeysRequest {})
         .await
         .unwrap();
     expect_error(
@@ -1510,9 +1553,9 @@ async fn tenancy(app: TestApp) {
 
     // B sees nothing of A's through any read.
     for selector in ["", "latest", "1"] {
-        expect_error(
+        expect_reason(
             get(&mut b, EXAMPLE_NAME, selector).await,
-            ErrorCode::NotFound,
+            Reason::CapsuleNotFound,
         );
     }
     assert!(
@@ -1529,21 +1572,27 @@ async fn tenancy(app: TestApp) {
             .capsules
             .is_empty()
     );
-    expect_error(
+    expect_reason(
         list_versions(&mut b, EXAMPLE_NAME, 0, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(diff(&mut b, EXAMPLE_NAME, 1, 1).await, ErrorCode::NotFound);
+    expect_reason(
+        diff(&mut b, EXAMPLE_NAME, 1, 1).await,
+        Reason::CapsuleNotFound,
+    );
     // …nor change it.
-    expect_error(
+    expect_reason(
         publish(&mut b, EXAMPLE_NAME, 1, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(
+    expect_reason(
         deprecate(&mut b, EXAMPLE_NAME, 1, &a_etag).await,
-        ErrorCode::NotFound,
+        Reason::CapsuleNotFound,
     );
-    expect_error(delete(&mut b, EXAMPLE_NAME, "").await, ErrorCode::NotFound);
+    expect_reason(
+        delete(&mut b, EXAMPLE_NAME, "").await,
+        Reason::CapsuleNotFound,
+    );
     expect_error(
         b.push_capsule(pb::PushCapsuleRequest {
             etag: a_etag.clone(),
@@ -1724,7 +1773,9 @@ async fn events(app: TestApp) {
         assert_eq!(row.event_type, ty);
         assert_eq!(row.topic, "anumate.capsules");
         assert_eq!(row.tenant_id, TENANT_A);
-        assert_eq!(row.aggregate_key, EXAMPLE_NAME);
+        // Keyed by tenant and capsule: another tenant's same-named capsule
+        // never shares the key.
+        assert_eq!(row.aggregate_key, format!("{TENANT_A}/{EXAMPLE_NAME}"));
         assert_eq!(row.subject, subject);
         assert!(!row.event_id.is_empty());
     };
@@ -1814,9 +1865,9 @@ async fn events(app: TestApp) {
         deprecate(&mut c, EXAMPLE_NAME, 1, "r0").await,
         ErrorCode::EtagMismatch,
     );
-    expect_error(
+    expect_reason(
         publish(&mut c, EXAMPLE_NAME, 9, "").await,
-        ErrorCode::NotFound,
+        Reason::CapsuleVersionNotFound,
     );
     assert!(app.events_after(TENANT_A, seq).await.is_empty());
 
@@ -1874,6 +1925,8 @@ async fn events(app: TestApp) {
 
 async fn concurrent_pushes(app: TestApp) {
     const N: u32 = 8;
+    // The number of versions N pushes make, as the contract counts them.
+    let n = i32::try_from(N).unwrap();
     let client = app.client(TENANT_A, AUTHOR).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N {
@@ -1899,7 +1952,7 @@ async fn concurrent_pushes(app: TestApp) {
     }
     assert_eq!(
         by_version.keys().copied().collect::<Vec<_>>(),
-        (1..=i64::from(N)).collect::<Vec<_>>()
+        (1..=n).collect::<Vec<_>>()
     );
 
     // Each stored version is the content its pusher sent.
@@ -1918,7 +1971,7 @@ async fn concurrent_pushes(app: TestApp) {
         .unwrap()
         .capsule
         .unwrap();
-    assert_eq!(capsule.latest_version, i64::from(N));
+    assert_eq!(capsule.latest_version, n);
     assert_eq!(
         app.counts(TENANT_A).await,
         Counts {
@@ -1927,13 +1980,13 @@ async fn concurrent_pushes(app: TestApp) {
             outbox: i64::from(N)
         }
     );
-    let pushed_versions: BTreeSet<i64> = app
+    let pushed_versions: BTreeSet<i32> = app
         .events_after(TENANT_A, 0)
         .await
         .iter()
         .map(|r| decode::<ev::CapsulePushed>(r).version)
         .collect();
-    assert_eq!(pushed_versions, (1..=i64::from(N)).collect());
+    assert_eq!(pushed_versions, (1..=n).collect());
     let seq = app.last_seq(TENANT_A).await;
 
     // The same content pushed 8 times at once to a new name: one version.
@@ -1979,7 +2032,7 @@ async fn concurrent_pushes(app: TestApp) {
             }
         }
     }
-    assert_eq!((won, lost), (vec![i64::from(N) + 1], N - 1));
+    assert_eq!((won, lost), (vec![n + 1], N - 1));
     assert_eq!(app.counts(TENANT_A).await.versions, i64::from(N) + 2);
 }
 
@@ -2049,10 +2102,7 @@ async fn large_diffs_answer_quickly(backend: Backend) {
     // Over the line limit: refused with the numbers, before any matching.
     let long = format!("{}{}", small("long", "big", 1), "#\n".repeat(50_001));
     push(&mut c, &long).await;
-    let err = expect_error(
-        diff(&mut c, "long", 1, 1).await,
-        ErrorCode::FailedPrecondition,
-    );
+    let err = expect_reason(diff(&mut c, "long", 1, 1).await, Reason::DiffTooLarge);
     assert!(
         err.message.contains("limited to 50000 lines"),
         "{}",
