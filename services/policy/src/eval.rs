@@ -292,14 +292,19 @@ impl Policies {
         if !r.content_hash.is_empty() {
             let hash = anumate_crypto::parse_digest("policies.content_hash", &r.content_hash)?;
             // Exact content keeps working after deprecation or deletion.
-            let v = repo::find_by_hash(tx, &r.name, &hash)
-                .await?
-                .ok_or_else(|| {
+            let Some(v) = repo::find_by_hash(tx, &r.name, &hash).await? else {
+                return Err(if repo::ever_pushed(tx, &r.name).await? {
                     Error::because(
                         Reason::PolicyVersionNotFound,
                         format!("policy {} has no version with content hash {hash}", r.name),
                     )
-                })?;
+                } else {
+                    Error::because(
+                        Reason::PolicyNotFound,
+                        format!("policy {} not found", r.name),
+                    )
+                });
+            };
             if r.version > 0 && r.version != v.version {
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,

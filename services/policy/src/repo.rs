@@ -243,6 +243,11 @@ pub async fn get_version(tx: &TenantTx, name: &str, version: i32) -> Result<pb::
     Documents::<PolicyKind>::version(tx, name, version).await
 }
 
+/// Whether a policy of this name was ever pushed (deleted ones included).
+pub async fn ever_pushed(tx: &TenantTx, name: &str) -> Result<bool> {
+    Ok(PolicyKind::SCHEMA.any_document(tx, name).await?.is_some())
+}
+
 /// The oldest version with this content hash, if any (exact content stays
 /// resolvable after deprecation or deletion).
 pub async fn find_by_hash(

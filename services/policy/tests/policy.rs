@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anumate_auth::{BearerToken, DevIssuer, Role};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::policy::v1 as pb;
 use anumate_testing::{
@@ -24,6 +24,17 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
 
 type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The error of a call that must fail with the specific `reason`: its
+/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
+#[track_caller]
+fn expect_reason<T: std::fmt::Debug>(result: Result<T, Status>, reason: Reason) -> Error {
+    let status = result.expect_err("expected an error");
+    let err = Error::from_status(&status);
+    assert_eq!(err.reason, reason, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    err
+}
 
 const EXAMPLE: &str = include_str!("../../../examples/refund.policy");
 const TENANT_A: &str = "tenant-a";
@@ -202,7 +213,7 @@ async fn push(c: &mut Client, source: &str, publish: bool) -> pb::PushPolicyResp
         .into_inner()
 }
 
-fn eval_set(refs: &[(&str, i64, &str)], input: &str) -> pb::EvaluatePolicyRequest {
+fn eval_set(refs: &[(&str, i32, &str)], input: &str) -> pb::EvaluatePolicyRequest {
     pb::EvaluatePolicyRequest {
         policies: Some(Target::PolicySet(pb::PolicySet {
             policies: refs
@@ -289,7 +300,10 @@ async fn lifecycle(app: TestApp) {
     assert_ne!(v2.version.as_ref().unwrap().content_hash, ver.content_hash);
 
     // Nothing published yet.
-    expect_error(get(&mut c, "refund-limits", "").await, ErrorCode::NotFound);
+    expect_reason(
+        get(&mut c, "refund-limits", "").await,
+        Reason::PolicyVersionNotFound,
+    );
     let latest = get(&mut c, "refund-limits", "latest").await.unwrap();
     assert_eq!(latest.version.unwrap().version, 2);
 
@@ -314,7 +328,7 @@ async fn lifecycle(app: TestApp) {
     let versions = c
         .list_policy_versions(pb::ListPolicyVersionsRequest {
             name: "refund-limits".into(),
-            page: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -338,10 +352,34 @@ async fn lifecycle(app: TestApp) {
         .into_inner();
     let names: Vec<_> = list.policies.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["pii-masking", "refund-limits"]);
+    // One per page (AIP-158); a token the server did not issue names `page_token`.
+    let page = |page_token: String| pb::ListPoliciesRequest {
+        page_size: 1,
+        page_token,
+        ..Default::default()
+    };
+    let first = c
+        .list_policies(page(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.policies[0].name, "pii-masking");
+    let second = c
+        .list_policies(page(first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.policies[0].name, "refund-limits");
+    assert!(second.next_page_token.is_empty());
+    let err = expect_error(
+        c.list_policies(page("%%".into())).await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(err.violations[0].field, "page_token");
     let only_published = c
         .list_policies(pb::ListPoliciesRequest {
-            page: None,
             status: pb::PolicyVersionStatus::Published as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -371,14 +409,14 @@ async fn lifecycle(app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(d.policy.unwrap().published_version, 0);
-    expect_error(
+    expect_reason(
         c.publish_policy_version(pb::PublishPolicyVersionRequest {
             name: "refund-limits".into(),
             version: 1,
             etag: String::new(),
         })
         .await,
-        ErrorCode::FailedPrecondition,
+        Reason::VersionDeprecated,
     );
 
     // Delete: gone from reads; its name cannot be reused; exact hash still evaluates.
@@ -388,13 +426,13 @@ async fn lifecycle(app: TestApp) {
     })
     .await
     .unwrap();
-    expect_error(
+    expect_reason(
         get(&mut c, "refund-limits", "latest").await,
-        ErrorCode::NotFound,
+        Reason::PolicyNotFound,
     );
-    expect_error(
+    expect_reason(
         c.push_policy(push_req(LIMITS, false)).await,
-        ErrorCode::FailedPrecondition,
+        Reason::DocumentDeleted,
     );
     let by_hash = c
         .evaluate_policy(eval_set(
@@ -408,6 +446,23 @@ async fn lifecycle(app: TestApp) {
         by_hash.decision.unwrap().effect,
         pb::Effect::RequireApproval as i32
     );
+    // The pin may also be written `sha256-<hex>` or as bare hex; the
+    // response names it in the one wire form.
+    let hex = ver.content_hash.trim_start_matches("sha256:");
+    for pin in [format!("sha256-{hex}"), hex.to_string()] {
+        let resp = c
+            .evaluate_policy(eval_set(&[("refund-limits", 0, &pin)], BIG_REFUND))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.policies[0].content_hash, ver.content_hash, "{pin}");
+    }
+    let err = expect_error(
+        c.evaluate_policy(eval_set(&[("refund-limits", 0, "sha256:beef")], BIG_REFUND))
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert_eq!(err.violations[0].field, "policies.content_hash");
 }
 
 async fn evaluation(app: TestApp) {
@@ -488,13 +543,13 @@ async fn evaluation(app: TestApp) {
     assert_eq!(again, resp);
 
     // A content-hash pin that contradicts the version number.
-    expect_error(
+    expect_reason(
         c.evaluate_policy(eval_set(
             &[("refund-limits", 1, &pii.content_hash)],
             BIG_REFUND,
         ))
         .await,
-        ErrorCode::NotFound,
+        Reason::PolicyVersionNotFound,
     );
     let changed = push(&mut c, &LIMITS.replace("500000", "400000"), false).await;
     expect_error(
@@ -752,21 +807,21 @@ async fn bad_input(app: TestApp) {
     );
 
     // Unknown policy reference.
-    expect_error(
+    expect_reason(
         c.evaluate_policy(eval_set(&[("no-such-policy", 0, "")], "{}"))
             .await,
-        ErrorCode::NotFound,
+        Reason::PolicyNotFound,
     );
     push(&mut c, LIMITS, false).await;
-    expect_error(
+    expect_reason(
         c.evaluate_policy(eval_set(&[("refund-limits", 0, "")], "{}"))
             .await,
-        ErrorCode::NotFound, // nothing published
+        Reason::PolicyVersionNotFound, // nothing published
     );
-    expect_error(
+    expect_reason(
         c.evaluate_policy(eval_set(&[("refund-limits", 9, "")], "{}"))
             .await,
-        ErrorCode::NotFound,
+        Reason::PolicyVersionNotFound,
     );
     expect_error(
         c.evaluate_policy(eval_set(
@@ -869,25 +924,28 @@ async fn tenancy(app: TestApp) {
     let mut a = app.client(TENANT_A, AUTHOR).await;
     let pushed = push(&mut a, LIMITS, true).await.version.unwrap();
     let mut b = app.client(TENANT_B, AUTHOR).await;
-    expect_error(get(&mut b, "refund-limits", "").await, ErrorCode::NotFound);
+    expect_reason(
+        get(&mut b, "refund-limits", "").await,
+        Reason::PolicyNotFound,
+    );
     let list = b
         .list_policies(pb::ListPoliciesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(list.policies.is_empty());
-    expect_error(
+    expect_reason(
         b.evaluate_policy(eval_set(&[("refund-limits", 0, "")], BIG_REFUND))
             .await,
-        ErrorCode::NotFound,
+        Reason::PolicyNotFound,
     );
-    expect_error(
+    expect_reason(
         b.evaluate_policy(eval_set(
             &[("refund-limits", 0, &pushed.content_hash)],
             BIG_REFUND,
         ))
         .await,
-        ErrorCode::NotFound,
+        Reason::PolicyNotFound,
     );
     // The same content in B is B's own version 1, and A is untouched.
     let own = push(&mut b, LIMITS, false).await;
@@ -1035,20 +1093,17 @@ async fn fuel_exhaustion_sqlite() {
         .evaluate_policy(eval_source(LIMITS, BIG_REFUND))
         .await
         .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     let info = status.get_error_details().error_info().cloned().unwrap();
-    assert_eq!(info.reason, "RESOURCE_EXHAUSTED");
+    assert_eq!(info.reason, "FUEL_EXHAUSTED");
     assert_eq!(info.metadata.get("limit").map(String::as_str), Some("fuel"));
-    assert_eq!(
-        info.metadata.get("reason").map(String::as_str),
-        Some("fuel_exhausted")
-    );
     assert!(app.decision_inputs(TENANT_A).await.is_empty());
 }
 
 /// Concurrent pushes of distinct content each get their own version; pushes
 /// of identical content store it once.
 async fn concurrent_pushes(app: TestApp) {
-    const N: i64 = 8;
+    const N: i32 = 8;
     let client = app.client(TENANT_A, AUTHOR).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N {
