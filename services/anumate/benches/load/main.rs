@@ -1,0 +1,3 @@
+//! The request-path load bench (issue 12); being written.
+
+fn main() {}
