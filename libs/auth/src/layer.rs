@@ -487,9 +487,9 @@ mod tests {
         let replay = rule("/anumate.events.v1.EventsService/ReplayEvents");
         assert_eq!(replay, AuthzRule::roles(&[Admin]));
         assert!(rule("/anumate.captokens.v1.CapTokensService/GetJwks").public);
-        let append = rule("/anumate.receipts.v1.ReceiptsService/AppendReceipt");
+        let append = rule("/anumate.receipts.v1.ReceiptsInternal/AppendReceipt");
         assert!(append.any_service && append.roles.is_empty());
-        let issue = rule("/anumate.captokens.v1.CapTokensService/IssueToken");
+        let issue = rule("/anumate.captokens.v1.CapabilityTokensInternal/IssueToken");
         assert_eq!(issue.services, ["orchestrator"]);
         assert_eq!(issue.roles, [Admin]);
         let audit = rule("/anumate.captokens.v1.CapTokensService/ListTokenAudit");
@@ -509,7 +509,7 @@ mod tests {
         assert!(push.check(&principal(&[], Some("orchestrator"))).is_err());
 
         // Appending is for services only: even an admin is refused.
-        let append = rule("/anumate.receipts.v1.ReceiptsService/AppendReceipt");
+        let append = rule("/anumate.receipts.v1.ReceiptsInternal/AppendReceipt");
         let e = append.check(&principal(&["admin"], None)).unwrap_err();
         assert_eq!(e.code, ErrorCode::PermissionDenied);
         assert_eq!(meta(&e, "required_services"), "*");
@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn named_services_pass_and_other_services_are_refused_as_services() {
-        let issue = rule("/anumate.captokens.v1.CapTokensService/IssueToken");
+        let issue = rule("/anumate.captokens.v1.CapabilityTokensInternal/IssueToken");
         assert!(issue.check(&principal(&[], Some("orchestrator"))).is_ok());
         assert!(issue.check(&principal(&["admin"], None)).is_ok());
         let e = issue.check(&principal(&[], Some("ghostrun"))).unwrap_err();
@@ -530,7 +530,7 @@ mod tests {
         let e = issue.check(&principal(&["operator"], None)).unwrap_err();
         assert_eq!(e.message, "this call needs one of the roles: admin");
 
-        let verify = rule("/anumate.captokens.v1.CapTokensService/VerifyToken");
+        let verify = rule("/anumate.captokens.v1.CapabilityTokensInternal/VerifyToken");
         assert!(verify.check(&principal(&[], Some("anything"))).is_ok());
         assert!(verify.check(&principal(&["operator"], None)).is_err());
         let audit = rule("/anumate.captokens.v1.CapTokensService/ListTokenAudit");

@@ -122,7 +122,8 @@ pub struct Claims {
     pub step: String,
     /// `plan_hash` (`sha256:…`).
     pub plan_hash: String,
-    /// `args_sha256`: lowercase hex SHA-256 of the RFC 8785 JSON of the arguments.
+    /// `args_sha256`: `sha256:` + lowercase hex SHA-256 of the RFC 8785 JSON
+    /// of the arguments.
     pub args_sha256: String,
     /// `cap`: what the token allows.
     pub cap: Capability,
@@ -179,9 +180,13 @@ pub(crate) struct Header<'a> {
     pub crit: Option<serde::de::IgnoredAny>,
 }
 
-/// Whether `s` is 64 lowercase hex digits.
-pub(crate) fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+/// Whether `s` is a digest in its one wire form, `sha256:` + 64 lowercase
+/// hex digits (the only form a claim carries).
+pub(crate) fn is_sha256_digest(s: &str) -> bool {
+    s.strip_prefix(anumate_crypto::DIGEST_PREFIX)
+        .is_some_and(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
 }
 
 /// Whether `s` is a JSON Pointer (RFC 6901): empty or starting with `/`.
@@ -206,8 +211,8 @@ impl Claims {
         if self.jti.is_empty() {
             return Some("empty jti".into());
         }
-        if !is_sha256_hex(&self.args_sha256) {
-            return Some("args_sha256 is not 64 lowercase hex digits".into());
+        if !is_sha256_digest(&self.args_sha256) {
+            return Some("args_sha256 is not `sha256:` and 64 lowercase hex digits".into());
         }
         if let Some(path) = self.cap.constraints.keys().find(|p| !is_json_pointer(p)) {
             return Some(format!("constraint key {path:?} is not a JSON Pointer"));

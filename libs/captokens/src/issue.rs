@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use p256::pkcs8::DecodePrivateKey as _;
 
-use crate::claims::{Capability, Claims, ClaimsRef, HeaderOut, is_json_pointer, is_sha256_hex};
+use crate::claims::{Capability, Claims, ClaimsRef, HeaderOut, is_json_pointer};
 use crate::{ALG, DEFAULT_TTL_SECS, MAX_TTL_SECS, TYP};
 
 /// Why a token was not issued.
@@ -115,7 +115,9 @@ impl TokenSigner for P256Signer {
 pub enum ArgsBinding<'a> {
     /// The arguments themselves; hashed as RFC 8785 JSON.
     Args(&'a serde_json::Value),
-    /// A precomputed lowercase hex SHA-256 of their RFC 8785 JSON.
+    /// A precomputed SHA-256 of their RFC 8785 JSON: `sha256:<hex>`, or
+    /// `sha256-<hex>` or bare lowercase hex (the claim is always
+    /// `sha256:<hex>`).
     Sha256(&'a str),
 }
 
@@ -209,13 +211,11 @@ impl Issuer {
                     reason: "no canonical JSON form".into(),
                 })?
             }
-            ArgsBinding::Sha256(hex) if is_sha256_hex(hex) => hex.to_owned(),
-            ArgsBinding::Sha256(_) => {
-                return Err(IssueError::InvalidArgument {
+            ArgsBinding::Sha256(text) => anumate_crypto::parse_digest("args_sha256", text)
+                .map_err(|_| IssueError::InvalidArgument {
                     field: "args_sha256",
-                    reason: "not 64 lowercase hex digits".into(),
-                });
-            }
+                    reason: "not a SHA-256 digest (`sha256:` and 64 lowercase hex digits)".into(),
+                })?,
         };
         let now = request.now.unwrap_or_else(crate::unix_now);
         let exp = now.saturating_add(ttl);

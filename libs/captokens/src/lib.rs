@@ -7,7 +7,7 @@
 //! [`KeyRing`](anumate_crypto::KeyRing) through `ring`, or [`P256Signer`]);
 //! [`Verifier`] checks them against an [`Expectation`] in the order of the
 //! contract (`anumate.captokens.v1`) and names the first failed check as a
-//! [`Reason`] that maps one-to-one onto the proto's `Verdict`.
+//! [`Reason`] that maps one-to-one onto the proto's `TokenVerdict`.
 //!
 //! Replay and revocation need shared state; this crate defines the
 //! [`ReplayGuard`] and [`RevocationList`] traits and
@@ -44,12 +44,13 @@ pub const DEFAULT_TTL_SECS: i64 = 60;
 /// Default clock leeway of a verifier, in seconds.
 pub const DEFAULT_LEEWAY_SECS: i64 = 5;
 
-/// Lowercase hex SHA-256 of the RFC 8785 canonical JSON of `args`: the
-/// `args_sha256` claim of a token for a call with these arguments. `None` only
-/// when the arguments have no canonical form (never for a `Value` today).
+/// `sha256:` + lowercase hex SHA-256 of the RFC 8785 canonical JSON of
+/// `args`: the `args_sha256` claim of a token for a call with these
+/// arguments (the platform's one digest format). `None` only when the
+/// arguments have no canonical form (never for a `Value` today).
 pub fn args_sha256(args: &serde_json::Value) -> Option<String> {
     let canonical = anumate_crypto::canonical_json(args).ok()?;
-    Some(anumate_crypto::sha256_hex(canonical.as_bytes()))
+    Some(anumate_crypto::digest(canonical.as_bytes()))
 }
 
 /// Seconds since the Unix epoch (a JWT NumericDate).

@@ -157,11 +157,14 @@ fn issued_token_has_the_documented_shape() {
     assert_eq!(jti.get_version_num(), 7);
     assert_eq!(issued.exp, NOW + 120);
     assert_eq!(issued.claims.jti, issued.jti);
-    // The args hash is SHA-256 over the RFC 8785 form.
+    // The args hash is SHA-256 over the RFC 8785 form, as `sha256:<hex>`.
     let canonical = r#"{"amount":12500,"callback":"https://orders.example/hooks/refund/42","currency":"EUR","order":"ord_42"}"#;
     assert_eq!(
         claims["args_sha256"],
-        json!(anumate_crypto::sha256_hex(canonical.as_bytes()))
+        json!(format!(
+            "sha256:{}",
+            anumate_crypto::sha256_hex(canonical.as_bytes())
+        ))
     );
 }
 
@@ -537,6 +540,21 @@ fn audience_tenant_binding_capability_args() {
         ..base
     };
     f.verifier().verify(&token, &by_hash).unwrap();
+    // The colon-free spellings of the same digest compare as its wire form.
+    let bare = hex.trim_start_matches("sha256:").to_owned();
+    let dashed = format!("sha256-{bare}");
+    for spelling in [&bare, &dashed] {
+        let by_hash = Expectation {
+            args_sha256: Some(spelling),
+            ..by_hash
+        };
+        f.verifier().verify(&token, &by_hash).unwrap();
+    }
+    // And a token issued with one carries the `sha256:` form.
+    let mut request = f.request();
+    request.args = ArgsBinding::Sha256(&bare);
+    let issued = f.issuer.issue(&f.ring, request).unwrap();
+    assert_eq!(issued.claims.args_sha256, hex);
 }
 
 #[test]
@@ -677,7 +695,7 @@ fn revocation_and_replay_through_the_traits() {
 
 #[test]
 fn reasons_map_one_to_one_onto_the_proto_verdicts() {
-    use anumate_proto::anumate::captokens::v1::Verdict;
+    use anumate_proto::anumate::captokens::v1::TokenVerdict as Verdict;
     let mut numbers = std::collections::HashSet::new();
     for reason in Reason::ALL {
         let verdict = Verdict::from_str_name(reason.verdict_name()).unwrap();

@@ -13,37 +13,37 @@ use crate::{ALG, DEFAULT_LEEWAY_SECS, TYP};
 /// any decoding work is spent on it.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
 
-/// The first failed check, one-to-one with the proto's `Verdict`
-/// (`anumate.captokens.v1.Verdict`, without `UNSPECIFIED` and `VALID`).
+/// The first failed check, one-to-one with the proto's `TokenVerdict`
+/// (`anumate.captokens.v1.TokenVerdict`, without `UNSPECIFIED` and `VALID`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// `VERDICT_MALFORMED`.
+    /// `TOKEN_VERDICT_MALFORMED`.
     Malformed,
-    /// `VERDICT_UNSUPPORTED_ALGORITHM`.
+    /// `TOKEN_VERDICT_UNSUPPORTED_ALGORITHM`.
     UnsupportedAlgorithm,
-    /// `VERDICT_UNKNOWN_KEY`.
+    /// `TOKEN_VERDICT_UNKNOWN_KEY`.
     UnknownKey,
-    /// `VERDICT_BAD_SIGNATURE`.
+    /// `TOKEN_VERDICT_BAD_SIGNATURE`.
     BadSignature,
-    /// `VERDICT_EXPIRED`.
+    /// `TOKEN_VERDICT_EXPIRED`.
     Expired,
-    /// `VERDICT_NOT_YET_VALID`.
+    /// `TOKEN_VERDICT_NOT_YET_VALID`.
     NotYetValid,
-    /// `VERDICT_REVOKED`.
+    /// `TOKEN_VERDICT_REVOKED`.
     Revoked,
-    /// `VERDICT_WRONG_AUDIENCE`.
+    /// `TOKEN_VERDICT_WRONG_AUDIENCE`.
     WrongAudience,
-    /// `VERDICT_WRONG_TENANT`.
+    /// `TOKEN_VERDICT_WRONG_TENANT`.
     WrongTenant,
-    /// `VERDICT_BINDING_MISMATCH`.
+    /// `TOKEN_VERDICT_BINDING_MISMATCH`.
     BindingMismatch,
-    /// `VERDICT_CAPABILITY_MISMATCH`.
+    /// `TOKEN_VERDICT_CAPABILITY_MISMATCH`.
     CapabilityMismatch,
-    /// `VERDICT_ARGS_MISMATCH`.
+    /// `TOKEN_VERDICT_ARGS_MISMATCH`.
     ArgsMismatch,
-    /// `VERDICT_REPLAYED`.
+    /// `TOKEN_VERDICT_REPLAYED`.
     Replayed,
-    /// `VERDICT_CONSTRAINT_VIOLATED`: the arguments break a constraint of the
+    /// `TOKEN_VERDICT_CONSTRAINT_VIOLATED`: the arguments break a constraint of the
     /// capability (checked with the capability, so it sits between
     /// [`Reason::CapabilityMismatch`] and [`Reason::ArgsMismatch`] in check
     /// order).
@@ -69,7 +69,7 @@ impl Reason {
         Reason::Replayed,
     ];
 
-    /// The proto `Verdict` number.
+    /// The proto `TokenVerdict` number.
     pub fn verdict_number(self) -> i32 {
         match self {
             Reason::Malformed => 2,
@@ -89,23 +89,23 @@ impl Reason {
         }
     }
 
-    /// The proto `Verdict` name (`VERDICT_EXPIRED`, …).
+    /// The proto `TokenVerdict` name (`TOKEN_VERDICT_EXPIRED`, …).
     pub fn verdict_name(self) -> &'static str {
         match self {
-            Reason::Malformed => "VERDICT_MALFORMED",
-            Reason::UnsupportedAlgorithm => "VERDICT_UNSUPPORTED_ALGORITHM",
-            Reason::UnknownKey => "VERDICT_UNKNOWN_KEY",
-            Reason::BadSignature => "VERDICT_BAD_SIGNATURE",
-            Reason::Expired => "VERDICT_EXPIRED",
-            Reason::NotYetValid => "VERDICT_NOT_YET_VALID",
-            Reason::Revoked => "VERDICT_REVOKED",
-            Reason::WrongAudience => "VERDICT_WRONG_AUDIENCE",
-            Reason::WrongTenant => "VERDICT_WRONG_TENANT",
-            Reason::BindingMismatch => "VERDICT_BINDING_MISMATCH",
-            Reason::CapabilityMismatch => "VERDICT_CAPABILITY_MISMATCH",
-            Reason::ArgsMismatch => "VERDICT_ARGS_MISMATCH",
-            Reason::Replayed => "VERDICT_REPLAYED",
-            Reason::ConstraintViolated => "VERDICT_CONSTRAINT_VIOLATED",
+            Reason::Malformed => "TOKEN_VERDICT_MALFORMED",
+            Reason::UnsupportedAlgorithm => "TOKEN_VERDICT_UNSUPPORTED_ALGORITHM",
+            Reason::UnknownKey => "TOKEN_VERDICT_UNKNOWN_KEY",
+            Reason::BadSignature => "TOKEN_VERDICT_BAD_SIGNATURE",
+            Reason::Expired => "TOKEN_VERDICT_EXPIRED",
+            Reason::NotYetValid => "TOKEN_VERDICT_NOT_YET_VALID",
+            Reason::Revoked => "TOKEN_VERDICT_REVOKED",
+            Reason::WrongAudience => "TOKEN_VERDICT_WRONG_AUDIENCE",
+            Reason::WrongTenant => "TOKEN_VERDICT_WRONG_TENANT",
+            Reason::BindingMismatch => "TOKEN_VERDICT_BINDING_MISMATCH",
+            Reason::CapabilityMismatch => "TOKEN_VERDICT_CAPABILITY_MISMATCH",
+            Reason::ArgsMismatch => "TOKEN_VERDICT_ARGS_MISMATCH",
+            Reason::Replayed => "TOKEN_VERDICT_REPLAYED",
+            Reason::ConstraintViolated => "TOKEN_VERDICT_CONSTRAINT_VIOLATED",
         }
     }
 }
@@ -338,7 +338,8 @@ pub struct Expectation<'a> {
     /// token was issued for.
     pub args: Option<&'a serde_json::Value>,
     /// Hash of the arguments, when the caller has it instead of (or as well
-    /// as) the arguments; must equal `args_sha256`.
+    /// as) the arguments; must equal `args_sha256` (`sha256:<hex>`;
+    /// `sha256-<hex>` and bare hex compare as that form).
     pub args_sha256: Option<&'a str>,
     /// Expected `plan_hash`.
     pub plan_hash: Option<&'a str>,
@@ -751,13 +752,16 @@ fn first_call_failure(claims: &Claims, expected: &Expectation<'_>) -> Option<Fai
     {
         return Some(Failure::CapabilityMismatch(failure));
     }
-    if let Some(hex) = expected.args_sha256
-        && hex != claims.args_sha256
-    {
-        return Some(Failure::ArgsMismatch {
-            expected: hex.to_owned(),
-            actual: claims.args_sha256.clone(),
-        });
+    if let Some(text) = expected.args_sha256 {
+        // Any accepted spelling of the digest compares by its wire form.
+        let expected =
+            anumate_crypto::parse_digest("args_sha256", text).unwrap_or_else(|_| text.to_owned());
+        if expected != claims.args_sha256 {
+            return Some(Failure::ArgsMismatch {
+                expected,
+                actual: claims.args_sha256.clone(),
+            });
+        }
     }
     if expected.args.is_none() && expected.args_sha256.is_none() {
         return Some(Failure::ArgsMissing {

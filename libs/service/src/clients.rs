@@ -170,9 +170,10 @@ pub trait PolicyClient: Send + Sync {
     ) -> BoxFuture<'a, UpstreamResult<ppb::GetPolicyResponse>>;
 }
 
-/// The receipts service, as services that attest their actions append to it.
+/// The receipts service, as services that attest their actions append to it
+/// (its service-only `ReceiptsInternal`).
 pub trait ReceiptsClient: Send + Sync {
-    /// `AppendReceipt`.
+    /// `ReceiptsInternal.AppendReceipt`.
     fn append_receipt<'a>(
         &'a self,
         caller: &'a Caller,
@@ -307,7 +308,7 @@ impl ReceiptsClient for Grpc {
         Box::pin(async move {
             let req = self.request(caller, request)?;
             let mut client =
-                rcpb::receipts_service_client::ReceiptsServiceClient::new(self.channel.clone());
+                rcpb::receipts_internal_client::ReceiptsInternalClient::new(self.channel.clone());
             Ok(client
                 .append_receipt(req)
                 .await

@@ -14,7 +14,7 @@
 //! - `GET /.well-known/jwks.json`: the JWKS that verifies capability tokens
 //!   (as `GetJwks`), when the captokens service runs in this process.
 //! - `GET /.well-known/receipts-jwks.json`: the JWKS that verifies receipts
-//!   and checkpoints (as `GetSigningKeys`), when the receipts service runs here.
+//!   and checkpoints (as `GetReceiptSigningKeys`), when the receipts service runs here.
 
 use std::time::Duration;
 

@@ -16,6 +16,7 @@ use anumate_crypto::Jwks;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_receipt_offline};
 use clap::{Args, Subcommand, ValueEnum};
+use pb::receipts_internal_client::ReceiptsInternalClient;
 use pb::receipts_service_client::ReceiptsServiceClient;
 use serde_json::{Value, json};
 
@@ -190,7 +191,7 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
             };
             let mut client = cmd
                 .conn
-                .client(ReceiptsServiceClient::with_interceptor)
+                .client(ReceiptsInternalClient::with_interceptor)
                 .await?;
             let resp = client
                 .append_receipt(pb::AppendReceiptRequest {
@@ -286,11 +287,11 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
                 .client(ReceiptsServiceClient::with_interceptor)
                 .await?;
             let jwks = client
-                .get_signing_keys(pb::GetSigningKeysRequest {})
+                .get_receipt_signing_keys(pb::GetReceiptSigningKeysRequest {})
                 .await?
                 .into_inner()
-                .jwks_json;
-            let value: Value = serde_json::from_str(&jwks)
+                .data;
+            let value: Value = serde_json::from_slice(&jwks)
                 .map_err(|e| Failure::Local(format!("the server sent a malformed JWKS: {e}")))?;
             print_json(&value)?;
         }

@@ -15,6 +15,7 @@ use anumate_crypto::Jwks;
 use anumate_proto::captokens::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::cap_tokens_service_client::CapTokensServiceClient;
+use pb::capability_tokens_internal_client::CapabilityTokensInternalClient;
 use serde_json::{Value, json};
 
 use crate::cli::{Connection, Failure, Output, finish, print_json};
@@ -51,7 +52,8 @@ pub struct CallArgs {
     /// The call's arguments: a JSON object or @file.json (hashed with RFC 8785).
     #[arg(long, conflicts_with = "args_sha256")]
     args: Option<String>,
-    /// Lowercase hex SHA-256 of the arguments' RFC 8785 JSON, instead of --args.
+    /// SHA-256 of the arguments' RFC 8785 JSON (sha256:<hex>; sha256-<hex>
+    /// or bare hex too), instead of --args.
     #[arg(long)]
     args_sha256: Option<String>,
 }
@@ -212,7 +214,7 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
             };
             let mut client = cmd
                 .conn
-                .client(CapTokensServiceClient::with_interceptor)
+                .client(CapabilityTokensInternalClient::with_interceptor)
                 .await?;
             let resp = client
                 .issue_token(pb::IssueTokenRequest {
@@ -312,8 +314,8 @@ async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
                 .get_jwks(pb::GetJwksRequest {})
                 .await?
                 .into_inner()
-                .jwks_json;
-            let value: Value = serde_json::from_str(&jwks)
+                .data;
+            let value: Value = serde_json::from_slice(&jwks)
                 .map_err(|e| Failure::Local(format!("the server sent a malformed JWKS: {e}")))?;
             print_json(&value);
         }
@@ -332,7 +334,7 @@ async fn verify_online(
     let (args, args_sha256) = call.args()?;
     let args = args.map(|a| to_struct(&a, "--args")).transpose()?;
     let mut client = conn
-        .client(CapTokensServiceClient::with_interceptor)
+        .client(CapabilityTokensInternalClient::with_interceptor)
         .await?;
     let resp = client
         .verify_token(pb::VerifyTokenRequest {
@@ -349,13 +351,13 @@ async fn verify_online(
         })
         .await?
         .into_inner();
-    let valid = resp.verdict == pb::Verdict::Valid as i32;
+    let valid = resp.verdict == pb::TokenVerdict::Valid as i32;
     if out == Output::Json {
         print_json(&resp);
     } else {
-        let verdict = pb::Verdict::try_from(resp.verdict)
+        let verdict = pb::TokenVerdict::try_from(resp.verdict)
             .map(|v| v.as_str_name())
-            .unwrap_or("VERDICT_UNSPECIFIED");
+            .unwrap_or("TOKEN_VERDICT_UNSPECIFIED");
         let jti = resp.claims.as_ref().map_or("", |c| c.jti.as_str());
         if valid {
             println!(
@@ -403,7 +405,13 @@ fn verify_offline(
     expected.run = nonempty(&call.run);
     expected.step = nonempty(&call.step);
     let (valid, verdict, message, claims, kid) = match verifier.verify(token, &expected) {
-        Ok(v) => (true, "VERDICT_VALID", String::new(), Some(v.claims), v.kid),
+        Ok(v) => (
+            true,
+            "TOKEN_VERDICT_VALID",
+            String::new(),
+            Some(v.claims),
+            v.kid,
+        ),
         Err(r) => (
             false,
             r.reason().verdict_name(),

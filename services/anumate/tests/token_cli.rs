@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! `anumate token mint|verify|revoke|jwks` against a live CapTokensService
-//! (SQLite, behind the real auth layer, over a loopback socket), offline
+//! `anumate token mint|verify|revoke|jwks` against a live captokens service
+//! (`CapTokensService` and `CapabilityTokensInternal`; SQLite, behind the
+//! real auth layer, over a loopback socket), offline
 //! verification with the JWKS, and the admin HTTP listener of `anumate dev`
 //! (health, readiness, JWKS, Prometheus metrics) over a real socket.
 
@@ -44,8 +45,9 @@ async fn serve() -> (Served, String) {
         anumate_testing::bind().await,
         layer,
         tonic::service::Routes::new(
-            anumate_captokens_service::CapTokensGrpc::new(tokens).into_server(),
-        ),
+            anumate_captokens_service::CapTokensGrpc::new(tokens.clone()).into_server(),
+        )
+        .add_service(anumate_captokens_service::CapTokensGrpc::new(tokens).into_internal_server()),
     );
     let served = Served {
         url: format!("http://{addr}"),
@@ -124,15 +126,21 @@ async fn mint_verify_online_and_offline_revoke() {
     // a call above the constraint (exit 1 and the precise verdict); another
     // audience.
     for (audience, call_args, valid, verdict, mentions) in [
-        (PAYMENTS, ok_args, true, "VERDICT_VALID: token ", ""),
+        (PAYMENTS, ok_args, true, "TOKEN_VERDICT_VALID: token ", ""),
         (
             PAYMENTS,
             r#"{"currency": "INR", "amount": 9000}"#,
             false,
-            "VERDICT_CONSTRAINT_VIOLATED:",
+            "TOKEN_VERDICT_CONSTRAINT_VIOLATED:",
             "/amount",
         ),
-        ("conn:email", ok_args, false, "VERDICT_WRONG_AUDIENCE:", ""),
+        (
+            "conn:email",
+            ok_args,
+            false,
+            "TOKEN_VERDICT_WRONG_AUDIENCE:",
+            "",
+        ),
     ] {
         let out = run(args(&["verify", &token], audience, &["--args", call_args])).await;
         assert_eq!(out.status.success(), valid, "{out:#?}");
@@ -151,9 +159,12 @@ async fn mint_verify_online_and_offline_revoke() {
         args(&head, PAYMENTS, &[&["--args", ok_args][..], tail].concat())
     };
     let out = run(offline(&token, "acme", &[])).await.ok();
-    assert!(out.stdout.contains("VERDICT_VALID"), "{out:#?}");
+    assert!(out.stdout.contains("TOKEN_VERDICT_VALID"), "{out:#?}");
     let out = run(offline(&token, "globex", &[])).await.failed();
-    assert!(out.stdout.starts_with("VERDICT_WRONG_TENANT:"), "{out:#?}");
+    assert!(
+        out.stdout.starts_with("TOKEN_VERDICT_WRONG_TENANT:"),
+        "{out:#?}"
+    );
     // A flipped signature byte.
     let (head, sig) = token.rsplit_once('.').unwrap();
     let flipped = if sig.starts_with('A') { 'B' } else { 'A' };
@@ -162,7 +173,7 @@ async fn mint_verify_online_and_offline_revoke() {
         .await
         .failed()
         .json();
-    assert_eq!(v["verdict"], "VERDICT_BAD_SIGNATURE");
+    assert_eq!(v["verdict"], "TOKEN_VERDICT_BAD_SIGNATURE");
     assert_eq!(v["offline"], true);
     // Offline without a tenant and no dev.json: a precise local error.
     let head = ["verify", &token, "--jwks", "jwks.json"];
@@ -189,13 +200,13 @@ async fn mint_verify_online_and_offline_revoke() {
         .await
         .ok()
         .json();
-    assert_eq!(v["verdict"], "VERDICT_VALID");
+    assert_eq!(v["verdict"], "TOKEN_VERDICT_VALID");
     assert_eq!(v["consumed"], true);
     let v = remote(&server.url, &server.token, d, &consume, Some(&token))
         .await
         .failed()
         .json();
-    assert_eq!(v["verdict"], "VERDICT_REPLAYED");
+    assert_eq!(v["verdict"], "TOKEN_VERDICT_REPLAYED");
 
     // Bad input: a TTL above 300 s is refused with its field and code, a
     // malformed --args never leaves the CLI, and the server keeps serving.
@@ -239,7 +250,7 @@ async fn mint_verify_online_and_offline_revoke() {
     let out = run(args(&["verify", &second], PAYMENTS, &["--args", ok_args]))
         .await
         .failed();
-    assert!(out.stdout.starts_with("VERDICT_REVOKED:"), "{out:#?}");
+    assert!(out.stdout.starts_with("TOKEN_VERDICT_REVOKED:"), "{out:#?}");
     // Revoking again is a no-op; an unknown token is NOT_FOUND.
     let out = server
         .cli(d, &["token", "revoke", "--jti", &jti])
@@ -317,7 +328,7 @@ fn admin_listener_serves_health_jwks_and_metrics() {
     assert_eq!(status, 200);
     for needle in [
         r#"anumate_grpc_requests_total{service="anumate.captokens.v1.CapTokensService",method="GetJwks",code="OK"} 1"#,
-        r#"anumate_grpc_requests_total{service="anumate.receipts.v1.ReceiptsService",method="GetSigningKeys",code="OK"} 1"#,
+        r#"anumate_grpc_requests_total{service="anumate.receipts.v1.ReceiptsService",method="GetReceiptSigningKeys",code="OK"} 1"#,
         r#"anumate_grpc_requests_total{service="anumate.captokens.v1.CapTokensService",method="RevokeToken",code="NotFound"} 1"#,
         "# TYPE anumate_grpc_request_duration_seconds histogram",
     ] {

@@ -5,12 +5,9 @@ use anumate_captokens::{Claims, Rejection};
 use anumate_errors::{Error, Result};
 use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
-use anumate_store::TenantTx;
+use anumate_store::{TenantTx, paging};
 
 use crate::{ADMIN_ISSUE_REASON, Actor, AuditQuery, CapTokens, convert, repo};
-
-pub(crate) const DEFAULT_PAGE: i64 = 50;
-pub(crate) const MAX_PAGE: i64 = 500;
 
 /// The context of events about tokens rather than one step's call (failed
 /// verifications, revocations): subject `tokens`, no plan.
@@ -198,38 +195,26 @@ pub(crate) async fn record_revocation_entries(
 }
 
 impl CapTokens {
-    /// Audit entries of the actor's tenant, newest first, and the next page token.
+    /// Audit entries of the actor's tenant, newest first, and the next page
+    /// token (AIP-158 `page_size` and `page_token`; the token carries the
+    /// last entry's id).
     pub async fn list_audit(
         &self,
         actor: &Actor,
         query: &AuditQuery,
-        page: Option<&anumate_proto::common::v1::PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<pb::TokenAuditEntry>, String)> {
-        let (size, token) = match page {
-            Some(p) if p.page_size < 0 => {
-                return Err(Error::invalid_argument(
-                    "page.page_size",
-                    "must not be negative",
-                ));
-            }
-            Some(p) => (i64::from(p.page_size), p.page_token.as_str()),
-            None => (0, ""),
-        };
-        let size = if size == 0 {
-            DEFAULT_PAGE
-        } else {
-            size.min(MAX_PAGE)
-        };
-        let before = if token.is_empty() {
-            None
-        } else if uuid::Uuid::parse_str(token).is_ok() {
-            Some(token)
-        } else {
+        let (size, before) = paging::page_params(page_size, page_token)?;
+        if before
+            .as_deref()
+            .is_some_and(|id| uuid::Uuid::parse_str(id).is_err())
+        {
             return Err(Error::invalid_argument(
-                "page.page_token",
+                "page_token",
                 "not a token from this listing",
             ));
-        };
+        }
         let tx = self.inner.store.read(&actor.tenant).await?;
         let rows = repo::list_audit(
             &tx,
@@ -239,26 +224,12 @@ impl CapTokens {
                 run: &query.run_id,
                 start: query.start_micros,
                 end: query.end_micros,
-                before_id: before,
+                before_id: before.as_deref(),
                 limit: size + 1,
             },
         )
         .await?;
-        let more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > size;
-        let mut entries: Vec<pb::TokenAuditEntry> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(0))
-            .map(convert::audit_entry)
-            .collect();
-        let next = if more {
-            entries
-                .last()
-                .map(|e| e.audit_id.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        entries.shrink_to_fit();
-        Ok((entries, next))
+        let (rows, next) = paging::finish_page(rows, size, |r| r.audit_id.clone());
+        Ok((rows.into_iter().map(convert::audit_entry).collect(), next))
     }
 }

@@ -1,9 +1,13 @@
-//! The gRPC adapter: decode, call [`CapTokens`], encode.
+//! The gRPC adapter: decode, call [`CapTokens`], encode, for the public
+//! `CapTokensService` and the service-only `CapabilityTokensInternal`
+//! (minting, verifying, refreshing; no HTTP rule, so the REST gateway cannot
+//! route it).
 //!
 //! Who may call what (SPEC §8) is declared on each RPC in
-//! `proto/anumate/captokens/v1/captokens.proto` (`authz` options) and enforced
-//! by the auth layer before a handler runs. A service identity is only ever a
-//! token of the platform's service issuer, never a subject prefix:
+//! `proto/anumate/captokens/v1/captokens.proto` (`authz` options, read for
+//! both services) and enforced by the auth layer before a handler runs. A
+//! service identity is only ever a token of the platform's service issuer,
+//! never a subject prefix:
 //! - `IssueToken`, `RefreshToken`: the orchestrator service, or `admin`
 //!   (audited and flagged as an admin issue). Operators may not mint.
 //! - `VerifyToken`: any service identity (the connectors), or `admin`.
@@ -15,7 +19,12 @@
 use anumate_auth::Role;
 use anumate_errors::Error;
 use anumate_proto::captokens::v1 as pb;
+use anumate_proto::google::api::HttpBody;
 use pb::cap_tokens_service_server::{CapTokensService, CapTokensServiceServer};
+use pb::capability_tokens_internal_server::{
+    CapabilityTokensInternal, CapabilityTokensInternalServer,
+};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::{Actor, AuditQuery, CapTokens, RevokeTarget, convert};
@@ -24,7 +33,8 @@ use crate::{Actor, AuditQuery, CapTokens, RevokeTarget, convert};
 /// and constraints are small).
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
-/// The service behind the generated `CapTokensService` trait.
+/// The service behind the generated `CapTokensService` and
+/// `CapabilityTokensInternal` traits.
 #[derive(Clone)]
 pub struct CapTokensGrpc {
     tokens: CapTokens,
@@ -36,9 +46,15 @@ impl CapTokensGrpc {
         CapTokensGrpc { tokens }
     }
 
-    /// The tonic server, with a request size limit.
+    /// The tonic server of `CapTokensService`, with a request size limit.
     pub fn into_server(self) -> CapTokensServiceServer<CapTokensGrpc> {
         CapTokensServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    /// The tonic server of `CapabilityTokensInternal`, with a request size
+    /// limit.
+    pub fn into_internal_server(self) -> CapabilityTokensInternalServer<CapTokensGrpc> {
+        CapabilityTokensInternalServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
 
@@ -54,7 +70,7 @@ fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
 }
 
 #[tonic::async_trait]
-impl CapTokensService for CapTokensGrpc {
+impl CapabilityTokensInternal for CapTokensGrpc {
     async fn issue_token(
         &self,
         req: Request<pb::IssueTokenRequest>,
@@ -84,7 +100,10 @@ impl CapTokensService for CapTokensGrpc {
             self.tokens.refresh(&actor, req.get_ref()).await?,
         ))
     }
+}
 
+#[tonic::async_trait]
+impl CapTokensService for CapTokensGrpc {
     async fn revoke_token(
         &self,
         req: Request<pb::RevokeTokenRequest>,
@@ -111,18 +130,22 @@ impl CapTokensService for CapTokensGrpc {
         }))
     }
 
+    /// The JWKS as a JSON document, with how long it may be cached as the
+    /// `cache-control` response metadata (an HTTP header through a gateway).
     async fn get_jwks(
         &self,
         _req: Request<pb::GetJwksRequest>,
-    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+    ) -> Result<Response<HttpBody>, Status> {
         let (jwks_json, max_age) = self.tokens.jwks()?;
-        Ok(Response::new(pb::GetJwksResponse {
-            jwks_json,
-            max_age: Some(pbjson_types::Duration {
-                seconds: i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
-        }))
+        let mut response = Response::new(HttpBody {
+            content_type: "application/json".to_owned(),
+            data: jwks_json.into_bytes(),
+            extensions: Vec::new(),
+        });
+        let cache = MetadataValue::try_from(format!("public, max-age={}", max_age.as_secs()))
+            .map_err(Error::internal)?;
+        response.metadata_mut().insert("cache-control", cache);
+        Ok(response)
     }
 
     async fn list_token_audit(
@@ -149,15 +172,13 @@ impl CapTokensService for CapTokensGrpc {
                 .map(|t| convert::micros(t, "end_time"))
                 .transpose()?,
         };
-        let (entries, next) = self
+        let (entries, next_page_token) = self
             .tokens
-            .list_audit(&actor, &query, r.page.as_ref())
+            .list_audit(&actor, &query, r.page_size, &r.page_token)
             .await?;
         Ok(Response::new(pb::ListTokenAuditResponse {
             entries,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 }

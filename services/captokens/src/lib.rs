@@ -5,9 +5,10 @@
 //! revocation.
 //!
 //! [`CapTokens`] holds the domain logic and knows nothing of gRPC; [`grpc`]
-//! adapts it to the generated `CapTokensService` trait (authentication happens
-//! in the `anumate_auth::AuthLayer` around it — with [`PUBLIC_PATHS`] allowed
-//! through unauthenticated — and handlers only check roles).
+//! adapts it to the generated `CapTokensService` and `CapabilityTokensInternal`
+//! traits (authentication happens in the `anumate_auth::AuthLayer` around
+//! them — with [`PUBLIC_PATHS`] allowed through unauthenticated — and
+//! handlers only check roles).
 #![forbid(unsafe_code)]
 
 mod audit;

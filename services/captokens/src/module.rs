@@ -8,8 +8,9 @@ use anumate_service::{BuildError, Context, Module, ServiceModule};
 
 use crate::{CapTokens, CapTokensConfig, CapTokensGrpc, RECEIPTS_SERVICE_NAME};
 
-/// The captokens service module. It provides [`CapTokens`] (for the admin
-/// JWKS) and runs the replay purge. Revocations are receipted by the
+/// The captokens service module: `CapTokensService` and the service-only
+/// `CapabilityTokensInternal` on the same server. It provides [`CapTokens`]
+/// (for the admin JWKS) and runs the replay purge. Revocations are receipted by the
 /// receipts service of this process (built before it), else by the one at
 /// `[captokens] receipts_url`.
 pub fn module() -> Box<dyn ServiceModule> {
@@ -64,7 +65,8 @@ fn build(ctx: &mut Context, cfg: CapTokensConfig) -> Result<(), BuildError> {
             Ok(())
         });
     ctx.provide(tokens.clone());
-    ctx.routes
-        .add_service(CapTokensGrpc::new(tokens).into_server());
+    let grpc = CapTokensGrpc::new(tokens);
+    ctx.routes.add_service(grpc.clone().into_internal_server());
+    ctx.routes.add_service(grpc.into_server());
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Revoking tokens by `jti` or by run, with an audit entry and a revocation
 //! receipt per revoked token.
 
-use anumate_errors::{Error, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_store::TenantTx;
 
 use crate::audit::record_revocation_entries;
@@ -19,9 +19,9 @@ impl CapTokens {
         let live = |exp: i64| exp.saturating_add(self.inner.leeway) > now;
         match target {
             RevokeTarget::Jti(jti) => {
-                let token = repo::find_token(tx, jti)
-                    .await?
-                    .ok_or_else(|| Error::not_found(format!("no token {jti}")))?;
+                let token = repo::find_token(tx, jti).await?.ok_or_else(|| {
+                    Error::because(Reason::TokenNotFound, format!("no token {jti}"))
+                })?;
                 let fresh = live(token.exp)
                     && !repo::revocation_exists(tx, Some(jti), None).await?
                     && !repo::revocation_exists(tx, None, Some(&token.run)).await?;
@@ -30,7 +30,10 @@ impl CapTokens {
             RevokeTarget::Run(run) => {
                 let tokens = repo::run_tokens(tx, run).await?;
                 if tokens.is_empty() {
-                    return Err(Error::not_found(format!("no token of run {run}")));
+                    return Err(Error::because(
+                        Reason::TokenNotFound,
+                        format!("no token of run {run}"),
+                    ));
                 }
                 if repo::revocation_exists(tx, None, Some(run)).await? {
                     return Ok((Vec::new(), run.to_owned()));
@@ -84,9 +87,9 @@ impl CapTokens {
         let tx = self.inner.store.write(&actor.tenant).await?;
         let (jtis, run) = match target {
             RevokeTarget::Jti(jti) => {
-                let token = repo::find_token(&tx, jti)
-                    .await?
-                    .ok_or_else(|| Error::not_found(format!("no token {jti}")))?;
+                let token = repo::find_token(&tx, jti).await?.ok_or_else(|| {
+                    Error::because(Reason::TokenNotFound, format!("no token {jti}"))
+                })?;
                 let live = token.exp.saturating_add(self.inner.leeway) > now;
                 let rev = repo::NewRevocation {
                     jti: Some(jti),
@@ -107,7 +110,10 @@ impl CapTokens {
             RevokeTarget::Run(run) => {
                 let tokens = repo::run_tokens(&tx, run).await?;
                 if tokens.is_empty() {
-                    return Err(Error::not_found(format!("no token of run {run}")));
+                    return Err(Error::because(
+                        Reason::TokenNotFound,
+                        format!("no token of run {run}"),
+                    ));
                 }
                 let rev = repo::NewRevocation {
                     jti: None,

@@ -6,7 +6,7 @@ use anumate_captokens::{
     ArgsBinding, Expectation, IssueError, IssueRequest, IssuedToken, Reason, ReplayError,
     ReplayGuard as _, VerifiedToken, VerifyError,
 };
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, ErrorCode, Reason as ErrorReason, Result};
 use anumate_proto::captokens::v1 as pb;
 use anumate_store::TenantTx;
 
@@ -15,6 +15,32 @@ use crate::{Actor, CapTokens, convert, repo, unix_now};
 
 pub(crate) fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
+}
+
+/// A request's digest field in its one wire form (`sha256:<hex>`), when set;
+/// `sha256-<hex>` and bare hex are accepted.
+fn digest_field(field: &str, text: &str) -> Result<Option<String>> {
+    opt(text)
+        .map(|t| anumate_crypto::parse_digest(field, t))
+        .transpose()
+}
+
+/// The error of a refresh whose token failed verification: the registered
+/// reason of the check (`TOKEN_EXPIRED`, `TOKEN_REVOKED`, `TOKEN_ALREADY_USED`;
+/// another tenant's token is `TOKEN_NOT_FOUND`), else `UNAUTHENTICATED`.
+fn refresh_refused(rejection: &anumate_captokens::Rejection) -> Error {
+    let reason = match rejection.reason() {
+        Reason::Expired => ErrorReason::TokenExpired,
+        Reason::Revoked => ErrorReason::TokenRevoked,
+        Reason::Replayed => ErrorReason::TokenAlreadyUsed,
+        Reason::WrongTenant => ErrorReason::TokenNotFound,
+        _ => ErrorReason::Unauthenticated,
+    };
+    Error::because(
+        reason,
+        format!("token cannot be refreshed: {}", rejection.failure),
+    )
+    .with_metadata("verdict", rejection.reason().verdict_name())
 }
 
 pub(crate) fn issue_error(e: IssueError) -> Error {
@@ -81,6 +107,7 @@ impl CapTokens {
     ) -> Result<pb::IssueTokenResponse> {
         let capability = convert::capability(req.capability.as_ref())?;
         let ttl = ttl(req.ttl.as_ref())?;
+        let plan_hash = digest_field("plan_hash", &req.plan_hash)?.unwrap_or_default();
         let issued = self.mint(IssueRequest {
             // Empty: the caller started the run.
             subject: opt(&req.subject).unwrap_or(&actor.subject),
@@ -88,7 +115,7 @@ impl CapTokens {
             tenant: &actor.tenant,
             run: &req.run_id,
             step: &req.step_id,
-            plan_hash: &req.plan_hash,
+            plan_hash: &plan_hash,
             args: ArgsBinding::Sha256(&req.args_sha256),
             capability: &capability,
             ttl,
@@ -135,11 +162,13 @@ impl CapTokens {
             ));
         }
         let args = req.args.as_ref().map(convert::args).transpose()?;
+        let args_sha256 = digest_field("args_sha256", &req.args_sha256)?;
+        let plan_hash = digest_field("plan_hash", &req.plan_hash)?;
         let mut expected = Expectation::new(&req.audience, &actor.tenant, &req.tool);
         expected.action = opt(&req.action);
         expected.args = args.as_ref();
-        expected.args_sha256 = opt(&req.args_sha256);
-        expected.plan_hash = opt(&req.plan_hash);
+        expected.args_sha256 = args_sha256.as_deref();
+        expected.plan_hash = plan_hash.as_deref();
         expected.run = opt(&req.run_id);
         expected.step = opt(&req.step_id);
 
@@ -151,7 +180,7 @@ impl CapTokens {
             Ok(verified) => {
                 tx.commit().await?;
                 Ok(pb::VerifyTokenResponse {
-                    verdict: pb::Verdict::Valid as i32,
+                    verdict: pb::TokenVerdict::Valid as i32,
                     message: String::new(),
                     claims: Some(convert::claims(&verified.claims, &verified.kid)),
                     consumed: verified.consumed,
@@ -221,18 +250,7 @@ impl CapTokens {
                 )
                 .await?;
                 tx.commit().await?;
-                let code = match rejection.reason() {
-                    Reason::Expired | Reason::Revoked | Reason::Replayed => {
-                        ErrorCode::FailedPrecondition
-                    }
-                    Reason::WrongTenant => ErrorCode::NotFound,
-                    _ => ErrorCode::Unauthenticated,
-                };
-                return Err(Error::new(
-                    code,
-                    format!("token cannot be refreshed: {}", rejection.failure),
-                )
-                .with_metadata("verdict", rejection.reason().verdict_name()));
+                return Err(refresh_refused(&rejection));
             }
             Err(VerifyError::Unavailable(why)) => {
                 return Err(state_unavailable("token state", &why));
@@ -269,8 +287,8 @@ impl CapTokens {
             {
                 Ok(()) => {}
                 Err(ReplayError::Replayed { .. }) => {
-                    return Err(Error::new(
-                        ErrorCode::FailedPrecondition,
+                    return Err(Error::because(
+                        ErrorReason::TokenAlreadyUsed,
                         "token cannot be refreshed: it was consumed",
                     )
                     .with_metadata("verdict", Reason::Replayed.verdict_name()));

@@ -14,15 +14,17 @@ use anumate_auth::{AuthLayer, Authenticator, BearerToken, DevIssuer, Role, Servi
 use anumate_captokens::{ArgsBinding, Capability, Constraint, IssueRequest, Issuer};
 use anumate_captokens_service::{CapTokens, CapTokensConfig, CapTokensGrpc, PUBLIC_PATHS};
 use anumate_crypto::{KeyPair, KeyRing, b64url};
-use anumate_errors::ErrorCode;
+use anumate_errors::{ErrorCode, Reason};
 use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
+use anumate_proto::google::api::HttpBody;
 use anumate_testing::{
     self as testing, Backend, DevAuth, Store, TestDb, expect_status as expect_error,
     on_both_backends,
 };
-use pb::Verdict;
+use pb::TokenVerdict as Verdict;
 use pb::cap_tokens_service_client::CapTokensServiceClient;
+use pb::capability_tokens_internal_client::CapabilityTokensInternalClient;
 use pb::revoke_token_request::Target;
 use prost::Message as _;
 use serde_json::json;
@@ -30,7 +32,48 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-type Client = CapTokensServiceClient<InterceptedService<Channel, BearerToken>>;
+type Authorized = InterceptedService<Channel, BearerToken>;
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+/// One caller's clients of both services the module serves: the public
+/// `CapTokensService` and the service-only `CapabilityTokensInternal`.
+#[derive(Clone)]
+struct Client {
+    public: CapTokensServiceClient<Authorized>,
+    internal: CapabilityTokensInternalClient<Authorized>,
+}
+
+impl Client {
+    async fn issue_token(&mut self, r: pb::IssueTokenRequest) -> Reply<pb::IssueTokenResponse> {
+        self.internal.issue_token(r).await
+    }
+
+    async fn verify_token(&mut self, r: pb::VerifyTokenRequest) -> Reply<pb::VerifyTokenResponse> {
+        self.internal.verify_token(r).await
+    }
+
+    async fn refresh_token(
+        &mut self,
+        r: pb::RefreshTokenRequest,
+    ) -> Reply<pb::RefreshTokenResponse> {
+        self.internal.refresh_token(r).await
+    }
+
+    async fn revoke_token(&mut self, r: pb::RevokeTokenRequest) -> Reply<pb::RevokeTokenResponse> {
+        self.public.revoke_token(r).await
+    }
+
+    async fn get_jwks(&mut self, r: pb::GetJwksRequest) -> Reply<HttpBody> {
+        self.public.get_jwks(r).await
+    }
+
+    async fn list_token_audit(
+        &mut self,
+        r: pb::ListTokenAuditRequest,
+    ) -> Reply<pb::ListTokenAuditResponse> {
+        self.public.list_token_audit(r).await
+    }
+}
 
 const TENANT_A: &str = "tenant-a";
 const TENANT_B: &str = "tenant-b";
@@ -86,7 +129,8 @@ async fn serve(tokens: CapTokens, auth: Authenticator) -> Server {
     let (addr, handle) = testing::serve_with_layer(
         testing::bind().await,
         layer,
-        Routes::new(CapTokensGrpc::new(tokens).into_server()),
+        Routes::new(CapTokensGrpc::new(tokens.clone()).into_server())
+            .add_service(CapTokensGrpc::new(tokens).into_internal_server()),
     );
     Server { addr, handle }
 }
@@ -160,14 +204,23 @@ impl TestApp {
             .await
     }
 
-    /// A client without any credential.
-    async fn anonymous(&self) -> CapTokensServiceClient<Channel> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.server.addr))
+    /// A channel to the server, to call without any credential.
+    async fn anonymous_channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.server.addr))
             .expect("endpoint")
             .connect()
             .await
-            .expect("connect");
-        CapTokensServiceClient::new(channel)
+            .expect("connect")
+    }
+
+    /// A client of `CapTokensService` without any credential.
+    async fn anonymous(&self) -> CapTokensServiceClient<Channel> {
+        CapTokensServiceClient::new(self.anonymous_channel().await)
+    }
+
+    /// A client of `CapabilityTokensInternal` without any credential.
+    async fn anonymous_internal(&self) -> CapabilityTokensInternalClient<Channel> {
+        CapabilityTokensInternalClient::new(self.anonymous_channel().await)
     }
 
     async fn orchestrator(&self, tenant: &str) -> Client {
@@ -243,7 +296,27 @@ async fn client_with(addr: SocketAddr, token: String) -> Client {
         .connect()
         .await
         .expect("connect");
-    CapTokensServiceClient::with_interceptor(channel, BearerToken(token))
+    Client {
+        public: CapTokensServiceClient::with_interceptor(
+            channel.clone(),
+            BearerToken(token.clone()),
+        ),
+        internal: CapabilityTokensInternalClient::with_interceptor(channel, BearerToken(token)),
+    }
+}
+
+/// The error of `result`, asserting its registered specific `reason`
+/// (`ErrorInfo.reason`) and the gRPC code of the reason's class.
+#[track_caller]
+fn expect_reason<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    reason: Reason,
+) -> tonic::Status {
+    let status = result.expect_err("an error");
+    let e = anumate_errors::Error::from_status(&status);
+    assert_eq!(e.reason, reason, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    status
 }
 
 on_both_backends! {
@@ -393,6 +466,21 @@ async fn issue_and_verify(app: TestApp) {
     assert!(claims.single_use);
     let ttl = claims.expire_time.unwrap().seconds - claims.issue_time.unwrap().seconds;
     assert_eq!(ttl, 120);
+    // Digests are `sha256:<hex>` in the claims, whichever spelling was sent.
+    assert_eq!(claims.args_sha256, hash(&args(100)));
+    let colon_free = orch
+        .issue_token(pb::IssueTokenRequest {
+            plan_hash: PLAN.trim_start_matches("sha256:").to_owned(),
+            args_sha256: hash(&args(100)).replace("sha256:", "sha256-"),
+            ..issue_request("run-1", false)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claims
+        .unwrap();
+    assert_eq!(colon_free.plan_hash, PLAN);
+    assert_eq!(colon_free.args_sha256, claims.args_sha256);
 
     // A dry check leaves it usable.
     let r = conn
@@ -437,15 +525,21 @@ async fn issue_and_verify(app: TestApp) {
     }
 
     // The JWKS verifies the token offline; it needs no credential.
+    // It is a JWKS document (what a JOSE library fetches from the route),
+    // cacheable for `jwks_max_age_secs`.
     let jwks = app
         .anonymous()
         .await
         .get_jwks(pb::GetJwksRequest {})
         .await
-        .expect("jwks without credentials")
-        .into_inner();
-    assert_eq!(jwks.max_age.unwrap().seconds, 300);
-    let set: anumate_crypto::Jwks = serde_json::from_str(&jwks.jwks_json).unwrap();
+        .expect("jwks without credentials");
+    assert_eq!(
+        jwks.metadata().get("cache-control").unwrap(),
+        "public, max-age=300"
+    );
+    let jwks = jwks.into_inner();
+    assert_eq!(jwks.content_type, "application/json");
+    let set: anumate_crypto::Jwks = serde_json::from_slice(&jwks.data).unwrap();
     let offline = anumate_captokens::Verifier::from_jwks(&set).unwrap();
     let a = args(100);
     offline
@@ -658,7 +752,7 @@ async fn roles(app: TestApp) {
     assert_eq!(app.count(TENANT_A, "captoken_tokens").await, 1);
     // No credential at all.
     expect_error(
-        app.anonymous()
+        app.anonymous_internal()
             .await
             .issue_token(issue_request("run-1", true))
             .await,
@@ -673,23 +767,23 @@ async fn cross_tenant(app: TestApp) {
     let jti = issued.claims.clone().unwrap().jti;
     let (v, _) = verdict(&mut orch_b, consume_request(&issued.token)).await;
     assert_eq!(v, Verdict::WrongTenant);
-    expect_error(
+    expect_reason(
         orch_b
             .revoke_token(revoke_request(Target::Jti(jti.clone()), ""))
             .await,
-        ErrorCode::NotFound,
+        Reason::TokenNotFound,
     );
-    expect_error(
+    expect_reason(
         orch_b
             .revoke_token(revoke_request(Target::RunId("run-1".into()), ""))
             .await,
-        ErrorCode::NotFound,
+        Reason::TokenNotFound,
     );
-    expect_error(
+    expect_reason(
         orch_b
             .refresh_token(refresh_request(&issued.token, None))
             .await,
-        ErrorCode::NotFound,
+        Reason::TokenNotFound,
     );
     // A's token is untouched: still consumable in A.
     let mut conn_a = app.connector(TENANT_A).await;
@@ -726,6 +820,7 @@ async fn bad_input_writes_nothing(app: TestApp) {
         issue_with(|r| r.ttl = ttl(-1)),
         issue_with(|r| r.run_id.clear()),
         issue_with(|r| r.args_sha256 = "xyz".into()),
+        issue_with(|r| r.plan_hash = "sha256:not-hex".into()),
         issue_with(|r| {
             r.capability.as_mut().unwrap().constraints =
                 Some(to_struct(&json!({"/amount": {"maximum": 5}})));
@@ -783,17 +878,28 @@ async fn bad_input_writes_nothing(app: TestApp) {
             ..Default::default()
         },
         pb::ListTokenAuditRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
-                page_size: 10,
-                page_token: "garbage".into(),
-            }),
+            page_size: 10,
+            page_token: "garbage".into(),
+            ..Default::default()
+        },
+        pb::ListTokenAuditRequest {
+            page_size: -1,
             ..Default::default()
         },
     ] {
-        expect_error(
+        let field = if req.page_size < 0 {
+            "page_size"
+        } else if req.page_token.is_empty() {
+            "kind"
+        } else {
+            "page_token"
+        };
+        let status = expect_error(
             auditor.list_token_audit(req).await,
             ErrorCode::InvalidArgument,
         );
+        let e = anumate_errors::Error::from_status(&status);
+        assert_eq!(e.violations[0].field, field, "{e:?}");
     }
     // Oversize requests are refused before decoding; the service keeps serving.
     let huge = json!({"order": "x".repeat(300 * 1024), "amount": 1});
@@ -843,20 +949,27 @@ async fn refresh_and_revoke(app: TestApp) {
         Verdict::Valid
     );
     let again = orch.refresh_token(refresh_request(&old.token, None)).await;
-    expect_error(again, ErrorCode::FailedPrecondition);
+    expect_reason(again, Reason::TokenRevoked);
     expect_error(
         orch.refresh_token(refresh_request("garbage", None)).await,
         ErrorCode::Unauthenticated,
+    );
+    // An expired token cannot be refreshed: its own class, TOKEN_EXPIRED.
+    let now = anumate_store::now_micros() / 1_000_000;
+    expect_reason(
+        orch.refresh_token(refresh_request(&app.mint_at(TENANT_A, now - 600), None))
+            .await,
+        Reason::TokenExpired,
     );
     // A consumed token cannot be refreshed.
     assert_eq!(
         verdict(&mut conn, consume_request(&fresh.token)).await.0,
         Verdict::Valid
     );
-    expect_error(
+    expect_reason(
         orch.refresh_token(refresh_request(&fresh.token, None))
             .await,
-        ErrorCode::FailedPrecondition,
+        Reason::TokenAlreadyUsed,
     );
 
     // Revoking twice is a no-op; unknown jti is NOT_FOUND.
@@ -875,9 +988,9 @@ async fn refresh_and_revoke(app: TestApp) {
         .unwrap()
         .into_inner();
     assert!(r.revoked_jtis.is_empty());
-    expect_error(
+    expect_reason(
         orch.revoke_token(revoke(Target::Jti("nope".into()))).await,
-        ErrorCode::NotFound,
+        Reason::TokenNotFound,
     );
     // By run: only the tokens not already revoked are newly revoked.
     let t2 = issue(&mut orch, "run-2", false).await;
@@ -950,10 +1063,8 @@ async fn audit_and_events(app: TestApp) {
     .await;
     assert_eq!(only.len(), 1);
     let page = |token: String| pb::ListTokenAuditRequest {
-        page: Some(anumate_proto::common::v1::PageRequest {
-            page_size: 2,
-            page_token: token,
-        }),
+        page_size: 2,
+        page_token: token,
         ..Default::default()
     };
     let first = auditor
@@ -962,7 +1073,7 @@ async fn audit_and_events(app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(first.entries.len(), 2);
-    let next = first.page.unwrap().next_page_token;
+    let next = first.next_page_token;
     assert!(!next.is_empty());
     let second = auditor
         .list_token_audit(page(next))
@@ -971,7 +1082,7 @@ async fn audit_and_events(app: TestApp) {
         .into_inner();
     assert_eq!(second.entries.len(), 1);
     assert_eq!(second.entries[0].kind, pb::AuditKind::Issued as i32);
-    assert!(second.page.unwrap().next_page_token.is_empty());
+    assert!(second.next_page_token.is_empty());
 
     // The outbox holds the three events, in order, with their payloads.
     let events = app.event_types(TENANT_A).await;
@@ -1076,7 +1187,7 @@ async fn rotation_sqlite() {
         .await
         .unwrap()
         .into_inner();
-    let set: anumate_crypto::Jwks = serde_json::from_str(&jwks.jwks_json).unwrap();
+    let set: anumate_crypto::Jwks = serde_json::from_slice(&jwks.data).unwrap();
     assert_eq!(set.keys.len(), 2);
 
     // Retired for good: only the new key remains.
@@ -1273,7 +1384,7 @@ async fn revocations_are_receipted(app: TestApp) {
                         anumate_auth::AuthzTable::platform().unwrap(),
                     )),
             )
-            .add_service(anumate_receipts::ReceiptsGrpc::new(grpc_receipts).into_server())
+            .add_service(anumate_receipts::ReceiptsGrpc::new(grpc_receipts).into_internal_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap();
@@ -1419,11 +1530,39 @@ async fn tokens_bind_what_the_platform_approved(app: TestApp) {
     req.args = None;
     req.args_sha256 = hash(&args(99));
     assert_eq!(verdict(&mut connector, req).await.0, Verdict::ArgsMismatch);
-    // The right hash alone is enough.
-    let mut req = verify_request(&issued.token);
-    req.args = None;
-    req.args_sha256 = hash(&args(100));
-    assert_eq!(verdict(&mut connector, req).await.0, Verdict::Valid);
+    // The right hash alone is enough, in any accepted spelling (`sha256:`,
+    // and the colon-free `sha256-` and bare hex), and so is the plan's.
+    let right = hash(&args(100));
+    assert!(right.starts_with("sha256:"), "{right}");
+    let bare = right.trim_start_matches("sha256:");
+    for (args_sha256, plan_hash) in [
+        (right.clone(), PLAN.to_owned()),
+        (format!("sha256-{bare}"), PLAN.replace("sha256:", "sha256-")),
+        (
+            bare.to_owned(),
+            PLAN.trim_start_matches("sha256:").to_owned(),
+        ),
+    ] {
+        let mut req = verify_request(&issued.token);
+        req.args = None;
+        req.args_sha256 = args_sha256;
+        req.plan_hash = plan_hash;
+        assert_eq!(verdict(&mut connector, req).await.0, Verdict::Valid);
+    }
+    // A hash that is no SHA-256 digest is a bad request naming its field.
+    for field in ["args_sha256", "plan_hash"] {
+        let mut req = verify_request(&issued.token);
+        match field {
+            "args_sha256" => req.args_sha256 = "xyz".into(),
+            _ => req.plan_hash = "sha256:XYZ".into(),
+        }
+        let status = expect_error(
+            connector.verify_token(req).await,
+            ErrorCode::InvalidArgument,
+        );
+        let e = anumate_errors::Error::from_status(&status);
+        assert_eq!(e.violations[0].field, field, "{e:?}");
+    }
     // Operators may no longer verify; admins may.
     expect_error(
         operator.verify_token(verify_request(&issued.token)).await,
@@ -1490,11 +1629,11 @@ async fn refresh_races_and_chains(app: TestApp) {
     let issued = issue(&mut orchestrator, "spent", true).await;
     let spent = consume_request(&issued.token);
     assert_eq!(verdict(&mut connector, spent).await.0, Verdict::Valid);
-    expect_error(
+    expect_reason(
         orchestrator
             .refresh_token(refresh_request(&issued.token, None))
             .await,
-        ErrorCode::FailedPrecondition,
+        Reason::TokenAlreadyUsed,
     );
 
     // The chain: a service whose chain may live 90 s refreshes a 60 s token

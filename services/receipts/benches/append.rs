@@ -23,12 +23,14 @@ use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
 use anumate_store::Store;
 use anumate_store::testing::TestDb;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pb::receipts_internal_client::ReceiptsInternalClient;
 use pb::receipts_service_client::ReceiptsServiceClient;
 use sea_orm::ConnectionTrait as _;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
+type Client = ReceiptsInternalClient<InterceptedService<Channel, BearerToken>>;
+type Reader = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
 
 const CLIENTS: usize = 8;
 const PER_CLIENT: usize = 64;
@@ -44,7 +46,7 @@ struct Bench {
     /// The orchestrator service's clients (only it appends step receipts).
     clients: Vec<Client>,
     /// An auditor's client, for proofs.
-    reader: Client,
+    reader: Reader,
     db: TestDb,
     _dir: tempfile::TempDir,
 }
@@ -75,6 +77,7 @@ async fn setup() -> Bench {
                 auth,
                 anumate_auth::AuthzTable::platform().unwrap(),
             ))
+            .add_service(ReceiptsGrpc::new(receipts.clone()).into_internal_server())
             .add_service(ReceiptsGrpc::new(receipts).into_server())
             .serve_with_incoming(async_stream_nodelay(listener))
             .await
@@ -104,7 +107,7 @@ async fn setup() -> Bench {
             .connect()
             .await
             .unwrap();
-        clients.push(ReceiptsServiceClient::with_interceptor(
+        clients.push(ReceiptsInternalClient::with_interceptor(
             channel,
             BearerToken(token.clone()),
         ));
@@ -223,7 +226,7 @@ fn append(c: &mut Criterion) {
 /// served; with `inflight > 0` the 8 clients keep appending meanwhile, for at
 /// least `SUSTAINED`. Prints p50/p99 and, under load, the sustained append
 /// rate and append latency.
-async fn time_to_proof(clients: &[Client], reader: &Client, label: &str, inflight: usize) {
+async fn time_to_proof(clients: &[Client], reader: &Reader, label: &str, inflight: usize) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     let started = Instant::now();

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{CompactRange, Hash, Statement, Subject};
@@ -152,8 +152,13 @@ impl Receipts {
             ));
         }
         check_text("dedupe_key", dedupe_key)?;
-        let subject = subject.unwrap_or_default();
+        let mut subject = subject.unwrap_or_default();
         check_subject(&subject)?;
+        // Signed and stored in its one wire form, whichever spelling came in.
+        if !subject.plan_hash.is_empty() {
+            subject.plan_hash =
+                anumate_crypto::parse_digest("subject.plan_hash", &subject.plan_hash)?;
+        }
         let mut content = match content {
             Some(c) => serde_json::to_value(&c).map_err(Error::internal)?,
             None => Value::Object(serde_json::Map::new()),
@@ -266,8 +271,8 @@ impl Receipts {
                 results.push(if existing.request_hash == p.fingerprint {
                     receipt_proto(existing, true).map(|r| (r, false))
                 } else {
-                    Err(Error::new(
-                        ErrorCode::AlreadyExists,
+                    Err(Error::because(
+                        Reason::IdempotencyKeyReused,
                         format!(
                             "dedupe_key {:?} was used for a different receipt (leaf {})",
                             p.dedupe_key, existing.leaf_index

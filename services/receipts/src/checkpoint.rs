@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anumate_errors::{Error, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Checkpoint, CompactRange, NoteSigner};
@@ -37,9 +37,12 @@ impl Receipts {
         tx: &anumate_store::TenantTx,
         size: Option<u64>,
     ) -> Result<repo::CheckpointRow> {
-        repo::checkpoint(tx, size).await?.ok_or_else(|| match size {
-            Some(s) => Error::not_found(format!("no checkpoint was published at tree size {s}")),
-            None => Error::not_found("no checkpoint has been published yet"),
+        repo::checkpoint(tx, size).await?.ok_or_else(|| {
+            let message = match size {
+                Some(s) => format!("no checkpoint was published at tree size {s}"),
+                None => "no checkpoint has been published yet".to_owned(),
+            };
+            Error::because(Reason::CheckpointNotFound, message)
         })
     }
 

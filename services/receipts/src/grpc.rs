@@ -1,13 +1,17 @@
-//! The gRPC adapter: decode, call [`Receipts`], encode. Who may call each RPC
-//! is enforced before the handler by the auth layer (the proto's `authz`
-//! options): reading needs `admin`, `auditor` or `operator`; appending is for
-//! platform service identities only, each for the kinds it owns (checked by
-//! [`Receipts::append`]).
+//! The gRPC adapter: decode, call [`Receipts`], encode, for the public
+//! `ReceiptsService` and the service-only `ReceiptsInternal` (appending; no
+//! HTTP rule, so the REST gateway cannot route it). Who may call each RPC is
+//! enforced before the handler by the auth layer (the proto's `authz`
+//! options, read for both services): reading needs `admin`, `auditor` or
+//! `operator`; appending is for platform service identities only, each for
+//! the kinds it owns (checked by [`Receipts::append`]).
 
 use std::pin::Pin;
 
 use anumate_errors::Error;
+use anumate_proto::google::api::HttpBody;
 use anumate_proto::receipts::v1 as pb;
+use pb::receipts_internal_server::{ReceiptsInternal, ReceiptsInternalServer};
 use pb::receipts_service_server::{ReceiptsService, ReceiptsServiceServer};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -20,7 +24,8 @@ const EXPORT_CHUNK: i64 = 200;
 /// alone), so each message stays well under a client's default 4 MiB limit.
 pub const EXPORT_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// The receipts service behind the generated `ReceiptsService` trait.
+/// The receipts service behind the generated `ReceiptsService` and
+/// `ReceiptsInternal` traits.
 #[derive(Clone)]
 pub struct ReceiptsGrpc {
     receipts: Receipts,
@@ -32,15 +37,26 @@ impl ReceiptsGrpc {
         ReceiptsGrpc { receipts }
     }
 
-    /// The tonic server, with request size limits above the content limit.
-    pub fn into_server(self) -> ReceiptsServiceServer<ReceiptsGrpc> {
-        let limit = self
-            .receipts
+    /// Largest request accepted: above the content limit, for its encoding.
+    fn max_request_bytes(&self) -> usize {
+        self.receipts
             .cfg
             .max_content_bytes
             .saturating_mul(4)
-            .saturating_add(64 * 1024);
+            .saturating_add(64 * 1024)
+    }
+
+    /// The tonic server of `ReceiptsService`, with a request size limit.
+    pub fn into_server(self) -> ReceiptsServiceServer<ReceiptsGrpc> {
+        let limit = self.max_request_bytes();
         ReceiptsServiceServer::new(self).max_decoding_message_size(limit)
+    }
+
+    /// The tonic server of `ReceiptsInternal` (appending), with a request
+    /// size limit above the content limit.
+    pub fn into_internal_server(self) -> ReceiptsInternalServer<ReceiptsGrpc> {
+        let limit = self.max_request_bytes();
+        ReceiptsInternalServer::new(self).max_decoding_message_size(limit)
     }
 }
 
@@ -61,7 +77,7 @@ pub type ExportStream =
     Pin<Box<dyn Stream<Item = Result<pb::ExportReceiptsResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl ReceiptsService for ReceiptsGrpc {
+impl ReceiptsInternal for ReceiptsGrpc {
     async fn append_receipt(
         &self,
         req: Request<pb::AppendReceiptRequest>,
@@ -77,7 +93,10 @@ impl ReceiptsService for ReceiptsGrpc {
             created,
         }))
     }
+}
 
+#[tonic::async_trait]
+impl ReceiptsService for ReceiptsGrpc {
     async fn get_receipt(
         &self,
         req: Request<pb::GetReceiptRequest>,
@@ -96,12 +115,13 @@ impl ReceiptsService for ReceiptsGrpc {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let filter = Receipts::filter(r.filter.as_ref())?;
-        let (receipts, next) = self.receipts.list(&actor, &filter, r.page.as_ref()).await?;
+        let (receipts, next_page_token) = self
+            .receipts
+            .list(&actor, &filter, r.page_size, &r.page_token)
+            .await?;
         Ok(Response::new(pb::ListReceiptsResponse {
             receipts,
-            page: Some(anumate_proto::common::v1::PageResponse {
-                next_page_token: next,
-            }),
+            next_page_token,
         }))
     }
 
@@ -154,12 +174,16 @@ impl ReceiptsService for ReceiptsGrpc {
         }))
     }
 
-    async fn get_signing_keys(
+    async fn get_receipt_signing_keys(
         &self,
-        _req: Request<pb::GetSigningKeysRequest>,
-    ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        let jwks_json = serde_json::to_string(&self.receipts.jwks()).map_err(Error::internal)?;
-        Ok(Response::new(pb::GetSigningKeysResponse { jwks_json }))
+        _req: Request<pb::GetReceiptSigningKeysRequest>,
+    ) -> Result<Response<HttpBody>, Status> {
+        let data = serde_json::to_vec(&self.receipts.jwks()).map_err(Error::internal)?;
+        Ok(Response::new(HttpBody {
+            content_type: "application/json".to_owned(),
+            data,
+            extensions: Vec::new(),
+        }))
     }
 
     type ExportReceiptsStream = ExportStream;

@@ -39,10 +39,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anumate_crypto::KeyRing;
-use anumate_errors::{Error, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::receipts::v1 as pb;
 use anumate_redaction::{RedactionConfig, Redactor};
-use anumate_store::{Migration, Store};
+use anumate_store::{Migration, Store, paging};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -330,9 +330,12 @@ impl Receipts {
             return Err(Error::invalid_argument("receipt_id", "required"));
         }
         check_text("receipt_id", receipt_id)?;
-        repo::by_id(tx, receipt_id)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("receipt {receipt_id} not found")))
+        repo::by_id(tx, receipt_id).await?.ok_or_else(|| {
+            Error::because(
+                Reason::ReceiptNotFound,
+                format!("receipt {receipt_id} not found"),
+            )
+        })
     }
 
     /// Builds a validated [`Filter`].
@@ -347,48 +350,38 @@ impl Receipts {
             })?),
         };
         check_text("filter.run_id", &f.run_id)?;
-        check_text("filter.plan_hash", &f.plan_hash)?;
+        let plan_hash = (!f.plan_hash.is_empty())
+            .then(|| anumate_crypto::parse_digest("filter.plan_hash", &f.plan_hash))
+            .transpose()?;
         Ok(Filter {
             kind: kind.map(str::to_string),
             run_id: (!f.run_id.is_empty()).then(|| f.run_id.clone()),
-            plan_hash: (!f.plan_hash.is_empty()).then(|| f.plan_hash.clone()),
+            plan_hash,
             start_micros: f.start_time.as_ref().map(micros),
             end_micros: f.end_time.as_ref().map(micros),
         })
     }
 
-    /// A page of receipts, newest first, without content.
+    /// A page of receipts, newest first, without content, and the next page
+    /// token (AIP-158 `page_size` and `page_token`; the token carries the
+    /// last leaf index of the page).
     pub async fn list(
         &self,
         actor: &Actor,
         filter: &Filter,
-        page: Option<&anumate_proto::common::v1::PageRequest>,
+        page_size: i32,
+        page_token: &str,
     ) -> Result<(Vec<pb::Receipt>, String)> {
-        let size = match page.map_or(0, |p| p.page_size) {
-            n if n < 0 => {
-                return Err(Error::invalid_argument(
-                    "page.page_size",
-                    "must not be negative",
-                ));
-            }
-            0 => 50,
-            n => i64::from(n).min(500),
-        };
-        let cursor =
-            match page.map(|p| p.page_token.as_str()).unwrap_or("") {
-                "" => None,
-                t => Some(t.parse::<u64>().map_err(|_| {
-                    Error::invalid_argument("page.page_token", "malformed page token")
-                })?),
-            };
+        let (size, key) = paging::page_params(page_size, page_token)?;
+        let cursor = key
+            .map(|k| {
+                k.parse::<u64>()
+                    .map_err(|_| Error::invalid_argument("page_token", "malformed page token"))
+            })
+            .transpose()?;
         let tx = self.store.read(&actor.tenant).await?;
         let rows = repo::list(&tx, filter, cursor, true, size + 1).await?;
-        let more = rows.len() as i64 > size;
-        let rows = &rows[..rows.len().min(size as usize)];
-        let next = match (more, rows.last()) {
-            (true, Some(last)) => last.leaf_index.to_string(),
-            _ => String::new(),
-        };
+        let (rows, next) = paging::finish_page(rows, size, |r| r.leaf_index.to_string());
         let receipts = rows
             .iter()
             .map(|r| receipt_proto(r, false))

@@ -11,8 +11,10 @@ use crate::{Actor, Receipts, ReceiptsConfig, ReceiptsGrpc};
 
 const KEYS: &str = "[keys] receipts_key_files";
 
-/// The receipts service module. It provides [`Receipts`] (for the admin
-/// JWKS) and an in-process [`ReceiptsClient`], and runs the checkpointer.
+/// The receipts service module: `ReceiptsService` and the service-only
+/// `ReceiptsInternal` on the same server. It provides [`Receipts`] (for the
+/// admin JWKS) and an in-process [`ReceiptsClient`], and runs the
+/// checkpointer.
 pub fn module() -> Box<dyn ServiceModule> {
     Box::new(Module::<ReceiptsConfig> {
         name: pb::receipts_service_server::SERVICE_NAME,
@@ -41,8 +43,9 @@ fn build(ctx: &mut Context, cfg: ReceiptsConfig) -> Result<(), BuildError> {
         });
     ctx.provide(receipts.clone());
     ctx.provide::<Arc<dyn ReceiptsClient>>(Arc::new(receipts.clone()));
-    ctx.routes
-        .add_service(ReceiptsGrpc::new(receipts).into_server());
+    let grpc = ReceiptsGrpc::new(receipts);
+    ctx.routes.add_service(grpc.clone().into_internal_server());
+    ctx.routes.add_service(grpc.into_server());
     Ok(())
 }
 

@@ -11,20 +11,62 @@ use std::time::Duration;
 
 use anumate_auth::{Authenticator, BearerToken, DevIssuer, Role, ServiceIssuer};
 use anumate_crypto::{Jwks, KeyPair, KeyRing};
-use anumate_errors::{Error, ErrorCode};
+use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_consistency, verify_receipt_offline};
 use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
 use anumate_testing::{
     self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
 };
+use pb::receipts_internal_client::ReceiptsInternalClient;
 use pb::receipts_service_client::ReceiptsServiceClient;
 use serde_json::json;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-type Client = ReceiptsServiceClient<InterceptedService<Channel, BearerToken>>;
+type Authorized = InterceptedService<Channel, BearerToken>;
+
+/// One caller's clients of both services the module serves: the public
+/// `ReceiptsService` (its methods through `Deref`) and the service-only
+/// `ReceiptsInternal` (appending).
+#[derive(Clone)]
+struct Client {
+    public: ReceiptsServiceClient<Authorized>,
+    internal: ReceiptsInternalClient<Authorized>,
+}
+
+impl Client {
+    fn new(channel: Channel, token: String) -> Client {
+        Client {
+            public: ReceiptsServiceClient::with_interceptor(
+                channel.clone(),
+                BearerToken(token.clone()),
+            ),
+            internal: ReceiptsInternalClient::with_interceptor(channel, BearerToken(token)),
+        }
+    }
+
+    async fn append_receipt(
+        &mut self,
+        request: pb::AppendReceiptRequest,
+    ) -> Result<tonic::Response<pb::AppendReceiptResponse>, tonic::Status> {
+        self.internal.append_receipt(request).await
+    }
+}
+
+impl std::ops::Deref for Client {
+    type Target = ReceiptsServiceClient<Authorized>;
+    fn deref(&self) -> &Self::Target {
+        &self.public
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.public
+    }
+}
 
 const TENANT_A: &str = "tenant-a";
 const TENANT_B: &str = "tenant-b";
@@ -72,7 +114,8 @@ async fn serve(
     let receipts = Receipts::new(store.clone(), keys.clone(), cfg).expect("receipts");
     let (addr, server) = testing::serve(
         auth.clone(),
-        Routes::new(ReceiptsGrpc::new(receipts.clone()).into_server()),
+        Routes::new(ReceiptsGrpc::new(receipts.clone()).into_server())
+            .add_service(ReceiptsGrpc::new(receipts.clone()).into_internal_server()),
     )
     .await;
     (addr, receipts, server)
@@ -139,7 +182,7 @@ impl TestApp {
             .connect()
             .await
             .expect("connect");
-        ReceiptsServiceClient::with_interceptor(channel, BearerToken(token))
+        Client::new(channel, token)
     }
 
     /// The orchestrator service of `tenant` (appends step receipts).
@@ -208,6 +251,17 @@ fn step_request(run: &str, step: &str, attempt: i32, amount: i64) -> pb::AppendR
     }
 }
 
+/// The error of `result`, asserting its registered specific `reason`
+/// (`ErrorInfo.reason`) and the gRPC code of the reason's class.
+#[track_caller]
+fn expect_reason<T: std::fmt::Debug>(result: Result<T, tonic::Status>, reason: Reason) -> Error {
+    let status = result.expect_err("an error");
+    let e = Error::from_status(&status);
+    assert_eq!(e.reason, reason, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    e
+}
+
 async fn append(client: &mut Client, req: pb::AppendReceiptRequest) -> pb::Receipt {
     let resp = client
         .append_receipt(req)
@@ -218,14 +272,15 @@ async fn append(client: &mut Client, req: pb::AppendReceiptRequest) -> pb::Recei
     resp.receipt.expect("receipt")
 }
 
+/// The receipts JWKS, checking it is served as a JWKS document.
 async fn jwks(client: &mut Client) -> Jwks {
-    let json = client
-        .get_signing_keys(pb::GetSigningKeysRequest {})
+    let body = client
+        .get_receipt_signing_keys(pb::GetReceiptSigningKeysRequest {})
         .await
         .expect("keys")
-        .into_inner()
-        .jwks_json;
-    serde_json::from_str(&json).expect("jwks json")
+        .into_inner();
+    assert_eq!(body.content_type, "application/json");
+    serde_json::from_slice(&body.data).expect("jwks json")
 }
 
 fn hash(bytes: &[u8]) -> Hash {
@@ -316,11 +371,11 @@ async fn append_prove_verify(app: TestApp) {
             .await,
         ErrorCode::FailedPrecondition,
     );
-    expect_error(
+    expect_reason(
         auditor
             .get_checkpoint(pb::GetCheckpointRequest { tree_size: 0 })
             .await,
-        ErrorCode::NotFound,
+        Reason::CheckpointNotFound,
     );
     assert_eq!(app.receipts.publish_pending().await.expect("publish"), 1);
     assert_eq!(app.receipts.publish_pending().await.expect("publish"), 0);
@@ -397,10 +452,8 @@ async fn append_prove_verify(app: TestApp) {
     assert_eq!(got, receipts[2]);
     let list = auditor
         .list_receipts(pb::ListReceiptsRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
-                page_size: 5,
-                page_token: String::new(),
-            }),
+            page_size: 5,
+            page_token: String::new(),
             filter: Some(pb::ReceiptFilter {
                 run_id: "run-1".into(),
                 ..Default::default()
@@ -412,13 +465,11 @@ async fn append_prove_verify(app: TestApp) {
     let indexes: Vec<i64> = list.receipts.iter().map(|r| r.leaf_index).collect();
     assert_eq!(indexes, vec![6, 5, 4, 3, 2]);
     assert!(list.receipts.iter().all(|r| r.content.is_none()));
-    let next = list.page.unwrap().next_page_token;
+    let next = list.next_page_token;
     let rest = auditor
         .list_receipts(pb::ListReceiptsRequest {
-            page: Some(anumate_proto::common::v1::PageRequest {
-                page_size: 5,
-                page_token: next,
-            }),
+            page_size: 5,
+            page_token: next,
             filter: Some(pb::ReceiptFilter {
                 run_id: "run-1".into(),
                 ..Default::default()
@@ -428,7 +479,32 @@ async fn append_prove_verify(app: TestApp) {
         .expect("list 2")
         .into_inner();
     assert_eq!(rest.receipts.len(), 2);
-    assert!(rest.page.unwrap().next_page_token.is_empty());
+    assert!(rest.next_page_token.is_empty());
+    // A plan hash may be sent without its colon (`sha256-<hex>`, bare hex):
+    // it is signed, stored and matched as `sha256:<hex>`.
+    let plan = format!("sha256:{}", "ab".repeat(32));
+    let mut req = step_request("run-plan", "s1", 1, 1);
+    req.subject.as_mut().unwrap().plan_hash = plan.replace("sha256:", "sha256-");
+    let r = append(&mut svc, req).await;
+    assert_eq!(r.subject.as_ref().unwrap().plan_hash, plan);
+    assert!(r.statement_json.contains(&plan), "{}", r.statement_json);
+    let by_plan = auditor
+        .list_receipts(pb::ListReceiptsRequest {
+            filter: Some(pb::ReceiptFilter {
+                run_id: "run-plan".into(),
+                plan_hash: "ab".repeat(32),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("list by plan")
+        .into_inner();
+    assert_eq!(by_plan.receipts.len(), 1);
+    let mut req = step_request("run-plan", "s2", 1, 1);
+    req.subject.as_mut().unwrap().plan_hash = "sha256:ABC".into();
+    let e = expect_error(svc.append_receipt(req).await, ErrorCode::InvalidArgument);
+    assert_eq!(e.violations[0].field, "subject.plan_hash", "{e:?}");
     // One outbox event per receipt.
     let tx = app.store.read(TENANT_A).await.unwrap();
     let events = anumate_events::read_after(&tx, 0, 1000).await.unwrap();
@@ -437,7 +513,7 @@ async fn append_prove_verify(app: TestApp) {
             .iter()
             .filter(|e| e.event_type == "dev.anumate.receipt.appended.v1")
             .count(),
-        12
+        13
     );
     // One checkpoint.published per checkpoint, carrying the signed note as served.
     let published: Vec<anumate_proto::events::v1::CheckpointPublished> = events
@@ -465,9 +541,9 @@ async fn idempotency(app: TestApp) {
         .into_inner();
     assert!(!again.created);
     assert_eq!(again.receipt.unwrap(), first);
-    let err = expect_error(
+    let err = expect_reason(
         svc.append_receipt(step_request("run-1", "s1", 1, 6)).await,
-        ErrorCode::AlreadyExists,
+        Reason::IdempotencyKeyReused,
     );
     assert!(err.message.contains("dedupe_key"), "{}", err.message);
     assert_eq!(count(&app, TENANT_A, "receipts").await, 1);
@@ -565,33 +641,33 @@ async fn cross_tenant(app: TestApp) {
     let a = append(&mut svc_a, step_request("run-1", "s1", 1, 1)).await;
     app.receipts.publish_pending().await.unwrap();
     let mut b = app.auditor(TENANT_B).await;
-    expect_error(
+    expect_reason(
         b.get_receipt(pb::GetReceiptRequest {
             receipt_id: a.receipt_id.clone(),
         })
         .await,
-        ErrorCode::NotFound,
+        Reason::ReceiptNotFound,
     );
-    expect_error(
+    expect_reason(
         b.get_inclusion_proof(pb::GetInclusionProofRequest {
             receipt_id: a.receipt_id.clone(),
             tree_size: 1,
         })
         .await,
-        ErrorCode::NotFound,
+        Reason::ReceiptNotFound,
     );
-    expect_error(
+    expect_reason(
         b.get_checkpoint(pb::GetCheckpointRequest { tree_size: 1 })
             .await,
-        ErrorCode::NotFound,
+        Reason::CheckpointNotFound,
     );
-    expect_error(
+    expect_reason(
         b.get_consistency_proof(pb::GetConsistencyProofRequest {
             first_tree_size: 1,
             second_tree_size: 1,
         })
         .await,
-        ErrorCode::NotFound,
+        Reason::CheckpointNotFound,
     );
     let list = b
         .list_receipts(pb::ListReceiptsRequest::default())
@@ -712,7 +788,7 @@ async fn two_replicas(app: TestApp) {
         .connect()
         .await
         .expect("connect");
-    let mut replica_b = ReceiptsServiceClient::with_interceptor(channel, BearerToken(token));
+    let mut replica_b = Client::new(channel, token);
     let mut replica_a = app.service(TENANT_A).await;
     let mut receipts = Vec::new();
     // Uneven runs on each side, so each replica meets sizes it did not write.
@@ -787,13 +863,13 @@ async fn bad_input(app: TestApp) {
             .await,
         ErrorCode::InvalidArgument,
     );
-    expect_error(
+    expect_reason(
         auditor
             .get_receipt(pb::GetReceiptRequest {
                 receipt_id: "nope".into(),
             })
             .await,
-        ErrorCode::NotFound,
+        Reason::ReceiptNotFound,
     );
     expect_error(
         auditor
@@ -810,30 +886,50 @@ async fn bad_input(app: TestApp) {
             .await,
         ErrorCode::InvalidArgument,
     );
-    expect_error(
-        auditor
-            .list_receipts(pb::ListReceiptsRequest {
-                page: Some(anumate_proto::common::v1::PageRequest {
-                    page_size: 1,
-                    page_token: "garbage".into(),
-                }),
+    // Paging and filter errors name the top-level field (AIP-158).
+    for (request, field) in [
+        (
+            pb::ListReceiptsRequest {
+                page_size: 1,
+                page_token: "garbage".into(),
                 filter: None,
-            })
-            .await,
-        ErrorCode::InvalidArgument,
-    );
-    expect_error(
-        auditor
-            .list_receipts(pb::ListReceiptsRequest {
-                page: None,
+            },
+            "page_token",
+        ),
+        (
+            pb::ListReceiptsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            pb::ListReceiptsRequest {
                 filter: Some(pb::ReceiptFilter {
                     kind: 42,
                     ..Default::default()
                 }),
-            })
-            .await,
-        ErrorCode::InvalidArgument,
-    );
+                ..Default::default()
+            },
+            "filter.kind",
+        ),
+        (
+            pb::ListReceiptsRequest {
+                filter: Some(pb::ReceiptFilter {
+                    plan_hash: "sha256:nothex".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "filter.plan_hash",
+        ),
+    ] {
+        let e = expect_error(
+            auditor.list_receipts(request).await,
+            ErrorCode::InvalidArgument,
+        );
+        assert_eq!(e.violations[0].field, field, "{e:?}");
+    }
     expect_error(
         auditor
             .export_receipts(pb::ExportReceiptsRequest {
@@ -857,14 +953,14 @@ async fn bad_input(app: TestApp) {
             .await,
         ErrorCode::InvalidArgument,
     );
-    expect_error(
+    expect_reason(
         auditor
             .get_consistency_proof(pb::GetConsistencyProofRequest {
                 first_tree_size: 3,
                 second_tree_size: 0,
             })
             .await,
-        ErrorCode::NotFound,
+        Reason::CheckpointNotFound,
     );
     // The service keeps serving.
     append(&mut svc, step_request("r", "s3", 1, 1)).await;
@@ -1093,7 +1189,10 @@ async fn concurrent_appends(app: TestApp) {
                 assert!(r.created);
                 created += 1;
             }
-            Err(s) => assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}");
+                assert_eq!(Error::from_status(&s).reason, Reason::IdempotencyKeyReused);
+            }
         }
     }
     assert_eq!(created, 1);
