@@ -265,6 +265,39 @@ pub fn expect_status<T: std::fmt::Debug>(
     status
 }
 
+/// The status of a call that must fail with the registered specific `reason`:
+/// its `ErrorInfo` (reason and domain) and the gRPC code of the reason's class.
+#[track_caller]
+pub fn expect_reason_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    reason: anumate_errors::Reason,
+) -> tonic::Status {
+    let status = match result {
+        Ok(v) => panic!("expected {reason}, got success: {v:?}"),
+        Err(s) => s,
+    };
+    let info = status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason.as_str(), "{status:?}");
+    assert_eq!(info.domain, anumate_errors::DOMAIN, "{status:?}");
+    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    status
+}
+
+/// [`expect_reason_status`], decoded into the product error (violations, metadata).
+#[track_caller]
+pub fn expect_reason<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    reason: anumate_errors::Reason,
+) -> Error {
+    let err = Error::from_status(&expect_reason_status(result, reason));
+    assert_eq!((err.code, err.reason), (reason.code(), reason));
+    err
+}
+
 /// [`expect_status`], decoded into the product error (violations, metadata).
 #[track_caller]
 pub fn expect_error<T: std::fmt::Debug>(

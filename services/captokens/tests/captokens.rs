@@ -19,8 +19,8 @@ use anumate_proto::captokens::v1 as pb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::google::api::HttpBody;
 use anumate_testing::{
-    self as testing, Backend, DevAuth, Store, TestDb, expect_status as expect_error,
-    on_both_backends,
+    self as testing, Backend, DevAuth, Store, TestDb, expect_reason_status as expect_reason,
+    expect_status as expect_error, on_both_backends,
 };
 use pb::TokenVerdict as Verdict;
 use pb::cap_tokens_service_client::CapTokensServiceClient;
@@ -303,20 +303,6 @@ async fn client_with(addr: SocketAddr, token: String) -> Client {
         ),
         internal: CapabilityTokensInternalClient::with_interceptor(channel, BearerToken(token)),
     }
-}
-
-/// The error of `result`, asserting its registered specific `reason`
-/// (`ErrorInfo.reason`) and the gRPC code of the reason's class.
-#[track_caller]
-fn expect_reason<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    reason: Reason,
-) -> tonic::Status {
-    let status = result.expect_err("an error");
-    let e = anumate_errors::Error::from_status(&status);
-    assert_eq!(e.reason, reason, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
-    status
 }
 
 on_both_backends! {

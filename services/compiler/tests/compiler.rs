@@ -18,7 +18,7 @@ use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
 use anumate_testing::{
-    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
 };
 use pb::compiler_service_client::CompilerServiceClient;
 use ppb::policy_service_client::PolicyServiceClient;
@@ -131,17 +131,6 @@ impl TestApp {
             .map(|r| (r.event_type, r.subject))
             .collect()
     }
-}
-
-/// The error of a call that must fail with the specific `reason`: its
-/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
-#[track_caller]
-fn expect_reason<T: std::fmt::Debug>(result: Result<T, tonic::Status>, reason: Reason) -> Error {
-    let status = result.expect_err("expected an error");
-    let e = Error::from_status(&status);
-    assert_eq!(e.reason, reason, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
-    e
 }
 
 fn meta<'a>(e: &'a Error, key: &str) -> &'a str {

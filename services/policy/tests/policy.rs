@@ -13,7 +13,7 @@ use anumate_errors::{Error, ErrorCode, Reason};
 use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::policy::v1 as pb;
 use anumate_testing::{
-    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
 };
 use pb::evaluate_policy_request::{Input, Policies as Target};
 use pb::policy_service_client::PolicyServiceClient;
@@ -24,17 +24,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
 
 type Client = PolicyServiceClient<InterceptedService<Channel, BearerToken>>;
-
-/// The error of a call that must fail with the specific `reason`: its
-/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
-#[track_caller]
-fn expect_reason<T: std::fmt::Debug>(result: Result<T, Status>, reason: Reason) -> Error {
-    let status = result.expect_err("expected an error");
-    let err = Error::from_status(&status);
-    assert_eq!(err.reason, reason, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
-    err
-}
 
 const EXAMPLE: &str = include_str!("../../../examples/refund.policy");
 const TENANT_A: &str = "tenant-a";

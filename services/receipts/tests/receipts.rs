@@ -16,7 +16,7 @@ use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{Hash, InclusionProof, verify_consistency, verify_receipt_offline};
 use anumate_receipts::{Receipts, ReceiptsConfig, ReceiptsGrpc};
 use anumate_testing::{
-    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
 };
 use pb::receipts_internal_client::ReceiptsInternalClient;
 use pb::receipts_service_client::ReceiptsServiceClient;
@@ -249,17 +249,6 @@ fn step_request(run: &str, step: &str, attempt: i32, amount: i64) -> pb::AppendR
         )),
         dedupe_key: format!("step:{run}:{step}:{attempt}"),
     }
-}
-
-/// The error of `result`, asserting its registered specific `reason`
-/// (`ErrorInfo.reason`) and the gRPC code of the reason's class.
-#[track_caller]
-fn expect_reason<T: std::fmt::Debug>(result: Result<T, tonic::Status>, reason: Reason) -> Error {
-    let status = result.expect_err("an error");
-    let e = Error::from_status(&status);
-    assert_eq!(e.reason, reason, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
-    e
 }
 
 async fn append(client: &mut Client, req: pb::AppendReceiptRequest) -> pb::Receipt {

@@ -18,7 +18,7 @@ use anumate_proto::events::v1 as ev;
 use anumate_proto::registry::v1 as pb;
 use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
 use anumate_testing::{
-    self as testing, Backend, DevAuth, Store, TestDb, expect_error, on_both_backends,
+    self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
 };
 use pb::registry_service_client::RegistryServiceClient;
 use serde_json::json;
@@ -180,17 +180,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// The error of a call that must fail with the specific `reason`: its
-/// `ErrorInfo.reason`, and the gRPC code of the reason's class.
-#[track_caller]
-fn expect_reason<T: std::fmt::Debug>(result: Result<T, Status>, reason: Reason) -> Error {
-    let status = result.expect_err("expected an error");
-    let err = Error::from_status(&status);
-    assert_eq!(err.reason, reason, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
-    err
-}
 
 /// The violations as (field, position).
 fn places(err: &Error) -> Vec<(&str, Option<(u32, u32)>)> {
