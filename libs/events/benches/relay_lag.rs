@@ -39,7 +39,7 @@ async fn append_one(store: &Store, i: u64) -> String {
         &CapsulePushed {
             tenant_id: "bench".into(),
             name: key.clone(),
-            version: i as i64,
+            version: i as i32,
             ..Default::default()
         },
         EventContext {

@@ -169,13 +169,13 @@ async fn wait_unsent_at_most(store: &Store, left: i64, timeout: Duration) {
 async fn changes(store: &Store, tenant: &str, keys: usize, n: usize, start: usize) {
     for i in start..start + n {
         let key = format!("agg-{}", i % keys);
-        append_pushed(store, tenant, &key, (i / keys) as i64, 0).await;
+        append_pushed(store, tenant, &key, (i / keys) as i32, 0).await;
     }
 }
 
 /// Appends one `CapsulePushed` of `key` at `version` in its own transaction,
 /// padded with `pad` bytes.
-async fn append_pushed(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) {
+async fn append_pushed(store: &Store, tenant: &str, key: &str, version: i32, pad: usize) {
     let tx = store.write(tenant).await.unwrap();
     append(
         &tx,
@@ -216,7 +216,7 @@ fn dedupe_and_check_order(msgs: &[Received]) -> Vec<Received> {
         seen.insert(id, m.value.clone());
         out.push(m.clone());
     }
-    let mut last: HashMap<(String, String), i64> = HashMap::new();
+    let mut last: HashMap<(String, String), i32> = HashMap::new();
     for m in &out {
         let ev = CapsulePushed::decode(m.value.as_slice()).unwrap();
         assert_eq!(
@@ -250,24 +250,38 @@ async fn capsule_published_arrives(backend: Backend) {
         tenant: "tenant-e2e".into(),
         subject: "alice".into(),
     };
-    let pushed = registry
+    registry
         .push(&actor, EXAMPLE, "refund.capsule.yaml", "", true)
         .await
         .unwrap();
-    let _ = pushed;
+    // The same capsule (same name) in another tenant: its own key.
+    let other = Actor {
+        tenant: "tenant-other".into(),
+        subject: "bob".into(),
+    };
+    registry
+        .push(&other, EXAMPLE, "refund.capsule.yaml", "", true)
+        .await
+        .unwrap();
     let relay = Relay::new(store.clone(), kafka(&broker.bootstrap()))
         .unwrap()
         .spawn();
+    let published = |r: &&Received| r.h("ce_type") == "dev.anumate.capsule.published.v1";
     let msgs = consume(&broker.bootstrap(), Duration::from_secs(20), |m| {
-        m.iter()
-            .any(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
+        m.iter().filter(published).count() >= 2
     })
     .await;
     relay.shutdown(Duration::from_secs(5)).await;
     let m = msgs
         .iter()
-        .find(|r| r.h("ce_type") == "dev.anumate.capsule.published.v1")
+        .filter(published)
+        .find(|r| r.h("ce_tenantid") == "tenant-e2e")
         .expect("capsule.published arrives");
+    let theirs = msgs
+        .iter()
+        .filter(published)
+        .find(|r| r.h("ce_tenantid") == "tenant-other")
+        .expect("the other tenant's capsule.published arrives");
     assert_eq!(m.h("ce_specversion"), "1.0");
     uuid::Uuid::parse_str(m.h("ce_id")).expect("ce_id is the outbox event id");
     assert_eq!(m.h("ce_source"), "/anumate/capsules");
@@ -286,9 +300,17 @@ async fn capsule_published_arrives(backend: Backend) {
         format!("capsules/{}/versions/{}", ev.name, ev.version)
     );
     assert!(!ev.content_hash.is_empty());
+    // Two tenants' same-named capsules never share a key (nor a compacted history).
+    let their_ev = CapsulePublished::decode(theirs.value.as_slice()).expect("proto");
+    assert_eq!(their_ev.name, ev.name);
+    assert_eq!(theirs.key, format!("tenant-other/{}", ev.name));
+    assert_ne!(theirs.key, m.key);
     // The pushed event came first, on the same key.
-    assert_eq!(msgs[0].h("ce_type"), "dev.anumate.capsule.pushed.v1");
-    assert_eq!(msgs[0].key, m.key);
+    let first = msgs
+        .iter()
+        .find(|r| r.key == m.key)
+        .expect("first of the key");
+    assert_eq!(first.h("ce_type"), "dev.anumate.capsule.pushed.v1");
     wait_all_sent(&store, Duration::from_secs(5)).await;
 }
 
@@ -488,7 +510,7 @@ async fn relay_role_reads_every_tenants_outbox_and_nothing_else() {
 
 /// Appends one `CapsulePushed` of `key` at `version`, padded with `pad` bytes
 /// (to make it larger than the producer takes); returns its outbox seq.
-async fn push(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) -> i64 {
+async fn push(store: &Store, tenant: &str, key: &str, version: i32, pad: usize) -> i64 {
     append_pushed(store, tenant, key, version, pad).await;
     let tx = store.read(tenant).await.unwrap();
     let rows = anumate_events::read_after(&tx, 0, 10_000).await.unwrap();
@@ -496,7 +518,7 @@ async fn push(store: &Store, tenant: &str, key: &str, version: i64, pad: usize) 
 }
 
 /// The versions of `key` among [`versions`], in arrival order.
-fn versions_of(msgs: &[Received], key: &str) -> Vec<i64> {
+fn versions_of(msgs: &[Received], key: &str) -> Vec<i32> {
     versions(msgs)
         .into_iter()
         .filter(|(k, _)| k == key)
@@ -505,7 +527,7 @@ fn versions_of(msgs: &[Received], key: &str) -> Vec<i64> {
 }
 
 /// `(key, version)` of each distinct event received, in arrival order.
-fn versions(msgs: &[Received]) -> Vec<(String, i64)> {
+fn versions(msgs: &[Received]) -> Vec<(String, i32)> {
     dedupe_and_check_order(msgs)
         .iter()
         .map(|m| {
