@@ -157,7 +157,11 @@ fn event_types(encoded: &[u8]) -> Result<String, Box<dyn std::error::Error>> {
     }
     out.push_str("];\n\n");
     for d in &decls {
-        let parts: Vec<String> = d.key_fields.iter().map(|f| format!("self.{f}.as_str()")).collect();
+        let parts: Vec<String> = d
+            .key_fields
+            .iter()
+            .map(|f| format!("self.{f}.as_str()"))
+            .collect();
         let body = if parts.len() == 1 {
             format!("self.{}.clone()", d.key_fields[0])
         } else {
