@@ -112,6 +112,15 @@ pub(crate) fn finish(result: Result<ExitCode, Failure>, file: Option<&str>) -> E
 }
 
 /// Reads a file named on the command line.
+/// A time for people: `2026-12-04 07:56:29 UTC` at second precision, `-` when absent.
+pub(crate) fn time(ts: Option<&pbjson_types::Timestamp>) -> String {
+    ts.and_then(|t| {
+        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+    })
+    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+    .unwrap_or_else(|| "-".into())
+}
+
 pub(crate) fn read_file(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path)
         .map_err(|e| Failure::Local(format!("cannot read {}: {e}", path.display())))

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use pb::registry_service_client::RegistryServiceClient;
 
 use crate::cli::versioned::{self, Kind, PageSizeArg, Transition, VersionArg, versioned_kind};
-use crate::cli::{Connection, Failure, all_pages, finish, read_file, show};
+use crate::cli::{Connection, Failure, all_pages, finish, read_file, show, time};
 
 /// `anumate capsule …`
 #[derive(Args, Debug)]
@@ -131,13 +131,6 @@ fn status_name(s: i32) -> &'static str {
     }
 }
 
-fn time(ts: &Option<pbjson_types::Timestamp>) -> String {
-    ts.as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_else(|| "-".into())
-}
-
 /// Capsules in the registry, as a kind of versioned document.
 pub(crate) struct Capsules;
 
@@ -221,12 +214,16 @@ impl Kind for Capsules {
         }
         println!("content hash: {}", v.content_hash);
         println!("signed by:    {}", v.kid);
-        println!("created:      {} by {}", time(&v.create_time), v.created_by);
+        println!(
+            "created:      {} by {}",
+            time(v.create_time.as_ref()),
+            v.created_by
+        );
         if v.publish_time.is_some() {
-            println!("published:    {}", time(&v.publish_time));
+            println!("published:    {}", time(v.publish_time.as_ref()));
         }
         if v.deprecate_time.is_some() {
-            println!("deprecated:   {}", time(&v.deprecate_time));
+            println!("deprecated:   {}", time(v.deprecate_time.as_ref()));
         }
         if let Some(c) = c {
             println!("etag:         {}", c.etag);
@@ -265,7 +262,7 @@ impl Kind for Capsules {
                 "{:>7}  {:<10} {:<24} {:<20} {}",
                 v.version,
                 status_name(v.status),
-                time(&v.create_time),
+                time(v.create_time.as_ref()),
                 v.created_by,
                 v.content_hash
             );

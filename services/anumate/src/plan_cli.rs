@@ -7,7 +7,7 @@ use anumate_proto::compiler::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::compiler_service_client::CompilerServiceClient;
 
-use crate::cli::{Connection, Failure, Output, finish, print_json};
+use crate::cli::{Connection, Failure, Output, finish, print_json, time};
 
 /// `anumate plan …`
 #[derive(Args, Debug)]
@@ -62,12 +62,6 @@ fn duration(d: Option<&pbjson_types::Duration>) -> String {
             }
         }
     }
-}
-
-fn time(ts: Option<&pbjson_types::Timestamp>) -> String {
-    ts.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_else(|| "-".into())
 }
 
 fn certainty(c: i32) -> &'static str {
