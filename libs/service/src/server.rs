@@ -5,7 +5,9 @@
 //! - [`build`]: the modules, in order, on one [`Context`], plus health (every
 //!   service `SERVING`) and reflection.
 //! - [`serve`]: those routes on a listener behind every production layer,
-//!   outermost first: a span per call (access log), `ErrorInfo` on
+//!   outermost first: a span per call and an access log line, both at
+//!   DEBUG (a formatted, redacted line per call cost more than a point read;
+//!   failures still log at WARN), `ErrorInfo` on
 //!   transport-level errors, [metrics](crate::metrics), the
 //!   [deadline and the cap on calls in flight](crate::limits) (so shed calls
 //!   are counted and cost no token check), then authentication and each RPC's
@@ -185,10 +187,10 @@ where
         .layer(
             tower_http::trace::TraceLayer::new_for_grpc()
                 .make_span_with(
-                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::DEBUG),
                 )
                 .on_response(
-                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
                 )
                 .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )

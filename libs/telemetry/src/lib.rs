@@ -39,7 +39,9 @@ pub enum LogFormat {
 pub struct TelemetryConfig {
     /// Log format.
     pub log_format: LogFormat,
-    /// `tracing` filter directives, e.g. `info,anumate_registry=debug`.
+    /// `tracing` filter directives, e.g. `info,anumate_registry=debug`. The
+    /// per-call access log is at DEBUG (a line per call costs more than the
+    /// call on a fast read): `info,tower_http=debug` turns it on.
     pub log_filter: String,
     /// OTLP/gRPC collector endpoint (`http://127.0.0.1:4317`); no export when unset.
     pub otlp_endpoint: Option<String>,
@@ -86,8 +88,11 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber. Must be called inside a multi-thread tokio
 /// runtime when an OTLP endpoint is set (the exporter spawns onto it).
 pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
-    let filter =
-        EnvFilter::try_new(&cfg.log_filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let filter = |extra: &str| {
+        EnvFilter::try_new(format!("{}{extra}", cfg.log_filter))
+            .map_err(|e| TelemetryError::Filter(e.to_string()))
+    };
+    let log_filter = filter("")?;
     let redactor = Arc::new(Redactor::default());
     let writer = RedactingMakeWriter::new(std::io::stderr, redactor.clone());
     let fmt_layer = match cfg.log_format {
@@ -97,7 +102,8 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
             .with_writer(writer)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
-    };
+    }
+    .with_filter(log_filter);
 
     let (otel_layer, provider) = match &cfg.otlp_endpoint {
         Some(endpoint) => {
@@ -116,8 +122,15 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
                 .build();
             let tracer = provider.tracer("anumate");
             opentelemetry::global::set_tracer_provider(provider.clone());
+            // Exported traces keep their root: the per-call span is at DEBUG
+            // (so that it costs nothing when neither logged nor exported).
+            let span_filter = filter(&format!(",{CALL_SPAN_TARGET}=debug"))?;
             (
-                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(span_filter),
+                ),
                 Some(provider),
             )
         }
@@ -125,13 +138,15 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
     };
 
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt_layer)
         .with(otel_layer)
         .try_init()
         .map_err(|e| TelemetryError::AlreadyInit(e.to_string()))?;
     Ok(TelemetryGuard { provider })
 }
+
+/// The target of the per-call span `tower_http`'s trace layer opens.
+const CALL_SPAN_TARGET: &str = "tower_http::trace::make_span";
 
 /// A [`SpanExporter`] that redacts every string a span carries (name,
 /// attributes, events, links' attributes, status description) before handing
