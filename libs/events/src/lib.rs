@@ -423,6 +423,12 @@ pub async fn read_after(
         .map_err(|e| EventError::Store(StoreError::Db(e)))
 }
 
+/// The outbox's migrations followed by a service's own: what every service
+/// that appends events migrates.
+pub fn with_outbox(own: &[Migration]) -> Vec<Migration> {
+    MIGRATIONS.iter().chain(own).copied().collect()
+}
+
 /// The outbox table.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {

@@ -44,11 +44,7 @@ pub const PUBLIC_PATHS: &[&str] = &["/anumate.captokens.v1.CapTokensService/GetJ
 
 /// Every migration the service needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(repo::MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(repo::MIGRATIONS)
 }
 
 /// `[captokens]` configuration.

@@ -48,11 +48,7 @@ pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
 /// Every migration the compiler needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(repo::MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(repo::MIGRATIONS)
 }
 
 /// `[compiler]` configuration.

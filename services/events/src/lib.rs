@@ -55,11 +55,7 @@ pub const PROTOBUF: &str = anumate_events::cloudevents::PROTOBUF;
 /// Every migration the events service needs: the outbox's, the consumer's
 /// dedupe table and the history.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(REPO_MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(REPO_MIGRATIONS)
 }
 
 /// The events service's own migrations: the consumer's dedupe table and the

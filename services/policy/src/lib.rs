@@ -47,11 +47,7 @@ pub use repo::{MIGRATIONS as REPO_MIGRATIONS, PolicyKind};
 
 /// Every migration the policy service needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(repo::MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(repo::MIGRATIONS)
 }
 
 /// `[policy]` configuration.

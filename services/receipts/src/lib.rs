@@ -55,11 +55,7 @@ pub use repo::{Filter, MIGRATIONS as REPO_MIGRATIONS};
 
 /// Every migration the receipts service needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(repo::MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(repo::MIGRATIONS)
 }
 
 /// The principal named as the actor of checkpoint events.

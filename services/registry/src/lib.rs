@@ -29,11 +29,7 @@ pub use repo::{Capsules, MIGRATIONS as REPO_MIGRATIONS};
 
 /// Every migration the registry needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
-    anumate_events::MIGRATIONS
-        .iter()
-        .chain(repo::MIGRATIONS)
-        .copied()
-        .collect()
+    anumate_events::with_outbox(repo::MIGRATIONS)
 }
 
 /// `[registry]` configuration.
