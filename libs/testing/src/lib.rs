@@ -243,26 +243,14 @@ pub async fn serve_modules(
 }
 
 /// The status of a call that had to fail with `code`, after checking that it
-/// carries `ErrorInfo { reason: code, domain: anumate.dev }` and the gRPC code
-/// the error table maps `code` to.
+/// carries `ErrorInfo { reason: code, domain: anumate.dev }` (the class's
+/// generic reason) and the gRPC code the error table maps `code` to.
 #[track_caller]
 pub fn expect_status<T: std::fmt::Debug>(
     result: Result<T, tonic::Status>,
     code: ErrorCode,
 ) -> tonic::Status {
-    let status = match result {
-        Ok(v) => panic!("expected {code}, got success: {v:?}"),
-        Err(s) => s,
-    };
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, code.as_str(), "{status:?}");
-    assert_eq!(info.domain, anumate_errors::DOMAIN, "{status:?}");
-    assert_eq!(status.code(), code.grpc_code(), "{status:?}");
-    status
+    expect_failure(result, code.as_str(), code.grpc_code())
 }
 
 /// The status of a call that must fail with the registered specific `reason`:
@@ -271,6 +259,15 @@ pub fn expect_status<T: std::fmt::Debug>(
 pub fn expect_reason_status<T: std::fmt::Debug>(
     result: Result<T, tonic::Status>,
     reason: anumate_errors::Reason,
+) -> tonic::Status {
+    expect_failure(result, reason.as_str(), reason.code().grpc_code())
+}
+
+#[track_caller]
+fn expect_failure<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    reason: &str,
+    code: tonic::Code,
 ) -> tonic::Status {
     let status = match result {
         Ok(v) => panic!("expected {reason}, got success: {v:?}"),
@@ -281,9 +278,9 @@ pub fn expect_reason_status<T: std::fmt::Debug>(
         .error_info()
         .cloned()
         .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason.as_str(), "{status:?}");
+    assert_eq!(info.reason, reason, "{status:?}");
     assert_eq!(info.domain, anumate_errors::DOMAIN, "{status:?}");
-    assert_eq!(status.code(), reason.code().grpc_code(), "{status:?}");
+    assert_eq!(status.code(), code, "{status:?}");
     status
 }
 
