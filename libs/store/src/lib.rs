@@ -74,6 +74,9 @@ impl Default for StoreConfig {
     }
 }
 
+/// How long a pooled connection may sit idle before it is pinged on checkout.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+
 /// Which database is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -211,6 +214,11 @@ impl Store {
         opts.max_connections(max_connections.max(1))
             .connect_timeout(timeout)
             .acquire_timeout(timeout)
+            // A ping on every checkout is one more round trip per request;
+            // sqlx pings each connection as it is released anyway, so only
+            // one idle long enough to have been dropped by a proxy or a
+            // restart is checked before use.
+            .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
             .sqlx_logging(false);
         if backend == Backend::Sqlite {
             opts.map_sqlx_sqlite_opts(|o| {
