@@ -4,7 +4,10 @@
 //!
 //! Every repository reads and writes through a [`TenantTx`]. On PostgreSQL
 //! opening one runs `set_config('app.tenant_id', $tenant, true)` and switches to
-//! the serving role (`anumate_app` by default) for the transaction. Tenant tables
+//! the serving role (`anumate_app` by default) for the transaction, in the same
+//! round trip as its `BEGIN`; a transaction dropped without commit rolls back
+//! with the pool's release ping, so a read costs its queries plus two round
+//! trips. Tenant tables
 //! have `ENABLE` + `FORCE ROW LEVEL SECURITY` and a policy on
 //! `current_setting('app.tenant_id')`, and the serving role neither owns them nor
 //! is a superuser or `BYPASSRLS`: a query that forgets its tenant filter still
@@ -30,12 +33,15 @@ pub mod versioned;
 use std::time::Duration;
 
 pub use migrate::{APPEND_ONLY_COMMENT, Migration, MigrationReport};
+use sea_orm::sqlx::{self, Postgres, SqlSafeStr as _, Sqlite, pool::PoolConnection};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+    ConnAcquireErr, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
+    RuntimeErr, Statement,
 };
 pub use sea_orm::{DbErr, QueryResult, Value};
+use sea_query_sqlx::SqlxValues;
 use serde::{Deserialize, Serialize};
+use sqlx_core::transaction::TransactionManager as _;
 
 /// `[store]` configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -362,46 +368,108 @@ impl Store {
 
     async fn begin(&self, write: bool, scope: Scope<'_>) -> Result<Tx, StoreError> {
         let tenant = match scope {
-            Scope::Tenant(t) if t.is_empty() || t.len() > 128 || t == NO_TENANT => {
+            Scope::Tenant(t)
+                if t.is_empty() || t.len() > 128 || t == NO_TENANT || t.contains('\0') =>
+            {
                 return Err(StoreError::InvalidTenant);
             }
             Scope::Tenant(t) => t,
             Scope::System => NO_TENANT,
         };
-        let tx = match self.backend {
-            Backend::Sqlite if write => {
-                self.db
-                    .begin_with_options(TransactionOptions {
-                        isolation_level: None,
-                        access_mode: None,
-                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    })
-                    .await?
-            }
-            _ => self.db.begin().await?,
-        };
-        if self.backend == Backend::Postgres {
-            let sql = match &self.app_role {
-                Some(_) => {
-                    "SELECT set_config('app.tenant_id', $1, true), set_config('role', $2, true)"
+        let conn = match self.backend {
+            Backend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                let mut conn = pool.acquire().await.map_err(acquire_err)?;
+                // One round trip: BEGIN and the transaction's tenant (and
+                // role) as one simple-query batch, so the tenant is bound
+                // before the transaction's first statement.
+                let sql = self.begin_sql(tenant);
+                if let Err(e) = <Postgres as sqlx::Database>::TransactionManager::begin(
+                    &mut conn,
+                    Some(sqlx::AssertSqlSafe(sql).into_sql_str()),
+                )
+                .await
+                {
+                    // BEGIN may have succeeded and set_config failed: never
+                    // hand back a connection inside an aborted transaction.
+                    conn.close_on_drop();
+                    return Err(begin_err(e));
                 }
-                None => "SELECT set_config('app.tenant_id', $1, true)",
-            };
-            let mut values: Vec<Value> = vec![tenant.into()];
-            if let Some(role) = &self.app_role {
-                values.push(role.as_str().into());
+                Conn::Postgres(conn)
             }
-            tx.query_one_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?;
-        }
+            Backend::Sqlite => {
+                let pool = self.db.get_sqlite_connection_pool();
+                let mut conn = pool.acquire().await.map_err(acquire_err)?;
+                // A writer takes the write lock up front (IMMEDIATE), so
+                // concurrent writers queue instead of failing on lock upgrade.
+                let statement =
+                    write.then(|| sqlx::AssertSqlSafe("BEGIN IMMEDIATE").into_sql_str());
+                if let Err(e) =
+                    <Sqlite as sqlx::Database>::TransactionManager::begin(&mut conn, statement)
+                        .await
+                {
+                    conn.close_on_drop();
+                    return Err(begin_err(e));
+                }
+                Conn::Sqlite(conn)
+            }
+        };
         Ok(Tx {
-            tx,
+            conn: tokio::sync::Mutex::new(conn),
             backend: self.backend,
+            open: true,
         })
+    }
+
+    /// `BEGIN; SELECT set_config('app.tenant_id', …, true)[, set_config('role', …, true)]`
+    /// with the values as escaped literals (a simple query has no parameters).
+    fn begin_sql(&self, tenant: &str) -> String {
+        let mut sql = String::with_capacity(128 + tenant.len());
+        sql.push_str("BEGIN; SELECT set_config('app.tenant_id', ");
+        push_literal(&mut sql, tenant);
+        sql.push_str(", true)");
+        if let Some(role) = &self.app_role {
+            sql.push_str(", set_config('role', ");
+            push_literal(&mut sql, role);
+            sql.push_str(", true)");
+        }
+        sql
+    }
+}
+
+/// Appends `value` as a PostgreSQL escape-string literal (`E'…'`, quotes and
+/// backslashes doubled), which reads the same whatever
+/// `standard_conforming_strings` is. `value` must hold no NUL (checked by the
+/// callers: tenants are refused, the role comes from the configuration).
+fn push_literal(sql: &mut String, value: &str) {
+    sql.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('\'');
+}
+
+/// A pool checkout's error as sea-orm reports it.
+fn acquire_err(e: sqlx::Error) -> DbErr {
+    match e {
+        sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+        sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+        other => DbErr::Conn(RuntimeErr::SqlxError(other.into())),
+    }
+}
+
+/// A failed BEGIN: the server's refusal is a query error, a lost connection
+/// a connection error (so that it reads as unavailable, and transient).
+fn begin_err(e: sqlx::Error) -> StoreError {
+    match e {
+        e @ sqlx::Error::Database(_) => {
+            StoreError::Db(DbErr::Query(RuntimeErr::SqlxError(e.into())))
+        }
+        other => StoreError::Db(DbErr::Conn(RuntimeErr::SqlxError(other.into()))),
     }
 }
 
@@ -449,28 +517,55 @@ fn check_role_row(row: Option<QueryResult>) -> Result<(), StoreError> {
     }
 }
 
-/// An open transaction and its backend; what [`TenantTx`] and [`SystemTx`] share.
+/// A pooled connection inside a transaction.
+enum Conn {
+    Postgres(PoolConnection<Postgres>),
+    Sqlite(PoolConnection<Sqlite>),
+}
+
+/// An open transaction and its backend; what [`TenantTx`] and [`SystemTx`]
+/// share. It talks to sqlx directly (sea-orm's transactions cannot begin with
+/// a custom statement); rows come back as sea-orm's [`QueryResult`].
 struct Tx {
-    tx: DatabaseTransaction,
+    conn: tokio::sync::Mutex<Conn>,
     backend: Backend,
+    /// Until committed: dropping an open transaction rolls it back.
+    open: bool,
+}
+
+/// The statement and values as sqlx binds them (as sea-orm does).
+fn bind<DB: sqlx::Database>(sql: &str, values: Vec<Value>) -> sqlx::query::Query<'_, DB, SqlxValues>
+where
+    SqlxValues: for<'q> sqlx::IntoArguments<DB>,
+{
+    sqlx::query_with(
+        sqlx::AssertSqlSafe(sql),
+        SqlxValues(sea_orm::sea_query::Values(values)),
+    )
+}
+
+fn exec_err(e: sqlx::Error) -> StoreError {
+    StoreError::from_db(DbErr::Exec(RuntimeErr::SqlxError(e.into())))
+}
+
+fn query_err(e: sqlx::Error) -> StoreError {
+    StoreError::from_db(DbErr::Query(RuntimeErr::SqlxError(e.into())))
 }
 
 impl Tx {
-    fn stmt(&self, sql: &str, values: Vec<Value>) -> Statement {
-        let backend = match self.backend {
-            Backend::Postgres => DbBackend::Postgres,
-            Backend::Sqlite => DbBackend::Sqlite,
-        };
-        Statement::from_sql_and_values(backend, sql, values)
-    }
-
     async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, StoreError> {
-        let res = self
-            .tx
-            .execute_raw(self.stmt(sql, values))
-            .await
-            .map_err(StoreError::from_db)?;
-        Ok(res.rows_affected())
+        match &mut *self.conn.lock().await {
+            Conn::Postgres(c) => bind::<Postgres>(sql, values)
+                .execute(&mut **c)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(exec_err),
+            Conn::Sqlite(c) => bind::<Sqlite>(sql, values)
+                .execute(&mut **c)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(exec_err),
+        }
     }
 
     async fn query_one(
@@ -478,10 +573,18 @@ impl Tx {
         sql: &str,
         values: Vec<Value>,
     ) -> Result<Option<QueryResult>, StoreError> {
-        self.tx
-            .query_one_raw(self.stmt(sql, values))
-            .await
-            .map_err(StoreError::from_db)
+        match &mut *self.conn.lock().await {
+            Conn::Postgres(c) => bind::<Postgres>(sql, values)
+                .fetch_optional(&mut **c)
+                .await
+                .map(|r| r.map(QueryResult::from))
+                .map_err(query_err),
+            Conn::Sqlite(c) => bind::<Sqlite>(sql, values)
+                .fetch_optional(&mut **c)
+                .await
+                .map(|r| r.map(QueryResult::from))
+                .map_err(query_err),
+        }
     }
 
     async fn query_all(
@@ -489,14 +592,45 @@ impl Tx {
         sql: &str,
         values: Vec<Value>,
     ) -> Result<Vec<QueryResult>, StoreError> {
-        self.tx
-            .query_all_raw(self.stmt(sql, values))
-            .await
-            .map_err(StoreError::from_db)
+        match &mut *self.conn.lock().await {
+            Conn::Postgres(c) => bind::<Postgres>(sql, values)
+                .fetch_all(&mut **c)
+                .await
+                .map(|r| r.into_iter().map(QueryResult::from).collect())
+                .map_err(query_err),
+            Conn::Sqlite(c) => bind::<Sqlite>(sql, values)
+                .fetch_all(&mut **c)
+                .await
+                .map(|r| r.into_iter().map(QueryResult::from).collect())
+                .map_err(query_err),
+        }
     }
 
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(StoreError::from_db)
+    async fn commit(mut self) -> Result<(), StoreError> {
+        let res = match self.conn.get_mut() {
+            Conn::Postgres(c) => <Postgres as sqlx::Database>::TransactionManager::commit(c).await,
+            Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::commit(c).await,
+        };
+        // Committed, or failed with the transaction still open (then the drop
+        // below rolls it back, as it did before).
+        self.open = res.is_err();
+        res.map_err(query_err)
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        // Queued, not awaited: the pool's ping as the connection is released
+        // flushes it (a read costs no round trip of its own to end).
+        match self.conn.get_mut() {
+            Conn::Postgres(c) => {
+                <Postgres as sqlx::Database>::TransactionManager::start_rollback(c)
+            }
+            Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::start_rollback(c),
+        }
     }
 }
 
@@ -507,11 +641,6 @@ macro_rules! statements {
             /// The database kind.
             pub fn backend(&self) -> Backend {
                 self.tx.backend
-            }
-
-            /// The underlying sea-orm transaction, for entity queries.
-            pub fn conn(&self) -> &DatabaseTransaction {
-                &self.tx.tx
             }
 
             /// Runs a statement (`$1`, `$2`… placeholders on both backends); returns rows affected.

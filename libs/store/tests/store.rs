@@ -308,3 +308,60 @@ async fn system_transactions_postgres() {
 async fn system_transactions_sqlite() {
     system_transactions(&TestDb::sqlite()).await;
 }
+
+/// BEGIN and the tenant go to PostgreSQL as one simple query with the tenant
+/// as a literal: quotes and backslashes must reach `app.tenant_id` as they
+/// are (and row-level security must see exactly that tenant), a NUL is refused.
+#[tokio::test]
+async fn postgres_tenant_literal_is_escaped() {
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let odd = r"t'; SET ROLE postgres; --\'";
+    insert(&store, odd, "odd").await;
+    insert(&store, "t", "plain").await;
+    assert_eq!(bodies_without_filter(&store, odd).await, vec!["odd"]);
+    assert_eq!(bodies_without_filter(&store, "t").await, vec!["plain"]);
+    let tx = store.read(odd).await.expect("tx");
+    let row = tx
+        .query_one(
+            "SELECT current_setting('app.tenant_id') AS t, current_user::text AS u",
+            vec![],
+        )
+        .await
+        .expect("select")
+        .expect("row");
+    assert_eq!(row.try_get::<String>("", "t").expect("t"), odd);
+    assert_eq!(row.try_get::<String>("", "u").expect("u"), "anumate_app");
+    drop(tx);
+    assert!(matches!(
+        store.read("a\0b").await,
+        Err(anumate_store::StoreError::InvalidTenant)
+    ));
+}
+
+/// A transaction dropped without commit is rolled back (queued, flushed when
+/// the connection goes back to the pool), and the connection serves the next
+/// transaction with the next tenant.
+#[tokio::test]
+async fn postgres_dropped_transaction_rolls_back_and_the_connection_is_reused() {
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    for i in 0..20 {
+        let tx = store.write("tenant-a").await.expect("tx");
+        tx.execute(
+            "INSERT INTO notes (tenant_id, body) VALUES ($1, $2)",
+            vec!["tenant-a".into(), format!("dropped {i}").into()],
+        )
+        .await
+        .expect("insert");
+        drop(tx);
+        assert!(bodies_without_filter(&store, "tenant-a").await.is_empty());
+        assert!(bodies_without_filter(&store, "tenant-b").await.is_empty());
+    }
+    insert(&store, "tenant-b", "kept").await;
+    assert_eq!(
+        bodies_without_filter(&store, "tenant-b").await,
+        vec!["kept"]
+    );
+    assert!(bodies_without_filter(&store, "tenant-a").await.is_empty());
+}
