@@ -127,8 +127,13 @@ mod tests {
             cancel.cancelled().await;
             Ok(())
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(alive.load(Ordering::SeqCst));
+        // Waits for the survivor rather than a fixed time: a panic's backtrace
+        // can hold this one-thread runtime for longer than the survivor's sleep.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !alive.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(alive.load(Ordering::SeqCst), "the survivor ran on");
         assert_eq!(tasks.names(), ["fails", "panics", "survivor"]);
         assert!(tasks.shutdown(Duration::from_secs(5)).await.is_empty());
     }
