@@ -161,10 +161,10 @@ pub(crate) async fn all_pages<T>(
     }
 }
 
-/// Prints an error: its stable code, message, and each violation as
+/// Prints an error: its specific reason (`ErrorInfo.reason`), message, and each violation as
 /// `file:line:col: text [field]` (no `[field]` when the violation names none).
 pub(crate) fn report(error: &Error, file: Option<&str>) {
-    eprintln!("error[{}]: {}", error.code, error.message);
+    eprintln!("error[{}]: {}", error.reason, error.message);
     for v in &error.violations {
         let text = v.description.as_str();
         let field = if v.field.is_empty() {

@@ -364,7 +364,7 @@ fn dev_and_capsule_commands_from_the_same_directory() {
     let out = dev
         .cli(&["capsule", "get", CAPSULE, "--version", "latest"])
         .failed();
-    assert!(out.stderr.contains("error[NOT_FOUND]"), "{out:#?}");
+    assert!(out.stderr.contains("error[CAPSULE_NOT_FOUND]"), "{out:#?}");
 }
 
 #[test]

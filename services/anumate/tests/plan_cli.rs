@@ -22,7 +22,7 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 fn compile_without_policies(d: &Path) -> String {
     ok(d, &["capsule", "push", "refund.capsule.yaml", "--publish"]);
     let r = cli(d, &["plan", "compile", "refund-small-orders"]).failed();
-    assert!(r.stderr.contains("error[NOT_FOUND]"), "{}", r.stderr);
+    assert!(r.stderr.contains("error[POLICY_NOT_FOUND]"), "{}", r.stderr);
     r.stderr
 }
 
@@ -152,7 +152,7 @@ fn compile_get_and_list_plans_against_anumate_dev() {
     let r = cli(d, &["plan", "compile", "no-such-capsule"]).failed();
     assert!(
         r.stderr
-            .contains("error[NOT_FOUND]: capsule no-such-capsule"),
+            .contains("error[CAPSULE_NOT_FOUND]: capsule no-such-capsule"),
         "{}",
         r.stderr
     );

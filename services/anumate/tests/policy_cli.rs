@@ -224,7 +224,7 @@ async fn push_eval_list_get_against_a_server() {
 
     // Unknown policy.
     let out = eval(&["input.json", "--policy", "nope@3"]).await.failed();
-    assert!(out.stderr.contains("error[NOT_FOUND]"), "{out:#?}");
+    assert!(out.stderr.contains("error[POLICY_NOT_FOUND]"), "{out:#?}");
 
     let stdout = server.cli(d, &["policy", "list"]).await.ok().stdout;
     assert!(stdout.contains("refund-limits"), "{stdout}");

@@ -261,7 +261,7 @@ async fn mint_verify_online_and_offline_revoke() {
         .cli(d, &["token", "revoke", "--jti", "no-such-jti"])
         .await
         .failed();
-    assert!(out.stderr.contains("error[NOT_FOUND]"), "{out:#?}");
+    assert!(out.stderr.contains("error[TOKEN_NOT_FOUND]"), "{out:#?}");
 }
 
 // ---------------------------------------------------------------------------
