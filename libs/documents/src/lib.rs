@@ -22,12 +22,20 @@
 //! builds on the store. The SQL stays in [`anumate_store::versioned`].
 #![forbid(unsafe_code)]
 
+mod cache;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_store::versioned::{DocumentRow, Schema, Status};
 use anumate_store::{DbErr, QueryResult, Store, TenantTx, Value, paging};
 use sea_orm::FromQueryResult;
+use tokio_util::sync::CancellationToken;
+
+use cache::Cache;
+pub use cache::DEFAULT_CAPACITY_BYTES;
 
 /// Who is acting: the tenant and principal from the verified token.
 #[derive(Debug, Clone)]
@@ -150,9 +158,9 @@ pub struct DeletionEvent<'a> {
 /// kind maps the whole row to its message.
 pub trait VersionedKind: Send + Sync + 'static {
     /// The document message (`Capsule`, `Policy`).
-    type Document: Send + Sync;
+    type Document: prost::Message + Clone + Send + Sync;
     /// The version message (`CapsuleVersion`, `PolicyVersion`).
-    type Version: Send + Sync;
+    type Version: prost::Message + Clone + Send + Sync;
     /// A version row as [`Schema::version_columns`] reads it.
     type Row: FromQueryResult + Into<Self::Version> + Send + Sync;
     /// Event: a version was pushed.
@@ -204,15 +212,112 @@ pub struct Pushed<K: VersionedKind> {
 
 /// The lifecycle of one kind's documents in a store.
 #[derive(Clone)]
-pub struct Documents<K> {
+pub struct Documents<K: VersionedKind> {
     store: Store,
     kind: K,
+    /// Reads served from memory (see the `cache` module).
+    cache: Arc<Cache<K::Document, K::Version>>,
 }
 
 impl<K: VersionedKind> Documents<K> {
-    /// The documents of `kind` in `store`.
+    /// The documents of `kind` in `store`, with a read cache of
+    /// [`DEFAULT_CAPACITY_BYTES`].
     pub fn new(store: Store, kind: K) -> Self {
-        Documents { store, kind }
+        Self::with_cache_bytes(store, kind, DEFAULT_CAPACITY_BYTES)
+    }
+
+    /// The documents of `kind` in `store`, with a read cache of `bytes`
+    /// (0: none). On PostgreSQL the cache serves only while
+    /// [`Documents::follow_changes`] runs: other processes may change the
+    /// documents.
+    pub fn with_cache_bytes(store: Store, kind: K, bytes: u64) -> Self {
+        let single_process = store.backend() == anumate_store::Backend::Sqlite;
+        Documents {
+            cache: Arc::new(Cache::new(bytes, single_process && bytes > 0)),
+            store,
+            kind,
+        }
+    }
+
+    /// The notification channel of this kind's changes (`anumate_capsules`).
+    fn channel() -> String {
+        format!("anumate_{}", K::COLLECTION)
+    }
+
+    /// Keeps the read cache true to changes other processes make, until
+    /// `cancel`: subscribes to their notifications (PostgreSQL) and drops
+    /// what each names. The cache serves reads only while subscribed. On
+    /// SQLite, whose one process sees its own writes, it only waits.
+    /// Meant to run as a supervised background task of the service.
+    pub async fn follow_changes(
+        &self,
+        cancel: CancellationToken,
+    ) -> std::result::Result<(), anumate_store::StoreError> {
+        if self.store.backend() != anumate_store::Backend::Postgres {
+            cancel.cancelled().await;
+            return Ok(());
+        }
+        let channel = Self::channel();
+        let channels = [channel.as_str()];
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let listening = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                l = self.store.listen(&channels) => l,
+            };
+            match listening {
+                Ok(Some(mut listener)) => {
+                    // Subscribed: what was cached before may have missed changes.
+                    self.cache.reset(true);
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        let next = tokio::select! {
+                            _ = cancel.cancelled() => {
+                                self.cache.reset(false);
+                                return Ok(());
+                            }
+                            n = listener.recv() => n,
+                        };
+                        match next {
+                            Ok(Some(n)) => self.cache.invalidate(&n.payload),
+                            // Reconnected; changes in between are unknown.
+                            Ok(None) => self.cache.reset(true),
+                            Err(e) => {
+                                self.cache.reset(false);
+                                tracing::warn!(error = %e, channel, "lost the change notifications; reads go to the database until subscribed again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.cache.reset(false);
+                    tracing::warn!(error = %e, channel, retry_in = ?backoff, "cannot subscribe to change notifications; reads go to the database");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Commits a change to document `name`: tells the other processes (in
+    /// the transaction) and this one's cache (after it).
+    async fn commit_change(&self, tx: TenantTx, name: &str) -> Result<()> {
+        let key = Cache::<K::Document, K::Version>::key(tx.tenant_id(), name);
+        tx.notify(&Self::channel(), &key).await?;
+        let committed = tx.commit().await;
+        // Even when the commit's outcome is unknown: forgetting is harmless.
+        self.cache.invalidate(&key);
+        Ok(committed?)
+    }
+
+    /// Whether reads are served from memory now (for tests and metrics).
+    pub fn cache_is_live(&self) -> bool {
+        self.cache.is_live()
     }
 
     /// Stores a new version (or returns the identical existing one, publishing
@@ -309,7 +414,7 @@ impl<K: VersionedKind> Documents<K> {
         if publish {
             append(&tx, &K::published(&event), &subject).await?;
         }
-        tx.commit().await?;
+        self.commit_change(tx, name).await?;
         tracing::info!(tenant = %actor.tenant, kind, name, version = new.number, hash = draft.content_hash, "{kind} version pushed");
         Ok(Pushed {
             version,
@@ -342,7 +447,7 @@ impl<K: VersionedKind> Documents<K> {
                         Status::Published,
                     )
                     .await?;
-                tx.commit().await?;
+                self.commit_change(tx, &doc.name).await?;
                 updated
             }
             Status::Deprecated if publish => {
@@ -370,27 +475,34 @@ impl<K: VersionedKind> Documents<K> {
         selector: VersionSelector,
     ) -> Result<(K::Document, K::Version)> {
         check_name(name)?;
+        let key = Cache::<K::Document, K::Version>::key(&actor.tenant, name);
+        let epoch = self.cache.epoch();
+        let cached = self.cache.get(&key);
+        if let Some(snapshot) = &cached {
+            let number = select::<K>(name, selector, snapshot.latest, snapshot.published)?;
+            if let Some(version) = snapshot.version(number) {
+                return Ok((snapshot.document.clone(), version.clone()));
+            }
+        }
         let tx = self.store.read(&actor.tenant).await?;
         let doc = visible_row::<K>(&tx, name).await?;
-        let number = match selector {
-            VersionSelector::Number(n) => n,
-            VersionSelector::Latest => wire_version(doc.latest_version),
-            VersionSelector::Published if doc.published_version > 0 => {
-                wire_version(doc.published_version)
-            }
-            VersionSelector::Published => {
-                return Err(Error::because(
-                    K::VERSION_NOT_FOUND,
-                    format!(
-                        "{} {name} has no published version (latest is {}; ask for \"latest\" or a number)",
-                        K::SCHEMA.kind,
-                        doc.latest_version
-                    ),
-                ));
-            }
-        };
+        let (latest, published) = (
+            wire_version(doc.latest_version),
+            wire_version(doc.published_version),
+        );
+        let number = select::<K>(name, selector, latest, published)?;
         let version = Self::version(&tx, name, number).await?;
-        Ok((K::document(&doc), version))
+        drop(tx);
+        let document = K::document(&doc);
+        let snapshot = cache::with_version(
+            cached.as_deref(),
+            document.clone(),
+            (latest, published),
+            number,
+            version.clone(),
+        );
+        self.cache.insert(key, snapshot, epoch);
+        Ok((document, version))
     }
 
     /// Lists visible documents by name: those carrying every label in
@@ -465,7 +577,7 @@ impl<K: VersionedKind> Documents<K> {
         let updated = self
             .set_status(&tx, actor, name, (number, &hash), &mut version, target)
             .await?;
-        tx.commit().await?;
+        self.commit_change(tx, name).await?;
         Ok((updated, version))
     }
 
@@ -520,7 +632,7 @@ impl<K: VersionedKind> Documents<K> {
         append(&tx, &event, &format!("{}/{name}", K::COLLECTION)).await?;
         // The row as deleted: its new etag and update time.
         let deleted = K::SCHEMA.lock_document(&tx, name).await?.unwrap_or(doc);
-        tx.commit().await?;
+        self.commit_change(tx, name).await?;
         Ok(K::document(&deleted))
     }
 
@@ -576,6 +688,28 @@ async fn stored_version<K: VersionedKind>(
                 format!("{} {name} has no version {number}", K::SCHEMA.kind),
             )
         })
+}
+
+/// The version number `selector` picks in a document whose latest and
+/// published versions are these (0: none published).
+fn select<K: VersionedKind>(
+    name: &str,
+    selector: VersionSelector,
+    latest: i32,
+    published: i32,
+) -> Result<i32> {
+    match selector {
+        VersionSelector::Number(n) => Ok(n),
+        VersionSelector::Latest => Ok(latest),
+        VersionSelector::Published if published > 0 => Ok(published),
+        VersionSelector::Published => Err(Error::because(
+            K::VERSION_NOT_FOUND,
+            format!(
+                "{} {name} has no published version (latest is {latest}; ask for \"latest\" or a number)",
+                K::SCHEMA.kind,
+            ),
+        )),
+    }
 }
 
 /// A stored version number as the contract carries it. Pushes never create a

@@ -28,6 +28,7 @@ mod migrate;
 pub mod paging;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod notify;
 pub mod versioned;
 
 use std::time::Duration;

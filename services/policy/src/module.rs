@@ -22,6 +22,11 @@ pub fn module() -> Box<dyn ServiceModule> {
 
 fn build(ctx: &mut Context, cfg: PolicyConfig) -> Result<(), BuildError> {
     let policies = Policies::new(ctx.store("policy")?, &cfg);
+    let documents = policies.documents().clone();
+    ctx.tasks
+        .spawn("policy cache invalidation", |cancel| async move {
+            Ok(documents.follow_changes(cancel).await?)
+        });
     ctx.provide::<Arc<dyn PolicyClient>>(Arc::new(policies.clone()));
     ctx.routes
         .add_service(PolicyGrpc::new(policies).into_server());

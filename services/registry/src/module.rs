@@ -30,6 +30,11 @@ fn build(ctx: &mut Context, cfg: RegistryConfig) -> Result<(), BuildError> {
     let files = ctx.keys().registry_key_files.clone();
     let keys = Arc::new(ctx.key_ring(&files, KEYS, "registry")?);
     let registry = Registry::new(store, keys, &cfg);
+    let documents = registry.documents().clone();
+    ctx.tasks
+        .spawn("registry cache invalidation", |cancel| async move {
+            Ok(documents.follow_changes(cancel).await?)
+        });
     ctx.provide::<Arc<dyn RegistryClient>>(Arc::new(registry.clone()));
     ctx.routes
         .add_service(RegistryGrpc::new(registry).into_server());
