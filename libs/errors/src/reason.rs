@@ -94,6 +94,8 @@ pub enum Reason {
     StreamIdle,
     /// No preflight report with that id in the tenant.
     PreflightNotFound,
+    /// `Approve` named an `args_sha256` that is not the approval's.
+    ApprovalArgsMismatch,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -345,6 +347,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "PREFLIGHT_NOT_FOUND",
         43,
         ErrorCode::NotFound,
+    ),
+    (
+        Reason::ApprovalArgsMismatch,
+        "APPROVAL_ARGS_MISMATCH",
+        44,
+        ErrorCode::FailedPrecondition,
     ),
 ];
 
