@@ -148,6 +148,21 @@ pub struct Compiler {
     /// Parsed capsules by content hash (content-addressed, so shared by tenants).
     parsed: Arc<Mutex<HashMap<String, Arc<anumate_capsule::Capsule>>>>,
     memo_entries: usize,
+    /// Stored plans by (tenant, hash): write-once rows, so never stale.
+    plans: Arc<quick_cache::sync::Cache<String, Arc<pb::ExecutablePlan>, PlanWeight>>,
+}
+
+/// Bytes of stored plans the compiler keeps decoded in memory.
+const PLAN_CACHE_BYTES: u64 = 32 << 20;
+
+/// A plan's weight in the cache: its encoded size plus a fixed overhead.
+#[derive(Clone)]
+struct PlanWeight;
+
+impl quick_cache::Weighter<String, Arc<pb::ExecutablePlan>> for PlanWeight {
+    fn weight(&self, _key: &String, plan: &Arc<pb::ExecutablePlan>) -> u64 {
+        512 + prost::Message::encoded_len(plan.as_ref()) as u64
+    }
 }
 
 /// The service name the compiler acts as upstream.
@@ -200,6 +215,11 @@ impl Compiler {
             memo: Arc::new(Mutex::new(HashMap::new())),
             parsed: Arc::new(Mutex::new(HashMap::new())),
             memo_entries: cfg.memo_entries.max(1),
+            plans: Arc::new(quick_cache::sync::Cache::with_weighter(
+                4096,
+                PLAN_CACHE_BYTES,
+                PlanWeight,
+            )),
         })
     }
 
@@ -485,10 +505,20 @@ impl Compiler {
     /// [`anumate_crypto::parse_digest`] accepts.
     pub async fn get(&self, actor: &Actor, hash: &str) -> Result<pb::ExecutablePlan> {
         let hash = anumate_crypto::parse_digest("plan_hash", hash)?;
+        // The tenant is part of the key: a plan is served only to the
+        // tenant that stored it. Stored plans are write-once (the table
+        // refuses UPDATE and DELETE), so an entry never goes stale.
+        let key = format!("{}/{hash}", actor.tenant);
+        if let Some(plan) = self.plans.get(&key) {
+            return Ok(plan.as_ref().clone());
+        }
         let tx = self.store.read(&actor.tenant).await?;
-        repo::get(&tx, &hash)
-            .await?
-            .ok_or_else(|| Error::because(Reason::PlanNotFound, format!("plan {hash} not found")))
+        let plan = repo::get(&tx, &hash).await?.ok_or_else(|| {
+            Error::because(Reason::PlanNotFound, format!("plan {hash} not found"))
+        })?;
+        drop(tx);
+        self.plans.insert(key, Arc::new(plan.clone()));
+        Ok(plan)
     }
 
     /// The tenant's plans, newest first, in summary form.

@@ -18,13 +18,40 @@ const PLANS_DDL: &str = "CREATE TABLE plans (
       CREATE INDEX plans_newest ON plans (tenant_id, created_at, plan_hash);
       CREATE INDEX plans_capsule ON plans (tenant_id, capsule_name, capsule_version)";
 
+/// A stored plan is never altered or removed: the compiler serves plans
+/// from memory by (tenant, hash), and runs cite them by hash.
+const PLANS_WRITE_ONCE_POSTGRES: &str = "CREATE FUNCTION anumate_plans_write_once() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        RAISE EXCEPTION 'table plans is write-once: % refused', TG_OP
+          USING ERRCODE = 'insufficient_privilege';
+      END $$;
+      CREATE TRIGGER plans_write_once BEFORE UPDATE OR DELETE ON plans
+        FOR EACH ROW EXECUTE FUNCTION anumate_plans_write_once();
+      CREATE TRIGGER plans_no_truncate BEFORE TRUNCATE ON plans
+        FOR EACH STATEMENT EXECUTE FUNCTION anumate_plans_write_once();
+      COMMENT ON TABLE plans IS 'anumate:append-only'";
+
+const PLANS_WRITE_ONCE_SQLITE: &str = "CREATE TRIGGER plans_no_update BEFORE UPDATE ON plans
+        BEGIN SELECT RAISE(ABORT, 'table plans is write-once: UPDATE refused'); END;
+      CREATE TRIGGER plans_no_delete BEFORE DELETE ON plans
+        BEGIN SELECT RAISE(ABORT, 'table plans is write-once: DELETE refused'); END";
+
 /// Compiler tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "compiler_0001_plans",
-    postgres: PLANS_DDL,
-    sqlite: PLANS_DDL,
-    tenant_tables: &["plans"],
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "compiler_0001_plans",
+        postgres: PLANS_DDL,
+        sqlite: PLANS_DDL,
+        tenant_tables: &["plans"],
+    },
+    Migration {
+        id: "compiler_0002_plans_write_once",
+        postgres: PLANS_WRITE_ONCE_POSTGRES,
+        sqlite: PLANS_WRITE_ONCE_SQLITE,
+        tenant_tables: &[],
+    },
+];
 
 fn db(e: anumate_store::DbErr) -> Error {
     Error::internal(e)

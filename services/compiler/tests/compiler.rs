@@ -501,8 +501,17 @@ async fn bad_input(app: TestApp) {
 
 async fn tenancy_and_roles(app: TestApp) {
     let plan = compile_example(&app).await;
+    // Tenant A reads it (from then on from memory)...
+    let mut a = app.clients(TENANT_A, &[Role::Admin]).await;
+    let read = |plan_hash: &str| pb::GetPlanRequest {
+        plan_hash: plan_hash.into(),
+    };
+    for _ in 0..2 {
+        let got = a.compiler.get_plan(read(&plan.plan_hash)).await.unwrap();
+        assert_eq!(got.into_inner().plan.unwrap(), plan);
+    }
     let mut b = app.clients(TENANT_B, &[Role::Admin]).await;
-    // Another tenant sees neither the plan nor the capsule.
+    // ...and another tenant sees neither the plan nor the capsule.
     let e = expect_reason(
         b.compiler
             .get_plan(pb::GetPlanRequest {
@@ -534,7 +543,23 @@ async fn tenancy_and_roles(app: TestApp) {
         .unwrap()
         .into_inner();
     assert!(!own.cache_hit);
-    assert_eq!(own.plan.unwrap().plan_hash, plan.plan_hash);
+    let own = own.plan.unwrap();
+    assert_eq!(own.plan_hash, plan.plan_hash);
+    // Each tenant reads its own copy of the same hash.
+    let b_read = b.compiler.get_plan(read(&plan.plan_hash)).await.unwrap();
+    assert_eq!(b_read.into_inner().plan.unwrap(), own);
+    let a_read = a.compiler.get_plan(read(&plan.plan_hash)).await.unwrap();
+    assert_eq!(a_read.into_inner().plan.unwrap(), plan);
+
+    // Stored plans are write-once: the database refuses to alter or remove one.
+    for sql in [
+        "UPDATE plans SET plan_json = '{}' WHERE tenant_id = $1",
+        "DELETE FROM plans WHERE tenant_id = $1",
+    ] {
+        let tx = app.store.write(TENANT_A).await.unwrap();
+        let refused = tx.execute(sql, vec![TENANT_A.into()]).await;
+        assert!(refused.is_err(), "{sql} was allowed");
+    }
 
     // Auditors read but do not compile.
     let mut auditor = app.clients(TENANT_A, &[Role::Auditor]).await;
