@@ -227,6 +227,7 @@ unimplemented_service!(approvals::approvals_service_server::ApprovalsService {
     fn approve(ApproveRequest) -> ApproveResponse;
     fn reject(RejectRequest) -> RejectResponse;
     fn delegate(DelegateRequest) -> DelegateResponse;
+    stream watch_approvals(WatchApprovalsRequest) -> WatchApprovalsStream<WatchApprovalsResponse>;
 });
 
 unimplemented_service!(approvals::approvals_internal_server::ApprovalsInternal {
