@@ -55,6 +55,23 @@ impl DevIssuer {
         roles: &[Role],
         ttl: Duration,
     ) -> Result<String, Error> {
+        self.mint_with_groups(tenant, subject, roles, &[], ttl)
+    }
+
+    /// A token for `subject` in `tenant` with `roles` and a `groups` claim
+    /// naming `groups` (bare names, or `group:<name>`), valid for `ttl` from
+    /// now. Names a verifier would refuse are `INVALID_ARGUMENT` here.
+    pub fn mint_with_groups(
+        &self,
+        tenant: &str,
+        subject: &str,
+        roles: &[Role],
+        groups: &[String],
+        ttl: Duration,
+    ) -> Result<String, Error> {
+        let claim = serde_json::Value::from(groups.to_vec());
+        let groups = crate::parse_groups_claim(Some(&claim))
+            .map_err(|why| Error::invalid_argument("groups", why))?;
         let now = now_secs()?;
         let exp = now.saturating_add(ttl.as_secs());
         let claims = json!({
@@ -63,6 +80,7 @@ impl DevIssuer {
             "aud": DEV_AUDIENCE,
             "tenant": tenant,
             "roles": roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            "groups": groups,
             "iat": now,
             "nbf": now,
             "exp": exp,

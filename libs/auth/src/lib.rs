@@ -23,7 +23,8 @@ pub use layer::{
     principal,
 };
 pub use principal::{
-    Claims, MAX_TENANT_LEN, OnBehalfOf, Principal, Role, SERVICE_SUBJECT_PREFIX, service_subject,
+    Claims, GROUP_PREFIX, MAX_GROUP_LEN, MAX_GROUPS, MAX_TENANT_LEN, OnBehalfOf, Principal, Role,
+    SERVICE_SUBJECT_PREFIX, parse_groups_claim, service_subject, validate_group_name,
     validate_tenant_id,
 };
 pub use service::{MAX_SERVICE_TOKEN_TTL, SERVICE_AUDIENCE, SERVICE_ISSUER, ServiceIssuer};

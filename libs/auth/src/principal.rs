@@ -97,6 +97,89 @@ pub fn validate_tenant_id(tenant: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The prefix naming a group where principals and groups share a list (`group:controllers`).
+pub const GROUP_PREFIX: &str = "group:";
+
+/// Most groups one token may name.
+pub const MAX_GROUPS: usize = 64;
+
+/// Longest group name accepted, in bytes.
+pub const MAX_GROUP_LEN: usize = 63;
+
+/// Checks a group name: 1–63 characters of `a-z`, `0-9`, `-`, `_` and `.`,
+/// starting with a letter or digit (the charset of role and tenant names, so
+/// a group is safe in `group:<name>` entries, logs and filters).
+pub fn validate_group_name(group: &str) -> Result<(), String> {
+    let first_ok = group
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if group.is_empty() || group.len() > MAX_GROUP_LEN || !first_ok {
+        return Err(format!(
+            "group {group:?} must be 1-{MAX_GROUP_LEN} characters starting with a lowercase letter or digit"
+        ));
+    }
+    if let Some(c) = group
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "group {group:?} contains {c:?}: only a-z, 0-9, '-', '_' and '.' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// The groups of a `groups` claim: absent → none; else an array of at most
+/// [`MAX_GROUPS`] valid names, sorted and deduplicated. A malformed claim is
+/// refused rather than read as "no groups": a principal silently losing its
+/// groups would be refused as an approver for no visible reason.
+pub fn parse_groups_claim(claim: Option<&serde_json::Value>) -> Result<Vec<String>, String> {
+    let items = match claim {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items,
+        Some(other) => {
+            return Err(format!(
+                "groups claim must be an array of group names, not {}",
+                json_kind(other)
+            ));
+        }
+    };
+    if items.len() > MAX_GROUPS {
+        return Err(format!(
+            "groups claim names {} groups; at most {MAX_GROUPS} are accepted",
+            items.len()
+        ));
+    }
+    let mut groups = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let serde_json::Value::String(name) = item else {
+            return Err(format!(
+                "groups[{i}] must be a string, not {}",
+                json_kind(item)
+            ));
+        };
+        // `group:x` in a claim is a confusion of the entry form with the name.
+        let name = name.strip_prefix(GROUP_PREFIX).unwrap_or(name);
+        validate_group_name(name).map_err(|why| format!("groups[{i}]: {why}"))?;
+        groups.push(name.to_owned());
+    }
+    groups.sort();
+    groups.dedup();
+    Ok(groups)
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// Who is calling, as proven by a verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -118,12 +201,31 @@ pub struct Principal {
     pub roles: Vec<Role>,
     /// The token's `jti`, when it has one.
     pub token_id: Option<String>,
+    /// Groups from the token's `groups` claim (sorted, without duplicates;
+    /// bare names such as `controllers`); empty when the token has none.
+    pub groups: Vec<String>,
 }
 
 impl Principal {
     /// Whether the principal holds `role`.
     pub fn has_role(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// Whether the principal's token names `group` (a bare name, `controllers`).
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups
+            .binary_search_by(|g| g.as_str().cmp(group))
+            .is_ok()
+    }
+
+    /// Whether an approver entry names this principal: `group:<name>` by
+    /// membership, anything else (`user:alice`) by the person behind the call.
+    pub fn matches(&self, entry: &str) -> bool {
+        match entry.strip_prefix(GROUP_PREFIX) {
+            Some(group) => self.in_group(group),
+            None => entry == self.originator(),
+        }
     }
 
     /// Whether the token came from the platform's service issuer.
@@ -227,8 +329,12 @@ pub struct Claims {
     /// Role names.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Group names (an array of strings; checked by [`Claims::into_principal`]
+    /// so a malformed claim is reported by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<serde_json::Value>,
     /// On a delegated service token only: the principal the service acts for
-    /// (its subject and roles, as verified when the work began).
+    /// (its subject, roles and groups, as verified when the work began).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub obo: Option<OnBehalfOf>,
 }
@@ -241,6 +347,9 @@ pub struct OnBehalfOf {
     /// That principal's role names.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// That principal's group names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<serde_json::Value>,
 }
 
 impl Claims {
@@ -266,8 +375,8 @@ impl Claims {
                 "token has an empty sub claim",
             ));
         }
-        // A delegated token's roles are those of whom it acts for.
-        let (on_behalf_of, role_names) = match self.obo {
+        // A delegated token's roles and groups are those of whom it acts for.
+        let (on_behalf_of, role_names, groups) = match self.obo {
             Some(obo) => {
                 if obo.sub.is_empty() || obo.sub.starts_with(SERVICE_SUBJECT_PREFIX) {
                     return Err(Error::new(
@@ -275,10 +384,14 @@ impl Claims {
                         "token's obo claim must name the principal acted for (not a service)",
                     ));
                 }
-                (Some(obo.sub), obo.roles)
+                (Some(obo.sub), obo.roles, obo.groups)
             }
-            None => (None, self.roles),
+            None => (None, self.roles, self.groups),
         };
+        let groups = parse_groups_claim(groups.as_ref()).map_err(|why| {
+            Error::new(ErrorCode::Unauthenticated, format!("token's {why}"))
+                .with_metadata("claim", "groups")
+        })?;
         let mut roles: Vec<Role> = role_names.iter().filter_map(|r| Role::parse(r)).collect();
         roles.sort();
         roles.dedup();
@@ -290,6 +403,7 @@ impl Claims {
             on_behalf_of,
             roles,
             token_id: self.jti,
+            groups,
         })
     }
 }

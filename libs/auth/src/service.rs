@@ -109,7 +109,15 @@ impl ServiceIssuer {
         roles: &[Role],
         ttl: Duration,
     ) -> Result<String, Error> {
-        self.mint_claims(tenant, Some((subject, roles)), ttl)
+        self.mint_claims(
+            tenant,
+            Some(Obo {
+                subject,
+                roles,
+                groups: &[],
+            }),
+            ttl,
+        )
     }
 
     /// A token for a call made while serving `caller`: this service acting
@@ -123,7 +131,14 @@ impl ServiceIssuer {
             (Some(_), None) => None,
             (None, None) => Some(caller.subject.as_str()),
         };
-        self.cached(&caller.tenant_id, obo.map(|s| (s, caller.roles.as_slice())))
+        self.cached(
+            &caller.tenant_id,
+            obo.map(|subject| Obo {
+                subject,
+                roles: &caller.roles,
+                groups: &caller.groups,
+            }),
+        )
     }
 
     /// A cached token of this service acting on its own in `tenant`.
@@ -148,11 +163,16 @@ impl ServiceIssuer {
         Ok(())
     }
 
-    fn cached(&self, tenant: &str, obo: Option<(&str, &[Role])>) -> Result<String, Error> {
-        let key = match obo {
-            Some((sub, roles)) => {
-                let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-                format!("{tenant}\n{sub}\n{}", roles.join(","))
+    fn cached(&self, tenant: &str, obo: Option<Obo<'_>>) -> Result<String, Error> {
+        let key = match &obo {
+            Some(obo) => {
+                let roles: Vec<&str> = obo.roles.iter().map(|r| r.as_str()).collect();
+                format!(
+                    "{tenant}\n{}\n{}\n{}",
+                    obo.subject,
+                    roles.join(","),
+                    obo.groups.join(",")
+                )
             }
             None => format!("{tenant}\n"),
         };
@@ -187,7 +207,7 @@ impl ServiceIssuer {
     fn mint_claims(
         &self,
         tenant: &str,
-        obo: Option<(&str, &[Role])>,
+        obo: Option<Obo<'_>>,
         ttl: Duration,
     ) -> Result<String, Error> {
         validate_tenant_id(tenant).map_err(|why| Error::invalid_argument("tenant", why))?;
@@ -204,7 +224,12 @@ impl ServiceIssuer {
             "exp": exp,
             "jti": uuid::Uuid::new_v4().to_string(),
         });
-        if let Some((subject, roles)) = obo {
+        if let Some(Obo {
+            subject,
+            roles,
+            groups,
+        }) = obo
+        {
             if subject.is_empty() || subject.starts_with(crate::SERVICE_SUBJECT_PREFIX) {
                 return Err(Error::invalid_argument(
                     "on_behalf_of",
@@ -215,7 +240,17 @@ impl ServiceIssuer {
                 "sub": subject,
                 "roles": roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
             });
+            if !groups.is_empty() {
+                claims["obo"]["groups"] = json!(groups);
+            }
         }
         Ok(sign_jwt(&self.keys, &claims))
     }
+}
+
+/// Whom a delegated token acts for: the person's subject, roles and groups.
+struct Obo<'a> {
+    subject: &'a str,
+    roles: &'a [Role],
+    groups: &'a [String],
 }

@@ -1114,3 +1114,132 @@ async fn delegated_service_tokens_carry_whom_the_service_acts_for() {
         .unwrap();
     assert_eq!(header, format!("Bearer {token}"));
 }
+
+#[tokio::test]
+async fn groups_claim_becomes_the_principals_groups() {
+    let d = dev();
+    let token = d
+        .issuer
+        .mint_with_groups(
+            "acme",
+            "user:carol",
+            &[Role::Approver],
+            &[
+                "controllers".into(),
+                "group:finance".into(),
+                "controllers".into(),
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let carol = d.auth.authenticate(&token).await.unwrap();
+    assert_eq!(
+        carol.groups,
+        vec!["controllers", "finance"],
+        "sorted, once each"
+    );
+    assert!(carol.in_group("controllers") && !carol.in_group("auditors"));
+    assert!(carol.matches("group:finance"));
+    assert!(carol.matches("user:carol"));
+    assert!(!carol.matches("group:auditors") && !carol.matches("user:dave"));
+    assert!(
+        !carol.matches("controllers"),
+        "a bare name is not a group entry"
+    );
+
+    // Absent or null: no groups, still authenticated.
+    let plain = d
+        .auth
+        .authenticate(
+            &d.issuer
+                .sign_claims(&claims(DEV_ISSUER, Some("acme"), 60))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(plain.groups.is_empty());
+    let mut c = claims(DEV_ISSUER, Some("acme"), 60);
+    c["groups"] = Value::Null;
+    let p = d
+        .auth
+        .authenticate(&d.issuer.sign_claims(&c).unwrap())
+        .await
+        .unwrap();
+    assert!(p.groups.is_empty());
+
+    // A service acting for carol carries her groups (and only hers).
+    let keys_dir = tempfile::tempdir().unwrap();
+    let orchestrator =
+        anumate_auth::ServiceIssuer::load_or_create(keys_dir.path(), "orchestrator").unwrap();
+    let auth = d
+        .auth
+        .clone()
+        .with_static_service_issuer(orchestrator.jwks());
+    let delegated = auth
+        .authenticate(&orchestrator.token_for(&carol).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(delegated.on_behalf_of(), Some("user:carol"));
+    assert_eq!(delegated.groups, carol.groups);
+    assert!(delegated.matches("user:carol") && delegated.matches("group:controllers"));
+    let own = auth
+        .authenticate(&orchestrator.token("acme").unwrap())
+        .await
+        .unwrap();
+    assert!(own.groups.is_empty());
+}
+
+#[tokio::test]
+async fn malformed_groups_claims_are_unauthenticated_by_name() {
+    let d = dev();
+    let too_many: Vec<String> = (0..=anumate_auth::MAX_GROUPS)
+        .map(|i| format!("g{i}"))
+        .collect();
+    let cases = [
+        (
+            json!("controllers"),
+            "must be an array of group names, not a string",
+        ),
+        (json!({"name": "controllers"}), "not an object"),
+        (
+            json!(["controllers", 7]),
+            "groups[1] must be a string, not a number",
+        ),
+        (
+            json!(["Controllers"]),
+            "groups[0]: group \"Controllers\" must be",
+        ),
+        (json!(["ops team"]), "contains ' '"),
+        (json!([""]), "must be 1-63 characters"),
+        (json!(["x".repeat(64)]), "must be 1-63 characters"),
+        (json!(too_many), "names 65 groups; at most 64"),
+    ];
+    for (claim, expected) in cases {
+        let mut c = claims(DEV_ISSUER, Some("acme"), 60);
+        c["groups"] = claim.clone();
+        let e = rejected(&d.auth, &d.issuer.sign_claims(&c).unwrap()).await;
+        assert_eq!(e.code, ErrorCode::Unauthenticated, "{claim}");
+        assert_eq!(e.reason, anumate_errors::Reason::Unauthenticated, "{claim}");
+        assert!(e.message.contains(expected), "{claim}: {}", e.message);
+        assert!(
+            e.metadata
+                .iter()
+                .any(|(k, v)| k == "claim" && v == "groups"),
+            "{claim}"
+        );
+    }
+
+    // Minting refuses what a verifier would refuse.
+    let e = d
+        .issuer
+        .mint_with_groups(
+            "acme",
+            "user:x",
+            &[],
+            &["Bad Name".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("Bad Name"), "{}", e.message);
+}
