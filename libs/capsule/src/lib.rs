@@ -18,9 +18,10 @@ use anumate_errors::{Error, ErrorCode, Violation};
 mod duration;
 pub mod expr;
 mod validate;
-mod yaml;
+pub mod yaml;
 
 pub use duration::{MAX_DURATION, parse_duration};
+pub use validate::suggest;
 
 /// The only supported `apiVersion`.
 pub const API_VERSION: &str = "anumate.dev/v1";

@@ -187,10 +187,7 @@ impl V<'_> {
 }
 
 /// The closest candidate within a small edit distance, if any.
-pub(crate) fn suggest<'c>(
-    word: &str,
-    candidates: impl Iterator<Item = &'c str>,
-) -> Option<&'c str> {
+pub fn suggest<'c>(word: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
     // Bounded work however large the document: suggestions are a courtesy.
     if word.len() > 64 {
         return None;

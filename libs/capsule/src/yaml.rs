@@ -4,6 +4,9 @@
 //! the loader stops at the first alias, anchor, second document, or when the
 //! depth or node count exceeds [`Limits`], before any expansion can happen.
 //! Scalars are resolved with the YAML 1.2 core schema.
+//!
+//! [`load_stream`] reads several `---` documents (tool files) with the same
+//! limits, counted over the whole stream.
 
 use std::collections::HashMap;
 
@@ -15,31 +18,42 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 use crate::Limits;
 
 /// A 1-based `(line, column)` position.
-pub(crate) type Pos = (u32, u32);
+pub type Pos = (u32, u32);
 
 /// A YAML node with its position.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Node {
+pub struct Node {
+    /// Where the node starts.
     pub pos: Pos,
+    /// Its value.
     pub value: Yaml,
 }
 
 /// A mapping entry; keys are always strings.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Entry {
+pub struct Entry {
+    /// The key.
     pub key: String,
+    /// Where the key starts.
     pub key_pos: Pos,
+    /// The value.
     pub value: Node,
 }
 
 /// A resolved YAML value.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Yaml {
+pub enum Yaml {
+    /// `null`, `~` or nothing.
     Null,
+    /// `true` / `false`.
     Bool(bool),
+    /// An integer or a float representable in JSON.
     Number(Number),
+    /// A string.
     Str(String),
+    /// A sequence.
     Seq(Vec<Node>),
+    /// A mapping, entries in document order.
     Map(Vec<Entry>),
 }
 
@@ -83,7 +97,7 @@ impl Node {
 }
 
 /// Appends a mapping key to a document path (`spec` + `steps` = `spec.steps`).
-pub(crate) fn join(path: &str, key: &str) -> String {
+pub fn join(path: &str, key: &str) -> String {
     let plain = key
         .chars()
         .next()
@@ -104,7 +118,7 @@ pub(crate) fn join(path: &str, key: &str) -> String {
 }
 
 /// Appends a sequence index to a document path.
-pub(crate) fn index(path: &str, i: usize) -> String {
+pub fn index(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
 }
 
@@ -116,8 +130,10 @@ fn pos_of(m: &Marker) -> Pos {
 
 /// What went wrong while loading: either fatal (loading stopped) or a list of
 /// problems next to a usable tree.
-pub(crate) struct Loaded {
+pub struct Loaded {
+    /// The document's root node, absent when loading stopped.
     pub root: Option<Node>,
+    /// Problems found while loading, paths relative to this document.
     pub violations: Vec<Violation>,
 }
 
@@ -143,6 +159,8 @@ struct Loader<'l> {
     root: Option<Node>,
     nodes: usize,
     violations: Vec<Violation>,
+    /// Documents already read ([`load_stream`] only).
+    finished: Vec<Loaded>,
 }
 
 type Fatal = Violation;
@@ -491,15 +509,9 @@ fn is_float(raw: &str) -> bool {
 
 /// Loads one YAML document. Fatal problems (syntax errors, aliases, anchors,
 /// several documents, limits) stop loading and return a single violation.
-pub(crate) fn load(source: &str, limits: &Limits) -> Loaded {
-    let mut loader = Loader {
-        limits,
-        stack: Vec::new(),
-        root: None,
-        nodes: 0,
-        violations: Vec::new(),
-    };
-    match run(&mut loader, source) {
+pub fn load(source: &str, limits: &Limits) -> Loaded {
+    let mut loader = Loader::new(limits);
+    match run(&mut loader, source, false) {
         Ok(()) => Loaded {
             root: loader.root,
             violations: loader.violations,
@@ -511,7 +523,30 @@ pub(crate) fn load(source: &str, limits: &Limits) -> Loaded {
     }
 }
 
-fn run(loader: &mut Loader<'_>, source: &str) -> Result<(), Fatal> {
+/// Loads every document of a `---` separated stream, in order (an empty
+/// document is a [`Yaml::Null`] root). A fatal problem (syntax, aliases,
+/// anchors, limits over the whole stream) stops loading: it is the one
+/// violation returned.
+pub fn load_stream(source: &str, limits: &Limits) -> Result<Vec<Loaded>, Violation> {
+    let mut loader = Loader::new(limits);
+    run(&mut loader, source, true)?;
+    Ok(loader.finished)
+}
+
+impl<'l> Loader<'l> {
+    fn new(limits: &'l Limits) -> Self {
+        Loader {
+            limits,
+            stack: Vec::new(),
+            root: None,
+            nodes: 0,
+            violations: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+}
+
+fn run(loader: &mut Loader<'_>, source: &str, stream: bool) -> Result<(), Fatal> {
     let mut parser = Parser::new_from_str(source);
     let mut documents = 0usize;
     loop {
@@ -531,10 +566,18 @@ fn run(loader: &mut Loader<'_>, source: &str) -> Result<(), Fatal> {
         let pos = pos_of(&mark);
         match event {
             Event::StreamEnd => return Ok(()),
-            Event::StreamStart | Event::DocumentEnd | Event::Nothing => {}
+            Event::StreamStart | Event::Nothing => {}
+            Event::DocumentEnd => {
+                if stream {
+                    loader.finished.push(Loaded {
+                        root: loader.root.take(),
+                        violations: std::mem::take(&mut loader.violations),
+                    });
+                }
+            }
             Event::DocumentStart => {
                 documents += 1;
-                if documents > 1 {
+                if documents > 1 && !stream {
                     return Err(Violation::at(
                         "",
                         pos.0,
