@@ -182,6 +182,11 @@ pub trait VersionedKind: Send + Sync + 'static {
     /// Why a version of a document is not there (`CAPSULE_VERSION_NOT_FOUND`).
     const VERSION_NOT_FOUND: Reason;
 
+    /// Checks a document name from a request (`INVALID_ARGUMENT` naming
+    /// `name`); DNS labels unless the kind names its documents otherwise.
+    fn check_name(name: &str) -> Result<()> {
+        anumate_errors::check_dns_label("name", name)
+    }
     /// The document message of a row.
     fn document(row: &DocumentRow) -> Self::Document;
     /// The message of a new version of `draft`.
@@ -315,6 +320,22 @@ impl<K: VersionedKind> Documents<K> {
         Ok(committed?)
     }
 
+    /// Commits changes to several documents (none: just ends `tx`).
+    async fn commit_changes(&self, tx: TenantTx, names: &[&str]) -> Result<()> {
+        let keys: Vec<String> = names
+            .iter()
+            .map(|name| Cache::<K::Document, K::Version>::key(tx.tenant_id(), name))
+            .collect();
+        for key in &keys {
+            tx.notify(&Self::channel(), key).await?;
+        }
+        let committed = tx.commit().await;
+        for key in &keys {
+            self.cache.invalidate(key);
+        }
+        Ok(committed?)
+    }
+
     /// Whether reads are served from memory now (for tests and metrics).
     pub fn cache_is_live(&self) -> bool {
         self.cache.is_live()
@@ -338,6 +359,47 @@ impl<K: VersionedKind> Documents<K> {
         }
     }
 
+    /// Stores new versions of several documents in one transaction: all of
+    /// them or none. Each draft is pushed as [`Documents::push`] would
+    /// (without an etag); the results are in the drafts' order.
+    pub async fn push_all(
+        &self,
+        actor: &Actor,
+        drafts: &[Draft<'_>],
+        publish: bool,
+    ) -> Result<Vec<Pushed<K>>> {
+        match self.push_all_once(actor, drafts, publish).await {
+            Err(e) if e.code == ErrorCode::AlreadyExists => {
+                self.push_all_once(actor, drafts, publish).await
+            }
+            other => other,
+        }
+    }
+
+    async fn push_all_once(
+        &self,
+        actor: &Actor,
+        drafts: &[Draft<'_>],
+        publish: bool,
+    ) -> Result<Vec<Pushed<K>>> {
+        // Documents are locked in name order, so concurrent pushes of
+        // overlapping sets cannot deadlock.
+        let mut order: Vec<usize> = (0..drafts.len()).collect();
+        order.sort_by_key(|&i| drafts[i].name);
+        let tx = self.store.write(&actor.tenant).await?;
+        let mut results: Vec<Option<Pushed<K>>> = drafts.iter().map(|_| None).collect();
+        let mut changed = Vec::new();
+        for i in order {
+            let (pushed, change) = self.push_in(&tx, actor, &drafts[i], "", publish).await?;
+            if change {
+                changed.push(drafts[i].name);
+            }
+            results[i] = Some(pushed);
+        }
+        self.commit_changes(tx, &changed).await?;
+        Ok(results.into_iter().flatten().collect())
+    }
+
     async fn push_once(
         &self,
         actor: &Actor,
@@ -345,9 +407,25 @@ impl<K: VersionedKind> Documents<K> {
         etag: &str,
         publish: bool,
     ) -> Result<Pushed<K>> {
-        let (kind, name) = (K::SCHEMA.kind, draft.name);
         let tx = self.store.write(&actor.tenant).await?;
-        let existing = K::SCHEMA.lock_document(&tx, name).await?;
+        let (pushed, changed) = self.push_in(&tx, actor, draft, etag, publish).await?;
+        if changed {
+            self.commit_change(tx, draft.name).await?;
+        }
+        Ok(pushed)
+    }
+
+    /// A push in `tx`, not committed; true when it changed anything.
+    async fn push_in(
+        &self,
+        tx: &TenantTx,
+        actor: &Actor,
+        draft: &Draft<'_>,
+        etag: &str,
+        publish: bool,
+    ) -> Result<(Pushed<K>, bool)> {
+        let (kind, name) = (K::SCHEMA.kind, draft.name);
+        let existing = K::SCHEMA.lock_document(tx, name).await?;
         if let Some(doc) = &existing {
             if doc.deleted() {
                 return Err(Error::because(
@@ -356,9 +434,8 @@ impl<K: VersionedKind> Documents<K> {
                 ));
             }
             check_etag(kind, doc, etag)?;
-            let same: Option<Stored<K::Row>> = K::SCHEMA
-                .find_by_hash(&tx, name, draft.content_hash)
-                .await?;
+            let same: Option<Stored<K::Row>> =
+                K::SCHEMA.find_by_hash(tx, name, draft.content_hash).await?;
             if let Some(same) = same {
                 return self.push_identical(tx, actor, doc, same, publish).await;
             }
@@ -381,9 +458,9 @@ impl<K: VersionedKind> Documents<K> {
         };
         let version = self.kind.new_version(draft, &new);
         if existing.is_none() {
-            K::SCHEMA.insert_document(&tx, name, new.now).await?;
+            K::SCHEMA.insert_document(tx, name, new.now).await?;
         }
-        insert_version::<K>(&tx, draft, &new, &version).await?;
+        insert_version::<K>(tx, draft, &new, &version).await?;
         let published = if publish {
             i64::from(new.number)
         } else {
@@ -391,7 +468,7 @@ impl<K: VersionedKind> Documents<K> {
         };
         let row = K::SCHEMA
             .update_after_push(
-                &tx,
+                tx,
                 existing.as_ref(),
                 name,
                 draft.description,
@@ -410,36 +487,38 @@ impl<K: VersionedKind> Documents<K> {
             actor: &actor.subject,
         };
         let subject = version_subject::<K>(name, new.number);
-        append(&tx, &K::pushed(&event), &subject).await?;
+        append(tx, &K::pushed(&event), &subject).await?;
         if publish {
-            append(&tx, &K::published(&event), &subject).await?;
+            append(tx, &K::published(&event), &subject).await?;
         }
-        self.commit_change(tx, name).await?;
         tracing::info!(tenant = %actor.tenant, kind, name, version = new.number, hash = draft.content_hash, "{kind} version pushed");
-        Ok(Pushed {
-            version,
-            created: true,
-            document: K::document(&row),
-        })
+        Ok((
+            Pushed {
+                version,
+                created: true,
+                document: K::document(&row),
+            },
+            true,
+        ))
     }
 
     /// A push of content that version `same` already holds: publishes it when
     /// asked and it is a draft, refuses when asked and it is deprecated.
     async fn push_identical(
         &self,
-        tx: TenantTx,
+        tx: &TenantTx,
         actor: &Actor,
         doc: &DocumentRow,
         same: Stored<K::Row>,
         publish: bool,
-    ) -> Result<Pushed<K>> {
+    ) -> Result<(Pushed<K>, bool)> {
         let (number, status, hash) = (wire_version(same.number), same.status, same.content_hash);
         let mut version = same.row.into();
-        let document = match status {
+        let (document, changed) = match status {
             Status::Draft if publish => {
                 let updated = self
                     .set_status(
-                        &tx,
+                        tx,
                         actor,
                         &doc.name,
                         (number, &hash),
@@ -447,8 +526,7 @@ impl<K: VersionedKind> Documents<K> {
                         Status::Published,
                     )
                     .await?;
-                self.commit_change(tx, &doc.name).await?;
-                updated
+                (updated, true)
             }
             Status::Deprecated if publish => {
                 return Err(Error::because(
@@ -458,13 +536,16 @@ impl<K: VersionedKind> Documents<K> {
                     ),
                 ));
             }
-            _ => K::document(doc),
+            _ => (K::document(doc), false),
         };
-        Ok(Pushed {
-            version,
-            created: false,
-            document,
-        })
+        Ok((
+            Pushed {
+                version,
+                created: false,
+                document,
+            },
+            changed,
+        ))
     }
 
     /// Reads one version of a visible document.
@@ -474,7 +555,7 @@ impl<K: VersionedKind> Documents<K> {
         name: &str,
         selector: VersionSelector,
     ) -> Result<(K::Document, K::Version)> {
-        check_name(name)?;
+        K::check_name(name)?;
         let key = Cache::<K::Document, K::Version>::key(&actor.tenant, name);
         let epoch = self.cache.epoch();
         let cached = self.cache.get(&key);
@@ -533,7 +614,7 @@ impl<K: VersionedKind> Documents<K> {
         page_size: i32,
         page_token: &str,
     ) -> Result<(Vec<K::Version>, String)> {
-        check_name(name)?;
+        K::check_name(name)?;
         let (size, after) = paging::page_params(page_size, page_token)?;
         let before = after
             .map(|token| token.parse::<i64>().map_err(|_| paging::malformed_token()))
@@ -556,7 +637,7 @@ impl<K: VersionedKind> Documents<K> {
         etag: &str,
         to: Transition,
     ) -> Result<(K::Document, K::Version)> {
-        check_name(name)?;
+        K::check_name(name)?;
         let tx = self.store.write(&actor.tenant).await?;
         let doc = lock_visible::<K>(&tx, name).await?;
         check_etag(K::SCHEMA.kind, &doc, etag)?;
@@ -617,7 +698,7 @@ impl<K: VersionedKind> Documents<K> {
 
     /// Soft-deletes a document; returns its row as deleted (a new etag).
     pub async fn delete(&self, actor: &Actor, name: &str, etag: &str) -> Result<K::Document> {
-        check_name(name)?;
+        K::check_name(name)?;
         let tx = self.store.write(&actor.tenant).await?;
         let doc = lock_visible::<K>(&tx, name).await?;
         check_etag(K::SCHEMA.kind, &doc, etag)?;
@@ -744,10 +825,6 @@ async fn visible_row<K: VersionedKind>(tx: &TenantTx, name: &str) -> Result<Docu
 /// No (visible) document of this name.
 fn not_found<K: VersionedKind>(name: &str) -> Error {
     Error::because(K::NOT_FOUND, format!("{} {name} not found", K::SCHEMA.kind))
-}
-
-fn check_name(name: &str) -> Result<()> {
-    anumate_errors::check_dns_label("name", name)
 }
 
 /// Refuses a change that carries an etag other than the document's current one.
