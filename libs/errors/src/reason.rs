@@ -96,6 +96,10 @@ pub enum Reason {
     PreflightNotFound,
     /// `Approve` named an `args_sha256` that is not the approval's.
     ApprovalArgsMismatch,
+    /// No tool of that name in the tenant's catalogue.
+    ToolNotFound,
+    /// The tool exists but not that version, or every version is deprecated when the current one was asked for.
+    ToolVersionNotFound,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -353,6 +357,18 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "APPROVAL_ARGS_MISMATCH",
         44,
         ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::ToolNotFound,
+        "TOOL_NOT_FOUND",
+        45,
+        ErrorCode::NotFound,
+    ),
+    (
+        Reason::ToolVersionNotFound,
+        "TOOL_VERSION_NOT_FOUND",
+        46,
+        ErrorCode::NotFound,
     ),
 ];
 
