@@ -1,0 +1,88 @@
+//! Receipts for decisions: every approve, reject, delegation, escalation,
+//! expiry and cancellation is attested by an `APPROVAL_DECISION` receipt in
+//! the tenant's receipt log.
+//!
+//! As for revocations (see the captokens service), the receipt is appended
+//! *before* the decision commits and outside its transaction (an in-process
+//! receipts service on the same SQLite file never waits on our write lock),
+//! with a dedupe key derived from the decision's content. A decision never
+//! lands without its receipt; retrying one whose commit failed reuses the
+//! receipt. A decision that loses a race after its receipt was appended (the
+//! approval changed meanwhile) leaves a receipt of an attempt that did not
+//! count; the approval's history is what counted.
+
+use anumate_errors::{Error, ErrorCode, Result};
+use anumate_proto::receipts::v1 as rpb;
+use anumate_service::clients::{Caller, ReceiptsClient, UpstreamError};
+use serde_json::json;
+
+use crate::rules::{Approval, Decision};
+
+/// The service identity that appends `APPROVAL_DECISION` receipts.
+pub const RECEIPTS_SERVICE_NAME: &str = "approvals";
+
+/// The receipt content of decision `d` on `a` (no times: a retry of the same
+/// decision has the same content).
+pub fn content(a: &Approval, d: &Decision) -> serde_json::Value {
+    json!({
+        "action": d.kind.as_str(),
+        "approval_id": a.id,
+        "actor": d.actor,
+        "stage": d.stage,
+        "escalated": d.escalated,
+        "comment": d.comment,
+        "delegate_to": d.delegate_to,
+        "escalate_to": d.escalate_to,
+        "args_sha256": a.args_sha256,
+        "tool": a.tool,
+        "state": format!("{:?}", a.status).to_lowercase(),
+        "timer_generation": a.timer_gen,
+    })
+}
+
+/// Appends (or finds, for a retry) the receipt of `a`'s last decision.
+/// Returns the receipt id. A remote receipts service that fails is
+/// `UNAVAILABLE` (nothing was decided).
+pub async fn append(receipts: &dyn ReceiptsClient, tenant: &str, a: &Approval) -> Result<String> {
+    let d = a
+        .decisions
+        .last()
+        .ok_or_else(|| Error::internal("no decision to receipt"))?;
+    let content = content(a, d);
+    let digest = anumate_crypto::sha256_hex(content.to_string().as_bytes());
+    let request = rpb::AppendReceiptRequest {
+        kind: rpb::ReceiptKind::ApprovalDecision as i32,
+        subject: Some(rpb::ReceiptSubject {
+            run_id: a.run_id.clone(),
+            step_id: a.step_id.clone(),
+            plan_hash: a.plan_hash.clone(),
+            approval_id: a.id.clone(),
+            ..Default::default()
+        }),
+        content: Some(serde_json::from_value(content).map_err(Error::internal)?),
+        dedupe_key: format!("approval:{}:{}", a.id, &digest[..32]),
+    };
+    let caller = Caller::Service {
+        tenant: tenant.to_owned(),
+        service: RECEIPTS_SERVICE_NAME,
+    };
+    let resp = receipts
+        .append_receipt(&caller, request)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Local(e) => e,
+            remote @ UpstreamError::Remote(_) => {
+                let e = remote.to_error();
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the decision's receipt could not be appended ({}: {}); nothing was decided",
+                        e.code, e.message
+                    ),
+                )
+            }
+        })?;
+    resp.receipt
+        .map(|r| r.receipt_id)
+        .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
+}

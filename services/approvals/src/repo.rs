@@ -1,0 +1,302 @@
+//! SQL for approvals and their timers. An approval is one row: the columns
+//! it is found by, and its whole state as JSON (stages and decisions are
+//! always read and written together). Every approval query filters on the
+//! transaction's tenant; on PostgreSQL row-level security enforces it again.
+//!
+//! `approval_timers` is deliberately not a tenant table: the timer worker
+//! claims due rows across tenants (`FOR UPDATE SKIP LOCKED` on PostgreSQL)
+//! and then acts in the tenant's own transaction. It holds ids and times
+//! only.
+
+use anumate_errors::{Error, Result};
+use anumate_store::{Backend, Migration, QueryResult, SystemTx, TenantTx, Value};
+
+use crate::rules::{Approval, Status};
+
+const DDL: &str = "CREATE TABLE approvals (
+        tenant_id TEXT NOT NULL,
+        approval_id TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        args_sha256 TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        version BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, approval_id)
+      );
+      CREATE UNIQUE INDEX approvals_call ON approvals (tenant_id, run_id, step_id, args_sha256);
+      CREATE INDEX approvals_state ON approvals (tenant_id, state, approval_id);
+      CREATE TABLE approval_timers (
+        approval_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        generation BIGINT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        due_at BIGINT NOT NULL,
+        PRIMARY KEY (approval_id, kind, generation)
+      );
+      CREATE INDEX approval_timers_due ON approval_timers (due_at)";
+
+/// The approvals tables (the notifier's come with [`crate::migrations`]).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    id: "approvals_0001_tables",
+    postgres: DDL,
+    sqlite: DDL,
+    tenant_tables: &["approvals"],
+}];
+
+pub fn db(e: impl std::fmt::Display) -> Error {
+    Error::internal(e)
+}
+
+/// The stored number of a state (the proto's `ApprovalState`).
+pub fn state_number(s: Status) -> i32 {
+    match s {
+        Status::Pending => 1,
+        Status::Approved => 2,
+        Status::Rejected => 3,
+        Status::Expired => 4,
+        Status::Cancelled => 5,
+    }
+}
+
+fn body(a: &Approval) -> Result<String> {
+    serde_json::to_string(a).map_err(Error::internal)
+}
+
+fn from_row(row: &QueryResult) -> Result<Approval> {
+    let body: String = row.try_get("", "body").map_err(db)?;
+    serde_json::from_str(&body).map_err(|e| Error::internal(format!("stored approval: {e}")))
+}
+
+/// Inserts a new approval; false when one for the same call exists.
+pub async fn insert(tx: &TenantTx, a: &Approval) -> Result<bool> {
+    let n = tx
+        .execute(
+            "INSERT INTO approvals (tenant_id, approval_id, run_id, step_id, args_sha256, state, \
+               version, created_at, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT DO NOTHING",
+            vec![
+                tx.tenant_id().into(),
+                a.id.as_str().into(),
+                a.run_id.as_str().into(),
+                a.step_id.as_str().into(),
+                a.args_sha256.as_str().into(),
+                state_number(a.status).into(),
+                a.version.into(),
+                a.created_at.into(),
+                body(a)?.into(),
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// The approval of one call.
+pub async fn find_call(
+    tx: &TenantTx,
+    run: &str,
+    step: &str,
+    args: &str,
+) -> Result<Option<Approval>> {
+    tx.query_one(
+        "SELECT body FROM approvals WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3 \
+           AND args_sha256 = $4",
+        vec![tx.tenant_id().into(), run.into(), step.into(), args.into()],
+    )
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+/// One approval; `lock` takes its row lock on PostgreSQL (SQLite's write
+/// transaction already holds the database's).
+pub async fn load(tx: &TenantTx, id: &str, lock: bool) -> Result<Option<Approval>> {
+    let lock = if lock && tx.backend() == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    tx.query_one(
+        &format!("SELECT body FROM approvals WHERE tenant_id = $1 AND approval_id = $2{lock}"),
+        vec![tx.tenant_id().into(), id.into()],
+    )
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+/// Stores a changed approval.
+pub async fn save(tx: &TenantTx, a: &Approval) -> Result<()> {
+    tx.execute(
+        "UPDATE approvals SET state = $3, version = $4, body = $5 \
+         WHERE tenant_id = $1 AND approval_id = $2",
+        vec![
+            tx.tenant_id().into(),
+            a.id.as_str().into(),
+            state_number(a.status).into(),
+            a.version.into(),
+            body(a)?.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Filters of a listing (zero / empty: not filtered).
+pub struct Filter<'a> {
+    pub state: i32,
+    pub run: &'a str,
+    /// Approvals with ids below this one (the page token).
+    pub before_id: Option<&'a str>,
+    pub limit: i64,
+}
+
+/// Approvals, newest first (ids are UUIDv7).
+pub async fn list(tx: &TenantTx, f: &Filter<'_>) -> Result<Vec<Approval>> {
+    let mut sql = String::from("SELECT body FROM approvals WHERE tenant_id = $1");
+    let mut values: Vec<Value> = vec![tx.tenant_id().into()];
+    if f.state != 0 {
+        values.push(f.state.into());
+        sql.push_str(&format!(" AND state = ${}", values.len()));
+    }
+    if !f.run.is_empty() {
+        values.push(f.run.into());
+        sql.push_str(&format!(" AND run_id = ${}", values.len()));
+    }
+    if let Some(before) = f.before_id {
+        values.push(before.into());
+        sql.push_str(&format!(" AND approval_id < ${}", values.len()));
+    }
+    values.push(f.limit.into());
+    sql.push_str(&format!(
+        " ORDER BY approval_id DESC LIMIT ${}",
+        values.len()
+    ));
+    tx.query_all(&sql, values)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+/// Timer kinds.
+pub const EXPIRE: &str = "expire";
+/// Reminder timers.
+pub const REMIND: &str = "remind";
+
+/// Schedules a timer (a repeat of the same one is a no-op).
+pub async fn insert_timer(
+    tx: &TenantTx,
+    id: &str,
+    kind: &str,
+    generation: i64,
+    due_at: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO approval_timers (approval_id, kind, generation, tenant_id, due_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        vec![
+            id.into(),
+            kind.into(),
+            generation.into(),
+            tx.tenant_id().into(),
+            due_at.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A due timer.
+#[derive(Debug, Clone)]
+pub struct Timer {
+    pub approval_id: String,
+    pub kind: String,
+    pub generation: i64,
+    pub tenant: String,
+}
+
+/// Timers due at `now`, oldest first; on PostgreSQL claimed (row locks held
+/// by `tx`, rows other workers hold skipped).
+pub async fn due_timers(tx: &SystemTx, now: i64, limit: i64) -> Result<Vec<Timer>> {
+    let claim = match tx.backend() {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let rows = tx
+        .query_all(
+            &format!(
+                "SELECT approval_id, kind, generation, tenant_id FROM approval_timers \
+                 WHERE due_at <= $1 ORDER BY due_at LIMIT $2{claim}"
+            ),
+            vec![now.into(), limit.into()],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Timer {
+                approval_id: r.try_get("", "approval_id").map_err(db)?,
+                kind: r.try_get("", "kind").map_err(db)?,
+                generation: r.try_get("", "generation").map_err(db)?,
+                tenant: r.try_get("", "tenant_id").map_err(db)?,
+            })
+        })
+        .collect()
+}
+
+/// Removes a timer that fired (or was stale).
+pub async fn delete_timer(tx: &SystemTx, t: &Timer) -> Result<()> {
+    tx.execute(
+        "DELETE FROM approval_timers WHERE approval_id = $1 AND kind = $2 AND generation = $3",
+        vec![
+            t.approval_id.as_str().into(),
+            t.kind.as_str().into(),
+            t.generation.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Outbox rows of the approvals topic after `after_seq`, oldest first.
+pub async fn outbox_after(
+    tx: &TenantTx,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<anumate_events::OutboxRow>> {
+    let rows = tx
+        .query_all(
+            &format!(
+                "SELECT {} FROM outbox WHERE tenant_id = $1 AND topic = $2 AND seq > $3 \
+                 ORDER BY seq LIMIT $4",
+                anumate_events::OutboxRow::SELECT_COLUMNS
+            ),
+            vec![
+                tx.tenant_id().into(),
+                crate::TOPIC.into(),
+                after_seq.into(),
+                limit.into(),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| anumate_events::OutboxRow::from_query(r).map_err(db))
+        .collect()
+}
+
+/// The highest outbox position of the tenant's approval events (0: none).
+pub async fn outbox_head(tx: &TenantTx) -> Result<i64> {
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(MAX(seq), 0) AS head FROM outbox WHERE tenant_id = $1 AND topic = $2",
+            vec![tx.tenant_id().into(), crate::TOPIC.into()],
+        )
+        .await?;
+    match row {
+        Some(r) => r.try_get("", "head").map_err(db),
+        None => Ok(0),
+    }
+}

@@ -1,0 +1,118 @@
+//! `WatchApprovals`: the tenant's approval events as they commit, read from
+//! the outbox (so a resumed stream sees what happened while it was away, as
+//! long as the outbox keeps the rows), each sent with the approval as it is
+//! then.
+//!
+//! On PostgreSQL an outbox `seq` can commit after a higher one, so each pass
+//! re-reads a window of `LOOKBACK` positions below the highest sent and skips
+//! those already sent: a late row is sent late rather than never.
+
+use std::collections::BTreeSet;
+
+use anumate_errors::{Error, Result};
+use anumate_proto::approvals::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+use crate::{Approvals, Caller, convert, repo};
+
+/// Outbox positions re-read below the highest sent.
+const LOOKBACK: i64 = 256;
+/// Rows per read (more than the window, so a full read has new rows).
+const BATCH: i64 = 1024;
+
+/// Items of a watch stream.
+pub type WatchItem = std::result::Result<pb::WatchApprovalsResponse, tonic::Status>;
+
+impl Approvals {
+    /// Starts a watch for `caller`'s tenant: a receiver of changes after
+    /// `r.after_sequence` (0: from now on). The feeding task ends when the
+    /// receiver is dropped.
+    pub async fn watch(
+        &self,
+        caller: &Caller,
+        r: &pb::WatchApprovalsRequest,
+    ) -> Result<mpsc::Receiver<WatchItem>> {
+        if r.after_sequence < 0 {
+            return Err(Error::invalid_argument(
+                "after_sequence",
+                "must not be negative",
+            ));
+        }
+        let start = if r.after_sequence == 0 {
+            let tx = self.inner.store.read(&caller.tenant).await?;
+            repo::outbox_head(&tx).await?
+        } else {
+            r.after_sequence
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let tenant = caller.tenant.clone();
+        let run = r.run_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.feed(&tenant, &run, start, &tx).await {
+                let _ = tx.send(Err(e.to_status())).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn feed(
+        &self,
+        tenant: &str,
+        run: &str,
+        start: i64,
+        out: &mpsc::Sender<WatchItem>,
+    ) -> Result<()> {
+        let mut changes = self.subscribe();
+        let mut high = start;
+        let mut sent: BTreeSet<i64> = BTreeSet::new();
+        loop {
+            let floor = start.max(high - LOOKBACK);
+            let (rows, full) = {
+                let tx = self.inner.store.read(tenant).await?;
+                let rows = repo::outbox_after(&tx, floor, BATCH).await?;
+                let full = rows.len() as i64 >= BATCH;
+                let mut items = Vec::new();
+                for row in rows {
+                    if sent.contains(&row.seq) {
+                        continue;
+                    }
+                    let id = row.subject.strip_prefix("approvals/").unwrap_or_default();
+                    let approval = repo::load(&tx, id, false).await?;
+                    items.push((row.seq, row.event_type, approval));
+                }
+                (items, full)
+            };
+            for (seq, event_type, approval) in rows {
+                sent.insert(seq);
+                high = high.max(seq);
+                let Some(a) = approval else { continue };
+                if !run.is_empty() && a.run_id != run {
+                    continue;
+                }
+                let item = pb::WatchApprovalsResponse {
+                    sequence: seq,
+                    event_type,
+                    approval: Some(convert::approval(&a)),
+                };
+                if out.send(Ok(item)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            let keep_from = high - LOOKBACK;
+            sent = sent.split_off(&keep_from);
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = out.closed() => return Ok(()),
+                _ = tokio::time::sleep(self.watch_poll()) => {}
+                change = changes.recv() => match change {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+            }
+        }
+    }
+}
