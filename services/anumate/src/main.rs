@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod approval_cli;
+mod auth_cli;
 mod cli;
 mod client;
 mod config;
@@ -60,6 +62,8 @@ enum Command {
     Token(token_cli::TokenCommand),
     /// Follow the event stream (tail) and replay archived events to Kafka.
     Events(events_cli::EventsCommand),
+    /// List, read, approve, reject, delegate and follow approvals.
+    Approval(approval_cli::ApprovalCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -105,24 +109,9 @@ impl ServerArgs {
 
 #[derive(Subcommand, Debug)]
 enum AuthCommand {
-    /// Mint a token from the dev issuer kept under the data directory (as `anumate dev` does).
-    DevToken {
-        /// Tenant the token is for.
-        #[arg(long, default_value = "dev")]
-        tenant: String,
-        /// Subject (principal id).
-        #[arg(long, default_value = "user:dev")]
-        subject: String,
-        /// Comma-separated roles: admin, author, operator, approver, auditor.
-        #[arg(long, default_value = "admin", value_delimiter = ',')]
-        roles: Vec<String>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl_secs: u64,
-        /// Data directory holding the dev issuer key.
-        #[arg(long, default_value = ".anumate")]
-        data_dir: PathBuf,
-    },
+    /// Mint a token from the dev issuer kept under the data directory (as
+    /// `anumate dev` does), for any subject, roles and groups.
+    DevToken(auth_cli::DevTokenArgs),
     /// Mint a service identity token (`svc:<service>`) with the platform's
     /// service key kept under the data directory (as `anumate dev` does): what
     /// a platform service presents when it calls another. A `svc:` subject in a
@@ -226,20 +215,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Token(cmd) => Ok(token_cli::run(cmd).await),
         Command::Events(cmd) => Ok(events_cli::run(cmd).await),
+        Command::Approval(cmd) => Ok(approval_cli::run(cmd).await),
         Command::Auth {
-            command:
-                AuthCommand::DevToken {
-                    tenant,
-                    subject,
-                    roles,
-                    ttl_secs,
-                    data_dir,
-                },
+            command: AuthCommand::DevToken(args),
         } => {
-            let issuer = DevIssuer::load_or_create(&data_dir.join("keys"))?;
-            let roles = parse_roles(&roles)?;
-            let token = issuer.mint(&tenant, &subject, &roles, Duration::from_secs(ttl_secs))?;
-            println!("{token}");
+            auth_cli::dev_token(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Auth {
@@ -257,17 +237,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
-    names
-        .iter()
-        .map(|n| {
-            Role::parse(n.trim()).with_context(|| {
-                format!("unknown role {n:?} (admin, author, operator, approver, auditor)")
-            })
-        })
-        .collect()
 }
 
 /// Applies every migration as the owner (`[store] owner_url`) and makes the
