@@ -85,6 +85,7 @@ use crate::security::{KafkaSecurity, KafkaSecurityError};
 pub const TOPICS: &[&str] = &[
     "anumate.capsules",
     "anumate.policies",
+    "anumate.tools",
     "anumate.plans",
     "anumate.preflights",
     "anumate.runs",
