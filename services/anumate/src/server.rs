@@ -26,6 +26,7 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
         anumate_captokens_service::module(),
         anumate_compiler::module(),
         anumate_events_service::module(),
+        anumate_approvals::module(),
     ];
     // Contracts whose service has not landed: they answer UNIMPLEMENTED.
     all.extend(anumate_unimplemented::modules());

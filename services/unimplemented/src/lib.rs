@@ -1,5 +1,5 @@
 //! Placeholder gRPC services for the contracts whose implementation has not
-//! landed yet: GhostRun, the orchestrator and approvals.
+//! landed yet: GhostRun and the orchestrator.
 //!
 //! Every method of every service here answers gRPC `UNIMPLEMENTED` with a
 //! `google.rpc.Status` whose `ErrorInfo` has `domain = "anumate.dev"` and
@@ -7,9 +7,9 @@
 //! clients, the REST gateway (HTTP 501) and the health service see the full
 //! surface of the platform from day one. Each placeholder is a
 //! [`ServiceModule`] in the binary's composition list, until its real crate
-//! replaces it there. A module serves its package's service-only service
-//! (`…Internal`, without HTTP rules) next to the public one, as the real
-//! crate will: the approvals placeholder serves `ApprovalsInternal` too.
+//! replaces it there. A module would serve its package's service-only
+//! service (`…Internal`, without HTTP rules) next to the public one, as the
+//! real crates do (no remaining placeholder has one).
 //!
 //! Implementing the generated server traits (rather than a catch-all route)
 //! keeps this crate honest: a change to a proto that adds or renames an RPC
@@ -23,10 +23,6 @@
 
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::{
-    approvals::v1::{
-        approvals_internal_server::{self, ApprovalsInternalServer},
-        approvals_service_server::{self, ApprovalsServiceServer},
-    },
     ghostrun::v1::ghost_run_service_server::{self, GhostRunServiceServer},
     orchestrator::v1::orchestrator_service_server::{self, OrchestratorServiceServer},
 };
@@ -40,13 +36,12 @@ use tonic::service::RoutesBuilder;
 pub const SERVICE_NAMES: &[&str] = &[
     ghost_run_service_server::SERVICE_NAME,
     orchestrator_service_server::SERVICE_NAME,
-    approvals_service_server::SERVICE_NAME,
 ];
 
 /// Full gRPC names of the service-only placeholders (no HTTP rules, so the
 /// REST gateway cannot route them). Each is served, added and skipped with the
 /// public service of its package in [`SERVICE_NAMES`].
-pub const INTERNAL_SERVICE_NAMES: &[&str] = &[approvals_internal_server::SERVICE_NAME];
+pub const INTERNAL_SERVICE_NAMES: &[&str] = &[];
 
 /// A service implementation that answers every method with [`status`]. It
 /// implements the server trait of every service in [`SERVICE_NAMES`].
@@ -91,10 +86,6 @@ fn add(routes: &mut RoutesBuilder, name: &str) {
         n if n == orchestrator_service_server::SERVICE_NAME => {
             routes.add_service(OrchestratorServiceServer::new(Unimplemented));
         }
-        n if n == approvals_service_server::SERVICE_NAME => {
-            routes.add_service(ApprovalsServiceServer::new(Unimplemented));
-            routes.add_service(ApprovalsInternalServer::new(Unimplemented));
-        }
         _ => {}
     }
 }
@@ -112,11 +103,6 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
             orchestrator_service_server::SERVICE_NAME,
             "orchestrator",
             "Orchestrator (not implemented yet: answers UNIMPLEMENTED)",
-        ),
-        (
-            approvals_service_server::SERVICE_NAME,
-            "approvals",
-            "Approvals (not implemented yet: answers UNIMPLEMENTED)",
         ),
     ]
     .into_iter()
@@ -219,20 +205,6 @@ unimplemented_service!(orchestrator::orchestrator_service_server::OrchestratorSe
     fn cancel_run(CancelRunRequest) -> CancelRunResponse;
     fn kill_run(KillRunRequest) -> KillRunResponse;
     stream watch_run(WatchRunRequest) -> WatchRunStream<WatchRunResponse>;
-});
-
-unimplemented_service!(approvals::approvals_service_server::ApprovalsService {
-    fn get_approval(GetApprovalRequest) -> GetApprovalResponse;
-    fn list_approvals(ListApprovalsRequest) -> ListApprovalsResponse;
-    fn approve(ApproveRequest) -> ApproveResponse;
-    fn reject(RejectRequest) -> RejectResponse;
-    fn delegate(DelegateRequest) -> DelegateResponse;
-    stream watch_approvals(WatchApprovalsRequest) -> WatchApprovalsStream<WatchApprovalsResponse>;
-});
-
-unimplemented_service!(approvals::approvals_internal_server::ApprovalsInternal {
-    fn request_approval(RequestApprovalRequest) -> RequestApprovalResponse;
-    fn cancel_approval(CancelApprovalRequest) -> CancelApprovalResponse;
 });
 
 #[cfg(test)]

@@ -3,11 +3,6 @@
 
 use super::*;
 use anumate_proto::{
-    approvals::v1::{
-        ApproveRequest, CancelApprovalRequest, RequestApprovalRequest,
-        approvals_internal_client::ApprovalsInternalClient,
-        approvals_service_client::ApprovalsServiceClient,
-    },
     ghostrun::v1::{PreflightRequest, ghost_run_service_client::GhostRunServiceClient},
     orchestrator::v1::{
         ExecuteRequest, WatchRunRequest, orchestrator_service_client::OrchestratorServiceClient,
@@ -84,40 +79,16 @@ async fn every_service_answers_unimplemented_over_tcp() {
         .await;
     assert_unimplemented(r, "Preflight");
 
-    let mut orchestrator = OrchestratorServiceClient::new(channel.clone());
+    let mut orchestrator = OrchestratorServiceClient::new(channel);
     let r = orchestrator.execute(ExecuteRequest::default()).await;
     assert_unimplemented(r, "Execute");
     let r = orchestrator.watch_run(WatchRunRequest::default()).await;
     assert_unimplemented(r, "WatchRun");
-
-    let r = ApprovalsServiceClient::new(channel.clone())
-        .approve(ApproveRequest::default())
-        .await;
-    assert_unimplemented(r, "Approve");
-
-    // The service-only RPCs moved to their own service, served alongside.
-    let mut internal = ApprovalsInternalClient::new(channel);
-    let r = internal
-        .request_approval(RequestApprovalRequest::default())
-        .await;
-    assert_unimplemented_in(
-        r,
-        Some("anumate.approvals.v1.ApprovalsInternal"),
-        "RequestApproval",
-    );
-    let r = internal
-        .cancel_approval(CancelApprovalRequest::default())
-        .await;
-    assert_unimplemented_in(
-        r,
-        Some("anumate.approvals.v1.ApprovalsInternal"),
-        "CancelApproval",
-    );
 }
 
 #[test]
 fn service_names_are_the_full_grpc_names() {
-    assert_eq!(SERVICE_NAMES.len(), 3);
+    assert_eq!(SERVICE_NAMES.len(), 2);
     for name in SERVICE_NAMES {
         assert!(
             name.starts_with("anumate.") && name.ends_with("Service"),
@@ -135,14 +106,12 @@ fn service_names_are_the_full_grpc_names() {
         "anumate.policy.v1.PolicyService",
         "anumate.captokens.v1.CapTokensService",
         "anumate.receipts.v1.ReceiptsService",
+        "anumate.approvals.v1.ApprovalsService",
     ] {
         assert!(!SERVICE_NAMES.contains(&implemented), "{implemented}");
     }
     // Each internal service goes with the public service of its package.
-    assert_eq!(
-        INTERNAL_SERVICE_NAMES,
-        ["anumate.approvals.v1.ApprovalsInternal"]
-    );
+    assert!(INTERNAL_SERVICE_NAMES.is_empty());
     for internal in INTERNAL_SERVICE_NAMES {
         let package = internal.rsplit_once('.').map(|(p, _)| p);
         assert!(internal.ends_with("Internal"), "{internal}");
@@ -196,13 +165,8 @@ async fn each_module_serves_its_placeholder_and_needs_no_store() {
         .connect()
         .await
         .unwrap();
-    let r = GhostRunServiceClient::new(channel.clone())
+    let r = GhostRunServiceClient::new(channel)
         .preflight(PreflightRequest::default())
         .await;
     assert_unimplemented(r, "Preflight");
-    // The approvals module serves its internal service too.
-    let r = ApprovalsInternalClient::new(channel)
-        .request_approval(RequestApprovalRequest::default())
-        .await;
-    assert_unimplemented(r, "RequestApproval");
 }
