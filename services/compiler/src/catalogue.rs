@@ -110,6 +110,8 @@ pub fn binding(spec: &ToolSpec) -> Result<pb::ToolBinding> {
             seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
             nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
         }),
+        // A built-in's whole declaration is in the binding.
+        tool_hash: String::new(),
     })
 }
 

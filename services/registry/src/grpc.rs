@@ -70,6 +70,7 @@ impl RegistryService for RegistryGrpc {
             version: Some(pushed.version),
             created: pushed.created,
             capsule: Some(pushed.document),
+            warnings: Vec::new(),
         }))
     }
 
