@@ -1,0 +1,395 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Approval webhooks against a real HTTP server on loopback, on SQLite and
+//! PostgreSQL: a delivery recorded with the approval's transaction (and only
+//! if it commits) is POSTed as Slack-compatible JSON with its secret header,
+//! retried with backoff after a 500 until a 200, and recorded (attempts, last
+//! status, delivered_at); a receiver that keeps failing is given up after
+//! `max_attempts`, one that refuses the request (4xx) at once, an
+//! unreachable one is retried with the error recorded.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anumate_approvals::notify::{self, Delivery, NotifyConfig};
+use anumate_proto::approvals::v1 as pb;
+use anumate_service::CancellationToken;
+use anumate_testing::{Backend, Store, TestDb};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One request the hook received.
+#[derive(Debug, Clone)]
+struct Received {
+    at: Instant,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A webhook receiver on loopback answering each request with the next
+/// scripted status (the last one once the script runs out).
+struct Hook {
+    url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hook {
+    async fn start(script: &[u16]) -> Hook {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/approvals", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log.clone();
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut socket).await else {
+                        return;
+                    };
+                    log.lock().unwrap().push(request);
+                    let status = {
+                        let mut s = script.lock().unwrap();
+                        if s.len() > 1 {
+                            s.pop_front().unwrap()
+                        } else {
+                            *s.front().unwrap()
+                        }
+                    };
+                    let body = if status < 300 {
+                        "ok"
+                    } else {
+                        "receiver says no"
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(response.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Hook {
+            url,
+            received,
+            task,
+        }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// Reads one HTTP/1.1 request: headers, then `content-length` bytes of body.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Received> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while raw.len() < head_end + length {
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let body = serde_json::from_slice(&raw[head_end..head_end + length]).ok()?;
+    Some(Received {
+        at: Instant::now(),
+        headers,
+        body,
+    })
+}
+
+struct App {
+    _db: TestDb,
+    store: Store,
+}
+
+async fn spawn_app(backend: Backend) -> App {
+    let (db, store) =
+        anumate_testing::migrated_store(backend, &anumate_approvals::migrations()).await;
+    App { _db: db, store }
+}
+
+fn approval(id: &str) -> pb::Approval {
+    pb::Approval {
+        approval_id: id.into(),
+        state: pb::ApprovalState::Pending as i32,
+        run_id: "run-1".into(),
+        step_id: "refund".into(),
+        tool: "payments.refund".into(),
+        requester: "user:oscar".into(),
+        capsule: "refund-small-orders".into(),
+        capsule_version: 2,
+        args_sha256: format!("sha256:{}", "ab".repeat(32)),
+        stages: vec![pb::ApprovalStage {
+            name: "stage-1".into(),
+            approvers: vec!["user:alice".into(), "group:controllers".into()],
+            quorum: 2,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn config(hooks: &[&str]) -> NotifyConfig {
+    NotifyConfig {
+        webhooks: hooks.iter().map(|h| h.to_string()).collect(),
+        secret_header: "x-anumate-webhook-secret".into(),
+        secret: "s3cret".into(),
+        approval_url: "https://console.example/approvals/{id}".into(),
+        timeout_ms: 2_000,
+        max_attempts: 3,
+        backoff_ms: 150,
+        max_backoff_ms: 1_000,
+        poll_interval_ms: 20,
+    }
+}
+
+/// Records `a`'s notification in a committed tenant transaction.
+async fn enqueue(store: &Store, tenant: &str, config: &NotifyConfig, a: &pb::Approval) {
+    let tx = store.write(tenant).await.unwrap();
+    notify::enqueue(&tx, config, a).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn deliveries(store: &Store, tenant: &str, id: &str) -> Vec<Delivery> {
+    let tx = store.read(tenant).await.unwrap();
+    notify::deliveries(&tx, id).await.unwrap()
+}
+
+/// The supervised delivery task, running until the token is cancelled.
+fn start(store: &Store, config: &NotifyConfig) -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let task = notify::task(store.clone(), config.clone());
+    let token = cancel.clone();
+    tokio::spawn(async move { task(token).await.unwrap() });
+    cancel
+}
+
+/// Waits until every delivery of `id` is settled (delivered or given up).
+async fn settled(store: &Store, tenant: &str, id: &str) -> Vec<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = deliveries(store, tenant, id).await;
+        if !all.is_empty()
+            && all
+                .iter()
+                .all(|d| d.delivered_at.is_some() || d.failed_at.is_some())
+        {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "not settled: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn retried_after_a_500_until_delivered(app: App) {
+    let hook = Hook::start(&[500, 200]).await;
+    let cfg = config(&[&hook.url]);
+    let a = approval("appr-1");
+    enqueue(&app.store, "acme", &cfg, &a).await;
+    let cancel = start(&app.store, &cfg);
+
+    let all = settled(&app.store, "acme", "appr-1").await;
+    cancel.cancel();
+    assert_eq!(all.len(), 1);
+    let d = &all[0];
+    assert_eq!(d.kind, "requested");
+    assert_eq!(d.attempts, 2);
+    assert_eq!(d.last_status, Some(200));
+    assert_eq!(d.last_error, None);
+    assert!(d.delivered_at.is_some() && d.failed_at.is_none(), "{d:#?}");
+    assert!(
+        !d.webhook.contains("127.0.0.1"),
+        "the URL is not stored: {d:#?}"
+    );
+
+    let got = hook.received();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(
+        got[1].at.duration_since(got[0].at) >= Duration::from_millis(150),
+        "the retry waited for the backoff"
+    );
+    for r in &got {
+        assert_eq!(r.header("x-anumate-webhook-secret"), Some("s3cret"));
+        assert_eq!(r.header("x-anumate-delivery"), Some(d.delivery_id.as_str()));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    let body = &got[1].body;
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(
+            "Approval needed: refund-small-orders v2 calls payments.refund in run run-1 (step refund); 0 of 2 from user:alice, group:controllers"
+        ),
+        "{text}"
+    );
+    assert!(text.ends_with("https://console.example/approvals/appr-1"));
+    let blocks = body["blocks"].as_array().unwrap();
+    assert_eq!(blocks[0]["type"], "header");
+    assert!(
+        blocks
+            .iter()
+            .any(|b| b["elements"][0]["url"] == "https://console.example/approvals/appr-1"),
+        "{blocks:#?}"
+    );
+    assert_eq!(body["anumate"]["tenant"], "acme");
+    assert_eq!(body["anumate"]["approval_id"], "appr-1");
+
+    // Another tenant sees none of it.
+    assert!(deliveries(&app.store, "other", "appr-1").await.is_empty());
+
+    // A second notification of the same stage is a reminder.
+    enqueue(&app.store, "acme", &cfg, &a).await;
+    let kinds: Vec<String> = deliveries(&app.store, "acme", "appr-1")
+        .await
+        .into_iter()
+        .map(|d| d.kind)
+        .collect();
+    assert_eq!(kinds, vec!["requested", "reminder"]);
+}
+
+async fn only_committed_pending_approvals_notify(app: App) {
+    let hook = Hook::start(&[200]).await;
+    let cfg = config(&[&hook.url]);
+
+    // Rolled back with the change it belonged to: nothing recorded or sent.
+    let tx = app.store.write("acme").await.unwrap();
+    notify::enqueue(&tx, &cfg, &approval("appr-rolled-back"))
+        .await
+        .unwrap();
+    drop(tx);
+    // No webhook configured, or no longer pending: nothing either.
+    enqueue(
+        &app.store,
+        "acme",
+        &NotifyConfig::default(),
+        &approval("appr-quiet"),
+    )
+    .await;
+    let decided = pb::Approval {
+        state: pb::ApprovalState::Approved as i32,
+        ..approval("appr-decided")
+    };
+    enqueue(&app.store, "acme", &cfg, &decided).await;
+    // A committed one, to know when the task has been through.
+    enqueue(&app.store, "acme", &cfg, &approval("appr-ok")).await;
+
+    let cancel = start(&app.store, &cfg);
+    settled(&app.store, "acme", "appr-ok").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancel.cancel();
+    for id in ["appr-rolled-back", "appr-quiet", "appr-decided"] {
+        assert!(deliveries(&app.store, "acme", id).await.is_empty(), "{id}");
+    }
+    let got = hook.received();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].body["anumate"]["approval_id"], "appr-ok");
+}
+
+async fn failing_receivers_are_given_up_and_recorded(app: App) {
+    let down = Hook::start(&[503]).await;
+    let refuses = Hook::start(&[400]).await;
+    // A port nobody listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let cfg = NotifyConfig {
+        backoff_ms: 20,
+        ..config(&[&down.url, &refuses.url, &closed])
+    };
+    enqueue(&app.store, "acme", &cfg, &approval("appr-2")).await;
+    let cancel = start(&app.store, &cfg);
+    let all = settled(&app.store, "acme", "appr-2").await;
+    cancel.cancel();
+    assert_eq!(all.len(), 3, "one delivery per webhook");
+    let mut by_status: Vec<(Option<i32>, i32, String)> = all
+        .iter()
+        .map(|d| {
+            assert!(d.delivered_at.is_none() && d.failed_at.is_some(), "{d:#?}");
+            (
+                d.last_status,
+                d.attempts,
+                d.last_error.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    by_status.sort();
+    // Unreachable: retried to the limit, the transport error recorded.
+    assert_eq!(by_status[0].0, Some(0));
+    assert_eq!(by_status[0].1, 3);
+    assert!(!by_status[0].2.is_empty());
+    // 400: the receiver refuses the request itself; not retried.
+    assert_eq!(by_status[1].0, Some(400));
+    assert_eq!(by_status[1].1, 1);
+    assert!(by_status[1].2.contains("receiver says no"), "{by_status:?}");
+    // 503: retried to the limit.
+    assert_eq!(by_status[2].0, Some(503));
+    assert_eq!(by_status[2].1, 3);
+    assert!(by_status[2].2.starts_with("HTTP 503"), "{by_status:?}");
+    assert_eq!(down.received().len(), 3);
+    assert_eq!(refuses.received().len(), 1);
+
+    // A webhook removed from the configuration: its deliveries fail saying so.
+    let hook = Hook::start(&[200]).await;
+    let old = config(&[&hook.url]);
+    enqueue(&app.store, "acme", &old, &approval("appr-3")).await;
+    let cancel = start(&app.store, &config(&[&down.url]));
+    let all = settled(&app.store, "acme", "appr-3").await;
+    cancel.cancel();
+    assert_eq!(
+        all[0].last_error.as_deref(),
+        Some("webhook is no longer configured")
+    );
+    assert!(hook.received().is_empty());
+}
+
+anumate_testing::on_both_backends! {
+    retried_after_a_500_until_delivered => retried_after_a_500_until_delivered_sqlite, retried_after_a_500_until_delivered_postgres;
+    only_committed_pending_approvals_notify => only_committed_pending_approvals_notify_sqlite, only_committed_pending_approvals_notify_postgres;
+    failing_receivers_are_given_up_and_recorded => failing_receivers_are_given_up_and_recorded_sqlite, failing_receivers_are_given_up_and_recorded_postgres;
+}
