@@ -1,0 +1,926 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The approvals service driven like its users drive it: real gRPC over TCP,
+//! behind the production layers (authentication, per-RPC authorization), the
+//! receipts module in the same process receipting every decision, the timer
+//! worker running, against SQLite and PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use anumate_approvals::Approvals;
+use anumate_auth::{BearerToken, Role};
+use anumate_errors::{ErrorCode, Reason};
+use anumate_proto::approvals::v1 as pb;
+use anumate_proto::events::v1 as ev;
+use anumate_proto::policy::v1::PolicyRuleRef;
+use anumate_service::{Context, KeysConfig, ServiceModule};
+use anumate_testing::{
+    Backend, DevAuth, Layers, ModuleServer, Store, TestDb, expect_error, expect_reason,
+    on_both_backends,
+};
+use pb::approvals_internal_client::ApprovalsInternalClient;
+use pb::approvals_service_client::ApprovalsServiceClient;
+use prost::Message as _;
+use tokio_stream::StreamExt as _;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Authorized = InterceptedService<Channel, BearerToken>;
+
+const TENANT: &str = "tenant-a";
+const OTHER: &str = "tenant-b";
+const ARGS: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const PLAN: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+struct App {
+    server: Option<ModuleServer>,
+    auth: DevAuth,
+    store: Store,
+    db: TestDb,
+}
+
+/// A caller's clients of both services.
+struct Client {
+    public: ApprovalsServiceClient<Authorized>,
+    internal: ApprovalsInternalClient<Authorized>,
+}
+
+fn migrations() -> Vec<anumate_store::Migration> {
+    let mut all = anumate_receipts::migrations();
+    all.extend(anumate_approvals::own_migrations());
+    all
+}
+
+async fn spawn_app(backend: Backend) -> App {
+    let (db, store) = anumate_testing::migrated_store(backend, &migrations()).await;
+    let auth = DevAuth::with_service_issuer("orchestrator");
+    let mut app = App {
+        server: None,
+        auth,
+        store,
+        db,
+    };
+    app.server = Some(app.start(app.store.clone()).await);
+    app
+}
+
+impl App {
+    /// One more server (a replica, or the same after a restart) over `store`,
+    /// built as the binary builds it.
+    async fn start(&self, store: Store) -> ModuleServer {
+        let modules: Vec<Box<dyn ServiceModule>> =
+            vec![anumate_receipts::module(), anumate_approvals::module()];
+        let listener = anumate_testing::bind().await;
+        let own_url = format!("http://{}", listener.local_addr().unwrap());
+        let keys = KeysConfig {
+            generate_missing: true,
+            ..KeysConfig::default()
+        };
+        let ctx = Context::new(
+            serde_json::json!({
+                "approvals": {"timer_interval_ms": 50, "watch_poll_ms": 100},
+            }),
+            Some(store),
+            keys,
+            self.auth.dir.path().join("keys"),
+            None,
+            own_url,
+        );
+        let layers = Layers::platform(
+            anumate_testing::GrpcConfig::default(),
+            self.auth.authenticator.clone(),
+        )
+        .unwrap();
+        anumate_testing::serve_modules(listener, &modules, ctx, layers).await
+    }
+
+    fn server(&self) -> &ModuleServer {
+        self.server.as_ref().unwrap()
+    }
+
+    fn approvals(&self) -> Approvals {
+        self.server().provided.get::<Approvals>().unwrap().clone()
+    }
+
+    async fn client_at(&self, server: &ModuleServer, token: String) -> Client {
+        let channel = Endpoint::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Client {
+            public: ApprovalsServiceClient::with_interceptor(
+                channel.clone(),
+                BearerToken(token.clone()),
+            ),
+            internal: ApprovalsInternalClient::with_interceptor(channel, BearerToken(token)),
+        }
+    }
+
+    /// A user of `tenant` with `roles` and `groups`.
+    async fn user_in(
+        &self,
+        tenant: &str,
+        subject: &str,
+        roles: &[Role],
+        groups: &[&str],
+    ) -> Client {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let token = self
+            .auth
+            .issuer
+            .mint_with_groups(tenant, subject, roles, &groups, Duration::from_secs(600))
+            .unwrap();
+        self.client_at(self.server(), token).await
+    }
+
+    /// An approver of the main tenant.
+    async fn approver(&self, subject: &str) -> Client {
+        self.user_in(TENANT, subject, &[Role::Approver], &[]).await
+    }
+
+    /// The orchestrator's service identity in `tenant`.
+    async fn orchestrator_in(&self, tenant: &str, server: &ModuleServer) -> Client {
+        let token = self
+            .auth
+            .services
+            .as_ref()
+            .unwrap()
+            .for_service("orchestrator")
+            .unwrap()
+            .mint(tenant, Duration::from_secs(600))
+            .unwrap();
+        self.client_at(server, token).await
+    }
+
+    async fn orchestrator(&self) -> Client {
+        self.orchestrator_in(TENANT, self.server()).await
+    }
+
+    /// Outbox rows of the approvals topic, as (type, payload).
+    async fn events(&self, tenant: &str) -> Vec<(String, Vec<u8>)> {
+        let tx = self.store.read(tenant).await.unwrap();
+        anumate_events::read_after(&tx, 0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.topic == "anumate.approvals")
+            .map(|r| (r.event_type, r.payload))
+            .collect()
+    }
+
+    async fn event_types(&self, tenant: &str) -> Vec<String> {
+        self.events(tenant)
+            .await
+            .into_iter()
+            .map(|(t, _)| {
+                t.trim_start_matches("dev.anumate.approval.")
+                    .trim_end_matches(".v1")
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+fn rule() -> PolicyRuleRef {
+    PolicyRuleRef {
+        policy: "refund-limits".into(),
+        policy_version: 3,
+        rule: "big-refunds".into(),
+        ..Default::default()
+    }
+}
+
+fn stage(approvers: &[&str], quorum: i32) -> pb::StageRequest {
+    pb::StageRequest {
+        name: String::new(),
+        approvers: approvers.iter().map(|s| s.to_string()).collect(),
+        quorum,
+    }
+}
+
+/// A request by the orchestrator for a run started by `user:rita`.
+fn request(step: &str, stages: Vec<pb::StageRequest>) -> pb::RequestApprovalRequest {
+    pb::RequestApprovalRequest {
+        run_id: "run-1".into(),
+        step_id: step.into(),
+        plan_hash: PLAN.into(),
+        args_sha256: ARGS.into(),
+        tool: "payments.refund".into(),
+        rule: Some(rule()),
+        reason: "refunds above 1000 EUR".into(),
+        requester: "user:rita".into(),
+        stages,
+        capsule: "refunds".into(),
+        capsule_version: 2,
+        ..Default::default()
+    }
+}
+
+async fn open(app: &App, r: pb::RequestApprovalRequest) -> pb::Approval {
+    let resp = app
+        .orchestrator()
+        .await
+        .internal
+        .request_approval(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.created);
+    resp.approval.unwrap()
+}
+
+fn approve(id: &str) -> pb::ApproveRequest {
+    pb::ApproveRequest {
+        approval_id: id.into(),
+        args_sha256: ARGS.into(),
+        comment: "looks right".into(),
+        ..Default::default()
+    }
+}
+
+fn reject(id: &str) -> pb::RejectRequest {
+    pb::RejectRequest {
+        approval_id: id.into(),
+        comment: "no".into(),
+        ..Default::default()
+    }
+}
+
+fn state(a: &pb::Approval) -> pb::ApprovalState {
+    pb::ApprovalState::try_from(a.state).unwrap()
+}
+
+async fn approved_by(c: &mut Client, id: &str) -> pb::Approval {
+    c.public
+        .approve(approve(id))
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap()
+}
+
+async fn get(c: &mut Client, id: &str) -> pb::Approval {
+    c.public
+        .get_approval(pb::GetApprovalRequest {
+            approval_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap()
+}
+
+/// Polls until `id` leaves `PENDING` or `timeout` passes.
+async fn until_final(c: &mut Client, id: &str, timeout: Duration) -> pb::Approval {
+    let start = Instant::now();
+    loop {
+        let a = get(c, id).await;
+        if state(&a) != pb::ApprovalState::Pending || start.elapsed() > timeout {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kinds(a: &pb::Approval) -> Vec<pb::DecisionKind> {
+    a.decisions
+        .iter()
+        .map(|d| pb::DecisionKind::try_from(d.kind).unwrap())
+        .collect()
+}
+
+async fn two_of_three_and_a_late_third_vote(app: App) {
+    let a = open(
+        &app,
+        request(
+            "refund",
+            vec![stage(&["user:ann", "user:bob", "user:cy"], 2)],
+        ),
+    )
+    .await;
+    assert_eq!(state(&a), pb::ApprovalState::Pending);
+    assert_eq!(a.capsule, "refunds");
+    assert_eq!(a.requester, "user:rita");
+    assert!(a.expire_time.is_some());
+    let mut ann = app.approver("user:ann").await;
+    let mut bob = app.approver("user:bob").await;
+    let mut cy = app.approver("user:cy").await;
+
+    let after_ann = approved_by(&mut ann, &a.approval_id).await;
+    assert_eq!(after_ann.stages[0].approved_count, 1);
+    // A client retry is safe: the recorded decision comes back, no second vote.
+    let retry = approved_by(&mut ann, &a.approval_id).await;
+    assert_eq!(retry.stages[0].approved_count, 1);
+    assert_eq!(retry.decisions.len(), 1);
+    // A different decision by the same principal is refused.
+    expect_reason(
+        ann.public.reject(reject(&a.approval_id)).await,
+        Reason::ApprovalAlreadyDecided,
+    );
+
+    let done = approved_by(&mut bob, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    assert!(done.decide_time.is_some());
+    // Every decision is receipted.
+    assert!(
+        done.decisions.iter().all(|d| !d.receipt_id.is_empty()),
+        "{:?}",
+        done.decisions
+    );
+
+    // The third vote is late.
+    expect_reason(
+        cy.public.approve(approve(&a.approval_id)).await,
+        Reason::ApprovalAlreadyDecided,
+    );
+    let events = app.events(TENANT).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "dev.anumate.approval.requested.v1",
+            "dev.anumate.approval.granted.v1"
+        ]
+    );
+    let granted = ev::ApprovalGranted::decode(events[1].1.as_slice()).unwrap();
+    assert_eq!(granted.approvers, ["user:ann", "user:bob"]);
+    assert_eq!(granted.actor, "user:bob");
+    assert_eq!(granted.args_sha256, ARGS);
+    assert!(!granted.receipt_id.is_empty());
+}
+
+async fn ordered_stages(app: App) {
+    let mut finance = stage(&["group:finance"], 2);
+    finance.name = "finance".into();
+    let a = open(
+        &app,
+        request("refund", vec![stage(&["user:ann"], 1), finance]),
+    )
+    .await;
+    let requested =
+        ev::ApprovalRequested::decode(app.events(TENANT).await[0].1.as_slice()).unwrap();
+    // The event names every stage's approvers.
+    assert_eq!(requested.stages.len(), 2);
+    assert_eq!(requested.stages[1].approvers, ["group:finance"]);
+    assert_eq!(requested.stages[1].quorum, 2);
+
+    let mut fay = app
+        .user_in(TENANT, "user:fay", &[Role::Approver], &["finance"])
+        .await;
+    let mut gus = app
+        .user_in(TENANT, "user:gus", &[Role::Approver], &["finance"])
+        .await;
+    // Stage 2 is not open yet.
+    expect_reason(
+        fay.public.approve(approve(&a.approval_id)).await,
+        Reason::NotAnApprover,
+    );
+    let mut ann = app.approver("user:ann").await;
+    let after = approved_by(&mut ann, &a.approval_id).await;
+    assert_eq!(after.current_stage, 1);
+    assert!(after.stages[0].approved);
+    assert!(
+        after.stages[1].expire_time.is_some(),
+        "stage 2's expiry starts as it opens"
+    );
+    let one = approved_by(&mut fay, &a.approval_id).await;
+    assert_eq!(
+        state(&one),
+        pb::ApprovalState::Pending,
+        "two distinct members are needed"
+    );
+    let done = approved_by(&mut gus, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    assert_eq!(done.current_stage, 2);
+}
+
+async fn separation_of_duties(app: App) {
+    let mut r = request("refund", vec![stage(&["group:ops", "user:ann"], 1)]);
+    r.exclude = vec!["user:carl".into()];
+    let a = open(&app, r).await;
+    // The run's starter, even as a member of an approver group, and the
+    // excluded author are refused.
+    for who in ["user:rita", "user:carl"] {
+        let mut c = app.user_in(TENANT, who, &[Role::Approver], &["ops"]).await;
+        expect_reason(
+            c.public.approve(approve(&a.approval_id)).await,
+            Reason::SelfApproval,
+        );
+        expect_reason(
+            c.public.reject(reject(&a.approval_id)).await,
+            Reason::SelfApproval,
+        );
+    }
+    // Nor can anyone delegate to them.
+    let mut ann = app.approver("user:ann").await;
+    let err = expect_error(
+        ann.public
+            .delegate(pb::DelegateRequest {
+                approval_id: a.approval_id.clone(),
+                delegate_to: "user:rita".into(),
+                ..Default::default()
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+    assert!(
+        err.violations.iter().any(|v| v.field == "delegate_to"),
+        "{err:?}"
+    );
+    let after = get(&mut ann, &a.approval_id).await;
+    assert!(after.decisions.is_empty());
+    assert_eq!(app.event_types(TENANT).await, ["requested"]);
+}
+
+async fn outsiders_are_refused(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    let mut eve = app.approver("user:eve").await;
+    let status = expect_reason(
+        eve.public.approve(approve(&a.approval_id)).await,
+        Reason::NotAnApprover,
+    );
+    assert_eq!(status.code.grpc_code(), tonic::Code::PermissionDenied);
+    // A reader may read but not decide (the role check of the auth layer).
+    let mut auditor = app.user_in(TENANT, "user:ann", &[Role::Auditor], &[]).await;
+    expect_error(
+        auditor.public.approve(approve(&a.approval_id)).await,
+        ErrorCode::PermissionDenied,
+    );
+    assert_eq!(get(&mut auditor, &a.approval_id).await.decisions.len(), 0);
+    // Nor may a user open approvals without the admin role.
+    expect_error(
+        eve.internal
+            .request_approval(request("other", vec![stage(&["user:ann"], 1)]))
+            .await,
+        ErrorCode::PermissionDenied,
+    );
+    // Approve must name the arguments the approver saw.
+    let mut ann = app.approver("user:ann").await;
+    let mut wrong = approve(&a.approval_id);
+    wrong.args_sha256 = PLAN.into();
+    expect_reason(
+        ann.public.approve(wrong).await,
+        Reason::ApprovalArgsMismatch,
+    );
+    assert_eq!(
+        state(&get(&mut ann, &a.approval_id).await),
+        pb::ApprovalState::Pending
+    );
+}
+
+async fn delegation_without_cycles(app: App) {
+    let a = open(
+        &app,
+        request("refund", vec![stage(&["user:ann", "user:bob"], 2)]),
+    )
+    .await;
+    let mut ann = app.approver("user:ann").await;
+    let delegate = |id: &str, to: &str| pb::DelegateRequest {
+        approval_id: id.into(),
+        delegate_to: to.into(),
+        comment: "on leave".into(),
+        ..Default::default()
+    };
+    let after = ann
+        .public
+        .delegate(delegate(&a.approval_id, "user:dan"))
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(after.stages[0].delegates, ["user:dan"]);
+    assert_eq!(after.stages[0].delegated_away, ["user:ann"]);
+    // Ann handed her place away.
+    expect_reason(
+        ann.public.approve(approve(&a.approval_id)).await,
+        Reason::NotAnApprover,
+    );
+    // Dan cannot hand it back (a cycle) nor to Bob (already eligible).
+    let mut dan = app.approver("user:dan").await;
+    for to in ["user:ann", "user:bob"] {
+        expect_error(
+            dan.public.delegate(delegate(&a.approval_id, to)).await,
+            ErrorCode::InvalidArgument,
+        );
+    }
+    approved_by(&mut dan, &a.approval_id).await;
+    let mut bob = app.approver("user:bob").await;
+    let done = approved_by(&mut bob, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    assert_eq!(
+        app.event_types(TENANT).await,
+        ["requested", "delegated", "granted"]
+    );
+}
+
+async fn expiry_escalates_then_expires(app: App) {
+    let mut r = request("delete-account", vec![stage(&["user:ann", "user:bob"], 2)]);
+    r.destructive = true;
+    r.expires_after = Some(pbjson_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    r.escalate_to = vec!["user:boss".into()];
+    let a = open(&app, r).await;
+    let mut ann = app.approver("user:ann").await;
+    approved_by(&mut ann, &a.approval_id).await;
+    // After the first expiry the stage belongs to the escalation approvers.
+    let start = Instant::now();
+    let escalated = loop {
+        let now = get(&mut ann, &a.approval_id).await;
+        if now.escalated || start.elapsed() > Duration::from_secs(10) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(escalated.escalated, "{escalated:?}");
+    assert_eq!(state(&escalated), pb::ApprovalState::Pending);
+    assert_eq!(escalated.stages[0].approvers, ["user:boss"]);
+    assert_eq!(escalated.stages[0].approved_count, 0, "a fresh round");
+    // Bob is no approver any more.
+    let mut bob = app.approver("user:bob").await;
+    expect_reason(
+        bob.public.approve(approve(&a.approval_id)).await,
+        Reason::NotAnApprover,
+    );
+    // The second expiry ends it: never approved by a timer.
+    let done = until_final(&mut ann, &a.approval_id, Duration::from_secs(10)).await;
+    assert_eq!(state(&done), pb::ApprovalState::Expired);
+    assert_eq!(
+        kinds(&done),
+        [
+            pb::DecisionKind::Approve,
+            pb::DecisionKind::Escalate,
+            pb::DecisionKind::Expire
+        ]
+    );
+    assert!(done.decisions.iter().all(|d| !d.receipt_id.is_empty()));
+    assert_eq!(
+        app.event_types(TENANT).await,
+        ["requested", "escalated", "expired"]
+    );
+    let escalated_event =
+        ev::ApprovalEscalated::decode(app.events(TENANT).await[1].1.as_slice()).unwrap();
+    assert_eq!(escalated_event.escalate_to, ["user:boss"]);
+    assert_eq!(escalated_event.quorum, 1);
+}
+
+async fn a_restart_still_fires_a_pending_timer_once(mut app: App) {
+    let mut r = request("refund", vec![stage(&["user:ann"], 1)]);
+    r.expires_after = Some(pbjson_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let a = open(&app, r).await;
+    // Stop before the expiry; start again (a new pool and worker) after it.
+    app.server.take().unwrap().stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let store = Store::connect(&app.db.config).await.unwrap();
+    app.server = Some(app.start(store).await);
+    let mut ann = app.approver("user:ann").await;
+    let done = until_final(&mut ann, &a.approval_id, Duration::from_secs(10)).await;
+    assert_eq!(state(&done), pb::ApprovalState::Expired);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = get(&mut ann, &a.approval_id).await;
+    assert_eq!(kinds(&again), [pb::DecisionKind::Expire]);
+    assert_eq!(app.event_types(TENANT).await, ["requested", "expired"]);
+}
+
+async fn two_replicas_never_both_fire(app: App) {
+    let replica = app
+        .start(Store::connect(&app.db.config).await.unwrap())
+        .await;
+    let mut orchestrator = app.orchestrator_in(TENANT, &replica).await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut r = request(&format!("step-{i}"), vec![stage(&["user:ann"], 1)]);
+        r.expires_after = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        });
+        let a = orchestrator
+            .internal
+            .request_approval(r)
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(a.approval.unwrap().approval_id);
+    }
+    let mut ann = app.approver("user:ann").await;
+    for id in &ids {
+        let done = until_final(&mut ann, id, Duration::from_secs(10)).await;
+        assert_eq!(state(&done), pb::ApprovalState::Expired);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &ids {
+        assert_eq!(
+            kinds(&get(&mut ann, id).await),
+            [pb::DecisionKind::Expire],
+            "{id}"
+        );
+    }
+    let types = app.event_types(TENANT).await;
+    assert_eq!(types.iter().filter(|t| *t == "expired").count(), ids.len());
+    replica.stop().await;
+}
+
+async fn another_tenant_sees_nothing(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    let mut other = app.user_in(OTHER, "user:ann", &[Role::Approver], &[]).await;
+    expect_reason(
+        other
+            .public
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: a.approval_id.clone(),
+            })
+            .await,
+        Reason::ApprovalNotFound,
+    );
+    expect_reason(
+        other.public.approve(approve(&a.approval_id)).await,
+        Reason::ApprovalNotFound,
+    );
+    let list = other
+        .public
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.approvals.is_empty());
+    let mut orchestrator = app.orchestrator_in(OTHER, app.server()).await;
+    expect_reason(
+        orchestrator
+            .internal
+            .cancel_approval(pb::CancelApprovalRequest {
+                approval_id: a.approval_id.clone(),
+                reason: "x".into(),
+            })
+            .await,
+        Reason::ApprovalNotFound,
+    );
+    assert!(app.events(OTHER).await.is_empty());
+    let mut ann = app.approver("user:ann").await;
+    assert_eq!(
+        state(&get(&mut ann, &a.approval_id).await),
+        pb::ApprovalState::Pending
+    );
+}
+
+async fn bad_input_writes_nothing(app: App) {
+    let mut orchestrator = app.orchestrator().await;
+    let cases: Vec<(&str, pb::RequestApprovalRequest)> = vec![
+        ("stages[0].approvers", request("s", vec![stage(&[], 1)])),
+        (
+            "stages[0].quorum",
+            request("s", vec![stage(&["user:ann", "user:bob"], 3)]),
+        ),
+        // The requester is no seat.
+        (
+            "stages[0].quorum",
+            request("s", vec![stage(&["user:ann", "user:rita"], 2)]),
+        ),
+        (
+            "stages[0].approvers[0]",
+            request("s", vec![stage(&["ann"], 1)]),
+        ),
+        ("stages", request("s", vec![])),
+        ("expires_after", {
+            let mut r = request("s", vec![stage(&["user:ann"], 1)]);
+            r.expires_after = Some(pbjson_types::Duration {
+                seconds: -5,
+                nanos: 0,
+            });
+            r
+        }),
+        ("args_sha256", {
+            let mut r = request("s", vec![stage(&["user:ann"], 1)]);
+            r.args_sha256 = "nope".into();
+            r
+        }),
+        ("rule", {
+            let mut r = request("s", vec![stage(&["user:ann"], 1)]);
+            r.rule = None;
+            r
+        }),
+        ("escalate_to", {
+            let mut r = request("s", vec![stage(&["user:ann"], 1)]);
+            r.escalate_to = vec!["user:rita".into()];
+            r
+        }),
+    ];
+    for (field, r) in cases {
+        let err = expect_error(
+            orchestrator.internal.request_approval(r).await,
+            ErrorCode::InvalidArgument,
+        );
+        assert!(
+            err.violations.iter().any(|v| v.field == field),
+            "{field}: {err:?}"
+        );
+    }
+    let mut ann = app.approver("user:ann").await;
+    expect_reason(
+        ann.public
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: "0190f0e0-0000-7000-8000-000000000000".into(),
+            })
+            .await,
+        Reason::ApprovalNotFound,
+    );
+    expect_reason(
+        ann.public
+            .approve(approve("0190f0e0-0000-7000-8000-000000000000"))
+            .await,
+        Reason::ApprovalNotFound,
+    );
+    // Nothing was written.
+    let list = ann
+        .public
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.approvals.is_empty());
+    assert!(app.events(TENANT).await.is_empty());
+    // And the service keeps serving.
+    open(&app, request("s", vec![stage(&["user:ann"], 1)])).await;
+}
+
+async fn opening_is_idempotent_and_cancel_withdraws(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    let mut orchestrator = app.orchestrator().await;
+    let again = orchestrator
+        .internal
+        .request_approval(request("refund", vec![stage(&["user:bob"], 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.approval.unwrap().approval_id, a.approval_id);
+    let cancel = pb::CancelApprovalRequest {
+        approval_id: a.approval_id.clone(),
+        reason: "run cancelled".into(),
+    };
+    let cancelled = orchestrator
+        .internal
+        .cancel_approval(cancel.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(state(&cancelled), pb::ApprovalState::Cancelled);
+    assert_eq!(kinds(&cancelled), [pb::DecisionKind::Cancel]);
+    // Cancelling again is a no-op; deciding is refused.
+    orchestrator.internal.cancel_approval(cancel).await.unwrap();
+    let mut ann = app.approver("user:ann").await;
+    expect_reason(
+        ann.public.approve(approve(&a.approval_id)).await,
+        Reason::ApprovalAlreadyDecided,
+    );
+    assert_eq!(app.event_types(TENANT).await, ["requested", "cancelled"]);
+}
+
+async fn waiters_and_watchers_are_told(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    let approvals = app.approvals();
+    let id = a.approval_id.clone();
+    let waiter = tokio::spawn(async move { approvals.wait(TENANT, &id).await });
+    let mut watcher = app.user_in(TENANT, "user:viv", &[Role::Auditor], &[]).await;
+    let mut stream = watcher
+        .public
+        .watch_approvals(pb::WatchApprovalsRequest {
+            after_sequence: 0,
+            run_id: "run-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Decide once the stream is open; "from now on" excludes the request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ann = app.approver("user:ann").await;
+    approved_by(&mut ann, &a.approval_id).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.state, pb::ApprovalState::Approved);
+    let change = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.event_type, "dev.anumate.approval.granted.v1");
+    assert_eq!(
+        state(&change.approval.unwrap()),
+        pb::ApprovalState::Approved
+    );
+    // Resuming from before the grant replays it.
+    let mut resumed = watcher
+        .public
+        .watch_approvals(pb::WatchApprovalsRequest {
+            after_sequence: change.sequence - 1,
+            run_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = tokio::time::timeout(Duration::from_secs(5), resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(replay.sequence, change.sequence);
+    expect_error(
+        watcher
+            .public
+            .watch_approvals(pb::WatchApprovalsRequest {
+                after_sequence: -1,
+                run_id: String::new(),
+            })
+            .await,
+        ErrorCode::InvalidArgument,
+    );
+}
+
+async fn lists_filter_by_state_run_and_who_may_decide(app: App) {
+    let a = open(&app, request("one", vec![stage(&["user:ann"], 1)])).await;
+    let b = open(&app, request("two", vec![stage(&["group:ops"], 1)])).await;
+    let mut other_run = request("three", vec![stage(&["user:bob"], 1)]);
+    other_run.run_id = "run-2".into();
+    open(&app, other_run).await;
+    let mut ann = app
+        .user_in(TENANT, "user:ann", &[Role::Approver], &["ops"])
+        .await;
+    let reader = ann.public.clone();
+    let list = |r: pb::ListApprovalsRequest| {
+        let mut c = reader.clone();
+        async move { c.list_approvals(r).await.unwrap().into_inner() }
+    };
+    let mine = list(pb::ListApprovalsRequest {
+        actionable_by_me: true,
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<&str> = mine
+        .approvals
+        .iter()
+        .map(|x| x.approval_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [b.approval_id.as_str(), a.approval_id.as_str()],
+        "newest first"
+    );
+    approved_by(&mut ann, &a.approval_id).await;
+    let run1 = list(pb::ListApprovalsRequest {
+        run_id: "run-1".into(),
+        state: pb::ApprovalState::Pending as i32,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(run1.approvals.len(), 1);
+    let paged = list(pb::ListApprovalsRequest {
+        page_size: 2,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(paged.approvals.len(), 2);
+    let rest = list(pb::ListApprovalsRequest {
+        page_size: 2,
+        page_token: paged.next_page_token.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(rest.approvals.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    let mut c = ann.public.clone();
+    expect_error(
+        c.list_approvals(pb::ListApprovalsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await,
+        ErrorCode::InvalidArgument,
+    );
+}
+
+on_both_backends! {
+    two_of_three_and_a_late_third_vote => quorum_sqlite, quorum_postgres;
+    ordered_stages => stages_sqlite, stages_postgres;
+    separation_of_duties => sod_sqlite, sod_postgres;
+    outsiders_are_refused => outsiders_sqlite, outsiders_postgres;
+    delegation_without_cycles => delegation_sqlite, delegation_postgres;
+    expiry_escalates_then_expires => expiry_sqlite, expiry_postgres;
+    a_restart_still_fires_a_pending_timer_once => restart_sqlite, restart_postgres;
+    two_replicas_never_both_fire => replicas_sqlite, replicas_postgres;
+    another_tenant_sees_nothing => tenants_sqlite, tenants_postgres;
+    bad_input_writes_nothing => bad_input_sqlite, bad_input_postgres;
+    opening_is_idempotent_and_cancel_withdraws => idempotent_sqlite, idempotent_postgres;
+    waiters_and_watchers_are_told => nudge_sqlite, nudge_postgres;
+    lists_filter_by_state_run_and_who_may_decide => lists_sqlite, lists_postgres;
+}
