@@ -149,8 +149,9 @@ struct App {
 }
 
 async fn spawn_app(backend: Backend) -> App {
-    let (db, store) =
-        anumate_testing::migrated_store(backend, &anumate_approvals::migrations()).await;
+    let mut migrations = anumate_receipts::migrations();
+    migrations.extend(anumate_approvals::own_migrations());
+    let (db, store) = anumate_testing::migrated_store(backend, &migrations).await;
     App { _db: db, store }
 }
 
@@ -388,8 +389,166 @@ async fn failing_receivers_are_given_up_and_recorded(app: App) {
     assert!(hook.received().is_empty());
 }
 
+/// The service as the binary builds it (receipts in the same process), with
+/// `[approvals.notify]` pointing at `hook`.
+async fn serve(
+    app: &App,
+    hook: &Hook,
+) -> (anumate_testing::ModuleServer, anumate_testing::DevAuth) {
+    use anumate_service::{Context, KeysConfig, ServiceModule};
+    let auth = anumate_testing::DevAuth::with_service_issuer("orchestrator");
+    let modules: Vec<Box<dyn ServiceModule>> =
+        vec![anumate_receipts::module(), anumate_approvals::module()];
+    let listener = anumate_testing::bind().await;
+    let own_url = format!("http://{}", listener.local_addr().unwrap());
+    let ctx = Context::new(
+        serde_json::json!({
+            "approvals": {
+                "timer_interval_ms": 50,
+                "notify": {
+                    "webhooks": [hook.url],
+                    "approval_url": "https://console.example/t/{tenant}/approvals/{id}",
+                    "poll_interval_ms": 20,
+                    "backoff_ms": 50,
+                },
+            },
+        }),
+        Some(app.store.clone()),
+        KeysConfig {
+            generate_missing: true,
+            ..KeysConfig::default()
+        },
+        auth.dir.path().join("keys"),
+        None,
+        own_url,
+    );
+    let layers = anumate_testing::Layers::platform(
+        anumate_testing::GrpcConfig::default(),
+        auth.authenticator.clone(),
+    )
+    .unwrap();
+    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    (server, auth)
+}
+
+/// Waits until the hook has received `n` requests.
+async fn received(hook: &Hook, n: usize) -> Vec<Received> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = hook.received();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} received", got.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn opening_an_approval_notifies_and_reminds(app: App) {
+    use anumate_auth::BearerToken;
+    use pb::approvals_internal_client::ApprovalsInternalClient;
+    let hook = Hook::start(&[200]).await;
+    let (server, auth) = serve(&app, &hook).await;
+    let token = auth
+        .services
+        .as_ref()
+        .unwrap()
+        .for_service("orchestrator")
+        .unwrap()
+        .mint("acme", Duration::from_secs(600))
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut orchestrator = ApprovalsInternalClient::with_interceptor(channel, BearerToken(token));
+    let request = pb::RequestApprovalRequest {
+        run_id: "run-9".into(),
+        step_id: "refund".into(),
+        plan_hash: format!("sha256:{}", "22".repeat(32)),
+        args_sha256: format!("sha256:{}", "11".repeat(32)),
+        tool: "payments.refund".into(),
+        destructive: true,
+        rule: Some(anumate_proto::policy::v1::PolicyRuleRef {
+            policy: "refund-limits".into(),
+            rule: "big-refunds".into(),
+            ..Default::default()
+        }),
+        reason: "refunds above 1000 EUR".into(),
+        requester: "user:rita".into(),
+        stages: vec![pb::StageRequest {
+            name: String::new(),
+            approvers: vec!["group:controllers".into()],
+            quorum: 2,
+        }],
+        capsule: "refunds".into(),
+        capsule_version: 2,
+        // Reminded one second after opening, a second before it expires.
+        expires_after: Some(pbjson_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        remind_before: Some(pbjson_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let opened = orchestrator
+        .request_approval(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    let id = opened.approval_id.clone();
+    // Asking again (a retried call) opens nothing and notifies no one again.
+    let again = orchestrator
+        .request_approval(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+
+    let got = received(&hook, 2).await;
+    server.stop().await;
+    let kinds: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["anumate"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["requested", "reminder"]);
+    let first = &got[0].body;
+    assert_eq!(first["anumate"]["approval_id"], id.as_str());
+    assert_eq!(first["anumate"]["tenant"], "acme");
+    assert_eq!(first["anumate"]["approvers"][0], "group:controllers");
+    let text = first["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(
+            "Approval needed: refunds v2 calls payments.refund (destructive) in run run-9 (step refund); 0 of 2 from group:controllers; expires "
+        ) && text.ends_with(&format!("https://console.example/t/acme/approvals/{id}")),
+        "{text}"
+    );
+    assert!(
+        got[1].body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Reminder: approval needed"),
+        "{:?}",
+        got[1].body
+    );
+    let recorded = deliveries(&app.store, "acme", &id).await;
+    assert_eq!(recorded.len(), 2, "{recorded:#?}");
+    assert!(
+        recorded
+            .iter()
+            .all(|d| d.delivered_at.is_some() && d.attempts == 1)
+    );
+}
+
 anumate_testing::on_both_backends! {
     retried_after_a_500_until_delivered => retried_after_a_500_until_delivered_sqlite, retried_after_a_500_until_delivered_postgres;
     only_committed_pending_approvals_notify => only_committed_pending_approvals_notify_sqlite, only_committed_pending_approvals_notify_postgres;
     failing_receivers_are_given_up_and_recorded => failing_receivers_are_given_up_and_recorded_sqlite, failing_receivers_are_given_up_and_recorded_postgres;
+    opening_an_approval_notifies_and_reminds => opening_an_approval_notifies_and_reminds_sqlite, opening_an_approval_notifies_and_reminds_postgres;
 }
