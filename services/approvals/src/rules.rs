@@ -615,6 +615,13 @@ pub fn decide(
                     format!("{to} is already eligible in this stage"),
                 ));
             }
+            if stage.delegates.len() >= MAX_PRINCIPALS {
+                return Err(Error::new(
+                    anumate_errors::ErrorCode::ResourceExhausted,
+                    format!("a stage takes at most {MAX_PRINCIPALS} delegations"),
+                )
+                .with_metadata("limit", MAX_PRINCIPALS.to_string()));
+            }
             stage.delegates.push(to.clone());
             stage.delegated_away.push(d.principal.to_owned());
             a.record(Decision {
