@@ -174,7 +174,9 @@ pub struct RequestArgs {
     /// Principals besides the requester who may not decide (repeatable).
     #[arg(long, value_delimiter = ',')]
     exclude: Vec<String>,
-    /// The principal who started the run (who may not approve it).
+    /// The principal who started the run (who may not approve it); taken
+    /// from a service token only (`anumate auth service-token --service
+    /// orchestrator`), else you are the requester.
     #[arg(long, default_value = "")]
     requester: String,
     /// The tool is destructive (expiry never approves; it only escalates or rejects).
@@ -192,6 +194,9 @@ pub struct RequestArgs {
     /// Capsule the run executes.
     #[arg(long, default_value = "")]
     capsule: String,
+    /// Print only the approval's id (for `ID=$(…)`).
+    #[arg(long, short = 'q')]
+    quiet: bool,
 }
 
 /// Runs `anumate approval …`.
@@ -322,11 +327,17 @@ async fn approval(cmd: ApprovalCommand) -> Result<(), Failure> {
 
 /// `approval request`: opens the approval through `ApprovalsInternal`.
 async fn request(conn: &Connection, args: RequestArgs) -> Result<(), Failure> {
+    let quiet = args.quiet;
     let request = request_message(args).map_err(Failure::Local)?;
     let mut client = conn
         .client(ApprovalsInternalClient::with_interceptor)
         .await?;
     let resp = client.request_approval(request).await?.into_inner();
+    if quiet {
+        let id = resp.approval.as_ref().map(|a| a.approval_id.as_str());
+        println!("{}", id.unwrap_or_default());
+        return Ok(());
+    }
     show(conn.output, &resp, |r| {
         if let Some(a) = &r.approval {
             if r.created {

@@ -143,7 +143,7 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
     });
     std::thread::sleep(Duration::from_millis(500));
 
-    // 2 of (alice, any controller), started by oscar.
+    // 2 of (alice, any controller), opened by the dev admin, oscar excluded.
     let id = request(
         d,
         &[
@@ -159,7 +159,7 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
             "user:alice,group:controllers",
             "--quorum",
             "2",
-            "--requester",
+            "--exclude",
             "user:oscar",
             "--reason",
             "refunds above 1000 need two approvers",
@@ -191,6 +191,10 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
     // Refusals by reason, nothing recorded.
     let out = approval(d, Some(&bob), &["approve", &id]).failed();
     assert!(out.stderr.contains("error[NOT_AN_APPROVER]"), "{out:#?}");
+    // Separation of duties: whoever opened it (the dev admin here), and
+    // oscar, excluded though he is a controller.
+    let out = approval(d, None, &["approve", &id]).failed();
+    assert!(out.stderr.contains("error[SELF_APPROVAL]"), "{out:#?}");
     let out = approval(d, Some(&oscar), &["approve", &id]).failed();
     assert!(out.stderr.contains("error[SELF_APPROVAL]"), "{out:#?}");
     let wrong = format!("sha256:{}", "0".repeat(64));
@@ -245,7 +249,8 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
     for needle in [
         "state:      approved",
         "tool:       payments.refund",
-        "requester:  user:oscar",
+        "requester:  user:dev",
+        "excluded:   user:oscar",
         "refunds above 1000 need two approvers",
         "user:alice",
         "delegate stage 1 to user:dave  \"on leave\"",
@@ -258,9 +263,12 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
     assert_eq!(json["decisions"].as_array().unwrap().len(), 3);
 
     // A rejection, found by state.
-    let second = request(
+    let second = approval(
         d,
+        None,
         &[
+            "request",
+            "-q",
             "--run",
             "run-2",
             "--step",
@@ -269,10 +277,13 @@ fn approvals_decided_by_their_approvers_through_the_cli() {
             "payments.refund",
             "--approvers",
             "group:controllers",
-            "--requester",
-            "user:oscar",
         ],
-    );
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    assert_eq!(second.len(), 36, "only the id: {second}");
     let out = approval(
         d,
         Some(&carol),
