@@ -100,6 +100,10 @@ pub enum Reason {
     ToolNotFound,
     /// The tool exists but not that version, or every version is deprecated when the current one was asked for.
     ToolVersionNotFound,
+    /// Preflight inputs do not match the plan's `inputs_schema`; `google.rpc.BadRequest` has one violation per field.
+    PreflightInputsInvalid,
+    /// A preflight fixture names an unknown step or tool, or has the wrong shape.
+    PreflightFixtureInvalid,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -369,6 +373,18 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "TOOL_VERSION_NOT_FOUND",
         46,
         ErrorCode::NotFound,
+    ),
+    (
+        Reason::PreflightInputsInvalid,
+        "PREFLIGHT_INPUTS_INVALID",
+        47,
+        ErrorCode::InvalidArgument,
+    ),
+    (
+        Reason::PreflightFixtureInvalid,
+        "PREFLIGHT_FIXTURE_INVALID",
+        48,
+        ErrorCode::InvalidArgument,
     ),
 ];
 
