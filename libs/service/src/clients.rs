@@ -158,6 +158,13 @@ pub trait RegistryClient: Send + Sync {
         caller: &'a Caller,
         request: rpb::GetCapsuleRequest,
     ) -> BoxFuture<'a, UpstreamResult<rpb::GetCapsuleResponse>>;
+
+    /// `ToolsService.GetTool`: a tool of the tenant's catalogue.
+    fn get_tool<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rpb::GetToolRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rpb::GetToolResponse>>;
 }
 
 /// The policy service, as the compiler reads it.
@@ -273,6 +280,23 @@ impl RegistryClient for Grpc {
                 rpb::registry_service_client::RegistryServiceClient::new(self.channel.clone());
             Ok(client
                 .get_capsule(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn get_tool<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: rpb::GetToolRequest,
+    ) -> BoxFuture<'a, UpstreamResult<rpb::GetToolResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                rpb::tools_service_client::ToolsServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_tool(req)
                 .await
                 .map_err(UpstreamError::Remote)?
                 .into_inner())

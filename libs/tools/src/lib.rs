@@ -49,6 +49,22 @@ pub const KIND: &str = "Tool";
 /// Longest tool name.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The tools every deployment knows without a tenant declaring them (the
+/// compiler holds their declarations); a tenant's tool of the same name
+/// replaces one for that tenant.
+pub const BUILTIN_TOOLS: &[&str] = &[
+    "email.send",
+    "http.get",
+    "http.post",
+    "mock.echo",
+    "payments.refund",
+];
+
+/// Whether `name` is a built-in tool.
+pub fn is_builtin(name: &str) -> bool {
+    BUILTIN_TOOLS.contains(&name)
+}
+
 /// Bounds on what a tool file may contain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {

@@ -62,7 +62,7 @@ impl RegistryService for RegistryGrpc {
     ) -> Result<Response<pb::PushCapsuleResponse>, Status> {
         let actor = actor(&req)?;
         let r = req.into_inner();
-        let pushed = self
+        let (pushed, warnings) = self
             .registry
             .push(&actor, &r.source_yaml, &r.source_name, &r.etag, r.publish)
             .await?;
@@ -70,7 +70,7 @@ impl RegistryService for RegistryGrpc {
             version: Some(pushed.version),
             created: pushed.created,
             capsule: Some(pushed.document),
-            warnings: Vec::new(),
+            warnings,
         }))
     }
 

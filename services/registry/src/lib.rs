@@ -1,5 +1,5 @@
 //! The Capsule Registry service (SPEC §2): versioned, signed Capsule documents
-//! per tenant.
+//! per tenant, and the tenant's tool catalogue (SPEC §13, [`tools`]).
 //!
 //! [`Registry`] holds the domain logic and knows nothing of gRPC; [`grpc`]
 //! adapts it to the generated `RegistryService` trait (authentication happens
@@ -10,6 +10,8 @@ mod diff;
 pub mod grpc;
 mod module;
 mod repo;
+pub mod tools;
+mod tools_grpc;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,8 @@ pub use anumate_documents::{Actor, VersionSelector};
 pub use grpc::RegistryGrpc;
 pub use module::module;
 pub use repo::{Capsules, MIGRATIONS as REPO_MIGRATIONS};
+pub use tools::{ToolCatalogue, Tools};
+pub use tools_grpc::ToolsGrpc;
 
 /// Every migration the registry needs, the outbox's included.
 pub fn migrations() -> Vec<Migration> {
@@ -66,6 +70,7 @@ pub struct Registry {
     store: Store,
     keys: Arc<KeyRing>,
     documents: Documents<Capsules>,
+    tools: ToolCatalogue,
     limits: Limits,
     diff_limits: diff::DiffLimits,
 }
@@ -83,6 +88,7 @@ impl Registry {
         };
         Registry {
             documents: Documents::new(store.clone(), Capsules::new(keys.clone())),
+            tools: ToolCatalogue::new(store.clone(), cfg.max_document_bytes),
             store,
             keys,
             limits,
@@ -96,6 +102,11 @@ impl Registry {
     /// The capsules' lifecycle: list versions, publish, deprecate, delete.
     pub fn documents(&self) -> &Documents<Capsules> {
         &self.documents
+    }
+
+    /// The tenant's tool catalogue.
+    pub fn tools(&self) -> &ToolCatalogue {
+        &self.tools
     }
 
     /// The document limits in force.
@@ -119,7 +130,9 @@ impl Registry {
         anumate_cpu::run(move || validate_document(&source, &source_name, &limits)).await
     }
 
-    /// Stores a new version (or returns the identical existing one).
+    /// Stores a new version (or returns the identical existing one), with
+    /// warnings about what would stop it compiling: tools in `spec.tools`
+    /// that neither the tenant's catalogue nor the built-ins declare.
     pub async fn push(
         &self,
         actor: &Actor,
@@ -127,7 +140,7 @@ impl Registry {
         source_name: &str,
         etag: &str,
         publish: bool,
-    ) -> Result<Pushed> {
+    ) -> Result<(Pushed, Vec<String>)> {
         let (capsule, canonical, hash) = self.validate(source, source_name).await?;
         let draft = Draft {
             name: &capsule.name,
@@ -137,7 +150,19 @@ impl Registry {
             description: &capsule.description,
             labels: &capsule.labels,
         };
-        self.documents.push(actor, &draft, etag, publish).await
+        let pushed = self.documents.push(actor, &draft, etag, publish).await?;
+        let undeclared = self.tools.undeclared(actor, &capsule.spec.tools).await?;
+        let warnings = undeclared
+            .iter()
+            .map(|tool| {
+                format!(
+                    "tool {tool} is not in the tenant's catalogue nor built in: the capsule \
+                     compiles only once it is declared (`anumate tool push`) or the operator \
+                     adds it to [[compiler.tools]]"
+                )
+            })
+            .collect();
+        Ok((pushed, warnings))
     }
 
     /// Reads one version (the in-process client's call).

@@ -6,7 +6,7 @@ use anumate_proto::registry::v1 as pb;
 use anumate_service::clients::{BoxFuture, Caller, RegistryClient, UpstreamResult};
 use anumate_service::{BuildError, Context, Module, ServiceModule};
 
-use crate::{Actor, Registry, RegistryConfig, RegistryGrpc, VersionSelector};
+use crate::{Actor, Registry, RegistryConfig, RegistryGrpc, ToolsGrpc, VersionSelector};
 
 const KEYS: &str = "[keys] registry_key_files";
 
@@ -15,7 +15,7 @@ pub fn module() -> Box<dyn ServiceModule> {
     Box::new(Module::<RegistryConfig> {
         name: pb::registry_service_server::SERVICE_NAME,
         section: "registry",
-        about: "Capsule registry: versioned, signed capsules",
+        about: "Capsule registry: versioned, signed capsules; the tenant's tool catalogue",
         migrations: crate::REPO_MIGRATIONS,
         missing_keys: |_, keys| match keys.registry_key_files.is_empty() {
             true => vec![KEYS],
@@ -35,7 +35,14 @@ fn build(ctx: &mut Context, cfg: RegistryConfig) -> Result<(), BuildError> {
         .spawn("registry cache invalidation", |cancel| async move {
             Ok(documents.follow_changes(cancel).await?)
         });
+    let tools = registry.tools().documents().clone();
+    ctx.tasks
+        .spawn("tool catalogue cache invalidation", |cancel| async move {
+            Ok(tools.follow_changes(cancel).await?)
+        });
     ctx.provide::<Arc<dyn RegistryClient>>(Arc::new(registry.clone()));
+    ctx.routes
+        .add_service(ToolsGrpc::new(registry.tools().clone()).into_server());
     ctx.routes
         .add_service(RegistryGrpc::new(registry).into_server());
     Ok(())
@@ -59,6 +66,27 @@ impl RegistryClient for Registry {
             let (capsule, version) = self.get(&actor, &request.name, selector).await?;
             Ok(pb::GetCapsuleResponse {
                 capsule: Some(capsule),
+                version: Some(version),
+            })
+        })
+    }
+
+    fn get_tool<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: pb::GetToolRequest,
+    ) -> BoxFuture<'a, UpstreamResult<pb::GetToolResponse>> {
+        Box::pin(async move {
+            let actor = Actor {
+                tenant: caller.tenant().to_owned(),
+                subject: caller.subject(),
+            };
+            let (tool, version) = self
+                .tools()
+                .get(&actor, &request.name, &request.version)
+                .await?;
+            Ok(pb::GetToolResponse {
+                tool: Some(tool),
                 version: Some(version),
             })
         })

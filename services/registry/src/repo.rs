@@ -61,14 +61,17 @@ const REGISTRY_DDL: &str = "CREATE TABLE capsules (
       );
       CREATE INDEX capsule_labels_kv ON capsule_labels (tenant_id, key, value)";
 
-/// Registry tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "registry_0001_capsules",
-    // The same SQL works on both backends.
-    postgres: REGISTRY_DDL,
-    sqlite: REGISTRY_DDL,
-    tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
-}];
+/// Registry tables: capsules, then the tool catalogue.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "registry_0001_capsules",
+        // The same SQL works on both backends.
+        postgres: REGISTRY_DDL,
+        sqlite: REGISTRY_DDL,
+        tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
+    },
+    crate::tools::MIGRATION,
+];
 
 /// Capsules as a kind of versioned document; versions are signed with the
 /// ring's active key.
