@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anumate_auth::ServiceIssuer;
 use anumate_errors::{Error, ErrorCode};
+use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
@@ -177,6 +178,23 @@ pub trait PolicyClient: Send + Sync {
     ) -> BoxFuture<'a, UpstreamResult<ppb::GetPolicyResponse>>;
 }
 
+/// The compiler, as GhostRun (and later the orchestrator) reads plans.
+pub trait CompilerClient: Send + Sync {
+    /// `Compile`: the plan of a capsule version (compiled, or the stored one).
+    fn compile<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: cpb::CompileRequest,
+    ) -> BoxFuture<'a, UpstreamResult<cpb::CompileResponse>>;
+
+    /// `GetPlan`.
+    fn get_plan<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: cpb::GetPlanRequest,
+    ) -> BoxFuture<'a, UpstreamResult<cpb::GetPlanResponse>>;
+}
+
 /// The receipts service, as services that attest their actions append to it
 /// (its service-only `ReceiptsInternal`).
 pub trait ReceiptsClient: Send + Sync {
@@ -316,6 +334,42 @@ impl PolicyClient for Grpc {
                 ppb::policy_service_client::PolicyServiceClient::new(self.channel.clone());
             Ok(client
                 .get_policy(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl CompilerClient for Grpc {
+    fn compile<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: cpb::CompileRequest,
+    ) -> BoxFuture<'a, UpstreamResult<cpb::CompileResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                cpb::compiler_service_client::CompilerServiceClient::new(self.channel.clone());
+            Ok(client
+                .compile(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn get_plan<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: cpb::GetPlanRequest,
+    ) -> BoxFuture<'a, UpstreamResult<cpb::GetPlanResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                cpb::compiler_service_client::CompilerServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_plan(req)
                 .await
                 .map_err(UpstreamError::Remote)?
                 .into_inner())
