@@ -428,12 +428,31 @@ fn summary(a: &pb::Approval) -> String {
         "{} for {} (run {}, step {}) with args {}",
         a.approval_id, a.tool, a.run_id, a.step_id, a.args_sha256
     );
-    if let Some(preview) = &a.args_preview
-        && let Ok(json) = serde_json::to_string(preview)
-    {
+    if let Some(json) = preview(a) {
         s.push_str(&format!(" = {json}"));
     }
     s
+}
+
+/// The arguments preview as JSON, whole numbers without the `.0` a
+/// `google.protobuf.Struct` (all numbers doubles) would give them.
+fn preview(a: &pb::Approval) -> Option<String> {
+    fn whole(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::Number(n) => match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+                _ => Value::Number(n),
+            },
+            Value::Array(items) => Value::Array(items.into_iter().map(whole).collect()),
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, whole(v))).collect())
+            }
+            other => other,
+        }
+    }
+    let value = serde_json::to_value(a.args_preview.as_ref()?).ok()?;
+    serde_json::to_string(&whole(value)).ok()
 }
 
 fn print_list(all: &[pb::Approval]) {
@@ -495,9 +514,7 @@ fn print_approval(a: &pb::Approval) {
         println!("excluded:   {}", a.exclude.join(", "));
     }
     println!("args:       {}", a.args_sha256);
-    if let Some(preview) = &a.args_preview
-        && let Ok(json) = serde_json::to_string(preview)
-    {
+    if let Some(json) = preview(a) {
         println!("preview:    {json}");
     }
     println!("plan:       {}", a.plan_hash);
@@ -708,6 +725,25 @@ mod tests {
         assert_eq!(parse_duration("4h").unwrap(), Duration::from_secs(14_400));
         assert!(parse_duration("4w").unwrap_err().contains("unit"));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn previews_print_whole_numbers_as_integers() {
+        let a = pb::Approval {
+            args_preview: Some(
+                serde_json::from_value(
+                    serde_json::json!({"amount": 1200, "rate": 0.5, "ids": [7]}),
+                )
+                .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&preview(&a).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"amount": 1200, "rate": 0.5, "ids": [7]})
+        );
+        assert_eq!(preview(&pb::Approval::default()), None);
     }
 
     #[test]
