@@ -131,13 +131,13 @@ fn bench(c: &mut Criterion) {
         .collect();
     let shared = std::sync::Arc::new(capsule.clone());
     let first = rt
-        .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions))
+        .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions, &[]))
         .unwrap();
     assert!(!first.cache_hit);
     g.bench_function("cached", |b| {
         b.iter(|| {
             let hit = rt
-                .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions))
+                .block_on(compiler.compile_fetched(&actor, &cv, &shared, &versions, &[]))
                 .unwrap();
             assert!(hit.cache_hit);
             hit
@@ -210,6 +210,9 @@ fn rpc(c: &mut Criterion, yaml: &str) {
                     auth,
                     anumate_auth::AuthzTable::platform().unwrap(),
                 ))
+                .add_service(
+                    anumate_registry::ToolsGrpc::new(registry.tools().clone()).into_server(),
+                )
                 .add_service(anumate_registry::RegistryGrpc::new(registry).into_server())
                 .add_service(anumate_policy_service::PolicyGrpc::new(policies).into_server())
                 .add_service(anumate_compiler::CompilerGrpc::new(compiler).into_server())

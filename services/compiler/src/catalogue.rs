@@ -1,16 +1,20 @@
 //! The tool catalogue: what each tool name a capsule may list binds to
 //! (connector, side-effect class, schemas, declared cost and duration).
 //!
-//! There is no catalogue service yet: the compiler carries a small built-in
+//! The compiler carries the operator-wide defaults: a small built-in
 //! catalogue ([`builtin`]) that `[[compiler.tools]]` entries extend or
-//! override. Bindings enter the plan (and so its hash): changing a tool's
-//! declaration changes the plans compiled against it.
+//! override. Each compile overlays the tenant's own tools (the registry's
+//! tool catalogue, [`tenant_binding`], [`Catalogue::overlay`]): a tenant's
+//! tool replaces a default of the same name and binds its version number
+//! and content hash. Bindings enter the plan (and so its hash): changing a
+//! tool's declaration changes the plans compiled against it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anumate_errors::{Error, Reason, Result};
 use anumate_proto::compiler::v1 as pb;
+use anumate_proto::registry::v1 as rpb;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -115,6 +119,47 @@ pub fn binding(spec: &ToolSpec) -> Result<pb::ToolBinding> {
     })
 }
 
+/// The binding of a version of a tenant's tool: its declaration, its
+/// version number and its content hash (the connector's own section, and
+/// any secret reference in it, stays out of the plan).
+pub fn tenant_binding(version: &rpb::ToolVersion) -> Result<pb::ToolBinding> {
+    let tool = anumate_tools::Tool::from_canonical_json(&version.canonical_json)?;
+    let spec = &tool.spec;
+    let effect = match spec.side_effect {
+        anumate_tools::SideEffect::Read => pb::SideEffect::Read,
+        anumate_tools::SideEffect::Write => pb::SideEffect::Write,
+        anumate_tools::SideEffect::Destructive => pb::SideEffect::Destructive,
+    };
+    let (cost_micros, currency) = spec
+        .cost
+        .as_ref()
+        .map_or((0, String::new()), |c| (c.micros, c.currency.clone()));
+    Ok(pb::ToolBinding {
+        tool: tool.metadata.name.clone(),
+        connector: spec.connector.as_string(),
+        tool_version: version.version.to_string(),
+        side_effect: effect as i32,
+        idempotent: spec.idempotent,
+        input_schema: Some(to_struct("input", &tool.metadata.name, &spec.input)?),
+        output_schema: Some(to_struct("output", &tool.metadata.name, &spec.output)?),
+        cost_micros,
+        currency,
+        typical_duration: spec.typical_duration.map(|d| pbjson_types::Duration {
+            seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        }),
+        tool_hash: version.content_hash.clone(),
+    })
+}
+
+/// `sha256:` over the JCS of every binding.
+fn fingerprint<'a>(bindings: impl Iterator<Item = &'a pb::ToolBinding>) -> String {
+    let all: Vec<Value> = bindings
+        .map(|b| serde_json::to_value(b).unwrap_or(Value::Null))
+        .collect();
+    anumate_crypto::content_hash(&Value::Array(all)).1
+}
+
 impl Catalogue {
     /// The built-in tools plus `extra` (which override built-ins of the same name).
     pub fn new(extra: &[ToolSpec]) -> Result<Catalogue> {
@@ -122,15 +167,25 @@ impl Catalogue {
         for spec in builtin().iter().chain(extra) {
             bindings.insert(spec.tool.clone(), binding(spec)?);
         }
-        let all: Vec<Value> = bindings
-            .values()
-            .map(|b| serde_json::to_value(b).unwrap_or(Value::Null))
-            .collect();
-        let fingerprint = anumate_crypto::content_hash(&Value::Array(all)).1;
+        let fingerprint = fingerprint(bindings.values());
         Ok(Catalogue {
             bindings,
             fingerprint,
         })
+    }
+
+    /// This catalogue with a tenant's tools, each replacing the default of
+    /// its name.
+    pub fn overlay(&self, tenant: Vec<pb::ToolBinding>) -> Catalogue {
+        let mut bindings = self.bindings.clone();
+        for b in tenant {
+            bindings.insert(b.tool.clone(), b);
+        }
+        let fingerprint = fingerprint(bindings.values());
+        Catalogue {
+            bindings,
+            fingerprint,
+        }
     }
 
     /// The binding of `tool`, if declared.
@@ -158,7 +213,8 @@ impl Catalogue {
             return Err(Error::because(
                 Reason::ToolNotDeclared,
                 format!(
-                    "no tool binding for {} in the tool catalogue (known: {})",
+                    "no tool binding for {} in the tenant's tools or the built-ins (declare it \
+                     with `anumate tool push`; known: {})",
                     unknown.join(", "),
                     self.bindings.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
@@ -268,4 +324,16 @@ pub fn duration_of(d: Option<&pbjson_types::Duration>) -> Option<Duration> {
         Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0))
             + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_ins_are_the_ones_the_registry_knows() {
+        let mut names: Vec<String> = builtin().into_iter().map(|s| s.tool).collect();
+        names.sort();
+        assert_eq!(names, anumate_tools::BUILTIN_TOOLS);
+    }
 }

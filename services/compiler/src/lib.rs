@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! Compile(name, version) ──▶ registry.GetCapsule   (in-process, or gRPC with the caller's token)
+//!                        ──▶ registry.GetTool × n  (the tenant's current tools; the
+//!                                                    built-ins and [[compiler.tools]] otherwise)
 //!                        ──▶ policy.GetPolicy × n  (published versions, pinned by hash)
 //!                        ──▶ plan::compile          (pure: validate, levels, approvals,
 //!                                                    estimate, plan_hash)
@@ -313,14 +315,54 @@ impl Compiler {
         Ok(out)
     }
 
-    fn memo_key(&self, version: &rpb::CapsuleVersion, policies: &[ppb::PolicyVersion]) -> String {
+    /// The tenant's own bindings of `names`, sorted: each tool's current
+    /// version in the registry's catalogue. A name the tenant does not
+    /// declare (or whose versions are all deprecated) is left to the
+    /// defaults.
+    async fn fetch_tools(&self, actor: &Actor, names: &[String]) -> Result<Vec<pb::ToolBinding>> {
+        let registry = &self.upstreams.registry;
+        let caller = caller(actor);
+        let mut sorted: Vec<&String> = names.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        let mut out = Vec::new();
+        for name in sorted {
+            let request = rpb::GetToolRequest {
+                name: name.clone(),
+                version: String::new(),
+            };
+            match registry.get_tool(&caller, request).await {
+                Ok(r) => {
+                    let version = r.version.ok_or_else(|| {
+                        Error::internal("registry answered without a tool version")
+                    })?;
+                    out.push(catalogue::tenant_binding(&version)?);
+                }
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(upstream_error(&e, "the registry")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn memo_key(
+        &self,
+        version: &rpb::CapsuleVersion,
+        policies: &[ppb::PolicyVersion],
+        tools: &[pb::ToolBinding],
+    ) -> String {
         let items: Vec<serde_json::Value> = policies
             .iter()
             .map(|p| serde_json::json!([p.name, p.version, p.content_hash]))
             .collect();
+        let tools: Vec<serde_json::Value> = tools
+            .iter()
+            .map(|t| serde_json::json!([t.tool, t.tool_version, t.tool_hash]))
+            .collect();
         let key = serde_json::json!({
             "capsule": [version.name, version.version, version.content_hash],
             "policies": items,
+            "tools": tools,
             "catalogue": self.catalogue.fingerprint(),
             "timeout": self.default_timeout.as_millis() as u64,
         });
@@ -357,8 +399,10 @@ impl Compiler {
         }
         let cv = self.fetch_capsule(actor, name, version).await?;
         let capsule = self.parse_capsule(&cv).await?;
+        let tools = self.fetch_tools(actor, &capsule.spec.tools).await?;
         let versions = self.fetch_policies(actor, &capsule.spec.policies).await?;
-        self.compile_fetched(actor, &cv, &capsule, &versions).await
+        self.compile_fetched(actor, &cv, &capsule, &versions, &tools)
+            .await
     }
 
     /// Parses a fetched version (on the CPU pool), reusing the parse of the
@@ -396,16 +440,18 @@ impl Compiler {
         Ok(capsule)
     }
 
-    /// The part of [`Compiler::compile`] after the inputs were fetched: the memo,
-    /// the compile itself and storing the plan. Public for the benchmark.
+    /// The part of [`Compiler::compile`] after the inputs were fetched (`tools`:
+    /// the tenant's own bindings): the memo, the compile itself and storing
+    /// the plan. Public for the benchmark.
     pub async fn compile_fetched(
         &self,
         actor: &Actor,
         cv: &rpb::CapsuleVersion,
         capsule: &Arc<anumate_capsule::Capsule>,
         versions: &[ppb::PolicyVersion],
+        tools: &[pb::ToolBinding],
     ) -> Result<Compiled> {
-        let key = self.memo_key(cv, versions);
+        let key = self.memo_key(cv, versions, tools);
         if let Some(plan) = self.memo_get(&actor.tenant, &key) {
             return Ok(Compiled {
                 plan,
@@ -415,7 +461,11 @@ impl Compiler {
         // Parsing the policies and compiling are CPU work: off the runtime.
         let (capsule, versions) = (capsule.clone(), versions.to_vec());
         let (capsule_version, content_hash) = (cv.version, cv.content_hash.clone());
-        let (catalogue, default_timeout) = (self.catalogue.clone(), self.default_timeout);
+        let catalogue = match tools.is_empty() {
+            true => self.catalogue.clone(),
+            false => Arc::new(self.catalogue.overlay(tools.to_vec())),
+        };
+        let default_timeout = self.default_timeout;
         let mut plan = anumate_cpu::run(move || {
             let policies = versions
                 .iter()

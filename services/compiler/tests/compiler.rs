@@ -16,13 +16,14 @@ use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::compiler::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
-use anumate_registry::{Registry, RegistryConfig, RegistryGrpc};
+use anumate_registry::{Registry, RegistryConfig, RegistryGrpc, ToolsGrpc};
 use anumate_testing::{
     self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
 };
 use pb::compiler_service_client::CompilerServiceClient;
 use ppb::policy_service_client::PolicyServiceClient;
 use rpb::registry_service_client::RegistryServiceClient;
+use rpb::tools_service_client::ToolsServiceClient;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -81,7 +82,8 @@ async fn spawn_app(backend: Backend) -> TestApp {
     let (_, server) = testing::serve_on(
         listener,
         auth,
-        Routes::new(RegistryGrpc::new(registry).into_server())
+        Routes::new(ToolsGrpc::new(registry.tools().clone()).into_server())
+            .add_service(RegistryGrpc::new(registry).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())
             .add_service(CompilerGrpc::new(compiler).into_server()),
     );
@@ -101,6 +103,7 @@ struct Clients {
     compiler: CompilerServiceClient<Intercepted>,
     registry: RegistryServiceClient<Intercepted>,
     policy: PolicyServiceClient<Intercepted>,
+    tools: ToolsServiceClient<Intercepted>,
 }
 
 impl TestApp {
@@ -118,6 +121,7 @@ impl TestApp {
         Clients {
             compiler: CompilerServiceClient::with_interceptor(channel.clone(), t()),
             registry: RegistryServiceClient::with_interceptor(channel.clone(), t()),
+            tools: ToolsServiceClient::with_interceptor(channel.clone(), t()),
             policy: PolicyServiceClient::with_interceptor(channel, t()),
         }
     }
@@ -190,6 +194,150 @@ on_both_backends! {
     bad_input => bad_input_sqlite, bad_input_postgres;
     tenancy_and_roles => tenancy_and_roles_sqlite, tenancy_and_roles_postgres;
     concurrent_compiles => concurrent_compiles_sqlite, concurrent_compiles_postgres;
+    tenant_tools => tenant_tools_sqlite, tenant_tools_postgres;
+}
+
+/// The example capsule calling the tenant's `orders.lookup` in its first step.
+fn capsule_with_own_tool() -> String {
+    CAPSULE
+        .replace("tools: [http.get,", "tools: [orders.lookup,")
+        .replace("tool: http.get", "tool: orders.lookup")
+        .replace(
+            "with: {url: \"https://orders.example/v1/orders/${{ inputs.order_id }}\"}",
+            "with: {order_id: \"${{ inputs.order_id }}\"}",
+        )
+}
+
+async fn push_tools(c: &mut Clients, yaml: &str) -> Vec<rpb::PushedTool> {
+    c.tools
+        .push_tools(rpb::PushToolsRequest {
+            source_yaml: yaml.into(),
+            source_name: "tools.yaml".into(),
+        })
+        .await
+        .expect("push tools")
+        .into_inner()
+        .tools
+}
+
+/// A capsule using a tenant's tool compiles against its current version:
+/// the plan names the version and hash, and changing the tool changes the
+/// plan. A tenant's tool replaces a built-in of its name for that tenant only.
+async fn tenant_tools(app: TestApp) {
+    const TOOLS: &str = include_str!("../../../examples/tools.yaml");
+    let mut admin = app.clients(TENANT_A, &[Role::Admin]).await;
+    push_refund(&mut admin).await;
+    let own = capsule_with_own_tool();
+    push_capsule(&mut admin, &own).await;
+
+    // Not declared yet: compiling says which tool is missing.
+    let e = expect_reason(
+        admin
+            .compiler
+            .compile(compile_req("refund-small-orders", ""))
+            .await,
+        Reason::ToolNotDeclared,
+    );
+    assert_eq!(meta(&e, "tools"), "orders.lookup");
+
+    let pushed = push_tools(&mut admin, TOOLS).await;
+    let lookup = pushed[1].version.clone().unwrap();
+    let compile = |c: &mut Clients| {
+        let mut compiler = c.compiler.clone();
+        async move {
+            compiler
+                .compile(compile_req("refund-small-orders", ""))
+                .await
+                .expect("compile")
+                .into_inner()
+        }
+    };
+    let first = compile(&mut admin).await;
+    assert!(!first.cache_hit);
+    let plan = first.plan.unwrap();
+    let binding = plan
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "orders.lookup")
+        .unwrap();
+    assert_eq!(binding.tool_version, "1");
+    assert_eq!(binding.tool_hash, lookup.content_hash);
+    assert_eq!(binding.connector, "mock");
+    assert_eq!(binding.side_effect, pb::SideEffect::Read as i32);
+    // Built-ins keep their declaration and carry no hash.
+    let refund = plan
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "payments.refund")
+        .unwrap();
+    assert!(refund.tool_hash.is_empty());
+    assert!(compile(&mut admin).await.cache_hit);
+
+    // A new version of the tool is a new plan naming it.
+    let changed = TOOLS.replace("latency: 20ms", "latency: 25ms");
+    let v2 = push_tools(&mut admin, &changed).await[1]
+        .version
+        .clone()
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    let second = compile(&mut admin).await;
+    assert!(!second.cache_hit);
+    let second = second.plan.unwrap();
+    assert_ne!(second.plan_hash, plan.plan_hash);
+    let binding = second
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "orders.lookup")
+        .unwrap();
+    assert_eq!(
+        (binding.tool_version.as_str(), binding.tool_hash.as_str()),
+        ("2", v2.content_hash.as_str())
+    );
+
+    // Deprecating it brings the first version's plan back.
+    admin
+        .tools
+        .deprecate_tool_version(rpb::DeprecateToolVersionRequest {
+            name: "orders.lookup".into(),
+            version: 2,
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let again = compile(&mut admin).await;
+    assert_eq!(again.plan.unwrap().plan_hash, plan.plan_hash);
+
+    // A tenant's tool replaces the built-in of its name, for that tenant only.
+    let email = "apiVersion: anumate.dev/v1
+kind: Tool
+metadata: {name: email.send}
+spec:
+  connector: mock
+  side_effect: write
+  idempotent: true
+  input: {type: object, properties: {to: {type: string}, template: {type: string}}}
+  mock: {output: {message_id: m_1}}
+";
+    push_tools(&mut admin, email).await;
+    let plan = compile(&mut admin).await.plan.unwrap();
+    let email_binding = plan
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "email.send")
+        .unwrap();
+    assert_eq!(email_binding.connector, "mock");
+    assert_eq!(email_binding.tool_version, "1");
+
+    let mut b = app.clients(TENANT_B, &[Role::Admin]).await;
+    push_refund(&mut b).await;
+    let plan_b = compile(&mut b).await.plan.unwrap();
+    let email_b = plan_b
+        .tool_bindings
+        .iter()
+        .find(|b| b.tool == "email.send")
+        .unwrap();
+    assert_eq!(email_b.connector, "http");
+    assert!(email_b.tool_hash.is_empty());
 }
 
 /// Compiles the example as `tenant-a` and returns the plan hash.
@@ -643,7 +791,8 @@ async fn upstreams_are_read_as_the_compiler_acting_for_its_caller() {
     let (upstream_addr, upstream) = testing::serve_on(
         listener,
         upstream_auth,
-        Routes::new(RegistryGrpc::new(registry).into_server())
+        Routes::new(ToolsGrpc::new(registry.tools().clone()).into_server())
+            .add_service(RegistryGrpc::new(registry).into_server())
             .add_service(PolicyGrpc::new(policies).into_server()),
     );
     let upstream_url = format!("http://{upstream_addr}");
@@ -671,6 +820,7 @@ async fn upstreams_are_read_as_the_compiler_acting_for_its_caller() {
             channel.clone(),
             BearerToken(author.clone()),
         ),
+        tools: ToolsServiceClient::with_interceptor(channel.clone(), BearerToken(author.clone())),
         policy: PolicyServiceClient::with_interceptor(channel, BearerToken(author)),
     };
     push_refund(&mut c).await;
