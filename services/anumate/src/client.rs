@@ -144,6 +144,7 @@ versioned_kind! {
         -> pb::PublishCapsuleVersionResponse,
     deprecate: deprecate_capsule_version(pb::DeprecateCapsuleVersionRequest)
         -> pb::DeprecateCapsuleVersionResponse,
+    warnings: warnings,
 }
 
 /// What `capsule list` filters by.

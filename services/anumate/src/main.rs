@@ -15,6 +15,7 @@ mod policy_cli;
 mod receipts_cli;
 mod server;
 mod token_cli;
+mod tool_cli;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -54,6 +55,8 @@ enum Command {
     Capsule(client::CapsuleCommand),
     /// Test (offline), push, evaluate and read policies.
     Policy(policy_cli::PolicyCommand),
+    /// Push, list, read and deprecate the tenant's tools (SPEC §13).
+    Tool(tool_cli::ToolCommand),
     /// Compile capsules into plans; show and list stored plans.
     Plan(plan_cli::PlanCommand),
     /// Append, fetch and verify (offline) receipts; checkpoints and keys.
@@ -211,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Capsule(cmd) => Ok(client::run_capsule(cmd).await),
         Command::Policy(cmd) => Ok(policy_cli::run(cmd).await),
+        Command::Tool(cmd) => Ok(tool_cli::run(cmd).await),
         Command::Plan(cmd) => Ok(plan_cli::run(cmd).await),
         Command::Receipt(cmd) => Ok(receipts_cli::run(cmd).await),
         Command::Token(cmd) => Ok(token_cli::run(cmd).await),

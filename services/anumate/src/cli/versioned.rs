@@ -67,6 +67,10 @@ pub(crate) trait VersionReply: Serialize {
 pub(crate) trait PushReply: VersionReply {
     /// False when the content was identical to an existing version.
     fn created(&self) -> bool;
+    /// What the server warns about (none for kinds without warnings).
+    fn warnings(&self) -> &[String] {
+        &[]
+    }
 }
 
 /// Declares a kind of versioned document: implements [`Calls`] for `$kind`
@@ -83,7 +87,8 @@ macro_rules! versioned_kind {
         push: $push_rpc:ident($push:ty) -> $pushed:ty,
         get: $get_rpc:ident($get:ty) -> $got:ty,
         publish: $publish_rpc:ident($publish:ty) -> $published:ty,
-        deprecate: $deprecate_rpc:ident($deprecate:ty) -> $deprecated:ty $(,)?
+        deprecate: $deprecate_rpc:ident($deprecate:ty) -> $deprecated:ty
+        $(, warnings: $warnings:ident)? $(,)?
     ) => {
         impl $crate::cli::versioned::Calls for $kind {
             type Client = $client<$crate::cli::Authed>;
@@ -180,6 +185,11 @@ macro_rules! versioned_kind {
             fn created(&self) -> bool {
                 self.created
             }
+            $(
+            fn warnings(&self) -> &[String] {
+                &self.$warnings
+            }
+            )?
         }
 
         $crate::cli::versioned::versioned_kind!(@reply $version, $document, $field: $pushed, $got, $published, $deprecated);
@@ -321,6 +331,9 @@ pub(crate) async fn push<K: Kind>(
             println!("etag {}", d.etag());
         }
     });
+    for warning in reply.warnings() {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 

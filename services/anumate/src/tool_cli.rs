@@ -1,0 +1,245 @@
+//! `anumate tool …`: push files of Tool documents (SPEC §13) into the
+//! tenant's catalogue, and list, read and deprecate its tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anumate_proto::registry::v1 as pb;
+use clap::{Args, Subcommand};
+use pb::tools_service_client::ToolsServiceClient;
+
+use crate::cli::{Connection, Failure, all_pages, finish, read_file, show, time};
+
+/// `anumate tool …`
+#[derive(Args, Debug)]
+pub struct ToolCommand {
+    #[command(subcommand)]
+    pub command: ToolSub,
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+/// Tool subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ToolSub {
+    /// Validate and store every Tool document of a file (`---` separated),
+    /// all or none; each new content is a new, current version.
+    Push {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// List the tenant's tools.
+    List {
+        /// Only tools carrying these labels (`k=v,k2=v2`).
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Page size (all pages are fetched).
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+    },
+    /// Show one version of a tool (default: the current one).
+    Get {
+        /// Tool name (`payments.transfer`).
+        name: String,
+        /// Version number, `current` or `latest`.
+        #[arg(long, short = 'v', default_value = "current")]
+        version: String,
+        /// Print only the document's source.
+        #[arg(long)]
+        source: bool,
+    },
+    /// List a tool's versions, newest first.
+    Versions {
+        /// Tool name.
+        name: String,
+    },
+    /// Deprecate a version: the compiler binds the previous current one.
+    Deprecate {
+        /// Tool name.
+        name: String,
+        /// Version number.
+        version: i32,
+    },
+}
+
+/// Runs a tool command and returns the process exit code.
+pub async fn run(cmd: ToolCommand) -> ExitCode {
+    let file = match &cmd.command {
+        ToolSub::Push { file } => Some(file.display().to_string()),
+        _ => None,
+    };
+    finish(tool(cmd).await.map(|()| ExitCode::SUCCESS), file.as_deref())
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::VersionStatus::try_from(s) {
+        Ok(pb::VersionStatus::Published) => "current",
+        Ok(pb::VersionStatus::Deprecated) => "deprecated",
+        Ok(pb::VersionStatus::Draft) => "draft",
+        _ => "unknown",
+    }
+}
+
+/// A version's state as people read it: `current` only for the tool's
+/// current version, `superseded` for older ones still in force.
+fn state(v: &pb::ToolVersion, current: Option<i32>) -> &'static str {
+    match status_name(v.status) {
+        "current" if current.is_some_and(|c| c != v.version) => "superseded",
+        other => other,
+    }
+}
+
+async fn tool(cmd: ToolCommand) -> Result<(), Failure> {
+    let conn = &cmd.conn;
+    let mut client = conn.client(ToolsServiceClient::with_interceptor).await?;
+    match cmd.command {
+        ToolSub::Push { file } => {
+            let request = pb::PushToolsRequest {
+                source_yaml: read_file(&file)?,
+                source_name: file.display().to_string(),
+            };
+            let reply = client.push_tools(request).await?.into_inner();
+            show(conn.output, &reply, |reply| {
+                for p in &reply.tools {
+                    let Some(v) = &p.version else { continue };
+                    let verb = if p.created {
+                        "pushed"
+                    } else {
+                        "unchanged: identical to"
+                    };
+                    println!(
+                        "{verb} {} version {} ({}, {}) {}",
+                        v.name, v.version, v.connector, v.side_effect, v.content_hash
+                    );
+                }
+            });
+        }
+        ToolSub::List { label, page_size } => {
+            let tools = all_pages(async |page_token| {
+                let request = pb::ListToolsRequest {
+                    page_size,
+                    page_token,
+                    label_selector: label.clone(),
+                };
+                let resp = client.list_tools(request).await?.into_inner();
+                Ok((resp.tools, resp.next_page_token))
+            })
+            .await?;
+            let reply = pb::ListToolsResponse {
+                tools,
+                next_page_token: String::new(),
+            };
+            show(conn.output, &reply, |reply| {
+                if reply.tools.is_empty() {
+                    println!("no tools (the built-ins are always there)");
+                    return;
+                }
+                println!(
+                    "{:<32} {:>7} {:>6}  {:<8} DESCRIPTION",
+                    "NAME", "CURRENT", "LATEST", "ETAG"
+                );
+                for t in &reply.tools {
+                    let current = if t.current_version > 0 {
+                        t.current_version.to_string()
+                    } else {
+                        "-".into()
+                    };
+                    println!(
+                        "{:<32} {:>7} {:>6}  {:<8} {}",
+                        t.name, current, t.latest_version, t.etag, t.description
+                    );
+                }
+            });
+        }
+        ToolSub::Get {
+            name,
+            version,
+            source,
+        } => {
+            let request = pb::GetToolRequest { name, version };
+            let reply = client.get_tool(request).await?.into_inner();
+            let Some(v) = &reply.version else {
+                return Err(Failure::Local("the server sent no version".into()));
+            };
+            if source {
+                print!("{}", v.source_yaml);
+                return Ok(());
+            }
+            let current = reply.tool.as_ref().map(|t| t.current_version);
+            show(conn.output, &reply, |reply| {
+                println!("name:         {}", v.name);
+                println!("version:      {} ({})", v.version, state(v, current));
+                if !v.description.is_empty() {
+                    println!("description:  {}", v.description);
+                }
+                println!("connector:    {}", v.connector);
+                println!("side effect:  {}", v.side_effect);
+                println!("content hash: {}", v.content_hash);
+                println!(
+                    "created:      {} by {}",
+                    time(v.create_time.as_ref()),
+                    v.created_by
+                );
+                if let Some(t) = &reply.tool {
+                    println!("etag:         {}", t.etag);
+                }
+                println!("---");
+                print!("{}", v.source_yaml);
+            });
+        }
+        ToolSub::Versions { name } => {
+            let current = client
+                .get_tool(pb::GetToolRequest {
+                    name: name.clone(),
+                    version: "latest".into(),
+                })
+                .await?
+                .into_inner()
+                .tool
+                .map(|t| t.current_version);
+            let request = pb::ListToolVersionsRequest {
+                name,
+                ..Default::default()
+            };
+            let reply = client.list_tool_versions(request).await?.into_inner();
+            show(conn.output, &reply, |reply| {
+                println!(
+                    "{:>7}  {:<10} {:<10} {:<11} {:<24} HASH",
+                    "VERSION", "STATE", "CONNECTOR", "SIDE EFFECT", "CREATED"
+                );
+                for v in &reply.versions {
+                    println!(
+                        "{:>7}  {:<10} {:<10} {:<11} {:<24} {}",
+                        v.version,
+                        state(v, current),
+                        v.connector,
+                        v.side_effect,
+                        time(v.create_time.as_ref()),
+                        v.content_hash
+                    );
+                }
+            });
+        }
+        ToolSub::Deprecate { name, version } => {
+            let request = pb::DeprecateToolVersionRequest {
+                name,
+                version,
+                etag: String::new(),
+            };
+            let reply = client.deprecate_tool_version(request).await?.into_inner();
+            show(conn.output, &reply, |reply| {
+                let (Some(v), Some(t)) = (&reply.version, &reply.tool) else {
+                    return;
+                };
+                let now = if t.current_version > 0 {
+                    format!("current is now version {}", t.current_version)
+                } else {
+                    "no version is current: capsules fall back to a built-in of that name, if any"
+                        .into()
+                };
+                println!("deprecated {} version {}; {now}", v.name, v.version);
+            });
+        }
+    }
+    Ok(())
+}
