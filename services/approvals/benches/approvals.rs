@@ -106,8 +106,14 @@ async fn main() {
         None,
         own_url,
     );
-    let modules: Vec<Box<dyn ServiceModule>> =
-        vec![anumate_receipts::module(), anumate_approvals::module()];
+    // APPROVALS_BENCH_NO_RECEIPTS=1 leaves the receipts service out (the
+    // decision path without its receipt, to see what the receipt costs).
+    let receipted = std::env::var_os("APPROVALS_BENCH_NO_RECEIPTS").is_none();
+    let mut modules: Vec<Box<dyn ServiceModule>> = Vec::new();
+    if receipted {
+        modules.push(anumate_receipts::module());
+    }
+    modules.push(anumate_approvals::module());
     let layers = Layers::platform(
         anumate_testing::GrpcConfig::default(),
         auth.authenticator.clone(),
@@ -246,7 +252,10 @@ async fn main() {
     }
     let elapsed = started.elapsed();
 
-    println!("approvals on PostgreSQL, {n} decisions per measurement\n");
+    println!(
+        "approvals on PostgreSQL, {n} decisions per measurement, receipts {}\n",
+        if receipted { "on" } else { "off" }
+    );
     println!("| measure | n | p50 ms | p95 ms | p99 ms |");
     println!("|---|---|---|---|---|");
     row(

@@ -70,6 +70,11 @@ pub struct ApprovalsConfig {
     /// How often a `WatchApprovals` stream looks for changes committed by
     /// other replicas, in milliseconds (this replica's wake it at once).
     pub watch_poll_ms: u64,
+    /// Concurrent `WatchApprovals` streams per process.
+    pub max_watches: usize,
+    /// Of those, per tenant (`RESOURCE_EXHAUSTED`, `RATE_LIMITED` beyond), so
+    /// one tenant cannot take every stream.
+    pub max_watches_per_tenant: usize,
     /// The receipts service, when it does not run in this process (e.g.
     /// `http://receipts:7600`). Empty: the in-process one, if any.
     pub receipts_url: String,
@@ -84,6 +89,8 @@ impl Default for ApprovalsConfig {
             remind_before_secs: 4 * 3600,
             timer_interval_ms: 1000,
             watch_poll_ms: 1000,
+            max_watches: 256,
+            max_watches_per_tenant: 16,
             receipts_url: String::new(),
             notify: notify::NotifyConfig::default(),
         }
@@ -129,6 +136,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     receipts: Option<Arc<dyn ReceiptsClient>>,
     changes: broadcast::Sender<Change>,
+    /// Open watch streams: in total and per tenant.
+    watches: Arc<watch::Open>,
 }
 
 impl Approvals {
@@ -142,6 +151,7 @@ impl Approvals {
                 clock: Arc::new(SystemClock),
                 receipts: None,
                 changes,
+                watches: Arc::default(),
             }),
         }
     }
@@ -153,6 +163,7 @@ impl Approvals {
             clock: self.inner.clock.clone(),
             receipts: self.inner.receipts.clone(),
             changes: self.inner.changes.clone(),
+            watches: self.inner.watches.clone(),
         };
         f(&mut inner);
         Approvals {

@@ -7,9 +7,10 @@
 //! re-reads a window of `LOOKBACK` positions below the highest sent and skips
 //! those already sent: a late row is sent late rather than never.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use anumate_errors::{Error, Result};
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::approvals::v1 as pb;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -20,6 +21,60 @@ use crate::{Approvals, Caller, convert, repo};
 const LOOKBACK: i64 = 256;
 /// Rows per read (more than the window, so a full read has new rows).
 const BATCH: i64 = 1024;
+
+/// The open watch streams of a process: in total and per tenant.
+#[derive(Debug, Default)]
+pub(crate) struct Open(Mutex<(usize, HashMap<String, usize>)>);
+
+/// One open stream's place in [`Open`], given back when dropped.
+struct Slot {
+    open: Arc<Open>,
+    tenant: String,
+}
+
+impl Open {
+    fn take(self: &Arc<Self>, tenant: &str, max: usize, per_tenant: usize) -> Result<Slot> {
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, tenants) = &mut *g;
+        let mine = tenants.get(tenant).copied().unwrap_or(0);
+        if mine >= per_tenant.max(1) {
+            return Err(Error::because(
+                Reason::RateLimited,
+                format!(
+                    "too many open approval watches for this tenant ({mine}): close one and retry"
+                ),
+            )
+            .with_metadata("limit", "max_watches_per_tenant"));
+        }
+        if *total >= max.max(1) {
+            return Err(Error::because(
+                Reason::RateLimited,
+                format!("too many open approval watches (at most {max} per server)"),
+            )
+            .with_metadata("limit", "max_watches"));
+        }
+        *total += 1;
+        tenants.insert(tenant.to_owned(), mine + 1);
+        Ok(Slot {
+            open: self.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.open.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, tenants) = &mut *g;
+        *total = total.saturating_sub(1);
+        if let Some(n) = tenants.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
 
 /// Items of a watch stream.
 pub type WatchItem = std::result::Result<pb::WatchApprovalsResponse, tonic::Status>;
@@ -39,6 +94,11 @@ impl Approvals {
                 "must not be negative",
             ));
         }
+        let cfg = &self.inner.cfg;
+        let slot =
+            self.inner
+                .watches
+                .take(&caller.tenant, cfg.max_watches, cfg.max_watches_per_tenant)?;
         let start = if r.after_sequence == 0 {
             let tx = self.inner.store.read(&caller.tenant).await?;
             repo::outbox_head(&tx).await?
@@ -50,6 +110,7 @@ impl Approvals {
         let tenant = caller.tenant.clone();
         let run = r.run_id.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = me.feed(&tenant, &run, start, &tx).await {
                 let _ = tx.send(Err(e.to_status())).await;
             }

@@ -77,7 +77,11 @@ impl App {
         };
         let ctx = Context::new(
             serde_json::json!({
-                "approvals": {"timer_interval_ms": 50, "watch_poll_ms": 100},
+                "approvals": {
+                    "timer_interval_ms": 50,
+                    "watch_poll_ms": 100,
+                    "max_watches_per_tenant": 2,
+                },
             }),
             Some(store),
             keys,
@@ -923,4 +927,102 @@ on_both_backends! {
     opening_is_idempotent_and_cancel_withdraws => idempotent_sqlite, idempotent_postgres;
     waiters_and_watchers_are_told => nudge_sqlite, nudge_postgres;
     lists_filter_by_state_run_and_who_may_decide => lists_sqlite, lists_postgres;
+}
+
+/// A clock a test moves by hand.
+struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl anumate_approvals::Clock for ManualClock {
+    fn now_micros(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The default 24 h expiry, on an injected clock: nothing fires before it,
+/// the expiry fires once after it (the worker driven by hand).
+async fn default_expiry_on_an_injected_clock(app: App) {
+    const HOUR: i64 = 3_600_000_000;
+    let clock = std::sync::Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(
+        anumate_store::now_micros(),
+    )));
+    let start = clock.now_micros_value();
+    let approvals = Approvals::new(
+        app.store.clone(),
+        anumate_approvals::ApprovalsConfig::default(),
+    )
+    .with_clock(clock.clone());
+    let caller = anumate_approvals::Caller {
+        tenant: TENANT.into(),
+        principal: "svc:orchestrator".into(),
+        groups: Vec::new(),
+        service: true,
+    };
+    let (a, created) = approvals
+        .request(&caller, &request("clock", vec![stage(&["user:ann"], 1)]))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(
+        a.expire_time.unwrap().seconds,
+        (start + 24 * HOUR).div_euclid(1_000_000)
+    );
+    // 21 h on: only the reminder (4 h before expiry) is due.
+    clock.set(start + 21 * HOUR);
+    assert_eq!(approvals.fire_due().await.unwrap(), 1);
+    let a_now = approvals.get(TENANT, &a.approval_id).await.unwrap();
+    assert_eq!(state(&a_now), pb::ApprovalState::Pending);
+    clock.set(start + 24 * HOUR);
+    assert_eq!(approvals.fire_due().await.unwrap(), 1);
+    assert_eq!(approvals.fire_due().await.unwrap(), 0, "fired once");
+    let done = approvals.get(TENANT, &a.approval_id).await.unwrap();
+    assert_eq!(state(&done), pb::ApprovalState::Expired);
+    assert_eq!(kinds(&done), [pb::DecisionKind::Expire]);
+}
+
+impl ManualClock {
+    fn now_micros_value(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set(&self, micros: i64) {
+        self.0.store(micros, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+on_both_backends! {
+    default_expiry_on_an_injected_clock => clock_sqlite, clock_postgres;
+}
+
+/// One tenant cannot take every watch stream; a closed stream gives its
+/// place back.
+async fn watches_are_limited_per_tenant(app: App) {
+    let watch = || pb::WatchApprovalsRequest {
+        after_sequence: 0,
+        run_id: String::new(),
+    };
+    let mut viv = app.user_in(TENANT, "user:viv", &[Role::Auditor], &[]).await;
+    let first = viv.public.watch_approvals(watch()).await.unwrap();
+    let _second = viv.public.watch_approvals(watch()).await.unwrap();
+    expect_reason(
+        viv.public.watch_approvals(watch()).await,
+        Reason::RateLimited,
+    );
+    let mut other = app.user_in(OTHER, "user:viv", &[Role::Auditor], &[]).await;
+    other.public.watch_approvals(watch()).await.unwrap();
+    drop(first);
+    let start = Instant::now();
+    loop {
+        match viv.public.watch_approvals(watch()).await {
+            Ok(_) => break,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the closed stream's place never came back: {e:?}"),
+        }
+    }
+}
+
+on_both_backends! {
+    watches_are_limited_per_tenant => watch_limit_sqlite, watch_limit_postgres;
 }
