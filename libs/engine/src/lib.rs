@@ -92,6 +92,8 @@ pub struct Engine {
 /// A matched rule as a decision reports it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RuleHit {
+    /// Index of the policy set (in the engine's order); `None` for the allow-list.
+    pub set: Option<usize>,
     /// Policy name.
     pub policy: String,
     /// Rule id.
@@ -107,6 +109,8 @@ pub struct RuleHit {
 /// One approval the call waits for: who may approve and how many must, per stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Approval {
+    /// Index of the policy set of the rule asking.
+    pub set: usize,
     /// Policy of the rule asking.
     pub policy: String,
     /// Rule asking.
@@ -404,6 +408,7 @@ impl Engine {
             return Ok(StepDecision {
                 effect: Effect::Deny,
                 rules: vec![RuleHit {
+                    set: None,
                     policy: String::new(),
                     rule: ALLOW_LIST_RULE.into(),
                     priority: i64::MAX,
@@ -441,6 +446,7 @@ impl Engine {
         };
         for r in &d.rules {
             out.rules.push(RuleHit {
+                set: Some(r.set),
                 policy: r.rule.policy.clone(),
                 rule: r.rule.rule.clone(),
                 priority: r.rule.priority,
@@ -450,6 +456,7 @@ impl Engine {
             for o in &r.obligations {
                 match o {
                     Obligation::RequireApproval { reason, .. } => out.approvals.push(Approval {
+                        set: r.set,
                         policy: r.rule.policy.clone(),
                         rule: r.rule.rule.clone(),
                         stages: o.approval_stages(),

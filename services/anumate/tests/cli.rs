@@ -607,12 +607,13 @@ async fn health_reflection_unimplemented_and_sigterm() {
     }
 
     // a registered but not yet implemented service
-    use anumate_proto::ghostrun::v1::{
-        ListPreflightsRequest, ghost_run_service_client::GhostRunServiceClient,
+    use anumate_proto::orchestrator::v1::{
+        ListRunsRequest, orchestrator_service_client::OrchestratorServiceClient,
     };
-    let mut ghostrun = GhostRunServiceClient::with_interceptor(channel, BearerToken(dev.token()));
-    let err = ghostrun
-        .list_preflights(ListPreflightsRequest::default())
+    let mut orchestrator =
+        OrchestratorServiceClient::with_interceptor(channel, BearerToken(dev.token()));
+    let err = orchestrator
+        .list_runs(ListRunsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");

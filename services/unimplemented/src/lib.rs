@@ -1,5 +1,5 @@
 //! Placeholder gRPC services for the contracts whose implementation has not
-//! landed yet: GhostRun and the orchestrator.
+//! landed yet: the orchestrator.
 //!
 //! Every method of every service here answers gRPC `UNIMPLEMENTED` with a
 //! `google.rpc.Status` whose `ErrorInfo` has `domain = "anumate.dev"` and
@@ -22,9 +22,8 @@
 #![forbid(unsafe_code)]
 
 use anumate_errors::{Error, ErrorCode};
-use anumate_proto::{
-    ghostrun::v1::ghost_run_service_server::{self, GhostRunServiceServer},
-    orchestrator::v1::orchestrator_service_server::{self, OrchestratorServiceServer},
+use anumate_proto::orchestrator::v1::orchestrator_service_server::{
+    self, OrchestratorServiceServer,
 };
 use anumate_service::{BuildError, Context, ServiceModule};
 use anumate_store::Migration;
@@ -33,10 +32,7 @@ use tonic::service::RoutesBuilder;
 /// Full gRPC names of the placeholder services (for the health service and
 /// reflection), in the order [`add_all`] adds them: one public service per
 /// placeholder module, which is also the module's name.
-pub const SERVICE_NAMES: &[&str] = &[
-    ghost_run_service_server::SERVICE_NAME,
-    orchestrator_service_server::SERVICE_NAME,
-];
+pub const SERVICE_NAMES: &[&str] = &[orchestrator_service_server::SERVICE_NAME];
 
 /// Full gRPC names of the service-only placeholders (no HTTP rules, so the
 /// REST gateway cannot route them). Each is served, added and skipped with the
@@ -80,9 +76,6 @@ pub fn add_except(mut routes: RoutesBuilder, skip: &[&str]) -> RoutesBuilder {
 /// internal service of its package, if any.
 fn add(routes: &mut RoutesBuilder, name: &str) {
     match name {
-        n if n == ghost_run_service_server::SERVICE_NAME => {
-            routes.add_service(GhostRunServiceServer::new(Unimplemented));
-        }
         n if n == orchestrator_service_server::SERVICE_NAME => {
             routes.add_service(OrchestratorServiceServer::new(Unimplemented));
         }
@@ -91,20 +84,13 @@ fn add(routes: &mut RoutesBuilder, name: &str) {
 }
 
 /// The placeholders as service modules, for the binary's composition list:
-/// `anumate serve ghostrun` (…) serves the placeholder.
+/// `anumate serve orchestrator` serves the placeholder.
 pub fn modules() -> Vec<Box<dyn ServiceModule>> {
-    [
-        (
-            ghost_run_service_server::SERVICE_NAME,
-            "ghostrun",
-            "GhostRun preflight (not implemented yet: answers UNIMPLEMENTED)",
-        ),
-        (
-            orchestrator_service_server::SERVICE_NAME,
-            "orchestrator",
-            "Orchestrator (not implemented yet: answers UNIMPLEMENTED)",
-        ),
-    ]
+    [(
+        orchestrator_service_server::SERVICE_NAME,
+        "orchestrator",
+        "Orchestrator (not implemented yet: answers UNIMPLEMENTED)",
+    )]
     .into_iter()
     .map(|(name, section, about)| {
         Box::new(Placeholder {
@@ -189,12 +175,6 @@ fn rpc_status(service: &str, request_type: &str) -> tonic::Status {
     let method = request_type.strip_suffix("Request").unwrap_or(request_type);
     status(service, method)
 }
-
-unimplemented_service!(ghostrun::ghost_run_service_server::GhostRunService {
-    fn preflight(PreflightRequest) -> PreflightResponse;
-    fn get_preflight(GetPreflightRequest) -> GetPreflightResponse;
-    fn list_preflights(ListPreflightsRequest) -> ListPreflightsResponse;
-});
 
 unimplemented_service!(orchestrator::orchestrator_service_server::OrchestratorService {
     fn execute(ExecuteRequest) -> ExecuteResponse;

@@ -2,11 +2,8 @@
 //! over a real TCP connection.
 
 use super::*;
-use anumate_proto::{
-    ghostrun::v1::{PreflightRequest, ghost_run_service_client::GhostRunServiceClient},
-    orchestrator::v1::{
-        ExecuteRequest, WatchRunRequest, orchestrator_service_client::OrchestratorServiceClient,
-    },
+use anumate_proto::orchestrator::v1::{
+    ExecuteRequest, WatchRunRequest, orchestrator_service_client::OrchestratorServiceClient,
 };
 use tonic::transport::{Channel, Server};
 use tonic_types::StatusExt;
@@ -74,11 +71,6 @@ fn assert_unimplemented_in<T: std::fmt::Debug>(
 async fn every_service_answers_unimplemented_over_tcp() {
     let channel = spawn_server().await;
 
-    let r = GhostRunServiceClient::new(channel.clone())
-        .preflight(PreflightRequest::default())
-        .await;
-    assert_unimplemented(r, "Preflight");
-
     let mut orchestrator = OrchestratorServiceClient::new(channel);
     let r = orchestrator.execute(ExecuteRequest::default()).await;
     assert_unimplemented(r, "Execute");
@@ -88,7 +80,7 @@ async fn every_service_answers_unimplemented_over_tcp() {
 
 #[test]
 fn service_names_are_the_full_grpc_names() {
-    assert_eq!(SERVICE_NAMES.len(), 2);
+    assert_eq!(SERVICE_NAMES.len(), 1);
     for name in SERVICE_NAMES {
         assert!(
             name.starts_with("anumate.") && name.ends_with("Service"),
@@ -107,6 +99,7 @@ fn service_names_are_the_full_grpc_names() {
         "anumate.captokens.v1.CapTokensService",
         "anumate.receipts.v1.ReceiptsService",
         "anumate.approvals.v1.ApprovalsService",
+        "anumate.ghostrun.v1.GhostRunService",
     ] {
         assert!(!SERVICE_NAMES.contains(&implemented), "{implemented}");
     }
@@ -165,8 +158,8 @@ async fn each_module_serves_its_placeholder_and_needs_no_store() {
         .connect()
         .await
         .unwrap();
-    let r = GhostRunServiceClient::new(channel)
-        .preflight(PreflightRequest::default())
+    let r = OrchestratorServiceClient::new(channel)
+        .execute(ExecuteRequest::default())
         .await;
-    assert_unimplemented(r, "Preflight");
+    assert_unimplemented(r, "Execute");
 }

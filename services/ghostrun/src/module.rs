@@ -1,0 +1,57 @@
+//! GhostRun as the binary composes it.
+
+use std::sync::Arc;
+
+use anumate_proto::ghostrun::v1 as pb;
+use anumate_service::clients::{CompilerClient, Grpc, PolicyClient};
+use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
+
+use crate::{GhostRun, GhostRunConfig, GhostRunGrpc};
+
+/// The GhostRun module. Plans come from the compiler over gRPC (at
+/// `[ghostrun] compiler_url`, else this server's own listener); policies from
+/// the policy service of this process when it was built before, else over
+/// gRPC at `[ghostrun] policy_url`.
+pub fn module() -> Box<dyn ServiceModule> {
+    Box::new(Module::<GhostRunConfig> {
+        name: pb::ghost_run_service_server::SERVICE_NAME,
+        section: "ghostrun",
+        about: "GhostRun preflight: deterministic simulation of a plan",
+        migrations: crate::REPO_MIGRATIONS,
+        missing_keys: no_keys,
+        build,
+    })
+}
+
+fn build(ctx: &mut Context, cfg: GhostRunConfig) -> Result<(), BuildError> {
+    let store = ctx.store("ghostrun")?;
+    let issuer = match ctx.service_issuer() {
+        Some(issuer) => Some(
+            issuer
+                .for_service(crate::SERVICE_NAME)
+                .map_err(|e| BuildError::service("ghostrun", e))?,
+        ),
+        None => None,
+    };
+    let grpc = |channel| {
+        let client = Grpc::new(channel);
+        Arc::new(match &issuer {
+            Some(issuer) => client.with_service_issuer(issuer.clone()),
+            None => client,
+        })
+    };
+    let compiler = ctx.upstream::<dyn CompilerClient>(
+        "ghostrun.compiler_url",
+        &cfg.compiler_url,
+        |channel| grpc(channel),
+    )?;
+    let policy =
+        ctx.upstream::<dyn PolicyClient>("ghostrun.policy_url", &cfg.policy_url, |channel| {
+            grpc(channel)
+        })?;
+    let ghostrun = GhostRun::new(store, compiler, policy, cfg);
+    ctx.provide(ghostrun.clone());
+    ctx.routes
+        .add_service(GhostRunGrpc::new(ghostrun).into_server());
+    Ok(())
+}
