@@ -87,6 +87,9 @@ pub struct NotifyConfig {
     pub max_backoff_ms: u64,
     /// How often the delivery task looks for due deliveries, in milliseconds.
     pub poll_interval_ms: u64,
+    /// Settled deliveries (delivered or given up) are deleted this many
+    /// hours after they settled; 0 keeps them.
+    pub retention_hours: u64,
 }
 
 impl Default for NotifyConfig {
@@ -101,6 +104,7 @@ impl Default for NotifyConfig {
             backoff_ms: 1_000,
             max_backoff_ms: 300_000,
             poll_interval_ms: 1_000,
+            retention_hours: 168,
         }
     }
 }
@@ -119,6 +123,7 @@ impl std::fmt::Debug for NotifyConfig {
             .field("backoff_ms", &self.backoff_ms)
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("poll_interval_ms", &self.poll_interval_ms)
+            .field("retention_hours", &self.retention_hours)
             .finish()
     }
 }
@@ -532,6 +537,9 @@ pub fn task(store: Store, config: NotifyConfig) -> impl FnOnce(CancellationToken
 /// Deliveries handled per pass.
 const BATCH: i64 = 32;
 
+/// How often settled deliveries past their retention are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Sends due deliveries and records their outcomes.
 pub struct Notifier {
     store: Store,
@@ -556,9 +564,23 @@ impl Notifier {
     }
 
     /// Delivers until `cancel`; a failing pass is logged and retried.
+    /// Settled deliveries past `retention_hours` are purged hourly.
     pub async fn run(&self, cancel: CancellationToken) {
         let idle = Duration::from_millis(self.config.poll_interval_ms.max(1));
+        let mut purged_at: Option<std::time::Instant> = None;
         loop {
+            if self.config.retention_hours > 0
+                && purged_at.is_none_or(|t| t.elapsed() >= PURGE_EVERY)
+            {
+                purged_at = Some(std::time::Instant::now());
+                let keep = i64::try_from(self.config.retention_hours)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(3_600_000_000);
+                let before = anumate_store::now_micros().saturating_sub(keep);
+                if let Err(e) = self.purge_settled_before(before).await {
+                    tracing::warn!(error = %e, "approvals notifier: purging old deliveries failed; retried later");
+                }
+            }
             let busy = match self.deliver_due().await {
                 Ok(n) => n > 0,
                 Err(e) => {
@@ -575,6 +597,21 @@ impl Notifier {
                 return;
             }
         }
+    }
+
+    /// Deletes deliveries that were delivered or given up before `before`
+    /// (Unix microseconds). Returns how many.
+    pub async fn purge_settled_before(&self, before: i64) -> Result<u64, Error> {
+        let tx = self.store.system_write().await?;
+        let n = tx
+            .execute(
+                "DELETE FROM approval_notifications \
+                 WHERE delivered_at < $1 OR failed_at < $1",
+                vec![before.into()],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Sends every delivery due now once. Returns how many were attempted.

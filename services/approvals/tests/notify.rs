@@ -187,6 +187,7 @@ fn config(hooks: &[&str]) -> NotifyConfig {
         backoff_ms: 150,
         max_backoff_ms: 1_000,
         poll_interval_ms: 20,
+        ..NotifyConfig::default()
     }
 }
 
@@ -291,6 +292,15 @@ async fn retried_after_a_500_until_delivered(app: App) {
         .map(|d| d.kind)
         .collect();
     assert_eq!(kinds, vec!["requested", "reminder"]);
+
+    // Past retention, settled deliveries go; pending ones stay.
+    let notifier = notify::Notifier::new(app.store.clone(), cfg.clone()).unwrap();
+    let later = anumate_store::now_micros() + 1;
+    assert_eq!(notifier.purge_settled_before(later).await.unwrap(), 1);
+    let left = deliveries(&app.store, "acme", "appr-1").await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].kind, "reminder");
+    assert!(left[0].delivered_at.is_none());
 }
 
 async fn only_committed_pending_approvals_notify(app: App) {
