@@ -138,6 +138,9 @@ struct Inner {
     changes: broadcast::Sender<Change>,
     /// Open watch streams: in total and per tenant.
     watches: Arc<watch::Open>,
+    /// Masks PII in free text (comments, reasons) before it is stored,
+    /// receipted or evented.
+    redactor: Arc<anumate_redaction::Redactor>,
 }
 
 impl Approvals {
@@ -152,6 +155,7 @@ impl Approvals {
                 receipts: None,
                 changes,
                 watches: Arc::default(),
+                redactor: Arc::default(),
             }),
         }
     }
@@ -164,6 +168,7 @@ impl Approvals {
             receipts: self.inner.receipts.clone(),
             changes: self.inner.changes.clone(),
             watches: self.inner.watches.clone(),
+            redactor: self.inner.redactor.clone(),
         };
         f(&mut inner);
         Approvals {
@@ -186,6 +191,11 @@ impl Approvals {
     /// Every committed change of this process, as it commits.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
+    }
+
+    /// `text` with the PII detectors' matches masked.
+    fn redact(&self, text: &str) -> String {
+        self.inner.redactor.redact_str(text).into_owned()
     }
 
     fn now(&self) -> i64 {

@@ -308,6 +308,7 @@ impl Approvals {
     ) -> Result<(pb::Approval, bool)> {
         let now = self.now();
         let mut a = new_approval(caller, r, &self.inner.cfg, now)?;
+        a.reason = self.redact(&a.reason);
         a.open(now);
         let tx = self.inner.store.write(&caller.tenant).await?;
         if !repo::insert(&tx, &a).await? {
@@ -429,6 +430,7 @@ impl Approvals {
         etag: &str,
     ) -> Result<pb::Approval> {
         let d = caller.decider();
+        let comment = &self.redact(comment);
         // A few rounds at most: a round is lost only to a concurrent decision
         // on the same approval.
         for _ in 0..8 {
@@ -491,7 +493,7 @@ impl Approvals {
 
     /// Withdraws a pending approval (a no-op for a cancelled one).
     pub async fn cancel(&self, caller: &Caller, id: &str, reason: &str) -> Result<pb::Approval> {
-        let reason = text("reason", reason, false)?;
+        let reason = self.redact(&text("reason", reason, false)?);
         for _ in 0..8 {
             let now = self.now();
             let mut planned = self.load(&caller.tenant, id).await?;

@@ -472,6 +472,30 @@ async fn outsiders_are_refused(app: App) {
         state(&get(&mut ann, &a.approval_id).await),
         pb::ApprovalState::Pending
     );
+    // One rejection rejects; PII in the comment is masked wherever it goes.
+    let rejected = ann
+        .public
+        .reject(pb::RejectRequest {
+            approval_id: a.approval_id.clone(),
+            comment: "wrong customer, ask ann@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(state(&rejected), pb::ApprovalState::Rejected);
+    let comment = &rejected.decisions[0].comment;
+    assert!(
+        comment.starts_with("wrong customer") && !comment.contains("ann@example.com"),
+        "{comment}"
+    );
+    let events = app.events(TENANT).await;
+    assert_eq!(events[1].0, "dev.anumate.approval.rejected.v1");
+    let event = ev::ApprovalRejected::decode(events[1].1.as_slice()).unwrap();
+    assert_eq!(&event.comment, comment);
+    assert_eq!(event.actor, "user:ann");
 }
 
 async fn delegation_without_cycles(app: App) {
