@@ -50,6 +50,11 @@ pub mod anumate {
             package!("anumate.compiler.v1");
         }
     }
+    pub mod connectors {
+        pub mod v1 {
+            package!("anumate.connectors.v1");
+        }
+    }
     pub mod events {
         pub mod v1 {
             package!("anumate.events.v1");

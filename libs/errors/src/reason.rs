@@ -104,6 +104,10 @@ pub enum Reason {
     PreflightInputsInvalid,
     /// A preflight fixture names an unknown step or tool, or has the wrong shape.
     PreflightFixtureInvalid,
+    /// A connector call failed in a way worth retrying; nothing was recorded for its idempotency key.
+    ConnectorRetryable,
+    /// A connector call failed for good; the failure is recorded for its idempotency key.
+    ConnectorFailed,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -385,6 +389,18 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "PREFLIGHT_FIXTURE_INVALID",
         48,
         ErrorCode::InvalidArgument,
+    ),
+    (
+        Reason::ConnectorRetryable,
+        "CONNECTOR_RETRYABLE",
+        49,
+        ErrorCode::Unavailable,
+    ),
+    (
+        Reason::ConnectorFailed,
+        "CONNECTOR_FAILED",
+        50,
+        ErrorCode::FailedPrecondition,
     ),
 ];
 
