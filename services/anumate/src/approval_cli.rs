@@ -306,6 +306,11 @@ async fn approval(cmd: ApprovalCommand) -> Result<(), Failure> {
         }
         ApprovalSub::Watch { run, after } => {
             let mut client = service().await?;
+            // Said first: the server may answer the call only with its first
+            // change.
+            if out == Output::Human {
+                eprintln!("-- following approvals (Ctrl-C to stop)");
+            }
             let mut stream = client
                 .watch_approvals(pb::WatchApprovalsRequest {
                     after_sequence: after,
@@ -313,9 +318,6 @@ async fn approval(cmd: ApprovalCommand) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            if out == Output::Human {
-                eprintln!("-- following approvals (Ctrl-C to stop)");
-            }
             while let Some(change) = stream.message().await? {
                 print_change(&change, out);
             }
