@@ -121,8 +121,11 @@ pub struct GhostRun {
     /// Compiled policy sets by content hash (content-addressed: shared by tenants).
     sets: Arc<Mutex<HashMap<String, Arc<CompiledSet>>>>,
     /// Plans by (tenant, hash): write-once upstream, so never stale.
-    plans: Arc<Mutex<HashMap<(String, String), Arc<cpb::ExecutablePlan>>>>,
+    plans: Arc<Mutex<PlanCache>>,
 }
+
+/// (tenant, plan hash) → plan.
+type PlanCache = HashMap<(String, String), Arc<cpb::ExecutablePlan>>;
 
 const MAX_CACHED: usize = 4096;
 

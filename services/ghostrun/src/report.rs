@@ -367,11 +367,28 @@ pub fn report_hash(report: &pb::PreflightReport) -> Result<String> {
     Ok(ej::digest(&canonical(&bare)?))
 }
 
-/// A message as JSON (the proto3 JSON mapping), keys sorted.
+/// A message as JSON (the proto3 JSON mapping), keys sorted, integral
+/// numbers as integers (a `Struct` carries doubles: `200`, not `200.0`).
 pub fn canonical<T: serde::Serialize>(m: &T) -> Result<Value> {
-    Ok(ej::sorted(
+    Ok(integral(ej::sorted(
         &serde_json::to_value(m).map_err(Error::internal)?,
-    ))
+    )))
+}
+
+fn integral(v: Value) -> Value {
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 =>
+            {
+                #[allow(clippy::cast_possible_truncation)]
+                Value::from(f as i64)
+            }
+            _ => Value::Number(n),
+        },
+        Value::Array(a) => Value::Array(a.into_iter().map(integral).collect()),
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, x)| (k, integral(x))).collect()),
+        other => other,
+    }
 }
 
 fn fixtures_hash(fixtures: &[pb::Fixture]) -> Result<String> {
@@ -610,10 +627,24 @@ fn decision_pb(plan: &cpb::ExecutablePlan, d: &StepDecision) -> ppb::Decision {
                 .redactions
                 .iter()
                 .filter_map(|o| match o {
-                    Obligation::Redact { fields, with, .. } => Some(ppb::Redaction {
+                    Obligation::Redact {
+                        fields,
+                        detectors,
+                        with,
+                    } => Some(ppb::Redaction {
                         fields: fields.clone(),
+                        detectors: detectors
+                            .iter()
+                            .filter_map(|d| {
+                                ppb::Detector::from_str_name(&format!(
+                                    "DETECTOR_{}",
+                                    d.to_ascii_uppercase()
+                                ))
+                            })
+                            .map(|d| d as i32)
+                            .collect(),
                         replacement: with.clone().unwrap_or_default(),
-                        ..Default::default()
+                        rule: None,
                     }),
                     _ => None,
                 })
