@@ -12,6 +12,7 @@ mod dev_state;
 mod events_cli;
 mod plan_cli;
 mod policy_cli;
+mod preflight_cli;
 mod receipts_cli;
 mod server;
 mod token_cli;
@@ -67,6 +68,8 @@ enum Command {
     Events(events_cli::EventsCommand),
     /// List, read, approve, reject, delegate and follow approvals.
     Approval(approval_cli::ApprovalCommand),
+    /// Simulate a run (GhostRun): steps, decisions, approvals, risk; exits 0/2/1 for PASS/WARN/FAIL.
+    Preflight(preflight_cli::PreflightCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -220,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => Ok(token_cli::run(cmd).await),
         Command::Events(cmd) => Ok(events_cli::run(cmd).await),
         Command::Approval(cmd) => Ok(approval_cli::run(cmd).await),
+        Command::Preflight(cmd) => Ok(preflight_cli::run(cmd).await),
         Command::Auth {
             command: AuthCommand::DevToken(args),
         } => {
