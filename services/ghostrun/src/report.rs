@@ -773,3 +773,46 @@ fn duration(ms: i64) -> pbjson_types::Duration {
         nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn levels_follow_the_score_bands() {
+        let got: Vec<pb::RiskLevel> = [0, 24, 25, 49, 50, 74, 75, 100].map(level).to_vec();
+        use pb::RiskLevel::*;
+        assert_eq!(
+            got,
+            [Low, Low, Medium, Medium, High, High, Critical, Critical]
+        );
+    }
+
+    #[test]
+    fn redaction_replaces_named_fields_and_detected_values() {
+        let r = [
+            Obligation::Redact {
+                fields: vec!["customer.email".into(), "missing.path".into()],
+                detectors: Vec::new(),
+                with: Some("***".into()),
+            },
+            Obligation::Redact {
+                fields: Vec::new(),
+                detectors: vec!["email".into()],
+                with: None,
+            },
+        ];
+        let v = json!({"customer": {"email": "a@b.example", "name": "Asha"}, "cc": ["x@y.example", "ok"]});
+        assert_eq!(
+            redact(&v, &r),
+            json!({"customer": {"email": "***", "name": "Asha"}, "cc": ["[REDACTED]", "ok"]})
+        );
+    }
+
+    #[test]
+    fn amounts_are_found_at_any_depth() {
+        assert!(has_amount(&json!({"x": [{"amount_cents": 5}]})));
+        assert!(!has_amount(&json!({"amount": "5"})));
+    }
+}
