@@ -28,6 +28,12 @@ pub enum ToolSub {
         /// The YAML file.
         file: PathBuf,
     },
+    /// Check a file of Tool documents locally (no server needed): every
+    /// problem with its `file:line:col`, or each tool's content hash.
+    Validate {
+        /// The YAML file.
+        file: PathBuf,
+    },
     /// List the tenant's tools.
     List {
         /// Only tools carrying these labels (`k=v,k2=v2`).
@@ -65,10 +71,40 @@ pub enum ToolSub {
 /// Runs a tool command and returns the process exit code.
 pub async fn run(cmd: ToolCommand) -> ExitCode {
     let file = match &cmd.command {
-        ToolSub::Push { file } => Some(file.display().to_string()),
+        ToolSub::Push { file } | ToolSub::Validate { file } => Some(file.display().to_string()),
         _ => None,
     };
     finish(tool(cmd).await.map(|()| ExitCode::SUCCESS), file.as_deref())
+}
+
+/// `anumate tool validate FILE`: the checks a push makes, offline.
+fn validate(file: &std::path::Path, conn: &Connection) -> Result<(), Failure> {
+    let source = read_file(file)?;
+    let tools = anumate_tools::parse(&source, &anumate_tools::Limits::default())
+        .map_err(|rejection| Failure::Remote(rejection.to_error()))?;
+    let reply: Vec<serde_json::Value> = tools
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.tool.name(),
+                "line": t.position.0,
+                "contentHash": t.content_hash,
+                "canonicalJson": t.canonical_json,
+            })
+        })
+        .collect();
+    show(conn.output, &reply, |_| {
+        for t in &tools {
+            println!(
+                "ok {} ({}, {}) {}",
+                t.tool.name(),
+                t.tool.spec.connector.as_string(),
+                t.tool.spec.side_effect.as_str(),
+                t.content_hash
+            );
+        }
+    });
+    Ok(())
 }
 
 fn status_name(s: i32) -> &'static str {
@@ -91,6 +127,10 @@ fn state(v: &pb::ToolVersion, current: Option<i32>) -> &'static str {
 
 async fn tool(cmd: ToolCommand) -> Result<(), Failure> {
     let conn = &cmd.conn;
+    if let ToolSub::Validate { file } = &cmd.command {
+        // Offline: no server, no token.
+        return validate(file, conn);
+    }
     let mut client = conn.client(ToolsServiceClient::with_interceptor).await?;
     match cmd.command {
         ToolSub::Push { file } => {
@@ -114,6 +154,7 @@ async fn tool(cmd: ToolCommand) -> Result<(), Failure> {
                 }
             });
         }
+        ToolSub::Validate { .. } => {}
         ToolSub::List { label, page_size } => {
             let tools = all_pages(async |page_token| {
                 let request = pb::ListToolsRequest {

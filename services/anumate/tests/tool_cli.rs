@@ -109,6 +109,30 @@ spec:
 ",
     )
     .unwrap();
+    // Offline first: the same problems, no server needed.
+    let r = cli(d, &["tool", "validate", "bad.yaml"]).failed();
+    assert!(
+        r.stderr.contains("bad.yaml:13:3: unknown key \"conector\""),
+        "{}",
+        r.stderr
+    );
+    let examples = examples();
+    let r = cli(
+        d,
+        &[
+            "tool",
+            "validate",
+            examples.join("tools.yaml").to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert!(
+        r.stdout
+            .contains("ok payments.transfer (http, write) sha256:"),
+        "{}",
+        r.stdout
+    );
+
     let _dev = start_dev(d);
     let r = cli(d, &["tool", "push", "bad.yaml"]).failed();
     assert!(r.stderr.contains("error[INVALID_DOCUMENT]"), "{}", r.stderr);
