@@ -216,41 +216,10 @@ async fn main() {
             .unwrap();
     }
 
-    // 2. Approve throughput, 8 clients, each on its own connection.
-    let mut ids = Vec::with_capacity(CLIENTS * n);
-    for i in 0..CLIENTS * n {
-        let a = orchestrator
-            .request_approval(request("load", &format!("s{i}")))
-            .await
-            .unwrap()
-            .into_inner()
-            .approval
-            .unwrap();
-        ids.push(a.approval_id);
-    }
-    let mut tasks = Vec::new();
-    let started = Instant::now();
-    for (c, chunk) in ids.chunks(n).enumerate() {
-        let mut client = ApprovalsServiceClient::with_interceptor(
-            channel(&server).await,
-            BearerToken(approver(c + 1)),
-        );
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).unwrap();
-            for id in chunk {
-                let t = Instant::now();
-                client.approve(approve(&id)).await.unwrap();
-                h.record(t.elapsed().as_micros() as u64).unwrap();
-            }
-            h
-        }));
-    }
-    let mut load = Histogram::<u64>::new(3).unwrap();
-    for t in tasks {
-        load.add(t.await.unwrap()).unwrap();
-    }
-    let elapsed = started.elapsed();
+    // 2. Approve throughput, 8 clients, each on its own connection: all in
+    // one tenant, then each in its own (receipts append per tenant log).
+    let (load, elapsed) = throughput(&server, &auth, n, false).await;
+    let (spread, spread_elapsed) = throughput(&server, &auth, n, true).await;
 
     println!(
         "approvals on PostgreSQL, {n} decisions per measurement, receipts {}\n",
@@ -270,11 +239,95 @@ async fn main() {
     row("Approve call start -> WatchApprovals delivers", &feed_call);
     row("Approve call (1 client)", &approve_call);
     row(&format!("Approve call ({CLIENTS} clients)"), &load);
+    row(
+        &format!("Approve call ({CLIENTS} clients, {CLIENTS} tenants)"),
+        &spread,
+    );
     println!(
-        "\nApprove throughput, {CLIENTS} clients: {:.0} decisions/s ({} in {:.2} s)",
+        "\nApprove throughput, {CLIENTS} clients in one tenant: {:.0} decisions/s ({} in {:.2} s)",
         load.len() as f64 / elapsed.as_secs_f64(),
         load.len(),
         elapsed.as_secs_f64()
     );
+    println!(
+        "Approve throughput, {CLIENTS} clients in {CLIENTS} tenants: {:.0} decisions/s ({} in {:.2} s)",
+        spread.len() as f64 / spread_elapsed.as_secs_f64(),
+        spread.len(),
+        spread_elapsed.as_secs_f64()
+    );
     server.stop().await;
+}
+
+/// `CLIENTS` clients approving `n` approvals each (opened first, not timed),
+/// in one tenant or each in its own. Returns the call latencies and the wall
+/// time of the approving.
+async fn throughput(
+    server: &ModuleServer,
+    auth: &DevAuth,
+    n: usize,
+    per_tenant: bool,
+) -> (Histogram<u64>, Duration) {
+    let tenant = |c: usize| {
+        if per_tenant {
+            format!("{TENANT}-{c}")
+        } else {
+            TENANT.to_string()
+        }
+    };
+    let run = if per_tenant { "spread" } else { "load" };
+    let mut work = Vec::new();
+    for c in 0..CLIENTS {
+        let token = auth
+            .services
+            .as_ref()
+            .unwrap()
+            .for_service("orchestrator")
+            .unwrap()
+            .mint(&tenant(c), Duration::from_secs(3600))
+            .unwrap();
+        let mut orchestrator =
+            ApprovalsInternalClient::with_interceptor(channel(server).await, BearerToken(token));
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let a = orchestrator
+                .request_approval(request(run, &format!("c{c}-s{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .approval
+                .unwrap();
+            ids.push(a.approval_id);
+        }
+        let token = auth
+            .issuer
+            .mint_with_groups(
+                &tenant(c),
+                &format!("user:c{c}"),
+                &[Role::Approver],
+                &["approvers".to_string()],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let client =
+            ApprovalsServiceClient::with_interceptor(channel(server).await, BearerToken(token));
+        work.push((client, ids));
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut client, ids) in work {
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            for id in ids {
+                let t = Instant::now();
+                client.approve(approve(&id)).await.unwrap();
+                h.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3).unwrap();
+    for t in tasks {
+        all.add(t.await.unwrap()).unwrap();
+    }
+    (all, started.elapsed())
 }

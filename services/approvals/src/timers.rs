@@ -33,13 +33,17 @@ impl Approvals {
                 let tx = self.inner.store.system_read().await?;
                 repo::due_timers(&tx, now, BATCH).await?
             };
+            let mut fired = 0;
             for t in &due {
-                self.fire_logged(t).await;
-                let tx = self.inner.store.system_write().await?;
-                repo::delete_timer(&tx, t).await?;
-                tx.commit().await?;
+                // A failed timer stays for the next pass.
+                if self.fire_logged(t).await {
+                    let tx = self.inner.store.system_write().await?;
+                    repo::delete_timer(&tx, t).await?;
+                    tx.commit().await?;
+                    fired += 1;
+                }
             }
-            return Ok(due.len());
+            return Ok(fired);
         }
         let claim = self.inner.store.system_write().await?;
         let due = repo::due_timers(&claim, now, BATCH).await?;

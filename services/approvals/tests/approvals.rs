@@ -1050,3 +1050,81 @@ async fn watches_are_limited_per_tenant(app: App) {
 on_both_backends! {
     watches_are_limited_per_tenant => watch_limit_sqlite, watch_limit_postgres;
 }
+
+/// A receipts service that is down.
+struct ReceiptsDown;
+
+impl anumate_service::clients::ReceiptsClient for ReceiptsDown {
+    fn append_receipt<'a>(
+        &'a self,
+        _caller: &'a anumate_service::clients::Caller,
+        _request: anumate_proto::receipts::v1::AppendReceiptRequest,
+    ) -> anumate_service::clients::BoxFuture<
+        'a,
+        anumate_service::clients::UpstreamResult<
+            anumate_proto::receipts::v1::AppendReceiptResponse,
+        >,
+    > {
+        Box::pin(async {
+            Err(anumate_service::clients::UpstreamError::Local(
+                anumate_errors::Error::new(ErrorCode::Unavailable, "receipts are down"),
+            ))
+        })
+    }
+}
+
+/// An expiry that cannot be receipted does not happen, and its timer is
+/// kept: it fires once the receipts service is back.
+async fn an_unreceipted_expiry_is_retried(app: App) {
+    const HOUR: i64 = 3_600_000_000;
+    let now = anumate_store::now_micros();
+    let clock = std::sync::Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(now)));
+    let cfg = anumate_approvals::ApprovalsConfig {
+        remind_before_secs: 0,
+        ..Default::default()
+    };
+    let down = Approvals::new(app.store.clone(), cfg.clone())
+        .with_clock(clock.clone())
+        .with_receipts(std::sync::Arc::new(ReceiptsDown));
+    let caller = anumate_approvals::Caller {
+        tenant: TENANT.into(),
+        principal: "svc:orchestrator".into(),
+        groups: Vec::new(),
+        service: true,
+    };
+    let (a, _) = down
+        .request(&caller, &request("retry", vec![stage(&["user:ann"], 1)]))
+        .await
+        .unwrap();
+    clock.set(now + 25 * HOUR);
+    assert_eq!(down.fire_due().await.unwrap(), 0);
+    let still = down.get(TENANT, &a.approval_id).await.unwrap();
+    assert_eq!(state(&still), pb::ApprovalState::Pending);
+    assert!(still.decisions.is_empty());
+    // The same decision by an approver is refused as unavailable too.
+    let ann = anumate_approvals::Caller {
+        tenant: TENANT.into(),
+        principal: "user:ann".into(),
+        groups: Vec::new(),
+        service: false,
+    };
+    let err = down
+        .decide(
+            &ann,
+            &a.approval_id,
+            anumate_approvals::rules::Action::Reject,
+            "",
+            "",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    let back = Approvals::new(app.store.clone(), cfg).with_clock(clock.clone());
+    assert_eq!(back.fire_due().await.unwrap(), 1);
+    let done = back.get(TENANT, &a.approval_id).await.unwrap();
+    assert_eq!(state(&done), pb::ApprovalState::Expired);
+}
+
+on_both_backends! {
+    an_unreceipted_expiry_is_retried => receipts_down_sqlite, receipts_down_postgres;
+}
