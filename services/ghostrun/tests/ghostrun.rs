@@ -451,6 +451,65 @@ async fn reports(app: TestApp) {
             .all(|(t, _)| t == "dev.anumate.preflight.completed.v1")
     );
     assert_eq!(events[0].1, format!("preflights/{}", pass.preflight_id));
+
+    // Fixtures script "fail N times, then succeed" within the step's retries
+    // (fetch-order may make 3 attempts); one failure more and the step fails.
+    let flaky = |n: i32| pb::Fixture {
+        fail_times: n,
+        ..paid_order()
+    };
+    let retried = c
+        .ghostrun
+        .preflight(pb::PreflightRequest {
+            fixtures: vec![flaky(2)],
+            ..by_capsule(
+                "refund-inr",
+                json!({"order_id": "ord_1", "amount_paise": 5}),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    // A small refund runs without approval: destructive, so a WARN.
+    assert_eq!(retried.verdict(), pb::PreflightVerdict::Warn);
+    assert!(
+        retried
+            .issues
+            .iter()
+            .any(|i| i.code == "DESTRUCTIVE_WITHOUT_APPROVAL" && i.step_id == "refund")
+    );
+    assert_eq!(
+        (retried.steps[0].outcome(), retried.steps[0].attempts),
+        (pb::StepOutcome::Runs, 3)
+    );
+    assert_eq!(retried.steps[1].outcome(), pb::StepOutcome::Runs);
+    let failed = c
+        .ghostrun
+        .preflight(pb::PreflightRequest {
+            fixtures: vec![flaky(3)],
+            ..by_capsule(
+                "refund-inr",
+                json!({"order_id": "ord_1", "amount_paise": 5}),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(failed.verdict(), pb::PreflightVerdict::Fail);
+    assert_eq!(
+        outcomes(&failed),
+        [
+            ("fetch-order".to_string(), pb::StepOutcome::Fails),
+            ("refund".to_string(), pb::StepOutcome::SkippedUpstream),
+            ("notify".to_string(), pb::StepOutcome::SkippedUpstream),
+        ]
+    );
+    assert_eq!(failed.steps[0].error.as_ref().unwrap().code, "TIMEOUT");
+    assert!(failed.issues.iter().any(|i| i.code == "TOOL_FAILED"));
 }
 
 async fn count(c: &mut Clients) -> usize {
