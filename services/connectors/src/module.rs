@@ -49,10 +49,11 @@ fn build(ctx: &mut Context, cfg: ConnectorsConfig) -> Result<(), BuildError> {
         &cfg.registry_url,
         |channel| {
             let mut grpc = Grpc::new(channel);
-            if let Some(issuer) = ctx.service_issuer() {
-                if let Ok(issuer) = issuer.for_service(crate::SERVICE_IDENTITY) {
-                    grpc = grpc.with_service_issuer(issuer);
-                }
+            if let Some(Ok(issuer)) = ctx
+                .service_issuer()
+                .map(|i| i.for_service(crate::SERVICE_IDENTITY))
+            {
+                grpc = grpc.with_service_issuer(issuer);
             }
             Arc::new(grpc)
         },

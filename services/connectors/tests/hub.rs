@@ -1,0 +1,547 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The connector hub driven like the orchestrator drives it: real gRPC over
+//! TCP behind the real authentication layer, on SQLite and PostgreSQL, with
+//! capability tokens minted by a real issuer. The mock connector's ledger
+//! (`ListMockCalls`) shows whether a call acted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::{AuthLayer, BearerToken, DevIssuer, Role, ServiceIssuer};
+use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer, Verifier};
+use anumate_connectors::{ConnectorsConfig, Hub, HubGrpc, StaticTools};
+use anumate_crypto::{KeyPair, KeyRing};
+use anumate_errors::Reason;
+use anumate_proto::connectors::v1 as pb;
+use anumate_testing::{Backend, DevAuth, TestDb, expect_reason, migrated_store};
+use pb::connector_hub_internal_client::ConnectorHubInternalClient;
+use pb::connector_hub_service_client::ConnectorHubServiceClient;
+use serde_json::{Value, json};
+use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
+
+type Authorized = InterceptedService<Channel, BearerToken>;
+
+const AUDIENCE: &str = "anumate-connectors";
+
+struct TestApp {
+    url: String,
+    keys: Arc<KeyRing>,
+    users: DevIssuer,
+    services: ServiceIssuer,
+    _db: TestDb,
+    _auth_dir: tempfile::TempDir,
+}
+
+fn tools() -> StaticTools {
+    let doc = |v: Value| serde_json::from_value(v).unwrap();
+    StaticTools::new([
+        doc(json!({
+            "apiVersion": "anumate.dev/v1", "kind": "Tool",
+            "metadata": {"name": "payments.transfer"},
+            "spec": {"connector": "mock", "side_effect": "write", "idempotent": true,
+                     "mock": {"output": {"transfer_id": "tr_${{ args.to }}", "amount": "${{ args.amount }}"}}}
+        })),
+        doc(json!({
+            "apiVersion": "anumate.dev/v1", "kind": "Tool",
+            "metadata": {"name": "flaky.call"},
+            "spec": {"connector": "mock", "side_effect": "write",
+                     "mock": {"output": {"ok": true}, "fail": {"times": 2, "code": "UNAVAILABLE"}}}
+        })),
+        doc(json!({
+            "apiVersion": "anumate.dev/v1", "kind": "Tool",
+            "metadata": {"name": "broken.call"},
+            "spec": {"connector": "mock", "side_effect": "write",
+                     "mock": {"output": {"ok": true}, "fail": {"times": 1, "code": "INVALID_ARGUMENT"}}}
+        })),
+    ])
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+    let hub = Hub::new(
+        store,
+        Verifier::from_key_ring(&keys).unwrap(),
+        Arc::new(tools()),
+        &ConnectorsConfig::default(),
+    );
+    let DevAuth {
+        issuer,
+        services,
+        authenticator,
+        dir,
+    } = DevAuth::with_service_issuer("orchestrator");
+    let layer = AuthLayer::new(authenticator, anumate_auth::AuthzTable::platform().unwrap());
+    let (addr, _handle) = anumate_testing::serve_with_layer(
+        anumate_testing::bind().await,
+        layer,
+        Routes::new(HubGrpc::new(hub.clone()).into_server())
+            .add_service(HubGrpc::new(hub).into_internal_server()),
+    );
+    TestApp {
+        url: format!("http://{addr}"),
+        keys,
+        users: issuer,
+        services: services.unwrap(),
+        _db: db,
+        _auth_dir: dir,
+    }
+}
+
+struct Clients {
+    hub: ConnectorHubInternalClient<Authorized>,
+    calls: ConnectorHubServiceClient<Authorized>,
+}
+
+/// Overrides of a minted capability token.
+#[derive(Default)]
+struct Mint<'a> {
+    tenant: Option<&'a str>,
+    audience: Option<&'a str>,
+    tool: Option<&'a str>,
+    now: Option<i64>,
+    ttl: Option<Duration>,
+}
+
+impl TestApp {
+    async fn channel(&self, token: String) -> Clients {
+        let channel = Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Clients {
+            hub: ConnectorHubInternalClient::with_interceptor(
+                channel.clone(),
+                BearerToken(token.clone()),
+            ),
+            calls: ConnectorHubServiceClient::with_interceptor(channel, BearerToken(token)),
+        }
+    }
+
+    /// The orchestrator of `tenant`.
+    async fn orchestrator(&self, tenant: &str) -> Clients {
+        let token = self
+            .services
+            .for_service("orchestrator")
+            .unwrap()
+            .mint(tenant, Duration::from_secs(300))
+            .unwrap();
+        self.channel(token).await
+    }
+
+    async fn operator(&self, tenant: &str) -> Clients {
+        let token = self
+            .users
+            .mint(
+                tenant,
+                "user:op",
+                &[Role::Operator],
+                Duration::from_secs(300),
+            )
+            .unwrap();
+        self.channel(token).await
+    }
+
+    /// A capability token for `tool` with `args` in `tenant`, run `run-1`.
+    fn token(&self, tenant: &str, tool: &str, args: &Value, m: Mint<'_>) -> String {
+        let cap = Capability {
+            tool: m.tool.unwrap_or(tool).to_owned(),
+            actions: vec!["call".into()],
+            constraints: Default::default(),
+        };
+        Issuer::new("test-captokens")
+            .issue(
+                self.keys.as_ref(),
+                IssueRequest {
+                    subject: "user:alice",
+                    audience: m.audience.unwrap_or(AUDIENCE),
+                    tenant: m.tenant.unwrap_or(tenant),
+                    run: "run-1",
+                    step: "step-1",
+                    plan_hash: &format!("sha256:{}", "0".repeat(64)),
+                    args: ArgsBinding::Args(args),
+                    capability: &cap,
+                    ttl: m.ttl,
+                    single_use: true,
+                    now: m.now,
+                },
+            )
+            .unwrap()
+            .token
+    }
+}
+
+fn to_struct(v: &Value) -> pbjson_types::Struct {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn invoke(tool: &str, args: &Value, key: &str, token: &str) -> pb::InvokeRequest {
+    pb::InvokeRequest {
+        tool: tool.into(),
+        args: Some(to_struct(args)),
+        idempotency_key: key.into(),
+        capability_token: token.into(),
+    }
+}
+
+/// A Struct as JSON, whole numbers as integers (a Struct's numbers are doubles).
+fn json_of(s: &Option<pbjson_types::Struct>) -> Value {
+    anumate_engine::json::struct_json(s.as_ref().unwrap()).unwrap()
+}
+
+async fn mock_calls(app: &TestApp, tenant: &str, run: &str) -> Vec<pb::MockCall> {
+    app.operator(tenant)
+        .await
+        .calls
+        .list_mock_calls(pb::ListMockCallsRequest {
+            run_id: run.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .calls
+}
+
+async fn the_same_key_twice_acts_once(app: TestApp) {
+    let mut c = app.orchestrator("t1").await;
+    let args = json!({"amount": 5, "to": "bob"});
+    let tool = "payments.transfer";
+    let first = c
+        .hub
+        .invoke(invoke(
+            tool,
+            &args,
+            "run-1/step-1",
+            &app.token("t1", tool, &args, Mint::default()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.replayed);
+    assert_eq!(first.connector, "mock");
+    assert_eq!(
+        json_of(&first.output),
+        json!({"transfer_id": "tr_bob", "amount": 5})
+    );
+
+    // A retry with a fresh token, and one with the spent token (its answer
+    // was lost): the recorded result, nothing acts again.
+    for token in [
+        app.token("t1", tool, &args, Mint::default()),
+        app.token("t1", tool, &args, Mint::default()),
+    ] {
+        let again = c
+            .hub
+            .invoke(invoke(tool, &args, "run-1/step-1", &token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.replayed);
+        assert_eq!(again.output, first.output);
+        let spent = c
+            .hub
+            .invoke(invoke(tool, &args, "run-1/step-1", &token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(spent.replayed);
+    }
+
+    // The same key with other arguments is refused, even with a valid token.
+    let other = json!({"amount": 500, "to": "mallory"});
+    let refused = c
+        .hub
+        .invoke(invoke(
+            tool,
+            &other,
+            "run-1/step-1",
+            &app.token("t1", tool, &other, Mint::default()),
+        ))
+        .await;
+    expect_reason(refused, Reason::IdempotencyKeyReused);
+
+    let calls = mock_calls(&app, "t1", "run-1").await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].deliveries, 1);
+    assert!(calls[0].acted);
+    assert_eq!(calls[0].idempotency_key, "run-1/step-1");
+    assert_eq!(calls[0].step_id, "step-1");
+    // Another tenant sees nothing.
+    assert!(mock_calls(&app, "t2", "").await.is_empty());
+}
+
+async fn bad_tokens_are_refused_before_the_connector_is_called(app: TestApp) {
+    let mut c = app.orchestrator("t1").await;
+    let args = json!({"amount": 5, "to": "bob"});
+    let tool = "payments.transfer";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let cases: Vec<(&str, String, Reason)> = vec![
+        ("missing", String::new(), Reason::InvalidArgument),
+        ("garbage", "not.a.token".into(), Reason::TokenScopeMismatch),
+        (
+            "expired",
+            app.token(
+                "t1",
+                tool,
+                &args,
+                Mint {
+                    now: Some(now - 600),
+                    ttl: Some(Duration::from_secs(60)),
+                    ..Default::default()
+                },
+            ),
+            Reason::TokenExpired,
+        ),
+        (
+            "wrong tool",
+            app.token(
+                "t1",
+                tool,
+                &args,
+                Mint {
+                    tool: Some("payments.refund"),
+                    ..Default::default()
+                },
+            ),
+            Reason::TokenScopeMismatch,
+        ),
+        (
+            "wrong tenant",
+            app.token(
+                "t1",
+                tool,
+                &args,
+                Mint {
+                    tenant: Some("t2"),
+                    ..Default::default()
+                },
+            ),
+            Reason::TokenScopeMismatch,
+        ),
+        (
+            "wrong audience",
+            app.token(
+                "t1",
+                tool,
+                &args,
+                Mint {
+                    audience: Some("other-hub"),
+                    ..Default::default()
+                },
+            ),
+            Reason::TokenScopeMismatch,
+        ),
+        (
+            "args tampered",
+            app.token(
+                "t1",
+                tool,
+                &json!({"amount": 1, "to": "bob"}),
+                Mint::default(),
+            ),
+            Reason::TokenScopeMismatch,
+        ),
+    ];
+    for (i, (what, token, reason)) in cases.into_iter().enumerate() {
+        let result = c
+            .hub
+            .invoke(invoke(tool, &args, &format!("k-{i}"), &token))
+            .await;
+        let err = expect_reason(result, reason);
+        assert!(!err.message.is_empty(), "{what}");
+    }
+    // A token signed by another key.
+    let stranger = KeyRing::new(KeyPair::generate().unwrap());
+    let forged = Issuer::new("x")
+        .issue(
+            &stranger,
+            IssueRequest {
+                subject: "user:alice",
+                audience: AUDIENCE,
+                tenant: "t1",
+                run: "run-1",
+                step: "step-1",
+                plan_hash: &format!("sha256:{}", "0".repeat(64)),
+                args: ArgsBinding::Args(&args),
+                capability: &Capability {
+                    tool: tool.into(),
+                    actions: vec!["call".into()],
+                    constraints: Default::default(),
+                },
+                ttl: None,
+                single_use: true,
+                now: None,
+            },
+        )
+        .unwrap()
+        .token;
+    expect_reason(
+        c.hub.invoke(invoke(tool, &args, "k-forged", &forged)).await,
+        Reason::TokenScopeMismatch,
+    );
+
+    // A replayed token for another key is refused.
+    let token = app.token("t1", tool, &args, Mint::default());
+    c.hub
+        .invoke(invoke(tool, &args, "k-good", &token))
+        .await
+        .unwrap();
+    expect_reason(
+        c.hub.invoke(invoke(tool, &args, "k-replay", &token)).await,
+        Reason::TokenAlreadyUsed,
+    );
+
+    // Only the one good call reached the mock.
+    let calls = mock_calls(&app, "t1", "").await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].idempotency_key, "k-good");
+
+    // A token from the wrong tenant's orchestrator: the caller's tenant wins.
+    let mut other = app.orchestrator("t2").await;
+    let t1_token = app.token("t1", tool, &args, Mint::default());
+    expect_reason(
+        other
+            .hub
+            .invoke(invoke(tool, &args, "k-x", &t1_token))
+            .await,
+        Reason::TokenScopeMismatch,
+    );
+    // And the service still serves: the t1 token is unspent.
+    c.hub
+        .invoke(invoke(tool, &args, "k-x", &t1_token))
+        .await
+        .unwrap();
+}
+
+async fn failures_are_classified_and_retries_act_once(app: TestApp) {
+    let mut c = app.orchestrator("t1").await;
+    let args = json!({"n": 1});
+    // Two scripted UNAVAILABLE deliveries: retryable, the key stays free.
+    for attempt in 1..=2 {
+        let token = app.token("t1", "flaky.call", &args, Mint::default());
+        let status = c
+            .hub
+            .invoke(invoke("flaky.call", &args, "flaky-1", &token))
+            .await
+            .unwrap_err();
+        let err = anumate_errors::Error::from_status(&status);
+        assert_eq!(
+            err.reason,
+            Reason::ConnectorRetryable,
+            "attempt {attempt}: {status:?}"
+        );
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(
+            info.metadata.get("retryable").map(String::as_str),
+            Some("true")
+        );
+    }
+    let token = app.token("t1", "flaky.call", &args, Mint::default());
+    let ok = c
+        .hub
+        .invoke(invoke("flaky.call", &args, "flaky-1", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.replayed);
+    let calls = mock_calls(&app, "t1", "").await;
+    assert_eq!((calls[0].deliveries, calls[0].acted), (3, true));
+
+    // A permanent failure is recorded: a repeat gets it again without delivery.
+    for _ in 0..2 {
+        let token = app.token("t1", "broken.call", &args, Mint::default());
+        let status = c
+            .hub
+            .invoke(invoke("broken.call", &args, "broken-1", &token))
+            .await
+            .unwrap_err();
+        let err = anumate_errors::Error::from_status(&status);
+        assert_eq!(err.reason, Reason::ConnectorFailed, "{status:?}");
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(
+            info.metadata.get("retryable").map(String::as_str),
+            Some("false")
+        );
+    }
+    let broken: Vec<_> = mock_calls(&app, "t1", "")
+        .await
+        .into_iter()
+        .filter(|c| c.tool == "broken.call")
+        .collect();
+    assert_eq!((broken[0].deliveries, broken[0].acted), (1, false));
+
+    // Unknown tool: NOT_FOUND, nothing spent (the same token works after).
+    let token = app.token("t1", "nope.call", &args, Mint::default());
+    expect_reason(
+        c.hub
+            .invoke(invoke("nope.call", &args, "n-1", &token))
+            .await,
+        Reason::ToolNotFound,
+    );
+}
+
+async fn operators_cannot_invoke_and_lists_page(app: TestApp) {
+    let args = json!({"amount": 1, "to": "x"});
+    let tool = "payments.transfer";
+    let mut op = app.operator("t1").await;
+    let token = app.token("t1", tool, &args, Mint::default());
+    let denied = op
+        .hub
+        .invoke(invoke(tool, &args, "k", &token))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    let mut c = app.orchestrator("t1").await;
+    for i in 0..5 {
+        let token = app.token("t1", tool, &args, Mint::default());
+        c.hub
+            .invoke(invoke(tool, &args, &format!("k-{i}"), &token))
+            .await
+            .unwrap();
+    }
+    let mut keys = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = op
+            .calls
+            .list_mock_calls(pb::ListMockCallsRequest {
+                page_size: 2,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keys.extend(page.calls.into_iter().map(|c| c.idempotency_key));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(keys, ["k-4", "k-3", "k-2", "k-1", "k-0"]);
+    let bad = op
+        .calls
+        .list_mock_calls(pb::ListMockCallsRequest {
+            page_token: "!!".into(),
+            ..Default::default()
+        })
+        .await;
+    expect_reason(bad, Reason::InvalidArgument);
+}
+
+anumate_testing::on_both_backends! {
+    the_same_key_twice_acts_once => same_key_sqlite, same_key_postgres;
+    bad_tokens_are_refused_before_the_connector_is_called => bad_tokens_sqlite, bad_tokens_postgres;
+    failures_are_classified_and_retries_act_once => failures_sqlite, failures_postgres;
+    operators_cannot_invoke_and_lists_page => paging_sqlite, paging_postgres;
+}
