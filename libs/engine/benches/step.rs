@@ -1,5 +1,6 @@
 //! One step decision (ready + render + policy), the interpreter's hot path.
 //! Goal (issue 15): ≤ 10 µs p50.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
@@ -16,12 +17,14 @@ fn bench(c: &mut Criterion) {
         ));
     }
     src.push('}');
-    let Ok(set) = anumate_policy::compile("bench.policy", &src) else {
-        return;
-    };
+    let set = anumate_policy::compile("bench.policy", &src).expect("policies");
     let plan = cpb::ExecutablePlan {
         plan_hash: "sha256:00".into(),
         allowed_tools: vec!["t1".into()],
+        inputs_schema: Some(json::to_struct(&json!({
+            "type": "object",
+            "properties": {"amount": {"type": "integer"}, "order": {"type": "string"}}
+        }))),
         steps: vec![cpb::PlanStep {
             id: "pay".into(),
             tool: "t1".into(),
@@ -35,13 +38,9 @@ fn bench(c: &mut Criterion) {
         }],
         ..Default::default()
     };
-    let Ok(engine) = Engine::new(&plan, vec![Arc::new(set)], Context::default()) else {
-        return;
-    };
+    let engine = Engine::new(&plan, vec![Arc::new(set)], Context::default()).expect("engine");
     let inputs = json!({"amount": 5000, "order": "ord_1"});
-    let Ok(run) = engine.start(&inputs) else {
-        return;
-    };
+    let run = engine.start(&inputs).expect("inputs");
     c.bench_function("step decision (ready + render + policy)", |b| {
         b.iter(|| {
             let mut r = run.clone();
