@@ -8,6 +8,7 @@ mod auth_cli;
 mod cli;
 mod client;
 mod config;
+mod connector_cli;
 mod dev_state;
 mod events_cli;
 mod plan_cli;
@@ -68,6 +69,8 @@ enum Command {
     Events(events_cli::EventsCommand),
     /// List, read, approve, reject, delegate and follow approvals.
     Approval(approval_cli::ApprovalCommand),
+    /// The connector hub: the mock connector's calls.
+    Connector(connector_cli::ConnectorCommand),
     /// Simulate a run (GhostRun): steps, decisions, approvals, risk; exits 0/2/1 for PASS/WARN/FAIL.
     Preflight(preflight_cli::PreflightCommand),
     /// Tokens for development.
@@ -224,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(cmd) => Ok(events_cli::run(cmd).await),
         Command::Approval(cmd) => Ok(approval_cli::run(cmd).await),
         Command::Preflight(cmd) => Ok(preflight_cli::run(cmd).await),
+        Command::Connector(cmd) => Ok(connector_cli::run(cmd).await),
         Command::Auth {
             command: AuthCommand::DevToken(args),
         } => {

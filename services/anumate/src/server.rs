@@ -28,6 +28,7 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
         anumate_events_service::module(),
         anumate_approvals::module(),
         anumate_ghostrun::module(),
+        anumate_connectors::module(),
     ];
     // Contracts whose service has not landed: they answer UNIMPLEMENTED.
     all.extend(anumate_unimplemented::modules());
