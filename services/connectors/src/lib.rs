@@ -19,6 +19,7 @@
 
 mod connector;
 pub mod grpc;
+mod http;
 mod mock;
 mod module;
 mod repo;
@@ -37,6 +38,7 @@ use serde_json::{Value, json};
 
 pub use connector::{Call, Connector, ConnectorError};
 pub use grpc::HubGrpc;
+pub use http::Http;
 pub use mock::Mock;
 pub use module::module;
 pub use repo::{MockCallRow, MockFilter};
@@ -72,6 +74,38 @@ pub struct ConnectorsConfig {
     /// The registry, when it does not run in this process (empty: in process
     /// or this server).
     pub registry_url: String,
+    /// `${{ secrets.NAME }}` sources, by name: `env:VAR` (an environment
+    /// variable of the hub) or `file:/path` (a file's content, trailing
+    /// newline dropped). Only the hub reads them.
+    pub secrets: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads every `[connectors.secrets]` source; errors name the secret and
+/// its source, never a value.
+pub fn resolve_secrets(
+    sources: &std::collections::BTreeMap<String, String>,
+) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for (name, source) in sources {
+        let field = format!("connectors.secrets.{name}");
+        let value = if let Some(var) = source.strip_prefix("env:") {
+            std::env::var(var).map_err(|_| {
+                Error::invalid_argument(&field, format!("environment variable {var} is not set"))
+            })?
+        } else if let Some(path) = source.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::invalid_argument(&field, format!("cannot read {path}: {e}")))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned()
+        } else {
+            return Err(Error::invalid_argument(
+                &field,
+                "must be env:VARIABLE or file:/path",
+            ));
+        };
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
 }
 
 impl Default for ConnectorsConfig {
@@ -82,6 +116,7 @@ impl Default for ConnectorsConfig {
             leeway_secs: 5,
             captoken_key_files: Vec::new(),
             registry_url: String::new(),
+            secrets: Default::default(),
         }
     }
 }
@@ -126,7 +161,7 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub with the `mock` connector.
+    /// A hub with the `mock` connector and an `http` one without secrets.
     pub fn new(
         store: Store,
         verifier: Verifier,
@@ -135,6 +170,7 @@ impl Hub {
     ) -> Hub {
         let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
         connectors.insert("mock".into(), Arc::new(Mock));
+        connectors.insert("http".into(), Arc::new(Http::default()));
         Hub {
             store,
             verifier: Arc::new(verifier.with_leeway(cfg.leeway_secs)),

@@ -58,7 +58,10 @@ fn build(ctx: &mut Context, cfg: ConnectorsConfig) -> Result<(), BuildError> {
             Arc::new(grpc)
         },
     )?;
-    let hub = Hub::new(store, verifier, Arc::new(RegistryTools(registry)), &cfg);
+    let secrets = crate::resolve_secrets(&cfg.secrets)
+        .map_err(|e| BuildError::service("[connectors] secrets", e))?;
+    let hub = Hub::new(store, verifier, Arc::new(RegistryTools(registry)), &cfg)
+        .with_connector("http", Arc::new(crate::Http::new(secrets)));
     let purger = hub.clone();
     ctx.tasks.spawn("connectors purge", |cancel| async move {
         loop {

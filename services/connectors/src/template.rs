@@ -4,29 +4,43 @@
 
 use serde_json::Value;
 
-/// Renders every string of `template` over `args`.
+/// Renders every string of `template` over `args` (`${{ args… }}` only).
 pub fn render(template: &Value, args: &Value) -> Result<Value, String> {
+    render_in(template, &serde_json::json!({"args": args}))
+}
+
+/// Renders every string of `template` over `root`, whose top-level keys
+/// (`args`, `secrets`) are the names an expression may start with.
+pub fn render_in(template: &Value, root: &Value) -> Result<Value, String> {
     Ok(match template {
-        Value::String(s) => render_str(s, args)?,
+        Value::String(s) => render_str(s, root)?,
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|v| render(v, args))
+                .map(|v| render_in(v, root))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), render(v, args)?)))
+                .map(|(k, v)| Ok((k.clone(), render_in(v, root)?)))
                 .collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
     })
 }
 
-fn render_str(s: &str, args: &Value) -> Result<Value, String> {
+/// Renders a text template (a URL, a header value) over `root`.
+pub fn render_text(template: &str, root: &Value) -> Result<String, String> {
+    Ok(match render_str(template, root)? {
+        Value::String(s) => s,
+        other => other.to_string(),
+    })
+}
+
+fn render_str(s: &str, root: &Value) -> Result<Value, String> {
     let trimmed = s.trim();
     if let Some(expr) = whole_expression(trimmed) {
-        return lookup(expr, args);
+        return lookup(expr, root);
     }
     if !s.contains("${{") {
         return Ok(Value::String(s.to_owned()));
@@ -39,7 +53,7 @@ fn render_str(s: &str, args: &Value) -> Result<Value, String> {
         let end = after
             .find("}}")
             .ok_or_else(|| format!("unterminated expression in {s:?}"))?;
-        match lookup(after[..end].trim(), args)? {
+        match lookup(after[..end].trim(), root)? {
             Value::String(text) => out.push_str(&text),
             other => out.push_str(&other.to_string()),
         }
@@ -54,13 +68,23 @@ fn whole_expression(s: &str) -> Option<&str> {
     (!inner.contains("${{") && !inner.contains("}}")).then(|| inner.trim())
 }
 
-/// `args`, `args.a.b` or `args.list.0`.
-fn lookup(expr: &str, args: &Value) -> Result<Value, String> {
+/// `args`, `args.a.b`, `args.list.0`, `secrets.NAME`: the first segment
+/// must be a key of `root`. Errors name the expression, never a value.
+fn lookup(expr: &str, root: &Value) -> Result<Value, String> {
     let mut parts = expr.split('.');
-    if parts.next() != Some("args") {
-        return Err(format!("expression {expr:?} must start with args"));
+    let head = parts.next().unwrap_or_default();
+    let Some(mut value) = root.get(head) else {
+        return Err(format!(
+            "expression {expr:?} names nothing ({head:?} is not available here)"
+        ));
+    };
+    if head == "secrets" {
+        let name = parts.next().unwrap_or_default();
+        return root["secrets"]
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("secret {name:?} is not configured in [connectors.secrets]"));
     }
-    let mut value = args;
     for part in parts {
         value = match value {
             Value::Object(map) => map.get(part),
