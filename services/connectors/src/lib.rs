@@ -17,6 +17,7 @@
 //! replays. Connectors bound their calls (latency caps, timeouts).
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod connector;
 pub mod grpc;
 mod http;
@@ -36,6 +37,7 @@ use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub use breaker::State as BreakerState;
 pub use connector::{Call, Connector, ConnectorError};
 pub use grpc::HubGrpc;
 pub use http::Http;
@@ -78,6 +80,11 @@ pub struct ConnectorsConfig {
     /// variable of the hub) or `file:/path` (a file's content, trailing
     /// newline dropped). Only the hub reads them.
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// Consecutive retryable failures of a (tool, host) that open its
+    /// circuit breaker (0: never).
+    pub breaker_failures: u32,
+    /// How long an open breaker fails calls fast before one probe, in ms.
+    pub breaker_cooldown_ms: u64,
 }
 
 /// Reads every `[connectors.secrets]` source; errors name the secret and
@@ -117,6 +124,8 @@ impl Default for ConnectorsConfig {
             captoken_key_files: Vec::new(),
             registry_url: String::new(),
             secrets: Default::default(),
+            breaker_failures: 5,
+            breaker_cooldown_ms: 30_000,
         }
     }
 }
@@ -158,6 +167,7 @@ pub struct Hub {
     connectors: Arc<HashMap<String, Arc<dyn Connector>>>,
     audience: String,
     ttl_micros: i64,
+    breakers: Arc<breaker::Breakers>,
 }
 
 impl Hub {
@@ -177,6 +187,10 @@ impl Hub {
             tools,
             connectors: Arc::new(connectors),
             audience: cfg.audience.clone(),
+            breakers: Arc::new(breaker::Breakers::new(
+                cfg.breaker_failures,
+                std::time::Duration::from_millis(cfg.breaker_cooldown_ms),
+            )),
             ttl_micros: i64::try_from(cfg.idempotency_ttl_secs)
                 .unwrap_or(i64::MAX / 2_000_000)
                 .saturating_mul(1_000_000),
@@ -285,6 +299,17 @@ impl Hub {
                 .with_metadata("retryable", "false")
             })?
             .clone();
+        let host = breaker_host(&tool);
+        if !self
+            .breakers
+            .admit(inv.tool, &host, std::time::Instant::now())
+        {
+            // Nothing happened: the transaction rolls back, the token stays unspent.
+            return Err(connector_error(&ConnectorError::retryable(format!(
+                "circuit open for {} at {host}: failing fast",
+                inv.tool
+            ))));
+        }
         let claims = &verified.claims;
         let outcome = connector
             .invoke(Call {
@@ -296,6 +321,13 @@ impl Hub {
                 tx: &tx,
             })
             .await;
+        let failed = matches!(&outcome, Err(f) if f.retryable);
+        if let Some(state) =
+            self.breakers
+                .record(inv.tool, &host, failed, std::time::Instant::now())
+        {
+            tracing::warn!(tool = inv.tool, host = %host, state = ?state, "connector circuit breaker");
+        }
         match outcome {
             Ok(output) => {
                 let recorded = json!({"connector": connector_name, "output": output});
@@ -328,6 +360,11 @@ impl Hub {
         }
     }
 
+    /// The circuit breaker state of (tool, host) (`mock` for mock tools).
+    pub fn breaker_state(&self, tool: &str, host: &str) -> BreakerState {
+        self.breakers.state(tool, host, std::time::Instant::now())
+    }
+
     /// The tenant's mock effects, newest first; the page token is the last call id.
     pub async fn list_mock_calls(
         &self,
@@ -353,6 +390,17 @@ impl Hub {
         }
         Ok(purged)
     }
+}
+
+/// The breaker key's host: the http URL's host when it is not templated,
+/// else the connector's name.
+fn breaker_host(tool: &anumate_tools::Tool) -> String {
+    tool.spec
+        .http
+        .as_ref()
+        .and_then(|h| reqwest::Url::parse(&h.url).ok())
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| tool.spec.connector.as_string())
 }
 
 fn check_request(inv: &Invocation<'_>) -> Result<()> {

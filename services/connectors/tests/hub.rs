@@ -52,6 +52,12 @@ fn tools() -> StaticTools {
         })),
         doc(json!({
             "apiVersion": "anumate.dev/v1", "kind": "Tool",
+            "metadata": {"name": "dead.call"},
+            "spec": {"connector": "mock", "side_effect": "read",
+                     "mock": {"output": {}, "fail": {"times": 1000, "code": "UNAVAILABLE"}}}
+        })),
+        doc(json!({
+            "apiVersion": "anumate.dev/v1", "kind": "Tool",
             "metadata": {"name": "broken.call"},
             "spec": {"connector": "mock", "side_effect": "write",
                      "mock": {"output": {"ok": true}, "fail": {"times": 1, "code": "INVALID_ARGUMENT"}}}
@@ -539,7 +545,43 @@ async fn operators_cannot_invoke_and_lists_page(app: TestApp) {
     expect_reason(bad, Reason::InvalidArgument);
 }
 
+async fn a_failing_upstream_opens_its_circuit(app: TestApp) {
+    let mut c = app.orchestrator("t1").await;
+    let args = json!({});
+    let call = |key: String| {
+        let token = app.token("t1", "dead.call", &args, Mint::default());
+        invoke("dead.call", &args, &key, &token)
+    };
+    // The default threshold: 5 consecutive retryable failures reach the mock.
+    for i in 0..5 {
+        let err = expect_reason(
+            c.hub.invoke(call(format!("d-{i}"))).await,
+            Reason::ConnectorRetryable,
+        );
+        assert!(err.message.contains("scripted failure"), "{}", err.message);
+    }
+    // Then the breaker answers fast, retryable, without reaching the mock.
+    let started = std::time::Instant::now();
+    let err = expect_reason(
+        c.hub.invoke(call("d-open".into())).await,
+        Reason::ConnectorRetryable,
+    );
+    assert!(err.message.contains("circuit open"), "{}", err.message);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let calls = mock_calls(&app, "t1", "").await;
+    assert_eq!(calls.len(), 5, "{calls:?}");
+    assert!(calls.iter().all(|c| c.idempotency_key != "d-open"));
+    // Other tools are unaffected.
+    let args = json!({"amount": 1, "to": "x"});
+    let token = app.token("t1", "payments.transfer", &args, Mint::default());
+    c.hub
+        .invoke(invoke("payments.transfer", &args, "ok-1", &token))
+        .await
+        .unwrap();
+}
+
 anumate_testing::on_both_backends! {
+    a_failing_upstream_opens_its_circuit => breaker_sqlite, breaker_postgres;
     the_same_key_twice_acts_once => same_key_sqlite, same_key_postgres;
     bad_tokens_are_refused_before_the_connector_is_called => bad_tokens_sqlite, bad_tokens_postgres;
     failures_are_classified_and_retries_act_once => failures_sqlite, failures_postgres;
