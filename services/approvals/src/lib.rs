@@ -78,7 +78,8 @@ pub struct ApprovalsConfig {
     /// The receipts service, when it does not run in this process (e.g.
     /// `http://receipts:7600`). Empty: the in-process one, if any.
     pub receipts_url: String,
-    /// `[approvals.notify]`: webhooks told of new requests and reminders.
+    /// `[approvals.notify]`: webhooks told of new requests, later stages,
+    /// escalations and reminders.
     pub notify: notify::NotifyConfig,
 }
 

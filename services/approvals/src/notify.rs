@@ -1,8 +1,9 @@
 //! Webhook notifications of approval requests (`[approvals.notify]`).
 //!
-//! When an approval opens (and when its reminder is due) [`enqueue`] records
-//! one delivery per configured webhook in the transaction that changes the
-//! approval, so a notification exists exactly when the change committed. The
+//! When an approval or a later stage of it opens, when a stage escalates,
+//! and when a stage's reminder is due, [`enqueue`] records one delivery per
+//! configured webhook in the transaction that changes the approval, so a
+//! notification exists exactly when the change committed. The
 //! supervised [`task`] then POSTs each delivery's Slack-compatible JSON
 //! (`text` + `blocks`, plus an `anumate` object for other receivers) and
 //! records the outcome on its row: attempts, the last HTTP status or error,

@@ -468,8 +468,9 @@ impl Approvals {
         }
     }
 
-    /// Stores a decided `a` with its receipt, its event and its new timers,
-    /// commits, and nudges waiters.
+    /// Stores a decided `a` with its receipt, its event, its new timers and
+    /// (when a stage opened or escalated) its notifications, commits, and
+    /// nudges waiters.
     pub(crate) async fn commit_decision(
         &self,
         tx: TenantTx,
@@ -485,6 +486,9 @@ impl Approvals {
         append_event(&tx, a).await?;
         if matches!(effect, Effect::StageApproved | Effect::Escalated) {
             schedule(&tx, a).await?;
+            // The opened (or escalated) stage has new approvers: tell them,
+            // in the same transaction so the notice exists iff it committed.
+            notify::enqueue(&tx, &self.inner.cfg.notify, &convert::approval(a)).await?;
         }
         tx.commit().await?;
         self.changed(tenant, a);

@@ -556,9 +556,173 @@ async fn opening_an_approval_notifies_and_reminds(app: App) {
     );
 }
 
+/// The orchestrator's and a user's clients of `server`.
+async fn clients(
+    server: &anumate_testing::ModuleServer,
+    auth: &anumate_testing::DevAuth,
+) -> (
+    pb::approvals_internal_client::ApprovalsInternalClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            anumate_auth::BearerToken,
+        >,
+    >,
+    pb::approvals_service_client::ApprovalsServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            anumate_auth::BearerToken,
+        >,
+    >,
+) {
+    use anumate_auth::BearerToken;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let service = auth
+        .services
+        .as_ref()
+        .unwrap()
+        .for_service("orchestrator")
+        .unwrap()
+        .mint("acme", Duration::from_secs(600))
+        .unwrap();
+    let ann = auth
+        .issuer
+        .mint_with_groups(
+            "acme",
+            "user:ann",
+            &[anumate_auth::Role::Approver],
+            &[],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    (
+        pb::approvals_internal_client::ApprovalsInternalClient::with_interceptor(
+            channel.clone(),
+            BearerToken(service),
+        ),
+        pb::approvals_service_client::ApprovalsServiceClient::with_interceptor(
+            channel,
+            BearerToken(ann),
+        ),
+    )
+}
+
+async fn later_stages_and_escalations_notify(app: App) {
+    let hook = Hook::start(&[200]).await;
+    let (server, auth) = serve(&app, &hook).await;
+    let (mut orchestrator, mut ann) = clients(&server, &auth).await;
+    let args = format!("sha256:{}", "11".repeat(32));
+    let opened = orchestrator
+        .request_approval(pb::RequestApprovalRequest {
+            run_id: "run-7".into(),
+            step_id: "refund".into(),
+            plan_hash: format!("sha256:{}", "22".repeat(32)),
+            args_sha256: args.clone(),
+            tool: "payments.refund".into(),
+            rule: Some(anumate_proto::policy::v1::PolicyRuleRef {
+                policy: "refund-limits".into(),
+                rule: "big-refunds".into(),
+                ..Default::default()
+            }),
+            requester: "user:rita".into(),
+            stages: vec![
+                pb::StageRequest {
+                    name: "team".into(),
+                    approvers: vec!["user:ann".into()],
+                    quorum: 1,
+                },
+                pb::StageRequest {
+                    name: "finance".into(),
+                    approvers: vec!["user:bob".into()],
+                    quorum: 1,
+                },
+            ],
+            escalate_to: vec!["user:boss".into()],
+            // Each stage expires a second after it opens; no reminders.
+            expires_after: Some(pbjson_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            remind_before: Some(pbjson_types::Duration::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    let id = opened.approval_id.clone();
+    // Ann approves the first stage: the second opens and its approver is told.
+    ann.approve(pb::ApproveRequest {
+        approval_id: id.clone(),
+        args_sha256: args,
+        comment: "fine".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Bob lets it expire: it escalates to the boss, who is told; then it
+    // expires for good, which tells nobody.
+    let got = received(&hook, 3).await;
+    let done = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = ann
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .approval
+            .unwrap();
+        if a.state == pb::ApprovalState::Expired as i32 {
+            break;
+        }
+        assert!(Instant::now() < done, "not expired: {a:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = hook.received();
+    server.stop().await;
+    assert_eq!(after.len(), 3, "the final expiry notifies nobody");
+    let what: Vec<(&str, &Value)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.body["anumate"]["kind"].as_str().unwrap(),
+                &r.body["anumate"]["approvers"][0],
+            )
+        })
+        .collect();
+    assert_eq!(
+        what,
+        vec![
+            ("requested", &Value::from("user:ann")),
+            ("requested", &Value::from("user:bob")),
+            ("escalated", &Value::from("user:boss")),
+        ]
+    );
+    let second = got[1].body["text"].as_str().unwrap();
+    assert!(
+        second.starts_with("Approval needed (stage 2 of 2): "),
+        "{second}"
+    );
+    let third = got[2].body["text"].as_str().unwrap();
+    assert!(
+        third.starts_with("Approval escalated (stage 2 of 2): "),
+        "{third}"
+    );
+    let recorded = deliveries(&app.store, "acme", &id).await;
+    assert_eq!(recorded.len(), 3, "{recorded:#?}");
+}
+
 anumate_testing::on_both_backends! {
     retried_after_a_500_until_delivered => retried_after_a_500_until_delivered_sqlite, retried_after_a_500_until_delivered_postgres;
     only_committed_pending_approvals_notify => only_committed_pending_approvals_notify_sqlite, only_committed_pending_approvals_notify_postgres;
     failing_receivers_are_given_up_and_recorded => failing_receivers_are_given_up_and_recorded_sqlite, failing_receivers_are_given_up_and_recorded_postgres;
     opening_an_approval_notifies_and_reminds => opening_an_approval_notifies_and_reminds_sqlite, opening_an_approval_notifies_and_reminds_postgres;
+    later_stages_and_escalations_notify => later_stages_and_escalations_notify_sqlite, later_stages_and_escalations_notify_postgres;
 }
