@@ -29,6 +29,11 @@ static MIGRATIONS: std::sync::LazyLock<Vec<anumate_store::Migration>> =
     std::sync::LazyLock::new(crate::own_migrations);
 
 fn build(ctx: &mut Context, cfg: ApprovalsConfig) -> Result<(), BuildError> {
+    // Refused here, before anything starts, rather than when the notifier
+    // task first runs (the server would be up and never notify).
+    cfg.notify
+        .validate()
+        .map_err(|e| BuildError::service("[approvals.notify]", e))?;
     let store = ctx.store("approvals")?;
     let notify_cfg = cfg.notify.clone();
     let mut approvals = Approvals::new(store.clone(), cfg.clone());

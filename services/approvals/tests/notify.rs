@@ -719,10 +719,48 @@ async fn later_stages_and_escalations_notify(app: App) {
     assert_eq!(recorded.len(), 3, "{recorded:#?}");
 }
 
+/// A configuration the notifier cannot use stops the module from being
+/// built (so `anumate serve` / `dev` refuse to start), naming the setting.
+async fn a_bad_notify_configuration_refuses_to_start(app: App) {
+    use anumate_service::{Context, KeysConfig};
+    let auth = anumate_testing::DevAuth::new();
+    let cases = [
+        (
+            serde_json::json!({"webhooks": ["ftp://hooks.example/x"]}),
+            "[approvals.notify]: INVALID_ARGUMENT: approvals.notify.webhooks: webhooks[0] must be http or https",
+        ),
+        (
+            serde_json::json!({"webhooks": ["https://hooks.example/x"], "secret": "s3cret"}),
+            "[approvals.notify]: INVALID_ARGUMENT: approvals.notify.secret: secret_header and secret go together: set both or neither",
+        ),
+        (
+            serde_json::json!({"max_attempts": 0}),
+            "[approvals.notify]: INVALID_ARGUMENT: approvals.notify.max_attempts: must be at least 1",
+        ),
+    ];
+    for (notify, expected) in cases {
+        let mut ctx = Context::new(
+            serde_json::json!({"approvals": {"notify": notify}}),
+            Some(app.store.clone()),
+            KeysConfig {
+                generate_missing: true,
+                ..KeysConfig::default()
+            },
+            auth.dir.path().join("keys"),
+            None,
+            "http://127.0.0.1:1".into(),
+        );
+        let e = anumate_approvals::module().build(&mut ctx).unwrap_err();
+        assert_eq!(e.to_string(), expected);
+        assert!(!e.to_string().contains("s3cret"), "the secret is not shown");
+    }
+}
+
 anumate_testing::on_both_backends! {
     retried_after_a_500_until_delivered => retried_after_a_500_until_delivered_sqlite, retried_after_a_500_until_delivered_postgres;
     only_committed_pending_approvals_notify => only_committed_pending_approvals_notify_sqlite, only_committed_pending_approvals_notify_postgres;
     failing_receivers_are_given_up_and_recorded => failing_receivers_are_given_up_and_recorded_sqlite, failing_receivers_are_given_up_and_recorded_postgres;
     opening_an_approval_notifies_and_reminds => opening_an_approval_notifies_and_reminds_sqlite, opening_an_approval_notifies_and_reminds_postgres;
     later_stages_and_escalations_notify => later_stages_and_escalations_notify_sqlite, later_stages_and_escalations_notify_postgres;
+    a_bad_notify_configuration_refuses_to_start => a_bad_notify_configuration_refuses_to_start_sqlite, a_bad_notify_configuration_refuses_to_start_postgres;
 }
