@@ -128,36 +128,28 @@ pub struct Delivery {
 /// Counts one delivery of `call` to the mock tool `tool`.
 pub async fn deliver_mock(tx: &TenantTx, tool: &str, call: &Call<'_>) -> Result<Delivery> {
     let now = anumate_store::now_micros();
-    tx.execute(
-        "INSERT INTO connector_mock_calls (tenant_id, call_id, tool, idem_key, run_id, step_id, \
-           args, deliveries, first_delivered_at, last_delivered_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8) \
-         ON CONFLICT (tenant_id, tool, idem_key) DO UPDATE SET \
-           deliveries = connector_mock_calls.deliveries + 1, last_delivered_at = $8",
-        vec![
-            tx.tenant_id().into(),
-            uuid::Uuid::now_v7().to_string().into(),
-            tool.into(),
-            call.idempotency_key.into(),
-            call.run.into(),
-            call.step.into(),
-            call.args.to_string().into(),
-            now.into(),
-        ],
-    )
-    .await?;
+    // One round trip: the upsert returns the row as it now is.
     let row = tx
         .query_one(
-            "SELECT deliveries, output FROM connector_mock_calls \
-             WHERE tenant_id = $1 AND tool = $2 AND idem_key = $3",
+            "INSERT INTO connector_mock_calls (tenant_id, call_id, tool, idem_key, run_id, step_id, \
+               args, deliveries, first_delivered_at, last_delivered_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8) \
+             ON CONFLICT (tenant_id, tool, idem_key) DO UPDATE SET \
+               deliveries = connector_mock_calls.deliveries + 1, last_delivered_at = $8 \
+             RETURNING deliveries, output",
             vec![
                 tx.tenant_id().into(),
+                uuid::Uuid::now_v7().to_string().into(),
                 tool.into(),
                 call.idempotency_key.into(),
+                call.run.into(),
+                call.step.into(),
+                call.args.to_string().into(),
+                now.into(),
             ],
         )
         .await?
-        .ok_or_else(|| db("mock call vanished"))?;
+        .ok_or_else(|| db("mock call upsert returned no row"))?;
     let output: Option<String> = row.try_get("", "output").map_err(db)?;
     Ok(Delivery {
         deliveries: row.try_get("", "deliveries").map_err(db)?,
