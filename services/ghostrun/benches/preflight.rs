@@ -84,7 +84,7 @@ async fn run(backend: Backend) {
     let mut migrations = anumate_registry::migrations();
     migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
     migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
-    migrations.extend(anumate_ghostrun::migrations());
+    migrations.extend(anumate_ghostrun::REPO_MIGRATIONS.iter().copied());
     let (_db, store) = testing::migrated_store(backend, &migrations).await;
     let DevAuth {
         issuer,
