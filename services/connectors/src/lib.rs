@@ -208,7 +208,13 @@ impl Hub {
     pub async fn invoke(&self, inv: &Invocation<'_>) -> Result<Invoked> {
         check_request(inv)?;
         let started = std::time::Instant::now();
-        let result = self.invoke_checked(inv).await;
+        let span = tracing::info_span!(
+            "connector.invoke",
+            tool = inv.tool,
+            tenant = inv.tenant,
+            idempotency_key = inv.idempotency_key
+        );
+        let result = tracing::Instrument::instrument(self.invoke_checked(inv), span).await;
         let outcome = match &result {
             Ok(r) if r.replayed => "replayed",
             Ok(_) => "ok",
