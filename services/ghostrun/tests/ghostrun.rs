@@ -441,6 +441,22 @@ async fn reports(app: TestApp) {
         .into_inner();
     assert_eq!(fails.reports.len(), 1);
     assert_eq!(fails.reports[0].preflight_id, fail.preflight_id);
+    let risky = c
+        .ghostrun
+        .list_preflights(pb::ListPreflightsRequest {
+            min_risk_level: pb::RiskLevel::High as i32,
+            plan_hash: pass.plan_hash.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = risky
+        .reports
+        .iter()
+        .map(|r| r.preflight_id.as_str())
+        .collect();
+    assert_eq!(ids, [warn.preflight_id.as_str()]);
 
     // One preflight.completed event per report, in the same transaction.
     let events = app.events(TENANT_A).await;
@@ -641,6 +657,30 @@ async fn bad_input(app: TestApp) {
         ErrorCode::InvalidArgument,
     );
     assert_eq!(e.violations[0].field, "inputs_json");
+
+    // Listing: malformed token or hash named.
+    for (req, field) in [
+        (
+            pb::ListPreflightsRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListPreflightsRequest {
+                plan_hash: "nothex".into(),
+                ..Default::default()
+            },
+            "plan_hash",
+        ),
+    ] {
+        let e = expect_error(
+            c.ghostrun.list_preflights(req).await,
+            ErrorCode::InvalidArgument,
+        );
+        assert_eq!(e.violations[0].field, field);
+    }
 
     // Nothing stored, no event; the service keeps serving.
     assert_eq!(count(&mut c).await, 0);
