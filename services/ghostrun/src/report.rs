@@ -477,7 +477,7 @@ pub fn fixtures(plan: &cpb::ExecutablePlan, given: &[pb::Fixture]) -> Result<Vec
                 .and_then(|s| ej::struct_json(s).ok())
                 .filter(|s| s.as_object().is_some_and(|m| !m.is_empty()))
         {
-            let v = jsonschema::validator_for(&schema).map_err(Error::internal)?;
+            let v = validator(&schema).map_err(Error::internal)?;
             if let Some(e) = v.iter_errors(o).next() {
                 let path = e.instance_path().as_str().replace('/', ".");
                 return Err(fixture_error(
@@ -499,7 +499,7 @@ pub fn fixtures(plan: &cpb::ExecutablePlan, given: &[pb::Fixture]) -> Result<Vec
 
 fn schema_mismatch(b: Option<&cpb::ToolBinding>, out: &Value, id: &str) -> Option<pb::Issue> {
     let schema = ej::struct_json(b?.output_schema.as_ref()?).ok()?;
-    let v = jsonschema::validator_for(&schema).ok()?;
+    let v = validator(&schema).ok()?;
     let e = v.iter_errors(out).next()?;
     Some(issue(
         pb::Severity::Warning,
@@ -508,6 +508,27 @@ fn schema_mismatch(b: Option<&cpb::ToolBinding>, out: &Value, id: &str) -> Optio
         id,
         "output",
     ))
+}
+
+/// Compiled output schemas by digest: compiling one costs far more than
+/// validating with it, and a plan's tools repeat across preflights.
+static VALIDATORS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<jsonschema::Validator>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn validator(schema: &Value) -> std::result::Result<Arc<jsonschema::Validator>, String> {
+    let key = ej::digest(schema);
+    if let Some(v) = VALIDATORS.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(v);
+    }
+    let v = Arc::new(jsonschema::validator_for(schema).map_err(|e| e.to_string())?);
+    if let Ok(mut m) = VALIDATORS.lock() {
+        if m.len() >= 1024 {
+            m.clear();
+        }
+        m.insert(key, v.clone());
+    }
+    Ok(v)
 }
 
 fn issue(severity: pb::Severity, code: &str, message: &str, step: &str, path: &str) -> pb::Issue {
