@@ -31,6 +31,7 @@ struct TestApp {
     keys: Arc<KeyRing>,
     users: DevIssuer,
     services: ServiceIssuer,
+    authenticator: anumate_auth::Authenticator,
     _db: TestDb,
     _auth_dir: tempfile::TempDir,
 }
@@ -65,21 +66,18 @@ fn tools() -> StaticTools {
     ])
 }
 
-async fn spawn_app(backend: Backend) -> TestApp {
-    let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
-    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+/// A hub server over `store`: the first, a replica, or one after a restart.
+async fn serve_hub(
+    store: anumate_store::Store,
+    keys: &KeyRing,
+    authenticator: anumate_auth::Authenticator,
+) -> String {
     let hub = Hub::new(
         store,
-        Verifier::from_key_ring(&keys).unwrap(),
+        Verifier::from_key_ring(keys).unwrap(),
         Arc::new(tools()),
         &ConnectorsConfig::default(),
     );
-    let DevAuth {
-        issuer,
-        services,
-        authenticator,
-        dir,
-    } = DevAuth::with_service_issuer("orchestrator");
     let layer = AuthLayer::new(authenticator, anumate_auth::AuthzTable::platform().unwrap());
     let (addr, _handle) = anumate_testing::serve_with_layer(
         anumate_testing::bind().await,
@@ -87,11 +85,25 @@ async fn spawn_app(backend: Backend) -> TestApp {
         Routes::new(HubGrpc::new(hub.clone()).into_server())
             .add_service(HubGrpc::new(hub).into_internal_server()),
     );
+    format!("http://{addr}")
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+    let DevAuth {
+        issuer,
+        services,
+        authenticator,
+        dir,
+    } = DevAuth::with_service_issuer("orchestrator");
+    let url = serve_hub(store, &keys, authenticator.clone()).await;
     TestApp {
-        url: format!("http://{addr}"),
+        url,
         keys,
         users: issuer,
         services: services.unwrap(),
+        authenticator,
         _db: db,
         _auth_dir: dir,
     }
@@ -580,7 +592,73 @@ async fn a_failing_upstream_opens_its_circuit(app: TestApp) {
         .unwrap();
 }
 
+async fn replicas_and_restarts_act_once(mut app: TestApp) {
+    // A second replica over the same database (its own pool and process state).
+    let store = anumate_store::Store::connect(&app._db.config)
+        .await
+        .unwrap();
+    let replica = serve_hub(store, &app.keys, app.authenticator.clone()).await;
+    let args = json!({"amount": 9, "to": "carol"});
+    let tool = "payments.transfer";
+    let first_url = app.url.clone();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        app.url = if i % 2 == 0 {
+            first_url.clone()
+        } else {
+            replica.clone()
+        };
+        let mut c = app.orchestrator("t1").await;
+        let request = invoke(
+            tool,
+            &args,
+            "race-key",
+            &app.token("t1", tool, &args, Mint::default()),
+        );
+        tasks.push(tokio::spawn(async move {
+            c.hub.invoke(request).await.unwrap().into_inner()
+        }));
+    }
+    let mut acted = 0;
+    let mut outputs = Vec::new();
+    for t in tasks {
+        let out = t.await.unwrap();
+        acted += usize::from(!out.replayed);
+        outputs.push(json_of(&out.output));
+    }
+    assert_eq!(acted, 1, "{outputs:?}");
+    assert!(
+        outputs
+            .iter()
+            .all(|o| *o == json!({"transfer_id": "tr_carol", "amount": 9}))
+    );
+
+    // After a "restart" (a new server and pool), the key still replays and
+    // the mock's ledger still shows one effect, delivered once.
+    let store = anumate_store::Store::connect(&app._db.config)
+        .await
+        .unwrap();
+    app.url = serve_hub(store, &app.keys, app.authenticator.clone()).await;
+    let mut c = app.orchestrator("t1").await;
+    let again = c
+        .hub
+        .invoke(invoke(
+            tool,
+            &args,
+            "race-key",
+            &app.token("t1", tool, &args, Mint::default()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    let calls = mock_calls(&app, "t1", "").await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!((calls[0].deliveries, calls[0].acted), (1, true));
+}
+
 anumate_testing::on_both_backends! {
+    replicas_and_restarts_act_once => replicas_sqlite, replicas_postgres;
     a_failing_upstream_opens_its_circuit => breaker_sqlite, breaker_postgres;
     the_same_key_twice_acts_once => same_key_sqlite, same_key_postgres;
     bad_tokens_are_refused_before_the_connector_is_called => bad_tokens_sqlite, bad_tokens_postgres;
