@@ -145,6 +145,29 @@ pub async fn save(tx: &TenantTx, a: &Approval) -> Result<()> {
     Ok(())
 }
 
+/// Stores a changed approval only if its stored version is still `expected`
+/// (the version it was decided from); false when another change committed
+/// in between (nothing written). On PostgreSQL a concurrent writer of the
+/// row makes this wait for it and then see its version, so no row lock needs
+/// to be taken (or a round trip spent) before deciding.
+pub async fn save_if(tx: &TenantTx, a: &Approval, expected: i64) -> Result<bool> {
+    let n = tx
+        .execute(
+            "UPDATE approvals SET state = $3, version = $4, body = $5 \
+             WHERE tenant_id = $1 AND approval_id = $2 AND version = $6",
+            vec![
+                tx.tenant_id().into(),
+                a.id.as_str().into(),
+                state_number(a.status).into(),
+                a.version.into(),
+                body(a)?.into(),
+                expected.into(),
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
 /// Filters of a listing (zero / empty: not filtered).
 pub struct Filter<'a> {
     pub state: i32,

@@ -433,26 +433,26 @@ impl Approvals {
         let comment = &self.redact(comment);
         // A few rounds at most: a round is lost only to a concurrent decision
         // on the same approval.
+        // Optimistically: decided on the approval as read, receipted, then
+        // stored only if no other change committed since (its version is
+        // unchanged), else decided again on the fresh one. No row lock is
+        // held and the approval is read once per round.
         for _ in 0..8 {
             let now = self.now();
-            let mut planned = self.load(&caller.tenant, id).await?;
-            if rules::decide(&mut planned, d, &action, comment, etag, now)? == Applied::Repeat {
-                return Ok(convert::approval(&planned));
-            }
-            let receipt = self.receipt(&caller.tenant, &planned).await?;
-            let tx = self.inner.store.write(&caller.tenant).await?;
-            let mut a = repo::load(&tx, id, true)
-                .await?
-                .ok_or_else(|| not_found(id))?;
+            let mut a = self.load(&caller.tenant, id).await?;
+            let read = a.version;
             let effect = match rules::decide(&mut a, d, &action, comment, etag, now)? {
                 Applied::Repeat => return Ok(convert::approval(&a)),
                 Applied::Recorded(effect) => effect,
             };
-            if !same_last_decision(&planned, &a) {
+            let receipt = self.receipt(&caller.tenant, &a).await?;
+            let tx = self.inner.store.write(&caller.tenant).await?;
+            if !self
+                .commit_decision(tx, &caller.tenant, &mut a, Some(read), receipt, effect)
+                .await?
+            {
                 continue;
             }
-            self.commit_decision(tx, &caller.tenant, &mut a, receipt, effect)
-                .await?;
             return Ok(convert::approval(&a));
         }
         Err(Error::new(
@@ -470,19 +470,30 @@ impl Approvals {
 
     /// Stores a decided `a` with its receipt, its event, its new timers and
     /// (when a stage opened or escalated) its notifications, commits, and
-    /// nudges waiters.
+    /// nudges waiters. With `read` (the version `a` was decided from) only if
+    /// the stored approval is still that version: false (nothing written)
+    /// when another change committed in between. Without it the caller holds
+    /// the row lock.
     pub(crate) async fn commit_decision(
         &self,
         tx: TenantTx,
         tenant: &str,
         a: &mut Approval,
+        read: Option<i64>,
         receipt: String,
         effect: Effect,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if let Some(last) = a.decisions.last_mut() {
             last.receipt_id = receipt;
         }
-        repo::save(&tx, a).await?;
+        match read {
+            Some(version) => {
+                if !repo::save_if(&tx, a, version).await? {
+                    return Ok(false);
+                }
+            }
+            None => repo::save(&tx, a).await?,
+        }
         append_event(&tx, a).await?;
         if matches!(effect, Effect::StageApproved | Effect::Escalated) {
             schedule(&tx, a).await?;
@@ -492,7 +503,7 @@ impl Approvals {
         }
         tx.commit().await?;
         self.changed(tenant, a);
-        Ok(())
+        Ok(true)
     }
 
     /// Withdraws a pending approval (a no-op for a cancelled one).
@@ -515,7 +526,7 @@ impl Approvals {
             if !same_last_decision(&planned, &a) {
                 continue;
             }
-            self.commit_decision(tx, &caller.tenant, &mut a, receipt, Effect::Cancelled)
+            self.commit_decision(tx, &caller.tenant, &mut a, None, receipt, Effect::Cancelled)
                 .await?;
             return Ok(convert::approval(&a));
         }

@@ -101,7 +101,7 @@ impl Approvals {
             return Ok(());
         }
         let effect = rules::expire(&mut fresh, what, now)?;
-        self.commit_decision(tx, &t.tenant, &mut fresh, receipt, effect)
+        self.commit_decision(tx, &t.tenant, &mut fresh, None, receipt, effect)
             .await?;
         if effect == Effect::Escalated {
             tracing::info!(approval = %t.approval_id, "approvals: stage escalated on expiry");

@@ -937,8 +937,51 @@ async fn lists_filter_by_state_run_and_who_may_decide(app: App) {
     );
 }
 
+/// Votes racing on one approval (a retried call among them) count once
+/// each: quorum is reached exactly once, every counted vote is receipted,
+/// one grant is evented, and a vote that came too late is told so.
+async fn racing_votes_count_once(app: App) {
+    let voters = ["user:ann", "user:bob", "user:cy", "user:dee", "user:eve"];
+    let a = open(&app, request("refund", vec![stage(&voters, 2)])).await;
+    let mut calls = Vec::new();
+    // Ann's call is sent twice, as a client retrying it would.
+    for voter in voters.iter().chain(["user:ann"].iter()) {
+        let mut c = app.approver(voter).await;
+        let id = a.approval_id.clone();
+        calls.push(tokio::spawn(
+            async move { c.public.approve(approve(&id)).await },
+        ));
+    }
+    let mut late = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => {}
+            Err(status) => {
+                expect_reason(Err::<(), _>(status), Reason::ApprovalAlreadyDecided);
+                late += 1;
+            }
+        }
+    }
+    let done = get(&mut app.approver("user:ann").await, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    assert_eq!(kinds(&done), [pb::DecisionKind::Approve; 2]);
+    assert!(
+        late >= 3,
+        "at most the two counted votes and a retry succeed"
+    );
+    let receipts: std::collections::HashSet<&str> = done
+        .decisions
+        .iter()
+        .map(|d| d.receipt_id.as_str())
+        .collect();
+    assert_eq!(receipts.len(), 2);
+    assert!(!receipts.contains(""));
+    assert_eq!(app.event_types(TENANT).await, ["requested", "granted"]);
+}
+
 on_both_backends! {
     two_of_three_and_a_late_third_vote => quorum_sqlite, quorum_postgres;
+    racing_votes_count_once => race_sqlite, race_postgres;
     ordered_stages => stages_sqlite, stages_postgres;
     separation_of_duties => sod_sqlite, sod_postgres;
     outsiders_are_refused => outsiders_sqlite, outsiders_postgres;
