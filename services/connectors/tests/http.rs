@@ -25,6 +25,33 @@ use tonic_types::StatusExt as _;
 
 const SECRET: &str = "s3cr3t-pay-token-value";
 
+/// Every log line of this test binary (all levels, every crate: the hub,
+/// reqwest, hyper), to show the secret never reaches one.
+fn logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+    LOGS.get_or_init(Default::default)
+}
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        logs().lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A tiny HTTP/1.1 server: the path picks the answer; `/echo` returns the
 /// request's head and body as JSON.
 async fn upstream() -> u16 {
@@ -163,6 +190,7 @@ struct App {
 }
 
 async fn spawn_app(backend: Backend) -> App {
+    logs();
     let port = upstream().await;
     let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
     let keys = KeyRing::new(KeyPair::generate().unwrap());
@@ -351,6 +379,13 @@ async fn http_calls_are_guarded_and_classified(mut app: App) {
     assert_eq!(again, Reason::ConnectorFailed);
     // And the hub still serves.
     app.call("pay.echo", "k-after").await.unwrap();
+
+    let logged = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
+    assert!(
+        logged.contains("connector.invoked"),
+        "the hub logs its calls"
+    );
+    assert!(!logged.contains(SECRET), "a log line holds the secret");
 }
 
 anumate_testing::on_both_backends! {
