@@ -166,13 +166,20 @@ impl Approvals {
             if full {
                 continue;
             }
-            tokio::select! {
-                _ = out.closed() => return Ok(()),
-                _ = tokio::time::sleep(self.watch_poll()) => {}
-                change = changes.recv() => match change {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return Ok(()),
-                },
+            let poll = tokio::time::sleep(self.watch_poll());
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = out.closed() => return Ok(()),
+                    _ = &mut poll => break,
+                    change = changes.recv() => match change {
+                        // Another tenant's change has nothing for this
+                        // stream: keep waiting rather than re-read the outbox.
+                        Ok(c) if c.tenant != tenant => {}
+                        Ok(_) | Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return Ok(()),
+                    },
+                }
             }
         }
     }
