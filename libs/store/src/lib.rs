@@ -25,10 +25,10 @@
 #![forbid(unsafe_code)]
 
 mod migrate;
+pub mod notify;
 pub mod paging;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod notify;
 pub mod versioned;
 
 use std::time::Duration;
