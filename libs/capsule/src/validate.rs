@@ -12,7 +12,7 @@ use regex::RegexBuilder;
 use serde_json::Value;
 
 use crate::expr::{self, Reference};
-use crate::yaml::{Entry, Node, Pos, Yaml, index, join};
+use crate::yaml::{Checks, Entry, Node, Pos, Yaml, index, join};
 use crate::{
     API_VERSION, Backoff, Capsule, InputSpec, InputType, KIND, Limits, Retry, Spec, Step,
     parse_duration,
@@ -27,6 +27,12 @@ struct V<'o> {
 /// Suggestions searched per document; keeps huge invalid documents cheap.
 const SUGGESTION_BUDGET: usize = 64;
 
+impl Checks for V<'_> {
+    fn violations(&mut self) -> &mut Vec<Violation> {
+        self.out
+    }
+}
+
 fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
     entries.iter().find(|e| e.key == key).map(|e| &e.value)
 }
@@ -39,78 +45,6 @@ impl V<'_> {
     ) -> Option<&'c str> {
         self.suggestions = self.suggestions.checked_sub(1)?;
         suggest(word, candidates)
-    }
-
-    fn err(&mut self, field: impl Into<String>, pos: Pos, msg: impl Into<String>) {
-        self.out.push(Violation::at(field, pos.0, pos.1, msg));
-    }
-
-    fn wrong_type(&mut self, node: &Node, path: &str, want: &str) {
-        self.err(
-            path,
-            node.pos,
-            format!("expected {want}, found {}", node.value.kind()),
-        );
-    }
-
-    fn mapping<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a [Entry]> {
-        match &node.value {
-            Yaml::Map(entries) => Some(entries),
-            _ => {
-                self.wrong_type(node, path, "a mapping");
-                None
-            }
-        }
-    }
-
-    fn sequence<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a [Node]> {
-        match &node.value {
-            Yaml::Seq(items) => Some(items),
-            _ => {
-                self.wrong_type(node, path, "a sequence");
-                None
-            }
-        }
-    }
-
-    fn string<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a str> {
-        match &node.value {
-            Yaml::Str(s) => Some(s),
-            _ => {
-                self.wrong_type(node, path, "a string");
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
-        match &node.value {
-            Yaml::Bool(b) => Some(*b),
-            _ => {
-                self.wrong_type(node, path, "a boolean");
-                None
-            }
-        }
-    }
-
-    fn unsigned(&mut self, node: &Node, path: &str) -> Option<u64> {
-        match &node.value {
-            Yaml::Number(n) if n.as_u64().is_some() => n.as_u64(),
-            _ => {
-                self.wrong_type(node, path, "a non-negative integer");
-                None
-            }
-        }
-    }
-
-    fn number(&mut self, node: &Node, path: &str) -> Option<f64> {
-        match &node.value {
-            Yaml::Number(n) => n.as_f64(),
-            _ => {
-                self.wrong_type(node, path, "a number");
-                None
-            }
-        }
     }
 
     /// Reports keys not in `allowed`, suggesting a close one.

@@ -96,6 +96,96 @@ impl Node {
     }
 }
 
+/// Typed reads of a loaded node for a validator that collects
+/// [`Violation`]s: each reports "expected …, found …" at the node's position
+/// and returns `None` when the node has another type. Implement
+/// [`Checks::violations`]; the rest comes with it.
+pub trait Checks {
+    /// Where violations go.
+    fn violations(&mut self) -> &mut Vec<Violation>;
+
+    /// Records a violation of `field` at `pos`.
+    fn err(&mut self, field: impl Into<String>, pos: Pos, msg: impl Into<String>) {
+        self.violations()
+            .push(Violation::at(field, pos.0, pos.1, msg));
+    }
+
+    /// Records that `node` at `path` is not `want` ("a mapping").
+    fn wrong_type(&mut self, node: &Node, path: &str, want: &str) {
+        self.err(
+            path,
+            node.pos,
+            format!("expected {want}, found {}", node.value.kind()),
+        );
+    }
+
+    /// The entries of a mapping.
+    fn mapping<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a [Entry]> {
+        match &node.value {
+            Yaml::Map(entries) => Some(entries),
+            _ => {
+                self.wrong_type(node, path, "a mapping");
+                None
+            }
+        }
+    }
+
+    /// The items of a sequence.
+    fn sequence<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a [Node]> {
+        match &node.value {
+            Yaml::Seq(items) => Some(items),
+            _ => {
+                self.wrong_type(node, path, "a sequence");
+                None
+            }
+        }
+    }
+
+    /// A string.
+    fn string<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a str> {
+        match &node.value {
+            Yaml::Str(s) => Some(s),
+            _ => {
+                self.wrong_type(node, path, "a string");
+                None
+            }
+        }
+    }
+
+    /// A boolean.
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.value {
+            Yaml::Bool(b) => Some(*b),
+            _ => {
+                self.wrong_type(node, path, "a boolean");
+                None
+            }
+        }
+    }
+
+    /// A non-negative integer.
+    fn unsigned(&mut self, node: &Node, path: &str) -> Option<u64> {
+        match &node.value {
+            Yaml::Number(n) if n.as_u64().is_some() => n.as_u64(),
+            _ => {
+                self.wrong_type(node, path, "a non-negative integer");
+                None
+            }
+        }
+    }
+
+    /// Any number.
+    fn number(&mut self, node: &Node, path: &str) -> Option<f64> {
+        match &node.value {
+            Yaml::Number(n) => n.as_f64(),
+            _ => {
+                self.wrong_type(node, path, "a number");
+                None
+            }
+        }
+    }
+}
+
 /// Appends a mapping key to a document path (`spec` + `steps` = `spec.steps`).
 pub fn join(path: &str, key: &str) -> String {
     let plain = key

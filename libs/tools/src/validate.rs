@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anumate_capsule::expr::{ExprError, find_expressions};
-use anumate_capsule::yaml::{Entry, Node, Pos, Yaml, index, join};
+use anumate_capsule::yaml::{Checks, Entry, Node, Pos, Yaml, index, join};
 use anumate_errors::Violation;
 use serde_json::Value;
 
@@ -53,63 +53,17 @@ struct V<'o> {
     out: &'o mut Vec<Violation>,
 }
 
+impl Checks for V<'_> {
+    fn violations(&mut self) -> &mut Vec<Violation> {
+        self.out
+    }
+}
+
 fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
     entries.iter().find(|e| e.key == key).map(|e| &e.value)
 }
 
 impl V<'_> {
-    fn err(&mut self, field: impl Into<String>, pos: Pos, msg: impl Into<String>) {
-        self.out.push(Violation::at(field, pos.0, pos.1, msg));
-    }
-
-    fn wrong_type(&mut self, node: &Node, path: &str, want: &str) {
-        self.err(
-            path,
-            node.pos,
-            format!("expected {want}, found {}", node.value.kind()),
-        );
-    }
-
-    fn mapping<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a [Entry]> {
-        match &node.value {
-            Yaml::Map(entries) => Some(entries),
-            _ => {
-                self.wrong_type(node, path, "a mapping");
-                None
-            }
-        }
-    }
-
-    fn string<'a>(&mut self, node: &'a Node, path: &str) -> Option<&'a str> {
-        match &node.value {
-            Yaml::Str(s) => Some(s),
-            _ => {
-                self.wrong_type(node, path, "a string");
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
-        match &node.value {
-            Yaml::Bool(b) => Some(*b),
-            _ => {
-                self.wrong_type(node, path, "a boolean");
-                None
-            }
-        }
-    }
-
-    fn unsigned(&mut self, node: &Node, path: &str) -> Option<u64> {
-        match &node.value {
-            Yaml::Number(n) if n.as_u64().is_some() => n.as_u64(),
-            _ => {
-                self.wrong_type(node, path, "a non-negative integer");
-                None
-            }
-        }
-    }
-
     fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
         let s = self.string(node, path)?;
         match anumate_capsule::parse_duration(s) {
