@@ -98,7 +98,8 @@ pub fn stored_status(s: pb::VersionStatus) -> Option<Status> {
     }
 }
 
-fn status_proto(s: Status) -> pb::VersionStatus {
+/// A stored status as the contract's (capsules and tools share the enum).
+pub(crate) fn status_proto(s: Status) -> pb::VersionStatus {
     match s {
         Status::Published => pb::VersionStatus::Published,
         Status::Deprecated => pb::VersionStatus::Deprecated,

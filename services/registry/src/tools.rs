@@ -16,6 +16,8 @@ use anumate_store::versioned::{DocumentRow, Schema, Status};
 use anumate_store::{Migration, Store, Value};
 use sea_orm::FromQueryResult;
 
+use crate::repo::status_proto;
+
 const TOOLS_DDL: &str = "CREATE TABLE tools (
         tenant_id TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -72,14 +74,6 @@ pub const MIGRATION: Migration = Migration {
 /// pushed; "published" is what the contract calls current.
 #[derive(Clone, Copy, Default)]
 pub struct Tools;
-
-fn status_proto(s: Status) -> pb::VersionStatus {
-    match s {
-        Status::Published => pb::VersionStatus::Published,
-        Status::Deprecated => pb::VersionStatus::Deprecated,
-        Status::Draft => pb::VersionStatus::Draft,
-    }
-}
 
 /// A stored tool version.
 #[derive(FromQueryResult)]
