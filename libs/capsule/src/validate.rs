@@ -12,7 +12,7 @@ use regex::RegexBuilder;
 use serde_json::Value;
 
 use crate::expr::{self, Reference};
-use crate::yaml::{Checks, Entry, Node, Pos, Yaml, index, join};
+use crate::yaml::{Checks, Entry, Node, Pos, Yaml, get, index, join};
 use crate::{
     API_VERSION, Backoff, Capsule, InputSpec, InputType, KIND, Limits, Retry, Spec, Step,
     parse_duration,
@@ -31,10 +31,6 @@ impl Checks for V<'_> {
     fn violations(&mut self) -> &mut Vec<Violation> {
         self.out
     }
-}
-
-fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
-    entries.iter().find(|e| e.key == key).map(|e| &e.value)
 }
 
 impl V<'_> {
@@ -63,24 +59,6 @@ impl V<'_> {
             };
             self.err(join(path, &e.key), e.key_pos, msg);
         }
-    }
-
-    fn required<'a>(
-        &mut self,
-        entries: &'a [Entry],
-        parent: &Node,
-        path: &str,
-        key: &str,
-    ) -> Option<&'a Node> {
-        let found = get(entries, key);
-        if found.is_none() {
-            self.err(
-                join(path, key),
-                parent.pos,
-                format!("required key \"{key}\" is missing"),
-            );
-        }
-        found
     }
 
     /// A sequence of unique strings each accepted by `valid`.

@@ -96,6 +96,11 @@ impl Node {
     }
 }
 
+/// The value of `key` in a mapping's entries.
+pub fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
+    entries.iter().find(|e| e.key == key).map(|e| &e.value)
+}
+
 /// Typed reads of a loaded node for a validator that collects
 /// [`Violation`]s: each reports "expected …, found …" at the node's position
 /// and returns `None` when the node has another type. Implement
@@ -172,6 +177,26 @@ pub trait Checks {
                 None
             }
         }
+    }
+
+    /// The value of `key` in `entries`; reports it missing (at the parent's
+    /// position) when absent.
+    fn required<'a>(
+        &mut self,
+        entries: &'a [Entry],
+        parent: &Node,
+        path: &str,
+        key: &str,
+    ) -> Option<&'a Node> {
+        let found = get(entries, key);
+        if found.is_none() {
+            self.err(
+                join(path, key),
+                parent.pos,
+                format!("required key \"{key}\" is missing"),
+            );
+        }
+        found
     }
 
     /// Any number.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anumate_capsule::expr::{ExprError, find_expressions};
-use anumate_capsule::yaml::{Checks, Entry, Node, Pos, Yaml, index, join};
+use anumate_capsule::yaml::{Checks, Entry, Node, Pos, Yaml, get, index, join};
 use anumate_errors::Violation;
 use serde_json::Value;
 
@@ -59,10 +59,6 @@ impl Checks for V<'_> {
     }
 }
 
-fn get<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Node> {
-    entries.iter().find(|e| e.key == key).map(|e| &e.value)
-}
-
 impl V<'_> {
     fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
         let s = self.string(node, path)?;
@@ -91,24 +87,6 @@ impl V<'_> {
             };
             self.err(join(path, &e.key), e.key_pos, msg);
         }
-    }
-
-    fn required<'a>(
-        &mut self,
-        entries: &'a [Entry],
-        parent: &Node,
-        path: &str,
-        key: &str,
-    ) -> Option<&'a Node> {
-        let found = get(entries, key);
-        if found.is_none() {
-            self.err(
-                join(path, key),
-                parent.pos,
-                format!("required key \"{key}\" is missing"),
-            );
-        }
-        found
     }
 
     /// A mapping of strings to strings.
