@@ -206,6 +206,38 @@ pub trait ReceiptsClient: Send + Sync {
     ) -> BoxFuture<'a, UpstreamResult<rcpb::AppendReceiptResponse>>;
 }
 
+/// Appends a receipt that must exist before `action` takes effect and
+/// returns its id. A refusal of the receipts service becomes `UNAVAILABLE`
+/// saying that `what` could not be appended and that the action did not
+/// happen ("the decision's receipt", "nothing was decided"); a local error
+/// passes through.
+pub async fn append_receipt_first(
+    receipts: &dyn ReceiptsClient,
+    caller: &Caller,
+    request: rcpb::AppendReceiptRequest,
+    (what, consequence): (&str, &str),
+) -> Result<String, Error> {
+    let resp = receipts
+        .append_receipt(caller, request)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Local(e) => e,
+            remote @ UpstreamError::Remote(_) => {
+                let e = remote.to_error();
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{what} could not be appended ({}: {}); {consequence}",
+                        e.code, e.message
+                    ),
+                )
+            }
+        })?;
+    resp.receipt
+        .map(|r| r.receipt_id)
+        .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
+}
+
 /// Any upstream service over gRPC: a channel, and the service issuer that
 /// mints the token of [`Caller::Service`] calls (`None`: such calls fail).
 #[derive(Debug, Clone)]

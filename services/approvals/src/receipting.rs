@@ -11,9 +11,9 @@
 //! approval changed meanwhile) leaves a receipt of an attempt that did not
 //! count; the approval's history is what counted.
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, Result};
 use anumate_proto::receipts::v1 as rpb;
-use anumate_service::clients::{Caller, ReceiptsClient, UpstreamError};
+use anumate_service::clients::{Caller, ReceiptsClient, append_receipt_first};
 use serde_json::json;
 
 use crate::rules::{Approval, Decision};
@@ -66,23 +66,11 @@ pub async fn append(receipts: &dyn ReceiptsClient, tenant: &str, a: &Approval) -
         tenant: tenant.to_owned(),
         service: RECEIPTS_SERVICE_NAME,
     };
-    let resp = receipts
-        .append_receipt(&caller, request)
-        .await
-        .map_err(|e| match e {
-            UpstreamError::Local(e) => e,
-            remote @ UpstreamError::Remote(_) => {
-                let e = remote.to_error();
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "the decision's receipt could not be appended ({}: {}); nothing was decided",
-                        e.code, e.message
-                    ),
-                )
-            }
-        })?;
-    resp.receipt
-        .map(|r| r.receipt_id)
-        .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
+    append_receipt_first(
+        receipts,
+        &caller,
+        request,
+        ("the decision's receipt", "nothing was decided"),
+    )
+    .await
 }

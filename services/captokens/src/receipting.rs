@@ -17,9 +17,9 @@
 //! (`revoked_by`). Over gRPC that identity is a short-lived token of the
 //! platform's service issuer, minted per call.
 
-use anumate_errors::{Error, ErrorCode, Result};
+use anumate_errors::{Error, Result};
 use anumate_proto::receipts::v1 as rpb;
-use anumate_service::clients::{Caller, ReceiptsClient, UpstreamError};
+use anumate_service::clients::{Caller, ReceiptsClient, append_receipt_first};
 use serde_json::json;
 
 /// A revocation about to be committed.
@@ -99,23 +99,11 @@ pub async fn append(receipts: &dyn ReceiptsClient, r: &RevocationReceipt<'_>) ->
         content: Some(r.content_struct()?),
         dedupe_key: r.dedupe_key(),
     };
-    let resp = receipts
-        .append_receipt(&caller, request)
-        .await
-        .map_err(|e| match e {
-            UpstreamError::Local(e) => e,
-            remote @ UpstreamError::Remote(_) => {
-                let e = remote.to_error();
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "the revocation receipt could not be appended ({}: {}); nothing was revoked",
-                        e.code, e.message
-                    ),
-                )
-            }
-        })?;
-    resp.receipt
-        .map(|r| r.receipt_id)
-        .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
+    append_receipt_first(
+        receipts,
+        &caller,
+        request,
+        ("the revocation receipt", "nothing was revoked"),
+    )
+    .await
 }
