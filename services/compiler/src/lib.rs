@@ -325,23 +325,32 @@ impl Compiler {
         let mut sorted: Vec<&String> = names.iter().collect();
         sorted.sort();
         sorted.dedup();
-        let mut out = Vec::new();
-        for name in sorted {
-            let request = rpb::GetToolRequest {
-                name: name.clone(),
-                version: String::new(),
-            };
-            match registry.get_tool(&caller, request).await {
-                Ok(r) => {
-                    let version = r.version.ok_or_else(|| {
-                        Error::internal("registry answered without a tool version")
-                    })?;
-                    out.push(catalogue::tenant_binding(&version)?);
+        // One lookup per tool, all in flight at once (a compile, even a
+        // remembered one, resolves its tools first).
+        let lookups = sorted.into_iter().map(|name| {
+            let caller = &caller;
+            async move {
+                let request = rpb::GetToolRequest {
+                    name: name.clone(),
+                    version: String::new(),
+                };
+                match registry.get_tool(caller, request).await {
+                    Ok(r) => {
+                        let version = r.version.ok_or_else(|| {
+                            Error::internal("registry answered without a tool version")
+                        })?;
+                        catalogue::tenant_binding(&version).map(Some)
+                    }
+                    Err(e) if e.code() == tonic::Code::NotFound => Ok(None),
+                    Err(e) => Err(upstream_error(&e, "the registry")),
                 }
-                Err(e) if e.code() == tonic::Code::NotFound => {}
-                Err(e) => return Err(upstream_error(&e, "the registry")),
             }
-        }
+        });
+        let out: Vec<pb::ToolBinding> = futures::future::try_join_all(lookups)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         Ok(out)
     }
 
