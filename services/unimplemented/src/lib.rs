@@ -184,6 +184,8 @@ unimplemented_service!(orchestrator::orchestrator_service_server::OrchestratorSe
     fn resume_run(ResumeRunRequest) -> ResumeRunResponse;
     fn cancel_run(CancelRunRequest) -> CancelRunResponse;
     fn kill_run(KillRunRequest) -> KillRunResponse;
+    fn resolve_step(ResolveStepRequest) -> ResolveStepResponse;
+    fn list_run_history(ListRunHistoryRequest) -> ListRunHistoryResponse;
     stream watch_run(WatchRunRequest) -> WatchRunStream<WatchRunResponse>;
 });
 
