@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anumate_auth::ServiceIssuer;
 use anumate_errors::{Error, ErrorCode};
+use anumate_proto::approvals::v1 as apb;
 use anumate_proto::compiler::v1 as cpb;
+use anumate_proto::connectors::v1 as conpb;
+use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
@@ -204,6 +207,52 @@ pub trait ReceiptsClient: Send + Sync {
         caller: &'a Caller,
         request: rcpb::AppendReceiptRequest,
     ) -> BoxFuture<'a, UpstreamResult<rcpb::AppendReceiptResponse>>;
+}
+
+/// The approvals service, as the orchestrator opens and follows approvals
+/// (its service-only `ApprovalsInternal`, and `GetApproval`).
+pub trait ApprovalsClient: Send + Sync {
+    /// `ApprovalsInternal.RequestApproval` (idempotent per run, step and arguments).
+    fn request_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::RequestApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::RequestApprovalResponse>>;
+
+    /// `ApprovalsInternal.CancelApproval`.
+    fn cancel_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::CancelApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::CancelApprovalResponse>>;
+
+    /// `ApprovalsService.GetApproval`.
+    fn get_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::GetApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::GetApprovalResponse>>;
+}
+
+/// The connector hub, as the orchestrator calls tools (its service-only
+/// `ConnectorHubInternal`).
+pub trait ConnectorHubClient: Send + Sync {
+    /// `ConnectorHubInternal.Invoke`.
+    fn invoke<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: conpb::InvokeRequest,
+    ) -> BoxFuture<'a, UpstreamResult<conpb::InvokeResponse>>;
+}
+
+/// GhostRun, as the orchestrator checks the preflight a run cites.
+pub trait GhostRunClient: Send + Sync {
+    /// `GetPreflight`.
+    fn get_preflight<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: gpb::GetPreflightRequest,
+    ) -> BoxFuture<'a, UpstreamResult<gpb::GetPreflightResponse>>;
 }
 
 /// Appends a receipt that must exist before `action` takes effect and
@@ -421,6 +470,98 @@ impl ReceiptsClient for Grpc {
                 rcpb::receipts_internal_client::ReceiptsInternalClient::new(self.channel.clone());
             Ok(client
                 .append_receipt(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl ApprovalsClient for Grpc {
+    fn request_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::RequestApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::RequestApprovalResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                apb::approvals_internal_client::ApprovalsInternalClient::new(self.channel.clone());
+            Ok(client
+                .request_approval(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn cancel_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::CancelApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::CancelApprovalResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                apb::approvals_internal_client::ApprovalsInternalClient::new(self.channel.clone());
+            Ok(client
+                .cancel_approval(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn get_approval<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: apb::GetApprovalRequest,
+    ) -> BoxFuture<'a, UpstreamResult<apb::GetApprovalResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                apb::approvals_service_client::ApprovalsServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_approval(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl ConnectorHubClient for Grpc {
+    fn invoke<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: conpb::InvokeRequest,
+    ) -> BoxFuture<'a, UpstreamResult<conpb::InvokeResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client = conpb::connector_hub_internal_client::ConnectorHubInternalClient::new(
+                self.channel.clone(),
+            );
+            Ok(client
+                .invoke(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+}
+
+impl GhostRunClient for Grpc {
+    fn get_preflight<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: gpb::GetPreflightRequest,
+    ) -> BoxFuture<'a, UpstreamResult<gpb::GetPreflightResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                gpb::ghost_run_service_client::GhostRunServiceClient::new(self.channel.clone());
+            Ok(client
+                .get_preflight(req)
                 .await
                 .map_err(UpstreamError::Remote)?
                 .into_inner())
