@@ -287,6 +287,90 @@ pub async fn append_receipt_first(
         .ok_or_else(|| Error::internal("the receipts service sent no receipt"))
 }
 
+/// The tenant's settings (`anumate.registry.v1.TenantSettingsService`), as
+/// the services that enforce them read them: the caller's tenant's, defaults
+/// filled in. In process the registry serves them from a cache that every
+/// change invalidates (in every process sharing a PostgreSQL database, by
+/// notification); over gRPC each call asks the registry.
+pub trait TenantSettingsClient: Send + Sync {
+    /// `GetTenantSettings` of `caller`'s tenant.
+    fn get_tenant_settings<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, UpstreamResult<TenantSettings>>;
+}
+
+/// A tenant's settings in Rust types, defaults filled in
+/// ([`TenantSettings::default`] is what a tenant that never changed anything
+/// reads). The contract is `anumate.registry.v1.TenantSettings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSettings {
+    /// `Execute` demands a non-FAIL preflight (default true).
+    pub require_preflight: bool,
+    /// How long a preflight report may be cited (default 1 h).
+    pub preflight_citation_ttl: Duration,
+    /// Expiry of an approval whose policy names none (default 24 h).
+    pub approval_default_expiry: Duration,
+    /// How long an `Execute` idempotency key returns the same run (default 24 h).
+    pub idempotency_retention: Duration,
+    /// How long finished runs are kept (default 30 days).
+    pub run_retention: Duration,
+    /// The settings' etag (`r0` for the defaults of a tenant that never
+    /// changed anything).
+    pub etag: String,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        TenantSettings {
+            require_preflight: true,
+            preflight_citation_ttl: Duration::from_secs(3600),
+            approval_default_expiry: Duration::from_secs(24 * 3600),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            run_retention: Duration::from_secs(30 * 24 * 3600),
+            etag: "r0".to_owned(),
+        }
+    }
+}
+
+impl TenantSettings {
+    /// The settings of a `GetTenantSettings` answer; a duration the message
+    /// lacks (or that is negative) reads as its default.
+    pub fn from_proto(msg: &rpb::TenantSettings) -> TenantSettings {
+        let d = TenantSettings::default();
+        let dur = |v: Option<(i64, i32)>, default: Duration| match v {
+            Some((s, n)) if s >= 0 && n >= 0 => Duration::new(s.unsigned_abs(), n.unsigned_abs()),
+            _ => default,
+        };
+        TenantSettings {
+            require_preflight: msg.require_preflight,
+            preflight_citation_ttl: dur(
+                msg.preflight_citation_ttl
+                    .as_ref()
+                    .map(|d| (d.seconds, d.nanos)),
+                d.preflight_citation_ttl,
+            ),
+            approval_default_expiry: dur(
+                msg.approval_default_expiry
+                    .as_ref()
+                    .map(|d| (d.seconds, d.nanos)),
+                d.approval_default_expiry,
+            ),
+            idempotency_retention: dur(
+                msg.idempotency_retention
+                    .as_ref()
+                    .map(|d| (d.seconds, d.nanos)),
+                d.idempotency_retention,
+            ),
+            run_retention: dur(
+                msg.run_retention.as_ref().map(|d| (d.seconds, d.nanos)),
+                d.run_retention,
+            ),
+            etag: msg.etag.clone(),
+        }
+    }
+}
+
 /// Any upstream service over gRPC: a channel, and the service issuer that
 /// mints the token of [`Caller::Service`] calls (`None`: such calls fail).
 #[derive(Debug, Clone)]
@@ -565,6 +649,29 @@ impl GhostRunClient for Grpc {
                 .await
                 .map_err(UpstreamError::Remote)?
                 .into_inner())
+        })
+    }
+}
+
+impl TenantSettingsClient for Grpc {
+    fn get_tenant_settings<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, UpstreamResult<TenantSettings>> {
+        Box::pin(async move {
+            let req = self.request(caller, rpb::GetTenantSettingsRequest {})?;
+            let mut client = rpb::tenant_settings_service_client::TenantSettingsServiceClient::new(
+                self.channel.clone(),
+            );
+            let resp = client
+                .get_tenant_settings(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner();
+            let settings = resp.settings.ok_or_else(|| {
+                UpstreamError::Local(Error::internal("the registry sent no tenant settings"))
+            })?;
+            Ok(TenantSettings::from_proto(&settings))
         })
     }
 }

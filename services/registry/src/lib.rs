@@ -10,6 +10,8 @@ mod diff;
 pub mod grpc;
 mod module;
 mod repo;
+pub mod settings;
+mod settings_grpc;
 pub mod tools;
 mod tools_grpc;
 
@@ -28,6 +30,8 @@ pub use anumate_documents::{Actor, VersionSelector};
 pub use grpc::RegistryGrpc;
 pub use module::module;
 pub use repo::{Capsules, MIGRATIONS as REPO_MIGRATIONS};
+pub use settings::TenantSettingsStore;
+pub use settings_grpc::TenantSettingsGrpc;
 pub use tools::{ToolCatalogue, Tools};
 pub use tools_grpc::ToolsGrpc;
 

@@ -3,10 +3,15 @@
 use std::sync::Arc;
 
 use anumate_proto::registry::v1 as pb;
-use anumate_service::clients::{BoxFuture, Caller, RegistryClient, UpstreamResult};
+use anumate_service::clients::{
+    BoxFuture, Caller, RegistryClient, TenantSettings, TenantSettingsClient, UpstreamResult,
+};
 use anumate_service::{BuildError, Context, Module, ServiceModule};
 
-use crate::{Actor, Registry, RegistryConfig, RegistryGrpc, ToolsGrpc, VersionSelector};
+use crate::{
+    Actor, Registry, RegistryConfig, RegistryGrpc, TenantSettingsGrpc, TenantSettingsStore,
+    ToolsGrpc, VersionSelector,
+};
 
 const KEYS: &str = "[keys] registry_key_files";
 
@@ -15,7 +20,7 @@ pub fn module() -> Box<dyn ServiceModule> {
     Box::new(Module::<RegistryConfig> {
         name: pb::registry_service_server::SERVICE_NAME,
         section: "registry",
-        about: "Capsule registry: versioned, signed capsules; the tenant's tool catalogue",
+        about: "Capsule registry: versioned, signed capsules; the tenant's tool catalogue; tenant settings",
         migrations: crate::REPO_MIGRATIONS,
         missing_keys: |_, keys| match keys.registry_key_files.is_empty() {
             true => vec![KEYS],
@@ -29,6 +34,7 @@ fn build(ctx: &mut Context, cfg: RegistryConfig) -> Result<(), BuildError> {
     let store = ctx.store("registry")?;
     let files = ctx.keys().registry_key_files.clone();
     let keys = Arc::new(ctx.key_ring(&files, KEYS, "registry")?);
+    let settings = TenantSettingsStore::new(store.clone());
     let registry = Registry::new(store, keys, &cfg);
     let documents = registry.documents().clone();
     ctx.tasks
@@ -40,7 +46,15 @@ fn build(ctx: &mut Context, cfg: RegistryConfig) -> Result<(), BuildError> {
         .spawn("tool catalogue cache invalidation", |cancel| async move {
             Ok(tools.follow_changes(cancel).await?)
         });
+    let followed = settings.clone();
+    ctx.tasks
+        .spawn("tenant settings cache invalidation", |cancel| async move {
+            Ok(followed.follow_changes(cancel).await?)
+        });
     ctx.provide::<Arc<dyn RegistryClient>>(Arc::new(registry.clone()));
+    ctx.provide::<Arc<dyn TenantSettingsClient>>(Arc::new(settings.clone()));
+    ctx.routes
+        .add_service(TenantSettingsGrpc::new(settings).into_server());
     ctx.routes
         .add_service(ToolsGrpc::new(registry.tools().clone()).into_server());
     ctx.routes
@@ -90,5 +104,16 @@ impl RegistryClient for Registry {
                 version: Some(version),
             })
         })
+    }
+}
+
+/// In this process: the cached read, no socket. Any principal of the tenant
+/// may read its settings.
+impl TenantSettingsClient for TenantSettingsStore {
+    fn get_tenant_settings<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, UpstreamResult<TenantSettings>> {
+        Box::pin(async move { Ok(self.get_typed(caller.tenant()).await?) })
     }
 }

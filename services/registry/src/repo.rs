@@ -71,6 +71,7 @@ pub const MIGRATIONS: &[Migration] = &[
         tenant_tables: &["capsules", "capsule_versions", "capsule_labels"],
     },
     crate::tools::MIGRATION,
+    crate::settings::MIGRATION,
 ];
 
 /// Capsules as a kind of versioned document; versions are signed with the
