@@ -13,6 +13,7 @@ use std::time::Duration;
 use anumate_auth::ServiceIssuer;
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::approvals::v1 as apb;
+use anumate_proto::captokens::v1 as ctpb;
 use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::ghostrun::v1 as gpb;
@@ -243,6 +244,31 @@ pub trait ConnectorHubClient: Send + Sync {
         caller: &'a Caller,
         request: conpb::InvokeRequest,
     ) -> BoxFuture<'a, UpstreamResult<conpb::InvokeResponse>>;
+}
+
+/// The capability token service (`anumate.captokens.v1`): the orchestrator
+/// mints a token for each call (`IssueToken`), the connector hub spends it in
+/// the platform's one replay store (`ConsumeToken`, service-only, the hub
+/// only) after checking its signature with the public keys (`GetJwks`).
+pub trait CapTokensClient: Send + Sync {
+    /// `CapabilityTokensInternal.IssueToken`: a token for exactly one call.
+    fn issue<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ctpb::IssueTokenRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ctpb::IssueTokenResponse>>;
+
+    /// `CapabilityTokensInternal.ConsumeToken`: refuses a revoked token and
+    /// consumes a single-use one (a refusal is a `verdict`, not an error).
+    fn consume<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ctpb::ConsumeTokenRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ctpb::ConsumeTokenResponse>>;
+
+    /// `CapTokensService.GetJwks`: the JWKS JSON of the keys that verify
+    /// tokens (current and retired; public, no credential needed).
+    fn jwks(&self) -> BoxFuture<'_, UpstreamResult<String>>;
 }
 
 /// GhostRun, as the orchestrator checks the preflight a run cites.
@@ -630,6 +656,61 @@ impl ConnectorHubClient for Grpc {
                 .await
                 .map_err(UpstreamError::Remote)?
                 .into_inner())
+        })
+    }
+}
+
+impl CapTokensClient for Grpc {
+    fn issue<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ctpb::IssueTokenRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ctpb::IssueTokenResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                ctpb::capability_tokens_internal_client::CapabilityTokensInternalClient::new(
+                    self.channel.clone(),
+                );
+            Ok(client
+                .issue_token(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn consume<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: ctpb::ConsumeTokenRequest,
+    ) -> BoxFuture<'a, UpstreamResult<ctpb::ConsumeTokenResponse>> {
+        Box::pin(async move {
+            let req = self.request(caller, request)?;
+            let mut client =
+                ctpb::capability_tokens_internal_client::CapabilityTokensInternalClient::new(
+                    self.channel.clone(),
+                );
+            Ok(client
+                .consume_token(req)
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner())
+        })
+    }
+
+    fn jwks(&self) -> BoxFuture<'_, UpstreamResult<String>> {
+        Box::pin(async move {
+            let mut client =
+                ctpb::cap_tokens_service_client::CapTokensServiceClient::new(self.channel.clone());
+            let body = client
+                .get_jwks(ctpb::GetJwksRequest {})
+                .await
+                .map_err(UpstreamError::Remote)?
+                .into_inner();
+            String::from_utf8(body.data).map_err(|e| {
+                UpstreamError::Local(Error::internal(format!("the JWKS is not UTF-8: {e}")))
+            })
         })
     }
 }

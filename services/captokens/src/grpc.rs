@@ -91,6 +91,16 @@ impl CapabilityTokensInternal for CapTokensGrpc {
         ))
     }
 
+    async fn consume_token(
+        &self,
+        req: Request<pb::ConsumeTokenRequest>,
+    ) -> Result<Response<pb::ConsumeTokenResponse>, Status> {
+        let actor = actor(&req)?;
+        Ok(Response::new(
+            self.tokens.consume(&actor, req.get_ref()).await?,
+        ))
+    }
+
     async fn refresh_token(
         &self,
         req: Request<pb::RefreshTokenRequest>,

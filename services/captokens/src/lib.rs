@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod consume;
 mod convert;
 pub mod grpc;
 mod module;
@@ -152,6 +153,9 @@ struct Inner {
     purge_interval: Duration,
     jwks_max_age: Duration,
     max_refresh_lifetime: i64,
+    /// Tenants whose `captoken_replay_tenants` row is known to exist (rows
+    /// there are never deleted), so a consume need not write it again.
+    replay_tenants: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 fn unix_now() -> i64 {
@@ -177,6 +181,7 @@ impl CapTokens {
                 jwks_max_age: Duration::from_secs(cfg.jwks_max_age_secs),
                 max_refresh_lifetime: i64::try_from(cfg.max_refresh_lifetime_secs)
                     .unwrap_or(i64::MAX),
+                replay_tenants: Default::default(),
             }),
             receipts: None,
         })
@@ -187,6 +192,23 @@ impl CapTokens {
     pub fn with_revocation_receipts(mut self, receipts: Arc<dyn ReceiptsClient>) -> Self {
         self.receipts = Some(receipts);
         self
+    }
+
+    fn replay_tenant_unknown(&self, tenant: &str) -> bool {
+        !self
+            .inner
+            .replay_tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(tenant)
+    }
+
+    fn replay_tenant_known(&self, tenant: &str) {
+        self.inner
+            .replay_tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(tenant.to_owned());
     }
 
     /// The public keys that verify tokens, as JWKS JSON, and the cache age.

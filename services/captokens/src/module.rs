@@ -10,7 +10,8 @@ use crate::{CapTokens, CapTokensConfig, CapTokensGrpc, RECEIPTS_SERVICE_NAME};
 
 /// The captokens service module: `CapTokensService` and the service-only
 /// `CapabilityTokensInternal` on the same server. It provides [`CapTokens`]
-/// (for the admin JWKS) and runs the replay purge. Revocations are receipted by the
+/// (for the admin JWKS) and an in-process `CapTokensClient` (for the
+/// orchestrator and the connector hub) and runs the replay purge. Revocations are receipted by the
 /// receipts service of this process (built before it), else by the one at
 /// `[captokens] receipts_url`.
 pub fn module() -> Box<dyn ServiceModule> {
@@ -65,6 +66,7 @@ fn build(ctx: &mut Context, cfg: CapTokensConfig) -> Result<(), BuildError> {
             Ok(())
         });
     ctx.provide(tokens.clone());
+    ctx.provide::<Arc<dyn clients::CapTokensClient>>(Arc::new(tokens.clone()));
     let grpc = CapTokensGrpc::new(tokens);
     ctx.routes.add_service(grpc.clone().into_internal_server());
     ctx.routes.add_service(grpc.into_server());

@@ -322,6 +322,70 @@ impl ReplayGuard for TxReplay<'_> {
     }
 }
 
+/// What [`consume`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumed {
+    /// The single-use token's `jti` is now spent.
+    Yes,
+    /// Not single-use: only the revocation check, passed.
+    NotSingleUse,
+    /// The token or its run was revoked.
+    Revoked,
+    /// The `jti` was spent before.
+    Replayed,
+}
+
+const REVOKED: &str = "SELECT 1 AS hit FROM captoken_revocations \
+     WHERE tenant_id = $1 AND (jti = $2 OR run_id = $3) LIMIT 1";
+
+/// The revocation check and, for a single-use token, the consumption, in
+/// one statement (a second only on refusal, to say which).
+pub async fn consume(
+    tx: &TenantTx,
+    jti: &str,
+    run: &str,
+    exp: i64,
+    single_use: bool,
+) -> Result<Consumed> {
+    let revoked = || async {
+        tx.query_one(REVOKED, vec![tx.tenant_id().into(), jti.into(), run.into()])
+            .await
+            .map(|row| row.is_some())
+    };
+    if !single_use {
+        return Ok(match revoked().await? {
+            true => Consumed::Revoked,
+            false => Consumed::NotSingleUse,
+        });
+    }
+    let n = tx
+        .execute(
+            "INSERT INTO captoken_replay (jti, tenant_id, exp) SELECT $1, $2, $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM captoken_revocations \
+               WHERE tenant_id = $2 AND (jti = $1 OR run_id = $4)) \
+             ON CONFLICT DO NOTHING",
+            vec![jti.into(), tx.tenant_id().into(), exp.into(), run.into()],
+        )
+        .await?;
+    if n == 1 {
+        return Ok(Consumed::Yes);
+    }
+    Ok(match revoked().await? {
+        true => Consumed::Revoked,
+        false => Consumed::Replayed,
+    })
+}
+
+/// Notes the transaction's tenant among those with replay records (for the purge).
+pub async fn note_replay_tenant(tx: &TenantTx) -> Result<()> {
+    tx.execute(
+        "INSERT INTO captoken_replay_tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        vec![tx.tenant_id().into()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Tenants with replay records.
 pub async fn replay_tenants(tx: &SystemTx) -> Result<Vec<String>> {
     let rows = tx
