@@ -369,7 +369,7 @@ impl TenantSettings {
             _ => default,
         };
         TenantSettings {
-            require_preflight: msg.require_preflight,
+            require_preflight: msg.require_preflight.unwrap_or(d.require_preflight),
             preflight_citation_ttl: dur(
                 msg.preflight_citation_ttl
                     .as_ref()

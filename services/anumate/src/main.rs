@@ -16,6 +16,7 @@ mod policy_cli;
 mod preflight_cli;
 mod receipts_cli;
 mod server;
+mod tenant_cli;
 mod token_cli;
 mod tool_cli;
 
@@ -73,6 +74,8 @@ enum Command {
     Connector(connector_cli::ConnectorCommand),
     /// Simulate a run (GhostRun): steps, decisions, approvals, risk; exits 0/2/1 for PASS/WARN/FAIL.
     Preflight(preflight_cli::PreflightCommand),
+    /// The tenant's settings: show them; admins change them (`settings set KEY=VALUE…`).
+    Tenant(tenant_cli::TenantCommand),
     /// Tokens for development.
     Auth {
         #[command(subcommand)]
@@ -228,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Approval(cmd) => Ok(approval_cli::run(cmd).await),
         Command::Preflight(cmd) => Ok(preflight_cli::run(cmd).await),
         Command::Connector(cmd) => Ok(connector_cli::run(cmd).await),
+        Command::Tenant(cmd) => Ok(tenant_cli::run(cmd).await),
         Command::Auth {
             command: AuthCommand::DevToken(args),
         } => {

@@ -120,7 +120,7 @@ impl Row {
             })
         };
         pb::TenantSettings {
-            require_preflight: self.values[0].map_or(d.require_preflight, |v| v != 0),
+            require_preflight: Some(self.values[0].map_or(d.require_preflight, |v| v != 0)),
             preflight_citation_ttl: dur(self.values[1], d.preflight_citation_ttl),
             approval_default_expiry: dur(self.values[2], d.approval_default_expiry),
             idempotency_retention: dur(self.values[3], d.idempotency_retention),
@@ -136,7 +136,7 @@ impl Row {
 fn new_value(index: usize, settings: &pb::TenantSettings) -> Result<Option<i64>, Violation> {
     let field = &FIELDS[index];
     let duration = match index {
-        0 => return Ok(Some(i64::from(settings.require_preflight))),
+        0 => return Ok(settings.require_preflight.map(i64::from)),
         1 => settings.preflight_citation_ttl.as_ref(),
         2 => settings.approval_default_expiry.as_ref(),
         3 => settings.idempotency_retention.as_ref(),
@@ -508,7 +508,7 @@ mod tests {
     #[test]
     fn defaults_match_the_contract_comments() {
         let p = Row::default().to_proto();
-        assert!(p.require_preflight);
+        assert_eq!(p.require_preflight, Some(true));
         assert_eq!(p.preflight_citation_ttl.unwrap().seconds, 3600);
         assert_eq!(p.run_retention.unwrap().seconds, 30 * 86400);
         assert_eq!(p.etag, "r0");

@@ -163,7 +163,7 @@ on_both_backends! {
 async fn defaults_then_update(app: TestApp) {
     for role in Role::ALL {
         let s = get(&mut app.client(TENANT_A, &[role]).await).await;
-        assert!(s.require_preflight);
+        assert_eq!(s.require_preflight, Some(true));
         assert_eq!(s.preflight_citation_ttl, secs(3600));
         assert_eq!(s.approval_default_expiry, secs(86400));
         assert_eq!(s.idempotency_retention, secs(86400));
@@ -175,7 +175,7 @@ async fn defaults_then_update(app: TestApp) {
 
     let mut admin = app.client(TENANT_A, ADMIN).await;
     let changed = pb::TenantSettings {
-        require_preflight: false,
+        require_preflight: Some(false),
         preflight_citation_ttl: secs(1800),
         // Not in the mask: ignored.
         run_retention: secs(7200),
@@ -192,7 +192,7 @@ async fn defaults_then_update(app: TestApp) {
         .into_inner()
         .settings
         .unwrap();
-    assert!(!after.require_preflight);
+    assert_eq!(after.require_preflight, Some(false));
     assert_eq!(after.preflight_citation_ttl, secs(1800));
     assert_eq!(after.run_retention, secs(30 * 86400));
     assert_eq!(after.etag, "r1");
@@ -233,12 +233,16 @@ async fn defaults_then_update(app: TestApp) {
         .settings
         .unwrap();
     assert_eq!(reset.preflight_citation_ttl, secs(3600));
-    assert!(!reset.require_preflight, "not in the mask: unchanged");
+    assert_eq!(
+        reset.require_preflight,
+        Some(false),
+        "not in the mask: unchanged"
+    );
     assert_eq!(reset.etag, "r2");
 
     // The other tenant never sees tenant A's settings.
     let other = get(&mut app.client(TENANT_B, ADMIN).await).await;
-    assert!(other.require_preflight);
+    assert_eq!(other.require_preflight, Some(true));
     assert_eq!(other.etag, "r0");
     assert_eq!(app.counts(TENANT_B).await, (0, 0));
 }
@@ -292,10 +296,11 @@ async fn only_admins_update(app: TestApp) {
         );
     }
     assert_eq!(app.counts(TENANT_A).await, (0, 0));
-    assert!(
+    assert_eq!(
         get(&mut app.client(TENANT_A, ADMIN).await)
             .await
-            .require_preflight
+            .require_preflight,
+        Some(true)
     );
 }
 
@@ -304,7 +309,7 @@ async fn only_admins_update(app: TestApp) {
 async fn bad_input_writes_nothing(app: TestApp) {
     let mut admin = app.client(TENANT_A, ADMIN).await;
     let some = pb::TenantSettings {
-        require_preflight: false,
+        require_preflight: Some(false),
         ..Default::default()
     };
 
@@ -399,7 +404,7 @@ async fn bad_input_writes_nothing(app: TestApp) {
 
     assert_eq!(app.counts(TENANT_A).await, (0, 0), "nothing written");
     let s = get(&mut admin).await;
-    assert!(s.require_preflight);
+    assert_eq!(s.require_preflight, Some(true));
     assert_eq!(s.etag, "r0");
 
     // The bounds themselves are accepted.
@@ -509,7 +514,10 @@ async fn a_change_reaches_the_other_process_cache_postgres() {
     let mut admin = app.client(TENANT_A, ADMIN).await;
     admin
         .update_tenant_settings(update(
-            pb::TenantSettings::default(),
+            pb::TenantSettings {
+                require_preflight: Some(false),
+                ..Default::default()
+            },
             &["require_preflight"],
             "",
         ))
