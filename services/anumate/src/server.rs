@@ -19,7 +19,7 @@ use crate::config::AppConfig;
 /// Every service of the platform, in build order (a service's in-process
 /// upstreams come before it). Adding a service is one line here.
 pub fn modules() -> Vec<Box<dyn ServiceModule>> {
-    let mut all = vec![
+    vec![
         anumate_registry::module(),
         anumate_receipts::module(),
         anumate_policy_service::module(),
@@ -29,10 +29,8 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
         anumate_approvals::module(),
         anumate_ghostrun::module(),
         anumate_connectors::module(),
-    ];
-    // Contracts whose service has not landed: they answer UNIMPLEMENTED.
-    all.extend(anumate_unimplemented::modules());
-    all
+        anumate_orchestrator::module(),
+    ]
 }
 
 /// What `anumate serve` accepts: `all` and each module's name.

@@ -555,10 +555,11 @@ async fn health_reflection_unimplemented_and_sigterm() {
         "anumate.captokens.v1.CapTokensService",
         "anumate.events.v1.EventsService",
         "anumate.ghostrun.v1.GhostRunService",
+        "anumate.orchestrator.v1.OrchestratorService",
         "grpc.health.v1.Health",
     ];
-    expected.extend_from_slice(anumate_unimplemented::SERVICE_NAMES);
-    assert_eq!(anumate_unimplemented::SERVICE_NAMES.len(), 1);
+    // Every contract is served: no placeholder is left in the composition.
+    expected.sort_unstable();
     for name in expected {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
@@ -607,19 +608,28 @@ async fn health_reflection_unimplemented_and_sigterm() {
         answer.unwrap_or_else(|s| panic!("{service} is served by dev: {s:?}"));
     }
 
-    // a registered but not yet implemented service
+    // the orchestrator, the last placeholder, is served for real: an empty
+    // tenant has no runs, and an unknown run is RUN_NOT_FOUND
     use anumate_proto::orchestrator::v1::{
-        ListRunsRequest, orchestrator_service_client::OrchestratorServiceClient,
+        GetRunRequest, ListRunsRequest, orchestrator_service_client::OrchestratorServiceClient,
     };
     let mut orchestrator =
         OrchestratorServiceClient::with_interceptor(channel, BearerToken(dev.token()));
-    let err = orchestrator
+    let runs = orchestrator
         .list_runs(ListRunsRequest::default())
         .await
+        .expect("ListRuns is served")
+        .into_inner();
+    assert!(runs.runs.is_empty(), "{runs:?}");
+    let err = orchestrator
+        .get_run(GetRunRequest {
+            run_id: "0190e7b0-0000-7000-8000-000000000000".into(),
+        })
+        .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     let info = anumate_errors::Error::from_status(&err);
-    assert_eq!(info.code.to_string(), "UNIMPLEMENTED");
+    assert_eq!(info.reason.as_str(), "RUN_NOT_FOUND");
 
     // SIGTERM: drains and exits 0; dev.json no longer points at a dead server
     let started = Instant::now();

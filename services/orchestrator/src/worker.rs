@@ -1,0 +1,1506 @@
+//! Workers: lease due runs from the work queue and drive them, one journaled
+//! change at a time.
+//!
+//! A worker re-reads the run and its steps before every action, rebuilds the
+//! interpreter's view from the journal (succeeded steps replay their
+//! recorded outputs), and takes the next action of the first ready step:
+//! skip, fail (deny, expression error), open or follow an approval, or call
+//! the tool. A call is journaled as a `RUNNING` attempt (with its token and
+//! idempotency key) before it is sent; a worker that finds such an attempt
+//! (its process died mid-call) re-sends it with the same key for an
+//! idempotent tool, and otherwise marks it `OUTCOME_UNKNOWN` and the step
+//! `NEEDS_ATTENTION`.
+//!
+//! Every change re-reads the run row under its lock and applies the
+//! worker's change to it, so a concurrent pause, cancel or kill is never
+//! overwritten: a killed or ended run stops the worker, a paused run keeps
+//! `PAUSED` (the worker's state goes to `paused_from`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anumate_auth::ServiceIssuer;
+use anumate_engine::{Finished, Step};
+use anumate_errors::{Error, ErrorCode, Reason, Result};
+use anumate_policy::Effect;
+use anumate_proto::approvals::v1 as apb;
+use anumate_proto::captokens::v1 as capb;
+use anumate_proto::compiler::v1 as cpb;
+use anumate_proto::connectors::v1 as conpb;
+use anumate_proto::events::v1 as ev;
+use anumate_proto::orchestrator::v1 as pb;
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::receipts::v1 as rcpb;
+use anumate_service::CancellationToken;
+use anumate_service::clients::{Caller, UpstreamError, UpstreamResult};
+use anumate_store::TenantTx;
+use serde_json::{Value, json};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::{
+    Orchestrator, SELF_ACTOR, Starter, event_ctx, is_terminal, now_micros, repo, step_is_done, ts,
+};
+
+/// How long a call may take when its step sets no timeout.
+const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The captokens service over gRPC (issue a token for one call, revoke a
+/// run's tokens), as the orchestrator acting for the run's starter.
+#[derive(Clone)]
+pub struct CapTokens {
+    channel: Channel,
+    issuer: Option<ServiceIssuer>,
+}
+
+impl CapTokens {
+    /// A client over `channel`, presenting tokens of `issuer` (minting for
+    /// `orchestrator`).
+    pub fn new(channel: Channel, issuer: Option<ServiceIssuer>) -> CapTokens {
+        CapTokens { channel, issuer }
+    }
+
+    fn request<T>(&self, caller: &Caller, msg: T) -> UpstreamResult<tonic::Request<T>> {
+        let Caller::Delegated { principal, .. } = caller else {
+            return Err(UpstreamError::Local(Error::internal(
+                "captokens calls act for the run's starter",
+            )));
+        };
+        let issuer = self.issuer.as_ref().ok_or_else(|| {
+            UpstreamError::Local(Error::internal("the orchestrator has no service issuer"))
+        })?;
+        let token = issuer.token_for(principal)?;
+        let mut req = tonic::Request::new(msg);
+        let value = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+
+    /// `IssueToken`.
+    pub async fn issue(
+        &self,
+        caller: &Caller,
+        r: capb::IssueTokenRequest,
+    ) -> UpstreamResult<capb::IssueTokenResponse> {
+        let req = self.request(caller, r)?;
+        let mut c = capb::capability_tokens_internal_client::CapabilityTokensInternalClient::new(
+            self.channel.clone(),
+        );
+        Ok(c.issue_token(req)
+            .await
+            .map_err(UpstreamError::Remote)?
+            .into_inner())
+    }
+
+    /// `RevokeToken` for every token of a run.
+    pub async fn revoke_run(
+        &self,
+        caller: &Caller,
+        run_id: &str,
+        reason: &str,
+    ) -> UpstreamResult<()> {
+        let req = self.request(
+            caller,
+            capb::RevokeTokenRequest {
+                target: Some(capb::revoke_token_request::Target::RunId(
+                    run_id.to_string(),
+                )),
+                reason: if reason.is_empty() {
+                    "the run ended".into()
+                } else {
+                    reason.to_string()
+                },
+            },
+        )?;
+        let mut c =
+            capb::cap_tokens_service_client::CapTokensServiceClient::new(self.channel.clone());
+        c.revoke_token(req).await.map_err(UpstreamError::Remote)?;
+        Ok(())
+    }
+}
+
+/// What the queue row of a run becomes after a change.
+enum Work {
+    Keep,
+    Unschedule,
+}
+
+/// What driving a run did.
+enum Next {
+    /// Something changed; look again.
+    Again,
+    /// Nothing to do before this time.
+    Wait(i64),
+    /// The run ended or waits for a human.
+    Stop,
+}
+
+/// An event a worker change emits.
+enum Ev {
+    Started(ev::StepStarted),
+    Completed(ev::StepCompleted),
+    Failed(ev::StepFailed),
+    Waiting(ev::StepWaitingApproval),
+    Attention(ev::StepNeedsAttention),
+    RunCompleted(ev::RunCompleted),
+    RunFailed(ev::RunFailed),
+    RunCancelled(ev::RunCancelled),
+}
+
+impl Ev {
+    async fn append(&self, tx: &TenantTx, run_id: &str, plan_hash: &str) -> Result<()> {
+        let ctx = event_ctx(run_id, plan_hash);
+        let r = match self {
+            Ev::Started(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::Completed(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::Failed(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::Waiting(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::Attention(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::RunCompleted(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::RunFailed(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::RunCancelled(m) => anumate_events::append(tx, m, ctx).await,
+        };
+        r.map(|_| ()).map_err(Error::internal)
+    }
+}
+
+/// The run ended or was killed under the worker: stop driving it.
+fn stopped() -> Error {
+    Error::because(Reason::RunTerminal, "the run ended under the worker")
+}
+
+fn failure(
+    kind: pb::FailureKind,
+    code: &str,
+    message: &str,
+    retryable: bool,
+    step: &str,
+) -> pb::Failure {
+    pb::Failure {
+        kind: kind as i32,
+        code: code.to_string(),
+        message: message.chars().take(2048).collect(),
+        retryable,
+        step_id: step.to_string(),
+    }
+}
+
+fn duration_pb(micros: i64) -> Option<pbjson_types::Duration> {
+    let micros = micros.max(0);
+    Some(pbjson_types::Duration {
+        seconds: micros / 1_000_000,
+        nanos: i32::try_from((micros % 1_000_000) * 1000).unwrap_or(0),
+    })
+}
+
+fn micros_of(t: &Option<pbjson_types::Timestamp>) -> i64 {
+    t.as_ref()
+        .map(anumate_proto::micros_from_timestamp_saturating)
+        .unwrap_or(0)
+}
+
+impl Orchestrator {
+    /// The worker pool: claims due runs and drives up to `workers` at once
+    /// until `cancel`, then waits for the runs in hand.
+    pub async fn run_workers(&self, cancel: CancellationToken) {
+        let workers = self.inner.cfg.workers.max(1);
+        let slots = Arc::new(tokio::sync::Semaphore::new(workers));
+        let poll = Duration::from_millis(self.inner.cfg.poll_ms.max(10));
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let free = slots.available_permits();
+            let claimed = if free == 0 {
+                Vec::new()
+            } else {
+                match self.claim(free).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "orchestrator: claiming work failed");
+                        Vec::new()
+                    }
+                }
+            };
+            let idle = claimed.is_empty();
+            for (tenant, run_id) in claimed {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let this = self.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    this.drive_logged(&tenant, &run_id, &cancel).await;
+                    drop(permit);
+                });
+            }
+            if idle || slots.available_permits() == 0 {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = self.inner.wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+        let all = u32::try_from(workers).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(all)).await;
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<(String, String)>> {
+        let now = now_micros();
+        let until = now + self.lease_micros();
+        let tx = self.inner.store.system_write().await?;
+        let got = repo::claim(
+            &tx,
+            &self.inner.worker_id,
+            now,
+            until,
+            i64::try_from(limit).unwrap_or(64),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(got)
+    }
+
+    fn lease_micros(&self) -> i64 {
+        i64::try_from(self.inner.cfg.lease_secs.max(1)).unwrap_or(30) * 1_000_000
+    }
+
+    async fn set_lease(&self, tenant: &str, run_id: &str, until: i64) -> Result<()> {
+        let tx = self.inner.store.system_write().await?;
+        repo::set_lease(&tx, tenant, run_id, &self.inner.worker_id, until).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn drive_logged(&self, tenant: &str, run_id: &str, cancel: &CancellationToken) {
+        let result = self.drive(tenant, run_id, cancel).await;
+        let retry_at = match &result {
+            Ok(()) => None,
+            Err(e) if e.reason == Reason::RunTerminal => None,
+            Err(e) => {
+                tracing::warn!(tenant, run = run_id, error = %e, "orchestrator: driving a run failed; retried later");
+                Some(now_micros() + 1_000_000)
+            }
+        };
+        if let Some(at) = retry_at
+            && let Ok(tx) = self.inner.store.write(tenant).await
+            && repo::reschedule(&tx, run_id, at).await.is_ok()
+        {
+            let _ = tx.commit().await;
+        }
+        if let Err(e) = self.set_lease(tenant, run_id, 0).await {
+            tracing::warn!(tenant, run = run_id, error = %e, "orchestrator: releasing a lease failed");
+        }
+    }
+
+    async fn drive(&self, tenant: &str, run_id: &str, cancel: &CancellationToken) -> Result<()> {
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            self.set_lease(tenant, run_id, now_micros() + self.lease_micros())
+                .await?;
+            match self.advance(tenant, run_id).await? {
+                Next::Again => {}
+                Next::Stop => return Ok(()),
+                Next::Wait(at) => {
+                    let tx = self.inner.store.write(tenant).await?;
+                    repo::reschedule(&tx, run_id, at).await?;
+                    tx.commit().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Saves one change: re-reads the run under its lock, applies `f` to
+    /// it, saves `step`, journals the change, appends `events` and updates
+    /// the queue, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn save(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        f: impl FnOnce(&mut pb::Run),
+        step: Option<(usize, &pb::StepRun)>,
+        kind: &str,
+        message: &str,
+        attempt: i32,
+        events: Vec<Ev>,
+        work: Work,
+    ) -> Result<pb::Run> {
+        let tx = self.inner.store.write(tenant).await?;
+        let mut run = repo::get_run(&tx, run_id, true)
+            .await?
+            .ok_or_else(stopped)?
+            .run;
+        if is_terminal(run.state) {
+            return Err(stopped());
+        }
+        let paused = run.state == pb::RunState::Paused as i32;
+        f(&mut run);
+        if paused && !is_terminal(run.state) && run.state != pb::RunState::Paused as i32 {
+            run.paused_from = run.state;
+            run.state = pb::RunState::Paused as i32;
+        }
+        if let Some((i, s)) = step {
+            repo::put_step(&tx, run_id, i, s).await?;
+        }
+        crate::journal(
+            &tx,
+            &mut run,
+            step.map(|(_, s)| s),
+            kind,
+            SELF_ACTOR,
+            message,
+            attempt,
+        )
+        .await?;
+        for e in &events {
+            e.append(&tx, run_id, &run.plan_hash).await?;
+        }
+        match work {
+            Work::Keep => {}
+            Work::Unschedule => repo::unschedule(&tx, run_id).await?,
+        }
+        tx.commit().await?;
+        self.notify_changed(tenant, run_id);
+        Ok(run)
+    }
+
+    /// One action on the run.
+    async fn advance(&self, tenant: &str, run_id: &str) -> Result<Next> {
+        let (row, mut steps) = {
+            let tx = self.inner.store.read(tenant).await?;
+            let Some(row) = repo::get_run(&tx, run_id, false).await? else {
+                return Ok(Next::Stop);
+            };
+            let steps = repo::steps(&tx, run_id).await?;
+            (row, steps)
+        };
+        let run = row.run;
+        let starter = row.principal;
+        if is_terminal(run.state) || run.state == pb::RunState::Paused as i32 {
+            let tx = self.inner.store.write(tenant).await?;
+            repo::unschedule(&tx, run_id).await?;
+            tx.commit().await?;
+            return Ok(Next::Stop);
+        }
+        if run.cancel_requested {
+            self.finish_cancel(tenant, &starter, run, steps).await?;
+            return Ok(Next::Stop);
+        }
+        let now = now_micros();
+        if run.deadline.is_some() && micros_of(&run.deadline) <= now {
+            let f = failure(
+                pb::FailureKind::Timeout,
+                "RUN_TIMEOUT",
+                "the run did not end before its deadline",
+                false,
+                "",
+            );
+            self.fail_run(tenant, &starter, &run, &mut steps, f).await?;
+            return Ok(Next::Stop);
+        }
+        if let Some(s) = steps
+            .iter()
+            .find(|s| s.state == pb::StepState::Failed as i32)
+        {
+            let f = s.failure.clone().unwrap_or_else(|| {
+                failure(
+                    pb::FailureKind::Internal,
+                    "",
+                    "the step failed",
+                    false,
+                    &s.step_id,
+                )
+            });
+            self.fail_run(tenant, &starter, &run, &mut steps, f).await?;
+            return Ok(Next::Stop);
+        }
+        if steps
+            .iter()
+            .any(|s| s.state == pb::StepState::NeedsAttention as i32)
+        {
+            let tx = self.inner.store.write(tenant).await?;
+            repo::unschedule(&tx, run_id).await?;
+            tx.commit().await?;
+            return Ok(Next::Stop);
+        }
+
+        let created_at = micros_of(&run.create_time);
+        let (plan, engine) = self.engine(&starter, &run.plan_hash, created_at).await?;
+        let inputs = match &run.inputs {
+            Some(s) => anumate_engine::json::struct_json(s).map_err(Error::internal)?,
+            None => json!({}),
+        };
+        let mut er = engine
+            .start(&inputs)
+            .map_err(|v| Error::internal(format!("stored inputs no longer match: {v:?}")))?;
+        // Replay what the journal says happened.
+        loop {
+            let mut progressed = false;
+            for i in er.ready() {
+                let Some(s) = steps.get(i) else { continue };
+                let state = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
+                let result = match state {
+                    pb::StepState::Succeeded
+                    | pb::StepState::Compensating
+                    | pb::StepState::Compensated
+                    | pb::StepState::CompensationFailed => Some(Finished::Succeeded(
+                        s.output
+                            .as_ref()
+                            .map(|v| anumate_engine::json::value_json(v, 0))
+                            .transpose()
+                            .map_err(Error::internal)?
+                            .unwrap_or(Value::Null),
+                    )),
+                    pb::StepState::Failed | pb::StepState::Cancelled | pb::StepState::Skipped => {
+                        Some(Finished::Failed)
+                    }
+                    _ => None,
+                };
+                if let Some(result) = result {
+                    let d = er.decide(i).map_err(Error::internal)?;
+                    if matches!(d, Step::Call { .. }) {
+                        er.finish(i, result).map_err(Error::internal)?;
+                    }
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let ready = er.ready();
+        if ready.is_empty() {
+            if er.is_done() {
+                self.complete_run(tenant, &starter, &run, &steps).await?;
+                return Ok(Next::Stop);
+            }
+            // Steps in flight elsewhere (cannot happen under the lease): look later.
+            return Ok(Next::Wait(now + 1_000_000));
+        }
+        let mut wait = i64::MAX;
+        for i in ready {
+            match self
+                .step_action(tenant, &starter, &run, &plan, &mut er, &mut steps, i)
+                .await?
+            {
+                Next::Wait(t) => wait = wait.min(t),
+                other => return Ok(other),
+            }
+        }
+        Ok(Next::Wait(wait))
+    }
+
+    /// The next action of ready step `i`.
+    #[allow(clippy::too_many_arguments)]
+    async fn step_action(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        plan: &cpb::ExecutablePlan,
+        er: &mut anumate_engine::Run<'_>,
+        steps: &mut [pb::StepRun],
+        i: usize,
+    ) -> Result<Next> {
+        let now = now_micros();
+        let run_id = run.run_id.as_str();
+        let state = pb::StepState::try_from(steps[i].state).unwrap_or(pb::StepState::Unspecified);
+        if state == pb::StepState::WaitingRetry && micros_of(&steps[i].next_attempt_time) > now {
+            return Ok(Next::Wait(micros_of(&steps[i].next_attempt_time)));
+        }
+        let decided = er.decide(i).map_err(Error::internal)?;
+        let (args, args_sha256, decision) = match decided {
+            Step::SkippedByCondition | Step::SkippedUpstream { .. } => {
+                let why = match &decided {
+                    Step::SkippedUpstream { upstream } => {
+                        format!("step {upstream:?} did not succeed")
+                    }
+                    _ => "its condition is false".to_string(),
+                };
+                let s = &mut steps[i];
+                s.state = pb::StepState::Skipped as i32;
+                s.state_reason = why.clone();
+                s.end_time = ts(now);
+                self.save(
+                    tenant,
+                    run_id,
+                    |_| {},
+                    Some((i, &*s)),
+                    "step.skipped",
+                    &why,
+                    0,
+                    vec![],
+                    Work::Keep,
+                )
+                .await?;
+                return Ok(Next::Again);
+            }
+            Step::ExpressionError { path, message } => {
+                let msg = format!("{path}: {message}");
+                let f = failure(
+                    pb::FailureKind::ExpressionError,
+                    "",
+                    &msg,
+                    false,
+                    &steps[i].step_id,
+                );
+                self.fail_step(tenant, starter, run, steps, i, f, 0, "")
+                    .await?;
+                return Ok(Next::Again);
+            }
+            Step::Call {
+                args,
+                args_sha256,
+                decision,
+            } => (args, args_sha256, decision),
+        };
+        let tool = steps[i].tool.clone();
+        let step_id = steps[i].step_id.clone();
+        let redacted_args = anumate_ghostrun::report::redact(&args, &decision.redactions);
+        match decision.effect {
+            Effect::Deny => {
+                let why = decision
+                    .rules
+                    .iter()
+                    .flat_map(|r| r.reasons.iter().cloned())
+                    .next()
+                    .unwrap_or_else(|| "a policy denied the call".into());
+                let code = if decision.rules.iter().any(|r| r.set.is_none()) {
+                    "TOOL_NOT_ALLOWED"
+                } else {
+                    "POLICY_DENIED"
+                };
+                let receipt = self
+                    .receipt(
+                        starter,
+                        run,
+                        &step_id,
+                        0,
+                        &[],
+                        json!({"tool": tool, "args_sha256": args_sha256, "outcome": "denied", "reason": why}),
+                        &format!("step:{run_id}:{step_id}:denied"),
+                    )
+                    .await?;
+                let f = failure(pb::FailureKind::PolicyDenied, code, &why, false, &step_id);
+                self.fail_step(tenant, starter, run, steps, i, f, 0, &receipt)
+                    .await?;
+                return Ok(Next::Again);
+            }
+            Effect::RequireApproval => {
+                match self
+                    .approval(
+                        tenant,
+                        starter,
+                        run,
+                        plan,
+                        steps,
+                        i,
+                        &args_sha256,
+                        &redacted_args,
+                        &decision,
+                    )
+                    .await?
+                {
+                    None => {}
+                    Some(next) => return Ok(next),
+                }
+            }
+            Effect::Allow => {}
+        }
+        self.call(
+            tenant,
+            starter,
+            run,
+            plan,
+            steps,
+            i,
+            &args,
+            &args_sha256,
+            &redacted_args,
+            &decision,
+        )
+        .await
+    }
+
+    /// Opens or follows the step's approval: `None` when it is granted.
+    #[allow(clippy::too_many_arguments)]
+    async fn approval(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        plan: &cpb::ExecutablePlan,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        args_sha256: &str,
+        redacted_args: &Value,
+        decision: &anumate_engine::StepDecision,
+    ) -> Result<Option<Next>> {
+        let caller = starter.caller();
+        let now = now_micros();
+        let poll = now + i64::try_from(self.inner.cfg.approval_poll_ms).unwrap_or(500) * 1000;
+        let run_id = run.run_id.as_str();
+        let step_id = steps[i].step_id.clone();
+        if let Some(id) = steps[i].approval_ids.last().cloned() {
+            let a = self
+                .inner
+                .up
+                .approvals
+                .get_approval(
+                    &caller,
+                    apb::GetApprovalRequest {
+                        approval_id: id.clone(),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_error())?
+                .approval
+                .ok_or_else(|| Error::internal("the approvals service sent no approval"))?;
+            let (kind, code) = match apb::ApprovalState::try_from(a.state) {
+                Ok(apb::ApprovalState::Approved) => {
+                    if a.args_sha256 == args_sha256 {
+                        return Ok(None);
+                    }
+                    (pb::FailureKind::Internal, "APPROVAL_ARGS_MISMATCH")
+                }
+                Ok(apb::ApprovalState::Pending) => {
+                    if steps[i].state != pb::StepState::WaitingApproval as i32 {
+                        let s = &mut steps[i];
+                        s.state = pb::StepState::WaitingApproval as i32;
+                        self.save(
+                            tenant,
+                            run_id,
+                            |r| r.state = pb::RunState::WaitingApproval as i32,
+                            Some((i, &*s)),
+                            "step.waiting_approval",
+                            "",
+                            0,
+                            vec![],
+                            Work::Keep,
+                        )
+                        .await?;
+                    }
+                    return Ok(Some(Next::Wait(poll)));
+                }
+                Ok(apb::ApprovalState::Rejected) => {
+                    (pb::FailureKind::ApprovalRejected, "APPROVAL_REJECTED")
+                }
+                Ok(apb::ApprovalState::Expired) => {
+                    (pb::FailureKind::ApprovalExpired, "APPROVAL_EXPIRED")
+                }
+                _ => (pb::FailureKind::ApprovalRejected, "APPROVAL_CANCELLED"),
+            };
+            let f = failure(
+                kind,
+                code,
+                &format!("approval {id} was not granted ({code})"),
+                false,
+                &step_id,
+            );
+            self.fail_step(tenant, starter, run, steps, i, f, 0, "")
+                .await?;
+            return Ok(Some(Next::Again));
+        }
+        let Some(need) = decision.approvals.first() else {
+            let f = failure(
+                pb::FailureKind::Internal,
+                "",
+                "approval required without approvers",
+                false,
+                &step_id,
+            );
+            self.fail_step(tenant, starter, run, steps, i, f, 0, "")
+                .await?;
+            return Ok(Some(Next::Again));
+        };
+        let pref = plan.policies.get(need.set);
+        let binding = plan.tool_bindings.iter().find(|b| b.tool == steps[i].tool);
+        let request = apb::RequestApprovalRequest {
+            run_id: run_id.to_string(),
+            step_id: step_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            args_sha256: args_sha256.to_string(),
+            tool: steps[i].tool.clone(),
+            destructive: binding
+                .is_some_and(|b| b.side_effect == cpb::SideEffect::Destructive as i32),
+            rule: Some(ppb::PolicyRuleRef {
+                policy: need.policy.clone(),
+                policy_version: pref.map_or(0, |p| p.version),
+                content_hash: pref.map(|p| p.content_hash.clone()).unwrap_or_default(),
+                rule: need.rule.clone(),
+                span: None,
+            }),
+            reason: need.reason.clone().unwrap_or_default(),
+            requester: starter.subject.clone(),
+            stages: need
+                .stages
+                .iter()
+                .map(|s| apb::StageRequest {
+                    name: s.name.clone(),
+                    approvers: s.approvers.clone(),
+                    quorum: s.quorum,
+                })
+                .collect(),
+            capsule: run.capsule_name.clone(),
+            capsule_version: run.capsule_version,
+            args_preview: Some(anumate_engine::json::to_struct(redacted_args)),
+            ..Default::default()
+        };
+        let a = self
+            .inner
+            .up
+            .approvals
+            .request_approval(&caller, request)
+            .await
+            .map_err(|e| e.to_error())?
+            .approval
+            .ok_or_else(|| Error::internal("the approvals service sent no approval"))?;
+        let s = &mut steps[i];
+        s.approval_ids.push(a.approval_id.clone());
+        s.state = pb::StepState::WaitingApproval as i32;
+        let event = Ev::Waiting(ev::StepWaitingApproval {
+            tenant_id: tenant.to_string(),
+            run_id: run_id.to_string(),
+            plan_hash: run.plan_hash.clone(),
+            step_id: step_id.clone(),
+            tool: s.tool.clone(),
+            args_sha256: args_sha256.to_string(),
+            approval_id: a.approval_id.clone(),
+            actor: starter.subject.clone(),
+        });
+        self.save(
+            tenant,
+            run_id,
+            |r| {
+                r.state = pb::RunState::WaitingApproval as i32;
+                if r.start_time.is_none() {
+                    r.start_time = ts(now);
+                }
+            },
+            Some((i, &*s)),
+            "step.waiting_approval",
+            &format!("approval {} opened", a.approval_id),
+            0,
+            vec![event],
+            Work::Keep,
+        )
+        .await?;
+        Ok(Some(Next::Wait(poll)))
+    }
+
+    /// Calls the tool of step `i` (the decision allows it).
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        plan: &cpb::ExecutablePlan,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        args: &Value,
+        args_sha256: &str,
+        redacted_args: &Value,
+        decision: &anumate_engine::StepDecision,
+    ) -> Result<Next> {
+        let caller = starter.caller();
+        let run_id = run.run_id.as_str();
+        let step_id = steps[i].step_id.clone();
+        let tool = steps[i].tool.clone();
+        let key = format!("{run_id}/{step_id}");
+        let binding = plan.tool_bindings.iter().find(|b| b.tool == tool);
+        let idempotent = binding.is_some_and(|b| b.idempotent);
+        let single_use = binding.is_none_or(|b| b.side_effect != cpb::SideEffect::Read as i32);
+        let in_flight = steps[i]
+            .attempts
+            .last()
+            .is_some_and(|a| a.state == pb::AttemptState::Running as i32);
+        if in_flight && !idempotent {
+            let s = &mut steps[i];
+            let n = s.attempts.len();
+            if let Some(a) = s.attempts.last_mut() {
+                a.state = pb::AttemptState::OutcomeUnknown as i32;
+                a.end_time = ts(now_micros());
+            }
+            let why = format!(
+                "the process died while attempt {n} of {tool} was in flight and {tool} is not idempotent: check the target system, then resolve the step"
+            );
+            s.state = pb::StepState::NeedsAttention as i32;
+            s.state_reason = why.clone();
+            let event = Ev::Attention(ev::StepNeedsAttention {
+                tenant_id: tenant.to_string(),
+                run_id: run_id.to_string(),
+                plan_hash: run.plan_hash.clone(),
+                step_id: step_id.clone(),
+                tool: tool.clone(),
+                attempt: i32::try_from(n).unwrap_or(i32::MAX),
+                idempotency_key: key.clone(),
+                reason: why.clone(),
+                actor: SELF_ACTOR.into(),
+            });
+            self.save(
+                tenant,
+                run_id,
+                |_| {},
+                Some((i, &*s)),
+                "step.needs_attention",
+                &why,
+                i32::try_from(n).unwrap_or(i32::MAX),
+                vec![event],
+                Work::Unschedule,
+            )
+            .await?;
+            return Ok(Next::Stop);
+        }
+        let step_def = plan.steps.get(i);
+        let timeout = step_def
+            .and_then(|s| s.timeout.as_ref())
+            .filter(|d| d.seconds > 0 || d.nanos > 0)
+            .map_or(DEFAULT_ATTEMPT_TIMEOUT, |d| {
+                Duration::new(
+                    u64::try_from(d.seconds).unwrap_or(0),
+                    u32::try_from(d.nanos).unwrap_or(0),
+                )
+            });
+        let ttl_secs = i64::try_from(timeout.as_secs())
+            .unwrap_or(240)
+            .clamp(60, 300);
+        let issued = self
+            .inner
+            .up
+            .captokens
+            .issue(
+                &caller,
+                capb::IssueTokenRequest {
+                    audience: self.inner.cfg.token_audience.clone(),
+                    subject: starter.subject.clone(),
+                    run_id: run_id.to_string(),
+                    step_id: step_id.clone(),
+                    plan_hash: run.plan_hash.clone(),
+                    args_sha256: args_sha256.to_string(),
+                    capability: Some(capb::Capability {
+                        tool: tool.clone(),
+                        actions: vec!["call".into()],
+                        constraints: None,
+                    }),
+                    ttl: Some(pbjson_types::Duration {
+                        seconds: ttl_secs,
+                        nanos: 0,
+                    }),
+                    single_use,
+                },
+            )
+            .await;
+        let issued = match issued {
+            Ok(t) => t,
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                tracing::warn!(run = run_id, step = %step_id, error = %e, "captokens unavailable; retrying");
+                return Ok(Next::Wait(now_micros() + 1_000_000));
+            }
+            Err(e) => {
+                let f = failure(
+                    pb::FailureKind::TokenRejected,
+                    "TOKEN_NOT_ISSUED",
+                    &e.message(),
+                    false,
+                    &step_id,
+                );
+                self.fail_step(tenant, starter, run, steps, i, f, 0, "")
+                    .await?;
+                return Ok(Next::Again);
+            }
+        };
+        let jti = issued
+            .claims
+            .as_ref()
+            .map(|c| c.jti.clone())
+            .unwrap_or_default();
+        let started = now_micros();
+        let attempt_no;
+        {
+            let s = &mut steps[i];
+            if in_flight {
+                if let Some(a) = s.attempts.last_mut() {
+                    a.token_jti = jti.clone();
+                    a.lease_holder = self.inner.worker_id.clone();
+                }
+                attempt_no = i32::try_from(s.attempts.len()).unwrap_or(i32::MAX);
+            } else {
+                attempt_no = i32::try_from(s.attempts.len() + 1).unwrap_or(i32::MAX);
+                s.attempts.push(pb::StepAttempt {
+                    attempt: attempt_no,
+                    state: pb::AttemptState::Running as i32,
+                    args_sha256: args_sha256.to_string(),
+                    args: Some(anumate_engine::json::to_struct(redacted_args)),
+                    decision: None,
+                    token_jti: jti.clone(),
+                    start_time: ts(started),
+                    idempotency_key: key.clone(),
+                    lease_holder: self.inner.worker_id.clone(),
+                    kind: pb::AttemptKind::Call as i32,
+                    ..Default::default()
+                });
+            }
+            s.state = pb::StepState::Running as i32;
+            s.next_attempt_time = None;
+            if s.start_time.is_none() {
+                s.start_time = ts(started);
+            }
+            let event = Ev::Started(ev::StepStarted {
+                tenant_id: tenant.to_string(),
+                run_id: run_id.to_string(),
+                plan_hash: run.plan_hash.clone(),
+                step_id: step_id.clone(),
+                tool: tool.clone(),
+                attempt: attempt_no,
+                args_sha256: args_sha256.to_string(),
+                token_jti: jti.clone(),
+                actor: starter.subject.clone(),
+            });
+            self.save(
+                tenant,
+                run_id,
+                |r| {
+                    r.state = pb::RunState::Running as i32;
+                    if r.start_time.is_none() {
+                        r.start_time = ts(started);
+                    }
+                },
+                Some((i, &*s)),
+                "attempt.started",
+                "",
+                attempt_no,
+                vec![event],
+                Work::Keep,
+            )
+            .await?;
+        }
+        let sent = tokio::time::timeout(
+            timeout,
+            self.inner.up.hub.invoke(
+                &caller,
+                conpb::InvokeRequest {
+                    tool: tool.clone(),
+                    args: Some(anumate_engine::json::to_struct(args)),
+                    idempotency_key: key.clone(),
+                    capability_token: issued.token,
+                },
+            ),
+        )
+        .await;
+        let ended = now_micros();
+        let outcome: std::result::Result<conpb::InvokeResponse, pb::Failure> = match sent {
+            Err(_) => Err(failure(
+                pb::FailureKind::Timeout,
+                "ATTEMPT_TIMEOUT",
+                &format!("the call took longer than {timeout:?}"),
+                true,
+                &step_id,
+            )),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let err = e.to_error();
+                let reason = err.reason;
+                let (kind, retryable) = match err.code {
+                    ErrorCode::Unavailable => (pb::FailureKind::ConnectorUnavailable, true),
+                    ErrorCode::PermissionDenied | ErrorCode::Unauthenticated => {
+                        (pb::FailureKind::TokenRejected, false)
+                    }
+                    _ if reason == Reason::ConnectorFailed => (pb::FailureKind::ToolError, false),
+                    _ => (pb::FailureKind::ToolError, false),
+                };
+                let msg = anumate_ghostrun::report::redact(
+                    &Value::String(err.message.clone()),
+                    &decision.redactions,
+                );
+                Err(failure(
+                    kind,
+                    reason.as_str(),
+                    msg.as_str().unwrap_or(""),
+                    retryable,
+                    &step_id,
+                ))
+            }
+        };
+        match outcome {
+            Ok(resp) => {
+                let output = match &resp.output {
+                    Some(o) => anumate_engine::json::struct_json(o).map_err(Error::internal)?,
+                    None => json!({}),
+                };
+                let shown = anumate_ghostrun::report::redact(&output, &decision.redactions);
+                let output_digest = anumate_engine::json::digest(&shown);
+                let receipt = self
+                    .receipt(
+                        starter,
+                        run,
+                        &step_id,
+                        attempt_no,
+                        std::slice::from_ref(&jti),
+                        json!({
+                            "tool": tool,
+                            "args_sha256": args_sha256,
+                            "output_digest": output_digest,
+                            "idempotency_key": key,
+                            "replayed": resp.replayed,
+                            "connector": resp.connector,
+                            "outcome": "succeeded",
+                        }),
+                        &format!("step:{run_id}:{step_id}:{attempt_no}"),
+                    )
+                    .await?;
+                let s = &mut steps[i];
+                if let Some(a) = s.attempts.last_mut() {
+                    a.state = pb::AttemptState::Succeeded as i32;
+                    a.end_time = ts(ended);
+                    a.receipt_id = receipt.clone();
+                }
+                s.state = pb::StepState::Succeeded as i32;
+                s.output = Some(anumate_engine::json::to_value(&shown));
+                s.end_time = ts(ended);
+                let event = Ev::Completed(ev::StepCompleted {
+                    tenant_id: tenant.to_string(),
+                    run_id: run_id.to_string(),
+                    plan_hash: run.plan_hash.clone(),
+                    step_id: step_id.clone(),
+                    tool: tool.clone(),
+                    attempt: attempt_no,
+                    args_sha256: args_sha256.to_string(),
+                    output_digest,
+                    duration: duration_pb(ended - started),
+                    receipt_id: receipt,
+                    actor: starter.subject.clone(),
+                });
+                self.save(
+                    tenant,
+                    run_id,
+                    |_| {},
+                    Some((i, &*s)),
+                    "step.completed",
+                    "",
+                    attempt_no,
+                    vec![event],
+                    Work::Keep,
+                )
+                .await?;
+                Ok(Next::Again)
+            }
+            Err(f) => {
+                let receipt = self
+                    .receipt(
+                        starter,
+                        run,
+                        &step_id,
+                        attempt_no,
+                        std::slice::from_ref(&jti),
+                        json!({
+                            "tool": tool,
+                            "args_sha256": args_sha256,
+                            "idempotency_key": key,
+                            "outcome": "failed",
+                            "code": f.code,
+                            "message": f.message,
+                        }),
+                        &format!("step:{run_id}:{step_id}:{attempt_no}"),
+                    )
+                    .await?;
+                let max = u32::try_from(steps[i].attempts.len()).unwrap_or(u32::MAX);
+                let allowed = step_def
+                    .and_then(|d| d.retry.as_ref())
+                    .map_or(1, |r| u32::try_from(r.max_attempts).unwrap_or(1).max(1));
+                let s = &mut steps[i];
+                if let Some(a) = s.attempts.last_mut() {
+                    a.state = pb::AttemptState::Failed as i32;
+                    a.end_time = ts(ended);
+                    a.receipt_id = receipt.clone();
+                    a.failure = Some(f.clone());
+                }
+                if f.retryable && max < allowed {
+                    let backoff = backoff(step_def.and_then(|d| d.retry.as_ref()), max);
+                    let next = ended + backoff;
+                    s.state = pb::StepState::WaitingRetry as i32;
+                    s.next_attempt_time = ts(next);
+                    let event = Ev::Failed(ev::StepFailed {
+                        tenant_id: tenant.to_string(),
+                        run_id: run_id.to_string(),
+                        plan_hash: run.plan_hash.clone(),
+                        step_id: step_id.clone(),
+                        tool: tool.clone(),
+                        attempt: attempt_no,
+                        failure_kind: f.kind,
+                        code: f.code.clone(),
+                        message: f.message.clone(),
+                        will_retry: true,
+                        next_attempt_time: ts(next),
+                        receipt_id: receipt,
+                        actor: starter.subject.clone(),
+                    });
+                    self.save(
+                        tenant,
+                        run_id,
+                        |_| {},
+                        Some((i, &*s)),
+                        "step.retry_scheduled",
+                        &f.message,
+                        attempt_no,
+                        vec![event],
+                        Work::Keep,
+                    )
+                    .await?;
+                    return Ok(Next::Wait(next));
+                }
+                self.fail_step(tenant, starter, run, steps, i, f, attempt_no, &receipt)
+                    .await?;
+                Ok(Next::Again)
+            }
+        }
+    }
+
+    /// Fails step `i` for good (the run fails on the next pass).
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_step(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        f: pb::Failure,
+        attempt: i32,
+        receipt: &str,
+    ) -> Result<()> {
+        let s = &mut steps[i];
+        s.state = pb::StepState::Failed as i32;
+        s.failure = Some(f.clone());
+        s.end_time = ts(now_micros());
+        let event = Ev::Failed(ev::StepFailed {
+            tenant_id: tenant.to_string(),
+            run_id: run.run_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            step_id: s.step_id.clone(),
+            tool: s.tool.clone(),
+            attempt,
+            failure_kind: f.kind,
+            code: f.code.clone(),
+            message: f.message.clone(),
+            will_retry: false,
+            next_attempt_time: None,
+            receipt_id: receipt.to_string(),
+            actor: starter.subject.clone(),
+        });
+        self.save(
+            tenant,
+            &run.run_id,
+            |_| {},
+            Some((i, &*s)),
+            "step.failed",
+            &f.message,
+            attempt,
+            vec![event],
+            Work::Keep,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Appends a receipt of the run (retried briefly; then the error).
+    #[allow(clippy::too_many_arguments)]
+    async fn receipt(
+        &self,
+        starter: &Starter,
+        run: &pb::Run,
+        step_id: &str,
+        attempt: i32,
+        jtis: &[String],
+        content: Value,
+        dedupe_key: &str,
+    ) -> Result<String> {
+        let kind = if step_id.is_empty() {
+            rcpb::ReceiptKind::RunOutcome
+        } else {
+            rcpb::ReceiptKind::StepExecution
+        };
+        let request = rcpb::AppendReceiptRequest {
+            kind: kind as i32,
+            subject: Some(rcpb::ReceiptSubject {
+                run_id: run.run_id.clone(),
+                step_id: step_id.to_string(),
+                attempt,
+                plan_hash: run.plan_hash.clone(),
+                approval_id: String::new(),
+                jtis: jtis.iter().filter(|j| !j.is_empty()).cloned().collect(),
+            }),
+            content: Some(anumate_engine::json::to_struct(&content)),
+            dedupe_key: dedupe_key.to_string(),
+        };
+        let caller = starter.caller();
+        let mut last = None;
+        for n in 0..3u64 {
+            match anumate_service::clients::append_receipt_first(
+                self.inner.up.receipts.as_ref(),
+                &caller,
+                request.clone(),
+                (
+                    "the step's receipt",
+                    "the run continues when it can be appended",
+                ),
+            )
+            .await
+            {
+                Ok(id) => return Ok(id),
+                Err(e) if e.code == ErrorCode::Unavailable => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100 * (n + 1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::internal("no receipt")))
+    }
+
+    async fn complete_run(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        steps: &[pb::StepRun],
+    ) -> Result<()> {
+        let count = |st: pb::StepState| {
+            i32::try_from(steps.iter().filter(|s| s.state == st as i32).count()).unwrap_or(i32::MAX)
+        };
+        let succeeded = count(pb::StepState::Succeeded);
+        let skipped = count(pb::StepState::Skipped);
+        let now = now_micros();
+        let receipt = self
+            .receipt(
+                starter,
+                run,
+                "",
+                0,
+                &[],
+                json!({"outcome": "succeeded", "succeeded_steps": succeeded, "skipped_steps": skipped, "inputs_hash": run.inputs_hash}),
+                &format!("run:{}:outcome", run.run_id),
+            )
+            .await?;
+        let started = micros_of(&run.create_time);
+        let event = Ev::RunCompleted(ev::RunCompleted {
+            tenant_id: tenant.to_string(),
+            run_id: run.run_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            succeeded_steps: succeeded,
+            skipped_steps: skipped,
+            duration: duration_pb(now - started),
+            receipt_id: receipt.clone(),
+            actor: run.created_by.clone(),
+        });
+        self.save(
+            tenant,
+            &run.run_id,
+            |r| {
+                r.state = pb::RunState::Succeeded as i32;
+                r.paused_from = 0;
+                r.end_time = ts(now);
+                r.receipt_id = receipt.clone();
+            },
+            None,
+            "run.completed",
+            "",
+            0,
+            vec![event],
+            Work::Unschedule,
+        )
+        .await?;
+        tracing::info!(tenant, run = %run.run_id, "run succeeded");
+        Ok(())
+    }
+
+    async fn fail_run(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        steps: &mut [pb::StepRun],
+        f: pb::Failure,
+    ) -> Result<()> {
+        let now = now_micros();
+        // Steps that will not run now.
+        for (i, s) in steps.iter_mut().enumerate() {
+            let st = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
+            let new = match st {
+                pb::StepState::Pending => pb::StepState::Skipped,
+                pb::StepState::WaitingApproval
+                | pb::StepState::WaitingRetry
+                | pb::StepState::Running => pb::StepState::Cancelled,
+                _ => continue,
+            };
+            s.state = new as i32;
+            s.state_reason = "the run failed".into();
+            s.end_time = ts(now);
+            self.save(
+                tenant,
+                &run.run_id,
+                |_| {},
+                Some((i, &*s)),
+                "step.cancelled",
+                "the run failed",
+                0,
+                vec![],
+                Work::Keep,
+            )
+            .await?;
+        }
+        let receipt = self
+            .receipt(
+                starter,
+                run,
+                "",
+                0,
+                &[],
+                json!({"outcome": "failed", "failed_step_id": f.step_id, "code": f.code, "message": f.message}),
+                &format!("run:{}:outcome", run.run_id),
+            )
+            .await?;
+        let event = Ev::RunFailed(ev::RunFailed {
+            tenant_id: tenant.to_string(),
+            run_id: run.run_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            failed_step_id: f.step_id.clone(),
+            failure_kind: f.kind,
+            message: f.message.clone(),
+            duration: duration_pb(now - micros_of(&run.create_time)),
+            receipt_id: receipt.clone(),
+            actor: run.created_by.clone(),
+        });
+        let message = f.message.clone();
+        let ended = self
+            .save(
+                tenant,
+                &run.run_id,
+                |r| {
+                    r.state = pb::RunState::Failed as i32;
+                    r.paused_from = 0;
+                    r.failure = Some(f);
+                    r.end_time = ts(now);
+                    r.receipt_id = receipt.clone();
+                },
+                None,
+                "run.failed",
+                &message,
+                0,
+                vec![event],
+                Work::Unschedule,
+            )
+            .await?;
+        let mut ended = ended;
+        ended.steps = steps.to_vec();
+        self.after_end(starter, &ended).await;
+        tracing::info!(tenant, run = %run.run_id, "run failed");
+        Ok(())
+    }
+
+    /// A cancel request: steps not done stop, open approvals are cancelled,
+    /// the run's tokens revoked, and the run ends `CANCELLED`.
+    async fn finish_cancel(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: pb::Run,
+        mut steps: Vec<pb::StepRun>,
+    ) -> Result<()> {
+        let now = now_micros();
+        for (i, s) in steps.iter_mut().enumerate() {
+            if step_is_done(s.state) {
+                continue;
+            }
+            s.state = if s.state == pb::StepState::Pending as i32 {
+                pb::StepState::Skipped as i32
+            } else {
+                pb::StepState::Cancelled as i32
+            };
+            s.state_reason = "the run was cancelled".into();
+            s.end_time = ts(now);
+            self.save(
+                tenant,
+                &run.run_id,
+                |_| {},
+                Some((i, &*s)),
+                "step.cancelled",
+                "the run was cancelled",
+                0,
+                vec![],
+                Work::Keep,
+            )
+            .await?;
+        }
+        let receipt = self
+            .receipt(
+                starter,
+                &run,
+                "",
+                0,
+                &[],
+                json!({"outcome": "cancelled", "reason": run.state_reason}),
+                &format!("run:{}:outcome", run.run_id),
+            )
+            .await?;
+        let event = Ev::RunCancelled(ev::RunCancelled {
+            tenant_id: tenant.to_string(),
+            run_id: run.run_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            killed: false,
+            compensated_step_ids: Vec::new(),
+            reason: run.state_reason.clone(),
+            receipt_id: receipt.clone(),
+            actor: run.created_by.clone(),
+        });
+        let mut ended = self
+            .save(
+                tenant,
+                &run.run_id,
+                |r| {
+                    r.state = pb::RunState::Cancelled as i32;
+                    r.paused_from = 0;
+                    r.end_time = ts(now);
+                    r.receipt_id = receipt.clone();
+                },
+                None,
+                "run.cancelled",
+                &run.state_reason,
+                0,
+                vec![event],
+                Work::Unschedule,
+            )
+            .await?;
+        ended.steps = steps;
+        self.after_end(starter, &ended).await;
+        Ok(())
+    }
+}
+
+/// Backoff before attempt `done + 1` (micros).
+fn backoff(retry: Option<&cpb::RetryPolicy>, done: u32) -> i64 {
+    let micros = |d: Option<&pbjson_types::Duration>, default: i64| {
+        d.map_or(default, |d| {
+            d.seconds * 1_000_000 + i64::from(d.nanos) / 1000
+        })
+        .max(1000)
+    };
+    let initial = micros(retry.and_then(|r| r.initial_backoff.as_ref()), 1_000_000);
+    let max = micros(retry.and_then(|r| r.max_backoff.as_ref()), 60_000_000);
+    let mult = retry.map_or(2.0, |r| {
+        if r.multiplier >= 1.0 {
+            r.multiplier
+        } else {
+            2.0
+        }
+    });
+    let exp = i32::try_from(done.saturating_sub(1)).unwrap_or(30).min(30);
+    let d = (initial as f64) * mult.powi(exp);
+    (d.min(max as f64)) as i64
+}

@@ -1,0 +1,801 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The golden path through gRPC on the composition `anumate dev` runs (the
+//! registry, receipts, policy, captokens, compiler, approvals, GhostRun, the
+//! connector hub and the orchestrator in one server, behind the real
+//! authentication layer), on SQLite and PostgreSQL: push tools, a capsule and
+//! its policy; compile; preflight (WARN: an approval is needed); execute;
+//! the run waits; two approvers other than the starter approve (quorum 2);
+//! the transfer runs once through the hub with a token; the run succeeds;
+//! every receipt of the run verifies offline. Plus the bad input `Execute`
+//! and the control RPCs must refuse precisely, with the service serving on.
+
+use std::time::{Duration, Instant};
+
+use anumate_auth::{BearerToken, Role};
+use anumate_crypto::KeyRing;
+use anumate_engine::json as ej;
+use anumate_errors::Reason;
+use anumate_proto::approvals::v1 as apb;
+use anumate_proto::compiler::v1 as cpb;
+use anumate_proto::connectors::v1 as conpb;
+use anumate_proto::ghostrun::v1 as gpb;
+use anumate_proto::orchestrator::v1 as pb;
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::receipts::v1 as rcpb;
+use anumate_proto::registry::v1 as rpb;
+use anumate_receipt::{InclusionProof, verify_receipt_offline};
+use anumate_service::{Context, KeysConfig, ServiceModule};
+use anumate_testing::{
+    Backend, DevAuth, Layers, ModuleServer, TestDb, expect_reason, on_both_backends,
+};
+use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Authed = InterceptedService<Channel, BearerToken>;
+
+const TENANT: &str = "acme";
+
+const TOOLS: &str = "apiVersion: anumate.dev/v1
+kind: Tool
+metadata: {name: accounts.lookup}
+spec:
+  connector: mock
+  side_effect: read
+  idempotent: true
+  input: {type: object, required: [account], properties: {account: {type: string}}}
+  mock: {output: {account: \"${{ args.account }}\", status: open}}
+---
+apiVersion: anumate.dev/v1
+kind: Tool
+metadata: {name: payments.transfer}
+spec:
+  connector: mock
+  side_effect: write
+  idempotent: false
+  input: {type: object, required: [to, amount], properties: {to: {type: string}, amount: {type: integer, minimum: 1}}}
+  mock: {output: {transfer_id: \"tr_${{ args.to }}\", amount: \"${{ args.amount }}\"}}
+";
+
+const POLICY: &str = r#"policy "transfer-guard" {
+  rule "huge-transfer" priority 100 {
+    when tool == "payments.transfer" and args.amount > 1000000
+    then deny(reason: "transfers above 1,000,000 are not automated")
+  }
+  rule "large-transfer" {
+    when tool == "payments.transfer" and args.amount > 1000
+    then require_approval(approvers: ["user:bob", "user:carol", "user:dave"], quorum: 2,
+                          reason: "transfer above 1,000")
+  }
+}
+"#;
+
+const CAPSULE: &str = r#"apiVersion: anumate.dev/v1
+kind: Capsule
+metadata:
+  name: transfer
+spec:
+  inputs:
+    to:     {type: string, required: true, pattern: "^acct_[a-z0-9]+$"}
+    amount: {type: integer, required: true, minimum: 1}
+  tools: [accounts.lookup, payments.transfer]
+  policies: [transfer-guard]
+  steps:
+    - id: lookup
+      tool: accounts.lookup
+      with: {account: "${{ inputs.to }}"}
+    - id: transfer
+      tool: payments.transfer
+      needs: [lookup]
+      with: {to: "${{ inputs.to }}", amount: "${{ inputs.amount }}"}
+"#;
+
+struct TestApp {
+    server: Option<ModuleServer>,
+    auth: DevAuth,
+    keys_dir: std::path::PathBuf,
+    _db: TestDb,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.handle.abort();
+        }
+    }
+}
+
+fn modules() -> Vec<Box<dyn ServiceModule>> {
+    vec![
+        anumate_registry::module(),
+        anumate_receipts::module(),
+        anumate_policy_service::module(),
+        anumate_captokens_service::module(),
+        anumate_compiler::module(),
+        anumate_approvals::module(),
+        anumate_ghostrun::module(),
+        anumate_connectors::module(),
+        anumate_orchestrator::module(),
+    ]
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let modules = modules();
+    let mut migrations = anumate_events::MIGRATIONS.to_vec();
+    for m in &modules {
+        migrations.extend(m.migrations());
+    }
+    let (db, store) = anumate_testing::migrated_store(backend, &migrations).await;
+    let auth = DevAuth::with_service_issuer("orchestrator");
+    let keys_dir = auth.dir.path().join("keys");
+    let listener = anumate_testing::bind().await;
+    let own_url = format!("http://{}", listener.local_addr().unwrap());
+    let ctx = Context::new(
+        json!({"orchestrator": {"poll_ms": 50, "approval_poll_ms": 100}}),
+        Some(store),
+        KeysConfig {
+            generate_missing: true,
+            ..KeysConfig::default()
+        },
+        keys_dir.clone(),
+        auth.services.clone(),
+        own_url,
+    );
+    let layers = Layers::platform(
+        anumate_testing::GrpcConfig::default(),
+        auth.authenticator.clone(),
+    )
+    .unwrap();
+    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    TestApp {
+        server: Some(server),
+        auth,
+        keys_dir,
+        _db: db,
+    }
+}
+
+struct Clients {
+    orch: pb::orchestrator_service_client::OrchestratorServiceClient<Authed>,
+    registry: rpb::registry_service_client::RegistryServiceClient<Authed>,
+    tools: rpb::tools_service_client::ToolsServiceClient<Authed>,
+    policy: ppb::policy_service_client::PolicyServiceClient<Authed>,
+    compiler: cpb::compiler_service_client::CompilerServiceClient<Authed>,
+    ghostrun: gpb::ghost_run_service_client::GhostRunServiceClient<Authed>,
+    approvals: apb::approvals_service_client::ApprovalsServiceClient<Authed>,
+    hub: conpb::connector_hub_service_client::ConnectorHubServiceClient<Authed>,
+    receipts: rcpb::receipts_service_client::ReceiptsServiceClient<Authed>,
+}
+
+impl TestApp {
+    async fn as_user(&self, subject: &str, roles: &[Role]) -> Clients {
+        let token = self
+            .auth
+            .issuer
+            .mint(TENANT, subject, roles, Duration::from_secs(600))
+            .unwrap();
+        let url = self.server.as_ref().unwrap().url();
+        let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        let t = || BearerToken(token.clone());
+        Clients {
+            orch: pb::orchestrator_service_client::OrchestratorServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            registry: rpb::registry_service_client::RegistryServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            tools: rpb::tools_service_client::ToolsServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            policy: ppb::policy_service_client::PolicyServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            compiler: cpb::compiler_service_client::CompilerServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            ghostrun: gpb::ghost_run_service_client::GhostRunServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            approvals: apb::approvals_service_client::ApprovalsServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            hub: conpb::connector_hub_service_client::ConnectorHubServiceClient::with_interceptor(
+                channel.clone(),
+                t(),
+            ),
+            receipts: rcpb::receipts_service_client::ReceiptsServiceClient::with_interceptor(
+                channel,
+                t(),
+            ),
+        }
+    }
+
+    /// The starter: an operator (also an approver, so self-approval is tested).
+    async fn alice(&self) -> Clients {
+        self.as_user(
+            "user:alice",
+            &[Role::Operator, Role::Approver, Role::Auditor],
+        )
+        .await
+    }
+}
+
+/// Pushes the tools, the policy and the capsule; compiles; returns the plan hash.
+async fn seed(app: &TestApp) -> String {
+    let mut admin = app.as_user("user:root", &[Role::Admin]).await;
+    admin
+        .tools
+        .push_tools(rpb::PushToolsRequest {
+            source_yaml: TOOLS.into(),
+            source_name: "tools.yaml".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .policy
+        .push_policy(ppb::PushPolicyRequest {
+            source: POLICY.into(),
+            source_name: "transfer.policy".into(),
+            etag: String::new(),
+            publish: true,
+        })
+        .await
+        .unwrap();
+    admin
+        .registry
+        .push_capsule(rpb::PushCapsuleRequest {
+            source_yaml: CAPSULE.into(),
+            source_name: "transfer.yaml".into(),
+            etag: String::new(),
+            publish: true,
+        })
+        .await
+        .unwrap();
+    let plan = admin
+        .compiler
+        .compile(cpb::CompileRequest {
+            capsule_name: "transfer".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    plan.plan_hash
+}
+
+fn inputs(v: Value) -> Option<pbjson_types::Struct> {
+    Some(ej::to_struct(&v))
+}
+
+async fn preflight(c: &mut Clients, plan_hash: &str, v: Value) -> gpb::PreflightReport {
+    c.ghostrun
+        .preflight(gpb::PreflightRequest {
+            plan_hash: plan_hash.into(),
+            inputs: inputs(v),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap()
+}
+
+fn execute(plan_hash: &str, v: Value, preflight: &str, key: &str) -> pb::ExecuteRequest {
+    pb::ExecuteRequest {
+        plan_hash: plan_hash.into(),
+        inputs: inputs(v),
+        preflight_id: preflight.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+async fn get(c: &mut Clients, run_id: &str) -> pb::Run {
+    c.orch
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+}
+
+/// Polls the run until `done` holds (at most 20 s).
+async fn wait_for(c: &mut Clients, run_id: &str, done: impl Fn(&pb::Run) -> bool) -> pb::Run {
+    let start = Instant::now();
+    loop {
+        let run = get(c, run_id).await;
+        if done(&run) {
+            return run;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "run never reached the expected state: {run:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn step<'a>(run: &'a pb::Run, id: &str) -> &'a pb::StepRun {
+    run.steps.iter().find(|s| s.step_id == id).unwrap()
+}
+
+on_both_backends! {
+    golden_path => golden_path_sqlite, golden_path_postgres;
+    bad_input => bad_input_sqlite, bad_input_postgres;
+}
+
+async fn golden_path(app: TestApp) {
+    let plan_hash = seed(&app).await;
+    let mut alice = app.alice().await;
+    let args = json!({"to": "acct_bob", "amount": 250000});
+
+    // Preflight: WARN, an approval is needed.
+    let report = preflight(&mut alice, &plan_hash, args.clone()).await;
+    assert_eq!(report.verdict(), gpb::PreflightVerdict::Warn, "{report:#?}");
+    assert!(report.citable);
+
+    // Execute: the run starts, the lookup runs, the transfer waits.
+    let resp = alice
+        .orch
+        .execute(execute(
+            &plan_hash,
+            args.clone(),
+            &report.preflight_id,
+            "pay-1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.created);
+    let run = resp.run.unwrap();
+    assert_eq!(run.created_by, "user:alice");
+    assert_eq!(run.plan_hash, plan_hash);
+    assert_eq!(run.steps.len(), 2);
+    let run_id = run.run_id.clone();
+    let run = wait_for(&mut alice, &run_id, |r| {
+        r.state == pb::RunState::WaitingApproval as i32
+    })
+    .await;
+    assert_eq!(step(&run, "lookup").state(), pb::StepState::Succeeded);
+    let transfer = step(&run, "transfer");
+    assert_eq!(transfer.state(), pb::StepState::WaitingApproval);
+    assert_eq!(transfer.approval_ids.len(), 1);
+    let approval_id = transfer.approval_ids[0].clone();
+
+    // The same key again: the same run, not created; another request: refused.
+    let again = alice
+        .orch
+        .execute(execute(
+            &plan_hash,
+            args.clone(),
+            &report.preflight_id,
+            "pay-1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.run.unwrap().run_id, run_id);
+    let err = expect_reason(
+        alice
+            .orch
+            .execute(execute(
+                &plan_hash,
+                json!({"to": "acct_bob", "amount": 7}),
+                &report.preflight_id,
+                "pay-1",
+            ))
+            .await,
+        Reason::IdempotencyKeyReused,
+    );
+    assert!(
+        err.metadata
+            .iter()
+            .any(|(k, v)| k == "field" && v == "inputs_hash"),
+        "{err:?}"
+    );
+
+    // Nothing was transferred yet.
+    let calls = |c: &mut Clients| {
+        let mut hub = c.hub.clone();
+        let run_id = run_id.clone();
+        async move {
+            hub.list_mock_calls(conpb::ListMockCallsRequest {
+                run_id,
+                tool: "payments.transfer".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .calls
+        }
+    };
+    assert!(calls(&mut alice).await.is_empty());
+
+    // The starter may not approve their own run; two others do.
+    let approval = alice
+        .approvals
+        .get_approval(apb::GetApprovalRequest {
+            approval_id: approval_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(approval.run_id, run_id);
+    assert_eq!(approval.requester, "user:alice");
+    let approve = |id: &str, sha: &str| apb::ApproveRequest {
+        approval_id: id.into(),
+        comment: "ok".into(),
+        etag: String::new(),
+        args_sha256: sha.into(),
+    };
+    expect_reason(
+        alice
+            .approvals
+            .approve(approve(&approval_id, &approval.args_sha256))
+            .await,
+        Reason::SelfApproval,
+    );
+    for who in ["user:bob", "user:carol"] {
+        let mut c = app.as_user(who, &[Role::Approver]).await;
+        c.approvals
+            .approve(approve(&approval_id, &approval.args_sha256))
+            .await
+            .unwrap();
+        if who == "user:bob" {
+            // One approval of two: still waiting.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let run = get(&mut alice, &run_id).await;
+            assert_eq!(run.state(), pb::RunState::WaitingApproval);
+            assert!(calls(&mut alice).await.is_empty());
+        }
+    }
+
+    // The transfer runs once, with a token, and the run succeeds.
+    let run = wait_for(&mut alice, &run_id, |r| {
+        r.state == pb::RunState::Succeeded as i32
+    })
+    .await;
+    let transfer = step(&run, "transfer");
+    assert_eq!(transfer.state(), pb::StepState::Succeeded);
+    assert_eq!(transfer.attempts.len(), 1);
+    let attempt = &transfer.attempts[0];
+    assert!(!attempt.token_jti.is_empty());
+    assert_eq!(attempt.idempotency_key, format!("{run_id}/transfer"));
+    assert_eq!(
+        ej::value_json(transfer.output.as_ref().unwrap(), 8).unwrap(),
+        json!({"transfer_id": "tr_acct_bob", "amount": 250000})
+    );
+    let ledger = calls(&mut alice).await;
+    assert_eq!(ledger.len(), 1, "{ledger:#?}");
+    assert_eq!(ledger[0].deliveries, 1);
+    assert!(ledger[0].acted);
+    assert_eq!(ledger[0].idempotency_key, attempt.idempotency_key);
+    assert!(!run.receipt_id.is_empty());
+
+    // Every receipt of the run verifies offline.
+    let mut ids: Vec<String> = run
+        .steps
+        .iter()
+        .flat_map(|s| s.attempts.iter().map(|a| a.receipt_id.clone()))
+        .collect();
+    ids.push(run.receipt_id.clone());
+    assert_eq!(ids.len(), 3);
+    let jwks = KeyRing::load_or_create(&app.keys_dir, "receipts")
+        .unwrap()
+        .jwks();
+    let mut auditor = app.as_user("user:audrey", &[Role::Auditor]).await;
+    for id in &ids {
+        assert!(!id.is_empty(), "{run:#?}");
+        let receipt = auditor
+            .receipts
+            .get_receipt(rcpb::GetReceiptRequest {
+                receipt_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .receipt
+            .unwrap();
+        assert_eq!(receipt.subject.as_ref().unwrap().run_id, run_id);
+        // The checkpointer signs a new tree head every few seconds.
+        let start = Instant::now();
+        let proof = loop {
+            match auditor
+                .receipts
+                .get_inclusion_proof(rcpb::GetInclusionProofRequest {
+                    receipt_id: id.clone(),
+                    tree_size: 0,
+                })
+                .await
+            {
+                Ok(p) => break p.into_inner(),
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        && start.elapsed() < Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        };
+        let checkpoint = proof.checkpoint.unwrap();
+        let inclusion = InclusionProof {
+            leaf_index: proof.leaf_index as u64,
+            tree_size: checkpoint.tree_size as u64,
+            audit_path: proof
+                .audit_path
+                .iter()
+                .map(|h| h.as_slice().try_into().unwrap())
+                .collect(),
+        };
+        let json = anumate_receipts::export::receipt_json(&receipt)
+            .unwrap()
+            .to_string();
+        verify_receipt_offline(&json, &inclusion, &checkpoint.note, &jwks)
+            .unwrap_or_else(|e| panic!("{e}: {json}"));
+    }
+
+    // The journal tells the story, and a watch of the ended run is its snapshot.
+    let history = alice
+        .orch
+        .list_run_history(pb::ListRunHistoryRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let types: Vec<&str> = history.iter().map(|e| e.r#type.as_str()).collect();
+    assert_eq!(types.first(), Some(&"run.started"));
+    assert_eq!(types.last(), Some(&"run.completed"));
+    assert!(types.contains(&"step.waiting_approval"), "{types:?}");
+    assert_eq!(
+        history.last().unwrap().sequence,
+        run.sequence,
+        "the run's sequence is its last change"
+    );
+    let mut watch = alice
+        .orch
+        .watch_run(pb::WatchRunRequest {
+            run_id: run_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.change,
+        Some(pb::watch_run_response::Change::Snapshot(_))
+    ));
+    assert!(watch.message().await.unwrap().is_none());
+
+    // A control call on the ended run is refused precisely.
+    expect_reason(
+        alice
+            .orch
+            .pause_run(pb::PauseRunRequest {
+                run_id: run_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Reason::RunTerminal,
+    );
+    // Listing finds it by creator.
+    let listed = alice
+        .orch
+        .list_runs(pb::ListRunsRequest {
+            created_by: "user:alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+    assert!(listed.runs[0].steps.is_empty());
+}
+
+async fn bad_input(app: TestApp) {
+    let plan_hash = seed(&app).await;
+    let mut alice = app.alice().await;
+    let ok = json!({"to": "acct_carol", "amount": 500});
+    let report = preflight(&mut alice, &plan_hash, ok.clone()).await;
+
+    // Inputs that do not match the schema: one violation per field.
+    let err = expect_reason(
+        alice
+            .orch
+            .execute(execute(
+                &plan_hash,
+                json!({"to": "carol"}),
+                &report.preflight_id,
+                "k-bad",
+            ))
+            .await,
+        Reason::InvalidArgument,
+    );
+    let fields: Vec<&str> = err.violations.iter().map(|v| v.field.as_str()).collect();
+    assert!(fields.contains(&"inputs.amount"), "{fields:?}");
+    assert!(fields.contains(&"inputs.to"), "{fields:?}");
+    // An unknown plan.
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(
+                &format!("sha256:{}", "ab".repeat(32)),
+                ok.clone(),
+                &report.preflight_id,
+                "k-plan",
+            ))
+            .await,
+        Reason::PlanNotFound,
+    );
+    // No preflight, an unknown one, one for other inputs.
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(&plan_hash, ok.clone(), "", "k-none"))
+            .await,
+        Reason::PreflightRequired,
+    );
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(
+                &plan_hash,
+                ok.clone(),
+                "0190e7b0-0000-7000-8000-000000000000",
+                "k-unknown",
+            ))
+            .await,
+        Reason::PreflightNotFound,
+    );
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(
+                &plan_hash,
+                json!({"to": "acct_carol", "amount": 501}),
+                &report.preflight_id,
+                "k-other",
+            ))
+            .await,
+        Reason::PreflightMismatch,
+    );
+    // A FAIL preflight (the transfer would be denied).
+    let huge = json!({"to": "acct_carol", "amount": 5000000});
+    let failed = preflight(&mut alice, &plan_hash, huge.clone()).await;
+    assert_eq!(failed.verdict(), gpb::PreflightVerdict::Fail);
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(&plan_hash, huge, &failed.preflight_id, "k-fail"))
+            .await,
+        Reason::PreflightFailed,
+    );
+    // A missing key; a key that disagrees with the metadata.
+    expect_reason(
+        alice
+            .orch
+            .execute(execute(&plan_hash, ok.clone(), &report.preflight_id, ""))
+            .await,
+        Reason::InvalidArgument,
+    );
+    let mut req = tonic::Request::new(execute(
+        &plan_hash,
+        ok.clone(),
+        &report.preflight_id,
+        "k-body",
+    ));
+    req.metadata_mut()
+        .insert("idempotency-key", "k-header".parse().unwrap());
+    expect_reason(alice.orch.execute(req).await, Reason::InvalidArgument);
+    // Nothing half-written: no run exists.
+    let listed = alice
+        .orch
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.runs.is_empty(), "{listed:#?}");
+
+    // Unknown runs; a stale etag; then the service still serves a real run.
+    expect_reason(
+        alice
+            .orch
+            .get_run(pb::GetRunRequest {
+                run_id: "0190e7b0-0000-7000-8000-000000000000".into(),
+            })
+            .await,
+        Reason::RunNotFound,
+    );
+    let run = alice
+        .orch
+        .execute(execute(
+            &plan_hash,
+            ok.clone(),
+            &report.preflight_id,
+            "k-ok",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    expect_reason(
+        alice
+            .orch
+            .pause_run(pb::PauseRunRequest {
+                run_id: run.run_id.clone(),
+                reason: String::new(),
+                etag: "\"999\"".into(),
+            })
+            .await,
+        Reason::EtagMismatch,
+    );
+    let done = wait_for(&mut alice, &run.run_id, |r| {
+        r.state == pb::RunState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(step(&done, "transfer").state(), pb::StepState::Succeeded);
+    expect_reason(
+        alice
+            .orch
+            .resume_run(pb::ResumeRunRequest {
+                run_id: run.run_id.clone(),
+                etag: done.etag.clone(),
+            })
+            .await,
+        Reason::RunTerminal,
+    );
+    expect_reason(
+        alice
+            .orch
+            .resolve_step(pb::ResolveStepRequest {
+                run_id: run.run_id.clone(),
+                step_id: "transfer".into(),
+                action: pb::ResolveAction::Retry as i32,
+                reason: "again".into(),
+                ..Default::default()
+            })
+            .await,
+        Reason::RunTerminal,
+    );
+    // Kill of an ended run is a no-op that returns it.
+    let killed = alice
+        .orch
+        .kill_run(pb::KillRunRequest {
+            run_id: run.run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(killed.state(), pb::RunState::Succeeded);
+}
