@@ -200,3 +200,70 @@ pub fn compile(
         policies,
     })
 }
+
+/// One `policy` block of a file: its name, where it starts (`line`, `col`)
+/// and the text stored as its version's source.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Policy name.
+    pub name: String,
+    /// 1-based position of `policy` in the file.
+    pub at: (u32, u32),
+    /// The block's source: the whole file when it holds one block, else from
+    /// the end of the previous block (comments before it included) to its
+    /// closing brace.
+    pub source: String,
+}
+
+/// Compiles a file of one or more `policy` blocks (errors positioned in the
+/// file) and splits it into its blocks. Two blocks naming one policy, or
+/// none at all, is `INVALID_DOCUMENT`.
+pub fn split(source_name: &str, src: &str, fuel: u64) -> Result<Vec<Block>> {
+    // The whole file first: every problem with its position in the file.
+    compile(source_name, src, 0, fuel, false)?;
+    let ast: PolicyFile = anumate_policy::parse(source_name, src).map_err(Error::from)?;
+    let problem = |at: (u32, u32), text: String| {
+        Error::new(ErrorCode::InvalidDocument, "policy source has 1 problem")
+            .with_violations(vec![Violation::at(source_name, at.0, at.1, text)])
+    };
+    if ast.policies.is_empty() {
+        return Err(problem(
+            (1, 1),
+            "the file holds no `policy` block".to_owned(),
+        ));
+    }
+    let single = ast.policies.len() == 1;
+    let mut blocks: Vec<Block> = Vec::with_capacity(ast.policies.len());
+    let mut previous_end = 0;
+    for p in &ast.policies {
+        let lc = line_col(src, p.span.start);
+        let at = (lc.line, lc.col);
+        if let Some(first) = blocks.iter().find(|b| b.name == p.name) {
+            return Err(problem(
+                at,
+                format!(
+                    "policy {:?} is already defined at {}:{}; each block of a file names a different policy",
+                    p.name, first.at.0, first.at.1
+                ),
+            ));
+        }
+        let source = if single {
+            src.to_owned()
+        } else {
+            let text = src.get(previous_end..p.span.end).unwrap_or_default();
+            // Blank lines before the block (or its comments) are not part of it.
+            let start = text
+                .char_indices()
+                .find(|(_, c)| !c.is_whitespace())
+                .map_or(0, |(i, _)| text[..i].rfind('\n').map_or(0, |n| n + 1));
+            format!("{}\n", &text[start..])
+        };
+        previous_end = p.span.end;
+        blocks.push(Block {
+            name: p.name.clone(),
+            at,
+            source,
+        });
+    }
+    Ok(blocks)
+}

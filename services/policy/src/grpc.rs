@@ -68,6 +68,28 @@ impl PolicyService for PolicyGrpc {
         }))
     }
 
+    async fn push_policies(
+        &self,
+        req: Request<pb::PushPoliciesRequest>,
+    ) -> Result<Response<pb::PushPoliciesResponse>, Status> {
+        let actor = actor(&req)?;
+        let r = req.into_inner();
+        let pushed = self
+            .policies
+            .push_all(&actor, &r.source, &r.source_name, r.publish)
+            .await?;
+        Ok(Response::new(pb::PushPoliciesResponse {
+            policies: pushed
+                .into_iter()
+                .map(|p| pb::PushedPolicy {
+                    version: Some(p.version),
+                    created: p.created,
+                    policy: Some(p.document),
+                })
+                .collect(),
+        }))
+    }
+
     async fn validate_policy(
         &self,
         req: Request<pb::ValidatePolicyRequest>,

@@ -196,6 +196,80 @@ impl Policies {
         Ok(pushed)
     }
 
+    /// Stores every `policy` block of a file as a new version of the policy
+    /// it names (or returns the identical existing one), all or none; the
+    /// results in file order.
+    pub async fn push_all(
+        &self,
+        actor: &Actor,
+        source: &str,
+        source_name: &str,
+        publish: bool,
+    ) -> Result<Vec<Pushed>> {
+        self.check_size("source", source)?;
+        let name = if source_name.is_empty() {
+            "policy"
+        } else {
+            source_name
+        }
+        .to_owned();
+        let (src, fuel) = (source.to_owned(), self.cfg.fuel);
+        let compiled = anumate_cpu::run(move || {
+            let blocks = analyze::split(&name, &src, fuel)?;
+            blocks
+                .into_iter()
+                .map(|b| {
+                    check_name("source", &b.name).map_err(|_| {
+                        Error::new(
+                            ErrorCode::InvalidDocument,
+                            format!(
+                                "policy name {:?} must be a DNS label: lowercase letters, digits and '-', at most 63",
+                                b.name
+                            ),
+                        )
+                        .with_violations(vec![anumate_errors::Violation::at(
+                            &name,
+                            b.at.0,
+                            b.at.1,
+                            "policy name must be a DNS label",
+                        )])
+                    })?;
+                    // A block alone compiles as it did in the file; its
+                    // rules' lines are those of the stored source.
+                    let one = analyze::compile(&name, &b.source, 0, fuel, true)?;
+                    let info = one
+                        .policies
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| Error::internal("a block without its policy"))?;
+                    Ok((b.source, info))
+                })
+                .collect::<Result<Vec<(String, PolicyInfo)>>>()
+        })
+        .await?;
+        let no_labels = BTreeMap::new();
+        let drafts: Vec<Draft<'_>> = compiled
+            .iter()
+            .map(|(source, info)| Draft {
+                name: &info.name,
+                source,
+                canonical_json: &info.canonical_json,
+                content_hash: &info.content_hash,
+                description: &info.description,
+                labels: &no_labels,
+            })
+            .collect();
+        let pushed = self.documents.push_all(actor, &drafts, publish).await?;
+        Ok(pushed
+            .into_iter()
+            .zip(compiled.iter())
+            .map(|(mut p, (_, info))| {
+                p.version = with_rules(p.version, info);
+                p
+            })
+            .collect())
+    }
+
     /// The compiled form of a stored version, from the cache or compiled now
     /// (on the CPU pool).
     pub(crate) async fn compiled_version(
