@@ -367,6 +367,50 @@ impl Store {
         })
     }
 
+    /// Runs one read query for `tenant` in a single round trip and returns
+    /// its rows. On PostgreSQL the transaction's `BEGIN`, tenant (and role),
+    /// the query and `COMMIT` go to the server as one simple-query batch (a
+    /// [`Store::read`] and a query cost two round trips, and its release
+    /// ping a third), so `sql` takes text values only: each `$n` is replaced
+    /// by `args[n - 1]` as an escaped string literal (a NUL is refused), and
+    /// rows come back in text format (read text columns). `sql` must be one
+    /// statement and must not quote a `$`. On SQLite it is [`Store::read`]
+    /// and the query with `args` bound.
+    pub async fn read_text(
+        &self,
+        tenant: &str,
+        sql: &str,
+        args: &[&str],
+    ) -> Result<Vec<QueryResult>, StoreError> {
+        if self.backend == Backend::Sqlite {
+            let tx = self.read(tenant).await?;
+            let values = args.iter().map(|a| Value::from(*a)).collect();
+            return tx.query_all(sql, values).await;
+        }
+        if !valid_tenant(tenant) {
+            return Err(StoreError::InvalidTenant);
+        }
+        let mut batch = self.begin_sql(tenant);
+        batch.push_str("; ");
+        push_with_literals(&mut batch, sql, args)?;
+        batch.push_str("; COMMIT");
+        let pool = self.db.get_postgres_connection_pool();
+        let mut conn = pool.acquire().await.map_err(acquire_err)?;
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(batch))
+            .fetch_all(&mut *conn)
+            .await
+        {
+            // The first row is the `set_config` of the tenant.
+            Ok(rows) => Ok(rows.into_iter().skip(1).map(QueryResult::from).collect()),
+            Err(e) => {
+                // The batch stopped inside its transaction: never hand the
+                // connection back in it.
+                conn.close_on_drop();
+                Err(query_err(e))
+            }
+        }
+    }
+
     async fn begin(&self, write: bool, scope: Scope<'_>) -> Result<Tx, StoreError> {
         let tenant = match scope {
             Scope::Tenant(t)
@@ -452,6 +496,38 @@ fn push_literal(sql: &mut String, value: &str) {
         }
     }
     sql.push('\'');
+}
+
+/// Whether `tenant` may scope a transaction (what [`Store::read`] checks).
+fn valid_tenant(tenant: &str) -> bool {
+    !(tenant.is_empty() || tenant.len() > 128 || tenant == NO_TENANT || tenant.contains('\0'))
+}
+
+/// Appends `sql` with each `$n` replaced by `args[n - 1]` as an escaped
+/// literal ([`push_literal`]).
+fn push_with_literals(out: &mut String, sql: &str, args: &[&str]) -> Result<(), StoreError> {
+    let bad = |what: String| StoreError::Db(DbErr::Custom(what));
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(rest.len() - at - 1, |n| n);
+        let n: usize = rest[at + 1..at + 1 + digits]
+            .parse()
+            .map_err(|_| bad(format!("a bare $ in {sql:?}")))?;
+        let arg = n
+            .checked_sub(1)
+            .and_then(|i| args.get(i))
+            .ok_or_else(|| bad(format!("${n} has no value in {sql:?}")))?;
+        if arg.contains('\0') {
+            return Err(bad(format!("${n} holds a NUL")));
+        }
+        push_literal(out, arg);
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    Ok(())
 }
 
 /// A pool checkout's error as sea-orm reports it.

@@ -9,7 +9,7 @@
 //! only.
 
 use anumate_errors::{Error, Result};
-use anumate_store::{Backend, Migration, QueryResult, SystemTx, TenantTx, Value};
+use anumate_store::{Backend, Migration, QueryResult, Store, SystemTx, TenantTx, Value};
 
 use crate::rules::{Approval, Status};
 
@@ -126,6 +126,25 @@ pub async fn load(tx: &TenantTx, id: &str, lock: bool) -> Result<Option<Approval
     .as_ref()
     .map(from_row)
     .transpose()
+}
+
+/// One approval, read in one round trip of its own (no transaction to
+/// open first; see [`Store::read_text`]).
+pub async fn read(store: &Store, tenant: &str, id: &str) -> Result<Option<Approval>> {
+    // Ids are UUIDs; anything else (a NUL included) names no approval.
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Ok(None);
+    }
+    store
+        .read_text(
+            tenant,
+            "SELECT body FROM approvals WHERE tenant_id = $1 AND approval_id = $2",
+            &[tenant, id],
+        )
+        .await?
+        .first()
+        .map(from_row)
+        .transpose()
 }
 
 /// Stores a changed approval.
@@ -284,30 +303,86 @@ pub async fn delete_timer(tx: &SystemTx, t: &Timer) -> Result<()> {
     Ok(())
 }
 
-/// Outbox rows of the approvals topic after `after_seq`, oldest first.
+/// What a watch needs of an outbox row of the approvals topic.
+#[derive(Debug, Clone)]
+pub struct OutboxMark {
+    pub seq: i64,
+    pub event_type: String,
+    /// `approvals/<id>`.
+    pub subject: String,
+}
+
+/// Outbox rows of the approvals topic after `after_seq`, oldest first, but
+/// those at positions in `skip` (already sent; on PostgreSQL they are left
+/// out by the query, on SQLite by the caller).
 pub async fn outbox_after(
     tx: &TenantTx,
     after_seq: i64,
+    skip: &[i64],
     limit: i64,
-) -> Result<Vec<anumate_events::OutboxRow>> {
+) -> Result<Vec<OutboxMark>> {
+    let mut values: Vec<Value> = vec![
+        tx.tenant_id().into(),
+        crate::TOPIC.into(),
+        after_seq.into(),
+        limit.into(),
+    ];
+    let skip_sql = if tx.backend() == Backend::Postgres && !skip.is_empty() {
+        values.push(Value::from(skip.to_vec()));
+        " AND seq <> ALL($5::bigint[])"
+    } else {
+        ""
+    };
     let rows = tx
         .query_all(
             &format!(
-                "SELECT {} FROM outbox WHERE tenant_id = $1 AND topic = $2 AND seq > $3 \
-                 ORDER BY seq LIMIT $4",
-                anumate_events::OutboxRow::SELECT_COLUMNS
+                "SELECT seq, event_type, subject FROM outbox WHERE tenant_id = $1 AND topic = $2 \
+                 AND seq > $3{skip_sql} ORDER BY seq LIMIT $4"
             ),
-            vec![
-                tx.tenant_id().into(),
-                crate::TOPIC.into(),
-                after_seq.into(),
-                limit.into(),
-            ],
+            values,
         )
         .await?;
     rows.iter()
-        .map(|r| anumate_events::OutboxRow::from_query(r).map_err(db))
+        .map(|r| {
+            Ok(OutboxMark {
+                seq: r.try_get("", "seq").map_err(db)?,
+                event_type: r.try_get("", "event_type").map_err(db)?,
+                subject: r.try_get("", "subject").map_err(db)?,
+            })
+        })
         .collect()
+}
+
+/// Several approvals by id, in one statement on PostgreSQL (one per id on
+/// SQLite); missing ones are absent.
+pub async fn load_many(
+    tx: &TenantTx,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, Approval>> {
+    let mut out = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    if tx.backend() == Backend::Postgres {
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        for row in tx
+            .query_all(
+                "SELECT body FROM approvals WHERE tenant_id = $1 AND approval_id = ANY($2::text[])",
+                vec![tx.tenant_id().into(), Value::from(ids)],
+            )
+            .await?
+        {
+            let a = from_row(&row)?;
+            out.insert(a.id.clone(), a);
+        }
+    } else {
+        for id in ids {
+            if let Some(a) = load(tx, id, false).await? {
+                out.insert(a.id.clone(), a);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The highest outbox position of the tenant's approval events (0: none).

@@ -345,8 +345,7 @@ impl Approvals {
         if id.is_empty() {
             return Err(Error::invalid_argument("approval_id", "required"));
         }
-        let tx = self.inner.store.read(tenant).await?;
-        repo::load(&tx, id, false)
+        repo::read(&self.inner.store, tenant, id)
             .await?
             .ok_or_else(|| not_found(id))
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anumate_errors::{Error, Reason, Result};
 use anumate_proto::approvals::v1 as pb;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc;
 
 use crate::{Approvals, Caller, convert, repo};
@@ -132,17 +132,24 @@ impl Approvals {
             let floor = start.max(high - LOOKBACK);
             let (rows, full) = {
                 let tx = self.inner.store.read(tenant).await?;
-                let rows = repo::outbox_after(&tx, floor, BATCH).await?;
-                let full = rows.len() as i64 >= BATCH;
-                let mut items = Vec::new();
-                for row in rows {
-                    if sent.contains(&row.seq) {
-                        continue;
-                    }
-                    let id = row.subject.strip_prefix("approvals/").unwrap_or_default();
-                    let approval = repo::load(&tx, id, false).await?;
-                    items.push((row.seq, row.event_type, approval));
-                }
+                let skip: Vec<i64> = sent.range(floor + 1..).copied().collect();
+                let marks = repo::outbox_after(&tx, floor, &skip, BATCH).await?;
+                let full = marks.len() as i64 >= BATCH;
+                let marks: Vec<repo::OutboxMark> = marks
+                    .into_iter()
+                    .filter(|m| !sent.contains(&m.seq))
+                    .collect();
+                let ids: Vec<&str> = marks
+                    .iter()
+                    .map(|m| m.subject.strip_prefix("approvals/").unwrap_or_default())
+                    .collect();
+                // The approvals of the pass in one read.
+                let approvals = repo::load_many(&tx, &ids).await?;
+                let items: Vec<_> = marks
+                    .iter()
+                    .zip(&ids)
+                    .map(|(m, id)| (m.seq, m.event_type.clone(), approvals.get(*id).cloned()))
+                    .collect();
                 (items, full)
             };
             for (seq, event_type, approval) in rows {
@@ -179,6 +186,15 @@ impl Approvals {
                         Ok(_) | Err(RecvError::Lagged(_)) => break,
                         Err(RecvError::Closed) => return Ok(()),
                     },
+                }
+            }
+            // One pass reads every change committed so far: the wake-ups
+            // queued meanwhile need no pass of their own.
+            loop {
+                match changes.try_recv() {
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return Ok(()),
                 }
             }
         }

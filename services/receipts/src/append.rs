@@ -10,6 +10,7 @@ use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{CompactRange, Hash, Statement, Subject};
+use anumate_store::Backend;
 use serde_json::Value;
 
 use crate::proofs::with_nodes;
@@ -235,12 +236,39 @@ impl Receipts {
 
     /// One transaction for a batch: the outer error aborts it all, inner errors
     /// are one job's (a reused dedupe key).
+    ///
+    /// On PostgreSQL, when this process committed the log's last batch (its
+    /// size and peaks are known), the batch is first stored as if nothing
+    /// changed since and no dedupe key is stored yet, in one guarded
+    /// statement ([`repo::append_batch_at`]); only if that refuses (another
+    /// replica appended, or a retry) is it rolled back and appended the
+    /// checked way: lock and read the head, look the keys up, then store.
     pub(crate) async fn write_batch(
         &self,
         tenant: &str,
         lane: &Lane,
         batch: &[Prepared],
     ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
+        let known = lock(&lane.peaks).clone();
+        if let Some((size, peaks)) = known.filter(|_| self.store.backend() == Backend::Postgres) {
+            let tx = self.store.write(tenant).await?;
+            let planned = plan(batch, &HashMap::new(), size, peaks)?;
+            if let Some(checkpoint_size) = repo::append_batch_at(
+                &tx,
+                &planned.inserts(),
+                &planned.nodes,
+                size,
+                planned.range.size(),
+            )
+            .await?
+            {
+                return self
+                    .finish(tenant, lane, tx, planned, checkpoint_size)
+                    .await;
+            }
+            // Dropped: rolled back.
+            drop(tx);
+        }
         let tx = self.store.write(tenant).await?;
         let head = repo::lock_head(&tx).await?;
         let known = lock(&lane.peaks)
@@ -256,67 +284,35 @@ impl Receipts {
                 .await?
             }
         };
-        let mut range = CompactRange::from_peaks(head.size, peaks).map_err(Error::internal)?;
         let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
         let stored = repo::by_dedupe_keys(&tx, &keys).await?;
-        // Receipts this batch creates, by dedupe key: later duplicates in the
-        // batch answer from them as from stored ones.
-        let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
-        let mut new_rows: Vec<(&Prepared, u64)> = Vec::new();
-        let mut nodes = Vec::new();
-        let mut results = Vec::with_capacity(batch.len());
-        for p in batch {
-            let key = p.dedupe_key.as_str();
-            if let Some(existing) = created.get(key).or_else(|| stored.get(key)) {
-                results.push(if existing.request_hash == p.fingerprint {
-                    receipt_proto(existing, true).map(|r| (r, false))
-                } else {
-                    Err(Error::because(
-                        Reason::IdempotencyKeyReused,
-                        format!(
-                            "dedupe_key {:?} was used for a different receipt (leaf {})",
-                            p.dedupe_key, existing.leaf_index
-                        ),
-                    ))
-                });
-                continue;
-            }
-            range.append(p.signed.leaf_hash, |level, index, hash| {
-                nodes.push((level, index, *hash))
-            });
-            let row = repo::ReceiptRow {
-                leaf_index: range.size() - 1,
-                request_hash: p.fingerprint.clone(),
-                issued_at: p.issued_at,
-                statement_json: p.signed.statement_json.clone(),
-                signature: p.signed.signature.clone(),
-                kid: p.kid.clone(),
-                leaf_hash: p.signed.leaf_hash,
-                content_json: p.canonical.clone(),
-            };
-            results.push(receipt_proto(&row, true).map(|r| (r, true)));
-            new_rows.push((p, row.leaf_index));
-            created.insert(key, row);
-        }
-        let inserts: Vec<repo::NewReceipt> = new_rows
-            .iter()
-            .map(|&(p, leaf_index)| repo::NewReceipt {
-                leaf_index,
-                receipt_id: &p.receipt_id,
-                dedupe_key: &p.dedupe_key,
-                request_hash: &p.fingerprint,
-                kind: p.kind,
-                run_id: &p.subject.run_id,
-                plan_hash: &p.subject.plan_hash,
-                issued_at: p.issued_at,
-                statement_json: &p.signed.statement_json,
-                signature: &p.signed.signature,
-                kid: &p.kid,
-                leaf_hash: &p.signed.leaf_hash,
-                content_json: &p.canonical,
-            })
-            .collect();
-        repo::append_batch(&tx, &inserts, &nodes, range.size()).await?;
+        let planned = plan(batch, &stored, head.size, peaks)?;
+        repo::append_batch(
+            &tx,
+            &planned.inserts(),
+            &planned.nodes,
+            planned.range.size(),
+        )
+        .await?;
+        self.finish(tenant, lane, tx, planned, head.checkpoint_size)
+            .await
+    }
+
+    /// Stores the batch's events, commits, and remembers the new head.
+    async fn finish(
+        &self,
+        tenant: &str,
+        lane: &Lane,
+        tx: anumate_store::TenantTx,
+        planned: Planned<'_>,
+        checkpoint_size: u64,
+    ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
+        let Planned {
+            range,
+            new_rows,
+            results,
+            ..
+        } = planned;
         // One outbox statement for the batch's events.
         let subjects: Vec<String> = new_rows
             .iter()
@@ -352,9 +348,97 @@ impl Receipts {
             .map_err(Error::internal)?;
         tx.commit().await?;
         *lock(&lane.peaks) = Some((range.size(), range.peaks().to_vec()));
-        if range.size() - head.checkpoint_size >= self.cfg.checkpoint_batch {
+        if range.size().saturating_sub(checkpoint_size) >= self.cfg.checkpoint_batch {
             self.wake.notify_one();
         }
         Ok(results)
     }
+}
+
+/// A batch laid out on the log: leaf indexes, new tree nodes, each job's
+/// answer.
+struct Planned<'a> {
+    range: CompactRange,
+    new_rows: Vec<(&'a Prepared, u64)>,
+    nodes: Vec<(u32, u64, Hash)>,
+    results: Vec<Result<(pb::Receipt, bool)>>,
+}
+
+impl Planned<'_> {
+    fn inserts(&self) -> Vec<repo::NewReceipt<'_>> {
+        self.new_rows
+            .iter()
+            .map(|&(p, leaf_index)| repo::NewReceipt {
+                leaf_index,
+                receipt_id: &p.receipt_id,
+                dedupe_key: &p.dedupe_key,
+                request_hash: &p.fingerprint,
+                kind: p.kind,
+                run_id: &p.subject.run_id,
+                plan_hash: &p.subject.plan_hash,
+                issued_at: p.issued_at,
+                statement_json: &p.signed.statement_json,
+                signature: &p.signed.signature,
+                kid: &p.kid,
+                leaf_hash: &p.signed.leaf_hash,
+                content_json: &p.canonical,
+            })
+            .collect()
+    }
+}
+
+/// Lays `batch` out after a log of `size` with `peaks`: a job whose dedupe
+/// key is `stored` (or earlier in the batch) answers from that receipt.
+fn plan<'a>(
+    batch: &'a [Prepared],
+    stored: &HashMap<String, repo::ReceiptRow>,
+    size: u64,
+    peaks: Vec<Hash>,
+) -> Result<Planned<'a>> {
+    let mut range = CompactRange::from_peaks(size, peaks).map_err(Error::internal)?;
+    // Receipts this batch creates, by dedupe key: later duplicates in the
+    // batch answer from them as from stored ones.
+    let mut created: HashMap<&str, repo::ReceiptRow> = HashMap::new();
+    let mut new_rows: Vec<(&Prepared, u64)> = Vec::new();
+    let mut nodes = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for p in batch {
+        let key = p.dedupe_key.as_str();
+        if let Some(existing) = created.get(key).or_else(|| stored.get(key)) {
+            results.push(if existing.request_hash == p.fingerprint {
+                receipt_proto(existing, true).map(|r| (r, false))
+            } else {
+                Err(Error::because(
+                    Reason::IdempotencyKeyReused,
+                    format!(
+                        "dedupe_key {:?} was used for a different receipt (leaf {})",
+                        p.dedupe_key, existing.leaf_index
+                    ),
+                ))
+            });
+            continue;
+        }
+        range.append(p.signed.leaf_hash, |level, index, hash| {
+            nodes.push((level, index, *hash))
+        });
+        let row = repo::ReceiptRow {
+            leaf_index: range.size() - 1,
+            request_hash: p.fingerprint.clone(),
+            issued_at: p.issued_at,
+            statement_json: p.signed.statement_json.clone(),
+            signature: p.signed.signature.clone(),
+            kid: p.kid.clone(),
+            leaf_hash: p.signed.leaf_hash,
+            content_json: p.canonical.clone(),
+        };
+        results.push(receipt_proto(&row, true).map(|r| (r, true)));
+        new_rows.push((p, row.leaf_index));
+        created.insert(key, row);
+    }
+    Ok(Planned {
+        range,
+        new_rows,
+        nodes,
+        results,
+    })
 }

@@ -485,6 +485,18 @@ pub async fn append_batch(
         insert_nodes(tx, nodes).await?;
         return set_head_size(tx, size).await;
     }
+    let values = pg_batch_values(tx, receipts, nodes, size)?;
+    tx.execute(PG_APPEND_BATCH, values).await?;
+    Ok(())
+}
+
+/// The values of [`PG_APPEND_BATCH`] (`$1`–`$19`).
+fn pg_batch_values(
+    tx: &TenantTx,
+    receipts: &[NewReceipt<'_>],
+    nodes: &[(u32, u64, Hash)],
+    size: u64,
+) -> Result<Vec<Value>> {
     let texts = |f: for<'r, 's> fn(&'r NewReceipt<'s>) -> &'s str| -> Value {
         Value::from(
             receipts
@@ -505,7 +517,7 @@ pub async fn append_batch(
         .iter()
         .map(|(_, index, _)| to_i64(*index))
         .collect::<Result<Vec<i64>>>()?;
-    let values = vec![
+    Ok(vec![
         tx.tenant_id().into(),
         Value::from(leaf_indexes),
         texts(|r| r.receipt_id),
@@ -535,9 +547,7 @@ pub async fn append_batch(
                 .collect::<Vec<_>>(),
         ),
         to_i64(size)?.into(),
-    ];
-    tx.execute(PG_APPEND_BATCH, values).await?;
-    Ok(())
+    ])
 }
 
 /// [`append_batch`] on PostgreSQL: `$1` tenant, `$2`–`$13` the receipts'
@@ -558,6 +568,66 @@ const PG_APPEND_BATCH: &str = "WITH new_receipts AS (
         SELECT $1, u.* FROM unnest($16::int[], $17::bigint[], $18::text[]) AS u
       )
       UPDATE receipt_logs SET size = $19, updated_at = $15 WHERE tenant_id = $1";
+
+/// [`append_batch`] on PostgreSQL for a log believed to be `expected` long
+/// (the size this process last committed), without locking and reading the
+/// head and looking up the dedupe keys first: one statement locks the head
+/// and, only if its size is still `expected`, stores the batch and moves the
+/// head. Returns the head's checkpoint size when it did; `None` when the head
+/// moved (another replica appended) or a dedupe key is already stored (a
+/// retry), and then the caller rolls the transaction back and appends the
+/// checked way ([`lock_head`], [`by_dedupe_keys`], [`append_batch`]).
+pub async fn append_batch_at(
+    tx: &TenantTx,
+    receipts: &[NewReceipt<'_>],
+    nodes: &[(u32, u64, Hash)],
+    expected: u64,
+    size: u64,
+) -> Result<Option<u64>> {
+    let mut values = pg_batch_values(tx, receipts, nodes, size)?;
+    values.push(to_i64(expected)?.into());
+    let row = tx
+        .query_one(PG_APPEND_BATCH_AT, values)
+        .await?
+        .ok_or_else(|| Error::internal("the guarded append returned no row"))?;
+    let stored: i64 = row.try_get("", "stored").map_err(db)?;
+    let checkpoint_size: Option<i64> = row.try_get("", "checkpoint_size").map_err(db)?;
+    match checkpoint_size {
+        Some(c) if usize::try_from(stored).ok() == Some(receipts.len()) => Ok(Some(to_u64(c)?)),
+        _ => Ok(None),
+    }
+}
+
+/// [`append_batch_at`]'s statement: [`PG_APPEND_BATCH`]'s values and `$20`
+/// the expected size. The head is locked first (every part reads `head`), so
+/// a concurrent appender makes it wait and then refuse, never interleave.
+const PG_APPEND_BATCH_AT: &str = "WITH head AS MATERIALIZED (
+        SELECT checkpoint_size FROM receipt_logs WHERE tenant_id = $1 AND size = $20
+        FOR UPDATE
+      ), new_receipts AS (
+        INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind,
+          run_id, plan_hash, issued_at, statement_json, signature, kid, leaf_hash, content_json,
+          created_at)
+        SELECT $1, u.*, '', $15
+        FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+          $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[]) AS u
+        WHERE EXISTS (SELECT 1 FROM head)
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+      ), new_contents AS (
+        INSERT INTO receipt_contents (tenant_id, receipt_id, issued_at, body)
+        SELECT $1, u.* FROM unnest($3::text[], $9::bigint[], $14::text[]) AS u
+        WHERE EXISTS (SELECT 1 FROM head)
+      ), new_nodes AS (
+        INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash)
+        SELECT $1, u.* FROM unnest($16::int[], $17::bigint[], $18::text[]) AS u
+        WHERE EXISTS (SELECT 1 FROM head)
+      ), moved AS (
+        UPDATE receipt_logs SET size = $19, updated_at = $15
+        WHERE tenant_id = $1 AND EXISTS (SELECT 1 FROM head)
+      )
+      SELECT (SELECT count(*) FROM new_receipts) AS stored,
+        (SELECT checkpoint_size FROM head) AS checkpoint_size";
 
 /// A stored receipt.
 #[derive(Debug, Clone)]
