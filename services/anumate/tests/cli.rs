@@ -1065,7 +1065,6 @@ fn serve_needs_configured_keys_and_replicas_share_them() {
         "[keys] registry_key_files",
         "[keys] receipts_key_files",
         "[captokens] key_files",
-        "[connectors] captoken_key_files",
     ] {
         assert!(out.stderr.contains(key), "{key}: {out:#?}");
     }
@@ -1087,8 +1086,7 @@ fn serve_needs_configured_keys_and_replicas_share_them() {
             format!(
                 "[store]\nurl = {store:?}\n\n[admin]\nlisten = {admin:?}\n\n\
                  [keys]\nregistry_key_files = [{reg:?}]\nreceipts_key_files = [{rec:?}]\n\n\
-                 [captokens]\nkey_files = [{new:?}, {old:?}]\n\n\
-                 [connectors]\ncaptoken_key_files = [{new:?}, {old:?}]\n",
+                 [captokens]\nkey_files = [{new:?}, {old:?}]\n",
                 reg = k("registry.pem"),
                 rec = k("receipts.pem"),
                 new = k("tokens-new.pem"),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anumate_auth::BearerToken;
-use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer, Verifier};
+use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer};
 use anumate_connectors::{ConnectorsConfig, Hub, HubGrpc, StaticTools};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_proto::connectors::v1 as pb;
@@ -70,8 +70,17 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let (_db, store) = migrated_store(Backend::Postgres, &anumate_connectors::migrations()).await;
-    let keys = KeyRing::new(KeyPair::generate().unwrap());
+    let mut migrations = anumate_connectors::migrations();
+    migrations.extend(anumate_captokens_service::migrations());
+    let (_db, store) = migrated_store(Backend::Postgres, &migrations).await;
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+    // The captokens service in this process (`anumate dev`, `serve all`).
+    let captokens = anumate_captokens_service::CapTokens::new(
+        store.clone(),
+        keys.clone(),
+        &anumate_captokens_service::CapTokensConfig::default(),
+    )
+    .unwrap();
     let tool = serde_json::from_value(json!({
         "apiVersion": "anumate.dev/v1", "kind": "Tool",
         "metadata": {"name": TOOL},
@@ -80,7 +89,7 @@ async fn main() {
     .unwrap();
     let hub = Hub::new(
         store,
-        Verifier::from_key_ring(&keys).unwrap(),
+        Arc::new(captokens),
         Arc::new(StaticTools::new([tool])),
         &ConnectorsConfig::default(),
     );

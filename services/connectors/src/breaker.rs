@@ -103,6 +103,16 @@ impl Breakers {
         })
     }
 
+    /// Gives back a probe admitted by [`Breakers::admit`] that never reached
+    /// the upstream (the call was refused first), so another call may probe.
+    pub fn abandon(&self, tool: &str, host: &str) {
+        self.with(|m| {
+            if let Some(e) = m.get_mut(&(tool.to_owned(), host.to_owned())) {
+                e.probing = false;
+            }
+        });
+    }
+
     /// The state of (tool, host) at `now`.
     pub fn state(&self, tool: &str, host: &str, now: Instant) -> State {
         self.with(|m| match m.get(&(tool.to_owned(), host.to_owned())) {

@@ -1,6 +1,6 @@
 //! The one trait every connector implements, so adding one is one file.
 
-use anumate_store::TenantTx;
+use anumate_store::Store;
 use anumate_tools::Tool;
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -17,9 +17,11 @@ pub struct Call<'a> {
     pub run: &'a str,
     /// The step of the capability token.
     pub step: &'a str,
-    /// The hub's transaction: it commits with the token's consumption and
-    /// the idempotency record (the mock keeps its ledger here).
-    pub tx: &'a TenantTx,
+    /// The caller's tenant.
+    pub tenant: &'a str,
+    /// The hub's database (the mock keeps its ledger here, in its own
+    /// transaction: no transaction of the hub is open during a call).
+    pub store: &'a Store,
 }
 
 /// Why a call failed, classified for the caller.

@@ -40,9 +40,12 @@ impl Connector for Mock {
             }
             let store_failed =
                 |e: anumate_errors::Error| ConnectorError::retryable(format!("mock ledger: {e}"));
-            let delivery = repo::deliver_mock(call.tx, call.tool.name(), &call)
-                .await
-                .map_err(store_failed)?;
+            let rendered = crate::template::render(&spec.output, call.args);
+            let fail_times = spec.fail.as_ref().map_or(0, |f| f.times);
+            let delivery =
+                repo::deliver_mock(&call, call.tool.name(), fail_times, rendered.as_ref().ok())
+                    .await
+                    .map_err(store_failed)?;
             if let Some(output) = delivery.output {
                 return Ok(output);
             }
@@ -59,11 +62,8 @@ impl Connector for Mock {
                     upstream_status: None,
                 });
             }
-            let output = crate::template::render(&spec.output, call.args)
+            let output = rendered
                 .map_err(|e| ConnectorError::permanent(format!("spec.mock.output: {e}")))?;
-            repo::mock_acted(call.tx, call.tool.name(), call.idempotency_key, &output)
-                .await
-                .map_err(store_failed)?;
             Ok(output)
         })
     }

@@ -1,12 +1,9 @@
-//! SQL of the hub: its replay store (consumed single-use token ids) and the
-//! mock connector's ledger. Every query filters on the transaction's tenant;
+//! SQL of the hub: taking over a stale idempotency claim, and the mock
+//! connector's ledger. Every query filters on the transaction's tenant;
 //! on PostgreSQL row-level security enforces it again.
 
-use std::future::Future;
-
-use anumate_captokens::{ReplayError, ReplayGuard, RevocationError, RevocationList};
 use anumate_errors::{Error, Result};
-use anumate_store::{Migration, QueryResult, StoreError, TenantTx, Value};
+use anumate_store::{Migration, QueryResult, TenantTx, Value};
 
 use crate::connector::Call;
 
@@ -33,88 +30,56 @@ const DDL: &str = "CREATE TABLE connector_token_replay (
       );
       CREATE UNIQUE INDEX connector_mock_calls_order ON connector_mock_calls (tenant_id, call_id)";
 
-/// The hub's own tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "connectors_0001_tables",
-    postgres: DDL,
-    sqlite: DDL,
-    tenant_tables: &["connector_token_replay", "connector_mock_calls"],
-}];
+/// The hub's own tables. The hub's own replay store
+/// (`connector_token_replay`) is gone: tokens are spent in the captokens
+/// service's, shared by the whole platform.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "connectors_0001_tables",
+        postgres: DDL,
+        sqlite: DDL,
+        tenant_tables: &["connector_token_replay", "connector_mock_calls"],
+    },
+    Migration {
+        id: "connectors_0002_drop_token_replay",
+        postgres: DROP_REPLAY,
+        sqlite: DROP_REPLAY,
+        tenant_tables: &[],
+    },
+];
+
+const DROP_REPLAY: &str = "DROP TABLE IF EXISTS connector_token_replay";
 
 fn db(e: impl std::fmt::Display) -> Error {
     Error::internal(e)
 }
 
-/// The hub's replay store in its transaction: consuming a `jti` is a unique
-/// insert, seen by every replica sharing the database, and undone if the
-/// transaction (the call) rolls back.
-pub struct TxReplay<'a>(pub &'a TenantTx);
-
-impl ReplayGuard for TxReplay<'_> {
-    fn check_and_consume(
-        &self,
-        jti: &str,
-        exp: i64,
-    ) -> impl Future<Output = std::result::Result<(), ReplayError>> + Send {
-        let tx = self.0;
-        let values: Vec<Value> = vec![tx.tenant_id().into(), jti.into(), exp.into()];
-        let jti = jti.to_owned();
-        async move {
-            let n = tx
-                .execute(
-                    "INSERT INTO connector_token_replay (tenant_id, jti, exp) VALUES ($1, $2, $3) \
-                     ON CONFLICT DO NOTHING",
-                    values,
-                )
-                .await
-                .map_err(|e: StoreError| ReplayError::Unavailable(e.to_string()))?;
-            if n == 0 {
-                return Err(ReplayError::Replayed { jti });
-            }
-            Ok(())
-        }
-    }
-
-    fn is_consumed(
-        &self,
-        jti: &str,
-    ) -> impl Future<Output = std::result::Result<bool, ReplayError>> + Send {
-        let tx = self.0;
-        let values: Vec<Value> = vec![tx.tenant_id().into(), jti.into()];
-        async move {
-            tx.query_one(
-                "SELECT 1 AS hit FROM connector_token_replay WHERE tenant_id = $1 AND jti = $2",
-                values,
-            )
-            .await
-            .map(|row| row.is_some())
-            .map_err(|e| ReplayError::Unavailable(e.to_string()))
-        }
-    }
-}
-
-/// The hub does not read the captokens service's revocation list (it may
-/// live in another database); tokens live at most five minutes.
-pub struct NoRevocations;
-
-impl RevocationList for NoRevocations {
-    fn is_revoked(
-        &self,
-        _jti: &str,
-        _run: &str,
-    ) -> impl Future<Output = std::result::Result<bool, RevocationError>> + Send {
-        std::future::ready(Ok(false))
-    }
-}
-
-/// Deletes the tenant's replay records whose token expired before `cutoff` (seconds).
-pub async fn purge_replay(tx: &TenantTx, cutoff: i64) -> Result<u64> {
-    Ok(tx
+/// Takes over a key of `scope` claimed with `fingerprint` and left without a
+/// result since before `cutoff` (micros): its claimer crashed or hung. True
+/// when this transaction now holds the claim.
+pub async fn take_over_stale(
+    tx: &TenantTx,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+    cutoff: i64,
+) -> Result<bool> {
+    let n = tx
         .execute(
-            "DELETE FROM connector_token_replay WHERE tenant_id = $1 AND exp < $2",
-            vec![tx.tenant_id().into(), cutoff.into()],
+            "UPDATE idempotency_keys SET created_at = $5 \
+             WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 AND fingerprint = $4 \
+               AND result IS NULL AND created_at < $6",
+            vec![
+                tx.tenant_id().into(),
+                scope.into(),
+                key.into(),
+                fingerprint.into(),
+                anumate_store::now_micros().into(),
+                cutoff.into(),
+            ],
         )
-        .await?)
+        .await?;
+    Ok(n == 1)
 }
 
 /// A mock effect after one more delivery.
@@ -125,17 +90,27 @@ pub struct Delivery {
     pub output: Option<serde_json::Value>,
 }
 
-/// Counts one delivery of `call` to the mock tool `tool`.
-pub async fn deliver_mock(tx: &TenantTx, tool: &str, call: &Call<'_>) -> Result<Delivery> {
+/// Counts one delivery of `call` to the mock tool `tool`, in its own short
+/// transaction (the mock stands for an upstream API with its own database),
+/// and acts with `output` (keeps it) unless it acted before or this is one
+/// of the first `fail_times` deliveries: one statement.
+pub async fn deliver_mock(
+    call: &Call<'_>,
+    tool: &str,
+    fail_times: u32,
+    output: Option<&serde_json::Value>,
+) -> Result<Delivery> {
+    let tx = call.store.write(call.tenant).await?;
     let now = anumate_store::now_micros();
-    // One round trip: the upsert returns the row as it now is.
     let row = tx
         .query_one(
             "INSERT INTO connector_mock_calls (tenant_id, call_id, tool, idem_key, run_id, step_id, \
-               args, deliveries, first_delivered_at, last_delivered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8) \
+               args, output, deliveries, first_delivered_at, last_delivered_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $9 < 1 THEN $10 END, 1, $8, $8) \
              ON CONFLICT (tenant_id, tool, idem_key) DO UPDATE SET \
-               deliveries = connector_mock_calls.deliveries + 1, last_delivered_at = $8 \
+               deliveries = connector_mock_calls.deliveries + 1, last_delivered_at = $8, \
+               output = COALESCE(connector_mock_calls.output, \
+                 CASE WHEN connector_mock_calls.deliveries + 1 > $9 THEN $10 END) \
              RETURNING deliveries, output",
             vec![
                 tx.tenant_id().into(),
@@ -146,10 +121,13 @@ pub async fn deliver_mock(tx: &TenantTx, tool: &str, call: &Call<'_>) -> Result<
                 call.step.into(),
                 call.args.to_string().into(),
                 now.into(),
+                i64::from(fail_times).into(),
+                Value::from(output.map(serde_json::Value::to_string)),
             ],
         )
         .await?
         .ok_or_else(|| db("mock call upsert returned no row"))?;
+    tx.commit().await?;
     let output: Option<String> = row.try_get("", "output").map_err(db)?;
     Ok(Delivery {
         deliveries: row.try_get("", "deliveries").map_err(db)?,
@@ -158,27 +136,6 @@ pub async fn deliver_mock(tx: &TenantTx, tool: &str, call: &Call<'_>) -> Result<
             .transpose()
             .map_err(db)?,
     })
-}
-
-/// Keeps the output of the mock's one action for `key`.
-pub async fn mock_acted(
-    tx: &TenantTx,
-    tool: &str,
-    key: &str,
-    output: &serde_json::Value,
-) -> Result<()> {
-    tx.execute(
-        "UPDATE connector_mock_calls SET output = $4 \
-         WHERE tenant_id = $1 AND tool = $2 AND idem_key = $3",
-        vec![
-            tx.tenant_id().into(),
-            tool.into(),
-            key.into(),
-            output.to_string().into(),
-        ],
-    )
-    .await?;
-    Ok(())
 }
 
 /// One row of the mock ledger.

@@ -1,8 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The hub as `anumate dev` composes it: the registry and the connector hub
-//! modules in one server, the tool pushed into the tenant's catalogue with
-//! `PushTools` and resolved by the hub in process, the capability token
-//! signed with the `captokens` key the module loads from the keys directory.
+//! The hub as `anumate dev` composes it: the registry, captokens and the
+//! connector hub modules in one server, the tool pushed into the tenant's
+//! catalogue with `PushTools` and resolved by the hub in process, the
+//! capability token signed with the `captokens` key the captokens module
+//! loads from the keys directory (the hub reads only its public keys, in
+//! process).
 
 use std::time::Duration;
 
@@ -29,12 +31,19 @@ spec:
 
 async fn a_pushed_tool_is_invoked_through_the_composed_hub(backend: Backend) {
     let mut migrations = anumate_registry::migrations();
+    migrations.extend(anumate_captokens_service::migrations());
     migrations.extend(anumate_connectors::migrations());
+    // The outbox comes with both the registry's and captokens' migrations.
+    let mut seen = std::collections::HashSet::new();
+    migrations.retain(|m| seen.insert(m.id));
     let (_db, store) = migrated_store(backend, &migrations).await;
     let auth = DevAuth::with_service_issuer("orchestrator");
     let keys_dir = auth.dir.path().join("keys");
-    let modules: Vec<Box<dyn ServiceModule>> =
-        vec![anumate_registry::module(), anumate_connectors::module()];
+    let modules: Vec<Box<dyn ServiceModule>> = vec![
+        anumate_registry::module(),
+        anumate_captokens_service::module(),
+        anumate_connectors::module(),
+    ];
     let listener = anumate_testing::bind().await;
     let own_url = format!("http://{}", listener.local_addr().unwrap());
     let ctx = Context::new(

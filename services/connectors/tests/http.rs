@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anumate_auth::BearerToken;
-use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer, Verifier};
+use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer};
 use anumate_connectors::{ConnectorsConfig, Http, Hub, HubGrpc, StaticTools};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_errors::Reason;
@@ -184,7 +184,7 @@ fn tools(port: u16) -> StaticTools {
 
 struct App {
     hub: ConnectorHubInternalClient<InterceptedService<Channel, BearerToken>>,
-    keys: KeyRing,
+    keys: Arc<KeyRing>,
     _db: TestDb,
     _auth: DevAuth,
 }
@@ -192,12 +192,21 @@ struct App {
 async fn spawn_app(backend: Backend) -> App {
     logs();
     let port = upstream().await;
-    let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
-    let keys = KeyRing::new(KeyPair::generate().unwrap());
+    let mut migrations = anumate_connectors::migrations();
+    migrations.extend(anumate_captokens_service::migrations());
+    let (db, store) = migrated_store(backend, &migrations).await;
+    let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
+    // The captokens service in this process, over the same database.
+    let captokens = anumate_captokens_service::CapTokens::new(
+        store.clone(),
+        keys.clone(),
+        &anumate_captokens_service::CapTokensConfig::default(),
+    )
+    .unwrap();
     let secrets = HashMap::from([("PAY_TOKEN".to_owned(), SECRET.to_owned())]);
     let hub = Hub::new(
         store,
-        Verifier::from_key_ring(&keys).unwrap(),
+        Arc::new(captokens),
         Arc::new(tools(port)),
         &ConnectorsConfig::default(),
     )
@@ -238,7 +247,7 @@ impl App {
         let args = json!({"amount": 12});
         let token = Issuer::new("t")
             .issue(
-                &self.keys,
+                self.keys.as_ref(),
                 IssueRequest {
                     subject: "user:a",
                     audience: "anumate-connectors",

@@ -1,18 +1,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The connector hub driven like the orchestrator drives it: real gRPC over
 //! TCP behind the real authentication layer, on SQLite and PostgreSQL, with
-//! capability tokens minted by a real issuer. The mock connector's ledger
+//! capability tokens minted by a real issuer. The hub reaches the captokens
+//! service over gRPC too (its JWKS, `ConsumeToken` as `svc:connectors`), as
+//! when it runs in its own process. The mock connector's ledger
 //! (`ListMockCalls`) shows whether a call acted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anumate_auth::{AuthLayer, BearerToken, DevIssuer, Role, ServiceIssuer};
-use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer, Verifier};
+use anumate_captokens::{ArgsBinding, Capability, IssueRequest, Issuer};
+use anumate_captokens_service::{CapTokens, CapTokensConfig, CapTokensGrpc, PUBLIC_PATHS};
 use anumate_connectors::{ConnectorsConfig, Hub, HubGrpc, StaticTools};
 use anumate_crypto::{KeyPair, KeyRing};
 use anumate_errors::Reason;
+use anumate_proto::captokens::v1 as ctpb;
 use anumate_proto::connectors::v1 as pb;
+use anumate_service::clients::Grpc;
 use anumate_testing::{Backend, DevAuth, TestDb, expect_reason, migrated_store};
 use pb::connector_hub_internal_client::ConnectorHubInternalClient;
 use pb::connector_hub_service_client::ConnectorHubServiceClient;
@@ -67,29 +72,48 @@ fn tools() -> StaticTools {
 }
 
 /// A hub server over `store`: the first, a replica, or one after a restart.
+/// The same server runs the captokens service over the same database; the
+/// hub calls it over gRPC as `svc:connectors`.
 async fn serve_hub(
     store: anumate_store::Store,
-    keys: &KeyRing,
+    keys: &Arc<KeyRing>,
     authenticator: anumate_auth::Authenticator,
+    services: &ServiceIssuer,
 ) -> String {
+    let listener = anumate_testing::bind().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let captokens = Grpc::new(anumate_service::clients::channel("captokens", &url).unwrap())
+        .with_service_issuer(services.for_service("connectors").unwrap());
     let hub = Hub::new(
-        store,
-        Verifier::from_key_ring(keys).unwrap(),
+        store.clone(),
+        Arc::new(captokens),
         Arc::new(tools()),
         &ConnectorsConfig::default(),
     );
-    let layer = AuthLayer::new(authenticator, anumate_auth::AuthzTable::platform().unwrap());
+    let tokens = CapTokens::new(store, keys.clone(), &CapTokensConfig::default()).unwrap();
+    let mut layer = AuthLayer::new(authenticator, anumate_auth::AuthzTable::platform().unwrap());
+    for path in PUBLIC_PATHS {
+        layer = layer.allow_unauthenticated(*path);
+    }
     let (addr, _handle) = anumate_testing::serve_with_layer(
-        anumate_testing::bind().await,
+        listener,
         layer,
         Routes::new(HubGrpc::new(hub.clone()).into_server())
-            .add_service(HubGrpc::new(hub).into_internal_server()),
+            .add_service(HubGrpc::new(hub).into_internal_server())
+            .add_service(CapTokensGrpc::new(tokens.clone()).into_server())
+            .add_service(CapTokensGrpc::new(tokens).into_internal_server()),
     );
     format!("http://{addr}")
 }
 
+fn migrations() -> Vec<anumate_store::Migration> {
+    let mut all = anumate_connectors::migrations();
+    all.extend(anumate_captokens_service::migrations());
+    all
+}
+
 async fn spawn_app(backend: Backend) -> TestApp {
-    let (db, store) = migrated_store(backend, &anumate_connectors::migrations()).await;
+    let (db, store) = migrated_store(backend, &migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
     let DevAuth {
         issuer,
@@ -97,12 +121,13 @@ async fn spawn_app(backend: Backend) -> TestApp {
         authenticator,
         dir,
     } = DevAuth::with_service_issuer("orchestrator");
-    let url = serve_hub(store, &keys, authenticator.clone()).await;
+    let services = services.unwrap();
+    let url = serve_hub(store, &keys, authenticator.clone(), &services).await;
     TestApp {
         url,
         keys,
         users: issuer,
-        services: services.unwrap(),
+        services,
         authenticator,
         _db: db,
         _auth_dir: dir,
@@ -112,6 +137,8 @@ async fn spawn_app(backend: Backend) -> TestApp {
 struct Clients {
     hub: ConnectorHubInternalClient<Authorized>,
     calls: ConnectorHubServiceClient<Authorized>,
+    tokens: ctpb::capability_tokens_internal_client::CapabilityTokensInternalClient<Authorized>,
+    revoker: ctpb::cap_tokens_service_client::CapTokensServiceClient<Authorized>,
 }
 
 /// Overrides of a minted capability token.
@@ -136,7 +163,18 @@ impl TestApp {
                 channel.clone(),
                 BearerToken(token.clone()),
             ),
-            calls: ConnectorHubServiceClient::with_interceptor(channel, BearerToken(token)),
+            calls: ConnectorHubServiceClient::with_interceptor(
+                channel.clone(),
+                BearerToken(token.clone()),
+            ),
+            tokens: ctpb::capability_tokens_internal_client::CapabilityTokensInternalClient::with_interceptor(
+                channel.clone(),
+                BearerToken(token.clone()),
+            ),
+            revoker: ctpb::cap_tokens_service_client::CapTokensServiceClient::with_interceptor(
+                channel,
+                BearerToken(token),
+            ),
         }
     }
 
@@ -597,7 +635,7 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
     let store = anumate_store::Store::connect(&app._db.config)
         .await
         .unwrap();
-    let replica = serve_hub(store, &app.keys, app.authenticator.clone()).await;
+    let replica = serve_hub(store, &app.keys, app.authenticator.clone(), &app.services).await;
     let args = json!({"amount": 9, "to": "carol"});
     let tool = "payments.transfer";
     let first_url = app.url.clone();
@@ -638,7 +676,7 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
     let store = anumate_store::Store::connect(&app._db.config)
         .await
         .unwrap();
-    app.url = serve_hub(store, &app.keys, app.authenticator.clone()).await;
+    app.url = serve_hub(store, &app.keys, app.authenticator.clone(), &app.services).await;
     let mut c = app.orchestrator("t1").await;
     let again = c
         .hub
@@ -657,6 +695,144 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
     assert_eq!((calls[0].deliveries, calls[0].acted), (1, true));
 }
 
+/// A token minted by the captokens service for `args` of `tool` in `run`.
+async fn issued(c: &mut Clients, tool: &str, args: &Value, run: &str) -> (String, String) {
+    let resp = c
+        .tokens
+        .issue_token(ctpb::IssueTokenRequest {
+            audience: AUDIENCE.into(),
+            run_id: run.into(),
+            step_id: "step-1".into(),
+            plan_hash: format!("sha256:{}", "0".repeat(64)),
+            args_sha256: anumate_captokens::args_sha256(args).unwrap(),
+            capability: Some(ctpb::Capability {
+                tool: tool.into(),
+                actions: vec!["call".into()],
+                constraints: None,
+            }),
+            single_use: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (resp.token, resp.claims.unwrap().jti)
+}
+
+/// `VerifyToken` with `consume` at the captokens service, as another
+/// verifier of the platform would spend the token.
+async fn consume_at_captokens(c: &mut Clients, token: &str, tool: &str, args: &Value) -> i32 {
+    c.tokens
+        .verify_token(ctpb::VerifyTokenRequest {
+            token: token.into(),
+            audience: AUDIENCE.into(),
+            tool: tool.into(),
+            action: "call".into(),
+            args: Some(to_struct(args)),
+            consume: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .verdict
+}
+
+async fn tokens_are_single_use_platform_wide_and_revocations_hold(app: TestApp) {
+    let mut c = app.orchestrator("t1").await;
+    let args = json!({"amount": 7, "to": "dave"});
+    let tool = "payments.transfer";
+
+    // Spent at captokens first: the hub refuses it.
+    let (a, _) = issued(&mut c, tool, &args, "run-a").await;
+    assert_eq!(
+        consume_at_captokens(&mut c, &a, tool, &args).await,
+        ctpb::TokenVerdict::Valid as i32
+    );
+    expect_reason(
+        c.hub.invoke(invoke(tool, &args, "spent-first", &a)).await,
+        Reason::TokenAlreadyUsed,
+    );
+    // Spent by the hub first: captokens sees it replayed.
+    let (b, _) = issued(&mut c, tool, &args, "run-a").await;
+    c.hub
+        .invoke(invoke(tool, &args, "hub-first", &b))
+        .await
+        .unwrap();
+    assert_eq!(
+        consume_at_captokens(&mut c, &b, tool, &args).await,
+        ctpb::TokenVerdict::Replayed as i32
+    );
+
+    // Revoked one by one, unexpired: refused, nothing called.
+    let (revoked, jti) = issued(&mut c, tool, &args, "run-a").await;
+    let mut admin = app
+        .channel(
+            app.users
+                .mint("t1", "user:admin", &[Role::Admin], Duration::from_secs(300))
+                .unwrap(),
+        )
+        .await;
+    admin
+        .revoker
+        .revoke_token(ctpb::RevokeTokenRequest {
+            target: Some(ctpb::revoke_token_request::Target::Jti(jti)),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    expect_reason(
+        c.hub
+            .invoke(invoke(tool, &args, "revoked-jti", &revoked))
+            .await,
+        Reason::TokenRevoked,
+    );
+    // Revoked with its run: refused, nothing called.
+    let (doomed, _) = issued(&mut c, tool, &args, "run-doomed").await;
+    admin
+        .revoker
+        .revoke_token(ctpb::RevokeTokenRequest {
+            target: Some(ctpb::revoke_token_request::Target::RunId(
+                "run-doomed".into(),
+            )),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    expect_reason(
+        c.hub
+            .invoke(invoke(tool, &args, "revoked-run", &doomed))
+            .await,
+        Reason::TokenRevoked,
+    );
+    // A token of the revoked run minted afterwards is refused too.
+    let (later, _) = issued(&mut c, tool, &args, "run-doomed").await;
+    expect_reason(
+        c.hub
+            .invoke(invoke(tool, &args, "revoked-run-2", &later))
+            .await,
+        Reason::TokenRevoked,
+    );
+
+    // The mock's ledger: only the hub-first call acted.
+    let keys: Vec<String> = mock_calls(&app, "t1", "")
+        .await
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys, ["hub-first"]);
+
+    // A refused call left its key free: a valid token under it acts.
+    let (fresh, _) = issued(&mut c, tool, &args, "run-a").await;
+    let ok = c
+        .hub
+        .invoke(invoke(tool, &args, "revoked-jti", &fresh))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.replayed);
+}
+
 anumate_testing::on_both_backends! {
     replicas_and_restarts_act_once => replicas_sqlite, replicas_postgres;
     a_failing_upstream_opens_its_circuit => breaker_sqlite, breaker_postgres;
@@ -664,4 +840,5 @@ anumate_testing::on_both_backends! {
     bad_tokens_are_refused_before_the_connector_is_called => bad_tokens_sqlite, bad_tokens_postgres;
     failures_are_classified_and_retries_act_once => failures_sqlite, failures_postgres;
     operators_cannot_invoke_and_lists_page => paging_sqlite, paging_postgres;
+    tokens_are_single_use_platform_wide_and_revocations_hold => platform_tokens_sqlite, platform_tokens_postgres;
 }
