@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! Preflight(plan_hash | capsule + version, inputs, fixtures, seed)
-//!   ──▶ compiler.GetPlan / Compile         (gRPC, the caller's identity)
+//!   ──▶ compiler.GetPlan / Compile         (in-process or gRPC, the caller's identity)
 //!   ──▶ policy.GetPolicy × n (pinned)       (in-process or gRPC; compiled once per content hash)
 //!   ──▶ report::simulate                     (pure: inputs, fixtures, engine, simulator, risk, verdict)
+//!   ──▶ registry tenant settings             (the citation expiry; in-process cached, or gRPC)
 //!   ──▶ preflights table + outbox `preflight.completed` (one transaction)
 //! ```
 //! Bad inputs or fixtures are refused before anything is stored.
@@ -25,7 +26,9 @@ use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::ghostrun::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
-use anumate_service::clients::{Caller, CompilerClient, PolicyClient, UpstreamError};
+use anumate_service::clients::{
+    Caller, CompilerClient, PolicyClient, TenantSettingsClient, UpstreamError,
+};
 use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
@@ -46,12 +49,19 @@ pub fn migrations() -> Vec<Migration> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GhostRunConfig {
-    /// gRPC address of the compiler; empty: this server's own listener.
+    /// gRPC address of the compiler when it does not run in this process;
+    /// empty: this server's own listener.
     pub compiler_url: String,
     /// gRPC address of the policy service when it does not run in this
     /// process; empty: this server's own listener.
     pub policy_url: String,
-    /// How long `Execute` may cite a report, in seconds.
+    /// gRPC address of the registry (tenant settings) when it does not run
+    /// in this process; empty: this server's own listener.
+    pub registry_url: String,
+    /// How long `Execute` may cite a report, in seconds, for a GhostRun
+    /// built without the tenant settings (embedded in a test or a tool);
+    /// the service reads each tenant's `preflight_citation_ttl` (registry
+    /// tenant settings, default 1 h) instead.
     pub citation_ttl_secs: u64,
     /// Largest `inputs_json` accepted, in bytes.
     pub max_inputs_bytes: usize,
@@ -62,6 +72,7 @@ impl Default for GhostRunConfig {
         GhostRunConfig {
             compiler_url: String::new(),
             policy_url: String::new(),
+            registry_url: String::new(),
             citation_ttl_secs: 3600,
             max_inputs_bytes: 256 * 1024,
         }
@@ -117,6 +128,8 @@ pub struct GhostRun {
     store: Store,
     compiler: Arc<dyn CompilerClient>,
     policy: Arc<dyn PolicyClient>,
+    /// The tenants' settings (the citation expiry); `None`: `cfg.citation_ttl_secs`.
+    settings: Option<Arc<dyn TenantSettingsClient>>,
     cfg: GhostRunConfig,
     /// Compiled policy sets by content hash (content-addressed: shared by tenants).
     sets: Arc<Mutex<HashMap<String, Arc<CompiledSet>>>>,
@@ -153,10 +166,38 @@ impl GhostRun {
             store,
             compiler,
             policy,
+            settings: None,
             cfg,
             sets: Arc::default(),
             plans: Arc::default(),
         }
+    }
+
+    /// Reports are citable for the tenant's `preflight_citation_ttl`, read
+    /// from `settings` on every preflight (the in-process client caches
+    /// them until they change).
+    #[must_use]
+    pub fn with_settings(mut self, settings: Arc<dyn TenantSettingsClient>) -> GhostRun {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// How long a report made now may be cited, in microseconds: the
+    /// tenant's setting. A tenant whose settings cannot be read gets no
+    /// report (`UNAVAILABLE`, nothing stored) rather than a longer expiry
+    /// than it chose.
+    async fn citation_ttl_micros(&self, actor: &Actor) -> Result<i64> {
+        let ttl = match &self.settings {
+            Some(settings) => {
+                settings
+                    .get_tenant_settings(&actor.caller())
+                    .await
+                    .map_err(|e| upstream(&e, "the tenant settings (registry)"))?
+                    .preflight_citation_ttl
+            }
+            None => std::time::Duration::from_secs(self.cfg.citation_ttl_secs),
+        };
+        Ok(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 4))
     }
 
     async fn plan(
@@ -286,6 +327,7 @@ impl GhostRun {
         let inputs = self.inputs(inputs)?;
         let plan = self.plan(actor, &r).await?;
         let sets = self.policy_sets(actor, &plan).await?;
+        let ttl_micros = self.citation_ttl_micros(actor).await?;
         let now_micros = anumate_store::now_micros();
         // Whole seconds: what policies compare, and what the report echoes.
         let now_secs = now_micros.div_euclid(1_000_000);
@@ -321,9 +363,8 @@ impl GhostRun {
         report.preflight_id = uuid::Uuid::now_v7().to_string();
         report.create_time = Some(anumate_proto::timestamp_from_micros(now_micros));
         if report.citable {
-            let ttl = i64::try_from(self.cfg.citation_ttl_secs).unwrap_or(i64::MAX / 2_000_000);
             report.citation_expire_time = Some(anumate_proto::timestamp_from_micros(
-                now_micros.saturating_add(ttl.saturating_mul(1_000_000)),
+                now_micros.saturating_add(ttl_micros),
             ));
         }
         self.store_report(actor, &report, now_micros).await?;

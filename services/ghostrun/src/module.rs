@@ -3,15 +3,16 @@
 use std::sync::Arc;
 
 use anumate_proto::ghostrun::v1 as pb;
-use anumate_service::clients::{CompilerClient, Grpc, PolicyClient};
+use anumate_service::clients::{CompilerClient, Grpc, PolicyClient, TenantSettingsClient};
 use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
 use crate::{GhostRun, GhostRunConfig, GhostRunGrpc};
 
-/// The GhostRun module. Plans come from the compiler over gRPC (at
-/// `[ghostrun] compiler_url`, else this server's own listener); policies from
-/// the policy service of this process when it was built before, else over
-/// gRPC at `[ghostrun] policy_url`.
+/// The GhostRun module. Plans come from the compiler, policies from the
+/// policy service and the tenant's settings (the citation expiry) from the
+/// registry: each in process when that module was built before GhostRun in
+/// this process (no socket), else over gRPC at `[ghostrun] compiler_url`,
+/// `policy_url` and `registry_url` (empty: this server's own listener).
 pub fn module() -> Box<dyn ServiceModule> {
     Box::new(Module::<GhostRunConfig> {
         name: pb::ghost_run_service_server::SERVICE_NAME,
@@ -49,7 +50,12 @@ fn build(ctx: &mut Context, cfg: GhostRunConfig) -> Result<(), BuildError> {
         ctx.upstream::<dyn PolicyClient>("ghostrun.policy_url", &cfg.policy_url, |channel| {
             grpc(channel)
         })?;
-    let ghostrun = GhostRun::new(store, compiler, policy, cfg);
+    let settings = ctx.upstream::<dyn TenantSettingsClient>(
+        "ghostrun.registry_url",
+        &cfg.registry_url,
+        |channel| grpc(channel),
+    )?;
+    let ghostrun = GhostRun::new(store, compiler, policy, cfg).with_settings(settings);
     ctx.provide(ghostrun.clone());
     ctx.routes
         .add_service(GhostRunGrpc::new(ghostrun).into_server());

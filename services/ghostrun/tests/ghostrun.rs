@@ -19,7 +19,9 @@ use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::ghostrun::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
-use anumate_registry::{Registry, RegistryConfig, RegistryGrpc, ToolsGrpc};
+use anumate_registry::{
+    Registry, RegistryConfig, RegistryGrpc, TenantSettingsGrpc, TenantSettingsStore, ToolsGrpc,
+};
 use anumate_service::clients::Grpc;
 use anumate_testing::{
     self as testing, Backend, DevAuth, Store, TestDb, expect_error, expect_reason, on_both_backends,
@@ -28,6 +30,7 @@ use pb::ghost_run_service_client::GhostRunServiceClient;
 use ppb::policy_service_client::PolicyServiceClient;
 use rpb::registry_service_client::RegistryServiceClient;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -74,17 +77,44 @@ struct TestApp {
     issuer: DevIssuer,
     store: Store,
     server: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
     _db: TestDb,
     _issuer_dir: tempfile::TempDir,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self.cancel.cancel();
         self.server.abort();
     }
 }
 
+/// How GhostRun reaches the compiler, the policy service and the tenant
+/// settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wiring {
+    /// In this process, as `anumate dev` and `serve all` compose them.
+    InProcess,
+    /// Over gRPC on the server's own listener (the mesh, one service per process).
+    Mesh,
+    /// Compiler and policy in this process, the tenant settings over gRPC at
+    /// an address nothing listens on.
+    SettingsDown,
+}
+
+async fn spawn_mesh(backend: Backend) -> TestApp {
+    spawn_wired(backend, Wiring::Mesh).await
+}
+
+async fn spawn_settings_down(backend: Backend) -> TestApp {
+    spawn_wired(backend, Wiring::SettingsDown).await
+}
+
 async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_wired(backend, Wiring::InProcess).await
+}
+
+async fn spawn_wired(backend: Backend, wiring: Wiring) -> TestApp {
     let mut migrations = anumate_registry::migrations();
     migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
     migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
@@ -105,24 +135,64 @@ async fn spawn_app(backend: Backend) -> TestApp {
         &RegistryConfig::default(),
     );
     let policies = Policies::new(store.clone(), &PolicyConfig::default());
-    let compiler = Compiler::new(
-        store.clone(),
-        Upstreams::lazy(&own, &own).unwrap(),
-        &CompilerConfig::default(),
-    )
-    .unwrap();
+    let settings = TenantSettingsStore::new(store.clone());
+    let cancel = CancellationToken::new();
+    let (followed, token) = (settings.clone(), cancel.clone());
+    tokio::spawn(async move { followed.follow_changes(token).await });
     let channel = anumate_service::clients::channel("own", &own).unwrap();
-    let ghostrun = GhostRun::new(
-        store.clone(),
-        Arc::new(Grpc::new(channel.clone())),
-        Arc::new(Grpc::new(channel)),
-        GhostRunConfig::default(),
-    );
+    let grpc = Arc::new(Grpc::new(channel));
+    let (compiler, ghostrun) = match wiring {
+        Wiring::InProcess | Wiring::SettingsDown => {
+            let compiler = Compiler::new(
+                store.clone(),
+                Upstreams::new(Arc::new(registry.clone()), Arc::new(policies.clone())),
+                &CompilerConfig::default(),
+            )
+            .unwrap();
+            let ghostrun = GhostRun::new(
+                store.clone(),
+                Arc::new(compiler.clone()),
+                Arc::new(policies.clone()),
+                GhostRunConfig::default(),
+            )
+            .with_settings(if wiring == Wiring::InProcess {
+                Arc::new(settings.clone())
+            } else {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let down = format!("http://127.0.0.1:{port}");
+                Arc::new(Grpc::new(
+                    anumate_service::clients::channel("down", &down).unwrap(),
+                ))
+            });
+            (compiler, ghostrun)
+        }
+        Wiring::Mesh => {
+            let compiler = Compiler::new(
+                store.clone(),
+                Upstreams::lazy(&own, &own).unwrap(),
+                &CompilerConfig::default(),
+            )
+            .unwrap();
+            let ghostrun = GhostRun::new(
+                store.clone(),
+                grpc.clone(),
+                grpc.clone(),
+                GhostRunConfig::default(),
+            )
+            .with_settings(grpc);
+            (compiler, ghostrun)
+        }
+    };
     let (_, server) = testing::serve_on(
         listener,
         auth,
         Routes::new(ToolsGrpc::new(registry.tools().clone()).into_server())
             .add_service(RegistryGrpc::new(registry).into_server())
+            .add_service(TenantSettingsGrpc::new(settings).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())
             .add_service(CompilerGrpc::new(compiler).into_server())
             .add_service(GhostRunGrpc::new(ghostrun).into_server()),
@@ -132,6 +202,7 @@ async fn spawn_app(backend: Backend) -> TestApp {
         issuer,
         store,
         server,
+        cancel,
         _db: db,
         _issuer_dir: issuer_dir,
     }
@@ -264,6 +335,136 @@ on_both_backends! {
     reports => reports_sqlite, reports_postgres;
     bad_input => bad_input_sqlite, bad_input_postgres;
     tenancy => tenancy_sqlite, tenancy_postgres;
+    citation_ttl => citation_ttl_sqlite, citation_ttl_postgres;
+}
+
+on_both_backends! {
+    spawn = spawn_mesh;
+    reports => mesh_reports_sqlite, mesh_reports_postgres;
+    citation_ttl => mesh_citation_ttl_sqlite, mesh_citation_ttl_postgres;
+}
+
+on_both_backends! {
+    spawn = spawn_settings_down;
+    settings_unreachable => settings_unreachable_sqlite, settings_unreachable_postgres;
+}
+
+/// Seconds between a report's creation and the end of its citation.
+fn citable_for(r: &pb::PreflightReport) -> i64 {
+    r.citation_expire_time.unwrap().seconds - r.create_time.unwrap().seconds
+}
+
+/// A report is citable for its tenant's `preflight_citation_ttl` as set when
+/// it was made: 1 h by default, what an admin set afterwards, while another
+/// tenant keeps the default and older reports keep theirs.
+async fn citation_ttl(app: TestApp) {
+    use rpb::tenant_settings_service_client::TenantSettingsServiceClient;
+    seed(&app, TENANT_A).await;
+    seed(&app, TENANT_B).await;
+    let small = || {
+        by_capsule(
+            "refund-inr",
+            json!({"order_id": "ord_1", "amount_paise": 5}),
+        )
+    };
+    let mut a = app.clients(TENANT_A, &[Role::Operator]).await;
+    let before = a
+        .ghostrun
+        .preflight(small())
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(before.citable);
+    assert_eq!(citable_for(&before), 3600);
+
+    let token = app
+        .issuer
+        .mint(TENANT_A, "root", &[Role::Admin], Duration::from_secs(300))
+        .unwrap();
+    let channel = Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut settings = TenantSettingsServiceClient::with_interceptor(channel, BearerToken(token));
+    settings
+        .update_tenant_settings(rpb::UpdateTenantSettingsRequest {
+            settings: Some(rpb::TenantSettings {
+                preflight_citation_ttl: Some(pbjson_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(pbjson_types::FieldMask {
+                paths: vec!["preflight_citation_ttl".into()],
+            }),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let after = a
+        .ghostrun
+        .preflight(small())
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(citable_for(&after), 600, "the tenant's new setting");
+    let stored = a
+        .ghostrun
+        .get_preflight(pb::GetPreflightRequest {
+            preflight_id: before.preflight_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(
+        citable_for(&stored),
+        3600,
+        "a stored report keeps its expiry"
+    );
+
+    let mut b = app.clients(TENANT_B, &[Role::Operator]).await;
+    let other = b
+        .ghostrun
+        .preflight(small())
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(
+        citable_for(&other),
+        3600,
+        "another tenant keeps the default"
+    );
+}
+
+/// When the tenant's settings cannot be read, no report is made (rather than
+/// one citable for longer than the tenant allows): `UNAVAILABLE` naming
+/// them, nothing stored, and the service keeps serving reads.
+async fn settings_unreachable(app: TestApp) {
+    seed(&app, TENANT_A).await;
+    let mut c = app.clients(TENANT_A, &[Role::Operator]).await;
+    let status = c
+        .ghostrun
+        .preflight(by_capsule(
+            "refund-inr",
+            json!({"order_id": "ord_1", "amount_paise": 5}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("tenant settings"), "{status:?}");
+    assert_eq!(count(&mut c).await, 0);
+    assert!(app.events(TENANT_A).await.is_empty());
 }
 
 async fn reports(app: TestApp) {
