@@ -35,14 +35,16 @@ pub enum PolicySub {
         #[arg(long, default_value = "")]
         filter: String,
     },
-    /// Validate and store a policy file (one `policy` block) as a new version.
+    /// Validate and store every `policy` block of a file, each as a new
+    /// version of the policy it names, all or none.
     Push {
         /// The policy file.
         file: PathBuf,
-        /// Publish the new version at once.
+        /// Publish the new versions at once.
         #[arg(long)]
         publish: bool,
-        /// Only push if the policy's etag is still this.
+        /// Only push if the policy's etag is still this (a file of one
+        /// `policy` block only).
         #[arg(long, default_value = "")]
         etag: String,
     },
@@ -438,6 +440,39 @@ impl Kind for Policies {
     }
 }
 
+/// `push FILE` without an etag: every block of the file in one request
+/// (`PushPolicies`), all or none.
+async fn push_all(conn: &Connection, file: &Path, publish: bool) -> Result<(), Failure> {
+    let request = pb::PushPoliciesRequest {
+        source: read_file(file)?,
+        source_name: file.display().to_string(),
+        publish,
+    };
+    let mut client = conn.client(PolicyServiceClient::with_interceptor).await?;
+    let reply = client.push_policies(request).await?.into_inner();
+    crate::cli::show(conn.output, &reply, |reply| {
+        for p in &reply.policies {
+            let Some(v) = &p.version else { continue };
+            let verb = if p.created {
+                "pushed"
+            } else {
+                "unchanged: identical to"
+            };
+            println!(
+                "{verb} {} version {} ({}) {}",
+                v.name,
+                v.version,
+                status_name(v.status),
+                v.content_hash
+            );
+            if let Some(d) = &p.policy {
+                println!("etag {}", d.etag);
+            }
+        }
+    });
+    Ok(())
+}
+
 async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
     let conn = &cmd.conn;
     let out = conn.output;
@@ -447,7 +482,8 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode, Failure> {
             file,
             publish,
             etag,
-        } => versioned::push::<Policies>(conn, &file, publish, etag).await?,
+        } if !etag.is_empty() => versioned::push::<Policies>(conn, &file, publish, etag).await?,
+        PolicySub::Push { file, publish, .. } => push_all(conn, &file, publish).await?,
         PolicySub::Eval {
             input,
             source,
