@@ -15,7 +15,12 @@
 //!   [`anumate_receipt::CompactRange`]) and the `receipt.appended` outbox
 //!   events. On PostgreSQL that is two statements whose text never changes
 //!   (columns travel as arrays through `unnest`), so they stay prepared on
-//!   each connection; SQLite takes a statement per table. The tree is
+//!   each connection; SQLite takes a statement per table. When this process
+//!   committed the log's last batch, PostgreSQL needs no separate lock, head
+//!   read or dedupe lookup first: one guarded statement locks the head and
+//!   stores the batch only if the log still has the size this process left
+//!   and no dedupe key is taken; otherwise (another replica appended, or a
+//!   retry) it is rolled back and the batch appended the checked way. The tree is
 //!   therefore always integrated up to the last committed receipt; nothing is
 //!   pending in memory, so a restart loses nothing.
 //! - **Checkpoints** are published by [`Receipts::spawn_checkpointer`], one
