@@ -108,6 +108,8 @@ pub enum Reason {
     ConnectorRetryable,
     /// A connector call failed for good; the failure is recorded for its idempotency key.
     ConnectorFailed,
+    /// No MCP server of that name in the hub's configuration.
+    McpServerNotFound,
     /// A control call on a run that has ended.
     RunTerminal,
     /// The run has no step with that id.
@@ -413,6 +415,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "CONNECTOR_FAILED",
         50,
         ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::McpServerNotFound,
+        "MCP_SERVER_NOT_FOUND",
+        55,
+        ErrorCode::NotFound,
     ),
     (
         Reason::RunTerminal,

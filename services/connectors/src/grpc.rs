@@ -106,6 +106,33 @@ fn mock_call(row: MockCallRow) -> Result<pb::MockCall> {
 
 #[tonic::async_trait]
 impl ConnectorHubService for HubGrpc {
+    async fn list_mcp_tools(
+        &self,
+        req: Request<pb::ListMcpToolsRequest>,
+    ) -> std::result::Result<Response<pb::ListMcpToolsResponse>, Status> {
+        let tools = self.hub.list_mcp_tools(&req.get_ref().server).await?;
+        let tools = tools
+            .into_iter()
+            .map(|t| {
+                Ok(pb::McpTool {
+                    input_schema: Some(to_struct(&t.input_schema, "input_schema")?),
+                    output_schema: t
+                        .output_schema
+                        .as_ref()
+                        .map(|s| to_struct(s, "output_schema"))
+                        .transpose()?,
+                    name: t.name,
+                    title: t.title,
+                    description: t.description,
+                    read_only_hint: t.read_only,
+                    destructive_hint: t.destructive,
+                    idempotent_hint: t.idempotent,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Response::new(pb::ListMcpToolsResponse { tools }))
+    }
+
     async fn list_mock_calls(
         &self,
         req: Request<pb::ListMockCallsRequest>,
