@@ -1,26 +1,31 @@
 //! The connector hub (SPEC §13): the only component that makes outbound calls
 //! for tools.
 //!
-//! [`Hub::invoke`] verifies the call's capability token for exactly this call
-//! (audience, tenant, tool, arguments hash, expiry, single use consumed in
-//! the hub's replay store) before anything else; then, in the same write
-//! transaction, claims the idempotency key (`anumate-idempotency`), calls the
-//! tool's [`Connector`] and records the result, so the token's consumption,
-//! the connector's recorded effects and the key's result commit together. A
-//! repeat of the call gets the recorded result without acting; the same key
-//! with other arguments is `IDEMPOTENCY_KEY_REUSED`. A retryable failure
-//! releases the key (a retry with a fresh token acts); a permanent one is
-//! recorded like a result.
+//! [`Hub::invoke`] first checks the call's capability token for exactly this
+//! call (signature with the captokens service's public keys, expiry,
+//! audience, tenant, tool, arguments hash), then claims the idempotency key
+//! (`anumate-idempotency`) in a short transaction: a recorded result is
+//! replayed without acting, the same key with other arguments is
+//! `IDEMPOTENCY_KEY_REUSED`, a key in flight is waited for. A fresh claim
+//! spends the token in the captokens service's shared replay store (refused
+//! if revoked or used before: the claim is released, nothing acted), calls
+//! the tool's [`Connector`] with no transaction open, and records the result
+//! in a second short transaction. A retryable failure releases the key (a
+//! retry with a fresh token acts); a permanent one is recorded like a result.
 //!
-//! The transaction stays open during the connector's call (zero2prod's
-//! pattern): a concurrent repeat on another replica waits on the key and then
-//! replays. Connectors bound their calls (latency caps, timeouts).
+//! Crash window: a hub that dies after acting and before recording leaves
+//! the key claimed without a result; after `in_flight_lease_secs` another
+//! call with the key (and a fresh token) takes it over and calls the
+//! connector again with the same idempotency key, so only upstreams that
+//! honour the key (the mock does) stay exactly-once across such a crash.
 #![forbid(unsafe_code)]
 
 mod breaker;
 mod connector;
 pub mod grpc;
 mod http;
+mod invoke;
+mod keys;
 mod mcp;
 mod mock;
 mod module;
@@ -31,12 +36,12 @@ mod tools;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anumate_captokens::{Expectation, Failure, Verifier, VerifyError};
+use anumate_captokens::Failure;
 use anumate_errors::{Error, Reason, Result};
-use anumate_idempotency::{Claim, Key};
+use anumate_service::clients::CapTokensClient;
 use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub use breaker::State as BreakerState;
 pub use connector::{Call, Connector, ConnectorError};
@@ -72,9 +77,20 @@ pub struct ConnectorsConfig {
     pub idempotency_ttl_secs: u64,
     /// Clock skew allowed on token times, in seconds.
     pub leeway_secs: u32,
-    /// PEM files of the capability token keys (the captokens service's);
-    /// empty: the `captokens` key under the data directory (`anumate dev`).
-    pub captoken_key_files: Vec<std::path::PathBuf>,
+    /// No longer read: tokens are verified with the captokens service's
+    /// public keys (`GetJwks`). Naming it is a start-up error saying so.
+    #[serde(skip_serializing)]
+    pub captoken_key_files: Option<serde_json::Value>,
+    /// The captokens service, when it does not run in this process (empty:
+    /// in process or this server): its public keys verify tokens, and its
+    /// replay store and revocation list spend them.
+    pub captokens_url: String,
+    /// How long a call waits for another call of the same key in flight to
+    /// record its result before failing retryably, in ms.
+    pub in_flight_wait_ms: u64,
+    /// After how long a key claimed without a result (its claimer crashed)
+    /// may be taken over by a new call, in seconds.
+    pub in_flight_lease_secs: u64,
     /// The registry, when it does not run in this process (empty: in process
     /// or this server).
     pub registry_url: String,
@@ -125,7 +141,10 @@ impl Default for ConnectorsConfig {
             audience: "anumate-connectors".into(),
             idempotency_ttl_secs: 7 * 24 * 3600,
             leeway_secs: 5,
-            captoken_key_files: Vec::new(),
+            captoken_key_files: None,
+            captokens_url: String::new(),
+            in_flight_wait_ms: 10_000,
+            in_flight_lease_secs: 300,
             registry_url: String::new(),
             secrets: Default::default(),
             breaker_failures: 5,
@@ -167,7 +186,10 @@ pub struct Invoked {
 #[derive(Clone)]
 pub struct Hub {
     store: Store,
-    verifier: Arc<Verifier>,
+    keys: Arc<keys::TokenKeys>,
+    tokens: Arc<dyn CapTokensClient>,
+    in_flight_wait: std::time::Duration,
+    lease_micros: i64,
     tools: Arc<dyn ToolSource>,
     connectors: Arc<HashMap<String, Arc<dyn Connector>>>,
     audience: String,
@@ -177,10 +199,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub with the `mock` connector and an `http` one without secrets.
+    /// A hub with the `mock` connector and an `http` one without secrets,
+    /// spending tokens at (and reading their public keys from) `tokens`.
     pub fn new(
         store: Store,
-        verifier: Verifier,
+        tokens: Arc<dyn CapTokensClient>,
         tools: Arc<dyn ToolSource>,
         cfg: &ConnectorsConfig,
     ) -> Hub {
@@ -189,7 +212,12 @@ impl Hub {
         connectors.insert("http".into(), Arc::new(Http::default()));
         Hub {
             store,
-            verifier: Arc::new(verifier.with_leeway(cfg.leeway_secs)),
+            keys: Arc::new(keys::TokenKeys::new(tokens.clone(), cfg.leeway_secs)),
+            tokens,
+            in_flight_wait: std::time::Duration::from_millis(cfg.in_flight_wait_ms),
+            lease_micros: i64::try_from(cfg.in_flight_lease_secs)
+                .unwrap_or(i64::MAX / 2_000_000)
+                .saturating_mul(1_000_000),
             tools,
             connectors: Arc::new(connectors),
             audience: cfg.audience.clone(),
@@ -256,142 +284,6 @@ impl Hub {
         result
     }
 
-    async fn invoke_checked(&self, inv: &Invocation<'_>) -> Result<Invoked> {
-        let fingerprint = anumate_idempotency::fingerprint(&json!({
-            "tool": inv.tool,
-            "args": inv.args,
-        }))?;
-        let key = Key {
-            scope: SCOPE,
-            key: inv.idempotency_key,
-            fingerprint: &fingerprint,
-            expires_at: anumate_store::now_micros().saturating_add(self.ttl_micros),
-        };
-        let tx = self.store.write(inv.tenant).await?;
-        let mut expected = Expectation::new(&self.audience, inv.tenant, inv.tool);
-        expected.args = Some(inv.args);
-        let verified = match self
-            .verifier
-            .verify_with(
-                inv.token,
-                &expected,
-                &repo::NoRevocations,
-                &repo::TxReplay(&tx),
-                true,
-            )
-            .await
-        {
-            Ok(v) => v,
-            Err(VerifyError::Rejected(r)) if r.failure == Failure::Replayed => {
-                // The same call again after its answer was lost: the key's
-                // recorded result, if it is for these arguments; else refused.
-                return match anumate_idempotency::claim(&tx, &key).await? {
-                    Claim::Replay(recorded) => replay(recorded),
-                    Claim::Reused { .. } => Err(anumate_idempotency::reused_error(
-                        "idempotency_key",
-                        inv.idempotency_key,
-                    )),
-                    Claim::New | Claim::InFlight => Err(refusal(&r.failure)),
-                };
-            }
-            Err(VerifyError::Rejected(r)) => return Err(refusal(&r.failure)),
-            Err(VerifyError::Unavailable(e)) => {
-                return Err(Error::new(anumate_errors::ErrorCode::Unavailable, e));
-            }
-        };
-        match anumate_idempotency::claim(&tx, &key).await? {
-            Claim::New => {}
-            // Dropping the transaction rolls the consumption back: the token
-            // authorised this very call, which acted once already.
-            Claim::Replay(recorded) => return replay(recorded),
-            Claim::Reused { .. } => {
-                return Err(anumate_idempotency::reused_error(
-                    "idempotency_key",
-                    inv.idempotency_key,
-                ));
-            }
-            Claim::InFlight => {
-                return Err(Error::because(
-                    Reason::ConnectorRetryable,
-                    "a call with this idempotency key is in flight",
-                )
-                .with_metadata("retryable", "true"));
-            }
-        }
-        let tool = self.tools.tool(inv.tenant, inv.tool).await?;
-        let connector_name = tool.spec.connector.as_string();
-        let connector = self
-            .connectors
-            .get(&connector_name)
-            .ok_or_else(|| {
-                Error::because(
-                    Reason::ConnectorFailed,
-                    format!("connector {connector_name:?} is not available in this hub"),
-                )
-                .with_metadata("retryable", "false")
-            })?
-            .clone();
-        let host = breaker_host(&tool);
-        if !self
-            .breakers
-            .admit(inv.tool, &host, std::time::Instant::now())
-        {
-            // Nothing happened: the transaction rolls back, the token stays unspent.
-            return Err(connector_error(&ConnectorError::retryable(format!(
-                "circuit open for {} at {host}: failing fast",
-                inv.tool
-            ))));
-        }
-        let claims = &verified.claims;
-        let outcome = connector
-            .invoke(Call {
-                tool: &tool,
-                args: inv.args,
-                idempotency_key: inv.idempotency_key,
-                run: &claims.run,
-                step: &claims.step,
-                tx: &tx,
-            })
-            .await;
-        let failed = matches!(&outcome, Err(f) if f.retryable);
-        if let Some(state) =
-            self.breakers
-                .record(inv.tool, &host, failed, std::time::Instant::now())
-        {
-            tracing::warn!(tool = inv.tool, host = %host, state = ?state, "connector circuit breaker");
-        }
-        match outcome {
-            Ok(output) => {
-                let recorded = json!({"connector": connector_name, "output": output});
-                let recorded_at =
-                    anumate_idempotency::record(&tx, SCOPE, inv.idempotency_key, &recorded).await?;
-                tx.commit().await?;
-                Ok(Invoked {
-                    output,
-                    replayed: false,
-                    connector: connector_name,
-                    recorded_at,
-                })
-            }
-            Err(failure) if failure.retryable => {
-                // The token is spent and the connector's ledger kept, but the
-                // key is free for a retry.
-                anumate_idempotency::release(&tx, SCOPE, inv.idempotency_key).await?;
-                tx.commit().await?;
-                Err(connector_error(&failure))
-            }
-            Err(failure) => {
-                let recorded = json!({"connector": connector_name, "error": {
-                    "message": failure.message,
-                    "upstream_status": failure.upstream_status,
-                }});
-                anumate_idempotency::record(&tx, SCOPE, inv.idempotency_key, &recorded).await?;
-                tx.commit().await?;
-                Err(connector_error(&failure))
-            }
-        }
-    }
-
     /// The circuit breaker state of (tool, host) (`mock` for mock tools).
     pub fn breaker_state(&self, tool: &str, host: &str) -> BreakerState {
         self.breakers.state(tool, host, std::time::Instant::now())
@@ -407,7 +299,7 @@ impl Hub {
         repo::list_mock_calls(&tx, filter).await
     }
 
-    /// Deletes expired replay records and idempotency keys of every tenant.
+    /// Deletes expired idempotency keys of every tenant.
     pub async fn purge(&self) -> Result<u64> {
         let sys = self.store.system_read().await?;
         let tenants = anumate_idempotency::tenants(&sys).await?;
@@ -417,7 +309,6 @@ impl Hub {
         for tenant in tenants {
             let tx = self.store.write(&tenant).await?;
             purged += anumate_idempotency::purge(&tx, now).await?;
-            purged += repo::purge_replay(&tx, now / 1_000_000 - 3600).await?;
             tx.commit().await?;
         }
         Ok(purged)
