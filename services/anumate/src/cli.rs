@@ -82,6 +82,7 @@ impl Connection {
 }
 
 /// A failure of a client command, printed by [`finish`].
+#[derive(Debug)]
 pub(crate) enum Failure {
     /// Local problem (no server configured, unreadable file, bad flag).
     Local(String),

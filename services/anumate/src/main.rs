@@ -15,6 +15,7 @@ mod plan_cli;
 mod policy_cli;
 mod preflight_cli;
 mod receipts_cli;
+mod run_cli;
 mod server;
 mod tenant_cli;
 mod token_cli;
@@ -62,7 +63,7 @@ enum Command {
     Tool(tool_cli::ToolCommand),
     /// Compile capsules into plans; show and list stored plans.
     Plan(plan_cli::PlanCommand),
-    /// Append, fetch and verify (offline) receipts; checkpoints and keys.
+    /// Append, list (a run's: --run), fetch and verify (offline) receipts; checkpoints and keys.
     Receipt(receipts_cli::ReceiptCommand),
     /// Mint, verify (online or offline) and revoke capability tokens; the JWKS.
     Token(token_cli::TokenCommand),
@@ -74,6 +75,8 @@ enum Command {
     Connector(connector_cli::ConnectorCommand),
     /// Simulate a run (GhostRun): steps, decisions, approvals, risk; exits 0/2/1 for PASS/WARN/FAIL.
     Preflight(preflight_cli::PreflightCommand),
+    /// Start runs, follow them live, pause/resume/cancel/kill them, retry a step, read their journal.
+    Run(run_cli::RunCommand),
     /// The tenant's settings: show them; admins change them (`settings set KEY=VALUE…`).
     Tenant(tenant_cli::TenantCommand),
     /// Tokens for development.
@@ -230,6 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(cmd) => Ok(events_cli::run(cmd).await),
         Command::Approval(cmd) => Ok(approval_cli::run(cmd).await),
         Command::Preflight(cmd) => Ok(preflight_cli::run(cmd).await),
+        Command::Run(cmd) => Ok(run_cli::run(cmd).await),
         Command::Connector(cmd) => Ok(connector_cli::run(cmd).await),
         Command::Tenant(cmd) => Ok(tenant_cli::run(cmd).await),
         Command::Auth {

@@ -1,4 +1,4 @@
-//! `anumate receipt …`: append and fetch receipts over gRPC, and verify a
+//! `anumate receipt …`: append, list and fetch receipts over gRPC, and verify a
 //! receipt bundle offline with only the public keys.
 //!
 //! `anumate receipt get ID --proof` prints a bundle
@@ -98,6 +98,24 @@ pub enum ReceiptSub {
         #[arg(long)]
         proof: bool,
     },
+    /// List receipts, newest first: all of a run's with `--run`.
+    List {
+        /// Only receipts about this run.
+        #[arg(long, default_value = "")]
+        run: String,
+        /// Only receipts of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// Only receipts about this plan (`sha256:<hex>`).
+        #[arg(long, default_value = "")]
+        plan: String,
+        /// At most this many receipts.
+        #[arg(long, default_value_t = 500)]
+        limit: usize,
+        /// Print only the receipt ids, one a line.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
     /// Verify a receipt bundle offline: signature, inclusion, checkpoint signature.
     Verify {
         /// The bundle from `anumate receipt get ID --proof`.
@@ -154,6 +172,48 @@ fn print_receipt(r: &pb::Receipt, out: Output) -> Result<(), Failure> {
     println!("issued:    {issued}");
     println!("signed by: {}", r.kid);
     Ok(())
+}
+
+/// `RECEIPT KIND SUBJECT LEAF ISSUED` rows.
+fn print_receipts(receipts: &[pb::Receipt]) {
+    if receipts.is_empty() {
+        println!("no receipts");
+        return;
+    }
+    println!(
+        "{:<36}  {:<17} {:>6}  {:<24} SUBJECT",
+        "RECEIPT", "KIND", "LEAF", "ISSUED"
+    );
+    for r in receipts {
+        let kind = pb::ReceiptKind::try_from(r.kind)
+            .map(|k| k.as_str_name().trim_start_matches("RECEIPT_KIND_"))
+            .unwrap_or("?");
+        let subject = r.subject.clone().unwrap_or_default();
+        let mut about = Vec::new();
+        if !subject.run_id.is_empty() {
+            about.push(format!("run {}", subject.run_id));
+        }
+        if !subject.step_id.is_empty() {
+            about.push(format!("step {}", subject.step_id));
+        }
+        if subject.attempt > 0 {
+            about.push(format!("attempt {}", subject.attempt));
+        }
+        if !subject.approval_id.is_empty() {
+            about.push(format!("approval {}", subject.approval_id));
+        }
+        if !subject.jtis.is_empty() {
+            about.push(format!("{} token(s)", subject.jtis.len()));
+        }
+        println!(
+            "{:<36}  {:<17} {:>6}  {:<24} {}",
+            r.receipt_id,
+            kind,
+            r.leaf_index,
+            crate::cli::time(r.issue_time.as_ref()),
+            about.join(", ")
+        );
+    }
 }
 
 /// Runs a receipt command and returns the process exit code.
@@ -262,6 +322,59 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
                 "checkpoint": checkpoint.note,
             });
             print_json(&bundle)?;
+        }
+        ReceiptSub::List {
+            run,
+            kind,
+            plan,
+            limit,
+            quiet,
+        } => {
+            let mut client = cmd
+                .conn
+                .client(ReceiptsServiceClient::with_interceptor)
+                .await?;
+            let filter = pb::ReceiptFilter {
+                kind: kind.map_or(pb::ReceiptKind::Unspecified, Into::into) as i32,
+                run_id: run,
+                plan_hash: plan,
+                start_time: None,
+                end_time: None,
+            };
+            let mut receipts = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page_size = i32::try_from(limit.saturating_sub(receipts.len()).min(500))
+                    .unwrap_or(500)
+                    .max(1);
+                let resp = client
+                    .list_receipts(pb::ListReceiptsRequest {
+                        page_size,
+                        page_token,
+                        filter: Some(filter.clone()),
+                    })
+                    .await?
+                    .into_inner();
+                receipts.extend(resp.receipts);
+                page_token = resp.next_page_token;
+                if page_token.is_empty() || receipts.len() >= limit {
+                    break;
+                }
+            }
+            receipts.truncate(limit);
+            if quiet {
+                for r in &receipts {
+                    println!("{}", r.receipt_id);
+                }
+            } else if out == Output::Json {
+                let list = receipts
+                    .iter()
+                    .map(receipt_value)
+                    .collect::<Result<Vec<_>, _>>()?;
+                print_json(&json!({ "receipts": list }))?;
+            } else {
+                print_receipts(&receipts);
+            }
         }
         ReceiptSub::Verify {
             file,
