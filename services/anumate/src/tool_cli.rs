@@ -1,14 +1,17 @@
 //! `anumate tool …`: push files of Tool documents (SPEC §13) into the
-//! tenant's catalogue, and list, read and deprecate its tools.
+//! tenant's catalogue, import an MCP server's tools, and list, read and
+//! deprecate its tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anumate_proto::connectors::v1 as cpb;
 use anumate_proto::registry::v1 as pb;
 use clap::{Args, Subcommand};
+use cpb::connector_hub_service_client::ConnectorHubServiceClient;
 use pb::tools_service_client::ToolsServiceClient;
 
-use crate::cli::{Connection, Failure, all_pages, finish, read_file, show, time};
+use crate::cli::{Authed, Connection, Failure, all_pages, finish, read_file, show, time};
 
 /// `anumate tool …`
 #[derive(Args, Debug)]
@@ -58,6 +61,23 @@ pub enum ToolSub {
     Versions {
         /// Tool name.
         name: String,
+    },
+    /// Bring the tools of an MCP server declared in the connector hub's
+    /// configuration (`[[connectors.mcp]]`) into the catalogue: one Tool
+    /// document per MCP tool (`connector: mcp:SERVER`, named PREFIX.<tool>,
+    /// with its input and output schemas; side effect from the server's
+    /// hints: read-only → read, destructive → destructive, else write),
+    /// pushed all or none like `tool push`.
+    Import {
+        /// The server's `name` in `[[connectors.mcp]]`.
+        #[arg(long = "mcp", value_name = "SERVER")]
+        mcp: String,
+        /// Tool name prefix (default: the server's name).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Print the Tool documents (a file `tool push` takes) instead of pushing them.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Deprecate a version: the compiler binds the previous current one.
     Deprecate {
@@ -125,6 +145,108 @@ fn state(v: &pb::ToolVersion, current: Option<i32>) -> &'static str {
     }
 }
 
+fn print_pushed(reply: &pb::PushToolsResponse) {
+    for p in &reply.tools {
+        let Some(v) = &p.version else { continue };
+        let verb = if p.created {
+            "pushed"
+        } else {
+            "unchanged: identical to"
+        };
+        println!(
+            "{verb} {} version {} ({}, {}) {}",
+            v.name, v.version, v.connector, v.side_effect, v.content_hash
+        );
+    }
+}
+
+/// A Struct's numbers are doubles: whole ones back to integers (`minimum: 1`).
+fn whole_numbers(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, whole_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// `anumate tool import --mcp SERVER`: the hub lists the server's tools
+/// (only it reads `[[connectors.mcp]]` and its secrets), the registry stores
+/// them.
+async fn import(
+    conn: &Connection,
+    client: &mut ToolsServiceClient<Authed>,
+    server: String,
+    prefix: Option<String>,
+    dry_run: bool,
+) -> Result<(), Failure> {
+    let prefix = prefix.unwrap_or_else(|| server.clone());
+    if !anumate_tools::is_tool_name(&format!("{prefix}.x")) {
+        return Err(Failure::Local(format!(
+            "--prefix {prefix:?}: dot-separated segments of lowercase letters, digits, '_' and \
+             '-', each starting with a letter"
+        )));
+    }
+    let mut hub = conn
+        .client(ConnectorHubServiceClient::with_interceptor)
+        .await?;
+    let listed = hub
+        .list_mcp_tools(cpb::ListMcpToolsRequest {
+            server: server.clone(),
+        })
+        .await?
+        .into_inner()
+        .tools;
+    if listed.is_empty() {
+        return Err(Failure::Local(format!(
+            "MCP server {server:?} lists no tools"
+        )));
+    }
+    let schema = |s: &pbjson_types::Struct| {
+        serde_json::to_value(s)
+            .map(whole_numbers)
+            .map_err(|e| Failure::Local(e.to_string()))
+    };
+    let tools = listed
+        .iter()
+        .map(|t| {
+            Ok(anumate_connectors::McpToolInfo {
+                name: t.name.clone(),
+                title: t.title.clone(),
+                description: t.description.clone(),
+                input_schema: match &t.input_schema {
+                    Some(s) => schema(s)?,
+                    None => serde_json::json!({"type": "object"}),
+                },
+                output_schema: t.output_schema.as_ref().map(schema).transpose()?,
+                read_only: t.read_only_hint,
+                destructive: t.destructive_hint,
+                idempotent: t.idempotent_hint,
+            })
+        })
+        .collect::<Result<Vec<_>, Failure>>()?;
+    let file = anumate_connectors::tools_file(&server, &prefix, &tools);
+    if dry_run {
+        print!("{file}");
+        return Ok(());
+    }
+    let request = pb::PushToolsRequest {
+        source_yaml: file,
+        source_name: format!("mcp:{server}"),
+    };
+    let reply = client.push_tools(request).await?.into_inner();
+    show(conn.output, &reply, print_pushed);
+    Ok(())
+}
+
 async fn tool(cmd: ToolCommand) -> Result<(), Failure> {
     let conn = &cmd.conn;
     if let ToolSub::Validate { file } = &cmd.command {
@@ -139,21 +261,13 @@ async fn tool(cmd: ToolCommand) -> Result<(), Failure> {
                 source_name: file.display().to_string(),
             };
             let reply = client.push_tools(request).await?.into_inner();
-            show(conn.output, &reply, |reply| {
-                for p in &reply.tools {
-                    let Some(v) = &p.version else { continue };
-                    let verb = if p.created {
-                        "pushed"
-                    } else {
-                        "unchanged: identical to"
-                    };
-                    println!(
-                        "{verb} {} version {} ({}, {}) {}",
-                        v.name, v.version, v.connector, v.side_effect, v.content_hash
-                    );
-                }
-            });
+            show(conn.output, &reply, print_pushed);
         }
+        ToolSub::Import {
+            mcp,
+            prefix,
+            dry_run,
+        } => import(conn, &mut client, mcp, prefix, dry_run).await?,
         ToolSub::Validate { .. } => {}
         ToolSub::List { label, page_size } => {
             let tools = all_pages(async |page_token| {
