@@ -104,6 +104,9 @@ pub struct RuleHit {
     pub effect: Effect,
     /// The `reason:` texts of the rule's actions.
     pub reasons: Vec<String>,
+    /// Where the rule is in its policy's source (line and column, 1-based);
+    /// `None` for the allow-list.
+    pub span: Option<anumate_policy::SourceSpan>,
 }
 
 /// One approval the call waits for: who may approve and how many must, per stage.
@@ -417,6 +420,7 @@ impl Engine {
                         "tool {:?} is not in the capsule's allow-list",
                         step.tool
                     )],
+                    span: None,
                 }],
                 approvals: Vec::new(),
                 redactions: Vec::new(),
@@ -452,6 +456,7 @@ impl Engine {
                 priority: r.rule.priority,
                 effect: r.rule.effect,
                 reasons: r.reasons.to_vec(),
+                span: Some(r.rule.span),
             });
             for o in &r.obligations {
                 match o {

@@ -610,6 +610,27 @@ fn rule_ref(
     }
 }
 
+/// Where a matched rule is: its policy version (`refund-limits@3`, as the
+/// policy service names stored sources) and the rule's lines and columns
+/// (1-based; the byte offsets are not kept by the compiled set, so 0).
+fn rule_span(
+    plan: &cpb::ExecutablePlan,
+    set: Option<usize>,
+    span: Option<&anumate_policy::SourceSpan>,
+) -> Option<ppb::SourceSpan> {
+    let (r, span) = (set.and_then(|i| plan.policies.get(i))?, span?);
+    let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    Some(ppb::SourceSpan {
+        source_name: format!("{}@{}", r.name, r.version),
+        start_line: int(span.start.line),
+        start_column: int(span.start.col),
+        end_line: int(span.end.line),
+        end_column: int(span.end.col),
+        start_offset: 0,
+        end_offset: 0,
+    })
+}
+
 fn approval_pb(
     plan: &cpb::ExecutablePlan,
     a: &anumate_engine::Approval,
@@ -637,7 +658,10 @@ fn decision_pb(plan: &cpb::ExecutablePlan, d: &StepDecision) -> ppb::Decision {
             .rules
             .iter()
             .map(|r| ppb::MatchedRule {
-                rule: Some(rule_ref(plan, r.set, &r.policy, &r.rule)),
+                rule: Some(ppb::PolicyRuleRef {
+                    span: rule_span(plan, r.set, r.span.as_ref()),
+                    ..rule_ref(plan, r.set, &r.policy, &r.rule)
+                }),
                 priority: i32::try_from(r.priority).unwrap_or(i32::MAX),
                 effect: effect_pb(r.effect) as i32,
                 reason: r.reasons.first().cloned().unwrap_or_default(),
