@@ -44,6 +44,7 @@ spec:
 struct TestApp {
     addr: SocketAddr,
     issuer: DevIssuer,
+    services: anumate_auth::ServiceIssuer,
     store: Store,
     server: tokio::task::JoinHandle<()>,
     _db: TestDb,
@@ -54,13 +55,14 @@ async fn spawn_app(backend: Backend) -> TestApp {
     let (db, store) = testing::migrated_store(backend, &anumate_registry::migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().expect("registry key")));
     let registry = Registry::new(store.clone(), keys, &RegistryConfig::default());
-    let auth = DevAuth::new();
+    let auth = DevAuth::with_service_issuer("connectors");
     let routes = Routes::new(ToolsGrpc::new(registry.tools().clone()).into_server())
         .add_service(RegistryGrpc::new(registry).into_server());
     let (addr, server) = testing::serve(auth.authenticator, routes).await;
     TestApp {
         addr,
         issuer: auth.issuer,
+        services: auth.services.unwrap(),
         store,
         server,
         _db: db,
@@ -182,6 +184,7 @@ on_both_backends! {
     all_or_nothing => all_or_nothing_sqlite, all_or_nothing_postgres;
     tenants => tenants_sqlite, tenants_postgres;
     capsule_warnings => capsule_warnings_sqlite, capsule_warnings_postgres;
+    hub_reads_tools_as_a_service => hub_service_sqlite, hub_service_postgres;
 }
 
 /// Push a file of two, read, list, change one, deprecate: versions and
@@ -485,4 +488,74 @@ async fn capsule_warnings(app: TestApp) {
         .unwrap()
         .into_inner();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+/// The connector hub in its own process reads a tool in its own name
+/// (`svc:connectors`, the `RegistryClient` it uses); other services, and the
+/// hub for anything but reading a tool, are refused.
+async fn hub_reads_tools_as_a_service(app: TestApp) {
+    use anumate_service::clients::{Caller, Grpc, RegistryClient};
+    let mut author = app.tools("t1", AUTHOR).await;
+    push(&mut author, EXAMPLE).await;
+    let url = format!("http://{}", app.addr);
+    let hub = Grpc::new(anumate_service::clients::channel("registry", &url).unwrap())
+        .with_service_issuer(app.services.for_service("connectors").unwrap());
+    let caller = Caller::Service {
+        tenant: "t1".into(),
+        service: "connectors",
+    };
+    let got = hub
+        .get_tool(
+            &caller,
+            pb::GetToolRequest {
+                name: "payments.transfer".into(),
+                version: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.tool.unwrap().name, "payments.transfer");
+    // Another tenant's catalogue is the hub's caller's tenant only.
+    let other = Caller::Service {
+        tenant: "t2".into(),
+        service: "connectors",
+    };
+    let missing = hub
+        .get_tool(
+            &other,
+            pb::GetToolRequest {
+                name: "payments.transfer".into(),
+                version: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    // Another service identity is refused.
+    let approvals = Grpc::new(anumate_service::clients::channel("registry", &url).unwrap())
+        .with_service_issuer(app.services.for_service("approvals").unwrap());
+    let denied = approvals
+        .get_tool(
+            &Caller::Service {
+                tenant: "t1".into(),
+                service: "approvals",
+            },
+            pb::GetToolRequest {
+                name: "payments.transfer".into(),
+                version: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    // The hub may read, not push.
+    let token = app
+        .services
+        .for_service("connectors")
+        .unwrap()
+        .mint("t1", Duration::from_secs(60))
+        .unwrap();
+    let mut as_hub = ToolsServiceClient::with_interceptor(app.channel().await, BearerToken(token));
+    let push = as_hub.push_tools(push_req(EXAMPLE)).await.unwrap_err();
+    assert_eq!(push.code(), tonic::Code::PermissionDenied);
 }
