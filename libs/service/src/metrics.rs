@@ -5,11 +5,16 @@
 //! Only the methods of the contracts get their own labels; any other path
 //! counts as `service="unknown",method="unknown"`, so callers cannot grow the
 //! series.
+//!
+//! A service module adds its own metrics with [`register`] (once per
+//! process: metrics describe the process, whichever modules it runs); they
+//! are exposed with the server's, under the same `anumate_` prefix.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -18,7 +23,41 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
+
+/// The metrics crate, for modules that [`register`] their own.
+pub use prometheus_client;
+
+/// The metrics service modules registered, and their names.
+struct ModuleMetrics {
+    registry: Registry,
+    names: HashSet<String>,
+}
+
+fn module_metrics() -> &'static Mutex<ModuleMetrics> {
+    static MODULES: OnceLock<Mutex<ModuleMetrics>> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        Mutex::new(ModuleMetrics {
+            registry: Registry::with_prefix("anumate"),
+            names: HashSet::new(),
+        })
+    })
+}
+
+/// Registers a service module's metric (`anumate_<name>`, with its help
+/// text), exposed at `/metrics` next to the server's. A name registers once
+/// per process: registering it again is a no-op answering false (keep the
+/// metric in a process-wide `OnceLock` and register it there).
+pub fn register(name: &str, help: &str, metric: impl Metric) -> bool {
+    let mut modules = module_metrics()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !modules.names.insert(name.to_owned()) {
+        return false;
+    }
+    modules.registry.register(name, help, metric);
+    true
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -121,8 +160,16 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text;
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        text::encode_registry(&mut out, &self.registry)?;
+        {
+            let modules = module_metrics()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            text::encode_registry(&mut out, &modules.registry)?;
+        }
+        text::encode_eof(&mut out)?;
         Ok(out)
     }
 

@@ -97,6 +97,11 @@ impl Hub {
         {
             tracing::warn!(tool = inv.tool, host = %host, state = ?state, "connector circuit breaker");
         }
+        crate::metrics::breaker(
+            inv.tool,
+            &host,
+            self.breakers.state(inv.tool, &host, Instant::now()),
+        );
         // 6. Record (or, retryable, free the key for a retry with a fresh token).
         match outcome {
             Ok(output) => {

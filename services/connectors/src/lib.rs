@@ -27,6 +27,7 @@ mod http;
 mod invoke;
 mod keys;
 mod mcp;
+mod metrics;
 mod mock;
 mod module;
 mod repo;
@@ -280,6 +281,12 @@ impl Hub {
             outcome,
             latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "connector.invoked"
+        );
+        let known = !matches!(&result, Err(e) if e.reason == Reason::ToolNotFound);
+        metrics::invoked(
+            if known { inv.tool } else { "unknown" },
+            outcome,
+            started.elapsed().as_secs_f64(),
         );
         result
     }

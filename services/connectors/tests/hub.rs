@@ -621,6 +621,16 @@ async fn a_failing_upstream_opens_its_circuit(app: TestApp) {
     let calls = mock_calls(&app, "t1", "").await;
     assert_eq!(calls.len(), 5, "{calls:?}");
     assert!(calls.iter().all(|c| c.idempotency_key != "d-open"));
+    // The process's metrics (what /metrics serves) show the open breaker,
+    // the outcomes per tool and the latency.
+    let text = anumate_testing::Metrics::new().encode().unwrap();
+    for line in [
+        "anumate_connector_breaker_state{tool=\"dead.call\",host=\"mock\"} 2",
+        "anumate_connector_invoked_total{tool=\"dead.call\",outcome=\"CONNECTOR_RETRYABLE\"}",
+        "anumate_connector_invoked_duration_seconds_count{tool=\"dead.call\"}",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
     // Other tools are unaffected.
     let args = json!({"amount": 1, "to": "x"});
     let token = app.token("t1", "payments.transfer", &args, Mint::default());
@@ -821,6 +831,14 @@ async fn tokens_are_single_use_platform_wide_and_revocations_hold(app: TestApp) 
         .map(|c| c.idempotency_key)
         .collect();
     assert_eq!(keys, ["hub-first"]);
+    let text = anumate_testing::Metrics::new().encode().unwrap();
+    for line in [
+        "anumate_connector_invoked_total{tool=\"payments.transfer\",outcome=\"TOKEN_REVOKED\"}",
+        "anumate_connector_invoked_total{tool=\"payments.transfer\",outcome=\"TOKEN_ALREADY_USED\"}",
+        "anumate_connector_invoked_total{tool=\"payments.transfer\",outcome=\"ok\"}",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
 
     // A refused call left its key free: a valid token under it acts.
     let (fresh, _) = issued(&mut c, tool, &args, "run-a").await;
