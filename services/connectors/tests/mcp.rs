@@ -188,6 +188,38 @@ async fn the_connector_calls_a_real_mcp_server() {
     assert_eq!(e.reason, Reason::McpServerNotFound);
 }
 
+/// A streamable HTTP server that does not answer: retryable, fast, with
+/// neither its URL nor its secret header in the message (https builds the
+/// TLS client on the ring provider the hub installs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_http_server_is_retryable() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let secrets = HashMap::from([("WEB".to_owned(), SECRET.to_owned())]);
+    for scheme in ["http", "https"] {
+        let servers = McpServers::from_config(
+            &[McpServerConfig {
+                name: "web".into(),
+                url: format!("{scheme}://127.0.0.1:{port}/mcp"),
+                headers: [("Authorization".into(), "Bearer ${{ secrets.WEB }}".into())].into(),
+                timeout_ms: 5000,
+                ..Default::default()
+            }],
+            &secrets,
+        )
+        .unwrap();
+        let web = servers.get("web").unwrap();
+        let started = std::time::Instant::now();
+        let e = web.call_tool("add", &json!({})).await.unwrap_err();
+        assert!(e.retryable, "{e:?}");
+        assert!(started.elapsed() < Duration::from_secs(6));
+        assert!(!e.message.contains(SECRET), "{}", e.message);
+        let e = web.list_tools().await.unwrap_err();
+        assert_eq!(e.reason, Reason::ConnectorRetryable);
+    }
+}
+
 #[test]
 fn bad_server_declarations_are_refused_without_their_secrets() {
     let secrets = HashMap::from([("T".to_owned(), "hunter2".to_owned())]);
