@@ -6,7 +6,7 @@
 //! (`$MCP_ECHO_LOG`) shows what reached it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -29,21 +29,6 @@ pub fn echo_server() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "-p",
-                    "anumate-connectors",
-                    "--example",
-                    "mcp_echo",
-                    "--jobs",
-                    "2",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(status.success(), "cargo build --example mcp_echo failed");
             // target/<profile>/deps/<this test> → target/<profile>/examples/mcp_echo
             let exe = std::env::current_exe().unwrap();
             let path = exe
@@ -51,6 +36,27 @@ pub fn echo_server() -> PathBuf {
                 .and_then(|deps| deps.parent())
                 .unwrap()
                 .join("examples/mcp_echo");
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let source =
+                modified(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mcp_echo.rs"));
+            // `cargo test --workspace` builds examples first; `--test` alone does not.
+            if modified(&path).is_none() || modified(&path) < source {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = std::process::Command::new(cargo)
+                    .args([
+                        "build",
+                        "-p",
+                        "anumate-connectors",
+                        "--example",
+                        "mcp_echo",
+                        "--jobs",
+                        "2",
+                    ])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "cargo build --example mcp_echo failed");
+            }
             assert!(path.exists(), "{} is missing", path.display());
             path
         })
