@@ -198,13 +198,18 @@ async fn import(
     let mut hub = conn
         .client(ConnectorHubServiceClient::with_interceptor)
         .await?;
-    let listed = hub
-        .list_mcp_tools(cpb::ListMcpToolsRequest {
-            server: server.clone(),
-        })
-        .await?
-        .into_inner()
-        .tools;
+    let listed = all_pages(async |page_token| {
+        let resp = hub
+            .list_mcp_tools(cpb::ListMcpToolsRequest {
+                server: server.clone(),
+                page_size: 500,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        Ok((resp.tools, resp.next_page_token))
+    })
+    .await?;
     if listed.is_empty() {
         return Err(Failure::Local(format!(
             "MCP server {server:?} lists no tools"

@@ -110,7 +110,18 @@ impl ConnectorHubService for HubGrpc {
         &self,
         req: Request<pb::ListMcpToolsRequest>,
     ) -> std::result::Result<Response<pb::ListMcpToolsResponse>, Status> {
-        let tools = self.hub.list_mcp_tools(&req.get_ref().server).await?;
+        let r = req.get_ref();
+        let (size, after) = anumate_store::paging::page_params(r.page_size, &r.page_token)?;
+        let mut tools = self.hub.list_mcp_tools(&r.server).await?;
+        if let Some(after) = after {
+            let at = tools
+                .iter()
+                .position(|t| t.name == after)
+                .ok_or_else(anumate_store::paging::malformed_token)?;
+            tools.drain(..=at);
+        }
+        let (tools, next_page_token) =
+            anumate_store::paging::finish_page(tools, size, |t| t.name.clone());
         let tools = tools
             .into_iter()
             .map(|t| {
@@ -130,7 +141,10 @@ impl ConnectorHubService for HubGrpc {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Response::new(pb::ListMcpToolsResponse { tools }))
+        Ok(Response::new(pb::ListMcpToolsResponse {
+            tools,
+            next_page_token,
+        }))
     }
 
     async fn list_mock_calls(

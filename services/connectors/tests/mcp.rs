@@ -410,12 +410,36 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
     let listed = listing
         .list_mcp_tools(pb::ListMcpToolsRequest {
             server: "echo".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner()
         .tools;
     assert_eq!(listed.len(), 6);
+    // Pages of 4: then the last 2.
+    let first = listing
+        .list_mcp_tools(pb::ListMcpToolsRequest {
+            server: "echo".into(),
+            page_size: 4,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.tools.len(), 4);
+    let rest = listing
+        .list_mcp_tools(pb::ListMcpToolsRequest {
+            server: "echo".into(),
+            page_size: 4,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = rest.tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["crash", "slow"]);
+    assert!(rest.next_page_token.is_empty());
     let tools: Vec<anumate_connectors::McpToolInfo> = listed
         .iter()
         .map(|t| anumate_connectors::McpToolInfo {
@@ -463,6 +487,7 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
     let status = operator
         .list_mcp_tools(pb::ListMcpToolsRequest {
             server: "echo".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -471,6 +496,7 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
         listing
             .list_mcp_tools(pb::ListMcpToolsRequest {
                 server: "nope".into(),
+                ..Default::default()
             })
             .await,
         Reason::McpServerNotFound,
