@@ -138,6 +138,7 @@ impl Hub {
         let mut pause = POLL_FIRST;
         loop {
             let tx = self.store.write(inv.tenant).await?;
+            repo::relaxed_commit(&tx).await?;
             match anumate_idempotency::claim(&tx, key).await? {
                 Claim::New => {
                     tx.commit().await?;
@@ -215,6 +216,7 @@ impl Hub {
     /// Frees the key (nothing was done, or a retry may act).
     async fn release(&self, inv: &Invocation<'_>) -> Result<()> {
         let tx = self.store.write(inv.tenant).await?;
+        repo::relaxed_commit(&tx).await?;
         anumate_idempotency::release(&tx, SCOPE, inv.idempotency_key).await?;
         tx.commit().await?;
         Ok(())

@@ -13,8 +13,9 @@
 //! in a second short transaction. A retryable failure releases the key (a
 //! retry with a fresh token acts); a permanent one is recorded like a result.
 //!
-//! Crash window: a hub that dies after acting and before recording leaves
-//! the key claimed without a result; after `in_flight_lease_secs` another
+//! Crash window: a hub that dies after acting and before recording (or a
+//! database crash losing the claim, whose commit does not wait for its WAL
+//! flush: `repo::relaxed_commit`) leaves the key claimed without a result; after `in_flight_lease_secs` another
 //! call with the key (and a fresh token) takes it over and calls the
 //! connector again with the same idempotency key, so only upstreams that
 //! honour the key (the mock does) stay exactly-once across such a crash.

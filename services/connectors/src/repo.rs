@@ -54,6 +54,20 @@ fn db(e: impl std::fmt::Display) -> Error {
     Error::internal(e)
 }
 
+/// Lets this PostgreSQL transaction commit without waiting for its WAL
+/// flush (`synchronous_commit = off`): for the hub's idempotency claims and
+/// releases and the mock's ledger, whose loss in a database crash only
+/// reopens the documented crash window (the key is claimed afresh and the
+/// upstream sees the same idempotency key again). Spending the token (at
+/// captokens) and recording a result stay durable. No-op on SQLite.
+pub async fn relaxed_commit(tx: &TenantTx) -> Result<()> {
+    if tx.backend() == anumate_store::Backend::Postgres {
+        tx.execute("SET LOCAL synchronous_commit = off", vec![])
+            .await?;
+    }
+    Ok(())
+}
+
 /// Takes over a key of `scope` claimed with `fingerprint` and left without a
 /// result since before `cutoff` (micros): its claimer crashed or hung. True
 /// when this transaction now holds the claim.
@@ -101,6 +115,7 @@ pub async fn deliver_mock(
     output: Option<&serde_json::Value>,
 ) -> Result<Delivery> {
     let tx = call.store.write(call.tenant).await?;
+    relaxed_commit(&tx).await?;
     let now = anumate_store::now_micros();
     let row = tx
         .query_one(
