@@ -153,3 +153,39 @@ async fn composed_sqlite() {
 async fn composed_postgres() {
     a_pushed_tool_is_invoked_through_the_composed_hub(Backend::Postgres).await;
 }
+
+/// A configuration still naming the private key files the hub no longer
+/// reads does not start, and says what to do instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_files_setting_is_refused_with_a_reason() {
+    let mut migrations = anumate_registry::migrations();
+    migrations.extend(anumate_captokens_service::migrations());
+    migrations.extend(anumate_connectors::migrations());
+    let mut seen = std::collections::HashSet::new();
+    migrations.retain(|m| seen.insert(m.id));
+    let (_db, store) = migrated_store(Backend::Sqlite, &migrations).await;
+    let auth = DevAuth::with_service_issuer("orchestrator");
+    let modules: Vec<Box<dyn ServiceModule>> = vec![
+        anumate_registry::module(),
+        anumate_captokens_service::module(),
+        anumate_connectors::module(),
+    ];
+    let ctx = Context::new(
+        json!({"connectors": {"captoken_key_files": ["/etc/anumate/keys/captokens.pem"]}}),
+        Some(store),
+        KeysConfig {
+            generate_missing: true,
+            ..KeysConfig::default()
+        },
+        auth.dir.path().join("keys"),
+        None,
+        "http://127.0.0.1:1".into(),
+    );
+    let Err(e) = anumate_service::server::build(&modules, ctx).await else {
+        panic!("a hub naming captoken_key_files must not start");
+    };
+    let text = e.to_string();
+    assert!(text.contains("captoken_key_files"), "{text}");
+    assert!(text.contains("no longer read"), "{text}");
+    assert!(text.contains("captokens_url"), "{text}");
+}
