@@ -34,7 +34,7 @@ use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_service::clients::{
     ApprovalsClient, Caller, CompilerClient, ConnectorHubClient, GhostRunClient, PolicyClient,
-    ReceiptsClient, UpstreamError,
+    ReceiptsClient, TenantSettings, TenantSettingsClient, UpstreamError,
 };
 use anumate_store::{Migration, Store, TenantTx};
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,8 @@ pub struct OrchestratorConfig {
     pub ghostrun_url: String,
     /// Receipts address; empty as above.
     pub receipts_url: String,
+    /// Registry address (tenant settings); empty as above.
+    pub registry_url: String,
     /// The `aud` of capability tokens (the connector hub's `[connectors] audience`).
     pub token_audience: String,
     /// Runs driven at once by this process.
@@ -83,11 +85,6 @@ pub struct OrchestratorConfig {
     pub poll_ms: u64,
     /// How often a run waiting for an approval checks it (milliseconds).
     pub approval_poll_ms: u64,
-    /// Default of the tenant setting `require_preflight` until tenant
-    /// settings are served.
-    pub require_preflight: bool,
-    /// How long an `Execute` idempotency key answers with its run (seconds).
-    pub idempotency_retention_secs: u64,
     /// Longest request (bytes) `Execute` accepts.
     pub max_request_bytes: usize,
 }
@@ -102,13 +99,12 @@ impl Default for OrchestratorConfig {
             captokens_url: String::new(),
             ghostrun_url: String::new(),
             receipts_url: String::new(),
+            registry_url: String::new(),
             token_audience: "anumate-connectors".into(),
             workers: 8,
             lease_secs: 30,
             poll_ms: 200,
             approval_poll_ms: 500,
-            require_preflight: true,
-            idempotency_retention_secs: 24 * 3600,
             max_request_bytes: 1024 * 1024,
         }
     }
@@ -162,6 +158,7 @@ pub struct Upstreams {
     pub hub: Arc<dyn ConnectorHubClient>,
     pub ghostrun: Arc<dyn GhostRunClient>,
     pub receipts: Arc<dyn ReceiptsClient>,
+    pub settings: Arc<dyn TenantSettingsClient>,
     pub captokens: worker::CapTokens,
 }
 
@@ -178,6 +175,8 @@ struct Inner {
     worker_id: String,
     wake: tokio::sync::Notify,
     changed: tokio::sync::broadcast::Sender<(String, String)>,
+    /// Runs this process is driving (a run is driven by one task at a time).
+    driving: Mutex<std::collections::HashSet<(String, String)>>,
     sets: Mutex<HashMap<String, Arc<CompiledSet>>>,
     plans: Mutex<HashMap<(String, String), Arc<cpb::ExecutablePlan>>>,
 }
@@ -233,6 +232,7 @@ impl Orchestrator {
                 worker_id: format!("orchestrator-{}", uuid::Uuid::new_v4()),
                 wake: tokio::sync::Notify::new(),
                 changed,
+                driving: Mutex::default(),
                 sets: Mutex::default(),
                 plans: Mutex::default(),
             }),
@@ -371,10 +371,22 @@ impl Orchestrator {
         Ok((plan, engine))
     }
 
-    /// The tenant's `require_preflight` (the configured default until
-    /// tenant settings are served).
-    fn require_preflight(&self, _tenant: &str) -> bool {
-        self.inner.cfg.require_preflight
+    /// The starter's tenant settings; the defaults (preflight required)
+    /// when the registry cannot be asked.
+    async fn settings(&self, starter: &Starter) -> TenantSettings {
+        match self
+            .inner
+            .up
+            .settings
+            .get_tenant_settings(&starter.caller())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(tenant = %starter.tenant, error = %e, "tenant settings unavailable; using the defaults");
+                TenantSettings::default()
+            }
+        }
     }
 
     /// `Execute`.
@@ -439,7 +451,8 @@ impl Orchestrator {
             "timeout_ms": timeout_ms,
         });
         let tenant = actor.starter.tenant.clone();
-        if let Some(found) = self.by_key(&tenant, &key, &request).await? {
+        let settings = self.settings(&actor.starter).await;
+        if let Some(found) = self.by_key(&tenant, &key, &request, &settings).await? {
             return Ok((found, false));
         }
 
@@ -458,8 +471,8 @@ impl Orchestrator {
             )
             .with_violations(v));
         }
-        if !r.preflight_id.is_empty() || self.require_preflight(&tenant) {
-            self.check_preflight(actor, &r.preflight_id, &plan_hash, &inputs_hash)
+        if !r.preflight_id.is_empty() || settings.require_preflight {
+            self.check_preflight(actor, &r.preflight_id, &plan_hash, &inputs_hash, &settings)
                 .await?;
         }
 
@@ -505,7 +518,7 @@ impl Orchestrator {
         if let Err(e) = repo::insert_run(&tx, &row, now).await {
             drop(tx);
             // A concurrent Execute with the same key won.
-            if let Some(found) = self.by_key(&tenant, &key, &request).await? {
+            if let Some(found) = self.by_key(&tenant, &key, &request, &settings).await? {
                 return Ok((found, false));
             }
             return Err(e);
@@ -550,7 +563,13 @@ impl Orchestrator {
 
     /// The run of an idempotency key, when the request matches; the key is
     /// freed when older than the retention.
-    async fn by_key(&self, tenant: &str, key: &str, request: &Value) -> Result<Option<pb::Run>> {
+    async fn by_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        request: &Value,
+        settings: &TenantSettings,
+    ) -> Result<Option<pb::Run>> {
         let found = {
             let tx = self.inner.store.read(tenant).await?;
             repo::run_by_key(&tx, key).await?
@@ -564,9 +583,8 @@ impl Orchestrator {
             .as_ref()
             .map(anumate_proto::micros_from_timestamp_saturating)
             .unwrap_or(0);
-        let retention = i64::try_from(self.inner.cfg.idempotency_retention_secs)
-            .unwrap_or(i64::MAX / 2_000_000)
-            .saturating_mul(1_000_000);
+        let retention =
+            i64::try_from(settings.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
         if created.saturating_add(retention) < now_micros() {
             let tx = self.inner.store.write(tenant).await?;
             repo::retire_key(&tx, &found.run.run_id).await?;
@@ -597,6 +615,7 @@ impl Orchestrator {
         id: &str,
         plan_hash: &str,
         inputs_hash: &str,
+        settings: &TenantSettings,
     ) -> Result<()> {
         if id.is_empty() {
             return Err(Error::because(
@@ -650,9 +669,23 @@ impl Orchestrator {
                 format!("preflight {id} used fixtures and may not be cited"),
             ));
         }
-        if let Some(t) = &report.citation_expire_time
-            && anumate_proto::micros_from_timestamp_saturating(t) < now_micros()
-        {
+        let ttl = i64::try_from(settings.preflight_citation_ttl.as_micros()).unwrap_or(i64::MAX);
+        let made = report
+            .create_time
+            .as_ref()
+            .map_or(0, anumate_proto::micros_from_timestamp_saturating);
+        let tenant_expiry = anumate_proto::timestamp_from_micros(made.saturating_add(ttl));
+        let expiry = match &report.citation_expire_time {
+            Some(t)
+                if anumate_proto::micros_from_timestamp_saturating(t)
+                    < made.saturating_add(ttl) =>
+            {
+                *t
+            }
+            _ => tenant_expiry,
+        };
+        if anumate_proto::micros_from_timestamp_saturating(&expiry) < now_micros() {
+            let t = &expiry;
             return Err(Error::because(
                 Reason::PreflightExpired,
                 format!("preflight {id} may no longer be cited; preflight again"),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_service::clients::{
     ApprovalsClient, CompilerClient, ConnectorHubClient, GhostRunClient, Grpc, PolicyClient,
-    ReceiptsClient,
+    ReceiptsClient, TenantSettingsClient,
 };
 use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
@@ -68,6 +68,11 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
         ctx.upstream::<dyn ReceiptsClient>("orchestrator.receipts_url", &cfg.receipts_url, |c| {
             grpc(c)
         })?;
+    let settings = ctx.upstream::<dyn TenantSettingsClient>(
+        "orchestrator.registry_url",
+        &cfg.registry_url,
+        |c| grpc(c),
+    )?;
     let captokens =
         ctx.upstream::<CapTokens>("orchestrator.captokens_url", &cfg.captokens_url, |c| {
             Arc::new(CapTokens::new(c, issuer.clone()))
@@ -81,6 +86,7 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
             hub,
             ghostrun,
             receipts,
+            settings,
             captokens: (*captokens).clone(),
         },
         cfg,

@@ -429,3 +429,15 @@ pub async fn set_lease(
     .await?;
     Ok(())
 }
+
+/// Who holds the lease of a queued run (`None`: not queued).
+pub async fn lease_owner(tx: &TenantTx, run_id: &str) -> Result<Option<String>> {
+    let row = tx
+        .query_one(
+            "SELECT lease_owner FROM orch_work WHERE tenant_id = $1 AND run_id = $2",
+            vec![tx.tenant_id().into(), run_id.into()],
+        )
+        .await?;
+    row.map(|r| r.try_get::<String>("", "lease_owner").map_err(db))
+        .transpose()
+}

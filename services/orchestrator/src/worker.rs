@@ -225,6 +225,17 @@ impl Orchestrator {
             };
             let idle = claimed.is_empty();
             for (tenant, run_id) in claimed {
+                let key = (tenant.clone(), run_id.clone());
+                let fresh = self
+                    .inner
+                    .driving
+                    .lock()
+                    .map(|mut d| d.insert(key.clone()))
+                    .unwrap_or(false);
+                if !fresh {
+                    // Already driven here (its lease ran out mid-call): leave it.
+                    continue;
+                }
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
@@ -232,6 +243,9 @@ impl Orchestrator {
                 let cancel = cancel.clone();
                 tokio::spawn(async move {
                     this.drive_logged(&tenant, &run_id, &cancel).await;
+                    if let Ok(mut d) = this.inner.driving.lock() {
+                        d.remove(&key);
+                    }
                     drop(permit);
                 });
             }
@@ -275,7 +289,24 @@ impl Orchestrator {
     }
 
     async fn drive_logged(&self, tenant: &str, run_id: &str, cancel: &CancellationToken) {
+        // Heartbeats keep the lease while a call takes long.
+        let beat = {
+            let this = self.clone();
+            let (tenant, run_id) = (tenant.to_string(), run_id.to_string());
+            let every =
+                Duration::from_micros(u64::try_from(self.lease_micros() / 3).unwrap_or(1_000_000));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let until = now_micros() + this.lease_micros();
+                    if let Err(e) = this.set_lease(&tenant, &run_id, until).await {
+                        tracing::warn!(error = %e, "orchestrator: lease heartbeat failed");
+                    }
+                }
+            })
+        };
         let result = self.drive(tenant, run_id, cancel).await;
+        beat.abort();
         let retry_at = match &result {
             Ok(()) => None,
             Err(e) if e.reason == Reason::RunTerminal => None,
@@ -337,6 +368,15 @@ impl Orchestrator {
             .ok_or_else(stopped)?
             .run;
         if is_terminal(run.state) {
+            return Err(stopped());
+        }
+        // Fencing: another worker took the run over (this lease expired).
+        if repo::lease_owner(&tx, run_id).await?.as_deref() != Some(self.inner.worker_id.as_str()) {
+            tracing::warn!(
+                tenant,
+                run = run_id,
+                "orchestrator: lost the lease; stopping"
+            );
             return Err(stopped());
         }
         let paused = run.state == pb::RunState::Paused as i32;
