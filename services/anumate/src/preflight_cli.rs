@@ -206,12 +206,14 @@ fn print_report(r: &pb::PreflightReport) {
                     d.matched_rules
                         .iter()
                         .filter_map(|m| m.rule.as_ref())
-                        .map(|x| {
-                            if x.policy.is_empty() {
-                                x.rule.clone()
-                            } else {
-                                format!("{}/{}", x.policy, x.rule)
-                            }
+                        .map(|x| match (&x.span, x.policy.is_empty()) {
+                            (_, true) => x.rule.clone(),
+                            // Where the rule is: `refund-limits/large-refund@1:7`.
+                            (Some(at), false) => format!(
+                                "{}/{}@{}:{}",
+                                x.policy, x.rule, x.policy_version, at.start_line
+                            ),
+                            (None, false) => format!("{}/{}", x.policy, x.rule),
                         })
                         .collect()
                 })

@@ -120,6 +120,12 @@ fn preflight_prints_the_report_and_exits_with_the_verdict() {
         r.stdout
     );
     assert!(r.stdout.contains("APPROVAL_REQUIRED"), "{}", r.stdout);
+    // Matched rules say where they are: policy version and line.
+    assert!(
+        r.stdout.contains("refund-limits/large-refund@1:7"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("no (made with fixtures)"), "{}", r.stdout);
 
     // FAIL: USD refunds are denied; by plan hash, as JSON.

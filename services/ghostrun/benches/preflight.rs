@@ -1,10 +1,16 @@
 //! Preflight of a 20-step plan with 10 policies, end to end: a gRPC client
-//! over TCP, the auth layer, the plan and policies (cached after the first
-//! call), the simulation, and storing the report with its event, on SQLite
-//! and PostgreSQL. Prints p50/p95/p99. Goal (issue 15): p95 ≤ 5 ms.
+//! over TCP, the auth layer, the plan (by hash, or compiled from the capsule
+//! name), the policies (cached after the first call), the tenant's settings,
+//! the simulation, and storing the report with its event, on SQLite and
+//! PostgreSQL. GhostRun reaches the compiler, the policy service and the
+//! registry in process (as `anumate dev` and `serve all` compose them) or
+//! over gRPC on the server's own listener (`mesh`, one service per process).
+//! Prints p50/p95/p99 per backend, wiring and request form. Goal (issue 15):
+//! p95 ≤ 5 ms.
 //!
 //! `cargo bench -p anumate-ghostrun --bench preflight` (PostgreSQL on
-//! 127.0.0.1:5432 as the tests use it).
+//! 127.0.0.1:5432 as the tests use it); `-- in-process` or `-- mesh` runs one
+//! wiring, `-- sqlite` or `-- postgres` one backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -18,7 +24,9 @@ use anumate_policy_service::{Policies, PolicyConfig, PolicyGrpc};
 use anumate_proto::ghostrun::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
-use anumate_registry::{Registry, RegistryConfig, RegistryGrpc, ToolsGrpc};
+use anumate_registry::{
+    Registry, RegistryConfig, RegistryGrpc, TenantSettingsGrpc, TenantSettingsStore, ToolsGrpc,
+};
 use anumate_service::clients::Grpc;
 use anumate_testing::{self as testing, Backend, DevAuth};
 use tonic::service::Routes;
@@ -80,7 +88,13 @@ fn capsule() -> String {
     y
 }
 
-async fn run(backend: Backend) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wiring {
+    InProcess,
+    Mesh,
+}
+
+async fn run(backend: Backend, wiring: Wiring) {
     let mut migrations = anumate_registry::migrations();
     migrations.extend(anumate_policy_service::REPO_MIGRATIONS.iter().copied());
     migrations.extend(anumate_compiler::REPO_MIGRATIONS.iter().copied());
@@ -101,24 +115,52 @@ async fn run(backend: Backend) {
         &RegistryConfig::default(),
     );
     let policies = Policies::new(store.clone(), &PolicyConfig::default());
-    let compiler = Compiler::new(
-        store.clone(),
-        Upstreams::lazy(&own, &own).unwrap(),
-        &CompilerConfig::default(),
-    )
-    .unwrap();
+    let settings = TenantSettingsStore::new(store.clone());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (followed, token) = (settings.clone(), cancel.clone());
+    tokio::spawn(async move { followed.follow_changes(token).await });
     let channel = anumate_service::clients::channel("own", &own).unwrap();
-    let ghostrun = GhostRun::new(
-        store.clone(),
-        Arc::new(Grpc::new(channel.clone())),
-        Arc::new(Grpc::new(channel)),
-        GhostRunConfig::default(),
-    );
+    let grpc = Arc::new(Grpc::new(channel));
+    let (compiler, ghostrun) = match wiring {
+        Wiring::InProcess => {
+            let compiler = Compiler::new(
+                store.clone(),
+                Upstreams::new(Arc::new(registry.clone()), Arc::new(policies.clone())),
+                &CompilerConfig::default(),
+            )
+            .unwrap();
+            let ghostrun = GhostRun::new(
+                store.clone(),
+                Arc::new(compiler.clone()),
+                Arc::new(policies.clone()),
+                GhostRunConfig::default(),
+            )
+            .with_settings(Arc::new(settings.clone()));
+            (compiler, ghostrun)
+        }
+        Wiring::Mesh => {
+            let compiler = Compiler::new(
+                store.clone(),
+                Upstreams::lazy(&own, &own).unwrap(),
+                &CompilerConfig::default(),
+            )
+            .unwrap();
+            let ghostrun = GhostRun::new(
+                store.clone(),
+                grpc.clone(),
+                grpc.clone(),
+                GhostRunConfig::default(),
+            )
+            .with_settings(grpc);
+            (compiler, ghostrun)
+        }
+    };
     let (_, server) = testing::serve_on(
         listener,
         auth,
         Routes::new(ToolsGrpc::new(registry.tools().clone()).into_server())
             .add_service(RegistryGrpc::new(registry).into_server())
+            .add_service(TenantSettingsGrpc::new(settings).into_server())
             .add_service(PolicyGrpc::new(policies).into_server())
             .add_service(CompilerGrpc::new(compiler).into_server())
             .add_service(GhostRunGrpc::new(ghostrun).into_server()),
@@ -168,28 +210,36 @@ async fn run(backend: Backend) {
         .report
         .unwrap();
     assert_eq!(first.steps.len(), 20);
-    let req = pb::PreflightRequest {
+    let by_hash = pb::PreflightRequest {
         plan_hash: first.plan_hash.clone(),
         inputs_json: r#"{"order_id": "ord_1", "amount": 5000}"#.into(),
         ..Default::default()
     };
-    for _ in 0..50 {
-        gr.preflight(req.clone()).await.unwrap();
+    let by_name = pb::PreflightRequest {
+        capsule_name: "twenty".into(),
+        inputs_json: r#"{"order_id": "ord_1", "amount": 5000}"#.into(),
+        ..Default::default()
+    };
+    for (form, req) in [("plan hash", by_hash), ("capsule name", by_name)] {
+        for _ in 0..50 {
+            gr.preflight(req.clone()).await.unwrap();
+        }
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        for _ in 0..ITERATIONS {
+            let t0 = Instant::now();
+            gr.preflight(req.clone()).await.unwrap();
+            h.record(t0.elapsed().as_micros() as u64).unwrap();
+        }
+        println!(
+            "preflight 20 steps / 10 policies, {backend:?}, {wiring:?}, by {form}, {ITERATIONS} calls: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (verdict {:?}, risk {})",
+            h.value_at_quantile(0.50) as f64 / 1000.0,
+            h.value_at_quantile(0.95) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            first.verdict(),
+            first.risk.as_ref().map_or(0, |r| r.score),
+        );
     }
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-    for _ in 0..ITERATIONS {
-        let t0 = Instant::now();
-        gr.preflight(req.clone()).await.unwrap();
-        h.record(t0.elapsed().as_micros() as u64).unwrap();
-    }
-    println!(
-        "preflight 20 steps / 10 policies, {backend:?}, {ITERATIONS} calls: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (verdict {:?}, risk {})",
-        h.value_at_quantile(0.50) as f64 / 1000.0,
-        h.value_at_quantile(0.95) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0,
-        first.verdict(),
-        first.risk.as_ref().map_or(0, |r| r.score),
-    );
+    cancel.cancel();
     server.abort();
 }
 
@@ -202,6 +252,33 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(Backend::Sqlite));
-    rt.block_on(run(Backend::Postgres));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |name: &str, all: &[&str]| {
+        !args.iter().any(|a| all.contains(&a.as_str())) || args.iter().any(|a| a == name)
+    };
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        if !wanted(
+            if backend == Backend::Sqlite {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+            &["sqlite", "postgres"],
+        ) {
+            continue;
+        }
+        for wiring in [Wiring::InProcess, Wiring::Mesh] {
+            if !wanted(
+                if wiring == Wiring::InProcess {
+                    "in-process"
+                } else {
+                    "mesh"
+                },
+                &["in-process", "mesh"],
+            ) {
+                continue;
+            }
+            rt.block_on(run(backend, wiring));
+        }
+    }
 }
