@@ -204,10 +204,11 @@ fn enums_have_a_prefixed_unspecified_zero() {
     }
 }
 
-/// Topics whose producers (GhostRun, the orchestrator) have not landed yet:
-/// their events are registered but no code builds them. When a producer
-/// lands, its topic leaves this list (the test below insists).
-const TOPICS_WITHOUT_PRODUCER_YET: &[&str] = &["anumate.runs"];
+/// Event types (full names) or whole topics whose producers have not landed
+/// yet: they are registered but no code builds them. When a producer lands,
+/// its entry leaves this list (the test below insists).
+/// Compensations (issue 16) are not run yet.
+const WITHOUT_PRODUCER_YET: &[&str] = &["anumate.events.v1.StepCompensated"];
 
 fn rust_sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -261,7 +262,8 @@ fn every_event_type_is_produced_by_some_code_path() {
         ))
         .expect("regex")
         .is_match(&source);
-        let pending = TOPICS_WITHOUT_PRODUCER_YET.contains(&topic.as_str());
+        let pending = WITHOUT_PRODUCER_YET.contains(&topic.as_str())
+            || WITHOUT_PRODUCER_YET.contains(&message.full_name());
         if !built && !pending {
             missing.push(format!("{} ({topic})", message.full_name()));
         }
@@ -275,7 +277,7 @@ fn every_event_type_is_produced_by_some_code_path() {
     );
     assert!(
         early.is_empty(),
-        "these events now have a producer: take their topic out of TOPICS_WITHOUT_PRODUCER_YET: {early:?}"
+        "these events now have a producer: take them out of WITHOUT_PRODUCER_YET: {early:?}"
     );
 }
 
