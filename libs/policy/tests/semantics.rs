@@ -260,3 +260,13 @@ fn template_expressions_are_checked_against_their_scope() {
         .unwrap();
     assert_eq!(out, json!(true));
 }
+
+/// Found by the fuzzer: a `given` block with a repeated key is a compile
+/// error naming the key (it used to trip an assertion in debug builds).
+#[test]
+fn a_repeated_key_in_given_is_an_error_not_a_panic() {
+    let msg = compile_err(
+        "policy \"p\" {\n  rule \"r\" { when true then allow() }\n  test \"t\" {\n    given { tool: \"a\", args: {}, args: {} }\n    expect allow\n  }\n}\n",
+    );
+    assert!(msg.contains("duplicate key `args`"), "{msg}");
+}
