@@ -62,9 +62,9 @@ impl AuthzRule {
     /// the roles (`required_roles`) or services (`required_services`) needed.
     ///
     /// A service identity is admitted by name (or `any_service`); one the rule
-    /// does not name is refused as a service when the rule names services, and
-    /// otherwise judged by its roles like any caller (a delegated service token
-    /// carries the roles of whom it acts for).
+    /// does not name is refused as a service when the rule names services and
+    /// it acts in its own name; otherwise it is judged by its roles like any
+    /// caller (a delegated service token carries the roles of whom it acts for).
     pub fn check(&self, principal: &Principal) -> Result<(), Error> {
         if self.public {
             return Ok(());
@@ -73,7 +73,9 @@ impl AuthzRule {
             if self.any_service || self.services.iter().any(|s| s == service) {
                 return Ok(());
             }
-            if !self.services.is_empty() {
+            // In its own name it is refused as a service; acting for a
+            // user, it is judged by that user's roles below.
+            if !self.services.is_empty() && principal.on_behalf_of().is_none() {
                 return Err(self.services_denied());
             }
         }
@@ -514,6 +516,25 @@ mod tests {
         assert_eq!(e.code, ErrorCode::PermissionDenied);
         assert_eq!(meta(&e, "required_services"), "*");
         assert!(append.check(&principal(&[], Some("captokens"))).is_ok());
+    }
+
+    #[test]
+    fn a_service_acting_for_a_user_is_judged_by_the_users_roles() {
+        // GetTool names the hub as a service and lists roles: the compiler
+        // acting for an operator passes on the operator's roles, the compiler
+        // in its own name is refused as a service.
+        let get_tool = rule("/anumate.registry.v1.ToolsService/GetTool");
+        let mut delegated = principal(&["operator"], Some("compiler"));
+        delegated.on_behalf_of = Some("user:alice".into());
+        assert!(get_tool.check(&delegated).is_ok());
+        let e = get_tool
+            .check(&principal(&[], Some("compiler")))
+            .unwrap_err();
+        assert_eq!(meta(&e, "required_services"), "connectors");
+        assert!(get_tool.check(&principal(&[], Some("connectors"))).is_ok());
+        let mut no_roles = principal(&[], Some("compiler"));
+        no_roles.on_behalf_of = Some("user:mallory".into());
+        assert!(get_tool.check(&no_roles).is_err());
     }
 
     #[test]
