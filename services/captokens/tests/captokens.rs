@@ -713,6 +713,19 @@ async fn roles(app: TestApp) {
         author.verify_token(verify_request(&issued.token)).await,
         ErrorCode::PermissionDenied,
     );
+    // Spending a token is for the connector hub only: neither a user nor
+    // another platform service (here the orchestrator that issued it) may.
+    for caller in [&mut author, &mut orchestrator] {
+        expect_error(
+            caller
+                .internal
+                .consume_token(pb::ConsumeTokenRequest {
+                    token: issued.token.clone(),
+                })
+                .await,
+            ErrorCode::PermissionDenied,
+        );
+    }
     expect_error(
         author
             .revoke_token(revoke_request(Target::RunId("run-1".into()), ""))
