@@ -208,6 +208,48 @@ pub trait ReceiptsClient: Send + Sync {
         caller: &'a Caller,
         request: rcpb::AppendReceiptRequest,
     ) -> BoxFuture<'a, UpstreamResult<rcpb::AppendReceiptResponse>>;
+
+    /// Whether [`ReceiptsClient::append_in`] works: the log lives in this
+    /// process's store, so a receipt can commit in the same transaction as
+    /// the action it attests. A remote service cannot; then the receipt is
+    /// appended first ([`append_receipt_first`]).
+    fn appends_in_transaction(&self) -> bool {
+        false
+    }
+
+    /// Appends `requests` inside `tx`, the caller's own transaction on the
+    /// store the log lives in: the receipts commit or roll back with it.
+    /// The caller runs [`AppendedInTx::committed`] after committing. Only
+    /// when [`ReceiptsClient::appends_in_transaction`].
+    fn append_in<'a>(
+        &'a self,
+        _tx: &'a anumate_store::TenantTx,
+        _caller: &'a Caller,
+        _requests: Vec<rcpb::AppendReceiptRequest>,
+    ) -> BoxFuture<'a, Result<AppendedInTx, Error>> {
+        Box::pin(async {
+            Err(Error::internal(
+                "this receipts client does not append in the caller's transaction",
+            ))
+        })
+    }
+}
+
+/// Receipts appended by [`ReceiptsClient::append_in`], inside a transaction
+/// that has not committed yet.
+pub struct AppendedInTx {
+    /// Each request's receipt, in order, or why that one was refused.
+    pub receipts: Vec<Result<rcpb::Receipt, Error>>,
+    /// Run once the transaction committed (the appender learns the log's
+    /// new head); never when it did not commit.
+    pub on_commit: Box<dyn FnOnce() + Send>,
+}
+
+impl AppendedInTx {
+    /// The caller's transaction committed.
+    pub fn committed(self) {
+        (self.on_commit)();
+    }
 }
 
 /// The approvals service, as the orchestrator opens and follows approvals

@@ -5,12 +5,15 @@
 //!   [`rules::Approval`], unit-tested directly.
 //! - [`Approvals`] stores approvals (one row each, the tenant's own under
 //!   row-level security), receipts every decision through the receipts
-//!   service and appends its event to the outbox in the same transaction as
-//!   the change, runs the durable timers (expiry, escalation, reminders) and
-//!   nudges in-process waiters ([`Approvals::wait`]) after each commit.
+//!   service (in the decision's own transaction when the log shares the
+//!   store) and appends its event to the outbox in the same transaction as
+//!   the change (concurrent decisions of a tenant share one commit), runs
+//!   the durable timers (expiry, escalation, reminders) and nudges
+//!   in-process waiters ([`Approvals::wait`]) after each commit.
 //! - [`grpc`] adapts it to `ApprovalsService` and `ApprovalsInternal`.
 #![forbid(unsafe_code)]
 
+mod commit;
 mod convert;
 pub mod grpc;
 mod module;
@@ -142,6 +145,8 @@ struct Inner {
     /// Masks PII in free text (comments, reasons) before it is stored,
     /// receipted or evented.
     redactor: Arc<anumate_redaction::Redactor>,
+    /// Per-tenant queues of decisions to group-commit.
+    lanes: Arc<commit::Lanes>,
 }
 
 impl Approvals {
@@ -157,6 +162,7 @@ impl Approvals {
                 changes,
                 watches: Arc::default(),
                 redactor: Arc::default(),
+                lanes: Arc::default(),
             }),
         }
     }
@@ -170,6 +176,7 @@ impl Approvals {
             changes: self.inner.changes.clone(),
             watches: self.inner.watches.clone(),
             redactor: self.inner.redactor.clone(),
+            lanes: self.inner.lanes.clone(),
         };
         f(&mut inner);
         Approvals {

@@ -164,27 +164,84 @@ pub async fn save(tx: &TenantTx, a: &Approval) -> Result<()> {
     Ok(())
 }
 
-/// Stores a changed approval only if its stored version is still `expected`
-/// (the version it was decided from); false when another change committed
-/// in between (nothing written). On PostgreSQL a concurrent writer of the
-/// row makes this wait for it and then see its version, so no row lock needs
-/// to be taken (or a round trip spent) before deciding.
-pub async fn save_if(tx: &TenantTx, a: &Approval, expected: i64) -> Result<bool> {
-    let n = tx
-        .execute(
-            "UPDATE approvals SET state = $3, version = $4, body = $5 \
-             WHERE tenant_id = $1 AND approval_id = $2 AND version = $6",
-            vec![
-                tx.tenant_id().into(),
-                a.id.as_str().into(),
-                state_number(a.status).into(),
-                a.version.into(),
-                body(a)?.into(),
-                expected.into(),
-            ],
+/// The stored versions of approvals `ids`, row-locked for the transaction
+/// (on PostgreSQL, in id order so two batches never deadlock; SQLite's write
+/// transaction holds the database's lock). Missing ones are absent.
+pub async fn lock_versions(
+    tx: &TenantTx,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, i64>> {
+    let mut out = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = if tx.backend() == Backend::Postgres {
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        tx.query_all(
+            "SELECT approval_id, version FROM approvals \
+             WHERE tenant_id = $1 AND approval_id = ANY($2::text[]) \
+             ORDER BY approval_id FOR UPDATE",
+            vec![tx.tenant_id().into(), Value::from(ids)],
         )
-        .await?;
-    Ok(n == 1)
+        .await?
+    } else {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            rows.extend(
+                tx.query_one(
+                    "SELECT approval_id, version FROM approvals \
+                     WHERE tenant_id = $1 AND approval_id = $2",
+                    vec![tx.tenant_id().into(), (*id).into()],
+                )
+                .await?,
+            );
+        }
+        rows
+    };
+    for r in rows {
+        out.insert(
+            r.try_get("", "approval_id").map_err(db)?,
+            r.try_get("", "version").map_err(db)?,
+        );
+    }
+    Ok(out)
+}
+
+/// Stores changed approvals whose rows the transaction holds locked (one
+/// statement on PostgreSQL, one per approval on SQLite).
+pub async fn save_many(tx: &TenantTx, approvals: &[&Approval]) -> Result<()> {
+    match approvals {
+        [] => return Ok(()),
+        [a] => return save(tx, a).await,
+        _ => {}
+    }
+    if tx.backend() == Backend::Sqlite {
+        for a in approvals {
+            save(tx, a).await?;
+        }
+        return Ok(());
+    }
+    let ids: Vec<String> = approvals.iter().map(|a| a.id.clone()).collect();
+    let states: Vec<i32> = approvals.iter().map(|a| state_number(a.status)).collect();
+    let versions: Vec<i64> = approvals.iter().map(|a| a.version).collect();
+    let bodies = approvals
+        .iter()
+        .map(|a| body(a))
+        .collect::<Result<Vec<String>>>()?;
+    tx.execute(
+        "UPDATE approvals AS a SET state = u.state, version = u.version, body = u.body \
+         FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[]) AS u(id, state, version, body) \
+         WHERE a.tenant_id = $1 AND a.approval_id = u.id",
+        vec![
+            tx.tenant_id().into(),
+            Value::from(ids),
+            Value::from(states),
+            Value::from(versions),
+            Value::from(bodies),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Filters of a listing (zero / empty: not filtered).

@@ -11,6 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::convert::{self, Event};
 use crate::rules::{self, Action, Applied, Approval, Decider, Effect, RuleRef, Stage, Status};
+use crate::commit::Decided;
 use crate::{Approvals, Change, notify, receipting, repo};
 
 /// Who is calling: the verified principal, its tenant and groups.
@@ -251,7 +252,7 @@ fn not_found(id: &str) -> Error {
 }
 
 /// Schedules the timers of `a`'s current stage (its generation).
-async fn schedule(tx: &TenantTx, a: &Approval) -> Result<()> {
+pub(crate) async fn schedule(tx: &TenantTx, a: &Approval) -> Result<()> {
     let Some(expire_at) = a.expire_at() else {
         return Ok(());
     };
@@ -432,10 +433,12 @@ impl Approvals {
         let comment = &self.redact(comment);
         // A few rounds at most: a round is lost only to a concurrent decision
         // on the same approval.
-        // Optimistically: decided on the approval as read, receipted, then
-        // stored only if no other change committed since (its version is
-        // unchanged), else decided again on the fresh one. No row lock is
-        // held and the approval is read once per round.
+        // Optimistically: decided on the approval as read, then stored (in
+        // a group commit with the tenant's other decisions, see
+        // [`crate::commit`]) only if no other change committed since (its
+        // version is unchanged), else decided again on the fresh one. No row
+        // lock is held while deciding and the approval is read once per
+        // round.
         for _ in 0..8 {
             let now = self.now();
             let mut a = self.load(&caller.tenant, id).await?;
@@ -444,15 +447,16 @@ impl Approvals {
                 Applied::Repeat => return Ok(convert::approval(&a)),
                 Applied::Recorded(effect) => effect,
             };
-            let receipt = self.receipt(&caller.tenant, &a).await?;
-            let tx = self.inner.store.write(&caller.tenant).await?;
-            if !self
-                .commit_decision(tx, &caller.tenant, &mut a, Some(read), receipt, effect)
-                .await?
-            {
-                continue;
+            let receipt = self.receipt_first(&caller.tenant, &a).await?;
+            let decided = Decided {
+                a,
+                read: Some(read),
+                effect,
+                receipt,
+            };
+            if let Some(a) = self.submit(&caller.tenant, decided).await? {
+                return Ok(convert::approval(&a));
             }
-            return Ok(convert::approval(&a));
         }
         Err(Error::new(
             anumate_errors::ErrorCode::Unavailable,
@@ -460,49 +464,23 @@ impl Approvals {
         ))
     }
 
-    pub(crate) async fn receipt(&self, tenant: &str, planned: &Approval) -> Result<String> {
-        match &self.inner.receipts {
-            Some(receipts) => receipting::append(receipts.as_ref(), tenant, planned).await,
-            None => Ok(String::new()),
-        }
-    }
-
-    /// Stores a decided `a` with its receipt, its event, its new timers and
-    /// (when a stage opened or escalated) its notifications, commits, and
-    /// nudges waiters. With `read` (the version `a` was decided from) only if
-    /// the stored approval is still that version: false (nothing written)
-    /// when another change committed in between. Without it the caller holds
-    /// the row lock.
-    pub(crate) async fn commit_decision(
+    /// The receipt of `planned`'s last decision when it must be appended
+    /// before the decision's transaction (a remote receipts service); `None`
+    /// when it is appended inside that transaction, or not at all (no
+    /// receipts service).
+    pub(crate) async fn receipt_first(
         &self,
-        tx: TenantTx,
         tenant: &str,
-        a: &mut Approval,
-        read: Option<i64>,
-        receipt: String,
-        effect: Effect,
-    ) -> Result<bool> {
-        if let Some(last) = a.decisions.last_mut() {
-            last.receipt_id = receipt;
-        }
-        match read {
-            Some(version) => {
-                if !repo::save_if(&tx, a, version).await? {
-                    return Ok(false);
-                }
+        planned: &Approval,
+    ) -> Result<Option<String>> {
+        match &self.inner.receipts {
+            Some(receipts) if !receipts.appends_in_transaction() => {
+                receipting::append(receipts.as_ref(), tenant, planned)
+                    .await
+                    .map(Some)
             }
-            None => repo::save(&tx, a).await?,
+            _ => Ok(None),
         }
-        append_event(&tx, a).await?;
-        if matches!(effect, Effect::StageApproved | Effect::Escalated) {
-            schedule(&tx, a).await?;
-            // The opened (or escalated) stage has new approvers: tell them,
-            // in the same transaction so the notice exists iff it committed.
-            notify::enqueue(&tx, &self.inner.cfg.notify, &convert::approval(a)).await?;
-        }
-        tx.commit().await?;
-        self.changed(tenant, a);
-        Ok(true)
     }
 
     /// Withdraws a pending approval (a no-op for a cancelled one).
@@ -514,7 +492,7 @@ impl Approvals {
             if !rules::cancel(&mut planned, &caller.principal, &reason, now)? {
                 return Ok(convert::approval(&planned));
             }
-            let receipt = self.receipt(&caller.tenant, &planned).await?;
+            let receipt = self.receipt_first(&caller.tenant, &planned).await?;
             let tx = self.inner.store.write(&caller.tenant).await?;
             let mut a = repo::load(&tx, id, true)
                 .await?
@@ -525,7 +503,7 @@ impl Approvals {
             if !same_last_decision(&planned, &a) {
                 continue;
             }
-            self.commit_decision(tx, &caller.tenant, &mut a, None, receipt, Effect::Cancelled)
+            self.commit_locked(tx, &caller.tenant, &mut a, receipt, Effect::Cancelled)
                 .await?;
             return Ok(convert::approval(&a));
         }
@@ -568,7 +546,8 @@ impl Approvals {
 }
 
 /// Whether the decision recorded on the fresh approval is the one that was
-/// receipted (the approval did not change in between in a way that matters).
+/// planned (and perhaps receipted first): the approval did not change in
+/// between in a way that matters.
 fn same_last_decision(planned: &Approval, fresh: &Approval) -> bool {
     match (planned.decisions.last(), fresh.decisions.last()) {
         (Some(p), Some(f)) => receipting::content(planned, p) == receipting::content(fresh, f),

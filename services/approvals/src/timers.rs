@@ -91,7 +91,7 @@ impl Approvals {
         };
         let mut planned = a;
         rules::expire(&mut planned, what, now)?;
-        let receipt = self.receipt(&t.tenant, &planned).await?;
+        let receipt = self.receipt_first(&t.tenant, &planned).await?;
         let tx = self.inner.store.write(&t.tenant).await?;
         let Some(mut fresh) = repo::load(&tx, &t.approval_id, true).await? else {
             return Ok(());
@@ -101,7 +101,7 @@ impl Approvals {
             return Ok(());
         }
         let effect = rules::expire(&mut fresh, what, now)?;
-        self.commit_decision(tx, &t.tenant, &mut fresh, None, receipt, effect)
+        self.commit_locked(tx, &t.tenant, &mut fresh, receipt, effect)
             .await?;
         if effect == Effect::Escalated {
             tracing::info!(approval = %t.approval_id, "approvals: stage escalated on expiry");

@@ -1171,3 +1171,195 @@ async fn an_unreceipted_expiry_is_retried(app: App) {
 on_both_backends! {
     an_unreceipted_expiry_is_retried => receipts_down_sqlite, receipts_down_postgres;
 }
+
+/// The tenant's receipts as (leaf index, leaf hash, receipt id), in log order.
+async fn receipt_leaves(store: &Store, tenant: &str) -> Vec<(i64, String, String)> {
+    let tx = store.read(tenant).await.unwrap();
+    tx.query_all(
+        "SELECT leaf_index, leaf_hash, receipt_id FROM receipts WHERE tenant_id = $1 \
+         ORDER BY leaf_index",
+        vec![tenant.into()],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.try_get("", "leaf_index").unwrap(),
+            r.try_get("", "leaf_hash").unwrap(),
+            r.try_get("", "receipt_id").unwrap(),
+        )
+    })
+    .collect()
+}
+
+/// The log has no gap, and the checkpoint the receipts service publishes
+/// (from its stored tree) has the root of the stored leaves.
+async fn assert_log_consistent(app: &App, tenant: &str) {
+    let leaves = receipt_leaves(&app.store, tenant).await;
+    for (i, (index, _, _)) in leaves.iter().enumerate() {
+        assert_eq!(*index, i as i64, "leaf indexes have no gap");
+    }
+    let tree = anumate_receipt::Tree::from_leaf_hashes(leaves.iter().map(|(_, h, _)| {
+        <[u8; 32]>::try_from(hex::decode(h).unwrap()).unwrap()
+    }));
+    let receipts = app
+        .server()
+        .provided
+        .get::<anumate_receipts::Receipts>()
+        .unwrap()
+        .clone();
+    receipts.publish_checkpoint(tenant).await.unwrap();
+    let reader = anumate_receipts::Actor {
+        tenant: tenant.into(),
+        subject: "user:auditor".into(),
+        service: None,
+    };
+    let cp = receipts
+        .checkpoint(&reader, leaves.len() as i64)
+        .await
+        .unwrap();
+    assert_eq!(cp.root_hash, tree.root().to_vec(), "the stored tree is the leaves'");
+}
+
+/// Installs (or removes) a trigger that makes storing a grant fail, as a
+/// database error in the decision's transaction would.
+async fn fail_grants(app: &App, on: bool) {
+    use sea_orm::ConnectionTrait as _;
+    let owner = app.store.connect_owner().await.unwrap();
+    let sql: &[&str] = match (app.store.backend(), on) {
+        (anumate_store::Backend::Postgres, true) => &[
+            "CREATE FUNCTION test_refuse_grant() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'injected: the grant fails'; END $$",
+            "CREATE TRIGGER test_refuse_grant BEFORE UPDATE ON approvals FOR EACH ROW \
+             WHEN (NEW.state = 2) EXECUTE FUNCTION test_refuse_grant()",
+        ],
+        (anumate_store::Backend::Postgres, false) => {
+            &["DROP TRIGGER test_refuse_grant ON approvals"]
+        }
+        (anumate_store::Backend::Sqlite, true) => &[
+            "CREATE TRIGGER test_refuse_grant BEFORE UPDATE ON approvals WHEN NEW.state = 2 \
+             BEGIN SELECT RAISE(ABORT, 'injected: the grant fails'); END",
+        ],
+        (anumate_store::Backend::Sqlite, false) => &["DROP TRIGGER test_refuse_grant"],
+    };
+    for s in sql {
+        owner.execute_unprepared(s).await.unwrap();
+    }
+}
+
+/// The receipt is appended in the decision's own transaction: a decision
+/// whose transaction fails leaves no receipt (and no leaf taken), and the
+/// next decision is appended where the failed one would have been.
+async fn a_failed_decision_leaves_no_receipt(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    let b = open(&app, request("refund-2", vec![stage(&["user:bob"], 1)])).await;
+    // One receipted decision first, so the log's head is known in process.
+    let mut bob = app.approver("user:bob").await;
+    approved_by(&mut bob, &b.approval_id).await;
+    let before = receipt_leaves(&app.store, TENANT).await;
+    assert_eq!(before.len(), 1);
+
+    fail_grants(&app, true).await;
+    let mut ann = app.approver("user:ann").await;
+    let err = ann.public.approve(approve(&a.approval_id)).await;
+    assert!(err.is_err(), "the grant's transaction fails");
+    assert_eq!(receipt_leaves(&app.store, TENANT).await, before);
+    let still = get(&mut ann, &a.approval_id).await;
+    assert_eq!(state(&still), pb::ApprovalState::Pending);
+    assert!(still.decisions.is_empty());
+    assert_eq!(
+        app.event_types(TENANT).await,
+        ["requested", "requested", "granted"]
+    );
+
+    // Once storing works again, the decision commits with its one receipt.
+    fail_grants(&app, false).await;
+    let done = approved_by(&mut ann, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    let after = receipt_leaves(&app.store, TENANT).await;
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[1].2, done.decisions[0].receipt_id);
+    assert_log_consistent(&app, TENANT).await;
+}
+
+/// A receipts service reached as a remote one (only `AppendReceipt`, no
+/// shared transaction), as in a mesh.
+struct Remote(anumate_receipts::Receipts);
+
+impl anumate_service::clients::ReceiptsClient for Remote {
+    fn append_receipt<'a>(
+        &'a self,
+        caller: &'a anumate_service::clients::Caller,
+        request: anumate_proto::receipts::v1::AppendReceiptRequest,
+    ) -> anumate_service::clients::BoxFuture<
+        'a,
+        anumate_service::clients::UpstreamResult<
+            anumate_proto::receipts::v1::AppendReceiptResponse,
+        >,
+    > {
+        anumate_service::clients::ReceiptsClient::append_receipt(&self.0, caller, request)
+    }
+}
+
+/// With a remote receipts service the receipt is appended before the
+/// decision commits, and every decision is still receipted once.
+async fn a_remote_receipts_service_receipts_first(app: App) {
+    let receipts = app
+        .server()
+        .provided
+        .get::<anumate_receipts::Receipts>()
+        .unwrap()
+        .clone();
+    let remote = Approvals::new(app.store.clone(), Default::default())
+        .with_receipts(std::sync::Arc::new(Remote(receipts)));
+    let orchestrator = anumate_approvals::Caller {
+        tenant: TENANT.into(),
+        principal: "svc:orchestrator".into(),
+        groups: Vec::new(),
+        service: true,
+    };
+    let (a, _) = remote
+        .request(
+            &orchestrator,
+            &request("remote", vec![stage(&["user:ann", "user:bob"], 2)]),
+        )
+        .await
+        .unwrap();
+    for who in ["user:ann", "user:bob"] {
+        let caller = anumate_approvals::Caller {
+            tenant: TENANT.into(),
+            principal: who.into(),
+            groups: Vec::new(),
+            service: false,
+        };
+        remote
+            .decide(
+                &caller,
+                &a.approval_id,
+                anumate_approvals::rules::Action::Approve { args_sha256: ARGS },
+                "ok",
+                "",
+            )
+            .await
+            .unwrap();
+    }
+    let done = remote.get(TENANT, &a.approval_id).await.unwrap();
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    let leaves = receipt_leaves(&app.store, TENANT).await;
+    let ids: Vec<&str> = done
+        .decisions
+        .iter()
+        .map(|d| d.receipt_id.as_str())
+        .collect();
+    assert_eq!(
+        leaves.iter().map(|(_, _, id)| id.as_str()).collect::<Vec<_>>(),
+        ids
+    );
+    assert_log_consistent(&app, TENANT).await;
+}
+
+on_both_backends! {
+    a_failed_decision_leaves_no_receipt => failed_decision_sqlite, failed_decision_postgres;
+    a_remote_receipts_service_receipts_first => remote_receipts_sqlite, remote_receipts_postgres;
+}

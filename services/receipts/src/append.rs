@@ -10,7 +10,8 @@ use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_proto::events::v1 as ev;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{CompactRange, Hash, Statement, Subject};
-use anumate_store::Backend;
+use anumate_store::{Backend, TenantTx};
+use tokio::sync::Notify;
 use serde_json::Value;
 
 use crate::proofs::with_nodes;
@@ -235,26 +236,120 @@ impl Receipts {
     }
 
     /// One transaction for a batch: the outer error aborts it all, inner errors
-    /// are one job's (a reused dedupe key).
-    ///
-    /// On PostgreSQL, when this process committed the log's last batch (its
-    /// size and peaks are known), the batch is first stored as if nothing
-    /// changed since and no dedupe key is stored yet, in one guarded
-    /// statement ([`repo::append_batch_at`]); only if that refuses (another
-    /// replica appended, or a retry) is it rolled back and appended the
-    /// checked way: lock and read the head, look the keys up, then store.
+    /// are one job's (a reused dedupe key). See [`Receipts::store_in`]; when
+    /// the guarded statement wrote part of the batch the transaction is
+    /// rolled back and the batch appended the checked way in a new one.
     pub(crate) async fn write_batch(
         &self,
         tenant: &str,
         lane: &Lane,
         batch: &[Prepared],
     ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
-        let known = lock(&lane.peaks).clone();
-        if let Some((size, peaks)) = known.filter(|_| self.store.backend() == Backend::Postgres) {
+        let mut guarded = true;
+        loop {
             let tx = self.store.write(tenant).await?;
+            if let Some(written) = self.store_in(&tx, lane, batch, guarded).await? {
+                tx.commit().await?;
+                return Ok(written.committed(lane, self));
+            }
+            // Dropped: rolled back.
+            drop(tx);
+            guarded = false;
+        }
+    }
+
+    /// Appends receipts inside `tx`, the caller's own transaction on this
+    /// service's store, so they commit (or roll back) with the change they
+    /// attest: a receipt exists iff that change committed. Each request gets
+    /// its receipt (`false`: its dedupe key was stored already) or its own
+    /// error; the outer error means the caller's transaction must not
+    /// commit. After committing, the caller hands the [`InTx`] to
+    /// [`InTx::committed`] (never when it did not commit).
+    ///
+    /// The log's head stays locked until the caller's transaction ends, so
+    /// the caller should append last, just before it commits.
+    pub async fn append_in(
+        &self,
+        tx: &TenantTx,
+        actor: &Actor,
+        requests: Vec<pb::AppendReceiptRequest>,
+    ) -> Result<(Vec<Result<(pb::Receipt, bool)>>, InTx)> {
+        if actor.tenant != tx.tenant_id() {
+            return Err(Error::internal(
+                "a receipt appended in another tenant's transaction",
+            ));
+        }
+        let mut results: Vec<Option<Result<(pb::Receipt, bool)>>> = Vec::new();
+        let mut batch = Vec::new();
+        for r in requests {
+            match self.prepare(actor, r.kind, r.subject, r.content, &r.dedupe_key) {
+                Ok(p) => {
+                    batch.push(p);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let lane = self.lane(&actor.tenant);
+        let written = if batch.is_empty() {
+            None
+        } else {
+            Some(
+                self.store_in(tx, &lane, &batch, true)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::Unavailable,
+                            "the receipt log changed while appending; retry",
+                        )
+                    })?,
+            )
+        };
+        let pending = InTx {
+            lane,
+            wake: self.wake.clone(),
+            checkpoint_batch: self.cfg.checkpoint_batch,
+            head: written
+                .as_ref()
+                .map(|w| (w.range.size(), w.range.peaks().to_vec(), w.checkpoint_size)),
+        };
+        let mut stored = written.map(|w| w.results).unwrap_or_default().into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Some(r) => r,
+                None => stored
+                    .next()
+                    .unwrap_or_else(|| Err(Error::internal("a receipt without an answer"))),
+            })
+            .collect();
+        Ok((results, pending))
+    }
+
+    /// Stores `batch` and its `receipt.appended` events in `tx`, without
+    /// committing. On PostgreSQL with `guarded`, when this process committed
+    /// the log's last batch (its size and peaks are known), the batch is
+    /// first stored as if nothing changed since, in one guarded statement
+    /// ([`repo::append_batch_at`]); if that refuses (another replica
+    /// appended, or a retry) it is appended the checked way in the same
+    /// transaction: lock and read the head, look the keys up, then store.
+    /// `None`: the guarded statement wrote part of the batch (a dedupe key
+    /// committed meanwhile) and `tx` must be rolled back.
+    async fn store_in(
+        &self,
+        tx: &TenantTx,
+        lane: &Lane,
+        batch: &[Prepared],
+        guarded: bool,
+    ) -> Result<Option<Written>> {
+        let known = lock(&lane.peaks)
+            .clone()
+            .filter(|_| guarded && tx.backend() == Backend::Postgres);
+        let mut stored = None;
+        if let Some((size, peaks)) = known {
             let planned = plan(batch, &HashMap::new(), size, peaks)?;
-            if let Some(checkpoint_size) = repo::append_batch_at(
-                &tx,
+            match repo::append_batch_at(
+                tx,
                 &planned.inserts(),
                 &planned.nodes,
                 size,
@@ -262,63 +357,58 @@ impl Receipts {
             )
             .await?
             {
-                return self
-                    .finish(tenant, lane, tx, planned, checkpoint_size)
-                    .await;
+                repo::Guarded::Stored(checkpoint_size) => stored = Some((planned, checkpoint_size)),
+                repo::Guarded::Refused => {}
+                repo::Guarded::Partial => return Ok(None),
             }
-            // Dropped: rolled back.
-            drop(tx);
         }
-        let tx = self.store.write(tenant).await?;
-        let head = repo::lock_head(&tx).await?;
-        let known = lock(&lane.peaks)
-            .as_ref()
-            .filter(|(size, _)| *size == head.size)
-            .map(|(_, peaks)| peaks.clone());
-        let peaks = match known {
-            Some(peaks) => peaks,
+        let (planned, checkpoint_size) = match stored {
+            Some(s) => s,
             None => {
-                with_nodes(&tx, head.size, |s| {
-                    CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
-                })
-                .await?
+                let head = repo::lock_head(tx).await?;
+                let known = lock(&lane.peaks)
+                    .as_ref()
+                    .filter(|(size, _)| *size == head.size)
+                    .map(|(_, peaks)| peaks.clone());
+                let peaks = match known {
+                    Some(peaks) => peaks,
+                    None => {
+                        with_nodes(tx, head.size, |s| {
+                            CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
+                        })
+                        .await?
+                    }
+                };
+                let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
+                let stored = repo::by_dedupe_keys(tx, &keys).await?;
+                let planned = plan(batch, &stored, head.size, peaks)?;
+                repo::append_batch(tx, &planned.inserts(), &planned.nodes, planned.range.size())
+                    .await?;
+                (planned, head.checkpoint_size)
             }
         };
-        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
-        let stored = repo::by_dedupe_keys(&tx, &keys).await?;
-        let planned = plan(batch, &stored, head.size, peaks)?;
-        repo::append_batch(
-            &tx,
-            &planned.inserts(),
-            &planned.nodes,
-            planned.range.size(),
-        )
-        .await?;
-        self.finish(tenant, lane, tx, planned, head.checkpoint_size)
-            .await
+        self.store_events(tx, &planned).await?;
+        Ok(Some(Written {
+            range: planned.range,
+            results: planned.results,
+            checkpoint_size,
+        }))
     }
 
-    /// Stores the batch's events, commits, and remembers the new head.
-    async fn finish(
-        &self,
-        tenant: &str,
-        lane: &Lane,
-        tx: anumate_store::TenantTx,
-        planned: Planned<'_>,
-        checkpoint_size: u64,
-    ) -> Result<Vec<Result<(pb::Receipt, bool)>>> {
-        let Planned {
-            range,
-            new_rows,
-            results,
-            ..
-        } = planned;
+    /// Stores the `receipt.appended` events of the batch's new receipts.
+    async fn store_events(&self, tx: &TenantTx, planned: &Planned<'_>) -> Result<()> {
+        let tenant = tx.tenant_id();
+        if planned.new_rows.is_empty() {
+            return Ok(());
+        }
         // One outbox statement for the batch's events.
-        let subjects: Vec<String> = new_rows
+        let subjects: Vec<String> = planned
+            .new_rows
             .iter()
             .map(|(p, _)| format!("receipts/{}", p.receipt_id))
             .collect();
-        let events = new_rows
+        let events = planned
+            .new_rows
             .iter()
             .zip(&subjects)
             .map(|(&(p, leaf_index), event_subject)| {
@@ -343,15 +433,64 @@ impl Receipts {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        anumate_events::append_many(&tx, &events)
+        anumate_events::append_many(tx, &events)
             .await
             .map_err(Error::internal)?;
-        tx.commit().await?;
-        *lock(&lane.peaks) = Some((range.size(), range.peaks().to_vec()));
-        if range.size().saturating_sub(checkpoint_size) >= self.cfg.checkpoint_batch {
+        Ok(())
+    }
+}
+
+/// A batch stored in a transaction that has not committed yet.
+struct Written {
+    range: CompactRange,
+    results: Vec<Result<(pb::Receipt, bool)>>,
+    checkpoint_size: u64,
+}
+
+impl Written {
+    /// After the commit: remembers the new head and answers.
+    fn committed(self, lane: &Lane, receipts: &Receipts) -> Vec<Result<(pb::Receipt, bool)>> {
+        remember_head(lane, self.range.size(), self.range.peaks().to_vec());
+        if self.range.size().saturating_sub(self.checkpoint_size) >= receipts.cfg.checkpoint_batch
+        {
+            receipts.wake.notify_one();
+        }
+        self.results
+    }
+}
+
+/// Records that the log has `peaks` at `size`, a committed fact (the tree of
+/// a size never changes), unless a longer log is known already. Only ever
+/// called after a commit: a rolled-back batch would leave peaks the log may
+/// never have, and the guarded append would trust them.
+fn remember_head(lane: &Lane, size: u64, peaks: Vec<Hash>) {
+    let mut known = lock(&lane.peaks);
+    if known.as_ref().is_none_or(|(s, _)| *s <= size) {
+        *known = Some((size, peaks));
+    }
+}
+
+/// Receipts appended by [`Receipts::append_in`] in a transaction not yet
+/// committed: what the log's head became, for the appender to remember
+/// once (and only if) that transaction commits.
+pub struct InTx {
+    lane: Arc<Lane>,
+    wake: Arc<Notify>,
+    checkpoint_batch: u64,
+    /// Size, peaks and checkpoint size after the batch (none: nothing stored).
+    head: Option<(u64, Vec<Hash>, u64)>,
+}
+
+impl InTx {
+    /// The caller's transaction committed.
+    pub fn committed(self) {
+        let Some((size, peaks, checkpoint_size)) = self.head else {
+            return;
+        };
+        remember_head(&self.lane, size, peaks);
+        if size.saturating_sub(checkpoint_size) >= self.checkpoint_batch {
             self.wake.notify_one();
         }
-        Ok(results)
     }
 }
 

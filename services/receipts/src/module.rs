@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::receipts::v1 as pb;
-use anumate_service::clients::{BoxFuture, Caller, ReceiptsClient, UpstreamResult};
+use anumate_service::clients::{
+    AppendedInTx, BoxFuture, Caller, ReceiptsClient, UpstreamResult,
+};
+use anumate_store::TenantTx;
 use anumate_service::{BuildError, Context, Module, ServiceModule};
 
 use crate::{Actor, Receipts, ReceiptsConfig, ReceiptsGrpc};
@@ -78,6 +81,33 @@ impl ReceiptsClient for Receipts {
             Ok(pb::AppendReceiptResponse {
                 receipt: Some(receipt),
                 created,
+            })
+        })
+    }
+
+    /// In this process the log shares the caller's store.
+    fn appends_in_transaction(&self) -> bool {
+        true
+    }
+
+    fn append_in<'a>(
+        &'a self,
+        tx: &'a TenantTx,
+        caller: &'a Caller,
+        requests: Vec<pb::AppendReceiptRequest>,
+    ) -> BoxFuture<'a, Result<AppendedInTx, Error>> {
+        Box::pin(async move {
+            let Some(service) = caller.service() else {
+                return Err(Error::new(
+                    ErrorCode::PermissionDenied,
+                    "receipts are appended only by the platform service that owns their kind",
+                ));
+            };
+            let actor = Actor::service(caller.tenant(), service);
+            let (results, pending) = self.append_in(tx, &actor, requests).await?;
+            Ok(AppendedInTx {
+                receipts: results.into_iter().map(|r| r.map(|(r, _)| r)).collect(),
+                on_commit: Box::new(move || pending.committed()),
             })
         })
     }

@@ -569,21 +569,35 @@ const PG_APPEND_BATCH: &str = "WITH new_receipts AS (
       )
       UPDATE receipt_logs SET size = $19, updated_at = $15 WHERE tenant_id = $1";
 
+/// What [`append_batch_at`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    /// The batch is stored and the head moved; the head's checkpoint size.
+    Stored(u64),
+    /// Nothing was written: the head moved (another replica appended) or a
+    /// dedupe key is already stored (a retry). The transaction is untouched,
+    /// so the checked append may follow in it.
+    Refused,
+    /// Part of the batch was written (a dedupe key taken by a transaction
+    /// that committed while this one waited): the transaction must be
+    /// rolled back.
+    Partial,
+}
+
 /// [`append_batch`] on PostgreSQL for a log believed to be `expected` long
 /// (the size this process last committed), without locking and reading the
 /// head and looking up the dedupe keys first: one statement locks the head
-/// and, only if its size is still `expected`, stores the batch and moves the
-/// head. Returns the head's checkpoint size when it did; `None` when the head
-/// moved (another replica appended) or a dedupe key is already stored (a
-/// retry), and then the caller rolls the transaction back and appends the
-/// checked way ([`lock_head`], [`by_dedupe_keys`], [`append_batch`]).
+/// and, only if its size is still `expected` and none of the dedupe keys is
+/// stored, stores the batch and moves the head ([`Guarded`]). When it
+/// refuses, the caller appends the checked way ([`lock_head`],
+/// [`by_dedupe_keys`], [`append_batch`]).
 pub async fn append_batch_at(
     tx: &TenantTx,
     receipts: &[NewReceipt<'_>],
     nodes: &[(u32, u64, Hash)],
     expected: u64,
     size: u64,
-) -> Result<Option<u64>> {
+) -> Result<Guarded> {
     let mut values = pg_batch_values(tx, receipts, nodes, size)?;
     values.push(to_i64(expected)?.into());
     let row = tx
@@ -592,17 +606,24 @@ pub async fn append_batch_at(
         .ok_or_else(|| Error::internal("the guarded append returned no row"))?;
     let stored: i64 = row.try_get("", "stored").map_err(db)?;
     let checkpoint_size: Option<i64> = row.try_get("", "checkpoint_size").map_err(db)?;
-    match checkpoint_size {
-        Some(c) if usize::try_from(stored).ok() == Some(receipts.len()) => Ok(Some(to_u64(c)?)),
-        _ => Ok(None),
-    }
+    Ok(match checkpoint_size {
+        None => Guarded::Refused,
+        Some(c) if usize::try_from(stored).ok() == Some(receipts.len()) => {
+            Guarded::Stored(to_u64(c)?)
+        }
+        Some(_) => Guarded::Partial,
+    })
 }
 
 /// [`append_batch_at`]'s statement: [`PG_APPEND_BATCH`]'s values and `$20`
 /// the expected size. The head is locked first (every part reads `head`), so
 /// a concurrent appender makes it wait and then refuse, never interleave.
+/// A stored dedupe key refuses it as a whole (nothing written); the
+/// `ON CONFLICT` only catches a key committed while it waited.
 const PG_APPEND_BATCH_AT: &str = "WITH head AS MATERIALIZED (
         SELECT checkpoint_size FROM receipt_logs WHERE tenant_id = $1 AND size = $20
+          AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.tenant_id = $1
+            AND r.dedupe_key = ANY($4::text[]))
         FOR UPDATE
       ), new_receipts AS (
         INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind,

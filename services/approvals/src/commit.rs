@@ -1,0 +1,299 @@
+//! Storing decisions: each decided approval with its receipt, its event, its
+//! new timers and notifications, in one transaction.
+//!
+//! Decisions of one tenant are group-committed ([`Approvals::submit`]): each
+//! caller decides on the approval as it read it and queues the result; one
+//! of them (the leader) takes the whole queue and stores it in one
+//! transaction, so concurrent decisions share one commit (one WAL flush on
+//! PostgreSQL) and, with the receipts log in this process, one append to the
+//! log. The transaction locks the approvals' rows and stores a decision only
+//! if its approval is still the version it was decided from; a decision that
+//! lost to another (of the same batch or not) is decided again on the fresh
+//! approval by its caller. If a batch fails as a whole, its decisions are
+//! stored one by one, so one decision's failure is only its own.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use anumate_errors::{Error, Result};
+use anumate_events::EventContext;
+use anumate_service::clients::AppendedInTx;
+use anumate_store::TenantTx;
+
+use crate::convert::{self, Event};
+use crate::rules::{Approval, Effect};
+use crate::{Approvals, notify, receipting, repo, service};
+
+/// A decided approval to store.
+pub(crate) struct Decided {
+    /// The approval with its new decision (the last).
+    pub a: Approval,
+    /// The version it was decided from: stored only if the row still has it.
+    /// `None`: the caller holds the row lock and has checked it.
+    pub read: Option<i64>,
+    pub effect: Effect,
+    /// The receipt id when the receipt was appended before the transaction
+    /// (a remote receipts service).
+    pub receipt: Option<String>,
+}
+
+struct Job {
+    decided: Decided,
+    reply: tokio::sync::oneshot::Sender<Result<Option<Approval>>>,
+}
+
+/// One tenant's queue of decisions and the lock its batch leader holds.
+#[derive(Default)]
+pub(crate) struct Lane {
+    queue: Mutex<Vec<Job>>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+/// Per-tenant lanes.
+pub(crate) type Lanes = Mutex<HashMap<String, Arc<Lane>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data stays consistent when poisoned: queues are only pushed to
+    // and taken whole.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Approvals {
+    /// Stores `decided` in a group commit with the tenant's other pending
+    /// decisions. `Some`: stored (the approval as stored); `None`: its
+    /// approval changed since it was read (nothing written; decide again).
+    pub(crate) async fn submit(&self, tenant: &str, decided: Decided) -> Result<Option<Approval>> {
+        let (reply, mut done) = tokio::sync::oneshot::channel();
+        let lane = lock(&self.inner.lanes)
+            .entry(tenant.to_owned())
+            .or_default()
+            .clone();
+        lock(&lane.queue).push(Job { decided, reply });
+        {
+            let _leader = lane.leader.lock().await;
+            // A previous leader may have stored ours already.
+            if let Ok(result) = done.try_recv() {
+                return result;
+            }
+            let jobs = std::mem::take(&mut *lock(&lane.queue));
+            if !jobs.is_empty() {
+                // Spawned: a cancelled caller does not abort the others'.
+                let this = self.clone();
+                let tenant = tenant.to_owned();
+                tokio::spawn(async move { this.commit_jobs(&tenant, jobs).await })
+                    .await
+                    .map_err(Error::internal)?;
+            }
+        }
+        done.await
+            .map_err(|_| Error::internal("a decision batch ended without an answer"))?
+    }
+
+    async fn commit_jobs(&self, tenant: &str, jobs: Vec<Job>) {
+        let (mut decided, replies): (Vec<Decided>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.decided, j.reply)).unzip();
+        let results = match self.commit_batch(tenant, &mut decided).await {
+            Ok(results) => results,
+            Err(e) if decided.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::debug!(error = %e, n = decided.len(), "approvals: a decision batch failed; storing its decisions one by one");
+                let mut results = Vec::with_capacity(decided.len());
+                for d in &mut decided {
+                    let one = std::slice::from_mut(d);
+                    results.push(match self.commit_batch(tenant, one).await {
+                        Ok(mut r) => r.pop().unwrap_or(Ok(false)),
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+        };
+        for ((d, reply), result) in decided.into_iter().zip(replies).zip(results) {
+            let _ = reply.send(result.map(|stored| stored.then_some(d.a)));
+        }
+    }
+
+    /// One transaction for `batch`: the outer error aborts it all; each
+    /// decision's result says whether it was stored.
+    async fn commit_batch(&self, tenant: &str, batch: &mut [Decided]) -> Result<Vec<Result<bool>>> {
+        let tx = self.inner.store.write(tenant).await?;
+        let (results, appended) = self.store_decisions(&tx, batch).await?;
+        tx.commit().await?;
+        if let Some(appended) = appended {
+            appended.committed();
+        }
+        for (d, r) in batch.iter().zip(&results) {
+            if matches!(r, Ok(true)) {
+                self.changed(tenant, &d.a);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Stores one decision in `tx`, whose row lock the caller holds, and
+    /// commits (cancellations and timers).
+    pub(crate) async fn commit_locked(
+        &self,
+        tx: TenantTx,
+        tenant: &str,
+        a: &mut Approval,
+        receipt: Option<String>,
+        effect: Effect,
+    ) -> Result<()> {
+        let mut one = [Decided {
+            a: a.clone(),
+            read: None,
+            effect,
+            receipt,
+        }];
+        let result = self.commit_batch_in(tx, tenant, &mut one).await;
+        let [d] = one;
+        *a = d.a;
+        result
+    }
+
+    async fn commit_batch_in(
+        &self,
+        tx: TenantTx,
+        tenant: &str,
+        batch: &mut [Decided],
+    ) -> Result<()> {
+        let (mut results, appended) = self.store_decisions(&tx, batch).await?;
+        results.pop().unwrap_or(Ok(false))?;
+        tx.commit().await?;
+        if let Some(appended) = appended {
+            appended.committed();
+        }
+        for d in batch.iter() {
+            self.changed(tenant, &d.a);
+        }
+        Ok(())
+    }
+
+    /// Writes `batch` into `tx` without committing: locks the rows, keeps
+    /// the decisions whose approval is still the version they were decided
+    /// from (the first of a batch's decisions on one approval wins), appends
+    /// their receipts (in `tx` when the log lives in this store), stores the
+    /// approvals with their receipt ids, their events, and the timers and
+    /// notifications of stages that opened or escalated. Returns each
+    /// decision's result and the receipts to confirm after the commit.
+    async fn store_decisions(
+        &self,
+        tx: &TenantTx,
+        batch: &mut [Decided],
+    ) -> Result<(Vec<Result<bool>>, Option<AppendedInTx>)> {
+        let checked: Vec<&str> = batch
+            .iter()
+            .filter(|d| d.read.is_some())
+            .map(|d| d.a.id.as_str())
+            .collect();
+        let stored_versions = repo::lock_versions(tx, &checked).await?;
+        let mut taken = HashSet::new();
+        let mut results: Vec<Result<bool>> = batch
+            .iter()
+            .map(|d| {
+                let current = match d.read {
+                    None => true,
+                    Some(read) => stored_versions.get(&d.a.id) == Some(&read),
+                };
+                Ok(current && taken.insert(d.a.id.clone()))
+            })
+            .collect();
+
+        // Receipts: appended here (last of all would hold the log's head for
+        // less time, but the approval and its event carry the receipt id).
+        let in_tx = self
+            .inner
+            .receipts
+            .as_ref()
+            .filter(|r| r.appends_in_transaction());
+        let mut appended = None;
+        if let Some(receipts) = in_tx {
+            let mut wanted = Vec::new();
+            let mut requests = Vec::new();
+            for (i, d) in batch.iter().enumerate() {
+                if matches!(results[i], Ok(true)) && d.receipt.is_none() {
+                    match receipting::request(&d.a) {
+                        Ok(r) => {
+                            wanted.push(i);
+                            requests.push(r);
+                        }
+                        Err(e) => results[i] = Err(e),
+                    }
+                }
+            }
+            if !requests.is_empty() {
+                let caller = receipting::caller(tx.tenant_id());
+                let out = receipts.append_in(tx, &caller, requests).await?;
+                for (&i, receipt) in wanted.iter().zip(&out.receipts) {
+                    match receipt {
+                        Ok(r) => set_receipt(&mut batch[i].a, r.receipt_id.clone()),
+                        // A refusal: nothing was decided.
+                        Err(e) => results[i] = Err(e.clone()),
+                    }
+                }
+                appended = Some(out);
+            }
+        }
+        for (d, r) in batch.iter_mut().zip(&results) {
+            if matches!(r, Ok(true)) {
+                if let Some(receipt) = &d.receipt {
+                    set_receipt(&mut d.a, receipt.clone());
+                }
+            }
+        }
+
+        let winners: Vec<&Decided> = batch
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| matches!(r, Ok(true)))
+            .map(|(d, _)| d)
+            .collect();
+        let approvals: Vec<&Approval> = winners.iter().map(|d| &d.a).collect();
+        repo::save_many(tx, &approvals).await?;
+        append_events(tx, &approvals).await?;
+        for d in &winners {
+            if matches!(d.effect, Effect::StageApproved | Effect::Escalated) {
+                service::schedule(tx, &d.a).await?;
+                // The opened (or escalated) stage has new approvers: tell
+                // them, in the same transaction so the notice exists iff it
+                // committed.
+                notify::enqueue(tx, &self.inner.cfg.notify, &convert::approval(&d.a)).await?;
+            }
+        }
+        Ok((results, appended))
+    }
+}
+
+fn set_receipt(a: &mut Approval, receipt: String) {
+    if let Some(last) = a.decisions.last_mut() {
+        last.receipt_id = receipt;
+    }
+}
+
+/// The events of the approvals' last decisions: the grants (the common
+/// case) in one statement, the others one by one.
+async fn append_events(tx: &TenantTx, approvals: &[&Approval]) -> Result<()> {
+    let subjects: Vec<String> = approvals
+        .iter()
+        .map(|a| format!("approvals/{}", a.id))
+        .collect();
+    let mut grants = Vec::new();
+    for (a, subject) in approvals.iter().zip(&subjects) {
+        match convert::event_of_last(tx.tenant_id(), a) {
+            Some(Event::Granted(e)) => grants.push((
+                e,
+                EventContext {
+                    subject,
+                    plan_hash: Some(&a.plan_hash),
+                    traceparent: None,
+                },
+            )),
+            _ => service::append_event(tx, a).await?,
+        }
+    }
+    anumate_events::append_many(tx, &grants)
+        .await
+        .map_err(Error::internal)?;
+    Ok(())
+}
