@@ -1092,7 +1092,10 @@ impl Orchestrator {
                             "connector": resp.connector,
                             "outcome": "succeeded",
                         }),
-                        &format!("step:{run_id}:{step_id}:{attempt_no}"),
+                        // With the token's jti: a re-send after a crash has a
+                        // new token (and may be a replay), so its receipt is its
+                        // own, not a conflicting copy of the dead process's.
+                        &format!("step:{run_id}:{step_id}:{attempt_no}:{jti}"),
                     )
                     .await?;
                 let s = &mut steps[i];
@@ -1147,7 +1150,10 @@ impl Orchestrator {
                             "code": f.code,
                             "message": f.message,
                         }),
-                        &format!("step:{run_id}:{step_id}:{attempt_no}"),
+                        // With the token's jti: a re-send after a crash has a
+                        // new token (and may be a replay), so its receipt is its
+                        // own, not a conflicting copy of the dead process's.
+                        &format!("step:{run_id}:{step_id}:{attempt_no}:{jti}"),
                     )
                     .await?;
                 let max = u32::try_from(steps[i].attempts.len()).unwrap_or(u32::MAX);
