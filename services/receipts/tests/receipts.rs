@@ -1426,3 +1426,102 @@ async fn large_exports_fit_client_limits(mut app: TestApp) {
     assert!(bytes > 4 * 1024 * 1024, "the export is {bytes} bytes");
     assert!(messages >= 5, "{messages} messages");
 }
+
+/// Receipts appended inside callers' own transactions (`Receipts::append_in`,
+/// what an in-process service uses so a receipt commits with the change it
+/// attests), on two replicas at once, mixed with ordinary appends, with a
+/// third of the transactions rolled back: a rolled-back receipt does not
+/// exist and took no leaf, no leaf is taken twice or skipped, and every
+/// committed receipt verifies against the checkpoint. A retry of a stored
+/// dedupe key inside a transaction answers with the stored receipt.
+async fn in_transaction_appends(app: TestApp) {
+    let (_addr_b, receipts_b, server_b) =
+        serve(&app.store, &app.keys, &app.auth, &config(3_600_000)).await;
+    let actor = anumate_receipts::Actor::service(TENANT_A, "orchestrator");
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let receipts = if c % 2 == 0 {
+            app.receipts.clone()
+        } else {
+            receipts_b.clone()
+        };
+        let store = app.store.clone();
+        let actor = actor.clone();
+        let mut client = (c == 0).then_some(app.service(TENANT_A).await);
+        tasks.push(tokio::spawn(async move {
+            let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+            for i in 0..6 {
+                let req = step_request("run-tx", &format!("c{c}-{i}"), 1, i);
+                if let Some(client) = client.as_mut().filter(|_| i % 2 == 1) {
+                    kept.push(append(client, req).await);
+                    continue;
+                }
+                let tx = store.write(TENANT_A).await.expect("tx");
+                let (mut results, pending) = receipts
+                    .append_in(&tx, &actor, vec![req])
+                    .await
+                    .expect("append in tx");
+                let (receipt, created) = results.pop().expect("one").expect("appended");
+                assert!(created);
+                if i % 3 == 2 {
+                    drop(tx);
+                    dropped.push(receipt);
+                } else {
+                    tx.commit().await.expect("commit");
+                    pending.committed();
+                    kept.push(receipt);
+                }
+            }
+            (kept, dropped)
+        }));
+    }
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (k, d) = t.await.unwrap();
+        kept.extend(k);
+        dropped.extend(d);
+    }
+    assert!(!dropped.is_empty());
+    let n = kept.len() as i64;
+    assert_eq!(count(&app, TENANT_A, "receipts").await, n);
+    let mut leaves: Vec<i64> = kept.iter().map(|r| r.leaf_index).collect();
+    leaves.sort_unstable();
+    assert_eq!(leaves, (0..n).collect::<Vec<_>>());
+    let mut auditor = app.auditor(TENANT_A).await;
+    for r in &dropped {
+        let missing = auditor
+            .get_receipt(pb::GetReceiptRequest {
+                receipt_id: r.receipt_id.clone(),
+            })
+            .await;
+        expect_reason(missing, Reason::ReceiptNotFound);
+    }
+    app.receipts.publish_pending().await.expect("checkpoint");
+    let keys = jwks(&mut auditor).await;
+    for r in kept.iter().step_by(3) {
+        assert_eq!(verify_offline(&mut auditor, r, &keys).await, n as u64);
+    }
+
+    // A retry in a transaction finds the stored receipt and appends nothing.
+    let tx = app.store.write(TENANT_A).await.expect("tx");
+    let (mut results, pending) = app
+        .receipts
+        .append_in(&tx, &actor, vec![step_request("run-tx", "c2-0", 1, 0)])
+        .await
+        .expect("retry in tx");
+    tx.commit().await.expect("commit");
+    pending.committed();
+    let (again, created) = results.pop().expect("one").expect("found");
+    assert!(!created);
+    let first = kept
+        .iter()
+        .find(|r| r.receipt_id == again.receipt_id)
+        .expect("the stored receipt");
+    assert_eq!(first.leaf_index, again.leaf_index);
+    assert_eq!(count(&app, TENANT_A, "receipts").await, n);
+    server_b.abort();
+}
+
+on_both_backends! {
+    in_transaction_appends => in_tx_sqlite, in_tx_postgres;
+}
