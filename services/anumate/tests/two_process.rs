@@ -1,0 +1,167 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Crash safety (issue 16): two orchestrator processes (`anumate dev`, every
+//! service in each) on one PostgreSQL database share the runs. Replica A is
+//! killed with SIGKILL while both have calls in flight; B takes A's runs
+//! over once their leases (2 s in this test's configuration) have expired,
+//! re-sends A's in-flight calls with the same idempotency keys, and finishes
+//! every run. The mock connector's ledger shows each (run, step) key acted
+//! once.
+
+mod crash_support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anumate_proto::orchestrator::v1 as pb;
+use crash_support::{
+    Orch, assert_exactly_once, execute, get_run, mock_calls, orch, seed, wait_all_ended,
+};
+
+const LEASE_SECS: u64 = 2;
+
+fn config() -> String {
+    format!(
+        "[orchestrator]\nlease_secs = {LEASE_SECS}\npoll_ms = 50\n\n\
+         [connectors]\nin_flight_lease_secs = 1\n"
+    )
+}
+
+/// Steps with a call in flight: (run, step, lease holder).
+async fn in_flight(c: &mut Orch, run_ids: &[String]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for id in run_ids {
+        let run = get_run(c, id).await;
+        for s in &run.steps {
+            if let Some(a) = s.attempts.last()
+                && a.state() == pb::AttemptState::Running
+            {
+                out.push((id.clone(), s.step_id.clone(), a.lease_holder.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn micros_now() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_runs_are_finished_by_the_other_after_the_lease() {
+    let cluster = crash_support::Cluster::new(&config()).await;
+    let a = cluster.start("a").await;
+    let token = cluster.token();
+    // 150 ms calls: a kill lands mid-call.
+    let plan = seed(&a.url, &token, "150ms").await;
+
+    // A alone drives the first runs: its lease holder name.
+    let mut ca = orch(&a.url, &token);
+    let mut ids = Vec::new();
+    for j in 0..10 {
+        ids.push(execute(&mut ca, &plan, &format!("a{j}")).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder_a = loop {
+        if let Some((_, _, h)) = in_flight(&mut ca, &ids).await.into_iter().next() {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "A never started a call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // B joins; more runs, through B.
+    let b = cluster.start("b").await;
+    let mut cb = orch(&b.url, &token);
+    for j in 0..10 {
+        ids.push(execute(&mut cb, &plan, &format!("b{j}")).await.unwrap());
+    }
+
+    // Kill A the moment both replicas have a call in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let a_calls = loop {
+        let calls = in_flight(&mut cb, &ids).await;
+        let (of_a, of_b): (Vec<_>, Vec<_>) = calls.into_iter().partition(|c| c.2 == holder_a);
+        if !of_a.is_empty() && !of_b.is_empty() {
+            break of_a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two replicas never had calls in flight at once"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let killed_at = micros_now();
+    let killed = Instant::now();
+    a.kill9();
+    drop(ca);
+
+    let ended = wait_all_ended(&cluster, &mut cb, &ids, Duration::from_secs(60)).await;
+    let all_done = killed.elapsed();
+    let calls = mock_calls(&b.url, &token).await;
+    let figures = assert_exactly_once(&ended, &calls);
+
+    // Two holders only; every call A had in flight was finished by B, which
+    // started it again only after A's lease had run out.
+    let holders: BTreeSet<&str> = ended
+        .values()
+        .flat_map(|r| r.steps.iter().flat_map(|s| s.attempts.iter()))
+        .map(|a| a.lease_holder.as_str())
+        .collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let mut takeovers = Vec::new();
+    for (run_id, step_id, _) in &a_calls {
+        let run = &ended[run_id];
+        let step = run.steps.iter().find(|s| &s.step_id == step_id).unwrap();
+        let last = step.attempts.last().unwrap();
+        if last.lease_holder == holder_a {
+            // A recorded it between the look and the kill.
+            continue;
+        }
+        let history = cb
+            .list_run_history(pb::ListRunHistoryRequest {
+                run_id: run_id.clone(),
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let restarted = history
+            .iter()
+            .filter(|e| e.r#type == "attempt.started" && &e.step_id == step_id)
+            .map(|e| anumate_proto::micros_from_timestamp_saturating(e.time.as_ref().unwrap()))
+            .find(|t| *t > killed_at)
+            .unwrap_or_else(|| panic!("B never re-sent {run_id}/{step_id}: {history:#?}"));
+        takeovers.push(Duration::from_micros(
+            u64::try_from(restarted - killed_at).unwrap(),
+        ));
+    }
+    assert!(
+        !takeovers.is_empty(),
+        "no call of A was left in flight by the kill"
+    );
+    let first = *takeovers.iter().min().unwrap();
+    // A's lease was renewed every LEASE_SECS / 3 while it lived: B may not
+    // start A's calls again before the rest of it ran out.
+    assert!(
+        first >= Duration::from_millis(500),
+        "B took A's run over {first:?} after the kill, before the lease ran out"
+    );
+    eprintln!(
+        "A killed with {} calls in flight ({} left to B); B re-sent them {:?} after the kill \
+         (lease {LEASE_SECS} s), all {} runs ended {all_done:.1?} after it; ledger: {figures:?}",
+        a_calls.len(),
+        takeovers.len(),
+        takeovers,
+        ended.len()
+    );
+    let log = cluster.log("b");
+    assert!(!log.contains("panicked"), "B panicked:\n{log}");
+}
