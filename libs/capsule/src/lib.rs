@@ -222,6 +222,19 @@ pub struct Retry {
     pub max: Option<Duration>,
 }
 
+/// A step's `compensate`: the call that undoes it, run on cooperative
+/// cancel after the step succeeded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compensation {
+    /// The tool called; always listed in `spec.tools`.
+    pub tool: String,
+    /// `with`: its arguments; expressions may also read the step's own
+    /// output (`steps.<id>.output`).
+    pub with: serde_json::Value,
+    /// `timeout`.
+    pub timeout: Option<Duration>,
+}
+
 /// One step of a capsule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -239,6 +252,8 @@ pub struct Step {
     pub timeout: Option<Duration>,
     /// `retry`.
     pub retry: Option<Retry>,
+    /// `compensate`: what undoes the step when its run is cancelled.
+    pub compensate: Option<Compensation>,
     /// 1-based line and column of the step.
     pub position: (u32, u32),
 }

@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::expr::{self, Reference};
 use crate::yaml::{Checks, Entry, Node, Pos, Yaml, get, index, join};
 use crate::{
-    API_VERSION, Backoff, Capsule, InputSpec, InputType, KIND, Limits, Retry, Spec, Step,
-    parse_duration,
+    API_VERSION, Backoff, Capsule, Compensation, InputSpec, InputType, KIND, Limits, Retry, Spec,
+    Step, parse_duration,
 };
 
 struct V<'o> {
@@ -629,6 +629,7 @@ fn steps(
             with: Value::Object(serde_json::Map::new()),
             timeout: None,
             retry: None,
+            compensate: None,
             position: item.pos,
         };
         if let Some(entries) = v.mapping(item, &spath) {
@@ -657,7 +658,16 @@ fn one_step<'a>(
     v.known_keys(
         entries,
         spath,
-        &["id", "tool", "needs", "if", "with", "timeout", "retry"],
+        &[
+            "id",
+            "tool",
+            "needs",
+            "if",
+            "with",
+            "timeout",
+            "retry",
+            "compensate",
+        ],
     );
     if let Some(n) = v.required(entries, item, spath, "id")
         && let Some(id) = v.string(n, &join(spath, "id"))
@@ -749,6 +759,47 @@ fn one_step<'a>(
     if let Some(n) = get(entries, "retry") {
         step.retry = retry(v, n, &join(spath, "retry"));
     }
+    if let Some(n) = get(entries, "compensate") {
+        step.compensate = compensate(v, n, &join(spath, "compensate"), tools, &mut info.sites);
+    }
+}
+
+fn compensate<'a>(
+    v: &mut V<'_>,
+    node: &'a Node,
+    path: &str,
+    tools: Option<&[String]>,
+    sites: &mut Vec<ExprSite<'a>>,
+) -> Option<Compensation> {
+    let entries = v.mapping(node, path)?;
+    v.known_keys(entries, path, &["tool", "with", "timeout"]);
+    let mut c = Compensation {
+        tool: String::new(),
+        with: Value::Object(serde_json::Map::new()),
+        timeout: None,
+    };
+    if let Some(n) = v.required(entries, node, path, "tool") {
+        let p = join(path, "tool");
+        if let Some(tool) = v.string(n, &p) {
+            if let Some(tools) = tools
+                && !tools.iter().any(|t| t == tool)
+            {
+                v.err(&p, n.pos, format!("tool \"{tool}\" is not in spec.tools"));
+            }
+            c.tool = tool.to_string();
+        }
+    }
+    if let Some(n) = get(entries, "with") {
+        let p = join(path, "with");
+        if v.mapping(n, &p).is_some() {
+            c.with = n.to_json();
+            collect_strings(n, &p, sites);
+        }
+    }
+    if let Some(n) = get(entries, "timeout") {
+        c.timeout = duration(v, n, &join(path, "timeout"));
+    }
+    Some(c)
 }
 
 fn collect_strings<'a>(node: &'a Node, path: &str, out: &mut Vec<ExprSite<'a>>) {
@@ -928,7 +979,11 @@ fn references(
 ) {
     for (i, info) in infos.iter().enumerate() {
         let mut ancestors: Option<HashSet<usize>> = None;
+        // A compensation runs after its step succeeded: it may read the
+        // step's own output.
+        let comp_prefix = join(&info.path, "compensate");
         for site in &info.sites {
+            let own_ok = site.path.starts_with(&comp_prefix);
             let found = match expr::find_expressions(site.text) {
                 Ok(found) => found,
                 Err(e) => {
@@ -965,6 +1020,7 @@ fn references(
                                     format!("unknown step \"{id}\" in expression{hint}"),
                                 );
                             }
+                            Some((j, _)) if *j == i && own_ok => {}
                             Some((j, _)) if *j == i => v.err(
                                 &site.path,
                                 site.pos,
@@ -993,8 +1049,11 @@ fn references(
                 // compiler and the policy DSL use).
                 if v.out.len() == before {
                     let up = ancestors.get_or_insert_with(|| upstream(i, infos));
-                    let upstream_ids: Vec<&str> =
+                    let mut upstream_ids: Vec<&str> =
                         up.iter().map(|&j| steps[j].id.as_str()).collect();
+                    if own_ok {
+                        upstream_ids.push(steps[i].id.as_str());
+                    }
                     let known: Vec<&str> = ids.keys().map(String::as_str).collect();
                     let inputs: Vec<&str> = input_names.iter().copied().collect();
                     let scope = anumate_policy::TemplateScope {

@@ -659,7 +659,14 @@ pub fn compile(input: &CompileInput<'_>) -> Result<pb::ExecutablePlan> {
             )),
             retry: Some(retry_policy(step)),
             level: level[i],
-            compensation: None,
+            compensation: match &step.compensate {
+                Some(c) => Some(pb::Compensation {
+                    tool: c.tool.clone(),
+                    args: Some(to_struct(&c.with)?),
+                    timeout: Some(proto_duration(c.timeout.unwrap_or(input.default_timeout))),
+                }),
+                None => None,
+            },
         });
     }
     let depth = level.iter().copied().max().map_or(0, |m| m + 1);

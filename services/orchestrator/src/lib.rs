@@ -352,7 +352,21 @@ impl Orchestrator {
     ) -> Result<(Arc<cpb::ExecutablePlan>, anumate_engine::Engine)> {
         let caller = starter.caller();
         let plan = self.plan(&caller, &starter.tenant, plan_hash).await?;
-        let sets = self.policy_sets(&caller, &plan).await?;
+        let engine = self.engine_of(starter, &plan, created_at).await?;
+        Ok((plan, engine))
+    }
+
+    /// The interpreter of `plan` for a run created at `created_at` (the
+    /// compensation of a step is decided on a copy of its plan).
+    pub(crate) async fn engine_of(
+        &self,
+        starter: &Starter,
+        plan: &cpb::ExecutablePlan,
+        created_at: i64,
+    ) -> Result<anumate_engine::Engine> {
+        let caller = starter.caller();
+        let plan_hash = plan.plan_hash.as_str();
+        let sets = self.policy_sets(&caller, plan).await?;
         let now = chrono::DateTime::from_timestamp(created_at.div_euclid(1_000_000), 0)
             .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
             .unwrap_or_default();
@@ -366,9 +380,8 @@ impl Orchestrator {
             now,
             env: json!({}),
         };
-        let engine = anumate_engine::Engine::new(&plan, sets, context)
-            .map_err(|e| Error::internal(format!("plan {plan_hash} cannot be interpreted: {e}")))?;
-        Ok((plan, engine))
+        anumate_engine::Engine::new(plan, sets, context)
+            .map_err(|e| Error::internal(format!("plan {plan_hash} cannot be interpreted: {e}")))
     }
 
     /// The starter's tenant settings; the defaults (preflight required)

@@ -146,6 +146,7 @@ enum Ev {
     RunCompleted(ev::RunCompleted),
     RunFailed(ev::RunFailed),
     RunCancelled(ev::RunCancelled),
+    Compensated(ev::StepCompensated),
 }
 
 impl Ev {
@@ -160,6 +161,7 @@ impl Ev {
             Ev::RunCompleted(m) => anumate_events::append(tx, m, ctx).await,
             Ev::RunFailed(m) => anumate_events::append(tx, m, ctx).await,
             Ev::RunCancelled(m) => anumate_events::append(tx, m, ctx).await,
+            Ev::Compensated(m) => anumate_events::append(tx, m, ctx).await,
         };
         r.map(|_| ()).map_err(Error::internal)
     }
@@ -978,7 +980,7 @@ impl Orchestrator {
                     state: pb::AttemptState::Running as i32,
                     args_sha256: args_sha256.to_string(),
                     args: Some(anumate_engine::json::to_struct(redacted_args)),
-                    decision: None,
+                    decision: Some(decision_pb(plan, decision)),
                     token_jti: jti.clone(),
                     start_time: ts(started),
                     idempotency_key: key.clone(),
@@ -1375,32 +1377,16 @@ impl Orchestrator {
         f: pb::Failure,
     ) -> Result<()> {
         let now = now_micros();
-        // Steps that will not run now.
-        for (i, s) in steps.iter_mut().enumerate() {
-            let st = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
-            let new = match st {
-                pb::StepState::Pending => pb::StepState::Skipped,
-                pb::StepState::WaitingApproval
-                | pb::StepState::WaitingRetry
-                | pb::StepState::Running => pb::StepState::Cancelled,
-                _ => continue,
-            };
-            s.state = new as i32;
-            s.state_reason = "the run failed".into();
-            s.end_time = ts(now);
-            self.save(
-                tenant,
-                &run.run_id,
-                |_| {},
-                Some((i, &*s)),
-                "step.cancelled",
-                "the run failed",
-                0,
-                vec![],
-                Work::Keep,
-            )
+        // Steps that will not run now; one needing attention keeps its state.
+        let stop = |st| match st {
+            pb::StepState::Pending => Some(pb::StepState::Skipped),
+            pb::StepState::WaitingApproval
+            | pb::StepState::WaitingRetry
+            | pb::StepState::Running => Some(pb::StepState::Cancelled),
+            _ => None,
+        };
+        self.end_open_steps(tenant, &run.run_id, steps, stop, "the run failed", now)
             .await?;
-        }
         let receipt = self
             .receipt(
                 starter,
@@ -1460,30 +1446,24 @@ impl Orchestrator {
         mut steps: Vec<pb::StepRun>,
     ) -> Result<()> {
         let now = now_micros();
-        for (i, s) in steps.iter_mut().enumerate() {
-            if step_is_done(s.state) {
-                continue;
-            }
-            s.state = if s.state == pb::StepState::Pending as i32 {
-                pb::StepState::Skipped as i32
-            } else {
-                pb::StepState::Cancelled as i32
-            };
-            s.state_reason = "the run was cancelled".into();
-            s.end_time = ts(now);
-            self.save(
-                tenant,
-                &run.run_id,
-                |_| {},
-                Some((i, &*s)),
-                "step.cancelled",
-                "the run was cancelled",
-                0,
-                vec![],
-                Work::Keep,
-            )
-            .await?;
-        }
+        // Every step not done stops; a compensation under way continues below.
+        let stop = |st| match st {
+            pb::StepState::Pending => Some(pb::StepState::Skipped),
+            pb::StepState::Compensating => None,
+            st if step_is_done(st as i32) => None,
+            _ => Some(pb::StepState::Cancelled),
+        };
+        self.end_open_steps(
+            tenant,
+            &run.run_id,
+            &mut steps,
+            stop,
+            "the run was cancelled",
+            now,
+        )
+        .await?;
+        let compensated = self.compensate(tenant, starter, &run, &mut steps).await?;
+        let now = now_micros();
         let receipt = self
             .receipt(
                 starter,
@@ -1500,7 +1480,7 @@ impl Orchestrator {
             run_id: run.run_id.clone(),
             plan_hash: run.plan_hash.clone(),
             killed: false,
-            compensated_step_ids: Vec::new(),
+            compensated_step_ids: compensated,
             reason: run.state_reason.clone(),
             receipt_id: receipt.clone(),
             actor: run.created_by.clone(),
@@ -1526,6 +1506,603 @@ impl Orchestrator {
         ended.steps = steps;
         self.after_end(starter, &ended).await;
         Ok(())
+    }
+
+    /// Ends the steps that will not run any more, each with its journal
+    /// entry: `stop` maps a step state to its end state (`None`: keep it).
+    async fn end_open_steps(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        steps: &mut [pb::StepRun],
+        stop: impl Fn(pb::StepState) -> Option<pb::StepState>,
+        why: &str,
+        now: i64,
+    ) -> Result<()> {
+        for (i, s) in steps.iter_mut().enumerate() {
+            let st = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
+            let Some(new) = stop(st) else { continue };
+            s.state = new as i32;
+            s.state_reason = why.to_string();
+            s.end_time = ts(now);
+            self.save(
+                tenant,
+                run_id,
+                |_| {},
+                Some((i, &*s)),
+                "step.cancelled",
+                why,
+                0,
+                vec![],
+                Work::Keep,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the declared compensations of the succeeded steps, the latest
+    /// completed first, each a governed call of its own (policy decision on
+    /// its rendered arguments, a token, the hub with the key
+    /// `<run>/<step>/compensate`, a receipt). Returns the ids of the steps
+    /// whose compensation ran (successfully or not).
+    async fn compensate(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        steps: &mut [pb::StepRun],
+    ) -> Result<Vec<String>> {
+        let has_comp = |plan: &cpb::ExecutablePlan, i: usize| {
+            plan.steps
+                .get(i)
+                .and_then(|d| d.compensation.as_ref())
+                .is_some_and(|c| !c.tool.is_empty())
+        };
+        let pending = |st: i32| {
+            st == pb::StepState::Succeeded as i32 || st == pb::StepState::Compensating as i32
+        };
+        let plan = self
+            .plan(&starter.caller(), &starter.tenant, &run.plan_hash)
+            .await?;
+        let mut todo: Vec<usize> = (0..steps.len())
+            .filter(|&i| pending(steps[i].state) && has_comp(&plan, i))
+            .collect();
+        // Reverse completion order: what happened last is undone first.
+        todo.sort_by_key(|&i| std::cmp::Reverse(micros_of(&steps[i].end_time)));
+        if !todo.is_empty() {
+            let inputs = match &run.inputs {
+                Some(s) => anumate_engine::json::struct_json(s).map_err(Error::internal)?,
+                None => json!({}),
+            };
+            // What templates see: every step's recorded output.
+            let mut seen = serde_json::Map::new();
+            for s in steps.iter() {
+                let output = s
+                    .output
+                    .as_ref()
+                    .map(|v| anumate_engine::json::value_json(v, 0))
+                    .transpose()
+                    .map_err(Error::internal)?
+                    .unwrap_or(Value::Null);
+                seen.insert(
+                    s.step_id.clone(),
+                    json!({"output": output, "status": "succeeded"}),
+                );
+            }
+            let seen = Value::Object(seen);
+            for i in todo {
+                self.compensate_step(tenant, starter, run, &plan, steps, i, &inputs, &seen)
+                    .await?;
+            }
+        }
+        Ok(steps
+            .iter()
+            .filter(|s| {
+                s.state == pb::StepState::Compensated as i32
+                    || s.state == pb::StepState::CompensationFailed as i32
+            })
+            .map(|s| s.step_id.clone())
+            .collect())
+    }
+
+    /// The compensation of step `i`, to its end: `COMPENSATED` or
+    /// `COMPENSATION_FAILED`.
+    #[allow(clippy::too_many_arguments)]
+    async fn compensate_step(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        plan: &cpb::ExecutablePlan,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        inputs: &Value,
+        seen: &Value,
+    ) -> Result<()> {
+        let run_id = run.run_id.as_str();
+        let step_id = steps[i].step_id.clone();
+        let Some(comp) = plan.steps.get(i).and_then(|d| d.compensation.clone()) else {
+            return Ok(());
+        };
+        let tool = comp.tool.clone();
+        let key = format!("{run_id}/{step_id}/compensate");
+        let binding = plan.tool_bindings.iter().find(|b| b.tool == tool);
+        let idempotent = binding.is_some_and(|b| b.idempotent);
+        let single_use = binding.is_none_or(|b| b.side_effect != cpb::SideEffect::Read as i32);
+        if steps[i].state != pb::StepState::Compensating as i32 {
+            let s = &mut steps[i];
+            s.state = pb::StepState::Compensating as i32;
+            s.state_reason = "the run was cancelled; compensating".into();
+            self.save(
+                tenant,
+                run_id,
+                |_| {},
+                Some((i, &*s)),
+                "step.compensating",
+                &tool,
+                0,
+                vec![],
+                Work::Keep,
+            )
+            .await?;
+        }
+        // A compensation in flight when a process died: re-sent with its key
+        // only when the tool is idempotent.
+        let in_flight = steps[i]
+            .compensation_attempts
+            .last()
+            .is_some_and(|a| a.state == pb::AttemptState::Running as i32);
+        if in_flight && !idempotent {
+            let n = steps[i].compensation_attempts.len();
+            if let Some(a) = steps[i].compensation_attempts.last_mut() {
+                a.state = pb::AttemptState::OutcomeUnknown as i32;
+                a.end_time = ts(now_micros());
+            }
+            let why = format!(
+                "the process died while compensation attempt {n} of {tool} was in flight and {tool} is not idempotent: check the target system"
+            );
+            return self
+                .end_compensation(tenant, starter, run, steps, i, &tool, Err(why), "")
+                .await;
+        }
+
+        // The decision on the compensating call, with its real arguments.
+        let ids: Vec<&str> = plan.steps.iter().map(|d| d.id.as_str()).collect();
+        let input_names: Vec<&str> = inputs
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let scope = anumate_policy::TemplateScope {
+            inputs: &input_names,
+            steps_upstream: &ids,
+            steps_known: &ids,
+        };
+        let raw = match &comp.args {
+            Some(a) => anumate_engine::json::struct_json(a).map_err(Error::internal)?,
+            None => json!({}),
+        };
+        let rendered = anumate_engine::Template::compile(&raw, "compensate.with", &scope)
+            .and_then(|t| t.render(inputs, seen, "compensate.with"));
+        let args = match rendered {
+            Ok(a) => a,
+            Err(e) => {
+                return self
+                    .end_compensation(
+                        tenant,
+                        starter,
+                        run,
+                        steps,
+                        i,
+                        &tool,
+                        Err(e.to_string()),
+                        "",
+                    )
+                    .await;
+            }
+        };
+        let args_sha256 = anumate_engine::json::digest(&args);
+        let mut as_step = plan.clone();
+        if let Some(d) = as_step.steps.get_mut(i) {
+            d.tool = tool.clone();
+            d.args = None;
+            d.condition = String::new();
+            d.compensation = None;
+        }
+        let engine = self
+            .engine_of(starter, &as_step, micros_of(&run.create_time))
+            .await?;
+        let decision = engine
+            .decision(i, &args)
+            .map_err(|e| Error::internal(format!("the compensation's policy decision: {e}")))?;
+        let decision_pb = decision_pb(plan, &decision);
+        let redacted_args = anumate_ghostrun::report::redact(&args, &decision.redactions);
+        if decision.effect != Effect::Allow {
+            let why = if decision.effect == Effect::Deny {
+                decision
+                    .rules
+                    .iter()
+                    .flat_map(|r| r.reasons.iter().cloned())
+                    .next()
+                    .unwrap_or_else(|| "a policy denied the compensation".into())
+            } else {
+                "a policy requires an approval for the compensation; compensations on cancel do not wait for approvals".into()
+            };
+            let n = i32::try_from(steps[i].compensation_attempts.len() + 1).unwrap_or(i32::MAX);
+            let receipt = self
+                .receipt(
+                    starter,
+                    run,
+                    &step_id,
+                    n,
+                    &[],
+                    json!({"compensation": true, "tool": tool, "args_sha256": args_sha256, "outcome": "denied", "reason": why}),
+                    &format!("compensate:{run_id}:{step_id}:denied"),
+                )
+                .await?;
+            steps[i].compensation_attempts.push(pb::StepAttempt {
+                attempt: n,
+                state: pb::AttemptState::Failed as i32,
+                args_sha256: args_sha256.clone(),
+                args: Some(anumate_engine::json::to_struct(&redacted_args)),
+                decision: Some(decision_pb),
+                receipt_id: receipt.clone(),
+                start_time: ts(now_micros()),
+                end_time: ts(now_micros()),
+                idempotency_key: key.clone(),
+                kind: pb::AttemptKind::Compensation as i32,
+                failure: Some(failure(
+                    pb::FailureKind::PolicyDenied,
+                    "POLICY_DENIED",
+                    &why,
+                    false,
+                    &step_id,
+                )),
+                ..Default::default()
+            });
+            return self
+                .end_compensation(tenant, starter, run, steps, i, &tool, Err(why), &receipt)
+                .await;
+        }
+
+        let timeout = comp
+            .timeout
+            .as_ref()
+            .filter(|d| d.seconds > 0 || d.nanos > 0)
+            .map_or(DEFAULT_ATTEMPT_TIMEOUT, |d| {
+                Duration::new(
+                    u64::try_from(d.seconds).unwrap_or(0),
+                    u32::try_from(d.nanos).unwrap_or(0),
+                )
+            });
+        let caller = starter.caller();
+        // A retryable failure is tried again a few times: nothing else will
+        // undo the step once the run has ended.
+        const MAX_COMPENSATION_ATTEMPTS: usize = 3;
+        loop {
+            let issued = self
+                .inner
+                .up
+                .captokens
+                .issue(
+                    &caller,
+                    capb::IssueTokenRequest {
+                        audience: self.inner.cfg.token_audience.clone(),
+                        subject: starter.subject.clone(),
+                        run_id: run_id.to_string(),
+                        step_id: step_id.clone(),
+                        plan_hash: run.plan_hash.clone(),
+                        args_sha256: args_sha256.clone(),
+                        capability: Some(capb::Capability {
+                            tool: tool.clone(),
+                            actions: vec!["call".into()],
+                            constraints: None,
+                        }),
+                        ttl: Some(pbjson_types::Duration {
+                            seconds: i64::try_from(timeout.as_secs())
+                                .unwrap_or(240)
+                                .clamp(60, 300),
+                            nanos: 0,
+                        }),
+                        single_use,
+                    },
+                )
+                .await;
+            let issued = match issued {
+                Ok(t) => t,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    // Retried by the caller's next pass (the run stays cancelling).
+                    return Err(e.to_error());
+                }
+                Err(e) => {
+                    let why = format!("no token for the compensation: {}", e.message());
+                    return self
+                        .end_compensation(tenant, starter, run, steps, i, &tool, Err(why), "")
+                        .await;
+                }
+            };
+            let jti = issued
+                .claims
+                .as_ref()
+                .map(|c| c.jti.clone())
+                .unwrap_or_default();
+            let started = now_micros();
+            let attempt_no;
+            {
+                let s = &mut steps[i];
+                let resend = s
+                    .compensation_attempts
+                    .last()
+                    .is_some_and(|a| a.state == pb::AttemptState::Running as i32);
+                if resend {
+                    if let Some(a) = s.compensation_attempts.last_mut() {
+                        a.token_jti = jti.clone();
+                        a.lease_holder = self.inner.worker_id.clone();
+                    }
+                    attempt_no = i32::try_from(s.compensation_attempts.len()).unwrap_or(i32::MAX);
+                } else {
+                    attempt_no =
+                        i32::try_from(s.compensation_attempts.len() + 1).unwrap_or(i32::MAX);
+                    s.compensation_attempts.push(pb::StepAttempt {
+                        attempt: attempt_no,
+                        state: pb::AttemptState::Running as i32,
+                        args_sha256: args_sha256.clone(),
+                        args: Some(anumate_engine::json::to_struct(&redacted_args)),
+                        decision: Some(decision_pb.clone()),
+                        token_jti: jti.clone(),
+                        start_time: ts(started),
+                        idempotency_key: key.clone(),
+                        lease_holder: self.inner.worker_id.clone(),
+                        kind: pb::AttemptKind::Compensation as i32,
+                        ..Default::default()
+                    });
+                }
+                self.save(
+                    tenant,
+                    run_id,
+                    |_| {},
+                    Some((i, &*s)),
+                    "compensation.started",
+                    &tool,
+                    attempt_no,
+                    vec![],
+                    Work::Keep,
+                )
+                .await?;
+            }
+            let sent = tokio::time::timeout(
+                timeout,
+                self.inner.up.hub.invoke(
+                    &caller,
+                    conpb::InvokeRequest {
+                        tool: tool.clone(),
+                        args: Some(anumate_engine::json::to_struct(&args)),
+                        idempotency_key: key.clone(),
+                        capability_token: issued.token,
+                    },
+                ),
+            )
+            .await;
+            let ended = now_micros();
+            let outcome: std::result::Result<conpb::InvokeResponse, (String, String, bool)> =
+                match sent {
+                    Err(_) => Err((
+                        "ATTEMPT_TIMEOUT".into(),
+                        format!("the compensation took longer than {timeout:?}"),
+                        true,
+                    )),
+                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Err(e)) => {
+                        let err = e.to_error();
+                        let msg = anumate_ghostrun::report::redact(
+                            &Value::String(err.message.clone()),
+                            &decision.redactions,
+                        );
+                        Err((
+                            err.reason.as_str().to_string(),
+                            msg.as_str().unwrap_or("").to_string(),
+                            err.code == ErrorCode::Unavailable,
+                        ))
+                    }
+                };
+            let content = match &outcome {
+                Ok(resp) => {
+                    let output = match &resp.output {
+                        Some(o) => anumate_engine::json::struct_json(o).map_err(Error::internal)?,
+                        None => json!({}),
+                    };
+                    let shown = anumate_ghostrun::report::redact(&output, &decision.redactions);
+                    json!({
+                        "compensation": true,
+                        "tool": tool,
+                        "args_sha256": args_sha256,
+                        "output_digest": anumate_engine::json::digest(&shown),
+                        "idempotency_key": key,
+                        "replayed": resp.replayed,
+                        "connector": resp.connector,
+                        "outcome": "succeeded",
+                    })
+                }
+                Err((code, message, _)) => json!({
+                    "compensation": true,
+                    "tool": tool,
+                    "args_sha256": args_sha256,
+                    "idempotency_key": key,
+                    "outcome": "failed",
+                    "code": code,
+                    "message": message,
+                }),
+            };
+            let receipt = self
+                .receipt(
+                    starter,
+                    run,
+                    &step_id,
+                    attempt_no,
+                    std::slice::from_ref(&jti),
+                    content,
+                    &format!("compensate:{run_id}:{step_id}:{attempt_no}:{jti}"),
+                )
+                .await?;
+            let s = &mut steps[i];
+            if let Some(a) = s.compensation_attempts.last_mut() {
+                a.end_time = ts(ended);
+                a.receipt_id = receipt.clone();
+                match &outcome {
+                    Ok(_) => a.state = pb::AttemptState::Succeeded as i32,
+                    Err((code, message, retryable)) => {
+                        a.state = pb::AttemptState::Failed as i32;
+                        a.failure = Some(failure(
+                            pb::FailureKind::ToolError,
+                            code,
+                            message,
+                            *retryable,
+                            &step_id,
+                        ));
+                    }
+                }
+            }
+            match outcome {
+                Ok(_) => {
+                    return self
+                        .end_compensation(tenant, starter, run, steps, i, &tool, Ok(()), &receipt)
+                        .await;
+                }
+                Err((_, message, true))
+                    if steps[i].compensation_attempts.len() < MAX_COMPENSATION_ATTEMPTS =>
+                {
+                    let s = &steps[i];
+                    self.save(
+                        tenant,
+                        run_id,
+                        |_| {},
+                        Some((i, s)),
+                        "compensation.retry_scheduled",
+                        &message,
+                        attempt_no,
+                        vec![],
+                        Work::Keep,
+                    )
+                    .await?;
+                    let n = u32::try_from(steps[i].compensation_attempts.len()).unwrap_or(1);
+                    let wait = backoff(plan.steps.get(i).and_then(|d| d.retry.as_ref()), n);
+                    tokio::time::sleep(Duration::from_micros(
+                        u64::try_from(wait.min(10_000_000)).unwrap_or(1_000_000),
+                    ))
+                    .await;
+                }
+                Err((_, message, _)) => {
+                    return self
+                        .end_compensation(
+                            tenant,
+                            starter,
+                            run,
+                            steps,
+                            i,
+                            &tool,
+                            Err(message),
+                            &receipt,
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Records the end of step `i`'s compensation and emits
+    /// `StepCompensated`.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_compensation(
+        &self,
+        tenant: &str,
+        starter: &Starter,
+        run: &pb::Run,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        tool: &str,
+        result: std::result::Result<(), String>,
+        receipt: &str,
+    ) -> Result<()> {
+        let s = &mut steps[i];
+        let (state, message) = match &result {
+            Ok(()) => (pb::StepState::Compensated, String::new()),
+            Err(m) => (pb::StepState::CompensationFailed, m.clone()),
+        };
+        s.state = state as i32;
+        s.state_reason = if message.is_empty() {
+            "compensated after the run was cancelled".into()
+        } else {
+            format!("compensation failed: {message}")
+        };
+        let event = Ev::Compensated(ev::StepCompensated {
+            tenant_id: tenant.to_string(),
+            run_id: run.run_id.clone(),
+            plan_hash: run.plan_hash.clone(),
+            step_id: s.step_id.clone(),
+            tool: tool.to_string(),
+            succeeded: result.is_ok(),
+            message: message.clone(),
+            receipt_id: receipt.to_string(),
+            actor: starter.subject.clone(),
+        });
+        let n = i32::try_from(s.compensation_attempts.len()).unwrap_or(i32::MAX);
+        let kind = if result.is_ok() {
+            "step.compensated"
+        } else {
+            "step.compensation_failed"
+        };
+        self.save(
+            tenant,
+            &run.run_id,
+            |_| {},
+            Some((i, &*s)),
+            kind,
+            &message,
+            n,
+            vec![event],
+            Work::Keep,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The policy decision as `GetRun` shows it on an attempt: the effect, the
+/// matched rules (policy, version, content hash, rule) and their reasons.
+fn decision_pb(plan: &cpb::ExecutablePlan, d: &anumate_engine::StepDecision) -> ppb::Decision {
+    let effect = |e: Effect| match e {
+        Effect::Allow => ppb::Effect::Allow,
+        Effect::RequireApproval => ppb::Effect::RequireApproval,
+        Effect::Deny => ppb::Effect::Deny,
+    } as i32;
+    ppb::Decision {
+        effect: effect(d.effect),
+        matched_rules: d
+            .rules
+            .iter()
+            .map(|r| {
+                let set = r.set.and_then(|i| plan.policies.get(i));
+                ppb::MatchedRule {
+                    rule: Some(ppb::PolicyRuleRef {
+                        policy: set.map_or_else(|| r.policy.clone(), |p| p.name.clone()),
+                        policy_version: set.map_or(0, |p| p.version),
+                        content_hash: set.map(|p| p.content_hash.clone()).unwrap_or_default(),
+                        rule: r.rule.clone(),
+                        span: None,
+                    }),
+                    priority: i32::try_from(r.priority).unwrap_or(i32::MAX),
+                    effect: effect(r.effect),
+                    reason: r.reasons.first().cloned().unwrap_or_default(),
+                }
+            })
+            .collect(),
+        obligations: None,
+        reasons: d
+            .rules
+            .iter()
+            .flat_map(|r| r.reasons.iter().cloned())
+            .collect(),
+        denied_by_allow_list: d.rules.iter().any(|r| r.set.is_none()),
     }
 }
 
