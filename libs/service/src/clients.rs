@@ -217,21 +217,53 @@ pub trait ReceiptsClient: Send + Sync {
         false
     }
 
-    /// Appends `requests` inside `tx`, the caller's own transaction on the
-    /// store the log lives in: the receipts commit or roll back with it.
-    /// The caller runs [`AppendedInTx::committed`] after committing. Only
-    /// when [`ReceiptsClient::appends_in_transaction`].
+    /// Validates, redacts and signs a receipt for [`ReceiptsClient::append_in`],
+    /// outside any transaction (signing stays out of the log's critical
+    /// section, and the receipt's id is known before the transaction).
+    /// Only when [`ReceiptsClient::appends_in_transaction`].
+    fn prepare_receipt(
+        &self,
+        _caller: &Caller,
+        _request: rcpb::AppendReceiptRequest,
+    ) -> Result<PreparedReceipt, Error> {
+        Err(Error::internal(
+            "this receipts client does not append in the caller's transaction",
+        ))
+    }
+
+    /// Appends `receipts` (from [`ReceiptsClient::prepare_receipt`]) inside
+    /// `tx`, the caller's own transaction on the store the log lives in:
+    /// they commit or roll back with it. The log's head stays locked until
+    /// `tx` ends, so append last, just before committing; then run
+    /// [`AppendedInTx::committed`]. Only when
+    /// [`ReceiptsClient::appends_in_transaction`].
     fn append_in<'a>(
         &'a self,
         _tx: &'a anumate_store::TenantTx,
-        _caller: &'a Caller,
-        _requests: Vec<rcpb::AppendReceiptRequest>,
+        _receipts: Vec<PreparedReceipt>,
     ) -> BoxFuture<'a, Result<AppendedInTx, Error>> {
         Box::pin(async {
             Err(Error::internal(
                 "this receipts client does not append in the caller's transaction",
             ))
         })
+    }
+}
+
+/// A signed receipt not yet in the log ([`ReceiptsClient::prepare_receipt`]).
+pub struct PreparedReceipt {
+    /// Its id, unless its dedupe key turns out to be stored already (then
+    /// [`ReceiptsClient::append_in`] answers with the stored receipt).
+    pub receipt_id: String,
+    /// What the receipts service prepared (opaque to the caller).
+    pub prepared: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for PreparedReceipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedReceipt")
+            .field("receipt_id", &self.receipt_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use anumate_errors::{Error, Result};
 use anumate_events::EventContext;
-use anumate_service::clients::AppendedInTx;
+use anumate_service::clients::{AppendedInTx, PreparedReceipt};
 use anumate_store::TenantTx;
 
 use crate::convert::{self, Event};
@@ -35,6 +35,9 @@ pub(crate) struct Decided {
     /// The receipt id when the receipt was appended before the transaction
     /// (a remote receipts service).
     pub receipt: Option<String>,
+    /// The receipt signed ahead, to append in the transaction (the log in
+    /// this store); prepared again if a failed batch consumed it.
+    pub prepared: Option<PreparedReceipt>,
 }
 
 struct Job {
@@ -92,15 +95,18 @@ impl Approvals {
     async fn commit_jobs(&self, tenant: &str, jobs: Vec<Job>) {
         let (mut decided, replies): (Vec<Decided>, Vec<_>) =
             jobs.into_iter().map(|j| (j.decided, j.reply)).unzip();
-        let results = match self.commit_batch(tenant, &mut decided).await {
+        let results = match self.commit_batch(tenant, &mut decided, false).await {
             Ok(results) => results,
-            Err(e) if decided.len() == 1 => vec![Err(e)],
             Err(e) => {
+                // One by one, each receipt appended before its approval is
+                // stored: a failure is then only its own decision's, and a
+                // receipt found by its dedupe key (an earlier attempt's) is
+                // the one its approval and event name.
                 tracing::debug!(error = %e, n = decided.len(), "approvals: a decision batch failed; storing its decisions one by one");
                 let mut results = Vec::with_capacity(decided.len());
                 for d in &mut decided {
                     let one = std::slice::from_mut(d);
-                    results.push(match self.commit_batch(tenant, one).await {
+                    results.push(match self.commit_batch(tenant, one, true).await {
                         Ok(mut r) => r.pop().unwrap_or(Ok(false)),
                         Err(e) => Err(e),
                     });
@@ -115,9 +121,14 @@ impl Approvals {
 
     /// One transaction for `batch`: the outer error aborts it all; each
     /// decision's result says whether it was stored.
-    async fn commit_batch(&self, tenant: &str, batch: &mut [Decided]) -> Result<Vec<Result<bool>>> {
+    async fn commit_batch(
+        &self,
+        tenant: &str,
+        batch: &mut [Decided],
+        receipts_first: bool,
+    ) -> Result<Vec<Result<bool>>> {
         let tx = self.inner.store.write(tenant).await?;
-        let (results, appended) = self.store_decisions(&tx, batch).await?;
+        let (results, appended) = self.store_decisions(&tx, batch, receipts_first).await?;
         tx.commit().await?;
         if let Some(appended) = appended {
             appended.committed();
@@ -145,6 +156,7 @@ impl Approvals {
             read: None,
             effect,
             receipt,
+            prepared: None,
         }];
         let result = self.commit_batch_in(tx, tenant, &mut one).await;
         let [d] = one;
@@ -158,7 +170,7 @@ impl Approvals {
         tenant: &str,
         batch: &mut [Decided],
     ) -> Result<()> {
-        let (mut results, appended) = self.store_decisions(&tx, batch).await?;
+        let (mut results, appended) = self.store_decisions(&tx, batch, true).await?;
         results.pop().unwrap_or(Ok(false))?;
         tx.commit().await?;
         if let Some(appended) = appended {
@@ -171,16 +183,24 @@ impl Approvals {
     }
 
     /// Writes `batch` into `tx` without committing: locks the rows, keeps
-    /// the decisions whose approval is still the version they were decided
-    /// from (the first of a batch's decisions on one approval wins), appends
-    /// their receipts (in `tx` when the log lives in this store), stores the
-    /// approvals with their receipt ids, their events, and the timers and
-    /// notifications of stages that opened or escalated. Returns each
+    /// the decisions whose approval is still the version it was decided
+    /// from (the first of a batch's decisions on one approval wins), stores
+    /// the approvals with their receipt ids, their events, and the timers
+    /// and notifications of stages that opened or escalated, and appends
+    /// their receipts in `tx` when the log lives in this store. Returns each
     /// decision's result and the receipts to confirm after the commit.
+    ///
+    /// The receipts go last (the log's head stays locked from the append to
+    /// the commit), under the ids they were signed with. Should one be
+    /// found stored already by its dedupe key (an earlier attempt's, with
+    /// another id), or refused, this fails as a whole; `receipts_first`
+    /// then appends them before the approvals are stored, so the approval
+    /// and its event name the receipt the log holds.
     async fn store_decisions(
         &self,
         tx: &TenantTx,
         batch: &mut [Decided],
+        receipts_first: bool,
     ) -> Result<(Vec<Result<bool>>, Option<AppendedInTx>)> {
         let checked: Vec<&str> = batch
             .iter()
@@ -189,7 +209,7 @@ impl Approvals {
             .collect();
         let stored_versions = repo::lock_versions(tx, &checked).await?;
         let mut taken = HashSet::new();
-        let mut results: Vec<Result<bool>> = batch
+        let results: Vec<Result<bool>> = batch
             .iter()
             .map(|d| {
                 let current = match d.read {
@@ -199,55 +219,46 @@ impl Approvals {
                 Ok(current && taken.insert(d.a.id.clone()))
             })
             .collect();
+        let won = |i: usize| matches!(results[i], Ok(true));
 
-        // Receipts: appended here (last of all would hold the log's head for
-        // less time, but the approval and its event carry the receipt id).
         let in_tx = self
             .inner
             .receipts
             .as_ref()
             .filter(|r| r.appends_in_transaction());
-        let mut appended = None;
-        if let Some(receipts) = in_tx {
-            let mut wanted = Vec::new();
-            let mut requests = Vec::new();
-            for (i, d) in batch.iter().enumerate() {
-                if matches!(results[i], Ok(true)) && d.receipt.is_none() {
-                    match receipting::request(&d.a) {
-                        Ok(r) => {
-                            wanted.push(i);
-                            requests.push(r);
-                        }
-                        Err(e) => results[i] = Err(e),
-                    }
-                }
+        let mut prepared = Vec::new();
+        for (i, d) in batch.iter_mut().enumerate() {
+            if !won(i) {
+                continue;
             }
-            if !requests.is_empty() {
-                let caller = receipting::caller(tx.tenant_id());
-                let out = receipts.append_in(tx, &caller, requests).await?;
-                for (&i, receipt) in wanted.iter().zip(&out.receipts) {
-                    match receipt {
-                        Ok(r) => set_receipt(&mut batch[i].a, r.receipt_id.clone()),
-                        // A refusal: nothing was decided.
-                        Err(e) => results[i] = Err(e.clone()),
-                    }
-                }
-                appended = Some(out);
+            if let Some(id) = &d.receipt {
+                set_receipt(&mut d.a, id.clone());
+            } else if let Some(receipts) = in_tx {
+                let p = match d.prepared.take() {
+                    Some(p) => p,
+                    None => receipting::prepare(receipts.as_ref(), tx.tenant_id(), &d.a)?,
+                };
+                set_receipt(&mut d.a, p.receipt_id.clone());
+                prepared.push((i, p));
             }
         }
-        for (d, r) in batch.iter_mut().zip(&results) {
-            if matches!(r, Ok(true)) {
-                if let Some(receipt) = &d.receipt {
-                    set_receipt(&mut d.a, receipt.clone());
-                }
+        let mut appended = None;
+        if let Some(receipts) = in_tx.filter(|_| receipts_first && !prepared.is_empty()) {
+            let (at, signed): (Vec<usize>, Vec<PreparedReceipt>) =
+                std::mem::take(&mut prepared).into_iter().unzip();
+            let out = receipts.append_in(tx, signed).await?;
+            for (&i, receipt) in at.iter().zip(&out.receipts) {
+                let receipt = receipt.as_ref().map_err(Clone::clone)?;
+                set_receipt(&mut batch[i].a, receipt.receipt_id.clone());
             }
+            appended = Some(out);
         }
 
         let winners: Vec<&Decided> = batch
             .iter()
-            .zip(&results)
-            .filter(|(_, r)| matches!(r, Ok(true)))
-            .map(|(d, _)| d)
+            .enumerate()
+            .filter(|&(i, _)| won(i))
+            .map(|(_, d)| d)
             .collect();
         let approvals: Vec<&Approval> = winners.iter().map(|d| &d.a).collect();
         repo::save_many(tx, &approvals).await?;
@@ -260,6 +271,24 @@ impl Approvals {
                 // committed.
                 notify::enqueue(tx, &self.inner.cfg.notify, &convert::approval(&d.a)).await?;
             }
+        }
+
+        if let Some(receipts) = in_tx.filter(|_| !prepared.is_empty()) {
+            let (ids, signed): (Vec<String>, Vec<PreparedReceipt>) = prepared
+                .into_iter()
+                .map(|(_, p)| (p.receipt_id.clone(), p))
+                .unzip();
+            let out = receipts.append_in(tx, signed).await?;
+            for (id, receipt) in ids.iter().zip(&out.receipts) {
+                let receipt = receipt.as_ref().map_err(Clone::clone)?;
+                if &receipt.receipt_id != id {
+                    return Err(Error::new(
+                        anumate_errors::ErrorCode::Unavailable,
+                        "a decision's receipt was stored by an earlier attempt",
+                    ));
+                }
+            }
+            appended = Some(out);
         }
         Ok((results, appended))
     }

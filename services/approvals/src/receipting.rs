@@ -16,7 +16,7 @@
 
 use anumate_errors::{Error, Result};
 use anumate_proto::receipts::v1 as rpb;
-use anumate_service::clients::{Caller, ReceiptsClient, append_receipt_first};
+use anumate_service::clients::{Caller, PreparedReceipt, ReceiptsClient, append_receipt_first};
 use serde_json::json;
 
 use crate::rules::{Approval, Decision};
@@ -71,6 +71,16 @@ pub fn request(a: &Approval) -> Result<rpb::AppendReceiptRequest> {
         content: Some(serde_json::from_value(content).map_err(Error::internal)?),
         dedupe_key: format!("approval:{}:{}", a.id, &digest[..32]),
     })
+}
+
+/// Signs the receipt of `a`'s last decision, to append inside the
+/// decision's transaction (the log in this store).
+pub fn prepare(
+    receipts: &dyn ReceiptsClient,
+    tenant: &str,
+    a: &Approval,
+) -> Result<PreparedReceipt> {
+    receipts.prepare_receipt(&caller(tenant), request(a)?)
 }
 
 /// Appends (or finds, for a retry) the receipt of `a`'s last decision

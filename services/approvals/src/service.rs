@@ -448,11 +448,19 @@ impl Approvals {
                 Applied::Recorded(effect) => effect,
             };
             let receipt = self.receipt_first(&caller.tenant, &a).await?;
+            // Signed here, on the caller's task, not in the batch.
+            let prepared = match &self.inner.receipts {
+                Some(r) if r.appends_in_transaction() => {
+                    Some(receipting::prepare(r.as_ref(), &caller.tenant, &a)?)
+                }
+                _ => None,
+            };
             let decided = Decided {
                 a,
                 read: Some(read),
                 effect,
                 receipt,
+                prepared,
             };
             if let Some(a) = self.submit(&caller.tenant, decided).await? {
                 return Ok(convert::approval(&a));

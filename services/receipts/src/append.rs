@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// A validated, redacted append request.
-pub(crate) struct Prepared {
+pub struct Prepared {
     actor: Actor,
     kind: &'static str,
     subject: Subject,
@@ -35,6 +35,14 @@ pub(crate) struct Prepared {
     issued_at: i64,
     kid: String,
     signed: anumate_receipt::SignedStatement,
+}
+
+impl Prepared {
+    /// The receipt's id (unless its dedupe key is stored already: then the
+    /// append answers with the stored receipt).
+    pub fn receipt_id(&self) -> &str {
+        &self.receipt_id
+    }
 }
 
 /// A queued append and where its answer goes.
@@ -274,15 +282,43 @@ impl Receipts {
         actor: &Actor,
         requests: Vec<pb::AppendReceiptRequest>,
     ) -> Result<(Vec<Result<(pb::Receipt, bool)>>, InTx)> {
-        if actor.tenant != tx.tenant_id() {
-            return Err(Error::internal(
-                "a receipt appended in another tenant's transaction",
-            ));
-        }
+        let prepared = requests
+            .into_iter()
+            .map(|r| self.prepare_request(actor, r))
+            .collect();
+        self.append_prepared_in(tx, prepared).await
+    }
+
+    /// Validates, redacts and signs `request` for
+    /// [`Receipts::append_prepared_in`], outside any transaction.
+    pub fn prepare_request(
+        &self,
+        actor: &Actor,
+        request: pb::AppendReceiptRequest,
+    ) -> Result<Prepared> {
+        self.prepare(
+            actor,
+            request.kind,
+            request.subject,
+            request.content,
+            &request.dedupe_key,
+        )
+    }
+
+    /// [`Receipts::append_in`] of receipts prepared (signed) beforehand; a
+    /// request that failed to prepare gets its error back.
+    pub async fn append_prepared_in(
+        &self,
+        tx: &TenantTx,
+        prepared: Vec<Result<Prepared>>,
+    ) -> Result<(Vec<Result<(pb::Receipt, bool)>>, InTx)> {
         let mut results: Vec<Option<Result<(pb::Receipt, bool)>>> = Vec::new();
         let mut batch = Vec::new();
-        for r in requests {
-            match self.prepare(actor, r.kind, r.subject, r.content, &r.dedupe_key) {
+        for p in prepared {
+            match p {
+                Ok(p) if p.actor.tenant != tx.tenant_id() => results.push(Some(Err(
+                    Error::internal("a receipt appended in another tenant's transaction"),
+                ))),
                 Ok(p) => {
                     batch.push(p);
                     results.push(None);
@@ -290,7 +326,7 @@ impl Receipts {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let lane = self.lane(&actor.tenant);
+        let lane = self.lane(tx.tenant_id());
         let written = if batch.is_empty() {
             None
         } else {

@@ -53,7 +53,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use append::Lane;
-pub use append::InTx;
+pub use append::{InTx, Prepared};
 pub use grpc::ReceiptsGrpc;
 pub use module::module;
 pub use proofs::InclusionProofOut;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use anumate_errors::{Error, ErrorCode};
 use anumate_proto::receipts::v1 as pb;
 use anumate_service::clients::{
-    AppendedInTx, BoxFuture, Caller, ReceiptsClient, UpstreamResult,
+    AppendedInTx, BoxFuture, Caller, PreparedReceipt, ReceiptsClient, UpstreamResult,
 };
 use anumate_store::TenantTx;
 use anumate_service::{BuildError, Context, Module, ServiceModule};
 
-use crate::{Actor, Receipts, ReceiptsConfig, ReceiptsGrpc};
+use crate::{Actor, Prepared, Receipts, ReceiptsConfig, ReceiptsGrpc};
 
 const KEYS: &str = "[keys] receipts_key_files";
 
@@ -90,21 +90,40 @@ impl ReceiptsClient for Receipts {
         true
     }
 
+    fn prepare_receipt(
+        &self,
+        caller: &Caller,
+        request: pb::AppendReceiptRequest,
+    ) -> Result<PreparedReceipt, Error> {
+        let Some(service) = caller.service() else {
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                "receipts are appended only by the platform service that owns their kind",
+            ));
+        };
+        let prepared = self.prepare_request(&Actor::service(caller.tenant(), service), request)?;
+        Ok(PreparedReceipt {
+            receipt_id: prepared.receipt_id().to_owned(),
+            prepared: Box::new(prepared),
+        })
+    }
+
     fn append_in<'a>(
         &'a self,
         tx: &'a TenantTx,
-        caller: &'a Caller,
-        requests: Vec<pb::AppendReceiptRequest>,
+        receipts: Vec<PreparedReceipt>,
     ) -> BoxFuture<'a, Result<AppendedInTx, Error>> {
         Box::pin(async move {
-            let Some(service) = caller.service() else {
-                return Err(Error::new(
-                    ErrorCode::PermissionDenied,
-                    "receipts are appended only by the platform service that owns their kind",
-                ));
-            };
-            let actor = Actor::service(caller.tenant(), service);
-            let (results, pending) = self.append_in(tx, &actor, requests).await?;
+            let prepared = receipts
+                .into_iter()
+                .map(|p| {
+                    p.prepared
+                        .downcast::<Prepared>()
+                        .map(|p| *p)
+                        .map_err(|_| Error::internal("a receipt prepared by another client"))
+                })
+                .collect();
+            let (results, pending) = self.append_prepared_in(tx, prepared).await?;
             Ok(AppendedInTx {
                 receipts: results.into_iter().map(|r| r.map(|(r, _)| r)).collect(),
                 on_commit: Box::new(move || pending.committed()),
