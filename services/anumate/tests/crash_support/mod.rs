@@ -18,6 +18,7 @@ use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::registry::v1 as rpb;
+use anumate_store::Backend;
 use anumate_store::testing::TestDb;
 use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
@@ -87,10 +88,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `extra` is appended to the configuration (the `[orchestrator]` and
-    /// `[connectors]` leases of the test).
+    /// On PostgreSQL; `extra` is appended to the configuration (the
+    /// `[orchestrator]` and `[connectors]` leases of the test).
     pub async fn new(extra: &str) -> Cluster {
-        let db = TestDb::postgres().await;
+        Cluster::on(Backend::Postgres, extra).await
+    }
+
+    /// [`Cluster::new`] on `backend` (SQLite: one process at a time).
+    pub async fn on(backend: Backend, extra: &str) -> Cluster {
+        let db = match backend {
+            Backend::Postgres => TestDb::postgres().await,
+            Backend::Sqlite => TestDb::sqlite(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("anumate.toml");
         std::fs::write(
@@ -128,13 +137,18 @@ impl Cluster {
     /// see why a run did not end.
     pub fn diagnose(&self, run_id: &str) -> String {
         let sql = format!(
-            "SELECT lease_owner, lease_until, due_at, \
-             (extract(epoch from clock_timestamp()) * 1000000)::bigint AS now_micros \
-             FROM orch_work WHERE run_id = '{run_id}'"
+            "SELECT lease_owner, lease_until, due_at FROM orch_work WHERE run_id = '{run_id}'"
         );
-        let out = Command::new("psql")
-            .args([self.db.config.owner_url.as_str(), "-c", &sql])
-            .output()
+        let url = &self.db.config.url;
+        let query = match url.strip_prefix("sqlite://") {
+            Some(file) => Command::new("sqlite3")
+                .args([file.split('?').next().unwrap_or(file), &sql])
+                .output(),
+            None => Command::new("psql")
+                .args([self.db.config.owner_url.as_str(), "-c", &sql])
+                .output(),
+        };
+        let out = query
             .map(|o| {
                 format!(
                     "{}{}",
@@ -156,7 +170,11 @@ impl Cluster {
                 }
             }
         }
-        format!("orch_work:\n{out}\n{logs}")
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        format!("orch_work (now: {now} us):\n{out}\n{logs}")
     }
 
     /// Every log line of the process `name`, across its restarts.
