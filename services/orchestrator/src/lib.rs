@@ -1036,76 +1036,70 @@ impl Orchestrator {
             None => Value::Null,
         };
         let who = actor.starter.subject.clone();
-        self.control(actor, &r.run_id, &r.etag, false, |run, steps| {
-            let i = steps
-                .iter()
-                .position(|s| s.step_id == r.step_id)
-                .ok_or_else(|| {
-                    Error::because(
-                        Reason::StepNotFound,
-                        format!("run {} has no step {:?}", run.run_id, r.step_id),
-                    )
-                })?;
-            let s = &mut steps[i];
-            let state = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
-            let allowed = match action {
-                pb::ResolveAction::Retry => {
-                    matches!(state, pb::StepState::NeedsAttention | pb::StepState::Failed)
-                }
-                _ => state == pb::StepState::NeedsAttention,
-            };
-            if !allowed {
-                return Err(Error::because(
-                    Reason::StepNotResolvable,
-                    format!(
-                        "step {:?} is {} and cannot be resolved with {}",
-                        s.step_id,
-                        state.as_str_name(),
-                        action.as_str_name()
-                    ),
-                )
-                .with_metadata("state", state.as_str_name()));
-            }
-            let now = now_micros();
-            match action {
-                pb::ResolveAction::Retry => {
-                    s.state = pb::StepState::Pending as i32;
-                    s.failure = None;
-                    s.end_time = None;
-                }
-                pb::ResolveAction::MarkSucceeded => {
-                    s.state = pb::StepState::Succeeded as i32;
-                    s.output = Some(anumate_engine::json::to_value(&output));
-                    s.end_time = ts(now);
-                }
-                _ => {
-                    s.state = pb::StepState::Failed as i32;
-                    s.failure = Some(pb::Failure {
-                        kind: pb::FailureKind::ToolError as i32,
-                        code: "MARKED_FAILED".into(),
-                        message: reason.clone(),
-                        retryable: false,
-                        step_id: s.step_id.clone(),
-                    });
-                    s.end_time = ts(now);
-                }
-            }
-            s.state_reason = reason.clone();
-            if run.state == pb::RunState::Failed as i32 {
-                run.state = pb::RunState::Running as i32;
-                run.failure = None;
-                run.end_time = None;
-            }
-            Ok(vec![
-                Change::step(i, "step.resolved", &reason)
-                    .with_event(RunEvent::Resolved {
-                        step_id: r.step_id.clone(),
+        // The receipt first (who resolved the step, how and why), once the
+        // change is known to apply to the run as it is; then the change,
+        // naming the receipt. A run that changed in between refuses the
+        // change as before (its etag), leaving the receipt of an attempt.
+        let precheck = {
+            let tx = self.inner.store.read(&actor.starter.tenant).await?;
+            match repo::get_run(&tx, &r.run_id, false).await? {
+                Some(row)
+                    if !is_terminal(row.run.state)
+                        && (r.etag.is_empty() || r.etag == row.run.etag) =>
+                {
+                    let mut run = row.run;
+                    let mut steps = repo::steps(&tx, &r.run_id).await?;
+                    let before = steps
+                        .iter()
+                        .find(|s| s.step_id == r.step_id)
+                        .map(|s| s.state);
+                    resolve_change(
+                        &mut run,
+                        &mut steps,
+                        r,
                         action,
-                        reason: reason.clone(),
-                        actor: who,
-                    })
-                    .waking(),
-            ])
+                        &reason,
+                        &output,
+                        who.clone(),
+                    )?;
+                    Some((run, before.unwrap_or(0)))
+                }
+                // Not found, ended or stale: the change below says so.
+                _ => None,
+            }
+        };
+        let receipt = match &precheck {
+            Some((run, before)) => {
+                let content = json!({
+                    "resolution": action.as_str_name(),
+                    "resolved_by": who,
+                    "reason": reason,
+                    "step_state_before": state_name_step(*before),
+                    "output_digest": if action == pb::ResolveAction::MarkSucceeded {
+                        anumate_engine::json::digest(&output)
+                    } else {
+                        String::new()
+                    },
+                });
+                self.receipt(
+                    &actor.starter,
+                    run,
+                    &r.step_id,
+                    0,
+                    &[],
+                    content,
+                    &format!("resolve:{}:{}:{}", run.run_id, r.step_id, run.etag),
+                )
+                .await?
+            }
+            None => String::new(),
+        };
+        self.control(actor, &r.run_id, &r.etag, false, |run, steps| {
+            let changes = resolve_change(run, steps, r, action, &reason, &output, who)?;
+            if let Some(s) = steps.iter_mut().find(|s| s.step_id == r.step_id) {
+                s.resolution_receipt_id = receipt;
+            }
+            Ok(changes)
         })
         .await
     }
@@ -1146,6 +1140,92 @@ impl Orchestrator {
             tracing::warn!(run = %run.run_id, error = %e, "could not revoke the tokens of an ended run");
         }
     }
+}
+
+/// The change `ResolveStep` makes to a run and its steps.
+fn resolve_change(
+    run: &mut pb::Run,
+    steps: &mut [pb::StepRun],
+    r: &pb::ResolveStepRequest,
+    action: pb::ResolveAction,
+    reason: &str,
+    output: &Value,
+    who: String,
+) -> Result<Vec<Change>> {
+    let reason = reason.to_string();
+    let i = steps
+        .iter()
+        .position(|s| s.step_id == r.step_id)
+        .ok_or_else(|| {
+            Error::because(
+                Reason::StepNotFound,
+                format!("run {} has no step {:?}", run.run_id, r.step_id),
+            )
+        })?;
+    let s = &mut steps[i];
+    let state = pb::StepState::try_from(s.state).unwrap_or(pb::StepState::Unspecified);
+    let allowed = match action {
+        pb::ResolveAction::Retry => {
+            matches!(state, pb::StepState::NeedsAttention | pb::StepState::Failed)
+        }
+        _ => state == pb::StepState::NeedsAttention,
+    };
+    if !allowed {
+        return Err(Error::because(
+            Reason::StepNotResolvable,
+            format!(
+                "step {:?} is {} and cannot be resolved with {}",
+                s.step_id,
+                state.as_str_name(),
+                action.as_str_name()
+            ),
+        )
+        .with_metadata("state", state.as_str_name()));
+    }
+    let now = now_micros();
+    match action {
+        pb::ResolveAction::Retry => {
+            s.state = pb::StepState::Pending as i32;
+            s.failure = None;
+            s.end_time = None;
+        }
+        pb::ResolveAction::MarkSucceeded => {
+            s.state = pb::StepState::Succeeded as i32;
+            s.output = Some(anumate_engine::json::to_value(&output));
+            s.end_time = ts(now);
+        }
+        _ => {
+            s.state = pb::StepState::Failed as i32;
+            s.failure = Some(pb::Failure {
+                kind: pb::FailureKind::ToolError as i32,
+                code: "MARKED_FAILED".into(),
+                message: reason.clone(),
+                retryable: false,
+                step_id: s.step_id.clone(),
+            });
+            s.end_time = ts(now);
+        }
+    }
+    s.state_reason = reason.clone();
+    if run.state == pb::RunState::Failed as i32 {
+        run.state = pb::RunState::Running as i32;
+        run.failure = None;
+        run.end_time = None;
+    }
+    Ok(vec![
+        Change::step(i, "step.resolved", &reason)
+            .with_event(RunEvent::Resolved {
+                step_id: r.step_id.clone(),
+                action,
+                reason: reason.clone(),
+                actor: who,
+            })
+            .waking(),
+    ])
+}
+
+fn state_name_step(state: i32) -> &'static str {
+    pb::StepState::try_from(state).map_or("STEP_STATE_UNSPECIFIED", |s| s.as_str_name())
 }
 
 fn bounded_reason(reason: &str) -> Result<String> {

@@ -1259,7 +1259,7 @@ impl Orchestrator {
 
     /// Appends a receipt of the run (retried briefly; then the error).
     #[allow(clippy::too_many_arguments)]
-    async fn receipt(
+    pub(crate) async fn receipt(
         &self,
         starter: &Starter,
         run: &pb::Run,

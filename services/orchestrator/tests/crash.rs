@@ -381,6 +381,38 @@ async fn a_dead_replica_leaves_an_unknown_outcome_to_a_human(backend: Backend) {
         .find(|e| e.r#type == "step.resolved")
         .unwrap();
     assert_eq!(resolved.actor, "user:alice");
+    // The resolution left a receipt naming who resolved the step, how and why.
+    assert!(!step.resolution_receipt_id.is_empty(), "{step:#?}");
+    let mut receipts =
+        anumate_proto::receipts::v1::receipts_service_client::ReceiptsServiceClient::with_interceptor(
+            ch.clone(),
+            admin.clone(),
+        );
+    let receipt = receipts
+        .get_receipt(anumate_proto::receipts::v1::GetReceiptRequest {
+            receipt_id: step.resolution_receipt_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt
+        .unwrap();
+    let subject = receipt.subject.clone().unwrap();
+    assert_eq!(
+        (subject.run_id.as_str(), subject.step_id.as_str()),
+        (run_id.as_str(), "transfer")
+    );
+    let content = ej::struct_json(receipt.content.as_ref().unwrap()).unwrap();
+    assert_eq!(content["resolved_by"], "user:alice", "{content}");
+    assert_eq!(content["resolution"], "RESOLVE_ACTION_RETRY", "{content}");
+    assert_eq!(
+        content["reason"], "checked the bank: nothing arrived",
+        "{content}"
+    );
+    assert_eq!(
+        content["step_state_before"], "STEP_STATE_NEEDS_ATTENTION",
+        "{content}"
+    );
     assert!(history.iter().any(|e| e.r#type == "step.needs_attention"));
     held.abort();
     server_b.stop().await;
