@@ -70,6 +70,9 @@ pub enum ApprovalSub {
         /// Page size (all pages are fetched).
         #[arg(long, default_value_t = 100)]
         page_size: i32,
+        /// Print only the approval ids, one a line.
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// Show an approval: what it is for, its stages and every decision.
     Get {
@@ -215,6 +218,7 @@ async fn approval(cmd: ApprovalCommand) -> Result<(), Failure> {
             mine,
             run,
             page_size,
+            quiet,
         } => {
             let mut client = service().await?;
             let state = match (pending, state) {
@@ -240,7 +244,13 @@ async fn approval(cmd: ApprovalCommand) -> Result<(), Failure> {
                 approvals,
                 next_page_token: String::new(),
             };
-            show(out, &listed, |l| print_list(&l.approvals));
+            if quiet {
+                for a in &listed.approvals {
+                    println!("{}", a.approval_id);
+                }
+            } else {
+                show(out, &listed, |l| print_list(&l.approvals));
+            }
         }
         ApprovalSub::Get { id } => {
             let mut client = service().await?;

@@ -32,6 +32,10 @@ pub struct PreflightCommand {
     /// Seed for generated outputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Print only the report id (to cite with `run start --preflight`), the
+    /// verdict and risk on stderr; the exit code still says the verdict.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -107,7 +111,15 @@ async fn preflight(cmd: PreflightCommand) -> Result<ExitCode, Failure> {
             "the server answered without a report".into(),
         ));
     };
-    if cmd.conn.output == Output::Json {
+    if cmd.quiet {
+        println!("{}", report.preflight_id);
+        eprintln!(
+            "preflight {}: {}  risk {}/100",
+            report.preflight_id,
+            verdict_name(report.verdict()),
+            report.risk.as_ref().map_or(0, |r| r.score)
+        );
+    } else if cmd.conn.output == Output::Json {
         print_json(&resp);
     } else {
         print_report(report);

@@ -116,10 +116,12 @@ pub enum ReceiptSub {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// Verify a receipt bundle offline: signature, inclusion, checkpoint signature.
+    /// Verify receipt bundles offline: signature, inclusion, checkpoint
+    /// signature; exits 1 if any does not verify.
     Verify {
-        /// The bundle from `anumate receipt get ID --proof`.
-        file: PathBuf,
+        /// The bundles from `anumate receipt get ID --proof`, one a file.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
         /// JWKS with the log's public keys (from `anumate receipt jwks`).
         #[arg(long)]
         jwks: PathBuf,
@@ -294,13 +296,28 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
                 print_receipt(&receipt, out)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let p = client
-                .get_inclusion_proof(pb::GetInclusionProofRequest {
-                    receipt_id: id,
-                    tree_size: 0,
-                })
-                .await?
-                .into_inner();
+            // A receipt is in a signed checkpoint within about a second of
+            // its append: right after a run, wait for that checkpoint rather
+            // than fail (the service says FAILED_PRECONDITION until then).
+            let deadline = std::time::Instant::now() + CHECKPOINT_WAIT;
+            let p = loop {
+                match client
+                    .get_inclusion_proof(pb::GetInclusionProofRequest {
+                        receipt_id: id.clone(),
+                        tree_size: 0,
+                    })
+                    .await
+                {
+                    Ok(resp) => break resp.into_inner(),
+                    Err(status)
+                        if status.code() == tonic::Code::FailedPrecondition
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                    Err(status) => return Err(status.into()),
+                }
+            };
             let checkpoint = p
                 .checkpoint
                 .ok_or_else(|| Failure::Local("the server sent no checkpoint".into()))?;
@@ -377,10 +394,18 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
             }
         }
         ReceiptSub::Verify {
-            file,
+            files,
             jwks,
             checkpoint,
-        } => return verify(&file, &jwks, checkpoint.as_ref()),
+        } => {
+            let mut code = ExitCode::SUCCESS;
+            for file in &files {
+                if verify(file, &jwks, checkpoint.as_ref())? != ExitCode::SUCCESS {
+                    code = ExitCode::FAILURE;
+                }
+            }
+            return Ok(code);
+        }
         ReceiptSub::Checkpoint { size } => {
             let mut client = cmd
                 .conn
@@ -411,6 +436,10 @@ async fn receipt(cmd: ReceiptCommand) -> Result<ExitCode, Failure> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long `receipt get --proof` waits for a checkpoint covering the receipt
+/// (checkpoints follow appends within about a second).
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Offline verification of a bundle; exit code 1 when it does not verify.
 fn verify(file: &Path, jwks: &Path, checkpoint: Option<&PathBuf>) -> Result<ExitCode, Failure> {

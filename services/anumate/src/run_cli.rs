@@ -73,6 +73,11 @@ pub enum RunSub {
         /// Resume after this sequence number instead of starting with a snapshot.
         #[arg(long, default_value_t = 0)]
         after: i64,
+        /// Stop as soon as the run is in this state and exit 0 (e.g.
+        /// `waiting-approval`, to decide its approvals next); a run that ends
+        /// in another state exits as without it.
+        #[arg(long, value_enum)]
+        until: Option<StateArg>,
     },
     /// Pause a run: no new step or attempt starts.
     Pause(ControlArgs),
@@ -288,7 +293,9 @@ async fn run_command(cmd: RunCommand) -> Result<ExitCode, Failure> {
                 print_list(&listed.runs);
             }
         }
-        RunSub::Watch { id, after } => return watch(conn, id, after).await,
+        RunSub::Watch { id, after, until } => {
+            return watch(conn, id, after, until.map(Into::into)).await;
+        }
         RunSub::Pause(a) => {
             let resp = orchestrator(conn)
                 .await?
@@ -669,7 +676,7 @@ async fn start(conn: &Connection, args: StartArgs) -> Result<ExitCode, Failure> 
         }
     }
     if args.watch {
-        return watch(conn, run.run_id, 0).await;
+        return watch(conn, run.run_id, 0, None).await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -756,6 +763,19 @@ impl Watched {
             .as_ref()
             .map_or(pb::RunState::Unspecified, pb::Run::state)
     }
+
+    /// Whether the run is in `state`; a step waiting for approval counts as
+    /// the run waiting for it, as the stream may say so only of the step.
+    fn reached(&self, state: pb::RunState) -> bool {
+        self.state() == state
+            || (state == pb::RunState::WaitingApproval
+                && self.state() == pb::RunState::Running
+                && self.run.as_ref().is_some_and(|r| {
+                    r.steps
+                        .iter()
+                        .any(|s| s.state() == pb::StepState::WaitingApproval)
+                }))
+    }
 }
 
 /// Redraws the run in place on a terminal.
@@ -778,7 +798,12 @@ impl Screen {
     }
 }
 
-async fn watch(conn: &Connection, id: String, after: i64) -> Result<ExitCode, Failure> {
+async fn watch(
+    conn: &Connection,
+    id: String,
+    after: i64,
+    until: Option<pb::RunState>,
+) -> Result<ExitCode, Failure> {
     let out = conn.output;
     let tty = out == Output::Human && std::io::stdout().is_terminal();
     let mut screen = Screen { lines: 0 };
@@ -819,6 +844,9 @@ async fn watch(conn: &Connection, id: String, after: i64) -> Result<ExitCode, Fa
                                     }
                                 }
                                 Output::Human => print_change(&msg),
+                            }
+                            if until.is_some_and(|u| seen.reached(u)) {
+                                return Ok(ExitCode::SUCCESS);
                             }
                         }
                         Ok(None) => break None,
