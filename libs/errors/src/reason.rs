@@ -122,6 +122,8 @@ pub enum Reason {
     PreflightFailed,
     /// The cited preflight report is older than the tenant's citation TTL.
     PreflightExpired,
+    /// The REST gateway has no route for the request's method and path.
+    RouteNotFound,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -457,6 +459,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "PREFLIGHT_EXPIRED",
         68,
         ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::RouteNotFound,
+        "ROUTE_NOT_FOUND",
+        77,
+        ErrorCode::NotFound,
     ),
 ];
 

@@ -1,0 +1,171 @@
+//! Server streaming over HTTP: NDJSON (`{"result": …}` per line,
+//! `{"error": Status}` last when the stream fails) or Server-Sent Events
+//! (`id:` the message's `sequence`, heartbeat comments). The response
+//! headers wait for the first message, so an error before it (`NOT_FOUND`,
+//! `PERMISSION_DENIED`) is a real HTTP status; later errors go in-band.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{body::Body, response::Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use prost_reflect::{DynamicMessage, MessageDescriptor};
+use serde_json::{Value as Json, json};
+use tonic::{Streaming, transport::Channel};
+
+use crate::routes::Route;
+use crate::status::{status_json, status_response};
+use crate::{codec::BytesCodec, grpc_client, grpc_path, transcode};
+
+/// The request field `Last-Event-ID` resumes from, if the RPC has one.
+pub fn resume_field(input: &MessageDescriptor) -> Option<&'static str> {
+    input
+        .get_field_by_name("after_sequence")
+        .map(|_| "after_sequence")
+}
+
+/// The `sequence` of a response message (top level), for the SSE `id:`.
+fn sequence(msg: &DynamicMessage) -> Option<String> {
+    let v = msg.get_field_by_name("sequence")?;
+    match v.as_ref() {
+        prost_reflect::Value::I64(n) => Some(n.to_string()),
+        prost_reflect::Value::U64(n) => Some(n.to_string()),
+        prost_reflect::Value::I32(n) => Some(n.to_string()),
+        prost_reflect::Value::U32(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+struct State {
+    stream: Streaming<Bytes>,
+    first: Option<Bytes>,
+    output: MessageDescriptor,
+    response_body: String,
+    sse: bool,
+    heartbeat: tokio::time::Interval,
+    done: bool,
+}
+
+impl State {
+    fn frame(&self, bytes: &[u8]) -> Bytes {
+        match transcode::response_json(&self.output, bytes, &self.response_body) {
+            Ok((json, msg)) => {
+                if self.sse {
+                    let mut out = String::new();
+                    if let Some(seq) = sequence(&msg) {
+                        out.push_str("id: ");
+                        out.push_str(&seq);
+                        out.push('\n');
+                    }
+                    out.push_str("event: result\ndata: ");
+                    out.push_str(&json.to_string());
+                    out.push_str("\n\n");
+                    Bytes::from(out)
+                } else {
+                    line(&json!({ "result": json }))
+                }
+            }
+            Err(e) => self.error_frame(&e.to_status()),
+        }
+    }
+
+    fn error_frame(&self, status: &tonic::Status) -> Bytes {
+        let body = status_json(status);
+        if self.sse {
+            Bytes::from(format!("event: error\ndata: {body}\n\n"))
+        } else {
+            line(&json!({ "error": body }))
+        }
+    }
+}
+
+fn line(json: &Json) -> Bytes {
+    let mut v = serde_json::to_vec(json).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Calls a server-streaming RPC and streams its answers.
+pub async fn call(
+    channel: &Channel,
+    route: &Route,
+    request: tonic::Request<Bytes>,
+    sse: bool,
+    heartbeat_secs: u64,
+) -> Response {
+    let mut grpc = match grpc_client(channel).await {
+        Ok(g) => g,
+        Err(s) => return status_response(&s),
+    };
+    let mut stream = match grpc
+        .server_streaming(request, grpc_path(route), BytesCodec)
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return status_response(&s),
+    };
+    // Hold the headers until the first message or error.
+    let first = match stream.message().await {
+        Ok(first) => first,
+        Err(s) => return status_response(&s),
+    };
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.reset();
+    let done = first.is_none();
+    let state = State {
+        stream,
+        first,
+        output: route.rpc.output(),
+        response_body: route.response_body.clone(),
+        sse,
+        heartbeat,
+        done,
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        if let Some(first) = st.first.take() {
+            let frame = st.frame(&first);
+            return Some((Ok::<_, Infallible>(frame), st));
+        }
+        if st.done {
+            return None;
+        }
+        let sse = st.sse;
+        let next = tokio::select! {
+            r = st.stream.message() => Some(r),
+            _ = st.heartbeat.tick(), if sse => None,
+        };
+        match next {
+            Some(Ok(Some(bytes))) => {
+                st.heartbeat.reset();
+                let frame = st.frame(&bytes);
+                Some((Ok(frame), st))
+            }
+            Some(Ok(None)) => None,
+            Some(Err(status)) => {
+                st.done = true;
+                let frame = st.error_frame(&status);
+                Some((Ok(frame), st))
+            }
+            None => Some((Ok(Bytes::from_static(b": heartbeat\n\n")), st)),
+        }
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tell buffering proxies (nginx) to pass lines through as they come.
+    resp.headers_mut().insert(
+        http::HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    resp
+}

@@ -1,0 +1,400 @@
+//! The gateway in front of the whole platform, on real sockets: every
+//! service built as `anumate dev` builds it (SQLite store, every production
+//! gRPC layer), the gateway on its own port forwarding over gRPC.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use anumate_auth::Role;
+use anumate_gateway::{Gateway, GatewayConfig, routes::BodyBinding};
+use anumate_service::{Context, KeysConfig, ServiceModule};
+use anumate_testing::{Backend, DevAuth, Layers, ModuleServer, TestDb};
+use prost_reflect::Kind;
+use serde_json::{Value, json};
+
+const TENANT: &str = "acme";
+
+struct Platform {
+    server: ModuleServer,
+    gateway: Gateway,
+    url: String,
+    auth: DevAuth,
+    _db: TestDb,
+    _gw: tokio::task::JoinHandle<()>,
+}
+
+fn modules() -> Vec<Box<dyn ServiceModule>> {
+    vec![
+        anumate_registry::module(),
+        anumate_receipts::module(),
+        anumate_policy_service::module(),
+        anumate_captokens_service::module(),
+        anumate_compiler::module(),
+        anumate_events_service::module(),
+        anumate_approvals::module(),
+        anumate_ghostrun::module(),
+        anumate_connectors::module(),
+        anumate_orchestrator::module(),
+    ]
+}
+
+async fn platform(config: GatewayConfig) -> Platform {
+    let modules = modules();
+    let mut migrations = anumate_events::MIGRATIONS.to_vec();
+    for m in &modules {
+        migrations.extend(m.migrations());
+    }
+    let (db, store) = anumate_testing::migrated_store(Backend::Sqlite, &migrations).await;
+    let auth = DevAuth::with_service_issuer("gateway-test");
+    let listener = anumate_testing::bind().await;
+    let own_url = format!("http://{}", listener.local_addr().unwrap());
+    let ctx = Context::new(
+        json!({}),
+        Some(store),
+        KeysConfig {
+            generate_missing: true,
+            ..KeysConfig::default()
+        },
+        auth.dir.path().join("keys"),
+        auth.services.clone(),
+        own_url.clone(),
+    );
+    let layers = Layers::platform(
+        anumate_testing::GrpcConfig::default(),
+        auth.authenticator.clone(),
+    )
+    .unwrap();
+    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    let gateway = Gateway::connect_lazy(config, &own_url).unwrap();
+    let gw_listener = anumate_testing::bind().await;
+    let url = format!("http://{}", gw_listener.local_addr().unwrap());
+    let served = gateway.clone();
+    let gw = tokio::spawn(async move {
+        anumate_gateway::serve(gw_listener, served, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Platform {
+        server,
+        gateway,
+        url,
+        auth,
+        _db: db,
+        _gw: gw,
+    }
+}
+
+impl Platform {
+    fn token(&self) -> String {
+        self.auth
+            .issuer
+            .mint(TENANT, "user:alice", &[Role::Admin], Duration::from_secs(600))
+            .unwrap()
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// The reason in a `google.rpc.Status` body.
+fn reason(body: &Value) -> String {
+    body["details"]
+        .as_array()
+        .and_then(|d| {
+            d.iter()
+                .find(|x| x["@type"] == "type.googleapis.com/google.rpc.ErrorInfo")
+        })
+        .map(|x| x["reason"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+fn violation_fields(body: &Value) -> Vec<String> {
+    body["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["@type"] == "type.googleapis.com/google.rpc.BadRequest")
+        .flat_map(|x| x["fieldViolations"].as_array().cloned().unwrap_or_default())
+        .map(|v| v["field"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_annotated_rpc_is_routed_and_answers_sensibly() {
+    let p = platform(GatewayConfig::default()).await;
+    let token = p.token();
+    let http = client();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut report = Vec::new();
+    for route in p.gateway.routes().routes() {
+        // Fill each path variable with a value of its field's type.
+        let mut path = route.template.openapi_path();
+        for v in &route.template.variables {
+            let field = route.rpc.input().get_field_by_name(&v.field_path);
+            let value = match field.map(|f| f.kind()) {
+                Some(Kind::Int32 | Kind::Int64 | Kind::Uint32 | Kind::Uint64) => "1",
+                _ => "missing",
+            };
+            path = path.replace(&format!("{{{}}}", v.field_path), value);
+        }
+        let mut req = http
+            .request(route.method.clone(), format!("{}{path}", p.url))
+            .bearer_auth(&token);
+        if !matches!(route.body, BodyBinding::None) {
+            req = req.header("content-type", "application/json").body("{}");
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(10), req.send()).await;
+        let status = match resp {
+            // A watch with nothing to say yet holds its headers: routed, alive.
+            Err(_) if route.server_streaming() => 200,
+            Err(_) => panic!("{} {path}: no answer", route.method),
+            Ok(resp) => {
+                let resp = resp.unwrap();
+                let status = resp.status().as_u16();
+                if status >= 400 {
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    assert_ne!(reason(&body), "ROUTE_NOT_FOUND", "{} {path}", route.method);
+                    assert!(body["code"].is_number(), "{} {path}: {body}", route.method);
+                    report.push(format!("{} {path} -> {status} {}", route.method, reason(&body)));
+                }
+                status
+            }
+        };
+        assert!(
+            status < 500 || status == 501 || status == 503,
+            "{} {path} answered {status}",
+            route.method
+        );
+        seen.insert(route.grpc_path.clone());
+    }
+    // Every annotated RPC was called at least once.
+    let pool = prost_reflect::DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let ext = pool.get_extension_by_name("google.api.http").unwrap();
+    let annotated: std::collections::BTreeSet<String> = pool
+        .services()
+        .flat_map(|s| {
+            let ext = ext.clone();
+            s.methods()
+                .filter(move |m| m.options().has_extension(&ext))
+                .map(|m| format!("/{}/{}", m.parent_service().full_name(), m.name()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(seen, annotated);
+    println!("{} RPCs called; errors:\n{}", seen.len(), report.join("\n"));
+    p.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_get_a_capsule_over_rest() {
+    let p = platform(GatewayConfig::default()).await;
+    let token = p.token();
+    let http = client();
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/refund.capsule.yaml"
+    ))
+    .unwrap();
+    let resp = http
+        .post(format!("{}/v1/capsules:push", p.url))
+        .bearer_auth(&token)
+        .header("idempotency-key", "push-1")
+        .json(&json!({"sourceYaml": yaml, "publish": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let pushed: Value = resp.json().await.unwrap();
+    assert_eq!(pushed["created"], true, "{pushed}");
+    let name = pushed["capsule"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(name, "refund-small-orders");
+
+    // The additional binding and the versioned path, query parameters too.
+    let got: Value = http
+        .get(format!("{}/v1/capsules/{name}", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["capsule"]["name"], name, "{got}");
+    let resp = http
+        .get(format!("{}/v1/capsules/{name}/versions/1", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let list: Value = http
+        .get(format!("{}/v1/capsules?page_size=10", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["capsules"].as_array().map(Vec::len), Some(1), "{list}");
+
+    // An unknown capsule: the service's NOT_FOUND, as HTTP 404 with its reason.
+    let resp = http
+        .get(format!("{}/v1/capsules/nope", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "CAPSULE_NOT_FOUND", "{body}");
+    p.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_precise_4xx_with_a_status_body() {
+    let p = platform(GatewayConfig {
+        max_body_bytes: 64 * 1024,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let token = p.token();
+    let http = client();
+    let post = |path: &str, body: String| {
+        http.post(format!("{}{path}", p.url))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Malformed JSON: the position.
+    let resp = post("/v1/capsules:push", "{\"sourceYaml\": ".into()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "INVALID_DOCUMENT", "{body}");
+    assert_eq!(body["code"], 3);
+
+    // A wrong type: the field named.
+    let resp = post("/v1/capsules:push", "{\"publish\": \"yes\"}".into()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "INVALID_ARGUMENT", "{body}");
+    assert_eq!(violation_fields(&body), vec!["publish"], "{body}");
+
+    // An unknown field: named.
+    let resp = post("/v1/capsules:push", "{\"sourceYml\": \"x\"}".into()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(violation_fields(&body), vec!["sourceYml"], "{body}");
+
+    // An unknown enum name in a query parameter.
+    let resp = http
+        .get(format!("{}/v1/capsules?status=VERSION_STATUS_BOGUS", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(violation_fields(&body), vec!["status"], "{body}");
+
+    // An unknown query parameter.
+    let resp = http
+        .get(format!("{}/v1/capsules?colour=red", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(violation_fields(&body), vec!["colour"], "{body}");
+
+    // Oversize body: 413 with PAYLOAD_TOO_LARGE.
+    let big = format!("{{\"sourceYaml\": \"{}\"}}", "a".repeat(100 * 1024));
+    let resp = post("/v1/capsules:push", big).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "PAYLOAD_TOO_LARGE", "{body}");
+
+    // Missing token: 401 from the services' own authentication.
+    let resp = http
+        .get(format!("{}/v1/capsules", p.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "UNAUTHENTICATED", "{body}");
+
+    // No route, and a route of another method.
+    let resp = http
+        .get(format!("{}/v1/nothing-here", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(reason(&body), "ROUTE_NOT_FOUND", "{body}");
+    let resp = http
+        .delete(format!("{}/v1/capsules:push", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    p.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_hold_headers_for_early_errors_and_openapi_is_served() {
+    let p = platform(GatewayConfig::default()).await;
+    let token = p.token();
+    let http = client();
+    // WatchRun on an unknown run: a real 404 before any stream starts.
+    for accept in ["application/x-ndjson", "text/event-stream"] {
+        let resp = http
+            .get(format!("{}/v1/runs/run_missing:watch", p.url))
+            .bearer_auth(&token)
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{accept}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(reason(&body), "RUN_NOT_FOUND", "{body}");
+    }
+
+    let doc: Value = http
+        .get(format!("{}/openapi.json", p.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let ops: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_object().unwrap().len())
+        .sum();
+    assert!(ops >= 60, "{ops} operations");
+    let push = &doc["paths"]["/v1/capsules:push"]["post"];
+    assert!(push["description"].as_str().is_some_and(|d| !d.is_empty()), "{push}");
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    assert!(
+        doc["paths"]["/v1/runs/{run_id}:watch"]["get"]["responses"]["200"]["content"]
+            ["text/event-stream"]
+            .is_object()
+    );
+    p.server.stop().await;
+}
