@@ -36,6 +36,8 @@ pub struct AppConfig {
     pub dev: DevConfig,
     /// Kafka: the outbox relay's brokers, topics and archive retention.
     pub kafka: KafkaConfig,
+    /// The REST gateway (`anumate dev`, `anumate serve gateway`).
+    pub gateway: anumate_gateway::GatewayConfig,
     /// The services' sections by name, each owned and checked by its module
     /// (see `server::modules`).
     #[serde(flatten)]
@@ -54,6 +56,7 @@ impl Default for AppConfig {
             keys: KeysConfig::default(),
             dev: DevConfig::default(),
             kafka: KafkaConfig::default(),
+            gateway: anumate_gateway::GatewayConfig::default(),
             services: crate::server::modules()
                 .iter()
                 .filter_map(|m| Some((m.section().to_owned(), m.default_config()?)))

@@ -22,6 +22,9 @@ pub struct DevState {
     /// `http://host:port` of the admin listener (health, metrics, JWKS), if any.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin: String,
+    /// `http://host:port` of the REST gateway, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
 }
 
 /// Path of the state file.

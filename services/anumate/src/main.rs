@@ -334,6 +334,11 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
         Some(l) => format!("http://{}", l.local_addr()?),
         None => String::new(),
     };
+    let gateway = server::bind_gateway(&config).await?;
+    let gateway_url = match &gateway {
+        Some(l) => format!("http://{}", l.local_addr()?),
+        None => String::new(),
+    };
     dev_state::write(
         &config.data_dir,
         &dev_state::DevState {
@@ -342,11 +347,15 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
             tenant: config.dev.tenant.clone(),
             pid: std::process::id(),
             admin: admin_url.clone(),
+            gateway: gateway_url.clone(),
         },
     )?;
     println!("anumate dev: serving gRPC on {server_url}");
     if !admin_url.is_empty() {
         println!("  admin:  {admin_url} (/healthz /readyz /metrics /.well-known/jwks.json)");
+    }
+    if !gateway_url.is_empty() {
+        println!("  rest:   {gateway_url} (REST gateway; /openapi.json)");
     }
     println!("  store:  {}", redact_url(&config.store_config().url));
     println!("  tenant: {}", config.dev.tenant);
@@ -357,6 +366,20 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     println!("{token}");
     println!("  try: anumate capsule push examples/refund.capsule.yaml");
     let data_dir = config.data_dir.clone();
+    if let Some(gw) = gateway {
+        // In dev the gateway forwards to this process's own gRPC listener.
+        let upstream = if config.gateway.upstream.is_empty() {
+            server::listener_url(&listener)?
+        } else {
+            config.gateway.upstream.clone()
+        };
+        let cfg = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
+                tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
+            }
+        });
+    }
     let rt = server::Runtime {
         modules: server::selected(&[]),
         config,
@@ -374,6 +397,24 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
 async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> anyhow::Result<()> {
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
     let modules = server::selected(services);
+    let with_gateway = services.iter().any(|s| s == server::GATEWAY);
+    if with_gateway && modules.is_empty() {
+        // The gateway alone (mesh): it reaches the services at `[gateway] upstream`.
+        anyhow::ensure!(
+            !config.gateway.upstream.is_empty(),
+            "`anumate serve gateway` alone needs [gateway] upstream (the services' gRPC address)"
+        );
+        let gw = server::bind_gateway(&config)
+            .await?
+            .context("[gateway] listen is off")?;
+        println!(
+            "anumate serve: REST gateway on http://{} -> {}",
+            gw.local_addr()?,
+            config.gateway.upstream
+        );
+        let upstream = config.gateway.upstream.clone();
+        return server::serve_gateway(&config, gw, &upstream).await;
+    }
     server::require_keys(&config, &modules)?;
     let needs_store = modules.iter().any(|m| m.needs_store());
     let store = if needs_store {
@@ -420,6 +461,21 @@ async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> any
             "  admin: http://{} (/healthz /readyz /metrics /.well-known/jwks.json)",
             admin.local_addr()?
         );
+    }
+    if with_gateway && let Some(gw) = server::bind_gateway(&config).await? {
+        // Next to services: the gateway forwards to this process unless told otherwise.
+        let upstream = if config.gateway.upstream.is_empty() {
+            server::listener_url(&listener)?
+        } else {
+            config.gateway.upstream.clone()
+        };
+        println!("  rest:  http://{} (REST gateway; /openapi.json)", gw.local_addr()?);
+        let cfg = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
+                tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
+            }
+        });
     }
     let rt = server::Runtime {
         modules,

@@ -42,14 +42,25 @@ pub fn service_names() -> clap::builder::PossibleValuesParser {
             .iter()
             .map(|m| clap::builder::PossibleValue::new(m.section()).help(m.about())),
     );
+    values.push(
+        clap::builder::PossibleValue::new(GATEWAY)
+            .help("The REST gateway (HTTP/JSON to the services over gRPC, [gateway] upstream)"),
+    );
     clap::builder::PossibleValuesParser::new(values)
 }
 
-/// The modules named (by [`ServiceModule::section`]); none or `all`: every one.
+/// The name of the REST gateway in `anumate serve` (not a gRPC module).
+pub const GATEWAY: &str = "gateway";
+
+/// The modules named (by [`ServiceModule::section`]); none or `all`: every
+/// one. `gateway` alone selects none.
 pub fn selected(names: &[String]) -> Vec<Box<dyn ServiceModule>> {
     let all = modules();
     if names.is_empty() || names.iter().any(|n| n == "all") {
         return all;
+    }
+    if names.iter().all(|n| n == GATEWAY) {
+        return Vec::new();
     }
     all.into_iter()
         .filter(|m| names.iter().any(|n| n == m.section()))
@@ -142,6 +153,35 @@ pub async fn bind(config: &AppConfig) -> anyhow::Result<TcpListener> {
     TcpListener::bind(&config.grpc.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.grpc.listen))
+}
+
+/// Binds the REST gateway's listener (`[gateway] listen`), if enabled.
+pub async fn bind_gateway(config: &AppConfig) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = config.gateway.address(&config.grpc.listen) else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ([gateway] listen)"))?;
+    Ok(Some(listener))
+}
+
+/// Runs the REST gateway on `listener` in front of the gRPC services at
+/// `upstream` until SIGINT/SIGTERM.
+pub async fn serve_gateway(
+    config: &AppConfig,
+    listener: TcpListener,
+    upstream: &str,
+) -> anyhow::Result<()> {
+    let gateway = anumate_gateway::Gateway::connect_lazy(config.gateway.clone(), upstream)?;
+    anumate_gateway::serve(listener, gateway, shutdown_signal())
+        .await
+        .context("gateway")
+}
+
+/// `http://` address of a listener (loopback when bound to all interfaces).
+pub fn listener_url(listener: &TcpListener) -> anyhow::Result<String> {
+    own_url(listener)
 }
 
 /// `http://` address of this server's own listener (loopback when bound to all interfaces).
