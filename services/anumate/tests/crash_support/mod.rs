@@ -483,10 +483,11 @@ pub fn assert_exactly_once(
         by_key.entry(c.idempotency_key.as_str()).or_default().push(c);
     }
     for (run_id, run) in runs {
+        let effects: Vec<_> = calls.iter().filter(|c| &c.run_id == run_id).collect();
         assert_eq!(
             run.state(),
             pb::RunState::Succeeded,
-            "run {run_id} ended {:?}: {run:#?}",
+            "run {run_id} ended {:?}: {run:#?}\nits effects in the mock ledger: {effects:#?}",
             run.state()
         );
         assert_eq!(run.steps.len(), STEPS.len());
