@@ -179,6 +179,9 @@ struct Inner {
     driving: Mutex<std::collections::HashSet<(String, String)>>,
     sets: Mutex<HashMap<String, Arc<CompiledSet>>>,
     plans: Mutex<HashMap<(String, String), Arc<cpb::ExecutablePlan>>>,
+    /// Approvals steps driven here wait for: approval id → (tenant, run),
+    /// so an in-process decision wakes the run at once (see `nudge`).
+    awaiting: Mutex<HashMap<String, (String, String)>>,
 }
 
 const MAX_CACHED: usize = 4096;
@@ -235,6 +238,7 @@ impl Orchestrator {
                 driving: Mutex::default(),
                 sets: Mutex::default(),
                 plans: Mutex::default(),
+                awaiting: Mutex::default(),
             }),
         }
     }
@@ -1191,7 +1195,7 @@ fn resolve_change(
         }
         pb::ResolveAction::MarkSucceeded => {
             s.state = pb::StepState::Succeeded as i32;
-            s.output = Some(anumate_engine::json::to_value(&output));
+            s.output = Some(anumate_engine::json::to_value(output));
             s.end_time = ts(now);
         }
         _ => {

@@ -91,6 +91,34 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
         },
         cfg,
     );
+    // In one process, an approval's decision wakes the waiting step at once
+    // (the approvals service broadcasts its committed changes); polling
+    // stays the fallback across processes.
+    if let Some(approvals) = ctx.get::<anumate_approvals::Approvals>() {
+        let mut changes = approvals.subscribe();
+        let nudged = orchestrator.clone();
+        ctx.tasks
+            .spawn("orchestrator approval nudges", |cancel| async move {
+                loop {
+                    let change = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        c = changes.recv() => c,
+                    };
+                    match change {
+                        Ok(c)
+                            if c.state != anumate_proto::approvals::v1::ApprovalState::Pending =>
+                        {
+                            nudged.nudge(&c.tenant, &c.approval_id).await;
+                        }
+                        Ok(_) => {}
+                        // Missed changes are found by the poll.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+                Ok(())
+            });
+    }
     let workers = orchestrator.clone();
     ctx.tasks
         .spawn("orchestrator workers", |cancel| async move {

@@ -704,6 +704,11 @@ impl Orchestrator {
                 .map_err(|e| e.to_error())?
                 .approval
                 .ok_or_else(|| Error::internal("the approvals service sent no approval"))?;
+            if a.state == apb::ApprovalState::Pending as i32 {
+                self.await_approval(&id, tenant, run_id);
+            } else {
+                self.forget_approval(&id);
+            }
             let (kind, code) = match apb::ApprovalState::try_from(a.state) {
                 Ok(apb::ApprovalState::Approved) => {
                     if a.args_sha256 == args_sha256 {
@@ -803,6 +808,7 @@ impl Orchestrator {
             .map_err(|e| e.to_error())?
             .approval
             .ok_or_else(|| Error::internal("the approvals service sent no approval"))?;
+        self.await_approval(&a.approval_id, tenant, run_id);
         let s = &mut steps[i];
         s.approval_ids.push(a.approval_id.clone());
         s.state = pb::StepState::WaitingApproval as i32;
@@ -1506,6 +1512,50 @@ impl Orchestrator {
         ended.steps = steps;
         self.after_end(starter, &ended).await;
         Ok(())
+    }
+
+    fn await_approval(&self, approval_id: &str, tenant: &str, run_id: &str) {
+        if let Ok(mut m) = self.inner.awaiting.lock() {
+            m.insert(
+                approval_id.to_string(),
+                (tenant.to_string(), run_id.to_string()),
+            );
+        }
+    }
+
+    fn forget_approval(&self, approval_id: &str) {
+        if let Ok(mut m) = self.inner.awaiting.lock() {
+            m.remove(approval_id);
+        }
+    }
+
+    /// An approval of this process was decided (or ended): the run waiting
+    /// for it is due now and a worker wakes, instead of the step noticing at
+    /// its next poll (`approval_poll_ms`). Approvals decided in another
+    /// process are still seen by that poll.
+    pub async fn nudge(&self, tenant: &str, approval_id: &str) {
+        let run = self
+            .inner
+            .awaiting
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(approval_id));
+        let Some((owner, run_id)) = run else { return };
+        if owner != tenant {
+            return;
+        }
+        let due = async {
+            let tx = self.inner.store.write(tenant).await?;
+            repo::schedule(&tx, &run_id, now_micros()).await?;
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        };
+        match due.await {
+            Ok(()) => self.inner.wake.notify_one(),
+            Err(e) => {
+                tracing::warn!(tenant, run = %run_id, error = %e, "orchestrator: an approval nudge failed; the poll picks the run up");
+            }
+        }
     }
 
     /// Ends the steps that will not run any more, each with its journal
