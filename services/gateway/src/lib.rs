@@ -33,7 +33,10 @@ use prost_reflect::DescriptorPool;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tower_http::{
-    compression::{CompressionLayer, Predicate, predicate::{DefaultPredicate, NotForContentType}},
+    compression::{
+        CompressionLayer, Predicate,
+        predicate::{DefaultPredicate, NotForContentType},
+    },
     cors::{AllowOrigin, CorsLayer},
     limit::RequestBodyLimitLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -48,10 +51,10 @@ use crate::status::{error_response, json_response, reason_response, status_respo
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Address of the HTTP listener. Unset: the gRPC host with the gRPC port
-    /// + 2 (`127.0.0.1:7602` next to the default `127.0.0.1:7600`), or port 0
-    /// (a free port, printed at start) when the gRPC port is 0. `"off"`
-    /// disables the gateway in `anumate dev`.
+    /// Address of the HTTP listener. Unset: the gRPC host with the gRPC
+    /// port plus 2 (`127.0.0.1:7602` next to the default `127.0.0.1:7600`),
+    /// or port 0 (a free port, printed at start) when the gRPC port is 0.
+    /// `"off"` disables the gateway in `anumate dev`.
     pub listen: Option<String>,
     /// The gRPC services' address (`http://host:port`). Empty: this
     /// process's own gRPC listener (`anumate dev`, or `serve gateway …`
@@ -138,7 +141,8 @@ impl Gateway {
         let pool = DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET)
             .map_err(routes::RouteError::from)?;
         let table = RouteTable::from_pool(&pool)?;
-        let openapi = Bytes::from(serde_json::to_vec(&openapi::document(&pool, &table)).unwrap_or_default());
+        let openapi =
+            Bytes::from(serde_json::to_vec(&openapi::document(&pool, &table)).unwrap_or_default());
         Ok(Gateway {
             inner: Arc::new(Inner {
                 table,
@@ -190,8 +194,8 @@ impl Gateway {
             ])
             .expose_headers([HeaderName::from_static("x-request-id")]);
         // NDJSON streams are written as they come; gzip would hold lines back.
-        let compress = DefaultPredicate::new()
-            .and(NotForContentType::const_new("application/x-ndjson"));
+        let compress =
+            DefaultPredicate::new().and(NotForContentType::const_new("application/x-ndjson"));
         let x_request_id = HeaderName::from_static("x-request-id");
         Router::new()
             .route("/openapi.json", get(openapi_json))
@@ -260,17 +264,15 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
         Lookup::Found(route, vars) => (route, vars),
         Lookup::MethodNotAllowed(allowed) => {
             let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-            let mut resp = error_response(
-                &Error::because(
-                    Reason::RouteNotFound,
-                    format!(
-                        "{} is not routed for {}; it accepts {}",
-                        parts.uri.path(),
-                        parts.method,
-                        list.join(", ")
-                    ),
+            let mut resp = error_response(&Error::because(
+                Reason::RouteNotFound,
+                format!(
+                    "{} is not routed for {}; it accepts {}",
+                    parts.uri.path(),
+                    parts.method,
+                    list.join(", ")
                 ),
-            );
+            ));
             *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
                 resp.headers_mut().insert(header::ALLOW, v);
@@ -308,9 +310,8 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
     }
     let sse = route.server_streaming() && accepts_sse(&parts.headers);
     let resume = if route.server_streaming() {
-        last_event_id(&parts.headers).and_then(|id| {
-            stream::resume_field(&route.rpc.input()).map(|f| (f, id))
-        })
+        last_event_id(&parts.headers)
+            .and_then(|id| stream::resume_field(&route.rpc.input()).map(|f| (f, id)))
     } else {
         None
     };
@@ -330,7 +331,14 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
         request.set_timeout(Duration::from_secs(gw.config.timeout_secs.max(1)));
     }
     if route.server_streaming() {
-        stream::call(&gw.channel, route, request, sse, gw.config.sse_heartbeat_secs).await
+        stream::call(
+            &gw.channel,
+            route,
+            request,
+            sse,
+            gw.config.sse_heartbeat_secs,
+        )
+        .await
     } else {
         unary(&gw.channel, route, request).await
     }
@@ -390,7 +398,10 @@ async fn unary(channel: &Channel, route: &Route, request: tonic::Request<Bytes>)
         Ok(g) => g,
         Err(s) => return status_response(&s),
     };
-    let resp = match grpc.unary(request, grpc_path(route), codec::BytesCodec).await {
+    let resp = match grpc
+        .unary(request, grpc_path(route), codec::BytesCodec)
+        .await
+    {
         Ok(r) => r,
         Err(s) => return status_response(&s),
     };

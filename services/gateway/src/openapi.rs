@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use prost_reflect::{
-    DescriptorPool, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor,
-};
+use prost_reflect::{DescriptorPool, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value as Json, json};
 
 use crate::routes::{BodyBinding, Route, RouteTable};
@@ -45,14 +43,20 @@ fn wkt_schema(m: &MessageDescriptor) -> Option<Json> {
         "google.protobuf.Duration" => {
             json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$"})
         }
-        "google.protobuf.FieldMask" => json!({"type": "string", "description": "Comma-separated lowerCamelCase field paths."}),
+        "google.protobuf.FieldMask" => {
+            json!({"type": "string", "description": "Comma-separated lowerCamelCase field paths."})
+        }
         "google.protobuf.Struct" => json!({"type": "object", "additionalProperties": true}),
         "google.protobuf.Value" => json!({}),
         "google.protobuf.ListValue" => json!({"type": "array", "items": {}}),
         "google.protobuf.Empty" => json!({"type": "object"}),
-        "google.protobuf.Any" => json!({"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": true}),
+        "google.protobuf.Any" => {
+            json!({"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": true})
+        }
         "google.protobuf.StringValue" => json!({"type": ["string", "null"]}),
-        "google.protobuf.BytesValue" => json!({"type": ["string", "null"], "contentEncoding": "base64"}),
+        "google.protobuf.BytesValue" => {
+            json!({"type": ["string", "null"], "contentEncoding": "base64"})
+        }
         "google.protobuf.BoolValue" => json!({"type": ["boolean", "null"]}),
         "google.protobuf.Int32Value" | "google.protobuf.UInt32Value" => {
             json!({"type": ["integer", "null"]})
@@ -70,7 +74,9 @@ fn wkt_schema(m: &MessageDescriptor) -> Option<Json> {
 fn scalar_schema(kind: &Kind) -> Json {
     match kind {
         Kind::Double | Kind::Float => json!({"type": "number"}),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({"type": "integer", "format": "int32"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({"type": "integer", "format": "int32"})
+        }
         Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int32", "minimum": 0}),
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => json!({"type": "string", "format": "int64"}),
         Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64"}),
@@ -130,7 +136,11 @@ fn enum_schema(e: &EnumDescriptor) -> Json {
 }
 
 /// Every message and enum reachable from `root`.
-fn collect(m: &MessageDescriptor, msgs: &mut BTreeMap<String, MessageDescriptor>, enums: &mut BTreeMap<String, EnumDescriptor>) {
+fn collect(
+    m: &MessageDescriptor,
+    msgs: &mut BTreeMap<String, MessageDescriptor>,
+    enums: &mut BTreeMap<String, EnumDescriptor>,
+) {
     if msgs.contains_key(m.full_name()) || wkt_schema(m).is_some() {
         return;
     }
@@ -253,7 +263,8 @@ fn operation(route: &Route) -> Json {
                 .get_field_by_name(f)
                 .map(|f| field_schema(&f))
                 .unwrap_or_else(|| json!({}));
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+            op["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": schema}}});
         }
     }
     op

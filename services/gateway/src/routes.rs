@@ -116,7 +116,7 @@ impl RouteTable {
             }
         }
         // Most specific first, so the first match wins.
-        routes.sort_by(|a, b| b.template.specificity().cmp(&a.template.specificity()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
         Ok(RouteTable { routes })
     }
 
@@ -189,7 +189,11 @@ fn route(rpc: &MethodDescriptor, grpc_path: &str, rule: &HttpRule) -> Result<Rou
             BodyBinding::Field(field.to_owned())
         }
     };
-    if !rule.response_body.is_empty() && rpc.output().get_field_by_name(&rule.response_body).is_none()
+    if !rule.response_body.is_empty()
+        && rpc
+            .output()
+            .get_field_by_name(&rule.response_body)
+            .is_none()
     {
         return Err(bad(format!(
             "response_body `{}` is not a field",
@@ -244,13 +248,19 @@ mod tests {
         assert!(rpc.ends_with("RegistryService/GetCapsule"), "{rpc}");
         assert_eq!(vars, vec![("name".to_owned(), "refund".to_owned())]);
         let (rpc, _) = found(&t, Method::GET, "/v1/capsules/refund:diff");
-        assert!(rpc.ends_with("/DiffCapsule") || rpc.contains("Diff"), "{rpc}");
+        assert!(
+            rpc.ends_with("/DiffCapsule") || rpc.contains("Diff"),
+            "{rpc}"
+        );
         let (rpc, _) = found(&t, Method::POST, "/v1/capsules:push");
         assert!(rpc.ends_with("/PushCapsule"), "{rpc}");
         assert!(matches!(
             t.lookup(&Method::PUT, "/v1/capsules:push"),
             Lookup::MethodNotAllowed(m) if m == vec![Method::POST]
         ));
-        assert!(matches!(t.lookup(&Method::GET, "/v2/nothing"), Lookup::NotFound));
+        assert!(matches!(
+            t.lookup(&Method::GET, "/v2/nothing"),
+            Lookup::NotFound
+        ));
     }
 }

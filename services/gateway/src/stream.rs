@@ -24,8 +24,18 @@ pub fn resume_field(input: &MessageDescriptor) -> Option<&'static str> {
         .map(|_| "after_sequence")
 }
 
-/// The `sequence` of a response message (top level), for the SSE `id:`.
+/// The `sequence` of a response message, for the SSE `id:`: its own, else
+/// that of a message field carrying one (`TailEvents`' `event.sequence`).
 fn sequence(msg: &DynamicMessage) -> Option<String> {
+    own_sequence(msg).or_else(|| {
+        msg.fields().find_map(|(_, v)| match v {
+            prost_reflect::Value::Message(inner) => own_sequence(inner),
+            _ => None,
+        })
+    })
+}
+
+fn own_sequence(msg: &DynamicMessage) -> Option<String> {
     let v = msg.get_field_by_name("sequence")?;
     match v.as_ref() {
         prost_reflect::Value::I64(n) => Some(n.to_string()),
@@ -109,8 +119,7 @@ pub async fn call(
         Ok(first) => first,
         Err(s) => return status_response(&s),
     };
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.reset();
     let done = first.is_none();

@@ -83,7 +83,10 @@ impl Template {
             Some(i) => (&rest[..i], Some(rest[i + 1..].to_owned())),
             None => (rest, None),
         };
-        if verb.as_deref().is_some_and(|v| v.is_empty() || v.contains('/')) {
+        if verb
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains('/'))
+        {
             return Err(err("empty or malformed verb"));
         }
         let mut segments = Vec::new();
@@ -98,15 +101,16 @@ impl Template {
                     None => (body, "*"),
                 };
                 if field_path.is_empty()
-                    || !field_path
-                        .split('.')
-                        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                    || !field_path.split('.').all(|p| {
+                        !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    })
                 {
                     return Err(err("bad variable field path"));
                 }
                 let start = segments.len();
                 for part in pattern.split('/') {
-                    segments.push(parse_segment(part).ok_or_else(|| err("bad segment in variable"))?);
+                    segments
+                        .push(parse_segment(part).ok_or_else(|| err("bad segment in variable"))?);
                 }
                 variables.push(Variable {
                     field_path: field_path.to_owned(),
@@ -147,10 +151,7 @@ impl Template {
     pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
         let rest = path.strip_prefix('/')?;
         let rest = match &self.verb {
-            Some(verb) => {
-                let stripped = rest.strip_suffix(verb.as_str())?.strip_suffix(':')?;
-                stripped
-            }
+            Some(verb) => rest.strip_suffix(verb.as_str())?.strip_suffix(':')?,
             None => rest,
         };
         let parts: Vec<&str> = if rest.is_empty() {
@@ -293,7 +294,10 @@ mod tests {
             Some(pairs(&[("name", "refund")]))
         );
         assert_eq!(
-            vars("/v1/capsules/{name}/versions/{version}", "/v1/capsules/a/versions/3"),
+            vars(
+                "/v1/capsules/{name}/versions/{version}",
+                "/v1/capsules/a/versions/3"
+            ),
             Some(pairs(&[("name", "a"), ("version", "3")]))
         );
         // A single-segment variable does not span slashes, nor match empty.
@@ -313,11 +317,17 @@ mod tests {
             Some(pairs(&[("name", "refund")]))
         );
         assert_eq!(
-            vars("/v1/runs/{run_id}/steps/{step_id}:resolve", "/v1/runs/r1/steps/s2:resolve"),
+            vars(
+                "/v1/runs/{run_id}/steps/{step_id}:resolve",
+                "/v1/runs/r1/steps/s2:resolve"
+            ),
             Some(pairs(&[("run_id", "r1"), ("step_id", "s2")]))
         );
         // The verb-less route does not take a `:verb` path as its variable.
-        assert_eq!(vars("/v1/capsules/{name}", "/v1/capsules/refund:diff"), None);
+        assert_eq!(
+            vars("/v1/capsules/{name}", "/v1/capsules/refund:diff"),
+            None
+        );
     }
 
     #[test]
@@ -336,7 +346,10 @@ mod tests {
             Some(pairs(&[("parent.id", "p")]))
         );
         assert_eq!(
-            vars("/v1/{name=tenants/*/runs/*}:cancel", "/v1/tenants/t/runs/r:cancel"),
+            vars(
+                "/v1/{name=tenants/*/runs/*}:cancel",
+                "/v1/tenants/t/runs/r:cancel"
+            ),
             Some(pairs(&[("name", "tenants/t/runs/r")]))
         );
     }
@@ -370,7 +383,9 @@ mod tests {
     #[test]
     fn openapi_paths() {
         assert_eq!(
-            Template::parse("/v1/{name=capsules/*}:diff").unwrap().openapi_path(),
+            Template::parse("/v1/{name=capsules/*}:diff")
+                .unwrap()
+                .openapi_path(),
             "/v1/{name}:diff"
         );
         assert_eq!(

@@ -9,8 +9,7 @@ use anumate_errors::{Error, Reason, Violation};
 use bytes::Bytes;
 use prost::Message as _;
 use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
-    SerializeOptions,
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions,
 };
 use serde_json::{Map, Value as Json};
 
@@ -109,8 +108,8 @@ fn set_path(
     text: &str,
     append: bool,
 ) -> Result<(), Error> {
-    let fields = field_path(desc, path)
-        .ok_or_else(|| bad_field(path, "no such field in the request"))?;
+    let fields =
+        field_path(desc, path).ok_or_else(|| bad_field(path, "no such field in the request"))?;
     let mut obj = root;
     let last = fields.len() - 1;
     for (i, field) in fields.iter().enumerate() {
@@ -131,7 +130,10 @@ fn set_path(
             };
         } else {
             if field.is_map() {
-                return Err(bad_field(path, "a map field cannot be set from a path or query string"));
+                return Err(bad_field(
+                    path,
+                    "a map field cannot be set from a path or query string",
+                ));
             }
             let v = text_value(path, field, text)?;
             let v = if field.is_list() {
@@ -162,7 +164,11 @@ pub fn parse_body(body: &[u8]) -> Result<Json, Error> {
         let description = strip_position(&e.to_string());
         Error::because(
             Reason::InvalidDocument,
-            format!("malformed JSON body: {}:{}: {description}", e.line(), e.column()),
+            format!(
+                "malformed JSON body: {}:{}: {description}",
+                e.line(),
+                e.column()
+            ),
         )
         .with_violations(vec![Violation::at(
             "body",
@@ -332,11 +338,7 @@ fn empty_value(field: &FieldDescriptor) -> Json {
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 | Kind::Uint64 | Kind::Fixed64 => {
             Json::String("0".into())
         }
-        Kind::Enum(e) => e
-            .default_value()
-            .name()
-            .to_owned()
-            .into(),
+        Kind::Enum(e) => e.default_value().name().to_owned().into(),
         _ => Json::from(0),
     }
 }
@@ -354,7 +356,13 @@ mod tests {
         RouteTable::from_pool(&pool).unwrap()
     }
 
-    fn req(t: &RouteTable, m: Method, path: &str, q: Option<&str>, body: &str) -> Result<Json, Error> {
+    fn req(
+        t: &RouteTable,
+        m: Method,
+        path: &str,
+        q: Option<&str>,
+        body: &str,
+    ) -> Result<Json, Error> {
         let Lookup::Found(route, vars) = t.lookup(&m, path) else {
             panic!("no route {m} {path}")
         };
@@ -367,7 +375,14 @@ mod tests {
         let j = req(&t, Method::GET, "/v1/capsules/refund/versions/3", None, "").unwrap();
         assert_eq!(j["name"], "refund");
         assert_eq!(j["version"], "3");
-        let j = req(&t, Method::GET, "/v1/capsules", Some("page_size=5&pageToken=abc"), "").unwrap();
+        let j = req(
+            &t,
+            Method::GET,
+            "/v1/capsules",
+            Some("page_size=5&pageToken=abc"),
+            "",
+        )
+        .unwrap();
         assert_eq!(j["pageSize"], 5);
         assert_eq!(j["pageToken"], "abc");
     }
@@ -379,7 +394,14 @@ mod tests {
         assert_eq!(e.violations[0].field, "nope");
         let e = req(&t, Method::GET, "/v1/capsules", Some("page_size=many"), "").unwrap_err();
         assert_eq!(e.violations[0].field, "page_size", "{e:?}");
-        let e = req(&t, Method::POST, "/v1/capsules:push", None, "{\"bogus\": 1}").unwrap_err();
+        let e = req(
+            &t,
+            Method::POST,
+            "/v1/capsules:push",
+            None,
+            "{\"bogus\": 1}",
+        )
+        .unwrap_err();
         assert_eq!(e.violations[0].field, "bogus", "{e:?}");
         let e = req(&t, Method::POST, "/v1/capsules:push", None, "{\"x\": ").unwrap_err();
         assert_eq!(e.reason, Reason::InvalidDocument);

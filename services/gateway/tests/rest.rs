@@ -88,7 +88,12 @@ impl Platform {
     fn token(&self) -> String {
         self.auth
             .issuer
-            .mint(TENANT, "user:alice", &[Role::Admin], Duration::from_secs(600))
+            .mint(
+                TENANT,
+                "user:alice",
+                &[Role::Admin],
+                Duration::from_secs(600),
+            )
             .unwrap()
     }
 }
@@ -159,7 +164,11 @@ async fn every_annotated_rpc_is_routed_and_answers_sensibly() {
                     let body: Value = resp.json().await.unwrap_or(Value::Null);
                     assert_ne!(reason(&body), "ROUTE_NOT_FOUND", "{} {path}", route.method);
                     assert!(body["code"].is_number(), "{} {path}: {body}", route.method);
-                    report.push(format!("{} {path} -> {status} {}", route.method, reason(&body)));
+                    report.push(format!(
+                        "{} {path} -> {status} {}",
+                        route.method,
+                        reason(&body)
+                    ));
                 }
                 status
             }
@@ -273,21 +282,27 @@ async fn bad_input_gets_a_precise_4xx_with_a_status_body() {
             .send()
     };
     // Malformed JSON: the position.
-    let resp = post("/v1/capsules:push", "{\"sourceYaml\": ".into()).await.unwrap();
+    let resp = post("/v1/capsules:push", "{\"sourceYaml\": ".into())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(reason(&body), "INVALID_DOCUMENT", "{body}");
     assert_eq!(body["code"], 3);
 
     // A wrong type: the field named.
-    let resp = post("/v1/capsules:push", "{\"publish\": \"yes\"}".into()).await.unwrap();
+    let resp = post("/v1/capsules:push", "{\"publish\": \"yes\"}".into())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(reason(&body), "INVALID_ARGUMENT", "{body}");
     assert_eq!(violation_fields(&body), vec!["publish"], "{body}");
 
     // An unknown field: named.
-    let resp = post("/v1/capsules:push", "{\"sourceYml\": \"x\"}".into()).await.unwrap();
+    let resp = post("/v1/capsules:push", "{\"sourceYml\": \"x\"}".into())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(violation_fields(&body), vec!["sourceYml"], "{body}");
@@ -389,12 +404,101 @@ async fn streams_hold_headers_for_early_errors_and_openapi_is_served() {
         .sum();
     assert!(ops >= 60, "{ops} operations");
     let push = &doc["paths"]["/v1/capsules:push"]["post"];
-    assert!(push["description"].as_str().is_some_and(|d| !d.is_empty()), "{push}");
+    assert!(
+        push["description"].as_str().is_some_and(|d| !d.is_empty()),
+        "{push}"
+    );
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     assert!(
         doc["paths"]["/v1/runs/{run_id}:watch"]["get"]["responses"]["200"]["content"]
             ["text/event-stream"]
             .is_object()
     );
+    p.server.stop().await;
+}
+
+/// Reads `body` until `want` complete frames (split on `sep`) arrived.
+async fn frames(resp: reqwest::Response, sep: &str, want: usize) -> Vec<String> {
+    use futures::StreamExt as _;
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let done: Vec<String> = text
+            .split(sep)
+            .filter(|f| !f.trim().is_empty() && !f.starts_with(':'))
+            .map(str::to_owned)
+            .collect();
+        if done.len() > want || (text.ends_with(sep) && done.len() >= want) {
+            return done;
+        }
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(chunk)) => text.push_str(&String::from_utf8_lossy(&chunk.unwrap())),
+            _ => return done,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_tail_streams_as_ndjson_and_sse_and_resumes() {
+    let p = platform(GatewayConfig::default()).await;
+    let token = p.token();
+    let http = client();
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/refund.capsule.yaml"
+    ))
+    .unwrap();
+    for publish in [false, true] {
+        let resp = http
+            .post(format!("{}/v1/capsules:push", p.url))
+            .bearer_auth(&token)
+            .json(&json!({"sourceYaml": yaml.replace("refund-small-orders", &format!("refund-{publish}")), "publish": publish}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // NDJSON: one `{"result": …}` per line (from the start: a oneof field as a query parameter).
+    let resp = http
+        .get(format!("{}/v1/events:tail?after_sequence=0", p.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let lines = frames(resp, "\n", 2).await;
+    assert!(lines.len() >= 2, "{lines:?}");
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    let seq = first["result"]["event"]["sequence"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+
+    // SSE: `id:` is the sequence; Last-Event-ID resumes after it.
+    let resp = http
+        .get(format!("{}/v1/events:tail", p.url))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &seq)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = frames(resp, "\n\n", 1).await;
+    let first = events
+        .iter()
+        .find(|e| e.contains("\"event\""))
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let id: i64 = first
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap_or_else(|| panic!("{first}"))
+        .parse()
+        .unwrap();
+    assert!(id > seq.parse::<i64>().unwrap(), "{id} after {seq}");
+    assert!(first.contains("event: result\ndata: {"), "{first}");
     p.server.stop().await;
 }
