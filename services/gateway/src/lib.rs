@@ -68,6 +68,9 @@ pub struct GatewayConfig {
     pub timeout_secs: u64,
     /// Interval of SSE heartbeat comments, in seconds.
     pub sse_heartbeat_secs: u64,
+    /// How long a stream's response headers wait for its first message (an
+    /// early error then gets its own HTTP status), in milliseconds.
+    pub stream_first_message_wait_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -79,6 +82,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 4 * 1024 * 1024,
             timeout_secs: 30,
             sse_heartbeat_secs: 15,
+            stream_first_message_wait_ms: 2000,
         }
     }
 }
@@ -331,12 +335,16 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
         request.set_timeout(Duration::from_secs(gw.config.timeout_secs.max(1)));
     }
     if route.server_streaming() {
+        // Headers go out before the timeout layer would answer 408.
+        let first_wait = Duration::from_millis(gw.config.stream_first_message_wait_ms)
+            .min(Duration::from_secs(gw.config.timeout_secs.max(1)) / 2);
         stream::call(
             &gw.channel,
             route,
             request,
             sse,
             gw.config.sse_heartbeat_secs,
+            first_wait,
         )
         .await
     } else {

@@ -102,6 +102,7 @@ pub async fn call(
     request: tonic::Request<Bytes>,
     sse: bool,
     heartbeat_secs: u64,
+    first_wait: Duration,
 ) -> Response {
     let mut grpc = match grpc_client(channel).await {
         Ok(g) => g,
@@ -114,15 +115,19 @@ pub async fn call(
         Ok(r) => r.into_inner(),
         Err(s) => return status_response(&s),
     };
-    // Hold the headers until the first message or error.
-    let first = match stream.message().await {
-        Ok(first) => first,
-        Err(s) => return status_response(&s),
+    // Hold the headers until the first message or error, so an early
+    // refusal is a real HTTP status; a watch with nothing to say yet gets
+    // its headers after `first_wait` (before the gateway's timeout would
+    // turn the quiet stream into a 504) and its messages as they come.
+    let (first, done) = match tokio::time::timeout(first_wait, stream.message()).await {
+        Ok(Ok(Some(first))) => (Some(first), false),
+        Ok(Ok(None)) => (None, true),
+        Ok(Err(s)) => return status_response(&s),
+        Err(_) => (None, false),
     };
     let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.reset();
-    let done = first.is_none();
     let state = State {
         stream,
         first,
