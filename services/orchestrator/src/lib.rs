@@ -33,8 +33,8 @@ use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_service::clients::{
-    ApprovalsClient, Caller, CompilerClient, ConnectorHubClient, GhostRunClient, PolicyClient,
-    ReceiptsClient, TenantSettings, TenantSettingsClient, UpstreamError,
+    ApprovalsClient, Caller, CapTokensClient, CompilerClient, ConnectorHubClient, GhostRunClient,
+    PolicyClient, ReceiptsClient, TenantSettings, TenantSettingsClient, UpstreamError,
 };
 use anumate_store::{Migration, Store, TenantTx};
 use serde::{Deserialize, Serialize};
@@ -159,6 +159,10 @@ pub struct Upstreams {
     pub ghostrun: Arc<dyn GhostRunClient>,
     pub receipts: Arc<dyn ReceiptsClient>,
     pub settings: Arc<dyn TenantSettingsClient>,
+    /// Mints each call's token: the captokens service of this process when
+    /// it runs here (no RPC per call), else gRPC.
+    pub tokens: Arc<dyn CapTokensClient>,
+    /// Revokes a run's tokens when it ends (gRPC).
     pub captokens: worker::CapTokens,
 }
 

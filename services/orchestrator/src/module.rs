@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_service::clients::{
-    ApprovalsClient, CompilerClient, ConnectorHubClient, GhostRunClient, Grpc, PolicyClient,
-    ReceiptsClient, TenantSettingsClient,
+    ApprovalsClient, CapTokensClient, CompilerClient, ConnectorHubClient, GhostRunClient, Grpc,
+    PolicyClient, ReceiptsClient, TenantSettingsClient,
 };
 use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
@@ -73,6 +73,11 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
         &cfg.registry_url,
         |c| grpc(c),
     )?;
+    let tokens = ctx.upstream::<dyn CapTokensClient>(
+        "orchestrator.captokens_url",
+        &cfg.captokens_url,
+        |c| grpc(c),
+    )?;
     let captokens =
         ctx.upstream::<CapTokens>("orchestrator.captokens_url", &cfg.captokens_url, |c| {
             Arc::new(CapTokens::new(c, issuer.clone()))
@@ -87,6 +92,7 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
             ghostrun,
             receipts,
             settings,
+            tokens,
             captokens: (*captokens).clone(),
         },
         cfg,

@@ -45,8 +45,9 @@ use crate::{
 /// How long a call may take when its step sets no timeout.
 const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The captokens service over gRPC (issue a token for one call, revoke a
-/// run's tokens), as the orchestrator acting for the run's starter.
+/// The captokens service over gRPC for what `CapTokensClient` does not
+/// offer (revoking a run's tokens), as the orchestrator acting for the
+/// run's starter.
 #[derive(Clone)]
 pub struct CapTokens {
     channel: Channel,
@@ -75,22 +76,6 @@ impl CapTokens {
             .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
         req.metadata_mut().insert("authorization", value);
         Ok(req)
-    }
-
-    /// `IssueToken`.
-    pub async fn issue(
-        &self,
-        caller: &Caller,
-        r: capb::IssueTokenRequest,
-    ) -> UpstreamResult<capb::IssueTokenResponse> {
-        let req = self.request(caller, r)?;
-        let mut c = capb::capability_tokens_internal_client::CapabilityTokensInternalClient::new(
-            self.channel.clone(),
-        );
-        Ok(c.issue_token(req)
-            .await
-            .map_err(UpstreamError::Remote)?
-            .into_inner())
     }
 
     /// `RevokeToken` for every token of a run.
@@ -922,7 +907,7 @@ impl Orchestrator {
         let issued = self
             .inner
             .up
-            .captokens
+            .tokens
             .issue(
                 &caller,
                 capb::IssueTokenRequest {
@@ -1833,7 +1818,7 @@ impl Orchestrator {
             let issued = self
                 .inner
                 .up
-                .captokens
+                .tokens
                 .issue(
                     &caller,
                     capb::IssueTokenRequest {
