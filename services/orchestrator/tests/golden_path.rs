@@ -483,6 +483,16 @@ async fn golden_path(app: TestApp) {
     assert_eq!(transfer.attempts.len(), 1);
     let attempt = &transfer.attempts[0];
     assert!(!attempt.token_jti.is_empty());
+    // The attempt shows the policy decision on its real arguments.
+    let decision = attempt.decision.as_ref().unwrap();
+    assert_eq!(decision.effect(), ppb::Effect::RequireApproval);
+    let rule = decision.matched_rules[0].rule.as_ref().unwrap();
+    assert_eq!(
+        (rule.policy.as_str(), rule.rule.as_str(), rule.policy_version),
+        ("transfer-guard", "large-transfer", 1)
+    );
+    assert!(rule.content_hash.starts_with("sha256:"), "{rule:?}");
+    assert_eq!(decision.reasons, ["transfer above 1,000"]);
     assert_eq!(attempt.idempotency_key, format!("{run_id}/transfer"));
     assert_eq!(
         ej::value_json(transfer.output.as_ref().unwrap(), 8).unwrap(),
