@@ -991,18 +991,24 @@ impl Orchestrator {
                     if step_is_done(s.state) {
                         continue;
                     }
-                    for a in &mut s.attempts {
+                    for a in s.attempts.iter_mut().chain(&mut s.compensation_attempts) {
                         if a.state == pb::AttemptState::Running as i32 {
                             a.state = pb::AttemptState::Abandoned as i32;
                             a.end_time = ts(now);
                         }
                     }
-                    s.state = if s.state == pb::StepState::Pending as i32 {
-                        pb::StepState::Skipped as i32
-                    } else {
-                        pb::StepState::Cancelled as i32
+                    // A step being compensated had succeeded: it stays on
+                    // record as a compensation that did not finish.
+                    (s.state, s.state_reason) = match pb::StepState::try_from(s.state) {
+                        Ok(pb::StepState::Pending) => {
+                            (pb::StepState::Skipped as i32, "the run was killed".into())
+                        }
+                        Ok(pb::StepState::Compensating) => (
+                            pb::StepState::CompensationFailed as i32,
+                            "the run was killed during the step's compensation".into(),
+                        ),
+                        _ => (pb::StepState::Cancelled as i32, "the run was killed".into()),
                     };
-                    s.state_reason = "the run was killed".into();
                     s.end_time = ts(now);
                     changes.push(Change::step(i, "step.cancelled", "the run was killed"));
                 }

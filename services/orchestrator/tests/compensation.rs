@@ -50,7 +50,7 @@ spec:
   side_effect: write
   idempotent: false
   input: {type: object, required: [transfer_id], properties: {transfer_id: {type: string}, amount: {type: integer}}}
-  mock: {output: {reversed: \"${{ args.transfer_id }}\"}}
+  mock: {output: {reversed: \"${{ args.transfer_id }}\"}, latency: 300ms, fail: {times: 1, code: UNAVAILABLE}}
 ---
 apiVersion: anumate.dev/v1
 kind: Tool
@@ -512,8 +512,14 @@ async fn cancel_compensates(app: TestApp) {
         ppb::Effect::Allow,
         "{call:#?}"
     );
-    assert_eq!(transfer.compensation_attempts.len(), 1, "{transfer:#?}");
-    let comp = &transfer.compensation_attempts[0];
+    // The reversal's first delivery fails (retryable): tried again with the
+    // same key.
+    assert_eq!(transfer.compensation_attempts.len(), 2, "{transfer:#?}");
+    let failed = &transfer.compensation_attempts[0];
+    assert_eq!(failed.state(), pb::AttemptState::Failed);
+    assert!(failed.failure.as_ref().unwrap().retryable, "{failed:#?}");
+    let comp = &transfer.compensation_attempts[1];
+    assert_eq!(comp.idempotency_key, failed.idempotency_key);
     assert_eq!(comp.kind(), pb::AttemptKind::Compensation);
     assert_eq!(comp.state(), pb::AttemptState::Succeeded);
     assert_eq!(
@@ -529,7 +535,7 @@ async fn cancel_compensates(app: TestApp) {
     let reversals = mock_calls(&mut alice, &run_id, "payments.reverse").await;
     assert_eq!(reversals.len(), 1, "{reversals:#?}");
     assert!(reversals[0].acted);
-    assert_eq!(reversals[0].deliveries, 1);
+    assert_eq!(reversals[0].deliveries, 2);
     assert_eq!(reversals[0].idempotency_key, comp.idempotency_key);
     assert_eq!(reversals[0].step_id, "transfer");
     assert_eq!(
@@ -576,7 +582,7 @@ async fn cancel_compensates(app: TestApp) {
         .await;
     let reversals = mock_calls(&mut alice, &run_id, "payments.reverse").await;
     assert_eq!(reversals.len(), 1);
-    assert_eq!(reversals[0].deliveries, 1);
+    assert_eq!(reversals[0].deliveries, 2);
 
     // A compensation the policy denies is not called; the step says so.
     let run_id = start_and_cancel(&mut alice, &plan_hash, 9000, "pay-2").await;
@@ -609,4 +615,38 @@ async fn cancel_compensates(app: TestApp) {
             .is_empty()
     );
     verify_offline(&app, &run_id, &comp.receipt_id).await;
+
+    // Killed while compensating: the step stays on record as a
+    // compensation that did not finish, its attempt abandoned.
+    let run_id = start_and_cancel(&mut alice, &plan_hash, 200, "pay-3").await;
+    wait_for(&mut alice, &run_id, |r| {
+        r.steps[0].state == pb::StepState::Compensating as i32
+    })
+    .await;
+    alice
+        .orch
+        .kill_run(pb::KillRunRequest {
+            run_id: run_id.clone(),
+            reason: "stop everything".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let run = get(&mut alice, &run_id).await;
+    assert_eq!(run.state(), pb::RunState::Cancelled);
+    assert!(run.killed);
+    let transfer = step(&run, "transfer");
+    assert_eq!(
+        transfer.state(),
+        pb::StepState::CompensationFailed,
+        "{run:#?}"
+    );
+    assert!(transfer.state_reason.contains("killed"), "{transfer:#?}");
+    assert!(
+        transfer
+            .compensation_attempts
+            .iter()
+            .all(|a| a.state() != pb::AttemptState::Running),
+        "{transfer:#?}"
+    );
 }
