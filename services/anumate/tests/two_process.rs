@@ -165,3 +165,80 @@ async fn a_killed_replicas_runs_are_finished_by_the_other_after_the_lease() {
     let log = cluster.log("b");
     assert!(!log.contains("panicked"), "B panicked:\n{log}");
 }
+
+/// Both replicas killed in turn, `kills` times: each life of a replica
+/// starts runs through it (an `Execute` the kill cut off is sent again to
+/// the other replica, with the same key: the same run), and is killed at a
+/// random point while the other keeps working. Every run succeeds, one run
+/// per key, each (run, step) key acted once.
+async fn rolling_kills(kills: usize) {
+    let cluster = crash_support::Cluster::new(&config()).await;
+    let mut rng = crash_support::Rng::from_env();
+    let mut nodes = [cluster.start("a").await, cluster.start("b").await];
+    let token = cluster.token();
+    let plan = seed(&nodes[0].url, &token, "20ms").await;
+    let mut runs = std::collections::BTreeMap::new();
+    let mut pending: Vec<String> = Vec::new();
+    for life in 0..kills {
+        let victim = life % 2;
+        let other = 1 - victim;
+        // Cut-off keys go to the survivor; new ones to the victim.
+        let mut c = orch(&nodes[other].url, &token);
+        for key in std::mem::take(&mut pending) {
+            let id = execute(&mut c, &plan, &key)
+                .await
+                .unwrap_or_else(|| panic!("Execute {key} failed on a live replica"));
+            runs.insert(key, id);
+        }
+        let keys: Vec<String> = (0..6).map(|j| format!("k{life}-{j}")).collect();
+        let (url, bearer, plan2) = (nodes[victim].url.clone(), token.clone(), plan.clone());
+        let submit = tokio::spawn(async move {
+            let mut c = orch(&url, &bearer);
+            let mut out = Vec::new();
+            for key in keys {
+                let id = execute(&mut c, &plan2, &key).await;
+                out.push((key, id));
+            }
+            out
+        });
+        tokio::time::sleep(Duration::from_millis(rng.below(1500))).await;
+        // Its replacement starts first (as in a rolling deploy), then it dies.
+        let dead = std::mem::replace(&mut nodes[victim], cluster.start(&format!("r{life}")).await);
+        dead.kill9();
+        for (key, id) in submit.await.unwrap() {
+            match id {
+                Some(id) => {
+                    runs.insert(key, id);
+                }
+                None => pending.push(key),
+            }
+        }
+    }
+    let mut c = orch(&nodes[0].url, &token);
+    for key in std::mem::take(&mut pending) {
+        let id = execute(&mut c, &plan, &key).await.unwrap();
+        runs.insert(key, id);
+    }
+    let ids: Vec<String> = runs.values().cloned().collect();
+    let ended = wait_all_ended(&cluster, &mut c, &ids, Duration::from_secs(90)).await;
+    for (key, id) in &runs {
+        assert_eq!(&ended[id].idempotency_key, key);
+    }
+    let calls = mock_calls(&nodes[0].url, &token).await;
+    let figures = assert_exactly_once(&ended, &calls);
+    eprintln!(
+        "{kills} kills of two replicas in turn; all {} runs succeeded; ledger: {figures:?}",
+        ended.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_killed_in_turn_ten_times() {
+    rolling_kills(10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100 kills"]
+async fn two_replicas_killed_in_turn_a_hundred_times() {
+    rolling_kills(100).await;
+}
