@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Crash safety (issue 16): the serving process (`anumate dev` on
-//! PostgreSQL, every service in one process) is killed with SIGKILL at
+//! PostgreSQL, and on SQLite, every service in one process) is killed with SIGKILL at
 //! random points while runs execute, and restarted, again and again. New
 //! runs are started in every life of the process (an `Execute` the kill cut
 //! off is sent again with the same idempotency key after the restart), so
@@ -13,7 +13,9 @@
 //!
 //! The test configuration shortens the orchestrator's run lease and the
 //! hub's in-flight key lease to one second each, so a restarted process
-//! takes its dead predecessor's runs and keys over quickly.
+//! takes its dead predecessor's runs and keys over quickly. With the hub's
+//! default in-flight lease (300 s) a run can fail instead: see the ignored
+//! `kill9_with_the_hubs_default_in_flight_lease`.
 //!
 //! The kill points come from a seed the test prints; `ANUMATE_CRASH_SEED`
 //! replays one.
