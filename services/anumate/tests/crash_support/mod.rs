@@ -480,7 +480,10 @@ pub fn assert_exactly_once(
 ) -> LedgerFigures {
     let mut by_key: HashMap<&str, Vec<&conpb::MockCall>> = HashMap::new();
     for c in calls {
-        by_key.entry(c.idempotency_key.as_str()).or_default().push(c);
+        by_key
+            .entry(c.idempotency_key.as_str())
+            .or_default()
+            .push(c);
     }
     for (run_id, run) in runs {
         let effects: Vec<_> = calls.iter().filter(|c| &c.run_id == run_id).collect();
@@ -505,7 +508,10 @@ pub fn assert_exactly_once(
             assert_eq!(call.step_id, step.step_id);
             let acted = serde_json::to_value(call.output.as_ref().unwrap()).unwrap();
             let recorded = serde_json::to_value(step.output.as_ref().unwrap()).unwrap();
-            assert_eq!(acted, recorded, "key {key}: the step's output is not the effect's");
+            assert_eq!(
+                acted, recorded,
+                "key {key}: the step's output is not the effect's"
+            );
         }
     }
     assert_eq!(
