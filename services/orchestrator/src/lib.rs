@@ -186,6 +186,8 @@ struct Inner {
     /// Approvals steps driven here wait for: approval id → (tenant, run),
     /// so an in-process decision wakes the run at once (see `nudge`).
     awaiting: Mutex<HashMap<String, (String, String)>>,
+    /// Runs nudged since their driver last looked (tenant, run).
+    nudged: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 const MAX_CACHED: usize = 4096;
@@ -243,6 +245,7 @@ impl Orchestrator {
                 sets: Mutex::default(),
                 plans: Mutex::default(),
                 awaiting: Mutex::default(),
+                nudged: Mutex::default(),
             }),
         }
     }

@@ -294,6 +294,7 @@ impl Orchestrator {
         };
         let result = self.drive(tenant, run_id, cancel).await;
         beat.abort();
+        self.take_nudge(tenant, run_id);
         let retry_at = match &result {
             Ok(()) => None,
             Err(e) if e.reason == Reason::RunTerminal => None,
@@ -327,6 +328,10 @@ impl Orchestrator {
                     let tx = self.inner.store.write(tenant).await?;
                     repo::reschedule(&tx, run_id, at).await?;
                     tx.commit().await?;
+                    // A nudge during this pass was overwritten just now: look again.
+                    if self.take_nudge(tenant, run_id) {
+                        continue;
+                    }
                     return Ok(());
                 }
             }
@@ -1508,6 +1513,13 @@ impl Orchestrator {
         }
     }
 
+    fn take_nudge(&self, tenant: &str, run_id: &str) -> bool {
+        self.inner
+            .nudged
+            .lock()
+            .is_ok_and(|mut n| !n.is_empty() && n.remove(&(tenant.to_string(), run_id.to_string())))
+    }
+
     fn forget_approval(&self, approval_id: &str) {
         if let Ok(mut m) = self.inner.awaiting.lock() {
             m.remove(approval_id);
@@ -1528,6 +1540,11 @@ impl Orchestrator {
         let Some((owner, run_id)) = run else { return };
         if owner != tenant {
             return;
+        }
+        // Before the queue row: a driver rescheduling the run after this
+        // sees the mark (see `drive`).
+        if let Ok(mut n) = self.inner.nudged.lock() {
+            n.insert((owner, run_id.clone()));
         }
         let due = async {
             let tx = self.inner.store.write(tenant).await?;
