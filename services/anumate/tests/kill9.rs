@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_store::Backend;
 use crash_support::{
-    Cluster, Rng, assert_exactly_once, execute, mock_calls, orch, seed, wait_all_ended,
+    Cluster, Rng, assert_exactly_once, execute, mock_calls, orch, seed, verify_receipts,
+    wait_all_ended,
 };
 
 /// The orchestrator's run lease and the hub's in-flight key lease: 1 s.
@@ -140,11 +141,25 @@ async fn kill_and_restart(backend: Backend, config: &str, kills: usize, runs_per
 
     let calls = mock_calls(&node.url, &token).await;
     let figures = assert_exactly_once(&ended, &calls);
+
+    // The receipts of the runs whose calls were re-sent (and a few
+    // others) verify offline.
+    let mut sample: Vec<String> = calls
+        .iter()
+        .filter(|c| c.deliveries > 1)
+        .map(|c| c.run_id.clone())
+        .collect();
+    sample.extend(ids.iter().step_by(ids.len() / 4 + 1).cloned());
+    sample.sort();
+    sample.dedup();
+    sample.truncate(12);
+    let receipts = verify_receipts(&cluster, &node.url, &token, &sample).await;
     eprintln!(
         "{kills} kills in {killed_at:.1?}, all {} runs ended after {finished_at:.1?}; \
          {kills_mid_run} kills with runs under way; {lost_executes} Execute calls cut off \
-         and re-sent; ledger: {figures:?}",
-        runs.len()
+         and re-sent; ledger: {figures:?}; {receipts} receipts of {} runs verified offline",
+        runs.len(),
+        sample.len()
     );
     assert!(
         kills_mid_run * 4 >= kills * 3,

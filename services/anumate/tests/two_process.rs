@@ -154,6 +154,15 @@ async fn a_killed_replicas_runs_are_finished_by_the_other_after_the_lease() {
         first >= Duration::from_millis(500),
         "B took A's run over {first:?} after the kill, before the lease ran out"
     );
+    // The receipts of the runs A left in flight verify offline.
+    let mut taken: Vec<String> = a_calls.iter().map(|c| c.0.clone()).collect();
+    taken.sort();
+    taken.dedup();
+    let receipts = crash_support::verify_receipts(&cluster, &b.url, &token, &taken).await;
+    eprintln!(
+        "{receipts} receipts of A's {} in-flight runs verified offline",
+        taken.len()
+    );
     eprintln!(
         "A killed with {} calls in flight ({} left to B); B re-sent them {:?} after the kill \
          (lease {LEASE_SECS} s), all {} runs ended {all_done:.1?} after it; ledger: {figures:?}",

@@ -461,6 +461,77 @@ pub async fn mock_calls(url: &str, token: &BearerToken) -> Vec<conpb::MockCall> 
     }
 }
 
+/// `anumate <args>` against the server at `url` with `token`, in `dir`;
+/// stdout, failing the test when the command fails.
+pub async fn cli(url: &str, token: &BearerToken, dir: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ANUMATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("ANUMATE_SERVER", url)
+        .env("ANUMATE_TOKEN", &token.0)
+        .env("NO_COLOR", "1")
+        .args(args)
+        .stdin(Stdio::null());
+    let shown = args.join(" ");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "anumate {shown} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every receipt of each run verifies offline (`anumate receipt get --proof`
+/// then `anumate receipt verify` with the receipts JWKS), as a user checks
+/// them: keys kept across restarts, no receipt left half-appended. Each
+/// run has at least one receipt per step and its outcome's; the number of
+/// receipts checked.
+pub async fn verify_receipts(
+    cluster: &Cluster,
+    url: &str,
+    token: &BearerToken,
+    run_ids: &[String],
+) -> usize {
+    let dir = cluster.dir.path().join("receipts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = cli(url, token, &dir, &["receipt", "jwks"]).await;
+    std::fs::write(dir.join("jwks.json"), jwks).unwrap();
+    let mut bundles = Vec::new();
+    for run_id in run_ids {
+        let ids = cli(
+            url,
+            token,
+            &dir,
+            &["receipt", "list", "--run", run_id, "-q"],
+        )
+        .await;
+        let ids: Vec<&str> = ids.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            ids.len() > STEPS.len(),
+            "run {run_id} has {} receipts",
+            ids.len()
+        );
+        for id in ids {
+            let bundle = cli(url, token, &dir, &["receipt", "get", id, "--proof"]).await;
+            let file = format!("{id}.json");
+            std::fs::write(dir.join(&file), bundle).unwrap();
+            bundles.push(file);
+        }
+    }
+    let mut args = vec!["receipt", "verify", "--jwks", "jwks.json"];
+    args.extend(bundles.iter().map(String::as_str));
+    cli(url, token, &dir, &args).await;
+    bundles.len()
+}
+
 /// What the ledger showed, for the report.
 #[derive(Debug, Default)]
 pub struct LedgerFigures {
