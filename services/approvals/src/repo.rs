@@ -244,6 +244,74 @@ pub async fn save_many(tx: &TenantTx, approvals: &[&Approval]) -> Result<()> {
     Ok(())
 }
 
+/// Stores changed approvals, each only if its stored version is still the
+/// one it was decided from (`None`: the caller holds its row lock), in one
+/// statement on PostgreSQL. Returns the ids stored; the others changed in
+/// between (nothing written for them). On PostgreSQL a concurrent writer of
+/// a row makes this wait for it and then see its version, so no row lock
+/// needs to be taken (or a round trip spent) first. Ids must be distinct.
+pub async fn save_many_if(
+    tx: &TenantTx,
+    approvals: &[(&Approval, Option<i64>)],
+) -> Result<std::collections::HashSet<String>> {
+    let mut stored = std::collections::HashSet::new();
+    if tx.backend() == Backend::Sqlite || approvals.len() == 1 {
+        for (a, expected) in approvals {
+            let n = tx
+                .execute(
+                    "UPDATE approvals SET state = $3, version = $4, body = $5 \
+                     WHERE tenant_id = $1 AND approval_id = $2 AND ($6 < 0 OR version = $6)",
+                    vec![
+                        tx.tenant_id().into(),
+                        a.id.as_str().into(),
+                        state_number(a.status).into(),
+                        a.version.into(),
+                        body(a)?.into(),
+                        expected.unwrap_or(-1).into(),
+                    ],
+                )
+                .await?;
+            if n == 1 {
+                stored.insert(a.id.clone());
+            }
+        }
+        return Ok(stored);
+    }
+    let ids: Vec<String> = approvals.iter().map(|(a, _)| a.id.clone()).collect();
+    let states: Vec<i32> = approvals
+        .iter()
+        .map(|(a, _)| state_number(a.status))
+        .collect();
+    let versions: Vec<i64> = approvals.iter().map(|(a, _)| a.version).collect();
+    let expected: Vec<i64> = approvals.iter().map(|(_, e)| e.unwrap_or(-1)).collect();
+    let bodies = approvals
+        .iter()
+        .map(|(a, _)| body(a))
+        .collect::<Result<Vec<String>>>()?;
+    let rows = tx
+        .query_all(
+            "UPDATE approvals AS a SET state = u.state, version = u.version, body = u.body \
+             FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bigint[]) \
+               AS u(id, state, version, body, expected) \
+             WHERE a.tenant_id = $1 AND a.approval_id = u.id \
+               AND (u.expected < 0 OR a.version = u.expected) \
+             RETURNING a.approval_id",
+            vec![
+                tx.tenant_id().into(),
+                Value::from(ids),
+                Value::from(states),
+                Value::from(versions),
+                Value::from(bodies),
+                Value::from(expected),
+            ],
+        )
+        .await?;
+    for r in rows {
+        stored.insert(r.try_get("", "approval_id").map_err(db)?);
+    }
+    Ok(stored)
+}
+
 /// Filters of a listing (zero / empty: not filtered).
 pub struct Filter<'a> {
     pub state: i32,

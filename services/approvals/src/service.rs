@@ -9,9 +9,9 @@ use anumate_proto::approvals::v1 as pb;
 use anumate_store::TenantTx;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::commit::Decided;
 use crate::convert::{self, Event};
 use crate::rules::{self, Action, Applied, Approval, Decider, Effect, RuleRef, Stage, Status};
-use crate::commit::Decided;
 use crate::{Approvals, Change, notify, receipting, repo};
 
 /// Who is calling: the verified principal, its tenant and groups.

@@ -1200,9 +1200,11 @@ async fn assert_log_consistent(app: &App, tenant: &str) {
     for (i, (index, _, _)) in leaves.iter().enumerate() {
         assert_eq!(*index, i as i64, "leaf indexes have no gap");
     }
-    let tree = anumate_receipt::Tree::from_leaf_hashes(leaves.iter().map(|(_, h, _)| {
-        <[u8; 32]>::try_from(hex::decode(h).unwrap()).unwrap()
-    }));
+    let tree = anumate_receipt::Tree::from_leaf_hashes(
+        leaves
+            .iter()
+            .map(|(_, h, _)| <[u8; 32]>::try_from(hex::decode(h).unwrap()).unwrap()),
+    );
     let receipts = app
         .server()
         .provided
@@ -1219,7 +1221,11 @@ async fn assert_log_consistent(app: &App, tenant: &str) {
         .checkpoint(&reader, leaves.len() as i64)
         .await
         .unwrap();
-    assert_eq!(cp.root_hash, tree.root().to_vec(), "the stored tree is the leaves'");
+    assert_eq!(
+        cp.root_hash,
+        tree.root().to_vec(),
+        "the stored tree is the leaves'"
+    );
 }
 
 /// Installs (or removes) a trigger that makes storing a grant fail, as a
@@ -1353,7 +1359,10 @@ async fn a_remote_receipts_service_receipts_first(app: App) {
         .map(|d| d.receipt_id.as_str())
         .collect();
     assert_eq!(
-        leaves.iter().map(|(_, _, id)| id.as_str()).collect::<Vec<_>>(),
+        leaves
+            .iter()
+            .map(|(_, _, id)| id.as_str())
+            .collect::<Vec<_>>(),
         ids
     );
     assert_log_consistent(&app, TENANT).await;

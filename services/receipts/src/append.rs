@@ -11,8 +11,8 @@ use anumate_proto::events::v1 as ev;
 use anumate_proto::receipts::v1 as pb;
 use anumate_receipt::{CompactRange, Hash, Statement, Subject};
 use anumate_store::{Backend, TenantTx};
-use tokio::sync::Notify;
 use serde_json::Value;
+use tokio::sync::Notify;
 
 use crate::proofs::with_nodes;
 use crate::{
@@ -487,8 +487,7 @@ impl Written {
     /// After the commit: remembers the new head and answers.
     fn committed(self, lane: &Lane, receipts: &Receipts) -> Vec<Result<(pb::Receipt, bool)>> {
         remember_head(lane, self.range.size(), self.range.peaks().to_vec());
-        if self.range.size().saturating_sub(self.checkpoint_size) >= receipts.cfg.checkpoint_batch
-        {
+        if self.range.size().saturating_sub(self.checkpoint_size) >= receipts.cfg.checkpoint_batch {
             receipts.wake.notify_one();
         }
         self.results

@@ -7,8 +7,8 @@ use anumate_proto::receipts::v1 as pb;
 use anumate_service::clients::{
     AppendedInTx, BoxFuture, Caller, PreparedReceipt, ReceiptsClient, UpstreamResult,
 };
-use anumate_store::TenantTx;
 use anumate_service::{BuildError, Context, Module, ServiceModule};
+use anumate_store::TenantTx;
 
 use crate::{Actor, Prepared, Receipts, ReceiptsConfig, ReceiptsGrpc};
 
