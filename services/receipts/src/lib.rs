@@ -23,6 +23,13 @@
 //!   retry) it is rolled back and the batch appended the checked way. The tree is
 //!   therefore always integrated up to the last committed receipt; nothing is
 //!   pending in memory, so a restart loses nothing.
+//! - **In the caller's transaction** ([`Receipts::append_in`], the in-process
+//!   `ReceiptsClient::append_in`): a service whose store is the log's appends
+//!   its receipts in the transaction of the change they attest, so a receipt
+//!   exists iff that change committed. The same guarded (else checked)
+//!   statements run in that transaction; the head this process remembers is
+//!   updated only once the caller reports the commit ([`InTx::committed`]),
+//!   never for a transaction rolled back.
 //! - **Checkpoints** are published by [`Receipts::spawn_checkpointer`], one
 //!   task per process: every `checkpoint_interval_ms` (500 ms), or sooner once
 //!   `checkpoint_batch` leaves are waiting, it signs a note for each tenant
