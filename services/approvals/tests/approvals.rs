@@ -1372,3 +1372,72 @@ on_both_backends! {
     a_failed_decision_leaves_no_receipt => failed_decision_sqlite, failed_decision_postgres;
     a_remote_receipts_service_receipts_first => remote_receipts_sqlite, remote_receipts_postgres;
 }
+
+/// A decision whose receipt an earlier attempt already appended (the same
+/// content, as a receipt appended before a commit that then failed leaves
+/// it) names that receipt: the log gets no second one for it.
+async fn an_earlier_attempts_receipt_is_reused(app: App) {
+    let a = open(&app, request("refund", vec![stage(&["user:ann"], 1)])).await;
+    // The earlier attempt: ann's approval as the service would plan it,
+    // receipted, never committed.
+    let body: String = app
+        .store
+        .read(TENANT)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT body FROM approvals WHERE tenant_id = $1 AND approval_id = $2",
+            vec![TENANT.into(), a.approval_id.as_str().into()],
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "body")
+        .unwrap();
+    let mut planned: anumate_approvals::rules::Approval = serde_json::from_str(&body).unwrap();
+    anumate_approvals::rules::decide(
+        &mut planned,
+        anumate_approvals::rules::Decider {
+            principal: "user:ann",
+            groups: &[],
+        },
+        &anumate_approvals::rules::Action::Approve { args_sha256: ARGS },
+        "looks right",
+        "",
+        anumate_store::now_micros(),
+    )
+    .unwrap();
+    let receipts = app
+        .server()
+        .provided
+        .get::<anumate_receipts::Receipts>()
+        .unwrap()
+        .clone();
+    let earlier = anumate_service::clients::append_receipt_first(
+        &receipts,
+        &anumate_approvals::receipting::caller(TENANT),
+        anumate_approvals::receipting::request(&planned).unwrap(),
+        ("the decision's receipt", "nothing was decided"),
+    )
+    .await
+    .unwrap();
+    let before = receipt_leaves(&app.store, TENANT).await;
+
+    let done = approved_by(&mut app.approver("user:ann").await, &a.approval_id).await;
+    assert_eq!(state(&done), pb::ApprovalState::Approved);
+    assert_eq!(done.decisions[0].receipt_id, earlier);
+    assert_eq!(receipt_leaves(&app.store, TENANT).await, before);
+    let (_, payload) = app
+        .events(TENANT)
+        .await
+        .into_iter()
+        .find(|(t, _)| t.contains("granted"))
+        .unwrap();
+    let granted = ev::ApprovalGranted::decode(payload.as_slice()).unwrap();
+    assert_eq!(granted.receipt_id, earlier);
+    assert_log_consistent(&app, TENANT).await;
+}
+
+on_both_backends! {
+    an_earlier_attempts_receipt_is_reused => earlier_receipt_sqlite, earlier_receipt_postgres;
+}
