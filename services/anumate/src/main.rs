@@ -469,7 +469,10 @@ async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> any
         } else {
             config.gateway.upstream.clone()
         };
-        println!("  rest:  http://{} (REST gateway; /openapi.json)", gw.local_addr()?);
+        println!(
+            "  rest:  http://{} (REST gateway; /openapi.json)",
+            gw.local_addr()?
+        );
         let cfg = config.clone();
         tokio::spawn(async move {
             if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {

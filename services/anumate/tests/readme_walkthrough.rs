@@ -34,9 +34,14 @@ fn walkthrough(readme: &str) -> Vec<Step> {
         .find(MARKER)
         .expect("README.md has no `<!-- walkthrough` marker");
     let rest = &readme[start..];
-    let open = rest.find("```sh\n").expect("no ```sh block after the marker") + "```sh\n".len();
+    let open = rest
+        .find("```sh\n")
+        .expect("no ```sh block after the marker")
+        + "```sh\n".len();
     let body = &rest[open..];
-    let close = body.find("\n```").expect("the walkthrough block is not closed");
+    let close = body
+        .find("\n```")
+        .expect("the walkthrough block is not closed");
     let mut steps = Vec::new();
     let mut pending = String::new();
     for line in body[..close].lines() {
@@ -126,7 +131,10 @@ fn walkthrough_is_parsed_as_written() {
         find("anumate preflight transfer --inputs examples/transfer.inputs.json ").exit,
         2
     );
-    assert_eq!(find("anumate tool push examples/transfer.tools.yaml").exit, 0);
+    assert_eq!(
+        find("anumate tool push examples/transfer.tools.yaml").exit,
+        0
+    );
     find("anumate policy push examples/transfer.policy");
     find("anumate capsule push examples/transfer.capsule.yaml");
     find("RUN=$(anumate run start transfer");

@@ -488,7 +488,11 @@ async fn golden_path(app: TestApp) {
     assert_eq!(decision.effect(), ppb::Effect::RequireApproval);
     let rule = decision.matched_rules[0].rule.as_ref().unwrap();
     assert_eq!(
-        (rule.policy.as_str(), rule.rule.as_str(), rule.policy_version),
+        (
+            rule.policy.as_str(),
+            rule.rule.as_str(),
+            rule.policy_version
+        ),
         ("transfer-guard", "large-transfer", 1)
     );
     assert!(rule.content_hash.starts_with("sha256:"), "{rule:?}");
