@@ -769,7 +769,7 @@ impl Watched {
     fn reached(&self, state: pb::RunState) -> bool {
         self.state() == state
             || (state == pb::RunState::WaitingApproval
-                && self.state() == pb::RunState::Running
+                && matches!(self.state(), pb::RunState::Pending | pb::RunState::Running)
                 && self.run.as_ref().is_some_and(|r| {
                     r.steps
                         .iter()

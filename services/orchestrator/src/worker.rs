@@ -372,10 +372,21 @@ impl Orchestrator {
             return Err(stopped());
         }
         let paused = run.state == pb::RunState::Paused as i32;
+        let before = run.state;
         f(&mut run);
         if paused && !is_terminal(run.state) && run.state != pb::RunState::Paused as i32 {
             run.paused_from = run.state;
             run.state = pb::RunState::Paused as i32;
+        }
+        // A step change streams only the step: journal the run's own state
+        // change first, so `WatchRun` shows the run leave PENDING.
+        if step.is_some() && run.state != before {
+            let kind = if run.state == pb::RunState::Running as i32 {
+                "run.running"
+            } else {
+                "run.state_changed"
+            };
+            crate::journal(&tx, &mut run, None, kind, SELF_ACTOR, "", 0).await?;
         }
         if let Some((i, s)) = step {
             repo::put_step(&tx, run_id, i, s).await?;

@@ -587,6 +587,7 @@ async fn golden_path(app: TestApp) {
     assert_eq!(types.first(), Some(&"run.started"));
     assert_eq!(types.last(), Some(&"run.completed"));
     assert!(types.contains(&"step.waiting_approval"), "{types:?}");
+    assert!(types.contains(&"run.running"), "{types:?}");
     assert_eq!(
         history.last().unwrap().sequence,
         run.sequence,
