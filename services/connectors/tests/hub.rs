@@ -596,6 +596,10 @@ async fn operators_cannot_invoke_and_lists_page(app: TestApp) {
 }
 
 async fn a_failing_upstream_opens_its_circuit(app: TestApp) {
+    // The breaker gauge is process-wide and keyed by (tool, host): the two
+    // backends' runs of this test would overwrite each other's state.
+    static GAUGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _gauge = GAUGE.lock().await;
     let mut c = app.orchestrator("t1").await;
     let args = json!({});
     let call = |key: String| {
