@@ -459,17 +459,27 @@ async fn event_tail_streams_as_ndjson_and_sse_and_resumes() {
         assert_eq!(resp.status(), 200);
     }
     // NDJSON: one `{"result": …}` per line (from the start: a oneof field as a query parameter).
-    let resp = http
-        .get(format!("{}/v1/events:tail?after_sequence=0", p.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
-    let lines = frames(resp, "\n", 2).await;
-    assert!(lines.len() >= 2, "{lines:?}");
-    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    // The relay moves the pushes' events into the log a moment after their
+    // commit: until then the tail only says it caught up, so ask again.
+    let mut tries = 0;
+    let first: Value = loop {
+        let resp = http
+            .get(format!("{}/v1/events:tail?after_sequence=0", p.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+        let lines = frames(resp, "\n", 2).await;
+        assert!(!lines.is_empty(), "{lines:?}");
+        let first: Value = serde_json::from_str(&lines[0]).unwrap();
+        tries += 1;
+        if first["result"]["event"].is_object() || tries == 50 {
+            break first;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let seq = first["result"]["event"]["sequence"]
         .as_str()
         .unwrap_or_else(|| panic!("{first}"))
