@@ -11,30 +11,19 @@
 
 use std::time::{Duration, Instant};
 
-use anumate_auth::{BearerToken, Role};
+use anumate_auth::Role;
 use anumate_crypto::KeyRing;
 use anumate_engine::json as ej;
 use anumate_errors::Reason;
 use anumate_proto::approvals::v1 as apb;
-use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
 use anumate_proto::receipts::v1 as rcpb;
-use anumate_proto::registry::v1 as rpb;
 use anumate_receipt::{InclusionProof, verify_receipt_offline};
-use anumate_service::{Context, KeysConfig, ServiceModule};
-use anumate_testing::{
-    Backend, DevAuth, Layers, ModuleServer, TestDb, expect_reason, on_both_backends,
-};
-use serde_json::{Value, json};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-
-type Authed = InterceptedService<Channel, BearerToken>;
-
-const TENANT: &str = "acme";
+use anumate_testing::{expect_reason, on_both_backends};
+use serde_json::json;
 
 const TOOLS: &str = "apiVersion: anumate.dev/v1
 kind: Tool
@@ -90,253 +79,8 @@ spec:
       with: {to: "${{ inputs.to }}", amount: "${{ inputs.amount }}"}
 "#;
 
-struct TestApp {
-    server: Option<ModuleServer>,
-    auth: DevAuth,
-    keys_dir: std::path::PathBuf,
-    _db: TestDb,
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.handle.abort();
-        }
-    }
-}
-
-fn modules() -> Vec<Box<dyn ServiceModule>> {
-    vec![
-        anumate_registry::module(),
-        anumate_receipts::module(),
-        anumate_policy_service::module(),
-        anumate_captokens_service::module(),
-        anumate_compiler::module(),
-        anumate_approvals::module(),
-        anumate_ghostrun::module(),
-        anumate_connectors::module(),
-        anumate_orchestrator::module(),
-    ]
-}
-
-async fn spawn_app(backend: Backend) -> TestApp {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let modules = modules();
-    let mut migrations = anumate_events::MIGRATIONS.to_vec();
-    for m in &modules {
-        migrations.extend(m.migrations());
-    }
-    let (db, store) = anumate_testing::migrated_store(backend, &migrations).await;
-    let auth = DevAuth::with_service_issuer("orchestrator");
-    let keys_dir = auth.dir.path().join("keys");
-    let listener = anumate_testing::bind().await;
-    let own_url = format!("http://{}", listener.local_addr().unwrap());
-    let ctx = Context::new(
-        json!({"orchestrator": {"poll_ms": 50, "approval_poll_ms": 100}}),
-        Some(store),
-        KeysConfig {
-            generate_missing: true,
-            ..KeysConfig::default()
-        },
-        keys_dir.clone(),
-        auth.services.clone(),
-        own_url,
-    );
-    let layers = Layers::platform(
-        anumate_testing::GrpcConfig::default(),
-        auth.authenticator.clone(),
-    )
-    .unwrap();
-    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
-    TestApp {
-        server: Some(server),
-        auth,
-        keys_dir,
-        _db: db,
-    }
-}
-
-struct Clients {
-    orch: pb::orchestrator_service_client::OrchestratorServiceClient<Authed>,
-    registry: rpb::registry_service_client::RegistryServiceClient<Authed>,
-    tools: rpb::tools_service_client::ToolsServiceClient<Authed>,
-    policy: ppb::policy_service_client::PolicyServiceClient<Authed>,
-    compiler: cpb::compiler_service_client::CompilerServiceClient<Authed>,
-    ghostrun: gpb::ghost_run_service_client::GhostRunServiceClient<Authed>,
-    approvals: apb::approvals_service_client::ApprovalsServiceClient<Authed>,
-    hub: conpb::connector_hub_service_client::ConnectorHubServiceClient<Authed>,
-    receipts: rcpb::receipts_service_client::ReceiptsServiceClient<Authed>,
-}
-
-impl TestApp {
-    async fn as_user(&self, subject: &str, roles: &[Role]) -> Clients {
-        let token = self
-            .auth
-            .issuer
-            .mint(TENANT, subject, roles, Duration::from_secs(600))
-            .unwrap();
-        let url = self.server.as_ref().unwrap().url();
-        let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
-        let t = || BearerToken(token.clone());
-        Clients {
-            orch: pb::orchestrator_service_client::OrchestratorServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            registry: rpb::registry_service_client::RegistryServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            tools: rpb::tools_service_client::ToolsServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            policy: ppb::policy_service_client::PolicyServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            compiler: cpb::compiler_service_client::CompilerServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            ghostrun: gpb::ghost_run_service_client::GhostRunServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            approvals: apb::approvals_service_client::ApprovalsServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            hub: conpb::connector_hub_service_client::ConnectorHubServiceClient::with_interceptor(
-                channel.clone(),
-                t(),
-            ),
-            receipts: rcpb::receipts_service_client::ReceiptsServiceClient::with_interceptor(
-                channel,
-                t(),
-            ),
-        }
-    }
-
-    /// The starter: an operator (also an approver, so self-approval is tested).
-    async fn alice(&self) -> Clients {
-        self.as_user(
-            "user:alice",
-            &[Role::Operator, Role::Approver, Role::Auditor],
-        )
-        .await
-    }
-}
-
-/// Pushes the tools, the policy and the capsule; compiles; returns the plan hash.
-async fn seed(app: &TestApp) -> String {
-    let mut admin = app.as_user("user:root", &[Role::Admin]).await;
-    admin
-        .tools
-        .push_tools(rpb::PushToolsRequest {
-            source_yaml: TOOLS.into(),
-            source_name: "tools.yaml".into(),
-        })
-        .await
-        .unwrap();
-    admin
-        .policy
-        .push_policy(ppb::PushPolicyRequest {
-            source: POLICY.into(),
-            source_name: "transfer.policy".into(),
-            etag: String::new(),
-            publish: true,
-        })
-        .await
-        .unwrap();
-    admin
-        .registry
-        .push_capsule(rpb::PushCapsuleRequest {
-            source_yaml: CAPSULE.into(),
-            source_name: "transfer.yaml".into(),
-            etag: String::new(),
-            publish: true,
-        })
-        .await
-        .unwrap();
-    let plan = admin
-        .compiler
-        .compile(cpb::CompileRequest {
-            capsule_name: "transfer".into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
-    plan.plan_hash
-}
-
-fn inputs(v: Value) -> Option<pbjson_types::Struct> {
-    Some(ej::to_struct(&v))
-}
-
-async fn preflight(c: &mut Clients, plan_hash: &str, v: Value) -> gpb::PreflightReport {
-    c.ghostrun
-        .preflight(gpb::PreflightRequest {
-            plan_hash: plan_hash.into(),
-            inputs: inputs(v),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .report
-        .unwrap()
-}
-
-fn execute(plan_hash: &str, v: Value, preflight: &str, key: &str) -> pb::ExecuteRequest {
-    pb::ExecuteRequest {
-        plan_hash: plan_hash.into(),
-        inputs: inputs(v),
-        preflight_id: preflight.into(),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
-
-async fn get(c: &mut Clients, run_id: &str) -> pb::Run {
-    c.orch
-        .get_run(pb::GetRunRequest {
-            run_id: run_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-}
-
-/// Polls the run until `done` holds (at most 20 s).
-async fn wait_for(c: &mut Clients, run_id: &str, done: impl Fn(&pb::Run) -> bool) -> pb::Run {
-    let start = Instant::now();
-    loop {
-        let run = get(c, run_id).await;
-        if done(&run) {
-            return run;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "run never reached the expected state: {run:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn step<'a>(run: &'a pb::Run, id: &str) -> &'a pb::StepRun {
-    run.steps.iter().find(|s| s.step_id == id).unwrap()
-}
+mod common;
+use common::*;
 
 on_both_backends! {
     golden_path => golden_path_sqlite, golden_path_postgres;
@@ -344,7 +88,7 @@ on_both_backends! {
 }
 
 async fn golden_path(app: TestApp) {
-    let plan_hash = seed(&app).await;
+    let plan_hash = seed(&app, TOOLS, POLICY, CAPSULE).await;
     let mut alice = app.alice().await;
     let args = json!({"to": "acct_bob", "amount": 250000});
 
@@ -635,7 +379,7 @@ async fn golden_path(app: TestApp) {
 }
 
 async fn bad_input(app: TestApp) {
-    let plan_hash = seed(&app).await;
+    let plan_hash = seed(&app, TOOLS, POLICY, CAPSULE).await;
     let mut alice = app.alice().await;
     let ok = json!({"to": "acct_carol", "amount": 500});
     let report = preflight(&mut alice, &plan_hash, ok.clone()).await;
