@@ -10,8 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use anumate_auth::Role;
-use anumate_crypto::KeyRing;
 use anumate_engine::json as ej;
 use anumate_proto::approvals::v1 as apb;
 use anumate_proto::compiler::v1 as cpb;
@@ -19,8 +17,6 @@ use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
-use anumate_proto::receipts::v1 as rcpb;
-use anumate_receipt::{InclusionProof, verify_receipt_offline};
 use anumate_testing::on_both_backends;
 use serde_json::json;
 
@@ -93,60 +89,6 @@ spec:
 
 mod common;
 use common::*;
-
-async fn verify_offline(app: &TestApp, run_id: &str, id: &str) {
-    let jwks = KeyRing::load_or_create(&app.keys_dir, "receipts")
-        .unwrap()
-        .jwks();
-    let mut auditor = app.as_user("user:audrey", &[Role::Auditor]).await;
-    let receipt = auditor
-        .receipts
-        .get_receipt(rcpb::GetReceiptRequest {
-            receipt_id: id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .receipt
-        .unwrap();
-    assert_eq!(receipt.subject.as_ref().unwrap().run_id, run_id);
-    // The checkpointer signs a new tree head every few seconds.
-    let start = Instant::now();
-    let proof = loop {
-        match auditor
-            .receipts
-            .get_inclusion_proof(rcpb::GetInclusionProofRequest {
-                receipt_id: id.to_string(),
-                tree_size: 0,
-            })
-            .await
-        {
-            Ok(p) => break p.into_inner(),
-            Err(s)
-                if s.code() == tonic::Code::FailedPrecondition
-                    && start.elapsed() < Duration::from_secs(30) =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
-    let checkpoint = proof.checkpoint.unwrap();
-    let inclusion = InclusionProof {
-        leaf_index: proof.leaf_index as u64,
-        tree_size: checkpoint.tree_size as u64,
-        audit_path: proof
-            .audit_path
-            .iter()
-            .map(|h| h.as_slice().try_into().unwrap())
-            .collect(),
-    };
-    let json = anumate_receipts::export::receipt_json(&receipt)
-        .unwrap()
-        .to_string();
-    verify_receipt_offline(&json, &inclusion, &checkpoint.note, &jwks)
-        .unwrap_or_else(|e| panic!("{e}: {json}"));
-}
 
 async fn mock_calls(c: &mut Clients, run_id: &str, tool: &str) -> Vec<conpb::MockCall> {
     c.hub
