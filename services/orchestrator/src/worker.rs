@@ -413,6 +413,43 @@ impl Orchestrator {
         Ok(run)
     }
 
+    /// The token request for one call of `tool` with exactly these
+    /// arguments, for the run's starter, living about as long as the call
+    /// may take (1 to 5 minutes).
+    #[allow(clippy::too_many_arguments)]
+    fn token_request(
+        &self,
+        subject: &str,
+        run_id: &str,
+        plan_hash: &str,
+        step_id: &str,
+        tool: &str,
+        args_sha256: &str,
+        timeout: Duration,
+        single_use: bool,
+    ) -> capb::IssueTokenRequest {
+        capb::IssueTokenRequest {
+            audience: self.inner.cfg.token_audience.clone(),
+            subject: subject.to_string(),
+            run_id: run_id.to_string(),
+            step_id: step_id.to_string(),
+            plan_hash: plan_hash.to_string(),
+            args_sha256: args_sha256.to_string(),
+            capability: Some(capb::Capability {
+                tool: tool.to_string(),
+                actions: vec!["call".into()],
+                constraints: None,
+            }),
+            ttl: Some(pbjson_types::Duration {
+                seconds: i64::try_from(timeout.as_secs())
+                    .unwrap_or(240)
+                    .clamp(60, 300),
+                nanos: 0,
+            }),
+            single_use,
+        }
+    }
+
     /// One action on the run.
     async fn advance(&self, tenant: &str, run_id: &str) -> Result<Next> {
         let (row, mut steps) = {
@@ -908,42 +945,23 @@ impl Orchestrator {
             return Ok(Next::Stop);
         }
         let step_def = plan.steps.get(i);
-        let timeout = step_def
-            .and_then(|s| s.timeout.as_ref())
-            .filter(|d| d.seconds > 0 || d.nanos > 0)
-            .map_or(DEFAULT_ATTEMPT_TIMEOUT, |d| {
-                Duration::new(
-                    u64::try_from(d.seconds).unwrap_or(0),
-                    u32::try_from(d.nanos).unwrap_or(0),
-                )
-            });
-        let ttl_secs = i64::try_from(timeout.as_secs())
-            .unwrap_or(240)
-            .clamp(60, 300);
+        let timeout = attempt_timeout(step_def.and_then(|s| s.timeout.as_ref()));
         let issued = self
             .inner
             .up
             .tokens
             .issue(
                 &caller,
-                capb::IssueTokenRequest {
-                    audience: self.inner.cfg.token_audience.clone(),
-                    subject: starter.subject.clone(),
-                    run_id: run_id.to_string(),
-                    step_id: step_id.clone(),
-                    plan_hash: run.plan_hash.clone(),
-                    args_sha256: args_sha256.to_string(),
-                    capability: Some(capb::Capability {
-                        tool: tool.clone(),
-                        actions: vec!["call".into()],
-                        constraints: None,
-                    }),
-                    ttl: Some(pbjson_types::Duration {
-                        seconds: ttl_secs,
-                        nanos: 0,
-                    }),
+                self.token_request(
+                    &starter.subject,
+                    run_id,
+                    &run.plan_hash,
+                    &step_id,
+                    &tool,
+                    args_sha256,
+                    timeout,
                     single_use,
-                },
+                ),
             )
             .await;
         let issued = match issued {
@@ -1828,16 +1846,7 @@ impl Orchestrator {
                 .await;
         }
 
-        let timeout = comp
-            .timeout
-            .as_ref()
-            .filter(|d| d.seconds > 0 || d.nanos > 0)
-            .map_or(DEFAULT_ATTEMPT_TIMEOUT, |d| {
-                Duration::new(
-                    u64::try_from(d.seconds).unwrap_or(0),
-                    u32::try_from(d.nanos).unwrap_or(0),
-                )
-            });
+        let timeout = attempt_timeout(comp.timeout.as_ref());
         let caller = starter.caller();
         // A retryable failure is tried again a few times: nothing else will
         // undo the step once the run has ended.
@@ -1849,26 +1858,16 @@ impl Orchestrator {
                 .tokens
                 .issue(
                     &caller,
-                    capb::IssueTokenRequest {
-                        audience: self.inner.cfg.token_audience.clone(),
-                        subject: starter.subject.clone(),
-                        run_id: run_id.to_string(),
-                        step_id: step_id.clone(),
-                        plan_hash: run.plan_hash.clone(),
-                        args_sha256: args_sha256.clone(),
-                        capability: Some(capb::Capability {
-                            tool: tool.clone(),
-                            actions: vec!["call".into()],
-                            constraints: None,
-                        }),
-                        ttl: Some(pbjson_types::Duration {
-                            seconds: i64::try_from(timeout.as_secs())
-                                .unwrap_or(240)
-                                .clamp(60, 300),
-                            nanos: 0,
-                        }),
+                    self.token_request(
+                        &starter.subject,
+                        run_id,
+                        &run.plan_hash,
+                        &step_id,
+                        &tool,
+                        &args_sha256,
+                        timeout,
                         single_use,
-                    },
+                    ),
                 )
                 .await;
             let issued = match issued {
@@ -2170,6 +2169,18 @@ fn decision_pb(plan: &cpb::ExecutablePlan, d: &anumate_engine::StepDecision) -> 
 }
 
 /// Backoff before attempt `done + 1` (micros).
+/// A declared attempt timeout, or the default when none (or zero) is declared.
+fn attempt_timeout(declared: Option<&pbjson_types::Duration>) -> Duration {
+    declared
+        .filter(|d| d.seconds > 0 || d.nanos > 0)
+        .map_or(DEFAULT_ATTEMPT_TIMEOUT, |d| {
+            Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )
+        })
+}
+
 fn backoff(retry: Option<&cpb::RetryPolicy>, done: u32) -> i64 {
     let micros = |d: Option<&pbjson_types::Duration>, default: i64| {
         d.map_or(default, |d| {
