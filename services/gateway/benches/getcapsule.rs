@@ -149,7 +149,12 @@ async fn run() {
     ));
     let token = auth
         .issuer
-        .mint("acme", "user:bench", &[Role::Admin], Duration::from_secs(3600))
+        .mint(
+            "acme",
+            "user:bench",
+            &[Role::Admin],
+            Duration::from_secs(3600),
+        )
         .unwrap();
 
     let channel = tonic::transport::Endpoint::from_shared(own_url)
@@ -175,12 +180,17 @@ async fn run() {
         })
         .await
         .unwrap();
-    let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
     let rest_url = format!("{gw_url}/v1/capsules/refund-small-orders");
 
     println!(
         "GetCapsule, {secs} s per side; load average before: {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     for concurrency in levels {
         let g = grpc.clone();
@@ -217,7 +227,9 @@ async fn run() {
     }
     println!(
         "load average after: {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     server.stop().await;
 }
