@@ -87,7 +87,7 @@ pub enum RunSub {
     Cancel(ControlArgs),
     /// Kill a run at once: no compensation.
     Kill(ControlArgs),
-    /// Retry a failed step, or one that needs attention, with its idempotency key.
+    /// Retry a step that needs attention (its outcome is unknown) with the same idempotency key; a failed run has ended and is refused (RUN_TERMINAL).
     Retry {
         /// Run id.
         id: String,
