@@ -122,6 +122,8 @@ pub enum Reason {
     PreflightFailed,
     /// The cited preflight report is older than the tenant's citation TTL.
     PreflightExpired,
+    /// The hub holds another call with this idempotency key in flight.
+    CallInFlight,
     /// The REST gateway has no route for the request's method and path.
     RouteNotFound,
 }
@@ -459,6 +461,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "PREFLIGHT_EXPIRED",
         68,
         ErrorCode::FailedPrecondition,
+    ),
+    (
+        Reason::CallInFlight,
+        "CALL_IN_FLIGHT",
+        69,
+        ErrorCode::Unavailable,
     ),
     (
         Reason::RouteNotFound,
