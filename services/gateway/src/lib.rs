@@ -8,6 +8,7 @@
 //! is routed on the next build.
 #![forbid(unsafe_code)]
 
+pub mod docs;
 pub mod openapi;
 pub mod routes;
 pub mod status;
@@ -203,6 +204,8 @@ impl Gateway {
         let x_request_id = HeaderName::from_static("x-request-id");
         Router::new()
             .route("/openapi.json", get(openapi_json))
+            .route("/docs", get(docs::page))
+            .route(docs::SCRIPT_PATH, get(docs::script))
             .fallback(handle)
             .with_state(self.inner.clone())
             .layer(RequestBodyLimitLayer::new(config.max_body_bytes))

@@ -511,3 +511,143 @@ async fn event_tail_streams_as_ndjson_and_sse_and_resumes() {
     assert!(first.contains("event: result\ndata: {"), "{first}");
     p.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_heartbeats_keep_a_quiet_stream_alive_until_an_event_comes() {
+    use futures::StreamExt as _;
+    let p = platform(GatewayConfig {
+        sse_heartbeat_secs: 1,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let token = p.token();
+    let http = client();
+    // Live events only: `caught_up`, then nothing until something happens.
+    let resp = http
+        .get(format!("{}/v1/events:tail", p.url))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(quiet_until, body.next()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(text.contains("\"caughtUp\":true"), "{text}");
+    let beats = text.matches(": heartbeat\n\n").count();
+    assert!(
+        (2..=4).contains(&beats),
+        "{beats} heartbeats in 3.5 s:\n{text}"
+    );
+
+    // The wait ends: a push's event comes on the same stream.
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/refund.capsule.yaml"
+    ))
+    .unwrap();
+    let pushed = http
+        .post(format!("{}/v1/capsules:push", p.url))
+        .bearer_auth(&token)
+        .json(&json!({"sourceYaml": yaml}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let before = text.len();
+    while !text[before..].contains("\"event\":{") {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(chunk)) => text.push_str(&String::from_utf8_lossy(&chunk.unwrap())),
+            _ => panic!("no event after the push:\n{text}"),
+        }
+    }
+    let event = text[before..]
+        .split("\n\n")
+        .find(|f| f.contains("\"event\":{"))
+        .unwrap();
+    assert!(event.starts_with("id: "), "{event}");
+    p.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_page_renders_openapi_with_the_vendored_redoc() {
+    // No services needed: the page and its script are the gateway's own.
+    let gateway = Gateway::connect_lazy(GatewayConfig::default(), "http://127.0.0.1:9").unwrap();
+    let listener = anumate_testing::bind().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = tokio::spawn(anumate_gateway::serve(
+        listener,
+        gateway,
+        std::future::pending(),
+    ));
+    let http = client();
+    let page = http.get(format!("{url}/docs")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("<redoc spec-url=\"/openapi.json\">"),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!(
+            "<script src=\"{}\">",
+            anumate_gateway::docs::SCRIPT_PATH
+        )),
+        "{html}"
+    );
+    // Nothing from elsewhere.
+    assert!(
+        !html.contains("https://") && !html.contains("http://"),
+        "{html}"
+    );
+
+    let script = http
+        .get(format!("{url}{}", anumate_gateway::docs::SCRIPT_PATH))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), 200);
+    assert_eq!(
+        script.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    assert!(
+        script.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    let js = script.bytes().await.unwrap();
+    assert!(js.len() > 500_000, "{} bytes", js.len());
+    let head = String::from_utf8_lossy(&js[..js.len().min(4096)]).into_owned();
+    assert!(
+        head.contains("redoc.standalone.js.LICENSE.txt"),
+        "not the Redoc bundle: {head}"
+    );
+    // The version in the path is the vendored bundle's own (its notices name it).
+    let version = anumate_gateway::docs::REDOC_VERSION;
+    let notices = std::fs::read_to_string(format!(
+        "{}/assets/redoc-{version}.standalone.js.LICENSE.txt",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert!(
+        notices.contains(&format!("Version: \"{version}\"")),
+        "{notices}"
+    );
+    // Compressed for a client that accepts it.
+    let gz = http
+        .get(format!("{url}{}", anumate_gateway::docs::SCRIPT_PATH))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gz.headers()["content-encoding"], "gzip");
+    served.abort();
+}
