@@ -44,7 +44,7 @@ enum Command {
     Dev(ServerArgs),
     /// Run the named services (mesh mode: one or more services per process).
     Serve {
-        /// Services to run (`all` for every one).
+        /// Services to run (`all` for every one and the REST gateway; `gateway` for the gateway).
         #[arg(required = true, value_parser = server::service_names())]
         services: Vec<String>,
         #[command(flatten)]
@@ -397,7 +397,7 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
 async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> anyhow::Result<()> {
     let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
     let modules = server::selected(services);
-    let with_gateway = services.iter().any(|s| s == server::GATEWAY);
+    let with_gateway = server::with_gateway(services);
     if with_gateway && modules.is_empty() {
         // The gateway alone (mesh): it reaches the services at `[gateway] upstream`.
         anyhow::ensure!(

@@ -67,6 +67,12 @@ pub fn selected(names: &[String]) -> Vec<Box<dyn ServiceModule>> {
         .collect()
 }
 
+/// Whether `anumate serve` runs the REST gateway: named, or `all` (or no
+/// name, which means all).
+pub fn with_gateway(names: &[String]) -> bool {
+    names.is_empty() || names.iter().any(|n| n == "all" || n == GATEWAY)
+}
+
 /// Every migration of `modules`, the outbox's first (once).
 pub fn migrations(modules: &[Box<dyn ServiceModule>]) -> Vec<anumate_store::Migration> {
     let mut all = anumate_events::MIGRATIONS.to_vec();
