@@ -141,27 +141,59 @@ pub fn reused_error(field: &str, key: &str) -> Error {
 
 /// Claims `key` in `tx` (see the crate docs).
 pub async fn claim(tx: &TenantTx, key: &Key<'_>) -> Result<Claim, StoreFailure> {
-    let now = anumate_store::now_micros();
-    let inserted = tx
-        .execute(
-            "INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, created_at, \
-               expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            vec![
-                tx.tenant_id().into(),
-                key.scope.into(),
-                key.key.into(),
-                key.fingerprint.into(),
-                now.into(),
-                key.expires_at.into(),
-            ],
-        )
-        .await?;
-    if inserted == 1 {
-        tx.execute(
-            "INSERT INTO idempotency_tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            vec![tx.tenant_id().into()],
-        )
-        .await?;
+    claim_at(tx, key, anumate_store::now_micros()).await
+}
+
+/// [`claim`] at `now` (micros), which a fresh claim stores as its claim
+/// time: a caller that claims and acts in separate transactions keeps it to
+/// tell its own claim from a later one.
+pub async fn claim_at(tx: &TenantTx, key: &Key<'_>, now: i64) -> Result<Claim, StoreFailure> {
+    let values = vec![
+        tx.tenant_id().into(),
+        key.scope.into(),
+        key.key.into(),
+        key.fingerprint.into(),
+        now.into(),
+        key.expires_at.into(),
+    ];
+    let inserted = if tx.backend() == anumate_store::Backend::Postgres {
+        // One round trip: the key and (for the purge) its tenant.
+        let row = tx
+            .query_one(
+                "WITH k AS (INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, \
+                   created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                   ON CONFLICT DO NOTHING RETURNING 1), \
+                 t AS (INSERT INTO idempotency_tenants (tenant_id) SELECT $1 \
+                   WHERE EXISTS (SELECT 1 FROM k) ON CONFLICT DO NOTHING) \
+                 SELECT count(*) AS n FROM k",
+                values,
+            )
+            .await?;
+        let n: i64 = match row {
+            Some(r) => r
+                .try_get("", "n")
+                .map_err(|e| StoreFailure(StoreError::from_db(e)))?,
+            None => 0,
+        };
+        n == 1
+    } else {
+        let n = tx
+            .execute(
+                "INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, created_at, \
+                   expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                values,
+            )
+            .await?;
+        if n == 1 {
+            tx.execute(
+                "INSERT INTO idempotency_tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                vec![tx.tenant_id().into()],
+            )
+            .await?;
+        }
+        n == 1
+    };
+    if inserted {
         return Ok(Claim::New);
     }
     let Some(row) = tx

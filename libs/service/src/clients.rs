@@ -343,6 +343,32 @@ pub trait CapTokensClient: Send + Sync {
     /// `CapTokensService.GetJwks`: the JWKS JSON of the keys that verify
     /// tokens (current and retired; public, no credential needed).
     fn jwks(&self) -> BoxFuture<'_, UpstreamResult<String>>;
+
+    /// Whether [`CapTokensClient::consume_in`] works: the replay store lives
+    /// in this process's store, so the hub can spend a token in the same
+    /// transaction as it claims the call's idempotency key. A remote service
+    /// cannot; then the hub calls [`CapTokensClient::consume`].
+    fn consumes_in_transaction(&self) -> bool {
+        false
+    }
+
+    /// [`CapTokensClient::consume`] inside `tx`, the caller's transaction on
+    /// the store the replay records live in: the token is spent if and only
+    /// if `tx` commits. A refusal is audited in `tx` too, so the caller
+    /// commits either way (after undoing its own writes on a refusal). Only
+    /// when [`CapTokensClient::consumes_in_transaction`].
+    fn consume_in<'a>(
+        &'a self,
+        _tx: &'a anumate_store::TenantTx,
+        _caller: &'a Caller,
+        _request: ctpb::ConsumeTokenRequest,
+    ) -> BoxFuture<'a, Result<ctpb::ConsumeTokenResponse, Error>> {
+        Box::pin(async {
+            Err(Error::internal(
+                "this capability token client does not spend tokens in the caller's transaction",
+            ))
+        })
+    }
 }
 
 /// GhostRun, as the orchestrator checks the preflight a run cites.

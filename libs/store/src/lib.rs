@@ -342,7 +342,23 @@ impl Store {
     /// lock up front (`BEGIN IMMEDIATE`) so concurrent writers queue instead of
     /// failing on lock upgrade.
     pub async fn write(&self, tenant: &str) -> Result<TenantTx, StoreError> {
-        let tx = self.begin(true, Scope::Tenant(tenant)).await?;
+        let tx = self.begin_with(true, Scope::Tenant(tenant), false).await?;
+        Ok(TenantTx {
+            tx,
+            tenant: tenant.to_string(),
+        })
+    }
+
+    /// Opens a write transaction as [`Store::write`] whose commit does not
+    /// wait for its WAL flush on PostgreSQL (`synchronous_commit = off` for
+    /// this transaction, set in the same round trip as its `BEGIN`). A
+    /// database crash may lose it within `wal_writer_delay` — but never
+    /// after any later durable commit, since the WAL is flushed in order: use
+    /// it for writes whose loss a crash of the database could cause anyway,
+    /// or that a later durable commit of the same flow makes durable. On
+    /// SQLite it is [`Store::write`].
+    pub async fn write_relaxed(&self, tenant: &str) -> Result<TenantTx, StoreError> {
+        let tx = self.begin_with(true, Scope::Tenant(tenant), true).await?;
         Ok(TenantTx {
             tx,
             tenant: tenant.to_string(),
@@ -390,7 +406,7 @@ impl Store {
         if !valid_tenant(tenant) {
             return Err(StoreError::InvalidTenant);
         }
-        let mut batch = self.begin_sql(tenant);
+        let mut batch = self.begin_sql(tenant, false);
         batch.push_str("; ");
         push_with_literals(&mut batch, sql, args)?;
         batch.push_str("; COMMIT");
@@ -412,6 +428,15 @@ impl Store {
     }
 
     async fn begin(&self, write: bool, scope: Scope<'_>) -> Result<Tx, StoreError> {
+        self.begin_with(write, scope, false).await
+    }
+
+    async fn begin_with(
+        &self,
+        write: bool,
+        scope: Scope<'_>,
+        relaxed: bool,
+    ) -> Result<Tx, StoreError> {
         let tenant = match scope {
             Scope::Tenant(t)
                 if t.is_empty() || t.len() > 128 || t == NO_TENANT || t.contains('\0') =>
@@ -428,7 +453,7 @@ impl Store {
                 // One round trip: BEGIN and the transaction's tenant (and
                 // role) as one simple-query batch, so the tenant is bound
                 // before the transaction's first statement.
-                let sql = self.begin_sql(tenant);
+                let sql = self.begin_sql(tenant, relaxed);
                 if let Err(e) = <Postgres as sqlx::Database>::TransactionManager::begin(
                     &mut conn,
                     Some(sqlx::AssertSqlSafe(sql).into_sql_str()),
@@ -466,9 +491,10 @@ impl Store {
         })
     }
 
-    /// `BEGIN; SELECT set_config('app.tenant_id', …, true)[, set_config('role', …, true)]`
-    /// with the values as escaped literals (a simple query has no parameters).
-    fn begin_sql(&self, tenant: &str) -> String {
+    /// `BEGIN; SELECT set_config('app.tenant_id', …, true)[, set_config('role', …, true)]
+    /// [, set_config('synchronous_commit', 'off', true)]` with the values as
+    /// escaped literals (a simple query has no parameters).
+    fn begin_sql(&self, tenant: &str, relaxed: bool) -> String {
         let mut sql = String::with_capacity(128 + tenant.len());
         sql.push_str("BEGIN; SELECT set_config('app.tenant_id', ");
         push_literal(&mut sql, tenant);
@@ -477,6 +503,9 @@ impl Store {
             sql.push_str(", set_config('role', ");
             push_literal(&mut sql, role);
             sql.push_str(", true)");
+        }
+        if relaxed {
+            sql.push_str(", set_config('synchronous_commit', 'off', true)");
         }
         sql
     }

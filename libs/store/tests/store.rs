@@ -365,3 +365,48 @@ async fn postgres_dropped_transaction_rolls_back_and_the_connection_is_reused() 
     );
     assert!(bodies_without_filter(&store, "tenant-a").await.is_empty());
 }
+
+/// A relaxed write transaction commits without waiting for its WAL flush
+/// (`synchronous_commit = off` for it alone, set with its `BEGIN`), keeps its
+/// tenant, and leaves the connection's next transaction durable again.
+#[tokio::test]
+async fn postgres_relaxed_write_is_relaxed_for_itself_only() {
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let setting = |tx: anumate_store::TenantTx| async move {
+        let row = tx
+            .query_one(
+                "SELECT current_setting('synchronous_commit') AS s, \
+                 current_setting('app.tenant_id') AS t",
+                vec![],
+            )
+            .await
+            .expect("select")
+            .expect("row");
+        let s: String = row.try_get("", "s").expect("s");
+        let t: String = row.try_get("", "t").expect("t");
+        tx.commit().await.expect("commit");
+        (s, t)
+    };
+    for _ in 0..5 {
+        let relaxed = store.write_relaxed("tenant-a").await.expect("tx");
+        relaxed
+            .execute(
+                "INSERT INTO notes (tenant_id, body) VALUES ($1, $2)",
+                vec!["tenant-a".into(), "relaxed".into()],
+            )
+            .await
+            .expect("insert");
+        assert_eq!(
+            setting(relaxed).await,
+            ("off".to_owned(), "tenant-a".to_owned())
+        );
+        let durable = store.write("tenant-b").await.expect("tx");
+        assert_eq!(
+            setting(durable).await,
+            ("on".to_owned(), "tenant-b".to_owned())
+        );
+    }
+    assert_eq!(bodies_without_filter(&store, "tenant-a").await.len(), 5);
+    assert!(bodies_without_filter(&store, "tenant-b").await.is_empty());
+}

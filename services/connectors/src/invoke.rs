@@ -9,6 +9,7 @@ use anumate_errors::{Error, ErrorCode, Reason, Result};
 use anumate_idempotency::{Claim, Key};
 use anumate_proto::captokens::v1 as ctpb;
 use anumate_service::clients::Caller;
+use anumate_store::TenantTx;
 use serde_json::json;
 
 use crate::keys::Refused;
@@ -57,26 +58,25 @@ impl Hub {
                 .with_metadata("retryable", "false")
             })?
             .clone();
-        // 3. The key: a recorded result is the answer; else this call holds it.
-        if let Some(recorded) = self.claim(inv, &key).await? {
-            return Ok(recorded);
-        }
+        // 3. The key: a recorded result is the answer; else this call holds
+        //    it and (4.) has spent the token — in the same transaction when
+        //    the replay store is in this hub's store.
         let host = breaker_host(&tool);
-        if !self.breakers.admit(inv.tool, &host, Instant::now()) {
-            // Nothing happened: the key is free again, the token unspent.
-            self.release(inv).await?;
-            return Err(connector_error(&ConnectorError::retryable(format!(
-                "circuit open for {} at {host}: failing fast",
-                inv.tool
-            ))));
-        }
-        // 4. Spend the token in the platform's one replay store (and check
-        //    revocations): refused or unknown, nothing acts.
-        if let Err(e) = self.spend(inv).await {
-            self.breakers.abandon(inv.tool, &host);
-            self.release(inv).await?;
-            return Err(e);
-        }
+        let claimed_at = match self.claim(inv, &key, &host).await? {
+            Claimed::Recorded(recorded) => return Ok(*recorded),
+            Claimed::Held { claimed_at, spent } => {
+                if !spent {
+                    // 4. Spend the token in the platform's one replay store
+                    //    (and check revocations): refused or unknown, nothing acts.
+                    if let Err(e) = self.spend(inv).await {
+                        self.breakers.abandon(inv.tool, &host);
+                        self.release(inv, claimed_at).await?;
+                        return Err(e);
+                    }
+                }
+                claimed_at
+            }
+        };
         // 5. Act, with no transaction open.
         let claims = &verified.claims;
         let outcome = connector
@@ -106,7 +106,7 @@ impl Hub {
         match outcome {
             Ok(output) => {
                 let recorded = json!({"connector": connector_name, "output": output});
-                let recorded_at = self.record(inv, &recorded).await?;
+                let recorded_at = self.record(inv, claimed_at, &recorded).await?;
                 Ok(Invoked {
                     output,
                     replayed: false,
@@ -115,7 +115,7 @@ impl Hub {
                 })
             }
             Err(failure) if failure.retryable => {
-                self.release(inv).await?;
+                self.release(inv, claimed_at).await?;
                 Err(connector_error(&failure))
             }
             Err(failure) => {
@@ -123,28 +123,38 @@ impl Hub {
                     "message": failure.message,
                     "upstream_status": failure.upstream_status,
                 }});
-                self.record(inv, &recorded).await?;
+                self.record(inv, claimed_at, &recorded).await?;
                 Err(connector_error(&failure))
             }
         }
     }
 
-    /// Claims the key in a short transaction: `None` when this call now holds
-    /// it, the recorded answer when the same call was recorded before. A key
-    /// in flight is looked at again (with backoff) until it is recorded,
-    /// released (then claimed), stale (taken over) or `in_flight_wait` passed.
-    async fn claim(&self, inv: &Invocation<'_>, key: &Key<'_>) -> Result<Option<Invoked>> {
+    /// Claims the key in a short transaction: the recorded answer when the
+    /// same call was recorded before, else this call now holds the key. A
+    /// key in flight is looked at again (with backoff) until it is recorded,
+    /// released (then claimed), stale (taken over) or `in_flight_wait`
+    /// passed (`CALL_IN_FLIGHT`). The circuit breaker is asked before the
+    /// claim commits (an open circuit claims nothing), and when the replay
+    /// store is in this store the token is spent in the same transaction:
+    /// the key is held if and only if the token is spent.
+    async fn claim(&self, inv: &Invocation<'_>, key: &Key<'_>, host: &str) -> Result<Claimed> {
+        let in_tx = self.tokens.consumes_in_transaction();
         let started = Instant::now();
         let mut pause = POLL_FIRST;
         loop {
-            let tx = self.store.write(inv.tenant).await?;
-            repo::relaxed_commit(&tx).await?;
-            match anumate_idempotency::claim(&tx, key).await? {
-                Claim::New => {
-                    tx.commit().await?;
-                    return Ok(None);
+            // Without the token in it, a lost claim only reopens the
+            // documented crash window: no need to wait for its WAL flush.
+            let tx = if in_tx {
+                self.store.write(inv.tenant).await?
+            } else {
+                self.store.write_relaxed(inv.tenant).await?
+            };
+            let now = anumate_store::now_micros();
+            let held = match anumate_idempotency::claim_at(&tx, key, now).await? {
+                Claim::New => true,
+                Claim::Replay(recorded) => {
+                    return Ok(Claimed::Recorded(Box::new(replay(recorded)?)));
                 }
-                Claim::Replay(recorded) => return replay(recorded).map(Some),
                 Claim::Reused { .. } => {
                     return Err(anumate_idempotency::reused_error(
                         "idempotency_key",
@@ -152,29 +162,117 @@ impl Hub {
                     ));
                 }
                 Claim::InFlight => {
-                    let cutoff = anumate_store::now_micros().saturating_sub(self.lease_micros);
-                    if repo::take_over_stale(&tx, SCOPE, key.key, key.fingerprint, cutoff).await? {
-                        tx.commit().await?;
+                    let cutoff = now.saturating_sub(self.lease_micros);
+                    let taken =
+                        repo::take_over_stale(&tx, SCOPE, key.key, key.fingerprint, now, cutoff)
+                            .await?;
+                    if taken {
                         tracing::warn!(
                             tool = inv.tool,
                             idempotency_key = inv.idempotency_key,
                             "connectors: took over a key left in flight past its lease"
                         );
-                        return Ok(None);
                     }
+                    taken
                 }
+            };
+            if held {
+                if !self.breakers.admit(inv.tool, host, Instant::now()) {
+                    // Nothing happened: the claim rolls back, the token is unspent.
+                    drop(tx);
+                    return Err(connector_error(&ConnectorError::retryable(format!(
+                        "circuit open for {} at {host}: failing fast",
+                        inv.tool
+                    ))));
+                }
+                if !in_tx {
+                    tx.commit().await?;
+                    return Ok(Claimed::Held {
+                        claimed_at: now,
+                        spent: false,
+                    });
+                }
+                return match self.spend_in(&tx, inv).await {
+                    Ok(()) => {
+                        tx.commit().await?;
+                        Ok(Claimed::Held {
+                            claimed_at: now,
+                            spent: true,
+                        })
+                    }
+                    Err(Spend::Refused(e)) => {
+                        // The refusal's audit record commits; the claim does not stay.
+                        self.breakers.abandon(inv.tool, host);
+                        repo::release_held(&tx, SCOPE, key.key, now).await?;
+                        tx.commit().await?;
+                        Err(e)
+                    }
+                    Err(Spend::Failed(e)) => {
+                        self.breakers.abandon(inv.tool, host);
+                        Err(e)
+                    }
+                };
             }
             drop(tx);
             if started.elapsed() >= self.in_flight_wait {
-                return Err(Error::because(
-                    Reason::ConnectorRetryable,
-                    "a call with this idempotency key is in flight",
-                )
-                .with_metadata("retryable", "true"));
+                return Err(self.in_flight(inv, key).await);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(POLL_MAX);
         }
+    }
+
+    /// `CALL_IN_FLIGHT`: another call holds the key; says when the hub takes
+    /// it over if that call never ends.
+    async fn in_flight(&self, inv: &Invocation<'_>, key: &Key<'_>) -> Error {
+        let mut err = Error::because(
+            Reason::CallInFlight,
+            format!(
+                "a call with idempotency key {:?} is in flight in the hub: this call did nothing \
+                 and did not spend its token; send it again later with the same key",
+                inv.idempotency_key
+            ),
+        )
+        .with_metadata("retryable", "true");
+        let claimed = async {
+            let tx = self.store.read(inv.tenant).await?;
+            repo::claimed_at(&tx, SCOPE, key.key).await
+        };
+        if let Ok(Some(at)) = claimed.await {
+            let expires = at.saturating_add(self.lease_micros);
+            if let Some(t) = chrono::DateTime::from_timestamp_micros(expires) {
+                err = err.with_metadata(
+                    "lease_expire_time",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                );
+            }
+        }
+        err
+    }
+
+    /// Spends the token inside the claim's transaction (the replay store is
+    /// in this hub's store).
+    async fn spend_in(
+        &self,
+        tx: &TenantTx,
+        inv: &Invocation<'_>,
+    ) -> std::result::Result<(), Spend> {
+        let caller = Caller::Service {
+            tenant: inv.tenant.to_owned(),
+            service: crate::SERVICE_IDENTITY,
+        };
+        let resp = self
+            .tokens
+            .consume_in(
+                tx,
+                &caller,
+                ctpb::ConsumeTokenRequest {
+                    token: inv.token.to_owned(),
+                },
+            )
+            .await
+            .map_err(Spend::Failed)?;
+        verdict(&resp).map_err(Spend::Refused)
     }
 
     /// Spends the token at the captokens service (revocation, single use).
@@ -202,31 +300,69 @@ impl Hub {
                     ),
                 )
             })?;
-        match ctpb::TokenVerdict::try_from(resp.verdict) {
-            Ok(ctpb::TokenVerdict::Valid) => Ok(()),
-            Ok(ctpb::TokenVerdict::Revoked) => Err(refusal(&Failure::Revoked)),
-            Ok(ctpb::TokenVerdict::Replayed) => Err(refusal(&Failure::Replayed)),
-            _ => Err(Error::because(
-                Reason::TokenScopeMismatch,
-                format!("capability token refused for this call: {}", resp.message),
-            )),
-        }
+        verdict(&resp)
     }
 
-    /// Frees the key (nothing was done, or a retry may act).
-    async fn release(&self, inv: &Invocation<'_>) -> Result<()> {
-        let tx = self.store.write(inv.tenant).await?;
-        repo::relaxed_commit(&tx).await?;
-        anumate_idempotency::release(&tx, SCOPE, inv.idempotency_key).await?;
+    /// Frees the key this call holds (nothing was done, or a retry may act);
+    /// a key taken over by another call since stays.
+    async fn release(&self, inv: &Invocation<'_>, claimed_at: i64) -> Result<()> {
+        let tx = self.store.write_relaxed(inv.tenant).await?;
+        repo::release_held(&tx, SCOPE, inv.idempotency_key, claimed_at).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Records the key's result; returns when.
-    async fn record(&self, inv: &Invocation<'_>, result: &serde_json::Value) -> Result<i64> {
-        let tx = self.store.write(inv.tenant).await?;
-        let at = anumate_idempotency::record(&tx, SCOPE, inv.idempotency_key, result).await?;
+    /// Records the result of the call holding the key; returns when. The
+    /// commit does not wait for its WAL flush: what the caller does next
+    /// with the answer (the orchestrator's step result and receipt) commits
+    /// durably after it and so flushes it too, and a database crash before
+    /// that leaves the key claimed — the documented crash window.
+    async fn record(
+        &self,
+        inv: &Invocation<'_>,
+        claimed_at: i64,
+        result: &serde_json::Value,
+    ) -> Result<i64> {
+        let tx = self.store.write_relaxed(inv.tenant).await?;
+        let at = repo::record_held(&tx, SCOPE, inv.idempotency_key, claimed_at, result).await?;
         tx.commit().await?;
-        Ok(at)
+        if at.is_none() {
+            tracing::warn!(
+                tool = inv.tool,
+                idempotency_key = inv.idempotency_key,
+                "connectors: the key was taken over while this call acted; its result is not recorded"
+            );
+        }
+        Ok(at.unwrap_or_else(anumate_store::now_micros))
+    }
+}
+
+/// What [`Hub::claim`] found.
+enum Claimed {
+    /// The same call was recorded before: its answer.
+    Recorded(Box<Invoked>),
+    /// This call holds the key since `claimed_at` (micros); `spent`: its
+    /// token was spent in the claim's transaction.
+    Held { claimed_at: i64, spent: bool },
+}
+
+/// Why a token was not spent in the claim's transaction.
+enum Spend {
+    /// Revoked, used before or otherwise refused (audited).
+    Refused(Error),
+    /// The replay store failed.
+    Failed(Error),
+}
+
+/// A `ConsumeToken` verdict as the call's answer.
+fn verdict(resp: &ctpb::ConsumeTokenResponse) -> Result<()> {
+    match ctpb::TokenVerdict::try_from(resp.verdict) {
+        Ok(ctpb::TokenVerdict::Valid) => Ok(()),
+        Ok(ctpb::TokenVerdict::Revoked) => Err(refusal(&Failure::Revoked)),
+        Ok(ctpb::TokenVerdict::Replayed) => Err(refusal(&Failure::Replayed)),
+        _ => Err(Error::because(
+            Reason::TokenScopeMismatch,
+            format!("capability token refused for this call: {}", resp.message),
+        )),
     }
 }

@@ -6,19 +6,24 @@
 //! audience, tenant, tool, arguments hash), then claims the idempotency key
 //! (`anumate-idempotency`) in a short transaction: a recorded result is
 //! replayed without acting, the same key with other arguments is
-//! `IDEMPOTENCY_KEY_REUSED`, a key in flight is waited for. A fresh claim
-//! spends the token in the captokens service's shared replay store (refused
-//! if revoked or used before: the claim is released, nothing acted), calls
-//! the tool's [`Connector`] with no transaction open, and records the result
-//! in a second short transaction. A retryable failure releases the key (a
-//! retry with a fresh token acts); a permanent one is recorded like a result.
+//! `IDEMPOTENCY_KEY_REUSED`, a key in flight is waited for (then
+//! `CALL_IN_FLIGHT`). A fresh claim spends the token in the platform's one
+//! replay store — in the claim's own transaction when the captokens service
+//! shares this store (`anumate dev`, `serve all`), else at the captokens
+//! service right after — refused if revoked or used before (the claim is
+//! undone, nothing acted). Then the hub calls the tool's [`Connector`] with
+//! no transaction open and records the result in a second short
+//! transaction. A retryable failure releases the key (a retry with a fresh
+//! token acts); a permanent one is recorded like a result. Release and
+//! record touch the key only while this call still holds it.
 //!
 //! Crash window: a hub that dies after acting and before recording (or a
-//! database crash losing the claim, whose commit does not wait for its WAL
-//! flush: `repo::relaxed_commit`) leaves the key claimed without a result; after `in_flight_lease_secs` another
-//! call with the key (and a fresh token) takes it over and calls the
-//! connector again with the same idempotency key, so only upstreams that
-//! honour the key (the mock does) stay exactly-once across such a crash.
+//! database crash losing the record, whose commit does not wait for its WAL
+//! flush: `Store::write_relaxed`) leaves the key claimed without a result;
+//! after `in_flight_lease_secs` another call with the key (and a fresh
+//! token) takes it over and calls the connector again with the same
+//! idempotency key, so only upstreams that honour the key (the mock does)
+//! stay exactly-once across such a crash.
 #![forbid(unsafe_code)]
 
 mod breaker;

@@ -54,28 +54,15 @@ fn db(e: impl std::fmt::Display) -> Error {
     Error::internal(e)
 }
 
-/// Lets this PostgreSQL transaction commit without waiting for its WAL
-/// flush (`synchronous_commit = off`): for the hub's idempotency claims and
-/// releases and the mock's ledger, whose loss in a database crash only
-/// reopens the documented crash window (the key is claimed afresh and the
-/// upstream sees the same idempotency key again). Spending the token (at
-/// captokens) and recording a result stay durable. No-op on SQLite.
-pub async fn relaxed_commit(tx: &TenantTx) -> Result<()> {
-    if tx.backend() == anumate_store::Backend::Postgres {
-        tx.execute("SET LOCAL synchronous_commit = off", vec![])
-            .await?;
-    }
-    Ok(())
-}
-
 /// Takes over a key of `scope` claimed with `fingerprint` and left without a
 /// result since before `cutoff` (micros): its claimer crashed or hung. True
-/// when this transaction now holds the claim.
+/// when this transaction now holds the claim, as claimed at `now`.
 pub async fn take_over_stale(
     tx: &TenantTx,
     scope: &str,
     key: &str,
     fingerprint: &str,
+    now: i64,
     cutoff: i64,
 ) -> Result<bool> {
     let n = tx
@@ -88,12 +75,70 @@ pub async fn take_over_stale(
                 scope.into(),
                 key.into(),
                 fingerprint.into(),
-                anumate_store::now_micros().into(),
+                now.into(),
                 cutoff.into(),
             ],
         )
         .await?;
     Ok(n == 1)
+}
+
+/// When the key was claimed (or last taken over), while it has no result.
+pub async fn claimed_at(tx: &TenantTx, scope: &str, key: &str) -> Result<Option<i64>> {
+    let row = tx
+        .query_one(
+            "SELECT created_at FROM idempotency_keys \
+             WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 AND result IS NULL",
+            vec![tx.tenant_id().into(), scope.into(), key.into()],
+        )
+        .await?;
+    row.map(|r| r.try_get("", "created_at").map_err(db))
+        .transpose()
+}
+
+/// Frees the key the call that claimed it at `claimed_at` holds; a key
+/// taken over since (another claim time) or recorded stays.
+pub async fn release_held(tx: &TenantTx, scope: &str, key: &str, claimed_at: i64) -> Result<()> {
+    tx.execute(
+        "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 \
+           AND created_at = $4 AND result IS NULL",
+        vec![
+            tx.tenant_id().into(),
+            scope.into(),
+            key.into(),
+            claimed_at.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records `result` for the key the call that claimed it at `claimed_at`
+/// holds; `None` when it no longer does (taken over: nothing is written).
+pub async fn record_held(
+    tx: &TenantTx,
+    scope: &str,
+    key: &str,
+    claimed_at: i64,
+    result: &serde_json::Value,
+) -> Result<Option<i64>> {
+    let now = anumate_store::now_micros();
+    let n = tx
+        .execute(
+            "UPDATE idempotency_keys SET result = $5, recorded_at = $6 \
+             WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 AND created_at = $4 \
+               AND result IS NULL",
+            vec![
+                tx.tenant_id().into(),
+                scope.into(),
+                key.into(),
+                claimed_at.into(),
+                result.to_string().into(),
+                now.into(),
+            ],
+        )
+        .await?;
+    Ok((n == 1).then_some(now))
 }
 
 /// A mock effect after one more delivery.
@@ -114,8 +159,9 @@ pub async fn deliver_mock(
     fail_times: u32,
     output: Option<&serde_json::Value>,
 ) -> Result<Delivery> {
-    let tx = call.store.write(call.tenant).await?;
-    relaxed_commit(&tx).await?;
+    // Relaxed (`Store::write_relaxed`): a database crash may forget the
+    // delivery as it may forget the hub's claim; a restart of the hub does not.
+    let tx = call.store.write_relaxed(call.tenant).await?;
     let now = anumate_store::now_micros();
     let row = tx
         .query_one(

@@ -3,8 +3,10 @@
 //! TCP behind the real authentication layer, on SQLite and PostgreSQL, with
 //! capability tokens minted by a real issuer. The hub reaches the captokens
 //! service over gRPC too (its JWKS, `ConsumeToken` as `svc:connectors`), as
-//! when it runs in its own process. The mock connector's ledger
-//! (`ListMockCalls`) shows whether a call acted.
+//! when it runs in its own process — or, in the `*_in_tx_*` tests, calls
+//! it in process and spends tokens in its own claim transaction, as in
+//! `anumate dev`. The mock connector's ledger (`ListMockCalls`) shows
+//! whether a call acted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,9 @@ use anumate_errors::Reason;
 use anumate_proto::captokens::v1 as ctpb;
 use anumate_proto::connectors::v1 as pb;
 use anumate_service::clients::Grpc;
-use anumate_testing::{Backend, DevAuth, TestDb, expect_reason, migrated_store};
+use anumate_testing::{
+    Backend, DevAuth, TestDb, expect_reason, expect_reason_status, migrated_store,
+};
 use pb::connector_hub_internal_client::ConnectorHubInternalClient;
 use pb::connector_hub_service_client::ConnectorHubServiceClient;
 use serde_json::{Value, json};
@@ -33,6 +37,7 @@ const AUDIENCE: &str = "anumate-connectors";
 
 struct TestApp {
     url: String,
+    opts: HubOpts,
     keys: Arc<KeyRing>,
     users: DevIssuer,
     services: ServiceIssuer,
@@ -64,6 +69,12 @@ fn tools() -> StaticTools {
         })),
         doc(json!({
             "apiVersion": "anumate.dev/v1", "kind": "Tool",
+            "metadata": {"name": "slow.call"},
+            "spec": {"connector": "mock", "side_effect": "write",
+                     "mock": {"output": {"done": true}, "latency": "2500ms"}}
+        })),
+        doc(json!({
+            "apiVersion": "anumate.dev/v1", "kind": "Tool",
             "metadata": {"name": "broken.call"},
             "spec": {"connector": "mock", "side_effect": "write",
                      "mock": {"output": {"ok": true}, "fail": {"times": 1, "code": "INVALID_ARGUMENT"}}}
@@ -71,26 +82,36 @@ fn tools() -> StaticTools {
     ])
 }
 
+/// How a test's hubs reach the captokens service.
+#[derive(Clone, Default)]
+struct HubOpts {
+    /// In process (tokens spent in the hub's claim transaction), not over gRPC.
+    in_process_tokens: bool,
+    cfg: ConnectorsConfig,
+}
+
 /// A hub server over `store`: the first, a replica, or one after a restart.
 /// The same server runs the captokens service over the same database; the
-/// hub calls it over gRPC as `svc:connectors`.
+/// hub calls it over gRPC as `svc:connectors`, or in process.
 async fn serve_hub(
     store: anumate_store::Store,
     keys: &Arc<KeyRing>,
     authenticator: anumate_auth::Authenticator,
     services: &ServiceIssuer,
+    opts: &HubOpts,
 ) -> String {
     let listener = anumate_testing::bind().await;
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let captokens = Grpc::new(anumate_service::clients::channel("captokens", &url).unwrap())
-        .with_service_issuer(services.for_service("connectors").unwrap());
-    let hub = Hub::new(
-        store.clone(),
-        Arc::new(captokens),
-        Arc::new(tools()),
-        &ConnectorsConfig::default(),
-    );
-    let tokens = CapTokens::new(store, keys.clone(), &CapTokensConfig::default()).unwrap();
+    let tokens = CapTokens::new(store.clone(), keys.clone(), &CapTokensConfig::default()).unwrap();
+    let captokens: Arc<dyn anumate_service::clients::CapTokensClient> = if opts.in_process_tokens {
+        Arc::new(tokens.clone())
+    } else {
+        Arc::new(
+            Grpc::new(anumate_service::clients::channel("captokens", &url).unwrap())
+                .with_service_issuer(services.for_service("connectors").unwrap()),
+        )
+    };
+    let hub = Hub::new(store.clone(), captokens, Arc::new(tools()), &opts.cfg);
     let mut layer = AuthLayer::new(authenticator, anumate_auth::AuthzTable::platform().unwrap());
     for path in PUBLIC_PATHS {
         layer = layer.allow_unauthenticated(*path);
@@ -113,6 +134,27 @@ fn migrations() -> Vec<anumate_store::Migration> {
 }
 
 async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_with(backend, HubOpts::default()).await
+}
+
+/// The hub and captokens in one process over one store, as `anumate dev`
+/// runs them, waiting at most 1 s for a key in flight.
+async fn spawn_in_tx(backend: Backend) -> TestApp {
+    let cfg = ConnectorsConfig {
+        in_flight_wait_ms: 1_000,
+        ..ConnectorsConfig::default()
+    };
+    spawn_with(
+        backend,
+        HubOpts {
+            in_process_tokens: true,
+            cfg,
+        },
+    )
+    .await
+}
+
+async fn spawn_with(backend: Backend, opts: HubOpts) -> TestApp {
     let (db, store) = migrated_store(backend, &migrations()).await;
     let keys = Arc::new(KeyRing::new(KeyPair::generate().unwrap()));
     let DevAuth {
@@ -122,9 +164,10 @@ async fn spawn_app(backend: Backend) -> TestApp {
         dir,
     } = DevAuth::with_service_issuer("orchestrator");
     let services = services.unwrap();
-    let url = serve_hub(store, &keys, authenticator.clone(), &services).await;
+    let url = serve_hub(store, &keys, authenticator.clone(), &services, &opts).await;
     TestApp {
         url,
+        opts,
         keys,
         users: issuer,
         services,
@@ -649,7 +692,14 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
     let store = anumate_store::Store::connect(&app._db.config)
         .await
         .unwrap();
-    let replica = serve_hub(store, &app.keys, app.authenticator.clone(), &app.services).await;
+    let replica = serve_hub(
+        store,
+        &app.keys,
+        app.authenticator.clone(),
+        &app.services,
+        &app.opts,
+    )
+    .await;
     let args = json!({"amount": 9, "to": "carol"});
     let tool = "payments.transfer";
     let first_url = app.url.clone();
@@ -690,7 +740,14 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
     let store = anumate_store::Store::connect(&app._db.config)
         .await
         .unwrap();
-    app.url = serve_hub(store, &app.keys, app.authenticator.clone(), &app.services).await;
+    app.url = serve_hub(
+        store,
+        &app.keys,
+        app.authenticator.clone(),
+        &app.services,
+        &app.opts,
+    )
+    .await;
     let mut c = app.orchestrator("t1").await;
     let again = c
         .hub
@@ -853,6 +910,78 @@ async fn tokens_are_single_use_platform_wide_and_revocations_hold(app: TestApp) 
         .unwrap()
         .into_inner();
     assert!(!ok.replayed);
+}
+
+/// A second call with a key another call holds waits `in_flight_wait`,
+/// then is `CALL_IN_FLIGHT` (retryable, with when the key would be taken
+/// over) having done nothing: its token is still unspent, and the key
+/// acts once.
+async fn a_key_in_flight_is_answered_call_in_flight(app: TestApp) {
+    let args = json!({"n": 3});
+    let mut first = app.orchestrator("t1").await;
+    let token = app.token("t1", "slow.call", &args, Mint::default());
+    let acting = tokio::spawn(async move {
+        first
+            .hub
+            .invoke(invoke("slow.call", &args, "slow-1", &token))
+            .await
+    });
+    let args = json!({"n": 3});
+    let mut c = app.orchestrator("t1").await;
+    // Let the first call claim the key.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = app.token("t1", "slow.call", &args, Mint::default());
+    let before = anumate_store::now_micros();
+    let status = expect_reason_status(
+        c.hub
+            .invoke(invoke("slow.call", &args, "slow-1", &second))
+            .await,
+        Reason::CallInFlight,
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let info = status.get_error_details().error_info().cloned().unwrap();
+    assert_eq!(
+        info.metadata.get("retryable").map(String::as_str),
+        Some("true")
+    );
+    let lease = info
+        .metadata
+        .get("lease_expire_time")
+        .expect("lease_expire_time");
+    let lease = chrono::DateTime::parse_from_rfc3339(lease).unwrap();
+    let lease_secs = (lease.timestamp_micros() - before) / 1_000_000;
+    // The default lease (300 s) from the first call's claim.
+    assert!((290..=300).contains(&lease_secs), "{lease_secs} s");
+
+    // The first call acted; the refused one spent nothing: its token still
+    // serves, and the key replays the one effect.
+    assert!(!acting.await.unwrap().unwrap().into_inner().replayed);
+    let again = c
+        .hub
+        .invoke(invoke("slow.call", &args, "slow-1", &second))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    let calls = mock_calls(&app, "t1", "").await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!((calls[0].deliveries, calls[0].acted), (1, true));
+    let unspent = c
+        .hub
+        .invoke(invoke("slow.call", &args, "slow-2", &second))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unspent.replayed);
+}
+
+anumate_testing::on_both_backends! {
+    spawn = spawn_in_tx;
+    a_key_in_flight_is_answered_call_in_flight => in_flight_in_tx_sqlite, in_flight_in_tx_postgres;
+    tokens_are_single_use_platform_wide_and_revocations_hold => platform_tokens_in_tx_sqlite, platform_tokens_in_tx_postgres;
+    the_same_key_twice_acts_once => same_key_in_tx_sqlite, same_key_in_tx_postgres;
+    bad_tokens_are_refused_before_the_connector_is_called => bad_tokens_in_tx_sqlite, bad_tokens_in_tx_postgres;
+    replicas_and_restarts_act_once => replicas_in_tx_sqlite, replicas_in_tx_postgres;
 }
 
 anumate_testing::on_both_backends! {
