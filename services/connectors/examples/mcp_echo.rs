@@ -7,10 +7,16 @@
 //! the hub must scrub), `crash` (the process exits: the session breaks) and
 //! `slow` (answers after `ms` milliseconds). Every call is appended to the
 //! file `$MCP_ECHO_LOG`, when set, one tool name a line.
+//!
+//! `mcp_echo --http 127.0.0.1:0` serves streamable HTTP at `/mcp` instead
+//! and prints the address it listens on as its first line; with
+//! `$MCP_ECHO_TOKEN` set it answers 401 to a request without
+//! `Authorization: Bearer <that token>`.
 
 use std::io::Write as _;
 use std::sync::Arc;
 
+use axum::response::IntoResponse as _;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
     ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
@@ -142,7 +148,48 @@ impl ServerHandler for Echo {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, addr] = args.as_slice()
+        && flag == "--http"
+    {
+        return serve_http(addr).await;
+    }
     let service = Echo.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;
+    Ok(())
+}
+
+async fn serve_http(addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let service = StreamableHttpService::new(
+        || Ok(Echo),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let expected = std::env::var("MCP_ECHO_TOKEN")
+        .ok()
+        .map(|t| format!("Bearer {t}"));
+    let app = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let expected = expected.clone();
+                async move {
+                    let given = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok());
+                    if expected.is_some() && given != expected.as_deref() {
+                        return axum::http::StatusCode::UNAUTHORIZED.into_response();
+                    }
+                    next.run(req).await
+                }
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
     Ok(())
 }

@@ -59,4 +59,10 @@ impl ConnectorError {
 pub trait Connector: Send + Sync {
     /// Executes `call`, returning the tool's output.
     fn invoke<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Value, ConnectorError>>;
+
+    /// Whether `tenant`'s tools may use this connector (asked before any
+    /// state changes; an MCP server may be limited to some tenants).
+    fn serves(&self, _tenant: &str) -> bool {
+        true
+    }
 }

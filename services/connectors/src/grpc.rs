@@ -110,9 +110,10 @@ impl ConnectorHubService for HubGrpc {
         &self,
         req: Request<pb::ListMcpToolsRequest>,
     ) -> std::result::Result<Response<pb::ListMcpToolsResponse>, Status> {
+        let tenant = tenant(&req)?;
         let r = req.get_ref();
         let (size, after) = anumate_store::paging::page_params(r.page_size, &r.page_token)?;
-        let mut tools = self.hub.list_mcp_tools(&r.server).await?;
+        let mut tools = self.hub.list_mcp_tools(&tenant, &r.server).await?;
         if let Some(after) = after {
             let at = tools
                 .iter()

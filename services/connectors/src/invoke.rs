@@ -58,6 +58,13 @@ impl Hub {
                 .with_metadata("retryable", "false")
             })?
             .clone();
+        if !connector.serves(inv.tenant) {
+            return Err(Error::because(
+                Reason::ConnectorFailed,
+                format!("connector {connector_name:?} is not available to this tenant"),
+            )
+            .with_metadata("retryable", "false"));
+        }
         // 3. The key: a recorded result is the answer; else this call holds
         //    it and (4.) has spent the token — in the same transaction when
         //    the replay store is in this hub's store.

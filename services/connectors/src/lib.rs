@@ -257,12 +257,12 @@ impl Hub {
         self
     }
 
-    /// The tools of the configured MCP server `server`.
-    pub async fn list_mcp_tools(&self, server: &str) -> Result<Vec<McpToolInfo>> {
+    /// The tools of the configured MCP server `server`, as `tenant` may see it.
+    pub async fn list_mcp_tools(&self, tenant: &str, server: &str) -> Result<Vec<McpToolInfo>> {
         if server.is_empty() {
             return Err(Error::invalid_argument("server", "required"));
         }
-        self.mcp.get(server)?.list_tools().await
+        self.mcp.get_for(Some(tenant), server)?.list_tools().await
     }
 
     /// Calls a tool once per idempotency key (see the crate docs).

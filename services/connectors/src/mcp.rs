@@ -48,6 +48,10 @@ pub struct McpServerConfig {
     pub headers: BTreeMap<String, String>,
     /// Longest wait for a session to open or a call to answer, in ms.
     pub timeout_ms: u64,
+    /// The tenants whose tools may call this server and list its tools
+    /// (empty: every tenant). To any other tenant the server does not exist
+    /// (`MCP_SERVER_NOT_FOUND`).
+    pub tenants: Vec<String>,
 }
 
 impl Default for McpServerConfig {
@@ -60,6 +64,7 @@ impl Default for McpServerConfig {
             url: String::new(),
             headers: BTreeMap::new(),
             timeout_ms: 30_000,
+            tenants: Vec::new(),
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct McpServer {
     /// Resolved secret values used by this server, scrubbed from messages.
     secret_values: Vec<String>,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The tenants it serves (`None`: every tenant).
+    tenants: Option<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for McpServer {
@@ -222,7 +229,19 @@ impl McpServer {
                 ));
             }
         };
+        if cfg.tenants.iter().any(String::is_empty) {
+            return Err(Error::invalid_argument(
+                &field("tenants"),
+                "a tenant id must not be empty",
+            ));
+        }
         Ok(McpServer {
+            tenants: (!cfg.tenants.is_empty()).then(|| {
+                cfg.tenants
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::HashSet<_>>()
+            }),
             name: cfg.name.clone(),
             transport,
             timeout: Duration::from_millis(cfg.timeout_ms),
@@ -234,6 +253,11 @@ impl McpServer {
     /// The server's name (`mcp:<name>`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether `tenant` may use this server (`tenants` in its configuration).
+    pub fn serves(&self, tenant: &str) -> bool {
+        self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -430,6 +454,10 @@ impl McpServer {
 }
 
 impl Connector for McpServer {
+    fn serves(&self, tenant: &str) -> bool {
+        McpServer::serves(self, tenant)
+    }
+
     fn invoke<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Result<Value, ConnectorError>> {
         Box::pin(async move {
             let spec = call
@@ -474,12 +502,23 @@ impl McpServers {
 
     /// The server named `name`, or `NOT_FOUND` (`MCP_SERVER_NOT_FOUND`).
     pub fn get(&self, name: &str) -> Result<&Arc<McpServer>> {
-        self.0.get(name).ok_or_else(|| {
-            Error::because(
-                Reason::McpServerNotFound,
-                format!("no MCP server {name:?} in the hub's configuration ([[connectors.mcp]])"),
-            )
-        })
+        self.get_for(None, name)
+    }
+
+    /// The server named `name` as `tenant` sees it: one that does not serve
+    /// the tenant is `MCP_SERVER_NOT_FOUND` like one never declared.
+    pub fn get_for(&self, tenant: Option<&str>, name: &str) -> Result<&Arc<McpServer>> {
+        self.0
+            .get(name)
+            .filter(|s| tenant.is_none_or(|t| s.serves(t)))
+            .ok_or_else(|| {
+                Error::because(
+                    Reason::McpServerNotFound,
+                    format!(
+                        "no MCP server {name:?} in the hub's configuration ([[connectors.mcp]])"
+                    ),
+                )
+            })
     }
 
     /// Every server.

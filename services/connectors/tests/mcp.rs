@@ -194,6 +194,126 @@ async fn the_connector_calls_a_real_mcp_server() {
     assert_eq!(e.reason, Reason::McpServerNotFound);
 }
 
+/// The `mcp_echo` example serving streamable HTTP, requiring `token` as its
+/// bearer: the child (killed on drop) and its `/mcp` URL.
+fn http_echo(token: &str) -> (KillOnDrop, String) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(echo_server())
+        .args(["--http", "127.0.0.1:0"])
+        .env("MCP_ECHO_TOKEN", token)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}/mcp", line.trim());
+    (KillOnDrop(child), url)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The connector over streamable HTTP against a real server: calls and
+/// listing round-trip, the `Authorization` header carries the resolved
+/// secret, and a wrong secret is refused without being shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_calls_a_streamable_http_server() {
+    let (_child, url) = http_echo(SECRET);
+    let server = |secret: &str| {
+        McpServers::from_config(
+            &[McpServerConfig {
+                name: "web".into(),
+                url: url.clone(),
+                headers: [("Authorization".into(), "Bearer ${{ secrets.WEB }}".into())].into(),
+                timeout_ms: 5000,
+                ..Default::default()
+            }],
+            &HashMap::from([("WEB".to_owned(), secret.to_owned())]),
+        )
+        .unwrap()
+    };
+    let servers = server(SECRET);
+    let web = servers.get("web").unwrap();
+    let out = web
+        .call_tool("add", &json!({"a": 20, "b": 22}))
+        .await
+        .unwrap();
+    assert_eq!(out, json!({"sum": 42}));
+    let args = json!({"deep": {"list": [1, 2, {"x": "y"}]}});
+    assert_eq!(web.call_tool("echo", &args).await.unwrap(), args);
+    let e = web.call_tool("no_such_tool", &json!({})).await.unwrap_err();
+    assert!(!e.retryable, "{e:?}");
+    let tools = web.list_tools().await.unwrap();
+    assert_eq!(tools.len(), 6);
+    assert_eq!(tools[0].name, "add");
+    // The session survives between calls.
+    let out = web
+        .call_tool("add", &json!({"a": 1, "b": 2}))
+        .await
+        .unwrap();
+    assert_eq!(out, json!({"sum": 3}));
+
+    let wrong = server("not-the-token");
+    let e = wrong
+        .get("web")
+        .unwrap()
+        .call_tool("add", &json!({"a": 1, "b": 2}))
+        .await
+        .unwrap_err();
+    assert!(!e.message.contains("not-the-token"), "{}", e.message);
+    assert!(!e.message.contains(SECRET), "{}", e.message);
+}
+
+/// A server limited to some tenants does not exist for the others.
+#[test]
+fn a_server_serves_only_its_tenants() {
+    let servers = McpServers::from_config(
+        &[
+            McpServerConfig {
+                name: "private".into(),
+                command: "srv".into(),
+                tenants: vec!["t1".into()],
+                ..Default::default()
+            },
+            McpServerConfig {
+                name: "shared".into(),
+                command: "srv".into(),
+                ..Default::default()
+            },
+        ],
+        &HashMap::new(),
+    )
+    .unwrap();
+    assert!(servers.get_for(Some("t1"), "private").is_ok());
+    assert_eq!(
+        servers.get_for(Some("t2"), "private").unwrap_err().reason,
+        Reason::McpServerNotFound
+    );
+    assert!(servers.get_for(Some("t2"), "shared").is_ok());
+    let empty = McpServers::from_config(
+        &[McpServerConfig {
+            name: "x".into(),
+            command: "srv".into(),
+            tenants: vec![String::new()],
+            ..Default::default()
+        }],
+        &HashMap::new(),
+    )
+    .unwrap_err();
+    assert!(
+        empty.to_string().contains("connectors.mcp[x].tenants"),
+        "{empty}"
+    );
+}
+
 /// A streamable HTTP server that does not answer: retryable, fast, with
 /// neither its URL nor its secret header in the message (https builds the
 /// TLS client on the ring provider the hub installs).
@@ -372,7 +492,11 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
     let ctx = Context::new(
         json!({"connectors": {
             "secrets": {"ECHO_TOKEN": format!("file:{}", secret_file.display())},
-            "mcp": [serde_json::to_value(echo_config(&log)).unwrap()],
+            "mcp": [serde_json::to_value(McpServerConfig {
+                tenants: vec!["t1".into()],
+                ..echo_config(&log)
+            })
+            .unwrap()],
         }}),
         Some(store),
         KeysConfig {
@@ -394,13 +518,14 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
         .connect()
         .await
         .unwrap();
-    let user = |role: Role| {
+    let user_of = |tenant: &str, role: Role| {
         BearerToken(
             auth.issuer
-                .mint("t1", "user:someone", &[role], Duration::from_secs(300))
+                .mint(tenant, "user:someone", &[role], Duration::from_secs(300))
                 .unwrap(),
         )
     };
+    let user = |role: Role| user_of("t1", role);
 
     // Import: list (as an author), turn into documents, push.
     let mut listing = pb::connector_hub_service_client::ConnectorHubServiceClient::with_interceptor(
@@ -478,6 +603,31 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
         names.contains(&"echo.add") && names.contains(&"echo.say_hello"),
         "{names:?}"
     );
+    // A tenant the server does not serve cannot see it, nor call it through
+    // tools of its own naming it.
+    let mut other = pb::connector_hub_service_client::ConnectorHubServiceClient::with_interceptor(
+        channel.clone(),
+        user_of("t2", Role::Author),
+    );
+    expect_reason(
+        other
+            .list_mcp_tools(pb::ListMcpToolsRequest {
+                server: "echo".into(),
+                ..Default::default()
+            })
+            .await,
+        Reason::McpServerNotFound,
+    );
+    rpb::tools_service_client::ToolsServiceClient::with_interceptor(
+        channel.clone(),
+        user_of("t2", Role::Author),
+    )
+    .push_tools(rpb::PushToolsRequest {
+        source_yaml: anumate_connectors::tools_file("echo", "echo", &tools),
+        source_name: "mcp:echo".into(),
+    })
+    .await
+    .unwrap();
     // Operators may not list a server's tools; an undeclared server is named.
     let mut operator =
         pb::connector_hub_service_client::ConnectorHubServiceClient::with_interceptor(
@@ -511,19 +661,20 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
         .unwrap()
         .mint("t1", Duration::from_secs(300))
         .unwrap();
+    let hub_channel = channel.clone();
     let mut hub = pb::connector_hub_internal_client::ConnectorHubInternalClient::with_interceptor(
         channel,
         BearerToken(orchestrator),
     );
     let ring = KeyRing::load_or_create(&keys_dir, "captokens").unwrap();
-    let request = |tool: &str, args: &Value, key: &str| {
+    let request_of = |tenant: &str, tool: &str, args: &Value, key: &str| {
         let token = Issuer::new("test")
             .issue(
                 &ring,
                 IssueRequest {
                     subject: "user:alice",
                     audience: &anumate_connectors::ConnectorsConfig::default().audience,
-                    tenant: "t1",
+                    tenant,
                     run: "run-9",
                     step: "s",
                     plan_hash: &format!("sha256:{}", "0".repeat(64)),
@@ -547,6 +698,7 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
             capability_token: token,
         }
     };
+    let request = |tool: &str, args: &Value, key: &str| request_of("t1", tool, args, key);
     let output = |r: &pb::InvokeResponse| {
         anumate_engine::json::struct_json(r.output.as_ref().unwrap()).unwrap()
     };
@@ -575,6 +727,38 @@ async fn imported_mcp_tools_are_invoked_through_the_hub(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(output(&r), json!({"value": "hello bob"}));
+    // t2's own echo.add names a server that does not serve t2: refused
+    // before anything happens, and the server never sees it.
+    let t2 = auth
+        .services
+        .as_ref()
+        .unwrap()
+        .for_service("orchestrator")
+        .unwrap()
+        .mint("t2", Duration::from_secs(300))
+        .unwrap();
+    let mut t2_hub =
+        pb::connector_hub_internal_client::ConnectorHubInternalClient::with_interceptor(
+            hub_channel.clone(),
+            BearerToken(t2),
+        );
+    let e = expect_reason(
+        t2_hub
+            .invoke(request_of(
+                "t2",
+                "echo.add",
+                &json!({"a": 1, "b": 1}),
+                "t2-add",
+            ))
+            .await,
+        Reason::ConnectorFailed,
+    );
+    assert!(
+        e.message.contains("not available to this tenant"),
+        "{}",
+        e.message
+    );
+    assert_eq!(calls(&log), ["add", "Say Hello"]);
 
     // isError: failed for good and recorded; the secret never shows.
     let e = expect_reason(
