@@ -3,7 +3,7 @@
 //! functions, so a test exercises the layers production runs.
 //!
 //! - [`build`]: the modules, in order, on one [`Context`], plus health (every
-//!   service `SERVING`) and reflection.
+//!   service `SERVING`) and reflection (v1 and v1alpha).
 //! - [`serve`]: those routes on a listener behind every production layer,
 //!   outermost first: a span per call and an access log line, both at
 //!   DEBUG (a formatted, redacted line per call cost more than a point read;
@@ -106,10 +106,16 @@ pub async fn build(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(anumate_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection as v1 and v1alpha: Python's grpcio-reflection, Postman and
+    // older grpcurl only speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(anumate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = match reflection()
         .build_v1()
+        .and_then(|v1| Ok((v1, reflection().build_v1alpha()?)))
     {
         Ok(reflection) => reflection,
         Err(e) => {
@@ -118,7 +124,8 @@ pub async fn build(
         }
     };
     routes.add_service(health_service);
-    routes.add_service(reflection);
+    routes.add_service(reflection.0);
+    routes.add_service(reflection.1);
     Ok(App {
         routes,
         tasks,
