@@ -1,0 +1,397 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The deployment artifacts against the real binary (issue 18):
+//!
+//! - every metric the Grafana dashboard (`deploy/grafana/anumate.json`) and
+//!   the alert rules (`deploy/prometheus/alerts.yaml`) name is exported at
+//!   `/metrics` by `anumate dev` after the golden path's traffic (tool,
+//!   policy and capsule pushes, a preflight, a run with two approvals through
+//!   the connector hub); the RPCs they filter on (`service="…"`,
+//!   `method="…"`) are RPCs of the contracts;
+//! - the configuration the Helm chart renders (`deploy/kubernetes/configmap.yaml`)
+//!   and the compose setup's (`deploy/compose/anumate.toml`) load in the
+//!   binary, whose configuration refuses unknown keys and mistyped values.
+//!
+//! `scripts/deploy-check` checks the same files' shape (and renders the chart).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{anumate, cli, dev_state, examples, http_get, run, start_dev};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The dashboard and the alert rules, as text.
+fn observability_files() -> Vec<(&'static str, String)> {
+    [
+        "deploy/grafana/anumate.json",
+        "deploy/prometheus/alerts.yaml",
+    ]
+    .into_iter()
+    .map(|f| (f, read(f)))
+    .collect()
+}
+
+/// Every `anumate_…` metric name in `text` (a PromQL identifier starting
+/// with the platform's prefix).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("anumate_") {
+        let before = rest[..at].chars().next_back();
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !is_ident(c)).unwrap_or(tail.len());
+        if !before.is_some_and(is_ident) {
+            out.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The values a label is matched against in `text`: `label="v"` and each
+/// plain alternative of `label=~"a|b"` (alternatives holding regex syntax
+/// are skipped).
+fn label_values(text: &str, label: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for op in ["=\\\"", "=\"", "=~\\\"", "=~\""] {
+        let pat = format!("{label}{op}");
+        let mut rest = text;
+        while let Some(at) = rest.find(&pat) {
+            let before = rest[..at].chars().next_back();
+            let tail = &rest[at + pat.len()..];
+            let end = tail.find(['"', '\\']).unwrap_or(tail.len());
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                for v in tail[..end].split('|') {
+                    if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
+                        out.insert(v.to_owned());
+                    }
+                }
+            }
+            rest = &tail[end..];
+        }
+    }
+    out
+}
+
+/// The sample names of an OpenMetrics exposition.
+fn exported(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The names in `wanted` that `exposition` does not export.
+fn missing(wanted: &BTreeSet<String>, exposition: &str) -> Vec<String> {
+    let have = exported(exposition);
+    wanted
+        .iter()
+        .filter(|n| !have.contains(*n))
+        .cloned()
+        .collect()
+}
+
+/// `package.Service` and the RPC names of every contract in proto/anumate.
+fn contracts() -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut services = BTreeSet::new();
+    let mut methods = BTreeSet::new();
+    let mut stack = vec![repo().join("proto/anumate")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "proto") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let package = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("package "))
+                .map(|p| p.trim_end_matches(';').trim().to_owned())
+                .unwrap_or_default();
+            for line in text.lines().map(str::trim) {
+                let word = |s: &str| {
+                    s.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                if let Some(s) = line.strip_prefix("service ") {
+                    services.insert(format!("{package}.{}", word(s)));
+                } else if let Some(m) = line.strip_prefix("rpc ") {
+                    methods.insert(word(m));
+                }
+            }
+        }
+    }
+    (services, methods)
+}
+
+#[test]
+fn the_metric_and_label_scanners_read_promql() {
+    let text = r#"sum(rate(anumate_grpc_requests_total{service="anumate.ghostrun.v1.GhostRunService",method=~"Approve|Reject|Watch.*"}[5m])) / x_anumate_not up{job="anumate"}"#;
+    assert_eq!(
+        metric_names(text),
+        BTreeSet::from(["anumate_grpc_requests_total".to_owned()])
+    );
+    assert_eq!(
+        label_values(text, "method"),
+        BTreeSet::from(["Approve".to_owned(), "Reject".to_owned()])
+    );
+    assert_eq!(
+        label_values(text, "service"),
+        BTreeSet::from(["anumate.ghostrun.v1.GhostRunService".to_owned()])
+    );
+    // JSON escapes the quotes: still read.
+    assert_eq!(
+        label_values(r#""expr": "x{method=\"Preflight\"}""#, "method"),
+        BTreeSet::from(["Preflight".to_owned()])
+    );
+    let exposition = "# TYPE anumate_a counter\nanumate_a_total{x=\"1\"} 1\nanumate_b_bucket{le=\"1\"} 2\n# EOF\n";
+    let wanted: BTreeSet<String> = ["anumate_a_total", "anumate_b_bucket", "anumate_c"]
+        .map(String::from)
+        .into();
+    assert_eq!(missing(&wanted, exposition), vec!["anumate_c".to_owned()]);
+}
+
+#[test]
+fn dashboard_and_alerts_filter_on_rpcs_of_the_contracts() {
+    let (services, methods) = contracts();
+    assert!(services.contains("anumate.ghostrun.v1.GhostRunService"));
+    let mut named = 0;
+    for (file, text) in observability_files() {
+        assert!(
+            !metric_names(&text).is_empty(),
+            "{file} names no anumate_ metric"
+        );
+        for s in label_values(&text, "service") {
+            assert!(
+                services.contains(&s),
+                "{file}: service=\"{s}\" is no contract's service"
+            );
+            named += 1;
+        }
+        for m in label_values(&text, "method") {
+            assert!(
+                methods.contains(&m),
+                "{file}: method=\"{m}\" is no contract's RPC"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 5, "the files filter on too few RPCs ({named})");
+}
+
+/// `anumate <args>` in `dir` as `token` (a dev token of another user).
+fn cli_as(dir: &Path, token: &str, args: &[&str]) -> common::Run {
+    let mut cmd = anumate(dir);
+    cmd.env("ANUMATE_TOKEN", token).args(args);
+    run(cmd)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_and_alerts_name_is_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_dir(&examples(), &d.join("examples"));
+    let _dev = start_dev(d);
+
+    // The golden path: pushes, a compile, a preflight, a run that waits for
+    // two approvals and then calls the tools through the connector hub.
+    cli(d, &["tool", "push", "examples/transfer.tools.yaml"]).ok();
+    cli(
+        d,
+        &["policy", "push", "examples/transfer.policy", "--publish"],
+    )
+    .ok();
+    cli(
+        d,
+        &[
+            "capsule",
+            "push",
+            "examples/transfer.capsule.yaml",
+            "--publish",
+        ],
+    )
+    .ok();
+    let inputs = "examples/transfer.inputs.json";
+    let pf = cli(d, &["preflight", "transfer", "--inputs", inputs, "-q"]);
+    assert_eq!(pf.status.code(), Some(2), "preflight WARNs: {pf:#?}");
+    let pf = pf.stdout.trim().to_owned();
+    let run_id = cli(
+        d,
+        &[
+            "run",
+            "start",
+            "transfer",
+            "--inputs",
+            inputs,
+            "--preflight",
+            &pf,
+            "-q",
+        ],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    cli(d, &["run", "watch", &run_id, "--until", "waiting-approval"]).ok();
+    let approval = cli(
+        d,
+        &["approval", "list", "--run", &run_id, "--pending", "-q"],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    let alice = cli(
+        d,
+        &[
+            "auth",
+            "dev-token",
+            "--subject",
+            "user:alice",
+            "--roles",
+            "approver",
+        ],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    let bob = cli(
+        d,
+        &[
+            "auth",
+            "dev-token",
+            "--subject",
+            "user:bob",
+            "--groups",
+            "treasury",
+            "--roles",
+            "approver",
+        ],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    cli_as(d, &alice, &["approval", "approve", &approval]).ok();
+    cli_as(d, &bob, &["approval", "approve", &approval]).ok();
+    cli(d, &["run", "watch", &run_id]).ok();
+
+    let mut wanted = BTreeSet::new();
+    for (_, text) in observability_files() {
+        wanted.extend(metric_names(&text));
+    }
+    assert!(wanted.len() >= 4, "{wanted:?}");
+    let admin = dev_state(d)["admin"].as_str().unwrap().to_owned();
+    let admin = admin.trim_start_matches("http://").to_owned();
+    // The hub records its metrics as the call returns: allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(&admin, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        let gone = missing(&wanted, &body);
+        if gone.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dashboard or the alerts name metrics /metrics does not export after the golden path: {gone:?}\n--- /metrics\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The TOML under `anumate.toml: |` in the chart's rendered ConfigMap.
+fn chart_config() -> String {
+    let yaml = read("deploy/kubernetes/configmap.yaml");
+    let start = yaml
+        .find("anumate.toml: |\n")
+        .expect("configmap.yaml holds anumate.toml")
+        + "anumate.toml: |\n".len();
+    let mut out = String::new();
+    for line in yaml[start..].lines() {
+        if !line.is_empty() && !line.starts_with("    ") {
+            break;
+        }
+        out.push_str(line.strip_prefix("    ").unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// `anumate migrate` with `config` on a fresh SQLite database: the
+/// configuration is parsed as `serve` parses it (unknown keys and mistyped
+/// values are errors).
+fn migrate_with(config: &str) -> common::Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("anumate.toml");
+    std::fs::write(&path, config).unwrap();
+    let url = format!("sqlite://{}/anumate.db", dir.path().display());
+    let mut cmd = anumate(dir.path());
+    cmd.args([
+        "migrate",
+        "--config",
+        path.to_str().unwrap(),
+        "--store-url",
+        &url,
+    ])
+    .args(["--data-dir", dir.path().to_str().unwrap()]);
+    run(cmd)
+}
+
+#[test]
+fn the_charts_and_composes_configuration_load_in_the_binary() {
+    let chart = chart_config();
+    assert!(
+        chart.contains("[grpc]") && chart.contains("listen = \"0.0.0.0:7600\""),
+        "{chart}"
+    );
+    let ran = migrate_with(&chart);
+    assert!(
+        ran.status.success(),
+        "the chart's anumate.toml:\n{chart}\n{ran:#?}"
+    );
+    let compose = read("deploy/compose/anumate.toml");
+    let ran = migrate_with(&compose);
+    assert!(
+        ran.status.success(),
+        "deploy/compose/anumate.toml: {ran:#?}"
+    );
+    // What Helm's own toToml would write (30.0 for 30) is refused: the
+    // chart's integer rendering matters.
+    let floats = chart.replace("shutdown_grace_secs = 30", "shutdown_grace_secs = 30.0");
+    assert_ne!(floats, chart);
+    let ran = migrate_with(&floats);
+    assert!(!ran.status.success(), "{ran:#?}");
+    assert!(ran.stderr.contains("shutdown_grace_secs"), "{ran:#?}");
+}
