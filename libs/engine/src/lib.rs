@@ -87,6 +87,8 @@ pub struct Engine {
     sets: Vec<Arc<CompiledSet>>,
     inputs: InputsSchema,
     context: Context,
+    /// `capsule.labels` as policies see it (an object).
+    capsule_labels: Value,
 }
 
 /// A matched rule as a decision reports it.
@@ -122,6 +124,8 @@ pub struct Approval {
     pub stages: Vec<anumate_policy::ApprovalStage>,
     /// Why, when the rule says.
     pub reason: Option<String>,
+    /// Where the rule is in its policy's source (line and column, 1-based).
+    pub span: Option<anumate_policy::SourceSpan>,
 }
 
 /// The decision on one call with its real arguments.
@@ -345,7 +349,29 @@ impl Engine {
             sets,
             inputs,
             context,
+            capsule_labels: Value::Object(Map::new()),
         })
+    }
+
+    /// Policies see `labels` as `capsule.labels` (the capsule version's
+    /// `metadata.labels`; empty until given).
+    #[must_use]
+    pub fn with_capsule_labels<'a>(
+        mut self,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Engine {
+        self.capsule_labels = Value::Object(
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        );
+        self
+    }
+
+    /// `capsule.labels` as policies see it.
+    pub fn capsule_labels(&self) -> &Value {
+        &self.capsule_labels
     }
 
     /// Number of steps.
@@ -431,7 +457,7 @@ impl Engine {
         let input = json!({
             "tenant": c.tenant,
             "principal": {"id": c.principal, "roles": c.roles, "groups": c.groups},
-            "capsule": {"name": self.capsule_name, "version": self.capsule_version, "labels": {}},
+            "capsule": {"name": self.capsule_name, "version": self.capsule_version, "labels": self.capsule_labels},
             "plan_hash": self.plan_hash,
             "step": {"id": step.id, "tool": step.tool},
             "tool": step.tool,
@@ -466,6 +492,7 @@ impl Engine {
                         rule: r.rule.rule.clone(),
                         stages: o.approval_stages(),
                         reason: reason.clone(),
+                        span: Some(r.rule.span),
                     }),
                     Obligation::Redact { .. } => out.redactions.push((*o).clone()),
                     Obligation::Log { .. } => {}

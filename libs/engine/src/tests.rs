@@ -208,3 +208,57 @@ fn plans_with_unknown_needs_are_refused() {
     .map(|e| e.step);
     assert_eq!(err.as_deref(), Some("a"));
 }
+
+#[test]
+fn policies_see_the_capsule_labels_and_env_and_approvals_carry_their_rule_span() {
+    let src = r#"
+policy "where" {
+  rule "payments-team" {
+    when capsule.labels.team == "payments" and env.stage == "prod"
+    then require_approval(approvers: ["group:leads"], quorum: 1)
+  }
+  rule "no-staging-writes" {
+    when env.stage == "staging"
+    then deny(reason: "staging is read-only")
+  }
+}
+"#;
+    let set =
+        Arc::new(anumate_policy::compile("where.policy", src).unwrap_or_else(|e| panic!("{e}")));
+    let p = plan(json!([{"id": "a", "tool": "t", "args": {}}]), &["t"]);
+    let labels: BTreeMap<String, String> = [("team".to_string(), "payments".to_string())].into();
+    let decide = |env: Value, labels: &BTreeMap<String, String>| {
+        let e = Engine::new(
+            &p,
+            vec![set.clone()],
+            Context {
+                env,
+                ..Context::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_capsule_labels(labels);
+        let mut run = e
+            .start(&json!({"amount_cents": 3}))
+            .unwrap_or_else(|v| panic!("{v:?}"));
+        call(run.decide(0).unwrap_or_else(|e| panic!("{e}"))).1
+    };
+    let d = decide(json!({"stage": "prod"}), &labels);
+    assert_eq!(d.effect, Effect::RequireApproval);
+    let span = d.approvals[0].span.unwrap_or_else(|| panic!("no span"));
+    assert_eq!((span.start.line, span.start.col), (3, 3));
+    assert_eq!(d.approvals[0].span, d.rules[0].span);
+    // Without the label, or in another stage, the rule does not match.
+    assert_eq!(
+        decide(json!({"stage": "prod"}), &BTreeMap::new()).effect,
+        Effect::Allow
+    );
+    assert_eq!(
+        decide(json!({"stage": "dev"}), &labels).effect,
+        Effect::Allow
+    );
+    assert_eq!(
+        decide(json!({"stage": "staging"}), &labels).effect,
+        Effect::Deny
+    );
+}
