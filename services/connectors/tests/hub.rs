@@ -221,6 +221,22 @@ impl TestApp {
         }
     }
 
+    /// Another hub server over the same database, with its own pool and
+    /// process state (a replica, or this one after a restart).
+    async fn another_hub(&self) -> String {
+        let store = anumate_store::Store::connect(&self._db.config)
+            .await
+            .unwrap();
+        serve_hub(
+            store,
+            &self.keys,
+            self.authenticator.clone(),
+            &self.services,
+            &self.opts,
+        )
+        .await
+    }
+
     /// The orchestrator of `tenant`.
     async fn orchestrator(&self, tenant: &str) -> Clients {
         let token = self
@@ -689,17 +705,7 @@ async fn a_failing_upstream_opens_its_circuit(app: TestApp) {
 
 async fn replicas_and_restarts_act_once(mut app: TestApp) {
     // A second replica over the same database (its own pool and process state).
-    let store = anumate_store::Store::connect(&app._db.config)
-        .await
-        .unwrap();
-    let replica = serve_hub(
-        store,
-        &app.keys,
-        app.authenticator.clone(),
-        &app.services,
-        &app.opts,
-    )
-    .await;
+    let replica = app.another_hub().await;
     let args = json!({"amount": 9, "to": "carol"});
     let tool = "payments.transfer";
     let first_url = app.url.clone();
@@ -737,17 +743,7 @@ async fn replicas_and_restarts_act_once(mut app: TestApp) {
 
     // After a "restart" (a new server and pool), the key still replays and
     // the mock's ledger still shows one effect, delivered once.
-    let store = anumate_store::Store::connect(&app._db.config)
-        .await
-        .unwrap();
-    app.url = serve_hub(
-        store,
-        &app.keys,
-        app.authenticator.clone(),
-        &app.services,
-        &app.opts,
-    )
-    .await;
+    app.url = app.another_hub().await;
     let mut c = app.orchestrator("t1").await;
     let again = c
         .hub
