@@ -126,6 +126,8 @@ pub enum Reason {
     CallInFlight,
     /// The REST gateway has no route for the request's method and path.
     RouteNotFound,
+    /// The service a token names is not the mTLS peer's certificate identity.
+    ServiceIdentityMismatch,
 }
 
 /// Reason, its wire name, its proto number and its class.
@@ -473,6 +475,12 @@ const REASONS: &[(Reason, &str, i32, ErrorCode)] = &[
         "ROUTE_NOT_FOUND",
         77,
         ErrorCode::NotFound,
+    ),
+    (
+        Reason::ServiceIdentityMismatch,
+        "SERVICE_IDENTITY_MISMATCH",
+        78,
+        ErrorCode::PermissionDenied,
     ),
 ];
 

@@ -32,12 +32,49 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a service token minted for one call lives.
 const SERVICE_TOKEN_TTL: Duration = Duration::from_secs(60);
 
+/// The process's client TLS (`[tls]`), once [`use_tls`] set it.
+static CLIENT_TLS: std::sync::OnceLock<crate::tls::Tls> = std::sync::OnceLock::new();
+
+/// Makes every channel [`channel`] builds from now on connect with mTLS
+/// (`[tls]`, the certificates as currently loaded at each new connection);
+/// `false` if the process already had its TLS set.
+pub fn use_tls(tls: crate::tls::Tls) -> bool {
+    CLIENT_TLS.set(tls).is_ok()
+}
+
 /// The one way a configured address becomes a channel (lazily connected;
-/// TLS will be set up here). `config_key` names the setting in errors.
+/// with mTLS when the process set it with [`use_tls`]). `config_key` names
+/// the setting in errors.
 pub fn channel(config_key: &str, url: &str) -> Result<Channel, Error> {
-    Endpoint::from_shared(url.to_owned())
-        .map(|e| e.connect_timeout(CONNECT_TIMEOUT).connect_lazy())
-        .map_err(|e| Error::invalid_argument(config_key, format!("bad address {url:?}: {e}")))
+    channel_with(config_key, url, CLIENT_TLS.get())
+}
+
+/// [`channel`] with `tls` (`None`: plain HTTP/2). With TLS, `http://` and
+/// `https://` addresses both connect with TLS, verifying the server's
+/// certificate for the address's host.
+pub fn channel_with(
+    config_key: &str,
+    url: &str,
+    tls: Option<&crate::tls::Tls>,
+) -> Result<Channel, Error> {
+    let bad = |e: tonic::transport::Error| {
+        Error::invalid_argument(config_key, format!("bad address {url:?}: {e}"))
+    };
+    match tls {
+        None => Endpoint::from_shared(url.to_owned())
+            .map(|e| e.connect_timeout(CONNECT_TIMEOUT).connect_lazy())
+            .map_err(bad),
+        // The connector does the TLS: tonic must not see `https`.
+        Some(tls) => Endpoint::from_shared(match url.strip_prefix("https://") {
+            Some(rest) => format!("http://{rest}"),
+            None => url.to_owned(),
+        })
+        .map(|e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .connect_with_connector_lazy(tls.connector())
+        })
+        .map_err(bad),
+    }
 }
 
 /// On whose behalf an upstream call is made.

@@ -26,6 +26,7 @@ pub mod metrics;
 mod module;
 pub mod server;
 mod tasks;
+pub mod tls;
 
 pub use module::{
     BuildError, Context, KeysConfig, Module, ServiceModule, check_section, default_section,
@@ -33,4 +34,5 @@ pub use module::{
 };
 pub use server::GrpcConfig;
 pub use tasks::{TaskError, Tasks};
+pub use tls::TlsConfig;
 pub use tokio_util::sync::CancellationToken;

@@ -12,8 +12,11 @@
 //!   [deadline and the cap on calls in flight](crate::limits) (so shed calls
 //!   are counted and cost no token check), then authentication and each RPC's
 //!   authorization rule (health, reflection and public RPCs pass without a
-//!   token). Each connection may open at most `[grpc] max_concurrent_streams`
-//!   streams; accepted sockets get `TCP_NODELAY`.
+//!   token), then, over mTLS, the peer's [service identity](crate::tls)
+//!   checked against a service token. Each connection may open at most
+//!   `[grpc] max_concurrent_streams` streams; accepted sockets get
+//!   `TCP_NODELAY`. With `[tls]` the listener speaks only TLS (the
+//!   certificates reloaded when their files change).
 
 use std::future::Future;
 use std::time::Duration;
@@ -27,6 +30,7 @@ use crate::limits::LimitsLayer;
 use crate::metrics::Metrics;
 use crate::module::{BuildError, Context, ServiceModule};
 use crate::tasks::Tasks;
+use crate::tls::{PeerIdentityLayer, Tls};
 
 /// How long background tasks get to stop after the server has drained (or
 /// after a module failed to build).
@@ -145,6 +149,9 @@ pub struct Layers {
     pub auth: AuthLayer,
     /// Where calls are counted.
     pub metrics: Metrics,
+    /// `[tls]` loaded: mTLS on the listener and the peer's service identity
+    /// checked against its token; `None`: plain TCP.
+    pub tls: Option<Tls>,
 }
 
 impl Layers {
@@ -154,6 +161,7 @@ impl Layers {
             grpc,
             auth,
             metrics: Metrics::new(),
+            tls: None,
         }
     }
 
@@ -165,6 +173,12 @@ impl Layers {
     ) -> Result<Layers, anumate_errors::Error> {
         let authz = AuthzTable::platform()?;
         Ok(Layers::new(grpc, AuthLayer::new(authenticator, authz)))
+    }
+
+    /// The same layers, served over mTLS as `tls` says.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Layers {
+        self.tls = tls;
+        self
     }
 
     /// The same layers, counting calls in `metrics`.
@@ -189,6 +203,7 @@ where
         grpc,
         auth,
         metrics,
+        tls,
     } = layers;
     let stack = tower::ServiceBuilder::new()
         .layer(
@@ -207,13 +222,27 @@ where
             grpc.request_timeout(),
             grpc.max_concurrent_requests,
         ))
-        .layer(auth);
-    tonic::transport::Server::builder()
+        .layer(auth)
+        .layer(PeerIdentityLayer::new(tls.clone()));
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_concurrent_streams.max(1))
         .layer(stack)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(nodelay(listener), shutdown)
-        .await
+        .add_routes(routes);
+    match tls {
+        Some(tls) => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let _reloader = tls.spawn_reloader(stop.clone());
+            let _stop = stop.drop_guard();
+            server
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(nodelay(listener), shutdown)
+                .await
+        }
+    }
 }
 
 /// Accepted connections with `TCP_NODELAY`, as `Server::serve` would set it:
