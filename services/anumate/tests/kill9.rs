@@ -13,9 +13,10 @@
 //!
 //! The test configuration shortens the orchestrator's run lease and the
 //! hub's in-flight key lease to one second each, so a restarted process
-//! takes its dead predecessor's runs and keys over quickly. With the hub's
-//! default in-flight lease (300 s) a run can fail instead: see the ignored
-//! `kill9_with_the_hubs_default_in_flight_lease`.
+//! takes its dead predecessor's runs and keys over quickly. With a hub
+//! lease longer than the hub's wait, a re-sent call finds its key still held
+//! by the dead process and is answered `CALL_IN_FLIGHT`: see
+//! `kill9_while_the_hub_holds_the_dead_calls_keys`.
 //!
 //! The kill points come from a seed the test prints; `ANUMATE_CRASH_SEED`
 //! replays one.
@@ -38,13 +39,21 @@ const CONFIG: &str = "[orchestrator]\nlease_secs = 1\npoll_ms = 50\n\n\
 
 /// Kills with SIGKILL `kills` times, starting `runs_per_life` new runs in
 /// every life of the process (more when they all ended before the kill).
-async fn kill_and_restart(backend: Backend, config: &str, kills: usize, runs_per_life: usize) {
+/// The mock tools answer after `latency`. Returns the process's log,
+/// across its lives.
+async fn kill_and_restart(
+    backend: Backend,
+    config: &str,
+    kills: usize,
+    runs_per_life: usize,
+    latency: &str,
+) -> String {
     let cluster = Cluster::on(backend, config).await;
     let mut rng = Rng::from_env();
     let began = Instant::now();
     let mut node = cluster.start("dev").await;
     let token = cluster.token();
-    let plan = seed(&node.url, &token, "20ms").await;
+    let plan = seed(&node.url, &token, latency).await;
 
     // Idempotency key → run id, once an `Execute` answered.
     let mut runs: BTreeMap<String, String> = BTreeMap::new();
@@ -167,6 +176,7 @@ async fn kill_and_restart(backend: Backend, config: &str, kills: usize, runs_per
     );
     let log = cluster.log("dev");
     assert!(!log.contains("panicked"), "a process panicked:\n{log}");
+    log
 }
 
 /// How many runs are pending or running (0 when the server does not answer).
@@ -190,35 +200,45 @@ async fn unfinished(url: &str, token: &anumate_auth::BearerToken) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_twenty_times_every_run_ends_and_acts_once() {
-    kill_and_restart(Backend::Postgres, CONFIG, 20, 6).await;
+    kill_and_restart(Backend::Postgres, CONFIG, 20, 6, "20ms").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200 kills (about 3 minutes)"]
 async fn kill9_two_hundred_times_every_run_ends_and_acts_once() {
-    kill_and_restart(Backend::Postgres, CONFIG, 200, 6).await;
+    kill_and_restart(Backend::Postgres, CONFIG, 200, 6, "20ms").await;
 }
 
 /// `anumate dev` as most people run it: on its SQLite file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_on_sqlite_twenty_times_every_run_ends_and_acts_once() {
-    kill_and_restart(Backend::Sqlite, CONFIG, 20, 6).await;
+    kill_and_restart(Backend::Sqlite, CONFIG, 20, 6, "20ms").await;
 }
 
-/// With the hub's default in-flight lease (300 s) a kill between the hub's
-/// claim of a key and its record leaves the key claimed; the restarted
-/// orchestrator re-sends the call, the hub answers "a call with this
-/// idempotency key is in flight" (retryable) after `in_flight_wait_ms`, and
-/// the step, allowed one attempt, fails: the run ends FAILED although the
-/// call may have acted.
+/// A kill between the hub's claim of a key and its record leaves the key
+/// held by the dead process. Here the hub keeps such a key for 15 s (its
+/// default is 300 s) and waits its default 10 s for a held key, so the
+/// restarted orchestrator's re-sent call is answered `CALL_IN_FLIGHT` (with
+/// the hub's `lease_expire_time`) after that wait. The step then waits,
+/// durably (`WAITING_RETRY` until just after that time, across further
+/// kills), and is re-sent with the same key and a fresh token without
+/// spending an attempt: every run still succeeds (a step here is allowed a
+/// single attempt) and every key acted once. Before the fix the run failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug (issue 16): a re-sent call whose key the dead process claimed fails the run"]
-async fn kill9_with_the_hubs_default_in_flight_lease() {
-    kill_and_restart(
+async fn kill9_while_the_hub_holds_the_dead_calls_keys() {
+    let log = kill_and_restart(
         Backend::Postgres,
-        "[orchestrator]\nlease_secs = 1\npoll_ms = 50\n",
+        "[orchestrator]\nlease_secs = 1\npoll_ms = 50\n\n[connectors]\nin_flight_lease_secs = 15\n",
         20,
         6,
+        // Calls long enough for most kills to land mid-call.
+        "150ms",
     )
     .await;
+    let waits = log.matches("CALL_IN_FLIGHT; waiting").count();
+    eprintln!("{waits} re-sent calls were answered CALL_IN_FLIGHT and waited");
+    assert!(
+        waits > 0,
+        "no kill left a key held in the hub: the path under test was not taken"
+    );
 }

@@ -430,11 +430,21 @@ pub async fn set_lease(
     Ok(())
 }
 
-/// Who holds the lease of a queued run (`None`: not queued).
+/// Who holds the lease of a queued run (`None`: not queued). On PostgreSQL
+/// the queue row is locked (`FOR UPDATE`) until the transaction ends, so a
+/// claim by another replica cannot slip in between this check and the
+/// commit of the change it fences.
 pub async fn lease_owner(tx: &TenantTx, run_id: &str) -> Result<Option<String>> {
+    let lock = if tx.backend() == anumate_store::Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
     let row = tx
         .query_one(
-            "SELECT lease_owner FROM orch_work WHERE tenant_id = $1 AND run_id = $2",
+            &format!(
+                "SELECT lease_owner FROM orch_work WHERE tenant_id = $1 AND run_id = $2{lock}"
+            ),
             vec![tx.tenant_id().into(), run_id.into()],
         )
         .await?;

@@ -998,6 +998,7 @@ impl Orchestrator {
                     a.lease_holder = self.inner.worker_id.clone();
                 }
                 attempt_no = i32::try_from(s.attempts.len()).unwrap_or(i32::MAX);
+                s.state_reason.clear();
             } else {
                 attempt_no = i32::try_from(s.attempts.len() + 1).unwrap_or(i32::MAX);
                 s.attempts.push(pb::StepAttempt {
@@ -1062,6 +1063,13 @@ impl Orchestrator {
         )
         .await;
         let ended = now_micros();
+        if let Ok(Err(e)) = &sent
+            && let Some(next) = in_flight_resend_at(&e.to_error(), ended)
+        {
+            return self
+                .wait_in_flight(tenant, run_id, steps, i, attempt_no, next)
+                .await;
+        }
         let outcome: std::result::Result<conpb::InvokeResponse, pb::Failure> = match sent {
             Err(_) => Err(failure(
                 pb::FailureKind::Timeout,
@@ -1233,6 +1241,51 @@ impl Orchestrator {
                 Ok(Next::Again)
             }
         }
+    }
+
+    /// The hub holds step `i`'s key for another call still in flight
+    /// (`CALL_IN_FLIGHT`: usually a dead process's call this one re-sends),
+    /// so this call did nothing and spent nothing. The attempt stays
+    /// `RUNNING` (its outcome is the held call's), no attempt is spent and
+    /// the run does not fail: the step waits in `WAITING_RETRY` until `next`
+    /// (about when the hub takes the key over), journaled, so a restarted
+    /// process keeps waiting, and is then re-sent with the same key and a
+    /// fresh token.
+    async fn wait_in_flight(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        steps: &mut [pb::StepRun],
+        i: usize,
+        attempt: i32,
+        next: i64,
+    ) -> Result<Next> {
+        let s = &mut steps[i];
+        let at = chrono::DateTime::from_timestamp_micros(next).map_or_else(String::new, |t| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let why = format!(
+            "the connector hub holds key {}/{} for a call still in flight (CALL_IN_FLIGHT): \
+             re-sent with the same key at {at}",
+            run_id, s.step_id
+        );
+        tracing::warn!(tenant, run = run_id, step = %s.step_id, resend_at = %at, "orchestrator: CALL_IN_FLIGHT; waiting for the hub's key");
+        s.state = pb::StepState::WaitingRetry as i32;
+        s.next_attempt_time = ts(next);
+        s.state_reason = why.clone();
+        self.save(
+            tenant,
+            run_id,
+            |_| {},
+            Some((i, &*s)),
+            "step.in_flight_wait",
+            &why,
+            attempt,
+            vec![],
+            Work::Keep,
+        )
+        .await?;
+        Ok(Next::Wait(next))
     }
 
     /// Fails step `i` for good (the run fails on the next pass).
@@ -1946,6 +1999,20 @@ impl Orchestrator {
             )
             .await;
             let ended = now_micros();
+            if let Ok(Err(e)) = &sent
+                && let Some(next) = in_flight_resend_at(&e.to_error(), ended)
+            {
+                // Nothing happened and no attempt is spent: the attempt
+                // stays RUNNING and is re-sent (after a restart too).
+                tracing::warn!(tenant, run = run_id, step = %step_id, "orchestrator: CALL_IN_FLIGHT on a compensation; waiting for the hub's key");
+                let wait =
+                    (next - ended).clamp(IN_FLIGHT_MIN_WAIT, COMPENSATION_IN_FLIGHT_MAX_WAIT);
+                tokio::time::sleep(Duration::from_micros(
+                    u64::try_from(wait).unwrap_or(1_000_000),
+                ))
+                .await;
+                continue;
+            }
             let outcome: std::result::Result<conpb::InvokeResponse, (String, String, bool)> =
                 match sent {
                     Err(_) => Err((
@@ -2168,6 +2235,41 @@ fn decision_pb(plan: &cpb::ExecutablePlan, d: &anumate_engine::StepDecision) -> 
     }
 }
 
+/// The shortest wait before a call the hub answered `CALL_IN_FLIGHT` is
+/// re-sent (micros).
+const IN_FLIGHT_MIN_WAIT: i64 = 100_000;
+/// The longest: the hub may name a take-over time far ahead (its default
+/// in-flight lease is 5 minutes) while the held call may still record its
+/// result sooner, so the step looks again at least this often (micros).
+const IN_FLIGHT_MAX_WAIT: i64 = 60_000_000;
+/// The wait when the hub names no take-over time (micros).
+const IN_FLIGHT_DEFAULT_WAIT: i64 = 2_000_000;
+/// A compensation waits inline, so it looks again at least this often (micros).
+const COMPENSATION_IN_FLIGHT_MAX_WAIT: i64 = 10_000_000;
+
+/// When to re-send a call the hub answered `CALL_IN_FLIGHT` (`None` for
+/// any other error): just after the hub's `lease_expire_time` (when it
+/// takes the key over from a call that never ends), bounded to
+/// [`IN_FLIGHT_MIN_WAIT`, `IN_FLIGHT_MAX_WAIT`] from `now`.
+fn in_flight_resend_at(err: &Error, now: i64) -> Option<i64> {
+    if err.reason != Reason::CallInFlight {
+        return None;
+    }
+    let expires = err
+        .metadata
+        .iter()
+        .find(|(k, _)| k == "lease_expire_time")
+        .and_then(|(_, v)| chrono::DateTime::parse_from_rfc3339(v).ok())
+        .map(|t| t.timestamp_micros());
+    Some(match expires {
+        // A little after the take-over time, so the hub's clock has passed it.
+        Some(t) => t
+            .saturating_add(50_000)
+            .clamp(now + IN_FLIGHT_MIN_WAIT, now + IN_FLIGHT_MAX_WAIT),
+        None => now + IN_FLIGHT_DEFAULT_WAIT,
+    })
+}
+
 /// Backoff before attempt `done + 1` (micros).
 /// A declared attempt timeout, or the default when none (or zero) is declared.
 fn attempt_timeout(declared: Option<&pbjson_types::Duration>) -> Duration {
@@ -2200,4 +2302,41 @@ fn backoff(retry: Option<&cpb::RetryPolicy>, done: u32) -> i64 {
     let exp = i32::try_from(done.saturating_sub(1)).unwrap_or(30).min(30);
     let d = (initial as f64) * mult.powi(exp);
     (d.min(max as f64)) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight(expire: Option<&str>) -> Error {
+        let e = Error::because(Reason::CallInFlight, "held");
+        match expire {
+            Some(t) => e.with_metadata("lease_expire_time", t),
+            None => e,
+        }
+    }
+
+    #[test]
+    fn call_in_flight_is_resent_just_after_the_hubs_take_over_time() {
+        // 2026-12-04T20:00:00Z
+        let now = 1_796_414_400_000_000;
+        let at = |s: &str| in_flight_resend_at(&in_flight(Some(s)), now);
+        assert_eq!(
+            at("2026-12-04T20:00:03.000000Z"),
+            Some(now + 3_000_000 + 50_000)
+        );
+        // Already past: soon, not at once.
+        assert_eq!(at("2026-12-04T19:59:00Z"), Some(now + IN_FLIGHT_MIN_WAIT));
+        // The hub's default 5 minutes: look again within a minute.
+        assert_eq!(at("2026-12-04T20:05:00Z"), Some(now + IN_FLIGHT_MAX_WAIT));
+        assert_eq!(
+            in_flight_resend_at(&in_flight(None), now),
+            Some(now + IN_FLIGHT_DEFAULT_WAIT)
+        );
+        assert_eq!(at("not a time"), Some(now + IN_FLIGHT_DEFAULT_WAIT));
+        // Any other error is not a wait.
+        let other = Error::because(Reason::ConnectorFailed, "boom")
+            .with_metadata("lease_expire_time", "2026-12-04T20:00:03Z");
+        assert_eq!(in_flight_resend_at(&other, now), None);
+    }
 }
