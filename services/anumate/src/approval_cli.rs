@@ -447,7 +447,8 @@ fn summary(a: &pb::Approval) -> String {
 }
 
 /// The arguments preview as JSON, whole numbers without the `.0` a
-/// `google.protobuf.Struct` (all numbers doubles) would give them.
+/// `google.protobuf.Struct` (all numbers doubles) would give them, keys in
+/// order (a Struct's map has none), so the same arguments print the same.
 fn preview(a: &pb::Approval) -> Option<String> {
     fn whole(v: serde_json::Value) -> serde_json::Value {
         use serde_json::Value;
@@ -458,7 +459,9 @@ fn preview(a: &pb::Approval) -> Option<String> {
             },
             Value::Array(items) => Value::Array(items.into_iter().map(whole).collect()),
             Value::Object(map) => {
-                Value::Object(map.into_iter().map(|(k, v)| (k, whole(v))).collect())
+                let mut entries: Vec<_> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k, whole(v))).collect())
             }
             other => other,
         }
@@ -756,6 +759,20 @@ mod tests {
             serde_json::json!({"amount": 1200, "rate": 0.5, "ids": [7]})
         );
         assert_eq!(preview(&pb::Approval::default()), None);
+        // Keys print sorted, however the Struct's map iterates.
+        let nested = pb::Approval {
+            args_preview: Some(
+                serde_json::from_value(serde_json::json!({
+                    "to": "bob", "amount": 5, "meta": {"z": 1, "a": 2, "m": 3}, "b": true
+                }))
+                .unwrap(),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(
+            preview(&nested).unwrap(),
+            r#"{"amount":5,"b":true,"meta":{"a":2,"m":3,"z":1},"to":"bob"}"#
+        );
     }
 
     #[test]
