@@ -9,7 +9,11 @@
 //!   `method="…"`) are RPCs of the contracts;
 //! - the configuration the Helm chart renders (`deploy/kubernetes/configmap.yaml`)
 //!   and the compose setup's (`deploy/compose/anumate.toml`) load in the
-//!   binary, whose configuration refuses unknown keys and mistyped values.
+//!   binary, whose configuration refuses unknown keys and mistyped values;
+//! - every role of the chart's default render starts as its pod would
+//!   (`anumate serve <role>`, the chart's configuration, on PostgreSQL that
+//!   the migration Job's command migrated) and answers the gRPC health checks
+//!   its readiness and liveness probes make.
 //!
 //! `scripts/deploy-check` checks the same files' shape (and renders the chart).
 
@@ -394,4 +398,140 @@ fn the_charts_and_composes_configuration_load_in_the_binary() {
     let ran = migrate_with(&floats);
     assert!(!ran.status.success(), "{ran:#?}");
     assert!(ran.stderr.contains("shutdown_grace_secs"), "{ran:#?}");
+}
+
+/// (role, the gRPC service its readiness probe asks for) of every
+/// Deployment in the chart's default render.
+fn chart_roles() -> Vec<(String, String)> {
+    let yaml = read("deploy/kubernetes/deployments.yaml");
+    let mut out = Vec::new();
+    let mut role = None;
+    let mut in_readiness = false;
+    for line in yaml.lines().map(str::trim) {
+        if let Some(args) = line.strip_prefix("args: [\"") {
+            role = Some(args.trim_end_matches("\"]").to_owned());
+        } else if line == "readinessProbe:" {
+            in_readiness = true;
+        } else if in_readiness {
+            in_readiness = false;
+            let service = line
+                .split("service: ")
+                .nth(1)
+                .map(|s| s.trim_end_matches('}').trim().to_owned())
+                .expect("the readiness probe names a gRPC service");
+            out.push((role.take().expect("args before the probe"), service));
+        }
+    }
+    out
+}
+
+/// `anumate serve <role>` started as the chart's pod starts it; killed
+/// when dropped.
+struct Pod(std::process::Child);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every role of the chart serves with the chart's configuration on a
+/// database the chart's migration Job migrated (environment only, as the
+/// hook runs before the ConfigMap exists), and answers the gRPC health checks
+/// the chart's probes make: its own service (readiness) and "" (liveness).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_of_the_chart_serves_and_passes_its_probes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let db = anumate_store::testing::TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["registry", "receipts", "services", "captokens"] {
+        let key = anumate_crypto::KeyPair::generate().unwrap();
+        std::fs::write(keys.join(format!("{k}.pem")), key.to_pkcs8_pem()).unwrap();
+    }
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+
+    // The migration Job: its environment, no configuration file.
+    let mut migrate = anumate(d);
+    migrate
+        .arg("migrate")
+        .env("ANUMATE_DATA_DIR", &data)
+        .env("ANUMATE_STORE__APP_ROLE", "anumate_app")
+        .env("ANUMATE_STORE__URL", &db.config.url)
+        .env("ANUMATE_STORE__OWNER_URL", &db.config.owner_url);
+    let ran = run(migrate);
+    assert!(
+        ran.status.success(),
+        "the migration Job's command: {ran:#?}"
+    );
+
+    let config = chart_config()
+        .replace("/etc/anumate/keys", keys.to_str().unwrap())
+        .replace("/var/lib/anumate", data.to_str().unwrap());
+    let config_path = d.join("anumate.toml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    let roles = chart_roles();
+    assert_eq!(roles.len(), 10, "{roles:?}");
+    for (role, probe_service) in roles {
+        let log = d.join(format!("{role}.log"));
+        let mut cmd = anumate(d);
+        cmd.args(["serve", &role, "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path)
+            .env("ANUMATE_STORE__URL", &db.config.url)
+            .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let pod = Pod(child);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let serving = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains("serving ") && line.contains(" on http://") => {
+                    break line;
+                }
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "anumate serve {role} did not start with the chart's configuration:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        };
+        let url = serving.rsplit(" on ").next().unwrap().trim().to_owned();
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        for service in [probe_service.as_str(), ""] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{role}: health check {service:?}: {e}"))
+                .into_inner()
+                .status();
+            assert_eq!(status, ServingStatus::Serving, "{role}: {service:?}");
+        }
+        drop(pod);
+    }
 }
