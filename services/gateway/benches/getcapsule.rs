@@ -3,7 +3,10 @@
 //! REST/gRPC throughput ratio and the p50 the gateway adds. The platform runs
 //! in process as `anumate dev` builds it (SQLite); clients share one
 //! connection pool each. `BENCH_SECS` (default 5) and `BENCH_CONCURRENCY`
-//! (default 1,16) tune it.
+//! (default 1,16) tune it; `BENCH_UPSTREAM_CONNECTIONS` sets the gateway's
+//! `[gateway] upstream_connections`. Each side also prints the process's CPU
+//! time per call (clients, gateway and services together), which a busy
+//! machine disturbs less than throughput.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -37,6 +40,25 @@ struct Outcome {
     calls: u64,
     secs: f64,
     hist: Histogram<u64>,
+    /// CPU time of the whole process (clients, gateway, services) per call,
+    /// in µs: what a call costs, whatever else the machine is running.
+    cpu_us_per_call: f64,
+}
+
+/// User + system CPU time of this process so far, in seconds (from /proc/self/stat).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks are 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 impl Outcome {
@@ -45,12 +67,13 @@ impl Outcome {
     }
     fn print(&self, what: &str) {
         println!(
-            "{what:>5}: {:>8.0} calls/s  p50 {:>6} µs  p90 {:>6} µs  p99 {:>6} µs  ({} calls)",
+            "{what:>5}: {:>8.0} calls/s  p50 {:>6} µs  p90 {:>6} µs  p99 {:>6} µs  ({} calls, {:.0} µs CPU per call)",
             self.rate(),
             self.hist.value_at_quantile(0.5),
             self.hist.value_at_quantile(0.9),
             self.hist.value_at_quantile(0.99),
-            self.calls
+            self.calls,
+            self.cpu_us_per_call
         );
     }
 }
@@ -68,6 +91,7 @@ where
         call().await;
     }
     let start = Instant::now();
+    let cpu_start = cpu_secs();
     let end = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -87,10 +111,12 @@ where
         t.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu_start;
     let hist = Arc::try_unwrap(hist).ok().unwrap().into_inner();
     Outcome {
         calls: hist.len(),
         secs,
+        cpu_us_per_call: cpu * 1e6 / hist.len().max(1) as f64,
         hist,
     }
 }
@@ -139,7 +165,17 @@ async fn run() {
     )
     .unwrap();
     let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
-    let gateway = Gateway::connect_lazy(GatewayConfig::default(), &own_url).unwrap();
+    // BENCH_UPSTREAM_CONNECTIONS: the gateway's HTTP/2 connections upstream
+    // (default: the configuration's default).
+    let mut config = GatewayConfig::default();
+    if let Some(n) = std::env::var("BENCH_UPSTREAM_CONNECTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        config.upstream_connections = n;
+    }
+    let upstream_connections = config.upstream_connections;
+    let gateway = Gateway::connect_lazy(config, &own_url).unwrap();
     let gw_listener = anumate_testing::bind().await;
     let gw_url = format!("http://{}", gw_listener.local_addr().unwrap());
     tokio::spawn(anumate_gateway::serve(
@@ -187,7 +223,7 @@ async fn run() {
     let rest_url = format!("{gw_url}/v1/capsules/refund-small-orders");
 
     println!(
-        "GetCapsule, {secs} s per side; load average before: {}",
+        "GetCapsule, {secs} s per side, {upstream_connections} upstream connection(s); load average before: {}",
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
@@ -220,9 +256,10 @@ async fn run() {
         direct.print("gRPC");
         rest.print("REST");
         println!(
-            "  REST/gRPC throughput {:.0} %, added p50 {} µs",
+            "  REST/gRPC throughput {:.0} %, added p50 {} µs; CPU per call gRPC/REST {:.0} %",
             100.0 * rest.rate() / direct.rate(),
-            rest.hist.value_at_quantile(0.5) as i64 - direct.hist.value_at_quantile(0.5) as i64
+            rest.hist.value_at_quantile(0.5) as i64 - direct.hist.value_at_quantile(0.5) as i64,
+            100.0 * direct.cpu_us_per_call / rest.cpu_us_per_call
         );
     }
     println!(

@@ -46,7 +46,7 @@ use tower_http::{
 };
 
 use crate::routes::{Lookup, Route, RouteTable};
-use crate::status::{error_response, json_response, reason_response, status_response};
+use crate::status::{error_response, reason_response, status_response};
 
 /// `[gateway]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +72,9 @@ pub struct GatewayConfig {
     /// How long a stream's response headers wait for its first message (an
     /// early error then gets its own HTTP status), in milliseconds.
     pub stream_first_message_wait_ms: u64,
+    /// HTTP/2 connections to the upstream, used in turn (one connection is
+    /// served by one task upstream; several spread the calls over cores).
+    pub upstream_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -84,6 +87,7 @@ impl Default for GatewayConfig {
             timeout_secs: 30,
             sse_heartbeat_secs: 15,
             stream_first_message_wait_ms: 2000,
+            upstream_connections: 4,
         }
     }
 }
@@ -120,7 +124,8 @@ pub enum GatewayError {
 
 struct Inner {
     table: RouteTable,
-    channel: Channel,
+    channels: Vec<Channel>,
+    next: std::sync::atomic::AtomicUsize,
     openapi: Bytes,
     config: GatewayConfig,
 }
@@ -143,6 +148,20 @@ const FORWARDED: [&str; 5] = [
 impl Gateway {
     /// A gateway over `channel` with the routes of the embedded descriptor set.
     pub fn new(config: GatewayConfig, channel: Channel) -> Result<Gateway, GatewayError> {
+        Gateway::with_channels(config, vec![channel])
+    }
+
+    /// A gateway using `channels` in turn (at least one).
+    pub fn with_channels(
+        config: GatewayConfig,
+        mut channels: Vec<Channel>,
+    ) -> Result<Gateway, GatewayError> {
+        if channels.is_empty() {
+            return Err(GatewayError::Upstream(
+                config.upstream.clone(),
+                "no channel".into(),
+            ));
+        }
         let pool = DescriptorPool::decode(anumate_proto::FILE_DESCRIPTOR_SET)
             .map_err(routes::RouteError::from)?;
         let table = RouteTable::from_pool(&pool)?;
@@ -151,19 +170,24 @@ impl Gateway {
         Ok(Gateway {
             inner: Arc::new(Inner {
                 table,
-                channel,
+                channels: std::mem::take(&mut channels),
+                next: std::sync::atomic::AtomicUsize::new(0),
                 openapi,
                 config,
             }),
         })
     }
 
-    /// A gateway whose channel connects to `upstream` on first use.
+    /// A gateway whose `[gateway] upstream_connections` channels connect to
+    /// `upstream` on first use.
     pub fn connect_lazy(config: GatewayConfig, upstream: &str) -> Result<Gateway, GatewayError> {
         let endpoint = Endpoint::from_shared(upstream.to_owned())
             .map_err(|e| GatewayError::Upstream(upstream.to_owned(), e.to_string()))?
             .tcp_nodelay(true);
-        Gateway::new(config, endpoint.connect_lazy())
+        let channels = (0..config.upstream_connections.max(1))
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        Gateway::with_channels(config, channels)
     }
 
     /// The routing table.
@@ -342,7 +366,7 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
         let first_wait = Duration::from_millis(gw.config.stream_first_message_wait_ms)
             .min(Duration::from_secs(gw.config.timeout_secs.max(1)) / 2);
         stream::call(
-            &gw.channel,
+            gw.channel(),
             route,
             request,
             sse,
@@ -351,7 +375,15 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
         )
         .await
     } else {
-        unary(&gw.channel, route, request).await
+        unary(gw.channel(), route, request).await
+    }
+}
+
+impl Inner {
+    /// The next upstream channel, in turn.
+    fn channel(&self) -> &Channel {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.channels[n % self.channels.len()]
     }
 }
 
@@ -424,10 +456,20 @@ async fn unary(channel: &Channel, route: &Route, request: tonic::Request<Bytes>)
             Err(e) => error_response(&Error::internal(e)),
         };
     }
-    match transcode::response_json(&output, &bytes, &route.response_body) {
-        Ok((json, _)) => json_response(StatusCode::OK, &json),
+    match transcode::response_json_bytes(&output, &bytes, &route.response_body) {
+        Ok(json) => json_bytes_response(json),
         Err(e) => error_response(&e),
     }
+}
+
+/// A 200 answer of JSON bytes.
+fn json_bytes_response(json: Vec<u8>) -> Response {
+    let mut resp = Body::from(json).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// A `google.api.HttpBody` answer: its bytes under its content type.

@@ -71,6 +71,50 @@ fn wkt_schema(m: &MessageDescriptor) -> Option<Json> {
     })
 }
 
+/// Whether the field is `(google.api.field_behavior) = REQUIRED`.
+fn is_required(field: &FieldDescriptor) -> bool {
+    const REQUIRED: i32 = 2;
+    let Some(ext) = field
+        .parent_pool()
+        .get_extension_by_name("google.api.field_behavior")
+    else {
+        return false;
+    };
+    let options = field.options();
+    if !options.has_extension(&ext) {
+        return false;
+    }
+    match options.get_extension(&ext).as_ref() {
+        prost_reflect::Value::List(list) => {
+            list.iter().any(|v| v.as_enum_number() == Some(REQUIRED))
+        }
+        prost_reflect::Value::EnumNumber(n) => *n == REQUIRED,
+        _ => false,
+    }
+}
+
+/// The REQUIRED fields of the request a client must send in the query or
+/// body: none when the RPC has other bindings, whose path may carry them
+/// (`GET /v1/policies/{name}` has no `version`).
+fn required_fields(route: &Route, bindings: usize) -> Vec<FieldDescriptor> {
+    if bindings > 1 {
+        return Vec::new();
+    }
+    route
+        .rpc
+        .input()
+        .fields()
+        .filter(|f| {
+            !route
+                .template
+                .variables
+                .iter()
+                .any(|v| v.field_path == f.name())
+        })
+        .filter(is_required)
+        .collect()
+}
+
 fn scalar_schema(kind: &Kind) -> Json {
     match kind {
         Kind::Double | Kind::Float => json!({"type": "number"}),
@@ -172,10 +216,11 @@ fn collect(
 /// Query parameters of a route: the top-level scalar, enum and
 /// well-known-type fields not bound by the path (nested ones are accepted
 /// as `a.b` but not listed).
-fn query_params(route: &Route) -> Vec<Json> {
+fn query_params(route: &Route, bindings: usize) -> Vec<Json> {
     if !matches!(route.body, BodyBinding::None) {
         return Vec::new();
     }
+    let required = required_fields(route, bindings);
     let input = route.rpc.input();
     input
         .fields()
@@ -195,14 +240,15 @@ fn query_params(route: &Route) -> Vec<Json> {
             json!({
                 "name": f.name(),
                 "in": "query",
-                "required": false,
+                "required": required.contains(&f),
                 "schema": field_schema(&f),
             })
         })
         .collect()
 }
 
-fn operation(route: &Route) -> Json {
+/// The operation of `route`, one of the RPC's `bindings` HTTP bindings.
+fn operation(route: &Route, bindings: usize) -> Json {
     let rpc = &route.rpc;
     let input = rpc.input();
     let output = rpc.output();
@@ -212,7 +258,7 @@ fn operation(route: &Route) -> Json {
         .iter()
         .map(|v| json!({"name": v.field_path, "in": "path", "required": true, "schema": {"type": "string"}}))
         .collect();
-    params.extend(query_params(route));
+    params.extend(query_params(route, bindings));
     let result = if route.response_body.is_empty() {
         scalar_schema(&Kind::Message(output.clone()))
     } else {
@@ -233,7 +279,8 @@ fn operation(route: &Route) -> Json {
             }
         })
     } else if output.full_name() == "google.api.HttpBody" {
-        json!({"description": "The raw body under its content type.", "content": {"*/*": {"schema": {"type": "string"}}}})
+        // Any bytes: a JWKS is JSON, an export is lines; the content type says which.
+        json!({"description": "The raw body under its content type (google.api.HttpBody).", "content": {"*/*": {"schema": {}}}})
     } else {
         json!({"description": "OK", "content": {"application/json": {"schema": result}}})
     };
@@ -256,7 +303,17 @@ fn operation(route: &Route) -> Json {
     match &route.body {
         BodyBinding::None => {}
         BodyBinding::Whole => {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(input.full_name())}}});
+            let mut schema = schema_ref(input.full_name());
+            let required: Vec<String> = required_fields(route, bindings)
+                .iter()
+                .map(|f| f.json_name().to_owned())
+                .collect();
+            if !required.is_empty() {
+                // `$ref` siblings are allowed in 3.1.
+                schema["required"] = json!(required);
+            }
+            op["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": schema}}});
         }
         BodyBinding::Field(f) => {
             let schema = input
@@ -278,7 +335,12 @@ pub fn document(_pool: &DescriptorPool, table: &RouteTable) -> Json {
     for route in table.routes() {
         collect(&route.rpc.input(), &mut msgs, &mut enums);
         collect(&route.rpc.output(), &mut msgs, &mut enums);
-        let mut op = operation(route);
+        let bindings = table
+            .routes()
+            .iter()
+            .filter(|r| r.grpc_path == route.grpc_path)
+            .count();
+        let mut op = operation(route, bindings);
         let n = paths.len();
         let item = paths.entry(route.template.openapi_path()).or_default();
         let method = route.method.as_str().to_ascii_lowercase();
@@ -286,12 +348,7 @@ pub fn document(_pool: &DescriptorPool, table: &RouteTable) -> Json {
             // An additional binding of the same method and path shape.
             continue;
         }
-        if table
-            .routes()
-            .iter()
-            .filter(|r| r.grpc_path == route.grpc_path)
-            .count()
-            > 1
+        if bindings > 1
             && let Some(id) = op["operationId"].as_str()
         {
             op["operationId"] = Json::String(format!("{id}_{n}"));

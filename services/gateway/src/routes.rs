@@ -7,7 +7,9 @@ use anumate_proto::google::api::{HttpRule, http_rule::Pattern};
 use http::Method;
 use prost_reflect::{DescriptorPool, MethodDescriptor, Value};
 
-use crate::template::{Template, TemplateError};
+use std::collections::HashMap;
+
+use crate::template::{Segment, Template, TemplateError};
 
 /// Where the HTTP body goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,10 +73,51 @@ pub enum RouteError {
     },
 }
 
-/// Every route, most specific first within a method.
+/// Every route, most specific first within a method, indexed by the first
+/// two path segments (`/v1/capsules…`) so a lookup tries only the few routes
+/// that can match.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// First segment → second segment (up to a `:`) → routes, in order.
+    index: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// Routes whose first two segments are not both literal: always tried.
+    generic: Vec<usize>,
+}
+
+fn decode_segment(p: &str) -> std::borrow::Cow<'_, str> {
+    if p.contains('%') {
+        std::borrow::Cow::Owned(crate::template::decode(p))
+    } else {
+        std::borrow::Cow::Borrowed(p)
+    }
+}
+
+/// The text of a segment up to its first `:` (a custom verb or a literal's own colon).
+fn head(segment: &str) -> &str {
+    segment.split(':').next().unwrap_or(segment)
+}
+
+/// A template's index key: its first two segments when both are literal.
+fn template_key(t: &Template) -> Option<(&str, &str)> {
+    match (t.segments.first(), t.segments.get(1)) {
+        (Some(Segment::Literal(a)), Some(Segment::Literal(b))) => Some((a.as_str(), head(b))),
+        _ => None,
+    }
+}
+
+/// A request path's first two segments, percent-decoded, the second up to a `:`.
+fn path_key(path: &str) -> Option<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+    let rest = path.strip_prefix('/')?;
+    let mut parts = rest.splitn(3, '/');
+    let a = parts.next()?;
+    let b = parts.next()?;
+    let a = decode_segment(a);
+    let b = match decode_segment(b) {
+        std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(head(b)),
+        std::borrow::Cow::Owned(b) => std::borrow::Cow::Owned(head(&b).to_owned()),
+    };
+    Some((a, b))
 }
 
 /// The outcome of a lookup.
@@ -117,7 +160,51 @@ impl RouteTable {
         }
         // Most specific first, so the first match wins.
         routes.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
-        Ok(RouteTable { routes })
+        let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        let mut generic = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            match template_key(&r.template) {
+                Some((a, b)) => index
+                    .entry(a.to_owned())
+                    .or_default()
+                    .entry(b.to_owned())
+                    .or_default()
+                    .push(i),
+                None => generic.push(i),
+            }
+        }
+        Ok(RouteTable {
+            routes,
+            index,
+            generic,
+        })
+    }
+
+    /// The routes that may match `path`, most specific first.
+    fn candidates(&self, path: &str) -> impl Iterator<Item = &Route> {
+        let bucket: &[usize] = path_key(path)
+            .and_then(|(a, b)| self.index.get(a.as_ref())?.get(b.as_ref()))
+            .map_or(&[], Vec::as_slice);
+        // Merge the bucket and the generic routes, keeping the table's order.
+        let (mut i, mut j) = (0, 0);
+        std::iter::from_fn(move || {
+            let next = match (bucket.get(i), self.generic.get(j)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    i += 1;
+                    x
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    j += 1;
+                    y
+                }
+                (None, None) => return None,
+            };
+            Some(&self.routes[next])
+        })
     }
 
     /// Every route.
@@ -128,7 +215,7 @@ impl RouteTable {
     /// The route for `method` and `path` (undecoded).
     pub fn lookup(&self, method: &Method, path: &str) -> Lookup<'_> {
         let mut allowed = Vec::new();
-        for route in &self.routes {
+        for route in self.candidates(path) {
             if route.method != *method && !(*method == Method::HEAD && route.method == Method::GET)
             {
                 if !allowed.contains(&route.method) && route.template.matches(path).is_some() {
@@ -239,6 +326,46 @@ mod tests {
                 assert_eq!(routed, rpc.options().has_extension(&ext), "{path}");
             }
         }
+    }
+
+    /// The index finds what a scan of every route in order finds, for a
+    /// path made from each route's own template.
+    #[test]
+    fn the_index_finds_what_a_full_scan_finds() {
+        let t = table();
+        let mut tried = 0;
+        for route in t.routes() {
+            let mut path = String::new();
+            for seg in &route.template.segments {
+                path.push('/');
+                path.push_str(match seg {
+                    Segment::Literal(l) => l,
+                    Segment::Star => "x",
+                    Segment::DoubleStar => "y/z",
+                });
+            }
+            if let Some(verb) = &route.template.verb {
+                path.push(':');
+                path.push_str(verb);
+            }
+            for method in [Method::GET, Method::POST, Method::PATCH, Method::DELETE] {
+                let scan = t
+                    .routes()
+                    .iter()
+                    .filter(|r| r.method == method)
+                    .find_map(|r| r.template.matches(&path).map(|v| (r.grpc_path.clone(), v)));
+                let indexed = match t.lookup(&method, &path) {
+                    Lookup::Found(r, v) => Some((r.grpc_path.clone(), v)),
+                    _ => None,
+                };
+                assert_eq!(indexed, scan, "{method} {path}");
+                tried += 1;
+            }
+        }
+        assert!(tried > 200, "{tried}");
+        // Percent-encoded first segments reach the same bucket.
+        let (rpc, _) = found(&t, Method::GET, "/%761/capsules/refund");
+        assert!(rpc.ends_with("/GetCapsule"), "{rpc}");
     }
 
     #[test]

@@ -258,7 +258,8 @@ fn parse_segment(part: &str) -> Option<Segment> {
     }
 }
 
-fn decode(part: &str) -> String {
+/// A path segment, percent-decoded.
+pub(crate) fn decode(part: &str) -> String {
     percent_decode_str(part).decode_utf8_lossy().into_owned()
 }
 

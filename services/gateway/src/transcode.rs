@@ -314,6 +314,30 @@ pub fn response_json(
     Ok((json, msg))
 }
 
+/// Decodes a unary response and writes its JSON bytes straight from the
+/// message (no intermediate `serde_json::Value` when the whole response is
+/// the body, the common case).
+pub fn response_json_bytes(
+    desc: &MessageDescriptor,
+    bytes: &[u8],
+    response_body: &str,
+) -> Result<Vec<u8>, Error> {
+    if !response_body.is_empty() {
+        let (json, _) = response_json(desc, bytes, response_body)?;
+        return serde_json::to_vec(&json)
+            .map_err(|e| Error::internal(format!("response does not serialize: {e}")));
+    }
+    let msg = DynamicMessage::decode(desc.clone(), bytes)
+        .map_err(|e| Error::internal(format!("response does not decode: {e}")))?;
+    let mut out = Vec::with_capacity(bytes.len() * 2 + 64);
+    msg.serialize_with_options(
+        &mut serde_json::Serializer::new(&mut out),
+        &serialize_options(),
+    )
+    .map_err(|e| Error::internal(format!("response does not serialize: {e}")))?;
+    Ok(out)
+}
+
 fn serialize_full(msg: &DynamicMessage) -> Result<Json, Error> {
     msg.serialize_with_options(serde_json::value::Serializer, &serialize_options())
         .map_err(|e| Error::internal(format!("response does not serialize: {e}")))

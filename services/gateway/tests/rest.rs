@@ -413,6 +413,41 @@ async fn streams_hold_headers_for_early_errors_and_openapi_is_served() {
             ["text/event-stream"]
             .is_object()
     );
+    // REQUIRED fields are required: a query parameter, a body property (not
+    // the path's), but not where another binding's path may carry them.
+    let export = &doc["paths"]["/v1/receipts:export"]["get"]["parameters"];
+    let format = export
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "format")
+        .unwrap_or_else(|| panic!("{export}"));
+    assert_eq!(format["required"], true, "{format}");
+    let approve = &doc["paths"]["/v1/approvals/{approval_id}:approve"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"];
+    assert_eq!(approve["required"], json!(["argsSha256"]), "{approve}");
+    let get_policy = &doc["paths"]["/v1/policies/{name}"]["get"]["parameters"];
+    assert!(
+        get_policy
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["required"] == true || p["in"] == "query" && p["required"] == false),
+        "{get_policy}"
+    );
+    assert!(
+        get_policy
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "version" && p["required"] == false),
+        "{get_policy}"
+    );
+    // A google.api.HttpBody answer is any bytes under its own content type.
+    assert_eq!(
+        doc["paths"]["/v1/captokens/jwks"]["get"]["responses"]["200"]["content"]["*/*"]["schema"],
+        json!({})
+    );
     p.server.stop().await;
 }
 
