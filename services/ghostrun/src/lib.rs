@@ -5,6 +5,7 @@
 //! Preflight(plan_hash | capsule + version, inputs, fixtures, seed)
 //!   ──▶ compiler.GetPlan / Compile         (in-process or gRPC, the caller's identity)
 //!   ──▶ policy.GetPolicy × n (pinned)       (in-process or gRPC; compiled once per content hash)
+//!   ──▶ registry.GetCapsule                 (the capsule version's labels; cached)
 //!   ──▶ report::simulate                     (pure: inputs, fixtures, engine, simulator, risk, verdict)
 //!   ──▶ registry tenant settings             (the citation expiry; in-process cached, or gRPC)
 //!   ──▶ preflights table + outbox `preflight.completed` (one transaction)
@@ -13,27 +14,28 @@
 #![forbid(unsafe_code)]
 
 pub mod grpc;
+pub mod loader;
 mod module;
 mod repo;
 pub mod report;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use anumate_errors::{Error, ErrorCode, Reason, Result};
-use anumate_policy::CompiledSet;
+use anumate_errors::{Error, Reason, Result};
 use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::ghostrun::v1 as pb;
-use anumate_proto::policy::v1 as ppb;
 use anumate_service::clients::{
-    Caller, CompilerClient, PolicyClient, TenantSettingsClient, UpstreamError,
+    Caller, CompilerClient, PolicyClient, RegistryClient, TenantSettingsClient,
 };
 use anumate_store::{Migration, Store};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 
 pub use grpc::GhostRunGrpc;
+pub use loader::Loader;
+use loader::upstream;
 pub use module::module;
 pub use repo::MIGRATIONS as REPO_MIGRATIONS;
 
@@ -65,6 +67,10 @@ pub struct GhostRunConfig {
     pub citation_ttl_secs: u64,
     /// Largest `inputs_json` accepted, in bytes.
     pub max_inputs_bytes: usize,
+    /// `env` as policies see it, in preflights and in runs alike (the
+    /// orchestrator reads this same key): facts about this deployment such
+    /// as `{stage = "prod", region = "in-south"}`. Empty by default.
+    pub policy_env: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for GhostRunConfig {
@@ -75,6 +81,7 @@ impl Default for GhostRunConfig {
             registry_url: String::new(),
             citation_ttl_secs: 3600,
             max_inputs_bytes: 256 * 1024,
+            policy_env: BTreeMap::new(),
         }
     }
 }
@@ -131,26 +138,9 @@ pub struct GhostRun {
     /// The tenants' settings (the citation expiry); `None`: `cfg.citation_ttl_secs`.
     settings: Option<Arc<dyn TenantSettingsClient>>,
     cfg: GhostRunConfig,
-    /// Compiled policy sets by content hash (content-addressed: shared by tenants).
-    sets: Arc<Mutex<HashMap<String, Arc<CompiledSet>>>>,
-    /// Plans by (tenant, hash): write-once upstream, so never stale.
-    plans: Arc<Mutex<PlanCache>>,
-}
-
-/// (tenant, plan hash) → plan.
-type PlanCache = HashMap<(String, String), Arc<cpb::ExecutablePlan>>;
-
-const MAX_CACHED: usize = 4096;
-
-fn upstream(e: &UpstreamError, what: &str) -> Error {
-    let err = e.to_error();
-    if err.code == ErrorCode::Unavailable {
-        return Error::new(
-            ErrorCode::Unavailable,
-            format!("{what} is unavailable: {}", e.message()),
-        );
-    }
-    err
+    /// Plans, policy sets, capsule labels and the policies' context: the
+    /// same loader type the orchestrator builds its engines with.
+    loader: Loader,
 }
 
 impl GhostRun {
@@ -162,15 +152,33 @@ impl GhostRun {
         policy: Arc<dyn PolicyClient>,
         cfg: GhostRunConfig,
     ) -> GhostRun {
+        let loader = Loader::new(compiler.clone(), policy.clone(), None, &cfg.policy_env);
         GhostRun {
             store,
             compiler,
             policy,
             settings: None,
             cfg,
-            sets: Arc::default(),
-            plans: Arc::default(),
+            loader,
         }
+    }
+
+    /// Policies see the capsule version's labels (`capsule.labels`), read
+    /// from `registry` (without one they see none).
+    #[must_use]
+    pub fn with_registry(mut self, registry: Arc<dyn RegistryClient>) -> GhostRun {
+        self.loader = Loader::new(
+            self.compiler.clone(),
+            self.policy.clone(),
+            Some(registry),
+            &self.cfg.policy_env,
+        );
+        self
+    }
+
+    /// The loader this service builds its engines with.
+    pub fn loader(&self) -> &Loader {
+        &self.loader
     }
 
     /// Reports are citable for the tenant's `preflight_citation_ttl`, read
@@ -238,80 +246,9 @@ impl GhostRun {
             return Ok(Arc::new(plan));
         }
         let hash = anumate_crypto::parse_digest("plan_hash", &r.plan_hash)?;
-        let key = (actor.tenant.clone(), hash.clone());
-        if let Some(p) = self.plans.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(p);
-        }
-        let resp = self
-            .compiler
-            .get_plan(&actor.caller(), cpb::GetPlanRequest { plan_hash: hash })
+        self.loader
+            .plan(&actor.caller(), &actor.tenant, &hash)
             .await
-            .map_err(|e| upstream(&e, "the compiler"))?;
-        let plan = Arc::new(
-            resp.plan
-                .ok_or_else(|| Error::internal("the compiler answered without a plan"))?,
-        );
-        if let Ok(mut m) = self.plans.lock() {
-            if m.len() >= MAX_CACHED {
-                m.clear();
-            }
-            m.insert(key, plan.clone());
-        }
-        Ok(plan)
-    }
-
-    async fn policy_sets(
-        &self,
-        actor: &Actor,
-        plan: &cpb::ExecutablePlan,
-    ) -> Result<Vec<Arc<CompiledSet>>> {
-        let mut out = Vec::with_capacity(plan.policies.len());
-        for r in &plan.policies {
-            if let Some(s) = self
-                .sets
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&r.content_hash).cloned())
-            {
-                out.push(s);
-                continue;
-            }
-            let resp = self
-                .policy
-                .get_policy(
-                    &actor.caller(),
-                    ppb::GetPolicyRequest {
-                        name: r.name.clone(),
-                        version: r.version.to_string(),
-                    },
-                )
-                .await
-                .map_err(|e| upstream(&e, "the policy service"))?;
-            let v = resp
-                .version
-                .ok_or_else(|| Error::internal("the policy service answered without a version"))?;
-            if v.content_hash != r.content_hash {
-                return Err(Error::internal(format!(
-                    "policy {}@{} has content {} but the plan pins {}",
-                    r.name, r.version, v.content_hash, r.content_hash
-                )));
-            }
-            let file = format!("{}.policy", r.name);
-            let source = v.source.clone();
-            let set = anumate_cpu::run(move || {
-                anumate_policy::compile(&file, &source).map_err(|e| Error::internal(e.to_string()))
-            })
-            .await?;
-            let set = Arc::new(set);
-            if let Ok(mut m) = self.sets.lock() {
-                if m.len() >= MAX_CACHED {
-                    m.clear();
-                }
-                m.insert(r.content_hash.clone(), set.clone());
-            }
-            out.push(set);
-        }
-        Ok(out)
     }
 
     /// Runs a preflight and stores its report.
@@ -326,22 +263,21 @@ impl GhostRun {
     ) -> Result<pb::PreflightReport> {
         let inputs = self.inputs(inputs)?;
         let plan = self.plan(actor, &r).await?;
-        let sets = self.policy_sets(actor, &plan).await?;
+        let (sets, labels) = self
+            .loader
+            .parts(&actor.caller(), &actor.tenant, &plan)
+            .await?;
         let ttl_micros = self.citation_ttl_micros(actor).await?;
         let now_micros = anumate_store::now_micros();
         // Whole seconds: what policies compare, and what the report echoes.
         let now_secs = now_micros.div_euclid(1_000_000);
-        let now = chrono::DateTime::from_timestamp(now_secs, 0)
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_default();
-        let context = anumate_engine::Context {
-            tenant: actor.tenant.clone(),
-            principal: actor.subject.clone(),
-            roles: actor.roles.clone(),
-            groups: actor.groups.clone(),
-            now,
-            env: serde_json::json!({}),
-        };
+        let context = self.loader.context(
+            &actor.tenant,
+            &actor.subject,
+            &actor.roles,
+            &actor.groups,
+            now_secs,
+        );
         let fixtures = r.fixtures.clone();
         let seed = r.seed;
         let plan2 = plan.clone();
@@ -349,6 +285,7 @@ impl GhostRun {
             report::simulate(&report::SimInput {
                 plan: &plan2,
                 sets,
+                labels: &labels,
                 context,
                 evaluation_time: pbjson_types::Timestamp {
                     seconds: now_secs,

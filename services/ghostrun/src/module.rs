@@ -3,14 +3,16 @@
 use std::sync::Arc;
 
 use anumate_proto::ghostrun::v1 as pb;
-use anumate_service::clients::{CompilerClient, Grpc, PolicyClient, TenantSettingsClient};
+use anumate_service::clients::{
+    CompilerClient, Grpc, PolicyClient, RegistryClient, TenantSettingsClient,
+};
 use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
 use crate::{GhostRun, GhostRunConfig, GhostRunGrpc};
 
 /// The GhostRun module. Plans come from the compiler, policies from the
-/// policy service and the tenant's settings (the citation expiry) from the
-/// registry: each in process when that module was built before GhostRun in
+/// policy service, the tenant's settings (the citation expiry) and the
+/// capsule labels policies see from the registry: each in process when that module was built before GhostRun in
 /// this process (no socket), else over gRPC at `[ghostrun] compiler_url`,
 /// `policy_url` and `registry_url` (empty: this server's own listener).
 pub fn module() -> Box<dyn ServiceModule> {
@@ -55,7 +57,14 @@ fn build(ctx: &mut Context, cfg: GhostRunConfig) -> Result<(), BuildError> {
         &cfg.registry_url,
         |channel| grpc(channel),
     )?;
-    let ghostrun = GhostRun::new(store, compiler, policy, cfg).with_settings(settings);
+    let registry = ctx.upstream::<dyn RegistryClient>(
+        "ghostrun.registry_url",
+        &cfg.registry_url,
+        |channel| grpc(channel),
+    )?;
+    let ghostrun = GhostRun::new(store, compiler, policy, cfg)
+        .with_settings(settings)
+        .with_registry(registry);
     ctx.provide(ghostrun.clone());
     ctx.routes
         .add_service(GhostRunGrpc::new(ghostrun).into_server());

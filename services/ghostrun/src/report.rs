@@ -19,6 +19,8 @@ pub struct SimInput<'a> {
     pub plan: &'a cpb::ExecutablePlan,
     /// Its policy sets, in `plan.policies` order.
     pub sets: Vec<Arc<CompiledSet>>,
+    /// The capsule version's labels (`capsule.labels`).
+    pub labels: &'a crate::loader::Labels,
     /// Who and when, as policies see it (`now` is RFC 3339 whole seconds).
     pub context: Context,
     /// Evaluation time echoed in the report (the same instant as `context.now`).
@@ -49,8 +51,12 @@ const POINTS_FAILED: i32 = 20;
 /// (`PREFLIGHT_FIXTURE_INVALID`); `INTERNAL` for a plan the interpreter refuses.
 pub fn simulate(input: &SimInput<'_>) -> Result<pb::PreflightReport> {
     let plan = input.plan;
-    let engine = Engine::new(plan, input.sets.clone(), input.context.clone())
-        .map_err(|e| Error::internal(format!("plan {}: {e}", plan.plan_hash)))?;
+    let engine = crate::loader::build(
+        plan,
+        input.sets.clone(),
+        input.labels,
+        input.context.clone(),
+    )?;
     let fixtures = fixtures(plan, input.fixtures)?;
     let mut run = engine.start(input.inputs).map_err(|v| {
         Error::because(
@@ -646,7 +652,10 @@ fn approval_pb(
             })
             .collect(),
         reason: a.reason.clone().unwrap_or_default(),
-        rule: Some(rule_ref(plan, Some(a.set), &a.policy, &a.rule)),
+        rule: Some(ppb::PolicyRuleRef {
+            span: rule_span(plan, Some(a.set), a.span.as_ref()),
+            ..rule_ref(plan, Some(a.set), &a.policy, &a.rule)
+        }),
         ..Default::default()
     }
 }

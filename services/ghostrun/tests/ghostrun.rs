@@ -74,6 +74,9 @@ spec:
 
 struct TestApp {
     addr: SocketAddr,
+    /// The loader the orchestrator would build its engines with, over the
+    /// same upstreams as this GhostRun (in process only).
+    loader: Option<anumate_ghostrun::Loader>,
     issuer: DevIssuer,
     store: Store,
     server: tokio::task::JoinHandle<()>,
@@ -141,6 +144,11 @@ async fn spawn_wired(backend: Backend, wiring: Wiring) -> TestApp {
     tokio::spawn(async move { followed.follow_changes(token).await });
     let channel = anumate_service::clients::channel("own", &own).unwrap();
     let grpc = Arc::new(Grpc::new(channel));
+    let cfg = GhostRunConfig {
+        policy_env: [("stage".to_string(), json!("prod"))].into(),
+        ..GhostRunConfig::default()
+    };
+    let mut loader = None;
     let (compiler, ghostrun) = match wiring {
         Wiring::InProcess | Wiring::SettingsDown => {
             let compiler = Compiler::new(
@@ -149,12 +157,19 @@ async fn spawn_wired(backend: Backend, wiring: Wiring) -> TestApp {
                 &CompilerConfig::default(),
             )
             .unwrap();
+            loader = Some(anumate_ghostrun::Loader::new(
+                Arc::new(compiler.clone()),
+                Arc::new(policies.clone()),
+                Some(Arc::new(registry.clone())),
+                &cfg.policy_env,
+            ));
             let ghostrun = GhostRun::new(
                 store.clone(),
                 Arc::new(compiler.clone()),
                 Arc::new(policies.clone()),
-                GhostRunConfig::default(),
+                cfg,
             )
+            .with_registry(Arc::new(registry.clone()))
             .with_settings(if wiring == Wiring::InProcess {
                 Arc::new(settings.clone())
             } else {
@@ -177,13 +192,9 @@ async fn spawn_wired(backend: Backend, wiring: Wiring) -> TestApp {
                 &CompilerConfig::default(),
             )
             .unwrap();
-            let ghostrun = GhostRun::new(
-                store.clone(),
-                grpc.clone(),
-                grpc.clone(),
-                GhostRunConfig::default(),
-            )
-            .with_settings(grpc);
+            let ghostrun = GhostRun::new(store.clone(), grpc.clone(), grpc.clone(), cfg)
+                .with_registry(grpc.clone())
+                .with_settings(grpc);
             (compiler, ghostrun)
         }
     };
@@ -199,6 +210,7 @@ async fn spawn_wired(backend: Backend, wiring: Wiring) -> TestApp {
     );
     TestApp {
         addr,
+        loader,
         issuer,
         store,
         server,
@@ -333,6 +345,7 @@ fn golden(name: &str, r: &pb::PreflightReport) {
 
 on_both_backends! {
     reports => reports_sqlite, reports_postgres;
+    labels_and_env => labels_and_env_sqlite, labels_and_env_postgres;
     bad_input => bad_input_sqlite, bad_input_postgres;
     tenancy => tenancy_sqlite, tenancy_postgres;
     citation_ttl => citation_ttl_sqlite, citation_ttl_postgres;
@@ -341,6 +354,7 @@ on_both_backends! {
 on_both_backends! {
     spawn = spawn_mesh;
     reports => mesh_reports_sqlite, mesh_reports_postgres;
+    labels_and_env => mesh_labels_and_env_sqlite, mesh_labels_and_env_postgres;
     citation_ttl => mesh_citation_ttl_sqlite, mesh_citation_ttl_postgres;
 }
 
@@ -950,5 +964,122 @@ async fn tenancy(app: TestApp) {
             ))
             .await,
         ErrorCode::PermissionDenied,
+    );
+}
+
+/// Policies see the capsule version's `metadata.labels` as `capsule.labels`
+/// and `[ghostrun] policy_env` as `env`, and the engine the orchestrator
+/// builds through the same loader decides the same on the same call.
+async fn labels_and_env(app: TestApp) {
+    let mut admin = app.clients(TENANT_A, &[Role::Admin]).await;
+    admin
+        .policy
+        .push_policy(ppb::PushPolicyRequest {
+            source: r#"policy "where" {
+  rule "payments-in-prod" {
+    when capsule.labels.team == "payments" and env.stage == "prod"
+    then require_approval(approvers: ["group:leads"], quorum: 1, reason: "payments in prod")
+  }
+  rule "not-in-staging" {
+    when env.stage == "staging"
+    then deny(reason: "staging")
+  }
+}
+"#
+            .into(),
+            source_name: "where.policy".into(),
+            etag: String::new(),
+            publish: true,
+        })
+        .await
+        .unwrap();
+    let yaml = |name: &str, labels: &str| {
+        format!(
+            "apiVersion: anumate.dev/v1\nkind: Capsule\nmetadata:\n  name: {name}\n  labels: {labels}\nspec:\n  tools: [http.get]\n  policies: [where]\n  steps:\n    - id: get\n      tool: http.get\n      with: {{url: \"https://example.com\"}}\n"
+        )
+    };
+    for (name, labels) in [("pay", "{team: payments}"), ("ops", "{team: ops}")] {
+        admin
+            .registry
+            .push_capsule(rpb::PushCapsuleRequest {
+                source_yaml: yaml(name, labels),
+                source_name: "capsule.yaml".into(),
+                etag: String::new(),
+                publish: true,
+            })
+            .await
+            .unwrap();
+    }
+    let mut c = app.clients(TENANT_A, &[Role::Operator]).await;
+    let mut effects = Vec::new();
+    for name in ["pay", "ops"] {
+        let r = c
+            .ghostrun
+            .preflight(by_capsule(name, json!({})))
+            .await
+            .unwrap()
+            .into_inner()
+            .report
+            .unwrap();
+        let d = r.steps[0].decision.clone().unwrap();
+        effects.push((name, d.effect(), r.verdict()));
+        if name == "pay" {
+            let rule = r.approvals_needed[0]
+                .obligation
+                .as_ref()
+                .unwrap()
+                .rule
+                .as_ref()
+                .unwrap();
+            assert_eq!(rule.rule, "payments-in-prod");
+            let span = rule.span.as_ref().expect("the approval's rule has a span");
+            assert_eq!(
+                (
+                    span.source_name.as_str(),
+                    span.start_line,
+                    span.start_column
+                ),
+                ("where@1", 2, 3)
+            );
+        }
+        // The orchestrator's path: the same loader type, the same context.
+        if let Some(loader) = &app.loader {
+            let caller = anumate_service::clients::Caller::User {
+                tenant: TENANT_A.into(),
+                subject: "alice".into(),
+                authorization: None,
+            };
+            let plan = loader.plan(&caller, TENANT_A, &r.plan_hash).await.unwrap();
+            let p = r.principal.clone().unwrap();
+            let context = loader.context(
+                TENANT_A,
+                &p.id,
+                &p.roles,
+                &p.groups,
+                r.evaluation_time.unwrap().seconds,
+            );
+            let engine = loader.engine(&caller, &plan, context).await.unwrap();
+            let mut run = engine.start(&json!({})).unwrap();
+            let step = run.decide(0).unwrap();
+            let anumate_engine::Step::Call { decision, .. } = step else {
+                panic!("expected a call, got {step:?}");
+            };
+            assert_eq!(
+                decision.effect == anumate_policy::Effect::RequireApproval,
+                d.effect() == ppb::Effect::RequireApproval,
+                "{name}: the run decides as the preflight did"
+            );
+        }
+    }
+    assert_eq!(
+        effects,
+        [
+            (
+                "pay",
+                ppb::Effect::RequireApproval,
+                pb::PreflightVerdict::Warn
+            ),
+            ("ops", ppb::Effect::Allow, pb::PreflightVerdict::Pass),
+        ]
     );
 }

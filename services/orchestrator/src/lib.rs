@@ -26,12 +26,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use anumate_errors::{Error, ErrorCode, Reason, Result, Violation};
-use anumate_policy::CompiledSet;
 use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::events::v1 as ev;
 use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::orchestrator::v1 as pb;
-use anumate_proto::policy::v1 as ppb;
 use anumate_service::clients::{
     ApprovalsClient, Caller, CapTokensClient, CompilerClient, ConnectorHubClient, GhostRunClient,
     PolicyClient, ReceiptsClient, TenantSettings, TenantSettingsClient, UpstreamError,
@@ -164,6 +162,10 @@ pub struct Upstreams {
     pub tokens: Arc<dyn CapTokensClient>,
     /// Revokes a run's tokens when it ends (gRPC).
     pub captokens: worker::CapTokens,
+    /// Plans, policy sets, capsule labels and the policies' `env`: the
+    /// loader GhostRun builds its engines with, so a run decides as its
+    /// preflight did.
+    pub plans: anumate_ghostrun::Loader,
 }
 
 /// The orchestrator.
@@ -181,16 +183,12 @@ struct Inner {
     changed: tokio::sync::broadcast::Sender<(String, String)>,
     /// Runs this process is driving (a run is driven by one task at a time).
     driving: Mutex<std::collections::HashSet<(String, String)>>,
-    sets: Mutex<HashMap<String, Arc<CompiledSet>>>,
-    plans: Mutex<HashMap<(String, String), Arc<cpb::ExecutablePlan>>>,
     /// Approvals steps driven here wait for: approval id → (tenant, run),
     /// so an in-process decision wakes the run at once (see `nudge`).
     awaiting: Mutex<HashMap<String, (String, String)>>,
     /// Runs nudged since their driver last looked (tenant, run).
     nudged: Mutex<std::collections::HashSet<(String, String)>>,
 }
-
-const MAX_CACHED: usize = 4096;
 
 fn upstream(e: &UpstreamError, what: &str) -> Error {
     let err = e.to_error();
@@ -242,8 +240,6 @@ impl Orchestrator {
                 wake: tokio::sync::Notify::new(),
                 changed,
                 driving: Mutex::default(),
-                sets: Mutex::default(),
-                plans: Mutex::default(),
                 awaiting: Mutex::default(),
                 nudged: Mutex::default(),
             }),
@@ -261,96 +257,7 @@ impl Orchestrator {
         tenant: &str,
         hash: &str,
     ) -> Result<Arc<cpb::ExecutablePlan>> {
-        let key = (tenant.to_string(), hash.to_string());
-        if let Some(p) = self
-            .inner
-            .plans
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key).cloned())
-        {
-            return Ok(p);
-        }
-        let resp = self
-            .inner
-            .up
-            .compiler
-            .get_plan(
-                caller,
-                cpb::GetPlanRequest {
-                    plan_hash: hash.to_string(),
-                },
-            )
-            .await
-            .map_err(|e| upstream(&e, "the compiler"))?;
-        let plan = Arc::new(
-            resp.plan
-                .ok_or_else(|| Error::internal("the compiler answered without a plan"))?,
-        );
-        if let Ok(mut m) = self.inner.plans.lock() {
-            if m.len() >= MAX_CACHED {
-                m.clear();
-            }
-            m.insert(key, plan.clone());
-        }
-        Ok(plan)
-    }
-
-    async fn policy_sets(
-        &self,
-        caller: &Caller,
-        plan: &cpb::ExecutablePlan,
-    ) -> Result<Vec<Arc<CompiledSet>>> {
-        let mut out = Vec::with_capacity(plan.policies.len());
-        for r in &plan.policies {
-            if let Some(s) = self
-                .inner
-                .sets
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&r.content_hash).cloned())
-            {
-                out.push(s);
-                continue;
-            }
-            let resp = self
-                .inner
-                .up
-                .policy
-                .get_policy(
-                    caller,
-                    ppb::GetPolicyRequest {
-                        name: r.name.clone(),
-                        version: r.version.to_string(),
-                    },
-                )
-                .await
-                .map_err(|e| upstream(&e, "the policy service"))?;
-            let v = resp
-                .version
-                .ok_or_else(|| Error::internal("the policy service answered without a version"))?;
-            if v.content_hash != r.content_hash {
-                return Err(Error::internal(format!(
-                    "policy {}@{} has content {} but the plan pins {}",
-                    r.name, r.version, v.content_hash, r.content_hash
-                )));
-            }
-            let file = format!("{}.policy", r.name);
-            let source = v.source.clone();
-            let set = anumate_cpu::run(move || {
-                anumate_policy::compile(&file, &source).map_err(|e| Error::internal(e.to_string()))
-            })
-            .await?;
-            let set = Arc::new(set);
-            if let Ok(mut m) = self.inner.sets.lock() {
-                if m.len() >= MAX_CACHED {
-                    m.clear();
-                }
-                m.insert(r.content_hash.clone(), set.clone());
-            }
-            out.push(set);
-        }
-        Ok(out)
+        self.inner.up.plans.plan(caller, tenant, hash).await
     }
 
     /// The engine of a run: its plan, policies and the starter's context at
@@ -375,24 +282,15 @@ impl Orchestrator {
         plan: &cpb::ExecutablePlan,
         created_at: i64,
     ) -> Result<anumate_engine::Engine> {
-        let caller = starter.caller();
-        let plan_hash = plan.plan_hash.as_str();
-        let sets = self.policy_sets(&caller, plan).await?;
-        let now = chrono::DateTime::from_timestamp(created_at.div_euclid(1_000_000), 0)
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_default();
-        let mut roles = starter.roles.clone();
-        roles.sort();
-        let context = anumate_engine::Context {
-            tenant: starter.tenant.clone(),
-            principal: starter.subject.clone(),
-            roles,
-            groups: starter.groups.clone(),
-            now,
-            env: json!({}),
-        };
-        anumate_engine::Engine::new(plan, sets, context)
-            .map_err(|e| Error::internal(format!("plan {plan_hash} cannot be interpreted: {e}")))
+        let loader = &self.inner.up.plans;
+        let context = loader.context(
+            &starter.tenant,
+            &starter.subject,
+            &starter.roles,
+            &starter.groups,
+            created_at.div_euclid(1_000_000),
+        );
+        loader.engine(&starter.caller(), plan, context).await
     }
 
     /// The starter's tenant settings; the defaults (preflight required)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_service::clients::{
     ApprovalsClient, CapTokensClient, CompilerClient, ConnectorHubClient, GhostRunClient, Grpc,
-    PolicyClient, ReceiptsClient, TenantSettingsClient,
+    PolicyClient, ReceiptsClient, RegistryClient, TenantSettingsClient,
 };
 use anumate_service::{BuildError, Context, Module, ServiceModule, no_keys};
 
@@ -82,9 +82,21 @@ fn build(ctx: &mut Context, cfg: OrchestratorConfig) -> Result<(), BuildError> {
         ctx.upstream::<CapTokens>("orchestrator.captokens_url", &cfg.captokens_url, |c| {
             Arc::new(CapTokens::new(c, issuer.clone()))
         })?;
+    // Capsule labels from the registry and `env` from `[ghostrun]
+    // policy_env`: the same loader and key GhostRun uses.
+    let registry =
+        ctx.upstream::<dyn RegistryClient>("orchestrator.registry_url", &cfg.registry_url, |c| {
+            grpc(c)
+        })?;
+    let env = ctx
+        .section::<anumate_ghostrun::GhostRunConfig>("ghostrun")?
+        .policy_env;
+    let plans =
+        anumate_ghostrun::Loader::new(compiler.clone(), policy.clone(), Some(registry), &env);
     let orchestrator = Orchestrator::new(
         store,
         Upstreams {
+            plans,
             compiler,
             policy,
             approvals,
