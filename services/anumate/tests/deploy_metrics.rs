@@ -534,4 +534,41 @@ async fn every_role_of_the_chart_serves_and_passes_its_probes() {
         }
         drop(pod);
     }
+
+    // The gateway's pod: `anumate serve gateway` with the same file (its
+    // upstream, the router, is dialled lazily), ready when /openapi.json
+    // answers on its http port.
+    let gateway = read("deploy/kubernetes/gateway.yaml");
+    assert!(gateway.contains("args: [\"gateway\"]"), "{gateway}");
+    assert!(
+        gateway.contains("httpGet: {path: /openapi.json, port: http}"),
+        "{gateway}"
+    );
+    let log = d.join("gateway.log");
+    let mut cmd = anumate(d);
+    cmd.args(["serve", "gateway", "--config"])
+        .arg(&config_path)
+        .env("ANUMATE_GATEWAY__LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _pod = Pod(child);
+    let first = BufReader::new(stdout).lines().next();
+    let line = first.and_then(Result::ok).unwrap_or_else(|| {
+        panic!(
+            "anumate serve gateway did not start with the chart's configuration:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert!(line.contains("-> http://anumate-router:7600"), "{line}");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (status, body) = http_get(&addr, "/openapi.json");
+    assert_eq!(status, 200, "{body}");
 }
