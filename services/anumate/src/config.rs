@@ -38,6 +38,9 @@ pub struct AppConfig {
     pub kafka: KafkaConfig,
     /// The REST gateway (`anumate dev`, `anumate serve gateway`).
     pub gateway: anumate_gateway::GatewayConfig,
+    /// mTLS between services: every gRPC listener and client (off while
+    /// `cert` is empty).
+    pub tls: anumate_service::TlsConfig,
     /// The services' sections by name, each owned and checked by its module
     /// (see `server::modules`).
     #[serde(flatten)]
@@ -57,6 +60,7 @@ impl Default for AppConfig {
             dev: DevConfig::default(),
             kafka: KafkaConfig::default(),
             gateway: anumate_gateway::GatewayConfig::default(),
+            tls: anumate_service::TlsConfig::default(),
             services: crate::server::modules()
                 .iter()
                 .filter_map(|m| Some((m.section().to_owned(), m.default_config()?)))

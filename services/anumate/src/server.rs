@@ -226,6 +226,17 @@ pub async fn build_router(rt: &Runtime, own_url: String) -> anyhow::Result<App> 
 /// background tasks.
 pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     let metrics = anumate_service::metrics::Metrics::new();
+    // `[tls]`: mTLS on the listener and on every channel the modules build
+    // (so before they are built).
+    let tls = if rt.config.tls.enabled() {
+        let tls = anumate_service::tls::Tls::load(&rt.config.tls)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.message))?;
+        anumate_service::clients::use_tls(tls.clone());
+        tracing::info!(cert = %rt.config.tls.cert.display(), "mTLS on the gRPC listener and clients");
+        Some(tls)
+    } else {
+        None
+    };
     let App {
         routes,
         mut tasks,
@@ -289,7 +300,8 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     // through the same function).
     let layers = Layers::platform(rt.config.grpc.clone(), rt.authenticator.clone())
         .context("authorization table")?
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .with_tls(tls);
     let server = anumate_service::server::serve(listener, layers, routes.routes(), signal);
     tokio::pin!(server);
     tokio::select! {

@@ -1,0 +1,440 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Mesh mode with mTLS (issue 18): every service as its own
+//! `anumate serve <service>` process on one PostgreSQL database, each with
+//! its own certificate (SAN `spiffe://anumate/svc/<name>` and 127.0.0.1)
+//! from one test CA, `[tls]` on every listener and client, and the service
+//! tokens of the platform's issuer. The test walks the golden path across
+//! the processes: tools, policy and capsule pushed to their services, the
+//! plan compiled (compiler → registry, policy over mTLS), a run executed
+//! (orchestrator → compiler, policy, captokens, connectors, receipts over
+//! mTLS) to its end, its receipts read back. A client without a
+//! certificate, and one with a certificate of another CA, are refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anumate_auth::{BearerToken, DevIssuer, Role};
+use anumate_crypto::{KeyPair as SigningKeyPair, KeyRing};
+use anumate_proto::compiler::v1 as cpb;
+use anumate_proto::orchestrator::v1 as pb;
+use anumate_proto::policy::v1 as ppb;
+use anumate_proto::receipts::v1 as rcpb;
+use anumate_proto::registry::v1 as rpb;
+use anumate_service::clients;
+use anumate_service::tls::{Tls, TlsConfig};
+use common::{anumate, run};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use tonic::transport::Channel;
+
+/// The services, each its own process (events needs no peer here).
+const ROLES: &[&str] = &[
+    "registry",
+    "receipts",
+    "policy",
+    "captokens",
+    "compiler",
+    "approvals",
+    "ghostrun",
+    "connectors",
+    "orchestrator",
+];
+
+const TOOLS: &str = "apiVersion: anumate.dev/v1\nkind: Tool\nmetadata: {name: ledger.debit}\nspec:\n  \
+    connector: mock\n  side_effect: write\n  idempotent: true\n  \
+    input: {type: object, required: [to, amount], properties: {to: {type: string}, amount: {type: integer, minimum: 1}}}\n  \
+    mock: {output: {id: \"debit_${{ args.to }}\"}, latency: 5ms}\n";
+
+const POLICY: &str = "policy \"open\" {\n  rule \"cap\" {\n    when args.amount > 1000000\n    then deny(reason: \"too large\")\n  }\n}\n";
+
+const CAPSULE: &str = r#"apiVersion: anumate.dev/v1
+kind: Capsule
+metadata:
+  name: transfer
+spec:
+  inputs:
+    to:     {type: string, required: true}
+    amount: {type: integer, required: true, minimum: 1}
+  tools: [ledger.debit]
+  policies: [open]
+  steps:
+    - id: debit
+      tool: ledger.debit
+      with: {to: "${{ inputs.to }}", amount: "${{ inputs.amount }}"}
+"#;
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// `<dir>/<name>.crt|.key` for `name` (SAN: its SPIFFE id and 127.0.0.1),
+/// and `[tls]` with `trust` as both CAs.
+fn certify(dir: &Path, ca: &Ca, name: &str, trust: &Path) -> TlsConfig {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names.push(SanType::URI(
+        format!("spiffe://anumate/svc/{name}").try_into().unwrap(),
+    ));
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let (crt, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    TlsConfig {
+        cert: crt,
+        key: k,
+        client_ca: trust.to_owned(),
+        reload_secs: 5,
+        ..TlsConfig::default()
+    }
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the process).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `anumate serve <role>`, killed when dropped.
+struct Pod(Child, String);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn channel(url: &str, tls: &Tls) -> Channel {
+    clients::channel_with("test", url, Some(tls)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_its_own_process_over_mtls() {
+    let db = anumate_store::testing::TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys");
+    let certs = d.join("certs");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::create_dir_all(&certs).unwrap();
+    for k in ["registry", "receipts", "services", "captokens"] {
+        let key = SigningKeyPair::generate().unwrap();
+        std::fs::write(keys.join(format!("{k}.pem")), key.to_pkcs8_pem()).unwrap();
+    }
+    // Users: a test issuer trusted through a JWKS file.
+    let users = DevIssuer::from_key_ring(KeyRing::new(SigningKeyPair::generate().unwrap()));
+    std::fs::write(
+        d.join("users.jwks.json"),
+        serde_json::to_vec(&users.jwks()).unwrap(),
+    )
+    .unwrap();
+    let token = BearerToken(
+        users
+            .mint("t1", "user:alice", &[Role::Admin], Duration::from_secs(600))
+            .unwrap(),
+    );
+
+    let mesh_ca = ca("anumate mesh test CA");
+    let ca_file = certs.join("ca.crt");
+    std::fs::write(&ca_file, &mesh_ca.pem).unwrap();
+
+    let migrate = run({
+        let mut c = anumate(d);
+        c.arg("migrate")
+            .env("ANUMATE_DATA_DIR", d.join("data"))
+            .env("ANUMATE_STORE__APP_ROLE", "anumate_app")
+            .env("ANUMATE_STORE__URL", &db.config.url)
+            .env("ANUMATE_STORE__OWNER_URL", &db.config.owner_url);
+        c
+    });
+    assert!(migrate.status.success(), "migrate: {migrate:#?}");
+
+    let ports: BTreeMap<&str, u16> = ROLES.iter().map(|r| (*r, free_port())).collect();
+    let url = |role: &str| format!("https://127.0.0.1:{}", ports[role]);
+    let upstreams = format!(
+        "[approvals]\nreceipts_url = {receipts:?}\n\n\
+         [captokens]\nkey_files = [{captokens_key:?}]\nreceipts_url = {receipts:?}\n\n\
+         [compiler]\npolicy_url = {policy:?}\nregistry_url = {registry:?}\n\n\
+         [connectors]\ncaptokens_url = {captokens:?}\nregistry_url = {registry:?}\n\n\
+         [ghostrun]\ncompiler_url = {compiler:?}\npolicy_url = {policy:?}\nregistry_url = {registry:?}\n\n\
+         [orchestrator]\ncompiler_url = {compiler:?}\npolicy_url = {policy:?}\napprovals_url = {approvals:?}\n\
+         connectors_url = {connectors:?}\ncaptokens_url = {captokens:?}\nghostrun_url = {ghostrun:?}\n\
+         receipts_url = {receipts:?}\nregistry_url = {registry:?}\n\n",
+        receipts = url("receipts"),
+        policy = url("policy"),
+        registry = url("registry"),
+        captokens = url("captokens"),
+        compiler = url("compiler"),
+        approvals = url("approvals"),
+        connectors = url("connectors"),
+        ghostrun = url("ghostrun"),
+        captokens_key = keys.join("captokens.pem").display().to_string(),
+    );
+
+    let mut pods = Vec::new();
+    for role in ROLES {
+        let tls = certify(&certs, &mesh_ca, role, &ca_file);
+        let config = format!(
+            "data_dir = {data:?}\n\n{upstreams}\
+             [auth]\nissuers = [{{ issuer = {iss:?}, audience = {aud:?}, tenants = [\"*\"], jwks_file = {jwks:?} }}]\n\n\
+             [keys]\nreceipts_key_files = [{rk:?}]\nregistry_key_files = [{gk:?}]\nservice_key_files = [{sk:?}]\n\n\
+             [store]\napp_role = \"anumate_app\"\n\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\nreload_secs = 5\n",
+            data = d.join("data").display().to_string(),
+            iss = anumate_auth::DEV_ISSUER,
+            aud = anumate_auth::DEV_AUDIENCE,
+            jwks = d.join("users.jwks.json").display().to_string(),
+            rk = keys.join("receipts.pem").display().to_string(),
+            gk = keys.join("registry.pem").display().to_string(),
+            sk = keys.join("services.pem").display().to_string(),
+            cert = tls.cert.display().to_string(),
+            key = tls.key.display().to_string(),
+            ca = ca_file.display().to_string(),
+        );
+        let config_path = d.join(format!("{role}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let log = d.join(format!("{role}.log"));
+        let mut cmd = anumate(d);
+        cmd.args([
+            "serve",
+            role,
+            "--listen",
+            &format!("127.0.0.1:{}", ports[role]),
+        ])
+        .arg("--config")
+        .arg(&config_path)
+        .env("ANUMATE_STORE__URL", &db.config.url)
+        .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let pod = Pod(child, log.display().to_string());
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains("serving ") => break,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "anumate serve {role} did not start:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        }
+        pods.push(pod);
+    }
+    let logs = || {
+        pods.iter()
+            .map(|p| format!("--- {}\n{}", p.1, tail(&p.1)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // The test's own client certificate: a certificate of the CA naming no
+    // service (an operator's), with the user's token.
+    let me = Tls::load(&certify(&certs, &mesh_ca, "operator-laptop", &ca_file)).unwrap();
+
+    // Refused: no certificate at all, and a certificate of another CA.
+    let plain =
+        clients::channel_with("test", &url("registry").replace("https", "http"), None).unwrap();
+    let err =
+        rpb::registry_service_client::RegistryServiceClient::with_interceptor(plain, token.clone())
+            .list_capsules(rpb::ListCapsulesRequest::default())
+            .await
+            .unwrap_err();
+    assert_refused(&err);
+    let rogue_ca = ca("rogue CA");
+    let rogue = certify(&certs, &rogue_ca, "rogue", &ca_file);
+    let rogue = Tls::load(&rogue).unwrap();
+    let err = rpb::registry_service_client::RegistryServiceClient::with_interceptor(
+        channel(&url("registry"), &rogue),
+        token.clone(),
+    )
+    .list_capsules(rpb::ListCapsulesRequest::default())
+    .await
+    .unwrap_err();
+    assert_refused(&err);
+    let registry_log = std::fs::read_to_string(d.join("registry.log")).unwrap();
+    assert!(
+        registry_log.contains("TLS handshake refused"),
+        "the refusal is logged:\n{registry_log}"
+    );
+
+    // The golden path, each call to the service that owns it.
+    rpb::tools_service_client::ToolsServiceClient::with_interceptor(
+        channel(&url("registry"), &me),
+        token.clone(),
+    )
+    .push_tools(rpb::PushToolsRequest {
+        source_yaml: TOOLS.into(),
+        source_name: "tools.yaml".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("push tools: {e:?}\n{}", logs()));
+    ppb::policy_service_client::PolicyServiceClient::with_interceptor(
+        channel(&url("policy"), &me),
+        token.clone(),
+    )
+    .push_policy(ppb::PushPolicyRequest {
+        source: POLICY.into(),
+        source_name: "open.policy".into(),
+        etag: String::new(),
+        publish: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("push policy: {e:?}\n{}", logs()));
+    rpb::registry_service_client::RegistryServiceClient::with_interceptor(
+        channel(&url("registry"), &me),
+        token.clone(),
+    )
+    .push_capsule(rpb::PushCapsuleRequest {
+        source_yaml: CAPSULE.into(),
+        source_name: "transfer.yaml".into(),
+        etag: String::new(),
+        publish: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("push capsule: {e:?}\n{}", logs()));
+    // compiler → registry and policy, over mTLS.
+    let plan = cpb::compiler_service_client::CompilerServiceClient::with_interceptor(
+        channel(&url("compiler"), &me),
+        token.clone(),
+    )
+    .compile(cpb::CompileRequest {
+        capsule_name: "transfer".into(),
+        version: String::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("compile across the mesh: {e:?}\n{}", logs()))
+    .into_inner()
+    .plan
+    .unwrap();
+    rpb::tenant_settings_service_client::TenantSettingsServiceClient::with_interceptor(
+        channel(&url("registry"), &me),
+        token.clone(),
+    )
+    .update_tenant_settings(rpb::UpdateTenantSettingsRequest {
+        settings: Some(rpb::TenantSettings {
+            require_preflight: Some(false),
+            ..Default::default()
+        }),
+        update_mask: Some(pbjson_types::FieldMask {
+            paths: vec!["require_preflight".into()],
+        }),
+        etag: String::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("tenant settings: {e:?}\n{}", logs()));
+
+    // orchestrator → compiler, policy, captokens, connectors, receipts.
+    let mut orch = pb::orchestrator_service_client::OrchestratorServiceClient::with_interceptor(
+        channel(&url("orchestrator"), &me),
+        token.clone(),
+    );
+    let run_id = orch
+        .execute(pb::ExecuteRequest {
+            plan_hash: plan.plan_hash.clone(),
+            inputs: Some(
+                serde_json::from_value(serde_json::json!({"to": "acct_1", "amount": 10})).unwrap(),
+            ),
+            idempotency_key: "mesh-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("execute across the mesh: {e:?}\n{}", logs()))
+        .into_inner()
+        .run
+        .unwrap()
+        .run_id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let run = orch
+            .get_run(pb::GetRunRequest {
+                run_id: run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        if matches!(
+            run.state(),
+            pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled
+        ) {
+            break run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run did not end: {run:#?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run.state(), pb::RunState::Succeeded, "{run:#?}\n{}", logs());
+
+    // Its receipts, from the receipts service.
+    let receipts = rcpb::receipts_service_client::ReceiptsServiceClient::with_interceptor(
+        channel(&url("receipts"), &me),
+        token.clone(),
+    )
+    .list_receipts(rcpb::ListReceiptsRequest {
+        filter: Some(rcpb::ReceiptFilter {
+            run_id: run_id.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("receipts: {e:?}\n{}", logs()))
+    .into_inner()
+    .receipts;
+    assert!(!receipts.is_empty(), "no receipts for {run_id}");
+    drop(pods);
+}
+
+/// Refused before any RPC: the failure is the transport's (the TLS
+/// handshake, or the HTTP/2 preface answered by a TLS alert), not a status
+/// a server sent.
+fn assert_refused(err: &tonic::Status) {
+    let transport = std::error::Error::source(err)
+        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
+    assert!(transport, "not refused by the transport: {err:?}");
+}
+
+fn tail(path: &str) -> String {
+    let text = std::fs::read_to_string(PathBuf::from(path)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
