@@ -227,6 +227,10 @@ VARIANTS = {
         "networkPolicy": {"enabled": False},
         "router": {"podDisruptionBudget": {"minAvailable": 1}},
     },
+    "one role off, the chart's router": {
+        "services": {"ghostrun": {"enabled": False}},
+        "router": {"podDisruptionBudget": {"minAvailable": 1}},
+    },
 }
 
 
@@ -248,6 +252,15 @@ def check_helm(write: bool) -> None:
             validate(d, f"[{label}] {d['__source']}")
         before = len(failures)
         check_chart_promises(docs, values, label)
+        router = by_name(docs, "ConfigMap", f"{RELEASE}-router")
+        if values.get("gateway", {}).get("upstream"):
+            check(router is None, f"[{label}] a router although gateway.upstream is set")
+        elif router is not None:
+            enabled = [r for r in ROLES if values.get("services", {}).get(r, {}).get("enabled", True)]
+            check_router(yaml.safe_load(router["data"]["envoy.yaml"]), enabled,
+                         lambda r: f"{RELEASE}-{r}", f"[{label}] router envoy.yaml")
+        else:
+            fail(f"[{label}] no router ConfigMap")
         ok = "ok  " if len(failures) == before else "FAIL"
         print(f"{ok} chart [{label}]: {len(docs)} objects render and validate")
         if label == "defaults":
@@ -301,6 +314,31 @@ def check_compose() -> None:
     for name in ("postgres", "kafka", "otel-collector", "migrate", "router"):
         check(name in services, f"docker-compose.yml: no service {name}")
     print(f"ok   docker-compose.yml: {len(services)} services validate against the compose specification")
+    check_router(yaml.safe_load((DEPLOY / "compose" / "envoy.yaml").read_text()), ROLES, lambda r: r, "compose/envoy.yaml")
+
+
+def check_router(envoy: dict, roles: list[str], host, where: str) -> None:
+    """The Envoy router sends /anumate.<role>.v1.* to the role's address on 7600, over HTTP/2."""
+    try:
+        hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    except (KeyError, IndexError, TypeError) as e:
+        fail(f"{where}: not the router's shape ({e!r})")
+        return
+    check(hcm.get("codec_type") == "HTTP2", f"{where}: the listener must speak HTTP/2 (gRPC)")
+    by_prefix = {r["match"]["prefix"]: r["route"]["cluster"] for r in routes}
+    check(len(routes) == len(roles), f"{where}: {len(routes)} routes for {len(roles)} roles")
+    for role in roles:
+        check(by_prefix.get(f"/anumate.{role}.v1.") == role, f"{where}: no route for {role}")
+        c = clusters.get(role)
+        if c is None:
+            fail(f"{where}: no cluster {role}")
+            continue
+        addr = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        check(addr == {"address": host(role), "port_value": 7600}, f"{where}: cluster {role} -> {addr}")
+        opts = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        check("http2_protocol_options" in opts.get("explicit_http_config", {}), f"{where}: cluster {role} is not HTTP/2")
 
 
 # --- Dockerfile --------------------------------------------------------------
