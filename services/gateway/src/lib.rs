@@ -416,8 +416,11 @@ fn last_event_id(headers: &HeaderMap) -> Option<String> {
 fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::MetadataMap) {
     for name in FORWARDED {
         if let Some(v) = headers.get(name)
-            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+            && let Ok(mut v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
         {
+            // Values new on every request (request ids, trace context, keys)
+            // stay out of the HPACK table, so it keeps the token, which repeats.
+            v.set_sensitive(name != "authorization");
             metadata.insert(name, v);
         }
     }
