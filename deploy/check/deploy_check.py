@@ -234,6 +234,26 @@ VARIANTS = {
 }
 
 
+# Values the chart must refuse (values.schema.json), and what the refusal names.
+REFUSED = [
+    ({"services": {"registy": {"enabled": False}}}, "'registy' not allowed"),
+    ({"services": {"registry": {"replica": 2}}}, "'replica' not allowed"),
+    ({"ports": {"grpc": "7600"}}, "/ports/grpc"),
+    ({"gateway": {"upstream": "anumate-router:7600"}}, "/gateway/upstream"),
+    ({"mesh": {"linkerd": {"inject": "yes"}}}, "/mesh/linkerd/inject"),
+]
+
+
+def check_refusals() -> None:
+    for values, words in REFUSED:
+        try:
+            render(copy.deepcopy(values))
+            fail(f"the chart renders with bad values {values}")
+        except helm.HelmError as e:  # type: ignore[attr-defined]
+            check(words in str(e), f"the chart refuses {values} without naming {words!r}: {e}")
+    print(f"ok   chart: {len(REFUSED)} kinds of bad values refused by values.schema.json, naming the key")
+
+
 def check_helm(write: bool) -> None:
     report = helm.lint(str(CHART), strict=True, kube_version="v" + KUBE_VERSIONS[0])
     for m in report.get("messages", []):
@@ -384,6 +404,7 @@ def main() -> int:
     print(f"Helm engine: Helm SDK {helm.helm_sdk_version()} (helm-python-sdk, libhelm_c {helm.helm_c_version()}); "
           f"kubernetes-validate {kubernetes_validate.version.__version__}")
     check_helm(write)
+    check_refusals()
     check_compose()
     check_dockerfile()
     check_observability()
