@@ -5,6 +5,10 @@
 //! ledger row, all in one transaction — as latency (1 client, sequential)
 //! and throughput (8 concurrent clients). Tokens are minted beforehand.
 //!
+//! Beside it, in the same run, the floor any hub pays on the same database:
+//! one durable transaction per call (claim an idempotency key, commit: one
+//! WAL flush), sequentially and from 8 tasks. Report the hub against it.
+//!
 //! Run: `cargo bench -p anumate-connectors --bench invoke` (PostgreSQL on
 //! 127.0.0.1:5432; `HUB_BENCH_N` calls per client, default 1000).
 
@@ -88,7 +92,7 @@ async fn main() {
     }))
     .unwrap();
     let hub = Hub::new(
-        store,
+        store.clone(),
         Arc::new(captokens),
         Arc::new(StaticTools::new([tool])),
         &ConnectorsConfig::default(),
@@ -161,8 +165,55 @@ async fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     let total = CLIENTS * n;
+    let hub_rate = total as f64 / secs;
     println!(
-        "Invoke throughput, {CLIENTS} clients: {:.0} invokes/s ({total} in {secs:.2} s)",
-        total as f64 / secs
+        "Invoke throughput, {CLIENTS} clients: {hub_rate:.0} invokes/s ({total} in {secs:.2} s)"
+    );
+
+    // The floor: one durable transaction per call on the same store.
+    let commit = |store: anumate_store::Store, key: String| async move {
+        let tx = store.write("bench").await.unwrap();
+        let k = anumate_idempotency::Key {
+            scope: "bench.floor",
+            key: &key,
+            fingerprint: "sha256:0",
+            expires_at: i64::MAX,
+        };
+        anumate_idempotency::claim(&tx, &k).await.unwrap();
+        tx.commit().await.unwrap();
+    };
+    let mut floor = Histogram::<u64>::new(3).unwrap();
+    for i in 0..n {
+        let t = Instant::now();
+        commit(store.clone(), format!("seq-{i}")).await;
+        floor.record(t.elapsed().as_micros() as u64).unwrap();
+    }
+    println!(
+        "Floor (one durable commit), 1 client, {n} calls: p50 {} us, p90 {} us, p99 {} us",
+        floor.value_at_quantile(0.5),
+        floor.value_at_quantile(0.9),
+        floor.value_at_quantile(0.99)
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..n {
+                    commit(store.clone(), format!("c{c}-{i}")).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let floor_rate = total as f64 / started.elapsed().as_secs_f64();
+    println!("Floor throughput, {CLIENTS} tasks: {floor_rate:.0} commits/s");
+    println!(
+        "Hub vs floor: p50 {:+} us ({:.2}x), throughput {:.0} % of the floor",
+        hist.value_at_quantile(0.5) as i64 - floor.value_at_quantile(0.5) as i64,
+        hist.value_at_quantile(0.5) as f64 / floor.value_at_quantile(0.5) as f64,
+        100.0 * hub_rate / floor_rate
     );
 }
