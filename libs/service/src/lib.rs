@@ -24,6 +24,7 @@ pub mod clients;
 pub mod limits;
 pub mod metrics;
 mod module;
+pub mod ratelimit;
 pub mod server;
 mod tasks;
 pub mod tls;

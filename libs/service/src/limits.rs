@@ -33,6 +33,7 @@ pub fn contract_methods() -> Vec<(String, bool)> {
         anumate_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ];
     let mut methods = Vec::new();
     for bytes in sets {

@@ -13,7 +13,8 @@
 //!   are counted and cost no token check), then authentication and each RPC's
 //!   authorization rule (health, reflection and public RPCs pass without a
 //!   token), then, over mTLS, the peer's [service identity](crate::tls)
-//!   checked against a service token. Each connection may open at most
+//!   checked against a service token, then each tenant's
+//!   [rate limits](crate::ratelimit). Each connection may open at most
 //!   `[grpc] max_concurrent_streams` streams; accepted sockets get
 //!   `TCP_NODELAY`. With `[tls]` the listener speaks only TLS (the
 //!   certificates reloaded when their files change).
@@ -53,6 +54,8 @@ pub struct GrpcConfig {
     pub max_concurrent_requests: usize,
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// Per-tenant rate limits per RPC family (`[grpc.rate_limits]`); off by default.
+    pub rate_limits: crate::ratelimit::RateLimitConfig,
 }
 
 impl Default for GrpcConfig {
@@ -63,6 +66,7 @@ impl Default for GrpcConfig {
             request_timeout_secs: 30,
             max_concurrent_requests: 1024,
             max_concurrent_streams: 256,
+            rate_limits: crate::ratelimit::RateLimitConfig::default(),
         }
     }
 }
@@ -223,7 +227,8 @@ where
             grpc.max_concurrent_requests,
         ))
         .layer(auth)
-        .layer(PeerIdentityLayer::new(tls.clone()));
+        .layer(PeerIdentityLayer::new(tls.clone()))
+        .layer(crate::ratelimit::RateLimitLayer::new(&grpc.rate_limits));
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_concurrent_streams.max(1))
         .layer(stack)

@@ -158,6 +158,10 @@ struct Server {
 }
 
 async fn start(tls: Tls) -> Server {
+    start_with(tls, GrpcConfig::default()).await
+}
+
+async fn start_with(tls: Tls, grpc: GrpcConfig) -> Server {
     let dev = DevIssuer::from_key_ring(KeyRing::new(SigningKeyPair::generate().unwrap()));
     let services = ServiceIssuer::new(
         "orchestrator",
@@ -177,8 +181,7 @@ async fn start(tls: Tls) -> Server {
         },
     )])
     .unwrap();
-    let layers = Layers::new(GrpcConfig::default(), AuthLayer::new(authenticator, table))
-        .with_tls(Some(tls));
+    let layers = Layers::new(grpc, AuthLayer::new(authenticator, table)).with_tls(Some(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let mut routes = tonic::service::RoutesBuilder::default();
@@ -488,6 +491,64 @@ async fn a_rotated_certificate_is_used_without_a_restart() {
     who(client(&server.url, &new_client), Some(&user))
         .await
         .unwrap();
+}
+
+/// `[grpc.rate_limits]`: a tenant over its rate gets `RESOURCE_EXHAUSTED`
+/// with `RetryInfo`; another tenant, and calls made by services, do not.
+#[tokio::test]
+async fn a_tenant_over_its_rate_is_told_when_to_retry() {
+    use tonic_types::StatusExt as _;
+    let f = fixture("rate");
+    let mut grpc = GrpcConfig::default();
+    grpc.rate_limits.rps = 1.0;
+    grpc.rate_limits.burst = 2.0;
+    grpc.rate_limits.tenants.insert(
+        "big".into(),
+        anumate_service::ratelimit::Rate {
+            rps: 100.0,
+            burst: 10.0,
+        },
+    );
+    let server = start_with(Tls::load(&f.server_tls).unwrap(), grpc).await;
+    let orch = client_tls(&f, "orchestrator", &["spiffe://anumate/svc/orchestrator"]);
+    let ch = client(&server.url, &orch);
+    let user = |tenant: &str| {
+        server
+            .dev
+            .mint(
+                tenant,
+                "user:alice",
+                &[Role::Operator],
+                Duration::from_secs(60),
+            )
+            .unwrap()
+    };
+    let t1 = user("t1");
+    who(ch.clone(), Some(&t1)).await.unwrap();
+    who(ch.clone(), Some(&t1)).await.unwrap();
+    let err = who(ch.clone(), Some(&t1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let details = err.get_error_details();
+    let delay = details.retry_info().unwrap().retry_delay.unwrap();
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_secs(1),
+        "{delay:?}"
+    );
+    assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
+    // Other tenants have their own buckets (and their own rates).
+    who(ch.clone(), Some(&user("t2"))).await.unwrap();
+    let big = user("big");
+    for _ in 0..5 {
+        who(ch.clone(), Some(&big)).await.unwrap();
+    }
+    // Services serving t1 are not limited.
+    let svc = server.services.mint("t1", Duration::from_secs(60)).unwrap();
+    for _ in 0..5 {
+        who(ch.clone(), Some(&svc)).await.unwrap();
+    }
+    // After the delay it said, t1 is served again.
+    tokio::time::sleep(delay).await;
+    who(ch, Some(&t1)).await.unwrap();
 }
 
 #[test]
