@@ -572,3 +572,69 @@ async fn every_role_of_the_chart_serves_and_passes_its_probes() {
     let (status, body) = http_get(&addr, "/openapi.json");
     assert_eq!(status, 200, "{body}");
 }
+
+/// `[section] key = "value"` string settings of a simple TOML file.
+fn toml_strings(toml: &str) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    let mut section = String::new();
+    for line in toml.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            section = s.trim_matches(['[', ']']).to_owned();
+        } else if let Some((k, v)) = line.split_once(" = ")
+            && let Some(v) = v.trim().strip_prefix('"').and_then(|v| v.split('"').next())
+        {
+            out.insert((section.clone(), k.trim().to_owned(), v.to_owned()));
+        }
+    }
+    out
+}
+
+/// Every upstream a role's configuration names (`pub <role>_url: String` in
+/// services/<role>/src/lib.rs) is set, in the chart's and the compose
+/// configuration, to that role's address: unset, a role would call its own
+/// process, which in mesh mode does not serve the upstream.
+#[test]
+fn the_chart_and_compose_point_every_role_at_its_upstreams() {
+    let roles = [
+        "registry",
+        "receipts",
+        "policy",
+        "captokens",
+        "compiler",
+        "events",
+        "approvals",
+        "ghostrun",
+        "connectors",
+        "orchestrator",
+    ];
+    let mut wanted = Vec::new();
+    for role in roles {
+        let src = read(&format!("services/{role}/src/lib.rs"));
+        for line in src.lines().map(str::trim) {
+            let Some(field) = line
+                .strip_prefix("pub ")
+                .and_then(|l| l.strip_suffix("_url: String,"))
+            else {
+                continue;
+            };
+            assert!(roles.contains(&field), "[{role}] {field}_url: no such role");
+            wanted.push((role, field.to_owned()));
+        }
+    }
+    assert!(wanted.len() >= 15, "{wanted:?}");
+    let chart = toml_strings(&chart_config());
+    let compose = toml_strings(&read("deploy/compose/anumate.toml"));
+    for (role, upstream) in wanted {
+        let key = format!("{upstream}_url");
+        let chart_url = format!("http://anumate-{upstream}:7600");
+        assert!(
+            chart.contains(&(role.to_owned(), key.clone(), chart_url.clone())),
+            "the chart's anumate.toml lacks [{role}] {key} = {chart_url:?}"
+        );
+        let compose_url = format!("http://{upstream}:7600");
+        assert!(
+            compose.contains(&(role.to_owned(), key.clone(), compose_url.clone())),
+            "deploy/compose/anumate.toml lacks [{role}] {key} = {compose_url:?}"
+        );
+    }
+}
