@@ -42,6 +42,24 @@ pub fn use_tls(tls: crate::tls::Tls) -> bool {
     CLIENT_TLS.set(tls).is_ok()
 }
 
+/// The process's `[tls]`: loaded once (whoever asks first: the server, the
+/// gateway), set as the client TLS of every channel (see [`use_tls`]) and
+/// reloaded when its files change (a task on the current runtime); `None`
+/// when `[tls]` is off.
+pub fn process_tls(config: &crate::tls::TlsConfig) -> Result<Option<crate::tls::Tls>, Error> {
+    if !config.enabled() {
+        return Ok(None);
+    }
+    if let Some(tls) = CLIENT_TLS.get() {
+        return Ok(Some(tls.clone()));
+    }
+    let tls = crate::tls::Tls::load(config)?;
+    if use_tls(tls.clone()) {
+        tls.spawn_reloader(tokio_util::sync::CancellationToken::new());
+    }
+    Ok(CLIENT_TLS.get().cloned())
+}
+
 /// The one way a configured address becomes a channel (lazily connected;
 /// with mTLS when the process set it with [`use_tls`]). `config_key` names
 /// the setting in errors.

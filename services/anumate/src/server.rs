@@ -179,7 +179,20 @@ pub async fn serve_gateway(
     listener: TcpListener,
     upstream: &str,
 ) -> anyhow::Result<()> {
-    let gateway = anumate_gateway::Gateway::connect_lazy(config.gateway.clone(), upstream)?;
+    // With `[tls]` the gateway reaches the services over mTLS (its channels
+    // from the one factory, with the process's certificate).
+    let tls = anumate_service::clients::process_tls(&config.tls)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.message))?;
+    let gateway = match tls {
+        Some(_) => anumate_gateway::Gateway::with_channels(
+            config.gateway.clone(),
+            (0..config.gateway.upstream_connections.max(1))
+                .map(|_| anumate_service::clients::channel("gateway.upstream", upstream))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+        )?,
+        None => anumate_gateway::Gateway::connect_lazy(config.gateway.clone(), upstream)?,
+    };
     anumate_gateway::serve(listener, gateway, shutdown_signal())
         .await
         .context("gateway")
@@ -228,15 +241,11 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     let metrics = anumate_service::metrics::Metrics::new();
     // `[tls]`: mTLS on the listener and on every channel the modules build
     // (so before they are built).
-    let tls = if rt.config.tls.enabled() {
-        let tls = anumate_service::tls::Tls::load(&rt.config.tls)
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.message))?;
-        anumate_service::clients::use_tls(tls.clone());
+    let tls = anumate_service::clients::process_tls(&rt.config.tls)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.message))?;
+    if tls.is_some() {
         tracing::info!(cert = %rt.config.tls.cert.display(), "mTLS on the gRPC listener and clients");
-        Some(tls)
-    } else {
-        None
-    };
+    }
     let App {
         routes,
         mut tasks,

@@ -7,7 +7,8 @@
 //! the processes: tools, policy and capsule pushed to their services, the
 //! plan compiled (compiler → registry, policy over mTLS), a run executed
 //! (orchestrator → compiler, policy, captokens, connectors, receipts over
-//! mTLS) to its end, its receipts read back. A client without a
+//! mTLS) to its end, its receipts read back, and the capsule listed through
+//! the REST gateway (`anumate serve gateway`, mTLS to its upstream). A client without a
 //! certificate, and one with a certificate of another CA, are refused.
 
 mod common;
@@ -42,6 +43,7 @@ const ROLES: &[&str] = &[
     "ghostrun",
     "connectors",
     "orchestrator",
+    "gateway",
 ];
 
 const TOOLS: &str = "apiVersion: anumate.dev/v1\nkind: Tool\nmetadata: {name: ledger.debit}\nspec:\n  \
@@ -203,7 +205,7 @@ async fn every_service_its_own_process_over_mtls() {
              [auth]\nissuers = [{{ issuer = {iss:?}, audience = {aud:?}, tenants = [\"*\"], jwks_file = {jwks:?} }}]\n\n\
              [keys]\nreceipts_key_files = [{rk:?}]\nregistry_key_files = [{gk:?}]\nservice_key_files = [{sk:?}]\n\n\
              [store]\napp_role = \"anumate_app\"\n\n\
-             [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\nreload_secs = 5\n",
+             [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\nreload_secs = 5\n\n{gateway}",
             data = d.join("data").display().to_string(),
             iss = anumate_auth::DEV_ISSUER,
             aud = anumate_auth::DEV_AUDIENCE,
@@ -214,25 +216,36 @@ async fn every_service_its_own_process_over_mtls() {
             cert = tls.cert.display().to_string(),
             key = tls.key.display().to_string(),
             ca = ca_file.display().to_string(),
+            // The REST gateway in front of the registry (a router would
+            // spread the paths over the services), over mTLS.
+            gateway = if *role == "gateway" {
+                format!(
+                    "[gateway]\nlisten = \"127.0.0.1:{}\"\nupstream = {:?}\n",
+                    ports["gateway"],
+                    url("registry")
+                )
+            } else {
+                String::new()
+            },
         );
         let config_path = d.join(format!("{role}.toml"));
         std::fs::write(&config_path, config).unwrap();
         let log = d.join(format!("{role}.log"));
         let mut cmd = anumate(d);
-        cmd.args([
-            "serve",
-            role,
-            "--listen",
-            &format!("127.0.0.1:{}", ports[role]),
-        ])
-        .arg("--config")
-        .arg(&config_path)
-        .env("ANUMATE_STORE__URL", &db.config.url)
-        .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
+        let listen = if *role == "gateway" {
+            "127.0.0.1:0".to_owned()
+        } else {
+            format!("127.0.0.1:{}", ports[role])
+        };
+        cmd.args(["serve", role, "--listen", &listen])
+            .arg("--config")
+            .arg(&config_path)
+            .env("ANUMATE_STORE__URL", &db.config.url)
+            .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let pod = Pod(child, log.display().to_string());
@@ -245,7 +258,9 @@ async fn every_service_its_own_process_over_mtls() {
         });
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.contains("serving ") => break,
+                Ok(line) if line.contains("serving ") || line.contains("REST gateway on") => {
+                    break;
+                }
                 Ok(_) => {}
                 Err(_) => panic!(
                     "anumate serve {role} did not start:\n{}",
@@ -421,6 +436,15 @@ async fn every_service_its_own_process_over_mtls() {
     .into_inner()
     .receipts;
     assert!(!receipts.is_empty(), "no receipts for {run_id}");
+
+    // Through the REST gateway, which calls the registry over mTLS.
+    let (status, body) = get_with_token(
+        &format!("127.0.0.1:{}", ports["gateway"]),
+        "/v1/capsules",
+        &token.0,
+    );
+    assert_eq!(status, 200, "{body}\n{}", logs());
+    assert!(body.contains("transfer"), "{body}");
     drop(pods);
 }
 
@@ -431,6 +455,25 @@ fn assert_refused(err: &tonic::Status) {
     let transport = std::error::Error::source(err)
         .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
     assert!(transport, "not refused by the transport: {err:?}");
+}
+
+/// `GET path` with a bearer token over HTTP/1.1: the status and body.
+fn get_with_token(addr: &str, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
 }
 
 fn tail(path: &str) -> String {
