@@ -139,10 +139,18 @@ def check_chart_promises(docs: list[dict], values: dict, label: str) -> None:
         c = dep["spec"]["template"]["spec"]["containers"][0]
         check(c["args"] == [role], f"[{label}] {role}: args {c['args']}, want anumate serve {role}")
         check({p["name"] for p in c["ports"]} == {"grpc", "metrics"}, f"[{label}] {role}: container ports {c['ports']}")
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            check("grpc" in c.get(probe, {}), f"[{label}] {role}: {probe} is not a gRPC health check")
-        check(c["readinessProbe"]["grpc"].get("service", "").startswith(f"anumate.{role}.v1."),
-              f"[{label}] {role}: readiness asks for {c['readinessProbe']['grpc']}")
+        if values.get("tls", {}).get("enabled"):
+            # The kubelet's gRPC probe cannot present a client certificate.
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                check(c.get(probe, {}).get("httpGet", {}).get("port") == "metrics",
+                      f"[{label}] {role}: with mTLS, {probe} must ask the admin listener")
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            check(mounts.get("tls") == "/etc/anumate/tls", f"[{label}] {role}: no certificate mounted")
+        else:
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                check("grpc" in c.get(probe, {}), f"[{label}] {role}: {probe} is not a gRPC health check")
+            check(c["readinessProbe"]["grpc"].get("service", "").startswith(f"anumate.{role}.v1."),
+                  f"[{label}] {role}: readiness asks for {c['readinessProbe']['grpc']}")
         svc = by_name(docs, "Service", f"{RELEASE}-{role}")
         check(svc is not None and {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"},
               f"[{label}] {role}: Service ports must be named grpc and metrics")
@@ -185,8 +193,12 @@ def check_chart_promises(docs: list[dict], values: dict, label: str) -> None:
         cfg = tomllib.loads(cm["data"]["anumate.toml"])
         check(cfg["grpc"]["listen"] == "0.0.0.0:7600", f"[{label}] grpc.listen {cfg['grpc']}")
         check(isinstance(cfg["grpc"]["shutdown_grace_secs"], int), f"[{label}] shutdown_grace_secs is not an integer")
+        scheme = "https" if values.get("tls", {}).get("enabled") else "http"
         if "compiler" in enabled and "registry" in enabled:
-            check(cfg["compiler"]["registry_url"] == f"http://{RELEASE}-registry:7600", f"[{label}] compiler.registry_url")
+            check(cfg["compiler"]["registry_url"] == f"{scheme}://{RELEASE}-registry:7600", f"[{label}] compiler.registry_url")
+        if scheme == "https":
+            check(cfg["tls"]["cert"] == "/etc/anumate/tls/tls.crt" and cfg["tls"]["client_ca"],
+                  f"[{label}] [tls] {cfg.get('tls')}")
     except (tomllib.TOMLDecodeError, KeyError, TypeError) as e:
         fail(f"[{label}] anumate.toml: {e}")
     mesh = values.get("mesh", {})
@@ -229,6 +241,10 @@ VARIANTS = {
         "networkPolicy": {"enabled": False},
         "router": {"podDisruptionBudget": {"minAvailable": 1}},
     },
+    "mTLS between the services": {
+        "tls": {"enabled": True, "trustDomain": "anumate.example"},
+        "gateway": {"upstream": "https://grpc-router.mesh:7600"},
+    },
     "one role off, the chart's router": {
         "services": {"ghostrun": {"enabled": False}},
         "router": {"podDisruptionBudget": {"minAvailable": 1}},
@@ -243,6 +259,7 @@ REFUSED = [
     ({"ports": {"grpc": "7600"}}, "/ports/grpc"),
     ({"gateway": {"upstream": "anumate-router:7600"}}, "/gateway/upstream"),
     ({"mesh": {"linkerd": {"inject": "yes"}}}, "/mesh/linkerd/inject"),
+    ({"tls": {"enabled": True}}, "the chart's router speaks plaintext"),
 ]
 
 
@@ -253,7 +270,7 @@ def check_refusals() -> None:
             fail(f"the chart renders with bad values {values}")
         except helm.HelmError as e:  # type: ignore[attr-defined]
             check(words in str(e), f"the chart refuses {values} without naming {words!r}: {e}")
-    print(f"ok   chart: {len(REFUSED)} kinds of bad values refused by values.schema.json, naming the key")
+    print(f"ok   chart: {len(REFUSED)} kinds of bad values refused (values.schema.json and the templates), naming the key")
 
 
 def check_helm(write: bool) -> None:

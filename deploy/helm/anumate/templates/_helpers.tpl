@@ -42,7 +42,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* A role's gRPC URL inside the cluster: (list $ "registry"). */}}
 {{- define "anumate.url" -}}
 {{- $top := index . 0 -}}
-{{- printf "http://%s:%d" (include "anumate.component" .) (int $top.Values.ports.grpc) -}}
+{{- printf "%s://%s:%d" (ternary "https" "http" $top.Values.tls.enabled) (include "anumate.component" .) (int $top.Values.ports.grpc) -}}
 {{- end -}}
 
 {{/* The image reference. */}}
@@ -162,6 +162,19 @@ inline tables.
 {{- $upstream := .Values.gateway.upstream | default (printf "http://%s:%d" (include "anumate.component" (list . "router")) (int .Values.ports.grpc)) -}}
 {{- $_ := set $gateway "upstream" $upstream -}}
 {{- $_ := set $config "gateway" $gateway -}}
+{{- if .Values.tls.enabled -}}
+{{- if and .Values.gateway.enabled (not .Values.gateway.upstream) -}}
+{{- fail "tls.enabled: the chart's router speaks plaintext; set gateway.upstream (a router that speaks mTLS) or gateway.enabled=false" -}}
+{{- end -}}
+{{- $tls := get $config "tls" | default dict -}}
+{{- $_ := set $tls "cert" "/etc/anumate/tls/tls.crt" -}}
+{{- $_ := set $tls "key" "/etc/anumate/tls/tls.key" -}}
+{{- $_ := set $tls "client_ca" "/etc/anumate/tls/ca.crt" -}}
+{{- $_ := set $tls "ca" "/etc/anumate/tls/ca.crt" -}}
+{{- $_ := set $tls "trust_domain" .Values.tls.trustDomain -}}
+{{- $_ := set $tls "reload_secs" .Values.tls.reloadSecs -}}
+{{- $_ := set $config "tls" $tls -}}
+{{- end -}}
 # anumate.toml, rendered by the anumate Helm chart from its values.
 {{ include "anumate.tomlTable" (dict "path" "" "table" $config) }}
 {{- end -}}
