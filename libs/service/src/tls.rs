@@ -39,7 +39,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[tls]`: mTLS on every gRPC listener and client of the process. Off
 /// while `cert` is empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// This service's certificate chain (PEM), presented to clients and,
@@ -59,6 +59,19 @@ pub struct TlsConfig {
     /// The trust domain of service identities in certificates:
     /// `spiffe://<trust_domain>/svc/<name>` or DNS `<name>.<trust_domain>`.
     pub trust_domain: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            ca: PathBuf::new(),
+            reload_secs: 30,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+        }
+    }
 }
 
 impl TlsConfig {
