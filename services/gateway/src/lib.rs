@@ -421,7 +421,7 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Metadata
             && let Ok(mut v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
         {
             // Values new on every request (request ids, trace context, keys)
-            // stay out of the HPACK table, so it keeps the token, which repeats.
+            // go never-indexed: they would only churn the HPACK table.
             v.set_sensitive(name != "authorization");
             metadata.insert(name, v);
         }
