@@ -430,24 +430,22 @@ pub async fn set_lease(
     Ok(())
 }
 
-/// Who holds the lease of a queued run (`None`: not queued). On PostgreSQL
-/// the queue row is locked (`FOR UPDATE`) until the transaction ends, so a
-/// claim by another replica cannot slip in between this check and the
+/// Fences a worker's change of a run and extends the worker's lease in
+/// one statement: true when `owner` holds the lease of the queued run, which
+/// is then extended to `until`; the row stays locked until the transaction
+/// ends, so another replica cannot claim the run between this check and the
 /// commit of the change it fences.
-pub async fn lease_owner(tx: &TenantTx, run_id: &str) -> Result<Option<String>> {
-    let lock = if tx.backend() == anumate_store::Backend::Postgres {
-        " FOR UPDATE"
-    } else {
-        ""
-    };
-    let row = tx
-        .query_one(
-            &format!(
-                "SELECT lease_owner FROM orch_work WHERE tenant_id = $1 AND run_id = $2{lock}"
-            ),
-            vec![tx.tenant_id().into(), run_id.into()],
+pub async fn hold_lease(tx: &TenantTx, run_id: &str, owner: &str, until: i64) -> Result<bool> {
+    let n = tx
+        .execute(
+            "UPDATE orch_work SET lease_until = $4 WHERE tenant_id = $1 AND run_id = $2 AND lease_owner = $3",
+            vec![
+                tx.tenant_id().into(),
+                run_id.into(),
+                owner.into(),
+                until.into(),
+            ],
         )
         .await?;
-    row.map(|r| r.try_get::<String>("", "lease_owner").map_err(db))
-        .transpose()
+    Ok(n > 0)
 }

@@ -319,8 +319,8 @@ impl Orchestrator {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            self.set_lease(tenant, run_id, now_micros() + self.lease_micros())
-                .await?;
+            // The lease is kept by the heartbeat and extended by every
+            // save (`repo::hold_lease`): a pass commits nothing for it.
             match self.advance(tenant, run_id).await? {
                 Next::Again => {}
                 Next::Stop => return Ok(()),
@@ -363,7 +363,9 @@ impl Orchestrator {
             return Err(stopped());
         }
         // Fencing: another worker took the run over (this lease expired).
-        if repo::lease_owner(&tx, run_id).await?.as_deref() != Some(self.inner.worker_id.as_str()) {
+        // Holding it extends the lease too (no separate commit per pass).
+        let until = now_micros() + self.lease_micros();
+        if !repo::hold_lease(&tx, run_id, &self.inner.worker_id, until).await? {
             tracing::warn!(
                 tenant,
                 run = run_id,

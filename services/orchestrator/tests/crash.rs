@@ -342,16 +342,31 @@ async fn a_dead_replica_leaves_an_unknown_outcome_to_a_human(backend: Backend) {
         .await,
         anumate_errors::Reason::EtagMismatch,
     );
-    orch.resolve_step(pb::ResolveStepRequest {
-        run_id: run_id.clone(),
-        step_id: "transfer".into(),
-        action: pb::ResolveAction::Retry as i32,
-        reason: "checked the bank: nothing arrived".into(),
-        etag: run.etag.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    if let Err(e) = orch
+        .resolve_step(pb::ResolveStepRequest {
+            run_id: run_id.clone(),
+            step_id: "transfer".into(),
+            action: pb::ResolveAction::Retry as i32,
+            reason: "checked the bank: nothing arrived".into(),
+            etag: run.etag.clone(),
+            ..Default::default()
+        })
+        .await
+    {
+        let history = orch
+            .list_run_history(pb::ListRunHistoryRequest {
+                run_id: run_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .iter()
+            .map(|h| format!("{} {} {} {}", h.sequence, h.r#type, h.step_id, h.actor))
+            .collect::<Vec<_>>();
+        panic!("{e:?}\nread etag {}; history: {history:#?}", run.etag);
+    }
     let done = wait_for(&mut orch, &run_id, |r| {
         r.state == pb::RunState::Succeeded as i32
     })
