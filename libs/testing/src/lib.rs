@@ -305,3 +305,21 @@ pub fn expect_error<T: std::fmt::Debug>(
     assert_eq!(err.code, code);
     err
 }
+
+/// User + system CPU time of this process so far, in seconds (from
+/// `/proc/self/stat`; 0 where there is none), for benches that report CPU
+/// per call beside latency.
+pub fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks are 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}

@@ -149,6 +149,7 @@ async fn main() {
     for i in 0..CLIENTS {
         batches.push((client().await, requests(&keys, &format!("c{i}"), n)));
     }
+    let cpu_start = anumate_testing::process_cpu_secs();
     let started = Instant::now();
     let tasks: Vec<_> = batches
         .into_iter()
@@ -166,8 +167,10 @@ async fn main() {
     let secs = started.elapsed().as_secs_f64();
     let total = CLIENTS * n;
     let hub_rate = total as f64 / secs;
+    let hub_cpu = (anumate_testing::process_cpu_secs() - cpu_start) * 1e6 / total as f64;
     println!(
-        "Invoke throughput, {CLIENTS} clients: {hub_rate:.0} invokes/s ({total} in {secs:.2} s)"
+        "Invoke throughput, {CLIENTS} clients: {hub_rate:.0} invokes/s ({total} in {secs:.2} s, \
+         {hub_cpu:.0} us CPU per call in this process: clients, hub, captokens)"
     );
 
     // The floor: one durable transaction per call on the same store.
@@ -194,6 +197,7 @@ async fn main() {
         floor.value_at_quantile(0.9),
         floor.value_at_quantile(0.99)
     );
+    let cpu_start = anumate_testing::process_cpu_secs();
     let started = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -209,7 +213,10 @@ async fn main() {
         t.await.unwrap();
     }
     let floor_rate = total as f64 / started.elapsed().as_secs_f64();
-    println!("Floor throughput, {CLIENTS} tasks: {floor_rate:.0} commits/s");
+    let floor_cpu = (anumate_testing::process_cpu_secs() - cpu_start) * 1e6 / total as f64;
+    println!(
+        "Floor throughput, {CLIENTS} tasks: {floor_rate:.0} commits/s ({floor_cpu:.0} us CPU per call)"
+    );
     println!(
         "Hub vs floor: p50 {:+} us ({:.2}x), throughput {:.0} % of the floor",
         hist.value_at_quantile(0.5) as i64 - floor.value_at_quantile(0.5) as i64,
