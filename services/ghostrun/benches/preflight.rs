@@ -135,6 +135,7 @@ async fn run(backend: Backend, wiring: Wiring) {
                 Arc::new(policies.clone()),
                 GhostRunConfig::default(),
             )
+            .with_registry(Arc::new(registry.clone()))
             .with_settings(Arc::new(settings.clone()));
             (compiler, ghostrun)
         }
@@ -151,6 +152,7 @@ async fn run(backend: Backend, wiring: Wiring) {
                 grpc.clone(),
                 GhostRunConfig::default(),
             )
+            .with_registry(grpc.clone())
             .with_settings(grpc);
             (compiler, ghostrun)
         }

@@ -281,8 +281,8 @@ impl GhostRun {
         let fixtures = r.fixtures.clone();
         let seed = r.seed;
         let plan2 = plan.clone();
-        let mut report = anumate_cpu::run(move || {
-            report::simulate(&report::SimInput {
+        let (mut report, hashed) = anumate_cpu::run(move || {
+            report::simulate_json(&report::SimInput {
                 plan: &plan2,
                 sets,
                 labels: &labels,
@@ -304,7 +304,8 @@ impl GhostRun {
                 now_micros.saturating_add(ttl_micros),
             ));
         }
-        self.store_report(actor, &report, now_micros).await?;
+        let json = report::stored_json(&report, hashed)?;
+        self.store_report(actor, &report, &json, now_micros).await?;
         Ok(report)
     }
 
@@ -339,10 +340,11 @@ impl GhostRun {
         &self,
         actor: &Actor,
         report: &pb::PreflightReport,
+        json: &str,
         now: i64,
     ) -> Result<()> {
         let tx = self.store.write(&actor.tenant).await?;
-        repo::insert(&tx, report, now).await?;
+        repo::insert(&tx, report, json, now).await?;
         let subject = format!("preflights/{}", report.preflight_id);
         let risk = report.risk.clone().unwrap_or_default();
         anumate_events::append(

@@ -39,9 +39,13 @@ fn from_row(row: &QueryResult) -> Result<(pb::PreflightReport, i64)> {
     Ok((report, at))
 }
 
-/// Stores a report.
-pub async fn insert(tx: &TenantTx, report: &pb::PreflightReport, now: i64) -> Result<()> {
-    let json = serde_json::to_string(report).map_err(Error::internal)?;
+/// Stores a report as `json` (its proto3 JSON form).
+pub async fn insert(
+    tx: &TenantTx,
+    report: &pb::PreflightReport,
+    json: &str,
+    now: i64,
+) -> Result<()> {
     let level = report.risk.as_ref().map_or(0, |r| r.level);
     tx.execute(
         "INSERT INTO preflights (tenant_id, preflight_id, plan_hash, verdict, risk_level, report_json, created_by, created_at) \

@@ -50,6 +50,16 @@ const POINTS_FAILED: i32 = 20;
 /// (`PREFLIGHT_INPUTS_INVALID`, one violation per field) or bad fixtures
 /// (`PREFLIGHT_FIXTURE_INVALID`); `INTERNAL` for a plan the interpreter refuses.
 pub fn simulate(input: &SimInput<'_>) -> Result<pb::PreflightReport> {
+    simulate_json(input).map(|(report, _)| report)
+}
+
+/// [`simulate`], with the report's JSON as hashed (see [`report_hash`]):
+/// the service completes and stores that JSON instead of converting the
+/// report a second time.
+///
+/// # Errors
+/// See [`simulate`].
+pub fn simulate_json(input: &SimInput<'_>) -> Result<(pb::PreflightReport, Value)> {
     let plan = input.plan;
     let engine = crate::loader::build(
         plan,
@@ -356,8 +366,56 @@ pub fn simulate(input: &SimInput<'_>) -> Result<pb::PreflightReport> {
         capsule_version: plan.capsule_version,
         ..Default::default()
     };
-    report.report_hash = report_hash(&report)?;
-    Ok(report)
+    // Nothing `report_hash` leaves out is set yet: hash the report as is.
+    let json = canonical(&report)?;
+    report.report_hash = ej::digest(&json);
+    Ok((report, json))
+}
+
+/// The stored JSON of `report`: `hashed` (its JSON as [`simulate_json`]
+/// hashed it) with the fields set after the hash (id, hash, times).
+///
+/// # Errors
+/// `INTERNAL` if a field does not convert (never for valid timestamps).
+pub fn stored_json(report: &pb::PreflightReport, mut hashed: Value) -> Result<String> {
+    if let Value::Object(m) = &mut hashed {
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("preflightId", Value::String(report.preflight_id.clone()));
+        put("reportHash", Value::String(report.report_hash.clone()));
+        for (k, t) in [
+            ("createTime", &report.create_time),
+            ("citationExpireTime", &report.citation_expire_time),
+        ] {
+            if let Some(t) = t {
+                put(k, serde_json::to_value(t).map_err(Error::internal)?);
+            }
+        }
+    }
+    unintegral(&mut hashed);
+    serde_json::to_string(&hashed).map_err(Error::internal)
+}
+
+/// Undoes [`integral`] where a `Struct` could not read it back: integers
+/// of magnitude 2^53 or more (protobuf `Value` takes only exact ones) go
+/// back to doubles. No other field of the report is a JSON integer that
+/// large (64-bit fields are strings in the proto3 JSON mapping).
+fn unintegral(v: &mut Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        Value::Number(n) if n.is_i64() || n.is_u64() => {
+            if let Some(f) = n.as_f64()
+                && f.abs() >= EXACT
+                && let Some(d) = serde_json::Number::from_f64(f)
+            {
+                *n = d;
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(unintegral),
+        Value::Object(m) => m.values_mut().for_each(unintegral),
+        _ => {}
+    }
 }
 
 /// `sha256:` of the RFC 8785 JSON of the report without the fields that
