@@ -61,7 +61,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anumate_store::{Backend, Store};
@@ -281,6 +281,22 @@ pub struct RelayStats {
     pub sent: AtomicU64,
     /// Rows quarantined (see the module docs).
     pub quarantined: AtomicU64,
+    /// Rows neither sent nor quarantined, at the relay's last look (about
+    /// once a second, also while the broker is down); 0 before the first.
+    pub backlog: AtomicI64,
+    /// When the oldest of them was written (micros since the epoch; 0: none).
+    pub oldest_unsent_micros: AtomicI64,
+}
+
+impl RelayStats {
+    /// How far behind the relay is: the age of the oldest row waiting to be
+    /// sent at the last look, in seconds (0 when none waits).
+    pub fn lag_seconds(&self, now_micros: i64) -> f64 {
+        match self.oldest_unsent_micros.load(Ordering::Relaxed) {
+            0 => 0.0,
+            oldest => (now_micros.saturating_sub(oldest)).max(0) as f64 / 1e6,
+        }
+    }
 }
 
 /// Why a row was not delivered: decides what the relay does next.
@@ -367,6 +383,7 @@ pub struct Relay {
     producer: FutureProducer,
     topics_ready: bool,
     last_purge: Option<Instant>,
+    last_backlog: Option<Instant>,
     stats: Arc<RelayStats>,
 }
 
@@ -610,6 +627,7 @@ impl Relay {
             producer,
             topics_ready: false,
             last_purge: None,
+            last_backlog: None,
             stats: Arc::new(RelayStats::default()),
         })
     }
@@ -990,6 +1008,33 @@ impl Relay {
         self.pass_inner(false).await
     }
 
+    /// Counts the rows waiting to be sent (neither sent nor quarantined)
+    /// and finds the oldest, into [`Relay::stats`]; returns the count.
+    pub async fn measure_backlog(&self) -> Result<i64, RelayError> {
+        let stmt = Statement::from_string(
+            self.backend(),
+            "SELECT count(*) AS n, COALESCE(min(created_at), 0) AS oldest FROM outbox \
+             WHERE sent_at IS NULL AND quarantined_at IS NULL",
+        );
+        let row = match self.begin().await? {
+            Some(tx) => {
+                let row = tx.query_one_raw(stmt).await?;
+                tx.commit().await?;
+                row
+            }
+            None => self.store.owner_connection().query_one_raw(stmt).await?,
+        };
+        let (n, oldest): (i64, i64) = match row {
+            Some(r) => (r.try_get("", "n")?, r.try_get("", "oldest")?),
+            None => (0, 0),
+        };
+        self.stats.backlog.store(n, Ordering::Relaxed);
+        self.stats
+            .oldest_unsent_micros
+            .store(oldest, Ordering::Relaxed);
+        Ok(n)
+    }
+
     /// Deletes archived rows sent more than `retention_hours` ago; returns how
     /// many.
     pub async fn purge(&self) -> Result<u64, RelayError> {
@@ -1048,6 +1093,15 @@ impl Relay {
                     Err(e) => Err(e),
                 }
             };
+            if self
+                .last_backlog
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.last_backlog = Some(Instant::now());
+                if let Err(e) = self.measure_backlog().await {
+                    tracing::debug!(error = %e, "outbox backlog not measured");
+                }
+            }
             let wait = match result {
                 Ok(report) => {
                     if failing {

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anumate_crypto::{KeyPair, KeyRing};
@@ -365,9 +366,32 @@ async fn broker_outage_loses_nothing_and_keeps_order() {
     // The relay fails against the dead broker and keeps the rows.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(unsent(&store).await, 500, "events wait in the outbox");
+    // ... and says so: the backlog (looked at about once a second, failing
+    // or not) and how long the oldest row has waited.
+    let stats = relay.stats();
+    let until = |want: i64| {
+        let stats = stats.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while stats.backlog.load(Ordering::Relaxed) != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "backlog {} never became {want}",
+                    stats.backlog.load(Ordering::Relaxed)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(500).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let lag = stats.lag_seconds(anumate_store::now_micros());
+    assert!(lag > 1.0, "the oldest unsent row waited {lag} s");
 
     broker.restart();
     wait_all_sent(&store, Duration::from_secs(30)).await;
+    until(0).await;
+    assert_eq!(stats.lag_seconds(anumate_store::now_micros()), 0.0);
     relay.shutdown(Duration::from_secs(5)).await;
     // The memory broker lost the first 10: the 500 are all it holds.
     let msgs = consume(

@@ -237,6 +237,38 @@ pub async fn build_router(rt: &Runtime, own_url: String) -> anyhow::Result<App> 
 
 /// Serves until SIGINT/SIGTERM, then drains in-flight requests and stops the
 /// background tasks.
+/// Exports the relay's backlog and lag (`anumate_events_outbox_backlog`,
+/// `anumate_events_relay_lag_seconds`), refreshed every second from what the
+/// relay last saw, until `cancel`.
+async fn relay_metrics(
+    stats: std::sync::Arc<anumate_events::relay::RelayStats>,
+    cancel: anumate_service::CancellationToken,
+) -> Result<(), anumate_service::TaskError> {
+    use anumate_service::metrics::prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let backlog = Gauge::<i64>::default();
+    let lag = Gauge::<f64, AtomicU64>::default();
+    anumate_service::metrics::register(
+        "events_outbox_backlog",
+        "Outbox rows waiting to be relayed to Kafka (neither sent nor quarantined)",
+        backlog.clone(),
+    );
+    anumate_service::metrics::register(
+        "events_relay_lag_seconds",
+        "Age of the oldest outbox row waiting to be relayed (0 when none waits)",
+        lag.clone(),
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return Ok(()),
+        }
+        backlog.set(stats.backlog.load(Ordering::Relaxed));
+        lag.set(stats.lag_seconds(anumate_store::now_micros()));
+    }
+}
+
 pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
     let metrics = anumate_service::metrics::Metrics::new();
     // `[tls]`: mTLS on the listener and on every channel the modules build
@@ -260,10 +292,14 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
             .context("kafka relay")?;
         tracing::info!(brokers = %rt.config.kafka.brokers, "relaying outbox events to kafka");
         let relay = relay.spawn();
+        let stats = relay.stats();
         tasks.spawn("outbox relay", |cancel| async move {
             cancel.cancelled().await;
             relay.shutdown(Duration::from_secs(10)).await;
             Ok(())
+        });
+        tasks.spawn("outbox relay metrics", |cancel| {
+            relay_metrics(stats, cancel)
         });
     }
     let grace = Duration::from_secs(rt.config.grpc.shutdown_grace_secs);
