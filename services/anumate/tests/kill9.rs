@@ -216,10 +216,12 @@ async fn kill9_on_sqlite_twenty_times_every_run_ends_and_acts_once() {
 }
 
 /// A kill between the hub's claim of a key and its record leaves the key
-/// held by the dead process. Here the hub keeps such a key for 15 s (its
-/// default is 300 s) and waits its default 10 s for a held key, so the
-/// restarted orchestrator's re-sent call is answered `CALL_IN_FLIGHT` (with
-/// the hub's `lease_expire_time`) after that wait. The step then waits,
+/// held by the dead process. Here the hub keeps such a key for 5 s (its
+/// default is 300 s) and waits 0.5 s for a held key (default 10 s: longer
+/// than a life of the process here, so the answer would rarely arrive
+/// before the next kill), so the restarted orchestrator's re-sent call is
+/// answered `CALL_IN_FLIGHT` (with the hub's `lease_expire_time`), which is
+/// what the hub answers with its defaults too, only later. The step then waits,
 /// durably (`WAITING_RETRY` until just after that time, across further
 /// kills), and is re-sent with the same key and a fresh token without
 /// spending an attempt: every run still succeeds (a step here is allowed a
@@ -228,7 +230,7 @@ async fn kill9_on_sqlite_twenty_times_every_run_ends_and_acts_once() {
 async fn kill9_while_the_hub_holds_the_dead_calls_keys() {
     let log = kill_and_restart(
         Backend::Postgres,
-        "[orchestrator]\nlease_secs = 1\npoll_ms = 50\n\n[connectors]\nin_flight_lease_secs = 15\n",
+        "[orchestrator]\nlease_secs = 1\npoll_ms = 50\n\n[connectors]\nin_flight_lease_secs = 5\nin_flight_wait_ms = 500\n",
         20,
         6,
         // Calls long enough for most kills to land mid-call.
