@@ -75,9 +75,19 @@ struct StepDef {
     max_attempts: u32,
 }
 
-/// A plan ready to interpret many times.
-#[derive(Debug)]
+/// A plan ready to interpret many times. Cloning it, or giving it another
+/// context ([`with_context`](Engine::with_context)), shares the compiled plan.
+#[derive(Debug, Clone)]
 pub struct Engine {
+    core: Arc<Core>,
+    context: Context,
+    /// `capsule.labels` as policies see it (an object).
+    capsule_labels: Value,
+}
+
+/// What does not depend on the context: compiled once per plan.
+#[derive(Debug)]
+struct Core {
     plan_hash: String,
     capsule_name: String,
     capsule_version: i32,
@@ -86,9 +96,6 @@ pub struct Engine {
     allowed: BTreeSet<String>,
     sets: Vec<Arc<CompiledSet>>,
     inputs: InputsSchema,
-    context: Context,
-    /// `capsule.labels` as policies see it (an object).
-    capsule_labels: Value,
 }
 
 /// A matched rule as a decision reports it.
@@ -340,14 +347,16 @@ impl Engine {
             });
         }
         Ok(Engine {
-            plan_hash: plan.plan_hash.clone(),
-            capsule_name: plan.capsule_name.clone(),
-            capsule_version: plan.capsule_version,
-            steps,
-            index,
-            allowed: plan.allowed_tools.iter().cloned().collect(),
-            sets,
-            inputs,
+            core: Arc::new(Core {
+                plan_hash: plan.plan_hash.clone(),
+                capsule_name: plan.capsule_name.clone(),
+                capsule_version: plan.capsule_version,
+                steps,
+                index,
+                allowed: plan.allowed_tools.iter().cloned().collect(),
+                sets,
+                inputs,
+            }),
             context,
             capsule_labels: Value::Object(Map::new()),
         })
@@ -369,6 +378,17 @@ impl Engine {
         self
     }
 
+    /// The same plan, policies and labels in `context`, without compiling
+    /// anything again.
+    #[must_use]
+    pub fn with_context(&self, context: Context) -> Engine {
+        Engine {
+            core: self.core.clone(),
+            context,
+            capsule_labels: self.capsule_labels.clone(),
+        }
+    }
+
     /// `capsule.labels` as policies see it.
     pub fn capsule_labels(&self) -> &Value {
         &self.capsule_labels
@@ -376,32 +396,32 @@ impl Engine {
 
     /// Number of steps.
     pub fn len(&self) -> usize {
-        self.steps.len()
+        self.core.steps.len()
     }
 
     /// Whether the plan has no steps.
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.core.steps.is_empty()
     }
 
     /// Step id at `i`.
     pub fn step_id(&self, i: usize) -> &str {
-        self.steps.get(i).map_or("", |s| s.id.as_str())
+        self.core.steps.get(i).map_or("", |s| s.id.as_str())
     }
 
     /// Tool of the step at `i`.
     pub fn step_tool(&self, i: usize) -> &str {
-        self.steps.get(i).map_or("", |s| s.tool.as_str())
+        self.core.steps.get(i).map_or("", |s| s.tool.as_str())
     }
 
     /// Attempts the step's retry policy allows (≥ 1).
     pub fn max_attempts(&self, i: usize) -> u32 {
-        self.steps.get(i).map_or(1, |s| s.max_attempts)
+        self.core.steps.get(i).map_or(1, |s| s.max_attempts)
     }
 
     /// Index of step `id`.
     pub fn step_index(&self, id: &str) -> Option<usize> {
-        self.index.get(id).copied()
+        self.core.index.get(id).copied()
     }
 
     /// The context decisions are made in.
@@ -414,11 +434,11 @@ impl Engine {
     /// # Errors
     /// Every violation, by field (`inputs.amount_cents: must be ≥ 1`).
     pub fn start(&self, inputs: &Value) -> Result<Run<'_>, Vec<anumate_errors::Violation>> {
-        let inputs = self.inputs.check(inputs)?;
+        let inputs = self.core.inputs.check(inputs)?;
         Ok(Run {
             engine: self,
             inputs,
-            status: vec![Status::Pending; self.steps.len()],
+            status: vec![Status::Pending; self.core.steps.len()],
             steps: Value::Object(Map::new()),
         })
     }
@@ -432,8 +452,8 @@ impl Engine {
         i: usize,
         args: &Value,
     ) -> Result<StepDecision, anumate_policy::EvalError> {
-        let step = &self.steps[i.min(self.steps.len().saturating_sub(1))];
-        if !self.allowed.contains(&step.tool) {
+        let step = &self.core.steps[i.min(self.core.steps.len().saturating_sub(1))];
+        if !self.core.allowed.contains(&step.tool) {
             return Ok(StepDecision {
                 effect: Effect::Deny,
                 rules: vec![RuleHit {
@@ -457,15 +477,15 @@ impl Engine {
         let input = json!({
             "tenant": c.tenant,
             "principal": {"id": c.principal, "roles": c.roles, "groups": c.groups},
-            "capsule": {"name": self.capsule_name, "version": self.capsule_version, "labels": self.capsule_labels},
-            "plan_hash": self.plan_hash,
+            "capsule": {"name": self.core.capsule_name, "version": self.core.capsule_version, "labels": self.capsule_labels},
+            "plan_hash": self.core.plan_hash,
             "step": {"id": step.id, "tool": step.tool},
             "tool": step.tool,
             "args": args,
             "env": c.env,
             "now": c.now,
         });
-        let sets: Vec<&CompiledSet> = self.sets.iter().map(Arc::as_ref).collect();
+        let sets: Vec<&CompiledSet> = self.core.sets.iter().map(Arc::as_ref).collect();
         let d = anumate_policy::decide(&sets, &input)?;
         let mut out = StepDecision {
             effect: d.effect,
@@ -543,7 +563,7 @@ impl<'e> Run<'e> {
 
     fn is_ready(&self, i: usize) -> bool {
         self.status[i] == Status::Pending
-            && self.engine.steps[i]
+            && self.engine.core.steps[i]
                 .needs
                 .iter()
                 .all(|&j| self.status[j].is_done())
@@ -556,7 +576,7 @@ impl<'e> Run<'e> {
     /// `i` is unknown or not ready.
     pub fn decide(&mut self, i: usize) -> Result<Step, DriveError> {
         let engine = self.engine;
-        let def = engine.steps.get(i).ok_or(DriveError::NoStep(i))?;
+        let def = engine.core.steps.get(i).ok_or(DriveError::NoStep(i))?;
         if !self.is_ready(i) {
             return Err(DriveError::NotReady(def.id.clone()));
         }
@@ -567,7 +587,7 @@ impl<'e> Run<'e> {
         {
             self.set(i, Status::SkippedUpstream, Value::Null);
             return Ok(Step::SkippedUpstream {
-                upstream: engine.steps[j].id.clone(),
+                upstream: engine.core.steps[j].id.clone(),
             });
         }
         if let Some(cond) = &def.condition {
@@ -628,6 +648,7 @@ impl<'e> Run<'e> {
     pub fn finish(&mut self, i: usize, result: Finished) -> Result<(), DriveError> {
         let id = self
             .engine
+            .core
             .steps
             .get(i)
             .ok_or(DriveError::NoStep(i))?
@@ -648,7 +669,7 @@ impl<'e> Run<'e> {
         self.status[i] = status;
         if let Value::Object(m) = &mut self.steps {
             m.insert(
-                self.engine.steps[i].id.clone(),
+                self.engine.core.steps[i].id.clone(),
                 json!({"output": output, "status": status.as_str()}),
             );
         }

@@ -263,9 +263,9 @@ impl GhostRun {
     ) -> Result<pb::PreflightReport> {
         let inputs = self.inputs(inputs)?;
         let plan = self.plan(actor, &r).await?;
-        let (sets, labels) = self
+        let engine = self
             .loader
-            .parts(&actor.caller(), &actor.tenant, &plan)
+            .prepared(&actor.caller(), &actor.tenant, &plan)
             .await?;
         let ttl_micros = self.citation_ttl_micros(actor).await?;
         let now_micros = anumate_store::now_micros();
@@ -284,8 +284,7 @@ impl GhostRun {
         let (mut report, hashed) = anumate_cpu::run(move || {
             report::simulate_json(&report::SimInput {
                 plan: &plan2,
-                sets,
-                labels: &labels,
+                engine,
                 context,
                 evaluation_time: pbjson_types::Timestamp {
                     seconds: now_secs,

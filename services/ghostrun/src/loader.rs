@@ -9,7 +9,8 @@
 //! policy_sets(plan)     policy.GetPolicy × n       compiled once per content hash
 //! labels(plan)          registry.GetCapsule        cached by (tenant, capsule content hash)
 //! context(who, now)     env from `[ghostrun] policy_env`, roles and groups sorted
-//! engine(plan, context) Engine::new(..).with_capsule_labels(..)
+//! prepared(plan)        Engine::new(..).with_capsule_labels(..), cached by (tenant, hash)
+//! engine(plan, context) the same, compiled for the call (any plan, even a modified copy)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,6 +59,8 @@ struct Inner {
     plans: Mutex<HashMap<(String, String), Arc<cpb::ExecutablePlan>>>,
     sets: Mutex<HashMap<String, Arc<CompiledSet>>>,
     labels: Mutex<HashMap<(String, String), Arc<Labels>>>,
+    /// Compiled interpreters by (tenant, plan hash), in the default context.
+    engines: Mutex<HashMap<(String, String), Engine>>,
 }
 
 fn cached<K: std::hash::Hash + Eq, V: Clone>(m: &Mutex<HashMap<K, V>>, k: &K) -> Option<V> {
@@ -92,6 +95,7 @@ impl Loader {
                 plans: Mutex::default(),
                 sets: Mutex::default(),
                 labels: Mutex::default(),
+                engines: Mutex::default(),
             }),
         }
     }
@@ -281,7 +285,35 @@ impl Loader {
         Ok((sets, labels))
     }
 
-    /// The interpreter of `plan` in `context` (see [`context`](Self::context)).
+    /// The interpreter of `plan` of `tenant` with its policy sets and
+    /// capsule labels, in the default context: compiled once per plan
+    /// (expressions, argument templates, the inputs schema), then shared.
+    /// Only for a plan as the compiler gave it (the cache trusts its hash);
+    /// [`engine`](Self::engine) compiles any plan, such as a modified copy.
+    ///
+    /// # Errors
+    /// See [`parts`](Self::parts); `INTERNAL` for a plan the interpreter refuses.
+    pub async fn prepared(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        plan: &cpb::ExecutablePlan,
+    ) -> Result<Engine> {
+        let key = (tenant.to_string(), plan.plan_hash.clone());
+        if let Some(e) = cached(&self.inner.engines, &key) {
+            return Ok(e);
+        }
+        let (sets, labels) = self.parts(caller, tenant, plan).await?;
+        let engine = build(plan, sets, &labels, Context::default())?;
+        if !plan.plan_hash.is_empty() {
+            remember(&self.inner.engines, key, engine.clone());
+        }
+        Ok(engine)
+    }
+
+    /// The interpreter of `plan` in `context` (see [`context`](Self::context)),
+    /// compiled for this call: `plan` may be a modified copy of a stored plan
+    /// (the orchestrator decides a compensation on one).
     ///
     /// # Errors
     /// See [`parts`](Self::parts); `INTERNAL` for a plan the interpreter refuses.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anumate_engine::sim::{self, Fixture, SimError, Simulator, Source};
 use anumate_engine::{Context, Engine, Finished, Status, Step, StepDecision, json as ej};
 use anumate_errors::{Error, Reason, Result, Violation};
-use anumate_policy::{CompiledSet, Effect, Obligation};
+use anumate_policy::{Effect, Obligation};
 use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::ghostrun::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
@@ -17,10 +17,10 @@ use serde_json::Value;
 pub struct SimInput<'a> {
     /// The plan.
     pub plan: &'a cpb::ExecutablePlan,
-    /// Its policy sets, in `plan.policies` order.
-    pub sets: Vec<Arc<CompiledSet>>,
-    /// The capsule version's labels (`capsule.labels`).
-    pub labels: &'a crate::loader::Labels,
+    /// Its interpreter with its policy sets and capsule labels, as
+    /// [`Loader::prepared`](crate::Loader::prepared) gives it (any context:
+    /// the simulation runs in `context`).
+    pub engine: Engine,
     /// Who and when, as policies see it (`now` is RFC 3339 whole seconds).
     pub context: Context,
     /// Evaluation time echoed in the report (the same instant as `context.now`).
@@ -61,12 +61,7 @@ pub fn simulate(input: &SimInput<'_>) -> Result<pb::PreflightReport> {
 /// See [`simulate`].
 pub fn simulate_json(input: &SimInput<'_>) -> Result<(pb::PreflightReport, Value)> {
     let plan = input.plan;
-    let engine = crate::loader::build(
-        plan,
-        input.sets.clone(),
-        input.labels,
-        input.context.clone(),
-    )?;
+    let engine = input.engine.with_context(input.context.clone());
     let fixtures = fixtures(plan, input.fixtures)?;
     let mut run = engine.start(input.inputs).map_err(|v| {
         Error::because(
