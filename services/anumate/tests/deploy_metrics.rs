@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{anumate, cli, dev_state, examples, http_get, run, start_dev};
+use common::{anumate, cli, copy_dir, dev_state, examples, http_get, run, start_dev};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -205,19 +205,6 @@ fn cli_as(dir: &Path, token: &str, args: &[&str]) -> common::Run {
     let mut cmd = anumate(dir);
     cmd.env("ANUMATE_TOKEN", token).args(args);
     run(cmd)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
-        }
-    }
 }
 
 #[test]

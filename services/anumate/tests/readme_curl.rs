@@ -11,11 +11,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{cli, examples, start_dev};
+use common::{cli, copy_dir, examples, read_in as read, readme, run_bash, start_dev};
 
 const MARKER: &str = "<!-- curl walkthrough";
 
@@ -32,28 +30,6 @@ fn block(readme: &str) -> &str {
     let body = &rest[open..];
     let close = body.find("\n```").expect("the curl block is not closed");
     &body[..=close]
-}
-
-fn readme() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-    std::fs::read_to_string(path).expect("README.md")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-fn read(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
 #[test]
@@ -85,46 +61,18 @@ fn readme_curl_golden_path_runs_as_written() {
     copy_dir(&examples(), &dir.path().join("examples"));
     let _dev = start_dev(dir.path());
 
-    let bin_dir = Path::new(common::BIN).parent().unwrap().to_owned();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     std::fs::write(
         dir.path().join("curl.sh"),
         format!("set -eu -o pipefail\nset -x\n{sh}"),
     )
     .unwrap();
-    let mut cmd = Command::new("bash");
-    cmd.arg("curl.sh").current_dir(dir.path());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ANUMATE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("PATH", path)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("curl.out")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("curl.err")).unwrap());
-    let mut child = cmd.spawn().expect("bash");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the curl walkthrough did not finish in 120 s:\n{}\n{}\n--- watch.sse\n{}",
-                read(dir.path(), "curl.out"),
-                read(dir.path(), "curl.err"),
-                read(dir.path(), "watch.sse")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = run_bash(dir.path(), "curl", Duration::from_secs(120)) else {
+        panic!(
+            "the curl walkthrough did not finish in 120 s:\n{}\n{}\n--- watch.sse\n{}",
+            read(dir.path(), "curl.out"),
+            read(dir.path(), "curl.err"),
+            read(dir.path(), "watch.sse")
+        );
     };
     let out = read(dir.path(), "curl.out");
     let err = read(dir.path(), "curl.err");

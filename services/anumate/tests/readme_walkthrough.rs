@@ -11,11 +11,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{cli, examples, start_dev};
+use common::{cli, copy_dir, examples, read_in as read, readme, run_bash, start_dev};
 use serde_json::Value;
 
 const MARKER: &str = "<!-- walkthrough";
@@ -98,24 +96,6 @@ fn script(steps: &[Step]) -> String {
     s
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-fn readme() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-    std::fs::read_to_string(path).expect("README.md")
-}
-
 #[test]
 fn walkthrough_is_parsed_as_written() {
     let steps = walkthrough(readme().as_str());
@@ -164,43 +144,13 @@ fn readme_walkthrough_runs_as_written() {
     copy_dir(&examples(), &dir.path().join("examples"));
     let _dev = start_dev(dir.path());
 
-    let bin_dir: PathBuf = Path::new(common::BIN).parent().unwrap().to_owned();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     std::fs::write(dir.path().join("walkthrough.sh"), script(&steps)).unwrap();
-    // Bash runs the script, without the caller's ANUMATE_* (configuration
-    // that would change what the commands mean).
-    let mut cmd = Command::new("bash");
-    cmd.arg("walkthrough.sh").current_dir(dir.path());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ANUMATE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("PATH", path)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("walkthrough.out")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("walkthrough.err")).unwrap());
-    let mut child = cmd.spawn().expect("bash");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the walkthrough did not finish in 180 s:\n{}\n{}",
-                read(dir.path(), "walkthrough.out"),
-                read(dir.path(), "walkthrough.err")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = run_bash(dir.path(), "walkthrough", Duration::from_secs(180)) else {
+        panic!(
+            "the walkthrough did not finish in 180 s:\n{}\n{}",
+            read(dir.path(), "walkthrough.out"),
+            read(dir.path(), "walkthrough.err")
+        );
     };
     let out = read(dir.path(), "walkthrough.out");
     let err = read(dir.path(), "walkthrough.err");
@@ -275,10 +225,6 @@ fn readme_walkthrough_runs_as_written() {
             "receipt {id} not verified:\n{out}"
         );
     }
-}
-
-fn read(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
 fn tail(text: &str, n: usize) -> String {

@@ -33,6 +33,70 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
+/// The repository's README.
+pub fn readme() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+    std::fs::read_to_string(path).expect("README.md")
+}
+
+/// Copies the directory `from` (recursively) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// The file `name` in `dir`, or empty.
+pub fn read_in(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// Runs `bash <stem>.sh` in `dir` as a newcomer would run a README block:
+/// the built `anumate` first on `PATH`, without the caller's `ANUMATE_…`
+/// variables (configuration that would change what the commands mean),
+/// `NO_COLOR`; stdout and stderr go to `<stem>.out` and `<stem>.err`.
+/// `None` when it did not finish within `timeout` (then it is killed).
+pub fn run_bash(dir: &Path, stem: &str, timeout: Duration) -> Option<ExitStatus> {
+    let bin_dir = Path::new(BIN).parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg(format!("{stem}.sh")).current_dir(dir);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ANUMATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PATH", path)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join(format!("{stem}.out"))).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{stem}.err"))).unwrap());
+    let mut child = cmd.spawn().expect("bash");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Run {
