@@ -367,11 +367,14 @@ pub trait ApprovalsClient: Send + Sync {
 /// The connector hub, as the orchestrator calls tools (its service-only
 /// `ConnectorHubInternal`).
 pub trait ConnectorHubClient: Send + Sync {
-    /// `ConnectorHubInternal.Invoke`.
+    /// `ConnectorHubInternal.Invoke`, answered within `timeout` (sent as the
+    /// call's gRPC deadline: the hub answers `CALL_IN_FLIGHT` in time instead
+    /// of waiting past it for a key another call holds).
     fn invoke<'a>(
         &'a self,
         caller: &'a Caller,
         request: conpb::InvokeRequest,
+        timeout: Duration,
     ) -> BoxFuture<'a, UpstreamResult<conpb::InvokeResponse>>;
 }
 
@@ -800,9 +803,11 @@ impl ConnectorHubClient for Grpc {
         &'a self,
         caller: &'a Caller,
         request: conpb::InvokeRequest,
+        timeout: Duration,
     ) -> BoxFuture<'a, UpstreamResult<conpb::InvokeResponse>> {
         Box::pin(async move {
-            let req = self.request(caller, request)?;
+            let mut req = self.request(caller, request)?;
+            req.set_timeout(timeout);
             let mut client = conpb::connector_hub_internal_client::ConnectorHubInternalClient::new(
                 self.channel.clone(),
             );

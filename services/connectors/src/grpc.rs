@@ -59,6 +59,7 @@ impl ConnectorHubInternal for HubGrpc {
         req: Request<pb::InvokeRequest>,
     ) -> std::result::Result<Response<pb::InvokeResponse>, Status> {
         let tenant = tenant(&req)?;
+        let deadline = grpc_timeout(req.metadata()).map(|t| std::time::Instant::now() + t);
         let r = req.get_ref();
         let args = match &r.args {
             None => return Err(Error::invalid_argument("args", "required").into()),
@@ -73,6 +74,7 @@ impl ConnectorHubInternal for HubGrpc {
                 args: &args,
                 idempotency_key: &r.idempotency_key,
                 token: &r.capability_token,
+                deadline,
             })
             .await?;
         Ok(Response::new(pb::InvokeResponse {
@@ -82,6 +84,26 @@ impl ConnectorHubInternal for HubGrpc {
             recorded_at: Some(anumate_proto::timestamp_from_micros(invoked.recorded_at)),
         }))
     }
+}
+
+/// The call's `grpc-timeout` (digits and a unit: H, M, S, m, u, n).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn mock_call(row: MockCallRow) -> Result<pb::MockCall> {

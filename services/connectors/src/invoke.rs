@@ -147,6 +147,13 @@ impl Hub {
     async fn claim(&self, inv: &Invocation<'_>, key: &Key<'_>, host: &str) -> Result<Claimed> {
         let in_tx = self.tokens.consumes_in_transaction();
         let started = Instant::now();
+        // Answer `CALL_IN_FLIGHT` while the caller still listens: give up a
+        // tenth of its remaining time (at least 50 ms) before its deadline.
+        let give_up = inv.deadline.map(|d| {
+            let left = d.saturating_duration_since(started);
+            d.checked_sub((left / 10).max(Duration::from_millis(50)))
+                .unwrap_or(started)
+        });
         let mut pause = POLL_FIRST;
         loop {
             // Without the token in it, a lost claim only reopens the
@@ -221,7 +228,10 @@ impl Hub {
                 };
             }
             drop(tx);
-            if started.elapsed() >= self.in_flight_wait {
+            let now = Instant::now();
+            if now.duration_since(started) >= self.in_flight_wait
+                || give_up.is_some_and(|g| now + pause >= g)
+            {
                 return Err(self.in_flight(inv, key).await);
             }
             tokio::time::sleep(pause).await;

@@ -174,6 +174,9 @@ pub struct Invocation<'a> {
     pub idempotency_key: &'a str,
     /// The capability token.
     pub token: &'a str,
+    /// When the caller stops waiting (its gRPC deadline), if it said: a key
+    /// in flight is waited for only until shortly before.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// What `Invoke` answers.

@@ -948,6 +948,18 @@ async fn a_key_in_flight_is_answered_call_in_flight(app: TestApp) {
     let lease_secs = (lease.timestamp_micros() - before) / 1_000_000;
     // The default lease (300 s) from the first call's claim.
     assert!((290..=300).contains(&lease_secs), "{lease_secs} s");
+    // A caller with a shorter deadline than the hub's wait (1 s) hears
+    // CALL_IN_FLIGHT before its deadline, not DEADLINE_EXCEEDED.
+    let third = app.token("t1", "slow.call", &args, Mint::default());
+    let mut request = tonic::Request::new(invoke("slow.call", &args, "slow-1", &third));
+    request.set_timeout(Duration::from_millis(500));
+    let asked = std::time::Instant::now();
+    expect_reason_status(c.hub.invoke(request).await, Reason::CallInFlight);
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
 
     // The first call acted; the refused one spent nothing: its token still
     // serves, and the key replays the one effect.

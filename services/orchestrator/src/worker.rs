@@ -1061,6 +1061,7 @@ impl Orchestrator {
                     idempotency_key: key.clone(),
                     capability_token: issued.token,
                 },
+                timeout,
             ),
         )
         .await;
@@ -1997,6 +1998,7 @@ impl Orchestrator {
                         idempotency_key: key.clone(),
                         capability_token: issued.token,
                     },
+                    timeout,
                 ),
             )
             .await;
