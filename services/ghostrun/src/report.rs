@@ -359,6 +359,24 @@ pub fn simulate_json(input: &SimInput<'_>) -> Result<(pb::PreflightReport, Value
         citable: input.fixtures.is_empty() && verdict != pb::PreflightVerdict::Fail,
         capsule_name: plan.capsule_name.clone(),
         capsule_version: plan.capsule_version,
+        // What the decisions depended on besides the plan and the inputs.
+        policy_env: match &c.env {
+            Value::Object(m) if !m.is_empty() => Some(
+                serde_json::from_value(c.env.clone())
+                    .map_err(|e| Error::internal(format!("policy env is not a Struct: {e}")))?,
+            ),
+            _ => None,
+        },
+        capsule_labels: input
+            .engine
+            .capsule_labels()
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     };
     // Nothing `report_hash` leaves out is set yet: hash the report as is.

@@ -1023,6 +1023,19 @@ async fn labels_and_env(app: TestApp) {
             .unwrap();
         let d = r.steps[0].decision.clone().unwrap();
         effects.push((name, d.effect(), r.verdict()));
+        // The report echoes (and hashes) the env and labels it decided on.
+        let env = r.policy_env.clone().expect("the report's policy_env");
+        assert_eq!(
+            anumate_engine::json::struct_json(&env).unwrap()["stage"],
+            json!("prod")
+        );
+        let team = if name == "pay" { "payments" } else { "ops" };
+        assert_eq!(
+            r.capsule_labels.get("team").map(String::as_str),
+            Some(team),
+            "{:?}",
+            r.capsule_labels
+        );
         if name == "pay" {
             let rule = r.approvals_needed[0]
                 .obligation
