@@ -45,22 +45,6 @@ struct Outcome {
     cpu_us_per_call: f64,
 }
 
-/// User + system CPU time of this process so far, in seconds (from /proc/self/stat).
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the `(comm)`: state is field 3; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Clock ticks are 100 per second on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 impl Outcome {
     fn rate(&self) -> f64 {
         self.calls as f64 / self.secs
@@ -91,7 +75,7 @@ where
         call().await;
     }
     let start = Instant::now();
-    let cpu_start = cpu_secs();
+    let cpu_start = anumate_testing::process_cpu_secs();
     let end = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -111,7 +95,7 @@ where
         t.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_secs() - cpu_start;
+    let cpu = anumate_testing::process_cpu_secs() - cpu_start;
     let hist = Arc::try_unwrap(hist).ok().unwrap().into_inner();
     Outcome {
         calls: hist.len(),
