@@ -403,10 +403,45 @@ impl Store {
             let values = args.iter().map(|a| Value::from(*a)).collect();
             return tx.query_all(sql, values).await;
         }
+        self.text_batch(tenant, sql, args, false).await
+    }
+
+    /// Runs one write statement for `tenant` in its own transaction, in a
+    /// single round trip on PostgreSQL, as [`Store::read_text`] runs a read
+    /// (text values only, rows in text format), and returns the rows it
+    /// returns (`RETURNING`). `relaxed`: its commit does not wait for the WAL
+    /// flush, as [`Store::write_relaxed`]. On SQLite it is [`Store::write`],
+    /// the statement with `args` bound, and a commit.
+    pub async fn write_text(
+        &self,
+        tenant: &str,
+        sql: &str,
+        args: &[&str],
+        relaxed: bool,
+    ) -> Result<Vec<QueryResult>, StoreError> {
+        if self.backend == Backend::Sqlite {
+            let tx = self.write(tenant).await?;
+            let values = args.iter().map(|a| Value::from(*a)).collect();
+            let rows = tx.query_all(sql, values).await?;
+            tx.commit().await?;
+            return Ok(rows);
+        }
+        self.text_batch(tenant, sql, args, relaxed).await
+    }
+
+    /// `BEGIN`, the tenant, `sql` with `args` as literals and `COMMIT` as one
+    /// PostgreSQL simple-query batch; the statement's rows.
+    async fn text_batch(
+        &self,
+        tenant: &str,
+        sql: &str,
+        args: &[&str],
+        relaxed: bool,
+    ) -> Result<Vec<QueryResult>, StoreError> {
         if !valid_tenant(tenant) {
             return Err(StoreError::InvalidTenant);
         }
-        let mut batch = self.begin_sql(tenant, false);
+        let mut batch = self.begin_sql(tenant, relaxed);
         batch.push_str("; ");
         push_with_literals(&mut batch, sql, args)?;
         batch.push_str("; COMMIT");

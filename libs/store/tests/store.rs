@@ -410,3 +410,46 @@ async fn postgres_relaxed_write_is_relaxed_for_itself_only() {
     assert_eq!(bodies_without_filter(&store, "tenant-a").await.len(), 5);
     assert!(bodies_without_filter(&store, "tenant-b").await.is_empty());
 }
+
+/// `write_text`: one statement in its own transaction (one round trip on
+/// PostgreSQL), rows back, a failing statement writes nothing and the store
+/// keeps serving; relaxed or not, what it wrote is there.
+async fn write_text_writes_one_statement(store: &Store) {
+    for relaxed in [false, true] {
+        let rows = store
+            .write_text(
+                "tenant-a",
+                "INSERT INTO notes (tenant_id, body) VALUES ($1, $2) RETURNING body",
+                &["tenant-a", "it's \\ odd"],
+                relaxed,
+            )
+            .await
+            .expect("write_text");
+        assert_eq!(rows.len(), 1);
+        let body: String = rows[0].try_get("", "body").expect("body");
+        assert_eq!(body, "it's \\ odd");
+    }
+    // NOT NULL violated: nothing written, the next call works.
+    let failed = store
+        .write_text(
+            "tenant-a",
+            "INSERT INTO notes (tenant_id, body) VALUES ($1, NULLIF($2, ''))",
+            &["tenant-a", ""],
+            true,
+        )
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(bodies_without_filter(store, "tenant-a").await.len(), 2);
+}
+
+#[tokio::test]
+async fn write_text_postgres() {
+    let db = TestDb::postgres().await;
+    write_text_writes_one_statement(&store(&db).await).await;
+}
+
+#[tokio::test]
+async fn write_text_sqlite() {
+    let db = TestDb::sqlite();
+    write_text_writes_one_statement(&store(&db).await).await;
+}

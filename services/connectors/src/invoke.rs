@@ -340,9 +340,15 @@ impl Hub {
         claimed_at: i64,
         result: &serde_json::Value,
     ) -> Result<i64> {
-        let tx = self.store.write_relaxed(inv.tenant).await?;
-        let at = repo::record_held(&tx, SCOPE, inv.idempotency_key, claimed_at, result).await?;
-        tx.commit().await?;
+        let at = repo::record_held(
+            &self.store,
+            inv.tenant,
+            SCOPE,
+            inv.idempotency_key,
+            claimed_at,
+            result,
+        )
+        .await?;
         if at.is_none() {
             tracing::warn!(
                 tool = inv.tool,

@@ -114,31 +114,36 @@ pub async fn release_held(tx: &TenantTx, scope: &str, key: &str, claimed_at: i64
 }
 
 /// Records `result` for the key the call that claimed it at `claimed_at`
-/// holds; `None` when it no longer does (taken over: nothing is written).
+/// holds, in one relaxed round trip (see `Hub::record`); `None` when it no
+/// longer does (taken over: nothing is written).
 pub async fn record_held(
-    tx: &TenantTx,
+    store: &anumate_store::Store,
+    tenant: &str,
     scope: &str,
     key: &str,
     claimed_at: i64,
     result: &serde_json::Value,
 ) -> Result<Option<i64>> {
     let now = anumate_store::now_micros();
-    let n = tx
-        .execute(
-            "UPDATE idempotency_keys SET result = $5, recorded_at = $6 \
-             WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 AND created_at = $4 \
-               AND result IS NULL",
-            vec![
-                tx.tenant_id().into(),
-                scope.into(),
-                key.into(),
-                claimed_at.into(),
-                result.to_string().into(),
-                now.into(),
+    let rows = store
+        .write_text(
+            tenant,
+            "UPDATE idempotency_keys SET result = $5, recorded_at = CAST($6 AS BIGINT) \
+             WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 \
+               AND created_at = CAST($4 AS BIGINT) AND result IS NULL \
+             RETURNING idem_key",
+            &[
+                tenant,
+                scope,
+                key,
+                &claimed_at.to_string(),
+                &result.to_string(),
+                &now.to_string(),
             ],
+            true,
         )
         .await?;
-    Ok((n == 1).then_some(now))
+    Ok((!rows.is_empty()).then_some(now))
 }
 
 /// A mock effect after one more delivery.
@@ -159,39 +164,52 @@ pub async fn deliver_mock(
     fail_times: u32,
     output: Option<&serde_json::Value>,
 ) -> Result<Delivery> {
-    // Relaxed (`Store::write_relaxed`): a database crash may forget the
-    // delivery as it may forget the hub's claim; a restart of the hub does not.
-    let tx = call.store.write_relaxed(call.tenant).await?;
-    let now = anumate_store::now_micros();
-    let row = tx
-        .query_one(
+    // One round trip, relaxed (`Store::write_text`): a database crash may
+    // forget the delivery as it may forget the hub's claim; a restart of the
+    // hub does not. Numbers travel as text, cast where used.
+    let now = anumate_store::now_micros().to_string();
+    let fail_times = fail_times.to_string();
+    let output = output.map(serde_json::Value::to_string).unwrap_or_default();
+    let call_id = uuid::Uuid::now_v7().to_string();
+    let args = call.args.to_string();
+    let rows = call
+        .store
+        .write_text(
+            call.tenant,
             "INSERT INTO connector_mock_calls (tenant_id, call_id, tool, idem_key, run_id, step_id, \
                args, output, deliveries, first_delivered_at, last_delivered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $9 < 1 THEN $10 END, 1, $8, $8) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, \
+               CASE WHEN CAST($9 AS BIGINT) < 1 THEN NULLIF($10, '') END, 1, \
+               CAST($8 AS BIGINT), CAST($8 AS BIGINT)) \
              ON CONFLICT (tenant_id, tool, idem_key) DO UPDATE SET \
-               deliveries = connector_mock_calls.deliveries + 1, last_delivered_at = $8, \
+               deliveries = connector_mock_calls.deliveries + 1, \
+               last_delivered_at = CAST($8 AS BIGINT), \
                output = COALESCE(connector_mock_calls.output, \
-                 CASE WHEN connector_mock_calls.deliveries + 1 > $9 THEN $10 END) \
-             RETURNING deliveries, output",
-            vec![
-                tx.tenant_id().into(),
-                uuid::Uuid::now_v7().to_string().into(),
-                tool.into(),
-                call.idempotency_key.into(),
-                call.run.into(),
-                call.step.into(),
-                call.args.to_string().into(),
-                now.into(),
-                i64::from(fail_times).into(),
-                Value::from(output.map(serde_json::Value::to_string)),
+                 CASE WHEN connector_mock_calls.deliveries + 1 > CAST($9 AS BIGINT) \
+                   THEN NULLIF($10, '') END) \
+             RETURNING CAST(deliveries AS TEXT) AS deliveries, output",
+            &[
+                call.tenant,
+                &call_id,
+                tool,
+                call.idempotency_key,
+                call.run,
+                call.step,
+                &args,
+                &now,
+                &fail_times,
+                &output,
             ],
+            true,
         )
-        .await?
+        .await?;
+    let row = rows
+        .first()
         .ok_or_else(|| db("mock call upsert returned no row"))?;
-    tx.commit().await?;
+    let deliveries: String = row.try_get("", "deliveries").map_err(db)?;
     let output: Option<String> = row.try_get("", "output").map_err(db)?;
     Ok(Delivery {
-        deliveries: row.try_get("", "deliveries").map_err(db)?,
+        deliveries: deliveries.parse().map_err(db)?,
         output: output
             .map(|text| serde_json::from_str(&text))
             .transpose()
