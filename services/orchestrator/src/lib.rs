@@ -579,6 +579,7 @@ impl Orchestrator {
             )
             .with_metadata("field", "inputs_hash"));
         }
+        same_policy_env(id, report.policy_env.as_ref(), self.inner.up.plans.env())?;
         if report.verdict == gpb::PreflightVerdict::Fail as i32 {
             return Err(Error::because(
                 Reason::PreflightFailed,
@@ -1393,4 +1394,61 @@ pub fn violations_summary(v: &[Violation]) -> String {
         .map(|x| format!("{}: {}", x.field, x.description))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The policies' `env` a cited preflight decided with (`seen`, from its
+/// report) must be this deployment's (`ours`): else its decisions say
+/// nothing about this run's (`PREFLIGHT_MISMATCH`, `field: policy_env`).
+fn same_policy_env(
+    id: &str,
+    seen: Option<&pbjson_types::Struct>,
+    ours: &serde_json::Value,
+) -> Result<()> {
+    let seen = match seen {
+        Some(env) => anumate_engine::json::struct_json(env)
+            .map_err(|e| Error::internal(format!("the report's policy_env: {e}")))?,
+        None => serde_json::Value::Object(serde_json::Map::new()),
+    };
+    if &seen == ours {
+        return Ok(());
+    }
+    Err(Error::because(
+        Reason::PreflightMismatch,
+        format!(
+            "preflight {id} was made with another policy env ({seen}) than this \
+             orchestrator's ([ghostrun] policy_env); preflight again"
+        ),
+    )
+    .with_metadata("field", "policy_env"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn env(v: serde_json::Value) -> pbjson_types::Struct {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_preflight_cites_only_with_this_deployments_policy_env() {
+        let ours = json!({"stage": "prod", "replicas": 3});
+        // The same env (a Struct's numbers are doubles): cited.
+        assert!(same_policy_env("p1", Some(&env(ours.clone())), &ours).is_ok());
+        // Nothing on either side: cited.
+        assert!(same_policy_env("p1", None, &json!({})).is_ok());
+        // Another stage, or none where this deployment has one: refused.
+        for seen in [Some(env(json!({"stage": "staging", "replicas": 3}))), None] {
+            let e = same_policy_env("p1", seen.as_ref(), &ours).unwrap_err();
+            assert_eq!(e.reason, Reason::PreflightMismatch);
+            assert!(
+                e.metadata
+                    .iter()
+                    .any(|(k, v)| k == "field" && v == "policy_env"),
+                "{e:?}"
+            );
+        }
+    }
 }
