@@ -79,9 +79,20 @@ pub fn http_status(status: &tonic::Status) -> StatusCode {
     StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// A gRPC status as an HTTP response.
+/// A gRPC status as an HTTP response; a `RetryInfo` also becomes a
+/// `Retry-After` header (whole seconds, rounded up).
 pub fn status_response(status: &tonic::Status) -> Response {
-    json_response(http_status(status), &status_json(status))
+    let mut resp = json_response(http_status(status), &status_json(status));
+    if let Some(delay) = status
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+    {
+        let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
 }
 
 /// One of the gateway's own errors as an HTTP response.
@@ -108,4 +119,25 @@ pub fn reason_response(reason: Reason, message: impl Into<String>) -> Response {
 /// The HTTP status of an error class.
 pub fn http_of(code: ErrorCode) -> StatusCode {
     StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tonic_types::ErrorDetails;
+
+    #[test]
+    fn retry_info_becomes_retry_after() {
+        let limited = tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "slow down",
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(1_200))),
+        );
+        let resp = status_response(&limited);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let plain = status_response(&tonic::Status::not_found("gone"));
+        assert!(plain.headers().get(header::RETRY_AFTER).is_none());
+    }
 }
