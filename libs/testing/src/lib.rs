@@ -242,6 +242,60 @@ pub async fn serve_modules(
     }
 }
 
+/// Service modules composed as `anumate dev` runs them ([`compose`]).
+pub struct Composed {
+    /// The server of every module.
+    pub server: ModuleServer,
+    /// The dev issuers the server trusts; their keys live in `auth.dir`.
+    pub auth: DevAuth,
+    /// The database; dropped with it.
+    pub db: TestDb,
+}
+
+impl Composed {
+    /// Where the services' keys are (generated at start).
+    pub fn keys_dir(&self) -> std::path::PathBuf {
+        self.auth.dir.path().join("keys")
+    }
+}
+
+/// `modules` built on a fresh migrated database of `backend` (`base`
+/// migrations first, e.g. the outbox's, then the modules'), with `config` as
+/// the server's configuration, missing keys generated, the dev issuers plus
+/// the platform's service issuer (named `issuer`), and the platform's layers:
+/// what `anumate dev` serves, on loopback.
+pub async fn compose(
+    backend: Backend,
+    base: &[Migration],
+    modules: &[Box<dyn ServiceModule>],
+    config: serde_json::Value,
+    issuer: &str,
+) -> Composed {
+    let mut migrations = base.to_vec();
+    for m in modules {
+        migrations.extend(m.migrations());
+    }
+    let (db, store) = migrated_store(backend, &migrations).await;
+    let auth = DevAuth::with_service_issuer(issuer);
+    let listener = bind().await;
+    let own_url = format!("http://{}", listener.local_addr().expect("local address"));
+    let ctx = Context::new(
+        config,
+        Some(store),
+        anumate_service::KeysConfig {
+            generate_missing: true,
+            ..anumate_service::KeysConfig::default()
+        },
+        auth.dir.path().join("keys"),
+        auth.services.clone(),
+        own_url,
+    );
+    let layers = Layers::platform(GrpcConfig::default(), auth.authenticator.clone())
+        .expect("the platform's layers");
+    let server = serve_modules(listener, modules, ctx, layers).await;
+    Composed { server, auth, db }
+}
+
 /// The status of a call that had to fail with `code`, after checking that it
 /// carries `ErrorInfo { reason: code, domain: anumate.dev }` (the class's
 /// generic reason) and the gRPC code the error table maps `code` to.

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anumate_auth::{BearerToken, Role};
 use anumate_gateway::{Gateway, GatewayConfig};
 use anumate_proto::anumate::registry::v1 as rpb;
-use anumate_service::{Context, KeysConfig, ServiceModule};
-use anumate_testing::{Backend, DevAuth, Layers};
+use anumate_service::ServiceModule;
+use anumate_testing::Backend;
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -123,32 +123,19 @@ async fn run() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let modules = modules();
-    let mut migrations = anumate_events::MIGRATIONS.to_vec();
-    for m in &modules {
-        migrations.extend(m.migrations());
-    }
-    let (_db, store) = anumate_testing::migrated_store(Backend::Sqlite, &migrations).await;
-    let auth = DevAuth::with_service_issuer("bench");
-    let listener = anumate_testing::bind().await;
-    let own_url = format!("http://{}", listener.local_addr().unwrap());
-    let ctx = Context::new(
+    let anumate_testing::Composed {
+        server,
+        auth,
+        db: _db,
+    } = anumate_testing::compose(
+        Backend::Sqlite,
+        anumate_events::MIGRATIONS,
+        &modules(),
         json!({}),
-        Some(store),
-        KeysConfig {
-            generate_missing: true,
-            ..KeysConfig::default()
-        },
-        auth.dir.path().join("keys"),
-        auth.services.clone(),
-        own_url.clone(),
-    );
-    let layers = Layers::platform(
-        anumate_testing::GrpcConfig::default(),
-        auth.authenticator.clone(),
+        "bench",
     )
-    .unwrap();
-    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    .await;
+    let own_url = server.url();
     // BENCH_UPSTREAM_CONNECTIONS: the gateway's HTTP/2 connections upstream
     // (default: the configuration's default).
     let mut config = GatewayConfig::default();

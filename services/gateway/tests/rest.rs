@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anumate_auth::Role;
 use anumate_gateway::{Gateway, GatewayConfig, routes::BodyBinding};
-use anumate_service::{Context, KeysConfig, ServiceModule};
-use anumate_testing::{Backend, DevAuth, Layers, ModuleServer, TestDb};
+use anumate_service::ServiceModule;
+use anumate_testing::{Backend, DevAuth, ModuleServer, TestDb};
 use prost_reflect::Kind;
 use serde_json::{Value, json};
 
@@ -39,32 +39,15 @@ fn modules() -> Vec<Box<dyn ServiceModule>> {
 }
 
 async fn platform(config: GatewayConfig) -> Platform {
-    let modules = modules();
-    let mut migrations = anumate_events::MIGRATIONS.to_vec();
-    for m in &modules {
-        migrations.extend(m.migrations());
-    }
-    let (db, store) = anumate_testing::migrated_store(Backend::Sqlite, &migrations).await;
-    let auth = DevAuth::with_service_issuer("gateway-test");
-    let listener = anumate_testing::bind().await;
-    let own_url = format!("http://{}", listener.local_addr().unwrap());
-    let ctx = Context::new(
+    let anumate_testing::Composed { server, auth, db } = anumate_testing::compose(
+        Backend::Sqlite,
+        anumate_events::MIGRATIONS,
+        &modules(),
         json!({}),
-        Some(store),
-        KeysConfig {
-            generate_missing: true,
-            ..KeysConfig::default()
-        },
-        auth.dir.path().join("keys"),
-        auth.services.clone(),
-        own_url.clone(),
-    );
-    let layers = Layers::platform(
-        anumate_testing::GrpcConfig::default(),
-        auth.authenticator.clone(),
+        "gateway-test",
     )
-    .unwrap();
-    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    .await;
+    let own_url = server.url();
     let gateway = Gateway::connect_lazy(config, &own_url).unwrap();
     let gw_listener = anumate_testing::bind().await;
     let url = format!("http://{}", gw_listener.local_addr().unwrap());

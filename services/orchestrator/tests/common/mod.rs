@@ -16,8 +16,8 @@ use anumate_proto::policy::v1 as ppb;
 use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_receipt::{InclusionProof, verify_receipt_offline};
-use anumate_service::{Context, KeysConfig, ServiceModule};
-use anumate_testing::{Backend, DevAuth, Layers, ModuleServer, TestDb};
+use anumate_service::ServiceModule;
+use anumate_testing::{Backend, DevAuth, ModuleServer, TestDb};
 use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -73,33 +73,15 @@ pub async fn spawn_app_with(backend: Backend, config: Value) -> TestApp {
         )
         .with_test_writer()
         .try_init();
-    let modules = modules();
-    let mut migrations = anumate_events::MIGRATIONS.to_vec();
-    for m in &modules {
-        migrations.extend(m.migrations());
-    }
-    let (db, store) = anumate_testing::migrated_store(backend, &migrations).await;
-    let auth = DevAuth::with_service_issuer("orchestrator");
-    let keys_dir = auth.dir.path().join("keys");
-    let listener = anumate_testing::bind().await;
-    let own_url = format!("http://{}", listener.local_addr().unwrap());
-    let ctx = Context::new(
+    let anumate_testing::Composed { server, auth, db } = anumate_testing::compose(
+        backend,
+        anumate_events::MIGRATIONS,
+        &modules(),
         config,
-        Some(store),
-        KeysConfig {
-            generate_missing: true,
-            ..KeysConfig::default()
-        },
-        keys_dir.clone(),
-        auth.services.clone(),
-        own_url,
-    );
-    let layers = Layers::platform(
-        anumate_testing::GrpcConfig::default(),
-        auth.authenticator.clone(),
+        "orchestrator",
     )
-    .unwrap();
-    let server = anumate_testing::serve_modules(listener, &modules, ctx, layers).await;
+    .await;
+    let keys_dir = auth.dir.path().join("keys");
     TestApp {
         server: Some(server),
         auth,
