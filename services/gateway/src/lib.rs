@@ -269,6 +269,15 @@ async fn openapi_json(State(gw): State<Arc<Inner>>) -> Response {
     resp
 }
 
+/// `resp` with `Connection: close`: the rest of a refused body was never
+/// read, so an HTTP/1.1 client must not send its next request on this
+/// connection (it would find it closed mid-request).
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// tower-http's own refusals (body too large, timeout) as `Status` JSON like every other error.
 async fn layer_errors_as_status(resp: Response) -> Response {
     let is_json = resp
@@ -279,10 +288,10 @@ async fn layer_errors_as_status(resp: Response) -> Response {
         return resp;
     }
     match resp.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => reason_response(
+        StatusCode::PAYLOAD_TOO_LARGE => closing(reason_response(
             Reason::PayloadTooLarge,
             "the request body is larger than the gateway accepts",
-        ),
+        )),
         StatusCode::REQUEST_TIMEOUT => reason_response(
             Reason::DeadlineExceeded,
             "the call did not answer within the gateway's timeout",
@@ -322,11 +331,13 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
     let body = match axum::body::to_bytes(body, gw.config.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
-            return reason_response(
-                Reason::PayloadTooLarge,
-                format!("the request body could not be read within the limit: {e}"),
-            )
-            .with_limit(gw.config.max_body_bytes);
+            return closing(
+                reason_response(
+                    Reason::PayloadTooLarge,
+                    format!("the request body could not be read within the limit: {e}"),
+                )
+                .with_limit(gw.config.max_body_bytes),
+            );
         }
     };
     if !body.is_empty()

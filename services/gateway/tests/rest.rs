@@ -316,6 +316,9 @@ async fn bad_input_gets_a_precise_4xx_with_a_status_body() {
     let big = format!("{{\"sourceYaml\": \"{}\"}}", "a".repeat(100 * 1024));
     let resp = post("/v1/capsules:push", big).await.unwrap();
     assert_eq!(resp.status(), 413);
+    // The unread rest of the body spoils the connection: it is closed, so
+    // the client's next request (below) goes on a fresh one.
+    assert_eq!(resp.headers()["connection"], "close");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(reason(&body), "PAYLOAD_TOO_LARGE", "{body}");
 
