@@ -182,6 +182,7 @@ impl Approvals {
         }
         for (d, r) in batch.iter().zip(results) {
             if matches!(r, Ok(true)) {
+                crate::metrics::decided(&d.a, &d.effect);
                 self.changed(tenant, &d.a);
             }
         }

@@ -16,6 +16,7 @@
 mod commit;
 mod convert;
 pub mod grpc;
+mod metrics;
 mod module;
 pub mod notify;
 pub mod receipting;

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod grpc;
+mod metrics;
 mod module;
 mod repo;
 mod worker;

@@ -1106,6 +1106,7 @@ impl Orchestrator {
                 ))
             }
         };
+        crate::metrics::attempt(&tool, &outcome, ended - started);
         match outcome {
             Ok(resp) => {
                 let output = match &resp.output {
