@@ -8,8 +8,10 @@ use std::{path::Path, path::PathBuf, process::ExitCode};
 
 use anumate_auth::BearerToken;
 use anumate_errors::Error;
+use anumate_service::tls::{Tls, TlsConfig};
 use clap::{Args, ValueEnum};
-use tonic::{service::interceptor::InterceptedService, transport::Channel};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::dev_state;
 
@@ -39,6 +41,63 @@ pub struct Connection {
     /// Data directory searched for dev.json.
     #[arg(long, default_value = ".anumate", global = true)]
     pub data_dir: PathBuf,
+    /// CA certificates (PEM) trusted for the server's certificate: connect
+    /// with mTLS to a server with `[tls]` (with --tls-cert and --tls-key).
+    #[arg(long, env = "ANUMATE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate chain (PEM), signed by a CA the server's
+    /// `[tls] client_ca` holds.
+    #[arg(long, env = "ANUMATE_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "ANUMATE_TLS_KEY", global = true, hide_env_values = true)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// How long connecting to a TLS server may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `e` and its causes, `: `-separated (a TLS refusal's reason is a cause).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// With TLS 1.3 the server judges the client's certificate after the
+/// client's side of the handshake is done, so a refusal would only surface
+/// as a closed connection in the middle of the first call. One handshake
+/// ahead, waiting for the server's first bytes (its HTTP/2 settings), tells
+/// the refusal with the server's reason (its TLS alert).
+async fn probe(tls: &Tls, uri: &http::Uri, server: &str) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    use tower::ServiceExt;
+    let connecting = tls.connector().oneshot(uri.clone());
+    let io = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| format!("cannot reach {server} over TLS: no answer in {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot reach {server} over TLS: {}", causes(&e)))?;
+    let mut stream = io.into_inner();
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(CONNECT_TIMEOUT, stream.read(&mut first)).await {
+        Ok(Err(e)) => Err(format!(
+            "{server} refused this client's TLS certificate: {}",
+            causes(&e)
+        )),
+        Ok(Ok(0)) => Err(format!(
+            "{server} closed the TLS connection (does its [tls] client_ca sign --tls-cert?)"
+        )),
+        // Its settings, or nothing yet: the connection itself tells.
+        _ => Ok(()),
+    }
 }
 
 /// A channel that sends the bearer token with every call.
@@ -62,12 +121,71 @@ impl Connection {
             .clone()
             .or_else(|| state.as_ref().map(|s| s.token.clone()))
             .ok_or_else(|| "no token: pass --token or set ANUMATE_TOKEN".to_string())?;
-        let channel = Channel::from_shared(server.clone())
-            .map_err(|e| format!("bad server address {server:?}: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {server}: {e}"))?;
+        let channel = match self.tls()? {
+            Some(tls) => {
+                // The connector does the TLS: tonic must not see `https`.
+                let plain = match server.strip_prefix("https://") {
+                    Some(rest) => format!("http://{rest}"),
+                    None => server.clone(),
+                };
+                let endpoint = Endpoint::from_shared(plain)
+                    .map_err(|e| format!("bad server address {server:?}: {e}"))?;
+                probe(&tls, endpoint.uri(), &server).await?;
+                endpoint
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .connect_with_connector(tls.connector())
+                    .await
+                    .map_err(|e| format!("cannot reach {server} over TLS: {}", causes(&e)))?
+            }
+            None if server.starts_with("https://") => {
+                return Err(format!(
+                    "{server} is TLS: pass --tls-ca, --tls-cert and --tls-key (or set ANUMATE_TLS_CA, ANUMATE_TLS_CERT and ANUMATE_TLS_KEY)"
+                ));
+            }
+            None => Channel::from_shared(server.clone())
+                .map_err(|e| format!("bad server address {server:?}: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("cannot reach {server}: {e}"))?,
+        };
         Ok((channel, BearerToken(token)))
+    }
+
+    /// The client TLS of `--tls-ca`, `--tls-cert` and `--tls-key` (all three
+    /// or none: a server with `[tls]` asks for a client certificate).
+    fn tls(&self) -> Result<Option<Tls>, String> {
+        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => return Ok(None),
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (ca, cert, key) => {
+                let missing: Vec<&str> = [
+                    ("--tls-ca", ca.is_none()),
+                    ("--tls-cert", cert.is_none()),
+                    ("--tls-key", key.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(flag, absent)| absent.then_some(flag))
+                .collect();
+                return Err(format!(
+                    "--tls-ca, --tls-cert and --tls-key go together; missing: {}",
+                    missing.join(", ")
+                ));
+            }
+        };
+        let config = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            reload_secs: 0,
+            ..TlsConfig::default()
+        };
+        Tls::load(&config).map(Some).map_err(|e| {
+            // The settings' names as this command spells them.
+            e.message
+                .replace("tls.cert", "--tls-cert")
+                .replace("tls.key", "--tls-key")
+                .replace("tls.ca", "--tls-ca")
+        })
     }
 
     /// Connects and wraps the channel in a generated client, e.g.
@@ -92,6 +210,14 @@ pub(crate) enum Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
+        // A status with a cause is the connection's failure, not an answer
+        // (e.g. the server refusing this client's certificate): say why.
+        if let Some(cause) = std::error::Error::source(&s) {
+            return Failure::Local(format!(
+                "the connection to the server failed: {}",
+                causes(cause)
+            ));
+        }
         Failure::Remote(Error::from_status(&s))
     }
 }
