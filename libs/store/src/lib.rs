@@ -365,6 +365,37 @@ impl Store {
         })
     }
 
+    /// Opens a write transaction as [`Store::write`] whose statements go to
+    /// PostgreSQL with its commit: [`TenantTx::execute`] renders each with
+    /// its values as literals and queues it (returning 0: nothing is known
+    /// before the commit), and [`TenantTx::commit`] sends `BEGIN`, the
+    /// tenant, the statements and `COMMIT` as one simple-query batch — one
+    /// round trip, as durable as [`Store::write`]; an error in any statement
+    /// (a unique violation, say) fails the commit and nothing is written.
+    /// For a write whose statements need no answer before the next (a row
+    /// and its outbox event). Queries are refused, and values must be
+    /// numbers, booleans, text or bytes (or NULL). No connection is held
+    /// until the commit. On SQLite it is [`Store::write`].
+    pub async fn write_deferred(&self, tenant: &str) -> Result<TenantTx, StoreError> {
+        if self.backend == Backend::Sqlite {
+            return self.write(tenant).await;
+        }
+        if !valid_tenant(tenant) {
+            return Err(StoreError::InvalidTenant);
+        }
+        Ok(TenantTx {
+            tx: Tx {
+                conn: tokio::sync::Mutex::new(Conn::Deferred(Deferred {
+                    pool: self.db.get_postgres_connection_pool().clone(),
+                    batch: self.begin_sql(tenant, false),
+                })),
+                backend: self.backend,
+                open: true,
+            },
+            tenant: tenant.to_string(),
+        })
+    }
+
     /// Opens a read transaction for cross-tenant system work (which tenants
     /// have work to do, the consumers' dedupe tables). It acts for no tenant:
     /// on PostgreSQL it runs as the serving role with no tenant's rows visible
@@ -410,8 +441,11 @@ impl Store {
     /// single round trip on PostgreSQL, as [`Store::read_text`] runs a read
     /// (text values only, rows in text format), and returns the rows it
     /// returns (`RETURNING`). `relaxed`: its commit does not wait for the WAL
-    /// flush, as [`Store::write_relaxed`]. On SQLite it is [`Store::write`],
-    /// the statement with `args` bound, and a commit.
+    /// flush, as [`Store::write_relaxed`]. On PostgreSQL `sql` may also be
+    /// several statements separated by `;`, run in order in the one
+    /// transaction (the rows are theirs in order; any error rolls back all).
+    /// On SQLite it is [`Store::write`], the statement with `args` bound,
+    /// and a commit (one statement only).
     pub async fn write_text(
         &self,
         tenant: &str,
@@ -662,6 +696,113 @@ fn check_role_row(row: Option<QueryResult>) -> Result<(), StoreError> {
 enum Conn {
     Postgres(PoolConnection<Postgres>),
     Sqlite(PoolConnection<Sqlite>),
+    /// [`Store::write_deferred`]: statements queued for the commit.
+    Deferred(Deferred),
+}
+
+/// The batch of a deferred transaction and the pool it goes to.
+struct Deferred {
+    pool: sqlx::PgPool,
+    /// `BEGIN`, the tenant, then each statement with its literals.
+    batch: String,
+}
+
+impl Deferred {
+    fn push(&mut self, sql: &str, values: &[Value]) -> Result<(), StoreError> {
+        self.batch.push_str("; ");
+        push_with_values(&mut self.batch, sql, values)
+    }
+
+    async fn commit(&mut self) -> Result<(), sqlx::Error> {
+        self.batch.push_str("; COMMIT");
+        let mut conn = self.pool.acquire().await?;
+        let res = sqlx::raw_sql(sqlx::AssertSqlSafe(std::mem::take(&mut self.batch)))
+            .execute(&mut *conn)
+            .await;
+        if res.is_err() {
+            // The batch stopped inside its transaction: never hand the
+            // connection back in it.
+            conn.close_on_drop();
+        }
+        res.map(|_| ())
+    }
+}
+
+fn deferred_query() -> StoreError {
+    StoreError::Db(DbErr::Custom(
+        "a deferred transaction (Store::write_deferred) cannot query".into(),
+    ))
+}
+
+/// Appends `sql` with each `$n` replaced by `values[n - 1]` as a literal:
+/// numbers and booleans as such, text as [`push_literal`], bytes as a hex
+/// `bytea` literal, NULL; any other kind of value is refused.
+fn push_with_values(out: &mut String, sql: &str, values: &[Value]) -> Result<(), StoreError> {
+    use std::fmt::Write as _;
+    let bad = |what: String| StoreError::Db(DbErr::Custom(what));
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(rest.len() - at - 1, |n| n);
+        let n: usize = rest[at + 1..at + 1 + digits]
+            .parse()
+            .map_err(|_| bad(format!("a bare $ in {sql:?}")))?;
+        let value = n
+            .checked_sub(1)
+            .and_then(|i| values.get(i))
+            .ok_or_else(|| bad(format!("${n} has no value in {sql:?}")))?;
+        // Writing to a String cannot fail.
+        let _ = match value {
+            Value::Bool(Some(b)) => write!(out, "{}", if *b { "TRUE" } else { "FALSE" }),
+            Value::TinyInt(Some(v)) => write!(out, "{v}"),
+            Value::SmallInt(Some(v)) => write!(out, "{v}"),
+            Value::Int(Some(v)) => write!(out, "{v}"),
+            Value::BigInt(Some(v)) => write!(out, "{v}"),
+            Value::TinyUnsigned(Some(v)) => write!(out, "{v}"),
+            Value::SmallUnsigned(Some(v)) => write!(out, "{v}"),
+            Value::Unsigned(Some(v)) => write!(out, "{v}"),
+            Value::BigUnsigned(Some(v)) => write!(out, "{v}"),
+            Value::String(Some(text)) => {
+                if text.contains('\0') {
+                    return Err(bad(format!("${n} holds a NUL")));
+                }
+                push_literal(out, text);
+                Ok(())
+            }
+            Value::Bytes(Some(bytes)) => {
+                out.push_str("E'\\\\x");
+                for b in bytes {
+                    let _ = write!(out, "{b:02x}");
+                }
+                out.push('\'');
+                Ok(())
+            }
+            Value::Bool(None)
+            | Value::TinyInt(None)
+            | Value::SmallInt(None)
+            | Value::Int(None)
+            | Value::BigInt(None)
+            | Value::TinyUnsigned(None)
+            | Value::SmallUnsigned(None)
+            | Value::Unsigned(None)
+            | Value::BigUnsigned(None)
+            | Value::String(None)
+            | Value::Bytes(None) => {
+                out.push_str("NULL");
+                Ok(())
+            }
+            other => {
+                return Err(bad(format!(
+                    "${n}: a deferred statement takes numbers, booleans, text or bytes, not {other:?}"
+                )));
+            }
+        };
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    Ok(())
 }
 
 /// An open transaction and its backend; what [`TenantTx`] and [`SystemTx`]
@@ -706,6 +847,7 @@ impl Tx {
                 .await
                 .map(|r| r.rows_affected())
                 .map_err(exec_err),
+            Conn::Deferred(d) => d.push(sql, &values).map(|()| 0),
         }
     }
 
@@ -725,6 +867,7 @@ impl Tx {
                 .await
                 .map(|r| r.map(QueryResult::from))
                 .map_err(query_err),
+            Conn::Deferred(_) => Err(deferred_query()),
         }
     }
 
@@ -744,6 +887,7 @@ impl Tx {
                 .await
                 .map(|r| r.into_iter().map(QueryResult::from).collect())
                 .map_err(query_err),
+            Conn::Deferred(_) => Err(deferred_query()),
         }
     }
 
@@ -751,6 +895,7 @@ impl Tx {
         let res = match self.conn.get_mut() {
             Conn::Postgres(c) => <Postgres as sqlx::Database>::TransactionManager::commit(c).await,
             Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::commit(c).await,
+            Conn::Deferred(d) => d.commit().await,
         };
         // Committed, or failed with the transaction still open (then the drop
         // below rolls it back, as it did before).
@@ -771,6 +916,8 @@ impl Drop for Tx {
                 <Postgres as sqlx::Database>::TransactionManager::start_rollback(c)
             }
             Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::start_rollback(c),
+            // Nothing was sent.
+            Conn::Deferred(_) => {}
         }
     }
 }

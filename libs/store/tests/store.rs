@@ -453,3 +453,85 @@ async fn write_text_sqlite() {
     let db = TestDb::sqlite();
     write_text_writes_one_statement(&store(&db).await).await;
 }
+
+/// `write_deferred`: the statements go with the commit (one round trip on
+/// PostgreSQL), their values as literals (text with quotes and backslashes,
+/// bytes, numbers, NULL); dropped uncommitted, nothing is written; a failing
+/// statement fails the commit and nothing of the batch stays, and the store
+/// keeps serving.
+async fn write_deferred_commits_all_or_nothing(store: &Store) {
+    let hex = match store.backend() {
+        anumate_store::Backend::Postgres => "encode($2, 'hex')",
+        anumate_store::Backend::Sqlite => "lower(hex($2))",
+    };
+    let tx = store.write_deferred("tenant-a").await.expect("tx");
+    tx.execute(
+        "INSERT INTO notes (tenant_id, body) VALUES ($1, $2)",
+        vec!["tenant-a".into(), "it's \\ odd $1".into()],
+    )
+    .await
+    .expect("first");
+    tx.execute(
+        &format!(
+            "INSERT INTO notes (tenant_id, body) VALUES ($1, {hex} || '/' || CAST($3 AS TEXT) \
+             || '/' || COALESCE($4, 'null') || '/' || CAST($5 AS TEXT))"
+        ),
+        vec![
+            "tenant-a".into(),
+            vec![0u8, 0xff, b'\''].into(),
+            (-42i64).into(),
+            anumate_store::Value::String(None),
+            7i32.into(),
+        ],
+    )
+    .await
+    .expect("second");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        bodies_without_filter(store, "tenant-a").await,
+        ["it's \\ odd $1", "00ff27/-42/null/7"]
+    );
+
+    let dropped = store.write_deferred("tenant-a").await.expect("tx");
+    dropped
+        .execute(
+            "INSERT INTO notes (tenant_id, body) VALUES ($1, $2)",
+            vec!["tenant-a".into(), "dropped".into()],
+        )
+        .await
+        .expect("queued");
+    drop(dropped);
+
+    // NOT NULL violated by the second statement (seen at the commit on
+    // PostgreSQL, at once on SQLite): the first is not written.
+    let failing = store.write_deferred("tenant-a").await.expect("tx");
+    let mut queued = Ok(0);
+    for body in [Some("kept?"), None] {
+        queued = failing
+            .execute(
+                "INSERT INTO notes (tenant_id, body) VALUES ($1, $2)",
+                vec!["tenant-a".into(), body.map(str::to_owned).into()],
+            )
+            .await;
+        if queued.is_err() {
+            break;
+        }
+    }
+    match queued {
+        Ok(_) => assert!(failing.commit().await.is_err()),
+        Err(_) => drop(failing),
+    }
+    assert_eq!(bodies_without_filter(store, "tenant-a").await.len(), 2);
+}
+
+#[tokio::test]
+async fn write_deferred_postgres() {
+    let db = TestDb::postgres().await;
+    write_deferred_commits_all_or_nothing(&store(&db).await).await;
+}
+
+#[tokio::test]
+async fn write_deferred_sqlite() {
+    let db = TestDb::sqlite();
+    write_deferred_commits_all_or_nothing(&store(&db).await).await;
+}

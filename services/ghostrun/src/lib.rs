@@ -342,7 +342,9 @@ impl GhostRun {
         json: &str,
         now: i64,
     ) -> Result<()> {
-        let tx = self.store.write(&actor.tenant).await?;
+        // The report and its event go with the commit: one durable round
+        // trip on PostgreSQL (`Store::write_deferred`).
+        let tx = self.store.write_deferred(&actor.tenant).await?;
         repo::insert(&tx, report, json, now).await?;
         let subject = format!("preflights/{}", report.preflight_id);
         let risk = report.risk.clone().unwrap_or_default();
