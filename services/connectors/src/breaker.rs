@@ -72,6 +72,16 @@ impl Breakers {
         })
     }
 
+    /// Whether (tool, host) is closed and not cooling down: a call goes out
+    /// without [`Breakers::admit`] taking a probe.
+    pub fn closed(&self, tool: &str, host: &str) -> bool {
+        self.threshold == 0
+            || self.with(|m| {
+                m.get(&(tool.to_owned(), host.to_owned()))
+                    .is_none_or(|e| e.opened_at.is_none())
+            })
+    }
+
     /// Records the outcome of an admitted call; returns the new state when it changed.
     pub fn record(&self, tool: &str, host: &str, failed: bool, now: Instant) -> Option<State> {
         if self.threshold == 0 {

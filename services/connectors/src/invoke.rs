@@ -69,7 +69,11 @@ impl Hub {
         //    it and (4.) has spent the token — in the same transaction when
         //    the replay store is in this hub's store.
         let host = breaker_host(&tool);
-        let claimed_at = match self.claim(inv, &key, &host).await? {
+        let claimed = match self.claim_fast(inv, &key, &host, &verified.claims).await? {
+            Some(claimed) => claimed,
+            None => self.claim(inv, &key, &host).await?,
+        };
+        let claimed_at = match claimed {
             Claimed::Recorded(recorded) => return Ok(*recorded),
             Claimed::Held { claimed_at, spent } => {
                 if !spent {
@@ -236,6 +240,56 @@ impl Hub {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(POLL_MAX);
+        }
+    }
+
+    /// The common case in one round trip: a free key claimed and the token
+    /// spent in one durable batch (`repo::claim_and_spend`), when the replay
+    /// store is in this store on PostgreSQL, the token is single-use and the
+    /// circuit is closed. `None`: the key was taken before (a recorded
+    /// result, a call in flight, a reused or expired key) or the fast path
+    /// does not apply, and nothing was written: [`Hub::claim`] decides. A
+    /// refused token undoes the claim in the batch; the refusal is then
+    /// audited (and told revoked from spent) by spending it at captokens.
+    async fn claim_fast(
+        &self,
+        inv: &Invocation<'_>,
+        key: &Key<'_>,
+        host: &str,
+        claims: &anumate_captokens::Claims,
+    ) -> Result<Option<Claimed>> {
+        if !claims.single_use
+            || self.store.backend() != anumate_store::Backend::Postgres
+            || !self.tokens.consumes_in_transaction()
+            || !self.breakers.closed(inv.tool, host)
+        {
+            return Ok(None);
+        }
+        let now = anumate_store::now_micros();
+        match repo::claim_and_spend(
+            &self.store,
+            inv.tenant,
+            key,
+            now,
+            &claims.jti,
+            &claims.run,
+            claims.exp,
+        )
+        .await?
+        {
+            repo::FastClaim::Held => Ok(Some(Claimed::Held {
+                claimed_at: now,
+                spent: true,
+            })),
+            repo::FastClaim::Taken => Ok(None),
+            repo::FastClaim::Refused => {
+                match self.spend(inv).await {
+                    Err(e) => Err(e),
+                    // Spendable a moment later (its replay record purged
+                    // meanwhile): spent now without a claim, so refused.
+                    Ok(()) => Err(refusal(&Failure::Replayed)),
+                }
+            }
         }
     }
 

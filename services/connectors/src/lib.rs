@@ -11,7 +11,9 @@
 //! replay store — in the claim's own transaction when the captokens service
 //! shares this store (`anumate dev`, `serve all`), else at the captokens
 //! service right after — refused if revoked or used before (the claim is
-//! undone, nothing acted). Then the hub calls the tool's [`Connector`] with
+//! undone, nothing acted). On PostgreSQL the common case (a free key, a
+//! single-use token, a closed circuit) is one durable batch: BEGIN, claim,
+//! spend, COMMIT in one round trip. Then the hub calls the tool's [`Connector`] with
 //! no transaction open and records the result in a second short
 //! transaction. A retryable failure releases the key (a retry with a fresh
 //! token acts); a permanent one is recorded like a result. Release and

@@ -146,6 +146,87 @@ pub async fn record_held(
     Ok((!rows.is_empty()).then_some(now))
 }
 
+/// What [`claim_and_spend`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastClaim {
+    /// The key is this call's and the token is spent: committed together.
+    Held,
+    /// The key was claimed before (recorded, in flight, reused or
+    /// expired): nothing was written; the full claim decides.
+    Taken,
+    /// The key was free but the token is revoked or spent before: nothing
+    /// stays (the claim is undone in the same transaction).
+    Refused,
+}
+
+/// Claims `key` (free) and spends the single-use token `jti` of `run`
+/// (expiring at `exp`, seconds) in the captokens service's replay store,
+/// which lives in this store (`CapTokensClient::consumes_in_transaction`):
+/// BEGIN, the tenant, the claim, the spend and COMMIT as one durable
+/// PostgreSQL batch, one round trip where `claim_at` and `consume_in` take
+/// four. The key is held if and only if the token is spent: a claim whose
+/// spend is refused is deleted by the batch's second statement before the
+/// commit. The SQL of the spend is `repo::consume`'s of the captokens
+/// service (revocation by jti or run, then the replay record), and the
+/// tenant is noted for both purges as they note it. PostgreSQL only.
+pub async fn claim_and_spend(
+    store: &anumate_store::Store,
+    tenant: &str,
+    key: &anumate_idempotency::Key<'_>,
+    now: i64,
+    jti: &str,
+    run: &str,
+    exp: i64,
+) -> Result<FastClaim> {
+    let rows = store
+        .write_text(
+            tenant,
+            "WITH k AS (INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, \
+                 created_at, expires_at) \
+               VALUES ($1, $2, $3, $4, CAST($5 AS BIGINT), CAST($6 AS BIGINT)) \
+               ON CONFLICT DO NOTHING RETURNING 1), \
+             kt AS (INSERT INTO idempotency_tenants (tenant_id) SELECT $1 \
+               WHERE EXISTS (SELECT 1 FROM k) ON CONFLICT DO NOTHING), \
+             s AS (INSERT INTO captoken_replay (jti, tenant_id, exp) \
+               SELECT $7, $1, CAST($9 AS BIGINT) WHERE EXISTS (SELECT 1 FROM k) \
+                 AND NOT EXISTS (SELECT 1 FROM captoken_revocations \
+                   WHERE tenant_id = $1 AND (jti = $7 OR run_id = $8)) \
+               ON CONFLICT DO NOTHING RETURNING 1), \
+             st AS (INSERT INTO captoken_replay_tenants (tenant_id) SELECT $1 \
+               WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT DO NOTHING) \
+             SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM k) THEN 'taken' \
+               WHEN EXISTS (SELECT 1 FROM s) THEN 'held' ELSE 'refused' END AS outcome, \
+               set_config('anumate.hub_refused', \
+                 CASE WHEN EXISTS (SELECT 1 FROM k) AND NOT EXISTS (SELECT 1 FROM s) \
+                   THEN 'yes' ELSE 'no' END, true) AS refused; \
+           DELETE FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 \
+             AND created_at = CAST($5 AS BIGINT) AND result IS NULL \
+             AND current_setting('anumate.hub_refused') = 'yes'",
+            &[
+                tenant,
+                key.scope,
+                key.key,
+                key.fingerprint,
+                &now.to_string(),
+                &key.expires_at.to_string(),
+                jti,
+                run,
+                &exp.to_string(),
+            ],
+            false,
+        )
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| db("the claim and spend returned no row"))?;
+    let outcome: String = row.try_get("", "outcome").map_err(db)?;
+    Ok(match outcome.as_str() {
+        "held" => FastClaim::Held,
+        "refused" => FastClaim::Refused,
+        _ => FastClaim::Taken,
+    })
+}
+
 /// A mock effect after one more delivery.
 pub struct Delivery {
     /// Deliveries so far, this one included.
