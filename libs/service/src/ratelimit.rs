@@ -7,6 +7,11 @@
 //! (the tenant is the verified one); calls made by platform services are
 //! not limited (they serve a user call that already was), nor health and
 //! reflection (no tenant).
+//!
+//! Memory stays bounded under many tenants: a bucket that has refilled is
+//! the same as none (a new one starts full), so about once a second the
+//! buckets idle that long are dropped, and only those used within their
+//! refill time (burst / rps) are held.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -69,13 +74,25 @@ impl RateLimitConfig {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// From empty to full: idle this long, the bucket is full.
+    refill: Duration,
 }
+
+/// The buckets and when idle ones were last dropped.
+struct Buckets {
+    map: HashMap<(String, String), Bucket>,
+    swept: Instant,
+}
+
+/// How often idle buckets are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The buckets, shared by every connection.
 #[derive(Clone)]
 pub struct RateLimiter {
     config: Arc<RateLimitConfig>,
-    buckets: Arc<Mutex<HashMap<(String, String), Bucket>>>,
+    buckets: Arc<Mutex<Buckets>>,
+    sweep_every: Duration,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -91,8 +108,25 @@ impl RateLimiter {
     pub fn new(config: RateLimitConfig) -> RateLimiter {
         RateLimiter {
             config: Arc::new(config),
-            buckets: Arc::new(Mutex::new(HashMap::new())),
+            buckets: Arc::new(Mutex::new(Buckets {
+                map: HashMap::new(),
+                swept: Instant::now(),
+            })),
+            sweep_every: SWEEP_EVERY,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
+        match self.buckets.lock() {
+            Ok(b) => b,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// How many buckets are held (tenants and families used within their
+    /// refill time, and since the last sweep).
+    pub fn buckets(&self) -> usize {
+        self.lock().map.len()
     }
 
     /// Takes a token of `tenant`'s bucket for `family`; when it is empty,
@@ -103,15 +137,23 @@ impl RateLimiter {
             return Ok(());
         }
         let now = Instant::now();
-        let mut buckets = match self.buckets.lock() {
-            Ok(b) => b,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut buckets = self.lock();
+        if now.duration_since(buckets.swept) >= self.sweep_every {
+            // A bucket idle for its refill time is full: dropping it
+            // changes nothing (a new one starts full).
+            buckets
+                .map
+                .retain(|_, b| now.duration_since(b.at) < b.refill);
+            buckets.swept = now;
+        }
         let bucket = buckets
+            .map
             .entry((tenant.to_owned(), family.to_owned()))
             .or_insert(Bucket {
                 tokens: rate.capacity(),
                 at: now,
+                refill: Duration::try_from_secs_f64(rate.capacity() / rate.rps)
+                    .unwrap_or(Duration::MAX),
             });
         let elapsed = now.duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate.rps).min(rate.capacity());
@@ -258,5 +300,47 @@ mod tests {
         let details = status.get_error_details();
         assert_eq!(details.retry_info().unwrap().retry_delay, Some(wait));
         assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
+    }
+
+    #[test]
+    fn idle_buckets_are_dropped_and_busy_ones_kept() {
+        let mut tenants = BTreeMap::new();
+        // A slow tenant: 1 call, then one every 100 s.
+        tenants.insert(
+            "slow".to_owned(),
+            Rate {
+                rps: 0.01,
+                burst: 1.0,
+            },
+        );
+        let mut l = RateLimiter::new(RateLimitConfig {
+            rps: 1000.0,
+            burst: 5.0,
+            tenants,
+        });
+        // No sweep while they fill (the loop is slow in a debug build).
+        l.sweep_every = Duration::from_secs(3600);
+        l.check("slow", "x.S").unwrap();
+        assert!(l.check("slow", "x.S").is_err());
+        // Many tenants, one call each: a bucket each, for now.
+        for i in 0..10_000 {
+            l.check(&format!("t{i}"), "x.S").unwrap();
+        }
+        assert!(l.buckets() > 10_000, "{}", l.buckets());
+        // Their buckets refill in 5 ms; the next call after a sweep
+        // interval drops them, not the slow tenant's (still refilling).
+        l.sweep_every = Duration::from_millis(20);
+        std::thread::sleep(Duration::from_millis(30));
+        l.check("t0", "x.S").unwrap();
+        assert_eq!(l.buckets(), 2);
+        assert!(
+            l.check("slow", "x.S").is_err(),
+            "the slow tenant stays limited"
+        );
+        // A dropped tenant starts again with its full burst.
+        for _ in 0..5 {
+            l.check("t1", "x.S").unwrap();
+        }
+        assert!(l.check("t1", "x.S").is_err());
     }
 }
