@@ -18,6 +18,9 @@
 //!   `[grpc] max_concurrent_streams` streams; accepted sockets get
 //!   `TCP_NODELAY`. With `[tls]` the listener speaks only TLS (the
 //!   certificates reloaded when their files change).
+//! - [`layered`] and [`serve_layered`]: the same in two steps, so that the
+//!   layered routes can also be called in process (the REST gateway next to
+//!   the services) through the very layers, and their state, the listener uses.
 
 use std::future::Future;
 use std::time::Duration;
@@ -203,6 +206,40 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()>,
 {
+    serve_layered(listener, layered(layers, routes), shutdown).await
+}
+
+/// One call of the [`Layered`] service: a gRPC request in, its response out.
+pub type LayeredService = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// The routes behind every production layer, built once: what [`serve`]
+/// serves, and what a caller in the same process (the REST gateway next to
+/// the services) calls without a socket. Its clones share the layers' state
+/// (authentication, the cap on calls in flight, metrics, rate-limit
+/// buckets), so such a call is authenticated, authorized, counted and
+/// limited as one over the network; only the mTLS peer identity is absent
+/// (there is no connection, so no service certificate to check a service
+/// token against).
+#[derive(Clone)]
+pub struct Layered {
+    service: LayeredService,
+    grpc: GrpcConfig,
+    tls: Option<Tls>,
+}
+
+impl Layered {
+    /// The layered routes as a tower service (a clone sharing their state).
+    pub fn service(&self) -> LayeredService {
+        self.service.clone()
+    }
+}
+
+/// `routes` behind every production layer of `layers` (see the module docs).
+pub fn layered(layers: Layers, routes: Routes) -> Layered {
     let Layers {
         grpc,
         auth,
@@ -210,6 +247,8 @@ where
         tls,
     } = layers;
     let stack = tower::ServiceBuilder::new()
+        // One body type for the server and in-process callers alike.
+        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
         .layer(
             tower_http::trace::TraceLayer::new_for_grpc()
                 .make_span_with(
@@ -229,10 +268,31 @@ where
         .layer(auth)
         .layer(PeerIdentityLayer::new(tls.clone()))
         .layer(crate::ratelimit::RateLimitLayer::new(&grpc.rate_limits));
+    Layered {
+        service: tower::util::BoxCloneSyncService::new(stack.service(routes)),
+        grpc,
+        tls,
+    }
+}
+
+/// Serves `layered` on `listener` (see [`serve`]); other clones of it may
+/// be called in process meanwhile.
+pub async fn serve_layered<F>(
+    listener: TcpListener,
+    layered: Layered,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()>,
+{
+    let Layered { service, grpc, tls } = layered;
+    // The routes are layered already (once, so that in-process callers share
+    // the layers' state): the server's "layer" hands it that service, and
+    // the empty routes it is given are never called.
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_concurrent_streams.max(1))
-        .layer(stack)
-        .add_routes(routes);
+        .layer(tower::layer::layer_fn(move |_: Routes| service.clone()))
+        .add_routes(Routes::default());
     match tls {
         Some(tls) => {
             let stop = tokio_util::sync::CancellationToken::new();

@@ -202,6 +202,10 @@ pub struct ModuleServer {
     pub tasks: Tasks,
     /// The server; abort it to stop serving.
     pub handle: JoinHandle<()>,
+    /// The routes behind the very layers the server serves them with (their
+    /// state shared), callable in process: what the REST gateway next to the
+    /// services calls (`Gateway::in_process`).
+    pub in_process: anumate_service::server::LayeredService,
 }
 
 impl ModuleServer {
@@ -220,9 +224,10 @@ impl ModuleServer {
 }
 
 /// Builds `modules` on `ctx` with [`anumate_service::server::build`] (health
-/// and reflection added) and serves the router on `listener` through
-/// [`serve_with`]: what `anumate dev` and `serve` run, without the admin
-/// listener and the outbox relay. Make `ctx` with `listener`'s address as its
+/// and reflection added) and serves the router on `listener` behind every
+/// production layer ([`anumate_service::server::serve_layered`]): what
+/// `anumate dev` and `serve` run, without the admin listener and the outbox
+/// relay. Make `ctx` with `listener`'s address as its
 /// own URL.
 pub async fn serve_modules(
     listener: tokio::net::TcpListener,
@@ -233,12 +238,20 @@ pub async fn serve_modules(
     let app = anumate_service::server::build(modules, ctx)
         .await
         .expect("build the modules");
-    let (addr, handle) = serve_with(listener, layers, app.routes.routes());
+    let layered = anumate_service::server::layered(layers, app.routes.routes());
+    let in_process = layered.service();
+    let addr = listener.local_addr().expect("local addr");
+    let handle = tokio::spawn(async move {
+        anumate_service::server::serve_layered(listener, layered, std::future::pending())
+            .await
+            .expect("server");
+    });
     ModuleServer {
         addr,
         provided: app.provided,
         tasks: app.tasks,
         handle,
+        in_process,
     }
 }
 
@@ -271,6 +284,27 @@ pub async fn compose(
     config: serde_json::Value,
     issuer: &str,
 ) -> Composed {
+    compose_with_grpc(
+        backend,
+        base,
+        modules,
+        config,
+        issuer,
+        GrpcConfig::default(),
+    )
+    .await
+}
+
+/// [`compose`] with `grpc` as the `[grpc]` section its layers are made of
+/// (rate limits, the cap on calls in flight, the deadline).
+pub async fn compose_with_grpc(
+    backend: Backend,
+    base: &[Migration],
+    modules: &[Box<dyn ServiceModule>],
+    config: serde_json::Value,
+    issuer: &str,
+    grpc: GrpcConfig,
+) -> Composed {
     let mut migrations = base.to_vec();
     for m in modules {
         migrations.extend(m.migrations());
@@ -290,8 +324,7 @@ pub async fn compose(
         auth.services.clone(),
         own_url,
     );
-    let layers = Layers::platform(GrpcConfig::default(), auth.authenticator.clone())
-        .expect("the platform's layers");
+    let layers = Layers::platform(grpc, auth.authenticator.clone()).expect("the platform's layers");
     let server = serve_modules(listener, modules, ctx, layers).await;
     Composed { server, auth, db }
 }

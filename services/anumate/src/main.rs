@@ -366,19 +366,21 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     println!("{token}");
     println!("  try: anumate capsule push examples/refund.capsule.yaml");
     let data_dir = config.data_dir.clone();
+    // In dev the gateway calls this process's services in process (see
+    // server::serve), unless `[gateway] upstream` names other ones.
+    let mut in_process_gateway = None;
     if let Some(gw) = gateway {
-        // In dev the gateway forwards to this process's own gRPC listener.
-        let upstream = if config.gateway.upstream.is_empty() {
-            server::listener_url(&listener)?
+        if config.gateway.upstream.is_empty() {
+            in_process_gateway = Some(gw);
         } else {
-            config.gateway.upstream.clone()
-        };
-        let cfg = config.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
-                tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
-            }
-        });
+            let upstream = config.gateway.upstream.clone();
+            let cfg = config.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
+                    tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
+                }
+            });
+        }
     }
     let rt = server::Runtime {
         modules: server::selected(&[]),
@@ -387,6 +389,7 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
         authenticator,
         service_issuer: Some(services),
         admin,
+        gateway: in_process_gateway,
     };
     let served = server::serve(rt, listener).await;
     // A stopped server's address would only send CLI commands to a dead port.
@@ -462,23 +465,25 @@ async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> any
             admin.local_addr()?
         );
     }
+    let mut in_process_gateway = None;
     if with_gateway && let Some(gw) = server::bind_gateway(&config).await? {
-        // Next to services: the gateway forwards to this process unless told otherwise.
-        let upstream = if config.gateway.upstream.is_empty() {
-            server::listener_url(&listener)?
-        } else {
-            config.gateway.upstream.clone()
-        };
         println!(
             "  rest:  http://{} (REST gateway; /openapi.json)",
             gw.local_addr()?
         );
-        let cfg = config.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
-                tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
-            }
-        });
+        // Next to services: the gateway calls them in process (see
+        // server::serve) unless told otherwise.
+        if config.gateway.upstream.is_empty() {
+            in_process_gateway = Some(gw);
+        } else {
+            let upstream = config.gateway.upstream.clone();
+            let cfg = config.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server::serve_gateway(&cfg, gw, &upstream).await {
+                    tracing::error!(error = %format!("{e:#}"), "REST gateway stopped");
+                }
+            });
+        }
     }
     let rt = server::Runtime {
         modules,
@@ -487,6 +492,7 @@ async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> any
         authenticator,
         service_issuer: services,
         admin,
+        gateway: in_process_gateway,
     };
     server::serve(rt, listener).await
 }

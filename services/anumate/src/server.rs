@@ -44,7 +44,7 @@ pub fn service_names() -> clap::builder::PossibleValuesParser {
     );
     values.push(
         clap::builder::PossibleValue::new(GATEWAY)
-            .help("The REST gateway (HTTP/JSON to the services over gRPC, [gateway] upstream)"),
+            .help("The REST gateway (HTTP/JSON to the services: in process next to them, else over gRPC to [gateway] upstream)"),
     );
     clap::builder::PossibleValuesParser::new(values)
 }
@@ -94,6 +94,9 @@ pub struct Runtime {
     pub modules: Vec<Box<dyn ServiceModule>>,
     /// The bound admin HTTP listener, if enabled.
     pub admin: Option<TcpListener>,
+    /// The bound REST gateway listener whose gateway calls these services in
+    /// process (`[gateway] upstream` empty), if any.
+    pub gateway: Option<TcpListener>,
 }
 
 impl Runtime {
@@ -196,11 +199,6 @@ pub async fn serve_gateway(
     anumate_gateway::serve(listener, gateway, shutdown_signal())
         .await
         .context("gateway")
-}
-
-/// `http://` address of a listener (loopback when bound to all interfaces).
-pub fn listener_url(listener: &TcpListener) -> anyhow::Result<String> {
-    own_url(listener)
 }
 
 /// `http://` address of this server's own listener (loopback when bound to all interfaces).
@@ -347,7 +345,19 @@ pub async fn serve(rt: Runtime, listener: TcpListener) -> anyhow::Result<()> {
         .context("authorization table")?
         .with_metrics(metrics)
         .with_tls(tls);
-    let server = anumate_service::server::serve(listener, layers, routes.routes(), signal);
+    let layered = anumate_service::server::layered(layers, routes.routes());
+    if let Some(gw) = rt.gateway {
+        // The gateway next to the services calls them through the same
+        // layered routes the listener serves, without a socket.
+        let gateway =
+            anumate_gateway::Gateway::in_process(rt.config.gateway.clone(), layered.service())?;
+        tokio::spawn(async move {
+            if let Err(e) = anumate_gateway::serve(gw, gateway, shutdown_signal()).await {
+                tracing::error!(error = %e, "REST gateway stopped");
+            }
+        });
+    }
+    let server = anumate_service::server::serve_layered(listener, layered, signal);
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res.context("grpc server")?,

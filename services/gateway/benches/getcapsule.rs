@@ -2,9 +2,12 @@
 //! at the same concurrency: throughput and latency percentiles of each, the
 //! REST/gRPC throughput ratio and the p50 the gateway adds. The platform runs
 //! in process as `anumate dev` builds it (SQLite); clients share one
-//! connection pool each. `BENCH_SECS` (default 5) and `BENCH_CONCURRENCY`
-//! (default 1,16) tune it; `BENCH_UPSTREAM_CONNECTIONS` sets the gateway's
-//! `[gateway] upstream_connections`. Each side also prints the process's CPU
+//! connection pool each. The gateway calls the services in process, as
+//! `anumate dev` and `serve all` run it; `BENCH_UPSTREAM=network` makes it
+//! call them over loopback gRPC instead, as a mesh's `serve gateway` does
+//! (`BENCH_UPSTREAM_CONNECTIONS` then sets its `[gateway]
+//! upstream_connections`). `BENCH_SECS` (default 5) and `BENCH_CONCURRENCY`
+//! (default 1,16) tune it. Each side also prints the process's CPU
 //! time per call (clients, gateway and services together), which a busy
 //! machine disturbs less than throughput.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -145,8 +148,20 @@ async fn run() {
     {
         config.upstream_connections = n;
     }
-    let upstream_connections = config.upstream_connections;
-    let gateway = Gateway::connect_lazy(config, &own_url).unwrap();
+    let network = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "network");
+    let upstream = if network {
+        format!(
+            "gRPC over loopback, {} connection(s)",
+            config.upstream_connections
+        )
+    } else {
+        "in process".to_owned()
+    };
+    let gateway = if network {
+        Gateway::connect_lazy(config, &own_url).unwrap()
+    } else {
+        Gateway::in_process(config, server.in_process.clone()).unwrap()
+    };
     let gw_listener = anumate_testing::bind().await;
     let gw_url = format!("http://{}", gw_listener.local_addr().unwrap());
     tokio::spawn(anumate_gateway::serve(
@@ -194,7 +209,7 @@ async fn run() {
     let rest_url = format!("{gw_url}/v1/capsules/refund-small-orders");
 
     println!(
-        "GetCapsule, {secs} s per side, {upstream_connections} upstream connection(s); load average before: {}",
+        "GetCapsule, {secs} s per side, gateway upstream {upstream}; load average before: {}",
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()

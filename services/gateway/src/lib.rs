@@ -3,8 +3,13 @@
 //! descriptor set (`anumate_proto::FILE_DESCRIPTOR_SET`). A request is
 //! matched to its RPC, transcoded from proto3 JSON (path variables, query
 //! parameters and body) to protobuf with `prost-reflect`, and forwarded as
-//! raw bytes over one gRPC channel; the answer comes back as JSON, NDJSON or
-//! Server-Sent Events. No RPC has a hand-written handler: a new annotated RPC
+//! raw bytes over gRPC; the answer comes back as JSON, NDJSON or
+//! Server-Sent Events. In a mesh the gRPC call goes over the network
+//! ([`Gateway::connect_lazy`]); next to the services in one process
+//! (`anumate dev`, `anumate serve all`) it is handed to the services' layered
+//! routes directly ([`Gateway::in_process`]): the same layers
+//! (authentication, authorization, limits, metrics, rate limits), no socket,
+//! no HTTP/2 framing. No RPC has a hand-written handler: a new annotated RPC
 //! is routed on the next build.
 #![forbid(unsafe_code)]
 
@@ -58,8 +63,9 @@ pub struct GatewayConfig {
     /// `"off"` disables the gateway in `anumate dev`.
     pub listen: Option<String>,
     /// The gRPC services' address (`http://host:port`). Empty: this
-    /// process's own gRPC listener (`anumate dev`, or `serve gateway …`
-    /// together with services).
+    /// process's own services (`anumate dev`, or `serve gateway …` together
+    /// with services), called in process behind the same layers as the gRPC
+    /// listener.
     pub upstream: String,
     /// Origins allowed by CORS (`https://app.example`); empty: none.
     pub cors_origins: Vec<String>,
@@ -72,7 +78,7 @@ pub struct GatewayConfig {
     /// How long a stream's response headers wait for its first message (an
     /// early error then gets its own HTTP status), in milliseconds.
     pub stream_first_message_wait_ms: u64,
-    /// HTTP/2 connections to the upstream, used in turn. One is the
+    /// HTTP/2 connections to a network upstream, used in turn. One is the
     /// default: on two busy cores four did worse at 16 concurrent calls
     /// (fewer calls share each write), though more may spread a bigger
     /// machine's upstream over its cores.
@@ -124,9 +130,51 @@ pub enum GatewayError {
     Io(#[from] std::io::Error),
 }
 
+/// What the gateway calls: a gRPC channel, or the services' layered routes
+/// in this process.
+type Upstream = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    UpstreamError,
+>;
+
+/// An upstream's failure, as it said it (tonic reads the gRPC status out of
+/// its source chain). A type of its own: a bare boxed error trips the
+/// compiler's lifetime check on tonic's client futures.
+#[derive(Debug)]
+struct UpstreamError(tower::BoxError);
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+fn upstream<S>(service: S) -> Upstream
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+{
+    use tower::ServiceExt as _;
+    Upstream::new(service.map_err(|e: S::Error| UpstreamError(e.into())))
+}
+
 struct Inner {
     table: RouteTable,
-    channels: Vec<Channel>,
+    channels: Vec<Upstream>,
     next: std::sync::atomic::AtomicUsize,
     openapi: Bytes,
     config: GatewayConfig,
@@ -156,7 +204,34 @@ impl Gateway {
     /// A gateway using `channels` in turn (at least one).
     pub fn with_channels(
         config: GatewayConfig,
-        mut channels: Vec<Channel>,
+        channels: Vec<Channel>,
+    ) -> Result<Gateway, GatewayError> {
+        Gateway::with_upstreams(config, channels.into_iter().map(upstream).collect())
+    }
+
+    /// A gateway calling `service`, the services' routes behind their
+    /// production layers in this process (`anumate_service::server::Layered`),
+    /// instead of a channel: a REST call then costs no loopback connection,
+    /// HTTP/2 framing or second HTTP parse, and is still authenticated,
+    /// authorized, limited and counted by the same layers.
+    pub fn in_process<S>(config: GatewayConfig, service: S) -> Result<Gateway, GatewayError>
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<tower::BoxError>,
+    {
+        Gateway::with_upstreams(config, vec![upstream(service)])
+    }
+
+    fn with_upstreams(
+        config: GatewayConfig,
+        mut channels: Vec<Upstream>,
     ) -> Result<Gateway, GatewayError> {
         if channels.is_empty() {
             return Err(GatewayError::Upstream(
@@ -393,8 +468,8 @@ async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
 }
 
 impl Inner {
-    /// The next upstream channel, in turn.
-    fn channel(&self) -> &Channel {
+    /// The next upstream, in turn.
+    fn channel(&self) -> &Upstream {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         &self.channels[n % self.channels.len()]
     }
@@ -439,7 +514,7 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Metadata
     }
 }
 
-async fn grpc_client(channel: &Channel) -> Result<tonic::client::Grpc<Channel>, tonic::Status> {
+async fn grpc_client(channel: &Upstream) -> Result<tonic::client::Grpc<Upstream>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready()
         .await
@@ -452,7 +527,7 @@ fn grpc_path(route: &Route) -> http::uri::PathAndQuery {
         .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
 }
 
-async fn unary(channel: &Channel, route: &Route, request: tonic::Request<Bytes>) -> Response {
+async fn unary(channel: &Upstream, route: &Route, request: tonic::Request<Bytes>) -> Response {
     let mut grpc = match grpc_client(channel).await {
         Ok(g) => g,
         Err(s) => return status_response(&s),

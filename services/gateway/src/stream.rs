@@ -11,11 +11,11 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use serde_json::{Value as Json, json};
-use tonic::{Streaming, transport::Channel};
+use tonic::Streaming;
 
 use crate::routes::Route;
 use crate::status::{status_json, status_response};
-use crate::{codec::BytesCodec, grpc_client, grpc_path, transcode};
+use crate::{Upstream, codec::BytesCodec, grpc_client, grpc_path, transcode};
 
 /// The request field `Last-Event-ID` resumes from, if the RPC has one.
 pub fn resume_field(input: &MessageDescriptor) -> Option<&'static str> {
@@ -97,7 +97,7 @@ fn line(json: &Json) -> Bytes {
 
 /// Calls a server-streaming RPC and streams its answers.
 pub async fn call(
-    channel: &Channel,
+    channel: &Upstream,
     route: &Route,
     request: tonic::Request<Bytes>,
     sse: bool,

@@ -1,13 +1,15 @@
 //! The gateway in front of the whole platform, on real sockets: every
 //! service built as `anumate dev` builds it (SQLite store, every production
-//! gRPC layer), the gateway on its own port forwarding over gRPC.
+//! gRPC layer), the gateway on its own port calling the services in process
+//! through those layers, as `anumate dev` runs it, or (a mesh's `serve
+//! gateway`) over gRPC.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use anumate_auth::Role;
 use anumate_gateway::{Gateway, GatewayConfig, routes::BodyBinding};
-use anumate_service::ServiceModule;
+use anumate_service::{GrpcConfig, ServiceModule};
 use anumate_testing::{Backend, DevAuth, ModuleServer, TestDb};
 use prost_reflect::Kind;
 use serde_json::{Value, json};
@@ -38,17 +40,33 @@ fn modules() -> Vec<Box<dyn ServiceModule>> {
     ]
 }
 
+/// How the gateway reaches the services.
+#[derive(Clone, Copy, PartialEq)]
+enum Upstream {
+    /// Their layered routes in this process (`anumate dev`, `serve all`).
+    InProcess,
+    /// Their gRPC listener (a mesh's `serve gateway`).
+    Network,
+}
+
 async fn platform(config: GatewayConfig) -> Platform {
-    let anumate_testing::Composed { server, auth, db } = anumate_testing::compose(
+    platform_with(config, Upstream::InProcess, GrpcConfig::default()).await
+}
+
+async fn platform_with(config: GatewayConfig, upstream: Upstream, grpc: GrpcConfig) -> Platform {
+    let anumate_testing::Composed { server, auth, db } = anumate_testing::compose_with_grpc(
         Backend::Sqlite,
         anumate_events::MIGRATIONS,
         &modules(),
         json!({}),
         "gateway-test",
+        grpc,
     )
     .await;
-    let own_url = server.url();
-    let gateway = Gateway::connect_lazy(config, &own_url).unwrap();
+    let gateway = match upstream {
+        Upstream::InProcess => Gateway::in_process(config, server.in_process.clone()).unwrap(),
+        Upstream::Network => Gateway::connect_lazy(config, &server.url()).unwrap(),
+    };
     let gw_listener = anumate_testing::bind().await;
     let url = format!("http://{}", gw_listener.local_addr().unwrap());
     let served = gateway.clone();
@@ -69,14 +87,13 @@ async fn platform(config: GatewayConfig) -> Platform {
 
 impl Platform {
     fn token(&self) -> String {
+        self.token_as(&[Role::Admin])
+    }
+
+    fn token_as(&self, roles: &[Role]) -> String {
         self.auth
             .issuer
-            .mint(
-                TENANT,
-                "user:alice",
-                &[Role::Admin],
-                Duration::from_secs(600),
-            )
+            .mint(TENANT, "user:alice", roles, Duration::from_secs(600))
             .unwrap()
     }
 }
@@ -671,4 +688,84 @@ async fn docs_page_renders_openapi_with_the_vendored_redoc() {
         .unwrap();
     assert_eq!(gz.headers()["content-encoding"], "gzip");
     served.abort();
+}
+
+/// In process the gateway hands calls to the services' layered routes: the
+/// same authentication, per-RPC authorization and rate limits refuse them as
+/// over gRPC, and the limits' state (a tenant's bucket) is the one gRPC
+/// callers draw on. Each refusal is checked on both upstreams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_calls_are_refused_by_the_same_layers_as_grpc_ones() {
+    use anumate_proto::anumate::registry::v1 as rpb;
+    let mut grpc = GrpcConfig::default();
+    // A burst of 3 GetCapsule-family calls, refilled at one every 100 s.
+    grpc.rate_limits.rps = 0.01;
+    grpc.rate_limits.burst = 3.0;
+    for upstream in [Upstream::InProcess, Upstream::Network] {
+        let p = platform_with(GatewayConfig::default(), upstream, grpc.clone()).await;
+        let http = client();
+        let url = format!("{}/v1/capsules/refund-small-orders", p.url);
+
+        // No token, a forged one: 401 UNAUTHENTICATED, nothing reaches the registry.
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(reason(&body), "UNAUTHENTICATED", "{body}");
+        let resp = http
+            .get(&url)
+            .bearer_auth("eyJhbGciOiJFZERTQSJ9.e30.AAAA")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+
+        // A valid token whose roles the RPC's rule does not allow: 403.
+        let auditor = p.token_as(&[Role::Auditor]);
+        let resp = http
+            .post(format!("{}/v1/capsules:push", p.url))
+            .bearer_auth(&auditor)
+            .json(&json!({"sourceYaml": "name: x", "publish": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], 7, "{body}");
+
+        // The tenant's registry bucket (3 calls) is shared with gRPC callers:
+        // one gRPC call and two REST ones spend it, the next REST call is 429
+        // with Retry-After, and so is the next gRPC one.
+        let token = p.token();
+        let channel = tonic::transport::Endpoint::from_shared(p.server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut direct = rpb::registry_service_client::RegistryServiceClient::with_interceptor(
+            channel,
+            anumate_auth::BearerToken(token.clone()),
+        );
+        let get = || rpb::GetCapsuleRequest {
+            name: "refund-small-orders".into(),
+            ..Default::default()
+        };
+        let first = direct.get_capsule(get()).await.unwrap_err();
+        assert_eq!(first.code(), tonic::Code::NotFound, "{first:?}");
+        for _ in 0..2 {
+            let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(resp.status(), 404);
+        }
+        let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(resp.status(), 429);
+        assert!(resp.headers().contains_key("retry-after"));
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(reason(&body), "RATE_LIMITED", "{body}");
+        let limited = direct.get_capsule(get()).await.unwrap_err();
+        assert_eq!(
+            limited.code(),
+            tonic::Code::ResourceExhausted,
+            "{limited:?}"
+        );
+        p.server.stop().await;
+    }
 }
