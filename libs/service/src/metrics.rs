@@ -59,6 +59,46 @@ pub fn register(name: &str, help: &str, metric: impl Metric) -> bool {
     true
 }
 
+/// A label whose values tenants choose (tool names, hosts): its first
+/// `max` distinct values in the process keep their own series, any later one
+/// counts as `other`, so the series stay bounded however many tenants
+/// declare however many tools.
+#[derive(Debug)]
+pub struct BoundedLabel {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl BoundedLabel {
+    /// The value for [`BoundedLabel::get`] past the first `max`.
+    pub const OTHER: &'static str = "other";
+
+    /// At most `max` distinct values.
+    pub fn new(max: usize) -> BoundedLabel {
+        BoundedLabel {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The label of `value`: itself while fewer than `max` values are
+    /// labelled (or it is one of them), else `other`.
+    pub fn get(&self, value: &str) -> String {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        Self::OTHER.to_owned()
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     service: String,
@@ -320,6 +360,16 @@ impl Drop for StatusBody {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn bounded_labels_past_the_cap_are_other() {
+        let tools = BoundedLabel::new(2);
+        assert_eq!(tools.get("a"), "a");
+        assert_eq!(tools.get("b"), "b");
+        assert_eq!(tools.get("c"), BoundedLabel::OTHER);
+        // Labelled ones keep their label.
+        assert_eq!(tools.get("a"), "a");
+    }
 
     #[test]
     fn only_contract_methods_get_labels() {

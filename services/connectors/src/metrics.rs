@@ -8,17 +8,23 @@
 //!   2 open.
 //!
 //! A call naming no tool of the catalogue counts as `tool="unknown"`, so
-//! callers cannot grow the series with made-up names.
+//! callers cannot grow the series with made-up names; and since tenants
+//! declare their own tools and hosts, a process labels at most
+//! [`MAX_LABELS`] distinct tools (and hosts) and counts any further one as
+//! `other`.
 
 use std::sync::OnceLock;
 
-use anumate_service::metrics::prometheus_client;
+use anumate_service::metrics::{BoundedLabel, prometheus_client};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::BreakerState;
+
+/// Distinct tools (and hosts) a process labels; further ones are `other`.
+pub const MAX_LABELS: usize = 200;
 
 /// Label sets as (name, value) pairs.
 type Labels = Vec<(&'static str, String)>;
@@ -27,6 +33,8 @@ struct HubMetrics {
     latency: Family<Labels, Histogram>,
     outcomes: Family<Labels, Counter>,
     breakers: Family<Labels, Gauge>,
+    tools: BoundedLabel,
+    hosts: BoundedLabel,
 }
 
 fn metrics() -> &'static HubMetrics {
@@ -38,6 +46,8 @@ fn metrics() -> &'static HubMetrics {
             }),
             outcomes: Family::default(),
             breakers: Family::default(),
+            tools: BoundedLabel::new(MAX_LABELS),
+            hosts: BoundedLabel::new(MAX_LABELS),
         };
         anumate_service::metrics::register(
             "connector_invoked_duration_seconds",
@@ -60,8 +70,8 @@ fn metrics() -> &'static HubMetrics {
 
 /// Counts one `Invoke` and its latency.
 pub fn invoked(tool: &str, outcome: &str, seconds: f64) {
-    let tool = tool.to_owned();
     let m = metrics();
+    let tool = m.tools.get(tool);
     m.latency
         .get_or_create(&vec![("tool", tool.clone())])
         .observe(seconds);
@@ -77,8 +87,11 @@ pub fn breaker(tool: &str, host: &str, state: BreakerState) {
         BreakerState::HalfOpen => 1,
         BreakerState::Open => 2,
     };
-    metrics()
-        .breakers
-        .get_or_create(&vec![("tool", tool.to_owned()), ("host", host.to_owned())])
+    let m = metrics();
+    m.breakers
+        .get_or_create(&vec![
+            ("tool", m.tools.get(tool)),
+            ("host", m.hosts.get(host)),
+        ])
         .set(value);
 }

@@ -15,11 +15,10 @@
 //! `tool="other"`, so the series stay bounded however many tenants and
 //! tools there are.
 
-use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use anumate_proto::orchestrator::v1 as pb;
-use anumate_service::metrics::prometheus_client;
+use anumate_service::metrics::{BoundedLabel, prometheus_client};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -27,16 +26,13 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 /// Distinct `tool` labels a process gives; further tools are `other`.
 pub const MAX_TOOLS: usize = 200;
 
-/// The `tool` label of tools past [`MAX_TOOLS`].
-const OTHER: &str = "other";
-
 /// Label sets as (name, value) pairs.
 type Labels = Vec<(&'static str, String)>;
 
 struct StepMetrics {
     duration: Family<Labels, Histogram>,
     outcomes: Family<Labels, Counter>,
-    tools: Mutex<HashSet<String>>,
+    tools: BoundedLabel,
 }
 
 fn metrics() -> &'static StepMetrics {
@@ -48,7 +44,7 @@ fn metrics() -> &'static StepMetrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 20))
             }),
             outcomes: Family::default(),
-            tools: Mutex::new(HashSet::new()),
+            tools: BoundedLabel::new(MAX_TOOLS),
         };
         anumate_service::metrics::register(
             "orchestrator_step_duration_seconds",
@@ -62,22 +58,6 @@ fn metrics() -> &'static StepMetrics {
         );
         m
     })
-}
-
-/// The `tool` label of `tool`: itself while fewer than `max` tools are
-/// labelled (or it is one of them), else `other`.
-fn tool_label(tools: &Mutex<HashSet<String>>, tool: &str, max: usize) -> String {
-    let mut seen = tools
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if seen.contains(tool) {
-        return tool.to_owned();
-    }
-    if seen.len() < max {
-        seen.insert(tool.to_owned());
-        return tool.to_owned();
-    }
-    OTHER.to_owned()
 }
 
 /// The `outcome` label of an attempt's result.
@@ -96,7 +76,7 @@ fn outcome_label(failure: Option<i32>) -> String {
 /// `outcome` (the failure, if it failed).
 pub(crate) fn attempt<T>(tool: &str, outcome: &Result<T, pb::Failure>, micros: i64) {
     let m = metrics();
-    let tool = tool_label(&m.tools, tool, MAX_TOOLS);
+    let tool = m.tools.get(tool);
     let outcome = outcome_label(outcome.as_ref().err().map(|f| f.kind));
     let labels = vec![("tool", tool), ("outcome", outcome)];
     // Microseconds to seconds; a clock step backwards counts as 0.
@@ -108,16 +88,6 @@ pub(crate) fn attempt<T>(tool: &str, outcome: &Result<T, pb::Failure>, micros: i
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tools_past_the_cap_are_other() {
-        let tools = Mutex::new(HashSet::new());
-        assert_eq!(tool_label(&tools, "a", 2), "a");
-        assert_eq!(tool_label(&tools, "b", 2), "b");
-        assert_eq!(tool_label(&tools, "c", 2), OTHER);
-        // Labelled ones keep their label.
-        assert_eq!(tool_label(&tools, "a", 2), "a");
-    }
 
     #[test]
     fn outcomes_are_the_failure_kinds() {
