@@ -5,8 +5,9 @@
 //!   the alert rules (`deploy/prometheus/alerts.yaml`) name is exported at
 //!   `/metrics` by `anumate dev` after the golden path's traffic (tool,
 //!   policy and capsule pushes, a preflight, a run with two approvals through
-//!   the connector hub); the RPCs they filter on (`service="…"`,
-//!   `method="…"`) are RPCs of the contracts;
+//!   the connector hub), and the run's series say what it did (both steps'
+//!   tool calls succeeded, the approval was granted); the RPCs they filter
+//!   on (`service="…"`, `method="…"`) are RPCs of the contracts;
 //! - the configuration the Helm chart renders (`deploy/kubernetes/configmap.yaml`)
 //!   and the compose setup's (`deploy/compose/anumate.toml`) load in the
 //!   binary, whose configuration refuses unknown keys and mistyped values;
@@ -94,6 +95,15 @@ fn exported(exposition: &str) -> BTreeSet<String> {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_owned())
         .collect()
+}
+
+/// The value of the sample `series` (name and labels as exposed) in
+/// `exposition`; 0 when absent.
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The names in `wanted` that `exposition` does not export.
@@ -322,6 +332,19 @@ fn every_metric_the_dashboard_and_alerts_name_is_exported() {
         assert_eq!(status, 200, "{body}");
         let gone = missing(&wanted, &body);
         if gone.is_empty() {
+            // What the run did, as the operators' series tell it: both
+            // steps' tool calls succeeded, the approval was granted.
+            for series in [
+                r#"anumate_orchestrator_step_outcomes_total{tool="accounts.lookup",outcome="succeeded"}"#,
+                r#"anumate_orchestrator_step_outcomes_total{tool="payments.transfer",outcome="succeeded"}"#,
+                r#"anumate_orchestrator_step_duration_seconds_count{tool="payments.transfer",outcome="succeeded"}"#,
+                r#"anumate_approval_wait_seconds_count{outcome="granted"}"#,
+            ] {
+                assert!(
+                    sample(&body, series) >= 1.0,
+                    "{series} after the golden path:\n{body}"
+                );
+            }
             break;
         }
         assert!(
