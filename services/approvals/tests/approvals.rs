@@ -594,6 +594,23 @@ async fn expiry_escalates_then_expires(app: App) {
         ev::ApprovalEscalated::decode(app.events(TENANT).await[1].1.as_slice()).unwrap();
     assert_eq!(escalated_event.escalate_to, ["user:boss"]);
     assert_eq!(escalated_event.quorum, 1);
+    // Operators see the wait: an expired approval that was open two
+    // expiries long (the process's series; other tests add to them).
+    let exposition = anumate_service::metrics::Metrics::new().encode().unwrap();
+    let sample = |series: &str| -> f64 {
+        exposition
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        sample(r#"anumate_approval_wait_seconds_count{outcome="expired"}"#) >= 1.0,
+        "{exposition}"
+    );
+    assert!(
+        sample(r#"anumate_approval_wait_seconds_sum{outcome="expired"}"#) >= 2.0,
+        "{exposition}"
+    );
 }
 
 async fn a_restart_still_fires_a_pending_timer_once(mut app: App) {
