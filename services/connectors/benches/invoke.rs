@@ -30,6 +30,25 @@ use tonic::transport::Endpoint;
 const CLIENTS: usize = 8;
 const TOOL: &str = "bench.echo";
 
+/// CPU seconds used so far by the PostgreSQL server's processes alive now
+/// (every `postgres` process on the machine: other databases' work counts
+/// too, so read it on a quiet machine).
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (head, rest) = stat.rsplit_once(')')?;
+            head.ends_with("(postgres").then_some(())?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            Some((ticks(11)? + ticks(12)?) / 100.0)
+        })
+        .sum()
+}
+
 fn requests(keys: &KeyRing, prefix: &str, n: usize) -> Vec<pb::InvokeRequest> {
     let args = json!({"amount": 5, "to": "bob"});
     let cap = Capability {
@@ -150,6 +169,7 @@ async fn main() {
         batches.push((client().await, requests(&keys, &format!("c{i}"), n)));
     }
     let cpu_start = anumate_testing::process_cpu_secs();
+    let pg_start = postgres_cpu_secs();
     let started = Instant::now();
     let tasks: Vec<_> = batches
         .into_iter()
@@ -168,9 +188,11 @@ async fn main() {
     let total = CLIENTS * n;
     let hub_rate = total as f64 / secs;
     let hub_cpu = (anumate_testing::process_cpu_secs() - cpu_start) * 1e6 / total as f64;
+    let hub_pg_cpu = (postgres_cpu_secs() - pg_start) * 1e6 / total as f64;
     println!(
         "Invoke throughput, {CLIENTS} clients: {hub_rate:.0} invokes/s ({total} in {secs:.2} s, \
-         {hub_cpu:.0} us CPU per call in this process: clients, hub, captokens)"
+         {hub_cpu:.0} us CPU per call in this process: clients, hub, captokens; \
+         {hub_pg_cpu:.0} us in PostgreSQL)"
     );
 
     // The floor: one durable transaction per call on the same store.
@@ -198,6 +220,7 @@ async fn main() {
         floor.value_at_quantile(0.99)
     );
     let cpu_start = anumate_testing::process_cpu_secs();
+    let pg_start = postgres_cpu_secs();
     let started = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -214,8 +237,10 @@ async fn main() {
     }
     let floor_rate = total as f64 / started.elapsed().as_secs_f64();
     let floor_cpu = (anumate_testing::process_cpu_secs() - cpu_start) * 1e6 / total as f64;
+    let floor_pg_cpu = (postgres_cpu_secs() - pg_start) * 1e6 / total as f64;
     println!(
-        "Floor throughput, {CLIENTS} tasks: {floor_rate:.0} commits/s ({floor_cpu:.0} us CPU per call)"
+        "Floor throughput, {CLIENTS} tasks: {floor_rate:.0} commits/s ({floor_cpu:.0} us CPU per call; \
+         {floor_pg_cpu:.0} us in PostgreSQL)"
     );
     println!(
         "Hub vs floor: p50 {:+} us ({:.2}x), throughput {:.0} % of the floor",

@@ -46,7 +46,44 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: DROP_REPLAY,
         tenant_tables: &[],
     },
+    Migration {
+        id: "connectors_0003_claim_and_spend",
+        postgres: CLAIM_AND_SPEND,
+        sqlite: "SELECT 1",
+        tenant_tables: &[],
+    },
 ];
+
+/// [`claim_and_spend`] on PostgreSQL, as a function so that its statements
+/// are planned once per connection (a batch of literal SQL is parsed and
+/// planned on every call). It runs as the caller (the serving role, under
+/// row-level security). The spend is the captokens service's
+/// `repo::consume` (revocation by jti or run, then the replay record);
+/// the tenant is noted for both purges as they note it.
+const CLAIM_AND_SPEND: &str = "CREATE FUNCTION anumate_connectors_claim_and_spend(
+        p_tenant TEXT, p_scope TEXT, p_key TEXT, p_fingerprint TEXT, p_now BIGINT,
+        p_expires BIGINT, p_jti TEXT, p_run TEXT, p_exp BIGINT) RETURNS TEXT
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, created_at, expires_at)
+          VALUES (p_tenant, p_scope, p_key, p_fingerprint, p_now, p_expires)
+          ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+          RETURN 'taken';
+        END IF;
+        INSERT INTO idempotency_tenants (tenant_id) VALUES (p_tenant) ON CONFLICT DO NOTHING;
+        INSERT INTO captoken_replay (jti, tenant_id, exp)
+          SELECT p_jti, p_tenant, p_exp WHERE NOT EXISTS (SELECT 1 FROM captoken_revocations r
+            WHERE r.tenant_id = p_tenant AND (r.jti = p_jti OR r.run_id = p_run))
+          ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+          DELETE FROM idempotency_keys
+            WHERE tenant_id = p_tenant AND scope = p_scope AND idem_key = p_key;
+          RETURN 'refused';
+        END IF;
+        INSERT INTO captoken_replay_tenants (tenant_id) VALUES (p_tenant) ON CONFLICT DO NOTHING;
+        RETURN 'held';
+      END $$";
 
 const DROP_REPLAY: &str = "DROP TABLE IF EXISTS connector_token_replay";
 
@@ -162,13 +199,11 @@ pub enum FastClaim {
 /// Claims `key` (free) and spends the single-use token `jti` of `run`
 /// (expiring at `exp`, seconds) in the captokens service's replay store,
 /// which lives in this store (`CapTokensClient::consumes_in_transaction`):
-/// BEGIN, the tenant, the claim, the spend and COMMIT as one durable
-/// PostgreSQL batch, one round trip where `claim_at` and `consume_in` take
-/// four. The key is held if and only if the token is spent: a claim whose
-/// spend is refused is deleted by the batch's second statement before the
-/// commit. The SQL of the spend is `repo::consume`'s of the captokens
-/// service (revocation by jti or run, then the replay record), and the
-/// tenant is noted for both purges as they note it. PostgreSQL only.
+/// BEGIN, the tenant, the claim and spend ([`CLAIM_AND_SPEND`]) and COMMIT
+/// as one durable PostgreSQL batch, one round trip where `claim_at` and
+/// `consume_in` take four. The key is held if and only if the token is
+/// spent: a claim whose spend is refused is deleted before the commit.
+/// PostgreSQL only.
 pub async fn claim_and_spend(
     store: &anumate_store::Store,
     tenant: &str,
@@ -181,27 +216,8 @@ pub async fn claim_and_spend(
     let rows = store
         .write_text(
             tenant,
-            "WITH k AS (INSERT INTO idempotency_keys (tenant_id, scope, idem_key, fingerprint, \
-                 created_at, expires_at) \
-               VALUES ($1, $2, $3, $4, CAST($5 AS BIGINT), CAST($6 AS BIGINT)) \
-               ON CONFLICT DO NOTHING RETURNING 1), \
-             kt AS (INSERT INTO idempotency_tenants (tenant_id) SELECT $1 \
-               WHERE EXISTS (SELECT 1 FROM k) ON CONFLICT DO NOTHING), \
-             s AS (INSERT INTO captoken_replay (jti, tenant_id, exp) \
-               SELECT $7, $1, CAST($9 AS BIGINT) WHERE EXISTS (SELECT 1 FROM k) \
-                 AND NOT EXISTS (SELECT 1 FROM captoken_revocations \
-                   WHERE tenant_id = $1 AND (jti = $7 OR run_id = $8)) \
-               ON CONFLICT DO NOTHING RETURNING 1), \
-             st AS (INSERT INTO captoken_replay_tenants (tenant_id) SELECT $1 \
-               WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT DO NOTHING) \
-             SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM k) THEN 'taken' \
-               WHEN EXISTS (SELECT 1 FROM s) THEN 'held' ELSE 'refused' END AS outcome, \
-               set_config('anumate.hub_refused', \
-                 CASE WHEN EXISTS (SELECT 1 FROM k) AND NOT EXISTS (SELECT 1 FROM s) \
-                   THEN 'yes' ELSE 'no' END, true) AS refused; \
-           DELETE FROM idempotency_keys WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 \
-             AND created_at = CAST($5 AS BIGINT) AND result IS NULL \
-             AND current_setting('anumate.hub_refused') = 'yes'",
+            "SELECT anumate_connectors_claim_and_spend($1, $2, $3, $4, CAST($5 AS BIGINT), \
+               CAST($6 AS BIGINT), $7, $8, CAST($9 AS BIGINT)) AS outcome",
             &[
                 tenant,
                 key.scope,
