@@ -328,7 +328,14 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     )?;
     let listener = server::bind(&config).await?;
     let addr = listener.local_addr()?;
-    let server_url = format!("http://{addr}");
+    // With `[tls]` the gRPC listener speaks TLS: say so in the address the
+    // CLI and `.anumate/dev.json` use.
+    let scheme = if config.tls.enabled() {
+        "https"
+    } else {
+        "http"
+    };
+    let server_url = format!("{scheme}://{addr}");
     let admin = admin::bind(&config.admin, &config.grpc.listen).await?;
     let admin_url = match &admin {
         Some(l) => format!("http://{}", l.local_addr()?),

@@ -2,8 +2,8 @@
 //! The CLI against a server with `[tls]` (issue 18): `anumate dev` with mTLS
 //! on its listener (a certificate for 127.0.0.1 and a client CA), and the
 //! CLI's `--tls-ca`, `--tls-cert`, `--tls-key` (or `ANUMATE_TLS_CA`, …):
-//! with a certificate of the CA the commands work, over `https://` or the
-//! `http://` address `dev.json` holds; without one, or with one of another
+//! with a certificate of the CA the commands work, over the `https://`
+//! address `dev.json` holds; without one, or with one of another
 //! CA, or with a flag missing or a file that is not a certificate, the CLI
 //! fails with an error that says why.
 
@@ -79,10 +79,12 @@ fn the_cli_presents_a_client_certificate_to_a_tls_server() {
             ("ANUMATE_TLS__CLIENT_CA", s(&ca_file)),
         ],
     );
-    let plain = dev_state(d)["server"].as_str().unwrap().to_owned();
-    let https = plain.replace("http://", "https://");
+    // `anumate dev` with `[tls]` says its listener is TLS.
+    let https = dev_state(d)["server"].as_str().unwrap().to_owned();
+    assert!(https.starts_with("https://"), "{https}");
+    let plain = https.replace("https://", "http://");
 
-    // With the flags: over https://, and over dev.json's http:// address.
+    // With the flags: over an explicit https:// address, and over dev.json's.
     let flags = [
         "--tls-ca",
         s(&ca_file),

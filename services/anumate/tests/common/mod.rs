@@ -313,7 +313,9 @@ pub fn start_dev_env(dir: &Path, env: &[(&str, &str)]) -> Dev {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains(" on http://") => return dev,
+            Ok(line) if line.contains(" on http://") || line.contains(" on https://") => {
+                return dev;
+            }
             Ok(_) => {}
             Err(_) => panic!(
                 "anumate dev did not start:\n{}",
