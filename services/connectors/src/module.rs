@@ -36,6 +36,8 @@ static MIGRATIONS: &[anumate_store::Migration] = &[
     anumate_idempotency::MIGRATIONS[0],
     crate::repo::MIGRATIONS[0],
     crate::repo::MIGRATIONS[1],
+    crate::repo::MIGRATIONS[2],
+    crate::repo::MIGRATIONS[3],
 ];
 
 fn build(ctx: &mut Context, cfg: ConnectorsConfig) -> Result<(), BuildError> {
@@ -101,4 +103,18 @@ fn build(ctx: &mut Context, cfg: ConnectorsConfig) -> Result<(), BuildError> {
     ctx.routes.add_service(grpc.clone().into_internal_server());
     ctx.routes.add_service(grpc.into_server());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `anumate serve` migrates what the hub's SQL needs (a migration left
+    /// out here is a missing table or function in production only).
+    #[test]
+    fn the_module_applies_every_migration_of_the_hub() {
+        let ids = |m: &[anumate_store::Migration]| m.iter().map(|m| m.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&super::module().migrations()),
+            ids(&crate::migrations())
+        );
+    }
 }

@@ -52,7 +52,49 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: "SELECT 1",
         tenant_tables: &[],
     },
+    Migration {
+        id: "connectors_0004_record_and_deliver",
+        postgres: RECORD_AND_DELIVER,
+        sqlite: "SELECT 1",
+        tenant_tables: &[],
+    },
 ];
+
+/// [`record_held`] and [`deliver_mock`] on PostgreSQL, as functions for the
+/// same reason as [`CLAIM_AND_SPEND`].
+const RECORD_AND_DELIVER: &str = "CREATE FUNCTION anumate_connectors_record(
+        p_tenant TEXT, p_scope TEXT, p_key TEXT, p_claimed_at BIGINT, p_result TEXT,
+        p_now BIGINT) RETURNS TEXT
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        UPDATE idempotency_keys SET result = p_result, recorded_at = p_now
+          WHERE tenant_id = p_tenant AND scope = p_scope AND idem_key = p_key
+            AND created_at = p_claimed_at AND result IS NULL;
+        IF FOUND THEN
+          RETURN 'recorded';
+        END IF;
+        RETURN 'lost';
+      END $$;
+      CREATE FUNCTION anumate_connectors_deliver_mock(
+        p_tenant TEXT, p_call_id TEXT, p_tool TEXT, p_key TEXT, p_run TEXT, p_step TEXT,
+        p_args TEXT, p_now BIGINT, p_fail_times BIGINT, p_output TEXT,
+        OUT r_deliveries TEXT, OUT r_output TEXT)
+        LANGUAGE plpgsql AS $$
+      DECLARE
+        n BIGINT;
+      BEGIN
+        INSERT INTO connector_mock_calls AS m (tenant_id, call_id, tool, idem_key, run_id,
+            step_id, args, output, deliveries, first_delivered_at, last_delivered_at)
+          VALUES (p_tenant, p_call_id, p_tool, p_key, p_run, p_step, p_args,
+            CASE WHEN p_fail_times < 1 THEN NULLIF(p_output, '') END, 1, p_now, p_now)
+          ON CONFLICT (tenant_id, tool, idem_key) DO UPDATE SET
+            deliveries = m.deliveries + 1,
+            last_delivered_at = p_now,
+            output = COALESCE(m.output,
+              CASE WHEN m.deliveries + 1 > p_fail_times THEN NULLIF(p_output, '') END)
+          RETURNING m.deliveries, m.output INTO n, r_output;
+        r_deliveries := CAST(n AS TEXT);
+      END $$";
 
 /// [`claim_and_spend`] on PostgreSQL, as a function so that its statements
 /// are planned once per connection (a batch of literal SQL is parsed and
@@ -162,13 +204,22 @@ pub async fn record_held(
     result: &serde_json::Value,
 ) -> Result<Option<i64>> {
     let now = anumate_store::now_micros();
-    let rows = store
-        .write_text(
-            tenant,
+    let sql = match store.backend() {
+        anumate_store::Backend::Postgres => {
+            "SELECT anumate_connectors_record($1, $2, $3, CAST($4 AS BIGINT), $5, \
+               CAST($6 AS BIGINT)) AS outcome"
+        }
+        anumate_store::Backend::Sqlite => {
             "UPDATE idempotency_keys SET result = $5, recorded_at = CAST($6 AS BIGINT) \
              WHERE tenant_id = $1 AND scope = $2 AND idem_key = $3 \
                AND created_at = CAST($4 AS BIGINT) AND result IS NULL \
-             RETURNING idem_key",
+             RETURNING 'recorded' AS outcome"
+        }
+    };
+    let rows = store
+        .write_text(
+            tenant,
+            sql,
             &[
                 tenant,
                 scope,
@@ -180,7 +231,11 @@ pub async fn record_held(
             true,
         )
         .await?;
-    Ok((!rows.is_empty()).then_some(now))
+    let recorded = match rows.first() {
+        Some(row) => row.try_get::<String>("", "outcome").map_err(db)? == "recorded",
+        None => false,
+    };
+    Ok(recorded.then_some(now))
 }
 
 /// What [`claim_and_spend`] did.
@@ -273,6 +328,13 @@ pub async fn deliver_mock(
         .store
         .write_text(
             call.tenant,
+            match call.store.backend() {
+                anumate_store::Backend::Postgres => {
+                    "SELECT r_deliveries AS deliveries, r_output AS output \
+                     FROM anumate_connectors_deliver_mock($1, $2, $3, $4, $5, $6, $7, \
+                       CAST($8 AS BIGINT), CAST($9 AS BIGINT), $10)"
+                }
+                anumate_store::Backend::Sqlite => {
             "INSERT INTO connector_mock_calls (tenant_id, call_id, tool, idem_key, run_id, step_id, \
                args, output, deliveries, first_delivered_at, last_delivered_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, \
@@ -284,7 +346,9 @@ pub async fn deliver_mock(
                output = COALESCE(connector_mock_calls.output, \
                  CASE WHEN connector_mock_calls.deliveries + 1 > CAST($9 AS BIGINT) \
                    THEN NULLIF($10, '') END) \
-             RETURNING CAST(deliveries AS TEXT) AS deliveries, output",
+             RETURNING CAST(deliveries AS TEXT) AS deliveries, output"
+                }
+            },
             &[
                 call.tenant,
                 &call_id,
