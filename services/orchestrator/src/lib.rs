@@ -78,6 +78,10 @@ pub struct OrchestratorConfig {
     pub token_audience: String,
     /// Runs driven at once by this process.
     pub workers: usize,
+    /// Ready steps of one run that act at once (independent branches of
+    /// its plan run concurrently, each with its own attempt, token, call
+    /// and receipt).
+    pub max_parallel_steps: usize,
     /// How long a claimed run stays leased without a heartbeat (seconds).
     pub lease_secs: u64,
     /// How often idle workers look for due work (milliseconds).
@@ -101,6 +105,7 @@ impl Default for OrchestratorConfig {
             registry_url: String::new(),
             token_audience: "anumate-connectors".into(),
             workers: 8,
+            max_parallel_steps: 8,
             lease_secs: 30,
             poll_ms: 200,
             approval_poll_ms: 500,

@@ -565,15 +565,80 @@ impl Orchestrator {
             // Steps in flight elsewhere (cannot happen under the lease): look later.
             return Ok(Next::Wait(now + 1_000_000));
         }
+        // Every ready step acts in this pass, at most `max_parallel_steps`
+        // of them at once (steps waiting for an approval only look at it and
+        // take no slot); a step waiting to retry is left until its time.
+        let limit = self.inner.cfg.max_parallel_steps.max(1);
         let mut wait = i64::MAX;
+        let mut acts = Vec::new();
+        let mut busy = 0;
         for i in ready {
-            match self
-                .step_action(tenant, &starter, &run, &plan, &mut er, &mut steps, i)
-                .await?
+            let Some(s) = steps.get(i) else { continue };
+            if s.state == pb::StepState::WaitingRetry as i32
+                && micros_of(&s.next_attempt_time) > now
             {
-                Next::Wait(t) => wait = wait.min(t),
-                other => return Ok(other),
+                wait = wait.min(micros_of(&s.next_attempt_time));
+                continue;
             }
+            let waits = s.state == pb::StepState::WaitingApproval as i32;
+            if !waits {
+                if busy >= limit {
+                    // Over the bound: acts in a later pass.
+                    continue;
+                }
+                busy += 1;
+            }
+            acts.push((i, er.decide(i).map_err(Error::internal)?));
+        }
+        let results = if acts.len() == 1 {
+            let mut out = Vec::with_capacity(1);
+            for (i, decided) in acts {
+                out.push(
+                    self.step_action(tenant, &starter, &run, &plan, &mut steps, i, decided)
+                        .await,
+                );
+            }
+            out
+        } else {
+            // Siblings run concurrently, each on its own copy of the steps
+            // (a step action changes only its own step; every save re-reads
+            // the run under its lock). All of them finish before the next
+            // pass: a failing step lets the calls of its siblings end, and
+            // that pass then fails the run (nothing new starts).
+            let (starter, run, plan, steps) = (&starter, &run, &plan, &steps);
+            futures::future::join_all(acts.into_iter().map(|(i, decided)| async move {
+                let mut own = steps.clone();
+                self.step_action(tenant, starter, run, plan, &mut own, i, decided)
+                    .await
+            }))
+            .await
+        };
+        let mut again = false;
+        let mut stop = false;
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(Next::Again) => again = true,
+                Ok(Next::Wait(t)) => wait = wait.min(t),
+                Ok(Next::Stop) => stop = true,
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if again {
+            return Ok(Next::Again);
+        }
+        if wait == i64::MAX {
+            if stop {
+                return Ok(Next::Stop);
+            }
+            return Ok(Next::Wait(now + 1_000_000));
         }
         Ok(Next::Wait(wait))
     }
@@ -586,17 +651,12 @@ impl Orchestrator {
         starter: &Starter,
         run: &pb::Run,
         plan: &cpb::ExecutablePlan,
-        er: &mut anumate_engine::Run<'_>,
         steps: &mut [pb::StepRun],
         i: usize,
+        decided: Step,
     ) -> Result<Next> {
         let now = now_micros();
         let run_id = run.run_id.as_str();
-        let state = pb::StepState::try_from(steps[i].state).unwrap_or(pb::StepState::Unspecified);
-        if state == pb::StepState::WaitingRetry && micros_of(&steps[i].next_attempt_time) > now {
-            return Ok(Next::Wait(micros_of(&steps[i].next_attempt_time)));
-        }
-        let decided = er.decide(i).map_err(Error::internal)?;
         let (args, args_sha256, decision) = match decided {
             Step::SkippedByCondition | Step::SkippedUpstream { .. } => {
                 let why = match &decided {
