@@ -817,7 +817,11 @@ impl Orchestrator {
                     (pb::FailureKind::Internal, "APPROVAL_ARGS_MISMATCH")
                 }
                 Ok(apb::ApprovalState::Pending) => {
-                    if steps[i].state != pb::StepState::WaitingApproval as i32 {
+                    // A sibling's call set the run RUNNING meanwhile: it
+                    // waits again once nothing else runs.
+                    if steps[i].state != pb::StepState::WaitingApproval as i32
+                        || run.state == pb::RunState::Running as i32
+                    {
                         let s = &mut steps[i];
                         s.state = pb::StepState::WaitingApproval as i32;
                         self.save(

@@ -11,6 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use anumate_auth::Role;
+use anumate_proto::approvals::v1 as apb;
 use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_testing::on_both_backends;
@@ -51,9 +53,9 @@ spec:
 ";
 
 const POLICY: &str = r#"policy "transfer-guard" {
-  rule "no-big-notes" {
-    when tool == "notify.send" and args.to == "acct_nobody"
-    then deny(reason: "nobody is notified")
+  rule "credit-to-watched-needs-approval" {
+    when tool == "ledger.credit" and args.to == "acct_watched"
+    then require_approval(approvers: ["user:bob"], quorum: 1, reason: "a watched account")
   }
 }
 "#;
@@ -141,6 +143,7 @@ async fn start(c: &mut Clients, plan_hash: &str, to: &str, key: &str) -> String 
 
 on_both_backends! {
     independent_steps_run_at_once => independent_steps_run_at_once_sqlite, independent_steps_run_at_once_postgres;
+    a_branch_waiting_for_approval_lets_the_others_run => a_branch_waiting_for_approval_lets_the_others_run_sqlite, a_branch_waiting_for_approval_lets_the_others_run_postgres;
     a_failed_branch_fails_the_run_after_its_siblings_call => a_failed_branch_fails_the_run_after_its_siblings_call_sqlite, a_failed_branch_fails_the_run_after_its_siblings_call_postgres;
 }
 
@@ -251,4 +254,49 @@ async fn a_failed_branch_fails_the_run_after_its_siblings_call(app: TestApp) {
         .unwrap();
     let failed = types.iter().position(|t| t.0 == "run.failed").unwrap();
     assert!(completed < failed, "{types:?}");
+}
+
+async fn a_branch_waiting_for_approval_lets_the_others_run(app: TestApp) {
+    let plan_hash = seed(&app, TOOLS, POLICY, CAPSULE).await;
+    let mut alice = app.alice().await;
+    let run_id = start(&mut alice, &plan_hash, "acct_watched", "par-3").await;
+    // The credit waits for bob; the debit branch runs to its end meanwhile,
+    // and then the run says it waits.
+    let run = wait_for(&mut alice, &run_id, |r| {
+        r.state == pb::RunState::WaitingApproval as i32
+            && step(r, "after-debit").state == pb::StepState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(step(&run, "debit").state(), pb::StepState::Succeeded);
+    let credit = step(&run, "credit");
+    assert_eq!(credit.state(), pb::StepState::WaitingApproval, "{run:#?}");
+    assert_eq!(step(&run, "notify").state(), pb::StepState::Pending);
+    let approval_id = credit.approval_ids[0].clone();
+    let approval = alice
+        .approvals
+        .get_approval(apb::GetApprovalRequest {
+            approval_id: approval_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    let mut bob = app.as_user("user:bob", &[Role::Approver]).await;
+    bob.approvals
+        .approve(apb::ApproveRequest {
+            approval_id,
+            comment: "ok".into(),
+            etag: String::new(),
+            args_sha256: approval.args_sha256.clone(),
+        })
+        .await
+        .unwrap();
+    let run = wait_for(&mut alice, &run_id, |r| {
+        r.state == pb::RunState::Succeeded as i32
+    })
+    .await;
+    for id in ["debit", "credit", "after-debit", "notify"] {
+        assert_eq!(step(&run, id).attempts.len(), 1, "{run:#?}");
+    }
 }
