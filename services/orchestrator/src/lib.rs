@@ -276,7 +276,20 @@ impl Orchestrator {
     ) -> Result<(Arc<cpb::ExecutablePlan>, anumate_engine::Engine)> {
         let caller = starter.caller();
         let plan = self.plan(&caller, &starter.tenant, plan_hash).await?;
-        let engine = self.engine_of(starter, &plan, created_at).await?;
+        // The stored plan is compiled once per process (the loader's
+        // cache by tenant and hash), not on every pass over the run.
+        let loader = &self.inner.up.plans;
+        let context = loader.context(
+            &starter.tenant,
+            &starter.subject,
+            &starter.roles,
+            &starter.groups,
+            created_at.div_euclid(1_000_000),
+        );
+        let engine = loader
+            .prepared(&caller, &starter.tenant, &plan)
+            .await?
+            .with_context(context);
         Ok((plan, engine))
     }
 
