@@ -278,13 +278,22 @@ impl Compiler {
         let mut sorted: Vec<&String> = names.iter().collect();
         sorted.sort();
         sorted.dedup();
-        let mut out = Vec::with_capacity(sorted.len());
-        for name in sorted {
-            let get = |version: &str| ppb::GetPolicyRequest {
-                name: name.clone(),
-                version: version.to_string(),
-            };
-            match policy.get_policy(&caller, get("published")).await {
+        // One lookup per policy, all in flight at once; the first missing
+        // one in name order is the error, whatever answered first.
+        let lookups = sorted.into_iter().map(|name| {
+            let caller = &caller;
+            async move {
+                let request = ppb::GetPolicyRequest {
+                    name: name.clone(),
+                    version: "published".to_string(),
+                };
+                (name, policy.get_policy(caller, request).await)
+            }
+        });
+        let answers = futures::future::join_all(lookups).await;
+        let mut out = Vec::with_capacity(answers.len());
+        for (name, answer) in answers {
+            match answer {
                 Ok(r) => {
                     out.push(r.version.ok_or_else(|| {
                         Error::internal("policy service answered without a version")
@@ -408,8 +417,12 @@ impl Compiler {
         }
         let cv = self.fetch_capsule(actor, name, version).await?;
         let capsule = self.parse_capsule(&cv).await?;
-        let tools = self.fetch_tools(actor, &capsule.spec.tools).await?;
-        let versions = self.fetch_policies(actor, &capsule.spec.policies).await?;
+        // The tools and the policies at once: neither needs the other.
+        let (tools, versions) = futures::future::try_join(
+            self.fetch_tools(actor, &capsule.spec.tools),
+            self.fetch_policies(actor, &capsule.spec.policies),
+        )
+        .await?;
         self.compile_fetched(actor, &cv, &capsule, &versions, &tools)
             .await
     }
