@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anumate_engine::json as ej;
 use anumate_proto::approvals::v1 as apb;
 use anumate_proto::compiler::v1 as cpb;
-use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::ghostrun::v1 as gpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
@@ -89,19 +88,6 @@ spec:
 
 mod common;
 use common::*;
-
-async fn mock_calls(c: &mut Clients, run_id: &str, tool: &str) -> Vec<conpb::MockCall> {
-    c.hub
-        .list_mock_calls(conpb::ListMockCallsRequest {
-            run_id: run_id.into(),
-            tool: tool.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .calls
-}
 
 /// Starts a run for `amount`, waits until the transfer succeeded and the
 /// notification waits for its approval, then cancels it.

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anumate_auth::Role;
 use anumate_proto::approvals::v1 as apb;
-use anumate_proto::connectors::v1 as conpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_testing::on_both_backends;
 use serde_json::json;
@@ -97,19 +96,6 @@ spec:
 
 mod common;
 use common::*;
-
-async fn mock_calls(c: &mut Clients, run_id: &str, tool: &str) -> Vec<conpb::MockCall> {
-    c.hub
-        .list_mock_calls(conpb::ListMockCallsRequest {
-            run_id: run_id.into(),
-            tool: tool.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .calls
-}
 
 async fn history(c: &mut Clients, run_id: &str) -> Vec<pb::RunHistoryEntry> {
     c.orch

@@ -235,6 +235,20 @@ pub fn execute(plan_hash: &str, v: Value, preflight: &str, key: &str) -> pb::Exe
     }
 }
 
+/// The mock tool `tool`'s effects for `run_id`, one per idempotency key.
+pub async fn mock_calls(c: &mut Clients, run_id: &str, tool: &str) -> Vec<conpb::MockCall> {
+    c.hub
+        .list_mock_calls(conpb::ListMockCallsRequest {
+            run_id: run_id.into(),
+            tool: tool.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .calls
+}
+
 pub async fn get(c: &mut Clients, run_id: &str) -> pb::Run {
     c.orch
         .get_run(pb::GetRunRequest {
