@@ -11,25 +11,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Run, anumate, dev_state, run, start_dev_env};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
+use common::{Ca, Run, anumate, ca, dev_state, run, start_dev_env};
+use rcgen::{CertificateParams, DnType, KeyPair};
 
 /// `<dir>/<name>.crt` and `.key`, signed by `ca`, for 127.0.0.1.
 fn certify(dir: &Path, ca: &Ca, name: &str) -> (PathBuf, PathBuf) {

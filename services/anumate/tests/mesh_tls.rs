@@ -28,8 +28,8 @@ use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_service::clients;
 use anumate_service::tls::{Tls, TlsConfig};
-use common::{anumate, run};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use common::{Ca, anumate, ca, run};
+use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use tonic::transport::Channel;
 
 /// The services, each its own process (events needs no peer here).
@@ -68,23 +68,6 @@ spec:
       tool: ledger.debit
       with: {to: "${{ inputs.to }}", amount: "${{ inputs.amount }}"}
 "#;
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
 
 /// `<dir>/<name>.crt|.key` for `name` (SAN: its SPIFFE id and 127.0.0.1),
 /// and `[tls]` with `trust` as both CAs.

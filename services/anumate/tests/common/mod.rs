@@ -324,3 +324,24 @@ pub fn start_dev_env(dir: &Path, env: &[(&str, &str)]) -> Dev {
         }
     }
 }
+
+/// A certificate authority for the TLS tests: its signing identity and its
+/// certificate (PEM).
+pub struct Ca {
+    pub issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+/// A fresh self-signed CA named `name`.
+pub fn ca(name: &str) -> Ca {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
