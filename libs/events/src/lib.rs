@@ -119,62 +119,7 @@ pub struct EventContext<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// The W3C `traceparent` of the current `tracing` span, when an OpenTelemetry
-/// layer records it (`None` without one, or outside any span).
-pub fn current_traceparent() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    if !sc.is_valid() {
-        return None;
-    }
-    Some(format!(
-        "00-{:032x}-{:016x}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8()
-    ))
-}
-
-/// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) as a remote
-/// parent context, or `None` when it is absent or malformed.
-pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::Context> {
-    use opentelemetry::trace::{
-        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
-    };
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version != "00"
-        || parts.next().is_some()
-        || trace.len() != 32
-        || span.len() != 16
-        || flags.len() != 2
-    {
-        return None;
-    }
-    let sc = SpanContext::new(
-        TraceId::from_hex(trace).ok()?,
-        SpanId::from_hex(span).ok()?,
-        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
-        true,
-        TraceState::default(),
-    );
-    sc.is_valid()
-        .then(|| opentelemetry::Context::new().with_remote_span_context(sc))
-}
-
-/// Makes `span` a child of the trace named by `traceparent` (a consumer
-/// continuing the producer's trace). A missing or malformed header, or no
-/// OpenTelemetry layer installed, leaves the span as it is.
-pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    if let Some(cx) = traceparent.and_then(parse_traceparent) {
-        let _ = span.set_parent(cx);
-    }
-}
+pub use anumate_telemetry::{continue_trace, current_traceparent, parse_traceparent};
 
 const OUTBOX_INSERT: &str = "INSERT INTO outbox (event_id, tenant_id, topic, event_type, \
      aggregate_key, subject, payload, plan_hash, traceparent, created_at) VALUES ";

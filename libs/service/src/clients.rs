@@ -579,9 +579,10 @@ impl Grpc {
         self
     }
 
-    /// `msg` with the caller's credentials.
+    /// `msg` with the caller's credentials and the current trace context.
     fn request<T>(&self, caller: &Caller, msg: T) -> UpstreamResult<tonic::Request<T>> {
         let mut req = tonic::Request::new(msg);
+        crate::trace::inject(req.metadata_mut());
         match caller {
             Caller::User { authorization, .. } => {
                 if let Some(auth) = authorization {

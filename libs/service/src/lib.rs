@@ -28,6 +28,7 @@ pub mod ratelimit;
 pub mod server;
 mod tasks;
 pub mod tls;
+pub mod trace;
 
 pub use module::{
     BuildError, Context, KeysConfig, Module, ServiceModule, check_section, default_section,

@@ -5,7 +5,8 @@
 //! - [`build`]: the modules, in order, on one [`Context`], plus health (every
 //!   service `SERVING`) and reflection (v1 and v1alpha).
 //! - [`serve`]: those routes on a listener behind every production layer,
-//!   outermost first: a span per call and an access log line, both at
+//!   outermost first: a span per call, continuing the caller's
+//!   `traceparent` ([`crate::trace`]), and an access log line, both at
 //!   DEBUG (a formatted, redacted line per call cost more than a point read;
 //!   failures still log at WARN), `ErrorInfo` on
 //!   transport-level errors, [metrics](crate::metrics), the
@@ -251,9 +252,7 @@ pub fn layered(layers: Layers, routes: Routes) -> Layered {
         .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
         .layer(
             tower_http::trace::TraceLayer::new_for_grpc()
-                .make_span_with(
-                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::DEBUG),
-                )
+                .make_span_with(crate::trace::CallSpan::grpc())
                 .on_response(
                     tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
                 )

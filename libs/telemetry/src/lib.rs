@@ -10,6 +10,10 @@
 //! PII never leaves the process in telemetry.
 #![forbid(unsafe_code)]
 
+pub mod propagation;
+
+pub use propagation::{TRACEPARENT, continue_trace, current_traceparent, parse_traceparent};
+
 use std::sync::Arc;
 
 use anumate_redaction::{RedactingMakeWriter, Redactor};
@@ -145,8 +149,9 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
     Ok(TelemetryGuard { provider })
 }
 
-/// The target of the per-call span `tower_http`'s trace layer opens.
-const CALL_SPAN_TARGET: &str = "tower_http::trace::make_span";
+/// The target of the per-call span the servers' trace layers open (that of
+/// `tower_http`'s own, so that `tower_http=debug` logs it).
+pub const CALL_SPAN_TARGET: &str = "tower_http::trace::make_span";
 
 /// A [`SpanExporter`] that redacts every string a span carries (name,
 /// attributes, events, links' attributes, status description) before handing

@@ -404,8 +404,18 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
     served
 }
 
+/// The `service.name` of a serving process's spans: `anumate-<service>` for
+/// one service (`anumate-compiler`), several joined with `+`, `anumate` for
+/// them all.
+fn telemetry_service_name(services: &[String]) -> String {
+    if services.is_empty() || services.iter().any(|s| s == "all") {
+        return "anumate".to_owned();
+    }
+    format!("anumate-{}", services.join("+"))
+}
+
 async fn run_serve(config: AppConfig, services: &[String], migrate: bool) -> anyhow::Result<()> {
-    let _telemetry = anumate_telemetry::init("anumate", &config.telemetry)?;
+    let _telemetry = anumate_telemetry::init(&telemetry_service_name(services), &config.telemetry)?;
     let modules = server::selected(services);
     let with_gateway = server::with_gateway(services);
     if with_gateway && modules.is_empty() {

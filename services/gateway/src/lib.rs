@@ -26,6 +26,7 @@ mod stream;
 use std::{sync::Arc, time::Duration};
 
 use anumate_errors::{Error, Reason};
+use anumate_telemetry::propagation::CallSpan;
 use axum::{
     Router,
     body::Body,
@@ -318,7 +319,7 @@ impl Gateway {
             .layer(axum::middleware::map_response(layer_errors_as_status))
             .layer(CompressionLayer::new().compress_when(compress))
             .layer(cors)
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(CallSpan::http()))
             .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
             .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
     }
@@ -511,6 +512,14 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Metadata
             v.set_sensitive(name != "authorization");
             metadata.insert(name, v);
         }
+    }
+    // The upstream call is a child of this request's span (itself a child
+    // of the client's `traceparent`), when traces are exported.
+    if let Some(tp) = anumate_telemetry::current_traceparent()
+        && let Ok(mut v) = tonic::metadata::AsciiMetadataValue::try_from(tp)
+    {
+        v.set_sensitive(true);
+        metadata.insert(anumate_telemetry::TRACEPARENT, v);
     }
 }
 
