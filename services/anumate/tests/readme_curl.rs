@@ -46,6 +46,7 @@ fn curl_block_is_the_golden_path() {
         ":watch",
         "text/event-stream",
         ":approve",
+        "/v1/receipts:export",
     ] {
         assert!(sh.contains(route), "the curl block lacks {route}:\n{sh}");
     }
@@ -113,6 +114,29 @@ fn readme_curl_golden_path_runs_as_written() {
     assert!(
         out.lines().any(|l| l.trim() == ids.len().to_string()),
         "grep -c printed the number of ids:\n{out}"
+    );
+
+    // The receipts export: raw NDJSON, a signed receipt per line, the
+    // approvals' decisions and the run's steps among them.
+    let receipts = read(dir.path(), "receipts.ndjson");
+    let kinds: Vec<String> = receipts
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(
+                v["signature"].as_str().is_some_and(|s| !s.is_empty()),
+                "{l}"
+            );
+            v["kind"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(
+        kinds.iter().any(|k| k == "RECEIPT_KIND_APPROVAL_DECISION"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|k| k == "RECEIPT_KIND_STEP_EXECUTION"),
+        "{kinds:?}"
     );
 
     // What the platform holds: one run, succeeded, approved by alice and bob.

@@ -267,7 +267,11 @@ fn operation(route: &Route, bindings: usize) -> Json {
             .map(|f| field_schema(&f))
             .unwrap_or_else(|| json!({}))
     };
-    let ok = if route.server_streaming() {
+    let ok = if route.server_streaming() && output.full_name() == "google.api.HttpBody" {
+        // Raw bytes as they stream (the receipts export: lines under the
+        // format's content type).
+        json!({"description": "The stream's bodies (google.api.HttpBody) as one raw response body, under the first body's content type; a failure after the first bytes cuts the body short (resume as the operation says).", "content": {"*/*": {"schema": {}}}})
+    } else if route.server_streaming() {
         json!({
             "description": "A stream of messages: NDJSON lines `{\"result\": …}` (a failure after the first message comes as a last line `{\"error\": Status}`), or Server-Sent Events when `Accept: text/event-stream` (`id:` is the message's sequence; send it back as `Last-Event-ID` to resume).",
             "content": {

@@ -73,8 +73,7 @@ fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
 }
 
 /// The stream type of `ExportReceipts`.
-pub type ExportStream =
-    Pin<Box<dyn Stream<Item = Result<pb::ExportReceiptsResponse, Status>> + Send + 'static>>;
+pub type ExportStream = Pin<Box<dyn Stream<Item = Result<HttpBody, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl ReceiptsInternal for ReceiptsGrpc {
@@ -211,12 +210,25 @@ impl ReceiptsService for ReceiptsGrpc {
                 .into());
             }
         };
+        if r.from_leaf_index < 0 {
+            return Err(Error::invalid_argument(
+                "from_leaf_index",
+                format!("{} is negative: leaf indexes start at 0", r.from_leaf_index),
+            )
+            .into());
+        }
         let filter = Receipts::filter(r.filter.as_ref())?;
         let receipts = self.receipts.clone();
         let include_content = r.include_content;
+        let content_type = content_type(format);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let mut after = None;
+            // Leaf `from_leaf_index` is the first one wanted: start after
+            // the one before it.
+            let mut after = u64::try_from(r.from_leaf_index)
+                .ok()
+                .and_then(|i| i.checked_sub(1));
+            let mut sent = false;
             loop {
                 let records = receipts
                     .export_page(&actor, &filter, after, EXPORT_CHUNK, include_content)
@@ -236,7 +248,13 @@ impl ReceiptsService for ReceiptsGrpc {
                         break;
                     }
                 };
-                for msg in chunks(records) {
+                let mut messages = chunks(records, content_type);
+                if messages.is_empty() && !sent && !full {
+                    // Nothing matched: one empty body still says the type.
+                    messages.push(body(content_type, String::new()));
+                }
+                for msg in messages {
+                    sent = true;
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
@@ -253,28 +271,35 @@ impl ReceiptsService for ReceiptsGrpc {
     }
 }
 
-/// Packs complete records into messages of at most [`EXPORT_CHUNK_BYTES`] of
+/// The media type of an export format's lines.
+fn content_type(format: pb::ExportFormat) -> &'static str {
+    match format {
+        pb::ExportFormat::Ndjson => "application/x-ndjson",
+        _ => "text/plain; charset=utf-8",
+    }
+}
+
+fn body(content_type: &str, data: String) -> HttpBody {
+    HttpBody {
+        content_type: content_type.to_owned(),
+        data: data.into_bytes(),
+        extensions: Vec::new(),
+    }
+}
+
+/// Packs complete records into bodies of at most [`EXPORT_CHUNK_BYTES`] of
 /// `data` (a record larger than that travels alone).
-fn chunks(records: Vec<String>) -> Vec<pb::ExportReceiptsResponse> {
+fn chunks(records: Vec<String>, content_type: &str) -> Vec<HttpBody> {
     let mut out = Vec::new();
     let mut data = String::new();
-    let mut count = 0;
     for record in records {
-        if count > 0 && data.len() + record.len() > EXPORT_CHUNK_BYTES {
-            out.push(pb::ExportReceiptsResponse {
-                data: std::mem::take(&mut data),
-                record_count: count,
-            });
-            count = 0;
+        if !data.is_empty() && data.len() + record.len() > EXPORT_CHUNK_BYTES {
+            out.push(body(content_type, std::mem::take(&mut data)));
         }
         data.push_str(&record);
-        count += 1;
     }
-    if count > 0 {
-        out.push(pb::ExportReceiptsResponse {
-            data,
-            record_count: count,
-        });
+    if !data.is_empty() {
+        out.push(body(content_type, data));
     }
     out
 }
