@@ -382,8 +382,16 @@ impl Authenticator {
         validation.set_issuer(&[&state.issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         validation.set_audience(&[&state.audience]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
-            .map_err(|e| map_jwt_error(&e, state))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
+            let e = map_jwt_error(&e, state);
+            if state.kind == IssuerKind::Services {
+                // A peer service's token refused (clock skew, a rotated key,
+                // a replayed old token): the mesh is broken somewhere, unlike
+                // a user's stale token, which only that user sees.
+                tracing::warn!(reason = %e.message, code = ?e.code, "service token refused");
+            }
+            e
+        })?;
         let valid_until = data
             .claims
             .exp

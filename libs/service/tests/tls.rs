@@ -154,6 +154,7 @@ struct Server {
     url: String,
     dev: DevIssuer,
     services: ServiceIssuer,
+    service_signer: DevIssuer,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -163,11 +164,10 @@ async fn start(tls: Tls) -> Server {
 
 async fn start_with(tls: Tls, grpc: GrpcConfig) -> Server {
     let dev = DevIssuer::from_key_ring(KeyRing::new(SigningKeyPair::generate().unwrap()));
-    let services = ServiceIssuer::new(
-        "orchestrator",
-        Arc::new(KeyRing::new(SigningKeyPair::generate().unwrap())),
-    )
-    .unwrap();
+    let service_keys = KeyRing::new(SigningKeyPair::generate().unwrap());
+    let services = ServiceIssuer::new("orchestrator", Arc::new(service_keys.clone())).unwrap();
+    // Signs any claims with the service issuer's key (an expired token).
+    let service_signer = DevIssuer::from_key_ring(service_keys);
     let authenticator = Authenticator::new(anumate_auth::AuthConfig::default())
         .unwrap()
         .with_static_issuer(anumate_auth::DEV_ISSUER, dev.jwks())
@@ -199,6 +199,7 @@ async fn start_with(tls: Tls, grpc: GrpcConfig) -> Server {
         url,
         dev,
         services,
+        service_signer,
         _stop: stop,
     }
 }
@@ -420,6 +421,35 @@ async fn the_certificate_must_be_the_service_the_token_names() {
         err.message().contains("orchestrator, compiler"),
         "{}",
         err.message()
+    );
+
+    // The orchestrator's own certificate with an expired token of the
+    // service issuer: TOKEN_EXPIRED.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expired = server
+        .service_signer
+        .sign_claims(&serde_json::json!({
+            "iss": anumate_auth::SERVICE_ISSUER,
+            "aud": anumate_auth::SERVICE_AUDIENCE,
+            "sub": "svc:orchestrator",
+            "tenant": "t1",
+            "roles": [],
+            "iat": now - 7200,
+            "nbf": now - 7200,
+            "exp": now - 3600,
+        }))
+        .unwrap();
+    let err = who(client(&server.url, &orch), Some(&expired))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        anumate_errors::Error::from_status(&err).code,
+        anumate_errors::ErrorCode::TokenExpired,
+        "{err:?}"
     );
 
     // No token at all: UNAUTHENTICATED, certificate or not.

@@ -56,6 +56,7 @@ fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
             subject: principal.originator().to_string(),
             roles,
             groups: principal.groups.clone(),
+            traceparent: anumate_telemetry::current_traceparent(),
         },
     })
 }

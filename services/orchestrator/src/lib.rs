@@ -121,6 +121,11 @@ pub struct Starter {
     pub subject: String,
     pub roles: Vec<String>,
     pub groups: Vec<String>,
+    /// The W3C `traceparent` of the call that started the run (when traces
+    /// are exported): every pass over the run, however much later, joins
+    /// that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Starter {

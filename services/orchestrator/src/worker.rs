@@ -37,6 +37,7 @@ use anumate_store::TenantTx;
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 
 use crate::{
     Orchestrator, SELF_ACTOR, Starter, event_ctx, is_terminal, now_micros, repo, step_is_done, ts,
@@ -72,6 +73,7 @@ impl CapTokens {
         })?;
         let token = issuer.token_for(principal)?;
         let mut req = tonic::Request::new(msg);
+        anumate_service::trace::inject(req.metadata_mut());
         let value = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|e| UpstreamError::Local(Error::internal(e)))?;
         req.metadata_mut().insert("authorization", value);
@@ -454,7 +456,7 @@ impl Orchestrator {
 
     /// One action on the run.
     async fn advance(&self, tenant: &str, run_id: &str) -> Result<Next> {
-        let (row, mut steps) = {
+        let (row, steps) = {
             let tx = self.inner.store.read(tenant).await?;
             let Some(row) = repo::get_run(&tx, run_id, false).await? else {
                 return Ok(Next::Stop);
@@ -462,6 +464,21 @@ impl Orchestrator {
             let steps = repo::steps(&tx, run_id).await?;
             (row, steps)
         };
+        // The pass joins the trace of the call that started the run, however
+        // long ago: its calls upstream, receipts and events belong to it.
+        let span = tracing::info_span!("run_pass", tenant, run = run_id);
+        anumate_telemetry::continue_trace(&span, row.principal.traceparent.as_deref());
+        self.pass(tenant, run_id, row, steps).instrument(span).await
+    }
+
+    /// One pass over a run as [`Orchestrator::advance`] read it.
+    async fn pass(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        row: repo::RunRow,
+        mut steps: Vec<pb::StepRun>,
+    ) -> Result<Next> {
         let run = row.run;
         let starter = row.principal;
         if is_terminal(run.state) || run.state == pb::RunState::Paused as i32 {
