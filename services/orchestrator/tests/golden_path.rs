@@ -6,7 +6,9 @@
 //! its policy; compile; preflight (WARN: an approval is needed); execute;
 //! the run waits; two approvers other than the starter approve (quorum 2);
 //! the transfer runs once through the hub with a token; the run succeeds;
-//! every receipt of the run verifies offline. Plus the bad input `Execute`
+//! every receipt of the run verifies offline; and (with the suite's broker,
+//! `ANUMATE_TEST_KAFKA`) the run's events, relayed from the outbox, are on
+//! Kafka as CloudEvents a consumer decodes. Plus the bad input `Execute`
 //! and the control RPCs must refuse precisely, with the service serving on.
 
 use std::time::Duration;
@@ -263,6 +265,12 @@ async fn golden_path(app: TestApp) {
         verify_offline(&app, &run_id, id).await;
     }
 
+    // The run's events are on Kafka as CloudEvents (with the suite's broker).
+    match std::env::var("ANUMATE_TEST_KAFKA") {
+        Ok(brokers) => run_events_on_kafka(&app, &brokers, &run_id).await,
+        Err(_) => eprintln!("ANUMATE_TEST_KAFKA unset: the run's events on Kafka are not checked"),
+    }
+
     // The journal tells the story, and a watch of the ended run is its snapshot.
     let history = alice
         .orch
@@ -504,4 +512,133 @@ async fn bad_input(app: TestApp) {
         .run
         .unwrap();
     assert_eq!(killed.state(), pb::RunState::Succeeded);
+}
+
+/// Relays the app's outbox to Kafka (as every serving process does with
+/// `[kafka] brokers`) and reads `anumate.runs` back as a consumer would:
+/// the run's story, one structured CloudEvent per change, each decoding to
+/// its protobuf message.
+async fn run_events_on_kafka(app: &TestApp, brokers: &str, run_id: &str) {
+    use prost::Message as _;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    let store = anumate_store::Store::connect(&app._db.config)
+        .await
+        .unwrap();
+    let relay = anumate_events::relay::Relay::new(
+        store,
+        anumate_events::relay::KafkaConfig {
+            brokers: brokers.into(),
+            poll_ms: 10,
+            // The test connects as the database's owner.
+            relay_role: String::new(),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .spawn();
+
+    let topic = "anumate.runs";
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("golden-{run_id}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut partitions = TopicPartitionList::new();
+    while partitions.count() == 0 {
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            for t in md.topics() {
+                for p in t.partitions() {
+                    partitions
+                        .add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .unwrap();
+                }
+            }
+        }
+        if partitions.count() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    consumer.assign(&partitions).unwrap();
+    // (type, headers, value) of this run's events (the broker is shared).
+    let mut seen: Vec<(String, HashMap<String, String>, Vec<u8>)> = Vec::new();
+    while !seen
+        .iter()
+        .any(|(t, _, _)| t == "dev.anumate.run.completed.v1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no run.completed for {run_id} on {topic}; saw {:?}",
+            seen.iter().map(|(t, _, _)| t).collect::<Vec<_>>()
+        );
+        let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        let headers: HashMap<String, String> = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The subject of a run's events is the run.
+        if headers.get("ce_subject").is_some_and(|s| s == run_id) {
+            let ty = headers.get("ce_type").cloned().unwrap_or_default();
+            seen.push((ty, headers, msg.payload().unwrap_or_default().to_vec()));
+        }
+    }
+    tokio::task::spawn_blocking(move || drop(consumer))
+        .await
+        .unwrap();
+    relay.shutdown(Duration::from_secs(5)).await;
+
+    let types: Vec<&str> = seen.iter().map(|(t, _, _)| t.as_str()).collect();
+    for wanted in [
+        "dev.anumate.step.started.v1",
+        "dev.anumate.step.completed.v1",
+        "dev.anumate.step.waiting_approval.v1",
+        "dev.anumate.run.completed.v1",
+    ] {
+        assert!(types.contains(&wanted), "{wanted} missing: {types:?}");
+    }
+    for (ty, h, value) in &seen {
+        let descriptor = anumate_events::cloudevents::descriptor_of_type(ty)
+            .unwrap_or_else(|| panic!("{ty} is no Anumate event type"));
+        let msg = prost_reflect::DynamicMessage::decode(descriptor, value.as_slice())
+            .unwrap_or_else(|e| panic!("{ty} does not decode: {e}"));
+        assert_eq!(
+            msg.get_field_by_name("run_id").unwrap().as_str(),
+            Some(run_id),
+            "{ty}: {msg:?}"
+        );
+        assert_eq!(h["ce_specversion"], "1.0", "{ty}: {h:?}");
+        assert_eq!(h["ce_source"], "/anumate/runs", "{ty}: {h:?}");
+        assert_eq!(h["ce_tenantid"], TENANT, "{ty}: {h:?}");
+        assert!(
+            h.contains_key("ce_id") && h.contains_key("ce_time"),
+            "{h:?}"
+        );
+    }
+    let (_, _, completed) = seen
+        .iter()
+        .find(|(t, _, _)| t == "dev.anumate.run.completed.v1")
+        .unwrap();
+    let completed = anumate_proto::events::v1::RunCompleted::decode(completed.as_slice()).unwrap();
+    assert_eq!(completed.run_id, run_id);
+    assert_eq!(completed.tenant_id, TENANT);
 }
