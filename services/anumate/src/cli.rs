@@ -42,11 +42,12 @@ pub struct Connection {
     #[arg(long, default_value = ".anumate", global = true)]
     pub data_dir: PathBuf,
     /// CA certificates (PEM) trusted for the server's certificate: connect
-    /// with mTLS to a server with `[tls]` (with --tls-cert and --tls-key).
+    /// over TLS to a server with `[tls]` (add --tls-cert and --tls-key when
+    /// it asks for a client certificate: `[tls] client_ca`).
     #[arg(long, env = "ANUMATE_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
     /// This client's certificate chain (PEM), signed by a CA the server's
-    /// `[tls] client_ca` holds.
+    /// `[tls] client_ca` holds (with --tls-key and --tls-ca).
     #[arg(long, env = "ANUMATE_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
@@ -100,6 +101,15 @@ async fn probe(tls: &Tls, uri: &http::Uri, server: &str) -> Result<(), String> {
     }
 }
 
+/// How the CLI speaks TLS to the server.
+enum ClientTls {
+    /// The server's certificate checked against `--tls-ca`; no client
+    /// certificate (a server with `[tls]` and no `client_ca`).
+    ServerAuth(tonic::transport::ClientTlsConfig),
+    /// mTLS: the server checked, and this client's certificate presented.
+    Mutual(Tls),
+}
+
 /// A channel that sends the bearer token with every call.
 pub(crate) type Authed = InterceptedService<Channel, BearerToken>;
 
@@ -122,7 +132,21 @@ impl Connection {
             .or_else(|| state.as_ref().map(|s| s.token.clone()))
             .ok_or_else(|| "no token: pass --token or set ANUMATE_TOKEN".to_string())?;
         let channel = match self.tls()? {
-            Some(tls) => {
+            Some(ClientTls::ServerAuth(config)) => {
+                // tonic does the TLS: the address must say `https`.
+                let https = match server.strip_prefix("http://") {
+                    Some(rest) => format!("https://{rest}"),
+                    None => server.clone(),
+                };
+                Endpoint::from_shared(https)
+                    .and_then(|e| e.tls_config(config))
+                    .map_err(|e| format!("bad server address {server:?}: {}", causes(&e)))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach {server} over TLS: {}", causes(&e)))?
+            }
+            Some(ClientTls::Mutual(tls)) => {
                 // The connector does the TLS: tonic must not see `https`.
                 let plain = match server.strip_prefix("https://") {
                     Some(rest) => format!("http://{rest}"),
@@ -139,7 +163,7 @@ impl Connection {
             }
             None if server.starts_with("https://") => {
                 return Err(format!(
-                    "{server} is TLS: pass --tls-ca, --tls-cert and --tls-key (or set ANUMATE_TLS_CA, ANUMATE_TLS_CERT and ANUMATE_TLS_KEY)"
+                    "{server} is TLS: pass --tls-ca, and --tls-cert and --tls-key when it asks for a client certificate (or set ANUMATE_TLS_CA, ANUMATE_TLS_CERT and ANUMATE_TLS_KEY)"
                 ));
             }
             None => Channel::from_shared(server.clone())
@@ -151,11 +175,25 @@ impl Connection {
         Ok((channel, BearerToken(token)))
     }
 
-    /// The client TLS of `--tls-ca`, `--tls-cert` and `--tls-key` (all three
-    /// or none: a server with `[tls]` asks for a client certificate).
-    fn tls(&self) -> Result<Option<Tls>, String> {
+    /// The client TLS of `--tls-ca` alone (the server's certificate
+    /// checked, no client certificate), or of `--tls-ca`, `--tls-cert` and
+    /// `--tls-key` (mTLS, for a server with `[tls] client_ca`).
+    fn tls(&self) -> Result<Option<ClientTls>, String> {
         let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
             (None, None, None) => return Ok(None),
+            (Some(ca), None, None) => {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!(
+                        "--tls-ca {}: holds no PEM certificate",
+                        ca.display()
+                    ));
+                }
+                let config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                return Ok(Some(ClientTls::ServerAuth(config)));
+            }
             (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
             (ca, cert, key) => {
                 let missing: Vec<&str> = [
@@ -167,7 +205,7 @@ impl Connection {
                 .filter_map(|(flag, absent)| absent.then_some(flag))
                 .collect();
                 return Err(format!(
-                    "--tls-ca, --tls-cert and --tls-key go together; missing: {}",
+                    "a client certificate needs --tls-ca, --tls-cert and --tls-key together; missing: {}",
                     missing.join(", ")
                 ));
             }
@@ -179,13 +217,15 @@ impl Connection {
             reload_secs: 0,
             ..TlsConfig::default()
         };
-        Tls::load(&config).map(Some).map_err(|e| {
-            // The settings' names as this command spells them.
-            e.message
-                .replace("tls.cert", "--tls-cert")
-                .replace("tls.key", "--tls-key")
-                .replace("tls.ca", "--tls-ca")
-        })
+        Tls::load(&config)
+            .map(|t| Some(ClientTls::Mutual(t)))
+            .map_err(|e| {
+                // The settings' names as this command spells them.
+                e.message
+                    .replace("tls.cert", "--tls-cert")
+                    .replace("tls.key", "--tls-key")
+                    .replace("tls.ca", "--tls-ca")
+            })
     }
 
     /// Connects and wraps the channel in a generated client, e.g.

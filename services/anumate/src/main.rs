@@ -326,6 +326,10 @@ async fn run_dev(config: AppConfig) -> anyhow::Result<()> {
         &[Role::Admin],
         Duration::from_secs(config.dev.token_ttl_hours * 3600),
     )?;
+    // `[tls]` is checked before anything is printed or written to dev.json
+    // (the server then uses what this loaded).
+    anumate_service::clients::process_tls(&config.tls)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.message))?;
     let listener = server::bind(&config).await?;
     let addr = listener.local_addr()?;
     // With `[tls]` the gRPC listener speaks TLS: say so in the address the

@@ -99,7 +99,7 @@ fn the_cli_presents_a_client_certificate_to_a_tls_server() {
     let bare = cli_env(d, &[], &["tool", "list", "--server", &https]).failed();
     assert!(
         bare.stderr
-            .contains("is TLS: pass --tls-ca, --tls-cert and --tls-key"),
+            .contains("is TLS: pass --tls-ca, and --tls-cert and --tls-key when it asks"),
         "{bare:#?}"
     );
     // Plain HTTP/2 to the TLS listener: refused.
@@ -147,14 +147,35 @@ fn the_cli_presents_a_client_certificate_to_a_tls_server() {
     let missing = cli_env(
         d,
         &[],
-        &["tool", "list", "--server", &https, "--tls-ca", s(&ca_file)],
+        &[
+            "tool",
+            "list",
+            "--server",
+            &https,
+            "--tls-ca",
+            s(&ca_file),
+            "--tls-cert",
+            s(&crt),
+        ],
     )
     .failed();
     assert!(
         missing
             .stderr
-            .contains("go together; missing: --tls-cert, --tls-key"),
+            .contains("--tls-cert and --tls-key together; missing: --tls-key"),
         "{missing:#?}"
+    );
+    // The CA alone to this server, which asks for a client certificate:
+    // refused, never answered.
+    let no_cert = cli_env(
+        d,
+        &[],
+        &["tool", "list", "--server", &https, "--tls-ca", s(&ca_file)],
+    )
+    .failed();
+    assert!(
+        !no_cert.stdout.contains("payments.transfer"),
+        "{no_cert:#?}"
     );
     let not_pem = cli_env(
         d,
@@ -200,5 +221,65 @@ fn the_cli_presents_a_client_certificate_to_a_tls_server() {
     assert!(
         gone.stderr.contains("--tls-ca: cannot read") && gone.stderr.contains("absent.crt"),
         "{gone:#?}"
+    );
+}
+
+/// A server with `[tls]` but no `client_ca` (TLS without the "m"): the CLI
+/// needs only `--tls-ca`, and still refuses a server its CA did not sign.
+#[test]
+fn the_cli_speaks_tls_with_only_a_ca_to_a_server_without_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = d.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let server_ca = ca("anumate server CA");
+    let ca_file = certs.join("ca.crt");
+    std::fs::write(&ca_file, &server_ca.pem).unwrap();
+    let (server_crt, server_key) = certify(&certs, &server_ca, "server");
+    let rogue = ca("rogue CA");
+    let rogue_file = certs.join("rogue.crt");
+    std::fs::write(&rogue_file, &rogue.pem).unwrap();
+
+    let _dev = start_dev_env(
+        d,
+        &[
+            ("ANUMATE_TLS__CERT", s(&server_crt)),
+            ("ANUMATE_TLS__KEY", s(&server_key)),
+            // What it trusts calling others; no `client_ca`.
+            ("ANUMATE_TLS__CA", s(&ca_file)),
+        ],
+    );
+    let https = dev_state(d)["server"].as_str().unwrap().to_owned();
+    assert!(https.starts_with("https://"), "{https}");
+
+    // dev.json's https:// address, and the same server named http://.
+    let tools = common::examples().join("transfer.tools.yaml");
+    let pushed = cli_env(
+        d,
+        &[],
+        &["tool", "push", s(&tools), "--tls-ca", s(&ca_file)],
+    )
+    .ok();
+    assert!(pushed.stdout.contains("payments.transfer"), "{pushed:#?}");
+    let plain = https.replace("https://", "http://");
+    let listed = cli_env(
+        d,
+        &[("ANUMATE_TLS_CA", s(&ca_file))],
+        &["tool", "list", "--server", &plain],
+    )
+    .ok();
+    assert!(listed.stdout.contains("payments.transfer"), "{listed:#?}");
+
+    // Another CA: the CLI does not trust the server, and says so.
+    let untrusted = cli_env(d, &[], &["tool", "list", "--tls-ca", s(&rogue_file)]).failed();
+    assert!(
+        untrusted.stderr.contains("over TLS") && untrusted.stderr.contains("certificate"),
+        "{untrusted:#?}"
+    );
+    // A file that holds no certificate: said before connecting.
+    let not_pem = cli_env(d, &[], &["tool", "list", "--tls-ca", s(&server_key)]).failed();
+    assert!(
+        not_pem.stderr.contains("--tls-ca") && not_pem.stderr.contains("holds no PEM certificate"),
+        "{not_pem:#?}"
     );
 }
