@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use tonic::transport::Channel;
 
 mod common;
-use common::{Run, anumate, cli, dev_state, examples, http_get, run};
+use common::{Run, anumate, cli, dev_state, examples, free_port, http_get, run};
 
 const CAPSULE: &str = "refund-small-orders";
 const REFUND: &str = "examples/refund.capsule.yaml";
@@ -875,15 +875,6 @@ fn dev_admin(dev: &Dev) -> String {
         .unwrap()
         .trim_start_matches("http://")
         .to_owned()
-}
-
-/// A port free at the time of asking.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Writes a fresh PKCS#8 PEM key to `path`; returns its kid.

@@ -14,9 +14,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anumate_auth::{BearerToken, DevIssuer, Role};
@@ -28,7 +26,7 @@ use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_service::clients;
 use anumate_service::tls::{Tls, TlsConfig};
-use common::{Ca, anumate, ca, run};
+use common::{Ca, Pod, anumate, ca, free_port, run, start_pod};
 use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use tonic::transport::Channel;
 
@@ -91,25 +89,6 @@ fn certify(dir: &Path, ca: &Ca, name: &str, trust: &Path) -> TlsConfig {
         client_ca: trust.to_owned(),
         reload_secs: 5,
         ..TlsConfig::default()
-    }
-}
-
-/// A free port on 127.0.0.1 (bound, then released for the process).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `anumate serve <role>`, killed when dropped.
-struct Pod(Child, String);
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -225,40 +204,11 @@ async fn every_service_its_own_process_over_mtls() {
             .arg(&config_path)
             .env("ANUMATE_STORE__URL", &db.config.url)
             .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let pod = Pod(child, log.display().to_string());
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.contains("serving ") || line.contains("REST gateway on") => {
-                    break;
-                }
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "anumate serve {role} did not start:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                ),
-            }
-        }
+            .env("RUST_LOG", "info");
+        let pod = start_pod(cmd, role, log);
         pods.push(pod);
     }
-    let logs = || {
-        pods.iter()
-            .map(|p| format!("--- {}\n{}", p.1, tail(&p.1)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let logs = || pods.iter().map(Pod::tail).collect::<Vec<_>>().join("\n");
 
     // The test's own client certificate: a certificate of the CA naming no
     // service (an operator's), with the user's token.
@@ -457,10 +407,4 @@ fn get_with_token(addr: &str, path: &str, token: &str) -> (u16, String) {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
-}
-
-fn tail(path: &str) -> String {
-    let text = std::fs::read_to_string(PathBuf::from(path)).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
 }

@@ -13,15 +13,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anumate_auth::{DevIssuer, Role};
 use anumate_crypto::{KeyPair as SigningKeyPair, KeyRing};
-use common::{anumate, http_request, run};
+use common::{Pod, anumate, free_port, http_request, run, start_pod};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -97,29 +95,10 @@ impl TraceService for Collector {
     }
 }
 
-/// `anumate serve <role>`, killed when dropped.
-struct Pod(Child, String);
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `anumate serve <role>` with `config`, and waits until it serves.
 fn start(d: &Path, role: &str, config: &str, store_url: &str) -> Pod {
     let config_path = d.join(format!("{role}.toml"));
     std::fs::write(&config_path, config).unwrap();
-    let log = d.join(format!("{role}.log"));
     let mut cmd = anumate(d);
     cmd.args(["serve", role, "--listen"])
         .arg(if role == "gateway" {
@@ -137,32 +116,8 @@ fn start(d: &Path, role: &str, config: &str, store_url: &str) -> Pod {
         .env("ANUMATE_ADMIN__LISTEN", "127.0.0.1:0")
         // Export each batch of spans within 100 ms (the SDK's default is 5 s).
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let pod = Pod(child, log.display().to_string());
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains("serving ") || line.contains("REST gateway on") => {
-                return pod;
-            }
-            Ok(_) => {}
-            Err(_) => panic!(
-                "anumate serve {role} did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        }
-    }
+        .env("RUST_LOG", "info");
+    start_pod(cmd, role, d.join(format!("{role}.log")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,18 +209,7 @@ async fn one_trace_spans_the_gateway_the_services_and_kafka() {
         );
         pods.push(start(d, role, &config, &db.config.url));
     }
-    let logs = || {
-        pods.iter()
-            .map(|p| {
-                format!(
-                    "--- {}\n{}",
-                    p.1,
-                    std::fs::read_to_string(&p.1).unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let logs = || pods.iter().map(Pod::tail).collect::<Vec<_>>().join("\n");
 
     // The policy and capsule, straight to their services (not traced by us).
     let bearer = format!("Bearer {token}");

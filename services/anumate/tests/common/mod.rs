@@ -363,3 +363,66 @@ pub fn ca(name: &str) -> Ca {
         issuer: Issuer::new(params, key),
     }
 }
+
+/// A free port on 127.0.0.1 (bound, then released for the process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An `anumate serve <role>` process (killed when dropped) and its log.
+pub struct Pod {
+    child: Child,
+    /// The file its stderr (the log) goes to.
+    pub log: PathBuf,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pod {
+    /// The last lines of its log, headed by the file's name.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {}\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )
+    }
+}
+
+/// Spawns `cmd` (an `anumate serve <role>`) with its stderr to `log` and
+/// waits (up to a minute) until it says it serves.
+pub fn start_pod(mut cmd: Command, role: &str, log: PathBuf) -> Pod {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let pod = Pod { child, log };
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("serving ") || line.contains("REST gateway on") => {
+                return pod;
+            }
+            Ok(_) => {}
+            Err(_) => panic!("anumate serve {role} did not start:\n{}", pod.tail()),
+        }
+    }
+}
