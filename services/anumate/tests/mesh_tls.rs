@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anumate_auth::{BearerToken, DevIssuer, Role};
-use anumate_crypto::{KeyPair as SigningKeyPair, KeyRing};
+use anumate_auth::BearerToken;
 use anumate_proto::compiler::v1 as cpb;
 use anumate_proto::orchestrator::v1 as pb;
 use anumate_proto::policy::v1 as ppb;
@@ -26,7 +25,7 @@ use anumate_proto::receipts::v1 as rcpb;
 use anumate_proto::registry::v1 as rpb;
 use anumate_service::clients;
 use anumate_service::tls::{Tls, TlsConfig};
-use common::{Ca, Pod, anumate, ca, free_port, run, start_pod};
+use common::{Ca, Mesh, Pod, anumate, ca, free_port, start_pod};
 use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use tonic::transport::Channel;
 
@@ -101,41 +100,15 @@ async fn every_service_its_own_process_over_mtls() {
     let db = anumate_store::testing::TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let keys = d.join("keys");
+    let mesh = Mesh::prepare(d, &db);
+    let keys = &mesh.keys;
+    let token = BearerToken(mesh.token.clone());
     let certs = d.join("certs");
-    std::fs::create_dir_all(&keys).unwrap();
     std::fs::create_dir_all(&certs).unwrap();
-    for k in ["registry", "receipts", "services", "captokens"] {
-        let key = SigningKeyPair::generate().unwrap();
-        std::fs::write(keys.join(format!("{k}.pem")), key.to_pkcs8_pem()).unwrap();
-    }
-    // Users: a test issuer trusted through a JWKS file.
-    let users = DevIssuer::from_key_ring(KeyRing::new(SigningKeyPair::generate().unwrap()));
-    std::fs::write(
-        d.join("users.jwks.json"),
-        serde_json::to_vec(&users.jwks()).unwrap(),
-    )
-    .unwrap();
-    let token = BearerToken(
-        users
-            .mint("t1", "user:alice", &[Role::Admin], Duration::from_secs(600))
-            .unwrap(),
-    );
 
     let mesh_ca = ca("anumate mesh test CA");
     let ca_file = certs.join("ca.crt");
     std::fs::write(&ca_file, &mesh_ca.pem).unwrap();
-
-    let migrate = run({
-        let mut c = anumate(d);
-        c.arg("migrate")
-            .env("ANUMATE_DATA_DIR", d.join("data"))
-            .env("ANUMATE_STORE__APP_ROLE", "anumate_app")
-            .env("ANUMATE_STORE__URL", &db.config.url)
-            .env("ANUMATE_STORE__OWNER_URL", &db.config.owner_url);
-        c
-    });
-    assert!(migrate.status.success(), "migrate: {migrate:#?}");
 
     let ports: BTreeMap<&str, u16> = ROLES.iter().map(|r| (*r, free_port())).collect();
     let url = |role: &str| format!("https://127.0.0.1:{}", ports[role]);
@@ -163,18 +136,9 @@ async fn every_service_its_own_process_over_mtls() {
     for role in ROLES {
         let tls = certify(&certs, &mesh_ca, role, &ca_file);
         let config = format!(
-            "data_dir = {data:?}\n\n{upstreams}\
-             [auth]\nissuers = [{{ issuer = {iss:?}, audience = {aud:?}, tenants = [\"*\"], jwks_file = {jwks:?} }}]\n\n\
-             [keys]\nreceipts_key_files = [{rk:?}]\nregistry_key_files = [{gk:?}]\nservice_key_files = [{sk:?}]\n\n\
-             [store]\napp_role = \"anumate_app\"\n\n\
+            "{shared}{upstreams}\
              [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\nreload_secs = 5\n\n{gateway}",
-            data = d.join("data").display().to_string(),
-            iss = anumate_auth::DEV_ISSUER,
-            aud = anumate_auth::DEV_AUDIENCE,
-            jwks = d.join("users.jwks.json").display().to_string(),
-            rk = keys.join("receipts.pem").display().to_string(),
-            gk = keys.join("registry.pem").display().to_string(),
-            sk = keys.join("services.pem").display().to_string(),
+            shared = mesh.config,
             cert = tls.cert.display().to_string(),
             key = tls.key.display().to_string(),
             ca = ca_file.display().to_string(),

@@ -17,9 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anumate_auth::{DevIssuer, Role};
-use anumate_crypto::{KeyPair as SigningKeyPair, KeyRing};
-use common::{Pod, anumate, free_port, http_request, run, start_pod};
+use common::{Mesh, Pod, anumate, free_port, http_request, start_pod};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -134,31 +132,8 @@ async fn one_trace_spans_the_gateway_the_services_and_kafka() {
     let db = anumate_store::testing::TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let keys = d.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    for k in ["registry", "receipts", "services"] {
-        let key = SigningKeyPair::generate().unwrap();
-        std::fs::write(keys.join(format!("{k}.pem")), key.to_pkcs8_pem()).unwrap();
-    }
-    let users = DevIssuer::from_key_ring(KeyRing::new(SigningKeyPair::generate().unwrap()));
-    std::fs::write(
-        d.join("users.jwks.json"),
-        serde_json::to_vec(&users.jwks()).unwrap(),
-    )
-    .unwrap();
-    let token = users
-        .mint("t1", "user:alice", &[Role::Admin], Duration::from_secs(600))
-        .unwrap();
-    let migrate = run({
-        let mut c = anumate(d);
-        c.arg("migrate")
-            .env("ANUMATE_DATA_DIR", d.join("data"))
-            .env("ANUMATE_STORE__APP_ROLE", "anumate_app")
-            .env("ANUMATE_STORE__URL", &db.config.url)
-            .env("ANUMATE_STORE__OWNER_URL", &db.config.owner_url);
-        c
-    });
-    assert!(migrate.status.success(), "migrate: {migrate:#?}");
+    let mesh = Mesh::prepare(d, &db);
+    let token = mesh.token.clone();
 
     let kafka = std::env::var("ANUMATE_TEST_KAFKA").ok();
     let roles: &[&str] = if kafka.is_some() {
@@ -173,25 +148,15 @@ async fn one_trace_spans_the_gateway_the_services_and_kafka() {
     let mut pods = Vec::new();
     for role in roles {
         let config = format!(
-            "# listen 127.0.0.1:{port}\n\
-             data_dir = {data:?}\n\n\
+            "# listen 127.0.0.1:{port}\n{shared}\
              [compiler]\npolicy_url = {policy:?}\nregistry_url = {registry:?}\n\n\
-             [auth]\nissuers = [{{ issuer = {iss:?}, audience = {aud:?}, tenants = [\"*\"], jwks_file = {jwks:?} }}]\n\n\
-             [keys]\nreceipts_key_files = [{rk:?}]\nregistry_key_files = [{gk:?}]\nservice_key_files = [{sk:?}]\n\n\
-             [store]\napp_role = \"anumate_app\"\n\n\
              [telemetry]\notlp_endpoint = \"http://{otlp_addr}\"\n\n\
              [events]\nhistory_group = {group:?}\n\n\
              {kafka}{gateway}",
             port = ports[role],
-            data = d.join("data").display().to_string(),
+            shared = mesh.config,
             policy = url("policy"),
             registry = url("registry"),
-            iss = anumate_auth::DEV_ISSUER,
-            aud = anumate_auth::DEV_AUDIENCE,
-            jwks = d.join("users.jwks.json").display().to_string(),
-            rk = keys.join("receipts.pem").display().to_string(),
-            gk = keys.join("registry.pem").display().to_string(),
-            sk = keys.join("services.pem").display().to_string(),
             kafka = match &kafka {
                 Some(brokers) => format!("[kafka]\nbrokers = {brokers:?}\n\n"),
                 None => String::new(),

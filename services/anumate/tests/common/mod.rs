@@ -426,3 +426,72 @@ pub fn start_pod(mut cmd: Command, role: &str, log: PathBuf) -> Pod {
         }
     }
 }
+
+/// What every process of a mesh test shares, in `dir`: signing keys
+/// (`keys/{registry,receipts,services,captokens}.pem`), a users' issuer
+/// trusted through `users.jwks.json`, the database migrated as its owner.
+pub struct Mesh {
+    /// The keys' directory.
+    pub keys: PathBuf,
+    /// The users' issuer (mint more tokens with it).
+    pub users: anumate_auth::DevIssuer,
+    /// An admin's token of tenant `t1` (`user:alice`).
+    pub token: String,
+    /// `data_dir`, `[auth]`, `[keys]` and `[store]` of every process's TOML.
+    pub config: String,
+}
+
+impl Mesh {
+    /// Keys, the users' issuer and the migrated database `db` in `dir`.
+    pub fn prepare(dir: &Path, db: &anumate_store::testing::TestDb) -> Mesh {
+        use anumate_crypto::{KeyPair, KeyRing};
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        for k in ["registry", "receipts", "services", "captokens"] {
+            let key = KeyPair::generate().unwrap();
+            std::fs::write(keys.join(format!("{k}.pem")), key.to_pkcs8_pem()).unwrap();
+        }
+        let users =
+            anumate_auth::DevIssuer::from_key_ring(KeyRing::new(KeyPair::generate().unwrap()));
+        let jwks = dir.join("users.jwks.json");
+        std::fs::write(&jwks, serde_json::to_vec(&users.jwks()).unwrap()).unwrap();
+        let token = users
+            .mint(
+                "t1",
+                "user:alice",
+                &[anumate_auth::Role::Admin],
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let migrate = run({
+            let mut c = anumate(dir);
+            c.arg("migrate")
+                .env("ANUMATE_DATA_DIR", dir.join("data"))
+                .env("ANUMATE_STORE__APP_ROLE", "anumate_app")
+                .env("ANUMATE_STORE__URL", &db.config.url)
+                .env("ANUMATE_STORE__OWNER_URL", &db.config.owner_url);
+            c
+        });
+        assert!(migrate.status.success(), "migrate: {migrate:#?}");
+        let path = |p: PathBuf| p.display().to_string();
+        let config = format!(
+            "data_dir = {data:?}\n\n\
+             [auth]\nissuers = [{{ issuer = {iss:?}, audience = {aud:?}, tenants = [\"*\"], jwks_file = {jwks:?} }}]\n\n\
+             [keys]\nreceipts_key_files = [{rk:?}]\nregistry_key_files = [{gk:?}]\nservice_key_files = [{sk:?}]\n\n\
+             [store]\napp_role = \"anumate_app\"\n\n",
+            data = path(dir.join("data")),
+            iss = anumate_auth::DEV_ISSUER,
+            aud = anumate_auth::DEV_AUDIENCE,
+            jwks = path(jwks.clone()),
+            rk = path(keys.join("receipts.pem")),
+            gk = path(keys.join("registry.pem")),
+            sk = path(keys.join("services.pem")),
+        );
+        Mesh {
+            keys,
+            users,
+            token,
+            config,
+        }
+    }
+}
