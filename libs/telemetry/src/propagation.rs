@@ -85,25 +85,25 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
 /// `traceparent`, named after its path (the gRPC method) for the exporter.
 #[derive(Debug, Clone, Copy)]
 pub struct CallSpan {
-    kind: &'static str,
+    grpc: bool,
 }
 
 impl CallSpan {
     /// The span of a gRPC server call (`otel.name` = `/package.Service/Method`).
     pub const fn grpc() -> CallSpan {
-        CallSpan { kind: "grpc" }
+        CallSpan { grpc: true }
     }
 
     /// The span of an HTTP request (`otel.name` = `METHOD /path`).
     pub const fn http() -> CallSpan {
-        CallSpan { kind: "http" }
+        CallSpan { grpc: false }
     }
 }
 
 impl<B> tower_http::trace::MakeSpan<B> for CallSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> tracing::Span {
         let path = request.uri().path();
-        let span = if self.kind == "grpc" {
+        let span = if self.grpc {
             tracing::debug_span!(
                 target: CALL_SPAN_TARGET,
                 "request",
@@ -131,6 +131,18 @@ impl<B> tower_http::trace::MakeSpan<B> for CallSpan {
             .and_then(|v| v.to_str().ok());
         continue_trace(&span, incoming);
         span
+    }
+}
+
+/// Sets `traceparent` on an outgoing gRPC call's metadata to the current
+/// span's, when there is one to propagate (else leaves the metadata as it is).
+pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
+    if let Some(tp) = current_traceparent()
+        && let Ok(mut value) = tonic::metadata::AsciiMetadataValue::try_from(tp)
+    {
+        // New on every call: never worth an HPACK table entry.
+        value.set_sensitive(true);
+        metadata.insert(TRACEPARENT, value);
     }
 }
 

@@ -515,12 +515,7 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut tonic::metadata::Metadata
     }
     // The upstream call is a child of this request's span (itself a child
     // of the client's `traceparent`), when traces are exported.
-    if let Some(tp) = anumate_telemetry::current_traceparent()
-        && let Ok(mut v) = tonic::metadata::AsciiMetadataValue::try_from(tp)
-    {
-        v.set_sensitive(true);
-        metadata.insert(anumate_telemetry::TRACEPARENT, v);
-    }
+    anumate_telemetry::propagation::inject(metadata);
 }
 
 async fn grpc_client(channel: &Upstream) -> Result<tonic::client::Grpc<Upstream>, tonic::Status> {
