@@ -199,6 +199,8 @@ struct Inner {
     awaiting: Mutex<HashMap<String, (String, String)>>,
     /// Runs nudged since their driver last looked (tenant, run).
     nudged: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Runs driven here, as last read or saved (see `Orchestrator::save`).
+    known: Mutex<HashMap<(String, String), worker::Known>>,
 }
 
 fn upstream(e: &UpstreamError, what: &str) -> Error {
@@ -253,6 +255,7 @@ impl Orchestrator {
                 driving: Mutex::default(),
                 awaiting: Mutex::default(),
                 nudged: Mutex::default(),
+                known: Mutex::default(),
             }),
         }
     }

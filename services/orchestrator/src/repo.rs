@@ -52,13 +52,69 @@ const DDL: &str = "CREATE TABLE orch_runs (
       );
       CREATE INDEX orch_work_due ON orch_work (due_at)";
 
+/// A run's journal sequence as a column, so a worker can fence a save on
+/// it (see [`fence`]).
+const SEQ: &str = "ALTER TABLE orch_runs ADD COLUMN seq BIGINT NOT NULL DEFAULT 0";
+
+/// [`fence`] on PostgreSQL: locks the run, checks that its sequence is the
+/// one the worker last saw and that the worker still holds its lease (which
+/// it extends), or raises [`STALE`]; one statement at the head of a save's
+/// batch, so the rest of the batch commits only when the fence holds.
+const FENCE: &str = "ALTER TABLE orch_runs ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+      CREATE FUNCTION anumate_orch_fence(
+        p_tenant TEXT, p_run TEXT, p_owner TEXT, p_until BIGINT, p_seq BIGINT) RETURNS VOID
+        LANGUAGE plpgsql AS $$
+      BEGIN
+        PERFORM 1 FROM orch_runs
+          WHERE tenant_id = p_tenant AND run_id = p_run AND seq = p_seq FOR UPDATE;
+        IF NOT FOUND THEN
+          RAISE EXCEPTION 'anumate_orch_stale: the run changed since the worker read it';
+        END IF;
+        UPDATE orch_work SET lease_until = p_until
+          WHERE tenant_id = p_tenant AND run_id = p_run AND lease_owner = p_owner;
+        IF NOT FOUND THEN
+          RAISE EXCEPTION 'anumate_orch_stale: the worker does not hold the lease';
+        END IF;
+      END $$";
+
 /// Orchestrator tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "orchestrator_0001_journal",
-    postgres: DDL,
-    sqlite: DDL,
-    tenant_tables: &["orch_runs", "orch_steps", "orch_history"],
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "orchestrator_0001_journal",
+        postgres: DDL,
+        sqlite: DDL,
+        tenant_tables: &["orch_runs", "orch_steps", "orch_history"],
+    },
+    Migration {
+        id: "orchestrator_0002_fence",
+        postgres: FENCE,
+        sqlite: SEQ,
+        tenant_tables: &[],
+    },
+];
+
+/// The message a failed [`fence`] raises (in the batch's commit error).
+pub const STALE: &str = "anumate_orch_stale";
+
+/// Fences the rest of a deferred save (`Store::write_deferred`, PostgreSQL
+/// only): its commit fails with [`STALE`] in the error, writing nothing,
+/// unless the run's sequence is still `seq` and `owner` holds the run's
+/// lease, which is extended to `until`. The run stays locked until the
+/// commit.
+pub async fn fence(tx: &TenantTx, run_id: &str, owner: &str, until: i64, seq: i64) -> Result<()> {
+    tx.execute(
+        "SELECT anumate_orch_fence($1, $2, $3, $4, $5)",
+        vec![
+            tx.tenant_id().into(),
+            run_id.into(),
+            owner.into(),
+            until.into(),
+            seq.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
 
 fn db(e: anumate_store::DbErr) -> Error {
     Error::internal(e)
@@ -95,8 +151,8 @@ const RUN_COLS: &str = "run_json, request_json, principal_json";
 /// Inserts a new run.
 pub async fn insert_run(tx: &TenantTx, r: &RunRow, created_at: i64) -> Result<()> {
     tx.execute(
-        "INSERT INTO orch_runs (tenant_id, run_id, idempotency_key, request_json, plan_hash, capsule_name, state, created_by, created_at, principal_json, run_json) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "INSERT INTO orch_runs (tenant_id, run_id, idempotency_key, request_json, plan_hash, capsule_name, state, created_by, created_at, principal_json, run_json, seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         vec![
             tx.tenant_id().into(),
             r.run.run_id.as_str().into(),
@@ -109,21 +165,23 @@ pub async fn insert_run(tx: &TenantTx, r: &RunRow, created_at: i64) -> Result<()
             created_at.into(),
             json(&r.principal)?.into(),
             json(&r.run)?.into(),
+            r.run.sequence.into(),
         ],
     )
     .await?;
     Ok(())
 }
 
-/// Saves a run's changed fields.
+/// Saves a run's changed fields (and its sequence).
 pub async fn update_run(tx: &TenantTx, run: &pb::Run) -> Result<()> {
     tx.execute(
-        "UPDATE orch_runs SET state = $3, run_json = $4 WHERE tenant_id = $1 AND run_id = $2",
+        "UPDATE orch_runs SET state = $3, run_json = $4, seq = $5 WHERE tenant_id = $1 AND run_id = $2",
         vec![
             tx.tenant_id().into(),
             run.run_id.as_str().into(),
             run.state.into(),
             json(run)?.into(),
+            run.sequence.into(),
         ],
     )
     .await?;
@@ -144,6 +202,40 @@ pub async fn get_run(tx: &TenantTx, run_id: &str, lock: bool) -> Result<Option<R
         )
         .await?;
     row.as_ref().map(run_row).transpose()
+}
+
+/// A run and its steps in plan order, read in one round trip on
+/// PostgreSQL (`Store::read_text`), for a worker's pass.
+pub async fn run_and_steps(
+    store: &anumate_store::Store,
+    tenant: &str,
+    run_id: &str,
+) -> Result<Option<(RunRow, Vec<pb::StepRun>)>> {
+    let rows = store
+        .read_text(
+            tenant,
+            "SELECT 'r' AS k, -1 AS idx, run_json AS a, request_json AS b, principal_json AS c \
+             FROM orch_runs WHERE tenant_id = $1 AND run_id = $2 \
+             UNION ALL SELECT 's', idx, step_json, '', '' \
+             FROM orch_steps WHERE tenant_id = $1 AND run_id = $2 ORDER BY k, idx",
+            &[tenant, run_id],
+        )
+        .await?;
+    let mut rows = rows.iter();
+    let Some(first) = rows.next() else {
+        return Ok(None);
+    };
+    let kind: String = first.try_get("", "k").map_err(db)?;
+    if kind != "r" {
+        return Ok(None);
+    }
+    let row = RunRow {
+        run: parse(first, "a")?,
+        request: parse(first, "b")?,
+        principal: parse(first, "c")?,
+    };
+    let steps = rows.map(|r| parse(r, "a")).collect::<Result<_>>()?;
+    Ok(Some((row, steps)))
 }
 
 /// The run created with an idempotency key.
@@ -174,35 +266,22 @@ pub async fn retire_key(tx: &TenantTx, run_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Inserts or replaces a step.
+/// Inserts or replaces a step (one statement: it may be deferred).
 pub async fn put_step(tx: &TenantTx, run_id: &str, idx: usize, step: &pb::StepRun) -> Result<()> {
     let idx = i32::try_from(idx).map_err(Error::internal)?;
-    let n = tx
-        .execute(
-            "UPDATE orch_steps SET state = $4, step_json = $5 WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3",
-            vec![
-                tx.tenant_id().into(),
-                run_id.into(),
-                step.step_id.as_str().into(),
-                step.state.into(),
-                json(step)?.into(),
-            ],
-        )
-        .await?;
-    if n == 0 {
-        tx.execute(
-            "INSERT INTO orch_steps (tenant_id, run_id, idx, step_id, state, step_json) VALUES ($1, $2, $3, $4, $5, $6)",
-            vec![
-                tx.tenant_id().into(),
-                run_id.into(),
-                idx.into(),
-                step.step_id.as_str().into(),
-                step.state.into(),
-                json(step)?.into(),
-            ],
-        )
-        .await?;
-    }
+    tx.execute(
+        "INSERT INTO orch_steps (tenant_id, run_id, idx, step_id, state, step_json) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (tenant_id, run_id, step_id) DO UPDATE SET state = excluded.state, step_json = excluded.step_json",
+        vec![
+            tx.tenant_id().into(),
+            run_id.into(),
+            idx.into(),
+            step.step_id.as_str().into(),
+            step.state.into(),
+            json(step)?.into(),
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -390,28 +469,21 @@ pub async fn claim(
     let rows = tx
         .query_all(
             &format!(
-                "SELECT tenant_id, run_id FROM orch_work WHERE due_at <= $1 AND lease_until < $1 ORDER BY due_at LIMIT $2{skip}"
+                "UPDATE orch_work SET lease_owner = $3, lease_until = $4 \
+                 WHERE (tenant_id, run_id) IN (SELECT tenant_id, run_id FROM orch_work \
+                   WHERE due_at <= $1 AND lease_until < $1 ORDER BY due_at LIMIT $2{skip}) \
+                 RETURNING tenant_id, run_id"
             ),
-            vec![now.into(), limit.into()],
+            vec![now.into(), limit.into(), owner.into(), until.into()],
         )
         .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let tenant: String = r.try_get("", "tenant_id").map_err(db)?;
-        let run: String = r.try_get("", "run_id").map_err(db)?;
-        tx.execute(
-            "UPDATE orch_work SET lease_owner = $3, lease_until = $4 WHERE tenant_id = $1 AND run_id = $2",
-            vec![
-                tenant.as_str().into(),
-                run.as_str().into(),
-                owner.into(),
-                until.into(),
-            ],
-        )
-        .await?;
-        out.push((tenant, run));
-    }
-    Ok(out)
+    rows.iter()
+        .map(|r| {
+            let tenant: String = r.try_get("", "tenant_id").map_err(db)?;
+            let run: String = r.try_get("", "run_id").map_err(db)?;
+            Ok((tenant, run))
+        })
+        .collect()
 }
 
 /// Extends or releases (`until` = 0) a lease this owner holds.

@@ -1,7 +1,8 @@
 //! Workers: lease due runs from the work queue and drive them, one journaled
 //! change at a time.
 //!
-//! A worker re-reads the run and its steps before every action, rebuilds the
+//! A worker re-reads the run and its steps before every action (one round
+//! trip on PostgreSQL), rebuilds the
 //! interpreter's view from the journal (succeeded steps replay their
 //! recorded outputs), and takes the next action of the first ready step:
 //! skip, fail (deny, expression error), open or follow an approval, or call
@@ -11,10 +12,14 @@
 //! idempotent tool, and otherwise marks it `OUTCOME_UNKNOWN` and the step
 //! `NEEDS_ATTENTION`.
 //!
-//! Every change re-reads the run row under its lock and applies the
-//! worker's change to it, so a concurrent pause, cancel or kill is never
-//! overwritten: a killed or ended run stops the worker, a paused run keeps
-//! `PAUSED` (the worker's state goes to `paused_from`).
+//! Every change applies the worker's change to the run as stored, so a
+//! concurrent pause, cancel or kill is never overwritten: a killed or ended
+//! run stops the worker, a paused run keeps `PAUSED` (the worker's state goes
+//! to `paused_from`). On PostgreSQL a change is first sent in one round trip
+//! on the run as the worker last saw it, fenced on the run's sequence and
+//! the worker's lease (`repo::fence`); when anything else changed the run
+//! since, nothing is written and the change is applied again after
+//! re-reading the run under its lock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +157,68 @@ impl Ev {
         };
         r.map(|_| ()).map_err(Error::internal)
     }
+}
+
+/// What one save changes besides the run itself.
+struct Save<'a> {
+    step: Option<(usize, &'a pb::StepRun)>,
+    kind: &'a str,
+    message: &'a str,
+    attempt: i32,
+    events: &'a [Ev],
+    work: Work,
+}
+
+/// The run as the process driving it last read or saved it.
+pub(crate) type Known = Arc<tokio::sync::Mutex<Option<pb::Run>>>;
+
+/// Writes one change of `run` (as stored when `tx` began, or as fenced)
+/// into `tx`: `f`, the step, the journal entries, the events and the queue.
+async fn apply(
+    tx: &TenantTx,
+    run: &mut pb::Run,
+    f: &impl Fn(&mut pb::Run),
+    c: &Save<'_>,
+) -> Result<()> {
+    let run_id = run.run_id.clone();
+    let paused = run.state == pb::RunState::Paused as i32;
+    let before = run.state;
+    f(run);
+    if paused && !is_terminal(run.state) && run.state != pb::RunState::Paused as i32 {
+        run.paused_from = run.state;
+        run.state = pb::RunState::Paused as i32;
+    }
+    // A step change streams only the step: journal the run's own state
+    // change first, so `WatchRun` shows the run leave PENDING.
+    if c.step.is_some() && run.state != before {
+        let kind = if run.state == pb::RunState::Running as i32 {
+            "run.running"
+        } else {
+            "run.state_changed"
+        };
+        crate::journal(tx, run, None, kind, SELF_ACTOR, "", 0).await?;
+    }
+    if let Some((i, s)) = c.step {
+        repo::put_step(tx, &run_id, i, s).await?;
+    }
+    crate::journal(
+        tx,
+        run,
+        c.step.map(|(_, s)| s),
+        c.kind,
+        SELF_ACTOR,
+        c.message,
+        c.attempt,
+    )
+    .await?;
+    for e in c.events {
+        e.append(tx, &run_id, &run.plan_hash).await?;
+    }
+    match c.work {
+        Work::Keep => {}
+        Work::Unschedule => repo::unschedule(tx, &run_id).await?,
+    }
+    Ok(())
 }
 
 /// The run ended or was killed under the worker: stop driving it.
@@ -294,7 +361,14 @@ impl Orchestrator {
                 }
             })
         };
+        let key = (tenant.to_string(), run_id.to_string());
+        if let Ok(mut known) = self.inner.known.lock() {
+            known.insert(key.clone(), Known::default());
+        }
         let result = self.drive(tenant, run_id, cancel).await;
+        if let Ok(mut known) = self.inner.known.lock() {
+            known.remove(&key);
+        }
         beat.abort();
         self.take_nudge(tenant, run_id);
         let retry_at = match &result {
@@ -340,21 +414,91 @@ impl Orchestrator {
         }
     }
 
-    /// Saves one change: re-reads the run under its lock, applies `f` to
-    /// it, saves `step`, journals the change, appends `events` and updates
-    /// the queue, in one transaction.
+    /// Saves one change: applies `f` to the run, saves `step`, journals
+    /// the change, appends `events` and updates the queue, in one
+    /// transaction fenced by the worker's lease.
+    ///
+    /// While this process drives the run it knows the run as last read or
+    /// saved here; on PostgreSQL the save then goes in one round trip
+    /// ([`repo::fence`]: it commits only if the run is still at that
+    /// sequence). Otherwise (or when something else changed the run: a
+    /// control call, say) it re-reads the run under its lock first.
     #[allow(clippy::too_many_arguments)]
     async fn save(
         &self,
         tenant: &str,
         run_id: &str,
-        f: impl FnOnce(&mut pb::Run),
+        f: impl Fn(&mut pb::Run),
         step: Option<(usize, &pb::StepRun)>,
         kind: &str,
         message: &str,
         attempt: i32,
         events: Vec<Ev>,
         work: Work,
+    ) -> Result<pb::Run> {
+        let change = Save {
+            step,
+            kind,
+            message,
+            attempt,
+            events: &events,
+            work,
+        };
+        let slot = self.known(tenant, run_id);
+        let mut known = match &slot {
+            Some(slot) => Some(slot.lock().await),
+            None => None,
+        };
+        let seen = known.as_ref().and_then(|k| (**k).clone());
+        if let Some(seen) = seen
+            && self.inner.store.backend() == anumate_store::Backend::Postgres
+            && let Some(run) = self.save_fenced(tenant, seen, &f, &change).await?
+        {
+            if let Some(k) = known.as_mut() {
+                **k = Some(run.clone());
+            }
+            self.notify_changed(tenant, run_id);
+            return Ok(run);
+        }
+        let saved = self.save_locked(tenant, run_id, &f, &change).await;
+        if let Some(k) = known.as_mut() {
+            **k = saved.as_ref().ok().cloned();
+        }
+        let run = saved?;
+        self.notify_changed(tenant, run_id);
+        Ok(run)
+    }
+
+    /// [`Orchestrator::save`] on the run as this process last knew it, in
+    /// one round trip; `None` when the fence refused it (nothing written).
+    async fn save_fenced(
+        &self,
+        tenant: &str,
+        mut run: pb::Run,
+        f: &impl Fn(&mut pb::Run),
+        change: &Save<'_>,
+    ) -> Result<Option<pb::Run>> {
+        if is_terminal(run.state) {
+            return Err(stopped());
+        }
+        let tx = self.inner.store.write_deferred(tenant).await?;
+        let until = now_micros() + self.lease_micros();
+        repo::fence(&tx, &run.run_id, &self.inner.worker_id, until, run.sequence).await?;
+        apply(&tx, &mut run, f, change).await?;
+        match tx.commit().await {
+            Ok(()) => Ok(Some(run)),
+            Err(e) if e.to_string().contains(repo::STALE) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`Orchestrator::save`] after re-reading the run under its lock.
+    async fn save_locked(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        f: &impl Fn(&mut pb::Run),
+        change: &Save<'_>,
     ) -> Result<pb::Run> {
         let tx = self.inner.store.write(tenant).await?;
         let mut run = repo::get_run(&tx, run_id, true)
@@ -375,46 +519,18 @@ impl Orchestrator {
             );
             return Err(stopped());
         }
-        let paused = run.state == pb::RunState::Paused as i32;
-        let before = run.state;
-        f(&mut run);
-        if paused && !is_terminal(run.state) && run.state != pb::RunState::Paused as i32 {
-            run.paused_from = run.state;
-            run.state = pb::RunState::Paused as i32;
-        }
-        // A step change streams only the step: journal the run's own state
-        // change first, so `WatchRun` shows the run leave PENDING.
-        if step.is_some() && run.state != before {
-            let kind = if run.state == pb::RunState::Running as i32 {
-                "run.running"
-            } else {
-                "run.state_changed"
-            };
-            crate::journal(&tx, &mut run, None, kind, SELF_ACTOR, "", 0).await?;
-        }
-        if let Some((i, s)) = step {
-            repo::put_step(&tx, run_id, i, s).await?;
-        }
-        crate::journal(
-            &tx,
-            &mut run,
-            step.map(|(_, s)| s),
-            kind,
-            SELF_ACTOR,
-            message,
-            attempt,
-        )
-        .await?;
-        for e in &events {
-            e.append(&tx, run_id, &run.plan_hash).await?;
-        }
-        match work {
-            Work::Keep => {}
-            Work::Unschedule => repo::unschedule(&tx, run_id).await?,
-        }
+        apply(&tx, &mut run, f, change).await?;
         tx.commit().await?;
-        self.notify_changed(tenant, run_id);
         Ok(run)
+    }
+
+    /// The run as this process last read or saved it while driving it
+    /// (`None` inside: not known; no slot: not driven here).
+    fn known(&self, tenant: &str, run_id: &str) -> Option<Known> {
+        let known = self.inner.known.lock().ok()?;
+        known
+            .get(&(tenant.to_string(), run_id.to_string()))
+            .cloned()
     }
 
     /// The token request for one call of `tool` with exactly these
@@ -456,14 +572,13 @@ impl Orchestrator {
 
     /// One action on the run.
     async fn advance(&self, tenant: &str, run_id: &str) -> Result<Next> {
-        let (row, steps) = {
-            let tx = self.inner.store.read(tenant).await?;
-            let Some(row) = repo::get_run(&tx, run_id, false).await? else {
-                return Ok(Next::Stop);
-            };
-            let steps = repo::steps(&tx, run_id).await?;
-            (row, steps)
+        let Some((row, steps)) = repo::run_and_steps(&self.inner.store, tenant, run_id).await?
+        else {
+            return Ok(Next::Stop);
         };
+        if let Some(known) = self.known(tenant, run_id) {
+            *known.lock().await = Some(row.run.clone());
+        }
         // The pass joins the trace of the call that started the run, however
         // long ago: its calls upstream, receipts and events belong to it.
         let span = tracing::info_span!("run_pass", tenant, run = run_id);
@@ -1580,7 +1695,7 @@ impl Orchestrator {
                 |r| {
                     r.state = pb::RunState::Failed as i32;
                     r.paused_from = 0;
-                    r.failure = Some(f);
+                    r.failure = Some(f.clone());
                     r.end_time = ts(now);
                     r.receipt_id = receipt.clone();
                 },
