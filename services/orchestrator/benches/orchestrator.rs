@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench -p anumate-orchestrator --bench orchestrator`
 //! (PostgreSQL on 127.0.0.1:5432). `ORCH_BENCH_WORKERS` sets the
-//! orchestrator's worker pool (default: its configured default, 8);
+//! orchestrator's worker pool (default: its configured default, 32);
 //! `ORCH_BENCH_SAMPLES` the latency samples (default 100).
 
 use std::time::{Duration, Instant};
