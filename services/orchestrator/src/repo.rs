@@ -60,8 +60,7 @@ const SEQ: &str = "ALTER TABLE orch_runs ADD COLUMN seq BIGINT NOT NULL DEFAULT 
 /// one the worker last saw and that the worker still holds its lease (which
 /// it extends), or raises [`STALE`]; one statement at the head of a save's
 /// batch, so the rest of the batch commits only when the fence holds.
-const FENCE: &str = "ALTER TABLE orch_runs ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
-      CREATE FUNCTION anumate_orch_fence(
+const FENCE: &str = "CREATE FUNCTION anumate_orch_fence(
         p_tenant TEXT, p_run TEXT, p_owner TEXT, p_until BIGINT, p_seq BIGINT) RETURNS VOID
         LANGUAGE plpgsql AS $$
       BEGIN
@@ -86,9 +85,15 @@ pub const MIGRATIONS: &[Migration] = &[
         tenant_tables: &["orch_runs", "orch_steps", "orch_history"],
     },
     Migration {
-        id: "orchestrator_0002_fence",
-        postgres: FENCE,
+        id: "orchestrator_0002_seq",
+        postgres: SEQ,
         sqlite: SEQ,
+        tenant_tables: &[],
+    },
+    Migration {
+        id: "orchestrator_0003_fence",
+        postgres: FENCE,
+        sqlite: "SELECT 1",
         tenant_tables: &[],
     },
 ];
