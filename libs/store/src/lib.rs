@@ -24,6 +24,7 @@
 //! single-user embedded store.
 #![forbid(unsafe_code)]
 
+mod group;
 mod migrate;
 pub mod notify;
 pub mod paging;
@@ -177,6 +178,22 @@ pub struct Store {
     /// `[store] owner_url`, when it differs from `url`.
     owner_url: Option<String>,
     connect_timeout: Duration,
+    /// Group commit of [`Store::write_text`] on PostgreSQL.
+    groups: Groups,
+}
+
+/// The queues of [`Store::write_text`]'s group commit: durable and relaxed
+/// writes commit in separate groups.
+#[derive(Clone, Default)]
+struct Groups {
+    durable: std::sync::Arc<group::Group>,
+    relaxed: std::sync::Arc<group::Group>,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Groups")
+    }
 }
 
 impl Store {
@@ -208,6 +225,7 @@ impl Store {
             app_role,
             owner_url,
             connect_timeout,
+            groups: Groups::default(),
         })
     }
 
@@ -370,7 +388,9 @@ impl Store {
     /// its values as literals and queues it (returning 0: nothing is known
     /// before the commit), and [`TenantTx::commit`] sends `BEGIN`, the
     /// tenant, the statements and `COMMIT` as one simple-query batch — one
-    /// round trip, as durable as [`Store::write`]; an error in any statement
+    /// round trip, as durable as [`Store::write`], in a group commit with
+    /// other durable writes of the moment as [`Store::write_text`]'s (each
+    /// transaction's statements still all or nothing); an error in any statement
     /// (a unique violation, say) fails the commit and nothing is written.
     /// For a write whose statements need no answer before the next (a row
     /// and its outbox event). Queries are refused, and values must be
@@ -386,8 +406,10 @@ impl Store {
         Ok(TenantTx {
             tx: Tx {
                 conn: tokio::sync::Mutex::new(Conn::Deferred(Deferred {
-                    pool: self.db.get_postgres_connection_pool().clone(),
-                    batch: self.begin_sql(tenant, false),
+                    group: self.groups.durable.clone(),
+                    ctx: self.group_ctx(false),
+                    tenant: tenant.to_owned(),
+                    statements: String::new(),
                 })),
                 backend: self.backend,
                 open: true,
@@ -444,8 +466,12 @@ impl Store {
     /// flush, as [`Store::write_relaxed`]. On PostgreSQL `sql` may also be
     /// several statements separated by `;`, run in order in the one
     /// transaction (the rows are theirs in order; any error rolls back all).
-    /// On SQLite it is [`Store::write`], the statement with `args` bound,
-    /// and a commit (one statement only).
+    /// On PostgreSQL, writes sent at the same moment (by concurrent requests)
+    /// commit together in one transaction, one round trip and one WAL flush
+    /// (group commit, see the `group` module); each still returns only once
+    /// committed, with its own rows or its own error. The column alias
+    /// `anumate_group_item` is reserved. On SQLite it is [`Store::write`],
+    /// the statement with `args` bound, and a commit (one statement only).
     pub async fn write_text(
         &self,
         tenant: &str,
@@ -460,7 +486,19 @@ impl Store {
             tx.commit().await?;
             return Ok(rows);
         }
-        self.text_batch(tenant, sql, args, relaxed).await
+        if !valid_tenant(tenant) {
+            return Err(StoreError::InvalidTenant);
+        }
+        let mut literal =
+            String::with_capacity(sql.len() + args.iter().map(|a| a.len() + 4).sum::<usize>());
+        push_with_literals(&mut literal, sql, args)?;
+        let ctx = self.group_ctx(relaxed);
+        let queue = if relaxed {
+            &self.groups.relaxed
+        } else {
+            &self.groups.durable
+        };
+        queue.write(&ctx, tenant, literal).await
     }
 
     /// `BEGIN`, the tenant, `sql` with `args` as literals and `COMMIT` as one
@@ -563,6 +601,15 @@ impl Store {
     /// `BEGIN; SELECT set_config('app.tenant_id', …, true)[, set_config('role', …, true)]
     /// [, set_config('synchronous_commit', 'off', true)]` with the values as
     /// escaped literals (a simple query has no parameters).
+    /// What a group commit of this store needs.
+    fn group_ctx(&self, relaxed: bool) -> group::Ctx {
+        group::Ctx {
+            pool: self.db.get_postgres_connection_pool().clone(),
+            role: self.app_role.clone(),
+            relaxed,
+        }
+    }
+
     fn begin_sql(&self, tenant: &str, relaxed: bool) -> String {
         let mut sql = String::with_capacity(128 + tenant.len());
         sql.push_str("BEGIN; SELECT set_config('app.tenant_id', ");
@@ -700,31 +747,33 @@ enum Conn {
     Deferred(Deferred),
 }
 
-/// The batch of a deferred transaction and the pool it goes to.
+/// The statements of a deferred transaction and the group commit they go
+/// to (with the durable writes of [`Store::write_text`]).
 struct Deferred {
-    pool: sqlx::PgPool,
-    /// `BEGIN`, the tenant, then each statement with its literals.
-    batch: String,
+    group: std::sync::Arc<group::Group>,
+    ctx: group::Ctx,
+    tenant: String,
+    /// Each statement with its literals, `; `-separated.
+    statements: String,
 }
 
 impl Deferred {
     fn push(&mut self, sql: &str, values: &[Value]) -> Result<(), StoreError> {
-        self.batch.push_str("; ");
-        push_with_values(&mut self.batch, sql, values)
+        if !self.statements.is_empty() {
+            self.statements.push_str("; ");
+        }
+        push_with_values(&mut self.statements, sql, values)
     }
 
-    async fn commit(&mut self) -> Result<(), sqlx::Error> {
-        self.batch.push_str("; COMMIT");
-        let mut conn = self.pool.acquire().await?;
-        let res = sqlx::raw_sql(sqlx::AssertSqlSafe(std::mem::take(&mut self.batch)))
-            .execute(&mut *conn)
-            .await;
-        if res.is_err() {
-            // The batch stopped inside its transaction: never hand the
-            // connection back in it.
-            conn.close_on_drop();
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        if self.statements.is_empty() {
+            return Ok(());
         }
-        res.map(|_| ())
+        let statements = std::mem::take(&mut self.statements);
+        self.group
+            .write(&self.ctx, &self.tenant, statements)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -893,14 +942,23 @@ impl Tx {
 
     async fn commit(mut self) -> Result<(), StoreError> {
         let res = match self.conn.get_mut() {
-            Conn::Postgres(c) => <Postgres as sqlx::Database>::TransactionManager::commit(c).await,
-            Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::commit(c).await,
-            Conn::Deferred(d) => d.commit().await,
+            Conn::Postgres(c) => <Postgres as sqlx::Database>::TransactionManager::commit(c)
+                .await
+                .map_err(query_err),
+            Conn::Sqlite(c) => <Sqlite as sqlx::Database>::TransactionManager::commit(c)
+                .await
+                .map_err(query_err),
+            Conn::Deferred(d) => {
+                // Sent (or refused) as a whole: nothing is left open.
+                let res = d.commit().await;
+                self.open = false;
+                return res;
+            }
         };
         // Committed, or failed with the transaction still open (then the drop
         // below rolls it back, as it did before).
         self.open = res.is_err();
-        res.map_err(query_err)
+        res
     }
 }
 

@@ -454,6 +454,133 @@ async fn write_text_sqlite() {
     write_text_writes_one_statement(&store(&db).await).await;
 }
 
+/// One round of concurrent `write_text` calls on PostgreSQL: `good` writes
+/// per tenant of `tenants` (half relaxed) and `bad` ones (NOT NULL
+/// violated) started together. Returns (writes, distinct transactions of
+/// the good writes).
+async fn concurrent_writes(
+    store: &Store,
+    round: usize,
+    tenants: &[&str],
+    good: usize,
+    bad: usize,
+) -> (usize, usize) {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tenants.len() * (good + bad)));
+    let mut tasks = Vec::new();
+    for tenant in tenants {
+        for i in 0..good + bad {
+            let (store, barrier, tenant) = (store.clone(), barrier.clone(), tenant.to_string());
+            tasks.push(tokio::spawn(async move {
+                let body = if i < good {
+                    format!("{tenant} {round}-{i} it's")
+                } else {
+                    String::new()
+                };
+                barrier.wait().await;
+                let rows = store
+                    .write_text(
+                        &tenant,
+                        "INSERT INTO notes (tenant_id, body) VALUES ($1, NULLIF($2, '')) \
+                         RETURNING body, CAST(txid_current() AS TEXT) AS tx, \
+                           (SELECT CAST(count(*) AS TEXT) FROM notes WHERE tenant_id <> $1) AS others",
+                        &[&tenant, &body],
+                        i % 2 == 0,
+                    )
+                    .await;
+                (i < good, body, rows)
+            }));
+        }
+    }
+    let mut txs = std::collections::HashSet::new();
+    let mut writes = 0;
+    for task in tasks {
+        let (ok, body, rows) = task.await.expect("task");
+        if !ok {
+            // Its own error, whatever group it was in.
+            let err = rows.expect_err("a NULL body is refused");
+            assert!(err.to_string().contains("null value"), "{err}");
+            continue;
+        }
+        let rows = rows.expect("a good write commits whatever group it was in");
+        assert_eq!(rows.len(), 1, "{body}: its own row, and only it");
+        let got: String = rows[0].try_get("", "body").expect("body");
+        assert_eq!(got, body);
+        let others: String = rows[0].try_get("", "others").expect("others");
+        assert_eq!(others, "0", "{body}: another tenant's rows were visible");
+        txs.insert(rows[0].try_get::<String>("", "tx").expect("tx"));
+        writes += 1;
+    }
+    (writes, txs.len())
+}
+
+/// Group commit: concurrent `write_text` calls of several tenants share
+/// transactions (fails without it: one transaction per call), yet each
+/// write runs as its own tenant (row-level security shows it no other
+/// tenant's rows, and its insert passes the tenant check), gets its own
+/// rows or its own error (a refused write in a group does not take the
+/// others down), and a caller that goes away cancels no one else's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_write_text_groups_concurrent_writes() {
+    let db = TestDb::postgres().await;
+    let store = store(&db).await;
+    let tenants = ["tenant-a", "tenant-b", "tenant-c"];
+    let mut grouped = false;
+    for round in 0..10 {
+        let (writes, txs) = concurrent_writes(&store, round, &tenants, 14, 0).await;
+        assert_eq!(writes, 42);
+        grouped |= txs < writes;
+        if grouped && round >= 2 {
+            break;
+        }
+    }
+    assert!(grouped, "42 simultaneous writes never shared a transaction");
+    // Refused writes among them: each its own error, the others commit.
+    let (writes, _) = concurrent_writes(&store, 10, &tenants, 12, 2).await;
+    assert_eq!(writes, 36);
+    // Callers that go away: the others' writes still commit, and the store
+    // keeps serving.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .write_text(
+                    "tenant-a",
+                    "INSERT INTO notes (tenant_id, body) VALUES ($1, $2) RETURNING body",
+                    &["tenant-a", &format!("kept-{i}")],
+                    false,
+                )
+                .await
+        }));
+    }
+    for task in tasks.iter().step_by(3) {
+        task.abort();
+    }
+    let mut kept = 0;
+    for task in tasks {
+        if let Ok(rows) = task.await {
+            rows.expect("a write whose caller stayed commits");
+            kept += 1;
+        }
+    }
+    assert!(kept >= 13, "{kept}");
+    let bodies = bodies_without_filter(&store, "tenant-a").await;
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.starts_with("tenant-a") || b.starts_with("kept-"))
+    );
+    assert!(bodies.iter().filter(|b| b.starts_with("kept-")).count() >= kept);
+    for tenant in tenants {
+        let rows = bodies_without_filter(&store, tenant).await;
+        assert!(rows.iter().filter(|b| b.starts_with(tenant)).count() >= 42);
+        assert!(
+            !rows.iter().any(|b| b.is_empty()),
+            "a refused write left a row"
+        );
+    }
+}
+
 /// `write_deferred`: the statements go with the commit (one round trip on
 /// PostgreSQL), their values as literals (text with quotes and backslashes,
 /// bytes, numbers, NULL); dropped uncommitted, nothing is written; a failing

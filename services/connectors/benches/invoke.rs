@@ -1,13 +1,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Hub overhead per call: `Invoke` of a mock tool (no latency) over gRPC on
-//! PostgreSQL with every production layer — token verification, the
-//! single-use consumption, the idempotency claim and record and the mock's
-//! ledger row, all in one transaction — as latency (1 client, sequential)
-//! and throughput (8 concurrent clients). Tokens are minted beforehand.
+//! PostgreSQL with every production layer — token verification, then three
+//! transactions: the idempotency claim with the token's single-use spend
+//! (durable), the mock's ledger row (the upstream's own write) and the
+//! record of the result — as latency (1 client, sequential) and throughput
+//! (8 concurrent clients; concurrent calls' writes commit in groups, see
+//! `Store::write_text`). Tokens are minted beforehand.
 //!
-//! Beside it, in the same run, the floor any hub pays on the same database:
-//! one durable transaction per call (claim an idempotency key, commit: one
-//! WAL flush), sequentially and from 8 tasks. Report the hub against it.
+//! Beside it, in the same run, two floors: the gRPC round trip through the
+//! same layers (an `Invoke` refused before any work), and the floor any hub
+//! pays on the same database: one durable transaction per call (claim an
+//! idempotency key, commit: one WAL flush), sequentially and from 8 tasks.
+//! Report the hub against them.
 //!
 //! Run: `cargo bench -p anumate-connectors --bench invoke` (PostgreSQL on
 //! 127.0.0.1:5432; `HUB_BENCH_N` calls per client, default 1000).
@@ -144,6 +148,33 @@ async fn main() {
         ConnectorHubInternalClient::with_interceptor(channel, BearerToken(bearer.clone()))
     };
 
+    // The gRPC floor: an Invoke refused before any work (no token) goes
+    // through every layer (authentication, limits, telemetry) and back.
+    {
+        let mut c = client().await;
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        for i in 0..(n + 100) {
+            let t = Instant::now();
+            let err = c
+                .invoke(pb::InvokeRequest {
+                    tool: TOOL.into(),
+                    args: None,
+                    idempotency_key: format!("none-{i}"),
+                    capability_token: String::new(),
+                })
+                .await
+                .unwrap_err();
+            if i >= 100 {
+                h.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            assert_ne!(err.code(), tonic::Code::Ok);
+        }
+        println!(
+            "gRPC floor (Invoke refused before any work), 1 client, {n} calls: p50 {} us, p90 {} us",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9)
+        );
+    }
     // Warm-up, then sequential latency.
     let mut c = client().await;
     for r in requests(&keys, "warm", 100) {
