@@ -653,14 +653,14 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// A run with its steps.
+    /// A run with its steps, read in one statement (one round trip on
+    /// PostgreSQL: `GetRun` is what clients poll).
     pub async fn load(&self, tenant: &str, run_id: &str) -> Result<pb::Run> {
-        let tx = self.inner.store.read(tenant).await?;
-        let row = repo::get_run(&tx, run_id, false)
+        let (row, steps) = repo::run_and_steps(&self.inner.store, tenant, run_id)
             .await?
             .ok_or_else(|| run_not_found(run_id))?;
         let mut run = row.run;
-        run.steps = repo::steps(&tx, run_id).await?;
+        run.steps = steps;
         Ok(run)
     }
 

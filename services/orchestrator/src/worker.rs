@@ -597,7 +597,7 @@ impl Orchestrator {
         let run = row.run;
         let starter = row.principal;
         if is_terminal(run.state) || run.state == pb::RunState::Paused as i32 {
-            let tx = self.inner.store.write(tenant).await?;
+            let tx = self.inner.store.write_deferred(tenant).await?;
             repo::unschedule(&tx, run_id).await?;
             tx.commit().await?;
             return Ok(Next::Stop);
@@ -638,7 +638,7 @@ impl Orchestrator {
             .iter()
             .any(|s| s.state == pb::StepState::NeedsAttention as i32)
         {
-            let tx = self.inner.store.write(tenant).await?;
+            let tx = self.inner.store.write_deferred(tenant).await?;
             repo::unschedule(&tx, run_id).await?;
             tx.commit().await?;
             return Ok(Next::Stop);
