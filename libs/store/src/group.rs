@@ -36,9 +36,10 @@ use crate::StoreError;
 const IN_FLIGHT: usize = 2;
 /// Writes in one group at most.
 const MAX_GROUP: usize = 64;
-/// The alias of the `set_config` before each write: the rows between two
-/// of them are one write's.
-const MARK: &str = "anumate_group_item";
+/// The alias of the `set_config` of the tenant before each write
+/// ([`crate::push_begin`]'s for the first): the rows between two of them
+/// are one write's.
+pub(crate) const MARK: &str = "anumate_group_item";
 
 /// One write waiting for its group.
 struct Item {
@@ -54,14 +55,13 @@ struct Queue {
     running: usize,
 }
 
-/// The queue of one kind of write.
-#[derive(Default)]
+/// The queue of one kind of write, and where it goes.
 pub(crate) struct Group {
     queue: Mutex<Queue>,
+    ctx: Ctx,
 }
 
-/// What a group's task needs of the store.
-#[derive(Clone)]
+/// What a group needs of the store.
 pub(crate) struct Ctx {
     pub(crate) pool: sqlx::PgPool,
     pub(crate) role: Option<String>,
@@ -69,11 +69,17 @@ pub(crate) struct Ctx {
 }
 
 impl Group {
+    pub(crate) fn new(ctx: Ctx) -> Group {
+        Group {
+            queue: Mutex::default(),
+            ctx,
+        }
+    }
+
     /// Queues `sql` (one statement, values already literals) for `tenant`
     /// and waits for its group's commit; its rows.
     pub(crate) async fn write(
         self: &Arc<Group>,
-        ctx: &Ctx,
         tenant: &str,
         sql: String,
     ) -> Result<Vec<QueryResult>, StoreError> {
@@ -95,17 +101,14 @@ impl Group {
                 if q.running < IN_FLIGHT {
                     q.running += 1;
                     drop(q);
-                    self.clone().spawn_drain(ctx.clone());
+                    self.clone().spawn_drain();
                 }
                 None
             }
         };
         if let Some(item) = item {
-            let alone = Alone {
-                group: self.clone(),
-                ctx: ctx.clone(),
-            };
-            let answer = one(ctx, &item).await;
+            let alone = Alone(self.clone());
+            let answer = one(&self.ctx, &item).await;
             drop(alone);
             return answer;
         }
@@ -115,7 +118,7 @@ impl Group {
     }
 
     /// Runs groups until the queue is empty.
-    async fn drain(self: Arc<Group>, ctx: Ctx) {
+    async fn drain(self: Arc<Group>) {
         loop {
             let items = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,27 +129,24 @@ impl Group {
                 let n = q.items.len().min(MAX_GROUP);
                 q.items.drain(..n).collect::<Vec<_>>()
             };
-            run(&ctx, items).await;
+            run(&self.ctx, items).await;
         }
     }
 }
 
 /// A write going alone from its caller's task: when it is done (or its
 /// caller went away), the writes that queued meanwhile get a task.
-struct Alone {
-    group: Arc<Group>,
-    ctx: Ctx,
-}
+struct Alone(Arc<Group>);
 
 impl Drop for Alone {
     fn drop(&mut self) {
-        let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.items.is_empty() {
             q.running -= 1;
             return;
         }
         drop(q);
-        self.group.clone().spawn_drain(self.ctx.clone());
+        self.0.clone().spawn_drain();
     }
 }
 
@@ -154,10 +154,10 @@ impl Group {
     /// Hands the queue to a task of its own (holding a running slot).
     /// Without a runtime (shutting down), the queued writes are told the
     /// store is unavailable: none was sent.
-    fn spawn_drain(self: Arc<Group>, ctx: Ctx) {
+    fn spawn_drain(self: Arc<Group>) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(self.drain(ctx));
+                rt.spawn(self.drain());
             }
             Err(_) => {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -172,25 +172,19 @@ impl Group {
     }
 }
 
-/// `BEGIN`, the role and commit mode, then per write its tenant and the
-/// write, and `COMMIT`, as one simple-query batch.
+/// `BEGIN`, per write its tenant (the first with the role and commit mode,
+/// as every transaction of the store begins) and the write, and `COMMIT`,
+/// as one simple-query batch.
 fn batch_sql(ctx: &Ctx, items: &[Item]) -> String {
     let mut sql = String::with_capacity(64 + items.iter().map(|i| i.sql.len() + 96).sum::<usize>());
-    sql.push_str("BEGIN");
     for (i, item) in items.iter().enumerate() {
-        sql.push_str("; SELECT set_config('app.tenant_id', ");
-        crate::push_literal(&mut sql, &item.tenant);
-        sql.push_str(", true) AS ");
-        sql.push_str(MARK);
         if i == 0 {
-            if let Some(role) = &ctx.role {
-                sql.push_str(", set_config('role', ");
-                crate::push_literal(&mut sql, role);
-                sql.push_str(", true)");
-            }
-            if ctx.relaxed {
-                sql.push_str(", set_config('synchronous_commit', 'off', true)");
-            }
+            crate::push_begin(&mut sql, &item.tenant, ctx.role.as_deref(), ctx.relaxed);
+        } else {
+            sql.push_str("; SELECT set_config('app.tenant_id', ");
+            crate::push_literal(&mut sql, &item.tenant);
+            sql.push_str(", true) AS ");
+            sql.push_str(MARK);
         }
         sql.push_str("; ");
         sql.push_str(&item.sql);

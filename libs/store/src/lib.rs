@@ -178,13 +178,14 @@ pub struct Store {
     /// `[store] owner_url`, when it differs from `url`.
     owner_url: Option<String>,
     connect_timeout: Duration,
-    /// Group commit of [`Store::write_text`] on PostgreSQL.
-    groups: Groups,
+    /// Group commit of [`Store::write_text`] and [`Store::write_deferred`]
+    /// (PostgreSQL only).
+    groups: Option<Groups>,
 }
 
-/// The queues of [`Store::write_text`]'s group commit: durable and relaxed
-/// writes commit in separate groups.
-#[derive(Clone, Default)]
+/// The queues of the group commit: durable and relaxed writes commit in
+/// separate groups.
+#[derive(Clone)]
 struct Groups {
     durable: std::sync::Arc<group::Group>,
     relaxed: std::sync::Arc<group::Group>,
@@ -219,13 +220,35 @@ impl Store {
             }
             _ => None,
         };
+        let groups = (backend == Backend::Postgres).then(|| {
+            let group = |relaxed| {
+                std::sync::Arc::new(group::Group::new(group::Ctx {
+                    pool: db.get_postgres_connection_pool().clone(),
+                    role: app_role.clone(),
+                    relaxed,
+                }))
+            };
+            Groups {
+                durable: group(false),
+                relaxed: group(true),
+            }
+        });
         Ok(Store {
             db,
             backend,
             app_role,
             owner_url,
             connect_timeout,
-            groups: Groups::default(),
+            groups,
+        })
+    }
+
+    /// The group commit's queues (PostgreSQL only).
+    fn groups(&self) -> Result<&Groups, StoreError> {
+        self.groups.as_ref().ok_or_else(|| {
+            StoreError::Db(DbErr::Custom(
+                "group commit is for PostgreSQL stores only".into(),
+            ))
         })
     }
 
@@ -406,8 +429,7 @@ impl Store {
         Ok(TenantTx {
             tx: Tx {
                 conn: tokio::sync::Mutex::new(Conn::Deferred(Deferred {
-                    group: self.groups.durable.clone(),
-                    ctx: self.group_ctx(false),
+                    group: self.groups()?.durable.clone(),
                     tenant: tenant.to_owned(),
                     statements: String::new(),
                 })),
@@ -456,7 +478,7 @@ impl Store {
             let values = args.iter().map(|a| Value::from(*a)).collect();
             return tx.query_all(sql, values).await;
         }
-        self.text_batch(tenant, sql, args, false).await
+        self.text_batch(tenant, sql, args).await
     }
 
     /// Runs one write statement for `tenant` in its own transaction, in a
@@ -492,28 +514,27 @@ impl Store {
         let mut literal =
             String::with_capacity(sql.len() + args.iter().map(|a| a.len() + 4).sum::<usize>());
         push_with_literals(&mut literal, sql, args)?;
-        let ctx = self.group_ctx(relaxed);
+        let groups = self.groups()?;
         let queue = if relaxed {
-            &self.groups.relaxed
+            &groups.relaxed
         } else {
-            &self.groups.durable
+            &groups.durable
         };
-        queue.write(&ctx, tenant, literal).await
+        queue.write(tenant, literal).await
     }
 
-    /// `BEGIN`, the tenant, `sql` with `args` as literals and `COMMIT` as one
-    /// PostgreSQL simple-query batch; the statement's rows.
+    /// `BEGIN`, the tenant, `sql` (a read) with `args` as literals and
+    /// `COMMIT` as one PostgreSQL simple-query batch; the statement's rows.
     async fn text_batch(
         &self,
         tenant: &str,
         sql: &str,
         args: &[&str],
-        relaxed: bool,
     ) -> Result<Vec<QueryResult>, StoreError> {
         if !valid_tenant(tenant) {
             return Err(StoreError::InvalidTenant);
         }
-        let mut batch = self.begin_sql(tenant, relaxed);
+        let mut batch = self.begin_sql(tenant, false);
         batch.push_str("; ");
         push_with_literals(&mut batch, sql, args)?;
         batch.push_str("; COMMIT");
@@ -598,32 +619,31 @@ impl Store {
         })
     }
 
-    /// `BEGIN; SELECT set_config('app.tenant_id', …, true)[, set_config('role', …, true)]
-    /// [, set_config('synchronous_commit', 'off', true)]` with the values as
-    /// escaped literals (a simple query has no parameters).
-    /// What a group commit of this store needs.
-    fn group_ctx(&self, relaxed: bool) -> group::Ctx {
-        group::Ctx {
-            pool: self.db.get_postgres_connection_pool().clone(),
-            role: self.app_role.clone(),
-            relaxed,
-        }
-    }
-
+    /// [`push_begin`] with this store's role.
     fn begin_sql(&self, tenant: &str, relaxed: bool) -> String {
         let mut sql = String::with_capacity(128 + tenant.len());
-        sql.push_str("BEGIN; SELECT set_config('app.tenant_id', ");
-        push_literal(&mut sql, tenant);
-        sql.push_str(", true)");
-        if let Some(role) = &self.app_role {
-            sql.push_str(", set_config('role', ");
-            push_literal(&mut sql, role);
-            sql.push_str(", true)");
-        }
-        if relaxed {
-            sql.push_str(", set_config('synchronous_commit', 'off', true)");
-        }
+        push_begin(&mut sql, tenant, self.app_role.as_deref(), relaxed);
         sql
+    }
+}
+
+/// Appends `BEGIN; SELECT set_config('app.tenant_id', …, true) AS
+/// anumate_group_item[, set_config('role', …, true)][, set_config('synchronous_commit',
+/// 'off', true)]`, the start of every PostgreSQL simple-query transaction of
+/// the store (the alias marks a write's tenant in a group commit), with the
+/// values as escaped literals (a simple query has no parameters).
+fn push_begin(sql: &mut String, tenant: &str, role: Option<&str>, relaxed: bool) {
+    sql.push_str("BEGIN; SELECT set_config('app.tenant_id', ");
+    push_literal(sql, tenant);
+    sql.push_str(", true) AS ");
+    sql.push_str(group::MARK);
+    if let Some(role) = role {
+        sql.push_str(", set_config('role', ");
+        push_literal(sql, role);
+        sql.push_str(", true)");
+    }
+    if relaxed {
+        sql.push_str(", set_config('synchronous_commit', 'off', true)");
     }
 }
 
@@ -751,7 +771,6 @@ enum Conn {
 /// to (with the durable writes of [`Store::write_text`]).
 struct Deferred {
     group: std::sync::Arc<group::Group>,
-    ctx: group::Ctx,
     tenant: String,
     /// Each statement with its literals, `; `-separated.
     statements: String,
@@ -770,10 +789,7 @@ impl Deferred {
             return Ok(());
         }
         let statements = std::mem::take(&mut self.statements);
-        self.group
-            .write(&self.ctx, &self.tenant, statements)
-            .await
-            .map(|_| ())
+        self.group.write(&self.tenant, statements).await.map(|_| ())
     }
 }
 
