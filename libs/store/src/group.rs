@@ -1,6 +1,8 @@
-//! Group commit for [`Store::write_text`] on PostgreSQL: single-statement
-//! writes sent at the same moment by concurrent requests share one
-//! transaction, one round trip and (durable ones) one WAL flush.
+//! Group commit for [`Store::write_text`] on PostgreSQL: writes sent at the
+//! same moment by concurrent requests share one transaction, one round
+//! trip and (durable ones) one WAL flush. A write is one `write_text`
+//! statement or the statements of one `write_deferred` transaction (with
+//! the durable writes).
 //!
 //! Each write waits for its group's commit before it returns, exactly as it
 //! waited for its own, so what a caller observes is unchanged: its write is
