@@ -1386,11 +1386,39 @@ pub(crate) async fn journal(
     message: &str,
     attempt: i32,
 ) -> Result<()> {
+    let entry = journal_entry(run, step, kind, actor, message, attempt);
+    repo::update_run(tx, run).await?;
+    entry.append(tx, &run.run_id).await
+}
+
+/// One journal entry of a change of `run`, not yet stored.
+pub(crate) struct JournalEntry {
+    entry: pb::RunHistoryEntry,
+    change: pb::WatchRunResponse,
+    at: i64,
+}
+
+impl JournalEntry {
+    /// Stores the entry (the run itself is saved apart).
+    pub(crate) async fn append(&self, tx: &TenantTx, run_id: &str) -> Result<()> {
+        repo::append_history(tx, run_id, &self.entry, &self.change, self.at).await
+    }
+}
+
+/// [`journal`]'s entry: moves `run` to its next sequence (etag, update
+/// time) and returns the entry, leaving the writes to the caller.
+pub(crate) fn journal_entry(
+    run: &mut pb::Run,
+    step: Option<&pb::StepRun>,
+    kind: &str,
+    actor: &str,
+    message: &str,
+    attempt: i32,
+) -> JournalEntry {
     let now = now_micros();
     run.sequence += 1;
     run.etag = format!("\"{}\"", run.sequence);
     run.update_time = ts(now);
-    repo::update_run(tx, run).await?;
     let entry = pb::RunHistoryEntry {
         sequence: run.sequence,
         time: ts(now),
@@ -1414,7 +1442,11 @@ pub(crate) async fn journal(
             }),
         }),
     };
-    repo::append_history(tx, &run.run_id, &entry, &change, now).await
+    JournalEntry {
+        entry,
+        change,
+        at: now,
+    }
 }
 
 /// For tests: the violations of inputs against a plan's schema.

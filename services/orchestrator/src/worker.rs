@@ -17,7 +17,7 @@
 //! run stops the worker, a paused run keeps `PAUSED` (the worker's state goes
 //! to `paused_from`). On PostgreSQL a change is first sent in one round trip
 //! on the run as the worker last saw it, fenced on the run's sequence and
-//! the worker's lease (`repo::fence`); when anything else changed the run
+//! the worker's lease (`repo::save_fenced`); when anything else changed the run
 //! since, nothing is written and the change is applied again after
 //! re-reading the run under its lock.
 
@@ -170,17 +170,43 @@ struct Save<'a> {
 }
 
 /// The run as the process driving it last read or saved it.
-pub(crate) type Known = Arc<tokio::sync::Mutex<Option<pb::Run>>>;
+pub(crate) type Known = Arc<tokio::sync::Mutex<Seen>>;
 
-/// Writes one change of `run` (as stored when `tx` began, or as fenced)
-/// into `tx`: `f`, the step, the journal entries, the events and the queue.
+/// What the process driving a run knows of it.
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    /// The run as last read or saved here (`None`: not known).
+    run: Option<pb::Run>,
+    /// How many saves re-read the run under its lock ([`Orchestrator::
+    /// save_locked`]: the run was not as known, or not known): while this
+    /// stays the same, every change since was this process's own fenced
+    /// save, so the run is exactly as known.
+    relocked: u64,
+}
+
+/// A pass's view of the run, carried to the next pass of the same drive
+/// (which then reads nothing): the starter, the request and the steps as
+/// the pass left them, valid while [`Seen::relocked`] is still `relocked`
+/// (then the stored run and steps are the known run and these steps).
+pub(crate) struct Carry {
+    principal: crate::Starter,
+    request: Value,
+    steps: Vec<pb::StepRun>,
+    relocked: u64,
+}
+
+/// Writes one change of `run` (as stored when `tx` began, or, with
+/// `fence`, as this process last saw it) into `tx`: `f`, the step, the
+/// journal entries, the events and the queue.
 async fn apply(
     tx: &TenantTx,
     run: &mut pb::Run,
     f: &impl Fn(&mut pb::Run),
     c: &Save<'_>,
+    fence: Option<Fence<'_>>,
 ) -> Result<()> {
     let run_id = run.run_id.clone();
+    let seen = run.sequence;
     let paused = run.state == pb::RunState::Paused as i32;
     let before = run.state;
     f(run);
@@ -190,27 +216,35 @@ async fn apply(
     }
     // A step change streams only the step: journal the run's own state
     // change first, so `WatchRun` shows the run leave PENDING.
+    let mut entries = Vec::with_capacity(2);
     if c.step.is_some() && run.state != before {
         let kind = if run.state == pb::RunState::Running as i32 {
             "run.running"
         } else {
             "run.state_changed"
         };
-        crate::journal(tx, run, None, kind, SELF_ACTOR, "", 0).await?;
+        entries.push(crate::journal_entry(run, None, kind, SELF_ACTOR, "", 0));
     }
-    if let Some((i, s)) = c.step {
-        repo::put_step(tx, &run_id, i, s).await?;
-    }
-    crate::journal(
-        tx,
+    entries.push(crate::journal_entry(
         run,
         c.step.map(|(_, s)| s),
         c.kind,
         SELF_ACTOR,
         c.message,
         c.attempt,
-    )
-    .await?;
+    ));
+    // The run is saved once, at its last sequence: fenced, first (it locks
+    // the run, so concurrent saves of one run queue behind each other).
+    match fence {
+        Some(fence) => repo::save_fenced(tx, run, fence.owner, fence.until, seen).await?,
+        None => repo::update_run(tx, run).await?,
+    }
+    if let Some((i, s)) = c.step {
+        repo::put_step(tx, &run_id, i, s).await?;
+    }
+    for entry in &entries {
+        entry.append(tx, &run_id).await?;
+    }
     for e in c.events {
         e.append(tx, &run_id, &run.plan_hash).await?;
     }
@@ -219,6 +253,13 @@ async fn apply(
         Work::Unschedule => repo::unschedule(tx, &run_id).await?,
     }
     Ok(())
+}
+
+/// The lease a fenced save holds and extends.
+#[derive(Clone, Copy)]
+struct Fence<'a> {
+    owner: &'a str,
+    until: i64,
 }
 
 /// The run ended or was killed under the worker: stop driving it.
@@ -391,13 +432,14 @@ impl Orchestrator {
     }
 
     async fn drive(&self, tenant: &str, run_id: &str, cancel: &CancellationToken) -> Result<()> {
+        let mut carry = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
             }
             // The lease is kept by the heartbeat and extended by every
             // save (`repo::hold_lease`): a pass commits nothing for it.
-            match self.advance(tenant, run_id).await? {
+            match self.advance(tenant, run_id, &mut carry).await? {
                 Next::Again => {}
                 Next::Stop => return Ok(()),
                 Next::Wait(at) => {
@@ -420,7 +462,7 @@ impl Orchestrator {
     ///
     /// While this process drives the run it knows the run as last read or
     /// saved here; on PostgreSQL the save then goes in one round trip
-    /// ([`repo::fence`]: it commits only if the run is still at that
+    /// ([`repo::save_fenced`]: it commits only if the run is still at that
     /// sequence). Otherwise (or when something else changed the run: a
     /// control call, say) it re-reads the run under its lock first.
     #[allow(clippy::too_many_arguments)]
@@ -449,20 +491,21 @@ impl Orchestrator {
             Some(slot) => Some(slot.lock().await),
             None => None,
         };
-        let seen = known.as_ref().and_then(|k| (**k).clone());
+        let seen = known.as_ref().and_then(|k| k.run.clone());
         if let Some(seen) = seen
             && self.inner.store.backend() == anumate_store::Backend::Postgres
             && let Some(run) = self.save_fenced(tenant, seen, &f, &change).await?
         {
             if let Some(k) = known.as_mut() {
-                **k = Some(run.clone());
+                k.run = Some(run.clone());
             }
             self.notify_changed(tenant, run_id);
             return Ok(run);
         }
         let saved = self.save_locked(tenant, run_id, &f, &change).await;
         if let Some(k) = known.as_mut() {
-            **k = saved.as_ref().ok().cloned();
+            k.run = saved.as_ref().ok().cloned();
+            k.relocked += 1;
         }
         let run = saved?;
         self.notify_changed(tenant, run_id);
@@ -483,8 +526,11 @@ impl Orchestrator {
         }
         let tx = self.inner.store.write_deferred(tenant).await?;
         let until = now_micros() + self.lease_micros();
-        repo::fence(&tx, &run.run_id, &self.inner.worker_id, until, run.sequence).await?;
-        apply(&tx, &mut run, f, change).await?;
+        let fence = Fence {
+            owner: &self.inner.worker_id,
+            until,
+        };
+        apply(&tx, &mut run, f, change, Some(fence)).await?;
         match tx.commit().await {
             Ok(()) => Ok(Some(run)),
             Err(e) if e.to_string().contains(repo::STALE) => Ok(None),
@@ -519,7 +565,7 @@ impl Orchestrator {
             );
             return Err(stopped());
         }
-        apply(&tx, &mut run, f, change).await?;
+        apply(&tx, &mut run, f, change, None).await?;
         tx.commit().await?;
         Ok(run)
     }
@@ -570,41 +616,81 @@ impl Orchestrator {
         }
     }
 
-    /// One action on the run.
-    async fn advance(&self, tenant: &str, run_id: &str) -> Result<Next> {
-        let Some((row, steps)) = repo::run_and_steps(&self.inner.store, tenant, run_id).await?
-        else {
-            return Ok(Next::Stop);
-        };
-        if let Some(known) = self.known(tenant, run_id) {
-            *known.lock().await = Some(row.run.clone());
+    /// One action on the run: a pass over the run as stored, or, when the
+    /// previous pass of this drive left `carry` and every change since was
+    /// this process's own fenced save, over the run as known here (no read:
+    /// it is what is stored). The view may be stale by as much as a read's
+    /// would be by the time the pass saves: a change made meanwhile (a
+    /// control call) fails the pass's fenced save, which then re-reads the
+    /// run under its lock, as after a read.
+    async fn advance(&self, tenant: &str, run_id: &str, carry: &mut Option<Carry>) -> Result<Next> {
+        let slot = self.known(tenant, run_id);
+        let carried = carry.take();
+        let mut view = None;
+        let mut relocked = 0;
+        if let Some(slot) = &slot {
+            let seen = slot.lock().await;
+            relocked = seen.relocked;
+            if let Some(c) = carried
+                && c.relocked == seen.relocked
+                && let Some(run) = &seen.run
+            {
+                let row = repo::RunRow {
+                    run: run.clone(),
+                    request: c.request,
+                    principal: c.principal,
+                };
+                view = Some((row, c.steps));
+            }
         }
+        let (row, steps) = match view {
+            Some(v) => v,
+            None => {
+                let Some((row, steps)) =
+                    repo::run_and_steps(&self.inner.store, tenant, run_id).await?
+                else {
+                    return Ok(Next::Stop);
+                };
+                if let Some(slot) = &slot {
+                    slot.lock().await.run = Some(row.run.clone());
+                }
+                (row, steps)
+            }
+        };
         // The pass joins the trace of the call that started the run, however
         // long ago: its calls upstream, receipts and events belong to it.
         let span = tracing::info_span!("run_pass", tenant, run = run_id);
         anumate_telemetry::continue_trace(&span, row.principal.traceparent.as_deref());
-        self.pass(tenant, run_id, row, steps).instrument(span).await
+        let next = self
+            .pass(tenant, run_id, row, steps)
+            .instrument(span)
+            .await?;
+        if let (Next::Again, Some(c)) = (&next.0, next.1) {
+            *carry = Some(Carry { relocked, ..c });
+        }
+        Ok(next.0)
     }
 
-    /// One pass over a run as [`Orchestrator::advance`] read it.
+    /// One pass over a run as [`Orchestrator::advance`] read (or carried) it;
+    /// with `Next::Again`, the view the next pass may carry.
     async fn pass(
         &self,
         tenant: &str,
         run_id: &str,
         row: repo::RunRow,
         mut steps: Vec<pb::StepRun>,
-    ) -> Result<Next> {
+    ) -> Result<(Next, Option<Carry>)> {
         let run = row.run;
         let starter = row.principal;
         if is_terminal(run.state) || run.state == pb::RunState::Paused as i32 {
             let tx = self.inner.store.write_deferred(tenant).await?;
             repo::unschedule(&tx, run_id).await?;
             tx.commit().await?;
-            return Ok(Next::Stop);
+            return Ok((Next::Stop, None));
         }
         if run.cancel_requested {
             self.finish_cancel(tenant, &starter, run, steps).await?;
-            return Ok(Next::Stop);
+            return Ok((Next::Stop, None));
         }
         let now = now_micros();
         if run.deadline.is_some() && micros_of(&run.deadline) <= now {
@@ -616,7 +702,7 @@ impl Orchestrator {
                 "",
             );
             self.fail_run(tenant, &starter, &run, &mut steps, f).await?;
-            return Ok(Next::Stop);
+            return Ok((Next::Stop, None));
         }
         if let Some(s) = steps
             .iter()
@@ -632,7 +718,7 @@ impl Orchestrator {
                 )
             });
             self.fail_run(tenant, &starter, &run, &mut steps, f).await?;
-            return Ok(Next::Stop);
+            return Ok((Next::Stop, None));
         }
         if steps
             .iter()
@@ -641,7 +727,7 @@ impl Orchestrator {
             let tx = self.inner.store.write_deferred(tenant).await?;
             repo::unschedule(&tx, run_id).await?;
             tx.commit().await?;
-            return Ok(Next::Stop);
+            return Ok((Next::Stop, None));
         }
 
         let created_at = micros_of(&run.create_time);
@@ -692,10 +778,10 @@ impl Orchestrator {
         if ready.is_empty() {
             if er.is_done() {
                 self.complete_run(tenant, &starter, &run, &steps).await?;
-                return Ok(Next::Stop);
+                return Ok((Next::Stop, None));
             }
             // Steps in flight elsewhere (cannot happen under the lease): look later.
-            return Ok(Next::Wait(now + 1_000_000));
+            return Ok((Next::Wait(now + 1_000_000), None));
         }
         // Every ready step acts in this pass, at most `max_parallel_steps`
         // of them at once (steps waiting for an approval only look at it and
@@ -722,7 +808,8 @@ impl Orchestrator {
             }
             acts.push((i, er.decide(i).map_err(Error::internal)?));
         }
-        let results = if acts.len() == 1 {
+        let single = acts.len() == 1;
+        let results = if single {
             let mut out = Vec::with_capacity(1);
             for (i, decided) in acts {
                 out.push(
@@ -764,15 +851,23 @@ impl Orchestrator {
             return Err(e);
         }
         if again {
-            return Ok(Next::Again);
+            // One step acted on `steps` (siblings acted on copies): the
+            // next pass may start from them.
+            let carry = single.then(|| Carry {
+                principal: starter,
+                request: row.request,
+                steps,
+                relocked: 0,
+            });
+            return Ok((Next::Again, carry));
         }
         if wait == i64::MAX {
             if stop {
-                return Ok(Next::Stop);
+                return Ok((Next::Stop, None));
             }
-            return Ok(Next::Wait(now + 1_000_000));
+            return Ok((Next::Wait(now + 1_000_000), None));
         }
-        Ok(Next::Wait(wait))
+        Ok((Next::Wait(wait), None))
     }
 
     /// The next action of ready step `i`.
