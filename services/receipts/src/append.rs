@@ -331,7 +331,10 @@ impl Receipts {
             None
         } else {
             Some(
-                self.store_in(tx, &lane, &batch, true)
+                // Guarded only for one receipt: it is stored or not at all
+                // (`Partial` needs a rollback, and this is the caller's
+                // transaction); a larger batch goes the checked way.
+                self.store_in(tx, &lane, &batch, batch.len() == 1)
                     .await?
                     .ok_or_else(|| {
                         Error::new(
@@ -369,8 +372,9 @@ impl Receipts {
     /// ([`repo::append_batch_at`]); if that refuses (another replica
     /// appended, or a retry) it is appended the checked way in the same
     /// transaction: lock and read the head, look the keys up, then store.
-    /// `None`: the guarded statement wrote part of the batch (a dedupe key
-    /// committed meanwhile) and `tx` must be rolled back.
+    /// `None`: the guarded statement wrote part of the batch (some of its
+    /// dedupe keys were stored, or committed meanwhile) and `tx` must be
+    /// rolled back.
     async fn store_in(
         &self,
         tx: &TenantTx,
@@ -395,7 +399,12 @@ impl Receipts {
             {
                 repo::Guarded::Stored(checkpoint_size) => stored = Some((planned, checkpoint_size)),
                 repo::Guarded::Refused => {}
-                repo::Guarded::Partial => return Ok(None),
+                repo::Guarded::Partial => {
+                    // Some keys are stored: the next append of this lane
+                    // (a retry of this batch, say) goes the checked way.
+                    *lock(&lane.peaks) = None;
+                    return Ok(None);
+                }
             }
         }
         let (planned, checkpoint_size) = match stored {

@@ -578,9 +578,9 @@ pub enum Guarded {
     /// dedupe key is already stored (a retry). The transaction is untouched,
     /// so the checked append may follow in it.
     Refused,
-    /// Part of the batch was written (a dedupe key taken by a transaction
-    /// that committed while this one waited): the transaction must be
-    /// rolled back.
+    /// Part of the batch was written (some of its dedupe keys were stored,
+    /// or taken by a transaction that committed while this one waited): the
+    /// transaction must be rolled back.
     Partial,
 }
 
@@ -608,6 +608,7 @@ pub async fn append_batch_at(
     let checkpoint_size: Option<i64> = row.try_get("", "checkpoint_size").map_err(db)?;
     Ok(match checkpoint_size {
         None => Guarded::Refused,
+        Some(_) if stored == 0 => Guarded::Refused,
         Some(c) if usize::try_from(stored).ok() == Some(receipts.len()) => {
             Guarded::Stored(to_u64(c)?)
         }
@@ -618,12 +619,17 @@ pub async fn append_batch_at(
 /// [`append_batch_at`]'s statement: [`PG_APPEND_BATCH`]'s values and `$20`
 /// the expected size. The head is locked first (every part reads `head`), so
 /// a concurrent appender makes it wait and then refuse, never interleave.
-/// A stored dedupe key refuses it as a whole (nothing written); the
-/// `ON CONFLICT` only catches a key committed while it waited.
+///
+/// Stored dedupe keys are found by the receipts' own insert (`ON CONFLICT
+/// DO NOTHING`, which looks each key up in the unique index), not by a
+/// query: a query's plan may scan all of the tenant's receipts when the
+/// table's statistics predate the tenant (a new tenant looks like one row),
+/// once per append. The bodies, nodes and head move only when every receipt
+/// was inserted, so a batch whose keys are all stored writes nothing (the
+/// transaction is untouched) and one with some stored wrote only receipts
+/// (`Partial`: roll back).
 const PG_APPEND_BATCH_AT: &str = "WITH head AS MATERIALIZED (
         SELECT checkpoint_size FROM receipt_logs WHERE tenant_id = $1 AND size = $20
-          AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.tenant_id = $1
-            AND r.dedupe_key = ANY($4::text[]))
         FOR UPDATE
       ), new_receipts AS (
         INSERT INTO receipts (tenant_id, leaf_index, receipt_id, dedupe_key, request_hash, kind,
@@ -635,17 +641,19 @@ const PG_APPEND_BATCH_AT: &str = "WITH head AS MATERIALIZED (
         WHERE EXISTS (SELECT 1 FROM head)
         ON CONFLICT DO NOTHING
         RETURNING 1
+      ), complete AS MATERIALIZED (
+        SELECT (SELECT count(*) FROM new_receipts) = cardinality($3::text[]) AS ok
       ), new_contents AS (
         INSERT INTO receipt_contents (tenant_id, receipt_id, issued_at, body)
         SELECT $1, u.* FROM unnest($3::text[], $9::bigint[], $14::text[]) AS u
-        WHERE EXISTS (SELECT 1 FROM head)
+        WHERE (SELECT ok FROM complete)
       ), new_nodes AS (
         INSERT INTO receipt_tree_nodes (tenant_id, level, node_index, hash)
         SELECT $1, u.* FROM unnest($16::int[], $17::bigint[], $18::text[]) AS u
-        WHERE EXISTS (SELECT 1 FROM head)
+        WHERE (SELECT ok FROM complete)
       ), moved AS (
         UPDATE receipt_logs SET size = $19, updated_at = $15
-        WHERE tenant_id = $1 AND EXISTS (SELECT 1 FROM head)
+        WHERE tenant_id = $1 AND (SELECT ok FROM complete)
       )
       SELECT (SELECT count(*) FROM new_receipts) AS stored,
         (SELECT checkpoint_size FROM head) AS checkpoint_size";
