@@ -1609,24 +1609,8 @@ async fn receipt_rows_read(owner: &sea_orm::DatabaseConnection) -> i64 {
 async fn appends_do_not_read_the_tenants_receipts_postgres() {
     use sea_orm::ConnectionTrait;
     let app = spawn_app(Backend::Postgres).await;
-    let name: String = {
-        let tx = app.store.read(TENANT_A).await.expect("read tx");
-        tx.query_one("SELECT current_database() AS name", vec![])
-            .await
-            .expect("query")
-            .expect("row")
-            .try_get("", "name")
-            .expect("name")
-    };
-    let admin = anumate_store::testing::postgres_admin_url();
-    let (base, rest) = admin.rsplit_once('/').expect("admin url has a database");
-    let query = rest
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    let owner = sea_orm::Database::connect(format!("{base}/{name}{query}"))
-        .await
-        .expect("connect as superuser");
+    // The tables' owner: it may analyze them.
+    let owner = app.store.connect_owner().await.expect("owner");
     for t in 0..30 {
         let mut other = app.service(&format!("other-{t}")).await;
         append(&mut other, step_request("run-other", "s", 1, t)).await;
