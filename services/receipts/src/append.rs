@@ -370,8 +370,11 @@ impl Receipts {
     /// the log's last batch (its size and peaks are known), the batch is
     /// first stored as if nothing changed since, in one guarded statement
     /// ([`repo::append_batch_at`]); if that refuses (another replica
-    /// appended, or a retry) it is appended the checked way in the same
-    /// transaction: lock and read the head, look the keys up, then store.
+    /// appended, or a retry) the head is locked and read in the same
+    /// transaction and, with `guarded`, the guarded statement tried again on
+    /// it; when that refuses too (a key is stored: a retry), or without
+    /// `guarded`, the keys are looked up and the batch stored the checked
+    /// way.
     /// `None`: the guarded statement wrote part of the batch (some of its
     /// dedupe keys were stored, or committed meanwhile) and `tx` must be
     /// rolled back.
@@ -424,12 +427,49 @@ impl Receipts {
                         .await?
                     }
                 };
-                let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
-                let stored = repo::by_dedupe_keys(tx, &keys).await?;
-                let planned = plan(batch, &stored, head.size, peaks)?;
-                repo::append_batch(tx, &planned.inserts(), &planned.nodes, planned.range.size())
-                    .await?;
-                (planned, head.checkpoint_size)
+                // The head is locked and known now: the guarded statement
+                // stores the batch unless a key is stored (another
+                // replica's append, not a retry, is what usually brings a
+                // lane here: looking the keys up first would cost a query
+                // whose plan may scan the tenant's receipts).
+                let mut fast = None;
+                if guarded && tx.backend() == Backend::Postgres {
+                    let planned = plan(batch, &HashMap::new(), head.size, peaks.clone())?;
+                    match repo::append_batch_at(
+                        tx,
+                        &planned.inserts(),
+                        &planned.nodes,
+                        head.size,
+                        planned.range.size(),
+                    )
+                    .await?
+                    {
+                        repo::Guarded::Stored(checkpoint_size) => {
+                            fast = Some((planned, checkpoint_size));
+                        }
+                        repo::Guarded::Refused => {}
+                        repo::Guarded::Partial => {
+                            *lock(&lane.peaks) = None;
+                            return Ok(None);
+                        }
+                    }
+                }
+                match fast {
+                    Some(f) => f,
+                    None => {
+                        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
+                        let stored = repo::by_dedupe_keys(tx, &keys).await?;
+                        let planned = plan(batch, &stored, head.size, peaks)?;
+                        repo::append_batch(
+                            tx,
+                            &planned.inserts(),
+                            &planned.nodes,
+                            planned.range.size(),
+                        )
+                        .await?;
+                        (planned, head.checkpoint_size)
+                    }
+                }
             }
         };
         self.store_events(tx, &planned).await?;
