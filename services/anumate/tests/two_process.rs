@@ -58,8 +58,7 @@ async fn a_killed_replicas_runs_are_finished_by_the_other_after_the_lease() {
     let a = cluster.start("a").await;
     let token = cluster.token();
     // 1.4 s calls: a kill lands mid-call. A run's three independent steps
-    // call at once, so a run lasts about one call: A's first runs are still
-    // in flight when B has started and holds runs of its own.
+    // call at once, so a run lasts about one call.
     let plan = seed(&a.url, &token, "1400ms").await;
 
     // A alone drives the first runs: its lease holder name.
@@ -77,11 +76,19 @@ async fn a_killed_replicas_runs_are_finished_by_the_other_after_the_lease() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
-    // B joins; more runs, through B.
+    // B joins; more runs, through B and through A in turn (each replica
+    // claims the runs executed through it first), so both have calls in
+    // flight however long B took to start (under load, longer than A's
+    // first calls).
     let b = cluster.start("b").await;
     let mut cb = orch(&b.url, &token);
     for j in 0..10 {
         ids.push(execute(&mut cb, &plan, &format!("b{j}")).await.unwrap());
+        ids.push(
+            execute(&mut ca, &plan, &format!("a-late{j}"))
+                .await
+                .unwrap(),
+        );
     }
 
     // Kill A the moment both replicas have a call in flight.
