@@ -385,93 +385,91 @@ impl Receipts {
         batch: &[Prepared],
         guarded: bool,
     ) -> Result<Option<Written>> {
-        let known = lock(&lane.peaks)
-            .clone()
-            .filter(|_| guarded && tx.backend() == Backend::Postgres);
-        let mut stored = None;
+        let guarded = guarded && tx.backend() == Backend::Postgres;
+        let known = lock(&lane.peaks).clone().filter(|_| guarded);
         if let Some((size, peaks)) = known {
-            let planned = plan(batch, &HashMap::new(), size, peaks)?;
-            match repo::append_batch_at(
-                tx,
-                &planned.inserts(),
-                &planned.nodes,
-                size,
-                planned.range.size(),
-            )
-            .await?
-            {
-                repo::Guarded::Stored(checkpoint_size) => stored = Some((planned, checkpoint_size)),
-                repo::Guarded::Refused => {}
-                repo::Guarded::Partial => {
-                    // Some keys are stored: the next append of this lane
-                    // (a retry of this batch, say) goes the checked way.
-                    *lock(&lane.peaks) = None;
-                    return Ok(None);
+            match self.store_guarded(tx, lane, batch, size, peaks).await? {
+                Attempt::Stored(planned, checkpoint_size) => {
+                    return self.written(tx, planned, checkpoint_size).await;
                 }
+                Attempt::Refused => {}
+                Attempt::Partial => return Ok(None),
             }
         }
-        let (planned, checkpoint_size) = match stored {
-            Some(s) => s,
+        let head = repo::lock_head(tx).await?;
+        let known = lock(&lane.peaks)
+            .as_ref()
+            .filter(|(size, _)| *size == head.size)
+            .map(|(_, peaks)| peaks.clone());
+        let peaks = match known {
+            Some(peaks) => peaks,
             None => {
-                let head = repo::lock_head(tx).await?;
-                let known = lock(&lane.peaks)
-                    .as_ref()
-                    .filter(|(size, _)| *size == head.size)
-                    .map(|(_, peaks)| peaks.clone());
-                let peaks = match known {
-                    Some(peaks) => peaks,
-                    None => {
-                        with_nodes(tx, head.size, |s| {
-                            CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
-                        })
-                        .await?
-                    }
-                };
-                // The head is locked and known now: the guarded statement
-                // stores the batch unless a key is stored (another
-                // replica's append, not a retry, is what usually brings a
-                // lane here: looking the keys up first would cost a query
-                // whose plan may scan the tenant's receipts).
-                let mut fast = None;
-                if guarded && tx.backend() == Backend::Postgres {
-                    let planned = plan(batch, &HashMap::new(), head.size, peaks.clone())?;
-                    match repo::append_batch_at(
-                        tx,
-                        &planned.inserts(),
-                        &planned.nodes,
-                        head.size,
-                        planned.range.size(),
-                    )
-                    .await?
-                    {
-                        repo::Guarded::Stored(checkpoint_size) => {
-                            fast = Some((planned, checkpoint_size));
-                        }
-                        repo::Guarded::Refused => {}
-                        repo::Guarded::Partial => {
-                            *lock(&lane.peaks) = None;
-                            return Ok(None);
-                        }
-                    }
-                }
-                match fast {
-                    Some(f) => f,
-                    None => {
-                        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
-                        let stored = repo::by_dedupe_keys(tx, &keys).await?;
-                        let planned = plan(batch, &stored, head.size, peaks)?;
-                        repo::append_batch(
-                            tx,
-                            &planned.inserts(),
-                            &planned.nodes,
-                            planned.range.size(),
-                        )
-                        .await?;
-                        (planned, head.checkpoint_size)
-                    }
-                }
+                with_nodes(tx, head.size, |s| {
+                    CompactRange::from_store(s, head.size).map(|r| r.peaks().to_vec())
+                })
+                .await?
             }
         };
+        // The head is locked and known now: the guarded statement stores
+        // the batch unless a key is stored. Another replica's append, not a
+        // retry, is what usually brings a lane here, and looking the keys up
+        // first would cost a query whose plan may scan the tenant's receipts.
+        if guarded {
+            match self
+                .store_guarded(tx, lane, batch, head.size, peaks.clone())
+                .await?
+            {
+                Attempt::Stored(planned, checkpoint_size) => {
+                    return self.written(tx, planned, checkpoint_size).await;
+                }
+                Attempt::Refused => {}
+                Attempt::Partial => return Ok(None),
+            }
+        }
+        let keys: Vec<&str> = batch.iter().map(|p| p.dedupe_key.as_str()).collect();
+        let stored = repo::by_dedupe_keys(tx, &keys).await?;
+        let planned = plan(batch, &stored, head.size, peaks)?;
+        repo::append_batch(tx, &planned.inserts(), &planned.nodes, planned.range.size()).await?;
+        self.written(tx, planned, head.checkpoint_size).await
+    }
+
+    /// [`repo::append_batch_at`] of `batch` on a log of `size` with `peaks`.
+    /// On `Partial` the lane forgets its head, so its next append (a retry
+    /// of this batch, say) goes the checked way.
+    async fn store_guarded<'a>(
+        &self,
+        tx: &TenantTx,
+        lane: &Lane,
+        batch: &'a [Prepared],
+        size: u64,
+        peaks: Vec<Hash>,
+    ) -> Result<Attempt<'a>> {
+        let planned = plan(batch, &HashMap::new(), size, peaks)?;
+        let at = repo::append_batch_at(
+            tx,
+            &planned.inserts(),
+            &planned.nodes,
+            size,
+            planned.range.size(),
+        )
+        .await?;
+        Ok(match at {
+            repo::Guarded::Stored(checkpoint_size) => Attempt::Stored(planned, checkpoint_size),
+            repo::Guarded::Refused => Attempt::Refused,
+            repo::Guarded::Partial => {
+                *lock(&lane.peaks) = None;
+                Attempt::Partial
+            }
+        })
+    }
+
+    /// The stored batch's events, and what it wrote.
+    async fn written(
+        &self,
+        tx: &TenantTx,
+        planned: Planned<'_>,
+        checkpoint_size: u64,
+    ) -> Result<Option<Written>> {
         self.store_events(tx, &planned).await?;
         Ok(Some(Written {
             range: planned.range,
@@ -526,6 +524,14 @@ impl Receipts {
 }
 
 /// A batch stored in a transaction that has not committed yet.
+/// What [`Receipts::store_guarded`] did: [`repo::Guarded`] with the plan
+/// of the stored batch.
+enum Attempt<'a> {
+    Stored(Planned<'a>, u64),
+    Refused,
+    Partial,
+}
+
 struct Written {
     range: CompactRange,
     results: Vec<Result<(pb::Receipt, bool)>>,

@@ -574,8 +574,8 @@ const PG_APPEND_BATCH: &str = "WITH new_receipts AS (
 pub enum Guarded {
     /// The batch is stored and the head moved; the head's checkpoint size.
     Stored(u64),
-    /// Nothing was written: the head moved (another replica appended) or a
-    /// dedupe key is already stored (a retry). The transaction is untouched,
+    /// Nothing was written: the head moved (another replica appended) or
+    /// every dedupe key of the batch is stored (a retry). The transaction is untouched,
     /// so the checked append may follow in it.
     Refused,
     /// Part of the batch was written (some of its dedupe keys were stored,
